@@ -1,0 +1,153 @@
+"""Tiny random-initialised LVLMs of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from v2drop.lvlm import LVLM
+from v2drop.models.qwen2vl_processor import QwenProcessorLite
+
+WORDS = "USER: ASSISTANT: what is the digit colour how many in row column yes no a b c d red green blue white".split()
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+DEPTH = 6
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A WordLevel tokenizer over a few words, digits and the placeholder tokens of every family."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + [str(d) for d in range(10)] + ["?", "."])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS[4:]})
+    return fast
+
+
+def _llama(vocab: int, **kw) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, pad_token_id=0, **kw,
+    )
+
+
+def _clip(image_size: int = 32) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+        patch_size=4, projection_dim=32, initializer_range=0.2,
+    )
+
+
+def build(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
+    """A tiny LVLM of ``family`` (llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl)."""
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    vocab = len(tok)
+    image_id, video_id = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<video>")
+    if family == "llava":
+        cfg = LlavaConfig(vision_config=_clip(), text_config=_llama(vocab), image_token_index=image_id, image_seq_length=64)
+        model = LlavaForConditionalGeneration(copy.deepcopy(cfg))
+        proc = LlavaProcessor(
+            image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+            tokenizer=tok, patch_size=4, vision_feature_select_strategy="default", image_token="<image>",
+            num_additional_image_tokens=1,
+        )
+    elif family in ("llava_next", "llava_onevision"):
+        common = dict(
+            vision_config=_clip(), text_config=_llama(vocab), image_token_index=image_id,
+            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]], vision_feature_select_strategy="default",
+        )
+        if family == "llava_next":
+            model = LlavaNextForConditionalGeneration(LlavaNextConfig(**common))
+        else:
+            model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**common, video_token_index=video_id))
+        proc = PlaceholderProcessor(tok, model)
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        qwen_image, qwen_video = tok.convert_tokens_to_ids("<|image_pad|>"), tok.convert_tokens_to_ids("<|video_pad|>")
+        text = dict(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
+            num_key_value_heads=2, initializer_range=0.2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            max_position_embeddings=512, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        )
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2)
+        if family == "qwen2_5_vl":
+            vision.update(out_hidden_size=64, intermediate_size=64, fullatt_block_indexes=[1], window_size=32)
+            vision.pop("embed_dim")
+            vision["hidden_size"] = 32
+            cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=qwen_image, video_token_id=qwen_video,
+                                   vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"))
+            model = Qwen2_5_VLForConditionalGeneration(cfg)
+        else:
+            cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=qwen_image, video_token_id=qwen_video,
+                                vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"))
+            model = Qwen2VLForConditionalGeneration(cfg)
+        proc = QwenProcessorLite(Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2), tok)
+    else:
+        raise ValueError(family)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    model.set_attn_implementation(attn)
+    return LVLM(model.eval(), proc, name=f"tiny-{family}")
+
+
+class PlaceholderProcessor:
+    """Image processor stand-in for anyres families: expands ``<image>`` to the model's own feature count."""
+
+    image_token = "<image>"
+    chat_template = None
+
+    def __init__(self, tok, model):
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+        self.tokenizer = tok
+        self.model = model
+        onevision = model.config.model_type == "llava_onevision"
+        self.image_processor = (LlavaOnevisionImageProcessorPil if onevision else LlavaNextImageProcessorPil)(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]],
+        )
+
+    def __call__(self, text, images=None, videos=None, return_tensors="pt"):
+        out = {}
+        if images:
+            px = self.image_processor(images=images, return_tensors="pt")
+            out.update(pixel_values=px["pixel_values"], image_sizes=px["image_sizes"])
+            with torch.no_grad():
+                feats = self.model.model.get_image_features(pixel_values=px["pixel_values"], image_sizes=px["image_sizes"]).pooler_output
+            pieces = text.split(self.image_token)
+            text = pieces[0] + "".join(self.image_token * f.reshape(-1, f.shape[-1]).shape[0] + p for f, p in zip(feats, pieces[1:]))
+        ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+        out.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return out
+
+
+def image(seed: int, size: int = 32) -> Image.Image:
+    """A random RGB test image."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))

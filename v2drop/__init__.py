@@ -1,0 +1,27 @@
+"""v2drop: training-free visual-token dropping (V²Drop and baselines) inside Hugging Face LVLMs."""
+
+from v2drop.engine import EngineOutput, SampleTrace, select_keep
+from v2drop.lvlm import LVLM, GenerationResult, load
+from v2drop.method import Method, list_presets
+from v2drop.schedule import Schedule, Stage, solve_keep
+from v2drop.scorers import LayerState, Scorer, build_scorer, list_scorers, register_scorer
+
+__all__ = [
+    "LVLM",
+    "EngineOutput",
+    "GenerationResult",
+    "LayerState",
+    "Method",
+    "SampleTrace",
+    "Schedule",
+    "Scorer",
+    "Stage",
+    "build_scorer",
+    "list_presets",
+    "list_scorers",
+    "load",
+    "register_scorer",
+    "select_keep",
+    "solve_keep",
+]
+__version__ = "0.1.0"

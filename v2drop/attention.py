@@ -1,0 +1,61 @@
+"""Attention rows computed from a layer's own projections, so scoring never needs eager attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The RoPE helper shared by Llama, Qwen2 and Qwen2-VL: (x1, x2) -> (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def attention_rows(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor,
+    query_idx: torch.Tensor,
+) -> torch.Tensor:
+    """Head-averaged attention probabilities of a few query rows of ``layer`` over all keys.
+
+    Applies the layer's ``input_layernorm``, ``q_proj``/``k_proj`` (with their biases), RoPE,
+    grouped-query head sharing, the causal mask and padding, then softmax in float32 and a mean
+    over heads, exactly as the layer's eager attention would for those rows.
+
+    Parameters
+    ----------
+    layer : nn.Module
+        A decoder layer with ``input_layernorm`` and ``self_attn.{q_proj,k_proj,head_dim,scaling}``.
+    hidden : Tensor (B, L, D)
+        The layer's input.
+    rope : (cos, sin), each (B, L, head_dim)
+    attention_mask : Tensor (B, L)
+        1 for real tokens.
+    query_idx : LongTensor (B, Q)
+        Query positions in the current sequence.
+
+    Returns
+    -------
+    Tensor (B, Q, L) float32
+    """
+    attn = layer.self_attn
+    B, L, _ = hidden.shape
+    head_dim = attn.head_dim
+    normed = layer.input_layernorm(hidden)
+    q_in = normed.gather(1, query_idx[..., None].expand(-1, -1, normed.shape[-1]))  # (B, Q, D)
+    q = attn.q_proj(q_in).view(B, q_in.shape[1], -1, head_dim).transpose(1, 2)  # (B, H, Q, hd)
+    k = attn.k_proj(normed).view(B, L, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
+    cos, sin = rope
+    q_cos = cos.gather(1, query_idx[..., None].expand(-1, -1, head_dim))[:, None]
+    q_sin = sin.gather(1, query_idx[..., None].expand(-1, -1, head_dim))[:, None]
+    q = q * q_cos + rotate_half(q) * q_sin
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, L, hd)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling  # (B, H, Q, L)
+    key_pos = torch.arange(L, device=hidden.device)
+    allowed = (key_pos[None, None] <= query_idx[..., None]) & attention_mask.bool()[:, None]  # (B, Q, L)
+    logits = logits.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    return logits.softmax(dim=-1).mean(dim=1)

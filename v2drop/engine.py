@@ -1,0 +1,345 @@
+"""The pruning engine: one prefill loop over the decoder layers, then KV-cached greedy decoding.
+
+Read ``generate`` top to bottom: embed, then for every decoder layer drop vision tokens if a
+stage starts there, run the layer; norm and head give the first token; then each new token runs
+through every layer, each attending to its own (possibly shorter) KV cache. Conventions
+(layer indexing, positions, keep counts) are those of ``shared/spec/METHODS.md``.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field, replace
+
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from v2drop.attention import attention_rows
+from v2drop.method import Method
+from v2drop.models.base import Adapter
+from v2drop.scorers import LayerState
+
+
+@dataclass
+class SampleTrace:
+    """What the method did to one sample.
+
+    Attributes
+    ----------
+    stages : list of dict
+        Per stage ``{"layer": l, "kept": [...]}``: the kept vision tokens as positions in the
+        sample's unpadded prompt ids.
+    vision_tokens_per_layer : list of int
+        Vision tokens present in each decoder layer.
+    """
+
+    stages: list[dict] = field(default_factory=list)
+    vision_tokens_per_layer: list[int] = field(default_factory=list)
+
+    @property
+    def average_vision_tokens(self) -> float:
+        """Average vision tokens over the decoder layers."""
+        v = self.vision_tokens_per_layer
+        return sum(v) / len(v) if v else 0.0
+
+
+@dataclass
+class EngineOutput:
+    """Result of ``generate`` for a batch.
+
+    Attributes
+    ----------
+    prompt_ids : list of list of int
+        Each sample's prompt ids exactly as fed to the model (padding removed).
+    generated_ids : list of list of int
+        Greedy tokens per sample, up to and including EOS.
+    traces : list of SampleTrace
+    first_logits : Tensor (B, vocab)
+        Logits of the first generated token (float32).
+    prefill_seconds, generate_seconds : float
+        Time from the first decoder layer to the first token's logits, and to the last token.
+    """
+
+    prompt_ids: list[list[int]]
+    generated_ids: list[list[int]]
+    traces: list[SampleTrace]
+    first_logits: torch.Tensor
+    prefill_seconds: float
+    generate_seconds: float
+
+
+@dataclass
+class _Sequence:
+    """The current prefill sequence (B = batch, L = current length, left-padded)."""
+
+    hidden: torch.Tensor  # (B, L, D)
+    position_ids: torch.Tensor  # (B, L), or (3, B, L) for M-RoPE
+    attention_mask: torch.Tensor  # (B, L) 1 = real token
+    orig_idx: torch.Tensor  # (B, L) position in the unpadded prompt, -1 for padding
+    vision: torch.Tensor  # (B, L) bool
+    coords: torch.Tensor  # (B, L, 3) grid coordinates of vision tokens
+
+    def vision_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, V) positions of vision tokens (ascending, padded with 0) and their validity mask."""
+        counts = self.vision.sum(1)
+        width = int(counts.max()) if counts.numel() else 0
+        # A stable sort puts vision positions first, in order.
+        order = torch.sort((~self.vision).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        valid = torch.arange(width, device=counts.device)[None] < counts[:, None]
+        return order.masked_fill(~valid, 0), valid
+
+    def select(self, keep: list[torch.Tensor]) -> "_Sequence":
+        """Keep the given positions of each sample (ascending), left-padding to a common length."""
+        length = max(int(k.numel()) for k in keep)
+        B, device = len(keep), self.hidden.device
+        idx = torch.zeros(B, length, dtype=torch.long, device=device)
+        mask = torch.zeros(B, length, dtype=self.attention_mask.dtype, device=device)
+        for b, k in enumerate(keep):
+            if k.numel():
+                idx[b, length - k.numel() :] = k
+                mask[b, length - k.numel() :] = 1
+        pad = mask == 0
+        hidden = self.hidden.gather(1, idx[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        if self.position_ids.dim() == 3:
+            pos = self.position_ids.gather(2, idx[None].expand(self.position_ids.shape[0], -1, -1))
+            pos = pos.masked_fill(pad[None], 1)
+        else:
+            pos = self.position_ids.gather(1, idx).masked_fill(pad, 1)
+        return _Sequence(
+            hidden=hidden,
+            position_ids=pos,
+            attention_mask=mask,
+            orig_idx=self.orig_idx.gather(1, idx).masked_fill(pad, -1),
+            vision=self.vision.gather(1, idx) & ~pad,
+            coords=self.coords.gather(1, idx[..., None].expand(-1, -1, 3)),
+        )
+
+    def renumbered(self) -> "_Sequence":
+        """The same tokens with contiguous positions 0..n-1 per sample (official PDrop policy)."""
+        mask = self.attention_mask.long()
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        if self.position_ids.dim() == 3:
+            pos = pos[None].expand(self.position_ids.shape[0], -1, -1)
+        return replace(self, position_ids=pos)
+
+    def next_positions(self) -> torch.Tensor:
+        """(B,) the position a first new token gets: one past the largest real position."""
+        pos = self.position_ids if self.position_ids.dim() == 3 else self.position_ids[None]
+        real = self.attention_mask.bool()[None].expand_as(pos)
+        return pos.masked_fill(~real, -1).amax(dim=(0, 2)) + 1
+
+
+@dataclass
+class _Segment:
+    """Consecutive decoder layers that saw the same tokens (between two drop stages)."""
+
+    first_layer: int
+    attention_mask: torch.Tensor  # (B, L_segment) padding mask of these layers' caches
+    next_positions: torch.Tensor  # (B,) decode positions start here
+
+
+def sample_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) a stable integer per sample from its unpadded prompt ids (for per-sample seeding)."""
+    keys = []
+    for ids, m in zip(input_ids.tolist(), attention_mask.tolist()):
+        real = [i for i, keep in zip(ids, m) if keep]
+        keys.append(zlib.crc32(repr(real).encode()))
+    return torch.tensor(keys, dtype=torch.long)
+
+
+@torch.no_grad()
+def generate(
+    adapter: Adapter,
+    inputs: dict,
+    method: Method | None = None,
+    max_new_tokens: int = 16,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int = 0,
+) -> EngineOutput:
+    """Prefill with the method's drop stages, then greedy decoding with per-layer KV caches.
+
+    Parameters
+    ----------
+    adapter : Adapter
+        The model family adapter (``v2drop.models.adapter_for(model)``).
+    inputs : dict
+        Processor outputs for a left-padded batch: ``input_ids`` (B, L), ``attention_mask``
+        (B, L) and the family's vision inputs (``pixel_values``, ``image_grid_thw``, ...).
+    method : Method, optional
+        What to drop; None or ``Method.none()`` runs the unmodified model.
+    max_new_tokens : int
+        Greedy tokens to generate per sample (fewer when every sample has hit EOS).
+    eos_token_id : int or list of int, optional
+        Stop tokens; None never stops early.
+    pad_token_id : int
+        Token fed (and reported) after a sample has finished.
+    """
+    method = method or Method.none()
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if method.drops:
+        method.schedule.check_depth(adapter.depth)
+    input_ids, mask2d = inputs["input_ids"], inputs["attention_mask"]
+    B, L = input_ids.shape
+    device = input_ids.device
+    vision = adapter.vision_mask(input_ids) & mask2d.bool()
+    n_vision = vision.sum(1).tolist()
+    orig = (mask2d.long().cumsum(-1) - 1).masked_fill(mask2d == 0, -1)
+    seq = _Sequence(
+        hidden=adapter.embed(inputs),
+        position_ids=adapter.position_ids(inputs),
+        attention_mask=mask2d,
+        orig_idx=orig,
+        vision=vision,
+        coords=adapter.vision_coords(inputs, vision) if method.drops else torch.zeros(B, L, 3, dtype=torch.long, device=device),
+    )
+    traces = [SampleTrace() for _ in range(B)]
+    stage_at = {s.layer: i for i, s in enumerate(method.schedule.stages)} if method.drops else {}
+    keys = sample_keys(input_ids, mask2d) if method.drops else None
+    cache = DynamicCache(config=adapter.text_config)
+
+    _sync(device)
+    start = time.perf_counter()
+    segments: list[_Segment] = []
+    prev_hidden = None  # input of the previous layer, kept only when the next stage's scorer needs it
+    for layer_idx, layer in enumerate(adapter.layers):
+        dropped = layer_idx in stage_at and bool(seq.vision.any())
+        if dropped:
+            seq = _drop(seq, stage_at[layer_idx], layer_idx, method, adapter, prev_hidden, keys, n_vision, traces)
+        if layer_idx == 0 or dropped:
+            segments.append(_Segment(layer_idx, seq.attention_mask, seq.next_positions()))
+            masks, rope = {}, adapter.rope(seq.hidden, seq.position_ids)
+        mask = _mask_for(adapter, layer_idx, seq.hidden, seq.attention_mask, cache, masks, segments[-1].first_layer)
+        for b in range(B):
+            traces[b].vision_tokens_per_layer.append(int(seq.vision[b].sum()))
+        prev_hidden = seq.hidden if _needs_prev(method, stage_at, layer_idx + 1) else None
+        seq.hidden = layer(seq.hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+    logits = adapter.lm_head(adapter.norm(seq.hidden[:, -1:]))[:, -1].float()
+    _sync(device)
+    prefill_seconds = time.perf_counter() - start
+
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    first_logits = logits
+    generated = torch.empty(B, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    embed_tokens = adapter.inner.get_input_embeddings()
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1).masked_fill(finished, pad_token_id)
+        generated = torch.cat([generated, token[:, None]], dim=1)
+        finished |= torch.tensor([t in eos for t in token.tolist()], device=device)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        hidden = embed_tokens(token[:, None])
+        ones = torch.ones(B, step + 1, dtype=mask2d.dtype, device=device)
+        seg_masks, seg_rope = {}, []
+        for seg in segments:
+            seg_rope.append(adapter.rope(hidden, adapter.decode_position_ids(seg.next_positions + step)))
+        seg_of_layer = _segment_of_layers(segments, adapter.depth)
+        for layer_idx, layer in enumerate(adapter.layers):
+            s = seg_of_layer[layer_idx]
+            m2d = torch.cat([segments[s].attention_mask, ones], dim=1)
+            mask = _mask_for(adapter, layer_idx, hidden, m2d, cache, seg_masks, segments[s].first_layer)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=seg_rope[s], past_key_values=cache, use_cache=True)
+        logits = adapter.lm_head(adapter.norm(hidden))[:, -1].float()
+    _sync(device)
+    generate_seconds = time.perf_counter() - start
+
+    prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(input_ids, mask2d)]
+    out_ids = []
+    for row in generated.tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        out_ids.append(row[:cut])
+    return EngineOutput(prompt_ids, out_ids, traces, first_logits, prefill_seconds, generate_seconds)
+
+
+def _drop(seq, stage_idx, layer_idx, method, adapter, prev_hidden, keys, n_vision, traces) -> _Sequence:
+    """Score the present vision tokens, keep the schedule's count per sample, rebuild the sequence."""
+    scorer, schedule = method.scorer, method.schedule
+    vision_idx, vision_valid = seq.vision_index()
+    attention = query_valid = None
+    if scorer.attention_query is not None:
+        attention, query_valid = _attention_for(scorer, layer_idx, seq, prev_hidden, adapter)
+    state = LayerState(
+        layer_idx=layer_idx,
+        hidden=seq.hidden,
+        prev_hidden=prev_hidden,
+        vision_idx=vision_idx,
+        vision_valid=vision_valid,
+        vision_coords=seq.coords.gather(1, vision_idx[..., None].expand(-1, -1, 3)),
+        orig_idx=seq.orig_idx,
+        attention_mask=seq.attention_mask,
+        sample_keys=keys,
+        layer=adapter.layers[layer_idx],
+        attention=attention,
+        query_valid=query_valid,
+    )
+    scores = scorer.score(state).float().nan_to_num(nan=float("-inf"))
+    if scores.shape != vision_idx.shape:
+        raise RuntimeError(f"{type(scorer).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(vision_idx.shape)}")
+    keep = []
+    for b in range(seq.hidden.shape[0]):
+        n = int(vision_valid[b].sum())
+        k = schedule.kept_count(stage_idx, n, n_vision[b])
+        kept_vision = vision_idx[b, select_keep(scores[b, :n], k)]
+        others = (seq.attention_mask[b].bool() & ~seq.vision[b]).nonzero().flatten()
+        keep.append(torch.cat([others, kept_vision]).sort().values)
+        traces[b].stages.append({"layer": layer_idx, "kept": seq.orig_idx[b, kept_vision].sort().values.tolist()})
+    new = seq.select(keep)
+    return new.renumbered() if method.position_policy == "renumber" else new
+
+
+def select_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores, ascending; ties go to the lower index."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:k].sort().values
+
+
+def _attention_for(scorer, layer_idx, seq, prev_hidden, adapter):
+    """The head-averaged attention rows a scorer asked for: (B, Q, L) float32 and (B, Q) validity."""
+    source_layer = layer_idx + scorer.attention_layer_offset
+    hidden = seq.hidden if scorer.attention_layer_offset == 0 else prev_hidden
+    if scorer.attention_query in ("last_prompt", "last_instruction"):
+        query_idx = torch.full((seq.hidden.shape[0], 1), seq.hidden.shape[1] - 1, device=seq.hidden.device)
+        query_valid = torch.ones_like(query_idx, dtype=torch.bool)
+    else:
+        query_idx, query_valid = scorer.queries(seq.orig_idx, seq.attention_mask)
+    cos, sin = adapter.rope(hidden, seq.position_ids)
+    rows = attention_rows(adapter.layers[source_layer], hidden, (cos, sin), seq.attention_mask, query_idx)
+    return rows, query_valid
+
+
+def _needs_prev(method: Method, stage_at: dict, layer_idx: int) -> bool:
+    """Whether a stage at ``layer_idx`` needs the input of the layer before it."""
+    if layer_idx not in stage_at:
+        return False
+    return method.scorer.needs_prev_hidden or method.scorer.attention_layer_offset < 0
+
+
+def _mask_for(adapter, layer_idx, hidden, mask2d, cache, memo, first_layer):
+    """The 4-D mask for ``layer_idx``, sized from that layer's own cache; one per segment and layer type."""
+    types = getattr(adapter.text_config, "layer_types", None)
+    kind = types[layer_idx] if types else "full_attention"
+    if (first_layer, kind) not in memo:
+        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        memo[first_layer, kind] = make(
+            config=adapter.text_config,
+            inputs_embeds=hidden,
+            attention_mask=mask2d,
+            past_key_values=cache,
+            position_ids=None,
+            layer_idx=first_layer,
+        )
+    return memo[first_layer, kind]
+
+
+def _segment_of_layers(segments: list[_Segment], depth: int) -> list[int]:
+    """Index of the segment each decoder layer belongs to."""
+    firsts = [s.first_layer for s in segments]
+    return [max(i for i, f in enumerate(firsts) if f <= layer_idx) for layer_idx in range(depth)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,204 @@
+"""``v2drop.load``: a Hugging Face LVLM with its processor, ready for ``generate(..., method=...)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+from v2drop import engine
+from v2drop.method import Method
+from v2drop.models import adapter_for
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+LOCAL_MODELS = {"proxy": ASSETS / "proxy"}
+_PAD_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+@dataclass
+class GenerationResult(engine.EngineOutput):
+    """``EngineOutput`` plus the decoded answers (``texts``)."""
+
+    texts: list[str] = None  # type: ignore[assignment]
+
+
+class LVLM:
+    """A loaded vision-language model: the ``transformers`` model, its processor and family adapter.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A ``*ForConditionalGeneration`` model of a supported family.
+    processor : ProcessorMixin or QwenProcessorLite
+        Turns prompts and images into model inputs.
+    name : str
+        Where the model came from (hub id or path), for records.
+    """
+
+    def __init__(self, model, processor, name: str = ""):
+        self.model = model.eval()
+        self.processor = processor
+        self.adapter = adapter_for(model)
+        self.name = name
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+
+    @property
+    def depth(self) -> int:
+        """Number of decoder layers."""
+        return self.adapter.depth
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    @property
+    def image_token(self) -> str:
+        """The placeholder string a prompt uses for one image."""
+        return getattr(self.processor, "image_token", "<image>")
+
+    def format_prompt(self, question: str, n_images: int = 1) -> str:
+        """The family's chat prompt for one user turn with ``n_images`` images before the question."""
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        if getattr(self.processor, "chat_template", None):
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return "USER: " + self.image_token * n_images + "\n" + question + " ASSISTANT:"
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def prepare(self, prompts: Sequence[str], images: Sequence[Any] | None = None, videos: Sequence[Any] | None = None) -> dict:
+        """Model inputs for a batch: each sample processed alone, then left-padded together.
+
+        ``images[i]`` is None, one PIL image or a list of them for prompt ``i``; ``videos[i]``
+        likewise a list of frames (families with native video inputs only).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        images = _per_sample(images, len(prompts), "images")
+        videos = _per_sample(videos, len(prompts), "videos")
+        samples = []
+        for i, (prompt, imgs, vids) in enumerate(zip(prompts, images, videos)):
+            n_placeholders = prompt.count(self.image_token)
+            if len(imgs) != n_placeholders:
+                raise ValueError(
+                    f"Prompt {i} has {n_placeholders} image placeholder(s) ({self.image_token!r}) but "
+                    f"{len(imgs)} image(s) were given; put one placeholder per image in the prompt "
+                    f"(LVLM.format_prompt does this)"
+                )
+            kwargs: dict[str, Any] = {"text": prompt, "return_tensors": "pt"}
+            if imgs:
+                kwargs["images"] = imgs
+            if vids:
+                kwargs["videos"] = vids
+            samples.append(dict(self.processor(**kwargs)))
+        return _collate(samples, pad_id=self.tokenizer.pad_token_id or 0, device=self.device, dtype=self.model.dtype)
+
+    # -- generation -------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[str] | str,
+        images: Sequence[Any] | None = None,
+        videos: Sequence[Any] | None = None,
+        method: Method | str | None = None,
+        max_new_tokens: int = 16,
+        stop_at_eos: bool = True,
+    ) -> GenerationResult:
+        """Greedy answers for a batch of prompts under ``method`` (a Method, preset name or None).
+
+        Returns texts, the prompt ids as fed to the model, the generated ids, per-sample traces
+        (kept vision tokens per stage, vision tokens per layer) and timings.
+        """
+        inputs = self.prepare(prompts, images, videos)
+        return self.generate_from_inputs(inputs, method, max_new_tokens, stop_at_eos)
+
+    def generate_from_inputs(self, inputs: dict, method=None, max_new_tokens: int = 16, stop_at_eos: bool = True) -> GenerationResult:
+        """``generate`` for inputs already built by ``prepare`` (or by a processor, left-padded)."""
+        method = Method.resolve(method, depth=self.depth) if not isinstance(method, Method) else method.rescaled(self.depth)
+        eos = self.model.generation_config.eos_token_id if stop_at_eos else None
+        out = engine.generate(
+            self.adapter, inputs, method, max_new_tokens, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id or 0
+        )
+        texts = self.tokenizer.batch_decode(out.generated_ids, skip_special_tokens=True)
+        return GenerationResult(**vars(out), texts=[t.strip() for t in texts])
+
+
+def load(
+    name_or_path: str,
+    attn_implementation: str = "sdpa",
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+) -> LVLM:
+    """Load a supported LVLM and its processor from a hub id, a local ``save_pretrained`` directory or ``"proxy"``.
+
+    Parameters
+    ----------
+    name_or_path : str
+        Hub id (e.g. ``llava-hf/llava-1.5-7b-hf``), local directory, or a bundled name (``proxy``).
+    attn_implementation : {"sdpa", "eager", "flash_attention_2"}
+    dtype : str or torch.dtype
+        ``float32``, ``bfloat16``, ``float16`` or ``auto``.
+    device : str or torch.device
+        Where to put the model (ignored when ``device_map`` is given).
+    device_map : str or dict, optional
+        Passed to ``from_pretrained`` (e.g. ``"auto"`` for one GPU).
+    """
+    path = str(LOCAL_MODELS.get(name_or_path, name_or_path))
+    if name_or_path in LOCAL_MODELS and not Path(path).is_dir():
+        raise ValueError(f"The bundled model {name_or_path!r} is missing at {path}; train it with `python -m experiments.train_proxy`")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise ValueError(f"Cannot load model {name_or_path!r}: not a local directory with a config.json, and the hub is unreachable or has no such repo ({err})") from None
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) or dtype == "auto" else getattr(torch, dtype)
+    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation, "dtype": torch_dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForImageTextToText.from_pretrained(path, config=config, **kwargs)
+    if device_map is None:
+        model = model.to(device)
+    return LVLM(model, load_processor(path, config), name=name_or_path)
+
+
+def load_processor(path: str, config=None):
+    """The checkpoint's processor; for Qwen2-VL without torchvision, a small image-only stand-in."""
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (ImportError, OSError, ValueError, TypeError):
+        config = config or AutoConfig.from_pretrained(path)
+        if config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            raise
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        from v2drop.models.qwen2vl_processor import QwenProcessorLite
+
+        return QwenProcessorLite(Qwen2VLImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+
+
+def _per_sample(items, n: int, what: str) -> list[list]:
+    """Normalise ``images``/``videos`` to one list per prompt."""
+    if items is None:
+        return [[] for _ in range(n)]
+    items = list(items)
+    if len(items) != n:
+        raise ValueError(f"Got {n} prompts but {len(items)} entries in {what}; give one entry (None, an item or a list) per prompt")
+    return [[] if x is None else list(x) if isinstance(x, (list, tuple)) else [x] for x in items]
+
+
+def _collate(samples: list[dict], pad_id: int, device, dtype) -> dict:
+    """Left-pad token inputs and concatenate vision inputs of separately processed samples."""
+    length = max(s["input_ids"].shape[1] for s in samples)
+    keys = dict.fromkeys(k for s in samples for k in s)  # ordered union: text-only samples lack vision keys
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [s[key] for s in samples if isinstance(s.get(key), torch.Tensor)]
+        if not values:
+            continue
+        if key in _PAD_INPUTS:
+            fill = pad_id if key == "input_ids" else 0
+            values = [torch.cat([torch.full((1, length - v.shape[1]), fill, dtype=v.dtype), v], dim=1) for v in values]
+        value = torch.cat(values).to(device)
+        out[key] = value.to(dtype) if value.is_floating_point() else value
+    return out

@@ -1,0 +1,170 @@
+"""Family adapters: what the engine must know about one LVLM family, and nothing more."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from v2drop.registry import Registry
+
+FAMILIES: Registry[type["Adapter"]] = Registry("model family")
+
+
+def register_family(*model_types: str):
+    """Class decorator registering an adapter for the given ``config.model_type`` values."""
+
+    def decorator(cls):
+        for name in model_types:
+            FAMILIES.add(name, cls)
+        return cls
+
+    return decorator
+
+
+def adapter_for(model: nn.Module) -> "Adapter":
+    """The adapter for ``model``, chosen from its config's ``model_type``."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"Unsupported model family {model_type!r} ({type(model).__name__}). "
+            f"Supported families: {', '.join(FAMILIES.names())}"
+        )
+    return FAMILIES.get(model_type)(model)
+
+
+class Adapter:
+    """One LVLM family's layout: merging vision features, finding vision tokens, positions, modules.
+
+    Subclasses set the class variables below and override ``position_ids`` / ``image_grids``
+    where the family differs from LLaVA-1.5.
+
+    Class variables
+    ---------------
+    image_inputs, video_inputs : tuple of str
+        Processor outputs passed to ``get_image_features`` / ``get_video_features``; the first
+        one (the pixels) must be present for the call to happen.
+    mrope : bool
+        Position ids are Qwen's 3-D M-RoPE ids of shape (3, B, L) instead of (B, L).
+    """
+
+    image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
+    video_inputs: ClassVar[tuple[str, ...]] = ()
+    mrope: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.inner = model.model
+        self.language_model = self.inner.language_model
+        self.layers = self.language_model.layers
+        self.norm = self.language_model.norm
+        self.rotary_emb = self.language_model.rotary_emb
+        self.lm_head = model.lm_head
+        self.text_config = model.config.text_config
+        cfg = model.config
+        self.image_token_id = getattr(cfg, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = getattr(cfg, "image_token_index", None)
+        self.video_token_id = getattr(cfg, "video_token_id", None)
+        if self.video_token_id is None:
+            self.video_token_id = getattr(cfg, "video_token_index", None)
+
+    @property
+    def depth(self) -> int:
+        """Number of decoder layers."""
+        return len(self.layers)
+
+    # -- tokens -----------------------------------------------------------------------------------
+    def vision_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: which prompt tokens are vision tokens (image or video placeholders)."""
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token_id in (self.image_token_id, self.video_token_id):
+            if token_id is not None:
+                mask |= input_ids == token_id
+        return mask
+
+    def embed(self, inputs: dict) -> torch.Tensor:
+        """(B, L, D) input embeddings with the vision features scattered into their placeholders."""
+        input_ids = inputs["input_ids"]
+        embeds = self.inner.get_input_embeddings()(input_ids)
+        for names, get_features, token_id in (
+            (self.image_inputs, self.inner.get_image_features, self.image_token_id),
+            (self.video_inputs, getattr(self.inner, "get_video_features", None), self.video_token_id),
+        ):
+            if not names or inputs.get(names[0]) is None:
+                continue
+            kwargs = {n: inputs[n] for n in names if inputs.get(n) is not None}
+            pooled = get_features(**kwargs, return_dict=True).pooler_output
+            feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in pooled]).to(embeds.device, embeds.dtype)
+            placeholder = input_ids == token_id
+            if int(placeholder.sum()) != feats.shape[0]:
+                raise ValueError(
+                    f"The prompts hold {int(placeholder.sum())} vision placeholder tokens but the vision inputs "
+                    f"give {feats.shape[0]} features: the number of images (or frames) does not match the "
+                    f"number of image placeholders in the prompts"
+                )
+            embeds = embeds.masked_scatter(placeholder[..., None], feats)
+        return embeds
+
+    def position_ids(self, inputs: dict) -> torch.Tensor:
+        """Position ids as the model's own ``generate`` builds them: (B, L), pads at 1."""
+        mask = inputs["attention_mask"].long()
+        pos = mask.cumsum(-1) - 1
+        return pos.masked_fill(mask == 0, 1)
+
+    def decode_position_ids(self, next_pos: torch.Tensor) -> torch.Tensor:
+        """Position ids for one new token per sample, from (B,) next positions."""
+        pos = next_pos[:, None]
+        return pos[None].expand(3, -1, -1) if self.mrope else pos
+
+    def rope(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (B, L, head_dim), for ``position_ids``."""
+        return self.rotary_emb(hidden, position_ids)
+
+    # -- vision-token layout ------------------------------------------------------------------------
+    def image_grids(self, inputs: dict) -> list[tuple[int, int, int]]:
+        """(frames, rows, cols) token grid of every image/video in the batch, in prompt order."""
+        n_tokens = int((inputs["input_ids"] == self.image_token_id).sum())
+        per_image = getattr(self.model.config, "image_seq_length", None)
+        if not per_image or n_tokens % per_image:
+            return []
+        side = math.isqrt(per_image)
+        grid = (1, side, side) if side * side == per_image else (1, 1, per_image)
+        return [grid] * (n_tokens // per_image)
+
+    def vision_coords(self, inputs: dict, vision: torch.Tensor) -> torch.Tensor:
+        """(B, L, 3) (image or frame, row, col) of each vision token; -1 elsewhere.
+
+        Grids come from ``image_grids``; where a family's layout is not a plain grid (anyres tiles
+        with newline tokens) each image's tokens are laid out on a near-square raster instead.
+        """
+        coords = torch.full((*vision.shape, 3), -1, dtype=torch.long, device=vision.device)
+        grids = iter(self.image_grids(inputs))
+        for b in range(vision.shape[0]):
+            idx = vision[b].nonzero().flatten()
+            start, frame = 0, 0
+            while start < idx.numel():
+                grid = next(grids, None)
+                count = grid[0] * grid[1] * grid[2] if grid else _run_length(idx, start)
+                if grid is None:
+                    side = math.ceil(math.sqrt(count))
+                    grid = (1, math.ceil(count / side), side)
+                t, h, w = grid
+                k = torch.arange(count, device=vision.device)
+                span = idx[start : start + count]
+                coords[b, span, 0] = frame + k // (h * w)
+                coords[b, span, 1] = (k // w) % h
+                coords[b, span, 2] = k % w
+                frame += t
+                start += count
+        return coords
+
+
+def _run_length(idx: torch.Tensor, start: int) -> int:
+    """Length of the run of consecutive positions in ``idx`` beginning at ``start``."""
+    end = start + 1
+    while end < idx.numel() and idx[end] == idx[end - 1] + 1:
+        end += 1
+    return end - start

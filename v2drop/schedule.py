@@ -1,0 +1,256 @@
+"""Drop schedules: at which decoder layers vision tokens are dropped, and how many survive.
+
+A schedule is plain data: ordered stages ``(layer, keep)``. Semantics follow METHODS.md:
+"drop at layer l" removes tokens just before decoder layer ``l`` runs (0-based), and a relative
+keep fraction applies to the vision tokens still present at that stage, with at least
+``min_keep`` surviving: ``count = max(min_keep, floor(n * keep))`` (never more than ``n``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+KEEP_MODES = ("relative", "cumulative", "absolute")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One drop stage: before decoder ``layer`` runs, keep ``keep`` of the vision tokens."""
+
+    layer: int
+    keep: float
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Ordered drop stages plus how to read their ``keep`` values.
+
+    Parameters
+    ----------
+    stages : tuple of Stage
+        Stage layers strictly increase; an empty tuple means no dropping.
+    keep_mode : {"relative", "cumulative", "absolute"}
+        ``relative`` (default): fraction of the vision tokens present at that stage;
+        ``cumulative``: fraction of the original vision tokens; ``absolute``: a token count.
+    min_keep : int
+        Vision tokens that always survive a stage (1, as in the official V²Drop code).
+    """
+
+    stages: tuple[Stage, ...] = ()
+    keep_mode: str = "relative"
+    min_keep: int = 1
+
+    def __post_init__(self):
+        stages = tuple(s if isinstance(s, Stage) else Stage(int(s[0]), float(s[1])) for s in self.stages)
+        object.__setattr__(self, "stages", stages)
+        if self.keep_mode not in KEEP_MODES:
+            raise ValueError(f"keep_mode must be one of {KEEP_MODES}, got {self.keep_mode!r}")
+        if not isinstance(self.min_keep, int) or self.min_keep < 0:
+            raise ValueError(f"min_keep must be a non-negative integer, got {self.min_keep!r}")
+        for i, stage in enumerate(stages):
+            if stage.layer < 0:
+                raise ValueError(f"Stage {i}: layer must be >= 0, got {stage.layer}")
+            if i and stage.layer <= stages[i - 1].layer:
+                layers = [s.layer for s in stages]
+                raise ValueError(f"Stage layers must strictly increase, got {layers}")
+            if self.keep_mode == "absolute":
+                if stage.keep < 0 or stage.keep != int(stage.keep):
+                    raise ValueError(f"Stage {i} (layer {stage.layer}): absolute keep must be a count >= 0, got {stage.keep}")
+            elif not 0.0 <= stage.keep <= 1.0:
+                raise ValueError(
+                    f"Stage {i} (layer {stage.layer}): keep fraction must be in [0, 1], got {stage.keep}"
+                )
+        if self.keep_mode == "cumulative":
+            keeps = [s.keep for s in stages]
+            if any(b > a for a, b in zip(keeps, keeps[1:])):
+                raise ValueError(f"Cumulative keep fractions cannot grow from stage to stage, got {keeps}")
+
+    # -- constructors -------------------------------------------------------------------------
+    @classmethod
+    def none(cls) -> "Schedule":
+        """A schedule that drops nothing."""
+        return cls(())
+
+    @classmethod
+    def one_shot(cls, layer: int, keep: float, keep_mode: str = "relative", min_keep: int = 1) -> "Schedule":
+        """A single drop stage at ``layer``."""
+        return cls((Stage(layer, keep),), keep_mode, min_keep)
+
+    @classmethod
+    def progressive(
+        cls, layers: Sequence[int], keeps: Sequence[float], keep_mode: str = "relative", min_keep: int = 1
+    ) -> "Schedule":
+        """Several drop stages, one per layer in ``layers``."""
+        if len(layers) != len(keeps):
+            raise ValueError(f"Got {len(layers)} layers but {len(keeps)} keep values")
+        return cls(tuple(Stage(int(l), float(k)) for l, k in zip(layers, keeps)), keep_mode, min_keep)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Schedule":
+        """Build from config data: ``{"stages": [[layer, keep], ...], "keep_mode": ..., "min_keep": ...}``."""
+        if data is None:
+            return cls.none()
+        if isinstance(data, Schedule):
+            return data
+        unknown = set(data) - {"stages", "keep_mode", "min_keep"}
+        if unknown:
+            raise ValueError(f"Unknown schedule keys {sorted(unknown)}; valid keys: stages, keep_mode, min_keep")
+        stages = []
+        for s in data.get("stages") or ():
+            if isinstance(s, dict):
+                stages.append(Stage(int(s["layer"]), float(s["keep"])))
+            else:
+                if len(s) != 2:
+                    raise ValueError(f"A stage is [layer, keep], got {s!r}")
+                stages.append(Stage(int(s[0]), float(s[1])))
+        return cls(tuple(stages), data.get("keep_mode", "relative"), int(data.get("min_keep", 1)))
+
+    def to_dict(self) -> dict:
+        """Plain config data (inverse of ``from_dict``)."""
+        return {
+            "stages": [[s.layer, s.keep] for s in self.stages],
+            "keep_mode": self.keep_mode,
+            "min_keep": self.min_keep,
+        }
+
+    # -- queries --------------------------------------------------------------------------------
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The stage layers, in order."""
+        return tuple(s.layer for s in self.stages)
+
+    @property
+    def is_one_shot(self) -> bool:
+        """True for a single-stage schedule."""
+        return len(self.stages) == 1
+
+    def check_depth(self, depth: int) -> None:
+        """Raise if a stage layer does not exist in a model with ``depth`` decoder layers."""
+        for s in self.stages:
+            if s.layer >= depth:
+                raise ValueError(
+                    f"Stage layer {s.layer} does not exist: the model has {depth} decoder layers (0..{depth - 1}). "
+                    f"Use schedule.rescaled(from_depth, {depth}) or Method.rescaled({depth}) for a preset made for another depth."
+                )
+
+    def kept_count(self, stage_idx: int, n_present: int, n_original: int) -> int:
+        """Vision tokens kept by stage ``stage_idx`` when ``n_present`` (of ``n_original``) are present."""
+        keep = self.stages[stage_idx].keep
+        if self.keep_mode == "relative":
+            target = math.floor(n_present * keep)
+        elif self.keep_mode == "cumulative":
+            target = math.floor(n_original * keep)
+        else:
+            target = int(keep)
+        return min(n_present, max(self.min_keep, target))
+
+    def tokens_per_layer(self, depth: int, n_vision: int) -> list[int]:
+        """Vision tokens present in each of the ``depth`` decoder layers."""
+        self.check_depth(depth)
+        counts, n = [], n_vision
+        stage_at = {s.layer: i for i, s in enumerate(self.stages)}
+        for layer_idx in range(depth):
+            if layer_idx in stage_at:
+                n = self.kept_count(stage_at[layer_idx], n, n_vision)
+            counts.append(n)
+        return counts
+
+    def average_tokens(self, depth: int, n_vision: int) -> float:
+        """Average retained vision tokens over all layers (the papers' "192 / 128 / 64")."""
+        return sum(self.tokens_per_layer(depth, n_vision)) / depth
+
+    # -- conversions ----------------------------------------------------------------------------
+    def counts(self, n_vision: int) -> list[int]:
+        """Vision tokens kept after each stage, for ``n_vision`` original tokens."""
+        out, n = [], n_vision
+        for i in range(len(self.stages)):
+            n = self.kept_count(i, n, n_vision)
+            out.append(n)
+        return out
+
+    def to_absolute(self, n_vision: int) -> "Schedule":
+        """The same drops as absolute counts for ``n_vision`` original tokens."""
+        return Schedule(tuple(Stage(s.layer, c) for s, c in zip(self.stages, self.counts(n_vision))), "absolute", self.min_keep)
+
+    def to_cumulative(self, n_vision: int) -> "Schedule":
+        """The same drops as fractions of the ``n_vision`` original tokens."""
+        return Schedule(
+            tuple(Stage(s.layer, c / n_vision) for s, c in zip(self.stages, self.counts(n_vision))), "cumulative", self.min_keep
+        )
+
+    def to_relative(self, n_vision: int) -> "Schedule":
+        """The same drops as fractions of the tokens present at each stage (exact for ``n_vision``)."""
+        rel, prev = [], n_vision
+        for s, c in zip(self.stages, self.counts(n_vision)):
+            rel.append(Stage(s.layer, c / prev if prev else 0.0))
+            prev = c
+        return Schedule(tuple(rel), "relative", self.min_keep)
+
+    def rescaled(self, from_depth: int, to_depth: int) -> "Schedule":
+        """Move stage layers proportionally from a ``from_depth``-layer model to a ``to_depth``-layer one."""
+        if from_depth <= 0 or to_depth <= 0:
+            raise ValueError(f"Depths must be positive, got {from_depth} and {to_depth}")
+        layers = [max(1, round(s.layer * to_depth / from_depth)) if s.layer else 0 for s in self.stages]
+        for i in range(1, len(layers)):
+            layers[i] = max(layers[i], layers[i - 1] + 1)
+        if layers and layers[-1] >= to_depth:
+            raise ValueError(
+                f"Cannot rescale stages {list(self.layers)} from {from_depth} to {to_depth} layers: "
+                f"{len(layers)} distinct stage layers do not fit"
+            )
+        return Schedule(tuple(Stage(l, s.keep) for l, s in zip(layers, self.stages)), self.keep_mode, self.min_keep)
+
+
+def solve_keep(
+    layers: Sequence[int],
+    target_average: float,
+    depth: int,
+    n_vision: int,
+    fixed: dict[int, float] | None = None,
+    min_keep: int = 1,
+) -> Schedule:
+    """Relative keep fractions for ``layers`` whose average retained tokens best meet a target.
+
+    Stages listed in ``fixed`` (layer -> keep) keep their value; all other stages share one
+    relative fraction ``r``, found by bisection so that the average is the largest one not above
+    ``target_average`` (floor rounding makes an exact hit rare).
+
+    Examples
+    --------
+    FastV's one-shot K=2 at an average of 128 on LLaVA-1.5: ``solve_keep([2], 128, 32, 576)``.
+    """
+    fixed = dict(fixed or {})
+    unknown = set(fixed) - set(layers)
+    if unknown:
+        raise ValueError(f"fixed names layers {sorted(unknown)} that are not among the stage layers {list(layers)}")
+    if not 0 < target_average <= n_vision:
+        raise ValueError(f"target_average must be in (0, {n_vision}], got {target_average}")
+
+    def build(r: float) -> Schedule:
+        return Schedule.progressive(layers, [fixed.get(l, r) for l in layers], min_keep=min_keep)
+
+    lo, hi = 0.0, 1.0
+    best = build(lo)
+    if best.average_tokens(depth, n_vision) > target_average:
+        raise ValueError(
+            f"Target average {target_average} is unreachable with stages {list(layers)}: even keeping "
+            f"{min_keep} token(s) averages {best.average_tokens(depth, n_vision):.2f}"
+        )
+    if build(hi).average_tokens(depth, n_vision) <= target_average:
+        return build(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if build(mid).average_tokens(depth, n_vision) <= target_average:
+            lo = mid
+        else:
+            hi = mid
+    # Report a short fraction that gives the same counts as the bisection result.
+    exact = build(lo)
+    for digits in range(2, 12):
+        r = round(lo, digits)
+        cand = build(r)
+        if cand.average_tokens(depth, n_vision) == exact.average_tokens(depth, n_vision) and r <= 1:
+            return cand
+    return exact

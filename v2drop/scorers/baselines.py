@@ -1,0 +1,83 @@
+"""Simple baselines: random, spatially uniform and positional keep sets (strong in published benchmarks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from v2drop.scorers.base import LayerState, Scorer, register_scorer
+
+
+@register_scorer("random")
+@dataclass
+class RandomScorer(Scorer):
+    """Uniformly random keep set, reproducible per sample and layer from ``seed``.
+
+    Parameters
+    ----------
+    seed : int
+        Combined with the sample's prompt ids and the layer, so a sample draws the same keep
+        set whether it runs alone or in a batch.
+    """
+
+    seed: int = 0
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        rows = []
+        for key in state.sample_keys.tolist():
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + key * 131 + state.layer_idx) % (2**63))
+            rows.append(torch.rand(state.vision_idx.shape[1], generator=gen))
+        return torch.stack(rows).to(state.hidden.device)
+
+
+def _trailing_zeros(x: torch.Tensor, cap: int = 30) -> torch.Tensor:
+    """Number of trailing zero bits of each entry (``cap`` for 0)."""
+    tz = torch.zeros_like(x)
+    for bit in range(cap):
+        tz += ((x >> bit) & 1 == 0).long() * (tz == bit).long()
+    return tz
+
+
+def _bit_reverse(x: torch.Tensor, bits: int = 12) -> torch.Tensor:
+    """Reverse the lowest ``bits`` bits of each entry."""
+    out = torch.zeros_like(x)
+    for bit in range(bits):
+        out |= ((x >> bit) & 1) << (bits - 1 - bit)
+    return out
+
+
+def _interleave(a: torch.Tensor, b: torch.Tensor, bits: int = 12) -> torch.Tensor:
+    """Morton code: bits of ``a`` and ``b`` interleaved (``a`` more significant)."""
+    out = torch.zeros_like(a)
+    for bit in range(bits):
+        out |= ((a >> bit) & 1) << (2 * bit + 1) | ((b >> bit) & 1) << (2 * bit)
+    return out
+
+
+@register_scorer("uniform")
+@dataclass
+class UniformScorer(Scorer):
+    """A spatially even grid of each image's vision tokens ("downsample").
+
+    Tokens on coarser lattices of the token grid score higher (stride 16, then 8, 4, 2, 1),
+    and within one lattice a bit-reversed order spreads a partial level over the whole image,
+    so the top-k of any k is as even a grid as k allows. Frames of a video are treated alike.
+    """
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        frame, row, col = state.vision_coords.unbind(-1)  # each (B, V)
+        level = torch.minimum(_trailing_zeros(row), _trailing_zeros(col)).clamp(max=15)
+        spread = _interleave(_bit_reverse(row), _bit_reverse(col)).float() / float(1 << 24)
+        frame_term = _bit_reverse(frame.clamp(min=0), bits=8).float() / 256.0
+        # level dominates; within a level a 2-D low-discrepancy order, then the frame, decides.
+        return (level.float() * 4 - spread * 2 - frame_term * 1e-3).float()
+
+
+@register_scorer("position")
+@dataclass
+class PositionScorer(Scorer):
+    """Keep the last vision tokens: positional bias in its purest form."""
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        return state.vision_idx.float()

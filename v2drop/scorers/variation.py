@@ -1,0 +1,44 @@
+"""V²Drop: drop the vision tokens the previous layer changed least ("lazy" tokens)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from v2drop.scorers.base import LayerState, Scorer, register_scorer
+
+METRICS = ("l2", "l1", "cosine")
+
+
+@register_scorer("v2drop")
+@dataclass
+class V2DropScorer(Scorer):
+    """Token variation between consecutive layers (V²Drop, arXiv 2509.01552).
+
+    The score of a vision token at drop layer ``l`` is the size of layer ``l-1``'s update to it:
+    a distance between its input to layer ``l`` and its input to layer ``l-1``. Computed in
+    float32 even for half-precision models (the official code does not; see METHODS.md).
+
+    Parameters
+    ----------
+    metric : {"l2", "l1", "cosine"}
+        ``l2`` = ‖x⁽ˡ⁾ − x⁽ˡ⁻¹⁾‖₂ (paper default), ``l1`` = ‖·‖₁, ``cosine`` = 1 − cos(x⁽ˡ⁾, x⁽ˡ⁻¹⁾).
+    """
+
+    metric: str = "l2"
+    needs_prev_hidden = True
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"v2drop metric must be one of {METRICS}, got {self.metric!r}")
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        cur = state.gather_vision(state.hidden).float()  # (B, V, D)
+        prev = state.gather_vision(state.prev_hidden).float()
+        if self.metric == "l2":
+            return (cur - prev).norm(p=2, dim=-1)
+        if self.metric == "l1":
+            return (cur - prev).abs().sum(dim=-1)
+        return 1.0 - F.cosine_similarity(cur, prev, dim=-1)
