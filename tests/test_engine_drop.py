@@ -1,0 +1,128 @@
+"""Dropping: the engine equals a mask-based reference in which dropped tokens stay but are never attended."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from tests.conftest import batch_for, prompt_for
+from tests.tiny import image
+from v2drop import Method, Schedule, select_keep
+
+
+def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """Boolean (B, Q, K) -> additive (B, 1, Q, K) mask."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+@torch.no_grad()
+def reference_generate(lvlm, inputs, schedule: Schedule, max_new_tokens: int, metric: str = "l2"):
+    """V²Drop written the slow, obvious way: the full sequence runs through every layer, and from a
+    drop layer on the dropped tokens are removed from every query's keys (prefill and decode)."""
+    a = lvlm.adapter
+    ids, pad = inputs["input_ids"], inputs["attention_mask"].bool()
+    B, L = ids.shape
+    h = a.embed(inputs)
+    pos = a.position_ids(inputs)
+    rope = a.rope(h, pos)
+    vision = a.vision_mask(ids) & pad
+    n_orig = vision.sum(1).tolist()
+    alive = pad.clone()
+    stage_at = {s.layer: i for i, s in enumerate(schedule.stages)}
+    cache = DynamicCache(config=a.text_config)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    kept, alive_at, prev = [[] for _ in range(B)], [], None
+    for layer_idx, layer in enumerate(a.layers):
+        if layer_idx in stage_at:
+            diff = h.float() - prev.float()
+            if metric == "l2":
+                var = diff.norm(dim=-1)
+            elif metric == "l1":
+                var = diff.abs().sum(-1)
+            else:
+                var = 1 - torch.nn.functional.cosine_similarity(h.float(), prev.float(), dim=-1)
+            for b in range(B):
+                cand = (vision[b] & alive[b]).nonzero().flatten()
+                k = schedule.kept_count(stage_at[layer_idx], cand.numel(), n_orig[b])
+                keep = cand[select_keep(var[b, cand], k)]
+                alive[b, cand] = False
+                alive[b, keep] = True
+                offset = int((~pad[b]).sum())
+                kept[b].append((keep - offset).tolist())
+        alive_at.append(alive.clone())
+        mask = _additive(causal[None] & alive[:, None, :], h.dtype)
+        prev = h
+        h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+    logits = a.lm_head(a.norm(h[:, -1])).float()
+    first_logits = logits
+    p = pos if pos.dim() == 3 else pos[None]
+    next_pos = p.masked_fill(~pad[None].expand_as(p), -1).amax(dim=(0, 2)) + 1
+    tokens = []
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        tokens.append(token)
+        if step == max_new_tokens - 1:
+            break
+        h = a.inner.get_input_embeddings()(token[:, None])
+        rope = a.rope(h, a.decode_position_ids(next_pos + step))
+        new = torch.ones(B, step + 1, dtype=torch.bool)
+        for layer_idx, layer in enumerate(a.layers):
+            mask = _additive(torch.cat([alive_at[layer_idx], new], 1)[:, None, :], h.dtype)
+            h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+        logits = a.lm_head(a.norm(h[:, -1])).float()
+    return first_logits, torch.stack(tokens, 1).tolist(), kept
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_drop_matches_mask_reference(tiny, family, attn, metric):
+    lvlm = tiny(family, attn)
+    prompts, images = batch_for(lvlm, 3, family)
+    inputs = lvlm.prepare(prompts, images)
+    schedule = Schedule.progressive([1, 3, 5], [0.5, 0.5, 0.0])
+    out = lvlm.generate_from_inputs(inputs, Method("v2drop", schedule=schedule, metric=metric), max_new_tokens=6, stop_at_eos=False)
+    ref_logits, ref_tokens, ref_kept = reference_generate(lvlm, inputs, schedule, 6, metric)
+    assert [[s["kept"] for s in t.stages] for t in out.traces] == ref_kept
+    torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-4, rtol=0)
+    assert out.generated_ids == ref_tokens
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("scorer", ["v2drop", "random", "uniform", "position"])
+def test_batch_equals_alone(tiny, family, scorer):
+    lvlm = tiny(family)
+    prompts, images = batch_for(lvlm, 3, family)
+    method = Method(scorer, schedule=Schedule.progressive([1, 4], [0.4, 0.5]))
+    batch = lvlm.generate(prompts, images, method=method, max_new_tokens=5, stop_at_eos=False)
+    for i in range(3):
+        alone = lvlm.generate([prompts[i]], [images[i]], method=method, max_new_tokens=5, stop_at_eos=False)
+        assert alone.generated_ids[0] == batch.generated_ids[i]
+        assert alone.traces[0].stages == batch.traces[i].stages
+        torch.testing.assert_close(alone.first_logits[0], batch.first_logits[i], atol=1e-4, rtol=0)
+
+
+def test_trace_counts_follow_schedule(tiny):
+    lvlm = tiny("llava")
+    schedule = Schedule.progressive([2, 4], [0.5, 0.25])
+    out = lvlm.generate([prompt_for(lvlm, "how many ?")], [image(0)], method=Method("v2drop", schedule=schedule), max_new_tokens=2)
+    trace = out.traces[0]
+    assert trace.vision_tokens_per_layer == schedule.tokens_per_layer(lvlm.depth, 64) == [64, 64, 32, 32, 8, 8]
+    assert [s["layer"] for s in trace.stages] == [2, 4]
+    assert [len(s["kept"]) for s in trace.stages] == [32, 8]
+    assert set(trace.stages[1]["kept"]) <= set(trace.stages[0]["kept"])
+    ids = out.prompt_ids[0]
+    image_id = lvlm.adapter.image_token_id
+    assert all(ids[p] == image_id for p in trace.stages[0]["kept"])
+
+
+def test_renumber_policy_gives_contiguous_positions_and_runs(tiny):
+    lvlm = tiny("llava")
+    prompts, images = batch_for(lvlm, 2, "llava")
+    schedule = Schedule.one_shot(2, 0.25)
+    preserve = lvlm.generate(prompts, images, method=Method("v2drop", schedule=schedule), max_new_tokens=4, stop_at_eos=False)
+    renumber = lvlm.generate(
+        prompts, images, method=Method("v2drop", schedule=schedule, position_policy="renumber"), max_new_tokens=4, stop_at_eos=False
+    )
+    # Same kept set (layers before the drop are identical), different logits (positions moved).
+    assert preserve.traces[0].stages == renumber.traces[0].stages
+    assert not torch.allclose(preserve.first_logits, renumber.first_logits)
