@@ -60,6 +60,8 @@ class EngineOutput:
         Logits of the first generated token (float32).
     prefill_seconds, generate_seconds : float
         Time from the first decoder layer to the first token's logits, and to the last token.
+    scoring_seconds : float
+        Part of the prefill spent scoring and selecting tokens (all stages).
     """
 
     prompt_ids: list[list[int]]
@@ -68,6 +70,7 @@ class EngineOutput:
     first_logits: torch.Tensor
     prefill_seconds: float
     generate_seconds: float
+    scoring_seconds: float = 0.0
 
 
 @dataclass
@@ -203,11 +206,16 @@ def generate(
     _sync(device)
     start = time.perf_counter()
     segments: list[_Segment] = []
+    scoring_seconds = 0.0
     prev_hidden = None  # input of the previous layer, kept only when the next stage's scorer needs it
     for layer_idx, layer in enumerate(adapter.layers):
         dropped = layer_idx in stage_at and bool(seq.vision.any())
         if dropped:
+            _sync(device)
+            scoring_start = time.perf_counter()
             seq = _drop(seq, stage_at[layer_idx], layer_idx, method, adapter, prev_hidden, keys, n_vision, traces)
+            _sync(device)
+            scoring_seconds += time.perf_counter() - scoring_start
         if layer_idx == 0 or dropped:
             segments.append(_Segment(layer_idx, seq.attention_mask, seq.next_positions()))
             masks, rope = {}, adapter.rope(seq.hidden, seq.position_ids)
@@ -251,7 +259,7 @@ def generate(
     for row in generated.tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
         out_ids.append(row[:cut])
-    return EngineOutput(prompt_ids, out_ids, traces, first_logits, prefill_seconds, generate_seconds)
+    return EngineOutput(prompt_ids, out_ids, traces, first_logits, prefill_seconds, generate_seconds, scoring_seconds)
 
 
 def _drop(seq, stage_idx, layer_idx, method, adapter, prev_hidden, keys, n_vision, traces) -> _Sequence:
