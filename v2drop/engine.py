@@ -61,7 +61,9 @@ class EngineOutput:
     prefill_seconds, generate_seconds : float
         Time from the first decoder layer to the first token's logits, and to the last token.
     scoring_seconds : float
-        Part of the prefill spent scoring and selecting tokens (all stages).
+        Part of the prefill spent in ``scorer.score`` (all stages).
+    drop_seconds : float
+        Part of the prefill spent in drop stages: scoring, selection and rebuilding the sequence.
     """
 
     prompt_ids: list[list[int]]
@@ -71,6 +73,7 @@ class EngineOutput:
     prefill_seconds: float
     generate_seconds: float
     scoring_seconds: float = 0.0
+    drop_seconds: float = 0.0
 
 
 @dataclass
@@ -206,16 +209,17 @@ def generate(
     _sync(device)
     start = time.perf_counter()
     segments: list[_Segment] = []
-    scoring_seconds = 0.0
+    scoring_seconds = drop_seconds = 0.0
     prev_hidden = None  # input of the previous layer, kept only when the next stage's scorer needs it
     for layer_idx, layer in enumerate(adapter.layers):
         dropped = layer_idx in stage_at and bool(seq.vision.any())
         if dropped:
             _sync(device)
-            scoring_start = time.perf_counter()
-            seq = _drop(seq, stage_at[layer_idx], layer_idx, method, adapter, prev_hidden, keys, n_vision, traces)
+            stage_start = time.perf_counter()
+            seq, seconds = _drop(seq, stage_at[layer_idx], layer_idx, method, adapter, prev_hidden, keys, n_vision, traces)
             _sync(device)
-            scoring_seconds += time.perf_counter() - scoring_start
+            scoring_seconds += seconds
+            drop_seconds += time.perf_counter() - stage_start
         if layer_idx == 0 or dropped:
             segments.append(_Segment(layer_idx, seq.attention_mask, seq.next_positions()))
             masks, rope = {}, adapter.rope(seq.hidden, seq.position_ids)
@@ -259,11 +263,14 @@ def generate(
     for row in generated.tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
         out_ids.append(row[:cut])
-    return EngineOutput(prompt_ids, out_ids, traces, first_logits, prefill_seconds, generate_seconds, scoring_seconds)
+    return EngineOutput(prompt_ids, out_ids, traces, first_logits, prefill_seconds, generate_seconds, scoring_seconds, drop_seconds)
 
 
-def _drop(seq, stage_idx, layer_idx, method, adapter, prev_hidden, keys, n_vision, traces) -> _Sequence:
-    """Score the present vision tokens, keep the schedule's count per sample, rebuild the sequence."""
+def _drop(seq, stage_idx, layer_idx, method, adapter, prev_hidden, keys, n_vision, traces) -> tuple[_Sequence, float]:
+    """Score the present vision tokens, keep the schedule's count per sample, rebuild the sequence.
+
+    Returns the new sequence and the seconds spent in ``scorer.score``.
+    """
     scorer, schedule = method.scorer, method.schedule
     vision_idx, vision_valid = seq.vision_index()
     attention = query_valid = None
@@ -283,19 +290,23 @@ def _drop(seq, stage_idx, layer_idx, method, adapter, prev_hidden, keys, n_visio
         attention=attention,
         query_valid=query_valid,
     )
-    scores = scorer.score(state).float().nan_to_num(nan=float("-inf"))
+    _sync(seq.hidden.device)
+    start = time.perf_counter()
+    scores = scorer.score(state)
+    _sync(seq.hidden.device)
+    seconds = time.perf_counter() - start
     if scores.shape != vision_idx.shape:
         raise RuntimeError(f"{type(scorer).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(vision_idx.shape)}")
-    keep = []
+    scores = scores.float().nan_to_num(nan=float("-inf"))
+    keep_mask = seq.attention_mask.bool() & ~seq.vision  # text tokens always stay
     for b in range(seq.hidden.shape[0]):
         n = int(vision_valid[b].sum())
         k = schedule.kept_count(stage_idx, n, n_vision[b])
-        kept_vision = vision_idx[b, select_keep(scores[b, :n], k)]
-        others = (seq.attention_mask[b].bool() & ~seq.vision[b]).nonzero().flatten()
-        keep.append(torch.cat([others, kept_vision]).sort().values)
-        traces[b].stages.append({"layer": layer_idx, "kept": seq.orig_idx[b, kept_vision].sort().values.tolist()})
-    new = seq.select(keep)
-    return new.renumbered() if method.position_policy == "renumber" else new
+        kept_vision = vision_idx[b, select_keep(scores[b, :n], k)]  # ascending
+        keep_mask[b, kept_vision] = True
+        traces[b].stages.append({"layer": layer_idx, "kept": seq.orig_idx[b, kept_vision].tolist()})
+    new = seq.select([row.nonzero().flatten() for row in keep_mask])
+    return (new.renumbered() if method.position_policy == "renumber" else new), seconds
 
 
 def select_keep(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -35,10 +35,13 @@ class V2DropScorer(Scorer):
             raise ValueError(f"v2drop metric must be one of {METRICS}, got {self.metric!r}")
 
     def score(self, state: LayerState) -> torch.Tensor:
-        cur = state.gather_vision(state.hidden).float()  # (B, V, D)
-        prev = state.gather_vision(state.prev_hidden).float()
+        # Per-token distances over the whole sequence, then one cheap gather of B x V scalars:
+        # faster on CPU than gathering (B, V, D) rows first.
+        cur, prev = state.hidden.float(), state.prev_hidden.float()  # (B, L, D)
         if self.metric == "l2":
-            return (cur - prev).norm(p=2, dim=-1)
-        if self.metric == "l1":
-            return (cur - prev).abs().sum(dim=-1)
-        return 1.0 - F.cosine_similarity(cur, prev, dim=-1)
+            dist = torch.linalg.vector_norm(cur - prev, ord=2, dim=-1)
+        elif self.metric == "l1":
+            dist = torch.linalg.vector_norm(cur - prev, ord=1, dim=-1)
+        else:
+            dist = 1.0 - F.cosine_similarity(cur, prev, dim=-1)
+        return dist.gather(1, state.vision_idx)  # (B, V)
