@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from v2drop.attention import attention_rows
+from v2drop.measure import PeakMemory
 from v2drop.method import Method
 from v2drop.models.base import Adapter
 from v2drop.scorers import LayerState
@@ -64,6 +65,8 @@ class EngineOutput:
         Part of the prefill spent in ``scorer.score`` (all stages).
     drop_seconds : float
         Part of the prefill spent in drop stages: scoring, selection and rebuilding the sequence.
+    peak_memory_bytes : int or None
+        Peak memory growth of the language-model part (prefill and decoding), when measured.
     """
 
     prompt_ids: list[list[int]]
@@ -74,6 +77,7 @@ class EngineOutput:
     generate_seconds: float
     scoring_seconds: float = 0.0
     drop_seconds: float = 0.0
+    peak_memory_bytes: int | None = None
 
 
 @dataclass
@@ -163,6 +167,7 @@ def generate(
     max_new_tokens: int = 16,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int = 0,
+    measure_memory: bool = False,
 ) -> EngineOutput:
     """Prefill with the method's drop stages, then greedy decoding with per-layer KV caches.
 
@@ -181,6 +186,8 @@ def generate(
         Stop tokens; None never stops early.
     pad_token_id : int
         Token fed (and reported) after a sample has finished.
+    measure_memory : bool
+        Measure the peak memory of prefill and decoding (``v2drop.measure.PeakMemory``).
     """
     method = method or Method.none()
     if max_new_tokens < 1:
@@ -206,6 +213,9 @@ def generate(
     keys = sample_keys(input_ids, mask2d) if method.drops else None
     cache = DynamicCache(config=adapter.text_config)
 
+    memory = PeakMemory(device) if measure_memory else None
+    if memory is not None:
+        memory.__enter__()
     _sync(device)
     start = time.perf_counter()
     segments: list[_Segment] = []
@@ -257,13 +267,18 @@ def generate(
         logits = adapter.lm_head(adapter.norm(hidden))[:, -1].float()
     _sync(device)
     generate_seconds = time.perf_counter() - start
+    if memory is not None:
+        memory.__exit__(None, None, None)
 
     prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(input_ids, mask2d)]
     out_ids = []
     for row in generated.tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
         out_ids.append(row[:cut])
-    return EngineOutput(prompt_ids, out_ids, traces, first_logits, prefill_seconds, generate_seconds, scoring_seconds, drop_seconds)
+    return EngineOutput(
+        prompt_ids, out_ids, traces, first_logits, prefill_seconds, generate_seconds, scoring_seconds, drop_seconds,
+        memory.peak_bytes if memory is not None else None,
+    )
 
 
 def _drop(seq, stage_idx, layer_idx, method, adapter, prev_hidden, keys, n_vision, traces) -> tuple[_Sequence, float]:

@@ -113,12 +113,15 @@ class LVLM:
         inputs = self.prepare(prompts, images, videos)
         return self.generate_from_inputs(inputs, method, max_new_tokens, stop_at_eos)
 
-    def generate_from_inputs(self, inputs: dict, method=None, max_new_tokens: int = 16, stop_at_eos: bool = True) -> GenerationResult:
+    def generate_from_inputs(
+        self, inputs: dict, method=None, max_new_tokens: int = 16, stop_at_eos: bool = True, measure_memory: bool = False
+    ) -> GenerationResult:
         """``generate`` for inputs already built by ``prepare`` (or by a processor, left-padded)."""
         method = Method.resolve(method, depth=self.depth) if not isinstance(method, Method) else method.rescaled(self.depth)
         eos = self.model.generation_config.eos_token_id if stop_at_eos else None
         out = engine.generate(
-            self.adapter, inputs, method, max_new_tokens, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id or 0
+            self.adapter, inputs, method, max_new_tokens, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id or 0,
+            measure_memory=measure_memory,
         )
         texts = self.tokenizer.batch_decode(out.generated_ids, skip_special_tokens=True)
         return GenerationResult(**vars(out), texts=[t.strip() for t in texts])

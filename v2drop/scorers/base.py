@@ -96,6 +96,10 @@ class Scorer:
         """Scores (B, V) float32 for ``state.vision_idx``; padded entries are ignored."""
         raise NotImplementedError
 
+    def flops(self, n_vision: int, n_tokens: int, hidden: int) -> float:
+        """Analytic FLOPs of one scoring call (0 unless a scorer says otherwise)."""
+        return 0.0
+
     def check_layer(self, layer_idx: int) -> None:
         """Raise if this scorer cannot run at a stage before ``layer_idx``."""
         if (self.needs_prev_hidden or self.attention_layer_offset < 0) and layer_idx < 1:

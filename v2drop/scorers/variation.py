@@ -34,6 +34,10 @@ class V2DropScorer(Scorer):
         if self.metric not in METRICS:
             raise ValueError(f"v2drop metric must be one of {METRICS}, got {self.metric!r}")
 
+    def flops(self, n_vision: int, n_tokens: int, hidden: int) -> float:
+        """About 3·M·D: a difference, a square (or abs) and a sum per element (METHODS.md)."""
+        return 3.0 * n_vision * hidden
+
     def score(self, state: LayerState) -> torch.Tensor:
         # Per-token distances over the whole sequence, then one cheap gather of B x V scalars:
         # faster on CPU than gathering (B, V, D) rows first.
