@@ -1,0 +1,154 @@
+"""Evaluate one model on one benchmark under one method.
+
+    python -m experiments.evaluate --model proxy --benchmark digits --method v2drop --schedule v2drop-llava15-128 \
+        [--limit N] [--output result.json] [--save-trace trace.jsonl] [--resume] [--baseline none.json]
+    python -m experiments.evaluate --model proxy --benchmark digits --method none
+
+``--method`` is a scorer name (with ``--schedule`` a preset name or YAML file), a full preset
+name, or ``none``. Per-sample records go to ``<run-dir>/records.jsonl`` as they finish; an
+interrupted run continues with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+from v2drop.evaluation import EvalConfig, evaluate, format_table
+from v2drop.method import Method, list_presets
+from v2drop.scorers import SCORERS
+
+
+def resolve_method(method: str, schedule: str | None, scorer_args: dict) -> Method:
+    """A Method from ``--method`` (scorer, preset or ``none``), ``--schedule`` and ``--scorer-arg`` values."""
+    if method == "none":
+        if schedule:
+            raise ValueError("--method none drops nothing; leave out --schedule")
+        return Method.none()
+    if method not in SCORERS:
+        if method in list_presets() or method.endswith((".yaml", ".yml")):
+            data = _method_data(method)
+            if schedule:
+                data["schedule"] = _method_data(schedule).get("schedule")
+            if scorer_args:
+                scorer = data.get("scorer")
+                data["scorer"] = {**(scorer if isinstance(scorer, dict) else {"name": scorer}), **scorer_args}
+            return Method.from_dict(data)
+        SCORERS.get(method)  # raises, listing the scorers
+    if not schedule:
+        raise ValueError(f"--method {method} needs --schedule (a preset name or YAML file); presets: {', '.join(list_presets())}")
+    data = _method_data(schedule)
+    preset_scorer = data.get("scorer")
+    preset_args = {}
+    if isinstance(preset_scorer, dict) and preset_scorer.get("name") == method:
+        preset_args = {k: v for k, v in preset_scorer.items() if k != "name"}
+    data["scorer"] = {"name": method, **preset_args, **scorer_args}
+    return Method.from_dict({k: v for k, v in data.items() if k != "description"})
+
+
+def _method_data(name: str) -> dict:
+    """Config data of a preset name or YAML path."""
+    path = Path(name)
+    if not path.exists():
+        from v2drop.method import _preset_path
+
+        path = _preset_path(name)
+    data = yaml.safe_load(path.read_text()) or {}
+    if "stages" in data:  # a bare schedule file
+        data = {"schedule": data}
+    data.pop("description", None)
+    return data
+
+
+def _parse_scorer_args(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--scorer-arg takes key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if path.parent != Path("") else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"Cannot write {path}: the directory or file is not writable")
+
+
+def main(argv=None) -> dict:
+    """Parse arguments, run the evaluation, print the table, write the files."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="proxy", help="hub id, local directory or bundled name (proxy)")
+    p.add_argument("--benchmark", default="digits", help="registered benchmark name")
+    p.add_argument("--method", default="none", help="scorer name, preset name or YAML, or none")
+    p.add_argument("--schedule", default=None, help="preset name or YAML whose schedule to use")
+    p.add_argument("--scorer-arg", action="append", default=[], metavar="KEY=VALUE", help="scorer parameter, e.g. metric=l1")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2, help="samples run before timing starts")
+    p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--devices", default="1", help="Lightning devices")
+    p.add_argument("--run-dir", default=None, help="where records, result and trace go (default runs/eval/<model>-<benchmark>-<method>)")
+    p.add_argument("--output", default=None, help="also write the result JSON here")
+    p.add_argument("--save-trace", default=None, help="write each sample's kept vision positions per stage (JSONL)")
+    p.add_argument("--baseline", default=None, help="a no-dropping result JSON to report relative accuracy against")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run, skipping finished samples")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    try:
+        from v2drop.benchmarks import get_benchmark
+
+        method = resolve_method(args.method, args.schedule, _parse_scorer_args(args.scorer_arg))
+        benchmark = get_benchmark(args.benchmark)
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(args.model).name}-{args.benchmark}-{args.method}-{Path(args.schedule or 'default').stem}")
+        run_dir = Path(args.run_dir or Path("runs") / "eval" / slug)
+        outputs = [run_dir / "result.json"] + [Path(x) for x in (args.output, args.save_trace) if x]
+        for path in outputs:
+            _check_writable(path)
+        records = run_dir / "records.jsonl"
+        if records.exists() and not args.resume:
+            raise ValueError(f"{records} exists from an earlier run; add --resume to continue it or --run-dir to start elsewhere")
+        baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
+        config = EvalConfig(
+            model=args.model, benchmark=args.benchmark, method=method.to_dict(), split=args.split, limit=args.limit,
+            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, warmup=args.warmup,
+            attn_implementation=args.attn, dtype=args.dtype, device=args.device, threads=args.threads,
+            devices=int(args.devices) if args.devices.isdigit() else args.devices, progress=not args.no_progress,
+        )
+        import v2drop
+
+        lvlm = v2drop.load(args.model, attn_implementation=args.attn, dtype=args.dtype, device=args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+
+    result = evaluate(lvlm, benchmark, method, config, records_path=records, resume=args.resume, baseline=baseline)
+    print(format_table(result))
+    data = result.to_json()
+    for path in [run_dir / "result.json"] + ([Path(args.output)] if args.output else []):
+        path.write_text(json.dumps(data, indent=2))
+    if args.save_trace:
+        with open(args.save_trace, "w") as f:
+            for line in records.read_text().splitlines():
+                r = json.loads(line)
+                f.write(json.dumps({"id": r["id"], "stages": r["kept"], "vision_tokens_per_layer": r["vision_tokens_per_layer"]}) + "\n")
+    print(f"results in {run_dir}")
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The evaluation harness: records as samples finish, resume, aggregates, and errors before long work."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+from PIL import Image
+
+from tests.tiny import image
+from v2drop import Method, Schedule
+from v2drop.evaluation import EvalConfig, evaluate, format_table
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    question: str
+    answer: str
+    family: str
+    images: tuple
+    evidence: tuple = ()
+    choices: tuple = ()
+
+
+class EchoBench:
+    """A benchmark whose answers are whatever the model says first for sample 0 (so 'correct' is real)."""
+
+    name, modality, families = "echo", "image", ("a", "b")
+
+    def __init__(self, n=5, answer="?"):
+        self.items = [Item(f"s{i}", "how many ?", answer, "ab"[i % 2], (image(i),)) for i in range(n)]
+
+    def load(self, split, limit=None):
+        return self.items[:limit]
+
+    def is_correct(self, prediction, sample):
+        return prediction == sample.answer
+
+    def aggregate(self, records):
+        fam = {f: [r["correct"] for r in records if r["family"] == f] for f in self.families}
+        return {"accuracy": sum(r["correct"] for r in records) / len(records), "per_family": {f: sum(v) / len(v) for f, v in fam.items() if v}}
+
+
+def config(**kw):
+    return EvalConfig(model="tiny", benchmark="echo", warmup=1, max_new_tokens=2, progress=False, **kw)
+
+
+def test_records_and_aggregates(tiny, tmp_path):
+    lvlm = tiny("llava")
+    bench = EchoBench()
+    method = Method("v2drop", schedule=Schedule.progressive([1, 3], [0.5, 0.25]))
+    result = evaluate(lvlm, bench, method, config(), records_path=tmp_path / "r.jsonl")
+    records = [json.loads(l) for l in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [f"s{i}" for i in range(5)]
+    assert all(r["vision_tokens_per_layer"] == [64, 32, 32, 8, 8, 8] for r in records)
+    assert result.metrics["average_vision_tokens"] == pytest.approx(152 / 6)
+    assert 0 < result.metrics["flops_ratio"] < 1
+    assert result.metrics["accuracy"] == sum(r["correct"] for r in records) / 5
+    assert result.environment["torch_threads"] == 2 and result.config["benchmark"] == "echo"
+    assert "overall" in format_table(result)
+
+
+def test_no_drop_flops_ratio_is_one(tiny, tmp_path):
+    result = evaluate(tiny("llava"), EchoBench(2), Method.none(), config())
+    assert result.metrics["flops_ratio"] == 1.0 and result.metrics["average_vision_tokens"] == 64
+
+
+def test_resume_skips_finished_samples(tiny, tmp_path):
+    lvlm, path = tiny("llava"), tmp_path / "r.jsonl"
+    evaluate(lvlm, EchoBench(), Method.none(), config(limit=3), records_path=path)
+    with open(path, "a") as f:
+        f.write('{"id": "s3", "torn')  # a process killed mid-write leaves a torn line
+    with pytest.raises(ValueError, match="already exists; pass resume=True"):
+        evaluate(lvlm, EchoBench(), Method.none(), config(), records_path=path)
+    result = evaluate(lvlm, EchoBench(), Method.none(), config(), records_path=path, resume=True)
+    ids = [json.loads(l)["id"] for l in path.read_text().splitlines() if l.endswith("}")]
+    assert ids == ["s0", "s1", "s2", "s3", "s4"]  # the first three were not redone
+    assert result.metrics["n"] == 5
+
+
+def test_relative_to_baseline(tiny):
+    lvlm = tiny("llava")
+    base = evaluate(lvlm, EchoBench(4, answer="0"), Method.none(), config()).to_json()
+    base["metrics"]["accuracy"] = 0.5
+    base["per_family"] = {"a": 0.5, "b": 0.25}
+    result = evaluate(lvlm, EchoBench(4, answer="0"), Method.none(), config(), baseline=base)
+    assert result.metrics["relative_accuracy"] == pytest.approx(result.metrics["accuracy"] / 0.5)
+    assert result.metrics["relative_per_family"]["b"] == pytest.approx(result.per_family["b"] / 0.25)
+
+
+def test_bad_samples_stop_before_work(tiny, tmp_path):
+    bench = EchoBench(2)
+    bench.items[1] = Item("s1", "q", "a", "a", ())
+    with pytest.raises(ValueError, match="'s1' of image benchmark 'echo' has no image"):
+        evaluate(tiny("llava"), bench, Method.none(), config())
+    broken = tmp_path / "broken.png"
+    image(0).save(tmp_path / "ok.png")
+    broken.write_bytes((tmp_path / "ok.png").read_bytes()[:60])
+    bench.items[1] = Item("s1", "q", "a", "a", (Image.open(broken),))
+    with pytest.raises(ValueError, match="'s1': image 0 cannot be decoded"):
+        evaluate(tiny("llava"), bench, Method.none(), config())

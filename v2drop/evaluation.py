@@ -1,0 +1,285 @@
+"""The evaluation harness: one benchmark, one model, one method -> per-sample records and aggregates.
+
+Runs through Lightning's ``Trainer.predict`` (one CPU device by default; Lightning strategies
+scale it to several GPUs or nodes, each sample predicted exactly once). Records are appended to a
+JSONL file as samples finish, so an interrupted run continues with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from v2drop.lvlm import LVLM
+from v2drop.measure import environment, prefill_flops
+from v2drop.method import Method
+
+
+@dataclass
+class EvalConfig:
+    """Everything that defines an evaluation run (written into every result file)."""
+
+    model: str = "proxy"  # hub id, local directory or bundled name
+    benchmark: str = "digits"  # a registered benchmark name
+    method: Any = "none"  # preset name, YAML path, method config dict, or "none"
+    split: str = "test"  # benchmark split
+    limit: int | None = None  # first N samples only
+    batch_size: int = 1  # samples per generate call
+    max_new_tokens: int = 8  # greedy tokens per answer
+    warmup: int = 2  # samples run (and discarded) before timing starts
+    attn_implementation: str = "sdpa"  # eager, sdpa or flash_attention_2
+    dtype: str = "float32"  # float32, bfloat16, float16
+    device: str = "cpu"  # where the model runs
+    threads: int | None = 2  # torch CPU threads (None: leave as is)
+    measure_memory: bool = True  # peak memory of the language-model part per batch
+    accelerator: str = "auto"  # Lightning accelerator
+    devices: int | str = 1  # Lightning devices
+    progress: bool = True  # progress bar
+
+
+@dataclass
+class EvalResult:
+    """Aggregates, the resolved config and the environment of one evaluation."""
+
+    config: dict
+    environment: dict
+    metrics: dict
+    per_family: dict
+    method: dict
+    records_path: str | None = None
+    baseline: dict | None = field(default=None)
+
+    def to_json(self) -> dict:
+        """Plain data for ``json.dump``."""
+        return asdict(self)
+
+
+def evaluate(
+    lvlm: LVLM,
+    benchmark,
+    method: Method,
+    config: EvalConfig,
+    records_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    baseline: dict | None = None,
+    samples: list | None = None,
+) -> EvalResult:
+    """Run ``benchmark`` on ``lvlm`` under ``method`` and aggregate.
+
+    Parameters
+    ----------
+    records_path : path, optional
+        JSONL file receiving one record per sample as it finishes. Must not exist unless
+        ``resume`` is set, in which case finished samples are skipped.
+    baseline : dict, optional
+        A no-dropping result (``EvalResult.to_json()``) to report accuracies relative to.
+    samples : list of Sample, optional
+        Evaluate these instead of ``benchmark.load(config.split, config.limit)``.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    samples = samples if samples is not None else benchmark.load(config.split, config.limit)
+    if not samples:
+        raise ValueError(f"Benchmark {benchmark.name!r} split {config.split!r} has no samples")
+    for sample in samples:
+        _check_sample(sample, benchmark)
+    done: dict[str, dict] = {}
+    if records_path is not None:
+        records_path = Path(records_path)
+        if records_path.exists() and not resume:
+            raise ValueError(f"{records_path} already exists; pass resume=True (--resume) to continue it, or choose another path")
+        if resume and records_path.exists():
+            done = {r["id"]: r for r in _read_jsonl(records_path)}
+            # Rewrite without a torn last line (a process killed mid-write) before appending.
+            records_path.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+        records_path.parent.mkdir(parents=True, exist_ok=True)
+        records_path.touch()
+    todo = [s for s in samples if s.id not in done]
+    method = method.rescaled(lvlm.depth)
+    if todo and config.warmup:
+        for sample in todo[: config.warmup]:
+            _predict(lvlm, benchmark, method, [sample], config)
+    new = _run_lightning(lvlm, benchmark, method, todo, config, records_path) if todo else []
+    wanted = {s.id for s in samples}
+    records = [r for r in list(done.values()) + new if r["id"] in wanted]
+    return _aggregate(lvlm, benchmark, method, config, records, records_path, baseline)
+
+
+def _check_sample(sample, benchmark) -> None:
+    """Fail before any long work on a sample the model cannot take."""
+    if benchmark.modality in ("image", "video") and not sample.images:
+        raise ValueError(f"Sample {sample.id!r} of image benchmark {benchmark.name!r} has no image")
+    for i, image in enumerate(sample.images):
+        try:
+            image.load()
+        except Exception as err:  # PIL raises many types for truncated or corrupt files
+            raise ValueError(f"Sample {sample.id!r}: image {i} cannot be decoded ({err})") from None
+
+
+def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalConfig) -> list[dict]:
+    """Generate answers for a batch of samples and turn them into records."""
+    prompts = [lvlm.format_prompt(s.question, n_images=len(s.images)) for s in batch]
+    inputs = lvlm.prepare(prompts, [list(s.images) for s in batch])
+    out = lvlm.generate_from_inputs(inputs, method, config.max_new_tokens, measure_memory=config.measure_memory)
+    cfg = lvlm.adapter.text_config
+    records = []
+    for i, sample in enumerate(batch):
+        trace = out.traces[i]
+        n_prompt = len(out.prompt_ids[i])
+        n_vision0 = trace.vision_tokens_per_layer[0] if trace.vision_tokens_per_layer else 0
+        tokens = [n_prompt - (n_vision0 - v) for v in trace.vision_tokens_per_layer]
+        scorer_cost = 0.0
+        for stage in trace.stages:  # the scorer sees the vision tokens present just before the stage
+            present = trace.vision_tokens_per_layer[stage["layer"] - 1] if stage["layer"] else n_vision0
+            scorer_cost += method.scorer.flops(n_vision=present, n_tokens=n_prompt, hidden=cfg.hidden_size)
+        prediction = out.texts[i]
+        records.append({
+            "id": sample.id,
+            "family": sample.family,
+            "question": sample.question,
+            "prediction": prediction,
+            "reference": sample.answer,
+            "correct": bool(benchmark.is_correct(prediction, sample)),
+            "prompt_tokens": n_prompt,
+            "vision_tokens": n_vision0,
+            "vision_tokens_per_layer": trace.vision_tokens_per_layer,
+            "average_vision_tokens": trace.average_vision_tokens,
+            "flops": prefill_flops(cfg, tokens, scorer_cost),
+            "flops_no_drop": prefill_flops(cfg, [n_prompt] * len(tokens)),
+            "prefill_seconds": out.prefill_seconds / len(batch),
+            "generate_seconds": out.generate_seconds / len(batch),
+            "scoring_seconds": out.scoring_seconds / len(batch),
+            "peak_memory_bytes": out.peak_memory_bytes,
+            "batch_size": len(batch),
+            "kept": trace.stages,
+        })
+    return records
+
+
+def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records_path) -> list[dict]:
+    """Predict every sample once through ``Trainer.predict``, appending records as batches finish."""
+    import logging
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no device banners per run
+
+    class Predictor(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lvlm_model = lvlm.model  # registered so Lightning places it on the right device
+
+        def predict_step(self, batch, batch_idx):
+            return _predict(lvlm, benchmark, method, [samples[i] for i in batch], config)
+
+    class RecordWriter(L.Callback):
+        def __init__(self):
+            self.records: list[dict] = []
+
+        def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            self.records.extend(outputs)
+            if records_path is not None:
+                path = records_path if trainer.world_size == 1 else records_path.with_suffix(f".rank{trainer.global_rank}.jsonl")
+                with open(path, "a") as f:
+                    for r in outputs:
+                        f.write(json.dumps(r) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+
+    writer = RecordWriter()
+    accelerator = config.accelerator if config.accelerator != "auto" else ("gpu" if config.device.startswith("cuda") else "cpu")
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=config.devices,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=config.progress,
+        callbacks=[writer],
+        inference_mode=True,
+    )
+    # The loader yields sample indices: Lightning moves batches to the device and cannot copy
+    # frozen dataclasses holding PIL images.
+    loader = DataLoader(range(len(samples)), batch_size=config.batch_size, shuffle=False, collate_fn=list, num_workers=0)
+    trainer.predict(Predictor(), dataloaders=loader, return_predictions=False)
+    return writer.records
+
+
+def _aggregate(lvlm, benchmark, method, config, records, records_path, baseline) -> EvalResult:
+    """Benchmark metric per family and overall, tokens, FLOPs, latency medians and memory."""
+    scores = benchmark.aggregate(records)
+    timed = records  # warm-up runs were never recorded
+    med = lambda key: statistics.median(r[key] for r in timed) if timed else None  # noqa: E731
+    flops = sum(r["flops"] for r in records) / len(records)
+    flops_full = sum(r["flops_no_drop"] for r in records) / len(records)
+    peaks = [r["peak_memory_bytes"] for r in records if r.get("peak_memory_bytes") is not None]
+    metrics = {
+        "accuracy": scores["accuracy"],
+        "n": len(records),
+        "average_vision_tokens": sum(r["average_vision_tokens"] for r in records) / len(records),
+        "vision_tokens": sum(r["vision_tokens"] for r in records) / len(records),
+        "flops": flops,
+        "flops_ratio": flops / flops_full if flops_full else 1.0,
+        "prefill_latency_median_s": med("prefill_seconds"),
+        "generation_latency_median_s": med("generate_seconds"),
+        "scoring_share_of_prefill": (sum(r["scoring_seconds"] for r in records) / max(sum(r["prefill_seconds"] for r in records), 1e-12)),
+        "peak_memory_mb_max": max(peaks) / 2**20 if peaks else None,
+        "peak_memory_mb_median": statistics.median(peaks) / 2**20 if peaks else None,
+    }
+    metrics.update({k: v for k, v in scores.items() if k not in ("accuracy", "per_family", "n")})
+    per_family = scores.get("per_family", {})
+    if baseline is not None:
+        base_acc = baseline["metrics"]["accuracy"]
+        metrics["relative_accuracy"] = metrics["accuracy"] / base_acc if base_acc else None
+        base_fam = baseline.get("per_family", {})
+        ratios = [per_family[f] / base_fam[f] for f in per_family if base_fam.get(f)]
+        metrics["relative_accuracy_mean_of_families"] = sum(ratios) / len(ratios) if ratios else None
+        metrics["relative_per_family"] = {f: per_family[f] / base_fam[f] for f in per_family if base_fam.get(f)}
+    return EvalResult(
+        config=asdict(config),
+        environment=environment(lvlm),
+        metrics=metrics,
+        per_family=per_family,
+        method=method.to_dict(),
+        records_path=str(records_path) if records_path else None,
+        baseline={"accuracy": baseline["metrics"]["accuracy"], "per_family": baseline.get("per_family")} if baseline else None,
+    )
+
+
+def format_table(result: EvalResult) -> str:
+    """A terminal table: accuracy per family and the cost figures."""
+    m = result.metrics
+    rel = m.get("relative_per_family", {})
+    lines = [f"{'family':<16}{'accuracy':>10}{'vs none':>10}"]
+    for fam, acc in sorted(result.per_family.items()):
+        lines.append(f"{fam:<16}{acc:>10.3f}{(f'{rel[fam]:.1%}' if fam in rel else '-'):>10}")
+    overall_rel = f"{m['relative_accuracy']:.1%}" if m.get("relative_accuracy") else "-"
+    lines.append(f"{'overall':<16}{m['accuracy']:>10.3f}{overall_rel:>10}")
+    lines.append("")
+    lines.append(f"samples {m['n']}, vision tokens {m['vision_tokens']:.0f}, average retained {m['average_vision_tokens']:.2f}")
+    lines.append(f"FLOPs {m['flops']:.3e} ({m['flops_ratio']:.1%} of no dropping)")
+    lines.append(
+        f"median prefill {m['prefill_latency_median_s'] * 1e3:.1f} ms, generation {m['generation_latency_median_s'] * 1e3:.1f} ms, "
+        f"scoring {m['scoring_share_of_prefill']:.2%} of prefill"
+    )
+    if m.get("peak_memory_mb_max") is not None:
+        lines.append(f"peak memory of the LLM part: {m['peak_memory_mb_max']:.1f} MB (max over batches)")
+    return "\n".join(lines)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file; a torn last line (killed mid-write) is ignored."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
