@@ -1,0 +1,114 @@
+"""Cost of every preset on real 7B models, analytically (published sizes, no weights).
+
+    python -m analysis.real_cost [--out runs/analysis/real_cost] [--text-tokens 64]
+
+For LLaVA-1.5-7B, Qwen2-VL-7B and LLaVA-OneVision-7B, configs are built locally with their
+published sizes; for each preset (rescaled to the model's depth) we report the average retained
+vision tokens, prefill FLOPs (METHODS.md formula) and KV-cache size, each against no dropping.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+
+from analysis.common import run_dir, write_table
+from v2drop.measure import prefill_flops
+from v2drop.method import Method, list_presets
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Published decoder sizes of a real LVLM and the vision tokens of a typical input."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vision_tokens: int
+    vision_note: str
+
+    def text_config(self):
+        """A transformers config with these sizes (nothing is downloaded or allocated)."""
+        from transformers import LlamaConfig
+
+        return LlamaConfig(hidden_size=self.hidden, intermediate_size=self.intermediate, num_hidden_layers=self.layers,
+                           num_attention_heads=self.heads, num_key_value_heads=self.kv_heads)
+
+
+MODELS = [
+    # Vicuna-7B decoder; CLIP ViT-L/14 at 336 px gives 24 x 24 = 576 tokens.
+    ModelSize("LLaVA-1.5-7B", 32, 4096, 11008, 32, 32, 576, "one 336 px image: 576 tokens"),
+    # Qwen2-7B decoder; a 672 x 672 image gives 48 x 48 patches of 14 px, merged 2 x 2 = 576 tokens.
+    ModelSize("Qwen2-VL-7B", 28, 3584, 18944, 28, 4, 576, "one 672 px image: 576 tokens"),
+    # Qwen2-7B decoder; 32 video frames of 196 tokens each (lmms-eval's MVBench setting).
+    ModelSize("LLaVA-OneVision-7B", 28, 3584, 18944, 28, 4, 32 * 196, "32 video frames: 6,272 tokens"),
+]
+
+
+def cost_rows(model: ModelSize, text_tokens: int, presets: list[str]) -> list[dict]:
+    """One row per preset (plus no dropping) with tokens, FLOPs and KV cache against no dropping."""
+    cfg = model.text_config()
+    head_dim = model.hidden // model.heads
+    kv_bytes_per_token_layer = 2 * model.kv_heads * head_dim * 2  # keys + values, bf16
+    full_tokens = [text_tokens + model.vision_tokens] * model.layers
+    base_flops = prefill_flops(cfg, full_tokens)
+    base_kv = sum(full_tokens) * kv_bytes_per_token_layer
+    rows = [{"model": model.name, "preset": "none", "layers": "-", "avg_vision_tokens": float(model.vision_tokens),
+             "kept_share": 1.0, "tflops": base_flops / 1e12, "flops_ratio": 1.0, "kv_cache_mb": base_kv / 2**20, "kv_ratio": 1.0}]
+    for name in presets:
+        method = Method.from_preset(name, depth=model.layers)
+        per_layer = method.schedule.tokens_per_layer(model.layers, model.vision_tokens)
+        tokens = [text_tokens + v for v in per_layer]
+        scorer_cost = 0.0
+        if method.scorer is not None:
+            for stage in method.schedule.stages:
+                present = per_layer[stage.layer - 1] if stage.layer else model.vision_tokens
+                scorer_cost += method.scorer.flops(present, text_tokens + present, model.hidden)
+        flops = prefill_flops(cfg, tokens, scorer_cost)
+        kv = sum(tokens) * kv_bytes_per_token_layer
+        avg = sum(per_layer) / model.layers
+        rows.append({"model": model.name, "preset": name, "layers": "/".join(map(str, method.schedule.layers)),
+                     "avg_vision_tokens": avg, "kept_share": avg / model.vision_tokens, "tflops": flops / 1e12,
+                     "flops_ratio": flops / base_flops, "kv_cache_mb": kv / 2**20, "kv_ratio": kv / base_kv})
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    """Compute the table for every model and preset; write CSV, markdown and a PNG."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="output directory (default runs/analysis/real_cost)")
+    p.add_argument("--text-tokens", type=int, default=64, help="text tokens in the prompt besides the vision tokens")
+    p.add_argument("--presets", nargs="*", default=None, help="preset names (default: all)")
+    args = p.parse_args(argv)
+    out = run_dir("real_cost", args.out)
+    presets = args.presets or list_presets()
+    rows = [r for m in MODELS for r in cost_rows(m, args.text_tokens, presets)]
+    markdown = write_table(rows, out / "real_cost", ["model", "preset", "layers", "avg_vision_tokens", "kept_share",
+                                                     "tflops", "flops_ratio", "kv_cache_mb", "kv_ratio"])
+    print("\n".join(f"{m.name}: {m.vision_note}, {m.layers} layers" for m in MODELS))
+    print(markdown)
+
+    fig, axes = plt.subplots(1, len(MODELS), figsize=(5 * len(MODELS), 4 + 0.18 * len(presets)), sharey=True)
+    for ax, model in zip(axes, MODELS):
+        mine = [r for r in rows if r["model"] == model.name]
+        y = range(len(mine))
+        ax.barh([i - 0.2 for i in y], [r["flops_ratio"] for r in mine], height=0.4, label="FLOPs")
+        ax.barh([i + 0.2 for i in y], [r["kv_ratio"] for r in mine], height=0.4, label="KV cache")
+        ax.set_yticks(list(y), [r["preset"] for r in mine], fontsize=7)
+        ax.set_title(f"{model.name}\n{model.vision_note}", fontsize=9)
+        ax.set_xlabel("share of no dropping")
+        ax.axvline(1.0, color="grey", lw=0.5)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "real_cost.png", dpi=120)
+    print(f"wrote {out}/real_cost.csv, .md, .png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
