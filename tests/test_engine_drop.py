@@ -126,3 +126,18 @@ def test_renumber_policy_gives_contiguous_positions_and_runs(tiny):
     # Same kept set (layers before the drop are identical), different logits (positions moved).
     assert preserve.traces[0].stages == renumber.traces[0].stages
     assert not torch.allclose(preserve.first_logits, renumber.first_logits)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_5_vl"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_other_families_drop_consistently(tiny, family, attn):
+    lvlm = tiny(family, attn)
+    prompts, images = batch_for(lvlm, 2, family)
+    method = Method("v2drop", schedule=Schedule.progressive([1, 3], [0.5, 0.25]))
+    batch = lvlm.generate(prompts, images, method=method, max_new_tokens=4, stop_at_eos=False)
+    for i in range(2):
+        alone = lvlm.generate([prompts[i]], [images[i]], method=method, max_new_tokens=4, stop_at_eos=False)
+        assert alone.generated_ids[0] == batch.generated_ids[i]
+        assert alone.traces[0].stages == batch.traces[i].stages
+        n = alone.traces[0].vision_tokens_per_layer[0]
+        assert alone.traces[0].vision_tokens_per_layer == method.schedule.tokens_per_layer(lvlm.depth, n)
