@@ -102,3 +102,16 @@ def test_stage_beyond_depth_is_an_error(tiny):
 
 def test_presets_listed():
     assert {"v2drop-llava15-192", "v2drop-llava15-128", "v2drop-llava15-64", "v2drop-qwen2vl-778"} <= set(list_presets())
+
+
+def test_scale_to_average_keeps_layers_and_ratios():
+    from v2drop.schedule import scale_to_average
+
+    s = Schedule.progressive([1, 6, 8], [0.5, 0.3, 0.0])
+    fitted = scale_to_average(s, 12, 256, 256 * 128 / 576)
+    assert fitted.layers == (1, 6, 8) and fitted.stages[2].keep == 0.0
+    assert fitted.stages[0].keep / fitted.stages[1].keep == pytest.approx(0.5 / 0.3)
+    avg = fitted.average_tokens(12, 256)
+    assert 256 * 128 / 576 - 3 < avg <= 256 * 128 / 576
+    sparse = Schedule.progressive([3, 7, 16], [300, 200, 110], keep_mode="absolute")
+    assert scale_to_average(sparse, 32, 576, 150).keep_mode == "cumulative"

@@ -203,6 +203,38 @@ class Schedule:
         return Schedule(tuple(Stage(l, s.keep) for l, s in zip(layers, self.stages)), self.keep_mode, self.min_keep)
 
 
+def scale_to_average(schedule: Schedule, depth: int, n_vision: int, target_average: float) -> Schedule:
+    """The same stages with every keep fraction multiplied by one factor, fitted to a target average.
+
+    Keeps a method's stage layers and the ratios between its stages and finds (by bisection) the
+    factor giving the largest average retained tokens not above ``target_average``; used to
+    compare methods at equal budgets on a model other than the one a preset was written for.
+    Absolute schedules are first read as cumulative fractions of ``n_vision``.
+    """
+    if schedule.keep_mode == "absolute":
+        schedule = schedule.to_cumulative(n_vision)
+    if not schedule.stages:
+        return schedule
+    top = max(s.keep for s in schedule.stages)
+    if top == 0:
+        return schedule
+
+    def build(factor: float) -> Schedule:
+        stages = tuple(Stage(s.layer, min(1.0, s.keep * factor)) for s in schedule.stages)
+        return Schedule(stages, schedule.keep_mode, schedule.min_keep)
+
+    lo, hi = 0.0, 1.0 / top
+    if build(lo).average_tokens(depth, n_vision) > target_average:
+        raise ValueError(f"Target average {target_average} is unreachable with stages {list(schedule.layers)}")
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if build(mid).average_tokens(depth, n_vision) <= target_average:
+            lo = mid
+        else:
+            hi = mid
+    return build(lo)
+
+
 def solve_keep(
     layers: Sequence[int],
     target_average: float,
