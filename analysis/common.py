@@ -37,3 +37,142 @@ def write_table(rows: Sequence[dict], path_stem: Path, columns: Sequence[str] | 
 def write_json(data, path: Path) -> None:
     """Pretty JSON."""
     path.write_text(json.dumps(data, indent=2, default=str))
+
+
+# --- running methods at the paper's budgets -------------------------------------------------------
+
+PAPER_BUDGETS = (192, 128, 64)  # average retained vision tokens of 576 on LLaVA-1.5-7B
+PAPER_VISION_TOKENS = 576
+# label -> (preset prefix whose schedule is used, scorer settings). Every comparison table includes
+# the simple baselines, run on V²Drop's progressive schedule.
+VARIANTS = {
+    "v2drop-l2": ("v2drop", {"metric": "l2"}),
+    "v2drop-l1": ("v2drop", {"metric": "l1"}),
+    "v2drop-cosine": ("v2drop", {"metric": "cosine"}),
+    "fastv": ("fastv", {}),
+    "pdrop": ("pdrop", {}),
+    "sparsevlm": ("sparsevlm", {}),
+    "random": ("v2drop", {"name": "random"}),
+    "uniform": ("v2drop", {"name": "uniform"}),
+    "position": ("v2drop", {"name": "position"}),
+}
+
+
+def budget_method(prefix: str, budget: int, depth: int, n_vision: int, **overrides):
+    """The preset ``<prefix>-llava15-<budget>`` moved to a ``depth``-layer model with ``n_vision`` tokens.
+
+    ``overrides`` replace scorer parameters, or with ``name`` the scorer itself (same schedule).
+    Stage layers are rescaled and the keep fractions fitted (one common factor, see
+    ``v2drop.schedule.scale_to_average``) so the average retained tokens are the same share of
+    ``n_vision`` as ``budget`` is of 576. Returns None when no such preset exists.
+    """
+    from v2drop.method import Method, list_presets
+    from v2drop.schedule import scale_to_average
+
+    name = f"{prefix}-llava15-{budget}"
+    if name not in list_presets():
+        return None
+    data = Method.from_preset(name).to_dict()
+    if "name" in overrides:  # another scorer on this preset's schedule: drop the preset scorer's parameters
+        data["scorer"] = dict(overrides)
+    elif overrides:
+        data["scorer"] = {**data["scorer"], **overrides}
+    method = Method.from_dict(data).rescaled(depth)
+    target = budget / PAPER_VISION_TOKENS * n_vision
+    data = method.to_dict()
+    data["schedule"] = scale_to_average(method.schedule, depth, n_vision, target).to_dict()
+    return Method.from_dict(data)
+
+
+def vision_tokens_of(lvlm, sample) -> int:
+    """Vision tokens the model gets for ``sample``."""
+    prompt = lvlm.format_prompt(sample.question, n_images=len(sample.images))
+    inputs = lvlm.prepare([prompt], [list(sample.images)])
+    return int(lvlm.adapter.vision_mask(inputs["input_ids"]).sum())
+
+
+def run_methods(lvlm, benchmark, methods: dict, out: Path, config, samples=None) -> dict:
+    """Evaluate each labelled method, caching ``out/<label>/result.json``; returns label -> result dict.
+
+    A label whose result exists for the same method and config is read back, not rerun; an
+    interrupted label resumes from its records.
+    """
+    from dataclasses import asdict
+
+    from v2drop.evaluation import evaluate
+
+    results = {}
+    for label, method in methods.items():
+        folder = out / label
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "result.json"
+        wanted = {"method": method.to_dict(), "config": {**asdict(config), "method": method.to_dict()}}
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old.get("method") == wanted["method"] and old.get("config") == wanted["config"]:
+                results[label] = old
+                continue
+            (folder / "records.jsonl").unlink(missing_ok=True)
+        from dataclasses import replace
+
+        result = evaluate(lvlm, benchmark, method, replace(config, method=method.to_dict()),
+                          records_path=folder / "records.jsonl", resume=True, samples=samples)
+        results[label] = result.to_json()
+        write_json(results[label], path)
+    return results
+
+
+def read_records(out: Path, label: str) -> list[dict]:
+    """The per-sample records of one label of ``run_methods``."""
+    return [json.loads(line) for line in (out / label / "records.jsonl").read_text().splitlines() if line.strip()]
+
+
+def relative_rows(results: dict, baseline: str = "none", extra: dict | None = None) -> list[dict]:
+    """Rows of per-family accuracy, overall accuracy and the paper's average (mean of per-family ratios to ``baseline``)."""
+    base = results[baseline]["per_family"]
+    rows = []
+    for label, res in results.items():
+        fams = res["per_family"]
+        ratios = [fams[f] / base[f] for f in fams if base.get(f)]
+        m = res["metrics"]
+        row = {"method": label, **(extra or {}).get(label, {})}
+        row.update({f: fams[f] for f in sorted(fams)})
+        row.update({
+            "accuracy": m["accuracy"],
+            "avg_vs_none": sum(ratios) / len(ratios) if ratios else None,
+            "avg_vision_tokens": m["average_vision_tokens"],
+            "flops_ratio": m["flops_ratio"],
+            "prefill_ms": m["prefill_latency_median_s"] * 1e3,
+            "generation_ms": m["generation_latency_median_s"] * 1e3,
+        })
+        rows.append(row)
+    return rows
+
+
+def add_common_args(parser) -> None:
+    """The arguments every analysis command shares."""
+    parser.add_argument("--model", default="proxy", help="model name for v2drop.load")
+    parser.add_argument("--benchmark", default="digits", help="registered benchmark")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=None, help="first N samples (default: the whole split)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--out", default=None, help="run directory (default runs/analysis/<command>)")
+
+
+def setup(args, name: str):
+    """Load model and benchmark, check them, and build the shared evaluation config."""
+    import torch
+
+    import v2drop
+    from v2drop.benchmarks import get_benchmark
+    from v2drop.evaluation import EvalConfig
+
+    torch.set_num_threads(args.threads)
+    benchmark = get_benchmark(args.benchmark)
+    lvlm = v2drop.load(args.model, attn_implementation=args.attn)
+    samples = benchmark.load(args.split, args.limit)
+    config = EvalConfig(model=args.model, benchmark=args.benchmark, split=args.split, limit=args.limit,
+                        batch_size=args.batch_size, threads=args.threads, attn_implementation=args.attn, progress=True)
+    return lvlm, benchmark, samples, vision_tokens_of(lvlm, samples[0]), config, run_dir(name, args.out)

@@ -1,44 +1,12 @@
 """The evaluation harness: records as samples finish, resume, aggregates, and errors before long work."""
 
 import json
-from dataclasses import dataclass
-
 import pytest
 from PIL import Image
 
-from tests.tiny import image
+from tests.tiny import EchoBench, Item, image
 from v2drop import Method, Schedule
 from v2drop.evaluation import EvalConfig, evaluate, format_table
-
-
-@dataclass(frozen=True)
-class Item:
-    id: str
-    question: str
-    answer: str
-    family: str
-    images: tuple
-    evidence: tuple = ()
-    choices: tuple = ()
-
-
-class EchoBench:
-    """A benchmark whose answers are whatever the model says first for sample 0 (so 'correct' is real)."""
-
-    name, modality, families = "echo", "image", ("a", "b")
-
-    def __init__(self, n=5, answer="?"):
-        self.items = [Item(f"s{i}", "how many ?", answer, "ab"[i % 2], (image(i),)) for i in range(n)]
-
-    def load(self, split, limit=None):
-        return self.items[:limit]
-
-    def is_correct(self, prediction, sample):
-        return prediction == sample.answer
-
-    def aggregate(self, records):
-        fam = {f: [r["correct"] for r in records if r["family"] == f] for f in self.families}
-        return {"accuracy": sum(r["correct"] for r in records) / len(records), "per_family": {f: sum(v) / len(v) for f, v in fam.items() if v}}
 
 
 def config(**kw):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -151,3 +152,35 @@ def image(seed: int, size: int = 32) -> Image.Image:
     """A random RGB test image."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    question: str
+    answer: str
+    family: str
+    images: tuple
+    evidence: tuple = ()
+    choices: tuple = ()
+
+
+class EchoBench:
+    """A small benchmark of random images in the harness interface (answers fixed, so correctness is real)."""
+
+    name, modality, families = "echo", "image", ("a", "b")
+
+    def __init__(self, n=5, answer="?"):
+        self.items = [Item(f"s{i}", "how many ?", answer, "ab"[i % 2], (image(i),)) for i in range(n)]
+
+    def load(self, split, limit=None):
+        return self.items[:limit]
+
+    def is_correct(self, prediction, sample):
+        return prediction == sample.answer
+
+    def aggregate(self, records):
+        fam = {f: [r["correct"] for r in records if r["family"] == f] for f in self.families}
+        return {"accuracy": sum(r["correct"] for r in records) / len(records), "per_family": {f: sum(v) / len(v) for f, v in fam.items() if v}}
+
+

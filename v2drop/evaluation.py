@@ -158,8 +158,31 @@ def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalCon
             "peak_memory_bytes": out.peak_memory_bytes,
             "batch_size": len(batch),
             "kept": trace.stages,
+            "vision_runs": _runs(out.prompt_ids[i], lvlm.adapter),
         })
     return records
+
+
+def _runs(prompt_ids: list[int], adapter) -> list[list[int]]:
+    """[start, length] of each run of vision tokens in the prompt: maps vision-token index <-> prompt position."""
+    mask = adapter.vision_mask(torch.tensor([prompt_ids]))[0].tolist()
+    runs: list[list[int]] = []
+    for pos, is_vision in enumerate(mask):
+        if is_vision and runs and runs[-1][0] + runs[-1][1] == pos:
+            runs[-1][1] += 1
+        elif is_vision:
+            runs.append([pos, 1])
+    return runs
+
+
+def vision_index_of(record: dict) -> dict[int, int]:
+    """Prompt position -> vision-token index (0-based over the sample's vision tokens) for a record."""
+    out, k = {}, 0
+    for start, length in record["vision_runs"]:
+        for pos in range(start, start + length):
+            out[pos] = k
+            k += 1
+    return out
 
 
 def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records_path) -> list[dict]:

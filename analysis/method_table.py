@@ -1,0 +1,69 @@
+"""Paper Table 1: every scorer at three budgets, per question family, averaged as the paper does.
+
+    python -m analysis.method_table [--model proxy] [--benchmark digits] [--limit N]
+
+Budgets are the paper's 192/128/64 of 576 as the same shares of the model's vision tokens; each
+method's preset is moved to the model's depth and fitted to the budget (``analysis.common.budget_method``).
+"Avg" is the mean over question families of the accuracy ratio to no dropping (the paper averages
+per-benchmark ratios; here each family plays a benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import matplotlib.pyplot as plt
+
+from analysis.common import PAPER_BUDGETS, VARIANTS, add_common_args, budget_method, relative_rows, run_methods, setup, write_table
+from v2drop.method import Method
+
+
+def methods_at_budgets(depth: int, n_vision: int, variants=VARIANTS, budgets=PAPER_BUDGETS) -> tuple[dict, dict]:
+    """``{label: Method}`` for none and every variant at every budget, plus ``{label: {budget, scorer}}``."""
+    methods, info = {"none": Method.none()}, {"none": {"budget": "all", "scorer": "none"}}
+    for budget in budgets:
+        for variant, (prefix, overrides) in variants.items():
+            method = budget_method(prefix, budget, depth, n_vision, **overrides)
+            if method is not None:
+                label = f"{variant}@{budget}"
+                methods[label] = method
+                info[label] = {"budget": budget, "scorer": variant}
+    return methods, info
+
+
+def main(argv=None) -> list[dict]:
+    """Run every method at every budget and write the table and a bar chart."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    args = p.parse_args(argv)
+    lvlm, benchmark, samples, n_vision, config, out = setup(args, "method_table")
+    methods, info = methods_at_budgets(lvlm.depth, n_vision)
+    missing = sorted({v for v, (prefix, _) in VARIANTS.items() if not any(i.get("scorer") == v for i in info.values())})
+    results = run_methods(lvlm, benchmark, methods, out, config, samples)
+    rows = relative_rows(results, extra=info)
+    columns = ["budget", "method"] + sorted(benchmark.families) + ["accuracy", "avg_vs_none", "avg_vision_tokens", "flops_ratio", "prefill_ms"]
+    markdown = write_table(rows, out / "method_table", columns)
+    print(f"{lvlm.name}: {lvlm.depth} layers, {n_vision} vision tokens, {len(samples)} samples of {benchmark.name}/{args.split}")
+    print(markdown)
+    if missing:
+        print(f"no presets for: {', '.join(missing)}")
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    variants = [v for v in VARIANTS if any(r.get("scorer") == v for r in rows)]
+    width = 0.8 / len(variants)
+    for i, variant in enumerate(variants):
+        vals = [next((r["avg_vs_none"] for r in rows if r.get("scorer") == variant and r.get("budget") == b), 0) for b in PAPER_BUDGETS]
+        ax.bar([j + i * width for j in range(len(PAPER_BUDGETS))], vals, width, label=variant)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(PAPER_BUDGETS))], [f"{b}/576 budget" for b in PAPER_BUDGETS])
+    ax.set_ylabel("accuracy / no dropping (mean over families)")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.legend(fontsize=7, ncol=3)
+    ax.set_title(f"{benchmark.name} on {lvlm.name}")
+    fig.tight_layout()
+    fig.savefig(out / "method_table.png", dpi=120)
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

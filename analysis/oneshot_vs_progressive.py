@@ -1,0 +1,66 @@
+"""Paper Table 8: one drop stage vs V²Drop's progressive stages at the same average budget.
+
+    python -m analysis.oneshot_vs_progressive [--model proxy] [--benchmark digits] [--limit N]
+
+Progressive: the paper's schedule (stages 3/17/22 on 32 layers) moved to the model and fitted to
+the budget. One-shot: a single stage at the progressive schedule's first layer, and one at its
+middle layer, each with the keep fraction that gives the same average (``v2drop.solve_keep``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import matplotlib.pyplot as plt
+
+from analysis.common import PAPER_BUDGETS, PAPER_VISION_TOKENS, add_common_args, budget_method, relative_rows, run_methods, setup, write_table
+from v2drop.method import Method
+from v2drop.schedule import solve_keep
+
+
+def schedules(depth: int, n_vision: int, budgets=PAPER_BUDGETS) -> tuple[dict, dict]:
+    """``{label: Method}`` for none, progressive and two one-shot variants per budget."""
+    methods, info = {"none": Method.none()}, {"none": {"budget": "all", "schedule": "none"}}
+    for budget in budgets:
+        progressive = budget_method("v2drop", budget, depth, n_vision)
+        target = progressive.schedule.average_tokens(depth, n_vision)
+        methods[f"progressive@{budget}"] = progressive
+        info[f"progressive@{budget}"] = {"budget": budget, "schedule": "progressive " + "/".join(map(str, progressive.schedule.layers))}
+        layers = progressive.schedule.layers
+        for name, layer in (("one-shot-first", layers[0]), ("one-shot-middle", layers[len(layers) // 2])):
+            try:
+                one = solve_keep([layer], target, depth, n_vision)
+            except ValueError:
+                continue  # that budget cannot be reached with one stage there
+            methods[f"{name}@{budget}"] = Method("v2drop", schedule=one)
+            info[f"{name}@{budget}"] = {"budget": budget, "schedule": f"one-shot at {layer}, keep {one.stages[0].keep:.3f}"}
+    return methods, info
+
+
+def main(argv=None) -> list[dict]:
+    """Run and write the table and a plot."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    args = p.parse_args(argv)
+    lvlm, benchmark, samples, n_vision, config, out = setup(args, "oneshot_vs_progressive")
+    methods, info = schedules(lvlm.depth, n_vision)
+    results = run_methods(lvlm, benchmark, methods, out, config, samples)
+    rows = relative_rows(results, extra=info)
+    columns = ["budget", "method", "schedule"] + sorted(benchmark.families) + ["accuracy", "avg_vs_none", "avg_vision_tokens", "flops_ratio", "prefill_ms"]
+    print(write_table(rows, out / "oneshot_vs_progressive", columns))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind, marker in (("progressive", "o"), ("one-shot-first", "s"), ("one-shot-middle", "^")):
+        pts = [(r["avg_vision_tokens"] / n_vision * PAPER_VISION_TOKENS, r["avg_vs_none"]) for r in rows if r["method"].startswith(kind + "@")]
+        if pts:
+            ax.plot(*zip(*sorted(pts)), marker=marker, label=kind)
+    ax.set_xlabel("average retained tokens (as of 576)")
+    ax.set_ylabel("accuracy / no dropping")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "oneshot_vs_progressive.png", dpi=120)
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

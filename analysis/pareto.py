@@ -1,0 +1,91 @@
+"""Accuracy vs prefill latency and vs FLOPs across methods, with sweep fronts overlaid.
+
+    python -m analysis.pareto [--results runs/analysis/method_table] [--sweep runs/<study> ...]
+
+Reads the results ``analysis.method_table`` cached (one folder per method and budget) and, for
+each ``--sweep`` directory, its ``pareto.csv`` (from ``python -m experiments.sweep``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from analysis.common import run_dir, write_table
+
+
+def non_dominated(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points (cost, accuracy) no other point beats on both (lower cost, higher accuracy)."""
+    keep = []
+    for i, (c, a) in enumerate(points):
+        if not any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(points) if j != i):
+            keep.append(i)
+    return keep
+
+
+def _sweep_points(folder: Path) -> list[dict]:
+    path = folder / "pareto.csv"
+    if not path.exists():
+        raise ValueError(f"{folder} has no pareto.csv; run python -m experiments.sweep first")
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _pick(row: dict, *names):
+    for n in names:
+        if row.get(n) not in (None, ""):
+            return float(row[n])
+    return None
+
+
+def main(argv=None) -> list[dict]:
+    """Plot every cached method result (and sweep fronts) and mark the non-dominated ones."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default="runs/analysis/method_table", help="folder of per-method result.json files")
+    p.add_argument("--sweep", action="append", default=[], help="a sweep run directory (repeatable)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    out = run_dir("pareto", args.out)
+    rows = []
+    for path in sorted(Path(args.results).glob("*/result.json")):
+        m = json.loads(path.read_text())["metrics"]
+        label = path.parent.name
+        rows.append({"method": label, "scorer": label.split("@")[0], "accuracy": m["accuracy"],
+                     "prefill_ms": m["prefill_latency_median_s"] * 1e3, "flops_ratio": m["flops_ratio"],
+                     "avg_vision_tokens": m["average_vision_tokens"]})
+    if not rows:
+        raise SystemExit(f"no results under {args.results}; run python -m analysis.method_table first")
+    for key in ("prefill_ms", "flops_ratio"):
+        front = set(non_dominated([(r[key], r["accuracy"]) for r in rows]))
+        for i, r in enumerate(rows):
+            r[f"pareto_{key}"] = i in front
+    print(write_table(rows, out / "pareto"))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, xlabel in ((axes[0], "prefill_ms", "median LLM prefill latency (ms)"), (axes[1], "flops_ratio", "prefill FLOPs / no dropping")):
+        for scorer in dict.fromkeys(r["scorer"] for r in rows):
+            mine = [r for r in rows if r["scorer"] == scorer]
+            ax.scatter([r[key] for r in mine], [r["accuracy"] for r in mine], label=scorer, s=25)
+        front = sorted((r[key], r["accuracy"]) for r in rows if r[f"pareto_{key}"])
+        ax.step(*zip(*front), where="post", color="black", lw=1, label="front (methods)")
+        for folder in args.sweep:
+            pts = [(_pick(r, "prefill_latency", "prefill_ms", "prefill_latency_median_s"), _pick(r, "accuracy")) for r in _sweep_points(Path(folder))]
+            if key == "flops_ratio":
+                pts = [(_pick(r, "flops_ratio", "flops"), _pick(r, "accuracy")) for r in _sweep_points(Path(folder))]
+            pts = sorted(p for p in pts if None not in p)
+            if pts:
+                ax.plot(*zip(*pts), ls="--", marker="x", label=f"sweep {Path(folder).name}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Paper Fig. 3: each vision token's variation as a heatmap over the image, kept tokens outlined.
+
+    python -m analysis.variation_maps [--model proxy] [--benchmark digits] [--samples 4] [--preset v2drop-llava15-192]
+
+For a few samples, one row each: the image, then for every V²Drop stage the L2 variation of the
+tokens present (a heatmap on the token grid over the image) with the kept tokens outlined; the
+question, the reference answer and the answers without and with dropping are in the row title.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.patches import Rectangle
+
+from analysis.common import add_common_args, budget_method, run_dir, write_json
+from v2drop.method import Method
+from v2drop.scorers.variation import V2DropScorer
+
+
+@dataclass
+class RecordingV2Drop(V2DropScorer):
+    """V²Drop that also keeps every score it computes (for plots; not registered)."""
+
+    history: list = field(default_factory=list, repr=False)
+
+    def score(self, state):
+        scores = super().score(state)
+        self.history.append((state.layer_idx, state.orig_idx.gather(1, state.vision_idx)[0].tolist(), scores[0].tolist()))
+        return scores
+
+
+def main(argv=None) -> list[dict]:
+    """Plot the variation maps of the first ``--samples`` samples."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--budget", type=int, default=192, help="paper budget (of 576) of the V²Drop schedule")
+    args = p.parse_args(argv)
+    import v2drop
+    from v2drop.benchmarks import get_benchmark
+
+    torch.set_num_threads(args.threads)
+    out = run_dir("variation_maps", args.out)
+    benchmark = get_benchmark(args.benchmark)
+    lvlm = v2drop.load(args.model, attn_implementation=args.attn)
+    samples = benchmark.load(args.split, args.limit or args.samples)[: args.samples]
+    rows, panels = [], []
+    for sample in samples:
+        prompt = lvlm.format_prompt(sample.question, n_images=len(sample.images))
+        inputs = lvlm.prepare([prompt], [list(sample.images)])
+        n_vision = int(lvlm.adapter.vision_mask(inputs["input_ids"]).sum())
+        fitted = budget_method("v2drop", args.budget, lvlm.depth, n_vision)
+        scorer = RecordingV2Drop()
+        dropped = lvlm.generate_from_inputs(inputs, Method(scorer, schedule=fitted.schedule), max_new_tokens=8)
+        full = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=8)
+        grid = lvlm.adapter.image_grids(inputs)[0]
+        vision_pos = lvlm.adapter.vision_mask(inputs["input_ids"])[0].nonzero().flatten().tolist()
+        index = {p: k for k, p in enumerate(vision_pos)}
+        kept_sets = [set(s["kept"]) for s in dropped.traces[0].stages]
+        panels.append((sample, grid, index, scorer.history, kept_sets, full.texts[0], dropped.texts[0]))
+        rows.append({"id": sample.id, "question": sample.question, "reference": sample.answer, "no_drop": full.texts[0],
+                     "v2drop": dropped.texts[0], "stages": [h[0] for h in scorer.history]})
+    n_stages = max(len(p[3]) for p in panels)
+    fig, axes = plt.subplots(len(panels), n_stages + 1, figsize=(3.2 * (n_stages + 1), 3.4 * len(panels)), squeeze=False)
+    for row_axes, (sample, (t, h, w), index, history, kept_sets, ans_full, ans_drop) in zip(axes, panels):
+        image = np.asarray(sample.images[0].convert("RGB"))
+        row_axes[0].imshow(image)
+        row_axes[0].set_title(f"{sample.question}\nref {sample.answer} | none: {ans_full} | V²Drop: {ans_drop}", fontsize=7)
+        for ax, (layer, positions, scores), kept in zip(row_axes[1:], history, kept_sets):
+            heat = np.full((h, w), np.nan)
+            for pos, score in zip(positions, scores):
+                k = index[pos]
+                if k < h * w:  # first image / frame only
+                    heat[k // w, k % w] = score
+            ax.imshow(image, extent=(0, w, h, 0))
+            im = ax.imshow(heat, cmap="magma", alpha=0.65, extent=(0, w, h, 0))
+            for pos in kept:
+                k = index[pos]
+                if k < h * w:
+                    ax.add_patch(Rectangle((k % w, k // w), 1, 1, fill=False, ec="cyan", lw=0.8))
+            ax.set_title(f"variation before layer {layer}: {len(kept)} kept (cyan)", fontsize=7)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        for ax in row_axes:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "variation_maps.png", dpi=110)
+    write_json(rows, out / "variation_maps.json")
+    print(f"wrote {out}/variation_maps.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Analysis helpers on hand-made records, the real-model cost table, and cached method runs."""
+
+import pytest
+
+from analysis.common import budget_method, relative_rows, run_methods
+from analysis.evidence_kept import evidence_shares
+from analysis.method_table import methods_at_budgets
+from analysis.pareto import non_dominated
+from analysis.positional_bias import interval_keep_rates
+from analysis.real_cost import MODELS, cost_rows
+from tests.tiny import EchoBench
+from v2drop import Method, Schedule
+from v2drop.evaluation import EvalConfig
+
+
+def test_real_cost_table():
+    llava = MODELS[0]
+    rows = {r["preset"]: r for r in cost_rows(llava, 64, ["v2drop-llava15-192"])}
+    n, d, m = 640, 4096, 11008
+    assert rows["none"]["tflops"] == pytest.approx(32 * (4 * n * d * d + 2 * n * n * d + 3 * n * d * m) / 1e12)
+    assert rows["v2drop-llava15-192"]["avg_vision_tokens"] == 193.75
+    # KV cache grows with the tokens each layer holds: 64 text + present vision tokens.
+    per_layer = Method.from_preset("v2drop-llava15-192").schedule.tokens_per_layer(32, 576)
+    assert rows["v2drop-llava15-192"]["kv_ratio"] == pytest.approx(sum(64 + v for v in per_layer) / (32 * 640))
+
+
+def test_non_dominated():
+    points = [(1, 0.5), (2, 0.7), (2, 0.6), (3, 0.7), (0.5, 0.2), (4, 0.9)]
+    assert non_dominated(points) == [0, 1, 4, 5]
+
+
+def record(kept_stages, runs=((10, 20),), depth=4, family="a", rid="x"):
+    n = sum(length for _, length in runs)
+    return {"id": rid, "family": family, "vision_runs": [list(r) for r in runs], "kept": kept_stages,
+            "vision_tokens_per_layer": [n] * depth, "vision_tokens": n, "average_vision_tokens": 0.0}
+
+
+def test_interval_keep_rates():
+    # 20 vision tokens at prompt positions 10..29; keep the last 10 -> tenths 6-10 kept, 1-5 dropped.
+    r = record([{"layer": 1, "kept": list(range(20, 30))}])
+    assert interval_keep_rates([r]) == [0.0] * 5 + [1.0] * 5
+
+
+def test_evidence_shares():
+    # 20 vision tokens (positions 10..29); evidence = vision tokens 0..3 (positions 10..13).
+    r = record([{"layer": 1, "kept": [10, 11, 20, 21]}, {"layer": 3, "kept": [10]}], depth=4)
+    r["vision_tokens_per_layer"] = [20, 4, 4, 1]
+    r["average_vision_tokens"] = 29 / 4
+    shares = evidence_shares([r], {"x": (0, 1, 2, 3)})
+    assert shares["after_first_stage"] == 0.5 and shares["after_last_stage"] == 0.25
+    # per layer: 1.0 (all present), 0.5, 0.5, 0.25 -> mean 0.5625
+    assert shares["layer_average"] == pytest.approx(0.5625)
+    assert shares["enrichment"] == pytest.approx(0.5625 / (29 / 80))
+
+
+def test_budget_methods_meet_their_budgets():
+    methods, info = methods_at_budgets(12, 256)
+    assert "none" in methods and "v2drop-l1@128" in methods and "random@64" in methods
+    for label, method in methods.items():
+        if label == "none":
+            continue
+        target = info[label]["budget"] / 576 * 256
+        avg = method.schedule.average_tokens(12, 256)
+        assert target - 12 < avg <= target, (label, avg, target)
+    assert methods["v2drop-cosine@192"].scorer.metric == "cosine"
+    assert budget_method("no-such-method", 128, 12, 256) is None
+
+
+def test_run_methods_caches_results(tiny, tmp_path):
+    lvlm, bench = tiny("llava"), EchoBench(3)
+    config = EvalConfig(model="tiny", benchmark="echo", warmup=0, max_new_tokens=1, progress=False)
+    methods = {"none": Method.none(), "drop": Method("v2drop", schedule=Schedule.one_shot(2, 0.5))}
+    first = run_methods(lvlm, bench, methods, tmp_path, config)
+    stamp = (tmp_path / "drop" / "result.json").stat().st_mtime_ns
+    again = run_methods(lvlm, bench, methods, tmp_path, config)
+    assert (tmp_path / "drop" / "result.json").stat().st_mtime_ns == stamp
+    assert again["drop"]["metrics"] == first["drop"]["metrics"]
+    changed = run_methods(lvlm, bench, {"drop": Method("v2drop", schedule=Schedule.one_shot(2, 0.25))}, tmp_path, config)
+    assert changed["drop"]["metrics"]["average_vision_tokens"] < first["drop"]["metrics"]["average_vision_tokens"]
+
+
+def test_relative_rows_average_ratios_over_families():
+    metrics = {"accuracy": 0.6, "average_vision_tokens": 10.0, "flops_ratio": 0.5, "prefill_latency_median_s": 0.01,
+               "generation_latency_median_s": 0.02}
+    results = {"none": {"per_family": {"a": 0.5, "b": 1.0}, "metrics": metrics},
+               "drop": {"per_family": {"a": 0.25, "b": 0.9}, "metrics": metrics}}
+    rows = relative_rows(results, extra={"drop": {"budget": 128}})
+    assert rows[0]["avg_vs_none"] == 1.0
+    assert rows[1]["avg_vs_none"] == pytest.approx((0.5 + 0.9) / 2) and rows[1]["budget"] == 128
