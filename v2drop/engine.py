@@ -233,9 +233,10 @@ def generate(
         if layer_idx == 0 or dropped:
             segments.append(_Segment(layer_idx, seq.attention_mask, seq.next_positions()))
             masks, rope = {}, adapter.rope(seq.hidden, seq.position_ids)
+            vision_counts = seq.vision.sum(1).tolist()  # one device sync per segment, not per layer
         mask = _mask_for(adapter, layer_idx, seq.hidden, seq.attention_mask, cache, masks, segments[-1].first_layer)
-        for b in range(B):
-            traces[b].vision_tokens_per_layer.append(int(seq.vision[b].sum()))
+        for trace, count in zip(traces, vision_counts):
+            trace.vision_tokens_per_layer.append(count)
         prev_hidden = seq.hidden if _needs_prev(method, stage_at, layer_idx + 1) else None
         seq.hidden = layer(seq.hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
     logits = adapter.lm_head(adapter.norm(seq.hidden[:, -1:]))[:, -1].float()
@@ -247,6 +248,7 @@ def generate(
     generated = torch.empty(B, 0, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     embed_tokens = adapter.inner.get_input_embeddings()
+    seg_of_layer = _segment_of_layers(segments, adapter.depth)
     for step in range(max_new_tokens):
         token = logits.argmax(-1).masked_fill(finished, pad_token_id)
         generated = torch.cat([generated, token[:, None]], dim=1)
@@ -255,14 +257,12 @@ def generate(
             break
         hidden = embed_tokens(token[:, None])
         ones = torch.ones(B, step + 1, dtype=mask2d.dtype, device=device)
-        seg_masks, seg_rope = {}, []
-        for seg in segments:
-            seg_rope.append(adapter.rope(hidden, adapter.decode_position_ids(seg.next_positions + step)))
-        seg_of_layer = _segment_of_layers(segments, adapter.depth)
+        seg_mask2d = [torch.cat([seg.attention_mask, ones], dim=1) for seg in segments]
+        seg_rope = [adapter.rope(hidden, adapter.decode_position_ids(seg.next_positions + step)) for seg in segments]
+        masks = {}
         for layer_idx, layer in enumerate(adapter.layers):
             s = seg_of_layer[layer_idx]
-            m2d = torch.cat([segments[s].attention_mask, ones], dim=1)
-            mask = _mask_for(adapter, layer_idx, hidden, m2d, cache, seg_masks, segments[s].first_layer)
+            mask = _mask_for(adapter, layer_idx, hidden, seg_mask2d[s], cache, masks, segments[s].first_layer)
             hidden = layer(hidden, attention_mask=mask, position_embeddings=seg_rope[s], past_key_values=cache, use_cache=True)
         logits = adapter.lm_head(adapter.norm(hidden))[:, -1].float()
     _sync(device)
