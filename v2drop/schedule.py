@@ -203,19 +203,44 @@ class Schedule:
         return Schedule(tuple(Stage(l, s.keep) for l, s in zip(layers, self.stages)), self.keep_mode, self.min_keep)
 
 
+def _fit(build, hi: float, depth: int, n_vision: int, target_average: float, what: str) -> Schedule:
+    """``build(x)`` for the largest x in [0, hi] whose average is not above the target, as a short decimal.
+
+    The average grows with x in steps (floor rounding), so bisection finds the step; among the
+    values with the same counts, the one with the fewest decimals is returned.
+    """
+    lowest = build(0.0).average_tokens(depth, n_vision)
+    if lowest > target_average:
+        raise ValueError(f"Target average {target_average} is unreachable with {what}: the smallest keep averages {lowest:.2f}")
+    lo = 0.0
+    if build(hi).average_tokens(depth, n_vision) <= target_average:
+        lo = hi
+    else:
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if build(mid).average_tokens(depth, n_vision) <= target_average:
+                lo = mid
+            else:
+                hi = mid
+    exact = build(lo).average_tokens(depth, n_vision)
+    for digits in range(2, 12):
+        short = round(lo, digits)
+        if short <= lo and build(short).average_tokens(depth, n_vision) == exact:
+            return build(short)
+    return build(lo)
+
+
 def scale_to_average(schedule: Schedule, depth: int, n_vision: int, target_average: float) -> Schedule:
     """The same stages with every keep fraction multiplied by one factor, fitted to a target average.
 
-    Keeps a method's stage layers and the ratios between its stages and finds (by bisection) the
-    factor giving the largest average retained tokens not above ``target_average``; used to
-    compare methods at equal budgets on a model other than the one a preset was written for.
-    Absolute schedules are first read as cumulative fractions of ``n_vision``.
+    Keeps a method's stage layers and the ratios between its stages and finds the factor giving
+    the largest average retained tokens not above ``target_average``; used to compare methods at
+    equal budgets on a model other than the one a preset was written for. Absolute schedules are
+    first read as cumulative fractions of ``n_vision``.
     """
     if schedule.keep_mode == "absolute":
         schedule = schedule.to_cumulative(n_vision)
-    if not schedule.stages:
-        return schedule
-    top = max(s.keep for s in schedule.stages)
+    top = max((s.keep for s in schedule.stages), default=0.0)
     if top == 0:
         return schedule
 
@@ -223,16 +248,7 @@ def scale_to_average(schedule: Schedule, depth: int, n_vision: int, target_avera
         stages = tuple(Stage(s.layer, min(1.0, s.keep * factor)) for s in schedule.stages)
         return Schedule(stages, schedule.keep_mode, schedule.min_keep)
 
-    lo, hi = 0.0, 1.0 / top
-    if build(lo).average_tokens(depth, n_vision) > target_average:
-        raise ValueError(f"Target average {target_average} is unreachable with stages {list(schedule.layers)}")
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if build(mid).average_tokens(depth, n_vision) <= target_average:
-            lo = mid
-        else:
-            hi = mid
-    return build(lo)
+    return _fit(build, 1.0 / top, depth, n_vision, target_average, f"stages {list(schedule.layers)}")
 
 
 def solve_keep(
@@ -246,8 +262,8 @@ def solve_keep(
     """Relative keep fractions for ``layers`` whose average retained tokens best meet a target.
 
     Stages listed in ``fixed`` (layer -> keep) keep their value; all other stages share one
-    relative fraction ``r``, found by bisection so that the average is the largest one not above
-    ``target_average`` (floor rounding makes an exact hit rare).
+    relative fraction ``r``, the one giving the largest average not above ``target_average``
+    (floor rounding makes an exact hit rare).
 
     Examples
     --------
@@ -263,26 +279,4 @@ def solve_keep(
     def build(r: float) -> Schedule:
         return Schedule.progressive(layers, [fixed.get(l, r) for l in layers], min_keep=min_keep)
 
-    lo, hi = 0.0, 1.0
-    best = build(lo)
-    if best.average_tokens(depth, n_vision) > target_average:
-        raise ValueError(
-            f"Target average {target_average} is unreachable with stages {list(layers)}: even keeping "
-            f"{min_keep} token(s) averages {best.average_tokens(depth, n_vision):.2f}"
-        )
-    if build(hi).average_tokens(depth, n_vision) <= target_average:
-        return build(hi)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if build(mid).average_tokens(depth, n_vision) <= target_average:
-            lo = mid
-        else:
-            hi = mid
-    # Report a short fraction that gives the same counts as the bisection result.
-    exact = build(lo)
-    for digits in range(2, 12):
-        r = round(lo, digits)
-        cand = build(r)
-        if cand.average_tokens(depth, n_vision) == exact.average_tokens(depth, n_vision) and r <= 1:
-            return cand
-    return exact
+    return _fit(build, 1.0, depth, n_vision, target_average, f"stages {list(layers)}")
