@@ -1,0 +1,367 @@
+"""The proxy LVLM: a small standard ``LlavaForConditionalGeneration`` trained on the digits world.
+
+Built from a config (CLIP tower + projector + Llama decoder), with its own word-level tokenizer,
+a ``LlavaProcessor`` normalised with the scenes' own pixel statistics, and a chat template giving
+``USER: <image>\\n{question} ASSISTANT:``. Training (``python -m experiments.train_proxy``) has two
+stages, both PyTorch Lightning modules defined here:
+
+1. ``align``: the vision tower and projector learn to emit, for every patch, a token close to the
+   (frozen) LLM input embeddings of what is there: the digit word (or ``none``), its colour and the
+   row/column words of its grid cell — the vision tokens "speak the LLM's vocabulary"
+   (PROXY.md idea 1; recognition is cheap this way).
+2. ``lvlm``: the whole model on multi-turn conversations, one supervised question of every family
+   per image, the first turn in the evaluation format (PROXY.md lesson 1); input embeddings stay
+   frozen so the alignment keeps its meaning.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from v2drop.benchmarks.digits import (
+    COL_WORDS,
+    GRID,
+    IMAGE_SIZE,
+    PATCH,
+    PATCHES,
+    ROW_WORDS,
+    Digits,
+    image_questions,
+    vocabulary,
+)
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@dataclass
+class ProxyConfig:
+    """Shape of the proxy model (every field maps to a key of ``configs/proxy.yaml``'s ``model``)."""
+
+    hidden: int = 128  # decoder hidden size
+    intermediate: int = 512  # decoder MLP width
+    layers: int = 12  # decoder layers (token dropping needs depth)
+    heads: int = 4  # decoder attention heads
+    kv_heads: int = 2  # decoder key/value heads (grouped-query attention)
+    vision_hidden: int = 128  # CLIP tower hidden size
+    vision_layers: int = 2  # CLIP tower layers
+    vision_heads: int = 4  # CLIP tower heads
+
+
+def build_tokenizer():
+    """A word-level tokenizer over the digits vocabulary plus the chat words and special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIAL_TOKENS + ["USER:", "ASSISTANT:"] + [w for w in vocabulary() if w not in SPECIAL_TOKENS]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[?,.]"), behavior="isolated")]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"}, model_max_length=4096,
+    )
+
+
+def pixel_statistics(n_scenes: int = 64) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of training scenes (CLIP's defaults collapse these dark scenes)."""
+    bench = Digits()
+    pixels = np.stack([np.asarray(bench.scene("train", i)[0], dtype=np.float32) / 255 for i in range(n_scenes)])
+    return pixels.mean(axis=(0, 1, 2)).round(4).tolist(), pixels.std(axis=(0, 1, 2)).round(4).tolist()
+
+
+def build_processor(tokenizer=None):
+    """``LlavaProcessor`` with a PIL CLIP image processor normalised by the scenes' statistics."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    mean, std = pixel_statistics()
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=mean, image_std=std, do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer or build_tokenizer(), patch_size=PATCH,
+        vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_model(cfg: ProxyConfig, tokenizer) -> nn.Module:
+    """A randomly initialised ``LlavaForConditionalGeneration`` of the proxy's shape."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 2, num_hidden_layers=cfg.vision_layers,
+            num_attention_heads=cfg.vision_heads, image_size=IMAGE_SIZE, patch_size=PATCH,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+            num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+            max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=PATCHES * PATCHES,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# -- stage 1: align the vision tokens with the vocabulary -----------------------------------------------
+
+def patch_words(objects) -> list[list[str]]:
+    """For each of the 256 patches: the words it should carry (content, colour, row, column)."""
+    per_cell = PATCHES // GRID
+    words = []
+    for p in range(PATCHES * PATCHES):
+        pr, pc = divmod(p, PATCHES)
+        row, col = pr // per_cell, pc // per_cell
+        content = ["none", "<pad>"]  # <pad> = no colour word (left out of the target)
+        for o in objects:
+            if o.mask[pr * PATCH : (pr + 1) * PATCH, pc * PATCH : (pc + 1) * PATCH].any():
+                content = [str(o.label), o.colour]
+        words.append(content + [ROW_WORDS[row], COL_WORDS[col]])
+    return words
+
+
+class SceneStream(torch.utils.data.IterableDataset):
+    """An endless, seeded stream of training scenes (train-split digits only)."""
+
+    def __init__(self, seed: int, start: int = 0):
+        self.seed, self.start = seed, start
+
+    def __iter__(self):
+        bench = Digits(seed=self.seed)
+        i = self.start
+        while True:
+            image, objects, rng = bench.scene("train", i)
+            yield {"image": image, "objects": objects, "rng_seed": rng.random()}
+            i += 1
+
+
+def _collate(items):
+    return items
+
+
+class AlignModule:
+    """Factory for the Lightning module of the alignment stage (imports Lightning lazily)."""
+
+    @staticmethod
+    def create(model, processor, lr: float, steps: int):
+        """A LightningModule training tower + projector toward summed word embeddings."""
+        import lightning as L
+
+        tok = processor.tokenizer
+
+        class Align(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+                for p in self.model.parameters():
+                    p.requires_grad_(False)
+                for m in (model.model.vision_tower, model.model.multi_modal_projector):
+                    for p in m.parameters():
+                        p.requires_grad_(True)
+
+            def training_step(self, batch, batch_idx):
+                pixels = processor.image_processor([b["image"] for b in batch], return_tensors="pt")["pixel_values"].to(self.device)
+                feats = self.model.model.get_image_features(pixel_values=pixels).pooler_output
+                feats = torch.stack(list(feats)).float()  # (B, 256, D)
+                emb = self.model.model.get_input_embeddings().weight.detach().float()
+                ids = torch.tensor([[tok.convert_tokens_to_ids(w) for w in words] for b in batch for words in patch_words(b["objects"])],
+                                   device=self.device).view(len(batch), PATCHES * PATCHES, 4)
+                target = (emb[ids] * (ids != tok.pad_token_id)[..., None]).sum(2)  # (B, 256, D)
+                loss = ((feats - target) ** 2).sum(-1).div(target.pow(2).sum(-1)).mean()
+                self.log("align_loss", loss, prog_bar=True)
+                return loss
+
+            def configure_optimizers(self):
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+                sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+                return [opt], [{"scheduler": sched, "interval": "step"}]
+
+        return Align()
+
+
+# -- stage 2: the whole LVLM on conversations ------------------------------------------------------------
+
+def conversation(processor, image, objects, rng: random.Random) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one multi-turn conversation: one question of every family, answers supervised."""
+    tok = processor.tokenizer
+    qa = image_questions(rng, objects)
+    rng.shuffle(qa)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    user, assistant, eos = (tok.convert_tokens_to_ids(w) for w in ("USER:", "ASSISTANT:", "</s>"))
+    ids, labels = [], []
+    for turn, (_, question, answer, _, _) in enumerate(qa):
+        prefix = [user] + ([image_id] * (PATCHES * PATCHES) if turn == 0 else []) + tok(question, add_special_tokens=False)["input_ids"] + [assistant]
+        target = tok(answer, add_special_tokens=False)["input_ids"] + [eos]
+        ids += prefix + target
+        labels += [-100] * len(prefix) + target
+    return ids, labels
+
+
+class LVLMModule:
+    """Factory for the Lightning module of the whole-model stage."""
+
+    @staticmethod
+    def create(model, processor, lr: float, vision_lr: float, steps: int):
+        """A LightningModule training the LVLM on conversations; input embeddings frozen."""
+        import lightning as L
+
+        tok = processor.tokenizer
+
+        class Conversations(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+                for p in self.model.parameters():
+                    p.requires_grad_(True)
+                self.model.model.get_input_embeddings().weight.requires_grad_(False)
+
+            def training_step(self, batch, batch_idx):
+                convs = [conversation(processor, b["image"], b["objects"], random.Random(b["rng_seed"])) for b in batch]
+                length = max(len(i) for i, _ in convs)
+                ids = torch.full((len(convs), length), tok.pad_token_id, dtype=torch.long)
+                labels = torch.full((len(convs), length), -100, dtype=torch.long)
+                mask = torch.zeros((len(convs), length), dtype=torch.long)
+                for k, (i, l) in enumerate(convs):
+                    ids[k, : len(i)], labels[k, : len(l)], mask[k, : len(i)] = torch.tensor(i), torch.tensor(l), 1
+                pixels = processor.image_processor([b["image"] for b in batch], return_tensors="pt")["pixel_values"]
+                out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                 pixel_values=pixels.to(self.device), labels=labels.to(self.device))
+                self.log("loss", out.loss, prog_bar=True)
+                return out.loss
+
+            def configure_optimizers(self):
+                vision = list(self.model.model.vision_tower.parameters()) + list(self.model.model.multi_modal_projector.parameters())
+                vision_ids = {id(p) for p in vision}
+                rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in vision_ids]
+                opt = torch.optim.AdamW([{"params": rest, "lr": lr}, {"params": vision, "lr": vision_lr}],
+                                        weight_decay=0.05, betas=(0.9, 0.98))
+                sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, vision_lr], total_steps=steps, pct_start=0.05)
+                return [opt], [{"scheduler": sched, "interval": "step"}]
+
+        return Conversations()
+
+
+@dataclass
+class StageConfig:
+    """One training stage (``configs/proxy.yaml``: ``align`` and ``lvlm``)."""
+
+    steps: int = 300  # optimiser steps
+    batch: int = 32  # scenes per step
+    lr: float = 3e-3  # peak learning rate (one-cycle schedule)
+    vision_lr: float = 1e-4  # peak learning rate of tower + projector (lvlm stage)
+
+
+@dataclass
+class TrainConfig:
+    """The whole recipe (``configs/proxy.yaml``)."""
+
+    seed: int = 0  # everything (scenes, initialisation) follows from it
+    output: str = "v2drop/assets/proxy"  # where the trained model and processor are saved
+    workdir: str = "runs/proxy"  # checkpoints and logs
+    threads: int = 2  # torch CPU threads
+    precision: str = "32-true"  # Lightning precision (bf16 autocast is 10x slower on CPUs without bf16 units)
+    model: ProxyConfig = field(default_factory=ProxyConfig)
+    align: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch=32, lr=3e-3))
+    lvlm: StageConfig = field(default_factory=lambda: StageConfig(steps=800, batch=16, lr=1.5e-3, vision_lr=1e-4))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """Build from YAML data; unknown keys are an error naming the valid ones."""
+        import dataclasses
+
+        def build(kind, values):
+            valid = {f.name for f in dataclasses.fields(kind)}
+            unknown = set(values) - valid
+            if unknown:
+                raise ValueError(f"Unknown {kind.__name__} keys {sorted(unknown)}; valid keys: {sorted(valid)}")
+            return values
+
+        data = dict(build(cls, data or {}))
+        if "model" in data:
+            data["model"] = ProxyConfig(**build(ProxyConfig, data["model"]))
+        for stage in ("align", "lvlm"):
+            if stage in data:
+                data[stage] = StageConfig(**{**asdict(getattr(cls(), stage)), **build(StageConfig, data[stage])})
+        return cls(**data)
+
+
+def _PrintLoss(stage: str, every: int = 25):
+    """A callback printing the step, loss and elapsed time every ``every`` steps (for logs without a TTY)."""
+    import time
+
+    import lightning as L
+
+    class PrintLoss(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.start = time.time()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            if step % every == 0 or step == trainer.max_steps:
+                loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+                print(f"[{stage}] step {step}/{trainer.max_steps} loss {loss:.4f} {time.time() - self.start:.0f}s", flush=True)
+
+    return PrintLoss()
+
+
+def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
+    """Run both stages (resuming from the last checkpoint of each) and save the model and processor."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.set_num_threads(cfg.threads)
+    L.seed_everything(cfg.seed, workers=True)
+    work = Path(cfg.workdir)
+    processor = build_processor()
+    model = build_model(cfg.model, processor.tokenizer)
+    for name, stage, factory in (
+        ("align", cfg.align, lambda: AlignModule.create(model, processor, cfg.align.lr, cfg.align.steps)),
+        ("lvlm", cfg.lvlm, lambda: LVLMModule.create(model, processor, cfg.lvlm.lr, cfg.lvlm.vision_lr, cfg.lvlm.steps)),
+    ):
+        done = work / name / "done.pt"
+        if resume and done.exists():
+            model.load_state_dict(torch.load(done, weights_only=True))
+            continue
+        module = factory()
+        ckpt_dir = work / name / "checkpoints"
+        last = ckpt_dir / "last.ckpt"
+        trainer = L.Trainer(
+            max_steps=stage.steps, accelerator="cpu", devices=1, precision=cfg.precision, logger=False,
+            enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=1.0, log_every_n_steps=10,
+            callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=50, save_top_k=0), _PrintLoss(name)],
+        )
+        loader = torch.utils.data.DataLoader(SceneStream(cfg.seed + (0 if name == "align" else 10**6)), batch_size=stage.batch, collate_fn=_collate)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if resume and last.exists() else None)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), done)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
