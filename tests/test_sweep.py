@@ -1,0 +1,198 @@
+"""Sweeps: artifacts and a truly non-dominated front, concurrent workers, a killed worker, wandb modes, bad input."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from tests.tiny import EchoBench
+from v2drop.sweep import SweepConfig, make_storage, pareto_indices, run_sweep, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(tmp_path, **kw):
+    data = {
+        "study": "tiny", "model": "tiny", "benchmark": "echo", "trials": 8, "total_trials": None, "run_dir": str(tmp_path / "run"),
+        "eval": {"limit": 3, "batch_size": 3, "max_new_tokens": 1, "warmup": 0}, "confirm": {"limit": 3},
+        "search": {"scorers": {"v2drop": {"metric": ["l2", "l1"]}, "random": {}}, "kinds": ["one-shot", "progressive"], "stages": [2, 3]},
+        "wandb": {"mode": "disabled"},
+    }
+    data.update(kw)
+    return SweepConfig.from_dict(data)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_sweep_writes_artifacts_and_a_true_front(tiny, tmp_path):
+    cfg = config(tmp_path, objectives=["accuracy", "average_tokens"])
+    result = run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(3), progress=False)
+    run = tmp_path / "run"
+    for name in ("trials.csv", "pareto.csv", "pareto_confirmed.csv", "pareto.png", "config.json", "journal.log"):
+        assert (run / name).exists(), name
+    trials = read_csv(run / "trials.csv")
+    assert len(trials) == 8
+    labels = {t["label"] for t in trials}
+    assert {"none", "v2drop-llava15-192", "v2drop-llava15-128", "v2drop-llava15-64"} <= labels
+    values = [[float(t["accuracy"]), float(t["average_tokens"])] for t in trials]
+    expected = {trials[i]["trial"] for i in pareto_indices(values, ["maximize", "minimize"])}
+    front = read_csv(run / "pareto.csv")
+    assert {f["trial"] for f in front} == expected
+    for f in front:  # nobody dominates a front member
+        a, t = float(f["accuracy"]), float(f["average_tokens"])
+        assert not any(float(o["accuracy"]) >= a and float(o["average_tokens"]) <= t and
+                       (float(o["accuracy"]) > a or float(o["average_tokens"]) < t) for o in trials)
+    assert len(result["confirmed"]) == len(front)
+    # Re-running resumes the same study: 8 more trials join the first 8.
+    again = run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(3), progress=False)
+    assert len(again["rows"]) == 16
+
+
+def test_constraint_marks_infeasible_trials(tiny, tmp_path):
+    cfg = config(tmp_path, trials=5, max_average_tokens=20.0)
+    result = run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(3), progress=False)
+    none = next(r for r in result["rows"] if r["label"] == "none")
+    assert none["feasible"] is False and not none["is_pareto"]
+    assert all(r["feasible"] for r in result["front"])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"objectives": ["accuracy", "speed"]}, "Unknown objective 'speed'"),
+        ({"search": {"scorers": {"nope": {}}}}, r"Unknown scorer 'nope'"),
+        ({"search": {"scorers": {"v2drop": {}}, "layers": [2, 9]}}, r"must lie within the model's 6 layers"),
+        ({"search": {"scorers": {"v2drop": {}}, "keep": [0.5, 0.2]}}, r"search.keep \[0.5, 0.2\]"),
+        ({"search": {"scorers": {"v2drop": {}}, "layers": [4, 5], "stages": [3, 3]}}, "fewer layers than the 3 stages"),
+        ({"sampler": "cmaes"}, "Unknown sampler"),
+    ],
+)
+def test_bad_search_spaces_stop_before_any_trial(tmp_path, change, message):
+    cfg = config(tmp_path, **change)
+    with pytest.raises(ValueError, match=message):
+        validate(cfg, depth=6)
+
+
+def test_unreachable_storage_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="Cannot reach the storage postgresql://nobody@127.0.0.1:1/none"):
+        make_storage(config(tmp_path, storage="postgresql://nobody@127.0.0.1:1/none"))
+    with pytest.raises(ValueError, match="Unknown SweepConfig keys"):
+        SweepConfig.from_dict({"trails": 3})
+
+
+def test_wandb_offline_writes_a_run_with_the_trials_table(tiny, tmp_path):
+    cfg = config(tmp_path, trials=5, wandb={"mode": "offline"})
+    run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(3), progress=False)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    tables = list(runs[0].rglob("trials_*.table.json"))
+    assert tables and len(json.loads(tables[0].read_text())["data"]) == 5
+
+
+def test_wandb_disabled_writes_nothing(tiny, tmp_path):
+    run_sweep(config(tmp_path, trials=4), lvlm=tiny("llava"), benchmark=EchoBench(3), progress=False)
+    assert not (tmp_path / "run" / "wandb").exists()
+
+
+# -- workers in separate processes -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from tests.tiny import build
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    lvlm = build("llava")
+    lvlm.model.save_pretrained(path)
+    lvlm.processor.save_pretrained(path)
+    return path
+
+
+def worker_config(tmp_path, model, storage, trials):
+    data = {
+        "study": "shared", "model": str(model), "benchmark": "digits", "trials": trials, "total_trials": None,
+        "run_dir": str(tmp_path / "run"), "storage": storage, "heartbeat": 1, "retries": 2,
+        "eval": {"limit": 10, "batch_size": 5, "max_new_tokens": 1, "warmup": 0}, "confirm": {"split": "validation", "limit": 5},
+        "search": {"scorers": {"v2drop": {}}, "kinds": ["progressive"], "stages": [2, 2]}, "enqueue_presets": ["v2drop-llava15-128"],
+        "wandb": {"mode": "disabled"},
+    }
+    path = tmp_path / f"sweep-{os.getpid()}-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def start_worker(cfg_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--config", str(cfg_path), "--no-progress"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def complete_trials(storage_url, study="shared"):
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = storage_url if "://" in storage_url else JournalStorage(JournalFileBackend(storage_url))
+    study = optuna.load_study(study_name=study, storage=storage)
+    return study, [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.mark.parametrize("kind", ["journal", "postgres"])
+def test_two_workers_share_one_study(saved_model, tmp_path, kind):
+    if kind == "postgres":
+        url = os.environ.get("V2DROP_TEST_POSTGRES")
+        if not url:
+            pytest.skip("V2DROP_TEST_POSTGRES is not set (.ci/run starts a PostgreSQL server and sets it)")
+        storage = url
+        if "shared" in optuna.get_all_study_names(url):
+            optuna.delete_study(study_name="shared", storage=url)
+    else:
+        storage = str(tmp_path / "journal.log")
+    workers = [start_worker(worker_config(tmp_path, saved_model, storage, 3)) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    _, done = complete_trials(storage)
+    assert len(done) == 6
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 6  # distinct trials
+
+
+def test_killed_worker_trial_is_failed_and_retried(saved_model, tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    victim = start_worker(worker_config(tmp_path, saved_model, url, 50))
+    deadline = time.time() + 300
+    study = None
+    while time.time() < deadline:  # kill it while a trial is running, after at least one completed
+        time.sleep(0.05)
+        try:
+            study = optuna.load_study(study_name="shared", storage=url)
+        except Exception:  # noqa: BLE001 - not created yet
+            continue
+        states = [t.state for t in study.trials]
+        if optuna.trial.TrialState.COMPLETE in states and optuna.trial.TrialState.RUNNING in states:
+            victim.send_signal(signal.SIGKILL)
+            break
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    study = optuna.load_study(study_name="shared", storage=url)
+    before = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
+    running = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert running
+    time.sleep(3)  # past the heartbeat grace period
+    survivor = start_worker(worker_config(tmp_path, saved_model, url, 3))
+    out = survivor.communicate(timeout=600)[0]
+    assert survivor.returncode == 0, out
+    study = optuna.load_study(study_name="shared", storage=url)
+    by_number = {t.number: t for t in study.trials}
+    assert all(by_number[n].state == optuna.trial.TrialState.FAIL for n in running)
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") in running]
+    assert retried and retried[0].params == by_number[running[0]].params
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == before + 3
