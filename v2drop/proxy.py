@@ -12,6 +12,10 @@ stages, both PyTorch Lightning modules defined here:
 2. ``lvlm``: the whole model on multi-turn conversations, one supervised question of every family
    per image, the first turn in the evaluation format (PROXY.md lesson 1); input embeddings stay
    frozen so the alignment keeps its meaning.
+3. ``robust``: the same, with random vision-token dropout on half of the conversations (PROXY.md
+   idea 6): without it the model leaned on the whole token population (keeping only the evidence
+   tokens at layer 2 scored like keeping random ones). It changes the test bed for every method
+   alike: the dropout is uniformly random, blind to content.
 """
 
 from __future__ import annotations
@@ -227,8 +231,11 @@ class LVLMModule:
     """Factory for the Lightning module of the whole-model stage."""
 
     @staticmethod
-    def create(model, processor, lr: float, vision_lr: float, steps: int):
-        """A LightningModule training the LVLM on conversations; input embeddings frozen."""
+    def create(model, processor, lr: float, vision_lr: float, steps: int, token_keep=None):
+        """A LightningModule training the LVLM on conversations; input embeddings frozen.
+
+        ``token_keep`` = [low, high]: vision-token dropout (see ``_forward_with_token_dropout``).
+        """
         import lightning as L
 
         tok = processor.tokenizer
@@ -250,10 +257,46 @@ class LVLMModule:
                 for k, (i, l) in enumerate(convs):
                     ids[k, : len(i)], labels[k, : len(l)], mask[k, : len(i)] = torch.tensor(i), torch.tensor(l), 1
                 pixels = processor.image_processor([b["image"] for b in batch], return_tensors="pt")["pixel_values"]
-                out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                 pixel_values=pixels.to(self.device), labels=labels.to(self.device))
+                if token_keep is not None:
+                    out = self._forward_with_token_dropout(ids, mask, labels, pixels, random.Random(batch[0]["rng_seed"]))
+                else:
+                    out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                     pixel_values=pixels.to(self.device), labels=labels.to(self.device))
                 self.log("loss", out.loss, prog_bar=True)
                 return out.loss
+
+            def _forward_with_token_dropout(self, ids, mask, labels, pixels, rng):
+                """Half of the conversations lose a random share of their vision tokens at the input.
+
+                Kept tokens keep their original positions (as the engine's ``preserve`` policy),
+                so the model learns not to depend on every vision token being present.
+                """
+                inner = self.model.model
+                embeds = inner.get_input_embeddings()(ids)
+                feats = torch.cat(list(inner.get_image_features(pixel_values=pixels).pooler_output))
+                is_image = ids == tok.convert_tokens_to_ids("<image>")
+                embeds = embeds.masked_scatter(is_image[..., None], feats.to(embeds.dtype))
+                positions = torch.arange(ids.shape[1]).expand_as(ids)
+                rows = []
+                for k in range(ids.shape[0]):
+                    keep = mask[k].bool().clone()
+                    if rng.random() < 0.5:
+                        vision = is_image[k].nonzero().flatten()
+                        n = max(1, int(len(vision) * rng.uniform(*token_keep)))
+                        dropped = vision[torch.randperm(len(vision), generator=torch.Generator().manual_seed(rng.randrange(2**31)))[n:]]
+                        keep[dropped] = False
+                    rows.append(keep.nonzero().flatten())
+                length = max(len(r) for r in rows)
+                idx = torch.zeros(len(rows), length, dtype=torch.long)
+                new_mask = torch.zeros(len(rows), length, dtype=torch.long)
+                for k, r in enumerate(rows):
+                    idx[k, : len(r)], new_mask[k, : len(r)] = r, 1
+                pad = new_mask == 0
+                return self.model(
+                    inputs_embeds=embeds.gather(1, idx[..., None].expand(-1, -1, embeds.shape[-1])),
+                    attention_mask=new_mask, position_ids=positions.gather(1, idx).masked_fill(pad, 0),
+                    labels=labels.gather(1, idx).masked_fill(pad, -100),
+                )
 
             def configure_optimizers(self):
                 vision = list(self.model.model.vision_tower.parameters()) + list(self.model.model.multi_modal_projector.parameters())
@@ -275,6 +318,7 @@ class StageConfig:
     batch: int = 32  # scenes per step
     lr: float = 3e-3  # peak learning rate (one-cycle schedule)
     vision_lr: float = 1e-4  # peak learning rate of tower + projector (lvlm stage)
+    token_keep: list | None = None  # [low, high] share of vision tokens kept under dropout (robust stage)
 
 
 @dataclass
@@ -289,6 +333,7 @@ class TrainConfig:
     model: ProxyConfig = field(default_factory=ProxyConfig)
     align: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch=32, lr=3e-3))
     lvlm: StageConfig = field(default_factory=lambda: StageConfig(steps=800, batch=16, lr=1.5e-3, vision_lr=1e-4))
+    robust: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch=16, lr=7e-4, vision_lr=5e-5, token_keep=[0.05, 1.0]))
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -305,7 +350,7 @@ class TrainConfig:
         data = dict(build(cls, data or {}))
         if "model" in data:
             data["model"] = ProxyConfig(**build(ProxyConfig, data["model"]))
-        for stage in ("align", "lvlm"):
+        for stage in ("align", "lvlm", "robust"):
             if stage in data:
                 data[stage] = StageConfig(**{**asdict(getattr(cls(), stage)), **build(StageConfig, data[stage])})
         return cls(**data)
@@ -343,7 +388,11 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     for name, stage, factory in (
         ("align", cfg.align, lambda: AlignModule.create(model, processor, cfg.align.lr, cfg.align.steps)),
         ("lvlm", cfg.lvlm, lambda: LVLMModule.create(model, processor, cfg.lvlm.lr, cfg.lvlm.vision_lr, cfg.lvlm.steps)),
+        ("robust", cfg.robust, lambda: LVLMModule.create(model, processor, cfg.robust.lr, cfg.robust.vision_lr, cfg.robust.steps,
+                                                         token_keep=cfg.robust.token_keep)),
     ):
+        if stage.steps <= 0:
+            continue
         done = work / name / "done.pt"
         if resume and done.exists():
             model.load_state_dict(torch.load(done, weights_only=True))
@@ -356,7 +405,8 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
             enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=1.0, log_every_n_steps=10,
             callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=50, save_top_k=0), _PrintLoss(name)],
         )
-        loader = torch.utils.data.DataLoader(SceneStream(cfg.seed + (0 if name == "align" else 10**6)), batch_size=stage.batch, collate_fn=_collate)
+        offset = {"align": 0, "lvlm": 10**6, "robust": 2 * 10**6}[name]
+        loader = torch.utils.data.DataLoader(SceneStream(cfg.seed + offset), batch_size=stage.batch, collate_fn=_collate)
         trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if resume and last.exists() else None)
         done.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), done)
