@@ -196,3 +196,9 @@ def test_killed_worker_trial_is_failed_and_retried(saved_model, tmp_path):
     assert retried and retried[0].params == by_number[running[0]].params
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == before + 3
+
+
+def test_wandb_per_trial_runs(tiny, tmp_path):
+    cfg = config(tmp_path, trials=3, wandb={"mode": "offline", "per_trial_runs": True})
+    run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(3), progress=False)
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1 + 3

@@ -177,7 +177,7 @@ def make_storage(cfg: SweepConfig):
     try:
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=cfg.heartbeat, grace_period=2 * cfg.heartbeat,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=cfg.retries),
+            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=cfg.retries),
             engine_kwargs={"pool_pre_ping": True},
         )
     except Exception as err:  # noqa: BLE001
@@ -242,6 +242,12 @@ class WandbCallback:
         data.update({f"objectives/{k}": v for k, v in zip(self.cfg.objectives, trial.values)})
         data.update({f"metrics/{k}": v for k, v in trial.user_attrs.get("metrics", {}).items() if isinstance(v, (int, float))})
         self.run.log({"trial": trial.number, **data})
+        if self.cfg.wandb.get("per_trial_runs"):
+            run = self.wandb.init(project=self.cfg.wandb.get("project", "v2drop"), name=f"{self.cfg.study}-trial-{trial.number}",
+                                  group=self.cfg.study, mode=self.mode, dir=str(self.run.dir).rsplit("/wandb/", 1)[0],
+                                  config=_plain(trial.params), reinit="create_new")
+            run.log(data)
+            run.finish()
 
     def finish(self, rows: list[dict], confirmed: list[dict], figure: Path | None) -> None:
         """Log the trials table (with ``is_pareto``), the scatter plots and the confirmed front."""
@@ -314,7 +320,15 @@ def _enqueue_baselines(study: optuna.Study, cfg: SweepConfig, depth: int) -> Non
         method = Method.from_preset(name, depth=depth)
         if method.scorer_name not in cfg.search.scorers:
             continue
-        study.enqueue_trial(method_params(method, cfg.search), user_attrs={"label": name})
+        space, layers = cfg.search, method.schedule.layers
+        last = space.layers[1] if space.layers[1] is not None else depth - 1
+        kind = "one-shot" if method.schedule.is_one_shot else "progressive"
+        fits = kind in space.kinds and all(space.layers[0] <= l <= last for l in layers) and (
+            kind == "one-shot" or space.stages[0] <= len(layers) <= space.stages[1])
+        if not fits:
+            print(f"not enqueueing preset {name}: its stages {list(layers)} lie outside the search space")
+            continue
+        study.enqueue_trial(method_params(method, space), user_attrs={"label": name})
 
 
 def trial_rows(study: optuna.Study, cfg: SweepConfig) -> list[dict]:
