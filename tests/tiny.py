@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from v2drop.benchmarks import Sample
 from v2drop.lvlm import LVLM
 from v2drop.models.qwen2vl_processor import QwenProcessorLite
 
@@ -154,15 +154,7 @@ def image(seed: int, size: int = 32) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
 
 
-@dataclass(frozen=True)
-class Item:
-    id: str
-    question: str
-    answer: str
-    family: str
-    images: tuple
-    evidence: tuple = ()
-    choices: tuple = ()
+Item = Sample  # the harness's own sample type
 
 
 class EchoBench:
