@@ -193,7 +193,9 @@ def test_killed_worker_trial_is_failed_and_retried(saved_model, tmp_path):
     by_number = {t.number: t for t in study.trials}
     assert all(by_number[n].state == optuna.trial.TrialState.FAIL for n in running)
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") in running]
-    assert retried and retried[0].params == by_number[running[0]].params
+    # The kill can land mid-suggestion: the retry replays every parameter the killed trial had
+    # chosen and suggests the rest itself.
+    assert retried and by_number[running[0]].params.items() <= retried[0].params.items()
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == before + 3
 
