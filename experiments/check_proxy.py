@@ -15,38 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 import v2drop
-from v2drop import Method, Schedule, Scorer
 from v2drop.benchmarks import get_benchmark
-
-
-@dataclass
-class KeepGiven(Scorer):
-    """Scores 1 for the given vision-token indices, 0 elsewhere (an oracle; not registered)."""
-
-    keep: tuple = ()
-
-    def score(self, state):
-        scores = torch.zeros(state.vision_idx.shape, dtype=torch.float32)
-        index = torch.tensor([k for k in self.keep if k < scores.shape[1]], dtype=torch.long)
-        scores[:, index] = 1.0
-        return scores
-
-
-def conditions(sample, layer: int) -> dict[str, Method]:
-    """The four methods for one sample."""
-    n = len(sample.evidence)
-    return {
-        "full": Method.none(),
-        "no image": Method("random", schedule=Schedule.one_shot(0, 0.0, min_keep=0)),
-        "evidence": Method(KeepGiven(keep=tuple(sample.evidence)), schedule=Schedule.one_shot(layer, n, keep_mode="absolute", min_keep=0)),
-        "random": Method("random", schedule=Schedule.one_shot(layer, n, keep_mode="absolute", min_keep=0)),
-    }
+from v2drop.proxy import bar_table
 
 
 def main(argv=None) -> dict:
@@ -64,17 +38,8 @@ def main(argv=None) -> dict:
     lvlm = v2drop.load(args.model)
     bench = get_benchmark(args.benchmark)
     samples = bench.load(args.split, args.limit)
-    correct: dict[str, dict[str, list[bool]]] = {}
-    for sample in tqdm(samples, desc="check"):
-        prompt = lvlm.format_prompt(sample.question, n_images=len(sample.images))
-        inputs = lvlm.prepare([prompt], [list(sample.images)])
-        for name, method in conditions(sample, args.layer).items():
-            text = lvlm.generate_from_inputs(inputs, method, max_new_tokens=4).texts[0]
-            correct.setdefault(name, {}).setdefault(sample.family, []).append(bench.is_correct(text, sample))
-    families = sorted({s.family for s in samples})
-    table = {name: {f: sum(v[f]) / len(v[f]) for f in families} for name, v in correct.items()}
-    for name, v in correct.items():
-        table[name]["overall"] = sum(sum(x) for x in v.values()) / sum(len(x) for x in v.values())
+    table = bar_table(lvlm, bench, samples, args.layer, progress=True)
+    families = [f for f in next(iter(table.values())) if f != "overall"]
     print(f"{'condition':<12}" + "".join(f"{f:>9}" for f in families + ["overall"]))
     for name, row in table.items():
         print(f"{name:<12}" + "".join(f"{row[f]:>9.3f}" for f in families + ["overall"]))

@@ -2,15 +2,16 @@
 
 Built from a config (CLIP tower + projector + Llama decoder), with its own word-level tokenizer,
 a ``LlavaProcessor`` normalised with the scenes' own pixel statistics, and a chat template giving
-``USER: <image>\\n{question} ASSISTANT:``. Training (``python -m experiments.train_proxy``) has two
-stages, both PyTorch Lightning modules defined here:
+``USER: <image>\\n{question} ASSISTANT:``. Training (``python -m experiments.train_proxy``) has three
+stages, all PyTorch Lightning modules defined here:
 
 1. ``align``: the vision tower and projector learn to emit, for every patch, a token close to the
    (frozen) LLM input embeddings of what is there: the digit word (or ``none``), its colour and the
    row/column words of its grid cell — the vision tokens "speak the LLM's vocabulary"
    (PROXY.md idea 1; recognition is cheap this way).
 2. ``lvlm``: the whole model on multi-turn conversations, one supervised question of every family
-   per image, the first turn in the evaluation format (PROXY.md lesson 1); input embeddings stay
+   per image and then more retrieval questions (identification, existence, colour, multiple
+   choice), the first turn in the evaluation format (PROXY.md lesson 1); input embeddings stay
    frozen so the alignment keeps its meaning.
 3. ``robust``: the same, with random vision-token dropout on half of the conversations (PROXY.md
    idea 6): without it the model leaned on the whole token population (keeping only the evidence
@@ -28,6 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from v2drop.method import Method
+from v2drop.schedule import Schedule
+from v2drop.scorers.base import Scorer
 from v2drop.benchmarks.digits import (
     COL_WORDS,
     GRID,
@@ -211,11 +215,28 @@ class AlignModule:
 
 # -- stage 2: the whole LVLM on conversations ------------------------------------------------------------
 
-def conversation(processor, image, objects, rng: random.Random) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one multi-turn conversation: one question of every family, answers supervised."""
+EXTRA_FAMILIES = ("ident", "exist", "colour", "mc")
+
+
+def conversation(processor, image, objects, rng: random.Random, turns: int = 5) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one multi-turn conversation, every answer supervised.
+
+    The first five turns ask one question of every family (shuffled); turns beyond five add more
+    questions of the retrieval families (``EXTRA_FAMILIES``): each costs a few tokens next to the
+    256 vision tokens, so they multiply the learning signal per image almost for free.
+    """
     tok = processor.tokenizer
     qa = image_questions(rng, objects)
     rng.shuffle(qa)
+    seen = {q for _, q, *_ in qa}
+    for _ in range(8 * turns):
+        if len(qa) >= turns:
+            break
+        extra = [x for x in image_questions(rng, objects) if x[0] in EXTRA_FAMILIES and x[1] not in seen]
+        if extra:
+            pick = rng.choice(extra)
+            seen.add(pick[1])
+            qa.append(pick)
     image_id = tok.convert_tokens_to_ids("<image>")
     user, assistant, eos = (tok.convert_tokens_to_ids(w) for w in ("USER:", "ASSISTANT:", "</s>"))
     ids, labels = [], []
@@ -231,7 +252,7 @@ class LVLMModule:
     """Factory for the Lightning module of the whole-model stage."""
 
     @staticmethod
-    def create(model, processor, lr: float, vision_lr: float, steps: int, token_keep=None):
+    def create(model, processor, lr: float, vision_lr: float, steps: int, token_keep=None, turns: int = 5):
         """A LightningModule training the LVLM on conversations; input embeddings frozen.
 
         ``token_keep`` = [low, high]: vision-token dropout (see ``_forward_with_token_dropout``).
@@ -249,7 +270,7 @@ class LVLMModule:
                 self.model.model.get_input_embeddings().weight.requires_grad_(False)
 
             def training_step(self, batch, batch_idx):
-                convs = [conversation(processor, b["image"], b["objects"], random.Random(b["rng_seed"])) for b in batch]
+                convs = [conversation(processor, b["image"], b["objects"], random.Random(b["rng_seed"]), turns) for b in batch]
                 length = max(len(i) for i, _ in convs)
                 ids = torch.full((len(convs), length), tok.pad_token_id, dtype=torch.long)
                 labels = torch.full((len(convs), length), -100, dtype=torch.long)
@@ -319,6 +340,7 @@ class StageConfig:
     lr: float = 3e-3  # peak learning rate (one-cycle schedule)
     vision_lr: float = 1e-4  # peak learning rate of tower + projector (lvlm stage)
     token_keep: list | None = None  # [low, high] share of vision tokens kept under dropout (robust stage)
+    turns: int = 5  # questions per conversation (lvlm/robust): one per family, then more retrieval questions
 
 
 @dataclass
@@ -334,6 +356,8 @@ class TrainConfig:
     align: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch=32, lr=3e-3))
     lvlm: StageConfig = field(default_factory=lambda: StageConfig(steps=800, batch=16, lr=1.5e-3, vision_lr=1e-4))
     robust: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch=16, lr=7e-4, vision_lr=5e-5, token_keep=[0.05, 1.0]))
+    monitor_every: int = 0  # every N steps print validation accuracy per family (0: never)
+    monitor_samples: int = 100  # validation questions the monitor scores
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -375,6 +399,74 @@ def _PrintLoss(stage: str, every: int = 25):
     return PrintLoss()
 
 
+@dataclass
+class KeepGiven(Scorer):
+    """Scores 1 for the given vision-token indices, 0 elsewhere (an oracle for the validity bar; not registered)."""
+
+    keep: tuple = ()
+
+    def score(self, state):
+        """1 on the given indices of the current vision tokens, 0 elsewhere."""
+        scores = torch.zeros(state.vision_idx.shape, dtype=torch.float32)
+        index = torch.tensor([k for k in self.keep if k < scores.shape[1]], dtype=torch.long)
+        scores[:, index] = 1.0
+        return scores
+
+
+BAR_CONDITIONS = ("full", "no image", "evidence", "random")
+
+
+def bar_methods(sample, layer: int) -> dict[str, Method]:
+    """The validity-bar conditions for one sample: no dropping, no image, its evidence only, as many random tokens."""
+    n = len(sample.evidence)
+    return {
+        "full": Method.none(),
+        "no image": Method("random", schedule=Schedule.one_shot(0, 0.0, min_keep=0)),
+        "evidence": Method(KeepGiven(keep=tuple(sample.evidence)), schedule=Schedule.one_shot(layer, n, keep_mode="absolute", min_keep=0)),
+        "random": Method("random", schedule=Schedule.one_shot(layer, n, keep_mode="absolute", min_keep=0)),
+    }
+
+
+def bar_table(lvlm, bench, samples, layer: int = 2, conditions=BAR_CONDITIONS, progress: bool = False) -> dict[str, dict[str, float]]:
+    """Accuracy per condition and family (plus ``overall``) of the quality and validity bars."""
+    from tqdm import tqdm
+
+    correct: dict[str, dict[str, list[bool]]] = {}
+    for sample in tqdm(samples, desc="check", disable=not progress):
+        inputs = lvlm.prepare([lvlm.format_prompt(sample.question, n_images=len(sample.images))], [list(sample.images)])
+        for name, method in bar_methods(sample, layer).items():
+            if name in conditions:
+                text = lvlm.generate_from_inputs(inputs, method, max_new_tokens=4).texts[0]
+                correct.setdefault(name, {}).setdefault(sample.family, []).append(bench.is_correct(text, sample))
+    table = {}
+    for name, per_family in correct.items():
+        table[name] = {f: sum(v) / len(v) for f, v in sorted(per_family.items())}
+        table[name]["overall"] = sum(sum(v) for v in per_family.values()) / sum(len(v) for v in per_family.values())
+    return table
+
+
+def _Monitor(processor, every: int, n: int):
+    """A callback printing the bar conditions on ``n`` validation questions every ``every`` steps."""
+    import lightning as L
+
+    from v2drop.benchmarks import get_benchmark
+    from v2drop.lvlm import LVLM
+
+    bench = get_benchmark("digits")
+    samples = bench.load("validation", n)
+
+    class Monitor(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step % every == 0:
+                with torch.no_grad():
+                    table = bar_table(LVLM(pl_module.model, processor), bench, samples, conditions=("full", "evidence", "random"))
+                pl_module.model.train()
+                for name, row in table.items():
+                    print(f"[monitor] step {trainer.global_step} {name:<8} " + " ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
+
+    return Monitor()
+
+
 def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     """Run both stages (resuming from the last checkpoint of each) and save the model and processor."""
     import lightning as L
@@ -387,9 +479,10 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     model = build_model(cfg.model, processor.tokenizer)
     for name, stage, factory in (
         ("align", cfg.align, lambda: AlignModule.create(model, processor, cfg.align.lr, cfg.align.steps)),
-        ("lvlm", cfg.lvlm, lambda: LVLMModule.create(model, processor, cfg.lvlm.lr, cfg.lvlm.vision_lr, cfg.lvlm.steps)),
+        ("lvlm", cfg.lvlm, lambda: LVLMModule.create(model, processor, cfg.lvlm.lr, cfg.lvlm.vision_lr, cfg.lvlm.steps,
+                                                     turns=cfg.lvlm.turns)),
         ("robust", cfg.robust, lambda: LVLMModule.create(model, processor, cfg.robust.lr, cfg.robust.vision_lr, cfg.robust.steps,
-                                                         token_keep=cfg.robust.token_keep)),
+                                                         token_keep=cfg.robust.token_keep, turns=cfg.robust.turns)),
     ):
         if stage.steps <= 0:
             continue
@@ -403,7 +496,8 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
         trainer = L.Trainer(
             max_steps=stage.steps, accelerator="cpu", devices=1, precision=cfg.precision, logger=False,
             enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=1.0, log_every_n_steps=10,
-            callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=50, save_top_k=0), _PrintLoss(name)],
+            callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=50, save_top_k=0), _PrintLoss(name)]
+            + ([_Monitor(processor, cfg.monitor_every, cfg.monitor_samples)] if cfg.monitor_every and name != "align" else []),
         )
         offset = {"align": 0, "lvlm": 10**6, "robust": 2 * 10**6}[name]
         loader = torch.utils.data.DataLoader(SceneStream(cfg.seed + offset), batch_size=stage.batch, collate_fn=_collate)
