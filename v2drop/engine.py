@@ -126,6 +126,25 @@ class _Sequence:
             coords=self.coords.gather(1, idx[..., None].expand(-1, -1, 3)),
         )
 
+    def extended(self, hidden: torch.Tensor, source: torch.Tensor, valid: torch.Tensor) -> "_Sequence":
+        """Append M new vision tokens per sample (``hidden`` (B, M, D)) at the end of the sequence.
+
+        Each takes the position ids, prompt index and grid coordinates of the token at ``source``
+        (B, M); ``valid`` (B, M) marks real ones. ``select`` then puts them where they belong.
+        """
+        if self.position_ids.dim() == 3:
+            pos = self.position_ids.gather(2, source[None].expand(self.position_ids.shape[0], -1, -1))
+        else:
+            pos = self.position_ids.gather(1, source)
+        return _Sequence(
+            hidden=torch.cat([self.hidden, hidden.to(self.hidden.dtype)], dim=1),
+            position_ids=torch.cat([self.position_ids, pos], dim=-1),
+            attention_mask=torch.cat([self.attention_mask, valid.to(self.attention_mask.dtype)], dim=1),
+            orig_idx=torch.cat([self.orig_idx, self.orig_idx.gather(1, source).masked_fill(~valid, -1)], dim=1),
+            vision=torch.cat([self.vision, valid], dim=1),
+            coords=torch.cat([self.coords, self.coords.gather(1, source[..., None].expand(-1, -1, 3))], dim=1),
+        )
+
     def renumbered(self) -> "_Sequence":
         """The same tokens with contiguous positions 0..n-1 per sample (official PDrop policy)."""
         mask = self.attention_mask.long()
@@ -212,6 +231,12 @@ def generate(
     stage_at = {s.layer: i for i, s in enumerate(method.schedule.stages)} if method.drops else {}
     keys = sample_keys(input_ids, mask2d) if method.drops else None
     cache = DynamicCache(config=adapter.text_config)
+    scorer = method.scorer if method.drops else None
+    raters = None  # per sample, prompt indices of the query tokens a "raters" scorer chose at layer 0
+    if scorer is not None and scorer.attention_query == "raters":
+        raters = [seq.orig_idx[b, q] for b, q in enumerate(scorer.queries(seq.hidden, seq.vision, seq.attention_mask))]
+    faithful = scorer is not None and getattr(scorer, "faithful", False)
+    captured = None  # the full attention map of the layer before a faithful stage
 
     memory = PeakMemory(device) if measure_memory else None
     if memory is not None:
@@ -226,7 +251,9 @@ def generate(
         if dropped:
             _sync(device)
             stage_start = time.perf_counter()
-            seq, seconds = _drop(seq, stage_at[layer_idx], layer_idx, method, adapter, prev_hidden, keys, n_vision, traces)
+            seq, seconds = _drop(seq, stage_at[layer_idx], layer_idx, method, adapter, prev_hidden, keys, n_vision, traces,
+                                 raters, captured)
+            captured = None
             _sync(device)
             scoring_seconds += seconds
             drop_seconds += time.perf_counter() - stage_start
@@ -238,7 +265,10 @@ def generate(
         for trace, count in zip(traces, vision_counts):
             trace.vision_tokens_per_layer.append(count)
         prev_hidden = seq.hidden if _needs_prev(method, stage_at, layer_idx + 1) else None
-        seq.hidden = layer(seq.hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+        if faithful and layer_idx + 1 in stage_at and scorer.attention_layer_offset == -1:
+            seq.hidden, captured = _run_eager(adapter, layer_idx, seq, rope, cache)
+        else:
+            seq.hidden = layer(seq.hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
     logits = adapter.lm_head(adapter.norm(seq.hidden[:, -1:]))[:, -1].float()
     _sync(device)
     prefill_seconds = time.perf_counter() - start
@@ -281,8 +311,9 @@ def generate(
     )
 
 
-def _drop(seq, stage_idx, layer_idx, method, adapter, prev_hidden, keys, n_vision, traces) -> tuple[_Sequence, float]:
-    """Score the present vision tokens, keep the schedule's count per sample, rebuild the sequence.
+def _drop(seq, stage_idx, layer_idx, method, adapter, prev_hidden, keys, n_vision, traces, raters=None, captured=None) -> tuple[_Sequence, float]:
+    """Score the present vision tokens, keep the schedule's count per sample, merge back what the
+    scorer recycles (inserted right after the kept vision tokens), rebuild the sequence.
 
     Returns the new sequence and the seconds spent in ``scorer.score``.
     """
@@ -290,7 +321,7 @@ def _drop(seq, stage_idx, layer_idx, method, adapter, prev_hidden, keys, n_visio
     vision_idx, vision_valid = seq.vision_index()
     attention = query_valid = None
     if scorer.attention_query is not None:
-        attention, query_valid = _attention_for(scorer, layer_idx, seq, prev_hidden, adapter)
+        attention, query_valid = _attention_for(scorer, layer_idx, seq, prev_hidden, adapter, raters, captured)
     state = LayerState(
         layer_idx=layer_idx,
         hidden=seq.hidden,
@@ -314,13 +345,37 @@ def _drop(seq, stage_idx, layer_idx, method, adapter, prev_hidden, keys, n_visio
         raise RuntimeError(f"{type(scorer).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(vision_idx.shape)}")
     scores = scores.float().nan_to_num(nan=float("-inf"))
     keep_mask = seq.attention_mask.bool() & ~seq.vision  # text tokens always stay
+    merged, sources, last_kept = [], [], []
     for b in range(seq.hidden.shape[0]):
         n = int(vision_valid[b].sum())
-        k = schedule.kept_count(stage_idx, n, n_vision[b])
-        kept_vision = vision_idx[b, select_keep(scores[b, :n], k)]  # ascending
+        k = scorer.count(state, b, n, schedule.kept_count(stage_idx, n, n_vision[b]))
+        chosen = select_keep(scores[b, :n], k)
+        kept_vision = vision_idx[b, chosen]  # ascending
         keep_mask[b, kept_vision] = True
-        traces[b].stages.append({"layer": layer_idx, "kept": seq.orig_idx[b, kept_vision].tolist()})
-    new = seq.select([row.nonzero().flatten() for row in keep_mask])
+        trace = {"layer": layer_idx, "kept": seq.orig_idx[b, kept_vision].tolist()}
+        dropped = torch.ones(n, dtype=torch.bool, device=scores.device)
+        dropped[chosen] = False
+        dropped_idx = vision_idx[b, :n][dropped]
+        new_hidden, centre = scorer.merge(seq.hidden[b, dropped_idx], scores[b, :n][dropped])
+        if len(centre):
+            trace["merged"] = seq.orig_idx[b, dropped_idx[centre]].tolist()
+        merged.append(new_hidden)
+        sources.append(dropped_idx[centre])
+        last_kept.append(int(kept_vision.max()) if len(kept_vision) else int(vision_idx[b, 0]) - 1)
+        traces[b].stages.append(trace)
+    keep = [row.nonzero().flatten() for row in keep_mask]
+    width = max(len(c) for c in sources)
+    if width:  # recycled tokens go right after each sample's last kept vision token
+        B, L, D = seq.hidden.shape
+        hidden = seq.hidden.new_zeros(B, width, D)
+        source = torch.zeros(B, width, dtype=torch.long, device=seq.hidden.device)
+        valid = torch.zeros(B, width, dtype=torch.bool, device=seq.hidden.device)
+        for b, (h, src) in enumerate(zip(merged, sources)):
+            hidden[b, : len(src)], source[b, : len(src)], valid[b, : len(src)] = h, src, True
+            inserted = torch.arange(L, L + len(src), device=seq.hidden.device)
+            keep[b] = torch.cat([keep[b][keep[b] <= last_kept[b]], inserted, keep[b][keep[b] > last_kept[b]]])
+        seq = seq.extended(hidden, source, valid)
+    new = seq.select(keep)
     return (new.renumbered() if method.position_policy == "renumber" else new), seconds
 
 
@@ -330,18 +385,59 @@ def select_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k].sort().values
 
 
-def _attention_for(scorer, layer_idx, seq, prev_hidden, adapter):
-    """The head-averaged attention rows a scorer asked for: (B, Q, L) float32 and (B, Q) validity."""
-    source_layer = layer_idx + scorer.attention_layer_offset
-    hidden = seq.hidden if scorer.attention_layer_offset == 0 else prev_hidden
+def _attention_for(scorer, layer_idx, seq, prev_hidden, adapter, raters=None, captured=None):
+    """The head-averaged attention rows a scorer asked for: (B, Q, L) float32 and (B, Q) validity.
+
+    Computed from the source layer's own projections, or read from ``captured`` (the full map a
+    faithful stage's eager layer produced).
+    """
+    B, L = seq.hidden.shape[:2]
+    device = seq.hidden.device
     if scorer.attention_query in ("last_prompt", "last_instruction"):
-        query_idx = torch.full((seq.hidden.shape[0], 1), seq.hidden.shape[1] - 1, device=seq.hidden.device)
+        query_idx = torch.full((B, 1), L - 1, device=device)
         query_valid = torch.ones_like(query_idx, dtype=torch.bool)
+    elif scorer.attention_query == "raters":
+        width = max(1, max(len(r) for r in raters))
+        query_idx = torch.full((B, width), L - 1, device=device)
+        query_valid = torch.zeros(B, width, dtype=torch.bool, device=device)
+        for b, r in enumerate(raters):  # text tokens are never dropped: find each rater's current position
+            if len(r):
+                query_idx[b, : len(r)] = (seq.orig_idx[b][None] == r[:, None]).float().argmax(-1)
+                query_valid[b, : len(r)] = True
     else:
-        query_idx, query_valid = scorer.queries(seq.orig_idx, seq.attention_mask)
+        raise ValueError(f"Unknown attention_query {scorer.attention_query!r} of {type(scorer).__name__}")
+    if captured is not None:
+        heads = captured.shape[1]
+        rows = captured.gather(2, query_idx[:, None, :, None].expand(-1, heads, -1, L)).float().mean(1)
+        return rows, query_valid
+    hidden = seq.hidden if scorer.attention_layer_offset == 0 else prev_hidden
     cos, sin = adapter.rope(hidden, seq.position_ids)
-    rows = attention_rows(adapter.layers[source_layer], hidden, (cos, sin), seq.attention_mask, query_idx)
+    rows = attention_rows(adapter.layers[layer_idx + scorer.attention_layer_offset], hidden, (cos, sin), seq.attention_mask, query_idx)
     return rows, query_valid
+
+
+def _run_eager(adapter, layer_idx, seq, rope, cache):
+    """Run one prefill layer with eager attention and return its output and full attention map.
+
+    This is the faithful mode of FastV and SparseVLM: the original implementations ask the layer
+    for its (B, H, L, L) attention probabilities, and that map's memory is part of their cost.
+    The implementation switch is undone right after the call; a forward hook reads the weights.
+    """
+    layer = adapter.layers[layer_idx]
+    configs = {id(c): c for c in (adapter.text_config, layer.self_attn.config)}.values()
+    previous = [c._attn_implementation for c in configs]
+    weights = []
+    handle = layer.self_attn.register_forward_hook(lambda module, args, out: weights.append(out[1]))
+    try:
+        for c in configs:
+            c._attn_implementation = "eager"
+        mask = _mask_for(adapter, layer_idx, seq.hidden, seq.attention_mask, cache, {}, layer_idx)
+        hidden = layer(seq.hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+    finally:
+        handle.remove()
+        for c, impl in zip(configs, previous):
+            c._attn_implementation = impl
+    return hidden, weights[0]
 
 
 def _needs_prev(method: Method, stage_at: dict, layer_idx: int) -> bool:

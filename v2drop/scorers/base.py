@@ -82,7 +82,8 @@ class Scorer:
         Fill ``LayerState.prev_hidden`` (costs one saved copy of the hidden states).
     attention_query : str or None
         Which attention rows to compute: ``"last_prompt"`` (the last prompt token),
-        ``"last_instruction"`` (the last prompt token, as PDrop names it) or ``"raters"``.
+        ``"last_instruction"`` (the last prompt token, as PDrop names it) or ``"raters"`` (the
+        positions ``queries`` picks once from the layer-0 embeddings).
     attention_layer_offset : int
         Compute the rows with the projections of layer ``layer_idx + offset`` on that layer's
         input: 0 for the drop layer itself (PDrop), -1 for the layer before (FastV).
@@ -95,6 +96,22 @@ class Scorer:
     def score(self, state: LayerState) -> torch.Tensor:
         """Scores (B, V) float32 for ``state.vision_idx``; padded entries are ignored."""
         raise NotImplementedError
+
+    def queries(self, embeds: torch.Tensor, vision: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Per sample, the query positions (in the layer-0 sequence) of ``attention_query="raters"``."""
+        raise NotImplementedError(f"{type(self).__name__} asks for rater rows but does not define queries()")
+
+    def count(self, state: LayerState, sample: int, n: int, scheduled: int) -> int:
+        """How many of the ``n`` present vision tokens of ``sample`` to keep (default: the schedule's)."""
+        return scheduled
+
+    def merge(self, hidden: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens to insert after the kept vision tokens, built from one sample's dropped ones (default: none).
+
+        Returns the new tokens' hidden states (C, D) and, for each, the index of the dropped token
+        whose position ids and grid coordinates it takes.
+        """
+        return hidden[:0], torch.zeros(0, dtype=torch.long, device=hidden.device)
 
     def flops(self, n_vision: int, n_tokens: int, hidden: int) -> float:
         """Analytic FLOPs of one scoring call (0 unless a scorer says otherwise)."""
