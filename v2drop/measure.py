@@ -17,9 +17,11 @@ class PeakMemory:
 
     CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation at entry (allocator peak).
     CPU: a background thread samples the process's resident set size (``/proc/self/statm``) every
-    ``interval`` seconds; the figure is the largest RSS seen minus the RSS at entry. Short spikes
-    between samples can be missed and memory the allocator keeps cached counts as used, so treat
-    CPU figures as comparisons between runs of one process, not absolutes.
+    ``interval`` seconds; the figure is the largest RSS seen minus the RSS at entry. So that RSS
+    follows live tensors, glibc is told to serve allocations of 64 KiB and more with ``mmap``
+    (returned to the system when freed) and free heap memory is trimmed at entry; without that, a
+    run that follows a bigger one reuses cached pages and shows no growth. Short spikes between
+    samples can be missed: treat CPU figures as comparisons between runs, not absolutes.
     """
 
     def __init__(self, device: torch.device | str = "cpu", interval: float = 0.0005):
@@ -33,6 +35,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
+            _release_free_memory()
             self._start = _rss()
             self._peak = self._start
             self._stop = threading.Event()
@@ -56,6 +59,24 @@ class PeakMemory:
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+_MALLOC_TUNED = False
+
+
+def _release_free_memory() -> None:
+    """glibc only: large allocations via mmap (freed to the system at once), then trim the heap."""
+    global _MALLOC_TUNED
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if not _MALLOC_TUNED:
+            libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; also stops glibc raising it dynamically
+            _MALLOC_TUNED = True
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS figures include cached memory
+        pass
 
 
 def _rss() -> int:
