@@ -21,49 +21,7 @@ from pathlib import Path
 import yaml
 
 from v2drop.evaluation import EvalConfig, evaluate, format_table
-from v2drop.method import Method, list_presets
-from v2drop.scorers import SCORERS
-
-
-def resolve_method(method: str, schedule: str | None, scorer_args: dict) -> Method:
-    """A Method from ``--method`` (scorer, preset or ``none``), ``--schedule`` and ``--scorer-arg`` values."""
-    if method == "none":
-        if schedule:
-            raise ValueError("--method none drops nothing; leave out --schedule")
-        return Method.none()
-    if method not in SCORERS:
-        if method in list_presets() or method.endswith((".yaml", ".yml")):
-            data = _method_data(method)
-            if schedule:
-                data["schedule"] = _method_data(schedule).get("schedule")
-            if scorer_args:
-                scorer = data.get("scorer")
-                data["scorer"] = {**(scorer if isinstance(scorer, dict) else {"name": scorer}), **scorer_args}
-            return Method.from_dict(data)
-        SCORERS.get(method)  # raises, listing the scorers
-    if not schedule:
-        raise ValueError(f"--method {method} needs --schedule (a preset name or YAML file); presets: {', '.join(list_presets())}")
-    data = _method_data(schedule)
-    preset_scorer = data.get("scorer")
-    preset_args = {}
-    if isinstance(preset_scorer, dict) and preset_scorer.get("name") == method:
-        preset_args = {k: v for k, v in preset_scorer.items() if k != "name"}
-    data["scorer"] = {"name": method, **preset_args, **scorer_args}
-    return Method.from_dict({k: v for k, v in data.items() if k != "description"})
-
-
-def _method_data(name: str) -> dict:
-    """Config data of a preset name or YAML path."""
-    path = Path(name)
-    if not path.exists():
-        from v2drop.method import _preset_path
-
-        path = _preset_path(name)
-    data = yaml.safe_load(path.read_text()) or {}
-    if "stages" in data:  # a bare schedule file
-        data = {"schedule": data}
-    data.pop("description", None)
-    return data
+from v2drop.method import resolve_method
 
 
 def _parse_scorer_args(items: list[str]) -> dict:

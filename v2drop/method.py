@@ -147,6 +147,48 @@ def list_presets() -> list[str]:
     return sorted({p.stem for d in PRESET_DIRS if d.is_dir() for p in d.glob("*.yaml")})
 
 
+def resolve_method(method: str, schedule: str | None = None, scorer_args: dict | None = None) -> Method:
+    """A Method from a command line's method (scorer, preset, YAML or ``none``), schedule and scorer parameters."""
+    from v2drop.scorers import SCORERS
+
+    scorer_args = scorer_args or {}
+    if method == "none":
+        if schedule:
+            raise ValueError("--method none drops nothing; leave out --schedule")
+        return Method.none()
+    if method not in SCORERS:
+        if method in list_presets() or method.endswith((".yaml", ".yml")):
+            data = _method_data(method)
+            if schedule:
+                data["schedule"] = _method_data(schedule).get("schedule")
+            if scorer_args:
+                scorer = data.get("scorer")
+                data["scorer"] = {**(scorer if isinstance(scorer, dict) else {"name": scorer}), **scorer_args}
+            return Method.from_dict(data)
+        SCORERS.get(method)  # raises, listing the scorers
+    if not schedule:
+        raise ValueError(f"--method {method} needs --schedule (a preset name or YAML file); presets: {', '.join(list_presets())}")
+    data = _method_data(schedule)
+    preset_scorer = data.get("scorer")
+    preset_args = {}
+    if isinstance(preset_scorer, dict) and preset_scorer.get("name") == method:
+        preset_args = {k: v for k, v in preset_scorer.items() if k != "name"}
+    data["scorer"] = {"name": method, **preset_args, **scorer_args}
+    return Method.from_dict({k: v for k, v in data.items() if k != "description"})
+
+
+def _method_data(name: str) -> dict:
+    """Config data of a preset name or YAML path."""
+    path = Path(name)
+    if not path.exists():
+        path = _preset_path(name)
+    data = yaml.safe_load(path.read_text()) or {}
+    if "stages" in data:  # a bare schedule file
+        data = {"schedule": data}
+    data.pop("description", None)
+    return data
+
+
 def _preset_path(name: str) -> Path:
     for d in PRESET_DIRS:
         if (d / f"{name}.yaml").exists():

@@ -1,0 +1,1 @@
+"""Bridges to other evaluation harnesses (imported only by them)."""
