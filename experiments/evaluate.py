@@ -57,6 +57,8 @@ def main(argv=None) -> dict:
     p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--device-map", default=None, help='from_pretrained device_map, e.g. "auto" for one GPU (overrides --device)')
+    p.add_argument("--data-dir", default=None, help="local copy of a real benchmark in its Hugging Face schema")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--devices", default="1", help="Lightning devices")
     p.add_argument("--run-dir", default=None, help="where records, result and trace go (default runs/eval/<model>-<benchmark>-<method>)")
@@ -71,7 +73,7 @@ def main(argv=None) -> dict:
         from v2drop.benchmarks import get_benchmark
 
         method = resolve_method(args.method, args.schedule, _parse_scorer_args(args.scorer_arg))
-        benchmark = get_benchmark(args.benchmark)
+        benchmark = get_benchmark(args.benchmark, data_dir=args.data_dir)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(args.model).name}-{args.benchmark}-{args.method}-{Path(args.schedule or 'default').stem}")
         run_dir = Path(args.run_dir or Path("runs") / "eval" / slug)
         outputs = [run_dir / "result.json"] + [Path(x) for x in (args.output, args.save_trace) if x]
@@ -84,12 +86,13 @@ def main(argv=None) -> dict:
         config = EvalConfig(
             model=args.model, benchmark=args.benchmark, method=method.to_dict(), split=args.split, limit=args.limit,
             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, warmup=args.warmup,
-            attn_implementation=args.attn, dtype=args.dtype, device=args.device, threads=args.threads,
+            attn_implementation=args.attn, dtype=args.dtype, device=args.device, device_map=args.device_map,
+            data_dir=args.data_dir, threads=args.threads,
             devices=int(args.devices) if args.devices.isdigit() else args.devices, progress=not args.no_progress,
         )
         import v2drop
 
-        lvlm = v2drop.load(args.model, attn_implementation=args.attn, dtype=args.dtype, device=args.device)
+        lvlm = v2drop.load(args.model, attn_implementation=args.attn, dtype=args.dtype, device=args.device, device_map=args.device_map)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)

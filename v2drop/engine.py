@@ -241,8 +241,7 @@ def generate(
     memory = PeakMemory(device) if measure_memory else None
     if memory is not None:
         memory.__enter__()
-    _sync(device)
-    start = time.perf_counter()
+    clock = _Clock(device)
     segments: list[_Segment] = []
     scoring_seconds = drop_seconds = 0.0
     prev_hidden = None  # input of the previous layer, kept only when the next stage's scorer needs it
@@ -270,8 +269,7 @@ def generate(
         else:
             seq.hidden = layer(seq.hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
     logits = adapter.lm_head(adapter.norm(seq.hidden[:, -1:]))[:, -1].float()
-    _sync(device)
-    prefill_seconds = time.perf_counter() - start
+    prefill_seconds = clock.elapsed()
 
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     first_logits = logits
@@ -295,8 +293,7 @@ def generate(
             mask = _mask_for(adapter, layer_idx, hidden, seg_mask2d[s], cache, masks, segments[s].first_layer)
             hidden = layer(hidden, attention_mask=mask, position_embeddings=seg_rope[s], past_key_values=cache, use_cache=True)
         logits = adapter.lm_head(adapter.norm(hidden))[:, -1].float()
-    _sync(device)
-    generate_seconds = time.perf_counter() - start
+    generate_seconds = clock.elapsed()
     if memory is not None:
         memory.__exit__(None, None, None)
 
@@ -468,6 +465,28 @@ def _segment_of_layers(segments: list[_Segment], depth: int) -> list[int]:
     """Index of the segment each decoder layer belongs to."""
     firsts = [s.first_layer for s in segments]
     return [max(i for i, f in enumerate(firsts) if f <= layer_idx) for layer_idx in range(depth)]
+
+
+class _Clock:
+    """Seconds since creation: CUDA events on a GPU (timed on the device), ``perf_counter`` elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds from creation to now (waits for queued GPU work)."""
+        if not self.cuda:
+            return time.perf_counter() - self.start
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return self.start.elapsed_time(end) / 1e3
 
 
 def _sync(device: torch.device) -> None:

@@ -36,6 +36,8 @@ class EvalConfig:
     attn_implementation: str = "sdpa"  # eager, sdpa or flash_attention_2
     dtype: str = "float32"  # float32, bfloat16, float16
     device: str = "cpu"  # where the model runs
+    device_map: str | None = None  # from_pretrained device_map (e.g. "auto" for one GPU); overrides device
+    data_dir: str | None = None  # local copy of a real benchmark (same schema as its Hugging Face dataset)
     threads: int | None = 2  # torch CPU threads (None: leave as is)
     measure_memory: bool = True  # peak memory of the language-model part per batch
     accelerator: str = "auto"  # Lightning accelerator

@@ -84,7 +84,14 @@ def register_benchmark(name: str):
 
 def get_benchmark(name: str, **kwargs: Any) -> Benchmark:
     """An instance of benchmark ``name``; an unknown name lists the registered ones."""
-    return BENCHMARKS.get(name)(**{k: v for k, v in kwargs.items() if v is not None})
+    cls = BENCHMARKS.get(name)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        if kwargs and "unexpected keyword" in str(err):
+            raise ValueError(f"Benchmark {name!r} does not take {sorted(kwargs)} ({err})") from None
+        raise
 
 
 def list_benchmarks(pattern: str = "*") -> list[str]:
