@@ -218,7 +218,7 @@ class AlignModule:
 EXTRA_FAMILIES = ("ident", "exist", "colour", "mc")
 
 
-def conversation(processor, image, objects, rng: random.Random, turns: int = 5) -> tuple[list[int], list[int]]:
+def conversation(processor, image, objects, rng: random.Random, turns: int = 5, isolated: bool = False):
     """Token ids and labels of one multi-turn conversation, every answer supervised.
 
     The first five turns ask one question of every family (shuffled); turns beyond five add more
@@ -239,6 +239,18 @@ def conversation(processor, image, objects, rng: random.Random, turns: int = 5) 
             qa.append(pick)
     image_id = tok.convert_tokens_to_ids("<image>")
     user, assistant, eos = (tok.convert_tokens_to_ids(w) for w in ("USER:", "ASSISTANT:", "</s>"))
+    if isolated:  # one shared "USER: <image>" prefix, then every turn as the evaluation prompt continues it
+        ids, labels, segments = [user] + [image_id] * (PATCHES * PATCHES), [], []
+        labels, segments = [-100] * len(ids), [0] * len(ids)
+        positions = list(range(len(ids)))
+        for turn, (_, question, answer, _, _) in enumerate(qa, start=1):
+            prompt = tok(question, add_special_tokens=False)["input_ids"] + [assistant]
+            target = tok(answer, add_special_tokens=False)["input_ids"] + [eos]
+            ids += prompt + target
+            labels += [-100] * len(prompt) + target
+            segments += [turn] * (len(prompt) + len(target))
+            positions += list(range(positions[PATCHES * PATCHES], positions[PATCHES * PATCHES] + len(prompt) + len(target)))
+        return ids, labels, segments, positions
     ids, labels = [], []
     for turn, (_, question, answer, _, _) in enumerate(qa):
         prefix = [user] + ([image_id] * (PATCHES * PATCHES) if turn == 0 else []) + tok(question, add_special_tokens=False)["input_ids"] + [assistant]
@@ -248,14 +260,27 @@ def conversation(processor, image, objects, rng: random.Random, turns: int = 5) 
     return ids, labels
 
 
+def isolation_mask(segments: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(B, 1, L, L) additive mask: causal, every turn sees the shared prefix (segment 0) and itself only.
+
+    ``segments`` (B, L): 0 for the prefix, k for turn k, -1 for padding (which sees only itself).
+    """
+    L = segments.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    q, k = segments[:, :, None], segments[:, None, :]
+    allowed = causal & (k != -1) & ((k == 0) | (k == q))
+    allowed |= torch.eye(L, dtype=torch.bool)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 class LVLMModule:
     """Factory for the Lightning module of the whole-model stage."""
 
     @staticmethod
-    def create(model, processor, lr: float, vision_lr: float, steps: int, token_keep=None, turns: int = 5):
+    def create(model, processor, lr: float, vision_lr: float, steps: int, token_keep=None, turns: int = 5, isolated: bool = False):
         """A LightningModule training the LVLM on conversations; input embeddings frozen.
 
-        ``token_keep`` = [low, high]: vision-token dropout (see ``_forward_with_token_dropout``).
+        ``token_keep`` = [low, high]: vision-token dropout; ``isolated``: turns see only the image prefix (see ``_forward_embeds``).
         """
         import lightning as L
 
@@ -270,38 +295,45 @@ class LVLMModule:
                 self.model.model.get_input_embeddings().weight.requires_grad_(False)
 
             def training_step(self, batch, batch_idx):
-                convs = [conversation(processor, b["image"], b["objects"], random.Random(b["rng_seed"]), turns) for b in batch]
-                length = max(len(i) for i, _ in convs)
+                convs = [conversation(processor, b["image"], b["objects"], random.Random(b["rng_seed"]), turns, isolated) for b in batch]
+                length = max(len(c[0]) for c in convs)
                 ids = torch.full((len(convs), length), tok.pad_token_id, dtype=torch.long)
                 labels = torch.full((len(convs), length), -100, dtype=torch.long)
                 mask = torch.zeros((len(convs), length), dtype=torch.long)
-                for k, (i, l) in enumerate(convs):
-                    ids[k, : len(i)], labels[k, : len(l)], mask[k, : len(i)] = torch.tensor(i), torch.tensor(l), 1
+                segments = torch.full((len(convs), length), -1, dtype=torch.long)
+                positions = torch.arange(length).repeat(len(convs), 1)
+                for k, c in enumerate(convs):
+                    n = len(c[0])
+                    ids[k, :n], labels[k, :n], mask[k, :n] = torch.tensor(c[0]), torch.tensor(c[1]), 1
+                    if isolated:
+                        segments[k, :n], positions[k, :n] = torch.tensor(c[2]), torch.tensor(c[3])
                 pixels = processor.image_processor([b["image"] for b in batch], return_tensors="pt")["pixel_values"]
-                if token_keep is not None:
-                    out = self._forward_with_token_dropout(ids, mask, labels, pixels, random.Random(batch[0]["rng_seed"]))
+                if token_keep is not None or isolated:
+                    out = self._forward_embeds(ids, mask, labels, pixels, random.Random(batch[0]["rng_seed"]),
+                                               segments if isolated else None, positions)
                 else:
                     out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                      pixel_values=pixels.to(self.device), labels=labels.to(self.device))
                 self.log("loss", out.loss, prog_bar=True)
                 return out.loss
 
-            def _forward_with_token_dropout(self, ids, mask, labels, pixels, rng):
-                """Half of the conversations lose a random share of their vision tokens at the input.
+            def _forward_embeds(self, ids, mask, labels, pixels, rng, segments=None, positions=None):
+                """Forward from embeddings: optional vision-token dropout and isolated turns.
 
-                Kept tokens keep their original positions (as the engine's ``preserve`` policy),
-                so the model learns not to depend on every vision token being present.
+                With ``token_keep``, half of the conversations lose a random share of their vision
+                tokens at the input. Kept tokens keep their original positions (as the engine's
+                ``preserve`` policy), so the model learns not to depend on every vision token being
+                present. With ``segments``, turns are isolated (``isolation_mask``).
                 """
                 inner = self.model.model
                 embeds = inner.get_input_embeddings()(ids)
                 feats = torch.cat(list(inner.get_image_features(pixel_values=pixels).pooler_output))
                 is_image = ids == tok.convert_tokens_to_ids("<image>")
                 embeds = embeds.masked_scatter(is_image[..., None], feats.to(embeds.dtype))
-                positions = torch.arange(ids.shape[1]).expand_as(ids)
                 rows = []
                 for k in range(ids.shape[0]):
                     keep = mask[k].bool().clone()
-                    if rng.random() < 0.5:
+                    if token_keep is not None and rng.random() < 0.5:
                         vision = is_image[k].nonzero().flatten()
                         n = max(1, int(len(vision) * rng.uniform(*token_keep)))
                         dropped = vision[torch.randperm(len(vision), generator=torch.Generator().manual_seed(rng.randrange(2**31)))[n:]]
@@ -313,9 +345,12 @@ class LVLMModule:
                 for k, r in enumerate(rows):
                     idx[k, : len(r)], new_mask[k, : len(r)] = r, 1
                 pad = new_mask == 0
+                attention = new_mask
+                if segments is not None:
+                    attention = isolation_mask(segments.gather(1, idx).masked_fill(pad, -1), embeds.dtype)
                 return self.model(
                     inputs_embeds=embeds.gather(1, idx[..., None].expand(-1, -1, embeds.shape[-1])),
-                    attention_mask=new_mask, position_ids=positions.gather(1, idx).masked_fill(pad, 0),
+                    attention_mask=attention, position_ids=positions.gather(1, idx).masked_fill(pad, 0),
                     labels=labels.gather(1, idx).masked_fill(pad, -100),
                 )
 
@@ -341,6 +376,7 @@ class StageConfig:
     vision_lr: float = 1e-4  # peak learning rate of tower + projector (lvlm stage)
     token_keep: list | None = None  # [low, high] share of vision tokens kept under dropout (robust stage)
     turns: int = 5  # questions per conversation (lvlm/robust): one per family, then more retrieval questions
+    isolated: bool = False  # each turn sees only the image prefix and itself (no answer leaks between turns)
 
 
 @dataclass
@@ -459,7 +495,8 @@ def _Monitor(processor, every: int, n: int):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step % every == 0:
                 with torch.no_grad():
-                    table = bar_table(LVLM(pl_module.model, processor), bench, samples, conditions=("full", "evidence", "random"))
+                    lvlm = LVLM(pl_module.model, processor)
+                    table = bar_table(lvlm, bench, samples, layer=min(2, lvlm.depth - 1), conditions=("full", "evidence", "random"))
                 pl_module.model.train()
                 for name, row in table.items():
                     print(f"[monitor] step {trainer.global_step} {name:<8} " + " ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
@@ -480,9 +517,10 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     for name, stage, factory in (
         ("align", cfg.align, lambda: AlignModule.create(model, processor, cfg.align.lr, cfg.align.steps)),
         ("lvlm", cfg.lvlm, lambda: LVLMModule.create(model, processor, cfg.lvlm.lr, cfg.lvlm.vision_lr, cfg.lvlm.steps,
-                                                     turns=cfg.lvlm.turns)),
+                                                     turns=cfg.lvlm.turns, isolated=cfg.lvlm.isolated)),
         ("robust", cfg.robust, lambda: LVLMModule.create(model, processor, cfg.robust.lr, cfg.robust.vision_lr, cfg.robust.steps,
-                                                         token_keep=cfg.robust.token_keep, turns=cfg.robust.turns)),
+                                                         token_keep=cfg.robust.token_keep, turns=cfg.robust.turns,
+                                                         isolated=cfg.robust.isolated)),
     ):
         if stage.steps <= 0:
             continue
