@@ -84,6 +84,8 @@ def register_benchmark(name: str):
 
 def get_benchmark(name: str, **kwargs: Any) -> Benchmark:
     """An instance of benchmark ``name``; an unknown name lists the registered ones."""
+    if name not in BENCHMARKS:
+        import v2drop.realbench  # noqa: F401  (registers the real benchmarks on first use)
     cls = BENCHMARKS.get(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
@@ -96,6 +98,7 @@ def get_benchmark(name: str, **kwargs: Any) -> Benchmark:
 
 def list_benchmarks(pattern: str = "*") -> list[str]:
     """Sorted registered benchmark names."""
+    import v2drop.realbench  # noqa: F401
     return BENCHMARKS.names(pattern)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import yaml
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
@@ -34,16 +33,10 @@ def manifest():
 
 def video_frames(path: str, n: int) -> list:
     """``n`` frames sampled uniformly from a video file (needs PyAV, ``pip install av``)."""
-    try:
-        import av
-    except ImportError as err:
-        raise ImportError(f"Reading the video {path!r} needs PyAV: pip install av") from err
-    with av.open(path) as container:
-        frames = [f.to_image() for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError(f"No frames could be decoded from {path!r}")
-    index = np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)
-    return [frames[i] for i in index]
+    from v2drop.integrations.video import decode_frames
+    from v2drop.realbench.common import sample_frames
+
+    return sample_frames(decode_frames(path), n)
 
 
 class V2DropLMM(lmms):
