@@ -128,6 +128,16 @@ class GQA(HFBenchmark):
     hf_split = "testdev"
     families = ("gqa",)
 
+    def rows(self, split):
+        """Question rows; from the hub, joined with the images configuration on ``imageId``."""
+        rows = super().rows(split)
+        if self.data_dir is None:
+            import datasets
+
+            images = {r["id"]: r["image"] for r in datasets.load_dataset(self.hf_name, "testdev_balanced_images", split=self.hf_split)}
+            rows = [{**r, "image": images[r["imageId"]]} for r in rows]
+        return rows
+
     def to_samples(self, row, index):
         """One short-answer question."""
         return [Sample(str(row["id"]), row["question"] + SHORT_ANSWER, row["answer"], "gqa", (self.image(row["image"]),))]

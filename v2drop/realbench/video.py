@@ -12,7 +12,9 @@ class VideoBenchmark(HFBenchmark):
     """A video benchmark: ``num_frames`` frames sampled uniformly from each video.
 
     A row's video is a list of frame image paths (a local copy) or a video file path under
-    ``data_dir`` / ``video_root`` (decoded with PyAV, ``pip install av``).
+    ``data_dir`` / ``video_root`` (decoded with PyAV, ``pip install av``). The hub copies of MVBench
+    and Video-MME ship their videos as archives beside the question tables: unpack them and pass
+    that directory as ``video_root`` (or put the tables and videos together under ``--data-dir``).
     """
 
     modality = "video"
