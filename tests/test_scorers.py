@@ -94,7 +94,7 @@ def test_random_is_seeded_per_sample():
 
 
 def test_unknown_scorer_lists_registered_names():
-    with pytest.raises(ValueError, match=r"Unknown scorer 'nope'.*position, random, uniform, v2drop"):
+    with pytest.raises(ValueError, match=r"Unknown scorer 'nope'. Registered scorers: fastv, pdrop, position, random, sparsevlm, uniform, v2drop"):
         build_scorer("nope")
     with pytest.raises(ValueError, match=r"no parameter\(s\) \['metirc'\].*metric"):
         build_scorer("v2drop", metirc="l1")
