@@ -1,6 +1,10 @@
 """Real benchmarks: fixtures in each benchmark's schema, scores worked out by hand, one end-to-end run per modality."""
 
 import json
+import shutil
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,172 +13,315 @@ from PIL import Image
 from v2drop import Method
 from v2drop.benchmarks import get_benchmark, list_benchmarks
 from v2drop.evaluation import EvalConfig, evaluate
-from v2drop.realbench.common import normalize_vqa, parse_option
-from v2drop.realbench.image import vqa_accuracy
+from v2drop.realbench import DataError
+from v2drop.realbench.common import frame_indices, normalize_vqa, parse_option, vqa_accuracy
+from v2drop.realbench.mme import yes_no as mme_yes_no
+from v2drop.realbench.pope import yes_no as pope_yes_no
+
+FIXTURES = Path(__file__).parent / "fixtures" / "realbench"
+ALL = ("pope", "mme", "gqa", "mmbench", "scienceqa-img", "textvqa", "mvbench", "videomme")
 
 
-def write(tmp_path, split, rows, images=(), size=32):
-    """``split``.jsonl plus solid-colour PNGs named in ``images`` (value i*20 for image i)."""
-    for i, name in enumerate(images):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((size, size, 3), i * 20, dtype=np.uint8)).save(tmp_path / name)
-    (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(tmp_path)
+def bench(name, folder=None, **kw):
+    return get_benchmark(name, data_dir=str(FIXTURES / (folder or name)), **kw)
 
 
-def records(bench, samples, predictions):
-    return [{"id": s.id, "family": s.family, "prediction": p, "reference": s.answer, "correct": bench.is_correct(p, s)}
+def records(b, samples, predictions):
+    """What the harness records, with hand-written predictions."""
+    assert len(samples) == len(predictions)
+    return [{"id": s.id, "family": s.family, "prediction": p, "reference": s.answer, "correct": b.is_correct(p, s)}
             for s, p in zip(samples, predictions)]
 
 
+def frame_ids(images):
+    """(video, frame) of fixture frames, whose colour is (40 video, 20 frame, 100)."""
+    return [(int(np.asarray(im)[0, 0, 0]) // 40, int(np.asarray(im)[0, 0, 1]) // 20) for im in images]
+
+
 def test_every_real_benchmark_is_registered():
-    assert {"pope", "mme", "gqa", "mmbench", "scienceqa-img", "textvqa", "mvbench", "videomme"} <= set(list_benchmarks())
+    assert set(ALL) <= set(list_benchmarks())
 
 
-@pytest.fixture
-def pope_dir(tmp_path):
-    rows = [
-        {"question_id": "1", "question": "Is there a dog?", "answer": "yes", "image": "a.png", "category": "adversarial"},
-        {"question_id": "2", "question": "Is there a cat?", "answer": "no", "image": "a.png", "category": "adversarial"},
-        {"question_id": "3", "question": "Is there a car?", "answer": "yes", "image": "b.png", "category": "random"},
-        {"question_id": "4", "question": "Is there a bus?", "answer": "no", "image": "b.png", "category": "random"},
-    ]
-    (tmp_path / "pope").mkdir()
-    return write(tmp_path / "pope", "test", rows, ["a.png", "b.png"])
+# -- answer parsing and normalisation ------------------------------------------------------------------------
 
 
-def test_pope_metrics_by_hand(pope_dir):
-    bench = get_benchmark("pope", data_dir=pope_dir)
-    samples = bench.load("test")
-    assert samples[0].question == "Is there a dog?\nAnswer the question using a single word or phrase."
-    preds = ["Yes.", "No, there is not.", "There is no car", "yes"]  # right, right, wrong (no), wrong (yes)
-    out = bench.aggregate(records(bench, samples, preds))
-    # predicted yes: 1, 4; gold yes: 1, 3 -> tp 1, fp 1, fn 1
-    assert out["accuracy"] == 0.5 and out["precision"] == 0.5 and out["recall"] == 0.5 and out["f1"] == 0.5
-    assert out["yes_ratio"] == 0.5
-    assert out["per_split"]["adversarial"]["f1"] == 1.0 and out["per_split"]["random"]["accuracy"] == 0.0
+def test_option_parsing():
+    cases = {"B": "B", "(C)": "C", "b.": "B", "(C) cat": "C", "D. dog": "D", "Answer: C": "C", "The answer is (B).": "B",
+             "Best option: (D)": "D", "The best answer is C.": "C", "I think B is right": "B", "none": "", "E": ""}
+    assert {t: parse_option(t) for t in cases} == cases
+    assert parse_option("E", "ABCDE") == "E"
+    # an option's text counts when it is exactly one option's (after normalisation)
+    assert parse_option("The bird.", "ABC", ["cat", "dog", "bird"]) == "C" and parse_option("fish", "ABC", ["cat", "dog", "bird"]) == ""
 
 
-def test_mme_scores_by_hand(tmp_path):
-    rows = []
-    for img, cat, answers in [("e1.png", "existence", ["yes", "no"]), ("e2.png", "existence", ["yes", "no"]),
-                              ("o1.png", "OCR", ["yes", "no"]), ("c1.png", "code_reasoning", ["no", "yes"])]:
-        rows += [{"question_id": img, "image": img, "question": f"Q{a}? Please answer yes or no.", "answer": a.capitalize(),
-                  "category": cat} for a in answers]
-    bench = get_benchmark("mme", data_dir=write(tmp_path, "test", rows, ["e1.png", "e2.png", "o1.png", "c1.png"]))
-    samples = bench.load("test")
-    preds = ["Yes", "No", "Yes", "Maybe",  # existence: image e2 has one wrong ("other") -> acc 3/4, acc+ 1/2
-             "yes, it is", "no", "yes", "no"]  # OCR all right; code reasoning both wrong
-    out = bench.aggregate(records(bench, samples, preds))
+def test_yes_no_readings():
+    # POPE: first sentence only; "no"/"not" as words
+    assert [pope_yes_no(t) for t in ["No, there is not.", "There is not a cat. Yes.", "Yes. Not sure", "NO", "Nothing to see", ""]] == \
+        ["no", "no", "yes", "no", "yes", "yes"]
+    # MME: exact yes/no, else yes/no within the first four characters
+    assert [mme_yes_no(t) for t in ["Yes.", "no", "yes, it is", "The answer is no", "Not sure"]] == ["yes", "no", "yes", "other", "no"]
+
+
+def test_vqa_normalisation():
+    assert normalize_vqa("The red one.") == normalize_vqa("red one") == "red 1"
+    assert normalize_vqa("T-shirt") == normalize_vqa("t shirt") == "t shirt"  # a joining hyphen becomes a space
+    assert normalize_vqa("Coca-Cola!") == "coca cola" and normalize_vqa("x - y") == "x y"  # marks touching spaces vanish
+    assert normalize_vqa("dont") == "don't" and normalize_vqa("3.5") == "3.5" and normalize_vqa("1,000") == "1000"
+    assert normalize_vqa("well") == "well" and normalize_vqa("Two.") == "2"
+    # ten annotators: leaving out one of the three "2"s leaves two matches (2/3), otherwise three (1)
+    assert vqa_accuracy("two", ["2", "2", "two"] + ["three"] * 7) == pytest.approx(0.9)
+
+
+def test_uniform_frame_indices():
+    assert frame_indices(6, 4) == [0, 2, 3, 5]  # np.linspace(0, 5, 4) = 0, 1.67, 3.33, 5, rounded
+    assert frame_indices(10, 4) == [0, 3, 6, 9] and frame_indices(3, 16) == [0, 1, 2]  # never repeats frames
+    with pytest.raises(DataError, match="no frames"):
+        frame_indices(0, 4)
+
+
+# -- each benchmark on its fixture ----------------------------------------------------------------------------
+
+
+def test_pope_metrics_by_hand():
+    b = bench("pope")
+    samples = b.load("test")
+    assert len(samples) == 9 and samples[0].question == "Is there a dog in the image?\nAnswer the question using a single word or phrase."
+    assert samples[0].images[0] is samples[2].images[0]  # one decode per image file
+    preds = ["Yes, there is a dog in the image.", "No, there is not.", "Yes", "There is not a bench. Yes.",  # adversarial: tp tn fp fn
+             "yes", "no", "Yes, I think so",  # popular: tp tn fp
+             "I see a dog. It is not a cat.", "NO"]  # random: tp (first sentence only), tn
+    out = b.aggregate(records(b, samples, preds))
+    assert out["per_split"]["adversarial"] == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5}
+    assert out["per_split"]["popular"] == pytest.approx({"accuracy": 2 / 3, "precision": 0.5, "recall": 1.0, "f1": 2 / 3, "yes_ratio": 2 / 3})
+    assert out["per_split"]["random"] == {"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.5}
+    # overall tp 3, tn 3, fp 2, fn 1
+    assert out["accuracy"] == pytest.approx(6 / 9) and out["precision"] == pytest.approx(0.6) and out["recall"] == 0.75
+    assert out["f1"] == pytest.approx(2 / 3) and out["yes_ratio"] == pytest.approx(5 / 9)
+    assert out["f1_mean_of_splits"] == pytest.approx((0.5 + 2 / 3 + 1) / 3)
+    assert out["per_family"] == pytest.approx({"adversarial": 0.5, "popular": 2 / 3, "random": 1.0}) and out["n"] == 9
+
+
+def test_mme_scores_with_acc_plus():
+    b = bench("mme")
+    samples = b.load("test")
+    assert samples[0].question == "Is there a dog in this image? Please answer yes or no."
+    preds = ["Yes", "No.",  # existence/1: both right
+             "yes, there is", "Yes",  # existence/2: one of two right -> no acc+
+             "No", "no",  # count/1: one right
+             "Yes", "The answer is no"]  # code_reasoning/1: "The " holds no yes/no -> other, wrong
+    out = b.aggregate(records(b, samples, preds))
     assert out["subtasks"]["existence"] == {"acc": 0.75, "acc_plus": 0.5, "score": 125.0}
-    assert out["subtasks"]["OCR"]["score"] == 200.0 and out["subtasks"]["code_reasoning"]["score"] == 0.0
-    assert out["perception"] == 325.0 and out["cognition"] == 0.0
+    assert out["subtasks"]["count"] == {"acc": 0.5, "acc_plus": 0.0, "score": 50.0}
+    assert out["subtasks"]["code_reasoning"] == {"acc": 0.5, "acc_plus": 0.0, "score": 50.0}
+    assert (out["perception"], out["cognition"], out["total"]) == (175.0, 50.0, 225.0)
+    assert out["accuracy"] == 5 / 8 and out["per_family"] == {"code_reasoning": 0.5, "count": 0.5, "existence": 0.75}
 
 
-def test_gqa_exact_match_after_normalisation(tmp_path):
-    rows = [{"id": "g1", "question": "Which one?", "answer": "the red one", "imageId": "x", "image": "x.png"},
-            {"id": "g2", "question": "How many?", "answer": "two", "imageId": "x", "image": "x.png"},
-            {"id": "g3", "question": "Where?", "answer": "left", "imageId": "x", "image": "x.png"}]
-    bench = get_benchmark("gqa", data_dir=write(tmp_path, "testdev", rows, ["x.png"]))
-    samples = bench.load("test")  # the harness's "test" maps to GQA's testdev
-    assert [bench.is_correct(p, s) for s, p in zip(samples, ["Red one.", "2", "right"])] == [True, True, False]
-    assert normalize_vqa("The cat's toy, isnt it?") == "cat's toy isn't it"
+def test_gqa_exact_match_after_normalisation():
+    b = bench("gqa")
+    samples = b.load("test")  # the harness's "test" is GQA's testdev
+    assert [s.family for s in samples] == ["query", "verify", "query", "choose", "verify", "query"]
+    assert samples[0].question == "Which side is the red car on?\nAnswer the question using a single word or phrase."
+    assert np.asarray(samples[0].images[0])[0, 0].tolist() == [50, 60, 70]  # images/<imageId>.png when no image column
+    assert np.asarray(samples[2].images[0])[0, 0].tolist() == [70, 60, 50]  # the image column when present
+    preds = ["The red one.", "Yes", "right", "T shirt", "No, it is not.", "A man"]
+    assert [r["correct"] for r in records(b, samples, preds)] == [True, True, False, True, False, True]
+    out = b.aggregate(records(b, samples, preds))
+    assert out["accuracy"] == pytest.approx(4 / 6) and out["per_family"] == pytest.approx({"choose": 1.0, "query": 2 / 3, "verify": 0.5})
 
 
-def test_mmbench_plain_and_circular(tmp_path):
-    rows = [{"index": 1, "question": "Q1", "hint": None, "A": "w", "B": "x", "C": "y", "D": "z", "answer": "B", "category": "attr",
-             "image": "m.png"},
-            {"index": 2, "question": "Q2", "hint": "look", "A": "p", "B": "q", "C": "r", "D": float("nan"), "answer": "A",
-             "category": "logic", "image": "m.png"}]
-    data_dir = write(tmp_path, "dev", rows, ["m.png"])
-    plain = get_benchmark("mmbench", data_dir=data_dir)
-    samples = plain.load("test")
-    assert samples[1].question == "look\nQ2\nA. p\nB. q\nC. r\nAnswer with the option's letter from the given choices directly."
-    assert plain.aggregate(records(plain, samples, ["(B)", "Answer: A"]))["accuracy"] == 1.0
-    circular = get_benchmark("mmbench", data_dir=data_dir, circular=True)
-    samples = circular.load("test")
-    # q1 rotations put x at B, A, D, C; q2 rotations put p at A, C, B
-    assert [s.answer for s in samples] == ["B", "A", "D", "C", "A", "C", "B"]
-    preds = ["B", "A. x", "D", "The answer is (C).", "A", "C", "A"]  # q2's last rotation fails
-    out = circular.aggregate(records(circular, samples, preds))
-    assert out["accuracy"] == 0.5 and out["per_family"] == {"attr": 1.0, "logic": 0.0}
+def test_mmbench_plain():
+    b = bench("mmbench")
+    samples = b.load("dev")
+    assert samples[0].question == ("Look at the picture.\nWhere is the cat?\nA. left\nB. right\nC. top\nD. bottom\n"
+                                   "Answer with the option's letter from the given choices directly.")
+    assert samples[1].question.startswith("What does the sign say?\nA. stop\nB. go\nAnswer")  # no hint; "nan" and null options dropped
+    assert samples[2].question.startswith("Which animal is shown?\nA. cat")  # a "nan" hint is no hint
+    assert np.asarray(samples[1].images[0])[0, 0].tolist() == [10, 10, 90]  # base64 image
+    out = b.aggregate(records(b, samples, ["(B)", "B", "Answer: C"]))
+    assert out["accuracy"] == pytest.approx(2 / 3) and out["per_family"] == {"attribute_recognition": 1.0, "object_localization": 1.0, "ocr": 0.0}
+    assert out["circular"] is False
 
 
-def test_scienceqa_letters(tmp_path):
-    rows = [{"question": "Which is a mammal?", "choices": ["crow", "dog", "eel"], "answer": 1, "hint": "Animals.", "image": "s.png",
-             "subject": "natural science"}]
-    bench = get_benchmark("scienceqa-img", data_dir=write(tmp_path, "test", rows, ["s.png"]))
-    (sample,) = bench.load("test")
-    assert sample.answer == "B" and sample.question.startswith("Context: Animals.\nWhich is a mammal?\nA. crow\nB. dog\nC. eel")
-    assert bench.is_correct("B", sample) and not bench.is_correct("C. eel", sample)
+def test_mmbench_circular_one_rotation_fails():
+    b = bench("mmbench", circular=True)
+    samples = b.load("test")
+    # question 0: right (B) moves to B, A, D, C; question 1: stop at A, B; question 2: bird at C, B, A
+    assert [s.answer for s in samples] == ["B", "A", "D", "C", "A", "B", "C", "B", "A"]
+    assert samples[1].choices == ("right", "top", "bottom", "left")
+    preds = ["(B)", "A.", "D", "Answer: C",  # question 0: every rotation right
+             "A", "A",  # question 1: the rotated copy fails
+             "The answer is C", "bird", "(A) bird"]  # question 2: an option's text counts
+    out = b.aggregate(records(b, samples, preds))
+    assert out["accuracy"] == pytest.approx(2 / 3) and out["accuracy_first_rotation"] == 1.0
+    assert out["per_family"] == {"attribute_recognition": 1.0, "object_localization": 1.0, "ocr": 0.0}
+    assert out["n"] == 3 and out["n_samples"] == 9
+    assert [s.id for s in b.load("test", limit=5)] == ["0@0", "0@1", "0@2", "0@3", "1@0", "1@1"]  # rotations stay together
 
 
-def test_textvqa_soft_accuracy_by_hand(tmp_path):
-    answers = ["2", "2", "two"] + ["three"] * 7  # normalised: "2" x3, "3" x7
-    rows = [{"question_id": i, "question": "How many?", "answers": answers, "image": "t.png"} for i in range(3)]
-    bench = get_benchmark("textvqa", data_dir=write(tmp_path, "validation", rows, ["t.png"]))
-    samples = bench.load("test")
-    # "two": leaving out one of the three "2"s leaves 2 matches (2/3), otherwise 3 (1) -> (3*2/3 + 7) / 10
-    assert vqa_accuracy("two", answers) == pytest.approx(0.9)
-    assert vqa_accuracy("Three.", answers) == 1.0 and vqa_accuracy("the tree", answers) == 0.0
-    out = bench.aggregate(records(bench, samples, ["two", "Three.", "the tree"]))
-    assert out["vqa_accuracy"] == pytest.approx(1.9 / 3) and out["full_credit"] == pytest.approx(1 / 3)
+def test_scienceqa_letters_and_context():
+    b = bench("scienceqa-img", "scienceqa")
+    samples = b.load("test")
+    assert len(samples) == 3  # the row without an image is not part of ScienceQA-IMG
+    assert samples[0].question.startswith("Which of these states is farthest north?\nA. West Virginia")  # empty hint: no context
+    assert samples[1].question == ("Context: Figure: a bald eagle.\nWhich animal's feet are also adapted for grabbing prey?\n"
+                                   "A. eagle\nB. duck\nAnswer with the option's letter from the given choices directly.")
+    out = b.aggregate(records(b, samples, ["A", "B", "A. 40°C"]))
+    assert [s.answer for s in samples] == ["A", "A", "A"]
+    assert out["accuracy"] == pytest.approx(2 / 3) and out["per_family"] == {"natural science": 0.5, "social science": 1.0}
 
 
-@pytest.fixture
-def mvbench_dir(tmp_path):
-    frames = [f"v/{i}.png" for i in range(10)]
-    rows = [{"video": frames, "question": "Where does it move?", "candidates": ["left", "right", "up"], "answer": "right",
-             "task": "action"},
-            {"video": frames, "question": "Which way?", "candidates": ["left", "right", "up"], "answer": "up", "task": "direction"}]
-    (tmp_path / "mvbench").mkdir()
-    return write(tmp_path / "mvbench", "train", rows, frames)
+def test_textvqa_soft_accuracy_by_hand():
+    b = bench("textvqa")
+    samples = b.load("test")  # the harness's "test" is TextVQA's validation
+    assert samples[0].question == "how many apples are there?\nAnswer the question using a single word or phrase."
+    assert samples[0].answer == "3"  # the most common normalised answer, for the records
+    preds = ["Two.",  # "2" from 3 of 10 annotators: (3 x 2/3 + 7 x 1) / 10 = 0.9
+             "Coca-Cola!",  # "coca cola" from 2 ("coca-cola", "the coca cola"): (2 x 1/3 + 8 x 2/3) / 10 = 0.6
+             "don't",  # 5 wrote "dont": 1.0
+             "pepsi"]  # 0
+    recs = records(b, samples, preds)
+    assert [r["correct"] for r in recs] == [True, False, True, False]
+    out = b.aggregate(recs)
+    assert out["vqa_accuracy"] == out["accuracy"] == pytest.approx(2.5 / 4) and out["full_credit"] == 0.5
+    ocr = bench("textvqa", ocr=True).load("validation", limit=1)[0]
+    assert ocr.question == ("how many apples are there?\nReference OCR token: 2, apples\n"
+                            "Answer the question using a single word or phrase.")
 
 
-def test_mvbench_frames_and_letters(mvbench_dir):
-    bench = get_benchmark("mvbench", data_dir=mvbench_dir, num_frames=4)
-    samples = bench.load("test")
-    # frames 0, 3, 6, 9 of ten (np.linspace rounded); frame i is filled with value 20 i
-    assert [np.asarray(f)[0, 0, 0] for f in samples[0].images] == [0, 60, 120, 180]
-    assert samples[0].question.endswith("(A) left\n(B) right\n(C) up\nAnswer with the option's letter from the given choices directly.")
-    out = bench.aggregate(records(bench, samples, ["(B) right", "Answer: A"]))
-    assert out["accuracy"] == 0.5 and out["per_family"] == {"action": 1.0, "direction": 0.0}
+def test_mvbench_frames_letters_and_tasks():
+    b = bench("mvbench", num_frames=4)
+    samples = b.load("test")
+    assert frame_ids(samples[0].images) == [(1, 0), (1, 2), (1, 3), (1, 5)]  # a frame list: 4 of 6
+    assert frame_ids(samples[1].images) == [(2, 0), (2, 3), (2, 6), (2, 9)]  # a frame folder in natural order: 4 of 10
+    assert samples[1].images is samples[2].images  # one video, decoded once
+    assert samples[0].question == ("Question: What did the person do first?\nOptions:\n(A) Sat on the bed.\n(B) Opened the door.\n"
+                                   "(C) Took the cup.\nAnswer with the option's letter from the given choices directly.")
+    assert [s.answer for s in samples] == ["B", "C", "D"]
+    out = b.aggregate(records(b, samples, ["(B) Opened the door.", "A", "Best option: (D)"]))
+    assert out["accuracy"] == pytest.approx(2 / 3) and out["per_family"] == {"action_sequence": 0.5, "object_existence": 1.0}
+    assert out["mean_of_tasks"] == 0.75
+    assert len(bench("mvbench").load("test", limit=1)[0].images) == 6  # default 8 frames: all 6
 
 
-def test_videomme_per_duration(tmp_path):
-    frames = [f"f{i}.png" for i in range(3)]
-    rows = [{"question_id": "q1", "videoID": "vid1", "frames": frames, "question": "What colour?", "duration": "short",
-             "task_type": "Attribute Perception", "options": ["A. red", "B. blue", "C. green", "D. black"], "answer": "C"},
-            {"question_id": "q2", "videoID": "vid2", "frames": frames, "question": "How many?", "duration": "long",
-             "task_type": "Counting Problem", "options": ["A. 1", "B. 2", "C. 3", "D. 4"], "answer": "A"}]
-    bench = get_benchmark("videomme", data_dir=write(tmp_path, "test", rows, frames))
-    samples = bench.load("test")
-    assert len(samples[0].images) == 3  # fewer frames than requested: all of them
-    out = bench.aggregate(records(bench, samples, ["C", "The answer is (D)."]))
-    assert out["per_duration"] == {"long": 0.0, "short": 1.0} and out["accuracy"] == 0.5
+def test_videomme_per_task_and_duration():
+    b = bench("videomme")
+    samples = b.load("test")
+    assert frame_ids(samples[0].images) == [(3, 0), (3, 1), (3, 2)]  # frames/<videoID>/, all 3 (fewer than 16)
+    assert samples[0].images is samples[1].images and frame_ids(samples[3].images)[0] == (5, 0)  # <videoID>/ folder
+    assert samples[0].question == ("How many people appear in the video?\nA. One.\nB. Two.\nC. Three.\nD. Four.\n"
+                                   "Answer with the option's letter from the given choices directly.")
+    out = b.aggregate(records(b, samples, ["B", "The best answer is C.", "D. Five.", "(C)"]))
+    assert out["accuracy"] == 0.75
+    assert out["per_family"] == {"Counting Problem": 1.0, "OCR Problems": 0.0, "Temporal Reasoning": 1.0}
+    assert out["per_duration"] == {"long": 1.0, "medium": 1.0, "short": 0.5}
 
 
-def test_option_parsing_cases():
-    assert [parse_option(t) for t in ["B", "(C) cat", "D. dog", "Answer: A", "The answer is (B).", "I think B is right", "none"]] == \
-        ["B", "C", "D", "A", "B", "B", ""]
+def test_video_file_frames(tmp_path):
+    av = pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for k in range(20):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), (0, 12 * k, 100), dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    row = {"video": "clip.mp4", "question": "q", "candidates": ["a", "b"], "answer": "a", "task": "action_count"}
+    (tmp_path / "test.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "start": 1.0, "end": 1.9}) + "\n")
+    whole, clipped = get_benchmark("mvbench", data_dir=str(tmp_path), num_frames=4).load("test")
+    greens = lambda s: [round(float(np.asarray(im)[..., 1].mean()) / 12) for im in s.images]  # noqa: E731
+    assert greens(whole) == [0, 6, 13, 19] and greens(clipped) == [10, 13, 16, 19]
+
+
+# -- loading: the hub, offline, bad input ---------------------------------------------------------------------
+
+
+def test_hub_loading_through_datasets(monkeypatch):
+    calls = []
+    red = Image.new("RGB", (4, 4), (255, 0, 0))
+
+    def load_dataset(repo, config=None, split=None):
+        calls.append((repo, config, split))
+        if config == "testdev_balanced_images":  # a column by name, a row by position, as datasets.Dataset
+            return {"id": ["n1"], 0: {"id": "n1", "image": red}}
+        if config == "testdev_balanced_instructions":
+            return [{"id": "q1", "imageId": "n1", "question": "What colour?", "answer": "red"}]
+        return [{"question_id": str(i), "question": "Is there a dog?", "answer": "no", "image": red.copy(), "category": "random",
+                 "image_source": "COCO_val2014_000000000042"} for i in range(2)]
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    pope = get_benchmark("pope").load("test")
+    assert pope[0].answer == "no" and pope[0].images[0].size == (4, 4)
+    assert pope[0].images[0] is pope[1].images[0]  # kept once per image file, not once per question
+    (gqa,) = get_benchmark("gqa").load("test")
+    assert np.asarray(gqa.images[0])[0, 0].tolist() == [255, 0, 0]
+    assert calls == [("lmms-lab/POPE", None, "test"), ("lmms-lab/GQA", "testdev_balanced_instructions", "testdev"),
+                     ("lmms-lab/GQA", "testdev_balanced_images", "testdev")]
+    with pytest.raises(DataError, match="pass video_root"):
+        get_benchmark("videomme").load("test")
+
+
+def test_offline_or_missing_datasets_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"pope reads the Hugging Face dataset lmms-lab/POPE, split test, but the hub is offline.*--data-dir"):
+        get_benchmark("pope").load("test")
+    with pytest.raises(ValueError, match=r"lmms-lab/MMBench \(configuration en\), split dev"):
+        get_benchmark("mmbench").load("test")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
+    with pytest.raises(ValueError, match="pip install datasets"):
+        get_benchmark("textvqa").load("test")
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         get_benchmark("pope", data_dir=str(tmp_path / "missing"))
-    with pytest.raises(ValueError, match="no test.jsonl"):
+    with pytest.raises(ValueError, match=r"pope: none of \['test.jsonl', 'test.parquet'\]"):
         get_benchmark("pope", data_dir=str(tmp_path)).load("test")
-    (tmp_path / "test.jsonl").write_text('{"question_id": "1", "question": "q", "answer": "yes", "category": "random"}\n')
-    with pytest.raises(ValueError, match=r"pope: row 0 cannot be read \(KeyError"):
-        get_benchmark("pope", data_dir=str(tmp_path)).load("test")
+    with pytest.raises(ValueError, match=r"pope has no split 'train'; splits: \['test'\]"):
+        bench("pope").load("train")
+    good = (FIXTURES / "pope" / "test.jsonl").read_text().splitlines()[0]
+    cases = [
+        (good + "\n{not json\n", r"test.jsonl line 2 is not JSON"),
+        (json.dumps({**json.loads(good), "image": None}) + "\n", r"test.jsonl line 1: no image in .None."),
+        (json.dumps({k: v for k, v in json.loads(good).items() if k != "image"}) + "\n", r"line 1 lacks column\(s\) \['image'\]"),
+        (json.dumps({**json.loads(good), "image": "images/nope.png"}) + "\n", r"line 1: image 'images/nope.png' is neither a file"),
+        (json.dumps({**json.loads(good), "answer": "maybe"}) + "\n", r"line 1 cannot be read .*answer must be yes or no"),
+        (good + "\n" + good + "\n", r"line 2 repeats sample id 'adversarial-1'"),
+    ]
+    shutil.copytree(FIXTURES / "pope" / "images", tmp_path / "images")
+    for text, message in cases:
+        (tmp_path / "test.jsonl").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            get_benchmark("pope", data_dir=str(tmp_path)).load("test")
+    mv = json.loads((FIXTURES / "mvbench" / "test.jsonl").read_text().splitlines()[0])
+    (tmp_path / "test.jsonl").write_text(json.dumps({**mv, "answer": "Jumped."}) + "\n")
+    with pytest.raises(ValueError, match=r"answer 'Jumped.' is not one of the candidates"):
+        get_benchmark("mvbench", data_dir=str(tmp_path)).load("test")
+    with pytest.raises(ValueError, match="num_frames must be at least 1"):
+        bench("mvbench", num_frames=0)
     with pytest.raises(ValueError, match="does not take"):
-        get_benchmark("digits", data_dir=str(tmp_path))
+        get_benchmark("mme", data_dir=str(tmp_path), circular=True)
+    with pytest.raises(ValueError, match="call load"):
+        bench("pope").aggregate([{"id": "x", "family": "random", "prediction": "yes", "correct": True}])
+
+
+# -- end to end through the harness ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["pope", "mvbench"])
-def test_end_to_end_with_a_tiny_model(tiny, name, pope_dir, mvbench_dir):
-    bench = get_benchmark(name, data_dir=pope_dir if name == "pope" else mvbench_dir, **({"num_frames": 2} if name == "mvbench" else {}))
-    config = EvalConfig(model="tiny", benchmark=name, warmup=0, max_new_tokens=3, progress=False)
-    result = evaluate(tiny("llava"), bench, Method.from_preset("v2drop-llava15-128"), config)
-    assert result.metrics["n"] == (4 if name == "pope" else 2)
-    assert ("f1" in result.metrics) if name == "pope" else (set(result.per_family) == {"action", "direction"})
+def test_end_to_end_with_a_tiny_model(tiny, tmp_path, name):
+    b = bench(name, **({"num_frames": 2} if name == "mvbench" else {}))
+    config = EvalConfig(model="tiny", benchmark=name, limit=3, warmup=0, max_new_tokens=2, progress=False)
+    result = evaluate(tiny("llava"), b, Method.from_preset("v2drop-llava15-128"), config, records_path=tmp_path / "r.jsonl")
+    recs = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and all({"id", "family", "prediction", "reference", "correct"} <= set(r) for r in recs)
+    assert result.metrics["n"] == 3 and 0 <= result.metrics["accuracy"] <= 1
+    if name == "pope":
+        assert {"f1", "precision", "f1_mean_of_splits"} <= set(result.metrics) and set(result.per_family) <= {"adversarial", "popular", "random"}
+    else:
+        assert recs[0]["vision_tokens"] == 2 * 64 and set(result.per_family) <= {"action_sequence", "object_existence"}

@@ -33,10 +33,11 @@ def manifest():
 
 def video_frames(path: str, n: int) -> list:
     """``n`` frames sampled uniformly from a video file (needs PyAV, ``pip install av``)."""
-    from v2drop.integrations.video import decode_frames
-    from v2drop.realbench.common import sample_frames
+    from pathlib import Path
 
-    return sample_frames(decode_frames(path), n)
+    from v2drop.realbench.common import decode_video
+
+    return decode_video(Path(path), n)
 
 
 class V2DropLMM(lmms):

@@ -185,7 +185,8 @@ class HFBenchmark(Benchmark):
         """Accuracy (``is_correct`` on each record's prediction) overall and per family."""
         if not records:
             raise DataError(f"No records to aggregate for {self.name!r}")
-        marked = [{"family": self.sample_of(r).family, "correct": self.is_correct(r["prediction"], self.sample_of(r))} for r in records]
+        samples = [self.sample_of(r) for r in records]
+        marked = [{"family": s.family, "correct": self.is_correct(r["prediction"], s)} for s, r in zip(samples, records)]
         return {"accuracy": mean(m["correct"] for m in marked), "per_family": per_family_accuracy(marked), "n": len(records)}
 
     # -- images -------------------------------------------------------------------------------------------
@@ -193,8 +194,17 @@ class HFBenchmark(Benchmark):
         """Where relative image and video paths start."""
         return self.data_dir
 
-    def image(self, value: Any) -> Image.Image:
-        """An RGB image from a PIL image, a ``datasets`` image dict, bytes, a path under ``data_dir`` or base64."""
+    def image(self, value: Any, cache: bool = True, key: Any = None) -> Image.Image:
+        """An RGB image from a PIL image, a ``datasets`` image dict, bytes, a path under ``data_dir`` or base64.
+
+        Files, and hub images with a ``key`` (their file name in the dataset), are kept once per
+        instance (``cache``): POPE asks 18 questions per image, and 9,000 copies would not fit.
+        """
+        if cache and key is not None and f"key:{key}" in self._images:
+            return self._images[f"key:{key}"]
+        if cache and key is not None and not isinstance(value, str):
+            self._images[f"key:{key}"] = self.image(value, cache=False)
+            return self._images[f"key:{key}"]
         if isinstance(value, Image.Image):
             return value.convert("RGB")
         if isinstance(value, dict):
@@ -206,11 +216,12 @@ class HFBenchmark(Benchmark):
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"no image in {str(value)[:60]!r}")
         path = self._path(value)
+        if path is not None and not cache:
+            return _decode_file(path)
         if path is not None:
-            key = str(path)
-            if key not in self._images:
-                self._images[key] = _decode_file(path)
-            return self._images[key]
+            if str(path) not in self._images:
+                self._images[str(path)] = _decode_file(path)
+            return self._images[str(path)]
         payload = value.split(",", 1)[1] if value.startswith("data:") else value
         try:
             data = base64.b64decode(payload, validate=True)
@@ -291,17 +302,15 @@ def decode_video(path: Path, num_frames: int, bounds: tuple[float, float] | None
         base = float(stream.time_base)
         start_pts = stream.start_time or 0
         total = stream.frames or (int(float(stream.duration * stream.time_base) * rate) if stream.duration and rate else 0)
-        if not rate or not total:
-            frames = [f.to_image().convert("RGB") for f in container.decode(stream)]  # unknown length: decode it all
-            return sample_frames(frames, num_frames)
-        first, last = 0, total - 1
-        if bounds is not None:
-            first = min(max(0, round(bounds[0] * rate)), last)
-            last = max(first, min(last, round(bounds[1] * rate)))
+        if not rate or not total:  # length unknown: decode it all, then pick
+            frames = [f.to_image().convert("RGB") for f in container.decode(stream)]
+            first, last = _clip(len(frames), rate, bounds)
+            return sample_frames(frames[first : last + 1], num_frames)
+        first, last = _clip(total, rate, bounds)
         out = []
         for index in (first + i for i in frame_indices(last - first + 1, num_frames)):
             target = start_pts + int(round(index / rate / base))
-            container.seek(target, stream=stream, backward=True, any_frame=False)
+            container.seek(target, stream=stream, backward=True, any_frame=False)  # to the key frame before it
             chosen = None
             for frame in container.decode(stream):
                 chosen = frame
@@ -311,6 +320,16 @@ def decode_video(path: Path, num_frames: int, bounds: tuple[float, float] | None
                 raise DataError(f"frame {index} of {path} cannot be decoded")
             out.append(chosen.to_image().convert("RGB"))
     return out
+
+
+def _clip(total: int, rate: float, bounds: tuple[float, float] | None) -> tuple[int, int]:
+    """First and last frame index of a video of ``total`` frames within ``bounds`` seconds (all of it without)."""
+    if not total:
+        raise DataError("a video with no frames")
+    if bounds is None or not rate:
+        return 0, total - 1
+    first = min(max(0, round(bounds[0] * rate)), total - 1)
+    return first, max(first, min(total - 1, round(bounds[1] * rate)))
 
 
 # -- answers ------------------------------------------------------------------------------------------------
@@ -428,3 +447,75 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     matches = sum(g == pred for g in gold)
     # Leaving out annotator i removes one match exactly when annotator i gave the predicted answer.
     return mean(min(1.0, (matches - (g == pred)) / 3) for g in gold)
+
+
+# -- video benchmarks ---------------------------------------------------------------------------------------
+
+
+class VideoBenchmark(HFBenchmark):
+    """A benchmark over videos: ``num_frames`` frames sampled uniformly from each (``frame_indices``).
+
+    A row's video may be a list of frame images (paths, PIL images), a folder of frame images
+    (natural order) or a video file (PyAV), relative to ``video_root`` (default ``data_dir``).
+    ``max_side`` optionally shrinks frames so their longer side is at most that many pixels: the
+    harness holds every sample's frames in memory, which for long benchmarks at full resolution
+    does not fit; processors resize frames anyway, though not always to the same size.
+    """
+
+    modality = "video"
+    default_frames = 8
+
+    def __init__(self, data_dir: str | None = None, num_frames: int | None = None, video_root: str | None = None,
+                 max_side: int | None = None):
+        super().__init__(data_dir)
+        self.num_frames = self.default_frames if num_frames is None else int(num_frames)
+        if self.num_frames < 1:
+            raise DataError(f"num_frames must be at least 1, got {num_frames}")
+        if max_side is not None and int(max_side) < 1:
+            raise DataError(f"max_side must be a positive number of pixels, got {max_side}")
+        self.max_side = int(max_side) if max_side is not None else None
+        self.video_root = Path(video_root) if video_root else None
+        if self.video_root is not None and not self.video_root.is_dir():
+            raise DataError(f"video_root {str(video_root)!r} is not a directory")
+        self._videos: dict[tuple, tuple] = {}  # sampled frames per video, shared by its questions
+
+    def media_root(self) -> Path | None:
+        """Videos and frames are found under ``video_root``, else ``data_dir``."""
+        return self.video_root or self.data_dir
+
+    def require_video_root(self) -> None:
+        """Hub rows name video files that are not in the dataset's rows: fail early without a folder holding them."""
+        if self.video_root is None:
+            raise DataError(f"{self.name}: the {self.hf_name} rows name videos that must be downloaded and unpacked separately; "
+                            "pass video_root with them (or data_dir with a local copy)")
+
+    def frames(self, value: Any, bounds: tuple[float, float] | None = None, subdirs: Sequence[str] = ()) -> tuple:
+        """The sampled frames of one video given as a frame list, a frame folder or a video file (tried under ``subdirs`` too)."""
+        if isinstance(value, (list, tuple)):
+            picks = sample_frames(list(value), self.num_frames)
+            if not all(isinstance(v, str) for v in value):  # decoded frames: nothing to share
+                return tuple(self._shrink(self.image(v, cache=False)) for v in picks)
+            key: tuple = ("list", tuple(value), self.num_frames)
+            if key not in self._videos:
+                self._videos[key] = tuple(self._shrink(self.image(v, cache=False)) for v in picks)
+            return self._videos[key]
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"no video in {str(value)[:60]!r}")
+        path = next((p for p in (self._path(str(Path(d) / value)) for d in ("", *subdirs)) if p is not None), None)
+        if path is None:
+            where = [str(Path(d) / value) for d in ("", *subdirs)]
+            raise DataError(f"video {value!r} not found under {self.media_root()} (tried {where})")
+        key = (str(path), self.num_frames, bounds)
+        if key not in self._videos:
+            if path.is_dir():
+                picked = [_decode_file(p) for p in sample_frames(frame_files(path), self.num_frames)]
+            else:
+                picked = decode_video(path, self.num_frames, bounds)
+            self._videos[key] = tuple(self._shrink(im) for im in picked)
+        return self._videos[key]
+
+    def _shrink(self, image: Image.Image) -> Image.Image:
+        if self.max_side is None or max(image.size) <= self.max_side:
+            return image
+        scale = self.max_side / max(image.size)
+        return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)

@@ -45,7 +45,8 @@ class MME(HFBenchmark):
             raise ValueError(f"answer must be Yes or No, got {row['answer']!r}")
         sid = f"{row['question_id']}#{index}"
         self.by_id[sid] = {"image": str(row["question_id"])}
-        return [Sample(sid, str(row["question"]).strip(), answer, str(row["category"]), (self.image(row["image"]),))]
+        image = self.image(row["image"], key=row["question_id"])
+        return [Sample(sid, str(row["question"]).strip(), answer, str(row["category"]), (image,))]
 
     def is_correct(self, prediction, sample):
         """MME's yes/no reading of the prediction equals the answer."""

@@ -63,8 +63,9 @@ class POPE(HFBenchmark):
         answer = str(row["answer"]).strip().lower()
         if answer not in ("yes", "no"):
             raise ValueError(f"answer must be yes or no, got {row['answer']!r}")
-        return [Sample(f"{row['category']}-{row['question_id']}", str(row["question"]).strip() + SHORT_ANSWER, answer,
-                       str(row["category"]), (self.image(row["image"]),))]
+        image = self.image(row["image"], key=row.get("image_source"))
+        question = str(row["question"]).strip() + SHORT_ANSWER
+        return [Sample(f"{row['category']}-{row['question_id']}", question, answer, str(row["category"]), (image,))]
 
     def is_correct(self, prediction, sample):
         """POPE's yes/no reading of the prediction equals the answer."""
@@ -72,17 +73,19 @@ class POPE(HFBenchmark):
 
     def aggregate(self, records):
         """Overall and per-category accuracy, precision, recall, F1, yes ratio; mean F1 over categories."""
+        if not records:
+            raise ValueError("No records to aggregate for 'pope'")
         marked = []
         for r in records:
             sample = self.sample_of(r)
-            pred = yes_no(r["prediction"]) == "yes"
-            marked.append({"family": sample.family, "pred": pred, "gold": sample.answer == "yes", "correct": pred == (sample.answer == "yes")})
-        if not marked:
-            raise ValueError("No records to aggregate for 'pope'")
+            pred, gold = yes_no(r["prediction"]) == "yes", sample.answer == "yes"
+            marked.append({"family": sample.family, "pred": pred, "gold": gold, "correct": pred == gold})
         out = binary_scores([m["pred"] for m in marked], [m["gold"] for m in marked])
         cats = sorted({m["family"] for m in marked})
-        out["per_split"] = {c: binary_scores([m["pred"] for m in marked if m["family"] == c], [m["gold"] for m in marked if m["family"] == c])
-                            for c in cats}
+        out["per_split"] = {}
+        for c in cats:
+            rows = [m for m in marked if m["family"] == c]
+            out["per_split"][c] = binary_scores([m["pred"] for m in rows], [m["gold"] for m in rows])
         out["f1_mean_of_splits"] = mean(v["f1"] for v in out["per_split"].values())
         out["per_family"] = per_family_accuracy(marked)
         out["n"] = len(marked)

@@ -1,0 +1,72 @@
+"""GQA: compositional questions about scene images, exact match after the VQA answer normalisation."""
+
+from __future__ import annotations
+
+import json
+
+from v2drop.benchmarks import Sample, register_benchmark
+from v2drop.realbench.common import IMAGE_SUFFIXES, SHORT_ANSWER, DataError, HFBenchmark, hub_dataset, normalize_vqa
+
+STRUCTURAL = ("verify", "query", "choose", "logical", "compare")
+
+
+@register_benchmark("gqa")
+class GQA(HFBenchmark):
+    """GQA balanced (``lmms-lab/GQA``: ``testdev_balanced_instructions`` + ``testdev_balanced_images``, 12,578 questions).
+
+    Local copy: ``<data_dir>/testdev.jsonl`` (``test`` means ``testdev``; ``val`` reads the
+    val_balanced configurations) with ``id``, ``question``, ``answer``, ``imageId`` and
+    optionally ``types`` (``{"structural": "query", "semantic": ..., "detailed": ...}``) and
+    ``image``; a row without ``image`` uses ``<data_dir>/images/<imageId>.jpg`` (or .png, ...).
+    On the hub the images live in the ``*_balanced_images`` configuration (columns ``id``, ``image``).
+
+    Prompt: question + "\\nAnswer the question using a single word or phrase." Correct: the
+    normalised prediction equals the normalised answer (lower case, punctuation, articles, number
+    words). Families: the structural type (verify, query, choose, logical, compare).
+    """
+
+    hf_name = "lmms-lab/GQA"
+    splits = {"testdev": "testdev", "test": "testdev", "val": "val"}
+    columns = ("id", "question", "answer", "imageId")
+    families = STRUCTURAL
+
+    def hub_rows(self, split):
+        """Question rows with their image looked up in the images configuration."""
+        questions = hub_dataset(self.name, self.hf_name, f"{split}_balanced_instructions", split)
+        images = hub_dataset(self.name, self.hf_name, f"{split}_balanced_images", split)
+        position = {str(image_id): i for i, image_id in enumerate(images["id"])}  # a column read, no image decoded
+        for i, row in enumerate(questions):
+            row = dict(row)
+            if str(row.get("imageId")) in position:
+                row.setdefault("image", images[position[str(row["imageId"])]]["image"])
+            yield f"{self.hf_name} {split} row {i}", row
+
+    def to_samples(self, row, index):
+        """One short-answer question."""
+        return [Sample(str(row["id"]), str(row["question"]).strip() + SHORT_ANSWER, str(row["answer"]), structural_type(row),
+                       (self._image_of(row),))]
+
+    def _image_of(self, row):
+        if row.get("image") is not None:
+            return self.image(row["image"], key=row["imageId"])
+        if self.data_dir is not None:
+            for suffix in IMAGE_SUFFIXES:
+                path = self.data_dir / "images" / f"{row['imageId']}{suffix}"
+                if path.is_file():
+                    return self.image(str(path))
+        raise DataError(f"no image column and no images/{row['imageId']}.jpg (or .png) under {self.data_dir}")
+
+    def is_correct(self, prediction, sample):
+        """Exact match after the VQA normalisation."""
+        return normalize_vqa(prediction) == normalize_vqa(sample.answer)
+
+
+def structural_type(row: dict) -> str:
+    """The question's structural type from GQA's ``types`` column (a dict or its JSON), or "gqa"."""
+    types = row.get("types")
+    if isinstance(types, str):
+        try:
+            types = json.loads(types)
+        except json.JSONDecodeError:
+            return "gqa"
+    return str(types.get("structural") or "gqa") if isinstance(types, dict) else "gqa"

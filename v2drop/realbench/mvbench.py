@@ -1,0 +1,87 @@
+"""MVBench: 20 temporal video-understanding tasks of 200 multiple-choice questions each."""
+
+from __future__ import annotations
+
+from v2drop.benchmarks import Sample, register_benchmark
+from v2drop.realbench.common import LETTERS, OPTION_ANSWER, VideoBenchmark, hub_dataset, mean, parse_option, present
+
+# Task (the dataset configuration) -> folder of its videos in the dataset repository's video archives,
+# as lmms-eval lays them out.
+TASK_DIRS = {
+    "action_sequence": "star/Charades_segment",
+    "action_prediction": "star/Charades_segment",
+    "action_antonym": "ssv2_video_mp4",
+    "fine_grained_action": "Moments_in_Time_Raw/videos",
+    "unexpected_action": "FunQA_test/test",
+    "object_existence": "clevrer/video_validation",
+    "object_interaction": "star/Charades_segment",
+    "object_shuffle": "perception/videos",
+    "moving_direction": "clevrer/video_validation",
+    "action_localization": "sta/sta_video_segment",
+    "scene_transition": "scene_qa/video",
+    "action_count": "perception/videos",
+    "moving_count": "clevrer/video_validation",
+    "moving_attribute": "clevrer/video_validation",
+    "state_change": "perception/videos",
+    "fine_grained_pose": "nturgbd_convert",
+    "character_order": "perception/videos",
+    "egocentric_navigation": "vlnqa",
+    "episodic_reasoning": "tvqa/video_fps3_hq_segment",
+    "counterfactual_inference": "clevrer/video_validation",
+}
+
+
+@register_benchmark("mvbench")
+class MVBench(VideoBenchmark):
+    """MVBench (``OpenGVLab/MVBench``: one configuration per task, split ``train``; 4,000 questions).
+
+    Local copy: ``<data_dir>/test.jsonl`` (or ``train.jsonl``) with ``video`` (a list of frame
+    image paths, a folder of frames or a video file, relative to ``video_root`` or ``data_dir``),
+    ``question``, ``candidates`` (the options), ``answer`` (the right candidate's text), ``task``
+    (the configuration name, e.g. ``action_sequence``) and optionally ``start``/``end`` (seconds;
+    applied to video files only: frame lists are taken to cover the clip already). From the hub,
+    ``video_root`` must hold the unpacked video archives (``star/``, ``clevrer/``, ...).
+
+    Frames: ``num_frames`` (default 8; the official evaluation uses 16) picked uniformly.
+    Prompt: "Question: <question>\\nOptions:\\n(A) ...\\n(B) ..." + "\\nAnswer with the option's
+    letter from the given choices directly." ``aggregate``: accuracy overall and per task, and
+    ``mean_of_tasks`` (the paper's average).
+    """
+
+    hf_name = "OpenGVLab/MVBench"
+    splits = {"test": "train", "train": "train"}
+    columns = ("video", "question", "candidates", "answer")
+    families = tuple(TASK_DIRS)
+    default_frames = 8
+
+    def hub_rows(self, split):
+        """Rows of every task configuration, each tagged with its task."""
+        self.require_video_root()
+        for task in TASK_DIRS:
+            for i, row in enumerate(hub_dataset(self.name, self.hf_name, task, split)):
+                yield f"{self.hf_name} {task} row {i}", {**dict(row), "task": task}
+
+    def to_samples(self, row, index):
+        """One multiple-choice question over the sampled frames."""
+        candidates = [str(c) for c in row["candidates"]]
+        if not 2 <= len(candidates) <= len(LETTERS):
+            raise ValueError(f"needs at least two candidates, got {candidates}")
+        answer = str(row["answer"])
+        if answer not in candidates:
+            raise ValueError(f"answer {answer!r} is not one of the candidates {candidates}")
+        task = str(row.get("task") or "mvbench")
+        options = "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(candidates))
+        question = "Question: " + str(row["question"]).strip() + "\nOptions:\n" + options + OPTION_ANSWER
+        bounds = (float(row["start"]), float(row["end"])) if present(row.get("start")) and present(row.get("end")) else None
+        frames = self.frames(row["video"], bounds, subdirs=[TASK_DIRS[task]] if task in TASK_DIRS else [])
+        return [Sample(f"{task}-{index}", question, LETTERS[candidates.index(answer)], task, frames, choices=tuple(candidates))]
+
+    def is_correct(self, prediction, sample):
+        """The option the prediction picks is the answer."""
+        return parse_option(prediction, LETTERS[: len(sample.choices)], sample.choices) == sample.answer
+
+    def aggregate(self, records):
+        """Accuracy overall and per task, and the mean over tasks."""
+        out = super().aggregate(records)
+        out["mean_of_tasks"] = mean(out["per_family"].values())
+        return out

@@ -1,0 +1,67 @@
+"""TextVQA: questions that need reading text in the image, scored by VQA accuracy over ten answers."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from v2drop.benchmarks import Sample, register_benchmark
+from v2drop.realbench.common import SHORT_ANSWER, HFBenchmark, mean, normalize_vqa, vqa_accuracy
+
+
+@register_benchmark("textvqa")
+class TextVQA(HFBenchmark):
+    """TextVQA validation (``lmms-lab/textvqa``, split ``validation``: 5,000 questions).
+
+    Local copy: ``<data_dir>/validation.jsonl`` (``test`` means ``validation``: the test answers
+    are not public) with ``question_id``, ``question``, ``answers`` (the ten annotators' answers),
+    ``image`` (path relative to ``data_dir``, or base64) and ``ocr_tokens`` (used with ``ocr=True``).
+
+    Prompt: question (+ "\\nReference OCR token: a, b, ..." with ``ocr=True``, as LLaVA-1.5's
+    TextVQA eval) + "\\nAnswer the question using a single word or phrase." ``aggregate``:
+    ``vqa_accuracy`` (= ``accuracy``), the mean over questions of the average, over the ten
+    leave-one-out subsets of nine answers, of min(1, matches / 3), after the VQA normalisation;
+    ``full_credit`` is the share of questions ``is_correct`` (three or more annotators agree).
+    """
+
+    hf_name = "lmms-lab/textvqa"
+    splits = {"validation": "validation", "test": "validation"}
+    columns = ("question_id", "question", "answers", "image")
+    families = ("textvqa",)
+
+    def __init__(self, data_dir: str | None = None, ocr: bool = False):
+        super().__init__(data_dir)
+        self.ocr = bool(ocr)
+
+    def to_samples(self, row, index):
+        """One open question; the ten answers are kept for the soft accuracy."""
+        answers = [str(a) for a in row["answers"]]
+        if not answers:
+            raise ValueError("answers is empty")
+        sid = str(row["question_id"])
+        self.by_id[sid] = {"answers": answers}
+        question = str(row["question"]).strip()
+        if self.ocr:
+            question += "\nReference OCR token: " + ", ".join(str(t) for t in row.get("ocr_tokens") or [])
+        # The reference shown in records: the most common answer after normalisation.
+        reference = Counter(normalize_vqa(a) for a in answers).most_common(1)[0][0]
+        image = self.image(row["image"], key=row.get("image_id"))
+        return [Sample(sid, question + SHORT_ANSWER, reference, "textvqa", (image,))]
+
+    def is_correct(self, prediction, sample):
+        """Full credit: at least three annotators gave the normalised prediction."""
+        answers = self.by_id[sample.id]["answers"]
+        pred = normalize_vqa(prediction)
+        return sum(normalize_vqa(a) == pred for a in answers) >= min(3, len(answers))
+
+    def aggregate(self, records):
+        """Mean VQA accuracy, and the share with full credit."""
+        if not records:
+            raise ValueError("No records to aggregate for 'textvqa'")
+        soft, full = [], []
+        for r in records:
+            sample = self.sample_of(r)
+            soft.append(vqa_accuracy(r["prediction"], self.by_id[sample.id]["answers"]))
+            full.append(self.is_correct(r["prediction"], sample))
+        score = mean(soft)
+        return {"vqa_accuracy": score, "accuracy": score, "full_credit": mean(full), "per_family": {"textvqa": score},
+                "n": len(records)}

@@ -1,0 +1,80 @@
+"""Video-MME: multiple-choice questions about short, medium and long videos (no subtitles)."""
+
+from __future__ import annotations
+
+import re
+
+from v2drop.benchmarks import Sample, register_benchmark
+from v2drop.realbench.common import LETTERS, OPTION_ANSWER, VideoBenchmark, options_text, parse_option, present
+
+TASK_TYPES = ("Temporal Perception", "Spatial Perception", "Attribute Perception", "Action Recognition", "Object Recognition",
+              "OCR Problems", "Counting Problem", "Temporal Reasoning", "Spatial Reasoning", "Action Reasoning",
+              "Object Reasoning", "Information Synopsis")
+_LETTERED = re.compile(r"^\s*\(?([A-Z])[.)]\s*")
+
+
+@register_benchmark("videomme")
+class VideoMME(VideoBenchmark):
+    """Video-MME without subtitles (``lmms-lab/Video-MME``, split ``test``: 2,700 questions on 900 videos).
+
+    Local copy: ``<data_dir>/test.jsonl`` with ``videoID``, ``question_id``, ``question``,
+    ``options`` (["A. ...", "B. ...", ...]), ``answer`` (a letter), ``duration``
+    (short/medium/long), ``task_type`` and optionally ``domain``, ``sub_category`` and the video
+    itself in ``video`` (or ``frames``): a list of frame paths, a frame folder or a video file.
+    Without it the video is looked up by ``videoID`` under ``video_root`` (default ``data_dir``):
+    ``frames/<videoID>/``, ``<videoID>/``, ``data/<videoID>.mp4`` (the unpacked hub archives),
+    ``<videoID>.mp4`` (also .MP4, .mkv, .webm).
+
+    Frames: ``num_frames`` (default 16) picked uniformly. Prompt: question + the options, one per
+    line + "\\nAnswer with the option's letter from the given choices directly." ``aggregate``:
+    accuracy overall, per task type (the families) and per duration (``per_duration``).
+    """
+
+    hf_name = "lmms-lab/Video-MME"
+    splits = {"test": "test"}
+    columns = ("videoID", "question_id", "question", "options", "answer")
+    families = TASK_TYPES
+    default_frames = 16
+
+    def hub_rows(self, split):
+        """The question rows; their videos come from ``video_root``."""
+        self.require_video_root()
+        yield from super().hub_rows(split)
+
+    def to_samples(self, row, index):
+        """One multiple-choice question over the sampled frames; the duration is kept for ``per_duration``."""
+        raw = [str(o).strip() for o in row["options"]]
+        texts = [_LETTERED.sub("", o, count=1) for o in raw]
+        answer = str(row["answer"]).strip().upper()
+        if answer not in LETTERS[: len(raw)]:
+            raise ValueError(f"answer {row['answer']!r} is not one of the {len(raw)} option letters")
+        lettered = all(_LETTERED.match(o) and _LETTERED.match(o).group(1) == LETTERS[i] for i, o in enumerate(raw))
+        question = str(row["question"]).strip() + "\n" + ("\n".join(raw) if lettered else options_text(texts)) + OPTION_ANSWER
+        sid = str(row["question_id"])
+        self.by_id[sid] = {"duration": str(row.get("duration") or "unknown")}
+        return [Sample(sid, question, answer, str(row.get("task_type") or "videomme"), self._video(row), choices=tuple(texts))]
+
+    def _video(self, row) -> tuple:
+        for column in ("video", "frames"):
+            if present(row.get(column)) or isinstance(row.get(column), (list, tuple)):
+                return self.frames(row[column])
+        vid = str(row["videoID"])
+        names = [f"frames/{vid}", vid] + [f"{d}{vid}{ext}" for d in ("data/", "") for ext in (".mp4", ".MP4", ".mkv", ".webm")]
+        path = next((n for n in names if self._path(n) is not None), None)
+        if path is None:
+            raise ValueError(f"no video or frames column and none of {names} under {self.media_root()}")
+        return self.frames(path)
+
+    def is_correct(self, prediction, sample):
+        """The option the prediction picks is the answer."""
+        return parse_option(prediction, LETTERS[: len(sample.choices)], sample.choices) == sample.answer
+
+    def aggregate(self, records):
+        """Accuracy overall, per task type and per duration."""
+        out = super().aggregate(records)
+        durations: dict[str, list[bool]] = {}
+        for r in records:
+            sample = self.sample_of(r)
+            durations.setdefault(self.by_id[sample.id]["duration"], []).append(self.is_correct(r["prediction"], sample))
+        out["per_duration"] = {d: sum(v) / len(v) for d, v in sorted(durations.items())}
+        return out
