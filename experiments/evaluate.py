@@ -25,10 +25,11 @@ from v2drop.method import resolve_method
 
 
 def _parse_scorer_args(items: list[str]) -> dict:
+    """``key=value`` items (values parsed as YAML) as a dict."""
     out = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--scorer-arg takes key=value, got {item!r}")
+            raise ValueError(f"--scorer-arg/--benchmark-arg take key=value, got {item!r}")
         key, value = item.split("=", 1)
         out[key] = yaml.safe_load(value)
     return out
@@ -59,6 +60,8 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--device-map", default=None, help='from_pretrained device_map, e.g. "auto" for one GPU (overrides --device)')
     p.add_argument("--data-dir", default=None, help="local copy of a real benchmark in its Hugging Face schema")
+    p.add_argument("--benchmark-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="benchmark parameter, e.g. circular=true (mmbench), num_frames=16, video_root=/data/videos")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--devices", default="1", help="Lightning devices")
     p.add_argument("--run-dir", default=None, help="where records, result and trace go (default runs/eval/<model>-<benchmark>-<method>)")
@@ -73,7 +76,8 @@ def main(argv=None) -> dict:
         from v2drop.benchmarks import get_benchmark
 
         method = resolve_method(args.method, args.schedule, _parse_scorer_args(args.scorer_arg))
-        benchmark = get_benchmark(args.benchmark, data_dir=args.data_dir)
+        benchmark_args = _parse_scorer_args(args.benchmark_arg)
+        benchmark = get_benchmark(args.benchmark, data_dir=args.data_dir, **benchmark_args)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(args.model).name}-{args.benchmark}-{args.method}-{Path(args.schedule or 'default').stem}")
         run_dir = Path(args.run_dir or Path("runs") / "eval" / slug)
         outputs = [run_dir / "result.json"] + [Path(x) for x in (args.output, args.save_trace) if x]
@@ -87,7 +91,7 @@ def main(argv=None) -> dict:
             model=args.model, benchmark=args.benchmark, method=method.to_dict(), split=args.split, limit=args.limit,
             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, warmup=args.warmup,
             attn_implementation=args.attn, dtype=args.dtype, device=args.device, device_map=args.device_map,
-            data_dir=args.data_dir, threads=args.threads,
+            data_dir=args.data_dir, benchmark_args=benchmark_args, threads=args.threads,
             devices=int(args.devices) if args.devices.isdigit() else args.devices, progress=not args.no_progress,
         )
         import v2drop

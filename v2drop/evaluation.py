@@ -38,6 +38,7 @@ class EvalConfig:
     device: str = "cpu"  # where the model runs
     device_map: str | None = None  # from_pretrained device_map (e.g. "auto" for one GPU); overrides device
     data_dir: str | None = None  # local copy of a real benchmark (same schema as its Hugging Face dataset)
+    benchmark_args: dict = field(default_factory=dict)  # benchmark constructor parameters (circular, num_frames, ...)
     threads: int | None = 2  # torch CPU threads (None: leave as is)
     measure_memory: bool = True  # peak memory of the language-model part per batch
     accelerator: str = "auto"  # Lightning accelerator
