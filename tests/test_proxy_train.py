@@ -60,6 +60,7 @@ def test_isolated_turns_see_exactly_the_evaluation_prompt():
             turn = segments[start]
             first = segments.index(turn)
             prompt = ids[:257] + ids[first:start]
+            assert positions[first:start] == list(range(257, 257 + start - first))  # the prompt's own position ids
             alone = model(input_ids=torch.tensor([prompt]), pixel_values=pixels, attention_mask=torch.ones(1, len(prompt), dtype=torch.long)).logits[0, -1]
             torch.testing.assert_close(logits[start - 1], alone, atol=1e-4, rtol=0)  # float noise only: a leak moves logits by O(1)
             text = processor.tokenizer.decode(prompt[257:])

@@ -249,7 +249,8 @@ def conversation(processor, image, objects, rng: random.Random, turns: int = 5, 
             ids += prompt + target
             labels += [-100] * len(prompt) + target
             segments += [turn] * (len(prompt) + len(target))
-            positions += list(range(positions[PATCHES * PATCHES], positions[PATCHES * PATCHES] + len(prompt) + len(target)))
+            start = PATCHES * PATCHES + 1  # each turn continues the image prefix, as its evaluation prompt does
+            positions += list(range(start, start + len(prompt) + len(target)))
         return ids, labels, segments, positions
     ids, labels = [], []
     for turn, (_, question, answer, _, _) in enumerate(qa):
