@@ -3,8 +3,8 @@
     python -m analysis.real_cost [--out runs/analysis/real_cost] [--text-tokens 64]
 
 For LLaVA-1.5-7B, Qwen2-VL-7B and LLaVA-OneVision-7B, configs are built locally with their
-published sizes; for each preset (rescaled to the model's depth) we report the average retained
-vision tokens, prefill FLOPs (METHODS.md formula) and KV-cache size, each against no dropping.
+published sizes; for each preset (rescaled to the model's depth; count-based stages turned into the
+same shares of the model's vision tokens) we report the average retained vision tokens, prefill FLOPs (METHODS.md formula) and KV-cache size, each against no dropping.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class ModelSize:
                            num_attention_heads=self.heads, num_key_value_heads=self.kv_heads)
 
 
+PRESET_VISION_TOKENS = 576  # the presets are LLaVA-1.5-7B settings (one 336 px image)
+
 MODELS = [
     # Vicuna-7B decoder; CLIP ViT-L/14 at 336 px gives 24 x 24 = 576 tokens.
     ModelSize("LLaVA-1.5-7B", 32, 4096, 11008, 32, 32, 576, "one 336 px image: 576 tokens"),
@@ -62,17 +64,21 @@ def cost_rows(model: ModelSize, text_tokens: int, presets: list[str]) -> list[di
              "kept_share": 1.0, "tflops": base_flops / 1e12, "flops_ratio": 1.0, "kv_cache_mb": base_kv / 2**20, "kv_ratio": 1.0}]
     for name in presets:
         method = Method.from_preset(name, depth=model.layers)
-        per_layer = method.schedule.tokens_per_layer(model.layers, model.vision_tokens)
+        schedule = method.schedule
+        if schedule.keep_mode == "absolute" and model.vision_tokens != PRESET_VISION_TOKENS:
+            # counts were set for 576 tokens: keep the same shares, or 98 kept of 6,272 would pass for "128"
+            schedule = schedule.to_cumulative(PRESET_VISION_TOKENS)
+        per_layer = schedule.tokens_per_layer(model.layers, model.vision_tokens)
         tokens = [text_tokens + v for v in per_layer]
         scorer_cost = 0.0
         if method.scorer is not None:
-            for stage in method.schedule.stages:
+            for stage in schedule.stages:
                 present = per_layer[stage.layer - 1] if stage.layer else model.vision_tokens
                 scorer_cost += method.scorer.flops(present, text_tokens + present, model.hidden)
         flops = prefill_flops(cfg, tokens, scorer_cost)
         kv = sum(tokens) * kv_bytes_per_token_layer
         avg = sum(per_layer) / model.layers
-        rows.append({"model": model.name, "preset": name, "layers": "/".join(map(str, method.schedule.layers)),
+        rows.append({"model": model.name, "preset": name, "layers": "/".join(map(str, schedule.layers)),
                      "avg_vision_tokens": avg, "kept_share": avg / model.vision_tokens, "tflops": flops / 1e12,
                      "flops_ratio": flops / base_flops, "kv_cache_mb": kv / 2**20, "kv_ratio": kv / base_kv})
     return rows

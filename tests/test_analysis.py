@@ -24,6 +24,15 @@ def test_real_cost_table():
     assert rows["v2drop-llava15-192"]["kv_ratio"] == pytest.approx(sum(64 + v for v in per_layer) / (32 * 640))
 
 
+def test_real_cost_count_presets_keep_their_share_on_other_token_counts():
+    """FastV keeps 98 of 576 on LLaVA-1.5; on 6,272 video tokens it keeps the same share (1,067), not 98."""
+    onevision = MODELS[2]
+    assert onevision.vision_tokens == 6272
+    rows = {r["preset"]: r for r in cost_rows(onevision, 64, ["fastv-llava15-128"])}
+    kept = int(6272 * 98 / 576)
+    assert rows["fastv-llava15-128"]["avg_vision_tokens"] == pytest.approx((2 * 6272 + 26 * kept) / 28)
+
+
 def test_non_dominated():
     points = [(1, 0.5), (2, 0.7), (2, 0.6), (3, 0.7), (0.5, 0.2), (4, 0.9)]
     assert non_dominated(points) == [0, 1, 4, 5]
