@@ -65,3 +65,34 @@ def test_isolated_turns_see_exactly_the_evaluation_prompt():
             torch.testing.assert_close(logits[start - 1], alone, atol=1e-4, rtol=0)  # float noise only: a leak moves logits by O(1)
             text = processor.tokenizer.decode(prompt[257:])
             assert processor(text=f"USER: <image>\n{text}", images=[image])["input_ids"][0] == prompt
+
+
+def test_digits_aux_turn_names_every_digit_with_its_colour_or_none():
+    """The dense auxiliary turn: each digit word once, answered (at its own position) by its colour or none."""
+    import pytest
+
+    from v2drop.proxy import aux_turn, build_tokenizer
+
+    tok = build_tokenizer()
+    image, objects, _ = get_benchmark("digits").scene("train", 5)
+    ids, labels = aux_turn(tok, objects, random.Random(0), "digits")
+    words, answers = tok.convert_ids_to_tokens(ids[0::2]), tok.convert_ids_to_tokens(ids[1::2])
+    assert sorted(words) == [str(d) for d in range(10)]
+    colour = {str(o.label): o.colour for o in objects}
+    assert answers == [colour.get(w, "none") for w in words]
+    assert labels[0::2] == [-100] * 10 and labels[1::2] == ids[1::2]  # only the answers are supervised
+    with pytest.raises(ValueError, match=r"Unknown auxiliary turn 'cells'; known: \['digits'\]"):
+        aux_turn(tok, objects, random.Random(0), "cells")
+
+
+def test_aux_turn_is_isolated_and_leaves_the_questions_unchanged():
+    """Adding the auxiliary turn appends one isolated segment at the evaluation prompt's positions; the questions are identical."""
+    from v2drop.proxy import build_processor
+
+    processor = build_processor()
+    image, objects, _ = get_benchmark("digits").scene("train", 7)
+    plain = conversation(processor, image, objects, random.Random(3), turns=6, isolated=True)
+    ids, labels, segments, positions = conversation(processor, image, objects, random.Random(3), turns=6, isolated=True, aux=["digits"])
+    n = len(plain[0])
+    assert (ids[:n], labels[:n], segments[:n], positions[:n]) == plain
+    assert segments[n:] == [7] * 20 and positions[n:] == list(range(257, 277))

@@ -218,12 +218,39 @@ class AlignModule:
 EXTRA_FAMILIES = ("ident", "exist", "colour", "mc")
 
 
-def conversation(processor, image, objects, rng: random.Random, turns: int = 5, isolated: bool = False):
+AUX_TURNS = ("digits",)
+
+
+def aux_turn(tokenizer, objects, rng: random.Random, kind: str) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one dense auxiliary turn (``kind`` in ``AUX_TURNS``).
+
+    ``digits``: the ten digit words in shuffled order, each followed by its colour, or ``none``
+    when the digit is absent: ``7 red 2 none 0 white ...``. Every answer is predicted at the
+    position of the digit it is about, so the lookup "which vision tokens show this digit" gets a
+    direct, first-order training signal (the question formats only reach it through a hop from
+    the answer position back to the digit word, a chicken-and-egg the randomly initialised decoder
+    did not leave in 700 steps). It is a training device only: evaluation prompts never contain it.
+    """
+    if kind not in AUX_TURNS:
+        raise ValueError(f"Unknown auxiliary turn {kind!r}; known: {list(AUX_TURNS)}")
+    colour = {o.label: o.colour for o in objects}
+    digits = list(range(10))
+    rng.shuffle(digits)
+    ids, labels = [], []
+    for d in digits:
+        answer = tokenizer.convert_tokens_to_ids(colour.get(d, "none"))
+        ids += [tokenizer.convert_tokens_to_ids(str(d)), answer]
+        labels += [-100, answer]
+    return ids, labels
+
+
+def conversation(processor, image, objects, rng: random.Random, turns: int = 5, isolated: bool = False, aux=()):
     """Token ids and labels of one multi-turn conversation, every answer supervised.
 
     The first five turns ask one question of every family (shuffled); turns beyond five add more
     questions of the retrieval families (``EXTRA_FAMILIES``): each costs a few tokens next to the
-    256 vision tokens, so they multiply the learning signal per image almost for free.
+    256 vision tokens, so they multiply the learning signal per image almost for free. ``aux``
+    names dense auxiliary turns (``aux_turn``) added after the questions.
     """
     tok = processor.tokenizer
     qa = image_questions(rng, objects)
@@ -239,6 +266,7 @@ def conversation(processor, image, objects, rng: random.Random, turns: int = 5, 
             qa.append(pick)
     image_id = tok.convert_tokens_to_ids("<image>")
     user, assistant, eos = (tok.convert_tokens_to_ids(w) for w in ("USER:", "ASSISTANT:", "</s>"))
+    extra = [aux_turn(tok, objects, rng, kind) for kind in aux]
     if isolated:  # one shared "USER: <image>" prefix, then every turn as the evaluation prompt continues it
         ids, labels, segments = [user] + [image_id] * (PATCHES * PATCHES), [], []
         labels, segments = [-100] * len(ids), [0] * len(ids)
@@ -251,6 +279,9 @@ def conversation(processor, image, objects, rng: random.Random, turns: int = 5, 
             segments += [turn] * (len(prompt) + len(target))
             start = PATCHES * PATCHES + 1  # each turn continues the image prefix, as its evaluation prompt does
             positions += list(range(start, start + len(prompt) + len(target)))
+        for turn, (aux_ids, aux_labels) in enumerate(extra, start=len(qa) + 1):
+            ids, labels, segments = ids + aux_ids, labels + aux_labels, segments + [turn] * len(aux_ids)
+            positions += list(range(PATCHES * PATCHES + 1, PATCHES * PATCHES + 1 + len(aux_ids)))
         return ids, labels, segments, positions
     ids, labels = [], []
     for turn, (_, question, answer, _, _) in enumerate(qa):
@@ -258,6 +289,8 @@ def conversation(processor, image, objects, rng: random.Random, turns: int = 5, 
         target = tok(answer, add_special_tokens=False)["input_ids"] + [eos]
         ids += prefix + target
         labels += [-100] * len(prefix) + target
+    for aux_ids, aux_labels in extra:
+        ids, labels = ids + aux_ids, labels + aux_labels
     return ids, labels
 
 
@@ -278,7 +311,7 @@ class LVLMModule:
     """Factory for the Lightning module of the whole-model stage."""
 
     @staticmethod
-    def create(model, processor, lr: float, vision_lr: float, steps: int, token_keep=None, turns: int = 5, isolated: bool = False):
+    def create(model, processor, lr: float, vision_lr: float, steps: int, token_keep=None, turns: int = 5, isolated: bool = False, aux=()):
         """A LightningModule training the LVLM on conversations; input embeddings frozen.
 
         ``token_keep`` = [low, high]: vision-token dropout; ``isolated``: turns see only the image prefix (see ``_forward_embeds``).
@@ -296,7 +329,7 @@ class LVLMModule:
                 self.model.model.get_input_embeddings().weight.requires_grad_(False)
 
             def training_step(self, batch, batch_idx):
-                convs = [conversation(processor, b["image"], b["objects"], random.Random(b["rng_seed"]), turns, isolated) for b in batch]
+                convs = [conversation(processor, b["image"], b["objects"], random.Random(b["rng_seed"]), turns, isolated, aux) for b in batch]
                 length = max(len(c[0]) for c in convs)
                 ids = torch.full((len(convs), length), tok.pad_token_id, dtype=torch.long)
                 labels = torch.full((len(convs), length), -100, dtype=torch.long)
@@ -378,6 +411,7 @@ class StageConfig:
     token_keep: list | None = None  # [low, high] share of vision tokens kept under dropout (robust stage)
     turns: int = 5  # questions per conversation (lvlm/robust): one per family, then more retrieval questions
     isolated: bool = False  # each turn sees only the image prefix and itself (no answer leaks between turns)
+    aux: list = field(default_factory=list)  # dense auxiliary turns after the questions (``AUX_TURNS``), e.g. [digits]
 
 
 @dataclass
@@ -518,10 +552,10 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     for name, stage, factory in (
         ("align", cfg.align, lambda: AlignModule.create(model, processor, cfg.align.lr, cfg.align.steps)),
         ("lvlm", cfg.lvlm, lambda: LVLMModule.create(model, processor, cfg.lvlm.lr, cfg.lvlm.vision_lr, cfg.lvlm.steps,
-                                                     turns=cfg.lvlm.turns, isolated=cfg.lvlm.isolated)),
+                                                     turns=cfg.lvlm.turns, isolated=cfg.lvlm.isolated, aux=cfg.lvlm.aux)),
         ("robust", cfg.robust, lambda: LVLMModule.create(model, processor, cfg.robust.lr, cfg.robust.vision_lr, cfg.robust.steps,
                                                          token_keep=cfg.robust.token_keep, turns=cfg.robust.turns,
-                                                         isolated=cfg.robust.isolated)),
+                                                         isolated=cfg.robust.isolated, aux=cfg.robust.aux)),
     ):
         if stage.steps <= 0:
             continue
