@@ -96,3 +96,20 @@ def test_aux_turn_is_isolated_and_leaves_the_questions_unchanged():
     n = len(plain[0])
     assert (ids[:n], labels[:n], segments[:n], positions[:n]) == plain
     assert segments[n:] == [7] * 20 and positions[n:] == list(range(257, 277))
+
+
+def test_tied_qk_init_starts_every_query_head_equal_to_its_key_head():
+    """The mimetic start: each query head's weights equal the key head it shares under GQA; 0 keeps transformers' init."""
+    import torch
+
+    from v2drop.proxy import ProxyConfig, build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    decoder = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, tied_qk_init=0.1), tok).model.language_model
+    for layer in decoder.layers:
+        q, k = layer.self_attn.q_proj.weight.view(4, 8, 32), layer.self_attn.k_proj.weight.view(2, 8, 32)
+        for h in range(4):
+            torch.testing.assert_close(q[h], k[h // 2], rtol=0, atol=0)
+        assert 0.07 < k.std().item() < 0.13
+    untied = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), tok).model.language_model.layers[0].self_attn
+    assert not torch.equal(untied.q_proj.weight.view(4, 8, 32)[0], untied.k_proj.weight.view(2, 8, 32)[0])

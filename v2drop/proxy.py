@@ -66,6 +66,7 @@ class ProxyConfig:
     vision_hidden: int = 128  # CLIP tower hidden size
     vision_layers: int = 2  # CLIP tower layers
     vision_heads: int = 4  # CLIP tower heads
+    tied_qk_init: float = 0.0  # if > 0: std of a "mimetic" start, every head's query weights equal to its key weights (0: transformers' init)
 
 
 def build_tokenizer():
@@ -131,9 +132,27 @@ def build_model(cfg: ProxyConfig, tokenizer) -> nn.Module:
         projector_hidden_act="gelu",
     )
     model = LlavaForConditionalGeneration(config)
+    if cfg.tied_qk_init > 0:
+        tie_query_to_key(model.model.language_model, cfg.tied_qk_init)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def tie_query_to_key(decoder, std: float) -> None:
+    """Mimetic attention init (Trockman & Kolter, 2023): draw key weights with ``std`` and start every
+    query head equal to the key head it shares (GQA), so ``q·k`` is a similarity and tokens attend to
+    tokens that look like them from the first step. Content lookups ("which vision tokens show this
+    digit") then start from a useful circuit instead of a long plateau; it favours no token dropper.
+    """
+    with torch.no_grad():
+        for layer in decoder.layers:
+            attn = layer.self_attn
+            heads, kv_heads, dim = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
+            attn.k_proj.weight.normal_(0, std)
+            for h in range(heads):
+                g = h // (heads // kv_heads)
+                attn.q_proj.weight[h * dim : (h + 1) * dim] = attn.k_proj.weight[g * dim : (g + 1) * dim]
 
 
 # -- stage 1: align the vision tokens with the vocabulary -----------------------------------------------
