@@ -113,3 +113,28 @@ def test_tied_qk_init_starts_every_query_head_equal_to_its_key_head():
         assert 0.07 < k.std().item() < 0.13
     untied = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), tok).model.language_model.layers[0].self_attn
     assert not torch.equal(untied.q_proj.weight.view(4, 8, 32)[0], untied.k_proj.weight.view(2, 8, 32)[0])
+
+
+def test_align_content_term_is_the_cross_entropy_of_each_object_patch_against_its_digit_word():
+    """``content_ce`` adds exactly the cross-entropy of object patches' word logits against the digit they show."""
+    import torch
+
+    from v2drop.proxy import AlignModule, ProxyConfig, build_model, build_processor, patch_words
+
+    processor = build_processor()
+    torch.manual_seed(0)
+    model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer)
+    batch = [dict(zip(("image", "objects"), get_benchmark("digits").scene("train", i)[:2])) for i in (1, 2)]
+    plain = AlignModule.create(model, processor, lr=1e-3, steps=1).training_step(batch, 0)
+    scaled = AlignModule.create(model, processor, lr=1e-3, steps=1, content_ce=50.0).training_step(batch, 0)
+    tok, emb = processor.tokenizer, model.model.get_input_embeddings().weight
+    pixels = processor.image_processor([b["image"] for b in batch], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        feats = torch.cat(list(model.model.get_image_features(pixel_values=pixels).pooler_output))
+    words = [w for b in batch for w in patch_words(b["objects"])]
+    on_object = [i for i, w in enumerate(words) if w[0] != "none"]
+    assert 0 < len(on_object) < len(words)
+    content = [str(d) for d in range(10)] + ["none"]
+    logits = feats[on_object] @ emb[[tok.convert_tokens_to_ids(w) for w in content]].T * 50.0
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([content.index(words[i][0]) for i in on_object]))
+    torch.testing.assert_close(scaled - plain, expected, atol=1e-5, rtol=1e-5)

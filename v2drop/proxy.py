@@ -195,11 +195,19 @@ class AlignModule:
     """Factory for the Lightning module of the alignment stage (imports Lightning lazily)."""
 
     @staticmethod
-    def create(model, processor, lr: float, steps: int):
-        """A LightningModule training tower + projector toward summed word embeddings."""
+    def create(model, processor, lr: float, steps: int, content_ce: float = 0.0):
+        """A LightningModule training tower + projector toward summed word embeddings.
+
+        The regression is averaged over object and background patches separately (background is
+        ~85% of the patches and would otherwise dominate). ``content_ce`` > 0 adds, on object
+        patches, a cross-entropy over the content words (digits and ``none``) with the token's dot
+        products scaled by ``content_ce`` as logits: without it the tower learnt colour and position
+        but not which digit a patch shows (argmax accuracy 8%, chance 10%).
+        """
         import lightning as L
 
         tok = processor.tokenizer
+        content_ids = torch.tensor([tok.convert_tokens_to_ids(w) for w in [str(d) for d in range(10)] + ["none"]])
 
         class Align(L.LightningModule):
             def __init__(self):
@@ -219,7 +227,13 @@ class AlignModule:
                 ids = torch.tensor([[tok.convert_tokens_to_ids(w) for w in words] for b in batch for words in patch_words(b["objects"])],
                                    device=self.device).view(len(batch), PATCHES * PATCHES, 4)
                 target = (emb[ids] * (ids != tok.pad_token_id)[..., None]).sum(2)  # (B, 256, D)
-                loss = ((feats - target) ** 2).sum(-1).div(target.pow(2).sum(-1)).mean()
+                error = ((feats - target) ** 2).sum(-1).div(target.pow(2).sum(-1))
+                on_object = ids[..., 0] != tok.convert_tokens_to_ids("none")
+                loss = 0.5 * sum(error[part].mean() for part in (on_object, ~on_object) if part.any())
+                if content_ce > 0 and on_object.any():
+                    logits = feats[on_object] @ emb[content_ids.to(self.device)].T * content_ce
+                    labels = (ids[..., 0][on_object][:, None] == content_ids.to(self.device)).float().argmax(-1)
+                    loss = loss + torch.nn.functional.cross_entropy(logits, labels)
                 self.log("align_loss", loss, prog_bar=True)
                 return loss
 
@@ -431,6 +445,7 @@ class StageConfig:
     turns: int = 5  # questions per conversation (lvlm/robust): one per family, then more retrieval questions
     isolated: bool = False  # each turn sees only the image prefix and itself (no answer leaks between turns)
     aux: list = field(default_factory=list)  # dense auxiliary turns after the questions (``AUX_TURNS``), e.g. [digits]
+    content_ce: float = 0.0  # align stage: logit scale of the per-patch content-word cross-entropy (0: regression only)
 
 
 @dataclass
@@ -569,7 +584,7 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     processor = build_processor()
     model = build_model(cfg.model, processor.tokenizer)
     for name, stage, factory in (
-        ("align", cfg.align, lambda: AlignModule.create(model, processor, cfg.align.lr, cfg.align.steps)),
+        ("align", cfg.align, lambda: AlignModule.create(model, processor, cfg.align.lr, cfg.align.steps, cfg.align.content_ce)),
         ("lvlm", cfg.lvlm, lambda: LVLMModule.create(model, processor, cfg.lvlm.lr, cfg.lvlm.vision_lr, cfg.lvlm.steps,
                                                      turns=cfg.lvlm.turns, isolated=cfg.lvlm.isolated, aux=cfg.lvlm.aux)),
         ("robust", cfg.robust, lambda: LVLMModule.create(model, processor, cfg.robust.lr, cfg.robust.vision_lr, cfg.robust.steps,
