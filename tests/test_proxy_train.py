@@ -138,3 +138,20 @@ def test_align_content_term_is_the_cross_entropy_of_each_object_patch_against_it
     logits = feats[on_object] @ emb[[tok.convert_tokens_to_ids(w) for w in content]].T * 50.0
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor([content.index(words[i][0]) for i in on_object]))
     torch.testing.assert_close(scaled - plain, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_block_dropout_keeps_whole_aligned_blocks():
+    """Block dropout keeps every token of a random set of aligned 4x4-patch blocks and nothing else."""
+    import torch
+
+    from v2drop.proxy import block_keep_mask
+
+    for share, blocks in ((0.0, 1), (1 / 16, 1), (0.3, 5), (1.0, 16)):
+        kept = block_keep_mask(share, torch.Generator().manual_seed(3)).view(16, 16)
+        assert kept.sum() == 16 * blocks
+        per_block = kept.view(4, 4, 4, 4).sum(dim=(1, 3))  # (block row, block col)
+        assert set(per_block.flatten().tolist()) <= {0, 16}
+    one = block_keep_mask(0.01, torch.Generator().manual_seed(0)).nonzero().flatten().tolist()
+    top, left = divmod(one[0], 16)
+    assert top % 4 == 0 and left % 4 == 0
+    assert one == [(top + r) * 16 + left + c for r in range(4) for c in range(4)]

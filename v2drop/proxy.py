@@ -340,14 +340,35 @@ def isolation_mask(segments: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+BLOCK = 4  # side of a dropout block, in patches
+
+
+def block_keep_mask(share: float, generator: torch.Generator) -> torch.Tensor:
+    """Which of the 256 vision tokens (raster order) survive block dropout: the tokens of a random
+    ``share`` (at least one) of the aligned ``BLOCK``×``BLOCK``-patch blocks.
+
+    Content-blind like token dropout, but it also shows the model inputs where the kept tokens
+    cluster in a few regions with little background around them (token dropout almost never
+    does); without it, keeping only a question's evidence tokens derailed the model (it answered
+    the wrong kind of word) while keeping as many random tokens did not.
+    """
+    per_side = PATCHES // BLOCK
+    blocks = torch.randperm(per_side * per_side, generator=generator)[: max(1, round(per_side * per_side * share))]
+    kept = torch.zeros(per_side, per_side, dtype=torch.bool)
+    kept.view(-1)[blocks] = True
+    return kept.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1).flatten()
+
+
 class LVLMModule:
     """Factory for the Lightning module of the whole-model stage."""
 
     @staticmethod
-    def create(model, processor, lr: float, vision_lr: float, steps: int, token_keep=None, turns: int = 5, isolated: bool = False, aux=()):
+    def create(model, processor, lr: float, vision_lr: float, steps: int, token_keep=None, turns: int = 5, isolated: bool = False, aux=(),
+               block_share: float = 0.0):
         """A LightningModule training the LVLM on conversations; input embeddings frozen.
 
-        ``token_keep`` = [low, high]: vision-token dropout; ``isolated``: turns see only the image prefix (see ``_forward_embeds``).
+        ``token_keep`` = [low, high]: vision-token dropout, a ``block_share`` of it as whole blocks
+        (``block_keep_mask``); ``isolated``: turns see only the image prefix (see ``_forward_embeds``).
         """
         import lightning as L
 
@@ -402,8 +423,13 @@ class LVLMModule:
                     keep = mask[k].bool().clone()
                     if token_keep is not None and rng.random() < 0.5:
                         vision = is_image[k].nonzero().flatten()
-                        n = max(1, int(len(vision) * rng.uniform(*token_keep)))
-                        dropped = vision[torch.randperm(len(vision), generator=torch.Generator().manual_seed(rng.randrange(2**31)))[n:]]
+                        share = rng.uniform(*token_keep)
+                        gen = torch.Generator().manual_seed(rng.randrange(2**31))
+                        if rng.random() < block_share:
+                            dropped = vision[~block_keep_mask(share, gen)]
+                        else:
+                            n = max(1, int(len(vision) * share))
+                            dropped = vision[torch.randperm(len(vision), generator=gen)[n:]]
                         keep[dropped] = False
                     rows.append(keep.nonzero().flatten())
                 length = max(len(r) for r in rows)
@@ -445,6 +471,7 @@ class StageConfig:
     turns: int = 5  # questions per conversation (lvlm/robust): one per family, then more retrieval questions
     isolated: bool = False  # each turn sees only the image prefix and itself (no answer leaks between turns)
     aux: list = field(default_factory=list)  # dense auxiliary turns after the questions (``AUX_TURNS``), e.g. [digits]
+    block_share: float = 0.0  # robust stage: share of the dropout events that keep whole 4x4-patch blocks instead of single tokens
     content_ce: float = 0.0  # align stage: logit scale of the per-patch content-word cross-entropy (0: regression only)
 
 
@@ -589,7 +616,8 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
                                                      turns=cfg.lvlm.turns, isolated=cfg.lvlm.isolated, aux=cfg.lvlm.aux)),
         ("robust", cfg.robust, lambda: LVLMModule.create(model, processor, cfg.robust.lr, cfg.robust.vision_lr, cfg.robust.steps,
                                                          token_keep=cfg.robust.token_keep, turns=cfg.robust.turns,
-                                                         isolated=cfg.robust.isolated, aux=cfg.robust.aux)),
+                                                         isolated=cfg.robust.isolated, aux=cfg.robust.aux,
+                                                         block_share=cfg.robust.block_share)),
     ):
         if stage.steps <= 0:
             continue
