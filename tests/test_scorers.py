@@ -132,3 +132,18 @@ def test_v2drop_needs_a_previous_layer():
     with pytest.raises(ValueError, match="stage layer must be >= 1"):
         Method("v2drop", schedule=Schedule.one_shot(0, 0.5))
     Method("random", schedule=Schedule.one_shot(0, 0.5))  # a scorer without that need may drop before layer 0
+
+
+def test_uniform_table_lookup_equals_the_bitwise_definition():
+    """The cached tables give exactly the scores of the bitwise loops, for every 12-bit row/column and any frame."""
+    from v2drop.scorers.baselines import _bit_reverse, _interleave, _trailing_zeros
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.arange(4096), torch.randint(0, 4096, (904,), generator=gen)])
+    coords = torch.stack([torch.randint(-1, 600, (5000,), generator=gen), values, values.flip(0)], -1)[None]
+    scores = build_scorer("uniform").score(state(torch.zeros(1, 5000, 2), coords=coords))
+    frame, row, col = coords.unbind(-1)
+    level = torch.minimum(_trailing_zeros(row), _trailing_zeros(col)).clamp(max=15)
+    spread = _interleave(_bit_reverse(row), _bit_reverse(col)).float() / float(1 << 24)
+    expected = level.float() * 4 - spread * 2 - _bit_reverse(frame.clamp(min=0), bits=8).float() / 256.0 * 1e-3
+    assert torch.equal(scores, expected)
