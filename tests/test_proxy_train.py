@@ -155,3 +155,23 @@ def test_block_dropout_keeps_whole_aligned_blocks():
     top, left = divmod(one[0], 16)
     assert top % 4 == 0 and left % 4 == 0
     assert one == [(top + r) * 16 + left + c for r in range(4) for c in range(4)]
+
+
+def test_frozen_decoder_layers_keep_their_weights_while_the_rest_trains():
+    """``frozen_layers=1``: an optimiser step changes decoder layer 1 but leaves layer 0 bit-identical."""
+    import torch
+
+    from v2drop.proxy import LVLMModule, ProxyConfig, build_model, build_processor
+
+    processor = build_processor()
+    torch.manual_seed(0)
+    model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer)
+    module = LVLMModule.create(model, processor, lr=1e-2, vision_lr=1e-3, steps=2, isolated=True, frozen_layers=1)
+    layers = model.model.language_model.layers
+    before = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
+    batch = [dict(zip(("image", "objects"), get_benchmark("digits").scene("train", i)[:2]), rng_seed=i) for i in (1, 2)]
+    (opt,), _ = module.configure_optimizers()
+    module.training_step(batch, 0).backward()
+    opt.step()
+    assert all(torch.equal(v, layers[0].state_dict()[k]) for k, v in before[0].items())
+    assert not torch.equal(before[1]["self_attn.q_proj.weight"], layers[1].self_attn.q_proj.weight)

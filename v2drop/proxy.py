@@ -364,11 +364,12 @@ class LVLMModule:
 
     @staticmethod
     def create(model, processor, lr: float, vision_lr: float, steps: int, token_keep=None, turns: int = 5, isolated: bool = False, aux=(),
-               block_share: float = 0.0):
+               block_share: float = 0.0, frozen_layers: int = 0):
         """A LightningModule training the LVLM on conversations; input embeddings frozen.
 
         ``token_keep`` = [low, high]: vision-token dropout, a ``block_share`` of it as whole blocks
-        (``block_keep_mask``); ``isolated``: turns see only the image prefix (see ``_forward_embeds``).
+        (``block_keep_mask``); ``isolated``: turns see only the image prefix (see ``_forward_embeds``);
+        the first ``frozen_layers`` decoder layers keep their current weights.
         """
         import lightning as L
 
@@ -381,6 +382,8 @@ class LVLMModule:
                 for p in self.model.parameters():
                     p.requires_grad_(True)
                 self.model.model.get_input_embeddings().weight.requires_grad_(False)
+                for layer in self.model.model.language_model.layers[:frozen_layers]:
+                    layer.requires_grad_(False)
 
             def training_step(self, batch, batch_idx):
                 convs = [conversation(processor, b["image"], b["objects"], random.Random(b["rng_seed"]), turns, isolated, aux) for b in batch]
@@ -488,6 +491,7 @@ class TrainConfig:
     align: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch=32, lr=3e-3))
     lvlm: StageConfig = field(default_factory=lambda: StageConfig(steps=800, batch=16, lr=1.5e-3, vision_lr=1e-4))
     robust: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch=16, lr=7e-4, vision_lr=5e-5, token_keep=[0.05, 1.0]))
+    frozen_decoder_layers: int = 0  # the first N decoder layers keep their initial weights in every stage (see README: proxy)
     monitor_every: int = 0  # every N steps print validation accuracy per family (0: never)
     monitor_samples: int = 100  # validation questions the monitor scores
 
@@ -613,11 +617,13 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     for name, stage, factory in (
         ("align", cfg.align, lambda: AlignModule.create(model, processor, cfg.align.lr, cfg.align.steps, cfg.align.content_ce)),
         ("lvlm", cfg.lvlm, lambda: LVLMModule.create(model, processor, cfg.lvlm.lr, cfg.lvlm.vision_lr, cfg.lvlm.steps,
-                                                     turns=cfg.lvlm.turns, isolated=cfg.lvlm.isolated, aux=cfg.lvlm.aux)),
+                                                     turns=cfg.lvlm.turns, isolated=cfg.lvlm.isolated, aux=cfg.lvlm.aux,
+                                                     frozen_layers=cfg.frozen_decoder_layers)),
         ("robust", cfg.robust, lambda: LVLMModule.create(model, processor, cfg.robust.lr, cfg.robust.vision_lr, cfg.robust.steps,
                                                          token_keep=cfg.robust.token_keep, turns=cfg.robust.turns,
                                                          isolated=cfg.robust.isolated, aux=cfg.robust.aux,
-                                                         block_share=cfg.robust.block_share)),
+                                                         block_share=cfg.robust.block_share,
+                                                         frozen_layers=cfg.frozen_decoder_layers)),
     ):
         if stage.steps <= 0:
             continue
