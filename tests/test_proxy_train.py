@@ -175,3 +175,65 @@ def test_frozen_decoder_layers_keep_their_weights_while_the_rest_trains():
     opt.step()
     assert all(torch.equal(v, layers[0].state_dict()[k]) for k, v in before[0].items())
     assert not torch.equal(before[1]["self_attn.q_proj.weight"], layers[1].self_attn.q_proj.weight)
+
+
+def test_layer_masks_close_dropped_columns_from_their_layer_on():
+    """Hand-made mask: sample 0 drops positions 1 and 2 before layer 1; sample 1 drops nothing."""
+    import torch
+
+    from v2drop.proxy import isolation_mask, layer_masks
+
+    base = isolation_mask(torch.zeros(2, 4, dtype=torch.long))
+    masks = layer_masks(base, [(1, torch.tensor([1, 2])), (-1, torch.tensor([], dtype=torch.long))], depth=3)
+    assert masks[0] is base and masks[1] is masks[2]
+    open_ = masks[1][0, 0] == 0
+    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)  # causal minus columns 1-2, diagonal kept
+    assert torch.equal(open_, expected)
+    assert torch.equal(masks[1][1], base[1])
+
+
+def test_draw_drop_asks_only_about_the_objects_that_keep_a_token():
+    """A drop keeps a share of the tokens (or whole blocks) and the visible objects are exactly those with a kept token."""
+    from v2drop.proxy import draw_drop
+
+    image, objects, _ = get_benchmark("digits").scene("train", 11)
+    seen_partial = False
+    for seed in range(40):
+        drop, visible = draw_drop(objects, random.Random(seed), (0.05, 0.5), 0.5, [1, 2])
+        assert drop.layer in (1, 2) and 1 <= int(drop.kept.sum()) <= 128
+        assert visible == [o for o in objects if drop.kept[o.evidence()].any()] and visible
+        seen_partial |= len(visible) < len(objects)
+    assert seen_partial
+    assert draw_drop(objects, random.Random(0), (0.0, 0.0), 1.0, [2]) is not None  # one block survives; redrawn until an object is in it
+
+
+def test_a_training_drop_equals_the_engine_dropping_the_same_tokens():
+    """Closing dropped tokens' columns from layer 2 in training gives the logits the engine gives when it removes them before layer 2."""
+    import torch
+
+    from v2drop.lvlm import LVLM
+    from v2drop.method import Method
+    from v2drop.proxy import KeepGiven, LVLMModule, ProxyConfig, VisionDrop, build_model, build_processor
+    from v2drop.schedule import Schedule
+
+    processor = build_processor()
+    torch.manual_seed(0)
+    model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=4, vision_hidden=32), processor.tokenizer).eval()
+    module = LVLMModule.create(model, processor, lr=1e-3, vision_lr=1e-3, steps=1, isolated=True)
+    image, objects, _ = get_benchmark("digits").scene("train", 4)
+    ids, labels, segments, positions = conversation(processor, image, objects, random.Random(2), turns=1, isolated=True)
+    kept = torch.zeros(256, dtype=torch.bool)
+    kept[torch.randperm(256, generator=torch.Generator().manual_seed(0))[:40]] = True
+    pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]
+    t = lambda x: torch.tensor([x])  # noqa: E731
+    with torch.no_grad():
+        logits = module.forward_with_drops(t(ids), t(labels), pixels, t(segments), t(positions), [VisionDrop(2, kept)]).logits[0]
+    answer = next(i for i, l in enumerate(labels) if l != -100)
+    lvlm = LVLM(model, processor)
+    inputs = lvlm.prepare([lvlm.format_prompt(processor.tokenizer.decode(ids[257 : answer - 1]))], [[image]])
+    assert inputs["input_ids"][0].tolist() == ids[:answer]
+    keep = Method(KeepGiven(keep=tuple(kept.nonzero().flatten().tolist())), schedule=Schedule.one_shot(2, 40, keep_mode="absolute", min_keep=0))
+    engine = lvlm.generate_from_inputs(inputs, keep, max_new_tokens=1).first_logits[0]
+    torch.testing.assert_close(logits[answer - 1], engine, atol=1e-4, rtol=0)
+    full = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=1).first_logits[0]
+    assert (full - engine).abs().max() > 1e-3  # the drop changed the answer's logits

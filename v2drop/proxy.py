@@ -359,21 +359,80 @@ def block_keep_mask(share: float, generator: torch.Generator) -> torch.Tensor:
     return kept.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1).flatten()
 
 
+def token_keep_mask(share: float, generator: torch.Generator) -> torch.Tensor:
+    """Which of the 256 vision tokens survive plain token dropout: a random ``share`` of them (at least one)."""
+    n = PATCHES * PATCHES
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[torch.randperm(n, generator=generator)[: max(1, int(n * share))]] = True
+    return kept
+
+
+@dataclass
+class VisionDrop:
+    """A training-time drop: vision tokens (0-based, raster order) removed before decoder layer ``layer``."""
+
+    layer: int
+    kept: torch.Tensor  # (256,) bool
+
+
+def draw_drop(objects, rng: random.Random, keep: tuple, block_share: float, layers) -> tuple[VisionDrop, list] | None:
+    """A content-blind drop (tokens or whole 4×4 blocks, ``keep`` = [low, high] share kept) and the
+    objects that keep at least one token, or None when ten draws leave no object visible.
+
+    The conversation is then asked about the visible objects only: from ``layer`` on, the model
+    must answer as if the dropped tokens had never been there. Dropped before a decoder layer,
+    this teaches it to read the image *after* that layer: information the first layers gathered
+    from a token that is later dropped is worthless (a from-scratch decoder otherwise reads the
+    answer in layer 0, and no token dropping at layer >= 1 could ever cost it accuracy).
+    """
+    for _ in range(10):
+        share = rng.uniform(*keep)
+        generator = torch.Generator().manual_seed(rng.randrange(2**31))
+        kept = (block_keep_mask if rng.random() < block_share else token_keep_mask)(share, generator)
+        visible = [o for o in objects if kept[o.evidence()].any()]
+        if visible:
+            return VisionDrop(rng.choice(list(layers)), kept), visible
+    return None
+
+
+def layer_masks(base: torch.Tensor, dropped: list[tuple[int, torch.Tensor]], depth: int) -> list[torch.Tensor]:
+    """Per decoder layer, ``base`` (B, 1, L, L additive) with the columns of each sample's dropped
+    tokens closed from its drop layer on (a dropped token still sees itself, so no row is empty).
+
+    ``dropped[k]`` = (layer, positions) for sample k. Closing a token's column from layer l on is
+    the same as removing its hidden state before layer l, as the engine does, with positions kept.
+    """
+    masks, current = [], base
+    for i in range(depth):
+        hit = [(k, pos) for k, (layer, pos) in enumerate(dropped) if layer == i and len(pos)]
+        if hit:
+            current = current.clone()
+            for k, pos in hit:
+                diagonal = current[k, 0, pos, pos].clone()
+                current[k, 0, :, pos] = torch.finfo(current.dtype).min
+                current[k, 0, pos, pos] = diagonal
+        masks.append(current)
+    return masks
+
+
 class LVLMModule:
     """Factory for the Lightning module of the whole-model stage."""
 
     @staticmethod
     def create(model, processor, lr: float, vision_lr: float, steps: int, token_keep=None, turns: int = 5, isolated: bool = False, aux=(),
-               block_share: float = 0.0, frozen_layers: int = 0):
+               block_share: float = 0.0, frozen_layers: int = 0, drop_share: float = 0.5, drop_layers=(0,)):
         """A LightningModule training the LVLM on conversations; input embeddings frozen.
 
-        ``token_keep`` = [low, high]: vision-token dropout, a ``block_share`` of it as whole blocks
-        (``block_keep_mask``); ``isolated``: turns see only the image prefix (see ``_forward_embeds``);
-        the first ``frozen_layers`` decoder layers keep their current weights.
+        ``token_keep`` = [low, high]: a ``drop_share`` of the conversations lose vision tokens
+        (``draw_drop``: single tokens, a ``block_share`` of them as whole blocks) before a decoder
+        layer drawn from ``drop_layers``, and are asked about what survives; ``isolated``: turns see
+        only the image prefix (``isolation_mask``); the first ``frozen_layers`` decoder layers keep
+        their current weights.
         """
         import lightning as L
 
         tok = processor.tokenizer
+        image_id = tok.convert_tokens_to_ids("<image>")
 
         class Conversations(L.LightningModule):
             def __init__(self):
@@ -386,69 +445,50 @@ class LVLMModule:
                     layer.requires_grad_(False)
 
             def training_step(self, batch, batch_idx):
-                convs = [conversation(processor, b["image"], b["objects"], random.Random(b["rng_seed"]), turns, isolated, aux) for b in batch]
+                convs, drops = [], []
+                for b in batch:
+                    objects, drop = b["objects"], None
+                    if token_keep is not None:
+                        rng = random.Random(f"drop-{b['rng_seed']}")
+                        if rng.random() < drop_share and (drawn := draw_drop(objects, rng, token_keep, block_share, drop_layers)):
+                            drop, objects = drawn
+                    convs.append(conversation(processor, b["image"], objects, random.Random(b["rng_seed"]), turns, isolated, aux))
+                    drops.append(drop)
                 length = max(len(c[0]) for c in convs)
                 ids = torch.full((len(convs), length), tok.pad_token_id, dtype=torch.long)
                 labels = torch.full((len(convs), length), -100, dtype=torch.long)
-                mask = torch.zeros((len(convs), length), dtype=torch.long)
                 segments = torch.full((len(convs), length), -1, dtype=torch.long)
                 positions = torch.arange(length).repeat(len(convs), 1)
                 for k, c in enumerate(convs):
                     n = len(c[0])
-                    ids[k, :n], labels[k, :n], mask[k, :n] = torch.tensor(c[0]), torch.tensor(c[1]), 1
+                    ids[k, :n], labels[k, :n], segments[k, :n] = torch.tensor(c[0]), torch.tensor(c[1]), 0
                     if isolated:
                         segments[k, :n], positions[k, :n] = torch.tensor(c[2]), torch.tensor(c[3])
                 pixels = processor.image_processor([b["image"] for b in batch], return_tensors="pt")["pixel_values"]
-                if token_keep is not None or isolated:
-                    out = self._forward_embeds(ids, mask, labels, pixels, random.Random(batch[0]["rng_seed"]),
-                                               segments if isolated else None, positions)
-                else:
-                    out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                     pixel_values=pixels.to(self.device), labels=labels.to(self.device))
+                out = self.forward_with_drops(ids, labels, pixels, segments, positions, drops)
                 self.log("loss", out.loss, prog_bar=True)
                 return out.loss
 
-            def _forward_embeds(self, ids, mask, labels, pixels, rng, segments=None, positions=None):
-                """Forward from embeddings: optional vision-token dropout and isolated turns.
-
-                With ``token_keep``, half of the conversations lose a random share of their vision
-                tokens at the input. Kept tokens keep their original positions (as the engine's
-                ``preserve`` policy), so the model learns not to depend on every vision token being
-                present. With ``segments``, turns are isolated (``isolation_mask``).
+            def forward_with_drops(self, ids, labels, pixels, segments, positions, drops):
+                """The model on whole conversations (``segments``: 0 prefix, k turn k, -1 padding),
+                each sample's ``VisionDrop`` (or None) applied by per-layer masks.
                 """
-                inner = self.model.model
-                embeds = inner.get_input_embeddings()(ids)
-                feats = torch.cat(list(inner.get_image_features(pixel_values=pixels).pooler_output))
-                is_image = ids == tok.convert_tokens_to_ids("<image>")
-                embeds = embeds.masked_scatter(is_image[..., None], feats.to(embeds.dtype))
-                rows = []
-                for k in range(ids.shape[0]):
-                    keep = mask[k].bool().clone()
-                    if token_keep is not None and rng.random() < 0.5:
-                        vision = is_image[k].nonzero().flatten()
-                        share = rng.uniform(*token_keep)
-                        gen = torch.Generator().manual_seed(rng.randrange(2**31))
-                        if rng.random() < block_share:
-                            dropped = vision[~block_keep_mask(share, gen)]
-                        else:
-                            n = max(1, int(len(vision) * share))
-                            dropped = vision[torch.randperm(len(vision), generator=gen)[n:]]
-                        keep[dropped] = False
-                    rows.append(keep.nonzero().flatten())
-                length = max(len(r) for r in rows)
-                idx = torch.zeros(len(rows), length, dtype=torch.long)
-                new_mask = torch.zeros(len(rows), length, dtype=torch.long)
-                for k, r in enumerate(rows):
-                    idx[k, : len(r)], new_mask[k, : len(r)] = r, 1
-                pad = new_mask == 0
-                attention = new_mask
-                if segments is not None:
-                    attention = isolation_mask(segments.gather(1, idx).masked_fill(pad, -1), embeds.dtype)
-                return self.model(
-                    inputs_embeds=embeds.gather(1, idx[..., None].expand(-1, -1, embeds.shape[-1])),
-                    attention_mask=attention, position_ids=positions.gather(1, idx).masked_fill(pad, 0),
-                    labels=labels.gather(1, idx).masked_fill(pad, -100),
-                )
+                dropped = []
+                for k, drop in enumerate(drops):
+                    vision = (ids[k] == image_id).nonzero().flatten()
+                    dropped.append((drop.layer, vision[~drop.kept]) if drop else (-1, vision[:0]))
+                base = isolation_mask(segments, torch.float32)
+                decoder = self.model.model.language_model
+                masks = layer_masks(base, dropped, len(decoder.layers))
+                hooks = [layer.register_forward_pre_hook(lambda mod, args, kwargs, m=m: (args, {**kwargs, "attention_mask": m.to(self.device)}),
+                                                         with_kwargs=True)
+                         for layer, m in zip(decoder.layers, masks) if m is not base]
+                try:
+                    return self.model(input_ids=ids.to(self.device), pixel_values=pixels.to(self.device), attention_mask=base.to(self.device),
+                                      position_ids=positions.to(self.device), labels=labels.to(self.device))
+                finally:
+                    for hook in hooks:
+                        hook.remove()
 
             def configure_optimizers(self):
                 vision = list(self.model.model.vision_tower.parameters()) + list(self.model.model.multi_modal_projector.parameters())
@@ -470,11 +510,13 @@ class StageConfig:
     batch: int = 32  # scenes per step
     lr: float = 3e-3  # peak learning rate (one-cycle schedule)
     vision_lr: float = 1e-4  # peak learning rate of tower + projector (lvlm stage)
-    token_keep: list | None = None  # [low, high] share of vision tokens kept under dropout (robust stage)
+    token_keep: list | None = None  # [low, high] share of vision tokens kept by a drop, whose conversation asks about what survives (None: no drops)
     turns: int = 5  # questions per conversation (lvlm/robust): one per family, then more retrieval questions
     isolated: bool = False  # each turn sees only the image prefix and itself (no answer leaks between turns)
     aux: list = field(default_factory=list)  # dense auxiliary turns after the questions (``AUX_TURNS``), e.g. [digits]
-    block_share: float = 0.0  # robust stage: share of the dropout events that keep whole 4x4-patch blocks instead of single tokens
+    block_share: float = 0.0  # share of the dropout events that keep whole 4x4-patch blocks instead of single tokens
+    drop_share: float = 0.5  # share of the conversations given a vision-token drop (when token_keep is set)
+    drop_layers: list = field(default_factory=lambda: [0])  # decoder layers a drop happens before (drawn uniformly; 0 = the input)
     content_ce: float = 0.0  # align stage: logit scale of the per-patch content-word cross-entropy (0: regression only)
 
 
@@ -614,16 +656,16 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     work = Path(cfg.workdir)
     processor = build_processor()
     model = build_model(cfg.model, processor.tokenizer)
+
+    def conversations(stage: StageConfig):
+        return LVLMModule.create(model, processor, stage.lr, stage.vision_lr, stage.steps, token_keep=stage.token_keep, turns=stage.turns,
+                                 isolated=stage.isolated, aux=stage.aux, block_share=stage.block_share, frozen_layers=cfg.frozen_decoder_layers,
+                                 drop_share=stage.drop_share, drop_layers=stage.drop_layers)
+
     for name, stage, factory in (
         ("align", cfg.align, lambda: AlignModule.create(model, processor, cfg.align.lr, cfg.align.steps, cfg.align.content_ce)),
-        ("lvlm", cfg.lvlm, lambda: LVLMModule.create(model, processor, cfg.lvlm.lr, cfg.lvlm.vision_lr, cfg.lvlm.steps,
-                                                     turns=cfg.lvlm.turns, isolated=cfg.lvlm.isolated, aux=cfg.lvlm.aux,
-                                                     frozen_layers=cfg.frozen_decoder_layers)),
-        ("robust", cfg.robust, lambda: LVLMModule.create(model, processor, cfg.robust.lr, cfg.robust.vision_lr, cfg.robust.steps,
-                                                         token_keep=cfg.robust.token_keep, turns=cfg.robust.turns,
-                                                         isolated=cfg.robust.isolated, aux=cfg.robust.aux,
-                                                         block_share=cfg.robust.block_share,
-                                                         frozen_layers=cfg.frozen_decoder_layers)),
+        ("lvlm", cfg.lvlm, lambda: conversations(cfg.lvlm)),
+        ("robust", cfg.robust, lambda: conversations(cfg.robust)),
     ):
         if stage.steps <= 0:
             continue
