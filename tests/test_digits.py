@@ -74,3 +74,34 @@ def test_metric_and_aggregate():
     assert normalize_answer("Yes, it is.") == "yes"
     agg = bench.aggregate([{"family": "mc", "correct": True}, {"family": "mc", "correct": False}, {"family": "count", "correct": True}])
     assert agg["accuracy"] == pytest.approx(2 / 3) and agg["per_family"] == {"count": 1.0, "mc": 0.5}
+
+
+def test_visible_answers_as_if_only_the_visible_objects_were_there():
+    """``image_questions(visible=...)``: the same kind of questions, answered against the visible objects only."""
+    import random
+
+    from v2drop.benchmarks.digits import image_questions
+
+    bench = Digits()
+    scene = next(i for i in range(50) if len(bench.scene("train", i)[1]) >= 3)
+    _, objects, _ = bench.scene("train", scene)
+    visible = {objects[0].label}
+    colour = {o.label: o.colour for o in objects}
+    counts = {"dropped-yes": 0, "dropped-ident": 0, "dropped-colour": 0}
+    for seed in range(60):
+        full = image_questions(random.Random(seed), objects)
+        qa = {fam: (q, a, choices) for fam, q, a, _, choices in image_questions(random.Random(seed), objects, visible)}
+        assert [q for _, q, *_ in full][:3] == [qa[f][0] for f in ("exist", "ident", "count")]  # same questions where they can be
+        digit = int(qa["exist"][0].split()[3])
+        assert qa["exist"][1] == ("yes" if digit in visible else "no")
+        counts["dropped-yes"] += digit in colour and digit not in visible
+        answer = qa["ident"][1]
+        assert answer in ("none", str(objects[0].label))
+        counts["dropped-ident"] += answer == "none" and "none" != next(a for f, _, a, *_ in full if f == "ident")
+        assert qa["count"][1] == "1"
+        options, letter = qa["mc"][2], qa["mc"][1]
+        assert options["ABCD".index(letter)] == str(objects[0].label)
+        colour_digit = int(qa["colour"][0].split()[-1].rstrip("?"))
+        assert qa["colour"][1] == (colour[colour_digit] if colour_digit in visible else "none")
+        counts["dropped-colour"] += colour_digit not in visible
+    assert min(counts.values()) > 5  # questions about dropped objects are common

@@ -277,29 +277,31 @@ def aux_turn(tokenizer, objects, rng: random.Random, kind: str) -> tuple[list[in
     return ids, labels
 
 
-def conversation(processor, image, objects, rng: random.Random, turns: int = 5, isolated: bool = False, aux=()):
+def conversation(processor, image, objects, rng: random.Random, turns: int = 5, isolated: bool = False, aux=(), visible=None):
     """Token ids and labels of one multi-turn conversation, every answer supervised.
 
     The first five turns ask one question of every family (shuffled); turns beyond five add more
     questions of the retrieval families (``EXTRA_FAMILIES``): each costs a few tokens next to the
     256 vision tokens, so they multiply the learning signal per image almost for free. ``aux``
-    names dense auxiliary turns (``aux_turn``) added after the questions.
+    names dense auxiliary turns (``aux_turn``) added after the questions. ``visible`` (labels, or
+    None for all): answer as if only those objects were in the image (``image_questions``).
     """
     tok = processor.tokenizer
-    qa = image_questions(rng, objects)
+    qa = image_questions(rng, objects, visible)
     rng.shuffle(qa)
     seen = {q for _, q, *_ in qa}
     for _ in range(8 * turns):
         if len(qa) >= turns:
             break
-        extra = [x for x in image_questions(rng, objects) if x[0] in EXTRA_FAMILIES and x[1] not in seen]
+        extra = [x for x in image_questions(rng, objects, visible) if x[0] in EXTRA_FAMILIES and x[1] not in seen]
         if extra:
             pick = rng.choice(extra)
             seen.add(pick[1])
             qa.append(pick)
     image_id = tok.convert_tokens_to_ids("<image>")
     user, assistant, eos = (tok.convert_tokens_to_ids(w) for w in ("USER:", "ASSISTANT:", "</s>"))
-    extra = [aux_turn(tok, objects, rng, kind) for kind in aux]
+    shown = objects if visible is None else [o for o in objects if o.label in visible]
+    extra = [aux_turn(tok, shown, rng, kind) for kind in aux]
     if isolated:  # one shared "USER: <image>" prefix, then every turn as the evaluation prompt continues it
         ids, labels, segments = [user] + [image_id] * (PATCHES * PATCHES), [], []
         labels, segments = [-100] * len(ids), [0] * len(ids)
@@ -379,8 +381,10 @@ def draw_drop(objects, rng: random.Random, keep: tuple, block_share: float, laye
     """A content-blind drop (tokens or whole 4×4 blocks, ``keep`` = [low, high] share kept) and the
     objects that keep at least one token, or None when ten draws leave no object visible.
 
-    The conversation is then asked about the visible objects only: from ``layer`` on, the model
-    must answer as if the dropped tokens had never been there. Dropped before a decoder layer,
+    The conversation's questions are drawn from the whole scene and answered as if only the
+    visible objects were there (``image_questions(visible=...)``: "Is there a 7?" is "no" when
+    the 7 lost every token): from ``layer`` on, the model must answer as if the dropped tokens
+    had never been there. Dropped before a decoder layer,
     this teaches it to read the image *after* that layer: information the first layers gathered
     from a token that is later dropped is worthless (a from-scratch decoder otherwise reads the
     answer in layer 0, and no token dropping at layer >= 1 could ever cost it accuracy).
@@ -447,12 +451,12 @@ class LVLMModule:
             def training_step(self, batch, batch_idx):
                 convs, drops = [], []
                 for b in batch:
-                    objects, drop = b["objects"], None
+                    drop, visible = None, None
                     if token_keep is not None:
                         rng = random.Random(f"drop-{b['rng_seed']}")
-                        if rng.random() < drop_share and (drawn := draw_drop(objects, rng, token_keep, block_share, drop_layers)):
-                            drop, objects = drawn
-                    convs.append(conversation(processor, b["image"], objects, random.Random(b["rng_seed"]), turns, isolated, aux))
+                        if rng.random() < drop_share and (drawn := draw_drop(b["objects"], rng, token_keep, block_share, drop_layers)):
+                            drop, visible = drawn[0], {o.label for o in drawn[1]}
+                    convs.append(conversation(processor, b["image"], b["objects"], random.Random(b["rng_seed"]), turns, isolated, aux, visible))
                     drops.append(drop)
                 length = max(len(c[0]) for c in convs)
                 ids = torch.full((len(convs), length), tok.pad_token_id, dtype=torch.long)

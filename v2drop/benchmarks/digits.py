@@ -112,39 +112,47 @@ def cell_evidence(row: int, col: int, offset: int = 0) -> list[int]:
     return [offset + (row * per + r) * PATCHES + col * per + c for r in range(per) for c in range(per)]
 
 
-def image_questions(rng: random.Random, objects: list[Object]) -> list[tuple[str, str, str, list[int], tuple]]:
-    """One question of every image family: (family, question, answer, evidence, choices)."""
+def image_questions(rng: random.Random, objects: list[Object], visible: set[int] | None = None) -> list[tuple[str, str, str, list[int], tuple]]:
+    """One question of every image family: (family, question, answer, evidence, choices).
+
+    ``visible`` (labels; None = every object) is for the proxy's training drops: questions are
+    drawn from the whole scene, answers given as if only the visible objects were there
+    (``yes``/``no``, the digit or ``none``, the visible count, a visible option, the colour or
+    ``none``). With None the questions and the RNG's use are the benchmark's own.
+    """
     present = {o.label: o for o in objects}
+    seen = set(present) if visible is None else set(visible)
+    shown = [o for o in objects if o.label in seen]
     all_evidence = sorted({i for o in objects for i in o.evidence()})
     out = []
     # existence, balanced: half the time ask about a digit that is absent
     if rng.random() < 0.5:
         o = rng.choice(objects)
-        out.append(("exist", f"Is there a {o.label} in the image?", "yes", o.evidence(), ()))
+        out.append(("exist", f"Is there a {o.label} in the image?", "yes" if o.label in seen else "no", o.evidence(), ()))
     else:
         d = rng.choice([d for d in range(10) if d not in present])
         out.append(("exist", f"Is there a {d} in the image?", "no", all_evidence, ()))
     # identification at a location (an empty cell a quarter of the time)
     if rng.random() < 0.75:
         o = rng.choice(objects)
-        row, col, answer, ev = o.row, o.col, str(o.label), o.evidence()
+        row, col, answer, ev = o.row, o.col, str(o.label) if o.label in seen else "none", o.evidence()
     else:
         taken = {(o.row, o.col) for o in objects}
         row, col = rng.choice([(r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in taken])
         answer, ev = "none", cell_evidence(row, col)
     out.append(("ident", f"What digit is in the {ROW_WORDS[row]} row, {COL_WORDS[col]} column?", answer, ev, ()))
     # counting
-    out.append(("count", "How many digits are in the image?", str(len(objects)), all_evidence, ()))
+    out.append(("count", "How many digits are in the image?", str(len(shown)), all_evidence, ()))
     # multiple choice: exactly one option is in the image
-    o = rng.choice(objects)
-    options = [o.label] + rng.sample([d for d in range(10) if d not in present], 3)
+    o = rng.choice(shown)
+    options = [o.label] + rng.sample([d for d in range(10) if d not in seen], 3)
     rng.shuffle(options)
     letter = LETTERS[options.index(o.label)]
     text = " ".join(f"{l}. {d}" for l, d in zip(LETTERS, options))
     out.append(("mc", f"Which digit is in the image? {text} Answer with the option's letter.", letter, o.evidence(), tuple(map(str, options))))
     # colour of a given digit
     o = rng.choice(objects)
-    out.append(("colour", f"What colour is the {o.label}?", o.colour, o.evidence(), ()))
+    out.append(("colour", f"What colour is the {o.label}?", o.colour if o.label in seen else "none", o.evidence(), ()))
     return out
 
 
