@@ -193,18 +193,31 @@ def test_layer_masks_close_dropped_columns_from_their_layer_on():
 
 
 def test_draw_drop_asks_only_about_the_objects_that_keep_a_token():
-    """A drop keeps a share of the tokens (or whole blocks) and the visible objects are exactly those with a kept token."""
+    """Drops keep a share of the tokens, whole blocks or whole objects; the visible objects are exactly those with a kept token."""
+    import pytest
+
     from v2drop.proxy import draw_drop
 
     image, objects, _ = get_benchmark("digits").scene("train", 11)
+    assert len(objects) >= 2
+    evidence = [set(o.evidence()) for o in objects]
     seen_partial = False
-    for seed in range(40):
-        drop, visible = draw_drop(objects, random.Random(seed), (0.05, 0.5), 0.5, [1, 2])
-        assert drop.layer in (1, 2) and 1 <= int(drop.kept.sum()) <= 128
-        assert visible == [o for o in objects if drop.kept[o.evidence()].any()] and visible
-        seen_partial |= len(visible) < len(objects)
+    for kind in ("tokens", "blocks", "objects"):
+        for seed in range(30):
+            drop, visible = draw_drop(objects, random.Random(seed), (0.05, 0.5), {kind: 1.0}, [1, 2])
+            kept = set(drop.kept.nonzero().flatten().tolist())
+            assert drop.layer in (1, 2) and 1 <= len(kept) <= (128 if kind == "tokens" else 256)
+            assert visible == [o for o, ev in zip(objects, evidence) if kept & ev] and visible
+            seen_partial |= len(visible) < len(objects)
+            if kind == "objects":
+                assert all(ev <= kept or not ev & kept for ev in evidence)  # whole objects or nothing of them
     assert seen_partial
-    assert draw_drop(objects, random.Random(0), (0.0, 0.0), 1.0, [2]) is not None  # one block survives; redrawn until an object is in it
+    drop, _ = draw_drop(objects, random.Random(0), (0.001, 0.001), {"blocks": 1.0}, [2])  # one block, redrawn until an object is in it
+    assert int(drop.kept.sum()) == 16
+    with pytest.raises(ValueError, match=r"Unknown drop kinds \['cells'\]; known: \['tokens', 'blocks', 'objects'\]"):
+        draw_drop(objects, random.Random(0), (0.1, 1.0), {"cells": 1.0}, [2])
+    with pytest.raises(ValueError, match=r"token_keep must be \[low, high\]"):
+        draw_drop(objects, random.Random(0), (0.0, 1.0), {"tokens": 1.0}, [2])
 
 
 def test_a_training_drop_equals_the_engine_dropping_the_same_tokens():

@@ -21,6 +21,7 @@ stages, all PyTorch Lightning modules defined here:
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -377,22 +378,41 @@ class VisionDrop:
     kept: torch.Tensor  # (256,) bool
 
 
-def draw_drop(objects, rng: random.Random, keep: tuple, block_share: float, layers) -> tuple[VisionDrop, list] | None:
-    """A content-blind drop (tokens or whole 4×4 blocks, ``keep`` = [low, high] share kept) and the
-    objects that keep at least one token, or None when ten draws leave no object visible.
+DROP_KINDS = ("tokens", "blocks", "objects")
 
-    The conversation's questions are drawn from the whole scene and answered as if only the
-    visible objects were there (``image_questions(visible=...)``: "Is there a 7?" is "no" when
-    the 7 lost every token): from ``layer`` on, the model must answer as if the dropped tokens
-    had never been there. Dropped before a decoder layer,
-    this teaches it to read the image *after* that layer: information the first layers gathered
-    from a token that is later dropped is worthless (a from-scratch decoder otherwise reads the
-    answer in layer 0, and no token dropping at layer >= 1 could ever cost it accuracy).
+
+def draw_drop(objects, rng: random.Random, keep: tuple, kinds: dict, layers) -> tuple[VisionDrop, list] | None:
+    """A training drop and the objects that keep at least one token, or None when ten draws leave
+    no object visible.
+
+    Shapes (``kinds``: name -> weight), each with a kept share drawn log-uniformly from ``keep`` =
+    [low, high] (small shares, where whole objects vanish, are common): ``tokens``, single tokens;
+    ``blocks``, whole 4×4-patch blocks; ``objects``, every object kept whole or dropped whole
+    (even odds) and, half of the time, no background at all (else that share of it) — what a
+    pruner that keeps only the evidence leaves. The conversation's questions are drawn from the
+    whole scene and answered as if only the visible objects were there
+    (``image_questions(visible=...)``: "Is there a 7?" is "no" when the 7 lost every token): from
+    ``layer`` on, the model must answer as if the dropped tokens had never been there. This teaches
+    it to read the image *after* that layer: information the first layers gathered from a token
+    that is later dropped is worthless (a from-scratch decoder otherwise reads the answer in layer
+    0, and no token dropping at layer >= 1 could ever cost it accuracy).
     """
+    if not 0 < keep[0] <= keep[1] <= 1:
+        raise ValueError(f"token_keep must be [low, high] with 0 < low <= high <= 1, got {list(keep)}")
+    unknown = set(kinds) - set(DROP_KINDS)
+    if unknown:
+        raise ValueError(f"Unknown drop kinds {sorted(unknown)}; known: {list(DROP_KINDS)}")
+    names, weights = zip(*kinds.items())
     for _ in range(10):
-        share = rng.uniform(*keep)
+        share = math.exp(rng.uniform(math.log(keep[0]), math.log(keep[1])))
         generator = torch.Generator().manual_seed(rng.randrange(2**31))
-        kept = (block_keep_mask if rng.random() < block_share else token_keep_mask)(share, generator)
+        kind = rng.choices(names, weights)[0]
+        if kind == "objects":
+            kept = token_keep_mask(share, generator) if rng.random() < 0.5 else torch.zeros(PATCHES * PATCHES, dtype=torch.bool)
+            for o in objects:
+                kept[o.evidence()] = rng.random() < 0.5
+        else:
+            kept = (block_keep_mask if kind == "blocks" else token_keep_mask)(share, generator)
         visible = [o for o in objects if kept[o.evidence()].any()]
         if visible:
             return VisionDrop(rng.choice(list(layers)), kept), visible
@@ -424,11 +444,11 @@ class LVLMModule:
 
     @staticmethod
     def create(model, processor, lr: float, vision_lr: float, steps: int, token_keep=None, turns: int = 5, isolated: bool = False, aux=(),
-               block_share: float = 0.0, frozen_layers: int = 0, drop_share: float = 0.5, drop_layers=(0,)):
+               drop_kinds=None, frozen_layers: int = 0, drop_share: float = 0.5, drop_layers=(0,)):
         """A LightningModule training the LVLM on conversations; input embeddings frozen.
 
         ``token_keep`` = [low, high]: a ``drop_share`` of the conversations lose vision tokens
-        (``draw_drop``: single tokens, a ``block_share`` of them as whole blocks) before a decoder
+        (``draw_drop``, shapes weighted by ``drop_kinds``, default single tokens) before a decoder
         layer drawn from ``drop_layers``, and are asked about what survives; ``isolated``: turns see
         only the image prefix (``isolation_mask``); the first ``frozen_layers`` decoder layers keep
         their current weights.
@@ -437,6 +457,7 @@ class LVLMModule:
 
         tok = processor.tokenizer
         image_id = tok.convert_tokens_to_ids("<image>")
+        kinds = drop_kinds or {"tokens": 1.0}
 
         class Conversations(L.LightningModule):
             def __init__(self):
@@ -454,7 +475,7 @@ class LVLMModule:
                     drop, visible = None, None
                     if token_keep is not None:
                         rng = random.Random(f"drop-{b['rng_seed']}")
-                        if rng.random() < drop_share and (drawn := draw_drop(b["objects"], rng, token_keep, block_share, drop_layers)):
+                        if rng.random() < drop_share and (drawn := draw_drop(b["objects"], rng, token_keep, kinds, drop_layers)):
                             drop, visible = drawn[0], {o.label for o in drawn[1]}
                     convs.append(conversation(processor, b["image"], b["objects"], random.Random(b["rng_seed"]), turns, isolated, aux, visible))
                     drops.append(drop)
@@ -518,7 +539,7 @@ class StageConfig:
     turns: int = 5  # questions per conversation (lvlm/robust): one per family, then more retrieval questions
     isolated: bool = False  # each turn sees only the image prefix and itself (no answer leaks between turns)
     aux: list = field(default_factory=list)  # dense auxiliary turns after the questions (``AUX_TURNS``), e.g. [digits]
-    block_share: float = 0.0  # share of the dropout events that keep whole 4x4-patch blocks instead of single tokens
+    drop_kinds: dict = field(default_factory=lambda: {"tokens": 1.0})  # drop shapes and their weights: tokens, blocks, objects (see draw_drop)
     drop_share: float = 0.5  # share of the conversations given a vision-token drop (when token_keep is set)
     drop_layers: list = field(default_factory=lambda: [0])  # decoder layers a drop happens before (drawn uniformly; 0 = the input)
     content_ce: float = 0.0  # align stage: logit scale of the per-patch content-word cross-entropy (0: regression only)
@@ -663,7 +684,7 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
 
     def conversations(stage: StageConfig):
         return LVLMModule.create(model, processor, stage.lr, stage.vision_lr, stage.steps, token_keep=stage.token_keep, turns=stage.turns,
-                                 isolated=stage.isolated, aux=stage.aux, block_share=stage.block_share, frozen_layers=cfg.frozen_decoder_layers,
+                                 isolated=stage.isolated, aux=stage.aux, drop_kinds=stage.drop_kinds, frozen_layers=cfg.frozen_decoder_layers,
                                  drop_share=stage.drop_share, drop_layers=stage.drop_layers)
 
     for name, stage, factory in (
