@@ -87,7 +87,7 @@ def test_visible_answers_as_if_only_the_visible_objects_were_there():
     _, objects, _ = bench.scene("train", scene)
     visible = {objects[0].label}
     colour = {o.label: o.colour for o in objects}
-    counts = {"dropped-yes": 0, "dropped-ident": 0, "dropped-colour": 0}
+    counts = {"dropped-yes": 0, "dropped-ident": 0, "dropped-colour": 0, "dropped-option": 0}
     for seed in range(60):
         full = image_questions(random.Random(seed), objects)
         qa = {fam: (q, a, choices) for fam, q, a, _, choices in image_questions(random.Random(seed), objects, visible)}
@@ -100,7 +100,8 @@ def test_visible_answers_as_if_only_the_visible_objects_were_there():
         counts["dropped-ident"] += answer == "none" and "none" != next(a for f, _, a, *_ in full if f == "ident")
         assert qa["count"][1] == "1"
         options, letter = qa["mc"][2], qa["mc"][1]
-        assert options["ABCD".index(letter)] == str(objects[0].label)
+        assert options["ABCD".index(letter)] == str(objects[0].label) and len(set(options)) == 4
+        counts["dropped-option"] += any(int(d) in colour and int(d) not in visible for d in options)
         colour_digit = int(qa["colour"][0].split()[-1].rstrip("?"))
         assert qa["colour"][1] == (colour[colour_digit] if colour_digit in visible else "none")
         counts["dropped-colour"] += colour_digit not in visible

@@ -117,8 +117,9 @@ def image_questions(rng: random.Random, objects: list[Object], visible: set[int]
 
     ``visible`` (labels; None = every object) is for the proxy's training drops: questions are
     drawn from the whole scene, answers given as if only the visible objects were there
-    (``yes``/``no``, the digit or ``none``, the visible count, a visible option, the colour or
-    ``none``). With None the questions and the RNG's use are the benchmark's own.
+    (``yes``/``no``, the digit or ``none``, the visible count, a visible option — half of the time
+    beside every dropped digit — the colour or ``none``). With None the questions and the RNG's
+    use are the benchmark's own.
     """
     present = {o.label: o for o in objects}
     seen = set(present) if visible is None else set(visible)
@@ -145,7 +146,13 @@ def image_questions(rng: random.Random, objects: list[Object], visible: set[int]
     out.append(("count", "How many digits are in the image?", str(len(shown)), all_evidence, ()))
     # multiple choice: exactly one option is in the image
     o = rng.choice(shown)
-    options = [o.label] + rng.sample([d for d in range(10) if d not in seen], 3)
+    dropped = [d for d in present if d not in seen]
+    if dropped and rng.random() < 0.5:  # the dropped digits among the options: only the visible one is right
+        distractors = rng.sample(dropped, min(3, len(dropped)))
+        distractors += rng.sample([d for d in range(10) if d not in present], 3 - len(distractors))
+    else:
+        distractors = rng.sample([d for d in range(10) if d not in seen], 3)
+    options = [o.label] + distractors
     rng.shuffle(options)
     letter = LETTERS[options.index(o.label)]
     text = " ".join(f"{l}. {d}" for l, d in zip(LETTERS, options))
