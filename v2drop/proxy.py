@@ -9,14 +9,15 @@ stages, all PyTorch Lightning modules defined here:
    (frozen) LLM input embeddings of what is there: the digit word (or ``none``), its colour and the
    row/column words of its grid cell — the vision tokens "speak the LLM's vocabulary"
    (PROXY.md idea 1; recognition is cheap this way).
-2. ``lvlm``: the whole model on multi-turn conversations, one supervised question of every family
-   per image and then more retrieval questions (identification, existence, colour, multiple
-   choice), the first turn in the evaluation format (PROXY.md lesson 1); input embeddings stay
-   frozen so the alignment keeps its meaning.
-3. ``robust``: the same, with random vision-token dropout on half of the conversations (PROXY.md
-   idea 6): without it the model leaned on the whole token population (keeping only the evidence
-   tokens at layer 2 scored like keeping random ones). It changes the test bed for every method
-   alike: the dropout is uniformly random, blind to content.
+2. ``lvlm``: the whole model on conversations about the image, one isolated question of every
+   family (each sees the image prefix only, at its evaluation positions) plus a dense auxiliary
+   ``digits`` turn; input embeddings stay frozen so the alignment keeps its meaning. Half of the
+   conversations lose vision tokens before decoder layer 1 or 2 (``draw_drop``: single tokens,
+   whole blocks, or whole objects with or without background) and are answered as if the dropped
+   tokens had never been there, so the model reads the image after layer 2, as the validity bar
+   requires, and does not derail when only a few tokens survive. It changes the test bed for every
+   method alike: the drops are not any method's choice of tokens.
+3. ``robust``: the same again, a second learning-rate cycle.
 """
 
 from __future__ import annotations
