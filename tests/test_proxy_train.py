@@ -1,6 +1,9 @@
 """A miniature proxy trains a few steps through the real recipe and loads through v2drop.load."""
 
+import json
 import random
+
+import pytest
 
 import v2drop
 from experiments.train_proxy import main as train_main
@@ -28,8 +31,12 @@ def test_miniature_training_and_load(tmp_path):
     first_answer = next(i for i, l in enumerate(labels) if l != -100)
     eval_ids = lvlm.prepare([lvlm.format_prompt(lvlm.tokenizer.decode(ids[257:first_answer - 1]))], [image])["input_ids"][0].tolist()
     assert ids[:first_answer] == eval_ids
+    assert json.loads((out / "train_config.json").read_text())["lvlm"]["steps"] == 2  # the resolved recipe ships with the model
     # A second run resumes: finished stages are not trained again.
     train_main(args)
+    # Resuming a stage under a different recipe is refused, naming what changed.
+    with pytest.raises(ValueError, match=r"work/lvlm was trained with different settings \(lvlm\)"):
+        train_main(args + ["--set", "lvlm.lr=0.01"])
 
 
 def test_config_rejects_unknown_keys():
@@ -214,6 +221,9 @@ def test_draw_drop_asks_only_about_the_objects_that_keep_a_token():
     assert seen_partial
     drop, _ = draw_drop(objects, random.Random(0), (0.001, 0.001), {"blocks": 1.0}, [2])  # one block, redrawn until an object is in it
     assert int(drop.kept.sum()) == 16
+    for seed in range(10):  # all_objects=1: every object kept whole, the count question's evidence
+        drop, visible = draw_drop(objects, random.Random(seed), (0.05, 0.5), {"objects": 1.0}, [2], all_objects=1.0)
+        assert visible == list(objects) and set().union(*evidence) <= set(drop.kept.nonzero().flatten().tolist())
     with pytest.raises(ValueError, match=r"Unknown drop kinds \['cells'\]; known: \['tokens', 'blocks', 'objects'\]"):
         draw_drop(objects, random.Random(0), (0.1, 1.0), {"cells": 1.0}, [2])
     with pytest.raises(ValueError, match=r"token_keep must be \[low, high\]"):

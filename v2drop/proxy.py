@@ -22,6 +22,8 @@ stages, all PyTorch Lightning modules defined here:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -382,15 +384,16 @@ class VisionDrop:
 DROP_KINDS = ("tokens", "blocks", "objects")
 
 
-def draw_drop(objects, rng: random.Random, keep: tuple, kinds: dict, layers) -> tuple[VisionDrop, list] | None:
+def draw_drop(objects, rng: random.Random, keep: tuple, kinds: dict, layers, all_objects: float = 0.0) -> tuple[VisionDrop, list] | None:
     """A training drop and the objects that keep at least one token, or None when ten draws leave
     no object visible.
 
     Shapes (``kinds``: name -> weight), each with a kept share drawn log-uniformly from ``keep`` =
     [low, high] (small shares, where whole objects vanish, are common): ``tokens``, single tokens;
     ``blocks``, whole 4×4-patch blocks; ``objects``, every object kept whole or dropped whole
-    (even odds) and, half of the time, no background at all (else that share of it) — what a
-    pruner that keeps only the evidence leaves. The conversation's questions are drawn from the
+    (even odds; with probability ``all_objects`` every object is kept) and, half of the time, no
+    background at all (else that share of it) — what a pruner that keeps only the evidence leaves
+    (all objects and no background is the evidence of a count question). The conversation's questions are drawn from the
     whole scene and answered as if only the visible objects were there
     (``image_questions(visible=...)``: "Is there a 7?" is "no" when the 7 lost every token): from
     ``layer`` on, the model must answer as if the dropped tokens had never been there. This teaches
@@ -410,8 +413,9 @@ def draw_drop(objects, rng: random.Random, keep: tuple, kinds: dict, layers) -> 
         kind = rng.choices(names, weights)[0]
         if kind == "objects":
             kept = token_keep_mask(share, generator) if rng.random() < 0.5 else torch.zeros(PATCHES * PATCHES, dtype=torch.bool)
+            keep_all = all_objects > 0 and rng.random() < all_objects
             for o in objects:
-                kept[o.evidence()] = rng.random() < 0.5
+                kept[o.evidence()] = keep_all or rng.random() < 0.5
         else:
             kept = (block_keep_mask if kind == "blocks" else token_keep_mask)(share, generator)
         visible = [o for o in objects if kept[o.evidence()].any()]
@@ -445,7 +449,7 @@ class LVLMModule:
 
     @staticmethod
     def create(model, processor, lr: float, vision_lr: float, steps: int, token_keep=None, turns: int = 5, isolated: bool = False, aux=(),
-               drop_kinds=None, frozen_layers: int = 0, drop_share: float = 0.5, drop_layers=(0,)):
+               drop_kinds=None, frozen_layers: int = 0, drop_share: float = 0.5, drop_layers=(0,), all_objects: float = 0.0):
         """A LightningModule training the LVLM on conversations; input embeddings frozen.
 
         ``token_keep`` = [low, high]: a ``drop_share`` of the conversations lose vision tokens
@@ -476,7 +480,7 @@ class LVLMModule:
                     drop, visible = None, None
                     if token_keep is not None:
                         rng = random.Random(f"drop-{b['rng_seed']}")
-                        if rng.random() < drop_share and (drawn := draw_drop(b["objects"], rng, token_keep, kinds, drop_layers)):
+                        if rng.random() < drop_share and (drawn := draw_drop(b["objects"], rng, token_keep, kinds, drop_layers, all_objects)):
                             drop, visible = drawn[0], {o.label for o in drawn[1]}
                     convs.append(conversation(processor, b["image"], b["objects"], random.Random(b["rng_seed"]), turns, isolated, aux, visible))
                     drops.append(drop)
@@ -543,6 +547,7 @@ class StageConfig:
     drop_kinds: dict = field(default_factory=lambda: {"tokens": 1.0})  # drop shapes and their weights: tokens, blocks, objects (see draw_drop)
     drop_share: float = 0.5  # share of the conversations given a vision-token drop (when token_keep is set)
     drop_layers: list = field(default_factory=lambda: [0])  # decoder layers a drop happens before (drawn uniformly; 0 = the input)
+    all_objects: float = 0.0  # in an "objects" drop, probability that every object is kept (else each with even odds)
     content_ce: float = 0.0  # align stage: logit scale of the per-patch content-word cross-entropy (0: regression only)
 
 
@@ -686,7 +691,7 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     def conversations(stage: StageConfig):
         return LVLMModule.create(model, processor, stage.lr, stage.vision_lr, stage.steps, token_keep=stage.token_keep, turns=stage.turns,
                                  isolated=stage.isolated, aux=stage.aux, drop_kinds=stage.drop_kinds, frozen_layers=cfg.frozen_decoder_layers,
-                                 drop_share=stage.drop_share, drop_layers=stage.drop_layers)
+                                 drop_share=stage.drop_share, drop_layers=stage.drop_layers, all_objects=stage.all_objects)
 
     for name, stage, factory in (
         ("align", cfg.align, lambda: AlignModule.create(model, processor, cfg.align.lr, cfg.align.steps, cfg.align.content_ce)),
@@ -696,6 +701,7 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
         if stage.steps <= 0:
             continue
         done = work / name / "done.pt"
+        _check_stage_record(work / name / "stage.json", cfg, name, resume)
         if resume and done.exists():
             model.load_state_dict(torch.load(done, weights_only=True))
             continue
@@ -717,4 +723,25 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     return out
+
+
+def _check_stage_record(path: Path, cfg: TrainConfig, name: str, resume: bool) -> None:
+    """Record what a stage's checkpoints were trained with; refuse to resume them under a different recipe.
+
+    A stage's weights depend on the seed, the model shape, its own settings and every earlier
+    stage's, so those are what must match.
+    """
+    names = ["align", "lvlm", "robust"]
+    record = {"seed": cfg.seed, "model": asdict(cfg.model), "frozen_decoder_layers": cfg.frozen_decoder_layers}
+    record.update({n: asdict(getattr(cfg, n)) for n in names[: names.index(name) + 1]})
+    record = json.loads(json.dumps(record))  # tuples -> lists, as read back
+    if resume and path.exists():
+        saved = json.loads(path.read_text())
+        if saved != record:
+            diff = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
+            raise ValueError(f"{path.parent} was trained with different settings ({', '.join(diff)}); "
+                             "use another workdir or --fresh to start over")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
