@@ -1,0 +1,35 @@
+"""The bundled proxy (v2drop/assets/proxy) loads offline through the hub code path and reads the image."""
+
+import torch
+
+import v2drop
+from v2drop.benchmarks import get_benchmark
+from v2drop.lvlm import LOCAL_MODELS
+from v2drop.proxy import bar_table
+
+ASSET = LOCAL_MODELS["proxy"]
+
+
+def test_the_bundled_proxy_is_a_small_standard_llava():
+    """safetensors from save_pretrained, <= 50 MB, >= 12 decoder layers, 256 vision tokens per image, recipe alongside."""
+    files = {p.name for p in ASSET.iterdir()}
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "train_config.json"} <= files
+    assert sum(p.stat().st_size for p in ASSET.rglob("*") if p.is_file()) <= 50 * 2**20
+    lvlm = v2drop.load("proxy")
+    assert type(lvlm.model).__name__ == "LlavaForConditionalGeneration"
+    assert lvlm.depth >= 12
+    sample = get_benchmark("digits").load("test", 1)[0]
+    inputs = lvlm.prepare([lvlm.format_prompt(sample.question)], [list(sample.images)])
+    image_id = lvlm.model.config.image_token_id
+    assert int((inputs["input_ids"] == image_id).sum()) == 256
+
+
+def test_the_bundled_proxy_answers_from_the_image():
+    """On 50 test questions: clearly above the no-image answers, and keeping the evidence beats as many random tokens."""
+    torch.set_num_threads(2)
+    lvlm = v2drop.load("proxy")
+    bench = get_benchmark("digits")
+    table = bar_table(lvlm, bench, bench.load("test", 50), layer=2)
+    assert table["full"]["overall"] >= 0.7
+    assert table["no image"]["overall"] <= table["full"]["overall"] - 0.3
+    assert table["evidence"]["overall"] > table["random"]["overall"]
