@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ class EvalConfig:
     data_dir: str | None = None  # local copy of a real benchmark (same schema as its Hugging Face dataset)
     benchmark_args: dict = field(default_factory=dict)  # benchmark constructor parameters (circular, num_frames, ...)
     threads: int | None = 2  # torch CPU threads (None: leave as is)
-    measure_memory: bool = True  # peak memory of the language-model part per batch
+    measure_memory: bool = True  # peak memory of the language-model part (CUDA: every batch; CPU: see memory_batches)
+    memory_batches: int = 2  # CPU: the first N batches are run once more, untimed, under the RSS sampler (it would slow the timed run)
     accelerator: str = "auto"  # Lightning accelerator
     devices: int | str = 1  # Lightning devices
     progress: bool = True  # progress bar
@@ -125,11 +127,16 @@ def _check_sample(sample, benchmark) -> None:
             raise ValueError(f"Sample {sample.id!r}: image {i} cannot be decoded ({err})") from None
 
 
-def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalConfig) -> list[dict]:
-    """Generate answers for a batch of samples and turn them into records."""
+def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalConfig, memory_pass: bool = False) -> list[dict]:
+    """Generate answers for a batch of samples and turn them into records (``memory_pass``: CPU
+    peak memory from one more, untimed run of the batch)."""
     prompts = [lvlm.format_prompt(s.question, n_images=len(s.images)) for s in batch]
     inputs = lvlm.prepare(prompts, [list(s.images) for s in batch])
-    out = lvlm.generate_from_inputs(inputs, method, config.max_new_tokens, measure_memory=config.measure_memory)
+    on_cuda = lvlm.device.type == "cuda"
+    out = lvlm.generate_from_inputs(inputs, method, config.max_new_tokens, measure_memory=config.measure_memory and on_cuda)
+    peak = out.peak_memory_bytes
+    if config.measure_memory and not on_cuda and memory_pass:
+        peak = lvlm.generate_from_inputs(inputs, method, config.max_new_tokens, measure_memory=True).peak_memory_bytes
     cfg = lvlm.adapter.text_config
     records = []
     for i, sample in enumerate(batch):
@@ -158,7 +165,7 @@ def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalCon
             "prefill_seconds": out.prefill_seconds / len(batch),
             "generate_seconds": out.generate_seconds / len(batch),
             "scoring_seconds": out.scoring_seconds / len(batch),
-            "peak_memory_bytes": out.peak_memory_bytes,
+            "peak_memory_bytes": peak,
             "batch_size": len(batch),
             "kept": trace.stages,
             "vision_runs": _runs(out.prompt_ids[i], lvlm.adapter),
@@ -196,6 +203,8 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
     from torch.utils.data import DataLoader
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no device banners per run
+    # lightning 2.6 vs torch 2.13's pytree: a deprecation inside Lightning, printed once per Trainer
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
     class Predictor(L.LightningModule):
         def __init__(self):
@@ -203,7 +212,7 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
             self.lvlm_model = lvlm.model  # registered so Lightning places it on the right device
 
         def predict_step(self, batch, batch_idx):
-            return _predict(lvlm, benchmark, method, [samples[i] for i in batch], config)
+            return _predict(lvlm, benchmark, method, [samples[i] for i in batch], config, batch_idx < config.memory_batches)
 
     class RecordWriter(L.Callback):
         def __init__(self):

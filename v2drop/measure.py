@@ -21,7 +21,9 @@ class PeakMemory:
     follows live tensors, glibc is told to serve allocations of 64 KiB and more with ``mmap``
     (returned to the system when freed) and free heap memory is trimmed at entry; without that, a
     run that follows a bigger one reuses cached pages and shows no growth. Short spikes between
-    samples can be missed: treat CPU figures as comparisons between runs, not absolutes.
+    samples can be missed: treat CPU figures as comparisons between runs, not absolutes. The
+    sampler thread and the mmap setting slow the wrapped code (about 2x on the proxy): never time
+    code inside it on CPU; the normal threshold is restored on exit.
     """
 
     def __init__(self, device: torch.device | str = "cpu", interval: float = 0.0005):
@@ -56,26 +58,32 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak_bytes = max(self._peak, _rss()) - self._start
+            _restore_malloc()
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-_MALLOC_TUNED = False
-
-
 def _release_free_memory() -> None:
     """glibc only: large allocations via mmap (freed to the system at once), then trim the heap."""
-    global _MALLOC_TUNED
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        if not _MALLOC_TUNED:
-            libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; also stops glibc raising it dynamically
-            _MALLOC_TUNED = True
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; also stops glibc raising it dynamically
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: RSS figures include cached memory
+        pass
+
+
+def _restore_malloc() -> None:
+    """Serve allocations below 32 MiB from the heap again (where glibc's dynamic threshold settles):
+    mmap for every 64 KiB tensor makes later, timed code pay a page fault per allocation."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 32 * 2**20)
+    except (OSError, AttributeError):
         pass
 
 

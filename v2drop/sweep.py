@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from tqdm import tqdm
 
 from v2drop.evaluation import EvalConfig, evaluate
 from v2drop.method import Method
@@ -307,7 +308,7 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=cfg.trials, callbacks=callbacks, show_progress_bar=progress)
     rows, front = write_artifacts(study, cfg, run_dir)
-    confirmed = confirm_front(study, front, cfg, lvlm, benchmark, run_dir)
+    confirmed = confirm_front(study, front, cfg, lvlm, benchmark, run_dir, progress)
     callback.finish(rows, confirmed, run_dir / "pareto.png")
     return {"rows": rows, "front": front, "confirmed": confirmed, "run_dir": str(run_dir)}
 
@@ -367,7 +368,7 @@ def write_artifacts(study: optuna.Study, cfg: SweepConfig, run_dir: Path) -> tup
     return rows, front
 
 
-def confirm_front(study, front: list[dict], cfg: SweepConfig, lvlm, benchmark, run_dir: Path) -> list[dict]:
+def confirm_front(study, front: list[dict], cfg: SweepConfig, lvlm, benchmark, run_dir: Path, progress: bool = True) -> list[dict]:
     """Evaluate every Pareto trial on the confirmation split and write ``pareto_confirmed.csv``."""
     samples = benchmark.load(cfg.confirm.get("split", "test"), cfg.confirm.get("limit"))
     eval_config = EvalConfig(model=cfg.model, benchmark=cfg.benchmark, progress=False,
@@ -375,7 +376,7 @@ def confirm_front(study, front: list[dict], cfg: SweepConfig, lvlm, benchmark, r
                                 "split": cfg.confirm.get("split", "test"), "limit": cfg.confirm.get("limit")})
     by_number = {t.number: t for t in study.trials}
     out = []
-    for row in front:
+    for row in tqdm(front, desc=f"confirming the front on {len(samples)} {cfg.confirm.get('split', 'test')} samples", disable=not progress):
         method = Method.from_dict(by_number[row["trial"]].user_attrs["method"])
         m = evaluate(lvlm, benchmark, method, eval_config, samples=samples).metrics
         out.append({"trial": row["trial"], "label": row["label"], "schedule": row["schedule"],
