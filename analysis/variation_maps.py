@@ -10,6 +10,7 @@ question, the reference answer and the answers without and with dropping are in 
 from __future__ import annotations
 
 import argparse
+import textwrap
 from dataclasses import dataclass, field
 
 import matplotlib.pyplot as plt
@@ -70,7 +71,8 @@ def main(argv=None) -> list[dict]:
     for row_axes, (sample, (t, h, w), index, history, kept_sets, ans_full, ans_drop) in zip(axes, panels):
         image = np.asarray(sample.images[0].convert("RGB"))
         row_axes[0].imshow(image)
-        row_axes[0].set_title(f"{sample.question}\nref {sample.answer} | none: {ans_full} | V²Drop: {ans_drop}", fontsize=7)
+        question = "\n".join(textwrap.wrap(sample.question, 40))  # long multiple-choice questions would run off the figure
+        row_axes[0].set_title(f"{question}\nref {sample.answer} | none: {ans_full} | V²Drop: {ans_drop}", fontsize=7)
         for ax, (layer, positions, scores), kept in zip(row_axes[1:], history, kept_sets):
             heat = np.full((h, w), np.nan)
             for pos, score in zip(positions, scores):
