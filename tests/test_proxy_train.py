@@ -39,6 +39,44 @@ def test_miniature_training_and_load(tmp_path):
         train_main(args + ["--set", "lvlm.lr=0.01"])
 
 
+def test_an_interrupted_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """A stage that crashes at step 2 and is resumed ends bit-identical to one that ran straight through."""
+    import torch
+
+    import v2drop.proxy as proxy
+
+    def args(name):
+        return ["--set", f"output={tmp_path / name / 'out'}", "--set", f"workdir={tmp_path / name / 'work'}", "--set", "model.layers=2",
+                "--set", "model.hidden=32", "--set", "model.intermediate=64", "--set", "model.vision_hidden=32", "--set", "align.steps=1",
+                "--set", "align.batch=2", "--set", "lvlm.steps=4", "--set", "lvlm.batch=2", "--set", "lvlm.token_keep=[0.1,1.0]",
+                "--set", "robust.steps=0", "--set", "checkpoint_every=1"]
+
+    train_main(args("straight"))
+    print_loss = proxy._PrintLoss
+
+    def crashing(stage, every=25):
+        callback = print_loss(stage, every)
+        inner = callback.on_train_batch_end
+
+        def on_train_batch_end(trainer, *a):
+            inner(trainer, *a)
+            if stage == "lvlm" and trainer.global_step == 2:
+                raise RuntimeError("simulated crash")
+
+        callback.on_train_batch_end = on_train_batch_end
+        return callback
+
+    monkeypatch.setattr(proxy, "_PrintLoss", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_main(args("resumed"))
+    assert not (tmp_path / "resumed" / "work" / "lvlm" / "done.pt").exists()
+    monkeypatch.setattr(proxy, "_PrintLoss", print_loss)
+    train_main(args("resumed"))
+    a = torch.load(tmp_path / "straight" / "work" / "lvlm" / "done.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "work" / "lvlm" / "done.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_config_rejects_unknown_keys():
     import pytest
 

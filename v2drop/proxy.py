@@ -565,6 +565,7 @@ class TrainConfig:
     lvlm: StageConfig = field(default_factory=lambda: StageConfig(steps=800, batch=16, lr=1.5e-3, vision_lr=1e-4))
     robust: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch=16, lr=7e-4, vision_lr=5e-5, token_keep=[0.05, 1.0]))
     frozen_decoder_layers: int = 0  # the first N decoder layers keep their initial weights in every stage (see README: proxy)
+    checkpoint_every: int = 50  # steps between Lightning checkpoints (what an interrupted stage resumes from)
     monitor_every: int = 0  # every N steps print validation accuracy per family (0: never)
     monitor_samples: int = 100  # validation questions the monitor scores
 
@@ -711,12 +712,17 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
         trainer = L.Trainer(
             max_steps=stage.steps, accelerator="cpu", devices=1, precision=cfg.precision, logger=False,
             enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=1.0, log_every_n_steps=10,
-            callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=50, save_top_k=0), _PrintLoss(name)]
+            callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every, save_top_k=0), _PrintLoss(name)]
             + ([_Monitor(processor, cfg.monitor_every, cfg.monitor_samples)] if cfg.monitor_every and name != "align" else []),
         )
         offset = {"align": 0, "lvlm": 10**6, "robust": 2 * 10**6}[name]
-        loader = torch.utils.data.DataLoader(SceneStream(cfg.seed + offset), batch_size=stage.batch, collate_fn=_collate)
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if resume and last.exists() else None)
+        resuming = resume and last.exists()
+        # Lightning cannot fast-forward an iterable stream: start it where the checkpoint stopped,
+        # so an interrupted stage sees the scenes an uninterrupted one would (scenes are seeded by index).
+        done_steps = torch.load(last, map_location="cpu", weights_only=False)["global_step"] if resuming else 0
+        loader = torch.utils.data.DataLoader(SceneStream(cfg.seed + offset, start=done_steps * stage.batch), batch_size=stage.batch,
+                                             collate_fn=_collate)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if resuming else None)
         done.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), done)
     out = Path(cfg.output)
