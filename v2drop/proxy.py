@@ -17,7 +17,8 @@ stages, all PyTorch Lightning modules defined here:
    tokens had never been there, so the model reads the image after layer 2, as the validity bar
    requires, and does not derail when only a few tokens survive. It changes the test bed for every
    method alike: the drops are not any method's choice of tokens.
-3. ``robust``: the same again, a second learning-rate cycle.
+3. ``robust``: the same again, a second learning-rate cycle with more whole-object drops, half of
+   which keep every object (``all_objects``): a count question's evidence is exactly that.
 """
 
 from __future__ import annotations
