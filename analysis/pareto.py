@@ -3,7 +3,8 @@
     python -m analysis.pareto [--results runs/analysis/method_table] [--sweep runs/<study> ...]
 
 Reads the results ``analysis.method_table`` cached (one folder per method and budget) and, for
-each ``--sweep`` directory, its ``pareto.csv`` (from ``python -m experiments.sweep``).
+each ``--sweep`` directory, its front (from ``python -m experiments.sweep``): the one confirmed on
+the test split when present, else the validation-sample one.
 """
 
 from __future__ import annotations
@@ -27,12 +28,21 @@ def non_dominated(points: list[tuple[float, float]]) -> list[int]:
     return keep
 
 
-def _sweep_points(folder: Path) -> list[dict]:
-    path = folder / "pareto.csv"
+def _sweep_points(folder: Path) -> tuple[list[dict], str]:
+    """A sweep's front as rows of accuracy, prefill_ms and flops_ratio, and which split they are from.
+
+    The confirmed front (``pareto_confirmed.csv``, re-evaluated on the test split) is preferred, so
+    that it sits on the same split as the method results; else the validation-sample front.
+    """
+    confirmed, path = folder / "pareto_confirmed.csv", folder / "pareto.csv"
+    if confirmed.exists():
+        with open(confirmed) as f:
+            return [{"accuracy": r["test_accuracy"], "prefill_ms": r["test_prefill_ms"], "flops_ratio": r["test_flops_ratio"]}
+                    for r in csv.DictReader(f)], "confirmed"
     if not path.exists():
         raise ValueError(f"{folder} has no pareto.csv; run python -m experiments.sweep first")
     with open(path) as f:
-        return list(csv.DictReader(f))
+        return list(csv.DictReader(f)), "validation sample"
 
 
 def _pick(row: dict, *names):
@@ -72,12 +82,11 @@ def main(argv=None) -> list[dict]:
         front = sorted((r[key], r["accuracy"]) for r in rows if r[f"pareto_{key}"])
         ax.step(*zip(*front), where="post", color="black", lw=1, label="front (methods)")
         for folder in args.sweep:
-            pts = [(_pick(r, "prefill_latency", "prefill_ms", "prefill_latency_median_s"), _pick(r, "accuracy")) for r in _sweep_points(Path(folder))]
-            if key == "flops_ratio":
-                pts = [(_pick(r, "flops_ratio", "flops"), _pick(r, "accuracy")) for r in _sweep_points(Path(folder))]
-            pts = sorted(p for p in pts if None not in p)
+            sweep_rows, split = _sweep_points(Path(folder))
+            cost = ("prefill_ms", "prefill_latency", "prefill_latency_median_s") if key == "prefill_ms" else ("flops_ratio", "flops")
+            pts = sorted(p for p in ((_pick(r, *cost), _pick(r, "accuracy")) for r in sweep_rows) if None not in p)
             if pts:
-                ax.plot(*zip(*pts), ls="--", marker="x", label=f"sweep {Path(folder).name}")
+                ax.plot(*zip(*pts), ls="--", marker="x", label=f"sweep {Path(folder).name} ({split})")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=7, ncol=2)

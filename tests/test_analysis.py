@@ -5,7 +5,7 @@ import pytest
 from analysis.common import budget_method, relative_rows, run_methods
 from analysis.evidence_kept import evidence_shares
 from analysis.method_table import methods_at_budgets
-from analysis.pareto import non_dominated
+from analysis.pareto import _sweep_points, non_dominated
 from analysis.positional_bias import interval_keep_rates
 from analysis.real_cost import MODELS, cost_rows
 from tests.tiny import EchoBench
@@ -36,6 +36,20 @@ def test_real_cost_count_presets_keep_their_share_on_other_token_counts():
 def test_non_dominated():
     points = [(1, 0.5), (2, 0.7), (2, 0.6), (3, 0.7), (0.5, 0.2), (4, 0.9)]
     assert non_dominated(points) == [0, 1, 4, 5]
+
+
+def test_sweep_front_prefers_the_one_confirmed_on_test(tmp_path):
+    """The overlay sits on the methods' split: the test-confirmed front when the sweep wrote one, else the validation one."""
+    (tmp_path / "pareto.csv").write_text("trial,accuracy,prefill_ms,flops_ratio\n3,0.55,9.2,0.137\n")
+    rows, split = _sweep_points(tmp_path)
+    assert split == "validation sample" and rows[0]["accuracy"] == "0.55"
+    (tmp_path / "pareto_confirmed.csv").write_text(
+        "trial,label,schedule,validation_accuracy,test_accuracy,test_prefill_ms,test_flops_ratio,test_average_tokens\n"
+        "3,,1:0.05,0.55,0.597,9.5,0.137,26.8\n")
+    rows, split = _sweep_points(tmp_path)
+    assert split == "confirmed" and rows == [{"accuracy": "0.597", "prefill_ms": "9.5", "flops_ratio": "0.137"}]
+    with pytest.raises(ValueError, match="has no pareto.csv"):
+        _sweep_points(tmp_path / "missing")
 
 
 def record(kept_stages, runs=((10, 20),), depth=4, family="a", rid="x"):
