@@ -16,9 +16,11 @@ def test_miniature_training_and_load(tmp_path):
     args = ["--set", f"output={out}", "--set", f"workdir={work}", "--set", "model.layers=2", "--set", "model.hidden=32",
             "--set", "model.intermediate=64", "--set", "model.vision_hidden=32", "--set", "align.steps=2", "--set", "align.batch=2",
             "--set", "lvlm.steps=2", "--set", "lvlm.batch=2", "--set", "robust.steps=2", "--set", "robust.batch=2",
+            "--set", "video.steps=1", "--set", "video.batch=1", "--set", "video.clips=1", "--set", "video.frames=[1,2]",
+            "--set", "video.frame_tags=1.0", "--set", "video.video_aux=[frames,firsts]", "--set", "video.token_keep=[0.1,1.0]",
             "--set", "monitor_every=1", "--set", "monitor_samples=5"]
     train_main(args)
-    assert (out / "model.safetensors").exists() and (work / "lvlm" / "done.pt").exists()
+    assert (out / "model.safetensors").exists() and (work / "lvlm" / "done.pt").exists() and (work / "video" / "done.pt").exists()
     lvlm = v2drop.load(str(out))
     sample = get_benchmark("digits").load("test", 1)[0]
     prompt = lvlm.format_prompt(sample.question)
@@ -126,8 +128,20 @@ def test_digits_aux_turn_names_every_digit_with_its_colour_or_none():
     colour = {str(o.label): o.colour for o in objects}
     assert answers == [colour.get(w, "none") for w in words]
     assert labels[0::2] == [-100] * 10 and labels[1::2] == ids[1::2]  # only the answers are supervised
-    with pytest.raises(ValueError, match=r"Unknown auxiliary turn 'cells'; known: \['digits'\]"):
+    with pytest.raises(ValueError, match=r"Unknown auxiliary turn 'cells'; known: \['digits', 'which'\]"):
         aux_turn(tok, objects, random.Random(0), "cells")
+
+
+def test_which_aux_turn_asks_for_the_digit_only_when_one_is_visible():
+    """``which``: "What digit is in the image? ASSISTANT: 7 </s>" with one object, nothing with more; only the answer is supervised."""
+    from v2drop.proxy import aux_turn, build_tokenizer
+
+    tok = build_tokenizer()
+    _, objects, _ = get_benchmark("digits").scene("train", 11)
+    assert len(objects) >= 2 and aux_turn(tok, objects, random.Random(0), "which") == ([], [])
+    ids, labels = aux_turn(tok, objects[:1], random.Random(0), "which")
+    assert tok.decode(ids) == f"What digit is in the image? ASSISTANT: {objects[0].label} </s>"
+    assert labels[:-2] == [-100] * (len(ids) - 2) and labels[-2:] == ids[-2:]
 
 
 def test_aux_turn_is_isolated_and_leaves_the_questions_unchanged():

@@ -211,6 +211,32 @@ class Digits(_DigitsBase):
         ]
 
 
+def video_questions(rng: random.Random, contents: list[list[Object]], visible: set[int] | None = None) -> list[tuple[str, str, str, list[int]]]:
+    """The video questions of a clip: (family, question, answer, evidence); ``contents[f]`` = frame f's objects (0 or 1).
+
+    ``visible`` (frame indices; None = every frame) is for the proxy's training drops: a frame
+    whose digit lost every token counts as empty. With None the questions and the RNG's use are
+    the benchmark's own.
+    """
+    per = PATCHES * PATCHES
+    with_digit = [f for f in range(len(contents)) if contents[f]]
+    seen = [f for f in with_digit if visible is None or f in visible]
+    all_ev = [i for f in with_digit for i in contents[f][0].evidence(f * per)]
+    out = []
+    f = rng.randrange(len(contents))
+    answer = str(contents[f][0].label) if f in seen else "none"
+    ev = contents[f][0].evidence(f * per) if contents[f] else list(range(f * per, (f + 1) * per))
+    out.append(("frame", f"What digit is shown in frame {NUMBER_WORDS[f + 1]}?", answer, ev))
+    if with_digit:
+        labels = [contents[f][0].label for f in with_digit]
+        d = rng.choice(labels)
+        first = next((f for f in seen if contents[f][0].label == d), None)
+        out.append(("first", f"In which frame does the {d} first appear?", "none" if first is None else NUMBER_WORDS[first + 1],
+                    [i for f in with_digit if contents[f][0].label == d for i in contents[f][0].evidence(f * per)]))
+    out.append(("frames", "How many frames contain a digit?", str(len(seen)), all_ev))
+    return out
+
+
 @register_benchmark("digits-video")
 class DigitsVideo(_DigitsBase):
     """Video questions over 8 frames (2,048 vision tokens): a frame's digit, first appearance, frames with a digit."""
@@ -218,32 +244,21 @@ class DigitsVideo(_DigitsBase):
     modality = "video"
     families = VIDEO_FAMILIES
 
-    def scene_samples(self, split: str, scene: int) -> list[Sample]:
+    def clip(self, split: str, scene: int, frames: int = FRAMES) -> tuple[list[Image.Image], list[list[Object]], random.Random]:
+        """The ``frames`` frames of clip ``scene`` of ``split`` (each with one digit half of the time), their objects, and the question RNG."""
         nrng, qrng = _scene_rng(self.seed, split, scene, "video")
         pool = split_indices(split)
-        frames, contents = [], []
-        for f in range(FRAMES):
-            n = 1 if nrng.random() < 0.5 else 0
-            image, objects = render_scene(nrng, pool, n)
-            frames.append(image)
+        images, contents = [], []
+        for _ in range(frames):
+            image, objects = render_scene(nrng, pool, 1 if nrng.random() < 0.5 else 0)
+            images.append(image)
             contents.append(objects)
-        per = PATCHES * PATCHES
-        with_digit = [f for f in range(FRAMES) if contents[f]]
-        all_ev = [i for f in with_digit for i in contents[f][0].evidence(f * per)]
-        samples = []
-        f = qrng.randrange(FRAMES)
-        answer = str(contents[f][0].label) if contents[f] else "none"
-        ev = contents[f][0].evidence(f * per) if contents[f] else list(range(f * per, (f + 1) * per))
-        samples.append(("frame", f"What digit is shown in frame {NUMBER_WORDS[f + 1]}?", answer, ev))
-        if with_digit:
-            labels = [contents[f][0].label for f in with_digit]
-            d = qrng.choice(labels)
-            first = next(f for f in with_digit if contents[f][0].label == d)
-            samples.append(("first", f"In which frame does the {d} first appear?", NUMBER_WORDS[first + 1],
-                            [i for f in with_digit if contents[f][0].label == d for i in contents[f][0].evidence(f * per)]))
-        samples.append(("frames", "How many frames contain a digit?", str(len(with_digit)), all_ev))
+        return images, contents, qrng
+
+    def scene_samples(self, split: str, scene: int) -> list[Sample]:
+        frames, contents, qrng = self.clip(split, scene)
         images = tuple(frames)
-        return [Sample(f"{split}-{scene}-{fam}", q, a, fam, images, tuple(e)) for fam, q, a, e in samples]
+        return [Sample(f"{split}-{scene}-{fam}", q, a, fam, images, tuple(e)) for fam, q, a, e in video_questions(qrng, contents)]
 
 
 def vocabulary() -> list[str]:
