@@ -297,7 +297,7 @@ class AlignModule:
 EXTRA_FAMILIES = ("ident", "exist", "colour", "mc")
 
 
-AUX_TURNS = ("digits", "which")
+AUX_TURNS = ("digits", "which", "cells")
 WHICH_QUESTION = "What digit is in the image?"
 
 
@@ -310,6 +310,12 @@ def aux_turn(tokenizer, objects, rng: random.Random, kind: str) -> tuple[list[in
     direct, first-order training signal (the question formats only reach it through a hop from
     the answer position back to the digit word, a chicken-and-egg the randomly initialised decoder
     did not leave in 700 steps). It is a training device only: evaluation prompts never contain it.
+
+    ``cells``: the sixteen grid cells in shuffled order, each a row and a column word followed by
+    the digit there or ``none``: ``upper left 7 bottom rightmost none ...`` — the same first-order
+    signal for the opposite lookup, position as the key and the digit as the value (what ``ident``
+    asks; ``digits`` only ever reads a digit as the key). ``which``: "What digit is in the image?"
+    when exactly one digit is visible (nothing otherwise).
     """
     if kind not in AUX_TURNS:
         raise ValueError(f"Unknown auxiliary turn {kind!r}; known: {list(AUX_TURNS)}")
@@ -319,6 +325,16 @@ def aux_turn(tokenizer, objects, rng: random.Random, kind: str) -> tuple[list[in
         prompt = tokenizer(WHICH_QUESTION, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("ASSISTANT:")]
         target = [tokenizer.convert_tokens_to_ids(str(objects[0].label)), tokenizer.convert_tokens_to_ids("</s>")]
         return prompt + target, [-100] * len(prompt) + target
+    if kind == "cells":
+        where = {(o.row, o.col): str(o.label) for o in objects}
+        cells = [(r, c) for r in range(len(ROW_WORDS)) for c in range(len(COL_WORDS))]
+        rng.shuffle(cells)
+        ids, labels = [], []
+        for r, c in cells:
+            answer = tokenizer.convert_tokens_to_ids(where.get((r, c), "none"))
+            ids += [tokenizer.convert_tokens_to_ids(ROW_WORDS[r]), tokenizer.convert_tokens_to_ids(COL_WORDS[c]), answer]
+            labels += [-100, -100, answer]
+        return ids, labels
     colour = {o.label: o.colour for o in objects}
     digits = list(range(10))
     rng.shuffle(digits)
