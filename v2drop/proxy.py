@@ -311,8 +311,9 @@ def aux_turn(tokenizer, objects, rng: random.Random, kind: str) -> tuple[list[in
     the answer position back to the digit word, a chicken-and-egg the randomly initialised decoder
     did not leave in 700 steps). It is a training device only: evaluation prompts never contain it.
 
-    ``cells``: the sixteen grid cells in shuffled order, each a row and a column word followed by
-    the digit there or ``none``: ``upper left 7 bottom rightmost none ...`` — the same first-order
+    ``cells``: the occupied grid cells and as many empty ones, shuffled, each a row and a column
+    word followed by the digit there or ``none``: ``upper left 7 bottom rightmost none ...`` (all
+    sixteen cells, 80% ``none``, stayed at always-``none`` for 300 steps) — the same first-order
     signal for the opposite lookup, position as the key and the digit as the value (what ``ident``
     asks; ``digits`` only ever reads a digit as the key). ``which``: "What digit is in the image?"
     when exactly one digit is visible (nothing otherwise).
@@ -327,7 +328,8 @@ def aux_turn(tokenizer, objects, rng: random.Random, kind: str) -> tuple[list[in
         return prompt + target, [-100] * len(prompt) + target
     if kind == "cells":
         where = {(o.row, o.col): str(o.label) for o in objects}
-        cells = [(r, c) for r in range(len(ROW_WORDS)) for c in range(len(COL_WORDS))]
+        empty = [(r, c) for r in range(len(ROW_WORDS)) for c in range(len(COL_WORDS)) if (r, c) not in where]
+        cells = list(where) + rng.sample(empty, min(len(where), len(empty)))
         rng.shuffle(cells)
         ids, labels = [], []
         for r, c in cells:
