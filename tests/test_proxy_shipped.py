@@ -4,6 +4,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -15,12 +16,13 @@ from v2drop.proxy import TrainConfig, bar_table
 ASSET = LOCAL_MODELS["proxy"]
 
 
-def test_the_bundled_proxy_is_a_small_standard_llava():
-    """safetensors from save_pretrained, <= 50 MB, >= 12 decoder layers, 256 vision tokens per image, recipe alongside."""
-    files = {p.name for p in ASSET.iterdir()}
+@pytest.mark.parametrize("name", ["proxy", "proxy-layer0-trained"])
+def test_the_bundled_proxies_are_small_standard_llavas(name):
+    """safetensors from save_pretrained, <= 50 MB for all bundled models, >= 12 decoder layers, 256 vision tokens per image, recipe alongside."""
+    files = {p.name for p in LOCAL_MODELS[name].iterdir()}
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "train_config.json"} <= files
-    assert sum(p.stat().st_size for p in ASSET.rglob("*") if p.is_file()) <= 50 * 2**20
-    lvlm = v2drop.load("proxy")
+    assert sum(p.stat().st_size for asset in LOCAL_MODELS.values() for p in asset.rglob("*") if p.is_file()) <= 50 * 2**20
+    lvlm = v2drop.load(name)
     assert type(lvlm.model).__name__ == "LlavaForConditionalGeneration"
     assert lvlm.depth >= 12
     sample = get_benchmark("digits").load("test", 1)[0]
