@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.tiny import EchoBench
-from v2drop.sweep import SweepConfig, make_storage, pareto_indices, run_sweep, validate
+from v2drop.sweep import SweepConfig, make_storage, pareto_indices, run_sweep, validate, wandb_mode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -204,3 +204,14 @@ def test_wandb_per_trial_runs(tiny, tmp_path):
     cfg = config(tmp_path, trials=3, wandb={"mode": "offline", "per_trial_runs": True})
     run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(3), progress=False)
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1 + 3
+
+
+def test_wandb_mode_comes_from_the_config_then_the_environment_then_offline(monkeypatch):
+    """An unset wandb.mode follows $WANDB_MODE (so CI's `disabled` holds), else offline; a set one wins; a bad one is a clear error."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode(SweepConfig()) == "disabled"
+    assert wandb_mode(SweepConfig.from_dict({"wandb": {"mode": "offline"}})) == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    assert wandb_mode(SweepConfig()) == "offline"
+    with pytest.raises(ValueError, match="wandb mode 'ofline' is not one of"):
+        wandb_mode(SweepConfig.from_dict({"wandb": {"mode": "ofline"}}))

@@ -69,7 +69,7 @@ class SweepConfig:
     run_dir: str | None = None  # artifacts; None = runs/<study>
     heartbeat: int = 30  # seconds between RDB heartbeats (a dead worker's trial is failed after 2x)
     retries: int = 2  # times a failed trial is retried (RDB storages)
-    wandb: dict = field(default_factory=lambda: {"mode": "offline", "project": "v2drop", "per_trial_runs": False})  # offline / online / disabled
+    wandb: dict = field(default_factory=lambda: {"mode": None, "project": "v2drop", "per_trial_runs": False})  # mode offline / online / disabled; None = $WANDB_MODE, else offline
 
     @classmethod
     def from_dict(cls, data: dict) -> "SweepConfig":
@@ -217,6 +217,17 @@ def pareto_indices(values: list[list[float]], directions: list[str]) -> list[int
     return front
 
 
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def wandb_mode(cfg: SweepConfig) -> str:
+    """The wandb mode: the config's ``wandb.mode`` if set, else ``$WANDB_MODE``, else ``offline``."""
+    mode = cfg.wandb.get("mode") or os.environ.get("WANDB_MODE") or "offline"
+    if mode not in WANDB_MODES:
+        raise ValueError(f"wandb mode {mode!r} is not one of {list(WANDB_MODES)} (from the config's wandb.mode or $WANDB_MODE)")
+    return mode
+
+
 class WandbCallback:
     """Our own small Optuna -> wandb logger: one run per study, every trial's parameters and metrics.
 
@@ -226,7 +237,7 @@ class WandbCallback:
 
     def __init__(self, cfg: SweepConfig, run_dir: Path):
         self.cfg = cfg
-        self.mode = cfg.wandb.get("mode", "offline")
+        self.mode = wandb_mode(cfg)
         self.run = None
         if self.mode == "disabled":
             return
@@ -274,6 +285,7 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
     from v2drop.benchmarks import get_benchmark
 
     run_dir = cfg.resolved_run_dir()
+    wandb_mode(cfg)  # a bad mode fails before the model loads
     benchmark = benchmark or get_benchmark(cfg.benchmark)
     storage = make_storage(cfg)  # fails fast on an unreachable URL
     lvlm = lvlm or v2drop.load(cfg.model)
