@@ -1,17 +1,25 @@
-"""A method = a scorer (with its parameters) + a drop schedule + a position policy."""
+"""A method = a scorer (with its parameters) + a drop schedule + a position policy.
+
+Methods are immutable values: two methods with the same scorer (registered name and
+parameters), schedule, position policy and reference depth are equal, and
+``Method.from_dict(m.to_dict()) == m``. Named presets ship with the package
+(``v2drop/presets/*.yaml``) and are read with ``importlib.resources``, so an installed wheel has
+them too.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from v2drop.schedule import Schedule
-from v2drop.scorers import Scorer, build_scorer
+from v2drop.scorers import SCORERS, Scorer, build_scorer
 
 POSITION_POLICIES = ("preserve", "renumber")
-PRESET_DIRS = [Path(__file__).resolve().parent.parent / "configs" / "presets"]
 _METHOD_KEYS = {"scorer", "schedule", "position_policy", "reference_depth", "description"}
 
 
@@ -21,8 +29,8 @@ class Method:
     Parameters
     ----------
     scorer : str or Scorer or None
-        A registered scorer name (see ``v2drop.list_scorers()``), a scorer instance, or None /
-        ``"none"`` for no dropping.
+        A registered scorer name (see ``v2drop.list_scorers()``), an instance of a registered
+        scorer class, or None / ``"none"`` for no dropping.
     schedule : Schedule or dict or None
         Drop stages; None means no dropping.
     position_policy : {"preserve", "renumber"}
@@ -34,6 +42,8 @@ class Method:
     **scorer_kwargs
         The scorer's parameters, e.g. ``metric="l1"`` for ``v2drop``.
     """
+
+    __slots__ = ("scorer_name", "scorer", "schedule", "position_policy", "reference_depth")
 
     def __init__(
         self,
@@ -48,21 +58,47 @@ class Method:
         if scorer in (None, "none"):
             if scorer_kwargs:
                 raise ValueError(f"Method 'none' takes no scorer parameters, got {sorted(scorer_kwargs)}")
-            self.scorer_name, self.scorer = "none", None
+            name, instance = "none", None
         elif isinstance(scorer, Scorer):
             if scorer_kwargs:
                 raise ValueError("Pass scorer parameters either in the Scorer instance or as kwargs, not both")
-            self.scorer_name, self.scorer = type(scorer).__name__, scorer
+            name, instance = registered_name(type(scorer)), scorer
         else:
-            self.scorer_name, self.scorer = scorer, build_scorer(scorer, **scorer_kwargs)
-        self.schedule = Schedule.from_dict(schedule) if not isinstance(schedule, Schedule) else schedule
-        if self.scorer is None and self.schedule.stages:
+            name, instance = scorer, build_scorer(scorer, **scorer_kwargs)
+        schedule = schedule if isinstance(schedule, Schedule) else Schedule.from_dict(schedule)
+        if instance is None and schedule.stages:
             raise ValueError("A schedule with stages needs a scorer; use scorer='random' or another registered name")
-        if self.scorer is not None:
-            for s in self.schedule.stages:
-                self.scorer.check_layer(s.layer)
-        self.position_policy = position_policy
-        self.reference_depth = reference_depth
+        if instance is not None:
+            for s in schedule.stages:
+                instance.check_layer(s.layer)
+        _set = object.__setattr__  # the only writes a Method ever gets
+        _set(self, "scorer_name", name)
+        _set(self, "scorer", instance)
+        _set(self, "schedule", schedule)
+        _set(self, "position_policy", position_policy)
+        _set(self, "reference_depth", reference_depth)
+
+    def __setattr__(self, key, value):
+        raise dataclasses.FrozenInstanceError(f"Method is immutable; cannot set {key!r} (build a new Method, or use rescaled())")
+
+    def __delattr__(self, key):
+        raise dataclasses.FrozenInstanceError(f"Method is immutable; cannot delete {key!r}")
+
+    def __reduce__(self):
+        # __slots__ + a blocking __setattr__: pickle (Lightning's spawn strategies) rebuilds from config data
+        return (Method.from_dict, (self.to_dict(),))
+
+    def _key(self) -> tuple:
+        return (self.scorer_name, scorer_params(self.scorer), self.schedule, self.position_policy, self.reference_depth)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Method):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        # scorer parameters may be unhashable (lists); equal methods still hash equal without them
+        return hash((self.scorer_name, self.schedule, self.position_policy, self.reference_depth))
 
     @classmethod
     def none(cls) -> "Method":
@@ -78,6 +114,8 @@ class Method:
     @classmethod
     def from_dict(cls, data: dict) -> "Method":
         """Build from config data: ``{scorer: {name: v2drop, metric: l2}, schedule: {...}, ...}``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"Method config data must be a mapping with keys {sorted(_METHOD_KEYS)}, got {data!r}")
         unknown = set(data) - _METHOD_KEYS
         if unknown:
             raise ValueError(f"Unknown method keys {sorted(unknown)}; valid keys: {sorted(_METHOD_KEYS)}")
@@ -98,7 +136,7 @@ class Method:
         """Plain config data (inverse of ``from_dict``)."""
         scorer: Any = "none"
         if self.scorer is not None:
-            scorer = {"name": self.scorer_name, **_fields(self.scorer)}
+            scorer = {"name": self.scorer_name, **scorer_params(self.scorer)}
         return {
             "scorer": scorer,
             "schedule": self.schedule.to_dict(),
@@ -108,12 +146,8 @@ class Method:
 
     @classmethod
     def from_preset(cls, name: str, depth: int | None = None) -> "Method":
-        """Load a named preset from ``configs/presets`` (or a YAML path), rescaled to ``depth`` if given."""
-        path = Path(name)
-        if not (path.suffix in (".yaml", ".yml") and path.exists()):
-            path = _preset_path(name)
-        data = yaml.safe_load(path.read_text()) or {}
-        method = cls.from_dict(data)
+        """Load a named preset (see ``list_presets()``) or a YAML file, rescaled to ``depth`` if given."""
+        method = cls.from_dict(_method_data(name))
         return method.rescaled(depth) if depth is not None else method
 
     @classmethod
@@ -129,28 +163,68 @@ class Method:
         return cls.from_preset(spec, depth)
 
     def rescaled(self, depth: int) -> "Method":
-        """This method with stage layers moved proportionally to a model of ``depth`` layers."""
+        """A new method with stage layers moved proportionally to a model of ``depth`` layers (or this one if nothing moves)."""
         if self.reference_depth in (None, depth) or not self.schedule.stages:
             return self
-        new = object.__new__(Method)
-        new.__dict__.update(self.__dict__)
-        new.schedule = self.schedule.rescaled(self.reference_depth, depth)
-        new.reference_depth = depth
-        return new
+        return Method(self.scorer, self.schedule.rescaled(self.reference_depth, depth), self.position_policy, depth)
 
     def __repr__(self) -> str:
         return f"Method(scorer={self.scorer!r}, schedule={self.schedule!r}, position_policy={self.position_policy!r})"
 
 
+def registered_name(cls: type) -> str:
+    """The name ``cls`` is registered under in ``v2drop.scorers.SCORERS``; an unregistered class is an error."""
+    for name in SCORERS.names():
+        if SCORERS.get(name) is cls:
+            return name
+    raise ValueError(
+        f"Scorer class {cls.__qualname__} is not registered, so a Method using it could not be saved and loaded; "
+        f"register it with @register_scorer('<name>') (registered scorers: {', '.join(SCORERS.names())})"
+    )
+
+
+def scorer_params(scorer: Scorer | None) -> dict:
+    """The constructor parameters of a scorer instance (its init dataclass fields)."""
+    if scorer is None or not dataclasses.is_dataclass(scorer):
+        return {}
+    return {f.name: getattr(scorer, f.name) for f in dataclasses.fields(scorer) if f.init}
+
+
+# -- presets -----------------------------------------------------------------------------------
+def _preset_dir():
+    return resources.files("v2drop").joinpath("presets")
+
+
 def list_presets() -> list[str]:
-    """Sorted names of the YAML presets in ``configs/presets``."""
-    return sorted({p.stem for d in PRESET_DIRS if d.is_dir() for p in d.glob("*.yaml")})
+    """Sorted names of the presets shipped in ``v2drop/presets``."""
+    return sorted(p.name[: -len(".yaml")] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_text(name: str) -> str:
+    """The YAML text of preset ``name``; an unknown name is an error listing the presets."""
+    entry = _preset_dir().joinpath(f"{name}.yaml")
+    if not entry.is_file():
+        raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(list_presets()) or '(none)'}")
+    return entry.read_text()
+
+
+def _method_data(name: str) -> dict:
+    """Config data (without ``description``) of a preset name or a YAML path; a bare schedule file becomes ``{schedule: ...}``."""
+    from v2drop.config import read_yaml
+
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        data = read_yaml(path, what="method")
+    else:
+        data = yaml.safe_load(preset_text(name)) or {}
+    if "stages" in data:
+        data = {"schedule": data}
+    data.pop("description", None)
+    return data
 
 
 def resolve_method(method: str, schedule: str | None = None, scorer_args: dict | None = None) -> Method:
     """A Method from a command line's method (scorer, preset, YAML or ``none``), schedule and scorer parameters."""
-    from v2drop.scorers import SCORERS
-
     scorer_args = scorer_args or {}
     if method == "none":
         if schedule:
@@ -174,29 +248,4 @@ def resolve_method(method: str, schedule: str | None = None, scorer_args: dict |
     if isinstance(preset_scorer, dict) and preset_scorer.get("name") == method:
         preset_args = {k: v for k, v in preset_scorer.items() if k != "name"}
     data["scorer"] = {"name": method, **preset_args, **scorer_args}
-    return Method.from_dict({k: v for k, v in data.items() if k != "description"})
-
-
-def _method_data(name: str) -> dict:
-    """Config data of a preset name or YAML path."""
-    path = Path(name)
-    if not path.exists():
-        path = _preset_path(name)
-    data = yaml.safe_load(path.read_text()) or {}
-    if "stages" in data:  # a bare schedule file
-        data = {"schedule": data}
-    data.pop("description", None)
-    return data
-
-
-def _preset_path(name: str) -> Path:
-    for d in PRESET_DIRS:
-        if (d / f"{name}.yaml").exists():
-            return d / f"{name}.yaml"
-    raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(list_presets()) or '(none)'}")
-
-
-def _fields(scorer: Scorer) -> dict:
-    import dataclasses
-
-    return {f.name: getattr(scorer, f.name) for f in dataclasses.fields(scorer)} if dataclasses.is_dataclass(scorer) else {}
+    return Method.from_dict(data)

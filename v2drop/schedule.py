@@ -1,6 +1,6 @@
 """Drop schedules: at which decoder layers vision tokens are dropped, and how many survive.
 
-A schedule is plain data: ordered stages ``(layer, keep)``. Semantics follow METHODS.md:
+A schedule is plain data: ordered stages ``(layer, keep)``. Semantics (see ``docs/methods.md``):
 "drop at layer l" removes tokens just before decoder layer ``l`` runs (0-based), and a relative
 keep fraction applies to the vision tokens still present at that stage, with at least
 ``min_keep`` surviving: ``count = max(min_keep, floor(n * keep))`` (never more than ``n``).
