@@ -12,34 +12,12 @@ interrupted run continues with ``--resume``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
 import sys
 from pathlib import Path
 
-import yaml
-
-from v2drop.evaluation import EvalConfig, evaluate, format_table
+from v2drop.config import config_from_dict, parse_overrides
+from v2drop.evaluation import EvalConfig, default_run_dir, format_table, run_evaluation
 from v2drop.method import resolve_method
-
-
-def _parse_scorer_args(items: list[str]) -> dict:
-    """``key=value`` items (values parsed as YAML) as a dict."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--scorer-arg/--benchmark-arg take key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key] = yaml.safe_load(value)
-    return out
-
-
-def _check_writable(path: Path) -> None:
-    parent = path.parent if path.parent != Path("") else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"Cannot write {path}: the directory or file is not writable")
 
 
 def main(argv=None) -> dict:
@@ -50,7 +28,7 @@ def main(argv=None) -> dict:
     p.add_argument("--method", default="none", help="scorer name, preset name or YAML, or none")
     p.add_argument("--schedule", default=None, help="preset name or YAML whose schedule to use")
     p.add_argument("--scorer-arg", action="append", default=[], metavar="KEY=VALUE", help="scorer parameter, e.g. metric=l1")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default=None, help="benchmark split (default: the benchmark's default split)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=8)
@@ -73,46 +51,22 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     try:
-        from v2drop.benchmarks import get_benchmark
-
-        method = resolve_method(args.method, args.schedule, _parse_scorer_args(args.scorer_arg))
-        benchmark_args = _parse_scorer_args(args.benchmark_arg)
-        benchmark = get_benchmark(args.benchmark, data_dir=args.data_dir, **benchmark_args)
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(args.model).name}-{args.benchmark}-{args.method}-{Path(args.schedule or 'default').stem}")
-        run_dir = Path(args.run_dir or Path("runs") / "eval" / slug)
-        outputs = [run_dir / "result.json"] + [Path(x) for x in (args.output, args.save_trace) if x]
-        for path in outputs:
-            _check_writable(path)
-        records = run_dir / "records.jsonl"
-        if records.exists() and not args.resume:
-            raise ValueError(f"{records} exists from an earlier run; add --resume to continue it or --run-dir to start elsewhere")
-        baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
-        config = EvalConfig(
+        method = resolve_method(args.method, args.schedule, parse_overrides(args.scorer_arg))
+        config = config_from_dict(EvalConfig, dict(
             model=args.model, benchmark=args.benchmark, method=method.to_dict(), split=args.split, limit=args.limit,
             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, warmup=args.warmup,
             attn_implementation=args.attn, dtype=args.dtype, device=args.device, device_map=args.device_map,
-            data_dir=args.data_dir, benchmark_args=benchmark_args, threads=args.threads,
+            data_dir=args.data_dir, benchmark_args=parse_overrides(args.benchmark_arg), threads=args.threads,
             devices=int(args.devices) if args.devices.isdigit() else args.devices, progress=not args.no_progress,
-        )
-        import v2drop
-
-        lvlm = v2drop.load(args.model, attn_implementation=args.attn, dtype=args.dtype, device=args.device, device_map=args.device_map)
-    except ValueError as err:
+        ))
+        run_dir = Path(args.run_dir or default_run_dir(args.model, args.benchmark, args.method, args.schedule))
+        result = run_evaluation(config, run_dir, output=args.output, save_trace=args.save_trace, baseline=args.baseline, resume=args.resume)
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
-
-    result = evaluate(lvlm, benchmark, method, config, records_path=records, resume=args.resume, baseline=baseline)
     print(format_table(result))
-    data = result.to_json()
-    for path in [run_dir / "result.json"] + ([Path(args.output)] if args.output else []):
-        path.write_text(json.dumps(data, indent=2))
-    if args.save_trace:
-        with open(args.save_trace, "w") as f:
-            for line in records.read_text().splitlines():
-                r = json.loads(line)
-                f.write(json.dumps({"id": r["id"], "stages": r["kept"], "vision_tokens_per_layer": r["vision_tokens_per_layer"]}) + "\n")
     print(f"results in {run_dir}")
-    return data
+    return result.to_json()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ from PIL import Image
 
 from tests.tiny import EchoBench, Item, image
 from v2drop import Method, Schedule
-from v2drop.evaluation import EvalConfig, evaluate, format_table
+from v2drop.config import config_from_dict
+from v2drop.evaluation import EvalConfig, evaluate, format_table, read_records, run_evaluation
 
 
 def config(**kw):
@@ -67,3 +68,32 @@ def test_bad_samples_stop_before_work(tiny, tmp_path):
     bench.items[1] = Item("s1", "q", "a", "a", (Image.open(broken),))
     with pytest.raises(ValueError, match="'s1': image 0 cannot be decoded"):
         evaluate(tiny("llava"), bench, Method.none(), config())
+
+
+def test_video_sample_without_frames_names_the_modality(tiny):
+    bench = EchoBench(2)
+    bench.modality, bench.name = "video", "clips"
+    bench.items[0] = Item("s0", "q", "a", "a", ())
+    with pytest.raises(ValueError, match="'s0' of video benchmark 'clips' has no frames"):
+        evaluate(tiny("llava"), bench, Method.none(), config())
+
+
+def test_eval_config_typo_lists_the_valid_keys():
+    with pytest.raises(ValueError, match=r"unknown key 'limt' in EvalConfig; valid keys: .*limit"):
+        config_from_dict(EvalConfig, {"limt": 5})
+
+
+def test_run_evaluation_writes_the_run_and_refuses_to_overwrite_it(tiny, tmp_path):
+    """The default split is the benchmark's; records, result and trace are written; a second run needs resume."""
+    cfg = config_from_dict(EvalConfig, {"model": "tiny", "benchmark": "digits", "limit": 2, "warmup": 0, "max_new_tokens": 1,
+                                        "progress": False, "method": Method("v2drop", schedule=Schedule.one_shot(1, 0.5)).to_dict()})
+    run = tmp_path / "run"
+    result = run_evaluation(cfg, run, save_trace=tmp_path / "trace.jsonl", lvlm=tiny("llava"))
+    assert result.split == "test" and result.metrics["n"] == 2
+    saved = json.loads((run / "result.json").read_text())
+    assert saved["metrics"]["n"] == 2 and saved["method"]["scorer"]["name"] == "v2drop"
+    trace = [json.loads(l) for l in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert [t["id"] for t in trace] == [r["id"] for r in read_records(run / "records.jsonl")]
+    assert all(t["stages"][0]["layer"] == 1 for t in trace)
+    with pytest.raises(ValueError, match="exists from an earlier run; add --resume"):
+        run_evaluation(cfg, run, lvlm=tiny("llava"))

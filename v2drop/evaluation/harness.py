@@ -7,62 +7,19 @@ JSONL file as samples finish, so an interrupted run continues with ``resume=True
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from v2drop.evaluation.config import EvalConfig, EvalResult, resolve_split
+from v2drop.evaluation.records import append_records, read_records, vision_runs, write_records
 from v2drop.lvlm import LVLM
 from v2drop.measure import environment, prefill_flops
 from v2drop.method import Method
-
-
-@dataclass
-class EvalConfig:
-    """Everything that defines an evaluation run (written into every result file)."""
-
-    model: str = "proxy"  # hub id, local directory or bundled name
-    benchmark: str = "digits"  # a registered benchmark name
-    method: Any = "none"  # preset name, YAML path, method config dict, or "none"
-    split: str = "test"  # benchmark split
-    limit: int | None = None  # first N samples only
-    batch_size: int = 1  # samples per generate call
-    max_new_tokens: int = 8  # greedy tokens per answer
-    warmup: int = 2  # samples run (and discarded) before timing starts
-    attn_implementation: str = "sdpa"  # eager, sdpa or flash_attention_2
-    dtype: str = "float32"  # float32, bfloat16, float16
-    device: str = "cpu"  # where the model runs
-    device_map: str | None = None  # from_pretrained device_map (e.g. "auto" for one GPU); overrides device
-    data_dir: str | None = None  # local copy of a real benchmark (same schema as its Hugging Face dataset)
-    benchmark_args: dict = field(default_factory=dict)  # benchmark constructor parameters (circular, num_frames, ...)
-    threads: int | None = 2  # torch CPU threads (None: leave as is)
-    measure_memory: bool = True  # peak memory of the language-model part (CUDA: every batch; CPU: see memory_batches)
-    memory_batches: int = 2  # CPU: the first N batches are run once more, untimed, under the RSS sampler (it would slow the timed run)
-    accelerator: str = "auto"  # Lightning accelerator
-    devices: int | str = 1  # Lightning devices
-    progress: bool = True  # progress bar
-
-
-@dataclass
-class EvalResult:
-    """Aggregates, the resolved config and the environment of one evaluation."""
-
-    config: dict
-    environment: dict
-    metrics: dict
-    per_family: dict
-    method: dict
-    records_path: str | None = None
-    baseline: dict | None = field(default=None)
-
-    def to_json(self) -> dict:
-        """Plain data for ``json.dump``."""
-        return asdict(self)
 
 
 def evaluate(
@@ -85,13 +42,15 @@ def evaluate(
     baseline : dict, optional
         A no-dropping result (``EvalResult.to_json()``) to report accuracies relative to.
     samples : list of Sample, optional
-        Evaluate these instead of ``benchmark.load(config.split, config.limit)``.
+        Evaluate these instead of ``config.limit`` samples of ``config.split`` (None: the
+        benchmark's default split).
     """
     if config.threads:
         torch.set_num_threads(config.threads)
-    samples = samples if samples is not None else benchmark.load(config.split, config.limit)
+    split = resolve_split(benchmark, config.split) if samples is None else None  # caller-chosen samples: split unknown here
+    samples = samples if samples is not None else benchmark.load(split, config.limit)
     if not samples:
-        raise ValueError(f"Benchmark {benchmark.name!r} split {config.split!r} has no samples")
+        raise ValueError(f"Benchmark {benchmark.name!r} split {split or config.split!r} has no samples")
     for sample in samples:
         _check_sample(sample, benchmark)
     done: dict[str, dict] = {}
@@ -100,9 +59,9 @@ def evaluate(
         if records_path.exists() and not resume:
             raise ValueError(f"{records_path} already exists; pass resume=True (--resume) to continue it, or choose another path")
         if resume and records_path.exists():
-            done = {r["id"]: r for r in _read_jsonl(records_path)}
+            done = {r["id"]: r for r in read_records(records_path)}
             # Rewrite without a torn last line (a process killed mid-write) before appending.
-            records_path.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+            write_records(done.values(), records_path)
         records_path.parent.mkdir(parents=True, exist_ok=True)
         records_path.touch()
     todo = [s for s in samples if s.id not in done]
@@ -113,13 +72,16 @@ def evaluate(
     new = _run_lightning(lvlm, benchmark, method, todo, config, records_path) if todo else []
     wanted = {s.id for s in samples}
     records = [r for r in list(done.values()) + new if r["id"] in wanted]
-    return _aggregate(lvlm, benchmark, method, config, records, records_path, baseline)
+    result = _aggregate(lvlm, benchmark, method, config, records, records_path, baseline)
+    result.split = split
+    return result
 
 
 def _check_sample(sample, benchmark) -> None:
     """Fail before any long work on a sample the model cannot take."""
-    if benchmark.modality in ("image", "video") and not sample.images:
-        raise ValueError(f"Sample {sample.id!r} of image benchmark {benchmark.name!r} has no image")
+    if not sample.images:
+        what = "frames" if benchmark.modality == "video" else "image"
+        raise ValueError(f"Sample {sample.id!r} of {benchmark.modality} benchmark {benchmark.name!r} has no {what}")
     for i, image in enumerate(sample.images):
         try:
             image.load()
@@ -168,31 +130,9 @@ def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalCon
             "peak_memory_bytes": peak,
             "batch_size": len(batch),
             "kept": trace.stages,
-            "vision_runs": _runs(out.prompt_ids[i], lvlm.adapter),
+            "vision_runs": vision_runs(lvlm.adapter.vision_mask(torch.tensor([out.prompt_ids[i]]))[0].tolist()),
         })
     return records
-
-
-def _runs(prompt_ids: list[int], adapter) -> list[list[int]]:
-    """[start, length] of each run of vision tokens in the prompt: maps vision-token index <-> prompt position."""
-    mask = adapter.vision_mask(torch.tensor([prompt_ids]))[0].tolist()
-    runs: list[list[int]] = []
-    for pos, is_vision in enumerate(mask):
-        if is_vision and runs and runs[-1][0] + runs[-1][1] == pos:
-            runs[-1][1] += 1
-        elif is_vision:
-            runs.append([pos, 1])
-    return runs
-
-
-def vision_index_of(record: dict) -> dict[int, int]:
-    """Prompt position -> vision-token index (0-based over the sample's vision tokens) for a record."""
-    out, k = {}, 0
-    for start, length in record["vision_runs"]:
-        for pos in range(start, start + length):
-            out[pos] = k
-            k += 1
-    return out
 
 
 def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records_path) -> list[dict]:
@@ -222,11 +162,7 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
             self.records.extend(outputs)
             if records_path is not None:
                 path = records_path if trainer.world_size == 1 else records_path.with_suffix(f".rank{trainer.global_rank}.jsonl")
-                with open(path, "a") as f:
-                    for r in outputs:
-                        f.write(json.dumps(r) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+                append_records(outputs, path)
 
     writer = RecordWriter()
     accelerator = config.accelerator if config.accelerator != "auto" else ("gpu" if config.device.startswith("cuda") else "cpu")
@@ -250,8 +186,7 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
 def _aggregate(lvlm, benchmark, method, config, records, records_path, baseline) -> EvalResult:
     """Benchmark metric per family and overall, tokens, FLOPs, latency medians and memory."""
     scores = benchmark.aggregate(records)
-    timed = records  # warm-up runs were never recorded
-    med = lambda key: statistics.median(r[key] for r in timed) if timed else None  # noqa: E731
+    med = lambda key: statistics.median(r[key] for r in records)  # noqa: E731  (warm-up runs are never recorded)
     flops = sum(r["flops"] for r in records) / len(records)
     flops_full = sum(r["flops_no_drop"] for r in records) / len(records)
     peaks = [r["peak_memory_bytes"] for r in records if r.get("peak_memory_bytes") is not None]
@@ -286,35 +221,3 @@ def _aggregate(lvlm, benchmark, method, config, records, records_path, baseline)
         records_path=str(records_path) if records_path else None,
         baseline={"accuracy": baseline["metrics"]["accuracy"], "per_family": baseline.get("per_family")} if baseline else None,
     )
-
-
-def format_table(result: EvalResult) -> str:
-    """A terminal table: accuracy per family and the cost figures."""
-    m = result.metrics
-    rel = m.get("relative_per_family", {})
-    lines = [f"{'family':<16}{'accuracy':>10}{'vs none':>10}"]
-    for fam, acc in sorted(result.per_family.items()):
-        lines.append(f"{fam:<16}{acc:>10.3f}{(f'{rel[fam]:.1%}' if fam in rel else '-'):>10}")
-    overall_rel = f"{m['relative_accuracy']:.1%}" if m.get("relative_accuracy") else "-"
-    lines.append(f"{'overall':<16}{m['accuracy']:>10.3f}{overall_rel:>10}")
-    lines.append("")
-    lines.append(f"samples {m['n']}, vision tokens {m['vision_tokens']:.0f}, average retained {m['average_vision_tokens']:.2f}")
-    lines.append(f"FLOPs {m['flops']:.3e} ({m['flops_ratio']:.1%} of no dropping)")
-    lines.append(
-        f"median prefill {m['prefill_latency_median_s'] * 1e3:.1f} ms, generation {m['generation_latency_median_s'] * 1e3:.1f} ms, "
-        f"scoring {m['scoring_share_of_prefill']:.2%} of prefill"
-    )
-    if m.get("peak_memory_mb_max") is not None:
-        lines.append(f"peak memory of the LLM part: {m['peak_memory_mb_max']:.1f} MB (max over batches)")
-    return "\n".join(lines)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file; a torn last line (killed mid-write) is ignored."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out

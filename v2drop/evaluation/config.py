@@ -1,0 +1,64 @@
+"""What defines an evaluation run (typed, loaded with ``v2drop.config``) and what it returns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class EvalSettings:
+    """How samples are run and measured: the part of an evaluation a sweep's ``eval`` section sets."""
+
+    split: str | None = None  # benchmark split; None = the benchmark's default split
+    limit: int | None = None  # evaluate the first N samples only; None = all
+    batch_size: int = 1  # samples per generate call
+    max_new_tokens: int = 8  # greedy tokens generated per answer
+    warmup: int = 2  # samples run (and discarded) before timing starts
+    threads: int | None = 2  # torch CPU threads; None leaves the current setting
+    measure_memory: bool = True  # record peak memory of the language-model part (CUDA: every batch; CPU: see memory_batches)
+    memory_batches: int = 2  # CPU: the first N batches run once more, untimed, under the RSS sampler (it would slow the timed run)
+    accelerator: str = "auto"  # Lightning accelerator; auto = gpu when device is cuda, else cpu
+    devices: int | str = 1  # Lightning devices (a count or "auto")
+
+
+@dataclass
+class EvalConfig(EvalSettings):
+    """Everything that defines an evaluation run (written into every result file)."""
+
+    model: str = "proxy"  # hub id, local directory or bundled name
+    benchmark: str = "digits"  # a registered benchmark name
+    method: Any = "none"  # preset name, YAML path, method config data (Method.to_dict()) or "none"
+    attn_implementation: str = "sdpa"  # eager, sdpa or flash_attention_2
+    dtype: str = "float32"  # float32, bfloat16 or float16
+    device: str = "cpu"  # where the model runs
+    device_map: str | None = None  # from_pretrained device_map (e.g. "auto" for one GPU); overrides device
+    data_dir: str | None = None  # local copy of a real benchmark (same schema as its Hugging Face dataset)
+    benchmark_args: dict = field(default_factory=dict)  # benchmark constructor parameters (circular, num_frames, ...)
+    progress: bool = True  # show a progress bar
+
+
+@dataclass
+class EvalResult:
+    """Aggregates, the resolved config and the environment of one evaluation."""
+
+    config: dict  # the EvalConfig as plain data
+    environment: dict  # machine, library versions, threads (v2drop.measure.environment)
+    metrics: dict  # accuracy, tokens, FLOPs, latencies, memory, relative accuracies
+    per_family: dict  # benchmark metric per question family
+    method: dict  # the method as config data (rescaled to the model's depth)
+    records_path: str | None = None  # JSONL file with one record per sample
+    baseline: dict | None = None  # the no-dropping accuracies the relative figures use
+    split: str | None = None  # the split actually evaluated (config.split resolved by the benchmark)
+
+    def to_json(self) -> dict:
+        """Plain data for ``json.dump``."""
+        return asdict(self)
+
+
+def resolve_split(benchmark, split: str | None) -> str:
+    """The split to load: ``split``, or the benchmark's default when it is None."""
+    resolve = getattr(benchmark, "resolve_split", None)
+    if resolve is not None:
+        return resolve(split)
+    return split or "test"  # until benchmarks declare their splits

@@ -1,0 +1,61 @@
+"""Per-sample records: JSONL reading and appending, traces, and vision-token positions."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSONL file; a torn last line (a process killed mid-write) is ignored."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def write_records(records: Iterable[dict], path: str | os.PathLike) -> None:
+    """Replace ``path`` with ``records``, one JSON object per line."""
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def append_records(records: Iterable[dict], path: str | os.PathLike) -> None:
+    """Append ``records`` to ``path`` and flush them to disk (so a killed run keeps what finished)."""
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_trace(records_path: str | os.PathLike, trace_path: str | os.PathLike) -> None:
+    """Each record's kept vision positions per stage and tokens per layer, as JSONL."""
+    with open(trace_path, "w") as f:
+        for r in read_records(records_path):
+            f.write(json.dumps({"id": r["id"], "stages": r["kept"], "vision_tokens_per_layer": r["vision_tokens_per_layer"]}) + "\n")
+
+
+def vision_runs(vision_mask: list[bool]) -> list[list[int]]:
+    """[start, length] of each run of vision tokens in a prompt: maps vision-token index <-> prompt position."""
+    runs: list[list[int]] = []
+    for pos, is_vision in enumerate(vision_mask):
+        if is_vision and runs and runs[-1][0] + runs[-1][1] == pos:
+            runs[-1][1] += 1
+        elif is_vision:
+            runs.append([pos, 1])
+    return runs
+
+
+def vision_index_of(record: dict) -> dict[int, int]:
+    """Prompt position -> vision-token index (0-based over the sample's vision tokens) for a record."""
+    out, k = {}, 0
+    for start, length in record["vision_runs"]:
+        for pos in range(start, start + length):
+            out[pos] = k
+            k += 1
+    return out

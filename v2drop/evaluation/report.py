@@ -1,0 +1,26 @@
+"""An evaluation result as a terminal table."""
+
+from __future__ import annotations
+
+from v2drop.evaluation.config import EvalResult
+
+
+def format_table(result: EvalResult) -> str:
+    """A terminal table: accuracy per family and the cost figures."""
+    m = result.metrics
+    rel = m.get("relative_per_family", {})
+    lines = [f"{'family':<16}{'accuracy':>10}{'vs none':>10}"]
+    for fam, acc in sorted(result.per_family.items()):
+        lines.append(f"{fam:<16}{acc:>10.3f}{(f'{rel[fam]:.1%}' if fam in rel else '-'):>10}")
+    overall_rel = f"{m['relative_accuracy']:.1%}" if m.get("relative_accuracy") else "-"
+    lines.append(f"{'overall':<16}{m['accuracy']:>10.3f}{overall_rel:>10}")
+    lines.append("")
+    lines.append(f"samples {m['n']}, vision tokens {m['vision_tokens']:.0f}, average retained {m['average_vision_tokens']:.2f}")
+    lines.append(f"FLOPs {m['flops']:.3e} ({m['flops_ratio']:.1%} of no dropping)")
+    lines.append(
+        f"median prefill {m['prefill_latency_median_s'] * 1e3:.1f} ms, generation {m['generation_latency_median_s'] * 1e3:.1f} ms, "
+        f"scoring {m['scoring_share_of_prefill']:.2%} of prefill"
+    )
+    if m.get("peak_memory_mb_max") is not None:
+        lines.append(f"peak memory of the LLM part: {m['peak_memory_mb_max']:.1f} MB (max over batches)")
+    return "\n".join(lines)
