@@ -14,12 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-import yaml
-
-from experiments.train_proxy import apply_overrides
-from v2drop.sweep import SweepConfig, format_front, run_sweep
+from v2drop.config import config_from_dict, parse_overrides, read_yaml
+from v2drop.search import SweepConfig, format_front, run_sweep
 
 
 def main(argv=None) -> dict:
@@ -33,14 +30,11 @@ def main(argv=None) -> dict:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
-        data = apply_overrides(yaml.safe_load(Path(args.config).read_text()) or {}, args.set)
-        for key, value in (("storage", args.storage), ("study", args.study_name), ("trials", args.trials)):
-            if value is not None:
-                data[key] = value
-        cfg = SweepConfig.from_dict(data)
+        flags = {k: v for k, v in (("storage", args.storage), ("study", args.study_name), ("trials", args.trials)) if v is not None}
+        cfg = config_from_dict(SweepConfig, read_yaml(args.config, what="sweep config"), parse_overrides(args.set), flags)
         start = time.time()
         result = run_sweep(cfg, progress=not args.no_progress)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
     print(f"\nPareto front of {cfg.study} ({len(result['rows'])} complete trials, {(time.time() - start) / 60:.1f} min):")

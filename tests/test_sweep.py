@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.tiny import EchoBench
-from v2drop.sweep import SweepConfig, make_storage, pareto_indices, run_sweep, validate, wandb_mode
+from v2drop.search import SweepConfig, make_storage, pareto_indices, run_sweep, validate, wandb_mode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,8 +87,58 @@ def test_bad_search_spaces_stop_before_any_trial(tmp_path, change, message):
 def test_unreachable_storage_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="Cannot reach the storage postgresql://nobody@127.0.0.1:1/none"):
         make_storage(config(tmp_path, storage="postgresql://nobody@127.0.0.1:1/none"))
-    with pytest.raises(ValueError, match="Unknown SweepConfig keys"):
-        SweepConfig.from_dict({"trails": 3})
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["trails=3"], ["unknown key 'trails'", "trials"]),
+    (["eval.limt=5"], ["unknown key 'eval.limt'", "limit", "batch_size"]),
+    (["confirm.splt=test"], ["unknown key 'confirm.splt'", "split", "limit"]),
+    (["wandb.mod=offline"], ["unknown key 'wandb.mod'", "mode", "per_trial_runs"]),
+    (["search.kind=[one-shot]"], ["unknown key 'search.kind'", "kinds"]),
+    (["eval.limit=many"], ["eval.limit", "many"]),
+])
+def test_config_typos_are_one_line_errors_listing_the_valid_keys(overrides, words):
+    with pytest.raises(ValueError) as err:
+        SweepConfig.load(ROOT / "configs" / "sweep" / "default.yaml", overrides=overrides)
+    assert "\n" not in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_cli_config_error_exits_2_before_the_model_loads(tmp_path, capsys):
+    from experiments.sweep import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(ROOT / "configs" / "sweep" / "default.yaml"), "--set", "search.keep=[0.5, 0.2]"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: search.keep [0.5, 0.2] must be a range inside [0, 1]"
+
+
+def test_default_config_sections_are_typed():
+    cfg = SweepConfig.load(ROOT / "configs" / "sweep" / "default.yaml", overrides=["eval.limit=7", "confirm.limit=3"])
+    assert (cfg.eval.split, cfg.eval.limit, cfg.eval.batch_size) == ("validation", 7, 10)
+    assert (cfg.confirm.split, cfg.confirm.limit) == ("test", 3)
+    assert cfg.wandb.project == "v2drop" and cfg.search.layers == [1, None]
+
+
+def test_old_module_is_a_deprecated_alias():
+    import importlib
+    import sys
+
+    import v2drop.search as search
+
+    sys.modules.pop("v2drop.sweep", None)
+    with pytest.warns(DeprecationWarning, match="v2drop.search"):
+        sweep = importlib.import_module("v2drop.sweep")
+    for name in ("SweepConfig", "SearchSpace", "run_sweep", "pareto_indices", "validate", "wandb_mode", "make_storage", "format_front"):
+        assert getattr(sweep, name) is getattr(search, name)
+
+
+def test_pareto_indices_keeps_ties_and_drops_dominated_rows():
+    rows = [[0.9, 10.0], [0.9, 10.0], [0.8, 5.0], [0.7, 6.0], [0.95, 20.0]]
+    assert pareto_indices(rows, ["maximize", "minimize"]) == [0, 1, 2, 4]
+    with pytest.raises(ValueError, match="'max'"):
+        pareto_indices(rows, ["max", "minimize"])
 
 
 def test_wandb_offline_writes_a_run_with_the_trials_table(tiny, tmp_path):

@@ -8,7 +8,7 @@ when ``evaluate`` runs.
 
 from v2drop.evaluation.config import EvalConfig, EvalResult, EvalSettings, resolve_split
 from v2drop.evaluation.harness import evaluate
-from v2drop.evaluation.records import append_records, read_records, vision_index_of, vision_runs, write_records, write_trace
+from v2drop.evaluation.records import append_records, read_records, vision_index_of, vision_runs, write_csv, write_records, write_trace
 from v2drop.evaluation.report import format_table
 from v2drop.evaluation.run import check_writable, default_run_dir, run_evaluation
 
@@ -26,6 +26,7 @@ __all__ = [
     "run_evaluation",
     "vision_index_of",
     "vision_runs",
+    "write_csv",
     "write_records",
     "write_trace",
 ]

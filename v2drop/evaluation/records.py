@@ -1,11 +1,12 @@
-"""Per-sample records: JSONL reading and appending, traces, and vision-token positions."""
+"""Per-sample records: JSONL reading and appending, traces, CSV tables, and vision-token positions."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
@@ -59,3 +60,12 @@ def vision_index_of(record: dict) -> dict[int, int]:
             out[pos] = k
             k += 1
     return out
+
+
+def write_csv(rows: Sequence[dict], path: str | os.PathLike, columns: Sequence[str] | None = None) -> None:
+    """Write ``rows`` as CSV; columns default to every key in first-seen order, keys outside ``columns`` are left out."""
+    columns = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,95 @@
+"""A sweep's typed config: the study, the search space, trial and confirmation evaluation, wandb.
+
+Loaded with ``v2drop.config`` (defaults <- YAML <- ``--set key=value``): an unknown key in any
+section, e.g. ``--set eval.limt=5``, is an error listing the valid keys before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from v2drop.config import config_from_dict, load_config
+from v2drop.evaluation.config import EvalSettings
+
+# objective name -> (metric key in EvalResult.metrics, optimisation direction)
+OBJECTIVES = {
+    "accuracy": ("accuracy", "maximize"),
+    "prefill_latency": ("prefill_latency_median_s", "minimize"),
+    "generation_latency": ("generation_latency_median_s", "minimize"),
+    "flops": ("flops_ratio", "minimize"),
+    "average_tokens": ("average_vision_tokens", "minimize"),
+}
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+
+
+@dataclass
+class SearchSpace:
+    """What a trial may choose (``search:`` in a sweep YAML)."""
+
+    scorers: dict = field(default_factory=lambda: {"v2drop": {}})  # scorer name -> {parameter: [choices]}
+    kinds: list[str] = field(default_factory=lambda: ["progressive"])  # "one-shot" and/or "progressive"
+    stages: list[int] = field(default_factory=lambda: [2, 3])  # [min, max] stages of a progressive schedule
+    layers: list[int | None] = field(default_factory=lambda: [1, None])  # [first, last] drop layer; None = depth - 1
+    # a plain list: OmegaConf would warn on every integer bound (``[0, 0.5]``) of a list[float]
+    keep: list = field(default_factory=lambda: [0.0, 0.9])  # [low, high] relative keep fraction per stage
+
+
+@dataclass
+class ConfirmConfig:
+    """Where the Pareto set is evaluated again once the trials are done (``confirm:``)."""
+
+    split: str | None = None  # benchmark split; None = the benchmark's default split
+    limit: int | None = None  # first N samples of it; None = all
+
+
+@dataclass
+class WandbConfig:
+    """Logging of the study to Weights & Biases (``wandb:``); no login is ever asked for."""
+
+    mode: str | None = None  # offline, online or disabled; None = $WANDB_MODE if set, else offline
+    project: str = "v2drop"  # wandb project
+    per_trial_runs: bool = False  # also one wandb run per trial, grouped by study
+
+
+def _trial_eval() -> EvalSettings:
+    return EvalSettings(split="validation", limit=100, batch_size=8, max_new_tokens=4, warmup=2)
+
+
+@dataclass
+class SweepConfig:
+    """A whole sweep (one YAML file in ``configs/sweep``; every key can be overridden with ``--set``)."""
+
+    study: str = "v2drop-proxy-digits"  # study name (shared by every worker)
+    model: str = "proxy"  # model for v2drop.load
+    benchmark: str = "digits"  # registered benchmark
+    trials: int = 24  # trials this worker runs (stops early when the study has `total_trials`)
+    total_trials: int | None = None  # stop every worker once the study holds this many finished trials
+    sampler: str = "tpe"  # tpe, nsga2, gp or random
+    seed: int = 0  # sampler seed
+    objectives: list[str] = field(default_factory=lambda: ["accuracy", "prefill_latency"])  # names in OBJECTIVES; first is usually accuracy
+    max_average_tokens: float | None = None  # constraint: average retained vision tokens at most this
+    enqueue_presets: list[str] = field(default_factory=lambda: ["v2drop-llava15-192", "v2drop-llava15-128", "v2drop-llava15-64"])  # paper settings tried first
+    enqueue_none: bool = True  # a no-dropping trial first
+    search: SearchSpace = field(default_factory=SearchSpace)  # what a trial may choose
+    eval: EvalSettings = field(default_factory=_trial_eval)  # how each trial is evaluated (a sample of the validation split)
+    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)  # split and limit the Pareto set is confirmed on
+    storage: str | None = None  # Optuna storage URL or journal file; None = journal file <run_dir>/journal.log
+    run_dir: str | None = None  # artifacts; None = runs/<study>
+    heartbeat: int = 30  # seconds between RDB heartbeats (a dead worker's trial is failed after 2x)
+    retries: int = 2  # times a failed trial is retried (RDB storages)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # logging to Weights & Biases
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SweepConfig":
+        """Build from config data (e.g. a parsed YAML file); unknown keys are errors naming the valid ones."""
+        return config_from_dict(cls, data)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides=(), data: dict | None = None) -> "SweepConfig":
+        """Defaults <- the YAML file ``path`` <- ``data`` <- ``key=value`` overrides."""
+        return load_config(cls, path, overrides=overrides, data=data)
+
+    def resolved_run_dir(self) -> Path:
+        """Where the artifacts go."""
+        return Path(self.run_dir or Path("runs") / self.study)

@@ -1,0 +1,162 @@
+"""Running a study: storage, sampler, the trial objective, baselines first, artifacts and the confirmed front.
+
+A trial maps its suggestions onto a ``Method`` and calls the evaluation harness on a sample of
+the validation split; at the end the Pareto set is evaluated again on the confirmation split. Any
+Optuna storage URL works, so many workers on many machines can share one study; the default is a
+journal file in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import optuna
+from tqdm import tqdm
+
+from v2drop.evaluation import EvalConfig, evaluate, resolve_split, write_csv
+from v2drop.method import Method
+from v2drop.search.config import OBJECTIVES, SweepConfig
+from v2drop.search.report import write_artifacts
+from v2drop.search.space import fits, method_params, suggest_method, validate
+from v2drop.search.wandb import WandbCallback, plain, wandb_mode
+
+
+def make_storage(cfg: SweepConfig):
+    """An Optuna storage from a URL (journal file by default); unreachable storages fail here."""
+    url = cfg.storage or str(cfg.resolved_run_dir() / "journal.log")
+    if "://" not in url:  # a plain path: journal file
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(url))
+    if url.startswith("redis://"):
+        from optuna.storages.journal import JournalRedisBackend, JournalStorage
+
+        try:
+            return JournalStorage(JournalRedisBackend(url))
+        except Exception as err:  # noqa: BLE001 - connection errors come in many types
+            raise ValueError(f"Cannot reach the Redis storage {url}: {err}") from None
+    try:
+        with warnings.catch_warnings():
+            # Heartbeats are how Optuna fails a dead worker's trial; both APIs are marked experimental
+            # in the pinned Optuna 5.0 (tests/test_sweep.py checks that they behave as we rely on).
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=cfg.heartbeat, grace_period=2 * cfg.heartbeat,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.retries),
+                engine_kwargs={"pool_pre_ping": True},
+            )
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"Cannot reach the storage {url}: {err}") from None
+
+
+def make_sampler(cfg: SweepConfig, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded with ``cfg.seed + offset`` (workers joining a study use their pid)."""
+    seed = cfg.seed + offset
+    if cfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, constant_liar=True)
+    if cfg.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+    if cfg.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def objective_values(metrics: dict, objectives: list[str]) -> list[float]:
+    """The trial's objective values, latencies in milliseconds."""
+    out = []
+    for name in objectives:
+        value = metrics[OBJECTIVES[name][0]]
+        out.append(value * 1e3 if name.endswith("latency") else value)
+    return out
+
+
+def trial_eval_config(cfg: SweepConfig, **changes) -> EvalConfig:
+    """The EvalConfig of a trial: the sweep's model and benchmark with its ``eval`` section (plus ``changes``)."""
+    return replace(EvalConfig(model=cfg.model, benchmark=cfg.benchmark, progress=False, **asdict(cfg.eval)), **changes)
+
+
+def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True) -> dict:
+    """Run (or resume, or join) the study, then write the artifacts and confirm the front.
+
+    Returns ``{"rows": every complete trial, "front": the Pareto rows, "confirmed": the front
+    re-evaluated on the confirmation split, "run_dir": str}``.
+    """
+    import v2drop
+    from v2drop.benchmarks import get_benchmark
+
+    run_dir = cfg.resolved_run_dir()
+    validate(cfg)  # all but the layer range (which needs the model's depth) before the model loads
+    wandb_mode(cfg)
+    benchmark = benchmark or get_benchmark(cfg.benchmark)
+    storage = make_storage(cfg)  # fails fast on an unreachable URL
+    lvlm = lvlm or v2drop.load(cfg.model)
+    validate(cfg, lvlm.depth)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(plain(asdict(cfg)), indent=2))
+    directions = [OBJECTIVES[o][1] for o in cfg.objectives]
+    try:  # creating a study is atomic in every storage: only its creator enqueues the baselines
+        study = optuna.create_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg), directions=directions)
+        _enqueue_baselines(study, cfg, lvlm.depth)
+    except optuna.exceptions.DuplicatedStudyError:  # joining or resuming
+        study = optuna.load_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg, offset=os.getpid()))
+        if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
+            raise ValueError(f"Study {cfg.study!r} exists with other objectives; use another --study-name") from None
+    eval_config = trial_eval_config(cfg)
+    samples = benchmark.load(resolve_split(benchmark, cfg.eval.split), cfg.eval.limit)
+
+    def objective(trial: optuna.Trial):
+        method = suggest_method(trial, cfg.search, lvlm.depth)
+        result = evaluate(lvlm, benchmark, method, eval_config, samples=samples)
+        trial.set_user_attr("method", method.to_dict())
+        trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+        if cfg.max_average_tokens is not None:
+            trial.set_constraint("average_tokens", result.metrics["average_vision_tokens"] - cfg.max_average_tokens)
+        return objective_values(result.metrics, cfg.objectives)
+
+    callback = WandbCallback(cfg, run_dir)
+    callbacks = [callback]
+    if cfg.total_trials:
+        callbacks.append(optuna.study.MaxTrialsCallback(cfg.total_trials, states=(optuna.trial.TrialState.COMPLETE,)))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=cfg.trials, callbacks=callbacks, show_progress_bar=progress)
+    rows, front = write_artifacts(study, cfg, run_dir)
+    confirmed = confirm_front(study, front, cfg, lvlm, benchmark, run_dir, progress)
+    callback.finish(rows, confirmed, run_dir / "pareto.png")
+    return {"rows": rows, "front": front, "confirmed": confirmed, "run_dir": str(run_dir)}
+
+
+def _enqueue_baselines(study: optuna.Study, cfg: SweepConfig, depth: int) -> None:
+    """The no-drop trial and the paper's presets (rescaled to the model's depth) go first."""
+    if cfg.enqueue_none:
+        study.enqueue_trial({}, user_attrs={"label": "none"})
+    for name in cfg.enqueue_presets:
+        method = Method.from_preset(name, depth=depth)
+        if method.scorer_name not in cfg.search.scorers:
+            continue
+        if not fits(method, cfg.search, depth):
+            print(f"not enqueueing preset {name}: its stages {list(method.schedule.layers)} lie outside the search space")
+            continue
+        study.enqueue_trial(method_params(method, cfg.search), user_attrs={"label": name})
+
+
+def confirm_front(study, front: list[dict], cfg: SweepConfig, lvlm, benchmark, run_dir: Path, progress: bool = True) -> list[dict]:
+    """Evaluate every Pareto trial on the confirmation split and write ``pareto_confirmed.csv``."""
+    split = resolve_split(benchmark, cfg.confirm.split)
+    samples = benchmark.load(split, cfg.confirm.limit)
+    eval_config = trial_eval_config(cfg, split=split, limit=cfg.confirm.limit)
+    by_number = {t.number: t for t in study.trials}
+    out = []
+    for row in tqdm(front, desc=f"confirming the front on {len(samples)} {split} samples", disable=not progress):
+        method = Method.from_dict(by_number[row["trial"]].user_attrs["method"])
+        m = evaluate(lvlm, benchmark, method, eval_config, samples=samples).metrics
+        out.append({"trial": row["trial"], "label": row["label"], "schedule": row["schedule"],
+                    "validation_accuracy": row.get("accuracy_metric"), "test_accuracy": m["accuracy"],
+                    "test_prefill_ms": m["prefill_latency_median_s"] * 1e3, "test_flops_ratio": m["flops_ratio"],
+                    "test_average_tokens": m["average_vision_tokens"]})
+    write_csv(out, run_dir / "pareto_confirmed.csv")
+    return out
