@@ -67,7 +67,7 @@ def test_solve_keep_fastv_budget():
 def test_config_round_trip():
     m = Method.from_preset("v2drop-llava15-64")
     again = Method.from_dict(m.to_dict())
-    assert again.schedule == m.schedule and again.scorer == m.scorer
+    assert again.schedule == m.schedule and again.scorer == m.scorer and again == m
 
 
 @pytest.mark.parametrize(

@@ -230,6 +230,7 @@ def test_killed_worker_trial_is_failed_and_retried(saved_model, tmp_path):
             victim.send_signal(signal.SIGKILL)
             break
     victim.wait(timeout=30)
+    victim.stdout.close()
     assert victim.returncode == -signal.SIGKILL
     study = optuna.load_study(study_name="shared", storage=url)
     before = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
