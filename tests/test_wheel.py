@@ -14,7 +14,7 @@ from v2drop import list_presets
 ROOT = Path(__file__).resolve().parent.parent
 
 CHECK = """
-import json, v2drop
+import json, v2drop, v2drop.evaluation, v2drop.search
 from v2drop import Method, list_presets
 names = list_presets()
 methods = {name: Method.from_preset(name).to_dict() for name in names}
