@@ -97,3 +97,18 @@ def test_run_evaluation_writes_the_run_and_refuses_to_overwrite_it(tiny, tmp_pat
     assert all(t["stages"][0]["layer"] == 1 for t in trace)
     with pytest.raises(ValueError, match="exists from an earlier run; add --resume"):
         run_evaluation(cfg, run, lvlm=tiny("llava"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "v2drop"], "error: --method v2drop needs --schedule"),
+    (["--method", "v2drop", "--schedule", "missing.yaml"], "error: method file 'missing.yaml' does not exist"),
+    (["--benchmark", "nope"], "error: Unknown benchmark 'nope'"),
+])
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    from experiments.evaluate import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith(message) and "\n" not in err
+    assert not (tmp_path / "run").exists()
