@@ -68,7 +68,7 @@ def parse_overrides(items: Iterable[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"an override is key=value (e.g. eval.limit=20), got {item!r}")
+            raise ValueError(f"expected key=value (e.g. limit=20 or metric=l1), got {item!r}")
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as err:
@@ -125,6 +125,8 @@ def _apply(node, schema: type, data: dict, prefix: str) -> None:
                 raise ValueError(f"{where} is a section with keys {', '.join(field_names(sub))}; got {value!r}")
             _apply(node[key], sub, value, prefix=f"{where}.")
             continue
+        if isinstance(value, int) and not isinstance(value, bool) and sub in (float, float | None):
+            value = float(value)  # OmegaConf warns when an int lands in a float field
         try:
             node[key] = value
         except OmegaConfBaseException as err:
