@@ -186,12 +186,19 @@ def add_common_args(parser) -> None:
     """The arguments every analysis command shares."""
     parser.add_argument("--model", default="proxy", help="model name for v2drop.load")
     parser.add_argument("--benchmark", default="digits", help="registered benchmark")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default=None, help="benchmark split (default: the benchmark's default split)")
     parser.add_argument("--limit", type=int, default=None, help="first N samples (default: the whole split)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--out", default=None, help="run directory (default runs/analysis/<command>)")
+
+
+def resolve_split(args, benchmark) -> str:
+    """``--split`` if given, else the benchmark's default split (``test`` for benchmarks that declare none); stored back on ``args``."""
+    if args.split is None:
+        args.split = getattr(benchmark, "default_split", None) or "test"
+    return args.split
 
 
 def setup(args, name: str):
@@ -205,7 +212,7 @@ def setup(args, name: str):
     torch.set_num_threads(args.threads)
     benchmark = get_benchmark(args.benchmark)
     lvlm = v2drop.load(args.model, attn_implementation=args.attn)
-    samples = benchmark.load(args.split, args.limit)
+    samples = benchmark.load(resolve_split(args, benchmark), args.limit)
     config = EvalConfig(model=args.model, benchmark=args.benchmark, split=args.split, limit=args.limit,
                         batch_size=args.batch_size, threads=args.threads, attn_implementation=args.attn, progress=True)
     return lvlm, benchmark, samples, vision_tokens_of(lvlm, samples[0]), config, run_dir(name, args.out)

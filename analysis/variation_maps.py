@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from matplotlib.patches import Rectangle
 
-from analysis.common import budget_method, command_parser, run_dir, save_figure, write_json
+from analysis.common import budget_method, command_parser, resolve_split, run_dir, save_figure, write_json
 from v2drop.method import Method
 from v2drop.scorers.variation import V2DropScorer
 
@@ -47,7 +47,7 @@ def main(argv=None) -> list[dict]:
     out = run_dir("variation_maps", args.out)
     benchmark = get_benchmark(args.benchmark)
     lvlm = v2drop.load(args.model, attn_implementation=args.attn)
-    samples = benchmark.load(args.split, args.limit or args.samples)[: args.samples]
+    samples = benchmark.load(resolve_split(args, benchmark), args.limit or args.samples)[: args.samples]
     rows, panels = [], []
     for sample in samples:
         prompt = lvlm.format_prompt(sample.question, n_images=len(sample.images))

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 
-from analysis.common import budget_method, relative_rows, run_methods, save_figure, scorer_variants
+from analysis.common import budget_method, command_parser, relative_rows, resolve_split, run_methods, save_figure, scorer_variants
 from analysis.evidence_kept import evidence_shares
 from analysis.method_table import methods_at_budgets
 from analysis.pareto import _sweep_points, mark_fronts
 from analysis.positional_bias import interval_keep_rates
 from analysis.real_cost import MODELS, cost_rows
 from tests.tiny import EchoBench
+from v2drop.benchmarks import Benchmark
 from v2drop import Method, Schedule
 from v2drop.evaluation import EvalConfig
 from v2drop.scorers import SCORERS, Scorer
@@ -147,3 +148,15 @@ def test_relative_rows_average_ratios_over_families():
     rows = relative_rows(results, extra={"drop": {"budget": 128}})
     assert rows[0]["avg_vs_none"] == 1.0
     assert rows[1]["avg_vs_none"] == pytest.approx((0.5 + 0.9) / 2) and rows[1]["budget"] == 128
+
+
+def test_split_defaults_to_the_benchmarks_own():
+    """No --split: the benchmark's default split (MMBench's is dev); --split given: that one."""
+
+    class DevOnly(Benchmark):
+        default_split = "dev"
+
+    args = command_parser("doc").parse_args([])
+    assert resolve_split(args, DevOnly()) == "dev" and args.split == "dev"
+    assert resolve_split(command_parser("doc").parse_args(["--split", "validation"]), DevOnly()) == "validation"
+    assert resolve_split(command_parser("doc").parse_args([]), Benchmark()) == "test"  # declares none
