@@ -43,19 +43,31 @@ def write_json(data, path: Path) -> None:
 
 PAPER_BUDGETS = (192, 128, 64)  # average retained vision tokens of 576 on LLaVA-1.5-7B
 PAPER_VISION_TOKENS = 576
-# label -> (preset prefix whose schedule is used, scorer settings). Every comparison table includes
-# the simple baselines, run on V²Drop's progressive schedule.
-VARIANTS = {
-    "v2drop-l2": ("v2drop", {"metric": "l2"}),
-    "v2drop-l1": ("v2drop", {"metric": "l1"}),
-    "v2drop-cosine": ("v2drop", {"metric": "cosine"}),
-    "fastv": ("fastv", {}),
-    "pdrop": ("pdrop", {}),
-    "sparsevlm": ("sparsevlm", {}),
-    "random": ("v2drop", {"name": "random"}),
-    "uniform": ("v2drop", {"name": "uniform"}),
-    "position": ("v2drop", {"name": "position"}),
-}
+
+
+def scorer_variants() -> dict[str, tuple[str, dict]]:
+    """``{label: (preset prefix whose schedule is used, scorer settings)}`` for every registered scorer.
+
+    V²Drop comes first, once per variation metric; every other scorer follows in registry order,
+    on its own ``<name>-llava15-<budget>`` presets when it has them, else on V²Drop's progressive
+    schedule (so a newly registered scorer appears in every comparison table without an edit here).
+    """
+    from v2drop.method import list_presets
+    from v2drop.scorers import list_scorers
+    from v2drop.scorers.variation import METRICS
+
+    presets = list_presets()
+    variants = {f"v2drop-{metric}": ("v2drop", {"metric": metric}) for metric in METRICS}
+    for name in list_scorers():
+        if name == "v2drop":
+            continue
+        has_presets = any(p.startswith(f"{name}-llava15-") for p in presets)
+        variants[name] = (name, {}) if has_presets else ("v2drop", {"name": name})
+    return variants
+
+
+# Kept as a module constant for callers that import it; built from the registry at import time.
+VARIANTS = scorer_variants()
 
 
 def budget_method(prefix: str, budget: int, depth: int, n_vision: int, **overrides):
@@ -149,16 +161,44 @@ def relative_rows(results: dict, baseline: str = "none", extra: dict | None = No
     return rows
 
 
+def save_figure(fig, out: Path, name: str, dpi: int = 120, message: str | None = None) -> Path:
+    """Lay out ``fig``, save it as ``out/<name>.png``, close it and print ``message`` (default ``wrote <out>``)."""
+    import matplotlib.pyplot as plt
+
+    path = out / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)  # commands run inside one process (tests) would otherwise keep every figure alive
+    print(message or f"wrote {out}")
+    return path
+
+
+def command_parser(doc: str):
+    """An argument parser with ``doc`` as its description and the arguments every analysis command shares."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    return parser
+
+
 def add_common_args(parser) -> None:
     """The arguments every analysis command shares."""
     parser.add_argument("--model", default="proxy", help="model name for v2drop.load")
     parser.add_argument("--benchmark", default="digits", help="registered benchmark")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default=None, help="benchmark split (default: the benchmark's default split)")
     parser.add_argument("--limit", type=int, default=None, help="first N samples (default: the whole split)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--out", default=None, help="run directory (default runs/analysis/<command>)")
+
+
+def resolve_split(args, benchmark) -> str:
+    """``--split`` if given, else the benchmark's default split (``test`` for benchmarks that declare none); stored back on ``args``."""
+    if args.split is None:
+        args.split = getattr(benchmark, "default_split", None) or "test"
+    return args.split
 
 
 def setup(args, name: str):
@@ -172,7 +212,7 @@ def setup(args, name: str):
     torch.set_num_threads(args.threads)
     benchmark = get_benchmark(args.benchmark)
     lvlm = v2drop.load(args.model, attn_implementation=args.attn)
-    samples = benchmark.load(args.split, args.limit)
+    samples = benchmark.load(resolve_split(args, benchmark), args.limit)
     config = EvalConfig(model=args.model, benchmark=args.benchmark, split=args.split, limit=args.limit,
                         batch_size=args.batch_size, threads=args.threads, attn_implementation=args.attn, progress=True)
     return lvlm, benchmark, samples, vision_tokens_of(lvlm, samples[0]), config, run_dir(name, args.out)

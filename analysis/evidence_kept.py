@@ -10,12 +10,11 @@ methods as ``analysis.method_table`` and reuses its results when pointed at the 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from analysis.common import PAPER_BUDGETS, add_common_args, read_records, run_methods, setup, write_table
+from analysis.common import command_parser, read_records, run_methods, save_figure, setup, write_table
 from analysis.method_table import methods_at_budgets
 from v2drop.evaluation import vision_index_of
 
@@ -56,8 +55,7 @@ def evidence_shares(records: list[dict], evidence: dict[str, tuple]) -> dict:
 
 def main(argv=None) -> list[dict]:
     """Compute the evidence shares of every method at every budget; write the table and a plot."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = command_parser(__doc__)
     p.add_argument("--results", default="runs/analysis/method_table", help="where method results are cached")
     args = p.parse_args(argv)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "evidence_kept")
@@ -75,9 +73,7 @@ def main(argv=None) -> list[dict]:
     ax.set_xlabel("budget (of 576)")
     ax.set_ylabel("share of evidence tokens present (mean over layers)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "evidence_kept.png", dpi=120)
-    print(f"wrote {out}")
+    save_figure(fig, out, "evidence_kept")
     return rows
 
 

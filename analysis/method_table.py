@@ -10,16 +10,15 @@ per-benchmark ratios; here each family plays a benchmark).
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib.pyplot as plt
 
-from analysis.common import PAPER_BUDGETS, VARIANTS, add_common_args, budget_method, relative_rows, run_methods, setup, write_table
+from analysis.common import PAPER_BUDGETS, budget_method, command_parser, relative_rows, run_methods, save_figure, scorer_variants, setup, write_table
 from v2drop.method import Method
 
 
-def methods_at_budgets(depth: int, n_vision: int, variants=VARIANTS, budgets=PAPER_BUDGETS) -> tuple[dict, dict]:
-    """``{label: Method}`` for none and every variant at every budget, plus ``{label: {budget, scorer}}``."""
+def methods_at_budgets(depth: int, n_vision: int, variants=None, budgets=PAPER_BUDGETS) -> tuple[dict, dict]:
+    """``{label: Method}`` for none and every variant (default: every registered scorer) at every budget, plus ``{label: {budget, scorer}}``."""
+    variants = scorer_variants() if variants is None else variants
     methods, info = {"none": Method.none()}, {"none": {"budget": "all", "scorer": "none"}}
     for budget in budgets:
         for variant, (prefix, overrides) in variants.items():
@@ -33,12 +32,11 @@ def methods_at_budgets(depth: int, n_vision: int, variants=VARIANTS, budgets=PAP
 
 def main(argv=None) -> list[dict]:
     """Run every method at every budget and write the table and a bar chart."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    args = p.parse_args(argv)
+    args = command_parser(__doc__).parse_args(argv)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "method_table")
-    methods, info = methods_at_budgets(lvlm.depth, n_vision)
-    missing = sorted({v for v, (prefix, _) in VARIANTS.items() if not any(i.get("scorer") == v for i in info.values())})
+    all_variants = scorer_variants()
+    methods, info = methods_at_budgets(lvlm.depth, n_vision, all_variants)
+    missing = sorted({v for v in all_variants if not any(i.get("scorer") == v for i in info.values())})
     results = run_methods(lvlm, benchmark, methods, out, config, samples)
     rows = relative_rows(results, extra=info)
     columns = ["budget", "method"] + sorted(benchmark.families) + ["accuracy", "avg_vs_none", "avg_vision_tokens", "flops_ratio", "prefill_ms"]
@@ -49,7 +47,7 @@ def main(argv=None) -> list[dict]:
         print(f"no presets for: {', '.join(missing)}")
 
     fig, ax = plt.subplots(figsize=(10, 4))
-    variants = [v for v in VARIANTS if any(r.get("scorer") == v for r in rows)]
+    variants = [v for v in all_variants if any(r.get("scorer") == v for r in rows)]
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
         vals = [next((r["avg_vs_none"] for r in rows if r.get("scorer") == variant and r.get("budget") == b), 0) for b in PAPER_BUDGETS]
@@ -59,9 +57,7 @@ def main(argv=None) -> list[dict]:
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.legend(fontsize=7, ncol=3)
     ax.set_title(f"{benchmark.name} on {lvlm.name}")
-    fig.tight_layout()
-    fig.savefig(out / "method_table.png", dpi=120)
-    print(f"wrote {out}")
+    save_figure(fig, out, "method_table")
     return rows
 
 

@@ -5,21 +5,18 @@
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib.pyplot as plt
 
-from analysis.common import PAPER_BUDGETS, add_common_args, relative_rows, run_methods, setup, write_table
+from analysis.common import command_parser, relative_rows, run_methods, save_figure, setup, write_table
 from analysis.method_table import methods_at_budgets
+from v2drop.scorers.variation import METRICS as VARIATION_METRICS
 
-METRICS = {f"v2drop-{m}": ("v2drop", {"metric": m}) for m in ("l2", "l1", "cosine")}
+METRICS = {f"v2drop-{m}": ("v2drop", {"metric": m}) for m in VARIATION_METRICS}
 
 
 def main(argv=None) -> list[dict]:
     """Run the three metrics at the three budgets and write the table and a plot."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    args = p.parse_args(argv)
+    args = command_parser(__doc__).parse_args(argv)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "metric_ablation")
     methods, info = methods_at_budgets(lvlm.depth, n_vision, variants=METRICS)
     results = run_methods(lvlm, benchmark, methods, out, config, samples)
@@ -40,9 +37,7 @@ def main(argv=None) -> list[dict]:
     for ax in axes:
         ax.set_xlabel("budget (of 576)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "metric_ablation.png", dpi=120)
-    print(f"wrote {out}")
+    save_figure(fig, out, "metric_ablation")
     return rows
 
 

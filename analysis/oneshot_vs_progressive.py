@@ -9,11 +9,9 @@ middle layer, each with the keep fraction that gives the same average (``v2drop.
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib.pyplot as plt
 
-from analysis.common import PAPER_BUDGETS, PAPER_VISION_TOKENS, add_common_args, budget_method, relative_rows, run_methods, setup, write_table
+from analysis.common import PAPER_BUDGETS, PAPER_VISION_TOKENS, budget_method, command_parser, relative_rows, run_methods, save_figure, setup, write_table
 from v2drop.method import Method
 from v2drop.schedule import solve_keep
 
@@ -39,9 +37,7 @@ def schedules(depth: int, n_vision: int, budgets=PAPER_BUDGETS) -> tuple[dict, d
 
 def main(argv=None) -> list[dict]:
     """Run and write the table and a plot."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    args = p.parse_args(argv)
+    args = command_parser(__doc__).parse_args(argv)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "oneshot_vs_progressive")
     methods, info = schedules(lvlm.depth, n_vision)
     results = run_methods(lvlm, benchmark, methods, out, config, samples)
@@ -56,9 +52,7 @@ def main(argv=None) -> list[dict]:
     ax.set_xlabel("average retained tokens (as of 576)")
     ax.set_ylabel("accuracy / no dropping")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "oneshot_vs_progressive.png", dpi=120)
-    print(f"wrote {out}")
+    save_figure(fig, out, "oneshot_vs_progressive")
     return rows
 
 

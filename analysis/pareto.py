@@ -16,16 +16,18 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from analysis.common import run_dir, write_table
+from analysis.common import run_dir, save_figure, write_table
+from v2drop.sweep import pareto_indices
+
+COSTS = ("prefill_ms", "flops_ratio")
 
 
-def non_dominated(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points (cost, accuracy) no other point beats on both (lower cost, higher accuracy)."""
-    keep = []
-    for i, (c, a) in enumerate(points):
-        if not any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(points) if j != i):
-            keep.append(i)
-    return keep
+def mark_fronts(rows: list[dict], costs=COSTS) -> None:
+    """Set ``pareto_<cost>`` on every row: True when no other row has lower cost and higher accuracy."""
+    for key in costs:
+        front = set(pareto_indices([[r[key], r["accuracy"]] for r in rows], ["minimize", "maximize"]))
+        for i, r in enumerate(rows):
+            r[f"pareto_{key}"] = i in front
 
 
 def _sweep_points(folder: Path) -> tuple[list[dict], str]:
@@ -46,6 +48,7 @@ def _sweep_points(folder: Path) -> tuple[list[dict], str]:
 
 
 def _pick(row: dict, *names):
+    """The first of ``names`` set in ``row``, as a float (None when none is)."""
     for n in names:
         if row.get(n) not in (None, ""):
             return float(row[n])
@@ -69,10 +72,7 @@ def main(argv=None) -> list[dict]:
                      "avg_vision_tokens": m["average_vision_tokens"]})
     if not rows:
         raise SystemExit(f"no results under {args.results}; run python -m analysis.method_table first")
-    for key in ("prefill_ms", "flops_ratio"):
-        front = set(non_dominated([(r[key], r["accuracy"]) for r in rows]))
-        for i, r in enumerate(rows):
-            r[f"pareto_{key}"] = i in front
+    mark_fronts(rows)
     print(write_table(rows, out / "pareto"))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, xlabel in ((axes[0], "prefill_ms", "median LLM prefill latency (ms)"), (axes[1], "flops_ratio", "prefill FLOPs / no dropping")):
@@ -90,9 +90,7 @@ def main(argv=None) -> list[dict]:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=120)
-    print(f"wrote {out}")
+    save_figure(fig, out, "pareto")
     return rows
 
 

@@ -10,17 +10,14 @@ scorer is flat at the keep fraction.
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib.pyplot as plt
 
-from analysis.common import add_common_args, read_records, run_methods, setup, write_table
+from analysis.common import command_parser, read_records, run_methods, save_figure, setup, write_table
 from v2drop.evaluation import vision_index_of
 from v2drop.method import Method
 from v2drop.schedule import Schedule
 from v2drop.scorers import list_scorers
 
-SCORERS = ("v2drop", "fastv", "pdrop", "sparsevlm", "random", "uniform", "position")
 BINS = 10
 
 
@@ -39,16 +36,17 @@ def interval_keep_rates(records: list[dict], bins: int = BINS) -> list[float]:
 
 
 def main(argv=None) -> list[dict]:
-    """Run every available scorer with one 50% stage and write the table and a plot."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    """Run every registered scorer with one 50% stage and write the table and a plot."""
+    p = command_parser(__doc__)
     p.add_argument("--keep", type=float, default=0.5, help="fraction of vision tokens kept at the stage")
     p.add_argument("--layer", type=int, default=None, help="stage layer (default: 3 of 32 moved to the model's depth)")
     args = p.parse_args(argv)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "positional_bias")
     layer = args.layer if args.layer is not None else max(1, round(3 * lvlm.depth / 32))
     schedule = Schedule.one_shot(layer, args.keep)
-    methods = {name: Method(name, schedule=schedule) for name in SCORERS if name in list_scorers()}
+    # V²Drop first (the method under study), then every other registered scorer.
+    names = sorted(list_scorers(), key=lambda name: name != "v2drop")
+    methods = {name: Method(name, schedule=schedule) for name in names}
     run_methods(lvlm, benchmark, methods, out, config, samples)
     rows = []
     for name in methods:
@@ -65,9 +63,7 @@ def main(argv=None) -> list[dict]:
     ax.axhline(args.keep, color="grey", lw=0.5, ls="--")
     ax.legend(fontsize=8)
     ax.set_title(f"positional bias: keep {args.keep:.0%} at layer {layer} ({lvlm.name})")
-    fig.tight_layout()
-    fig.savefig(out / "positional_bias.png", dpi=120)
-    print(f"wrote {out}")
+    save_figure(fig, out, "positional_bias")
     return rows
 
 

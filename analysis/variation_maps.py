@@ -9,7 +9,6 @@ question, the reference answer and the answers without and with dropping are in 
 
 from __future__ import annotations
 
-import argparse
 import textwrap
 from dataclasses import dataclass, field
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from matplotlib.patches import Rectangle
 
-from analysis.common import add_common_args, budget_method, run_dir, write_json
+from analysis.common import budget_method, command_parser, resolve_split, run_dir, save_figure, write_json
 from v2drop.method import Method
 from v2drop.scorers.variation import V2DropScorer
 
@@ -37,8 +36,7 @@ class RecordingV2Drop(V2DropScorer):
 
 def main(argv=None) -> list[dict]:
     """Plot the variation maps of the first ``--samples`` samples."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = command_parser(__doc__)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--budget", type=int, default=192, help="paper budget (of 576) of the V²Drop schedule")
     args = p.parse_args(argv)
@@ -49,7 +47,7 @@ def main(argv=None) -> list[dict]:
     out = run_dir("variation_maps", args.out)
     benchmark = get_benchmark(args.benchmark)
     lvlm = v2drop.load(args.model, attn_implementation=args.attn)
-    samples = benchmark.load(args.split, args.limit or args.samples)[: args.samples]
+    samples = benchmark.load(resolve_split(args, benchmark), args.limit or args.samples)[: args.samples]
     rows, panels = [], []
     for sample in samples:
         prompt = lvlm.format_prompt(sample.question, n_images=len(sample.images))
@@ -89,10 +87,8 @@ def main(argv=None) -> list[dict]:
             fig.colorbar(im, ax=ax, fraction=0.046)
         for ax in row_axes:
             ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out / "variation_maps.png", dpi=110)
     write_json(rows, out / "variation_maps.json")
-    print(f"wrote {out}/variation_maps.png")
+    save_figure(fig, out, "variation_maps", dpi=110, message=f"wrote {out}/variation_maps.png")
     return rows
 
 

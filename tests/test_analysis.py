@@ -2,15 +2,21 @@
 
 import pytest
 
-from analysis.common import budget_method, relative_rows, run_methods
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+
+from analysis.common import budget_method, command_parser, relative_rows, resolve_split, run_methods, save_figure, scorer_variants
 from analysis.evidence_kept import evidence_shares
 from analysis.method_table import methods_at_budgets
-from analysis.pareto import _sweep_points, non_dominated
+from analysis.pareto import _sweep_points, mark_fronts
 from analysis.positional_bias import interval_keep_rates
 from analysis.real_cost import MODELS, cost_rows
 from tests.tiny import EchoBench
+from v2drop.benchmarks import Benchmark
 from v2drop import Method, Schedule
 from v2drop.evaluation import EvalConfig
+from v2drop.scorers import SCORERS, Scorer
 
 
 def test_real_cost_table():
@@ -33,9 +39,41 @@ def test_real_cost_count_presets_keep_their_share_on_other_token_counts():
     assert rows["fastv-llava15-128"]["avg_vision_tokens"] == pytest.approx((2 * 6272 + 26 * kept) / 28)
 
 
-def test_non_dominated():
+def test_mark_fronts_flags_the_non_dominated_rows_per_cost():
     points = [(1, 0.5), (2, 0.7), (2, 0.6), (3, 0.7), (0.5, 0.2), (4, 0.9)]
-    assert non_dominated(points) == [0, 1, 4, 5]
+    rows = [{"prefill_ms": c, "flops_ratio": 1.0, "accuracy": a} for c, a in points]
+    mark_fronts(rows)
+    assert [i for i, r in enumerate(rows) if r["pareto_prefill_ms"]] == [0, 1, 4, 5]
+    # Equal cost everywhere: only the most accurate row is on the FLOPs front.
+    assert [i for i, r in enumerate(rows) if r["pareto_flops_ratio"]] == [5]
+
+
+def test_save_figure_writes_the_png_and_reports_it(tmp_path, capsys):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = save_figure(fig, tmp_path, "line")
+    assert path == tmp_path / "line.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path}"
+    assert not plt.fignum_exists(fig.number)
+
+
+def test_scorer_variants_follow_the_registry(monkeypatch):
+    """Every registered scorer gets a row; one without presets runs on V²Drop's schedule."""
+    variants = scorer_variants()
+    assert list(variants)[:3] == ["v2drop-l2", "v2drop-l1", "v2drop-cosine"]
+    assert variants["fastv"] == ("fastv", {}) and variants["random"] == ("random", {})
+
+    @dataclass
+    class NormScorer(Scorer):
+        def score(self, state):
+            return state.hidden.float().norm(dim=-1).gather(1, state.vision_idx)
+
+    monkeypatch.setitem(SCORERS._items, "norm-test", NormScorer)
+    variants = scorer_variants()
+    assert variants["norm-test"] == ("v2drop", {"name": "norm-test"})
+    methods, info = methods_at_budgets(12, 256, {"norm-test": variants["norm-test"]})
+    assert isinstance(methods["norm-test@128"].scorer, NormScorer)
+    assert methods["norm-test@128"].schedule.layers == methods_at_budgets(12, 256)[0]["v2drop-l2@128"].schedule.layers
 
 
 def test_sweep_front_prefers_the_one_confirmed_on_test(tmp_path):
@@ -110,3 +148,15 @@ def test_relative_rows_average_ratios_over_families():
     rows = relative_rows(results, extra={"drop": {"budget": 128}})
     assert rows[0]["avg_vs_none"] == 1.0
     assert rows[1]["avg_vs_none"] == pytest.approx((0.5 + 0.9) / 2) and rows[1]["budget"] == 128
+
+
+def test_split_defaults_to_the_benchmarks_own():
+    """No --split: the benchmark's default split (MMBench's is dev); --split given: that one."""
+
+    class DevOnly(Benchmark):
+        default_split = "dev"
+
+    args = command_parser("doc").parse_args([])
+    assert resolve_split(args, DevOnly()) == "dev" and args.split == "dev"
+    assert resolve_split(command_parser("doc").parse_args(["--split", "validation"]), DevOnly()) == "validation"
+    assert resolve_split(command_parser("doc").parse_args([]), Benchmark()) == "test"  # declares none
