@@ -17,7 +17,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from analysis.common import run_dir, save_figure, write_table
-from v2drop.sweep import pareto_indices
+from v2drop.search import pareto_indices
 
 COSTS = ("prefill_ms", "flops_ratio")
 
