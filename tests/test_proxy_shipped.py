@@ -1,17 +1,17 @@
 """The bundled proxy (v2drop/assets/proxy) loads offline through the hub code path and reads the image."""
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import v2drop
+from experiments.proxy.check import bar_table
+from experiments.proxy.train import TrainConfig
 from v2drop.benchmarks import get_benchmark
+from v2drop.config import config_to_dict, load_config
 from v2drop.lvlm import LOCAL_MODELS
-from v2drop.proxy import TrainConfig, bar_table
 
 ASSET = LOCAL_MODELS["proxy"]
 
@@ -44,7 +44,7 @@ def test_the_bundled_proxy_answers_from_the_image():
 
 def test_the_shipped_proxy_was_trained_by_the_recipe_in_configs():
     """configs/proxy.yaml describes the bundled model: its resolved recipe equals the shipped train_config.json (paths aside)."""
-    recipe = asdict(TrainConfig.from_dict(yaml.safe_load((Path(__file__).parents[1] / "configs" / "proxy.yaml").read_text())))
+    recipe = config_to_dict(load_config(TrainConfig, Path(__file__).parents[1] / "configs" / "proxy.yaml"))
     shipped = json.loads((ASSET / "train_config.json").read_text())
     recipe, shipped = (json.loads(json.dumps({k: v for k, v in d.items() if k not in ("output", "workdir")})) for d in (recipe, shipped))
     assert recipe == shipped
