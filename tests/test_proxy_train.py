@@ -15,11 +15,16 @@ from experiments.proxy.model import ProxyConfig, build_model, build_processor, b
 from experiments.proxy.train import AlignModule, ConversationModule, StageConfig, TrainConfig
 from experiments.train_proxy import main as train_main
 from v2drop.benchmarks import get_benchmark
+from v2drop.benchmarks.digits import COL_WORDS, ROW_WORDS
 from v2drop.config import config_from_dict
+from v2drop.lvlm import LVLM
+from v2drop.method import Method
+from v2drop.schedule import Schedule
 
 RECIPE = Path(__file__).parents[1] / "configs" / "proxy.yaml"
 
 
+@pytest.mark.slow
 def test_miniature_training_and_load(tmp_path):
     out, work = tmp_path / "proxy", tmp_path / "work"
     args = ["--set", f"output={out}", "--set", f"workdir={work}", "--set", "model.layers=2", "--set", "model.hidden=32",
@@ -50,6 +55,7 @@ def test_miniature_training_and_load(tmp_path):
         train_main(args + ["--set", "lvlm.lr=0.01"])
 
 
+@pytest.mark.slow
 def test_an_interrupted_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """A stage that crashes at step 2 and is resumed ends bit-identical to one that ran straight through."""
     import experiments.proxy.train as proxy_train
@@ -144,8 +150,6 @@ def test_digits_aux_turn_names_every_digit_with_its_colour_or_none():
 
 def test_cells_aux_turn_names_every_cell_with_its_digit_or_none():
     """``cells``: every occupied cell and as many empty ones, as row and column words answered by the digit or none."""
-    from v2drop.benchmarks.digits import COL_WORDS, ROW_WORDS
-
     tok = build_tokenizer()
     _, objects, _ = get_benchmark("digits").scene("train", 5)
     ids, labels = aux_turn(tok, objects, random.Random(0), "cells")
@@ -284,10 +288,6 @@ def test_draw_drop_asks_only_about_the_objects_that_keep_a_token():
 
 def test_a_training_drop_equals_the_engine_dropping_the_same_tokens():
     """Closing dropped tokens' columns from layer 2 in training gives the logits the engine gives when it removes them before layer 2."""
-    from v2drop.lvlm import LVLM
-    from v2drop.method import Method
-    from v2drop.schedule import Schedule
-
     processor = build_processor()
     torch.manual_seed(0)
     model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=4, vision_hidden=32), processor.tokenizer).eval()

@@ -13,6 +13,7 @@ from experiments.proxy.video import FRAME_TAG_SCALE, ClipStream, draw_clip_drop,
 from v2drop.benchmarks import get_benchmark
 from v2drop.benchmarks.digits import Object, video_questions
 from v2drop.config import config_from_dict
+from v2drop.lvlm import LVLM
 
 
 def _digit(label: int, row: int = 0, col: int = 0) -> Object:
@@ -23,8 +24,6 @@ def _digit(label: int, row: int = 0, col: int = 0) -> Object:
 
 def test_multi_image_prompts_mark_every_frame():
     """One image: the plain prompt; several: "frame one <image>", "frame two <image>", ...; past the eighth, "frame" alone."""
-    from v2drop.lvlm import LVLM
-
     processor = build_processor()
     lvlm = LVLM(build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer), processor)
     assert lvlm.format_prompt("Q?") == "USER: <image>\nQ? ASSISTANT:"
@@ -35,8 +34,6 @@ def test_multi_image_prompts_mark_every_frame():
 
 def test_video_training_turns_see_exactly_the_evaluation_prompt():
     """Every question turn of a clip conversation has the evaluation prompt's ids and positions, and its logits."""
-    from v2drop.lvlm import LVLM
-
     processor = build_processor()
     torch.manual_seed(0)
     model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer).eval()

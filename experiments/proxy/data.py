@@ -11,12 +11,12 @@ import random
 
 import torch
 
+from experiments.proxy.model import VISION_TOKENS
 from v2drop.benchmarks.digits import COL_WORDS, GRID, PATCH, PATCHES, ROW_WORDS, Digits, image_questions
 
 EXTRA_FAMILIES = ("ident", "exist", "colour", "mc")  # families a conversation adds questions of past one per family
 AUX_TURNS = ("digits", "which", "cells")
 WHICH_QUESTION = "What digit is in the image?"
-VISION_TOKENS = PATCHES * PATCHES  # per image
 
 
 def patch_words(objects) -> list[list[str]]:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from experiments.proxy.model import VISION_TOKENS
 from v2drop.benchmarks.digits import PATCHES
 
 BLOCK = 4  # side of a dropout block, in patches
 DROP_KINDS = ("tokens", "blocks", "objects")
-VISION_TOKENS = PATCHES * PATCHES  # per image
 
 
 @dataclass

@@ -15,6 +15,7 @@ from torch import nn
 from v2drop.benchmarks.digits import FRAMES, IMAGE_SIZE, NUMBER_WORDS, PATCH, PATCHES, Digits, vocabulary
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+VISION_TOKENS = PATCHES * PATCHES  # per image: one per patch (the CLS token is not passed on)
 FRAME_WORDS = NUMBER_WORDS[1 : FRAMES + 1]  # "one" ... "eight": the frame markers of a multi-image prompt
 # One image: "USER: <image>\n{question} ASSISTANT:". Several (a video's frames): each image follows a
 # marker "frame one", "frame two", ... (as InternVL's "Frame1: <image>"), so the decoder can tell the
@@ -102,7 +103,7 @@ def build_model(cfg: ProxyConfig, tokenizer) -> nn.Module:
             eos_token_id=tokenizer.eos_token_id,
         ),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=PATCHES * PATCHES,
+        image_seq_length=VISION_TOKENS,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",

@@ -26,9 +26,9 @@ import torch
 from experiments.proxy.check import bar_table
 from experiments.proxy.data import AUX_TURNS, SceneStream, as_list, conversation, isolation_mask, pad_conversations, patch_words
 from experiments.proxy.drops import check_drop_settings, draw_drop, drop_masks
-from experiments.proxy.model import FRAME_WORDS, ProxyConfig, build_model, build_processor
+from experiments.proxy.model import FRAME_WORDS, VISION_TOKENS, ProxyConfig, build_model, build_processor
 from experiments.proxy.video import VIDEO_AUX_TURNS, ClipStream, video_loss
-from v2drop.benchmarks.digits import FRAMES, PATCHES
+from v2drop.benchmarks.digits import FRAMES
 from v2drop.config import config_to_dict
 
 STAGES = ("align", "lvlm", "robust", "video")
@@ -126,7 +126,7 @@ class AlignModule(L.LightningModule):
         feats = torch.stack(list(feats)).float()  # (B, 256, D)
         emb = self.model.model.get_input_embeddings().weight.detach().float()
         ids = torch.tensor([[tok.convert_tokens_to_ids(w) for w in words] for b in batch for words in patch_words(b["objects"])],
-                           device=self.device).view(len(batch), PATCHES * PATCHES, 4)
+                           device=self.device).view(len(batch), VISION_TOKENS, 4)
         target = (emb[ids] * (ids != tok.pad_token_id)[..., None]).sum(2)  # (B, 256, D)
         error = ((feats - target) ** 2).sum(-1).div(target.pow(2).sum(-1))
         on_object = ids[..., 0] != tok.convert_tokens_to_ids("none")

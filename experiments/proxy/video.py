@@ -14,9 +14,9 @@ import random
 import torch
 from torch import nn
 
-from experiments.proxy.data import VISION_TOKENS, pad_conversations, question_turn
+from experiments.proxy.data import pad_conversations, question_turn
 from experiments.proxy.drops import VisionDrop, check_drop_settings, draw_shape, shape_mask
-from experiments.proxy.model import FRAME_WORDS
+from experiments.proxy.model import FRAME_WORDS, VISION_TOKENS
 from v2drop.benchmarks.digits import Digits, DigitsVideo, video_questions
 
 VIDEO_AUX_TURNS = ("frames", "firsts")
