@@ -19,7 +19,7 @@ from v2drop.method import Method
 from v2drop.schedule import Schedule
 from v2drop.scorers.base import Scorer
 
-BAR_CONDITIONS = ("full", "no image", "evidence", "random")
+BAR_CONDITIONS = ("full", "no image", "evidence", "random")  # see the module docstring
 
 
 @dataclass

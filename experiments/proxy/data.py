@@ -15,8 +15,8 @@ from experiments.proxy.model import VISION_TOKENS
 from v2drop.benchmarks.digits import COL_WORDS, GRID, PATCH, PATCHES, ROW_WORDS, Digits, image_questions
 
 EXTRA_FAMILIES = ("ident", "exist", "colour", "mc")  # families a conversation adds questions of past one per family
-AUX_TURNS = ("digits", "which", "cells")
-WHICH_QUESTION = "What digit is in the image?"
+AUX_TURNS = ("digits", "which", "cells")  # the dense auxiliary turns ``aux_turn`` builds
+WHICH_QUESTION = "What digit is in the image?"  # the ``which`` turn's question
 
 
 def patch_words(objects) -> list[list[str]]:

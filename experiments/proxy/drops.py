@@ -18,7 +18,7 @@ from experiments.proxy.model import VISION_TOKENS
 from v2drop.benchmarks.digits import PATCHES
 
 BLOCK = 4  # side of a dropout block, in patches
-DROP_KINDS = ("tokens", "blocks", "objects")
+DROP_KINDS = ("tokens", "blocks", "objects")  # the drop shapes ``draw_drop`` knows
 
 
 @dataclass

@@ -14,7 +14,7 @@ from torch import nn
 
 from v2drop.benchmarks.digits import FRAMES, IMAGE_SIZE, NUMBER_WORDS, PATCH, PATCHES, Digits, vocabulary
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]  # the first ids of the vocabulary
 VISION_TOKENS = PATCHES * PATCHES  # per image: one per patch (the CLS token is not passed on)
 FRAME_WORDS = NUMBER_WORDS[1 : FRAMES + 1]  # "one" ... "eight": the frame markers of a multi-image prompt
 # One image: "USER: <image>\n{question} ASSISTANT:". Several (a video's frames): each image follows a

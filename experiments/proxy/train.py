@@ -31,7 +31,7 @@ from experiments.proxy.video import VIDEO_AUX_TURNS, ClipStream, video_loss
 from v2drop.benchmarks.digits import FRAMES
 from v2drop.config import config_to_dict
 
-STAGES = ("align", "lvlm", "robust", "video")
+STAGES = ("align", "lvlm", "robust", "video")  # in training order; a stage's data seed is offset by its index
 
 
 @dataclass

@@ -19,7 +19,7 @@ from experiments.proxy.drops import VisionDrop, check_drop_settings, draw_shape,
 from experiments.proxy.model import FRAME_WORDS, VISION_TOKENS
 from v2drop.benchmarks.digits import Digits, DigitsVideo, video_questions
 
-VIDEO_AUX_TURNS = ("frames", "firsts")
+VIDEO_AUX_TURNS = ("frames", "firsts")  # the dense auxiliary turns ``video_aux_turn`` builds
 FRAME_TAG_SCALE = 10.0  # logit scale of the frame tags (small: a tag must be a large component of the token to be read)
 
 
