@@ -55,7 +55,6 @@ def test_miniature_training_and_load(tmp_path):
         train_main(args + ["--set", "lvlm.lr=0.01"])
 
 
-@pytest.mark.slow
 def test_an_interrupted_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """A stage that crashes at step 2 and is resumed ends bit-identical to one that ran straight through."""
     import experiments.proxy.train as proxy_train
