@@ -1,17 +1,18 @@
 """The bundled proxy (v2drop/assets/proxy) loads offline through the hub code path and reads the image."""
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import v2drop
+from experiments.check_proxy import main as check_main
+from experiments.proxy.check import BAR_CONDITIONS, bar_table
+from experiments.proxy.train import TrainConfig
 from v2drop.benchmarks import get_benchmark
+from v2drop.config import config_to_dict, load_config
 from v2drop.lvlm import LOCAL_MODELS
-from v2drop.proxy import TrainConfig, bar_table
 
 ASSET = LOCAL_MODELS["proxy"]
 
@@ -31,6 +32,7 @@ def test_the_bundled_proxies_are_small_standard_llavas(name):
     assert int((inputs["input_ids"] == image_id).sum()) == 256
 
 
+@pytest.mark.slow
 def test_the_bundled_proxy_answers_from_the_image():
     """On 50 test questions: clearly above the no-image answers, and keeping the evidence beats as many random tokens."""
     torch.set_num_threads(2)
@@ -44,7 +46,24 @@ def test_the_bundled_proxy_answers_from_the_image():
 
 def test_the_shipped_proxy_was_trained_by_the_recipe_in_configs():
     """configs/proxy.yaml describes the bundled model: its resolved recipe equals the shipped train_config.json (paths aside)."""
-    recipe = asdict(TrainConfig.from_dict(yaml.safe_load((Path(__file__).parents[1] / "configs" / "proxy.yaml").read_text())))
+    recipe = config_to_dict(load_config(TrainConfig, Path(__file__).parents[1] / "configs" / "proxy.yaml"))
     shipped = json.loads((ASSET / "train_config.json").read_text())
     recipe, shipped = (json.loads(json.dumps({k: v for k, v in d.items() if k not in ("output", "workdir")})) for d in (recipe, shipped))
     assert recipe == shipped
+
+
+def test_check_cli_prints_the_bars_and_writes_them(tmp_path, capsys):
+    """``check_proxy`` on a few questions: every condition in the table, the verdict printed, the JSON equal to what it returns."""
+    result = check_main(["--limit", "4", "--output", str(tmp_path / "bars.json")])
+    out = capsys.readouterr().out
+    assert list(result["table"]) == list(BAR_CONDITIONS) and result["n"] == 4 and result["model"] == "proxy"
+    assert all(0.0 <= row["overall"] <= 1.0 for row in result["table"].values())
+    assert out.startswith("condition") and '"validity_evidence_ge_95pct_of_full"' in out
+    assert json.loads((tmp_path / "bars.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_check_cli_reports_a_missing_model_in_one_line_with_status_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        check_main(["--model", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "nowhere" in err

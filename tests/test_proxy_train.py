@@ -2,15 +2,29 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
+import torch
 
 import v2drop
+from experiments.proxy.check import KeepGiven
+from experiments.proxy.data import aux_turn, conversation, isolation_mask, patch_words
+from experiments.proxy.drops import VisionDrop, block_keep_mask, draw_drop, layer_masks
+from experiments.proxy.model import ProxyConfig, build_model, build_processor, build_tokenizer
+from experiments.proxy.train import AlignModule, ConversationModule, StageConfig, TrainConfig
 from experiments.train_proxy import main as train_main
 from v2drop.benchmarks import get_benchmark
-from v2drop.proxy import TrainConfig, conversation
+from v2drop.benchmarks.digits import COL_WORDS, ROW_WORDS
+from v2drop.config import config_from_dict
+from v2drop.lvlm import LVLM
+from v2drop.method import Method
+from v2drop.schedule import Schedule
+
+RECIPE = Path(__file__).parents[1] / "configs" / "proxy.yaml"
 
 
+@pytest.mark.slow
 def test_miniature_training_and_load(tmp_path):
     out, work = tmp_path / "proxy", tmp_path / "work"
     args = ["--set", f"output={out}", "--set", f"workdir={work}", "--set", "model.layers=2", "--set", "model.hidden=32",
@@ -29,7 +43,7 @@ def test_miniature_training_and_load(tmp_path):
     assert len(result.prompt_ids[0]) == 256 + len(lvlm.tokenizer(sample.question)["input_ids"]) + 2
     # The first training turn is laid out exactly like the evaluation prompt.
     image, objects, _ = get_benchmark("digits").scene("test", 0)
-    ids, labels = conversation(lvlm.processor, image, objects, random.Random(0))
+    ids, labels = conversation(lvlm.processor, objects, random.Random(0))
     first_answer = next(i for i, l in enumerate(labels) if l != -100)
     eval_ids = lvlm.prepare([lvlm.format_prompt(lvlm.tokenizer.decode(ids[257:first_answer - 1]))], [image])["input_ids"][0].tolist()
     assert ids[:first_answer] == eval_ids
@@ -43,9 +57,7 @@ def test_miniature_training_and_load(tmp_path):
 
 def test_an_interrupted_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """A stage that crashes at step 2 and is resumed ends bit-identical to one that ran straight through."""
-    import torch
-
-    import v2drop.proxy as proxy
+    import experiments.proxy.train as proxy_train
 
     def args(name):
         return ["--set", f"output={tmp_path / name / 'out'}", "--set", f"workdir={tmp_path / name / 'work'}", "--set", "model.layers=2",
@@ -54,49 +66,56 @@ def test_an_interrupted_stage_resumes_to_the_same_weights(tmp_path, monkeypatch)
                 "--set", "robust.steps=0", "--set", "checkpoint_every=1"]
 
     train_main(args("straight"))
-    print_loss = proxy._PrintLoss
 
-    def crashing(stage, every=25):
-        callback = print_loss(stage, every)
-        inner = callback.on_train_batch_end
-
-        def on_train_batch_end(trainer, *a):
-            inner(trainer, *a)
-            if stage == "lvlm" and trainer.global_step == 2:
+    class Crashing(proxy_train.PrintLoss):
+        def on_train_batch_end(self, trainer, *a):
+            super().on_train_batch_end(trainer, *a)
+            if self.stage == "lvlm" and trainer.global_step == 2:
                 raise RuntimeError("simulated crash")
 
-        callback.on_train_batch_end = on_train_batch_end
-        return callback
-
-    monkeypatch.setattr(proxy, "_PrintLoss", crashing)
+    monkeypatch.setattr(proxy_train, "PrintLoss", Crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_main(args("resumed"))
     assert not (tmp_path / "resumed" / "work" / "lvlm" / "done.pt").exists()
-    monkeypatch.setattr(proxy, "_PrintLoss", print_loss)
+    monkeypatch.undo()
     train_main(args("resumed"))
     a = torch.load(tmp_path / "straight" / "work" / "lvlm" / "done.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "work" / "lvlm" / "done.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_config_rejects_unknown_keys():
-    import pytest
+def test_config_rejects_unknown_keys_and_bad_drop_settings():
+    with pytest.raises(ValueError, match=r"unknown key 'lvlm.step' in section 'lvlm' of StageConfig; valid keys: .*steps"):
+        config_from_dict(TrainConfig, {"lvlm": {"step": 3}})
+    with pytest.raises(ValueError, match=r"token_keep must be \[low, high\]"):
+        config_from_dict(TrainConfig, {"robust": {"token_keep": [0.0, 1.0]}})
+    with pytest.raises(ValueError, match=r"aux \['grid'\] names unknown turns \['grid'\]; known: \['digits', 'which', 'cells'\]"):
+        config_from_dict(TrainConfig, {"lvlm": {"aux": ["grid"]}})
 
-    with pytest.raises(ValueError, match=r"Unknown StageConfig keys \['step'\]"):
-        TrainConfig.from_dict({"lvlm": {"step": 3}})
+
+@pytest.mark.parametrize("argv, words", [
+    (["--config", "{tmp}/missing.yaml"], ["error:", "missing.yaml", "does not exist"]),
+    (["--config", "{recipe}", "--set", "lvlm.step=3"], ["error:", "'lvlm.step'", "valid keys"]),
+    (["--config", "{recipe}", "--set", "lvlm.steps=many"], ["error:", "lvlm.steps", "many"]),
+    (["--config", "{recipe}", "--set", "video.frames=[2, 9]"], ["error:", "video.frames must be [min, max]", "[2, 9]"]),
+])
+def test_train_cli_reports_bad_input_in_one_line_with_status_2(argv, words, capsys, tmp_path):
+    """A missing recipe, an unknown key or a bad value: ``error: ...`` on one line, exit status 2, no traceback, nothing trained."""
+    with pytest.raises(SystemExit) as exit_:
+        train_main([a.format(tmp=tmp_path, recipe=RECIPE) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    for word in words:
+        assert word in err
 
 
 def test_isolated_turns_see_exactly_the_evaluation_prompt():
     """With isolated turns, the logits at every turn's answer position equal those of the evaluation prompt alone."""
-    import torch
-
-    from v2drop.proxy import ProxyConfig, build_model, build_processor, isolation_mask
-
     processor = build_processor()
     torch.manual_seed(0)
     model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer).eval()
     image, objects, _ = get_benchmark("digits").scene("train", 3)
-    ids, labels, segments, positions = conversation(processor, image, objects, random.Random(1), turns=7, isolated=True)
+    ids, labels, segments, positions = conversation(processor, objects, random.Random(1), turns=7, isolated=True)
     pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids]), pixel_values=pixels, position_ids=torch.tensor([positions]),
@@ -116,10 +135,6 @@ def test_isolated_turns_see_exactly_the_evaluation_prompt():
 
 def test_digits_aux_turn_names_every_digit_with_its_colour_or_none():
     """The dense auxiliary turn: each digit word once, answered (at its own position) by its colour or none."""
-    import pytest
-
-    from v2drop.proxy import aux_turn, build_tokenizer
-
     tok = build_tokenizer()
     image, objects, _ = get_benchmark("digits").scene("train", 5)
     ids, labels = aux_turn(tok, objects, random.Random(0), "digits")
@@ -134,9 +149,6 @@ def test_digits_aux_turn_names_every_digit_with_its_colour_or_none():
 
 def test_cells_aux_turn_names_every_cell_with_its_digit_or_none():
     """``cells``: every occupied cell and as many empty ones, as row and column words answered by the digit or none."""
-    from v2drop.benchmarks.digits import COL_WORDS, ROW_WORDS
-    from v2drop.proxy import aux_turn, build_tokenizer
-
     tok = build_tokenizer()
     _, objects, _ = get_benchmark("digits").scene("train", 5)
     ids, labels = aux_turn(tok, objects, random.Random(0), "cells")
@@ -153,8 +165,6 @@ def test_cells_aux_turn_names_every_cell_with_its_digit_or_none():
 
 def test_which_aux_turn_asks_for_the_digit_only_when_one_is_visible():
     """``which``: "What digit is in the image? ASSISTANT: 7 </s>" with one object, nothing with more; only the answer is supervised."""
-    from v2drop.proxy import aux_turn, build_tokenizer
-
     tok = build_tokenizer()
     _, objects, _ = get_benchmark("digits").scene("train", 11)
     assert len(objects) >= 2 and aux_turn(tok, objects, random.Random(0), "which") == ([], [])
@@ -165,12 +175,10 @@ def test_which_aux_turn_asks_for_the_digit_only_when_one_is_visible():
 
 def test_aux_turn_is_isolated_and_leaves_the_questions_unchanged():
     """Adding the auxiliary turn appends one isolated segment at the evaluation prompt's positions; the questions are identical."""
-    from v2drop.proxy import build_processor
-
     processor = build_processor()
-    image, objects, _ = get_benchmark("digits").scene("train", 7)
-    plain = conversation(processor, image, objects, random.Random(3), turns=6, isolated=True)
-    ids, labels, segments, positions = conversation(processor, image, objects, random.Random(3), turns=6, isolated=True, aux=["digits"])
+    _, objects, _ = get_benchmark("digits").scene("train", 7)
+    plain = conversation(processor, objects, random.Random(3), turns=6, isolated=True)
+    ids, labels, segments, positions = conversation(processor, objects, random.Random(3), turns=6, isolated=True, aux=["digits"])
     n = len(plain[0])
     assert (ids[:n], labels[:n], segments[:n], positions[:n]) == plain
     assert segments[n:] == [7] * 20 and positions[n:] == list(range(257, 277))
@@ -178,10 +186,6 @@ def test_aux_turn_is_isolated_and_leaves_the_questions_unchanged():
 
 def test_tied_qk_init_starts_every_query_head_equal_to_its_key_head():
     """The mimetic start: each query head's weights equal the key head it shares under GQA; 0 keeps transformers' init."""
-    import torch
-
-    from v2drop.proxy import ProxyConfig, build_model, build_tokenizer
-
     tok = build_tokenizer()
     decoder = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, tied_qk_init=0.1), tok).model.language_model
     for layer in decoder.layers:
@@ -195,16 +199,12 @@ def test_tied_qk_init_starts_every_query_head_equal_to_its_key_head():
 
 def test_align_content_term_is_the_cross_entropy_of_each_object_patch_against_its_digit_word():
     """``content_ce`` adds exactly the cross-entropy of object patches' word logits against the digit they show."""
-    import torch
-
-    from v2drop.proxy import AlignModule, ProxyConfig, build_model, build_processor, patch_words
-
     processor = build_processor()
     torch.manual_seed(0)
     model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer)
     batch = [dict(zip(("image", "objects"), get_benchmark("digits").scene("train", i)[:2])) for i in (1, 2)]
-    plain = AlignModule.create(model, processor, lr=1e-3, steps=1).training_step(batch, 0)
-    scaled = AlignModule.create(model, processor, lr=1e-3, steps=1, content_ce=50.0).training_step(batch, 0)
+    plain = AlignModule(model, processor, StageConfig(lr=1e-3, steps=1)).training_step(batch, 0)
+    scaled = AlignModule(model, processor, StageConfig(lr=1e-3, steps=1, content_ce=50.0)).training_step(batch, 0)
     tok, emb = processor.tokenizer, model.model.get_input_embeddings().weight
     pixels = processor.image_processor([b["image"] for b in batch], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
@@ -220,10 +220,6 @@ def test_align_content_term_is_the_cross_entropy_of_each_object_patch_against_it
 
 def test_block_dropout_keeps_whole_aligned_blocks():
     """Block dropout keeps every token of a random set of aligned 4x4-patch blocks and nothing else."""
-    import torch
-
-    from v2drop.proxy import block_keep_mask
-
     for share, blocks in ((0.0, 1), (1 / 16, 1), (0.3, 5), (1.0, 16)):
         kept = block_keep_mask(share, torch.Generator().manual_seed(3)).view(16, 16)
         assert kept.sum() == 16 * blocks
@@ -237,14 +233,10 @@ def test_block_dropout_keeps_whole_aligned_blocks():
 
 def test_frozen_decoder_layers_keep_their_weights_while_the_rest_trains():
     """``frozen_layers=1``: an optimiser step changes decoder layer 1 but leaves layer 0 bit-identical."""
-    import torch
-
-    from v2drop.proxy import LVLMModule, ProxyConfig, build_model, build_processor
-
     processor = build_processor()
     torch.manual_seed(0)
     model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer)
-    module = LVLMModule.create(model, processor, lr=1e-2, vision_lr=1e-3, steps=2, isolated=True, frozen_layers=1)
+    module = ConversationModule(model, processor, StageConfig(lr=1e-2, vision_lr=1e-3, steps=2, isolated=True), frozen_layers=1)
     layers = model.model.language_model.layers
     before = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
     batch = [dict(zip(("image", "objects"), get_benchmark("digits").scene("train", i)[:2]), rng_seed=i) for i in (1, 2)]
@@ -257,10 +249,6 @@ def test_frozen_decoder_layers_keep_their_weights_while_the_rest_trains():
 
 def test_layer_masks_close_dropped_columns_from_their_layer_on():
     """Hand-made mask: sample 0 drops positions 1 and 2 before layer 1; sample 1 drops nothing."""
-    import torch
-
-    from v2drop.proxy import isolation_mask, layer_masks
-
     base = isolation_mask(torch.zeros(2, 4, dtype=torch.long))
     masks = layer_masks(base, [(1, torch.tensor([1, 2])), (-1, torch.tensor([], dtype=torch.long))], depth=3)
     assert masks[0] is base and masks[1] is masks[2]
@@ -272,10 +260,6 @@ def test_layer_masks_close_dropped_columns_from_their_layer_on():
 
 def test_draw_drop_asks_only_about_the_objects_that_keep_a_token():
     """Drops keep a share of the tokens, whole blocks or whole objects; the visible objects are exactly those with a kept token."""
-    import pytest
-
-    from v2drop.proxy import draw_drop
-
     image, objects, _ = get_benchmark("digits").scene("train", 11)
     assert len(objects) >= 2
     evidence = [set(o.evidence()) for o in objects]
@@ -303,19 +287,12 @@ def test_draw_drop_asks_only_about_the_objects_that_keep_a_token():
 
 def test_a_training_drop_equals_the_engine_dropping_the_same_tokens():
     """Closing dropped tokens' columns from layer 2 in training gives the logits the engine gives when it removes them before layer 2."""
-    import torch
-
-    from v2drop.lvlm import LVLM
-    from v2drop.method import Method
-    from v2drop.proxy import KeepGiven, LVLMModule, ProxyConfig, VisionDrop, build_model, build_processor
-    from v2drop.schedule import Schedule
-
     processor = build_processor()
     torch.manual_seed(0)
     model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=4, vision_hidden=32), processor.tokenizer).eval()
-    module = LVLMModule.create(model, processor, lr=1e-3, vision_lr=1e-3, steps=1, isolated=True)
+    module = ConversationModule(model, processor, StageConfig(lr=1e-3, vision_lr=1e-3, steps=1, isolated=True))
     image, objects, _ = get_benchmark("digits").scene("train", 4)
-    ids, labels, segments, positions = conversation(processor, image, objects, random.Random(2), turns=1, isolated=True)
+    ids, labels, segments, positions = conversation(processor, objects, random.Random(2), turns=1, isolated=True)
     kept = torch.zeros(256, dtype=torch.bool)
     kept[torch.randperm(256, generator=torch.Generator().manual_seed(0))[:40]] = True
     pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]

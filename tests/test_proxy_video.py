@@ -6,23 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from experiments.proxy.data import isolation_mask
+from experiments.proxy.model import FRAME_WORDS, ProxyConfig, build_model, build_processor, build_tokenizer
+from experiments.proxy.train import TrainConfig
+from experiments.proxy.video import FRAME_TAG_SCALE, ClipStream, draw_clip_drop, frame_tag_loss, video_aux_turn, video_conversation
 from v2drop.benchmarks import get_benchmark
 from v2drop.benchmarks.digits import Object, video_questions
-from v2drop.proxy import (
-    FRAME_TAG_SCALE,
-    FRAME_WORDS,
-    ClipStream,
-    ProxyConfig,
-    TrainConfig,
-    build_model,
-    build_processor,
-    build_tokenizer,
-    draw_clip_drop,
-    frame_tag_loss,
-    isolation_mask,
-    video_aux_turn,
-    video_conversation,
-)
+from v2drop.config import config_from_dict
+from v2drop.lvlm import LVLM
 
 
 def _digit(label: int, row: int = 0, col: int = 0) -> Object:
@@ -33,8 +24,6 @@ def _digit(label: int, row: int = 0, col: int = 0) -> Object:
 
 def test_multi_image_prompts_mark_every_frame():
     """One image: the plain prompt; several: "frame one <image>", "frame two <image>", ...; past the eighth, "frame" alone."""
-    from v2drop.lvlm import LVLM
-
     processor = build_processor()
     lvlm = LVLM(build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer), processor)
     assert lvlm.format_prompt("Q?") == "USER: <image>\nQ? ASSISTANT:"
@@ -45,8 +34,6 @@ def test_multi_image_prompts_mark_every_frame():
 
 def test_video_training_turns_see_exactly_the_evaluation_prompt():
     """Every question turn of a clip conversation has the evaluation prompt's ids and positions, and its logits."""
-    from v2drop.lvlm import LVLM
-
     processor = build_processor()
     torch.manual_seed(0)
     model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer).eval()
@@ -163,5 +150,6 @@ def test_clip_stream_gives_fixed_size_steps_and_resumes_where_it_stopped():
 
 
 def test_config_rejects_frame_counts_past_the_frame_words():
+    """``video.frames`` beyond the eight frame words is a one-line error naming the range."""
     with pytest.raises(ValueError, match=r"video.frames must be \[min, max\] with 1 <= min <= max <= 8, got \[2, 9\]"):
-        TrainConfig.from_dict({"video": {"frames": [2, 9]}})
+        config_from_dict(TrainConfig, {"video": {"frames": [2, 9]}})

@@ -1,0 +1,91 @@
+"""The proxy's quality and validity bars: accuracy per family under four token-keeping conditions.
+
+- ``full``: no dropping;
+- ``no image``: every vision token removed before layer 0 (should be near chance);
+- ``evidence``: before ``layer`` only the question's ground-truth evidence tokens are kept (``KeepGiven``);
+- ``random``: before ``layer`` as many random vision tokens are kept (seeded).
+
+Validity bar: evidence ≥ 95% of full, and random ≥ 10 points below evidence. Quality bar: full ≥
+90% overall and ≥ 80% in every family (``verdict``; the bars' rationale is in ``docs/proxy.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from v2drop.method import Method
+from v2drop.schedule import Schedule
+from v2drop.scorers.base import Scorer
+
+BAR_CONDITIONS = ("full", "no image", "evidence", "random")  # see the module docstring
+
+
+@dataclass
+class KeepGiven(Scorer):
+    """Scores 1 for the given vision-token indices, 0 elsewhere (an oracle for the validity bar; not registered)."""
+
+    keep: tuple = ()  # indices (0-based, among the current vision tokens) to keep
+
+    def score(self, state):
+        """1 on the given indices of the current vision tokens, 0 elsewhere."""
+        scores = torch.zeros(state.vision_idx.shape, dtype=torch.float32)
+        index = torch.tensor([k for k in self.keep if k < scores.shape[1]], dtype=torch.long)
+        scores[:, index] = 1.0
+        return scores
+
+
+def bar_methods(sample, layer: int) -> dict[str, Method]:
+    """The validity-bar conditions for one sample: no dropping, no image, its evidence only, as many random tokens."""
+    n = len(sample.evidence)
+    return {
+        "full": Method.none(),
+        "no image": Method("random", schedule=Schedule.one_shot(0, 0.0, min_keep=0)),
+        "evidence": Method(KeepGiven(keep=tuple(sample.evidence)), schedule=Schedule.one_shot(layer, n, keep_mode="absolute", min_keep=0)),
+        "random": Method("random", schedule=Schedule.one_shot(layer, n, keep_mode="absolute", min_keep=0)),
+    }
+
+
+def bar_table(lvlm, bench, samples, layer: int = 2, conditions=BAR_CONDITIONS, progress: bool = False) -> dict[str, dict[str, float]]:
+    """Accuracy per condition and family (plus ``overall``) of the quality and validity bars."""
+    from tqdm import tqdm
+
+    correct: dict[str, dict[str, list[bool]]] = {}
+    for sample in tqdm(samples, desc="check", disable=not progress):
+        inputs = lvlm.prepare([lvlm.format_prompt(sample.question, n_images=len(sample.images))], [list(sample.images)])
+        for name, method in bar_methods(sample, layer).items():
+            if name in conditions:
+                text = lvlm.generate_from_inputs(inputs, method, max_new_tokens=4).texts[0]
+                correct.setdefault(name, {}).setdefault(sample.family, []).append(bench.is_correct(text, sample))
+    table = {}
+    for name, per_family in correct.items():
+        table[name] = {f: sum(v) / len(v) for f, v in sorted(per_family.items())}
+        table[name]["overall"] = sum(sum(v) for v in per_family.values()) / sum(len(v) for v in per_family.values())
+    return table
+
+
+def verdict(table: dict[str, dict[str, float]]) -> dict[str, bool]:
+    """Whether a ``bar_table`` (with every condition) passes each part of the quality and validity bars."""
+    families = [f for f in table["full"] if f != "overall"]
+    full, ev, rnd = table["full"]["overall"], table["evidence"]["overall"], table["random"]["overall"]
+    return {
+        "quality_overall_ge_0.90": full >= 0.90,
+        "quality_every_family_ge_0.80": all(table["full"][f] >= 0.80 for f in families),
+        "validity_evidence_ge_95pct_of_full": ev >= 0.95 * full,
+        "validity_random_10_points_below_evidence": rnd <= ev - 0.10,
+    }
+
+
+def format_table(table: dict[str, dict[str, float]]) -> str:
+    """A ``bar_table`` as fixed-width text: one row per condition, one column per family and ``overall``."""
+    columns = [f for f in next(iter(table.values())) if f != "overall"] + ["overall"]
+    lines = [f"{'condition':<12}" + "".join(f"{f:>9}" for f in columns)]
+    lines += [f"{name:<12}" + "".join(f"{row[f]:>9.3f}" for f in columns) for name, row in table.items()]
+    return "\n".join(lines)
+
+
+def check(lvlm, bench, samples, layer: int = 2, progress: bool = True) -> dict:
+    """The bar table of ``samples`` and its verdict: ``{"table", "verdict", "layer", "n"}``."""
+    table = bar_table(lvlm, bench, samples, layer, progress=progress)
+    return {"table": table, "verdict": verdict(table), "layer": layer, "n": len(samples)}
