@@ -8,13 +8,9 @@ from transformers import DynamicCache
 
 from tests.conftest import batch_for
 from v2drop import LayerState, Method, Schedule, build_scorer, select_keep
-from v2drop.scorers.attention_based import (
-    FastVScorer,
-    PDropScorer,
-    SparseVLMScorer,
-    density_peak_clusters,
-    select_raters,
-)
+from v2drop.scorers.fastv import FastVScorer
+from v2drop.scorers.pdrop import PDropScorer
+from v2drop.scorers.sparsevlm import SparseVLMScorer, density_peak_clusters, select_raters
 
 
 @dataclass
@@ -173,7 +169,7 @@ def test_sparsevlm_queries_take_text_after_the_last_vision_token():
     vision = torch.tensor([[False, True, True, False, False, False]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0]])  # the last token is padding
     # logits of a vision token over text positions 3, 4: [3, 0] -> raters = [3]
-    assert [q.tolist() for q in SparseVLMScorer().queries(embeds, vision, mask)] == [[3]]
+    assert [q.tolist() for q in SparseVLMScorer().attention_queries(embeds, vision, mask)] == [[3]]
 
 
 def _state(attention, query_valid, vision_idx):
