@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from tests.conftest import batch_for
 from v2drop import LayerState, Method, Schedule, build_scorer, select_keep
 from v2drop.scorers.fastv import FastVScorer
 from v2drop.scorers.pdrop import PDropScorer
 from v2drop.scorers.sparsevlm import SparseVLMScorer, density_peak_clusters, select_raters
+from v2drop.testing import batch_for
 
 
 @dataclass
@@ -104,7 +104,11 @@ def test_every_method_generates_and_keep_all_is_exact(tiny, family, attn):
         for policy in ("preserve", "renumber"):
             out = lvlm.generate_from_inputs(inputs, Method(name, schedule=schedule, position_policy=policy), max_new_tokens=4)
             assert all(len(t.stages) == len(schedule.stages) for t in out.traces)
-            assert all(len(ids) >= 1 for ids in out.generated_ids)
+            assert all(len(ids) == 4 for ids in out.generated_ids)  # the tiny models have no EOS
+            for trace in out.traces:  # each stage keeps the schedule's count of the vision tokens present before it
+                n0 = trace.vision_tokens_per_layer[0]
+                expected = [schedule.kept_count(i, trace.vision_tokens_per_layer[s["layer"] - 1], n0) for i, s in enumerate(trace.stages)]
+                assert [len(s["kept"]) for s in trace.stages] == expected
         keep_all = Schedule(tuple(type(s)(s.layer, 1.0) for s in schedule.stages))
         out = lvlm.generate_from_inputs(inputs, Method(name, schedule=keep_all), max_new_tokens=4, stop_at_eos=False)
         assert out.generated_ids == base.generated_ids, name
@@ -244,7 +248,11 @@ def test_sparsevlm_end_to_end_batch_equals_alone(tiny, family):
         torch.testing.assert_close(alone.first_logits[0], batch.first_logits[b], atol=1e-4, rtol=0)
     trace = batch.traces[0]
     merged = [len(s.get("merged", [])) for s in trace.stages]
-    assert merged[0] >= 1  # something was recycled at the first stage
+    # the top int(0.3·d) + 1 of the d dropped tokens are recycled, in ⌊m / 10⌋ + 1 clusters
+    for stage, layer in enumerate((2, 4)):
+        dropped = trace.vision_tokens_per_layer[layer - 1] - len(trace.stages[stage]["kept"])
+        m = min(dropped, int(0.3 * dropped) + 1)
+        assert merged[stage] == min(m, m // 10 + 1) >= 1
     # merged tokens count as vision tokens from then on
     assert trace.vision_tokens_per_layer[2] == n + merged[0]
     assert trace.vision_tokens_per_layer[4] == n // 2 + merged[1]

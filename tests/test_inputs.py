@@ -4,9 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.conftest import prompt_for
-from tests.tiny import image
 from v2drop import LVLM, load
+from v2drop.testing import image, prompt_for
 
 
 def test_more_images_than_placeholders(tiny):
