@@ -31,28 +31,30 @@ def prefill_flops(text_config, tokens_per_layer: Sequence[int], scorer_flops: fl
     return sum(layer_flops(n, d, m) for n in tokens_per_layer) + scorer_flops
 
 
-def method_prefill_flops(text_config, text_tokens: int, vision_per_layer: Sequence[int], stage_layers: Sequence[int],
-                         scorer=None) -> float:
-    """Prefill FLOPs of a prompt with ``text_tokens`` text tokens and ``vision_per_layer`` vision tokens in each layer.
+def method_prefill_flops(text_config, text_tokens: int, vision_tokens: int, vision_per_layer: Sequence[int],
+                         stage_layers: Sequence[int], scorer=None) -> float:
+    """Prefill FLOPs of a prompt of ``text_tokens`` text and ``vision_tokens`` vision tokens under a method.
 
-    Each stage (before layer ``l`` in ``stage_layers``) adds ``scorer.flops`` on the vision tokens
-    present just before it (those of layer ``l - 1``) and the sequence they are part of.
+    ``vision_per_layer`` are the vision tokens present in each decoder layer. Each stage (before
+    layer ``l`` in ``stage_layers``) adds ``scorer.flops`` on the vision tokens present just
+    before it (those of layer ``l - 1``, or the prompt's for a stage before layer 0) and the
+    sequence they are part of.
     """
     tokens = [text_tokens + v for v in vision_per_layer]
     scoring = 0.0
     if scorer is not None:
         hidden = text_config.hidden_size
         for layer in stage_layers:
-            present = vision_per_layer[layer - 1] if layer else vision_per_layer[0]
+            present = vision_per_layer[layer - 1] if layer else vision_tokens
             scoring += scorer.flops(n_vision=present, n_tokens=text_tokens + present, hidden=hidden)
     return prefill_flops(text_config, tokens, scoring)
 
 
 def sample_prefill_flops(text_config, trace, n_prompt: int, scorer=None) -> float:
-    """Prefill FLOPs of one sample the engine ran: its ``SampleTrace``, prompt length and the method's scorer."""
-    per_layer = trace.vision_tokens_per_layer
-    text_tokens = n_prompt - (per_layer[0] if per_layer else 0)
-    return method_prefill_flops(text_config, text_tokens, per_layer, [s["layer"] for s in trace.stages], scorer)
+    """Prefill FLOPs of one sample the engine ran, from its ``SampleTrace``, prompt length and the method's scorer."""
+    text_tokens = n_prompt - trace.vision_tokens
+    stage_layers = [s["layer"] for s in trace.stages]
+    return method_prefill_flops(text_config, text_tokens, trace.vision_tokens, trace.vision_tokens_per_layer, stage_layers, scorer)
 
 
 def kv_cache_bytes(text_config, tokens_per_layer: Sequence[int], bytes_per_value: int = 2) -> int:

@@ -33,10 +33,13 @@ class SampleTrace:
         sample's unpadded prompt ids.
     vision_tokens_per_layer : list of int
         Vision tokens present in each decoder layer.
+    vision_tokens : int
+        Vision tokens in the prompt (before any stage, also one before layer 0).
     """
 
     stages: list[dict] = field(default_factory=list)
     vision_tokens_per_layer: list[int] = field(default_factory=list)
+    vision_tokens: int = 0
 
     @property
     def average_vision_tokens(self) -> float:
@@ -135,7 +138,7 @@ def generate(
         vision=vision,
         coords=adapter.vision_coords(inputs, vision) if method.drops else torch.zeros(B, L, 3, dtype=torch.long, device=device),
     )
-    traces = [SampleTrace() for _ in range(B)]
+    traces = [SampleTrace(vision_tokens=n) for n in vision.sum(1).tolist()]
     stages = StageContext.start(method, adapter, seq, sample_keys(input_ids, mask2d), traces) if method.drops else None
     cache = DynamicCache(config=adapter.text_config)
 
