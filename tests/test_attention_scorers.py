@@ -1,6 +1,6 @@
 """FastV, PDrop and SparseVLM: rows beside sdpa equal eager attention, SparseVLM's parts by hand, every mode runs."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,24 +13,17 @@ from v2drop.scorers.sparsevlm import SparseVLMScorer, density_peak_clusters, sel
 from v2drop.testing import batch_for
 
 
-@dataclass
-class RecordFastV(FastVScorer):
-    """FastV that keeps the attention rows the engine handed it (for comparison with eager)."""
+def recording(scorer):
+    """``scorer``, keeping in ``scorer.rows`` the attention rows the engine hands it (for comparison with eager)."""
+    scorer.rows = []
+    score = scorer.score
 
-    rows: list = field(default_factory=list)
+    def record(state):
+        scorer.rows.append(state.attention)
+        return score(state)
 
-    def score(self, state):
-        self.rows.append(state.attention)
-        return super().score(state)
-
-
-@dataclass
-class RecordPDrop(PDropScorer):
-    rows: list = field(default_factory=list)
-
-    def score(self, state):
-        self.rows.append(state.attention)
-        return super().score(state)
+    scorer.score = record
+    return scorer
 
 
 def eager_probabilities(lvlm_eager, inputs, layer_idx: int) -> torch.Tensor:
@@ -54,7 +47,7 @@ def test_rows_beside_sdpa_equal_eager_attention(tiny, family, kind):
     prompts, images = batch_for(sdpa, 3, family)
     inputs = sdpa.prepare(prompts, images)
     drop_layer = 2
-    scorer = RecordFastV() if kind == "fastv" else RecordPDrop()
+    scorer = recording(FastVScorer() if kind == "fastv" else PDropScorer())
     keep = 3 if family == "qwen2_vl" else 20
     out = sdpa.generate_from_inputs(inputs, Method(scorer, schedule=Schedule.one_shot(drop_layer, keep, keep_mode="absolute")),
                                     max_new_tokens=2)
