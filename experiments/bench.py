@@ -26,7 +26,7 @@ from v2drop.method import Method
 from v2drop.tables import write_table
 
 
-def promptprompt_inputs(lvlm, n_images: int, batch: int = 1) -> dict:
+def prompt_inputs(lvlm, n_images: int, batch: int = 1) -> dict:
     """A prompt with ``n_images`` images (digits scenes when the benchmark is there, else noise)."""
     try:
         from v2drop.benchmarks import get_benchmark
