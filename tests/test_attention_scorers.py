@@ -63,6 +63,7 @@ def test_rows_beside_sdpa_equal_eager_attention(tiny, family, kind):
         assert out.traces[b].stages[0]["kept"] == expected.tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("name", ["fastv", "sparsevlm"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -86,6 +87,7 @@ METHODS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_every_method_generates_and_keep_all_is_exact(tiny, family, attn):

@@ -147,6 +147,7 @@ def test_renumber_policy_gives_contiguous_positions_and_runs(tiny, monkeypatch):
         assert renumber_pos[2][b].tolist() == [len(ids)] and renumber_pos[3][b].tolist() == [n]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_5_vl"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_other_families_drop_consistently(tiny, family, attn):
