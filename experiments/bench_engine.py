@@ -54,10 +54,12 @@ def main(argv=None) -> dict:
     n = args.new_tokens
 
     def hf():
+        """``model.generate`` without dropping."""
         with torch.no_grad():
             lvlm.model.generate(**inputs, max_new_tokens=n, do_sample=False, min_new_tokens=n)
 
     def ours(m=Method.none()):
+        """Our engine with method ``m``."""
         return lvlm.generate_from_inputs(inputs, m, max_new_tokens=n, stop_at_eos=False)
 
     hf(), ours(), ours(method)  # warm-up
