@@ -63,7 +63,6 @@ def test_rows_beside_sdpa_equal_eager_attention(tiny, family, kind):
         assert out.traces[b].stages[0]["kept"] == expected.tolist()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("name", ["fastv", "sparsevlm"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

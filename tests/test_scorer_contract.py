@@ -54,7 +54,6 @@ def test_kept_sets_are_deterministic(tiny, name):
     assert first.generated_ids == second.generated_ids
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", SCORERS)
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_batch_keeps_what_each_sample_keeps_alone(tiny, family, name):
