@@ -109,7 +109,11 @@ def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: S
     stage_idx = ctx.stage_at[layer_idx]
     n_valid = vision_valid.sum(1).tolist()
     counts = [schedule.kept_count(stage_idx, n, n0) for n, n0 in zip(n_valid, ctx.n_vision)]
-    new = _apply(seq, scorer.select(state, scores, counts), vision_idx, layer_idx, ctx.traces)
+    selection = scorer.select(state, scores, counts)
+    B = seq.hidden.shape[0]
+    if len(selection.keep) != B or len(selection.added_hidden or [None] * B) != B or len(selection.added_source or [None] * B) != B:
+        raise RuntimeError(f"{type(scorer).__name__}.select must return one entry per sample ({B}) in every Selection field")
+    new = _apply(seq, selection, vision_idx, layer_idx, ctx.traces)
     if ctx.method.position_policy == "renumber":
         new = new.renumbered()
     synchronize(device)
