@@ -272,3 +272,32 @@ def test_the_deprecated_class_variable_declaration_still_gets_its_rows(tiny):
     old = lvlm.generate(prompts, images, method=Method(OldFastV(), schedule=schedule), max_new_tokens=1)
     new = lvlm.generate(prompts, images, method=Method("fastv", schedule=schedule), max_new_tokens=1)
     assert [t.stages for t in old.traces] == [t.stages for t in new.traces]
+
+
+@pytest.mark.parametrize("full_map", [False, True])
+@pytest.mark.parametrize("offset", [0, -1])
+def test_any_declared_queries_get_the_eager_rows(tiny, offset, full_map):
+    """A scorer that declares its own query tokens and source layer gets exactly those eager rows."""
+    from v2drop import AttentionRequest, Scorer
+    from v2drop.scorers.base import vision_columns
+
+    @dataclass
+    class LastThree(Scorer):
+        def attention_request(self):
+            return AttentionRequest(layer_offset=offset, full_map=full_map)
+
+        def attention_queries(self, embeds, vision, attention_mask):
+            L = embeds.shape[1]
+            return [torch.tensor([L - 3, L - 2, L - 1]) for _ in range(embeds.shape[0])]
+
+        def score(self, state):
+            return vision_columns(state).mean(1)
+
+    sdpa, eager = tiny("llava", "sdpa"), tiny("llava", "eager")
+    prompts, images = batch_for(sdpa, 2, "llava")
+    inputs = sdpa.prepare(prompts, images)
+    scorer = recording(LastThree())
+    sdpa.generate_from_inputs(inputs, Method(scorer, schedule=Schedule.one_shot(2, 0.5)), max_new_tokens=1)
+    L = inputs["input_ids"].shape[1]
+    reference = eager_probabilities(eager, inputs, 2 + offset).mean(1)[:, L - 3 :]  # (B, 3, L)
+    torch.testing.assert_close(scorer.rows[0], reference, atol=1e-5, rtol=0)
