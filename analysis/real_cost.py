@@ -4,7 +4,8 @@
 
 For LLaVA-1.5-7B, Qwen2-VL-7B and LLaVA-OneVision-7B, configs are built locally with their
 published sizes; for each preset (rescaled to the model's depth; count-based stages turned into the
-same shares of the model's vision tokens) we report the average retained vision tokens, prefill FLOPs (METHODS.md formula) and KV-cache size, each against no dropping.
+same shares of the model's vision tokens) we report the average retained vision tokens, prefill
+FLOPs (``v2drop.cost``, formula in ``docs/methods.md``) and KV-cache size, each against no dropping.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 
-from analysis.common import run_dir, write_table
-from v2drop.measure import prefill_flops
+from analysis.common import run_dir
+from v2drop.cost import kv_cache_bytes, method_prefill_flops, prefill_flops
 from v2drop.method import Method, list_presets
+from v2drop.tables import write_table
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,9 @@ MODELS = [
 def cost_rows(model: ModelSize, text_tokens: int, presets: list[str]) -> list[dict]:
     """One row per preset (plus no dropping) with tokens, FLOPs and KV cache against no dropping."""
     cfg = model.text_config()
-    head_dim = model.hidden // model.heads
-    kv_bytes_per_token_layer = 2 * model.kv_heads * head_dim * 2  # keys + values, bf16
     full_tokens = [text_tokens + model.vision_tokens] * model.layers
     base_flops = prefill_flops(cfg, full_tokens)
-    base_kv = sum(full_tokens) * kv_bytes_per_token_layer
+    base_kv = kv_cache_bytes(cfg, full_tokens)
     rows = [{"model": model.name, "preset": "none", "layers": "-", "avg_vision_tokens": float(model.vision_tokens),
              "kept_share": 1.0, "tflops": base_flops / 1e12, "flops_ratio": 1.0, "kv_cache_mb": base_kv / 2**20, "kv_ratio": 1.0}]
     for name in presets:
@@ -69,14 +69,8 @@ def cost_rows(model: ModelSize, text_tokens: int, presets: list[str]) -> list[di
             # counts were set for 576 tokens: keep the same shares, or 98 kept of 6,272 would pass for "128"
             schedule = schedule.to_cumulative(PRESET_VISION_TOKENS)
         per_layer = schedule.tokens_per_layer(model.layers, model.vision_tokens)
-        tokens = [text_tokens + v for v in per_layer]
-        scorer_cost = 0.0
-        if method.scorer is not None:
-            for stage in schedule.stages:
-                present = per_layer[stage.layer - 1] if stage.layer else model.vision_tokens
-                scorer_cost += method.scorer.flops(present, text_tokens + present, model.hidden)
-        flops = prefill_flops(cfg, tokens, scorer_cost)
-        kv = sum(tokens) * kv_bytes_per_token_layer
+        flops = method_prefill_flops(cfg, text_tokens, model.vision_tokens, per_layer, schedule.layers, method.scorer)
+        kv = kv_cache_bytes(cfg, [text_tokens + v for v in per_layer])
         avg = sum(per_layer) / model.layers
         rows.append({"model": model.name, "preset": name, "layers": "/".join(map(str, schedule.layers)),
                      "avg_vision_tokens": avg, "kept_share": avg / model.vision_tokens, "tflops": flops / 1e12,

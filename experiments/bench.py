@@ -20,12 +20,13 @@ import torch
 from PIL import Image
 
 import v2drop
-from analysis.common import VARIANTS, budget_method, write_table
-from v2drop.measure import environment, prefill_flops
+from v2drop.budgets import VARIANTS, budget_method, with_scorer_args
+from v2drop.cost import environment, sample_prefill_flops
 from v2drop.method import Method
+from v2drop.tables import write_table
 
 
-def _inputs(lvlm, n_images: int, batch: int = 1) -> dict:
+def prompt_inputs(lvlm, n_images: int, batch: int = 1) -> dict:
     """A prompt with ``n_images`` images (digits scenes when the benchmark is there, else noise)."""
     try:
         from v2drop.benchmarks import get_benchmark
@@ -47,14 +48,7 @@ def _inputs(lvlm, n_images: int, batch: int = 1) -> dict:
 
 def _flops(lvlm, out, method) -> float:
     """Analytic prefill FLOPs of the first sample of ``out``."""
-    trace, n_prompt = out.traces[0], len(out.prompt_ids[0])
-    n0 = trace.vision_tokens_per_layer[0]
-    tokens = [n_prompt - (n0 - v) for v in trace.vision_tokens_per_layer]
-    cost = 0.0
-    for s in trace.stages:
-        present = trace.vision_tokens_per_layer[s["layer"] - 1] if s["layer"] else n0
-        cost += method.scorer.flops(present, n_prompt, lvlm.adapter.text_config.hidden_size)
-    return prefill_flops(lvlm.adapter.text_config, tokens, cost)
+    return sample_prefill_flops(lvlm.adapter.text_config, out.traces[0], len(out.prompt_ids[0]), method.scorer)
 
 
 def time_methods(lvlm, inputs, methods: dict, repeats: int, new_tokens: int, memory: bool = False) -> dict:
@@ -73,7 +67,7 @@ def time_methods(lvlm, inputs, methods: dict, repeats: int, new_tokens: int, mem
             "generation_s": med("generate_seconds"),
             "scoring_s": med("scoring_seconds"),
             "drop_stage_s": med("drop_seconds"),
-            "flops": _flops(lvlm, outs[0], methods[label]) if methods[label].scorer else _flops(lvlm, outs[0], Method.none()),
+            "flops": _flops(lvlm, outs[0], methods[label]),
             "avg_vision_tokens": outs[0].traces[0].average_vision_tokens,
             "vision_tokens": outs[0].traces[0].vision_tokens_per_layer[0],
         }
@@ -115,7 +109,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.model == "random":
-        from experiments.bench_engine import random_llava
+        from v2drop.testing import random_llava
 
         lvlm = random_llava()
     else:
@@ -124,7 +118,7 @@ def main(argv=None) -> dict:
 
     rows = []
     for kind, n_images in (("image", 1), (f"{args.frames} frames", args.frames)):
-        inputs = _inputs(lvlm, n_images)
+        inputs = prompt_inputs(lvlm, n_images)
         n_vision = int(lvlm.adapter.vision_mask(inputs["input_ids"]).sum())
         methods = {"none": Method.none()}
         for label, (prefix, overrides) in VARIANTS.items():
@@ -137,19 +131,14 @@ def main(argv=None) -> dict:
     md = ["## Latency at the same budget (medians; speedups over no dropping)", "",
           write_table(rows, out / "bench_latency")]
 
-    # Peak memory on the long input: V²Drop (sdpa) vs FastV faithful (eager map) vs FastV rows vs none.
-    long_inputs = _inputs(lvlm, args.frames)
+    # Peak memory on the long input: V²Drop vs FastV faithful (full attention map) vs FastV rows vs none.
+    long_inputs = prompt_inputs(lvlm, args.frames)
     n_vision = int(lvlm.adapter.vision_mask(long_inputs["input_ids"]).sum())
     memory_methods = {"none": Method.none(), "v2drop": budget_method("v2drop", args.budget, lvlm.depth, n_vision)}
     fastv = budget_method("fastv", args.budget, lvlm.depth, n_vision)
     if fastv is not None:
         memory_methods["fastv-rows"] = fastv
-        data = fastv.to_dict()
-        data["scorer"] = {**data["scorer"], "faithful": True}
-        try:
-            memory_methods["fastv-faithful"] = Method.from_dict(data)
-        except ValueError:
-            pass  # this fastv has no faithful mode
+        memory_methods["fastv-faithful"] = with_scorer_args(fastv, faithful=True)
     mem = time_methods(lvlm, long_inputs, memory_methods, max(1, args.repeats // 2), args.new_tokens, memory=True)
     mem_rows = [{"method": k, "peak_memory_mb": v["peak_memory_mb"], "vs_none": v["peak_memory_mb"] / mem["none"]["peak_memory_mb"],
                  "prefill_ms": v["prefill_s"] * 1e3} for k, v in mem.items()]
@@ -159,7 +148,7 @@ def main(argv=None) -> dict:
     # Throughput: batch 1 vs batch N, with and without dropping.
     tp_rows = []
     for batch in (1, args.batch):
-        inputs = _inputs(lvlm, 1, batch)
+        inputs = prompt_inputs(lvlm, 1, batch)
         n_vision = int(lvlm.adapter.vision_mask(inputs["input_ids"][:1]).sum())
         ms = {"none": Method.none(), "v2drop": budget_method("v2drop", args.budget, lvlm.depth, n_vision)}
         t = time_methods(lvlm, inputs, ms, max(1, args.repeats // 2), args.new_tokens)

@@ -1,11 +1,11 @@
-"""Cost of attention-based scoring on a long prompt: rows beside sdpa vs the faithful eager map.
+"""Cost of attention-based scoring on a long prompt: rows alone vs the faithful full attention map.
 
     python -m experiments.bench_attention [--model random] [--frames 8] [--budget 128] [--repeats 5] [--threads 2]
 
 One long input (``--frames`` images; 8 × 256 = 2,048 vision tokens with the default random-weight
 LLaVA of hidden 512 and 8 layers), every method fitted to the same average budget. Peak memory of
 the LLM part and prefill time of: no dropping, V²Drop, FastV computing its one row beside sdpa,
-FastV faithful (layer K−1 in eager mode, full attention map), and the same pair for SparseVLM
+FastV faithful (reading its row from layer K−1's full attention map), and the same pair for SparseVLM
 and PDrop's row. All variants run interleaved in one process after warm-up; medians and the
 ratios to no dropping are printed (on a CPU, the ratios are the figures).
 """
@@ -19,17 +19,11 @@ from pathlib import Path
 import torch
 
 import v2drop
-from analysis.common import budget_method, write_table
-from experiments.bench import _inputs, time_methods
-from v2drop.measure import environment
+from experiments.bench import prompt_inputs, time_methods
+from v2drop.budgets import budget_method, with_scorer_args
+from v2drop.cost import environment
 from v2drop.method import Method
-
-
-def with_scorer_args(method: Method, **kwargs) -> Method:
-    """The same method with extra scorer parameters (e.g. ``faithful=True``)."""
-    data = method.to_dict()
-    data["scorer"] = {**data["scorer"], **kwargs}
-    return Method.from_dict(data)
+from v2drop.tables import write_table
 
 
 def main(argv=None) -> dict:
@@ -45,12 +39,12 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model == "random":
-        from experiments.bench_engine import random_llava
+        from v2drop.testing import random_llava
 
         lvlm = random_llava(hidden=512, layers=8, image_size=64, patch=4)
     else:
         lvlm = v2drop.load(args.model)
-    inputs = _inputs(lvlm, args.frames)
+    inputs = prompt_inputs(lvlm, args.frames)
     n_vision = int(lvlm.adapter.vision_mask(inputs["input_ids"]).sum())
     if n_vision < 2000:
         print(f"note: only {n_vision} vision tokens; the issue asks for >= 2,000 (raise --frames)")

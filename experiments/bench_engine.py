@@ -2,8 +2,9 @@
 
     python -m experiments.bench_engine [--model proxy] [--repeats 7] [--threads 2]
 
-Without ``--model`` a random-weight LLaVA (Llama decoder, hidden 512, 12 layers, 576 vision
-tokens) is built from a config, so the figures are about the engine, not about a checkpoint.
+Without ``--model`` a random-weight LLaVA (``v2drop.testing.random_llava``: Llama decoder, hidden
+512, 12 layers, 576 vision tokens) is built from a config, so the figures are about the engine,
+not about a checkpoint.
 Runs are interleaved (A, B, A, B, ...) after warm-up and the medians compared: on a CPU,
 absolute times are noise and only the ratios measured side by side mean anything.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import numpy as np
 import torch
@@ -21,45 +21,15 @@ from PIL import Image
 
 import v2drop
 from v2drop import Method
-
-
-def random_llava(hidden: int = 512, layers: int = 12, image_size: int = 96, patch: int = 4) -> v2drop.LVLM:
-    """A random-weight LLaVA-1.5-shaped model with (image_size/patch)^2 vision tokens and its processor."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, PreTrainedTokenizerFast)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    words = ["<pad>", "<unk>", "<s>", "</s>", "<image>"] + [f"w{i}" for i in range(256)] + ["USER:", "ASSISTANT:"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
-                                        extra_special_tokens={"image_token": "<image>"})
-    n_vision = (image_size // patch) ** 2
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=image_size, patch_size=patch),
-        text_config=LlamaConfig(vocab_size=len(words), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                                num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
-                                initializer_range=0.05, pad_token_id=0),
-        image_token_index=4, image_seq_length=n_vision,
-    )
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}),
-        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default", image_token="<image>",
-        num_additional_image_tokens=1,
-    )
-    return v2drop.LVLM(model, processor, name=f"random-llava-h{hidden}-l{layers}-v{n_vision}")
+from v2drop.cost import Timer
+from v2drop.testing import random_llava  # noqa: F401  (also importable from here, as before)
 
 
 def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    """Wall-clock seconds of one call of ``fn``."""
+    with Timer() as timer:
+        fn()
+    return timer.seconds
 
 
 def main(argv=None) -> dict:
@@ -84,10 +54,12 @@ def main(argv=None) -> dict:
     n = args.new_tokens
 
     def hf():
+        """``model.generate`` without dropping."""
         with torch.no_grad():
             lvlm.model.generate(**inputs, max_new_tokens=n, do_sample=False, min_new_tokens=n)
 
     def ours(m=Method.none()):
+        """Our engine with method ``m``."""
         return lvlm.generate_from_inputs(inputs, m, max_new_tokens=n, stop_at_eos=False)
 
     hf(), ours(), ours(method)  # warm-up

@@ -1,4 +1,5 @@
-"""Session fixtures: tiny models of every family, built once per (family, attention implementation)."""
+"""Session fixtures: tiny models of every family (built once per family and attention implementation),
+and registries restored after every test."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from tests.tiny import build, image  # noqa: E402
+from v2drop.testing import batch_for, build, image, prompt_for  # noqa: E402,F401  (re-exported for the test modules)
 
 _MODELS: dict = {}
 
@@ -29,18 +30,20 @@ def tiny():
     return get
 
 
-def prompt_for(lvlm, question: str, n_images: int = 1) -> str:
-    """A prompt with ``n_images`` placeholders in the family's format (Qwen wraps them in vision start/end)."""
-    token = lvlm.image_token
-    if token == "<|image_pad|>":
-        token = "<|vision_start|>" + token + "<|vision_end|>"
-    return "USER: " + token * n_images + "\n" + question + " ASSISTANT:"
+def _registries() -> list:
+    """Every registry a test may add to, fully populated (so a restore never loses a lazily added item)."""
+    from v2drop.benchmarks import BENCHMARKS, list_benchmarks
+    from v2drop.scorers import SCORERS
+
+    list_benchmarks()
+    return [SCORERS, BENCHMARKS]
 
 
-def batch_for(lvlm, n: int, family: str):
-    """``n`` prompts of different lengths with one image each (different sizes for Qwen)."""
-    questions = ["what is the digit ?", "how many ?", "what is the colour of the digit in row 2 column 3 ?"]
-    sizes = [32, 48, 40] if family.startswith("qwen") else [32, 32, 32]
-    prompts = [prompt_for(lvlm, questions[i % 3]) for i in range(n)]
-    images = [image(i, sizes[i % 3]) for i in range(n)]
-    return prompts, images
+@pytest.fixture(autouse=True)
+def restore_registries():
+    """Undo whatever a test registers (scorers, benchmarks), so no test depends on another's registrations."""
+    registries = _registries()
+    saved = [r.snapshot() for r in registries]
+    yield
+    for registry, snapshot in zip(registries, saved):
+        registry.restore(snapshot)

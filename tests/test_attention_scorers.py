@@ -1,40 +1,29 @@
 """FastV, PDrop and SparseVLM: rows beside sdpa equal eager attention, SparseVLM's parts by hand, every mode runs."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from tests.conftest import batch_for
 from v2drop import LayerState, Method, Schedule, build_scorer, select_keep
-from v2drop.scorers.attention_based import (
-    FastVScorer,
-    PDropScorer,
-    SparseVLMScorer,
-    density_peak_clusters,
-    select_raters,
-)
+from v2drop.scorers.fastv import FastVScorer
+from v2drop.scorers.pdrop import PDropScorer
+from v2drop.scorers.sparsevlm import SparseVLMScorer, density_peak_clusters, select_raters
+from v2drop.testing import batch_for
 
 
-@dataclass
-class RecordFastV(FastVScorer):
-    """FastV that keeps the attention rows the engine handed it (for comparison with eager)."""
+def recording(scorer):
+    """``scorer``, keeping in ``scorer.rows`` the attention rows the engine hands it (for comparison with eager)."""
+    scorer.rows = []
+    score = scorer.score
 
-    rows: list = field(default_factory=list)
+    def record(state):
+        scorer.rows.append(state.attention)
+        return score(state)
 
-    def score(self, state):
-        self.rows.append(state.attention)
-        return super().score(state)
-
-
-@dataclass
-class RecordPDrop(PDropScorer):
-    rows: list = field(default_factory=list)
-
-    def score(self, state):
-        self.rows.append(state.attention)
-        return super().score(state)
+    scorer.score = record
+    return scorer
 
 
 def eager_probabilities(lvlm_eager, inputs, layer_idx: int) -> torch.Tensor:
@@ -58,7 +47,7 @@ def test_rows_beside_sdpa_equal_eager_attention(tiny, family, kind):
     prompts, images = batch_for(sdpa, 3, family)
     inputs = sdpa.prepare(prompts, images)
     drop_layer = 2
-    scorer = RecordFastV() if kind == "fastv" else RecordPDrop()
+    scorer = recording(FastVScorer() if kind == "fastv" else PDropScorer())
     keep = 3 if family == "qwen2_vl" else 20
     out = sdpa.generate_from_inputs(inputs, Method(scorer, schedule=Schedule.one_shot(drop_layer, keep, keep_mode="absolute")),
                                     max_new_tokens=2)
@@ -97,6 +86,7 @@ METHODS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_every_method_generates_and_keep_all_is_exact(tiny, family, attn):
@@ -108,7 +98,11 @@ def test_every_method_generates_and_keep_all_is_exact(tiny, family, attn):
         for policy in ("preserve", "renumber"):
             out = lvlm.generate_from_inputs(inputs, Method(name, schedule=schedule, position_policy=policy), max_new_tokens=4)
             assert all(len(t.stages) == len(schedule.stages) for t in out.traces)
-            assert all(len(ids) >= 1 for ids in out.generated_ids)
+            assert all(len(ids) == 4 for ids in out.generated_ids)  # the tiny models have no EOS
+            for trace in out.traces:  # each stage keeps the schedule's count of the vision tokens present before it
+                n0 = trace.vision_tokens_per_layer[0]
+                expected = [schedule.kept_count(i, trace.vision_tokens_per_layer[s["layer"] - 1], n0) for i, s in enumerate(trace.stages)]
+                assert [len(s["kept"]) for s in trace.stages] == expected
         keep_all = Schedule(tuple(type(s)(s.layer, 1.0) for s in schedule.stages))
         out = lvlm.generate_from_inputs(inputs, Method(name, schedule=keep_all), max_new_tokens=4, stop_at_eos=False)
         assert out.generated_ids == base.generated_ids, name
@@ -173,7 +167,7 @@ def test_sparsevlm_queries_take_text_after_the_last_vision_token():
     vision = torch.tensor([[False, True, True, False, False, False]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0]])  # the last token is padding
     # logits of a vision token over text positions 3, 4: [3, 0] -> raters = [3]
-    assert [q.tolist() for q in SparseVLMScorer().queries(embeds, vision, mask)] == [[3]]
+    assert [q.tolist() for q in SparseVLMScorer().attention_queries(embeds, vision, mask)] == [[3]]
 
 
 def _state(attention, query_valid, vision_idx):
@@ -248,7 +242,62 @@ def test_sparsevlm_end_to_end_batch_equals_alone(tiny, family):
         torch.testing.assert_close(alone.first_logits[0], batch.first_logits[b], atol=1e-4, rtol=0)
     trace = batch.traces[0]
     merged = [len(s.get("merged", [])) for s in trace.stages]
-    assert merged[0] >= 1  # something was recycled at the first stage
+    # the top int(0.3·d) + 1 of the d dropped tokens are recycled, in ⌊m / 10⌋ + 1 clusters
+    for stage, layer in enumerate((2, 4)):
+        dropped = trace.vision_tokens_per_layer[layer - 1] - len(trace.stages[stage]["kept"])
+        m = min(dropped, int(0.3 * dropped) + 1)
+        assert merged[stage] == min(m, m // 10 + 1) >= 1
     # merged tokens count as vision tokens from then on
     assert trace.vision_tokens_per_layer[2] == n + merged[0]
     assert trace.vision_tokens_per_layer[4] == n // 2 + merged[1]
+
+
+def test_the_deprecated_class_variable_declaration_still_gets_its_rows(tiny):
+    from v2drop.scorers import Scorer
+    from v2drop.scorers.base import vision_columns
+
+    with pytest.warns(DeprecationWarning, match="attention_query"):
+
+        @dataclass
+        class OldFastV(Scorer):
+            attention_query = "last_prompt"
+            attention_layer_offset = -1
+
+            def score(self, state):
+                return vision_columns(state)[:, 0]
+
+    lvlm = tiny("llava")
+    prompts, images = batch_for(lvlm, 2, "llava")
+    schedule = Schedule.one_shot(2, 0.25)
+    old = lvlm.generate(prompts, images, method=Method(OldFastV(), schedule=schedule), max_new_tokens=1)
+    new = lvlm.generate(prompts, images, method=Method("fastv", schedule=schedule), max_new_tokens=1)
+    assert [t.stages for t in old.traces] == [t.stages for t in new.traces]
+
+
+@pytest.mark.parametrize("full_map", [False, True])
+@pytest.mark.parametrize("offset", [0, -1])
+def test_any_declared_queries_get_the_eager_rows(tiny, offset, full_map):
+    """A scorer that declares its own query tokens and source layer gets exactly those eager rows."""
+    from v2drop import AttentionRequest, Scorer
+    from v2drop.scorers.base import vision_columns
+
+    @dataclass
+    class LastThree(Scorer):
+        def attention_request(self):
+            return AttentionRequest(layer_offset=offset, full_map=full_map)
+
+        def attention_queries(self, embeds, vision, attention_mask):
+            L = embeds.shape[1]
+            return [torch.tensor([L - 3, L - 2, L - 1]) for _ in range(embeds.shape[0])]
+
+        def score(self, state):
+            return vision_columns(state).mean(1)
+
+    sdpa, eager = tiny("llava", "sdpa"), tiny("llava", "eager")
+    prompts, images = batch_for(sdpa, 2, "llava")
+    inputs = sdpa.prepare(prompts, images)
+    scorer = recording(LastThree())
+    sdpa.generate_from_inputs(inputs, Method(scorer, schedule=Schedule.one_shot(2, 0.5)), max_new_tokens=1)
+    L = inputs["input_ids"].shape[1]
+    reference = eager_probabilities(eager, inputs, 2 + offset).mean(1)[:, L - 3 :]  # (B, 3, L)
+    torch.testing.assert_close(scorer.rows[0], reference, atol=1e-5, rtol=0)

@@ -4,9 +4,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from tests.conftest import batch_for, prompt_for
-from tests.tiny import image
 from v2drop import Method, Schedule, select_keep
+from v2drop.testing import batch_for, image, prompt_for
 
 
 def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
@@ -115,19 +114,40 @@ def test_trace_counts_follow_schedule(tiny):
     assert all(ids[p] == image_id for p in trace.stages[0]["kept"])
 
 
-def test_renumber_policy_gives_contiguous_positions_and_runs(tiny):
+def test_renumber_policy_gives_contiguous_positions_and_runs(tiny, monkeypatch):
     lvlm = tiny("llava")
     prompts, images = batch_for(lvlm, 2, "llava")
     schedule = Schedule.one_shot(2, 0.25)
+    seen = []  # the position ids every rope call gets: prefill segments first, then each decoding step's
+    rope = lvlm.adapter.rope
+    monkeypatch.setattr(lvlm.adapter, "rope", lambda hidden, pos: seen.append(pos.clone()) or rope(hidden, pos))
     preserve = lvlm.generate(prompts, images, method=Method("v2drop", schedule=schedule), max_new_tokens=4, stop_at_eos=False)
+    preserve_pos, seen[:] = list(seen), []
     renumber = lvlm.generate(
         prompts, images, method=Method("v2drop", schedule=schedule, position_policy="renumber"), max_new_tokens=4, stop_at_eos=False
     )
+    renumber_pos = list(seen)
     # Same kept set (layers before the drop are identical), different logits (positions moved).
     assert preserve.traces[0].stages == renumber.traces[0].stages
     assert not torch.allclose(preserve.first_logits, renumber.first_logits)
+    image_id = lvlm.adapter.image_token_id
+    for b in range(2):
+        ids, kept = preserve.prompt_ids[b], renumber.traces[b].stages[0]["kept"]
+        assert len(kept) == 16  # a quarter of 64
+        survivors = sorted([i for i, t in enumerate(ids) if t != image_id] + kept)  # prompt indices after the drop
+        n = len(survivors)
+        # prefill: layers 0-1 see every prompt position; from layer 2 on, preserve keeps the survivors'
+        # own positions (LLaVA numbers tokens by prompt index) and renumber numbers them 0..n-1
+        for pos in (preserve_pos, renumber_pos):
+            assert pos[0][b, -len(ids):].tolist() == list(range(len(ids)))
+        assert preserve_pos[1][b, -n:].tolist() == survivors
+        assert renumber_pos[1][b, -n:].tolist() == list(range(n))
+        # the first decoded token continues each segment's numbering: layers 0-1 at len(ids), 2+ at n (renumber)
+        assert preserve_pos[2][b].tolist() == [len(ids)] and preserve_pos[3][b].tolist() == [len(ids)]
+        assert renumber_pos[2][b].tolist() == [len(ids)] and renumber_pos[3][b].tolist() == [n]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_5_vl"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_other_families_drop_consistently(tiny, family, attn):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tests.conftest import batch_for
 from v2drop import Method, Schedule
+from v2drop.testing import batch_for
 
 FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
 

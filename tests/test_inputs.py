@@ -4,9 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.conftest import prompt_for
-from tests.tiny import image
 from v2drop import LVLM, load
+from v2drop.testing import image, prompt_for
 
 
 def test_more_images_than_placeholders(tiny):
@@ -32,6 +31,7 @@ def test_unknown_model_name(tmp_path):
         load(str(tmp_path / "no-such-model"))
 
 
+@pytest.mark.integration
 def test_save_and_load_round_trip(tiny, tmp_path):
     lvlm = tiny("llava")
     lvlm.model.save_pretrained(tmp_path)
@@ -44,6 +44,7 @@ def test_save_and_load_round_trip(tiny, tmp_path):
     torch.testing.assert_close(a.first_logits, b.first_logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.integration
 def test_qwen_save_and_load_round_trip(tiny, tmp_path):
     lvlm = tiny("qwen2_vl")
     lvlm.model.save_pretrained(tmp_path)

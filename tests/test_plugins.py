@@ -5,9 +5,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.integration
 def test_entry_point_scorer_is_discovered(tmp_path):
     pkg = tmp_path / "thirdparty_scorer"
     pkg.mkdir()

@@ -1,6 +1,7 @@
 """Scorers on hand-made tensors: kept sets worked out by hand, ties, reproducibility, registry errors."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -94,7 +95,8 @@ def test_random_is_seeded_per_sample():
 
 
 def test_unknown_scorer_lists_registered_names():
-    with pytest.raises(ValueError, match=r"Unknown scorer 'nope'. Registered scorers: fastv, pdrop, position, random, sparsevlm, uniform, v2drop"):
+    assert {"fastv", "pdrop", "position", "random", "sparsevlm", "uniform", "v2drop"} <= set(v2drop.list_scorers())
+    with pytest.raises(ValueError, match=re.escape("Unknown scorer 'nope'. Registered scorers: " + ", ".join(v2drop.list_scorers()))):
         build_scorer("nope")
     with pytest.raises(ValueError, match=r"no parameter\(s\) \['metirc'\].*metric"):
         build_scorer("v2drop", metirc="l1")
@@ -117,8 +119,7 @@ def test_registering_a_scorer_is_one_small_class(tiny):
 
     assert "test-first-tokens" in v2drop.list_scorers("test-*")
     lvlm = tiny("llava")
-    from tests.conftest import prompt_for
-    from tests.tiny import image
+    from v2drop.testing import image, prompt_for
 
     out = lvlm.generate([prompt_for(lvlm, "how many ?")], [image(0)], method=Method("test-first-tokens", schedule=Schedule.one_shot(2, 0.25)), max_new_tokens=1)
     kept = out.traces[0].stages[0]["kept"]
@@ -126,6 +127,21 @@ def test_registering_a_scorer_is_one_small_class(tiny):
     assert kept == list(range(first_vision, first_vision + 16))
     with pytest.raises(ValueError, match="already registered"):
         register_scorer("test-first-tokens")(type("Other", (Scorer,), {}))
+
+
+def test_registrations_do_not_leak_between_tests():
+    """The conftest fixture removed the scorer the test above registered (when run after it)."""
+    assert "test-first-tokens" not in v2drop.list_scorers()
+
+
+def test_registry_restore_undoes_a_registration():
+    from v2drop.scorers import SCORERS
+
+    saved = SCORERS.snapshot()
+    register_scorer("test-temporary")(type("Temporary", (Scorer,), {}))
+    assert "test-temporary" in v2drop.list_scorers()
+    SCORERS.restore(saved)
+    assert "test-temporary" not in v2drop.list_scorers() and v2drop.list_scorers() == sorted(saved)
 
 
 def test_v2drop_needs_a_previous_layer():
@@ -147,3 +163,19 @@ def test_uniform_table_lookup_equals_the_bitwise_definition():
     spread = _interleave(_bit_reverse(row), _bit_reverse(col)).float() / float(1 << 24)
     expected = level.float() * 4 - spread * 2 - _bit_reverse(frame.clamp(min=0), bits=8).float() / 256.0 * 1e-3
     assert torch.equal(scores, expected)
+
+
+@pytest.mark.parametrize("old, new, name", [
+    ("v2drop.scorers.variation", "v2drop.scorers.v2drop", "V2DropScorer"),
+    ("v2drop.scorers.attention_based", "v2drop.scorers.fastv", "FastVScorer"),
+    ("v2drop.scorers.attention_based", "v2drop.scorers.sparsevlm", "SparseVLMScorer"),
+    ("v2drop.measure", "v2drop.cost", "PeakMemory"),
+])
+def test_deprecated_modules_warn_and_give_the_same_objects(old, new, name):
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        module = importlib.import_module(old)
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)

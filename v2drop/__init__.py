@@ -4,10 +4,11 @@ from v2drop.engine import EngineOutput, SampleTrace, select_keep
 from v2drop.lvlm import LVLM, GenerationResult, load
 from v2drop.method import Method, list_presets
 from v2drop.schedule import Schedule, Stage, solve_keep
-from v2drop.scorers import LayerState, Scorer, build_scorer, list_scorers, register_scorer
+from v2drop.scorers import AttentionRequest, LayerState, Scorer, Selection, build_scorer, list_scorers, register_scorer
 
 __all__ = [
     "LVLM",
+    "AttentionRequest",
     "EngineOutput",
     "GenerationResult",
     "LayerState",
@@ -15,6 +16,7 @@ __all__ = [
     "SampleTrace",
     "Schedule",
     "Scorer",
+    "Selection",
     "Stage",
     "build_scorer",
     "list_presets",

@@ -1,4 +1,4 @@
-"""Attention rows computed from a layer's own projections, so scoring never needs eager attention."""
+"""Attention probabilities computed from a layer's own projections, so scoring never needs eager attention."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def attention_rows(
+def attention_probabilities(
     layer: nn.Module,
     hidden: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor],
     attention_mask: torch.Tensor,
-    query_idx: torch.Tensor,
+    query_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Head-averaged attention probabilities of a few query rows of ``layer`` over all keys.
+    """Per-head attention probabilities of some query rows (or all) of ``layer`` over all keys.
 
     Applies the layer's ``input_layernorm``, ``q_proj``/``k_proj`` (with their biases), RoPE,
-    grouped-query head sharing, the causal mask and padding, then softmax in float32 and a mean
-    over heads, exactly as the layer's eager attention would for those rows.
+    grouped-query head sharing, the causal mask and padding, then softmax in float32, exactly as
+    the layer's eager attention would for those rows.
 
     Parameters
     ----------
@@ -34,16 +34,19 @@ def attention_rows(
     rope : (cos, sin), each (B, L, head_dim)
     attention_mask : Tensor (B, L)
         1 for real tokens.
-    query_idx : LongTensor (B, Q)
-        Query positions in the current sequence.
+    query_idx : LongTensor (B, Q), optional
+        Query positions in the current sequence; None = every position (the full (B, H, L, L)
+        map, with the memory cost of an eager attention layer).
 
     Returns
     -------
-    Tensor (B, Q, L) float32
+    Tensor (B, H, Q, L) float32
     """
     attn = layer.self_attn
     B, L, _ = hidden.shape
     head_dim = attn.head_dim
+    if query_idx is None:
+        query_idx = torch.arange(L, device=hidden.device).expand(B, L)
     normed = layer.input_layernorm(hidden)
     q_in = normed.gather(1, query_idx[..., None].expand(-1, -1, normed.shape[-1]))  # (B, Q, D)
     q = attn.q_proj(q_in).view(B, q_in.shape[1], -1, head_dim).transpose(1, 2)  # (B, H, Q, hd)
@@ -58,4 +61,15 @@ def attention_rows(
     key_pos = torch.arange(L, device=hidden.device)
     allowed = (key_pos[None, None] <= query_idx[..., None]) & attention_mask.bool()[:, None]  # (B, Q, L)
     logits = logits.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
-    return logits.softmax(dim=-1).mean(dim=1)
+    return logits.softmax(dim=-1)
+
+
+def attention_rows(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor,
+    query_idx: torch.Tensor,
+) -> torch.Tensor:
+    """Head-averaged ``attention_probabilities`` of the ``query_idx`` (B, Q) rows: (B, Q, L) float32."""
+    return attention_probabilities(layer, hidden, rope, attention_mask, query_idx).mean(dim=1)

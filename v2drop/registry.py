@@ -64,11 +64,22 @@ class Registry(Generic[T]):
         self._load_entry_points()
         return sorted(n for n in self._items if fnmatch.fnmatch(n, pattern))
 
+    def snapshot(self) -> dict[str, T]:
+        """A copy of the current name -> object table (entry points loaded), for ``restore``."""
+        self._load_entry_points()
+        return dict(self._items)
+
+    def restore(self, snapshot: dict[str, T]) -> None:
+        """Make the registered items exactly those of ``snapshot`` (tests undo their registrations)."""
+        self._items = dict(snapshot)
+
     def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is registered."""
         self._load_entry_points()
         return name in self._items
 
     def _load_entry_points(self) -> None:
+        """Add the entry-point group's items, once."""
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True

@@ -15,7 +15,8 @@ class LlavaNextAdapter(Adapter):
     """LLaVA-NeXT: anyres tiles plus newline tokens, all of them image placeholders."""
 
     def image_grids(self, inputs: dict) -> list[tuple[int, int, int]]:
-        return []  # anyres layout: fall back to a near-square raster per image
+        """No grids: the anyres layout falls back to a near-square raster per image."""
+        return []
 
 
 @register_family("llava_onevision")

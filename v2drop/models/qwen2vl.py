@@ -30,6 +30,7 @@ class Qwen2VLAdapter(Adapter):
         return types
 
     def position_ids(self, inputs: dict) -> torch.Tensor:
+        """(3, B, L) M-RoPE positions from the model's own ``get_rope_index``."""
         input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
         if inputs.get("image_grid_thw") is None and inputs.get("video_grid_thw") is None:
             pos = super().position_ids(inputs)  # text only: plain positions on all three rows
@@ -49,6 +50,7 @@ class Qwen2VLAdapter(Adapter):
         return pos
 
     def image_grids(self, inputs: dict) -> list[tuple[int, int, int]]:
+        """(frames, rows, columns) of every image and video, in prompt order, after spatial merging."""
         merge = self.model.config.vision_config.spatial_merge_size
         grids = {
             1: iter(inputs["image_grid_thw"].tolist()) if inputs.get("image_grid_thw") is not None else iter(()),

@@ -1,6 +1,19 @@
-"""Token scorers; importing this package registers the built-in ones."""
+"""Token scorers, one module per method family; importing this package registers the built-in ones."""
 
-from v2drop.scorers.base import SCORERS, LayerState, Scorer, build_scorer, list_scorers, register_scorer
-from v2drop.scorers import attention_based, baselines, variation  # noqa: F401  (registration on import)
+from v2drop.scorers.base import (
+    SCORERS,
+    AttentionRequest,
+    LayerState,
+    Scorer,
+    Selection,
+    build_scorer,
+    list_scorers,
+    register_scorer,
+    select_keep,
+)
+from v2drop.scorers import baselines, fastv, pdrop, sparsevlm, v2drop  # noqa: F401,E402  (registration on import)
 
-__all__ = ["SCORERS", "LayerState", "Scorer", "build_scorer", "list_scorers", "register_scorer"]
+__all__ = [
+    "SCORERS", "AttentionRequest", "LayerState", "Scorer", "Selection", "build_scorer", "list_scorers", "register_scorer",
+    "select_keep",
+]

@@ -1,8 +1,19 @@
-"""The scorer contract: a scorer turns one layer's state into one score per vision token."""
+"""The scorer contract: a scorer turns one layer's state into one score per vision token.
+
+A scorer declares what it needs and the engine serves exactly that, without knowing the scorer:
+
+- ``needs_prev_hidden`` (class variable): the input of the layer before the drop layer;
+- ``attention_request()``: attention rows, from which layer and whether they must come from the
+  layer's full probability map; the query tokens are chosen once, by ``attention_queries`` on the
+  layer-0 input (default: the last prompt token);
+- ``select()``: the step after scoring, which tokens stay and which new tokens join them
+  (default: the schedule's count of top scores; SparseVLM adds its adaptive count and recycling).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -38,10 +49,10 @@ class LayerState:
     attention_mask : LongTensor (B, L)
         1 for real tokens, 0 for padding.
     attention : Tensor (B, Q, L) float32 or None
-        Head-averaged attention probabilities of the requested query rows over all current keys;
-        set when ``attention_query`` is not None.
+        Head-averaged attention probabilities of the query rows over all current keys; set when
+        ``attention_request()`` is not None.
     query_valid : BoolTensor (B, Q) or None
-        Which rows of ``attention`` are real.
+        Which rows of ``attention`` are real (samples may have fewer queries than others).
     sample_keys : LongTensor (B,)
         A per-sample integer derived from the prompt ids, for reproducible per-sample randomness.
     layer : nn.Module
@@ -61,65 +72,119 @@ class LayerState:
     attention: torch.Tensor | None = None
     query_valid: torch.Tensor | None = None
 
-    def gather_vision(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows of ``x`` (B, L, ...) at the vision tokens: (B, V, ...)."""
-        idx = self.vision_idx
-        if x.dim() == 3:
-            return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-        return x.gather(-1, idx) if x.dim() == 2 else x.gather(-1, idx[:, None].expand(-1, x.shape[1], -1))
+
+@dataclass(frozen=True)
+class AttentionRequest:
+    """The head-averaged attention rows a scorer needs at every drop stage.
+
+    Attributes
+    ----------
+    layer_offset : {0, -1}
+        Rows of layer ``stage layer + layer_offset``, computed from that layer's own norm, q/k
+        projections and RoPE on its input: 0 for the drop layer itself (PDrop), -1 for the layer
+        before it (FastV, SparseVLM).
+    full_map : bool
+        Compute that layer's whole (B, H, L, L) probability map and read the rows from it, as the
+        original eager implementations do: the same rows, at their memory cost.
+    """
+
+    layer_offset: int = 0
+    full_map: bool = False
+
+    def __post_init__(self):
+        if self.layer_offset not in (0, -1):
+            raise ValueError(f"AttentionRequest.layer_offset must be 0 or -1, got {self.layer_offset}")
+
+
+@dataclass
+class Selection:
+    """The outcome of one drop stage for a batch: the vision tokens that stay and any tokens added.
+
+    Attributes
+    ----------
+    keep : list of LongTensor
+        Per sample, ascending indices into ``state.vision_idx`` of the kept vision tokens.
+    added_hidden : list of Tensor (C_b, D), optional
+        Per sample, hidden states of new vision tokens inserted right after the sample's last kept
+        vision token (SparseVLM's recycled tokens).
+    added_source : list of LongTensor (C_b,), optional
+        Per sample, for each added token the index into ``state.vision_idx`` of the token whose
+        position ids, prompt index and grid coordinates it takes.
+    """
+
+    keep: list[torch.Tensor]
+    added_hidden: list[torch.Tensor] | None = None
+    added_source: list[torch.Tensor] | None = None
+
+
+def select_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores, ascending; ties go to the lower index."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:k].sort().values
 
 
 @dataclass
 class Scorer:
     """Base class: score every current vision token, higher = keep.
 
-    Subclasses are small dataclasses whose fields are the method's hyperparameters. They declare
-    what they need through class variables, and the engine computes only that.
+    Subclasses are small dataclasses whose fields are the method's hyperparameters; they declare
+    what they need (see the module docstring) and the engine computes only that.
 
     Class variables
     ---------------
     needs_prev_hidden : bool
         Fill ``LayerState.prev_hidden`` (costs one saved copy of the hidden states).
-    attention_query : str or None
-        Which attention rows to compute: ``"last_prompt"`` (the last prompt token),
-        ``"last_instruction"`` (the last prompt token, as PDrop names it) or ``"raters"`` (the
-        positions ``queries`` picks once from the layer-0 embeddings).
-    attention_layer_offset : int
-        Compute the rows with the projections of layer ``layer_idx + offset`` on that layer's
-        input: 0 for the drop layer itself (PDrop), -1 for the layer before (FastV).
     """
 
     needs_prev_hidden: ClassVar[bool] = False
-    attention_query: ClassVar[str | None] = None
-    attention_layer_offset: ClassVar[int] = 0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        query = cls.__dict__.get("attention_query")
+        if query is None:
+            return
+        # The declaration before AttentionRequest: a class variable naming the query row.
+        if query not in ("last_prompt", "last_instruction"):
+            raise ValueError(f"{cls.__name__}.attention_query={query!r} is not supported; override attention_request() "
+                             "and attention_queries() instead")
+        warnings.warn(f"{cls.__name__}: the attention_query/attention_layer_offset class variables are deprecated; "
+                      "override attention_request() instead", DeprecationWarning, stacklevel=2)
+        request = AttentionRequest(layer_offset=cls.__dict__.get("attention_layer_offset", 0))
+        cls.attention_request = lambda self: request
 
     def score(self, state: LayerState) -> torch.Tensor:
         """Scores (B, V) float32 for ``state.vision_idx``; padded entries are ignored."""
         raise NotImplementedError
 
-    def queries(self, embeds: torch.Tensor, vision: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
-        """Per sample, the query positions (in the layer-0 sequence) of ``attention_query="raters"``."""
-        raise NotImplementedError(f"{type(self).__name__} asks for rater rows but does not define queries()")
+    def attention_request(self) -> AttentionRequest | None:
+        """The attention rows ``score`` reads from ``state.attention`` (default: none)."""
+        return None
 
-    def count(self, state: LayerState, sample: int, n: int, scheduled: int) -> int:
-        """How many of the ``n`` present vision tokens of ``sample`` to keep (default: the schedule's)."""
-        return scheduled
+    def attention_queries(self, embeds: torch.Tensor, vision: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Per sample, the positions (in the left-padded layer-0 sequence) of the attention query tokens.
 
-    def merge(self, hidden: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens to insert after the kept vision tokens, built from one sample's dropped ones (default: none).
-
-        Returns the new tokens' hidden states (C, D) and, for each, the index of the dropped token
-        whose position ids and grid coordinates it takes.
+        Called once per batch on the layer-0 input when ``attention_request()`` is not None; the
+        queries should be text tokens, which no stage drops. Default: the last prompt token.
         """
-        return hidden[:0], torch.zeros(0, dtype=torch.long, device=hidden.device)
+        last = torch.tensor([embeds.shape[1] - 1], device=embeds.device)
+        return [last for _ in range(embeds.shape[0])]
+
+    def select(self, state: LayerState, scores: torch.Tensor, counts: list[int]) -> Selection:
+        """The step after scoring: per sample, keep the ``counts[b]`` highest of ``scores`` (B, V).
+
+        ``scores`` are float32 with NaN turned to -inf; ``counts`` are the schedule's.
+        """
+        n_valid = state.vision_valid.sum(1).tolist()
+        return Selection(keep=[select_keep(scores[b, :n], k) for b, (n, k) in enumerate(zip(n_valid, counts))])
 
     def flops(self, n_vision: int, n_tokens: int, hidden: int) -> float:
-        """Analytic FLOPs of one scoring call (0 unless a scorer says otherwise)."""
+        """Analytic FLOPs of one scoring call on ``n_tokens`` current tokens (0 unless a scorer says otherwise)."""
         return 0.0
 
     def check_layer(self, layer_idx: int) -> None:
         """Raise if this scorer cannot run at a stage before ``layer_idx``."""
-        if (self.needs_prev_hidden or self.attention_layer_offset < 0) and layer_idx < 1:
+        request = self.attention_request()
+        if (self.needs_prev_hidden or (request is not None and request.layer_offset < 0)) and layer_idx < 1:
             raise ValueError(f"{type(self).__name__} needs the layer before the drop layer; stage layer must be >= 1, got {layer_idx}")
 
 
@@ -146,3 +211,33 @@ def build_scorer(name: str, **kwargs: Any) -> Scorer:
         valid = ", ".join(sorted(fields)) or "(none)"
         raise ValueError(f"Scorer {name!r} has no parameter(s) {sorted(unknown)}; valid parameters: {valid}")
     return cls(**kwargs)
+
+
+# -- shared by the attention-based scorers -------------------------------------------------------
+
+
+def vision_columns(state: LayerState) -> torch.Tensor:
+    """(B, Q, V) the attention rows' entries at the current vision tokens."""
+    return state.attention.gather(-1, state.vision_idx[:, None].expand(-1, state.attention.shape[1], -1))
+
+
+@dataclass
+class LastTokenAttentionScorer(Scorer):
+    """Score = the last prompt token's head-averaged attention on each vision token (FastV, PDrop).
+
+    Subclasses set ``source_layer_offset``: the rows come from layer ``stage layer + offset``.
+    """
+
+    source_layer_offset: ClassVar[int] = 0
+
+    def attention_request(self) -> AttentionRequest:
+        """The last prompt token's row (the default query) of the source layer."""
+        return AttentionRequest(layer_offset=self.source_layer_offset)
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        """The query row's head-averaged attention on each vision token."""
+        return vision_columns(state)[:, 0]
+
+    def flops(self, n_vision: int, n_tokens: int, hidden: int) -> float:
+        """One query row against every key: q/k projections of the row and keys, then the dot products."""
+        return 2.0 * hidden * hidden * (n_tokens + 1) + 2.0 * n_tokens * hidden

@@ -25,6 +25,7 @@ class RandomScorer(Scorer):
     seed: int = 0
 
     def score(self, state: LayerState) -> torch.Tensor:
+        """Uniform draws in [0, 1), one generator per sample seeded from (seed, prompt, layer)."""
         rows = []
         for key in state.sample_keys.tolist():
             gen = torch.Generator().manual_seed((self.seed * 1_000_003 + key * 131 + state.layer_idx) % (2**63))
@@ -84,6 +85,7 @@ class UniformScorer(Scorer):
     """
 
     def score(self, state: LayerState) -> torch.Tensor:
+        """Coarser lattice first, then a bit-reversed 2-D order, then the frame (see the class docstring)."""
         frame, row, col = state.vision_coords.unbind(-1)  # each (B, V)
         frame = frame.clamp(min=0) & 0xFF  # _bit_reverse(bits=8) reads the lowest 8 bits only
         if int(torch.maximum(row.max(), col.max())) < _TABLE_SIZE:
@@ -104,4 +106,5 @@ class PositionScorer(Scorer):
     """Keep the last vision tokens: positional bias in its purest form."""
 
     def score(self, state: LayerState) -> torch.Tensor:
+        """The token's position in the current sequence: later is better."""
         return state.vision_idx.float()

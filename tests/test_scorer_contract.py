@@ -1,0 +1,89 @@
+"""The contract every registered scorer meets, so a new scorer is tested by being registered.
+
+For each name in ``list_scorers()`` (built-in, entry-point or registered by an importing package):
+scores have shape (B, V) and a float dtype; kept sets are deterministic, the same in a batch as
+alone, and the same under eager and sdpa attention; a schedule that keeps everything reproduces
+the model without dropping exactly.
+"""
+
+import pytest
+import torch
+
+from v2drop import Method, Schedule, build_scorer, list_scorers
+from v2drop.testing import batch_for
+
+# Parameters for scorers that cannot be built from defaults alone (name -> kwargs).
+SCORER_KWARGS: dict[str, dict] = {}
+SCHEDULE = Schedule.progressive([2, 4], [0.5, 0.5])
+SCORERS = list_scorers()
+
+
+def method(name: str, schedule: Schedule = SCHEDULE) -> Method:
+    """A fresh method with a fresh scorer instance (nothing carried over between runs)."""
+    return Method(build_scorer(name, **SCORER_KWARGS.get(name, {})), schedule=schedule)
+
+
+def kept(out) -> list:
+    """Per sample, per stage, the kept (and added) prompt indices."""
+    return [t.stages for t in out.traces]
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_scores_are_float_and_one_per_vision_token(tiny, name):
+    lvlm = tiny("qwen2_vl")  # samples with different vision counts: the padded (B, V) layout is exercised
+    prompts, images = batch_for(lvlm, 3, "qwen2_vl")
+    m = method(name)
+    calls = []
+    score = m.scorer.score
+    m.scorer.score = lambda state: calls.append((state, score(state))) or calls[-1][1]
+    out = lvlm.generate(prompts, images, method=m, max_new_tokens=1)
+    assert len(calls) == len(SCHEDULE.stages)
+    for (state, scores), layer in zip(calls, SCHEDULE.layers):
+        assert state.layer_idx == layer
+        assert scores.shape == state.vision_idx.shape and scores.dtype.is_floating_point
+        assert state.vision_valid.sum(1).tolist() == [t.vision_tokens_per_layer[layer - 1] for t in out.traces]
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_kept_sets_are_deterministic(tiny, name):
+    lvlm = tiny("llava")
+    prompts, images = batch_for(lvlm, 2, "llava")
+    first = lvlm.generate(prompts, images, method=method(name), max_new_tokens=3)
+    second = lvlm.generate(prompts, images, method=method(name), max_new_tokens=3)
+    assert kept(first) == kept(second)
+    assert first.generated_ids == second.generated_ids
+
+
+@pytest.mark.parametrize("name", SCORERS)
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_batch_keeps_what_each_sample_keeps_alone(tiny, family, name):
+    lvlm = tiny(family)
+    prompts, images = batch_for(lvlm, 3, family)
+    batch = lvlm.generate(prompts, images, method=method(name), max_new_tokens=1)
+    for i in range(3):
+        alone = lvlm.generate(prompts[i : i + 1], images[i : i + 1], method=method(name), max_new_tokens=1)
+        assert kept(alone)[0] == kept(batch)[i]
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_keeping_everything_is_the_model_without_dropping(tiny, name):
+    lvlm = tiny("llava")
+    prompts, images = batch_for(lvlm, 2, "llava")
+    inputs = lvlm.prepare(prompts, images)
+    base = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=4, stop_at_eos=False)
+    out = lvlm.generate_from_inputs(inputs, method(name, Schedule.progressive([2, 4], [1.0, 1.0])), max_new_tokens=4, stop_at_eos=False)
+    with torch.no_grad():
+        ref_tokens = lvlm.model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+        ref_logits = lvlm.model(**inputs).logits[:, -1].float()
+    assert out.generated_ids == ref_tokens.tolist()
+    torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-5, rtol=0)
+    assert torch.equal(out.first_logits, base.first_logits)  # bit-identical to the engine without a method
+    assert all(t.vision_tokens_per_layer == [64] * lvlm.depth for t in out.traces)
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_eager_and_sdpa_keep_the_same_tokens(tiny, name):
+    prompts, images = batch_for(tiny("llava"), 2, "llava")
+    eager = tiny("llava", "eager").generate(prompts, images, method=method(name), max_new_tokens=1)
+    sdpa = tiny("llava", "sdpa").generate(prompts, images, method=method(name), max_new_tokens=1)
+    assert kept(eager) == kept(sdpa)

@@ -1,0 +1,177 @@
+"""Drop stages: serve the scorer's declarations, score, apply its selection and rebuild the sequence.
+
+The engine never names a scorer: it reads ``needs_prev_hidden``, ``attention_request()`` and
+``attention_queries()``, calls ``score`` and ``select``, and applies the returned ``Selection``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from v2drop.attention import attention_probabilities, attention_rows
+from v2drop.cost import synchronize
+from v2drop.engine.sequence import Sequence
+from v2drop.method import Method
+from v2drop.models.base import Adapter
+from v2drop.scorers import AttentionRequest, LayerState, Selection
+
+
+@dataclass
+class StageContext:
+    """What every drop stage of one ``generate`` call shares.
+
+    Attributes
+    ----------
+    method, adapter : the method being run and the model's adapter
+    stage_at : dict
+        Stage layer -> stage index in the schedule.
+    sample_keys : LongTensor (B,)
+        Per-sample seeds (``sample_keys``).
+    n_vision : list of int
+        Vision tokens of each sample's prompt (the schedule's counts refer to them).
+    traces : list of SampleTrace
+        Filled with each stage's kept (and added) tokens.
+    request : AttentionRequest or None
+        The scorer's attention request.
+    queries : list of LongTensor or None
+        Per sample, the prompt indices of the attention query tokens (chosen once at layer 0).
+    scoring_seconds, drop_seconds : float
+        Time spent so far in ``score``, and in whole drop stages.
+    """
+
+    method: Method
+    adapter: Adapter
+    stage_at: dict
+    sample_keys: torch.Tensor
+    n_vision: list
+    traces: list
+    request: AttentionRequest | None = None
+    queries: list | None = None
+    scoring_seconds: float = 0.0
+    drop_seconds: float = 0.0
+
+    @classmethod
+    def start(cls, method: Method, adapter: Adapter, seq: Sequence, sample_keys: torch.Tensor, traces: list) -> "StageContext":
+        """The context of a batch whose layer-0 sequence is ``seq``; asks the scorer for its queries once."""
+        scorer = method.scorer
+        request = scorer.attention_request()
+        queries = None
+        if request is not None:
+            positions = scorer.attention_queries(seq.hidden, seq.vision, seq.attention_mask)
+            queries = [seq.orig_idx[b, q] for b, q in enumerate(positions)]
+        return cls(
+            method=method, adapter=adapter, stage_at={s.layer: i for i, s in enumerate(method.schedule.stages)},
+            sample_keys=sample_keys, n_vision=seq.vision.sum(1).tolist(), traces=traces, request=request, queries=queries,
+        )
+
+    def needs_prev_hidden(self, layer_idx: int) -> bool:
+        """Whether a stage before ``layer_idx`` needs the input of the layer before it."""
+        if layer_idx not in self.stage_at:
+            return False
+        return self.method.scorer.needs_prev_hidden or (self.request is not None and self.request.layer_offset < 0)
+
+
+def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: StageContext) -> Sequence:
+    """Run the drop stage before ``layer_idx`` and return the rebuilt sequence (timings go to ``ctx``)."""
+    device = seq.hidden.device
+    synchronize(device)
+    stage_start = time.perf_counter()
+    scorer, schedule = ctx.method.scorer, ctx.method.schedule
+    vision_idx, vision_valid = seq.vision_index()
+    attention = query_valid = None
+    if ctx.request is not None:
+        attention, query_valid = _attention(seq, layer_idx, prev_hidden, ctx)
+    state = LayerState(
+        layer_idx=layer_idx,
+        hidden=seq.hidden,
+        prev_hidden=prev_hidden,
+        vision_idx=vision_idx,
+        vision_valid=vision_valid,
+        vision_coords=seq.coords.gather(1, vision_idx[..., None].expand(-1, -1, 3)),
+        orig_idx=seq.orig_idx,
+        attention_mask=seq.attention_mask,
+        sample_keys=ctx.sample_keys,
+        layer=ctx.adapter.layers[layer_idx],
+        attention=attention,
+        query_valid=query_valid,
+    )
+    synchronize(device)
+    start = time.perf_counter()
+    scores = scorer.score(state)
+    synchronize(device)
+    ctx.scoring_seconds += time.perf_counter() - start
+    if scores.shape != vision_idx.shape:
+        raise RuntimeError(f"{type(scorer).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(vision_idx.shape)}")
+    scores = scores.float().nan_to_num(nan=float("-inf"))
+    stage_idx = ctx.stage_at[layer_idx]
+    n_valid = vision_valid.sum(1).tolist()
+    counts = [schedule.kept_count(stage_idx, n, n0) for n, n0 in zip(n_valid, ctx.n_vision)]
+    selection = scorer.select(state, scores, counts)
+    B = seq.hidden.shape[0]
+    if len(selection.keep) != B or len(selection.added_hidden or [None] * B) != B or len(selection.added_source or [None] * B) != B:
+        raise RuntimeError(f"{type(scorer).__name__}.select must return one entry per sample ({B}) in every Selection field")
+    new = _apply(seq, selection, vision_idx, layer_idx, ctx.traces)
+    if ctx.method.position_policy == "renumber":
+        new = new.renumbered()
+    synchronize(device)
+    ctx.drop_seconds += time.perf_counter() - stage_start
+    return new
+
+
+def _apply(seq: Sequence, selection: Selection, vision_idx: torch.Tensor, layer_idx: int, traces: list) -> Sequence:
+    """Keep the text and the selected vision tokens; insert added tokens right after each sample's last kept one."""
+    B, L, D = seq.hidden.shape
+    device = seq.hidden.device
+    keep_mask = seq.attention_mask.bool() & ~seq.vision  # text tokens always stay
+    added_hidden = selection.added_hidden or [seq.hidden.new_zeros(0, D)] * B
+    added_source = selection.added_source or [torch.zeros(0, dtype=torch.long, device=device)] * B
+    sources, last_kept = [], []
+    for b in range(B):
+        kept_vision = vision_idx[b, selection.keep[b]]  # ascending
+        keep_mask[b, kept_vision] = True
+        trace = {"layer": layer_idx, "kept": seq.orig_idx[b, kept_vision].tolist()}
+        source = vision_idx[b, added_source[b]]
+        if len(source):
+            trace["merged"] = seq.orig_idx[b, source].tolist()
+        traces[b].stages.append(trace)
+        sources.append(source)
+        last_kept.append(int(kept_vision.max()) if len(kept_vision) else int(vision_idx[b, 0]) - 1)
+    keep = [row.nonzero().flatten() for row in keep_mask]
+    width = max(len(s) for s in sources)
+    if width:
+        hidden = seq.hidden.new_zeros(B, width, D)
+        source = torch.zeros(B, width, dtype=torch.long, device=device)
+        valid = torch.zeros(B, width, dtype=torch.bool, device=device)
+        for b, (h, src) in enumerate(zip(added_hidden, sources)):
+            hidden[b, : len(src)], source[b, : len(src)], valid[b, : len(src)] = h, src, True
+            inserted = torch.arange(L, L + len(src), device=device)
+            keep[b] = torch.cat([keep[b][keep[b] <= last_kept[b]], inserted, keep[b][keep[b] > last_kept[b]]])
+        seq = seq.extended(hidden, source, valid)
+    return seq.select(keep)
+
+
+def _attention(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: StageContext):
+    """The requested head-averaged attention rows: (B, Q, L) float32 and their (B, Q) validity."""
+    B, L = seq.hidden.shape[:2]
+    device = seq.hidden.device
+    width = max(1, max(len(q) for q in ctx.queries))
+    query_idx = torch.full((B, width), L - 1, device=device)
+    query_valid = torch.zeros(B, width, dtype=torch.bool, device=device)
+    for b, q in enumerate(ctx.queries):  # find each query token's current position from its prompt index
+        if len(q):
+            match = seq.orig_idx[b][None] == q[:, None]  # (Q, L)
+            query_idx[b, : len(q)] = match.float().argmax(-1)
+            query_valid[b, : len(q)] = match.any(-1)
+    request = ctx.request
+    hidden = seq.hidden if request.layer_offset == 0 else prev_hidden
+    layer = ctx.adapter.layers[layer_idx + request.layer_offset]
+    rope = ctx.adapter.rope(hidden, seq.position_ids)
+    if not request.full_map:
+        return attention_rows(layer, hidden, rope, seq.attention_mask, query_idx), query_valid
+    # The whole (B, H, L, L) map, as an eager attention layer materialises it; then the rows.
+    full = attention_probabilities(layer, hidden, rope, seq.attention_mask)
+    rows = full.gather(2, query_idx[:, None, :, None].expand(-1, full.shape[1], -1, L)).mean(1)
+    return rows, query_valid

@@ -1,0 +1,238 @@
+"""Tiny random-initialised LVLMs of every supported family, built from configs (no downloads).
+
+Used by the test suite and by the engine benchmarks (``random_llava``). Nothing here trains.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from v2drop.benchmarks import Sample
+from v2drop.lvlm import LVLM
+from v2drop.models.qwen2vl_processor import QwenProcessorLite
+
+WORDS = "USER: ASSISTANT: what is the digit colour how many in row column yes no a b c d red green blue white".split()
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+DEPTH = 6
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+
+__all__ = [
+    "DEPTH", "FAMILIES", "SPECIALS", "WORDS", "EchoBench", "Item", "PlaceholderProcessor", "batch_for", "build", "image",
+    "prompt_for", "random_llava", "tokenizer", "word_tokenizer",
+]
+
+
+def word_tokenizer(words: Sequence[str], split_punctuation: bool = True, special: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """A WordLevel tokenizer over ``words`` (which must include ``<pad>``, ``<unk>``, ``<s>``, ``</s>``, ``<image>``)."""
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(words)}, unk_token="<unk>"))
+    splitters = [pre_tokenizers.WhitespaceSplit()] + ([pre_tokenizers.Punctuation()] if split_punctuation else [])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splitters) if len(splitters) > 1 else splitters[0]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    if special:
+        fast.add_special_tokens({"additional_special_tokens": list(special)})
+    return fast
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny models' tokenizer: a few words, digits and the placeholder tokens of every family."""
+    return word_tokenizer(SPECIALS + WORDS + [str(d) for d in range(10)] + ["?", "."], special=SPECIALS[4:])
+
+
+def _llama(vocab: int, **kw) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, pad_token_id=0, **kw,
+    )
+
+
+def _clip(image_size: int = 32) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+        patch_size=4, projection_dim=32, initializer_range=0.2,
+    )
+
+
+def _llava(tok, text_config, vision_config, image_size: int, patch: int):
+    """A LLaVA-1.5-shaped model (one token per patch) and its processor; the model is built from the current RNG."""
+    n_vision = (image_size // patch) ** 2
+    cfg = LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      image_seq_length=n_vision)
+    model = LlavaForConditionalGeneration(copy.deepcopy(cfg))
+    proc = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    return model, proc
+
+
+def _ready(model, proc, name: str, attn: str | None = None) -> LVLM:
+    """Greedy decoding that never stops early, the attention implementation set, wrapped as an LVLM."""
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    if attn is not None:
+        model.set_attn_implementation(attn)
+    return LVLM(model.eval(), proc, name=name)
+
+
+def build(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
+    """A tiny LVLM of ``family`` (one of ``FAMILIES``), ``DEPTH`` decoder layers of hidden size 64."""
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown tiny family {family!r}; valid: {', '.join(FAMILIES)}")
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    vocab = len(tok)
+    video_id = tok.convert_tokens_to_ids("<video>")
+    if family == "llava":
+        model, proc = _llava(tok, _llama(vocab), _clip(), image_size=32, patch=4)
+    elif family in ("llava_next", "llava_onevision"):
+        common = dict(
+            vision_config=_clip(), text_config=_llama(vocab), image_token_index=tok.convert_tokens_to_ids("<image>"),
+            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]], vision_feature_select_strategy="default",
+        )
+        if family == "llava_next":
+            model = LlavaNextForConditionalGeneration(LlavaNextConfig(**common))
+        else:
+            model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**common, video_token_index=video_id))
+        proc = PlaceholderProcessor(tok, model)
+    else:
+        qwen_image, qwen_video = tok.convert_tokens_to_ids("<|image_pad|>"), tok.convert_tokens_to_ids("<|video_pad|>")
+        text = dict(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
+            num_key_value_heads=2, initializer_range=0.2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            max_position_embeddings=512, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        )
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2)
+        ids = dict(image_token_id=qwen_image, video_token_id=qwen_video, vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"))
+        if family == "qwen2_5_vl":
+            vision.update(out_hidden_size=64, intermediate_size=64, fullatt_block_indexes=[1], window_size=32)
+            vision.pop("embed_dim")
+            vision["hidden_size"] = 32
+            model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+        else:
+            model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+        proc = QwenProcessorLite(Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2), tok)
+    return _ready(model, proc, f"tiny-{family}", attn)
+
+
+def random_llava(hidden: int = 512, layers: int = 12, image_size: int = 96, patch: int = 4) -> LVLM:
+    """A random-weight LLaVA-1.5-shaped model with (image_size/patch)^2 vision tokens, for engine benchmarks.
+
+    Its prompts use the words ``w0`` .. ``w255``, ``USER:`` and ``ASSISTANT:``.
+    """
+    words = ["<pad>", "<unk>", "<s>", "</s>", "<image>"] + [f"w{i}" for i in range(256)] + ["USER:", "ASSISTANT:"]
+    tok = word_tokenizer(words, split_punctuation=False)
+    torch.manual_seed(0)
+    text = LlamaConfig(vocab_size=len(words), hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                       num_attention_heads=8, num_key_value_heads=8, initializer_range=0.05, pad_token_id=0)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch)
+    model, proc = _llava(tok, text, vision, image_size, patch)
+    return _ready(model, proc, f"random-llava-h{hidden}-l{layers}-v{(image_size // patch) ** 2}")
+
+
+class PlaceholderProcessor:
+    """Image processor stand-in for anyres families: expands ``<image>`` to the model's own feature count."""
+
+    image_token = "<image>"
+    chat_template = None
+
+    def __init__(self, tok, model):
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+        self.tokenizer = tok
+        self.model = model
+        onevision = model.config.model_type == "llava_onevision"
+        self.image_processor = (LlavaOnevisionImageProcessorPil if onevision else LlavaNextImageProcessorPil)(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]],
+        )
+
+    def __call__(self, text, images=None, videos=None, return_tensors="pt"):
+        out = {}
+        if images:
+            px = self.image_processor(images=images, return_tensors="pt")
+            out.update(pixel_values=px["pixel_values"], image_sizes=px["image_sizes"])
+            with torch.no_grad():
+                feats = self.model.model.get_image_features(pixel_values=px["pixel_values"], image_sizes=px["image_sizes"]).pooler_output
+            pieces = text.split(self.image_token)
+            text = pieces[0] + "".join(self.image_token * f.reshape(-1, f.shape[-1]).shape[0] + p for f, p in zip(feats, pieces[1:]))
+        ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+        out.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return out
+
+
+def image(seed: int, size: int = 32) -> Image.Image:
+    """A random RGB test image."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def prompt_for(lvlm, question: str, n_images: int = 1) -> str:
+    """A prompt with ``n_images`` placeholders in the family's format (Qwen wraps them in vision start/end)."""
+    token = lvlm.image_token
+    if token == "<|image_pad|>":
+        token = "<|vision_start|>" + token + "<|vision_end|>"
+    return "USER: " + token * n_images + "\n" + question + " ASSISTANT:"
+
+
+def batch_for(lvlm, n: int, family: str):
+    """``n`` prompts of different lengths with one image each (different sizes for Qwen)."""
+    questions = ["what is the digit ?", "how many ?", "what is the colour of the digit in row 2 column 3 ?"]
+    sizes = [32, 48, 40] if family.startswith("qwen") else [32, 32, 32]
+    prompts = [prompt_for(lvlm, questions[i % 3]) for i in range(n)]
+    images = [image(i, sizes[i % 3]) for i in range(n)]
+    return prompts, images
+
+
+Item = Sample  # the harness's own sample type
+
+
+class EchoBench:
+    """A small benchmark of random images in the harness interface (answers fixed, so correctness is real)."""
+
+    name, modality, families = "echo", "image", ("a", "b")
+
+    def __init__(self, n=5, answer="?"):
+        self.items = [Item(f"s{i}", "how many ?", answer, "ab"[i % 2], (image(i),)) for i in range(n)]
+
+    def load(self, split, limit=None):
+        """The first ``limit`` samples (every split is the same)."""
+        return self.items[:limit]
+
+    def is_correct(self, prediction, sample):
+        """Exact match."""
+        return prediction == sample.answer
+
+    def aggregate(self, records):
+        """Accuracy overall and per family."""
+        fam = {f: [r["correct"] for r in records if r["family"] == f] for f in self.families}
+        return {"accuracy": sum(r["correct"] for r in records) / len(records), "per_family": {f: sum(v) / len(v) for f, v in fam.items() if v}}
