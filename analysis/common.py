@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Sequence
@@ -10,6 +9,9 @@ from typing import Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
+
+from v2drop.budgets import PAPER_BUDGETS, PAPER_VISION_TOKENS, budget_method, scorer_variants  # noqa: E402,F401  (re-exported for the scripts)
+from v2drop.tables import write_table  # noqa: E402,F401
 
 
 def run_dir(name: str, root: str | Path | None = None) -> Path:
@@ -19,81 +21,9 @@ def run_dir(name: str, root: str | Path | None = None) -> Path:
     return path
 
 
-def write_table(rows: Sequence[dict], path_stem: Path, columns: Sequence[str] | None = None, floatfmt: str = "{:.4g}") -> str:
-    """Write ``rows`` as ``<stem>.csv`` and ``<stem>.md``; return the markdown."""
-    columns = list(columns or (rows[0].keys() if rows else []))
-    with open(path_stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    fmt = lambda v: floatfmt.format(v) if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    markdown = "\n".join(lines) + "\n"
-    path_stem.with_suffix(".md").write_text(markdown)
-    return markdown
-
-
 def write_json(data, path: Path) -> None:
     """Pretty JSON."""
     path.write_text(json.dumps(data, indent=2, default=str))
-
-
-# --- running methods at the paper's budgets -------------------------------------------------------
-
-PAPER_BUDGETS = (192, 128, 64)  # average retained vision tokens of 576 on LLaVA-1.5-7B
-PAPER_VISION_TOKENS = 576
-
-
-def scorer_variants() -> dict[str, tuple[str, dict]]:
-    """``{label: (preset prefix whose schedule is used, scorer settings)}`` for every registered scorer.
-
-    V²Drop comes first, once per variation metric; every other scorer follows in registry order,
-    on its own ``<name>-llava15-<budget>`` presets when it has them, else on V²Drop's progressive
-    schedule (so a newly registered scorer appears in every comparison table without an edit here).
-    """
-    from v2drop.method import list_presets
-    from v2drop.scorers import list_scorers
-    from v2drop.scorers.variation import METRICS
-
-    presets = list_presets()
-    variants = {f"v2drop-{metric}": ("v2drop", {"metric": metric}) for metric in METRICS}
-    for name in list_scorers():
-        if name == "v2drop":
-            continue
-        has_presets = any(p.startswith(f"{name}-llava15-") for p in presets)
-        variants[name] = (name, {}) if has_presets else ("v2drop", {"name": name})
-    return variants
-
-
-# Kept as a module constant for callers that import it; built from the registry at import time.
-VARIANTS = scorer_variants()
-
-
-def budget_method(prefix: str, budget: int, depth: int, n_vision: int, **overrides):
-    """The preset ``<prefix>-llava15-<budget>`` moved to a ``depth``-layer model with ``n_vision`` tokens.
-
-    ``overrides`` replace scorer parameters, or with ``name`` the scorer itself (same schedule).
-    Stage layers are rescaled and the keep fractions fitted (one common factor, see
-    ``v2drop.schedule.scale_to_average``) so the average retained tokens are the same share of
-    ``n_vision`` as ``budget`` is of 576. Returns None when no such preset exists.
-    """
-    from v2drop.method import Method, list_presets
-    from v2drop.schedule import scale_to_average
-
-    name = f"{prefix}-llava15-{budget}"
-    if name not in list_presets():
-        return None
-    data = Method.from_preset(name).to_dict()
-    if "name" in overrides:  # another scorer on this preset's schedule: drop the preset scorer's parameters
-        data["scorer"] = dict(overrides)
-    elif overrides:
-        data["scorer"] = {**data["scorer"], **overrides}
-    method = Method.from_dict(data).rescaled(depth)
-    target = budget / PAPER_VISION_TOKENS * n_vision
-    data = method.to_dict()
-    data["schedule"] = scale_to_average(method.schedule, depth, n_vision, target).to_dict()
-    return Method.from_dict(data)
 
 
 def vision_tokens_of(lvlm, sample) -> int:

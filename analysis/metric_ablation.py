@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 
 from analysis.common import command_parser, relative_rows, run_methods, save_figure, setup, write_table
 from analysis.method_table import methods_at_budgets
-from v2drop.scorers.variation import METRICS as VARIATION_METRICS
+from v2drop.scorers.v2drop import METRICS as VARIATION_METRICS
 
 METRICS = {f"v2drop-{m}": ("v2drop", {"metric": m}) for m in VARIATION_METRICS}
 

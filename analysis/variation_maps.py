@@ -19,7 +19,7 @@ from matplotlib.patches import Rectangle
 
 from analysis.common import budget_method, command_parser, resolve_split, run_dir, save_figure, write_json
 from v2drop.method import Method
-from v2drop.scorers.variation import V2DropScorer
+from v2drop.scorers.v2drop import V2DropScorer
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import v2drop
-from v2drop.budgets import VARIANTS, budget_method, with_scorer_args
+from v2drop.budgets import budget_method, scorer_variants, with_scorer_args
 from v2drop.cost import environment, sample_prefill_flops
 from v2drop.method import Method
 from v2drop.tables import write_table
@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
         inputs = prompt_inputs(lvlm, n_images)
         n_vision = int(lvlm.adapter.vision_mask(inputs["input_ids"]).sum())
         methods = {"none": Method.none()}
-        for label, (prefix, overrides) in VARIANTS.items():
+        for label, (prefix, overrides) in scorer_variants().items():
             method = budget_method(prefix, args.budget, lvlm.depth, n_vision, **overrides)
             if method is not None:
                 methods[label] = method

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import v2drop
-from experiments.proxy.check import KeepGiven
 from experiments.proxy.data import aux_turn, conversation, isolation_mask, patch_words
 from experiments.proxy.drops import VisionDrop, block_keep_mask, draw_drop, layer_masks
 from experiments.proxy.model import ProxyConfig, build_model, build_processor, build_tokenizer
@@ -303,7 +302,7 @@ def test_a_training_drop_equals_the_engine_dropping_the_same_tokens():
     lvlm = LVLM(model, processor)
     inputs = lvlm.prepare([lvlm.format_prompt(processor.tokenizer.decode(ids[257 : answer - 1]))], [[image]])
     assert inputs["input_ids"][0].tolist() == ids[:answer]
-    keep = Method(KeepGiven(keep=tuple(kept.nonzero().flatten().tolist())), schedule=Schedule.one_shot(2, 40, keep_mode="absolute", min_keep=0))
+    keep = Method("given", keep=tuple(kept.nonzero().flatten().tolist()), schedule=Schedule.one_shot(2, 40, keep_mode="absolute", min_keep=0))
     engine = lvlm.generate_from_inputs(inputs, keep, max_new_tokens=1).first_logits[0]
     torch.testing.assert_close(logits[answer - 1], engine, atol=1e-4, rtol=0)
     full = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=1).first_logits[0]

@@ -13,7 +13,7 @@ from v2drop import Method, Schedule, build_scorer, list_scorers
 from v2drop.testing import batch_for
 
 # Parameters for scorers that cannot be built from defaults alone (name -> kwargs).
-SCORER_KWARGS: dict[str, dict] = {}
+SCORER_KWARGS: dict[str, dict] = {"given": {"keep": (0, 3, 5, 7)}}  # scorers whose defaults would test too little
 SCHEDULE = Schedule.progressive([2, 4], [0.5, 0.5])
 SCORERS = list_scorers()
 

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 PAPER_BUDGETS = (192, 128, 64)  # average retained vision tokens of 576 on LLaVA-1.5-7B
 PAPER_VISION_TOKENS = 576
-# label -> (preset prefix whose schedule is used, scorer settings). Every comparison table includes
-# the simple baselines, run on V²Drop's progressive schedule.
-VARIANTS = {
-    "v2drop-l2": ("v2drop", {"metric": "l2"}),
-    "v2drop-l1": ("v2drop", {"metric": "l1"}),
-    "v2drop-cosine": ("v2drop", {"metric": "cosine"}),
-    "fastv": ("fastv", {}),
-    "pdrop": ("pdrop", {}),
-    "sparsevlm": ("sparsevlm", {}),
-    "random": ("v2drop", {"name": "random"}),
-    "uniform": ("v2drop", {"name": "uniform"}),
-    "position": ("v2drop", {"name": "position"}),
-}
+
+
+def scorer_variants() -> dict[str, tuple[str, dict]]:
+    """``{label: (preset prefix whose schedule is used, scorer settings)}`` for every registered scorer.
+
+    V²Drop comes first, once per variation metric; every other scorer follows in registry order,
+    on its own ``<name>-llava15-<budget>`` presets when it has them, else on V²Drop's progressive
+    schedule (so a newly registered scorer appears in every comparison without an edit here).
+    """
+    from v2drop.method import list_presets
+    from v2drop.scorers import list_scorers
+    from v2drop.scorers.v2drop import METRICS
+
+    presets = list_presets()
+    variants = {f"v2drop-{metric}": ("v2drop", {"metric": metric}) for metric in METRICS}
+    for name in list_scorers():
+        if name == "v2drop":
+            continue
+        has_presets = any(p.startswith(f"{name}-llava15-") for p in presets)
+        variants[name] = (name, {}) if has_presets else ("v2drop", {"name": name})
+    return variants
 
 
 def budget_method(prefix: str, budget: int, depth: int, n_vision: int, **overrides):

@@ -2,7 +2,7 @@
 
 - ``full``: no dropping;
 - ``no image``: every vision token removed before layer 0 (should be near chance);
-- ``evidence``: before ``layer`` only the question's ground-truth evidence tokens are kept (``KeepGiven``);
+- ``evidence``: before ``layer`` only the question's ground-truth evidence tokens are kept (the ``given`` scorer);
 - ``random``: before ``layer`` as many random vision tokens are kept (seeded).
 
 Validity bar: evidence ≥ 95% of full, and random ≥ 10 points below evidence. Quality bar: full ≥
@@ -11,29 +11,10 @@ Validity bar: evidence ≥ 95% of full, and random ≥ 10 points below evidence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
 from v2drop.method import Method
 from v2drop.schedule import Schedule
-from v2drop.scorers.base import Scorer
 
 BAR_CONDITIONS = ("full", "no image", "evidence", "random")  # see the module docstring
-
-
-@dataclass
-class KeepGiven(Scorer):
-    """Scores 1 for the given vision-token indices, 0 elsewhere (an oracle for the validity bar; not registered)."""
-
-    keep: tuple = ()  # indices (0-based, among the current vision tokens) to keep
-
-    def score(self, state):
-        """1 on the given indices of the current vision tokens, 0 elsewhere."""
-        scores = torch.zeros(state.vision_idx.shape, dtype=torch.float32)
-        index = torch.tensor([k for k in self.keep if k < scores.shape[1]], dtype=torch.long)
-        scores[:, index] = 1.0
-        return scores
 
 
 def bar_methods(sample, layer: int) -> dict[str, Method]:
@@ -42,7 +23,7 @@ def bar_methods(sample, layer: int) -> dict[str, Method]:
     return {
         "full": Method.none(),
         "no image": Method("random", schedule=Schedule.one_shot(0, 0.0, min_keep=0)),
-        "evidence": Method(KeepGiven(keep=tuple(sample.evidence)), schedule=Schedule.one_shot(layer, n, keep_mode="absolute", min_keep=0)),
+        "evidence": Method("given", keep=tuple(sample.evidence), schedule=Schedule.one_shot(layer, n, keep_mode="absolute", min_keep=0)),
         "random": Method("random", schedule=Schedule.one_shot(layer, n, keep_mode="absolute", min_keep=0)),
     }
 

@@ -43,7 +43,7 @@ class EvalResult:
     """Aggregates, the resolved config and the environment of one evaluation."""
 
     config: dict  # the EvalConfig as plain data
-    environment: dict  # machine, library versions, threads (v2drop.measure.environment)
+    environment: dict  # machine, library versions, threads (v2drop.cost.environment)
     metrics: dict  # accuracy, tokens, FLOPs, latencies, memory, relative accuracies
     per_family: dict  # benchmark metric per question family
     method: dict  # the method as config data (rescaled to the model's depth)

@@ -18,7 +18,7 @@ import torch
 from v2drop.evaluation.config import EvalConfig, EvalResult, resolve_split
 from v2drop.evaluation.records import append_records, read_records, vision_runs, write_records
 from v2drop.lvlm import LVLM
-from v2drop.measure import environment, prefill_flops
+from v2drop.cost import environment, prefill_flops, sample_prefill_flops
 from v2drop.method import Method
 
 
@@ -104,12 +104,6 @@ def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalCon
     for i, sample in enumerate(batch):
         trace = out.traces[i]
         n_prompt = len(out.prompt_ids[i])
-        n_vision0 = trace.vision_tokens_per_layer[0] if trace.vision_tokens_per_layer else 0
-        tokens = [n_prompt - (n_vision0 - v) for v in trace.vision_tokens_per_layer]
-        scorer_cost = 0.0
-        for stage in trace.stages:  # the scorer sees the vision tokens present just before the stage
-            present = trace.vision_tokens_per_layer[stage["layer"] - 1] if stage["layer"] else n_vision0
-            scorer_cost += method.scorer.flops(n_vision=present, n_tokens=n_prompt, hidden=cfg.hidden_size)
         prediction = out.texts[i]
         records.append({
             "id": sample.id,
@@ -119,11 +113,11 @@ def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalCon
             "reference": sample.answer,
             "correct": bool(benchmark.is_correct(prediction, sample)),
             "prompt_tokens": n_prompt,
-            "vision_tokens": n_vision0,
+            "vision_tokens": trace.vision_tokens,
             "vision_tokens_per_layer": trace.vision_tokens_per_layer,
             "average_vision_tokens": trace.average_vision_tokens,
-            "flops": prefill_flops(cfg, tokens, scorer_cost),
-            "flops_no_drop": prefill_flops(cfg, [n_prompt] * len(tokens)),
+            "flops": sample_prefill_flops(cfg, trace, n_prompt, method.scorer),
+            "flops_no_drop": prefill_flops(cfg, [n_prompt] * lvlm.depth),
             "prefill_seconds": out.prefill_seconds / len(batch),
             "generate_seconds": out.generate_seconds / len(batch),
             "scoring_seconds": out.scoring_seconds / len(batch),

@@ -1,12 +1,13 @@
-"""Per-sample records: JSONL reading and appending, traces, CSV tables, and vision-token positions."""
+"""Per-sample records: JSONL reading and appending, traces, and vision-token positions."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
+
+from v2drop.tables import write_csv  # noqa: F401  (re-exported: evaluation and search write CSV through it)
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
@@ -60,12 +61,3 @@ def vision_index_of(record: dict) -> dict[int, int]:
             out[pos] = k
             k += 1
     return out
-
-
-def write_csv(rows: Sequence[dict], path: str | os.PathLike, columns: Sequence[str] | None = None) -> None:
-    """Write ``rows`` as CSV; columns default to every key in first-seen order, keys outside ``columns`` are left out."""
-    columns = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)

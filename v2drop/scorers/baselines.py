@@ -1,4 +1,5 @@
-"""Simple baselines: random, spatially uniform and positional keep sets (strong in published benchmarks)."""
+"""Simple baselines: random, spatially uniform and positional keep sets (strong in published benchmarks),
+and ``given``, an oracle that keeps chosen vision tokens (e.g. a question's evidence)."""
 
 from __future__ import annotations
 
@@ -108,3 +109,29 @@ class PositionScorer(Scorer):
     def score(self, state: LayerState) -> torch.Tensor:
         """The token's position in the current sequence: later is better."""
         return state.vision_idx.float()
+
+
+@register_scorer("given")
+@dataclass
+class GivenScorer(Scorer):
+    """An oracle: keep the given vision tokens (e.g. the evidence of a synthetic question).
+
+    Parameters
+    ----------
+    keep : tuple of int
+        Indices (0-based, among the vision tokens present at the stage) that score 1; every other
+        token scores 0, so with an absolute count of ``len(keep)`` exactly these survive. The same
+        indices apply to every sample of a batch.
+    """
+
+    keep: tuple = ()
+
+    def __post_init__(self):
+        self.keep = tuple(int(k) for k in self.keep)  # YAML/JSON give lists: keep Method round trips equal
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        """1 on the given indices of the current vision tokens, 0 elsewhere."""
+        scores = torch.zeros(state.vision_idx.shape, dtype=torch.float32, device=state.vision_idx.device)
+        index = torch.tensor([k for k in self.keep if 0 <= k < scores.shape[1]], dtype=torch.long, device=scores.device)
+        scores[:, index] = 1.0
+        return scores
