@@ -253,11 +253,12 @@ def test_sparsevlm_end_to_end_batch_equals_alone(tiny, family):
 
 
 def test_the_deprecated_class_variable_declaration_still_gets_its_rows(tiny):
-    from v2drop.scorers import Scorer
+    from v2drop.scorers import Scorer, register_scorer
     from v2drop.scorers.base import vision_columns
 
     with pytest.warns(DeprecationWarning, match="attention_query"):
 
+        @register_scorer("test-old-fastv")  # the registry fixture removes it after the test
         @dataclass
         class OldFastV(Scorer):
             attention_query = "last_prompt"
@@ -278,9 +279,10 @@ def test_the_deprecated_class_variable_declaration_still_gets_its_rows(tiny):
 @pytest.mark.parametrize("offset", [0, -1])
 def test_any_declared_queries_get_the_eager_rows(tiny, offset, full_map):
     """A scorer that declares its own query tokens and source layer gets exactly those eager rows."""
-    from v2drop import AttentionRequest, Scorer
+    from v2drop import AttentionRequest, Scorer, register_scorer
     from v2drop.scorers.base import vision_columns
 
+    @register_scorer("test-last-three")  # the registry fixture removes it after the test
     @dataclass
     class LastThree(Scorer):
         def attention_request(self):
