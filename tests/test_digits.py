@@ -22,6 +22,17 @@ def test_deterministic_and_seeded():
     assert not np.array_equal(np.asarray(a[0].images[0]), np.asarray(c[0].images[0]))
 
 
+def test_splits_are_declared_and_checked():
+    bench = get_benchmark("digits")
+    assert bench.splits == ("train", "validation", "test") and bench.default_split == "test"
+    assert [s.id for s in bench.load(limit=5)] == [s.id for s in bench.load("test", 5)]
+    assert bench.load("validation", 1)[0].id == "validation-0-exist"
+    with pytest.raises(ValueError, match=r"Benchmark 'digits' has no split 'dev'; valid splits: train, validation, test"):
+        bench.load("dev")
+    with pytest.raises(ValueError, match=r"limit must be a positive whole number of samples or None, got 0"):
+        get_benchmark("digits-video").load("test", 0)
+
+
 def test_splits_use_disjoint_digit_images():
     sets = [set(split_indices(s).tolist()) for s in ("train", "validation", "test")]
     assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])

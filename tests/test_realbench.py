@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -11,12 +12,10 @@ import pytest
 from PIL import Image
 
 from v2drop import Method
-from v2drop.benchmarks import get_benchmark, list_benchmarks
+from v2drop.benchmarks import DataError, get_benchmark, list_benchmarks
+from v2drop.benchmarks.media import frame_indices
+from v2drop.benchmarks.metrics import normalize_vqa, parse_option, read_yes_no_by_negation, read_yes_no_by_prefix, vqa_accuracy
 from v2drop.evaluation import EvalConfig, evaluate
-from v2drop.realbench import DataError
-from v2drop.realbench.common import frame_indices, normalize_vqa, parse_option, vqa_accuracy
-from v2drop.realbench.mme import yes_no as mme_yes_no
-from v2drop.realbench.pope import yes_no as pope_yes_no
 
 FIXTURES = Path(__file__).parent / "fixtures" / "realbench"
 ALL = ("pope", "mme", "gqa", "mmbench", "scienceqa-img", "textvqa", "mvbench", "videomme")
@@ -42,6 +41,65 @@ def test_every_real_benchmark_is_registered():
     assert set(ALL) <= set(list_benchmarks())
 
 
+def _run(code):
+    """Run ``code`` in a fresh interpreter (nothing imported yet) and return its stdout."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_registration_is_eager_and_needs_no_old_package():
+    code = """
+import sys
+import v2drop.benchmarks
+first = v2drop.benchmarks.BENCHMARKS.names()
+assert first == v2drop.benchmarks.list_benchmarks(), first
+import v2drop.evaluation, v2drop.integrations
+assert "v2drop.realbench" not in sys.modules  # nothing inside v2drop uses the deprecated alias
+assert "datasets" not in sys.modules and "pandas" not in sys.modules  # no data is touched at import
+print(",".join(first))
+"""
+    assert set(_run(code).strip().split(",")) == {"digits", "digits-video", *ALL}
+
+
+def test_old_realbench_package_is_a_deprecated_alias():
+    code = """
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import v2drop.realbench
+    from v2drop.realbench import DataError, HFBenchmark, VideoBenchmark
+    from v2drop.realbench.pope import POPE
+    from v2drop.realbench.common import parse_option, frame_indices
+import v2drop.benchmarks as b
+assert any(issubclass(w.category, DeprecationWarning) and "v2drop.benchmarks" in str(w.message) for w in caught)
+assert (DataError, HFBenchmark, VideoBenchmark) == (b.DataError, b.HFBenchmark, b.VideoBenchmark)
+assert POPE is b.get_benchmark("pope").__class__ and parse_option("(B)") == "B" and frame_indices(3, 2) == [0, 2]
+"""
+    _run(code)
+
+
+@pytest.mark.parametrize("name", list_benchmarks())
+def test_every_benchmark_declares_its_splits(name):
+    b = get_benchmark(name)
+    assert b.splits and b.default_split in b.splits
+    assert b.resolve_split(None) == b.default_split and all(b.resolve_split(s) == s for s in b.splits)
+    with pytest.raises(ValueError, match=rf"Benchmark '{name}' has no split 'nosplit'; valid splits: {', '.join(b.splits)}"):
+        b.load("nosplit")  # before any data is looked for
+    for bad in (0, -2, 1.5, "3"):
+        with pytest.raises(ValueError, match=rf"limit must be a positive whole number.*got {bad!r}"):
+            b.load(limit=bad)
+
+
+@pytest.mark.parametrize("name, folder, other_names", [("gqa", "gqa", ("test",)), ("textvqa", "textvqa", ("test",)),
+                                                      ("mmbench", "mmbench", ("test",)), ("mvbench", "mvbench", ("train",)),
+                                                      ("pope", "pope", ())])
+def test_default_split_and_its_other_names_read_the_same_questions(name, folder, other_names):
+    b = bench(name, folder)
+    ids = [s.id for s in b.load()]
+    assert ids and all([s.id for s in bench(name, folder).load(n)] == ids for n in (b.default_split, *other_names))
+
+
 # -- answer parsing and normalisation ------------------------------------------------------------------------
 
 
@@ -56,10 +114,10 @@ def test_option_parsing():
 
 def test_yes_no_readings():
     # POPE: first sentence only; "no"/"not" as words
-    assert [pope_yes_no(t) for t in ["No, there is not.", "There is not a cat. Yes.", "Yes. Not sure", "NO", "Nothing to see", ""]] == \
+    assert [read_yes_no_by_negation(t) for t in ["No, there is not.", "There is not a cat. Yes.", "Yes. Not sure", "NO", "Nothing to see", ""]] == \
         ["no", "no", "yes", "no", "yes", "yes"]
     # MME: exact yes/no, else yes/no within the first four characters
-    assert [mme_yes_no(t) for t in ["Yes.", "no", "yes, it is", "The answer is no", "Not sure"]] == ["yes", "no", "yes", "other", "no"]
+    assert [read_yes_no_by_prefix(t) for t in ["Yes.", "no", "yes, it is", "The answer is no", "Not sure"]] == ["yes", "no", "yes", "other", "no"]
 
 
 def test_vqa_normalisation():
@@ -282,7 +340,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
         get_benchmark("pope", data_dir=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match=r"pope: none of \['test.jsonl', 'test.parquet'\]"):
         get_benchmark("pope", data_dir=str(tmp_path)).load("test")
-    with pytest.raises(ValueError, match=r"pope has no split 'train'; splits: \['test'\]"):
+    with pytest.raises(ValueError, match=r"Benchmark 'pope' has no split 'train'; valid splits: test \(default 'test'\)"):
         bench("pope").load("train")
     good = (FIXTURES / "pope" / "test.jsonl").read_text().splitlines()[0]
     cases = [

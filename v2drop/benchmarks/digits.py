@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from v2drop.benchmarks import Benchmark, Sample, register_benchmark
+from v2drop.benchmarks.base import Benchmark, Sample, register_benchmark
 
 IMAGE_SIZE = 64  # pixels
 GRID = 4  # cells per side
@@ -164,6 +164,14 @@ def image_questions(rng: random.Random, objects: list[Object], visible: set[int]
 
 
 class _DigitsBase(Benchmark):
+    """Scenes generated from ``seed``: ``scenes`` per split (default ``SPLIT_SCENES``), each giving a few questions.
+
+    Splits: ``train``, ``validation`` and ``test`` (default), built from disjoint digit images.
+    """
+
+    splits = tuple(SPLIT_SHARES)
+    default_split = "test"
+
     def __init__(self, seed: int = 0, scenes: int | None = None):
         self.seed = seed
         self.scenes = scenes
@@ -171,7 +179,7 @@ class _DigitsBase(Benchmark):
     def _n_scenes(self, split: str) -> int:
         return self.scenes or SPLIT_SCENES[split]
 
-    def load(self, split: str, limit: int | None = None) -> list[Sample]:
+    def load_split(self, split: str, limit: int | None) -> list[Sample]:
         """Samples of ``split``, families interleaved scene by scene (so a prefix is balanced)."""
         out: list[Sample] = []
         for scene in range(self._n_scenes(split)):
@@ -181,6 +189,7 @@ class _DigitsBase(Benchmark):
         return out
 
     def scene_samples(self, split: str, scene: int) -> list[Sample]:
+        """The samples of scene (or clip) ``scene`` of ``split``."""
         raise NotImplementedError
 
 
@@ -204,6 +213,7 @@ class Digits(_DigitsBase):
         return image, objects, qrng
 
     def scene_samples(self, split: str, scene: int) -> list[Sample]:
+        """One question of every image family about scene ``scene``."""
         image, objects, qrng = self.scene(split, scene)
         return [
             Sample(f"{split}-{scene}-{fam}", q, a, fam, (image,), tuple(ev), choices)
@@ -256,6 +266,7 @@ class DigitsVideo(_DigitsBase):
         return images, contents, qrng
 
     def scene_samples(self, split: str, scene: int) -> list[Sample]:
+        """The video questions about clip ``scene``."""
         frames, contents, qrng = self.clip(split, scene)
         images = tuple(frames)
         return [Sample(f"{split}-{scene}-{fam}", q, a, fam, images, tuple(e)) for fam, q, a, e in video_questions(qrng, contents)]

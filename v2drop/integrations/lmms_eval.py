@@ -35,7 +35,7 @@ def video_frames(path: str, n: int) -> list:
     """``n`` frames sampled uniformly from a video file (needs PyAV, ``pip install av``)."""
     from pathlib import Path
 
-    from v2drop.realbench.common import decode_video
+    from v2drop.benchmarks.media import decode_video
 
     return decode_video(Path(path), n)
 

@@ -1,12 +1,22 @@
-"""Real benchmarks in their community formats (lmms-eval's Hugging Face copies, or a local copy in ``data_dir``).
+"""Deprecated: the real benchmarks now live in ``v2drop.benchmarks`` beside ``digits``.
 
-Importing this package registers ``pope``, ``mme``, ``gqa``, ``mmbench``, ``scienceqa-img``,
-``textvqa``, ``mvbench`` and ``videomme`` beside the synthetic ``digits`` benchmarks. Each class
-docstring gives its dataset, local schema, prompt and metric; ``common`` holds the shared loading,
-frame sampling, answer normalisation and option parsing.
+``import v2drop.realbench`` still works and gives the same objects (it emits a
+DeprecationWarning): ``DataError``, ``HFBenchmark`` and ``VideoBenchmark`` here, the benchmark
+modules as ``v2drop.realbench.<name>`` and the old helpers as ``v2drop.realbench.common``.
 """
 
-from v2drop.realbench import gqa, mmbench, mme, mvbench, pope, scienceqa, textvqa, videomme  # noqa: F401  (registration)
-from v2drop.realbench.common import DataError, HFBenchmark, VideoBenchmark
+import sys
+import warnings
+
+from v2drop import benchmarks as _benchmarks
+from v2drop.benchmarks import DataError, HFBenchmark, VideoBenchmark
+
+warnings.warn("v2drop.realbench is deprecated; import from v2drop.benchmarks (and v2drop.benchmarks.metrics, "
+              ".media, .hub, .prompts for the helpers of v2drop.realbench.common)", DeprecationWarning, stacklevel=2)
+
+# The old module paths name the moved modules themselves, so classes stay identical objects.
+for _name in ("gqa", "mmbench", "mme", "mvbench", "pope", "scienceqa", "textvqa", "videomme"):
+    sys.modules[f"{__name__}.{_name}"] = getattr(_benchmarks, _name)
+    globals()[_name] = getattr(_benchmarks, _name)
 
 __all__ = ["DataError", "HFBenchmark", "VideoBenchmark"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from v2drop.benchmarks import Sample, register_benchmark
-from v2drop.realbench.common import OPTION_ANSWER, HFBenchmark, mean, options_text, parse_option, per_family_accuracy, present
+from v2drop.benchmarks.base import Sample, register_benchmark
+from v2drop.benchmarks.hub import HFBenchmark, present
+from v2drop.benchmarks.metrics import mean, option_is_correct, per_family_accuracy
+from v2drop.benchmarks.prompts import OPTION_ANSWER, options_text
 
 OPTION_COLUMNS = "ABCDE"
 
@@ -12,11 +14,14 @@ OPTION_COLUMNS = "ABCDE"
 class MMBench(HFBenchmark):
     """MMBench English dev (``lmms-lab/MMBench``, configuration ``en``, split ``dev``: 4,329 questions).
 
-    Local copy: ``<data_dir>/dev.jsonl`` (``test`` means ``dev``: the test answers are not public)
-    with ``index``, ``question``, ``hint`` (may be null/"nan"), options ``A`` ``B`` ``C`` ``D`` (and
-    ``E``; absent ones null or "nan"), ``answer`` (a letter), ``category`` and ``image`` (path
-    relative to ``data_dir``, or base64 as in MMBench's TSV files). ``L2-category``, ``source``,
-    ``split``, ``comment`` are ignored.
+    Splits: ``dev`` (default) and ``test``, another name for ``dev`` (MMBench's test answers are
+    not public).
+
+    Local copy: ``<data_dir>/dev.jsonl`` (or ``test.jsonl``) with ``index``, ``question``,
+    ``hint`` (may be null/"nan"), options ``A`` ``B`` ``C`` ``D`` (and ``E``; absent ones null
+    or "nan"), ``answer`` (a letter), ``category`` and ``image`` (path relative to ``data_dir``,
+    or base64 as in MMBench's TSV files). ``L2-category``, ``source``, ``split``, ``comment``
+    are ignored.
 
     Prompt: hint + "\\n" + question + "\\nA. ..." lines + "\\nAnswer with the option's letter from
     the given choices directly." (LLaVA-1.5). ``circular=True`` asks each question once per
@@ -28,7 +33,9 @@ class MMBench(HFBenchmark):
 
     hf_name = "lmms-lab/MMBench"
     hf_config = "en"
-    splits = {"dev": "dev", "test": "dev"}
+    splits = ("dev", "test")
+    default_split = "dev"
+    split_aliases = {"test": "dev"}
     columns = ("index", "question", "answer", "image", "A", "B")
 
     def __init__(self, data_dir: str | None = None, circular: bool = False):
@@ -60,15 +67,12 @@ class MMBench(HFBenchmark):
 
     def is_correct(self, prediction, sample):
         """The option the prediction picks (letter, or an option's text) is the answer."""
-        return parse_option(prediction, OPTION_COLUMNS[: len(sample.choices)], sample.choices) == sample.answer
+        return option_is_correct(prediction, sample.answer, sample.choices, OPTION_COLUMNS)
 
     def aggregate(self, records):
         """Accuracy per question (all rotations right when circular), per category, and on the original order."""
-        if not records:
-            raise ValueError("No records to aggregate for 'mmbench'")
         questions: dict[str, list[tuple[int, str, bool]]] = {}
-        for r in records:
-            sample = self.sample_of(r)
+        for r, sample in self.with_samples(records):
             info = self.by_id[sample.id]
             questions.setdefault(info["question"], []).append((info["shift"], sample.family, self.is_correct(r["prediction"], sample)))
         per_q = [{"family": v[0][1], "correct": all(c for _, _, c in v)} for v in questions.values()]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
-from v2drop.benchmarks import Sample, register_benchmark
-from v2drop.realbench.common import LETTERS, OPTION_ANSWER, VideoBenchmark, options_text, parse_option, present
+from v2drop.benchmarks.base import Sample, register_benchmark
+from v2drop.benchmarks.hub import VideoBenchmark, present
+from v2drop.benchmarks.metrics import option_is_correct
+from v2drop.benchmarks.prompts import LETTERS, OPTION_ANSWER, options_text
 
 TASK_TYPES = ("Temporal Perception", "Spatial Perception", "Attribute Perception", "Action Recognition", "Object Recognition",
               "OCR Problems", "Counting Problem", "Temporal Reasoning", "Spatial Reasoning", "Action Reasoning",
@@ -17,13 +19,14 @@ _LETTERED = re.compile(r"^\s*\(?([A-Z])[.)]\s*")
 class VideoMME(VideoBenchmark):
     """Video-MME without subtitles (``lmms-lab/Video-MME``, split ``test``: 2,700 questions on 900 videos).
 
-    Local copy: ``<data_dir>/test.jsonl`` with ``videoID``, ``question_id``, ``question``,
-    ``options`` (["A. ...", "B. ...", ...]), ``answer`` (a letter), ``duration``
-    (short/medium/long), ``task_type`` and optionally ``domain``, ``sub_category`` and the video
-    itself in ``video`` (or ``frames``): a list of frame paths, a frame folder or a video file.
-    Without it the video is looked up by ``videoID`` under ``video_root`` (default ``data_dir``):
-    ``frames/<videoID>/``, ``<videoID>/``, ``data/<videoID>.mp4`` (the unpacked hub archives),
-    ``<videoID>.mp4`` (also .MP4, .mkv, .webm).
+    Splits: ``test`` only. Local copy: ``<data_dir>/test.jsonl`` with ``videoID``,
+    ``question_id``, ``question``, ``options`` (["A. ...", "B. ...", ...]), ``answer`` (a
+    letter), ``duration`` (short/medium/long), ``task_type`` and optionally ``domain``,
+    ``sub_category`` and the video itself in ``video`` (or ``frames``): a list of frame paths, a
+    frame folder or a video file. Without it the video is looked up by ``videoID`` under
+    ``video_root`` (default ``data_dir``): ``frames/<videoID>/``, ``<videoID>/``,
+    ``data/<videoID>.mp4`` (the unpacked hub archives), ``<videoID>.mp4`` (also .MP4, .mkv,
+    .webm).
 
     Frames: ``num_frames`` (default 16) picked uniformly. Prompt: question + the options, one per
     line + "\\nAnswer with the option's letter from the given choices directly." ``aggregate``:
@@ -31,7 +34,8 @@ class VideoMME(VideoBenchmark):
     """
 
     hf_name = "lmms-lab/Video-MME"
-    splits = {"test": "test"}
+    splits = ("test",)
+    default_split = "test"
     columns = ("videoID", "question_id", "question", "options", "answer")
     families = TASK_TYPES
     default_frames = 16
@@ -60,21 +64,20 @@ class VideoMME(VideoBenchmark):
                 return self.frames(row[column])
         vid = str(row["videoID"])
         names = [f"frames/{vid}", vid] + [f"{d}{vid}{ext}" for d in ("data/", "") for ext in (".mp4", ".MP4", ".mkv", ".webm")]
-        path = next((n for n in names if self._path(n) is not None), None)
+        path = next((n for n in names if self.find_media(n) is not None), None)
         if path is None:
             raise ValueError(f"no video or frames column and none of {names} under {self.media_root()}")
         return self.frames(path)
 
     def is_correct(self, prediction, sample):
         """The option the prediction picks is the answer."""
-        return parse_option(prediction, LETTERS[: len(sample.choices)], sample.choices) == sample.answer
+        return option_is_correct(prediction, sample.answer, sample.choices, LETTERS)
 
     def aggregate(self, records):
         """Accuracy overall, per task type and per duration."""
         out = super().aggregate(records)
         durations: dict[str, list[bool]] = {}
-        for r in records:
-            sample = self.sample_of(r)
+        for r, sample in self.with_samples(records):
             durations.setdefault(self.by_id[sample.id]["duration"], []).append(self.is_correct(r["prediction"], sample))
         out["per_duration"] = {d: sum(v) / len(v) for d, v in sorted(durations.items())}
         return out

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from v2drop.benchmarks import Sample, register_benchmark
-from v2drop.realbench.common import LETTERS, OPTION_ANSWER, VideoBenchmark, hub_dataset, mean, parse_option, present
+from v2drop.benchmarks.base import Sample, register_benchmark
+from v2drop.benchmarks.hub import VideoBenchmark, hub_dataset, present
+from v2drop.benchmarks.metrics import mean, option_is_correct
+from v2drop.benchmarks.prompts import LETTERS, OPTION_ANSWER
 
 # Task (the dataset configuration) -> folder of its videos in the dataset repository's video archives,
 # as lmms-eval lays them out.
@@ -35,6 +37,9 @@ TASK_DIRS = {
 class MVBench(VideoBenchmark):
     """MVBench (``OpenGVLab/MVBench``: one configuration per task, split ``train``; 4,000 questions).
 
+    Splits: ``test`` (default) and ``train``, two names for the one set of questions: MVBench is
+    evaluation-only, and its Hugging Face copy stores the questions as split ``train``.
+
     Local copy: ``<data_dir>/test.jsonl`` (or ``train.jsonl``) with ``video`` (a list of frame
     image paths, a folder of frames or a video file, relative to ``video_root`` or ``data_dir``),
     ``question``, ``candidates`` (the options), ``answer`` (the right candidate's text), ``task``
@@ -49,7 +54,9 @@ class MVBench(VideoBenchmark):
     """
 
     hf_name = "OpenGVLab/MVBench"
-    splits = {"test": "train", "train": "train"}
+    splits = ("test", "train")
+    default_split = "test"
+    split_aliases = {"test": "train"}
     columns = ("video", "question", "candidates", "answer")
     families = tuple(TASK_DIRS)
     default_frames = 8
@@ -78,7 +85,7 @@ class MVBench(VideoBenchmark):
 
     def is_correct(self, prediction, sample):
         """The option the prediction picks is the answer."""
-        return parse_option(prediction, LETTERS[: len(sample.choices)], sample.choices) == sample.answer
+        return option_is_correct(prediction, sample.answer, sample.choices, LETTERS)
 
     def aggregate(self, records):
         """Accuracy overall and per task, and the mean over tasks."""

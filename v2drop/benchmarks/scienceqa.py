@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from v2drop.benchmarks import Sample, register_benchmark
-from v2drop.realbench.common import LETTERS, OPTION_ANSWER, HFBenchmark, options_text, parse_option, present
+from v2drop.benchmarks.base import Sample, register_benchmark
+from v2drop.benchmarks.hub import HFBenchmark, present
+from v2drop.benchmarks.metrics import option_is_correct
+from v2drop.benchmarks.prompts import LETTERS, OPTION_ANSWER, options_text
 
 
 @register_benchmark("scienceqa-img")
 class ScienceQAImg(HFBenchmark):
     """ScienceQA-IMG (``lmms-lab/ScienceQA``, configuration ``ScienceQA-IMG``, split ``test``: 2,017 questions).
 
-    Local copy: ``<data_dir>/test.jsonl`` with ``question``, ``choices`` (list of strings),
-    ``answer`` (0-based index into choices), ``hint`` (the context; may be empty), ``image`` (path
-    relative to ``data_dir``, or base64) and optionally ``subject``. Rows whose image is null are
-    skipped: a full ScienceQA copy thus yields its IMG subset.
+    Splits: ``test`` only. Local copy: ``<data_dir>/test.jsonl`` with ``question``, ``choices``
+    (list of strings), ``answer`` (0-based index into choices), ``hint`` (the context; may be
+    empty), ``image`` (path relative to ``data_dir``, or base64) and optionally ``subject``.
+    Rows whose image is null are skipped: a full ScienceQA copy thus yields its IMG subset.
 
     Prompt (LLaVA-1.5 / lmms-eval): "Context: <hint>\\n" (when there is one) + question +
     "\\nA. ..." lines + "\\nAnswer with the option's letter from the given choices directly."
@@ -22,7 +24,8 @@ class ScienceQAImg(HFBenchmark):
 
     hf_name = "lmms-lab/ScienceQA"
     hf_config = "ScienceQA-IMG"
-    splits = {"test": "test"}
+    splits = ("test",)
+    default_split = "test"
     columns = ("question", "choices", "answer", "image")
 
     def to_samples(self, row, index):
@@ -40,4 +43,4 @@ class ScienceQAImg(HFBenchmark):
 
     def is_correct(self, prediction, sample):
         """The option the prediction picks is the answer."""
-        return parse_option(prediction, LETTERS[: len(sample.choices)], sample.choices) == sample.answer
+        return option_is_correct(prediction, sample.answer, sample.choices, LETTERS)

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from collections import Counter
 
-from v2drop.benchmarks import Sample, register_benchmark
-from v2drop.realbench.common import SHORT_ANSWER, HFBenchmark, mean, normalize_vqa, vqa_accuracy
+from v2drop.benchmarks.base import Sample, register_benchmark
+from v2drop.benchmarks.hub import HFBenchmark
+from v2drop.benchmarks.metrics import mean, normalize_vqa, vqa_accuracy, vqa_full_credit
+from v2drop.benchmarks.prompts import SHORT_ANSWER
 
 
 @register_benchmark("textvqa")
 class TextVQA(HFBenchmark):
     """TextVQA validation (``lmms-lab/textvqa``, split ``validation``: 5,000 questions).
 
-    Local copy: ``<data_dir>/validation.jsonl`` (``test`` means ``validation``: the test answers
-    are not public) with ``question_id``, ``question``, ``answers`` (the ten annotators' answers),
-    ``image`` (path relative to ``data_dir``, or base64) and ``ocr_tokens`` (used with ``ocr=True``).
+    Splits: ``validation`` (default) and ``test``, another name for ``validation`` (TextVQA's test
+    answers are not public).
+
+    Local copy: ``<data_dir>/validation.jsonl`` (or ``test.jsonl``) with ``question_id``,
+    ``question``, ``answers`` (the ten annotators' answers), ``image`` (path relative to
+    ``data_dir``, or base64) and ``ocr_tokens`` (used with ``ocr=True``).
 
     Prompt: question (+ "\\nReference OCR token: a, b, ..." with ``ocr=True``, as LLaVA-1.5's
     TextVQA eval) + "\\nAnswer the question using a single word or phrase." ``aggregate``:
@@ -24,7 +29,9 @@ class TextVQA(HFBenchmark):
     """
 
     hf_name = "lmms-lab/textvqa"
-    splits = {"validation": "validation", "test": "validation"}
+    splits = ("validation", "test")
+    default_split = "validation"
+    split_aliases = {"test": "validation"}
     columns = ("question_id", "question", "answers", "image")
     families = ("textvqa",)
 
@@ -49,17 +56,12 @@ class TextVQA(HFBenchmark):
 
     def is_correct(self, prediction, sample):
         """Full credit: at least three annotators gave the normalised prediction."""
-        answers = self.by_id[sample.id]["answers"]
-        pred = normalize_vqa(prediction)
-        return sum(normalize_vqa(a) == pred for a in answers) >= min(3, len(answers))
+        return vqa_full_credit(prediction, self.by_id[sample.id]["answers"])
 
     def aggregate(self, records):
         """Mean VQA accuracy, and the share with full credit."""
-        if not records:
-            raise ValueError("No records to aggregate for 'textvqa'")
         soft, full = [], []
-        for r in records:
-            sample = self.sample_of(r)
+        for r, sample in self.with_samples(records):
             soft.append(vqa_accuracy(r["prediction"], self.by_id[sample.id]["answers"]))
             full.append(self.is_correct(r["prediction"], sample))
         score = mean(soft)

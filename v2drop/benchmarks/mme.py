@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-from v2drop.benchmarks import Sample, register_benchmark
-from v2drop.realbench.common import HFBenchmark, mean, per_family_accuracy
+from v2drop.benchmarks.base import Sample, register_benchmark
+from v2drop.benchmarks.hub import HFBenchmark
+from v2drop.benchmarks.metrics import acc_plus_scores, mean, per_family_accuracy, read_yes_no_by_prefix
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
-
-
-def yes_no(text: str) -> str:
-    """MME's reading of an answer: exactly yes/no, else yes/no within its first four characters, else "other"."""
-    text = text.strip().lower().replace(".", "")
-    if text in ("yes", "no"):
-        return text
-    head = text[:4]
-    return "yes" if "yes" in head else "no" if "no" in head else "other"
 
 
 @register_benchmark("mme")
 class MME(HFBenchmark):
     """MME (``lmms-lab/MME``, split ``test``: 2,374 questions, two per image, 14 subtasks).
 
-    Local copy: ``<data_dir>/test.jsonl`` with ``question_id`` (the image's file name, e.g.
-    ``code_reasoning/0020.png``, shared by the image's two questions), ``question`` (ending
-    "Please answer yes or no."), ``answer`` ("Yes"/"No"), ``category`` (the subtask) and
-    ``image`` (path relative to ``data_dir``, or base64).
+    Splits: ``test`` only. Local copy: ``<data_dir>/test.jsonl`` with ``question_id`` (the
+    image's file name, e.g. ``code_reasoning/0020.png``, shared by the image's two questions),
+    ``question`` (ending "Please answer yes or no."), ``answer`` ("Yes"/"No"), ``category`` (the
+    subtask) and ``image`` (path relative to ``data_dir``, or base64).
 
     Prompt: the question as given. ``aggregate``: per subtask acc (questions right), acc+
     (images with both questions right) and score = (acc + acc+) × 100; ``perception`` and
@@ -34,7 +26,8 @@ class MME(HFBenchmark):
     """
 
     hf_name = "lmms-lab/MME"
-    splits = {"test": "test"}
+    splits = ("test",)
+    default_split = "test"
     columns = ("question_id", "question", "answer", "category", "image")
     families = PERCEPTION + COGNITION
 
@@ -49,26 +42,17 @@ class MME(HFBenchmark):
         return [Sample(sid, str(row["question"]).strip(), answer, str(row["category"]), (image,))]
 
     def is_correct(self, prediction, sample):
-        """MME's yes/no reading of the prediction equals the answer."""
-        return yes_no(prediction) == sample.answer
+        """MME's yes/no reading of the prediction (``read_yes_no_by_prefix``) equals the answer."""
+        return read_yes_no_by_prefix(prediction) == sample.answer
 
     def aggregate(self, records):
         """Per-subtask acc, acc+ and score; perception, cognition and total scores."""
-        if not records:
-            raise ValueError("No records to aggregate for 'mme'")
-        marked = []
-        for r in records:
-            sample = self.sample_of(r)
-            marked.append({"family": sample.family, "image": self.by_id[sample.id]["image"],
-                           "correct": self.is_correct(r["prediction"], sample)})
-        subtasks = {}
-        for cat in sorted({m["family"] for m in marked}):
-            rows = [m for m in marked if m["family"] == cat]
-            images: dict[str, list[bool]] = {}
-            for m in rows:
-                images.setdefault(m["image"], []).append(m["correct"])
-            acc, acc_plus = mean(m["correct"] for m in rows), mean(all(v) for v in images.values())
-            subtasks[cat] = {"acc": acc, "acc_plus": acc_plus, "score": (acc + acc_plus) * 100}
+        marked = [{"family": s.family, "image": self.by_id[s.id]["image"], "correct": self.is_correct(r["prediction"], s)}
+                  for r, s in self.with_samples(records)]
+        by_subtask: dict[str, dict[str, list[bool]]] = {}
+        for m in marked:
+            by_subtask.setdefault(m["family"], {}).setdefault(m["image"], []).append(m["correct"])
+        subtasks = {cat: acc_plus_scores(images) for cat, images in sorted(by_subtask.items())}
         perception = sum(v["score"] for k, v in subtasks.items() if k in PERCEPTION)
         cognition = sum(v["score"] for k, v in subtasks.items() if k in COGNITION)
         return {"perception": perception, "cognition": cognition, "total": perception + cognition, "subtasks": subtasks,

@@ -2,50 +2,23 @@
 
 from __future__ import annotations
 
-import string
-
-from v2drop.benchmarks import Sample, register_benchmark
-from v2drop.realbench.common import SHORT_ANSWER, HFBenchmark, mean, per_family_accuracy
+from v2drop.benchmarks.base import Sample, register_benchmark
+from v2drop.benchmarks.hub import HFBenchmark
+from v2drop.benchmarks.metrics import binary_scores, mean, per_family_accuracy, read_yes_no_by_negation
+from v2drop.benchmarks.prompts import SHORT_ANSWER
 
 CATEGORIES = ("adversarial", "popular", "random")
-
-
-def yes_no(text: str) -> str:
-    """POPE's reading of an answer: "no" if its first sentence has the word "no" or "not", else "yes".
-
-    As the official script (first sentence, commas dropped, split on spaces), except that words
-    are lower-cased and stripped of punctuation, so "NO" and "no!" count as no too.
-    """
-    first = text.split(".")[0]
-    words = {w.strip(string.punctuation) for w in first.replace(",", "").lower().split()}
-    return "no" if words & {"no", "not"} else "yes"
-
-
-def binary_scores(predicted_yes: list[bool], gold_yes: list[bool]) -> dict:
-    """Accuracy, precision, recall, F1 (positive = yes) and the share of yes answers; 0.0 where undefined."""
-    tp = sum(p and g for p, g in zip(predicted_yes, gold_yes))
-    fp = sum(p and not g for p, g in zip(predicted_yes, gold_yes))
-    fn = sum(g and not p for p, g in zip(predicted_yes, gold_yes))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    return {
-        "accuracy": mean(p == g for p, g in zip(predicted_yes, gold_yes)),
-        "precision": precision,
-        "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "yes_ratio": mean(predicted_yes),
-    }
 
 
 @register_benchmark("pope")
 class POPE(HFBenchmark):
     """POPE (``lmms-lab/POPE``, split ``test``: 3 × 3,000 yes/no questions about 500 COCO images).
 
-    Local copy: ``<data_dir>/test.jsonl``, one object per line with
+    Splits: ``test`` only. Local copy: ``<data_dir>/test.jsonl``, one object per line with
     ``question_id`` (unique within its category), ``question`` ("Is there a dog in the image?"),
     ``answer`` ("yes"/"no"), ``image`` (path relative to ``data_dir``, or base64) and
-    ``category`` (``adversarial``, ``popular`` or ``random``: POPE's three splits). Other columns
-    (``id``, ``image_source``) are ignored.
+    ``category`` (``adversarial``, ``popular`` or ``random``: POPE's three splits). Other
+    columns (``id``, ``image_source``) are ignored.
 
     Prompt: the question + "\\nAnswer the question using a single word or phrase." (LLaVA-1.5).
     ``aggregate``: accuracy, precision, recall, F1 and yes ratio over all questions (as lmms-eval
@@ -54,7 +27,8 @@ class POPE(HFBenchmark):
     """
 
     hf_name = "lmms-lab/POPE"
-    splits = {"test": "test"}
+    splits = ("test",)
+    default_split = "test"
     columns = ("question_id", "question", "answer", "image", "category")
     families = CATEGORIES
 
@@ -68,17 +42,14 @@ class POPE(HFBenchmark):
         return [Sample(f"{row['category']}-{row['question_id']}", question, answer, str(row["category"]), (image,))]
 
     def is_correct(self, prediction, sample):
-        """POPE's yes/no reading of the prediction equals the answer."""
-        return yes_no(prediction) == sample.answer
+        """POPE's yes/no reading of the prediction (``read_yes_no_by_negation``) equals the answer."""
+        return read_yes_no_by_negation(prediction) == sample.answer
 
     def aggregate(self, records):
         """Overall and per-category accuracy, precision, recall, F1, yes ratio; mean F1 over categories."""
-        if not records:
-            raise ValueError("No records to aggregate for 'pope'")
         marked = []
-        for r in records:
-            sample = self.sample_of(r)
-            pred, gold = yes_no(r["prediction"]) == "yes", sample.answer == "yes"
+        for r, sample in self.with_samples(records):
+            pred, gold = read_yes_no_by_negation(r["prediction"]) == "yes", sample.answer == "yes"
             marked.append({"family": sample.family, "pred": pred, "gold": gold, "correct": pred == gold})
         out = binary_scores([m["pred"] for m in marked], [m["gold"] for m in marked])
         cats = sorted({m["family"] for m in marked})

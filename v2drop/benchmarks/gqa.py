@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
-from v2drop.benchmarks import Sample, register_benchmark
-from v2drop.realbench.common import IMAGE_SUFFIXES, SHORT_ANSWER, DataError, HFBenchmark, hub_dataset, normalize_vqa
+from v2drop.benchmarks.base import DataError, Sample, register_benchmark
+from v2drop.benchmarks.hub import HFBenchmark, hub_dataset
+from v2drop.benchmarks.media import IMAGE_SUFFIXES
+from v2drop.benchmarks.metrics import vqa_exact_match
+from v2drop.benchmarks.prompts import SHORT_ANSWER
 
 STRUCTURAL = ("verify", "query", "choose", "logical", "compare")
 
@@ -14,11 +17,14 @@ STRUCTURAL = ("verify", "query", "choose", "logical", "compare")
 class GQA(HFBenchmark):
     """GQA balanced (``lmms-lab/GQA``: ``testdev_balanced_instructions`` + ``testdev_balanced_images``, 12,578 questions).
 
-    Local copy: ``<data_dir>/testdev.jsonl`` (``test`` means ``testdev``; ``val`` reads the
-    val_balanced configurations) with ``id``, ``question``, ``answer``, ``imageId`` and
-    optionally ``types`` (``{"structural": "query", "semantic": ..., "detailed": ...}``) and
-    ``image``; a row without ``image`` uses ``<data_dir>/images/<imageId>.jpg`` (or .png, ...).
-    On the hub the images live in the ``*_balanced_images`` configuration (columns ``id``, ``image``).
+    Splits: ``testdev`` (default; the split the community reports), ``val`` (the val_balanced
+    configurations) and ``test``, another name for ``testdev`` (GQA's test answers are not public).
+
+    Local copy: ``<data_dir>/testdev.jsonl`` (or ``test.jsonl``) with ``id``, ``question``,
+    ``answer``, ``imageId`` and optionally ``types`` (``{"structural": "query", "semantic": ...,
+    "detailed": ...}``) and ``image``; a row without ``image`` uses
+    ``<data_dir>/images/<imageId>.jpg`` (or .png, ...). On the hub the images live in the
+    ``*_balanced_images`` configuration (columns ``id``, ``image``).
 
     Prompt: question + "\\nAnswer the question using a single word or phrase." Correct: the
     normalised prediction equals the normalised answer (lower case, punctuation, articles, number
@@ -26,7 +32,9 @@ class GQA(HFBenchmark):
     """
 
     hf_name = "lmms-lab/GQA"
-    splits = {"testdev": "testdev", "test": "testdev", "val": "val"}
+    splits = ("testdev", "val", "test")
+    default_split = "testdev"
+    split_aliases = {"test": "testdev"}
     columns = ("id", "question", "answer", "imageId")
     families = STRUCTURAL
 
@@ -57,8 +65,8 @@ class GQA(HFBenchmark):
         raise DataError(f"no image column and no images/{row['imageId']}.jpg (or .png) under {self.data_dir}")
 
     def is_correct(self, prediction, sample):
-        """Exact match after the VQA normalisation."""
-        return normalize_vqa(prediction) == normalize_vqa(sample.answer)
+        """Exact match after the VQA normalisation (``vqa_exact_match``)."""
+        return vqa_exact_match(prediction, sample.answer)
 
 
 def structural_type(row: dict) -> str:
