@@ -125,9 +125,8 @@ def add_common_args(parser) -> None:
 
 
 def resolve_split(args, benchmark) -> str:
-    """``--split`` if given, else the benchmark's default split (``test`` for benchmarks that declare none); stored back on ``args``."""
-    if args.split is None:
-        args.split = getattr(benchmark, "default_split", None) or "test"
+    """``--split`` checked against the benchmark's splits, or its default split when not given; stored back on ``args``."""
+    args.split = benchmark.resolve_split(args.split)
     return args.split
 
 

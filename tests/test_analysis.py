@@ -12,7 +12,7 @@ from analysis.method_table import methods_at_budgets
 from analysis.pareto import _sweep_points, mark_fronts
 from analysis.positional_bias import interval_keep_rates
 from analysis.real_cost import MODELS, cost_rows
-from tests.tiny import EchoBench
+from v2drop.testing import EchoBench
 from v2drop.benchmarks import Benchmark
 from v2drop import Method, Schedule
 from v2drop.evaluation import EvalConfig
@@ -151,12 +151,15 @@ def test_relative_rows_average_ratios_over_families():
 
 
 def test_split_defaults_to_the_benchmarks_own():
-    """No --split: the benchmark's default split (MMBench's is dev); --split given: that one."""
+    """No --split: the benchmark's default split (MMBench's is dev); --split given: checked against its splits."""
 
     class DevOnly(Benchmark):
+        name = "dev-only"
+        splits = ("dev", "validation")
         default_split = "dev"
 
     args = command_parser("doc").parse_args([])
     assert resolve_split(args, DevOnly()) == "dev" and args.split == "dev"
     assert resolve_split(command_parser("doc").parse_args(["--split", "validation"]), DevOnly()) == "validation"
-    assert resolve_split(command_parser("doc").parse_args([]), Benchmark()) == "test"  # declares none
+    with pytest.raises(ValueError, match="no split 'test'; valid splits: dev, validation"):
+        resolve_split(command_parser("doc").parse_args(["--split", "test"]), DevOnly())

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests.tiny import EchoBench, Item, image
+from v2drop.testing import EchoBench, Item, image
 from v2drop import Method, Schedule
 from v2drop.config import config_from_dict
 from v2drop.evaluation import EvalConfig, evaluate, format_table, read_records, run_evaluation

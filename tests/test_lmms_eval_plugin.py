@@ -7,13 +7,13 @@ lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is not installed 
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.models import get_model  # noqa: E402
 
-from tests.tiny import image  # noqa: E402
+from v2drop.testing import image  # noqa: E402
 from v2drop import Method  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def saved_llava(tmp_path_factory):
-    from tests.tiny import build
+    from v2drop.testing import build
 
     lvlm = build("llava")
     path = tmp_path_factory.mktemp("tiny-llava")

@@ -92,8 +92,8 @@ def test_bad_schedules_are_clear_errors(build, message):
 
 def test_stage_beyond_depth_is_an_error(tiny):
     lvlm = tiny("llava")
-    from tests.conftest import prompt_for
-    from tests.tiny import image
+    from v2drop.testing import prompt_for
+    from v2drop.testing import image
 
     method = Method("v2drop", schedule=Schedule.one_shot(6, 0.5))
     with pytest.raises(ValueError, match=r"Stage layer 6 does not exist: the model has 6 decoder layers \(0..5\)"):

@@ -13,7 +13,7 @@ import optuna
 import pytest
 import yaml
 
-from tests.tiny import EchoBench
+from v2drop.testing import EchoBench
 from v2drop.search import SweepConfig, make_storage, pareto_indices, run_sweep, validate, wandb_mode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +159,7 @@ def test_wandb_disabled_writes_nothing(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    from tests.tiny import build
+    from v2drop.testing import build
 
     path = tmp_path_factory.mktemp("tiny-model")
     lvlm = build("llava")

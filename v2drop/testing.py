@@ -31,7 +31,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from v2drop.benchmarks import Sample
+from v2drop.benchmarks import Benchmark, Sample
 from v2drop.lvlm import LVLM
 from v2drop.models.qwen2vl_processor import QwenProcessorLite
 
@@ -216,15 +216,16 @@ def batch_for(lvlm, n: int, family: str):
 Item = Sample  # the harness's own sample type
 
 
-class EchoBench:
-    """A small benchmark of random images in the harness interface (answers fixed, so correctness is real)."""
+class EchoBench(Benchmark):
+    """A small unregistered benchmark of random images (answers fixed, so correctness is real)."""
 
     name, modality, families = "echo", "image", ("a", "b")
+    splits = ("test", "validation")  # both give the same samples
 
     def __init__(self, n=5, answer="?"):
         self.items = [Item(f"s{i}", "how many ?", answer, "ab"[i % 2], (image(i),)) for i in range(n)]
 
-    def load(self, split, limit=None):
+    def load_split(self, split, limit=None):
         """The first ``limit`` samples (every split is the same)."""
         return self.items[:limit]
 

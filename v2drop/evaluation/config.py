@@ -58,7 +58,4 @@ class EvalResult:
 
 def resolve_split(benchmark, split: str | None) -> str:
     """The split to load: ``split``, or the benchmark's default when it is None."""
-    resolve = getattr(benchmark, "resolve_split", None)
-    if resolve is not None:
-        return resolve(split)
-    return split or "test"  # until benchmarks declare their splits
+    return benchmark.resolve_split(split)
