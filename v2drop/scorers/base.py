@@ -20,6 +20,7 @@ a decoder layer (previous hidden states, attention rows) cannot run there.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass
@@ -272,10 +273,14 @@ def list_scorers(pattern: str = "*") -> list[str]:
 
 
 def scorer_params(scorer: Scorer | None) -> dict:
-    """The constructor parameters of a scorer instance (its init dataclass fields)."""
+    """The constructor parameters of a scorer instance (its init dataclass fields), as copies.
+
+    Copies, so that editing config data taken from a Method (a sweep changing a composite's
+    weight) never changes the Method's own scorer.
+    """
     if scorer is None or not dataclasses.is_dataclass(scorer):
         return {}
-    return {f.name: getattr(scorer, f.name) for f in dataclasses.fields(scorer) if f.init}
+    return {f.name: copy.deepcopy(getattr(scorer, f.name)) for f in dataclasses.fields(scorer) if f.init}
 
 
 def build_scorer(name: str, **kwargs: Any) -> Scorer:

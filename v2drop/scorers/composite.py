@@ -178,7 +178,7 @@ class StagedScorer(Scorer):
     ----------
     pre_llm : dict or None
         ``{name: <registered scorer>, <its parameters>}`` running at the pre-LLM stage (layer -1);
-        None if the schedule has none.
+        None (default) if the schedule has none.
     llm : dict
         The scorer running at every decoder stage (layer >= 0).
 
@@ -186,7 +186,7 @@ class StagedScorer(Scorer):
     decoder layers) never separates a stage from its scorer.
     """
 
-    pre_llm: dict | None = field(default_factory=lambda: {"name": "visionzip"})
+    pre_llm: dict | None = None
     llm: dict = field(default_factory=lambda: {"name": "v2drop"})
 
     def __post_init__(self):
