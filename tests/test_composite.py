@@ -113,3 +113,18 @@ def test_staged_parts_must_fit_their_stages():
         Method("staged", schedule={"stages": [["pre_llm", 0.5]]}, pre_llm={"name": "v2drop"})
     with pytest.raises(ValueError, match="cannot be staged"):
         build_scorer("staged", llm={"name": "staged"})
+
+
+def test_dotted_parameters_reach_nested_weights():
+    """A sweep sets nested parameters by path; the result is a new, valid method and the original is unchanged."""
+    from v2drop.scorers.composite import with_params
+
+    base = Method.from_preset("composite-v2drop-fastv-llava15-128").to_dict()
+    data = dict(base, scorer=with_params(base["scorer"], {"parts.0.weight": 0.5, "parts.1.faithful": True, "combine": "zscore"}))
+    method = Method.from_dict(data)
+    assert method.scorer.parts[0]["weight"] == 0.5 and method.scorer.parts[1]["faithful"] and method.scorer.combine == "zscore"
+    assert base["scorer"]["parts"][0]["weight"] == 0.7
+    staged = with_params({"name": "staged", "llm": {"name": "v2drop", "metric": "l2"}}, {"llm.metric": "cosine"})
+    assert Method.from_dict({"scorer": staged}).scorer.at(3).metric == "cosine"
+    with pytest.raises(ValueError, match="parts.5.weight"):
+        with_params(base["scorer"], {"parts.5.weight": 1.0})

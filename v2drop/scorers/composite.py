@@ -229,3 +229,30 @@ class StagedScorer(Scorer):
     def flops(self, n_vision: int, n_tokens: int, hidden: int) -> float:
         """The decoder part's FLOPs (``cost`` asks ``at(layer)`` for each stage's own)."""
         return self._llm.flops(n_vision, n_tokens, hidden)
+
+
+def with_params(scorer: dict, params: dict) -> dict:
+    """A copy of scorer config data with dotted-path parameters set, for sweeps over nested parameters.
+
+    ``with_params({"name": "composite", "parts": [...]}, {"parts.0.weight": 0.5, "combine": "zscore"})``;
+    list indices are numbers, mapping keys names (``"llm.metric"`` for a staged scorer). A path
+    that does not exist in the data is an error naming it.
+    """
+    import copy
+
+    out = copy.deepcopy(dict(scorer))
+    for path, value in params.items():
+        keys, node = path.split("."), out
+        for i, key in enumerate(keys):
+            last = i == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ValueError(f"Scorer parameter path {path!r}: {key!r} is not an index of a {len(node)}-item list")
+                key = int(key)
+            elif not isinstance(node, dict) or (key not in node and not last):
+                raise ValueError(f"Scorer parameter path {path!r}: no {key!r} in {node!r}")
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
+    return out
