@@ -20,6 +20,7 @@ def test_schedule_reads_pre_llm_and_writes_minus_one():
     assert schedule.tokens_per_layer(4, 64) == [32, 32, 16, 16]  # the pre-LLM stage shrinks every decoder layer
     assert schedule.rescaled(4, 8).layers == (-1, 4)
     assert Schedule.one_shot(2, 0.5).pre_llm is None
+    assert Schedule.progressive(["pre_llm", 3], [0.5, 0.5]) == Schedule((Stage("pre_llm", 0.5), Stage(3, 0.5)))
 
 
 @pytest.mark.parametrize("stages, message", [

@@ -40,6 +40,10 @@ class Stage:
     layer: int
     keep: float
 
+    def __post_init__(self):
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            object.__setattr__(self, "layer", stage_layer(self.layer))  # "pre_llm" -> -1
+
     @property
     def pre_llm(self) -> bool:
         """True for the pre-LLM stage (layer ``PRE_LLM``)."""
@@ -105,10 +109,10 @@ class Schedule:
     def progressive(
         cls, layers: Sequence[int], keeps: Sequence[float], keep_mode: str = "relative", min_keep: int = 1
     ) -> "Schedule":
-        """Several drop stages, one per layer in ``layers``."""
+        """Several drop stages, one per layer in ``layers`` (``"pre_llm"`` or -1 for a pre-LLM first stage)."""
         if len(layers) != len(keeps):
             raise ValueError(f"Got {len(layers)} layers but {len(keeps)} keep values")
-        return cls(tuple(Stage(int(l), float(k)) for l, k in zip(layers, keeps)), keep_mode, min_keep)
+        return cls(tuple(Stage(stage_layer(l), float(k)) for l, k in zip(layers, keeps)), keep_mode, min_keep)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "Schedule":
