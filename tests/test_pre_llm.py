@@ -108,3 +108,18 @@ def test_a_composite_can_mix_a_feature_scorer_into_the_pre_llm_stage(tiny):
         embeds = lvlm.adapter.embed(inputs)[0]
     positions = (inputs["input_ids"][0] == lvlm.model.config.image_token_id).nonzero().flatten()
     assert out.traces[0].stages[0]["kept"] == sorted(positions[greedy_diverse_order(embeds[positions])[:8]].tolist())
+
+
+@pytest.mark.parametrize("preset, layers", [("visionzip-v2drop-llava15-128", [-1, 1, 6, 8]), ("composite-v2drop-fastv-llava15-128", [1, 6, 8])])
+def test_yaml_only_presets_run_on_the_bundled_proxy(preset, layers):
+    """The composite and the mixed-scorer presets are YAML only; on the 12-layer proxy their decoder stages move, the pre-LLM one stays."""
+    import v2drop
+    from v2drop.benchmarks import get_benchmark
+
+    lvlm = v2drop.load("proxy")
+    samples = get_benchmark("digits").load("test", 2)
+    out = lvlm.generate([lvlm.format_prompt(s.question) for s in samples], [list(s.images) for s in samples], method=preset, max_new_tokens=2)
+    for trace in out.traces:
+        assert [s["layer"] for s in trace.stages] == layers
+        expected = Method.from_preset(preset, depth=lvlm.depth).schedule.tokens_per_layer(lvlm.depth, 256)
+        assert trace.vision_tokens_per_layer == expected  # VisionZip's merged tokens are counted among the kept ones
