@@ -57,8 +57,8 @@ class StageContext:
     sample_keys: torch.Tensor
     n_vision: list
     traces: list
-    requests: dict = None
-    queries: dict = None
+    requests: dict | None = None
+    queries: dict | None = None
     vision: dict | None = None
     pad: torch.Tensor | None = None
     scoring_seconds: float = 0.0
