@@ -14,6 +14,10 @@ from v2drop.testing import batch_for
 
 # Parameters for scorers that cannot be built from defaults alone (name -> kwargs).
 SCORER_KWARGS: dict[str, dict] = {"given": {"keep": (0, 3, 5, 7)}}  # scorers whose defaults would test too little
+SCORER_KWARGS["composite"] = {"parts": [{"name": "v2drop", "weight": 0.6}, {"name": "fastv", "weight": 0.4}], "combine": "zscore"}
+SCORER_KWARGS["staged"] = {"pre_llm": {"name": "visionzip"}, "llm": {"name": "divprune"}}
+# Scorers that run only on some families and refuse the others with a ValueError naming why (name -> (families, message)).
+FAMILY_SUPPORT: dict[str, tuple] = {"visionzip": (("llava",), "no \\[CLS\\] token")}
 SCHEDULE = Schedule.progressive([2, 4], [0.5, 0.5])
 SCORERS = list_scorers()
 
@@ -21,6 +25,11 @@ SCORERS = list_scorers()
 def method(name: str, schedule: Schedule = SCHEDULE) -> Method:
     """A fresh method with a fresh scorer instance (nothing carried over between runs)."""
     return Method(build_scorer(name, **SCORER_KWARGS.get(name, {})), schedule=schedule)
+
+
+def refuses(name: str, family: str) -> bool:
+    """True when ``name`` does not run on ``family`` (the test then asserts the clear error instead)."""
+    return name in FAMILY_SUPPORT and family not in FAMILY_SUPPORT[name][0]
 
 
 def kept(out) -> list:
@@ -33,6 +42,10 @@ def test_scores_are_float_and_one_per_vision_token(tiny, name):
     lvlm = tiny("qwen2_vl")  # samples with different vision counts: the padded (B, V) layout is exercised
     prompts, images = batch_for(lvlm, 3, "qwen2_vl")
     m = method(name)
+    if refuses(name, "qwen2_vl"):
+        with pytest.raises(ValueError, match=FAMILY_SUPPORT[name][1]):
+            lvlm.generate(prompts, images, method=m, max_new_tokens=1)
+        return
     calls = []
     score = m.scorer.score
     m.scorer.score = lambda state: calls.append((state, score(state))) or calls[-1][1]
@@ -59,6 +72,10 @@ def test_kept_sets_are_deterministic(tiny, name):
 def test_batch_keeps_what_each_sample_keeps_alone(tiny, family, name):
     lvlm = tiny(family)
     prompts, images = batch_for(lvlm, 3, family)
+    if refuses(name, family):
+        with pytest.raises(ValueError, match=FAMILY_SUPPORT[name][1]):
+            lvlm.generate(prompts, images, method=method(name), max_new_tokens=1)
+        return
     batch = lvlm.generate(prompts, images, method=method(name), max_new_tokens=1)
     for i in range(3):
         alone = lvlm.generate(prompts[i : i + 1], images[i : i + 1], method=method(name), max_new_tokens=1)

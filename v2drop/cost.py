@@ -2,7 +2,8 @@
 
 FLOPs follow ``docs/methods.md``: a decoder layer over ``n`` tokens costs 4·n·d² + 2·n²·d + 3·n·d·m
 (d = hidden size, m = MLP size), plus each drop stage's scorer (``Scorer.flops``) on the tokens
-present just before the stage.
+present just before the stage; a pre-LLM stage (layer -1) counts its scorer on the prompt's
+vision tokens and shrinks every decoder layer's token count.
 """
 
 from __future__ import annotations
@@ -36,17 +37,19 @@ def method_prefill_flops(text_config, text_tokens: int, vision_tokens: int, visi
     """Prefill FLOPs of a prompt of ``text_tokens`` text and ``vision_tokens`` vision tokens under a method.
 
     ``vision_per_layer`` are the vision tokens present in each decoder layer. Each stage (before
-    layer ``l`` in ``stage_layers``) adds ``scorer.flops`` on the vision tokens present just
-    before it (those of layer ``l - 1``, or the prompt's for a stage before layer 0) and the
-    sequence they are part of.
+    layer ``l`` in ``stage_layers``) adds the FLOPs of the scorer running there
+    (``scorer.at(l).flops``) on the vision tokens present just before it (those of layer
+    ``l - 1``, or the prompt's for a stage before layer 0 and for the pre-LLM stage, layer -1)
+    and the sequence they are part of. A pre-LLM stage's effect on the decoder is already in
+    ``vision_per_layer`` (layer 0 sees what it kept).
     """
     tokens = [text_tokens + v for v in vision_per_layer]
     scoring = 0.0
     if scorer is not None:
         hidden = text_config.hidden_size
         for layer in stage_layers:
-            present = vision_per_layer[layer - 1] if layer else vision_tokens
-            scoring += scorer.flops(n_vision=present, n_tokens=text_tokens + present, hidden=hidden)
+            present = vision_per_layer[layer - 1] if layer > 0 else vision_tokens
+            scoring += scorer.at(layer).flops(n_vision=present, n_tokens=text_tokens + present, hidden=hidden)
     return prefill_flops(text_config, tokens, scoring)
 
 

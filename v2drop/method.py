@@ -18,6 +18,7 @@ import yaml
 
 from v2drop.schedule import Schedule
 from v2drop.scorers import SCORERS, Scorer, build_scorer
+from v2drop.scorers.base import scorer_params  # noqa: F401  (re-exported: v2drop.method.scorer_params)
 
 POSITION_POLICIES = ("preserve", "renumber")
 _METHOD_KEYS = {"scorer", "schedule", "position_policy", "reference_depth", "description"}
@@ -183,11 +184,6 @@ def registered_name(cls: type) -> str:
     )
 
 
-def scorer_params(scorer: Scorer | None) -> dict:
-    """The constructor parameters of a scorer instance (its init dataclass fields)."""
-    if scorer is None or not dataclasses.is_dataclass(scorer):
-        return {}
-    return {f.name: getattr(scorer, f.name) for f in dataclasses.fields(scorer) if f.init}
 
 
 # -- presets -----------------------------------------------------------------------------------

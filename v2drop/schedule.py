@@ -1,7 +1,10 @@
 """Drop schedules: at which decoder layers vision tokens are dropped, and how many survive.
 
 A schedule is plain data: ordered stages ``(layer, keep)``. Semantics (see ``docs/methods.md``):
-"drop at layer l" removes tokens just before decoder layer ``l`` runs (0-based), and a relative
+"drop at layer l" removes tokens just before decoder layer ``l`` runs (0-based); layer ``-1``
+(``PRE_LLM``, written ``pre_llm`` in YAML) is the pre-LLM stage, which runs on the projected
+vision features (and the vision tower's own outputs) before the decoder, ahead of any stage at
+layer 0. A relative
 keep fraction applies to the vision tokens still present at that stage, with at least
 ``min_keep`` surviving: ``count = max(min_keep, floor(n * keep))`` (never more than ``n``).
 """
@@ -13,14 +16,38 @@ from dataclasses import dataclass
 from typing import Sequence
 
 KEEP_MODES = ("relative", "cumulative", "absolute")
+PRE_LLM = -1  # the stage layer of a pre-LLM stage: before decoder layer 0, on the projector output
+
+
+def stage_layer(value) -> int:
+    """A stage layer from config data: an int >= 0, or ``"pre_llm"`` / -1 for the pre-LLM stage."""
+    if isinstance(value, str):
+        if value.strip().lower() == "pre_llm":
+            return PRE_LLM
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"A stage layer is a decoder layer index >= 0 or 'pre_llm', got {value!r}") from None
+    if isinstance(value, bool) or int(value) != value:
+        raise ValueError(f"A stage layer is a decoder layer index >= 0 or 'pre_llm', got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One drop stage: before decoder ``layer`` runs, keep ``keep`` of the vision tokens."""
+    """One drop stage: before decoder ``layer`` runs (``PRE_LLM`` = -1: before the decoder), keep ``keep`` of the vision tokens."""
 
     layer: int
     keep: float
+
+    def __post_init__(self):
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            object.__setattr__(self, "layer", stage_layer(self.layer))  # "pre_llm" -> -1
+
+    @property
+    def pre_llm(self) -> bool:
+        """True for the pre-LLM stage (layer ``PRE_LLM``)."""
+        return self.layer == PRE_LLM
 
 
 @dataclass(frozen=True)
@@ -43,15 +70,15 @@ class Schedule:
     min_keep: int = 1
 
     def __post_init__(self):
-        stages = tuple(s if isinstance(s, Stage) else Stage(int(s[0]), float(s[1])) for s in self.stages)
+        stages = tuple(s if isinstance(s, Stage) else Stage(stage_layer(s[0]), float(s[1])) for s in self.stages)
         object.__setattr__(self, "stages", stages)
         if self.keep_mode not in KEEP_MODES:
             raise ValueError(f"keep_mode must be one of {KEEP_MODES}, got {self.keep_mode!r}")
         if not isinstance(self.min_keep, int) or self.min_keep < 0:
             raise ValueError(f"min_keep must be a non-negative integer, got {self.min_keep!r}")
         for i, stage in enumerate(stages):
-            if stage.layer < 0:
-                raise ValueError(f"Stage {i}: layer must be >= 0, got {stage.layer}")
+            if stage.layer < PRE_LLM:
+                raise ValueError(f"Stage {i}: layer must be >= 0, or -1 ('pre_llm') for the pre-LLM stage, got {stage.layer}")
             if i and stage.layer <= stages[i - 1].layer:
                 layers = [s.layer for s in stages]
                 raise ValueError(f"Stage layers must strictly increase, got {layers}")
@@ -82,14 +109,14 @@ class Schedule:
     def progressive(
         cls, layers: Sequence[int], keeps: Sequence[float], keep_mode: str = "relative", min_keep: int = 1
     ) -> "Schedule":
-        """Several drop stages, one per layer in ``layers``."""
+        """Several drop stages, one per layer in ``layers`` (``"pre_llm"`` or -1 for a pre-LLM first stage)."""
         if len(layers) != len(keeps):
             raise ValueError(f"Got {len(layers)} layers but {len(keeps)} keep values")
-        return cls(tuple(Stage(int(l), float(k)) for l, k in zip(layers, keeps)), keep_mode, min_keep)
+        return cls(tuple(Stage(stage_layer(l), float(k)) for l, k in zip(layers, keeps)), keep_mode, min_keep)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "Schedule":
-        """Build from config data: ``{"stages": [[layer, keep], ...], "keep_mode": ..., "min_keep": ...}``."""
+        """Build from config data: ``{"stages": [[layer, keep], ...], "keep_mode": ..., "min_keep": ...}`` (layer may be ``"pre_llm"``)."""
         if data is None:
             return cls.none()
         if isinstance(data, Schedule):
@@ -100,15 +127,15 @@ class Schedule:
         stages = []
         for s in data.get("stages") or ():
             if isinstance(s, dict):
-                stages.append(Stage(int(s["layer"]), float(s["keep"])))
+                stages.append(Stage(stage_layer(s["layer"]), float(s["keep"])))
             else:
                 if len(s) != 2:
-                    raise ValueError(f"A stage is [layer, keep], got {s!r}")
-                stages.append(Stage(int(s[0]), float(s[1])))
+                    raise ValueError(f"A stage is [layer, keep] (layer a decoder layer or 'pre_llm'), got {s!r}")
+                stages.append(Stage(stage_layer(s[0]), float(s[1])))
         return cls(tuple(stages), data.get("keep_mode", "relative"), int(data.get("min_keep", 1)))
 
     def to_dict(self) -> dict:
-        """Plain config data (inverse of ``from_dict``)."""
+        """Plain config data (inverse of ``from_dict``); the pre-LLM stage's layer is written as -1."""
         return {
             "stages": [[s.layer, s.keep] for s in self.stages],
             "keep_mode": self.keep_mode,
@@ -120,6 +147,11 @@ class Schedule:
     def layers(self) -> tuple[int, ...]:
         """The stage layers, in order."""
         return tuple(s.layer for s in self.stages)
+
+    @property
+    def pre_llm(self) -> Stage | None:
+        """The pre-LLM stage, if the schedule has one (always the first stage)."""
+        return self.stages[0] if self.stages and self.stages[0].pre_llm else None
 
     @property
     def is_one_shot(self) -> bool:
@@ -151,6 +183,8 @@ class Schedule:
         self.check_depth(depth)
         counts, n = [], n_vision
         stage_at = {s.layer: i for i, s in enumerate(self.stages)}
+        if PRE_LLM in stage_at:  # runs before layer 0 (ahead of a layer-0 stage)
+            n = self.kept_count(stage_at[PRE_LLM], n, n_vision)
         for layer_idx in range(depth):
             if layer_idx in stage_at:
                 n = self.kept_count(stage_at[layer_idx], n, n_vision)
@@ -189,10 +223,13 @@ class Schedule:
         return Schedule(tuple(rel), "relative", self.min_keep)
 
     def rescaled(self, from_depth: int, to_depth: int) -> "Schedule":
-        """Move stage layers proportionally from a ``from_depth``-layer model to a ``to_depth``-layer one."""
+        """Move stage layers proportionally from a ``from_depth``-layer model to a ``to_depth``-layer one.
+
+        Layer 0 and the pre-LLM stage stay where they are.
+        """
         if from_depth <= 0 or to_depth <= 0:
             raise ValueError(f"Depths must be positive, got {from_depth} and {to_depth}")
-        layers = [max(1, round(s.layer * to_depth / from_depth)) if s.layer else 0 for s in self.stages]
+        layers = [max(1, round(s.layer * to_depth / from_depth)) if s.layer > 0 else s.layer for s in self.stages]
         for i in range(1, len(layers)):
             layers[i] = max(layers[i], layers[i - 1] + 1)
         if layers and layers[-1] >= to_depth:

@@ -20,6 +20,7 @@ from v2drop.engine.sequence import Segment, Sequence, mask_for, segment_of_layer
 from v2drop.engine.stages import StageContext, drop
 from v2drop.method import Method
 from v2drop.models.base import Adapter
+from v2drop.schedule import PRE_LLM
 
 
 @dataclass
@@ -30,7 +31,8 @@ class SampleTrace:
     ----------
     stages : list of dict
         Per stage ``{"layer": l, "kept": [...]}``: the kept vision tokens as positions in the
-        sample's unpadded prompt ids.
+        sample's unpadded prompt ids (``l`` = -1 for the pre-LLM stage); ``"merged"`` lists, for
+        each token a stage added (merged or recycled), the prompt position whose place it takes.
     vision_tokens_per_layer : list of int
         Vision tokens present in each decoder layer.
     vision_tokens : int
@@ -139,13 +141,15 @@ def generate(
         coords=adapter.vision_coords(inputs, vision) if method.drops else torch.zeros(B, L, 3, dtype=torch.long, device=device),
     )
     traces = [SampleTrace(vision_tokens=n) for n in vision.sum(1).tolist()]
-    stages = StageContext.start(method, adapter, seq, sample_keys(input_ids, mask2d), traces) if method.drops else None
+    stages = StageContext.start(method, adapter, seq, sample_keys(input_ids, mask2d), traces, inputs) if method.drops else None
     cache = DynamicCache(config=adapter.text_config)
 
     with PeakMemory(device) if measure_memory else contextlib.nullcontext() as memory:
         clock = Timer(device)
         segments: list[Segment] = []  # runs of layers that saw the same tokens
         prev_hidden = None  # input of the previous layer, kept only when the next stage needs it
+        if stages is not None and PRE_LLM in stages.stage_at and bool(seq.vision.any()):
+            seq = drop(seq, PRE_LLM, None, stages)  # the pre-LLM stage: on the projected features, before layer 0
         for layer_idx, layer in enumerate(adapter.layers):
             dropped = stages is not None and layer_idx in stages.stage_at and bool(seq.vision.any())
             if dropped:

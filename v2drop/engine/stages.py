@@ -1,7 +1,10 @@
 """Drop stages: serve the scorer's declarations, score, apply its selection and rebuild the sequence.
 
-The engine never names a scorer: it reads ``needs_prev_hidden``, ``attention_request()`` and
-``attention_queries()``, calls ``score`` and ``select``, and applies the returned ``Selection``.
+The engine never names a scorer: for each stage it asks ``method.scorer.at(layer)`` for the
+scorer running there and reads its ``needs_prev_hidden``, ``attention_request()``,
+``attention_queries()`` and ``vision_request()``; it calls the method's scorer's ``score`` and
+``select`` and applies the returned ``Selection``. The stage at layer -1 (pre-LLM) runs on the
+layer-0 input before any decoder layer.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from v2drop.cost import synchronize
 from v2drop.engine.sequence import Sequence
 from v2drop.method import Method
 from v2drop.models.base import Adapter
-from v2drop.scorers import AttentionRequest, LayerState, Selection
+from v2drop.scorers import AttentionRequest, LayerState, Selection, VisionFeatures, VisionRequest
 
 
 @dataclass
@@ -34,10 +37,16 @@ class StageContext:
         Vision tokens of each sample's prompt (the schedule's counts refer to them).
     traces : list of SampleTrace
         Filled with each stage's kept (and added) tokens.
-    request : AttentionRequest or None
-        The scorer's attention request.
-    queries : list of LongTensor or None
-        Per sample, the prompt indices of the attention query tokens (chosen once at layer 0).
+    requests : dict
+        Stage layer -> the attention request of the scorer running there (or None).
+    queries : dict
+        Stage layer -> per sample, the prompt indices of the attention query tokens (chosen once
+        at layer 0), for the stages with an attention request.
+    vision : dict or None
+        The vision tower's outputs on the layer-0 (padded) prompt positions, when a stage's scorer
+        has a ``vision_request()`` (``Adapter.vision_tower_state``).
+    pad : LongTensor (B,)
+        Left padding of each sample in the layer-0 sequence (prompt index + pad = layer-0 position).
     scoring_seconds, drop_seconds : float
         Time spent so far in ``score``, and in whole drop stages.
     """
@@ -48,30 +57,63 @@ class StageContext:
     sample_keys: torch.Tensor
     n_vision: list
     traces: list
-    request: AttentionRequest | None = None
-    queries: list | None = None
+    requests: dict | None = None
+    queries: dict | None = None
+    vision: dict | None = None
+    pad: torch.Tensor | None = None
     scoring_seconds: float = 0.0
     drop_seconds: float = 0.0
 
     @classmethod
-    def start(cls, method: Method, adapter: Adapter, seq: Sequence, sample_keys: torch.Tensor, traces: list) -> "StageContext":
-        """The context of a batch whose layer-0 sequence is ``seq``; asks the scorer for its queries once."""
-        scorer = method.scorer
-        request = scorer.attention_request()
-        queries = None
-        if request is not None:
-            positions = scorer.attention_queries(seq.hidden, seq.vision, seq.attention_mask)
-            queries = [seq.orig_idx[b, q] for b, q in enumerate(positions)]
+    def start(cls, method: Method, adapter: Adapter, seq: Sequence, sample_keys: torch.Tensor, traces: list,
+              inputs: dict | None = None) -> "StageContext":
+        """The context of a batch whose layer-0 sequence is ``seq``: asks each stage's scorer for its queries
+        and the vision tower for what the scorers request, once."""
+        requests, queries, vision_request, asked = {}, {}, None, {}
+        for stage in method.schedule.stages:
+            scorer = method.scorer.at(stage.layer)
+            request = requests[stage.layer] = scorer.attention_request()
+            if request is not None:
+                if id(scorer) not in asked:  # one query choice per scorer, shared by its stages
+                    positions = scorer.attention_queries(seq.hidden, seq.vision, seq.attention_mask)
+                    asked[id(scorer)] = [seq.orig_idx[b, q] for b, q in enumerate(positions)]
+                queries[stage.layer] = asked[id(scorer)]
+            wanted = scorer.vision_request()
+            if wanted is not None:
+                vision_request = wanted.union(vision_request)
+        vision = None
+        if vision_request is not None and bool(seq.vision.any()):
+            if inputs is None:
+                raise ValueError("A scorer with a vision_request() needs the model inputs (pixel values) in StageContext.start")
+            try:
+                vision = adapter.vision_tower_state(inputs, vision_request)
+            except ValueError as err:
+                raise ValueError(f"Scorer {method.scorer_name!r} reads the vision tower ([CLS] attention): {err}") from None
         return cls(
             method=method, adapter=adapter, stage_at={s.layer: i for i, s in enumerate(method.schedule.stages)},
-            sample_keys=sample_keys, n_vision=seq.vision.sum(1).tolist(), traces=traces, request=request, queries=queries,
+            sample_keys=sample_keys, n_vision=seq.vision.sum(1).tolist(), traces=traces, requests=requests, queries=queries,
+            vision=vision, pad=(seq.attention_mask == 0).sum(1),
         )
 
     def needs_prev_hidden(self, layer_idx: int) -> bool:
         """Whether a stage before ``layer_idx`` needs the input of the layer before it."""
         if layer_idx not in self.stage_at:
             return False
-        return self.method.scorer.needs_prev_hidden or (self.request is not None and self.request.layer_offset < 0)
+        request = self.requests.get(layer_idx)
+        return self.method.scorer.at(layer_idx).needs_prev_hidden or (request is not None and request.layer_offset < 0)
+
+    def vision_features(self, seq: Sequence, vision_idx: torch.Tensor, vision_valid: torch.Tensor) -> VisionFeatures | None:
+        """The vision tower's outputs for the current vision tokens (None when no scorer asked)."""
+        if self.vision is None:
+            return None
+        # Each token's layer-0 position is its prompt index plus its sample's left padding.
+        orig = seq.orig_idx.gather(1, vision_idx)
+        pos = (orig + self.pad[:, None]).masked_fill(~vision_valid, 0)
+        cls_attention = self.vision["cls_attention"].gather(1, pos).masked_fill(~vision_valid, 0.0)
+        keys = self.vision["keys"]
+        if keys is not None:
+            keys = keys.gather(1, pos[..., None].expand(-1, -1, keys.shape[-1]))
+        return VisionFeatures(cls_attention=cls_attention, keys=keys, cls_embeds=self.vision["cls_embeds"])
 
 
 def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: StageContext) -> Sequence:
@@ -80,9 +122,10 @@ def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: S
     synchronize(device)
     stage_start = time.perf_counter()
     scorer, schedule = ctx.method.scorer, ctx.method.schedule
+    stage_scorer = scorer.at(layer_idx)
     vision_idx, vision_valid = seq.vision_index()
     attention = query_valid = None
-    if ctx.request is not None:
+    if ctx.requests.get(layer_idx) is not None:
         attention, query_valid = _attention(seq, layer_idx, prev_hidden, ctx)
     state = LayerState(
         layer_idx=layer_idx,
@@ -94,9 +137,10 @@ def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: S
         orig_idx=seq.orig_idx,
         attention_mask=seq.attention_mask,
         sample_keys=ctx.sample_keys,
-        layer=ctx.adapter.layers[layer_idx],
+        layer=ctx.adapter.layers[layer_idx] if layer_idx >= 0 else None,
         attention=attention,
         query_valid=query_valid,
+        vision=ctx.vision_features(seq, vision_idx, vision_valid) if stage_scorer.vision_request() is not None else None,
     )
     synchronize(device)
     start = time.perf_counter()
@@ -157,15 +201,16 @@ def _attention(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, 
     """The requested head-averaged attention rows: (B, Q, L) float32 and their (B, Q) validity."""
     B, L = seq.hidden.shape[:2]
     device = seq.hidden.device
-    width = max(1, max(len(q) for q in ctx.queries))
+    queries = ctx.queries[layer_idx]
+    width = max(1, max(len(q) for q in queries))
     query_idx = torch.full((B, width), L - 1, device=device)
     query_valid = torch.zeros(B, width, dtype=torch.bool, device=device)
-    for b, q in enumerate(ctx.queries):  # find each query token's current position from its prompt index
+    for b, q in enumerate(queries):  # find each query token's current position from its prompt index
         if len(q):
             match = seq.orig_idx[b][None] == q[:, None]  # (Q, L)
             query_idx[b, : len(q)] = match.float().argmax(-1)
             query_valid[b, : len(q)] = match.any(-1)
-    request = ctx.request
+    request = ctx.requests[layer_idx]
     hidden = seq.hidden if request.layer_offset == 0 else prev_hidden
     layer = ctx.adapter.layers[layer_idx + request.layer_offset]
     rope = ctx.adapter.rope(hidden, seq.position_ids)

@@ -123,6 +123,19 @@ class Adapter:
         """(cos, sin), each (B, L, head_dim), for ``position_ids``."""
         return self.rotary_emb(hidden, position_ids)
 
+    # -- the vision tower's own outputs (pre-LLM scorers) --------------------------------------------
+    def vision_tower_state(self, inputs: dict, request) -> dict:
+        """The vision tower outputs a ``VisionRequest`` asks for, laid out on the prompt positions.
+
+        Returns ``{"cls_attention": (B, L) float32, "keys": (B, L, K) float32 or None,
+        "cls_embeds": per-sample list of (I_b, D) or None}``; entries at non-vision positions are
+        zero. Families whose tower has no [CLS] token refuse with a ValueError.
+        """
+        raise ValueError(
+            f"Model family {self.model.config.model_type!r} does not expose its vision tower's [CLS] attention, "
+            "so a scorer with a vision_request() (VisionZip) cannot run on it; supported families: llava (LLaVA-1.5)"
+        )
+
     # -- vision-token layout ------------------------------------------------------------------------
     def image_grids(self, inputs: dict) -> list[tuple[int, int, int]]:
         """(frames, rows, cols) token grid of every image/video in the batch, in prompt order."""

@@ -49,6 +49,15 @@ class Qwen2VLAdapter(Adapter):
         )
         return pos
 
+    def vision_tower_state(self, inputs: dict, request) -> dict:
+        """Refused: Qwen2-VL's vision tower has no [CLS] token, so there is no [CLS] attention to serve."""
+        raise ValueError(
+            f"Model family {self.model.config.model_type!r}: the Qwen2-VL vision tower has no [CLS] token (patches are "
+            "merged 2x2 and windowed, with no class token), so a scorer that reads the [CLS] attention (VisionZip, "
+            "vision_request()) cannot run on it; use a family with a CLIP-like tower (llava), or a scorer that reads "
+            "the projected features (divprune)"
+        )
+
     def image_grids(self, inputs: dict) -> list[tuple[int, int, int]]:
         """(frames, rows, columns) of every image and video, in prompt order, after spatial merging."""
         merge = self.model.config.vision_config.spatial_merge_size

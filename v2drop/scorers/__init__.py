@@ -6,14 +6,16 @@ from v2drop.scorers.base import (
     LayerState,
     Scorer,
     Selection,
+    VisionFeatures,
+    VisionRequest,
     build_scorer,
     list_scorers,
     register_scorer,
     select_keep,
 )
-from v2drop.scorers import baselines, fastv, pdrop, sparsevlm, v2drop  # noqa: F401,E402  (registration on import)
+from v2drop.scorers import baselines, composite, divprune, fastv, pdrop, sparsevlm, v2drop, visionzip  # noqa: F401,E402  (registration on import)
 
 __all__ = [
     "SCORERS", "AttentionRequest", "LayerState", "Scorer", "Selection", "build_scorer", "list_scorers", "register_scorer",
-    "select_keep",
+    "select_keep", "VisionFeatures", "VisionRequest",
 ]

@@ -6,12 +6,21 @@ A scorer declares what it needs and the engine serves exactly that, without know
 - ``attention_request()``: attention rows, from which layer and whether they must come from the
   layer's full probability map; the query tokens are chosen once, by ``attention_queries`` on the
   layer-0 input (default: the last prompt token);
+- ``vision_request()``: outputs of the vision tower itself (its [CLS] attention and keys at the
+  feature-selection layer, the projected [CLS] feature), served on families whose tower has them;
 - ``select()``: the step after scoring, which tokens stay and which new tokens join them
-  (default: the schedule's count of top scores; SparseVLM adds its adaptive count and recycling).
+  (default: the schedule's count of top scores; SparseVLM adds its adaptive count and recycling);
+- ``at(layer)``: the scorer whose declarations hold at the stage before ``layer`` (default:
+  itself; a ``staged`` scorer answers with the part it runs there).
+
+A stage at layer -1 (``pre_llm``) runs before the decoder on the projected vision features
+(``LayerState.hidden`` is the layer-0 input, ``layer`` is None); a scorer that needs anything of
+a decoder layer (previous hidden states, attention rows) cannot run there.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass
@@ -33,9 +42,10 @@ class LayerState:
     Attributes
     ----------
     layer_idx : int
-        The decoder layer about to run (tokens are dropped just before it).
+        The decoder layer about to run (tokens are dropped just before it); -1 at the pre-LLM stage.
     hidden : Tensor (B, L, D)
-        Input of layer ``layer_idx`` (the residual stream, before its norm).
+        Input of layer ``layer_idx`` (the residual stream, before its norm); at the pre-LLM stage
+        the input embeddings with the projected vision features.
     prev_hidden : Tensor (B, L, D) or None
         Input of layer ``layer_idx - 1`` over the same tokens; set when ``needs_prev_hidden``.
     vision_idx : LongTensor (B, V)
@@ -55,8 +65,10 @@ class LayerState:
         Which rows of ``attention`` are real (samples may have fewer queries than others).
     sample_keys : LongTensor (B,)
         A per-sample integer derived from the prompt ids, for reproducible per-sample randomness.
-    layer : nn.Module
-        The decoder layer ``layer_idx``.
+    layer : nn.Module or None
+        The decoder layer ``layer_idx`` (None at the pre-LLM stage).
+    vision : VisionFeatures or None
+        The vision tower's outputs for the current vision tokens; set when ``vision_request()`` is not None.
     """
 
     layer_idx: int
@@ -67,10 +79,58 @@ class LayerState:
     orig_idx: torch.Tensor
     attention_mask: torch.Tensor
     sample_keys: torch.Tensor
-    layer: nn.Module
+    layer: nn.Module | None
     prev_hidden: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     query_valid: torch.Tensor | None = None
+    vision: VisionFeatures | None = None
+
+
+@dataclass(frozen=True)
+class VisionRequest:
+    """The vision tower's own outputs a scorer needs (served for CLIP-like towers with a [CLS] token).
+
+    All of them are read at the tower's feature-selection layer (``vision_feature_layer``), the
+    layer whose output the projector receives.
+
+    Attributes
+    ----------
+    cls_attention : bool
+        The [CLS] query's attention probabilities on each patch token, summed over heads.
+    keys : bool
+        Each patch token's key vector of that layer, averaged over heads.
+    cls_embeds : bool
+        Each image's [CLS] output passed through the projector (a token the LLM can read).
+    """
+
+    cls_attention: bool = True
+    keys: bool = False
+    cls_embeds: bool = False
+
+    def union(self, other: "VisionRequest | None") -> "VisionRequest":
+        """A request for everything either request asks for."""
+        if other is None:
+            return self
+        return VisionRequest(self.cls_attention or other.cls_attention, self.keys or other.keys, self.cls_embeds or other.cls_embeds)
+
+
+@dataclass(frozen=True)
+class VisionFeatures:
+    """The vision tower's outputs for the current vision tokens (``LayerState.vision``).
+
+    Attributes
+    ----------
+    cls_attention : Tensor (B, V) float32
+        Head-summed [CLS] attention on each vision token at the tower's selection layer.
+    keys : Tensor (B, V, K) float32 or None
+        Head-averaged keys of each vision token at that layer.
+    cls_embeds : list of Tensor (I_b, D) or None
+        Per sample, the projected [CLS] feature of each of its I_b images, in prompt order.
+    """
+
+    cls_attention: torch.Tensor
+    keys: torch.Tensor | None = None
+    cls_embeds: list | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +220,14 @@ class Scorer:
         """The attention rows ``score`` reads from ``state.attention`` (default: none)."""
         return None
 
+    def vision_request(self) -> VisionRequest | None:
+        """The vision tower outputs ``score``/``select`` read from ``state.vision`` (default: none)."""
+        return None
+
+    def at(self, layer_idx: int) -> "Scorer":
+        """The scorer that runs the stage before ``layer_idx`` (-1: the pre-LLM stage); itself unless staged."""
+        return self
+
     def attention_queries(self, embeds: torch.Tensor, vision: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """Per sample, the positions (in the left-padded layer-0 sequence) of the attention query tokens.
 
@@ -185,7 +253,10 @@ class Scorer:
         """Raise if this scorer cannot run at a stage before ``layer_idx``."""
         request = self.attention_request()
         if (self.needs_prev_hidden or (request is not None and request.layer_offset < 0)) and layer_idx < 1:
-            raise ValueError(f"{type(self).__name__} needs the layer before the drop layer; stage layer must be >= 1, got {layer_idx}")
+            where = "the pre-LLM stage (-1)" if layer_idx < 0 else layer_idx
+            raise ValueError(f"{type(self).__name__} needs the layer before the drop layer; stage layer must be >= 1, got {where}")
+        if request is not None and layer_idx < 0:
+            raise ValueError(f"{type(self).__name__} reads a decoder layer's attention; it cannot run at the pre-LLM stage (-1)")
 
 
 SCORERS: Registry[type[Scorer]] = Registry("scorer", base_cls=Scorer, entry_point_group="v2drop.scorers")
@@ -199,6 +270,17 @@ def register_scorer(name: str):
 def list_scorers(pattern: str = "*") -> list[str]:
     """Sorted names of the registered scorers matching an fnmatch ``pattern``."""
     return SCORERS.names(pattern)
+
+
+def scorer_params(scorer: Scorer | None) -> dict:
+    """The constructor parameters of a scorer instance (its init dataclass fields), as copies.
+
+    Copies, so that editing config data taken from a Method (a sweep changing a composite's
+    weight) never changes the Method's own scorer.
+    """
+    if scorer is None or not dataclasses.is_dataclass(scorer):
+        return {}
+    return {f.name: copy.deepcopy(getattr(scorer, f.name)) for f in dataclasses.fields(scorer) if f.init}
 
 
 def build_scorer(name: str, **kwargs: Any) -> Scorer:
