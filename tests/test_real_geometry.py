@@ -6,7 +6,7 @@ import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from v2drop import Method
-from v2drop.testing import FAMILIES, build_real, photo, prompt_for
+from v2drop.testing import FAMILIES, build_real, clip, photo, prompt_for
 
 _REAL: dict = {}
 # (width, height) of the two images of each family's mixed batch: different crop counts / grids
@@ -111,3 +111,21 @@ def test_mixed_sizes_batch_equals_alone(family, dropping):
         with torch.no_grad():
             ref = lvlm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert batch.generated_ids == ref[:, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_real_size_videos_batch_as_alone(family):
+    """Clips of different lengths and frame sizes at real resolution (thousands of video tokens), under V2Drop."""
+    lvlm = real(family)
+    method = Method.from_preset("v2drop-llava15-128", depth=lvlm.depth)
+    token = "<|vision_start|><|video_pad|><|vision_end|>"
+    prompts = [f"USER: {token}\n{q} ASSISTANT:" for q in QUESTIONS]
+    videos = [clip(1, 8, 640, 480), clip(2, 5, 320, 240)]
+    inputs = lvlm.prepare(prompts, videos=videos)
+    assert inputs["video_grid_thw"].tolist() == [[4, 34, 46], [3, 18, 22]]  # 640x480 -> 644x476, 320x240 -> 308x252 (multiples of 28)
+    assert lvlm.adapter.vision_mask(inputs["input_ids"]).sum(1).tolist() == [4 * 17 * 23, 3 * 9 * 11]
+    batch = lvlm.generate_from_inputs(inputs, method, max_new_tokens=3, stop_at_eos=False)
+    for i in range(2):
+        alone = lvlm.generate([prompts[i]], videos=[videos[i]], method=method, max_new_tokens=3, stop_at_eos=False)
+        assert alone.generated_ids[0] == batch.generated_ids[i]
+        assert alone.traces[0].stages == batch.traces[i].stages
