@@ -129,3 +129,21 @@ def test_real_size_videos_batch_as_alone(family):
         alone = lvlm.generate([prompts[i]], videos=[videos[i]], method=method, max_new_tokens=3, stop_at_eos=False)
         assert alone.generated_ids[0] == batch.generated_ids[i]
         assert alone.traces[0].stages == batch.traces[i].stages
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW | {"llava_next"} else f for f in FAMILIES])
+def test_multi_image_and_single_image_samples_batch_as_alone(family):
+    """A two-image prompt (OneVision: not tiled, ``batch_num_images`` 2) beside a one-image prompt, under V2Drop."""
+    lvlm = real(family)
+    method = Method.from_preset("v2drop-llava15-128", depth=lvlm.depth)
+    prompts = [prompt_for(lvlm, "how many ?", n_images=2), prompt_for(lvlm, QUESTIONS[1])]
+    images = [[photo(0, 640, 480), photo(1, 300, 400)], [photo(2, 800, 600)]]
+    inputs = lvlm.prepare(prompts, images)
+    if family == "llava_onevision":
+        assert inputs["batch_num_images"].tolist() == [2, 1]
+        assert lvlm.adapter.vision_mask(inputs["input_ids"]).sum(1).tolist()[0] == 2 * 730  # 27x27 + newline, untiled
+    batch = lvlm.generate_from_inputs(inputs, method, max_new_tokens=3, stop_at_eos=False)
+    for i in range(2):
+        alone = lvlm.generate([prompts[i]], [images[i]], method=method, max_new_tokens=3, stop_at_eos=False)
+        assert alone.generated_ids[0] == batch.generated_ids[i]
+        assert alone.traces[0].stages == batch.traces[i].stages

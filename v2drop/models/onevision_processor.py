@@ -35,8 +35,9 @@ class OnevisionProcessorLite:
     def __init__(
         self, image_processor, tokenizer, num_image_tokens: int = 729, vision_feature_select_strategy: str = "full",
         vision_aspect_ratio: str = "anyres_max_9", video_size: dict | None = None, video_mean=None, video_std=None,
-        chat_template: str | None = None,
+        chat_template: str | None = None, image_token: str = "<image>", video_token: str = "<video>",
     ):
+        self.image_token, self.video_token = image_token, video_token
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
@@ -58,7 +59,8 @@ class OnevisionProcessorLite:
             vision_feature_select_strategy=config.get("vision_feature_select_strategy", "full"),
             vision_aspect_ratio=config.get("vision_aspect_ratio", "anyres_max_9"),
             video_size=video.get("size"), video_mean=video.get("image_mean"), video_std=video.get("image_std"),
-            chat_template=read_chat_template(path),
+            chat_template=read_chat_template(path), image_token=config.get("image_token", "<image>"),
+            video_token=config.get("video_token", "<video>"),
         )
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
