@@ -22,7 +22,9 @@ class QwenProcessorLite:
     repeating the last frame and flattened in the video processor's patch order. Each
     ``<|image_pad|>`` / ``<|video_pad|>`` expands to ``grid_thw.prod() // merge_size**2`` tokens and
     ``mm_token_type_ids`` marks them (1 image, 2 video). With ``second_per_grid`` (Qwen2.5-VL) it
-    returns ``second_per_grid_ts = temporal_patch_size / video_fps`` per video. Frames are resized
+    returns ``second_per_grid_ts = temporal_patch_size / video_fps`` per video (``video_fps`` defaults
+    to 24, what transformers assumes for frames given without metadata; pass the rate the frames
+    were sampled at, e.g. 2 for qwen-vl-utils' default, to match the reference). Frames are resized
     with PIL bicubic instead of torchvision's, so video pixel values differ slightly from the real
     processor's (not their shape or token count).
     """
@@ -32,7 +34,7 @@ class QwenProcessorLite:
 
     def __init__(
         self, image_processor, tokenizer, chat_template: str | None = None, video_size: dict | None = None,
-        second_per_grid: bool = False, video_fps: float = 2.0,
+        second_per_grid: bool = False, video_fps: float = 24.0,
     ):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
@@ -52,7 +54,6 @@ class QwenProcessorLite:
         return cls(
             Qwen2VLImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
             chat_template=read_chat_template(path), video_size=size, second_per_grid=second_per_grid,
-            video_fps=float(video.get("fps") or 2.0),
         )
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
@@ -112,7 +113,7 @@ class QwenProcessorLite:
         path.mkdir(parents=True, exist_ok=True)
         self.image_processor.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        video = {"video_processor_type": "Qwen2VLVideoProcessor", "size": self.video_size, "fps": self.video_fps}
+        video = {"video_processor_type": "Qwen2VLVideoProcessor", "size": self.video_size}
         (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
         if self.chat_template:
             (path / "chat_template.jinja").write_text(self.chat_template)
