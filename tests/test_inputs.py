@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from v2drop import LVLM, load
-from v2drop.testing import build_real, clip, image, photo, prompt_for
+from v2drop.testing import build_real, image, photo, prompt_for, video_frames
 
 
 def test_more_images_than_placeholders(tiny):
@@ -70,7 +70,7 @@ def test_anyres_checkpoint_loads_and_runs_without_torchvision(family, tmp_path):
     b = again.generate(prompts, images, max_new_tokens=3, stop_at_eos=False)
     assert a.prompt_ids == b.prompt_ids and a.generated_ids == b.generated_ids
     if family == "llava_onevision":
-        video = [clip(0, 4, 320, 240)]
+        video = [video_frames(0, 4, 320, 240)]
         a = lvlm.generate(["USER: <video>\nhow many ? ASSISTANT:"], videos=video, max_new_tokens=3, stop_at_eos=False)
         b = again.generate(["USER: <video>\nhow many ? ASSISTANT:"], videos=video, max_new_tokens=3, stop_at_eos=False)
         assert a.prompt_ids == b.prompt_ids and a.generated_ids == b.generated_ids
@@ -83,7 +83,7 @@ def test_qwen_video_round_trip(tiny, tmp_path):
     lvlm.processor.save_pretrained(tmp_path)
     again = load(str(tmp_path))
     assert again.processor.second_per_grid and again.processor.video_size == lvlm.processor.video_size
-    prompt, video = ["USER: <|vision_start|><|video_pad|><|vision_end|>\nhow many ? ASSISTANT:"], [clip(0, 4, 48, 40)]
+    prompt, video = ["USER: <|vision_start|><|video_pad|><|vision_end|>\nhow many ? ASSISTANT:"], [video_frames(0, 4, 48, 40)]
     a = lvlm.generate(prompt, videos=video, max_new_tokens=3, stop_at_eos=False)
     b = again.generate(prompt, videos=video, max_new_tokens=3, stop_at_eos=False)
     assert a.prompt_ids == b.prompt_ids and a.generated_ids == b.generated_ids
@@ -109,4 +109,4 @@ def test_processor_needing_a_missing_package_names_it(tiny, tmp_path, monkeypatc
 def test_video_placeholders_must_match_videos(tiny):
     lvlm = tiny("qwen2_vl")
     with pytest.raises(ValueError, match=r"The prompt has 0 '<\|video_pad\|>' placeholder\(s\) but 1 input\(s\)"):
-        lvlm.prepare([prompt_for(lvlm, "how many ?")], [image(0)], [clip(0, 2, 32, 32)])
+        lvlm.prepare([prompt_for(lvlm, "how many ?")], [image(0)], [video_frames(0, 2, 32, 32)])

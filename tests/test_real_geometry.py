@@ -6,7 +6,7 @@ import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from v2drop import Method
-from v2drop.testing import FAMILIES, build_real, clip, photo, prompt_for
+from v2drop.testing import FAMILIES, build_real, photo, prompt_for, video_frames
 
 _REAL: dict = {}
 # (width, height) of the two images of each family's mixed batch: different crop counts / grids
@@ -120,7 +120,7 @@ def test_real_size_videos_batch_as_alone(family):
     method = Method.from_preset("v2drop-llava15-128", depth=lvlm.depth)
     token = "<|vision_start|><|video_pad|><|vision_end|>"
     prompts = [f"USER: {token}\n{q} ASSISTANT:" for q in QUESTIONS]
-    videos = [clip(1, 8, 640, 480), clip(2, 5, 320, 240)]
+    videos = [video_frames(1, 8, 640, 480), video_frames(2, 5, 320, 240)]
     inputs = lvlm.prepare(prompts, videos=videos)
     assert inputs["video_grid_thw"].tolist() == [[4, 34, 46], [3, 18, 22]]  # 640x480 -> 644x476, 320x240 -> 308x252 (multiples of 28)
     assert lvlm.adapter.vision_mask(inputs["input_ids"]).sum(1).tolist() == [4 * 17 * 23, 3 * 9 * 11]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from v2drop import Method, Schedule
-from v2drop.testing import build_real, clip, photo, prompt_for
+from v2drop.testing import build_real, photo, prompt_for, video_frames
 
 
 def qwen_video_inputs(lvlm, frames=4, side=8):
@@ -79,7 +79,7 @@ def test_qwen_videos_of_different_lengths_and_sizes_batch_as_alone(tiny, family,
     lvlm = tiny(family)
     method = Method("v2drop", schedule=Schedule.progressive([1, 3], [0.5, 0.25])) if dropping else Method.none()
     prompts = [video_prompt(lvlm), video_prompt(lvlm, "what is the colour of the digit ?"), prompt_for(lvlm, "how many ?")]
-    videos = [clip(1, 4, 32, 32), clip(2, 6, 48, 40), None]
+    videos = [video_frames(1, 4, 32, 32), video_frames(2, 6, 48, 40), None]
     images = [None, None, photo(3, 40, 48)]
     inputs = lvlm.prepare(prompts, images, videos)
     assert inputs["video_grid_thw"].tolist() == [[2, 4, 4], [3, 4, 6]]  # 6 frames of 48x40 -> 3 x (32x48)/8
@@ -100,7 +100,7 @@ def test_onevision_videos_of_different_sizes_batch_as_alone(dropping):
     lvlm = real_onevision()
     method = Method.from_preset("v2drop-llava15-128", depth=lvlm.depth) if dropping else None
     prompts = [video_prompt(lvlm), video_prompt(lvlm, "what is the colour of the digit ?")]
-    videos = [clip(1, 4, 640, 480), clip(2, 4, 320, 200)]
+    videos = [video_frames(1, 4, 640, 480), video_frames(2, 4, 320, 200)]
     inputs = lvlm.prepare(prompts, videos=videos)
     assert inputs["pixel_values_videos"].shape == (2, 4, 3, 384, 384)
     assert lvlm.adapter.vision_mask(inputs["input_ids"]).sum(1).tolist() == [4 * 196 + 1] * 2  # 27x27 patches pooled to 14x14, + newline
@@ -119,9 +119,9 @@ def test_onevision_videos_of_different_frame_counts_do_not_batch():
     lvlm = real_onevision()
     prompts = [video_prompt(lvlm), video_prompt(lvlm)]
     with pytest.raises(ValueError, match=r"Cannot batch videos of different frame counts.*\(4, 3, 384, 384\), \(2, 3, 384, 384\)"):
-        lvlm.prepare(prompts, videos=[clip(1, 4, 64, 64), clip(2, 2, 64, 64)])
+        lvlm.prepare(prompts, videos=[video_frames(1, 4, 64, 64), video_frames(2, 2, 64, 64)])
     # each alone is fine
-    assert lvlm.prepare(prompts[:1], videos=[clip(2, 2, 64, 64)])["pixel_values_videos"].shape[1] == 2
+    assert lvlm.prepare(prompts[:1], videos=[video_frames(2, 2, 64, 64)])["pixel_values_videos"].shape[1] == 2
 
 
 _ONEVISION: list = []

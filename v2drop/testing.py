@@ -42,7 +42,7 @@ FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 
 __all__ = [
     "DEPTH", "FAMILIES", "SPECIALS", "WORDS", "EchoBench", "Item", "PlaceholderProcessor", "batch_for", "build", "image",
-    "prompt_for", "random_llava", "tokenizer", "word_tokenizer", "REAL_GEOMETRY", "build_real", "photo", "clip",
+    "prompt_for", "random_llava", "tokenizer", "word_tokenizer", "REAL_GEOMETRY", "build_real", "photo", "video_frames",
 ]
 
 
@@ -199,7 +199,7 @@ def photo(seed: int, width: int, height: int) -> Image.Image:
     return Image.fromarray(small).resize((width, height), Image.BILINEAR)
 
 
-def clip(seed: int, frames: int, width: int, height: int) -> list[Image.Image]:
+def video_frames(seed: int, frames: int, width: int, height: int) -> list[Image.Image]:
     """A random video: ``frames`` frames of width x height."""
     return [photo(seed * 1000 + f, width, height) for f in range(frames)]
 
@@ -253,8 +253,9 @@ class EchoBench:
 
 
 # -- realistic geometry: the real checkpoints' preprocessing with tiny weights ---------------------------
-NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6 anyres resolutions (H, W)
+ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # llava-onevision: 1x1 .. 6x6 crops of 384
+# each family's preprocessing in build_real, as its real checkpoints set it
 REAL_GEOMETRY = {
     "llava": "llava-1.5: CLIP 336px, patch 14, resize + centre crop: 576 tokens per image",
     "llava_next": "llava-v1.6: CLIP 336px/14, anyres pinpoints " + str(NEXT_PINPOINTS) + ", unpadded tiles + newlines",
