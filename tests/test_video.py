@@ -115,6 +115,19 @@ def test_onevision_videos_of_different_sizes_batch_as_alone(dropping):
         assert batch.generated_ids == ref[:, inputs["input_ids"].shape[1]:].tolist()
 
 
+def test_onevision_video_beside_an_image_sample_batches_as_alone():
+    lvlm = real_onevision()
+    method = Method.from_preset("v2drop-llava15-128", depth=lvlm.depth)
+    prompts = [video_prompt(lvlm), prompt_for(lvlm, "what is the colour of the digit ?")]
+    videos, images = [video_frames(1, 4, 320, 240), None], [None, photo(3, 640, 480)]
+    batch = lvlm.generate(prompts, images, videos, method=method, max_new_tokens=3, stop_at_eos=False)
+    for i in range(2):
+        alone = lvlm.generate([prompts[i]], [images[i]], [videos[i]], method=method, max_new_tokens=3, stop_at_eos=False)
+        assert alone.generated_ids[0] == batch.generated_ids[i]
+        assert alone.traces[0].stages == batch.traces[i].stages
+    assert [t.vision_tokens_per_layer[0] for t in batch.traces] == [4 * 196 + 1, 2929]
+
+
 def test_onevision_videos_of_different_frame_counts_do_not_batch():
     lvlm = real_onevision()
     prompts = [video_prompt(lvlm), video_prompt(lvlm)]
