@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from v2drop import engine
 from v2drop.method import Method
