@@ -1,5 +1,6 @@
 """Video inputs (Qwen2-VL / Qwen2.5-VL grids, LLaVA-OneVision frames): exact without dropping, traced with it."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,6 +72,11 @@ def test_qwen_video_patches_follow_the_processor_layout(tiny):
     torch.testing.assert_close(video["pixel_values_videos"], ref["pixel_values"], atol=1e-6, rtol=0)
     # an odd frame count is padded to the temporal patch by repeating the last frame
     assert proc.video_inputs([[frame] * 3])["video_grid_thw"][0, 0].item() == 2
+    # a (frames, H, W, 3) uint8 array is the same video as its list of frames
+    array = np.stack([np.asarray(frame)] * 2)
+    torch.testing.assert_close(proc.video_inputs(array)["pixel_values_videos"], video["pixel_values_videos"], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="Video 0 is not a list of frames"):
+        proc.video_inputs([["not a frame"]])
 
 
 @pytest.mark.parametrize("dropping", [False, True], ids=["none", "v2drop"])
