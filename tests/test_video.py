@@ -1,9 +1,11 @@
 """Video inputs (Qwen2-VL / Qwen2.5-VL grids, LLaVA-OneVision frames): exact without dropping, traced with it."""
 
+import numpy as np
 import pytest
 import torch
 
 from v2drop import Method, Schedule
+from v2drop.testing import build_real, photo, prompt_for, video_frames
 
 
 def qwen_video_inputs(lvlm, frames=4, side=8):
@@ -52,3 +54,100 @@ def test_video_no_drop_exact_and_drop_traced(tiny, family):
         kept = torch.tensor(dropped.traces[0].stages[0]["kept"])
         per_frame = torch.bincount(frames[kept], minlength=2)
         assert per_frame.tolist() == [n_video // 4, n_video // 4]
+
+
+# -- videos through the processors (PIL/numpy, no torchvision), batched -------------------------------
+def video_prompt(lvlm, question="how many ?"):
+    token = "<|vision_start|><|video_pad|><|vision_end|>" if lvlm.image_token == "<|image_pad|>" else "<video>"
+    return "USER: " + token + "\n" + question + " ASSISTANT:"
+
+
+def test_qwen_video_patches_follow_the_processor_layout(tiny):
+    """Two identical frames flatten exactly as the image processor flattens the frame (which repeats it in time)."""
+    proc = tiny("qwen2_vl").processor
+    frame = photo(0, 56, 40)
+    video = proc.video_inputs([[frame, frame]])
+    ref = proc.image_processor(images=[frame], return_tensors="pt")
+    assert video["video_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
+    torch.testing.assert_close(video["pixel_values_videos"], ref["pixel_values"], atol=1e-6, rtol=0)
+    # an odd frame count is padded to the temporal patch by repeating the last frame
+    assert proc.video_inputs([[frame] * 3])["video_grid_thw"][0, 0].item() == 2
+    # a (frames, H, W, 3) uint8 array is the same video as its list of frames
+    array = np.stack([np.asarray(frame)] * 2)
+    torch.testing.assert_close(proc.video_inputs(array)["pixel_values_videos"], video["pixel_values_videos"], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="Video 0 is not a list of frames"):
+        proc.video_inputs([["not a frame"]])
+
+
+@pytest.mark.parametrize("dropping", [False, True], ids=["none", "v2drop"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_videos_of_different_lengths_and_sizes_batch_as_alone(tiny, family, dropping):
+    lvlm = tiny(family)
+    method = Method("v2drop", schedule=Schedule.progressive([1, 3], [0.5, 0.25])) if dropping else Method.none()
+    prompts = [video_prompt(lvlm), video_prompt(lvlm, "what is the colour of the digit ?"), prompt_for(lvlm, "how many ?")]
+    videos = [video_frames(1, 4, 32, 32), video_frames(2, 6, 48, 40), None]
+    images = [None, None, photo(3, 40, 48)]
+    inputs = lvlm.prepare(prompts, images, videos)
+    assert inputs["video_grid_thw"].tolist() == [[2, 4, 4], [3, 4, 6]]  # 6 frames of 48x40 -> 3 x (32x48)/8
+    assert ("second_per_grid_ts" in inputs) == (family == "qwen2_5_vl")
+    batch = lvlm.generate_from_inputs(inputs, method, max_new_tokens=4, stop_at_eos=False)
+    for i in range(3):
+        alone = lvlm.generate([prompts[i]], [images[i]], [videos[i]], method=method, max_new_tokens=4, stop_at_eos=False)
+        assert alone.generated_ids[0] == batch.generated_ids[i]
+        assert alone.traces[0].stages == batch.traces[i].stages
+    if not dropping:
+        with torch.no_grad():
+            ref = lvlm.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert batch.generated_ids == ref[:, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("dropping", [False, True], ids=["none", "v2drop"])
+def test_onevision_videos_of_different_sizes_batch_as_alone(dropping):
+    lvlm = real_onevision()
+    method = Method.from_preset("v2drop-llava15-128", depth=lvlm.depth) if dropping else None
+    prompts = [video_prompt(lvlm), video_prompt(lvlm, "what is the colour of the digit ?")]
+    videos = [video_frames(1, 4, 640, 480), video_frames(2, 4, 320, 200)]
+    inputs = lvlm.prepare(prompts, videos=videos)
+    assert inputs["pixel_values_videos"].shape == (2, 4, 3, 384, 384)
+    assert lvlm.adapter.vision_mask(inputs["input_ids"]).sum(1).tolist() == [4 * 196 + 1] * 2  # 27x27 patches pooled to 14x14, + newline
+    batch = lvlm.generate_from_inputs(inputs, method, max_new_tokens=3, stop_at_eos=False)
+    for i in range(2):
+        alone = lvlm.generate([prompts[i]], videos=[videos[i]], method=method, max_new_tokens=3, stop_at_eos=False)
+        assert alone.generated_ids[0] == batch.generated_ids[i]
+        assert alone.traces[0].stages == batch.traces[i].stages
+    if not dropping:
+        with torch.no_grad():
+            ref = lvlm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert batch.generated_ids == ref[:, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_onevision_video_beside_an_image_sample_batches_as_alone():
+    lvlm = real_onevision()
+    method = Method.from_preset("v2drop-llava15-128", depth=lvlm.depth)
+    prompts = [video_prompt(lvlm), prompt_for(lvlm, "what is the colour of the digit ?")]
+    videos, images = [video_frames(1, 4, 320, 240), None], [None, photo(3, 640, 480)]
+    batch = lvlm.generate(prompts, images, videos, method=method, max_new_tokens=3, stop_at_eos=False)
+    for i in range(2):
+        alone = lvlm.generate([prompts[i]], [images[i]], [videos[i]], method=method, max_new_tokens=3, stop_at_eos=False)
+        assert alone.generated_ids[0] == batch.generated_ids[i]
+        assert alone.traces[0].stages == batch.traces[i].stages
+    assert [t.vision_tokens_per_layer[0] for t in batch.traces] == [4 * 196 + 1, 2929]
+
+
+def test_onevision_videos_of_different_frame_counts_do_not_batch():
+    lvlm = real_onevision()
+    prompts = [video_prompt(lvlm), video_prompt(lvlm)]
+    with pytest.raises(ValueError, match=r"Cannot batch videos of different frame counts.*\(4, 3, 384, 384\), \(2, 3, 384, 384\)"):
+        lvlm.prepare(prompts, videos=[video_frames(1, 4, 64, 64), video_frames(2, 2, 64, 64)])
+    # each alone is fine
+    assert lvlm.prepare(prompts[:1], videos=[video_frames(2, 2, 64, 64)])["pixel_values_videos"].shape[1] == 2
+
+
+_ONEVISION: list = []
+
+
+def real_onevision():
+    """The realistic-geometry OneVision (SigLIP 384px/14, 729 patches a frame), built once."""
+    if not _ONEVISION:
+        _ONEVISION.append(build_real("llava_onevision"))
+    return _ONEVISION[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from v2drop import engine
 from v2drop.method import Method
@@ -34,7 +34,7 @@ class LVLM:
     ----------
     model : PreTrainedModel
         A ``*ForConditionalGeneration`` model of a supported family.
-    processor : ProcessorMixin or QwenProcessorLite
+    processor : ProcessorMixin, QwenProcessorLite or OnevisionProcessorLite
         Turns prompts and images into model inputs.
     name : str
         Where the model came from (hub id or path), for records.
@@ -168,18 +168,30 @@ def load(
 
 
 def load_processor(path: str, config=None):
-    """The checkpoint's processor; for Qwen2-VL without torchvision, a small image-only stand-in."""
+    """The checkpoint's processor; where it needs torchvision (video processors), a PIL/numpy stand-in.
+
+    Qwen2-VL / Qwen2.5-VL fall back to ``QwenProcessorLite`` and LLaVA-OneVision to
+    ``OnevisionProcessorLite`` (images and videos, same token counts as the real processors); any
+    other family whose processor cannot load raises the original error.
+    """
     try:
         return AutoProcessor.from_pretrained(path)
-    except (ImportError, OSError, ValueError, TypeError):
+    except (ImportError, OSError, ValueError, TypeError, AttributeError) as err:
         config = config or AutoConfig.from_pretrained(path)
-        if config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
-            raise
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+            from v2drop.models.qwen2vl_processor import QwenProcessorLite
 
-        from v2drop.models.qwen2vl_processor import QwenProcessorLite
+            return QwenProcessorLite.from_pretrained(path, second_per_grid=config.model_type == "qwen2_5_vl")
+        if config.model_type == "llava_onevision":
+            from v2drop.models.onevision_processor import OnevisionProcessorLite
 
-        return QwenProcessorLite(Qwen2VLImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+            return OnevisionProcessorLite.from_pretrained(path)
+        if isinstance(err, (ImportError, AttributeError)):
+            raise ImportError(
+                f"Cannot build the processor of {path!r} ({config.model_type}): {err}. Its processor needs a package "
+                f"that is not installed (usually torchvision: `pip install torchvision` matching your torch build)"
+            ) from err
+        raise
 
 
 def _per_sample(items, n: int, what: str) -> list[list]:
@@ -193,7 +205,15 @@ def _per_sample(items, n: int, what: str) -> list[list]:
 
 
 def _collate(samples: list[dict], pad_id: int, device, dtype) -> dict:
-    """Left-pad token inputs and concatenate vision inputs of separately processed samples."""
+    """Left-pad token inputs and batch the vision inputs of separately processed samples.
+
+    What each family's own processor pads is padded the same way, so any mix of image sizes batches:
+    anyres ``pixel_values`` (LLaVA-NeXT / OneVision, (images, crops, C, H, W)) are zero-padded on
+    the crop axis to the most crops in the batch (the model keeps each image's first crops, counted
+    from ``image_sizes``); flat Qwen patches, grids, ``image_sizes`` and ``batch_num_images`` are
+    concatenated. OneVision videos ((videos, frames, C, H, W)) cannot be padded in frames (the
+    model pools every frame it gets), so clips of different frame counts do not batch.
+    """
     length = max(s["input_ids"].shape[1] for s in samples)
     keys = dict.fromkeys(k for s in samples for k in s)  # ordered union: text-only samples lack vision keys
     out: dict[str, Any] = {}
@@ -204,6 +224,16 @@ def _collate(samples: list[dict], pad_id: int, device, dtype) -> dict:
         if key in _PAD_INPUTS:
             fill = pad_id if key == "input_ids" else 0
             values = [torch.cat([torch.full((1, length - v.shape[1]), fill, dtype=v.dtype), v], dim=1) for v in values]
+        elif key == "pixel_values" and values[0].dim() == 5:
+            crops = max(v.shape[1] for v in values)
+            values = [torch.cat([v, v.new_zeros(v.shape[0], crops - v.shape[1], *v.shape[2:])], dim=1) for v in values]
+        elif key == "pixel_values_videos" and values[0].dim() == 5 and len({v.shape[1:] for v in values}) > 1:
+            shapes = ", ".join(str(tuple(v.shape[1:])) for v in values)
+            raise ValueError(
+                f"Cannot batch videos of different frame counts or frame sizes ((frames, C, H, W) per sample: {shapes}): this "
+                f"family pools every frame it is given, so padding frames would change the answer. Sample the same "
+                f"number of frames for every video in a batch, or generate these samples separately"
+            )
         value = torch.cat(values).to(device)
-        out[key] = value.to(dtype) if value.is_floating_point() else value
+        out[key] = value.to(dtype) if value.is_floating_point() and key.startswith("pixel_values") else value
     return out

@@ -42,7 +42,7 @@ FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 
 __all__ = [
     "DEPTH", "FAMILIES", "SPECIALS", "WORDS", "EchoBench", "Item", "PlaceholderProcessor", "batch_for", "build", "image",
-    "prompt_for", "random_llava", "tokenizer", "word_tokenizer",
+    "prompt_for", "random_llava", "tokenizer", "word_tokenizer", "REAL_GEOMETRY", "build_real", "photo", "video_frames",
 ]
 
 
@@ -66,16 +66,17 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _llama(vocab: int, **kw) -> LlamaConfig:
+    kw = {"max_position_embeddings": 512, **kw}
     return LlamaConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, pad_token_id=0, **kw,
+        num_key_value_heads=2, initializer_range=0.2, pad_token_id=0, **kw,
     )
 
 
-def _clip(image_size: int = 32) -> CLIPVisionConfig:
+def _clip(image_size: int = 32, patch_size: int = 4) -> CLIPVisionConfig:
     return CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
-        patch_size=4, projection_dim=32, initializer_range=0.2,
+        patch_size=patch_size, projection_dim=32, initializer_range=0.2,
     )
 
 
@@ -138,7 +139,8 @@ def build(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
             model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
         else:
             model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
-        proc = QwenProcessorLite(Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2), tok)
+        proc = QwenProcessorLite(Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2), tok,
+                                 second_per_grid=family == "qwen2_5_vl")
     return _ready(model, proc, f"tiny-{family}", attn)
 
 
@@ -190,6 +192,18 @@ class PlaceholderProcessor:
         return out
 
 
+def photo(seed: int, width: int, height: int) -> Image.Image:
+    """A random RGB test image of width x height (smooth enough that resizing keeps structure)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (max(1, height // 16), max(1, width // 16), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.BILINEAR)
+
+
+def video_frames(seed: int, frames: int, width: int, height: int) -> list[Image.Image]:
+    """A random video: ``frames`` frames of width x height."""
+    return [photo(seed * 1000 + f, width, height) for f in range(frames)]
+
+
 def image(seed: int, size: int = 32) -> Image.Image:
     """A random RGB test image."""
     rng = np.random.default_rng(seed)
@@ -237,3 +251,79 @@ class EchoBench(Benchmark):
         """Accuracy overall and per family."""
         fam = {f: [r["correct"] for r in records if r["family"] == f] for f in self.families}
         return {"accuracy": sum(r["correct"] for r in records) / len(records), "per_family": {f: sum(v) / len(v) for f, v in fam.items() if v}}
+
+
+# -- realistic geometry: the real checkpoints' preprocessing with tiny weights ---------------------------
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6 anyres resolutions (H, W)
+ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # llava-onevision: 1x1 .. 6x6 crops of 384
+# each family's preprocessing in build_real, as its real checkpoints set it
+REAL_GEOMETRY = {
+    "llava": "llava-1.5: CLIP 336px, patch 14, resize + centre crop: 576 tokens per image",
+    "llava_next": "llava-v1.6: CLIP 336px/14, anyres pinpoints " + str(NEXT_PINPOINTS) + ", unpadded tiles + newlines",
+    "llava_onevision": "llava-onevision: SigLIP 384px/14 (729 per crop), 6x6 anyres pinpoints, anyres_max_9, video frames 384px pooled to 196",
+    "qwen2_vl": "Qwen2-VL: patch 14, merge 2, temporal 2, min_pixels 3136, max_pixels 12845056",
+    "qwen2_5_vl": "Qwen2.5-VL: as Qwen2-VL, window attention (window 112)",
+}
+
+
+def build_real(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
+    """A tiny-weight LVLM of ``family`` with the real checkpoint's preprocessing geometry (``REAL_GEOMETRY``).
+
+    Vision towers take the real input resolution and patch size (so token counts are the real
+    ones: thousands per high-resolution image) but have 2 layers of width 32; the decoder is the
+    tiny ``DEPTH``-layer one of ``build``. LLaVA-NeXT uses transformers' own ``LlavaNextProcessor``;
+    OneVision and Qwen use the torchvision-free stand-ins ``v2drop.load`` falls back to.
+    """
+    from transformers import LlavaNextProcessor, SiglipVisionConfig
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    from v2drop.models.onevision_processor import OnevisionProcessorLite
+
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown tiny family {family!r}; valid: {', '.join(FAMILIES)}")
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    vocab = len(tok)
+    text = _llama(vocab, max_position_embeddings=16384)
+    image_id, video_id = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<video>")
+    if family == "llava":
+        model, proc = _llava(tok, text, _clip(336, 14), image_size=336, patch=14)
+    elif family == "llava_next":
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(
+            vision_config=_clip(336, 14), text_config=text, image_token_index=image_id, image_grid_pinpoints=NEXT_PINPOINTS,
+            vision_feature_select_strategy="default",
+        ))
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=NEXT_PINPOINTS,
+        )
+        proc = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                                  num_additional_image_tokens=1)
+    elif family == "llava_onevision":
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=384, patch_size=14)
+        model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+            vision_config=vision, text_config=text, image_token_index=image_id, video_token_index=video_id,
+            image_grid_pinpoints=ONEVISION_PINPOINTS, vision_feature_select_strategy="full", vision_feature_layer=-1,
+            vision_aspect_ratio="anyres_max_9",
+        ))
+        image_processor = LlavaOnevisionImageProcessorPil(
+            size={"height": 384, "width": 384}, image_grid_pinpoints=ONEVISION_PINPOINTS, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        )
+        proc = OnevisionProcessorLite(image_processor, tok, num_image_tokens=729, vision_feature_select_strategy="full")
+    else:
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        text = dict(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4, num_key_value_heads=2,
+            initializer_range=0.2, rope_parameters=rope, max_position_embeddings=32768, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        )
+        vision = dict(depth=2, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2)
+        ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+                   vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"))
+        if family == "qwen2_5_vl":
+            vision.update(hidden_size=32, out_hidden_size=64, intermediate_size=64, fullatt_block_indexes=[1], window_size=112)
+            model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+        else:
+            model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=dict(vision, embed_dim=32), **ids))
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2, temporal_patch_size=2)
+        proc = QwenProcessorLite(image_processor, tok, second_per_grid=family == "qwen2_5_vl")
+    return _ready(model, proc, f"real-geometry-{family}", attn)

@@ -1,0 +1,67 @@
+"""Video frames with PIL and numpy only: what the processor stand-ins use where transformers' video
+processors need torchvision."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def is_frame(item: Any) -> bool:
+    """Whether ``item`` is one frame (a PIL image or an (H, W, C) array) rather than a whole video."""
+    return isinstance(item, Image.Image) or (isinstance(item, np.ndarray) and item.ndim == 3)
+
+
+def split_videos(videos: Sequence[Any] | None) -> list[list[np.ndarray]]:
+    """One list of (H, W, 3) uint8 frames per video.
+
+    ``videos`` is one video (a list of frames, or a (T, H, W, 3) array) or a list of videos (each a
+    list of PIL images / (H, W, 3) arrays, or a (T, H, W, 3) array).
+    """
+    if videos is None:
+        return []
+    if isinstance(videos, np.ndarray):
+        videos = [videos]
+    videos = list(videos)
+    if not videos:
+        return []
+    if is_frame(videos[0]):
+        videos = [videos]
+    out = []
+    for i, video in enumerate(videos):
+        frames = list(video) if isinstance(video, (list, tuple)) or (isinstance(video, np.ndarray) and video.ndim == 4) else []
+        if not frames or not all(is_frame(f) for f in frames):
+            raise ValueError(
+                f"Video {i} is not a list of frames: give each video as a list of PIL images or (H, W, 3) arrays, "
+                f"or as one (frames, H, W, 3) uint8 array"
+            )
+        out.append([np.asarray(f.convert("RGB")) if isinstance(f, Image.Image) else np.asarray(f) for f in frames])
+    return out
+
+
+def resize_normalize(frame: np.ndarray, height: int, width: int, mean, std, rescale: float = 1 / 255) -> np.ndarray:
+    """(C, H, W) float32: ``frame`` resized with PIL bicubic to height x width, rescaled and normalised."""
+    image = Image.fromarray(frame.astype(np.uint8))
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) * rescale
+    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return array.transpose(2, 0, 1)
+
+
+def read_json(path: str | Path, name: str) -> dict:
+    """``path/name`` parsed, or {} when the file does not exist."""
+    file = Path(path) / name
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def read_chat_template(path: str | Path) -> str | None:
+    """The processor's chat template saved beside a checkpoint (``chat_template.jinja`` or ``.json``), if any."""
+    jinja = Path(path) / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    return read_json(path, "chat_template.json").get("chat_template")
