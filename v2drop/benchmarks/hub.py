@@ -86,6 +86,9 @@ class HFBenchmark(Benchmark):
     ``load`` accepts), ``split_aliases`` (an accepted name -> the dataset's name for that split,
     where they differ), ``columns`` (required in every row) and implement ``to_samples``. Loaded
     samples are remembered by id, so ``aggregate`` can use what a record does not carry.
+    ``answer_reading`` picks the reference scorer (one of ``readings``: "lmms-eval" for lmms-eval
+    0.6.1's task functions, "llava" for LLaVA-1.5's eval scripts; ``default_reading`` when None);
+    ``aggregate`` records it.
     """
 
     hf_name: str = ""  # Hugging Face dataset id

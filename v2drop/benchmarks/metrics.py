@@ -48,9 +48,10 @@ def exact_match(prediction: str, answer: str) -> bool:
 def read_yes_no_by_negation(text: str) -> str:
     """POPE's reading of an answer: "no" if its first sentence has the word "no" or "not", else "yes".
 
-    Used by ``pope``. As the official POPE script (first sentence, commas dropped, split on
-    spaces), except that words are lower-cased and stripped of punctuation, so "NO" and "no!"
-    count as no too. Never returns anything but "yes" or "no".
+    A lenient reading (the ``pope`` benchmark reads with LLaVA's exact, case-sensitive rule,
+    ``reading.pope_llava``): as LLaVA's ``eval_pope.py`` (first sentence, commas dropped), except
+    that words are lower-cased and stripped of punctuation, so "NO" and "no!" count as no too.
+    Never returns anything but "yes" or "no".
     """
     first = text.split(".")[0]
     words = {w.strip(string.punctuation) for w in first.replace(",", "").lower().split()}
@@ -60,7 +61,8 @@ def read_yes_no_by_negation(text: str) -> str:
 def read_yes_no_by_prefix(text: str) -> str:
     """MME's reading of an answer: exactly yes/no, else yes/no within its first four characters, else "other".
 
-    Used by ``mme``. Lower case and periods removed first; "yes" is looked for before "no", so
+    A lenient reading (the ``mme`` benchmark reads with ``reading.mme_llava`` / ``mme_lmms_eval``).
+    Lower case and periods removed first; "yes" is looked for before "no", so
     "Not sure" reads "no" and "The answer is no" reads "other" (wrong for either answer).
     """
     text = text.strip().lower().replace(".", "")
@@ -99,7 +101,8 @@ def acc_plus_scores(correct_by_image: dict[str, list[bool]]) -> dict[str, float]
 def parse_option(text: str, letters: str = "ABCD", choices: Sequence[str] = ()) -> str:
     """The option letter an answer picks, or "" if none (what official multiple-choice evals accept).
 
-    Used by ``mmbench``, ``scienceqa-img``, ``mvbench`` and ``videomme``. In order: a bare letter
+    A lenient reading for users' own benchmarks; the real benchmarks read as their references do
+    (``v2drop.benchmarks.reading``), which accept far less. In order: a bare letter
     ("B", "(B)", "b."); the text of exactly one option (after ``normalize_vqa``); a leading letter
     ("B. cat", "(C) cat"); an answer phrase ("Answer: C", "The best answer is (B).", "Best
     option: D"); "(B)" anywhere; the first capital option letter standing alone ("I think B").

@@ -6,7 +6,7 @@ from v2drop.benchmarks.base import Sample, register_benchmark
 from v2drop.benchmarks.hub import VideoBenchmark, hub_dataset
 from v2drop.benchmarks.metrics import mean, per_family_accuracy
 from v2drop.benchmarks.prompts import LETTERS
-from v2drop.benchmarks.reading import mvbench_lmms_eval, mvbench_process
+from v2drop.benchmarks.reading import mvbench_lmms_eval
 
 POST_PROMPT = "Only give the best option.\n"  # every mvbench_<task>.yaml's default post_prompt in lmms-eval 0.6.1
 
