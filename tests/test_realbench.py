@@ -137,6 +137,24 @@ def test_uniform_frame_indices():
         frame_indices(0, 4)
 
 
+def test_llava_readings_by_hand():
+    """LLaVA-1.5's scripts, case by case (eval_pope.py, MME's calculation.py, convert_gqa_for_eval.py, eval_science_qa.py)."""
+    from v2drop.benchmarks.reading import gqa_llava, mme_llava, pope_llava, scienceqa_llava
+
+    pope = {"No, there is not.": "no", "NO": "yes", "no!": "yes", "Not sure": "yes", "There is not a cat. Yes.": "no",
+            "Yes. not": "yes", "I see no dog": "no", "": "yes", "no,": "no"}
+    assert {t: pope_llava(t) for t in pope} == pope
+    mme = {"Yes": "yes", "No.": "no", "y": "other", " yes": "yes", "   no": "other", "The answer is no": "other", "Nope": "no"}
+    assert {t: mme_llava(t) for t in mme} == mme
+    gqa = {("Left.", "left"): True, ("left..", "left"): True, ("The left", "left"): False, (" left", "left"): False,
+           ("no!", "no"): False, ("T-shirt", "t-shirt"): True}
+    assert {k: gqa_llava(*k) for k in gqa} == gqa
+    sqa = {"A": True, "A. West Virginia": True, "A.": False, "a": False, "(A)": False, "The answer is A.": True,
+           "The answer is A. The answer is B.": False, "AB": False, "": False, "E": False}
+    assert {t: scienceqa_llava(t, "A", 4) for t in sqa} == sqa
+    assert scienceqa_llava("E", "E", 5) and not scienceqa_llava("E", "E", 4)  # a letter beyond the choices is no answer
+
+
 # -- each benchmark on its fixture ----------------------------------------------------------------------------
 
 

@@ -123,7 +123,7 @@ def scienceqa_lmms_eval(prediction: str, answer: str) -> bool:
 
 def scienceqa_llava(prediction: str, answer: str, n_choices: int) -> bool:
     """LLaVA-1.5's ``eval_science_qa.py``: the letter exactly, "X. ..." , or exactly one "The answer is X." match; a letter beyond the choices is wrong."""
-    options = "ABCDE"
+    options = ("A", "B", "C", "D", "E")  # a list in the script: membership is whole-string, never a substring
     if prediction in options:
         letter = prediction
     elif len(prediction) >= 3 and prediction[0] in options and prediction[1:3] == ". ":
