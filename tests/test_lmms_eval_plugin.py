@@ -62,3 +62,22 @@ def test_plugin_stops_at_until_and_rejects_unknown_args(saved_llava):
         cls.create_from_arg_string(f"pretrained={saved_llava},shedule=v2drop-llava15-128")
     with pytest.raises(ValueError, match="Unknown preset"):
         cls.create_from_arg_string(f"pretrained={saved_llava},method=v2drop,schedule=no-such-preset")
+
+
+def test_task_name_mapping_covers_every_real_benchmark():
+    """Each real benchmark maps to an lmms-eval task whose scoring module is in the installed package."""
+    from pathlib import Path
+
+    from v2drop.benchmarks import list_benchmarks
+    from v2drop.integrations.lmms_eval import LMMS_EVAL_TASKS, lmms_eval_task
+
+    real = set(list_benchmarks()) - {"digits", "digits-video"}
+    assert set(LMMS_EVAL_TASKS) == real
+    tasks = Path(lmms_eval.__file__).parent / "tasks"
+    folders = {"scienceqa_img": "scienceqa", "textvqa_val": "textvqa", "mmbench_en_dev": "mmbench"}
+    for name in sorted(real):
+        task = lmms_eval_task(name)
+        folder = tasks / folders.get(task, task)
+        assert (folder / ("en_utils.py" if task.startswith("mmbench") else "utils.py")).is_file(), (name, task)
+    with pytest.raises(ValueError, match="No lmms-eval task for benchmark 'digits'"):
+        lmms_eval_task("digits")

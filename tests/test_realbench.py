@@ -137,32 +137,65 @@ def test_uniform_frame_indices():
         frame_indices(0, 4)
 
 
+def test_llava_readings_by_hand():
+    """LLaVA-1.5's scripts, case by case (eval_pope.py, MME's calculation.py, convert_gqa_for_eval.py, eval_science_qa.py)."""
+    from v2drop.benchmarks.reading import gqa_llava, mme_llava, pope_llava, scienceqa_llava
+
+    pope = {"No, there is not.": "no", "NO": "yes", "no!": "yes", "Not sure": "yes", "There is not a cat. Yes.": "no",
+            "Yes. not": "yes", "I see no dog": "no", "": "yes", "no,": "no"}
+    assert {t: pope_llava(t) for t in pope} == pope
+    mme = {"Yes": "yes", "No.": "no", "y": "other", " yes": "yes", "   no": "other", "The answer is no": "other", "Nope": "no"}
+    assert {t: mme_llava(t) for t in mme} == mme
+    gqa = {("Left.", "left"): True, ("left..", "left"): True, ("The left", "left"): False, (" left", "left"): False,
+           ("no!", "no"): False, ("T-shirt", "t-shirt"): True}
+    assert {k: gqa_llava(*k) for k in gqa} == gqa
+    sqa = {"A": True, "A. West Virginia": True, "A.": False, "a": False, "(A)": False, "The answer is A.": True,
+           "The answer is A. The answer is B.": False, "AB": False, "": False, "E": False}
+    assert {t: scienceqa_llava(t, "A", 4) for t in sqa} == sqa
+    assert scienceqa_llava("E", "E", 5) and not scienceqa_llava("E", "E", 4)  # a letter beyond the choices is no answer
+
+
 # -- each benchmark on its fixture ----------------------------------------------------------------------------
 
 
 def test_pope_metrics_by_hand():
     b = bench("pope")
+    assert b.answer_reading == "llava"
     samples = b.load("test")
     assert len(samples) == 9 and samples[0].question == "Is there a dog in the image?\nAnswer the question using a single word or phrase."
     assert samples[0].images[0] is samples[2].images[0]  # one decode per image file
     preds = ["Yes, there is a dog in the image.", "No, there is not.", "Yes", "There is not a bench. Yes.",  # adversarial: tp tn fp fn
              "yes", "no", "Yes, I think so",  # popular: tp tn fp
-             "I see a dog. It is not a cat.", "NO"]  # random: tp (first sentence only), tn
+             "I see a dog. It is not a cat.", "NO"]  # random: tp (first sentence only), fp
+    # "NO" was read "no" before; LLaVA's eval_pope.py looks for the words "No", "no", "not" case-sensitively,
+    # so it reads "NO" as yes (a false positive here).
     out = b.aggregate(records(b, samples, preds))
     assert out["per_split"]["adversarial"] == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5}
     assert out["per_split"]["popular"] == pytest.approx({"accuracy": 2 / 3, "precision": 0.5, "recall": 1.0, "f1": 2 / 3, "yes_ratio": 2 / 3})
-    assert out["per_split"]["random"] == {"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.5}
-    # overall tp 3, tn 3, fp 2, fn 1
-    assert out["accuracy"] == pytest.approx(6 / 9) and out["precision"] == pytest.approx(0.6) and out["recall"] == 0.75
-    assert out["f1"] == pytest.approx(2 / 3) and out["yes_ratio"] == pytest.approx(5 / 9)
-    assert out["f1_mean_of_splits"] == pytest.approx((0.5 + 2 / 3 + 1) / 3)
-    assert out["per_family"] == pytest.approx({"adversarial": 0.5, "popular": 2 / 3, "random": 1.0}) and out["n"] == 9
+    assert out["per_split"]["random"] == pytest.approx({"accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": 2 / 3, "yes_ratio": 1.0})
+    # overall tp 3, tn 2, fp 3, fn 1
+    assert out["accuracy"] == pytest.approx(5 / 9) and out["precision"] == pytest.approx(0.5) and out["recall"] == 0.75
+    assert out["f1"] == pytest.approx(0.6) and out["yes_ratio"] == pytest.approx(6 / 9)
+    assert out["f1_mean_of_splits"] == pytest.approx((0.5 + 2 / 3 + 2 / 3) / 3)
+    assert out["per_family"] == pytest.approx({"adversarial": 0.5, "popular": 2 / 3, "random": 0.5}) and out["n"] == 9
+    assert out["answer_reading"] == "llava"
+
+
+def test_pope_lmms_eval_reading():
+    b = bench("pope", answer_reading="lmms-eval")
+    samples = b.load("test")
+    preds = ["Yes, there is a dog in the image.", "No", " no ", "no", "YES", "no", "maybe", "yes", "no"]
+    out = b.aggregate(records(b, samples, preds))
+    # only exact yes/no (after lower/strip) count; "maybe" is neither a false positive nor a false negative
+    assert [b.read(p) for p in preds[:3]] == ["yes, there is a dog in the image.", "no", "no"]
+    assert out["answer_reading"] == "lmms-eval" and out["yes_ratio"] == pytest.approx(4 / 9)  # lmms-eval: the share of gold yes
 
 
 def test_mme_scores_with_acc_plus():
     b = bench("mme")
     samples = b.load("test")
-    assert samples[0].question == "Is there a dog in this image? Please answer yes or no."
+    # LLaVA-1.5 and lmms-eval both replace " Please answer yes or no." by the short-answer line
+    assert samples[0].question == "Is there a dog in this image?\nAnswer the question using a single word or phrase."
     preds = ["Yes", "No.",  # existence/1: both right
              "yes, there is", "Yes",  # existence/2: one of two right -> no acc+
              "No", "no",  # count/1: one right
@@ -175,17 +208,24 @@ def test_mme_scores_with_acc_plus():
     assert out["accuracy"] == 5 / 8 and out["per_family"] == {"code_reasoning": 0.5, "count": 0.5, "existence": 0.75}
 
 
-def test_gqa_exact_match_after_normalisation():
+def test_gqa_exact_match_as_the_references():
     b = bench("gqa")
     samples = b.load("test")  # the harness's "test" is GQA's testdev
     assert [s.family for s in samples] == ["query", "verify", "query", "choose", "verify", "query"]
     assert samples[0].question == "Which side is the red car on?\nAnswer the question using a single word or phrase."
     assert np.asarray(samples[0].images[0])[0, 0].tolist() == [50, 60, 70]  # images/<imageId>.png when no image column
     assert np.asarray(samples[2].images[0])[0, 0].tolist() == [70, 60, 50]  # the image column when present
-    preds = ["The red one.", "Yes", "right", "T shirt", "No, it is not.", "A man"]
-    assert [r["correct"] for r in records(b, samples, preds)] == [True, True, False, True, False, True]
+    # answers: "red one", "yes", "left", "t-shirt", "no", "man". The old reading (VQA normalisation) also
+    # accepted "The red one." and "A man"; neither reference drops articles for GQA.
+    preds = ["Red one.", "Yes", "right", "t-shirt", "no!", "A man"]
+    # llava: rstrip(".") and lower case, then equal ("no!" keeps its "!")
+    assert [r["correct"] for r in records(b, samples, preds)] == [True, True, False, True, False, False]
     out = b.aggregate(records(b, samples, preds))
-    assert out["accuracy"] == pytest.approx(4 / 6) and out["per_family"] == pytest.approx({"choose": 1.0, "query": 2 / 3, "verify": 0.5})
+    assert out["accuracy"] == pytest.approx(3 / 6) and out["per_family"] == pytest.approx({"choose": 1.0, "query": 1 / 3, "verify": 0.5})
+    # lmms-eval: lower case and every punctuation mark removed, whole strings equal
+    lm = bench("gqa", answer_reading="lmms-eval")
+    lm_samples = lm.load("test")
+    assert [r["correct"] for r in records(lm, lm_samples, preds)] == [True, True, False, True, True, False]
 
 
 def test_mmbench_plain():
@@ -198,23 +238,31 @@ def test_mmbench_plain():
     assert np.asarray(samples[1].images[0])[0, 0].tolist() == [10, 10, 90]  # base64 image
     out = b.aggregate(records(b, samples, ["(B)", "B", "Answer: C"]))
     assert out["accuracy"] == pytest.approx(2 / 3) and out["per_family"] == {"attribute_recognition": 1.0, "object_localization": 1.0, "ocr": 0.0}
-    assert out["circular"] is False
+    assert out["circular"] is True and out["accuracy_first_copy"] == pytest.approx(2 / 3)  # no copies: one pass
+    lm = bench("mmbench", answer_reading="lmms-eval").load("dev")
+    assert lm[0].question == ("Look at the picture. Where is the cat? There are several options:\nA. left\nB. right\nC. top\n"
+                              "D. bottom\n\nAnswer with the option's letter from the given choices directly.")
 
 
-def test_mmbench_circular_one_rotation_fails():
-    b = bench("mmbench", circular=True)
-    samples = b.load("test")
-    # question 0: right (B) moves to B, A, D, C; question 1: stop at A, B; question 2: bird at C, B, A
-    assert [s.answer for s in samples] == ["B", "A", "D", "C", "A", "B", "C", "B", "A"]
-    assert samples[1].choices == ("right", "top", "bottom", "left")
-    preds = ["(B)", "A.", "D", "Answer: C",  # question 0: every rotation right
-             "A", "A",  # question 1: the rotated copy fails
-             "The answer is C", "bird", "(A) bird"]  # question 2: an option's text counts
+def test_mmbench_circular_eval_over_the_dataset_copies():
+    b = bench("mmbench", "mmbench-circular")
+    samples = b.load("dev")
+    # rows are asked as they are (never rotated again); copies share index % 1e6 with their question
+    assert [s.id for s in samples] == ["0", "1", "2", "1000000", "1000001", "2000000", "1000002", "3000000", "2000002"]
+    assert [s.answer for s in samples] == ["B", "A", "C", "A", "B", "D", "B", "C", "A"]
+    assert samples[3].choices == ("right", "top", "bottom", "left")
+    preds = ["(B)", "A", "The answer is C",  # the three questions' own rows: all right
+             "A.", "A", "D",  # 1000000 right, 1000001 wrong (question 1 fails), 2000000 right
+             "bird", "Answer: C", "(A) bird"]  # an option's text counts (MMBench's can_infer_text)
     out = b.aggregate(records(b, samples, preds))
-    assert out["accuracy"] == pytest.approx(2 / 3) and out["accuracy_first_rotation"] == 1.0
+    assert out["accuracy"] == pytest.approx(2 / 3) and out["accuracy_first_copy"] == 1.0
     assert out["per_family"] == {"attribute_recognition": 1.0, "object_localization": 1.0, "ocr": 0.0}
-    assert out["n"] == 3 and out["n_samples"] == 9
-    assert [s.id for s in b.load("test", limit=5)] == ["0@0", "0@1", "0@2", "0@3", "1@0", "1@1"]  # rotations stay together
+    assert out["n"] == 3 and out["n_samples"] == 9 and out["circular"] is True
+    single = bench("mmbench", "mmbench-circular", circular=False)
+    single_samples = single.load("dev")
+    assert single.aggregate(records(single, single_samples, preds))["accuracy"] == 1.0  # the first copies only
+    with pytest.raises(ValueError, match="own row"):  # copies without their question are not scored, as MMBench's evaluator
+        b.aggregate(records(b, samples[3:], preds[3:]))
 
 
 def test_scienceqa_letters_and_context():
@@ -232,7 +280,9 @@ def test_scienceqa_letters_and_context():
 def test_textvqa_soft_accuracy_by_hand():
     b = bench("textvqa")
     samples = b.load("test")  # the harness's "test" is TextVQA's validation
-    assert samples[0].question == "how many apples are there?\nAnswer the question using a single word or phrase."
+    # llava (default): LLaVA-1.5's question file adds the OCR tokens
+    assert samples[0].question == ("how many apples are there?\nReference OCR token: 2, apples\n"
+                                   "Answer the question using a single word or phrase.")
     assert samples[0].answer == "3"  # the most common normalised answer, for the records
     preds = ["Two.",  # "2" from 3 of 10 annotators: (3 x 2/3 + 7 x 1) / 10 = 0.9
              "Coca-Cola!",  # "coca cola" from 2 ("coca-cola", "the coca cola"): (2 x 1/3 + 8 x 2/3) / 10 = 0.6
@@ -242,9 +292,10 @@ def test_textvqa_soft_accuracy_by_hand():
     assert [r["correct"] for r in recs] == [True, False, True, False]
     out = b.aggregate(recs)
     assert out["vqa_accuracy"] == out["accuracy"] == pytest.approx(2.5 / 4) and out["full_credit"] == 0.5
-    ocr = bench("textvqa", ocr=True).load("validation", limit=1)[0]
-    assert ocr.question == ("how many apples are there?\nReference OCR token: 2, apples\n"
-                            "Answer the question using a single word or phrase.")
+    plain = bench("textvqa", ocr=False).load("validation", limit=1)[0]
+    assert plain.question == "how many apples are there?\nAnswer the question using a single word or phrase."
+    lm = bench("textvqa", answer_reading="lmms-eval").load("validation", limit=1)[0]  # capitalised, no OCR (ocr: false)
+    assert lm.question == "How many apples are there?\nAnswer the question using a single word or phrase."
 
 
 def test_mvbench_frames_letters_and_tasks():
@@ -253,8 +304,8 @@ def test_mvbench_frames_letters_and_tasks():
     assert frame_ids(samples[0].images) == [(1, 0), (1, 2), (1, 3), (1, 5)]  # a frame list: 4 of 6
     assert frame_ids(samples[1].images) == [(2, 0), (2, 3), (2, 6), (2, 9)]  # a frame folder in natural order: 4 of 10
     assert samples[1].images is samples[2].images  # one video, decoded once
-    assert samples[0].question == ("Question: What did the person do first?\nOptions:\n(A) Sat on the bed.\n(B) Opened the door.\n"
-                                   "(C) Took the cup.\nAnswer with the option's letter from the given choices directly.")
+    assert samples[0].question == ("Question:What did the person do first?\nOption:\n(A) Sat on the bed.\n(B) Opened the door.\n"
+                                   "(C) Took the cup.\nOnly give the best option.\n")  # lmms-eval's mvbench_doc_to_text
     assert [s.answer for s in samples] == ["B", "C", "D"]
     out = b.aggregate(records(b, samples, ["(B) Opened the door.", "A", "Best option: (D)"]))
     assert out["accuracy"] == pytest.approx(2 / 3) and out["per_family"] == {"action_sequence": 0.5, "object_existence": 1.0}
@@ -267,8 +318,10 @@ def test_videomme_per_task_and_duration():
     samples = b.load("test")
     assert frame_ids(samples[0].images) == [(3, 0), (3, 1), (3, 2)]  # frames/<videoID>/, all 3 (fewer than 16)
     assert samples[0].images is samples[1].images and frame_ids(samples[3].images)[0] == (5, 0)  # <videoID>/ folder
-    assert samples[0].question == ("How many people appear in the video?\nA. One.\nB. Two.\nC. Three.\nD. Four.\n"
-                                   "Answer with the option's letter from the given choices directly.")
+    assert samples[0].question == ("Select the best answer to the following multiple-choice question based on the video and the "
+                                   "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.\n"
+                                   "How many people appear in the video?\nA. One.\nB. Two.\nC. Three.\nD. Four.\n\n"
+                                   "Answer with the option's letter from the given choices directly.")  # lmms-eval's videomme_doc_to_text
     out = b.aggregate(records(b, samples, ["B", "The best answer is C.", "D. Five.", "(C)"]))
     assert out["accuracy"] == 0.75
     assert out["per_family"] == {"Counting Problem": 1.0, "OCR Problems": 0.0, "Temporal Reasoning": 1.0}

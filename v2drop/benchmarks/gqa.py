@@ -7,8 +7,8 @@ import json
 from v2drop.benchmarks.base import DataError, Sample, register_benchmark
 from v2drop.benchmarks.hub import HFBenchmark, hub_dataset
 from v2drop.benchmarks.media import IMAGE_SUFFIXES
-from v2drop.benchmarks.metrics import vqa_exact_match
 from v2drop.benchmarks.prompts import SHORT_ANSWER
+from v2drop.benchmarks.reading import gqa_llava, gqa_lmms_eval
 
 STRUCTURAL = ("verify", "query", "choose", "logical", "compare")
 
@@ -26,9 +26,12 @@ class GQA(HFBenchmark):
     ``<data_dir>/images/<imageId>.jpg`` (or .png, ...). On the hub the images live in the
     ``*_balanced_images`` configuration (columns ``id``, ``image``).
 
-    Prompt: question + "\\nAnswer the question using a single word or phrase." Correct: the
-    normalised prediction equals the normalised answer (lower case, punctuation, articles, number
-    words). Families: the structural type (verify, query, choose, logical, compare).
+    Prompt (LLaVA-1.5 and lmms-eval alike): question + "\\nAnswer the question using a single word
+    or phrase." ``answer_reading``: ``llava`` (default; LLaVA's ``convert_gqa_for_eval.py`` strips
+    trailing periods and lower-cases, then GQA's ``eval.py`` needs the answer exactly) or
+    ``lmms-eval`` (``exact_match`` with ``ignore_case`` and ``ignore_punctuation``: lower case,
+    every ASCII punctuation mark removed, whole strings equal). Families: the structural type
+    (verify, query, choose, logical, compare).
     """
 
     hf_name = "lmms-lab/GQA"
@@ -37,6 +40,7 @@ class GQA(HFBenchmark):
     split_aliases = {"test": "testdev"}
     columns = ("id", "question", "answer", "imageId")
     families = STRUCTURAL
+    default_reading = "llava"
 
     def hub_rows(self, split):
         """Question rows with their image looked up in the images configuration."""
@@ -65,8 +69,8 @@ class GQA(HFBenchmark):
         raise DataError(f"no image column and no images/{row['imageId']}.jpg (or .png) under {self.data_dir}")
 
     def is_correct(self, prediction, sample):
-        """Exact match after the VQA normalisation (``vqa_exact_match``)."""
-        return vqa_exact_match(prediction, sample.answer)
+        """Exact match as the reference of ``answer_reading`` reads it."""
+        return (gqa_llava if self.answer_reading == "llava" else gqa_lmms_eval)(prediction, sample.answer)
 
 
 def structural_type(row: dict) -> str:

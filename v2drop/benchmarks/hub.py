@@ -21,6 +21,7 @@ from PIL import Image
 from v2drop.benchmarks.base import Benchmark, DataError, Sample
 from v2drop.benchmarks.media import decode_image_file, decode_video, existing_path, frame_files, open_image, sample_frames, shrink
 from v2drop.benchmarks.metrics import mean, per_family_accuracy
+from v2drop.benchmarks.reading import READINGS, check_reading
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -85,15 +86,21 @@ class HFBenchmark(Benchmark):
     ``load`` accepts), ``split_aliases`` (an accepted name -> the dataset's name for that split,
     where they differ), ``columns`` (required in every row) and implement ``to_samples``. Loaded
     samples are remembered by id, so ``aggregate`` can use what a record does not carry.
+    ``answer_reading`` picks the reference scorer (one of ``readings``: "lmms-eval" for lmms-eval
+    0.6.1's task functions, "llava" for LLaVA-1.5's eval scripts; ``default_reading`` when None);
+    ``aggregate`` records it.
     """
 
     hf_name: str = ""  # Hugging Face dataset id
     hf_config: str | None = None  # dataset configuration
     split_aliases: dict[str, str] = {}  # accepted split name -> the dataset's split, where they differ
     columns: tuple[str, ...] = ()  # required in every row
-    whole_rows: bool = False  # ``limit`` never splits the samples of one row (MMBench's rotations)
+    whole_rows: bool = False  # ``limit`` never splits the samples of one row
+    readings: tuple[str, ...] = READINGS  # the answer_reading values this benchmark implements
+    default_reading: str = "lmms-eval"  # answer_reading when none is given (docs/benchmarks.md says why)
 
-    def __init__(self, data_dir: str | os.PathLike | None = None):
+    def __init__(self, data_dir: str | os.PathLike | None = None, answer_reading: str | None = None):
+        self.answer_reading = check_reading(answer_reading or self.default_reading, self.readings, self.name)
         self.data_dir = Path(data_dir) if data_dir else None
         if self.data_dir is not None and not self.data_dir.is_dir():
             raise DataError(f"data_dir {str(data_dir)!r} (--data-dir) is not a directory")
@@ -181,7 +188,8 @@ class HFBenchmark(Benchmark):
     def aggregate(self, records: list[dict]) -> dict:
         """Accuracy (``is_correct`` on each record's prediction) overall and per family."""
         marked = [{"family": s.family, "correct": self.is_correct(r["prediction"], s)} for r, s in self.with_samples(records)]
-        return {"accuracy": mean(m["correct"] for m in marked), "per_family": per_family_accuracy(marked), "n": len(records)}
+        return {"accuracy": mean(m["correct"] for m in marked), "per_family": per_family_accuracy(marked), "n": len(records),
+                "answer_reading": self.answer_reading}
 
     # -- images -------------------------------------------------------------------------------------------
     def media_root(self) -> Path | None:
@@ -220,8 +228,8 @@ class VideoBenchmark(HFBenchmark):
     default_frames = 8  # num_frames when none is given
 
     def __init__(self, data_dir: str | None = None, num_frames: int | None = None, video_root: str | None = None,
-                 max_side: int | None = None):
-        super().__init__(data_dir)
+                 max_side: int | None = None, answer_reading: str | None = None):
+        super().__init__(data_dir, answer_reading)
         self.num_frames = self.default_frames if num_frames is None else int(num_frames)
         if self.num_frames < 1:
             raise DataError(f"num_frames must be at least 1, got {num_frames}")

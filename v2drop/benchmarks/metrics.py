@@ -1,8 +1,9 @@
 """Every rule that reads an answer or scores one, for all benchmarks, in one place.
 
-Each benchmark's prompt and metric are described in ``docs/benchmarks.md``; the rules here keep
-the behaviour each benchmark has always had (the two yes/no readings differ on purpose: they are
-POPE's and MME's own). Nothing here imports the rest of the package.
+The benchmarks score with the reference readings of ``v2drop.benchmarks.reading`` (lmms-eval's
+and LLaVA-1.5's, chosen by ``answer_reading``); the lenient readings here (``parse_option``,
+``read_yes_no_by_*``, ``exact_match``) serve the digits benchmarks and users' own benchmarks.
+Nothing here imports the rest of the package but ``vqa`` (EvalAI's normaliser).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterable, Sequence
+
+from v2drop.benchmarks.vqa import normalize_vqa, vqa_accuracy  # noqa: F401  (re-exported: EvalAI's normaliser)
 
 # -- generic ------------------------------------------------------------------------------------------------
 
@@ -45,9 +48,10 @@ def exact_match(prediction: str, answer: str) -> bool:
 def read_yes_no_by_negation(text: str) -> str:
     """POPE's reading of an answer: "no" if its first sentence has the word "no" or "not", else "yes".
 
-    Used by ``pope``. As the official POPE script (first sentence, commas dropped, split on
-    spaces), except that words are lower-cased and stripped of punctuation, so "NO" and "no!"
-    count as no too. Never returns anything but "yes" or "no".
+    A lenient reading (the ``pope`` benchmark reads with LLaVA's exact, case-sensitive rule,
+    ``reading.pope_llava``): as LLaVA's ``eval_pope.py`` (first sentence, commas dropped), except
+    that words are lower-cased and stripped of punctuation, so "NO" and "no!" count as no too.
+    Never returns anything but "yes" or "no".
     """
     first = text.split(".")[0]
     words = {w.strip(string.punctuation) for w in first.replace(",", "").lower().split()}
@@ -57,7 +61,8 @@ def read_yes_no_by_negation(text: str) -> str:
 def read_yes_no_by_prefix(text: str) -> str:
     """MME's reading of an answer: exactly yes/no, else yes/no within its first four characters, else "other".
 
-    Used by ``mme``. Lower case and periods removed first; "yes" is looked for before "no", so
+    A lenient reading (the ``mme`` benchmark reads with ``reading.mme_llava`` / ``mme_lmms_eval``).
+    Lower case and periods removed first; "yes" is looked for before "no", so
     "Not sure" reads "no" and "The answer is no" reads "other" (wrong for either answer).
     """
     text = text.strip().lower().replace(".", "")
@@ -96,7 +101,8 @@ def acc_plus_scores(correct_by_image: dict[str, list[bool]]) -> dict[str, float]
 def parse_option(text: str, letters: str = "ABCD", choices: Sequence[str] = ()) -> str:
     """The option letter an answer picks, or "" if none (what official multiple-choice evals accept).
 
-    Used by ``mmbench``, ``scienceqa-img``, ``mvbench`` and ``videomme``. In order: a bare letter
+    A lenient reading for users' own benchmarks; the real benchmarks read as their references do
+    (``v2drop.benchmarks.reading``), which accept far less. In order: a bare letter
     ("B", "(B)", "b."); the text of exactly one option (after ``normalize_vqa``); a leading letter
     ("B. cat", "(C) cat"); an answer phrase ("Answer: C", "The best answer is (B).", "Best
     option: D"); "(B)" anywhere; the first capital option letter standing alone ("I think B").
@@ -129,74 +135,11 @@ def option_is_correct(prediction: str, answer: str, choices: Sequence[str], lett
     return parse_option(prediction, letters[: len(choices)], choices) == answer
 
 
-# -- the VQA answer normaliser (TextVQA, GQA) ---------------------------------------------------------------
-
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = ";/[]\"{}()=+\\_-><@`,?!"
-# Contractions the VQA evaluation restores when written without apostrophes. Forms of "I" are left
-# out (answers are lower-cased first, and the original table only lists them capitalised), and so
-# are forms that are ordinary words without the apostrophe (he'll -> hell, we're -> were).
-_CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd
-he'd've he'll he's how'd how'll how's isn't it'd it'd've it'll let's ma'am mightn't mightn't've might've mustn't must've needn't
-not've o'clock oughtn't 'ow's'at shan't she'd've she's should've shouldn't shouldn't've somebody'd somebody'd've somebody'll
-somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll something's that's there'd
-there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we're we've weren't what'll what're
-what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't
-wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've""".split()
-_ORDINARY_WORDS = {"hell", "were"}  # he'll, we're
-
-
-def _contraction_table() -> dict[str, str]:
-    table = {}
-    for word in _CONTRACTED:
-        cuts = [i for i, ch in enumerate(word) if ch == "'"]
-        for mask in range(2 ** len(cuts) - 1):  # every way of dropping apostrophes but keeping them all
-            kept = {cuts[j] for j in range(len(cuts)) if mask >> j & 1}
-            variant = "".join(ch for i, ch in enumerate(word) if ch != "'" or i in kept)
-            if variant not in _ORDINARY_WORDS:
-                table.setdefault(variant, word)
-    return table
-
-
-_CONTRACTIONS = _contraction_table()
-
-
-def normalize_vqa(answer: str) -> str:
-    """The standard VQA answer normalisation (as EvalAI's answer processor).
-
-    Lower case; commas and question marks dropped; a punctuation mark touching a space removed,
-    elsewhere (``t-shirt``) replaced by a space, all of them removed when the answer has a
-    digit-comma-digit; periods removed unless a digit follows; number words to digits; articles
-    dropped; apostrophe-less contractions restored ("dont" -> "don't").
-    """
-    text = str(answer).lower().replace(",", "").replace("?", "").replace("'s", " 's")
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    joined_digits = re.search(r"\d,\d", text) is not None
-    out = text
-    for p in _PUNCT:
-        # The conditions look at the text before any replacement, as the reference implementation does.
-        out = out.replace(p, "" if joined_digits or (p + " ") in text or (" " + p) in text else " ")
-    out = re.sub(r"\.(?!\d)", "", out)
-    words = [_NUMBERS.get(w, w) for w in out.split()]
-    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
-
+# -- the VQA answer normaliser (TextVQA): EvalAI's, in v2drop.benchmarks.vqa --------------------------------
 
 def vqa_exact_match(prediction: str, answer: str) -> bool:
-    """``normalize_vqa`` of both agree: GQA's rule."""
+    """``normalize_vqa`` of both agree (a lenient VQA exact match; the benchmarks use their references' readings)."""
     return normalize_vqa(prediction) == normalize_vqa(answer)
-
-
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA accuracy (TextVQA's metric): over the leave-one-annotator-out subsets, the mean of min(1, matches / 3)."""
-    pred = normalize_vqa(prediction)
-    gold = [normalize_vqa(a) for a in answers]
-    if len(gold) < 2:
-        return float(bool(gold) and gold[0] == pred)
-    matches = sum(g == pred for g in gold)
-    # Leaving out annotator i removes one match exactly when annotator i gave the predicted answer.
-    return mean(min(1.0, (matches - (g == pred)) / 3) for g in gold)
 
 
 def vqa_full_credit(prediction: str, answers: Sequence[str]) -> bool:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from v2drop.benchmarks.base import Sample, register_benchmark
 from v2drop.benchmarks.hub import HFBenchmark
-from v2drop.benchmarks.metrics import acc_plus_scores, mean, per_family_accuracy, read_yes_no_by_prefix
+from v2drop.benchmarks.metrics import acc_plus_scores, mean, per_family_accuracy
+from v2drop.benchmarks.prompts import SHORT_ANSWER
+from v2drop.benchmarks.reading import mme_llava, mme_lmms_eval
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+YES_NO_LINE = " Please answer yes or no."  # what both references remove from the question before adding SHORT_ANSWER
 
 
 @register_benchmark("mme")
@@ -19,7 +22,11 @@ class MME(HFBenchmark):
     ``question`` (ending "Please answer yes or no."), ``answer`` ("Yes"/"No"), ``category`` (the
     subtask) and ``image`` (path relative to ``data_dir``, or base64).
 
-    Prompt: the question as given. ``aggregate``: per subtask acc (questions right), acc+
+    Prompt (LLaVA-1.5's ``llava_mme.jsonl`` and lmms-eval's default alike): the question with
+    " Please answer yes or no." removed, + "\\nAnswer the question using a single word or phrase."
+    ``answer_reading``: ``llava`` (default; MME's ``calculation.py``: lower case, exactly yes/no,
+    else yes/no within the first four characters) or ``lmms-eval`` (the same after stripping
+    space and periods, and a lone "y"/"n" reads yes/no). ``aggregate``: per subtask acc (questions right), acc+
     (images with both questions right) and score = (acc + acc+) × 100; ``perception`` and
     ``cognition`` sum the scores of their subtasks (max 2,000 and 800), ``total`` both.
     ``accuracy`` is the plain share of questions right.
@@ -30,6 +37,7 @@ class MME(HFBenchmark):
     default_split = "test"
     columns = ("question_id", "question", "answer", "category", "image")
     families = PERCEPTION + COGNITION
+    default_reading = "llava"
 
     def to_samples(self, row, index):
         """One yes/no question; its image is remembered for acc+."""
@@ -39,11 +47,13 @@ class MME(HFBenchmark):
         sid = f"{row['question_id']}#{index}"
         self.by_id[sid] = {"image": str(row["question_id"])}
         image = self.image(row["image"], key=row["question_id"])
-        return [Sample(sid, str(row["question"]).strip(), answer, str(row["category"]), (image,))]
+        question = str(row["question"]).strip().replace(YES_NO_LINE, "") + SHORT_ANSWER
+        return [Sample(sid, question, answer, str(row["category"]), (image,))]
 
     def is_correct(self, prediction, sample):
-        """MME's yes/no reading of the prediction (``read_yes_no_by_prefix``) equals the answer."""
-        return read_yes_no_by_prefix(prediction) == sample.answer
+        """The yes/no reading of ``answer_reading`` equals the answer ("other" is wrong for both)."""
+        read = mme_llava if self.answer_reading == "llava" else mme_lmms_eval
+        return read(prediction) == sample.answer
 
     def aggregate(self, records):
         """Per-subtask acc, acc+ and score; perception, cognition and total scores."""
@@ -56,4 +66,5 @@ class MME(HFBenchmark):
         perception = sum(v["score"] for k, v in subtasks.items() if k in PERCEPTION)
         cognition = sum(v["score"] for k, v in subtasks.items() if k in COGNITION)
         return {"perception": perception, "cognition": cognition, "total": perception + cognition, "subtasks": subtasks,
-                "accuracy": mean(m["correct"] for m in marked), "per_family": per_family_accuracy(marked), "n": len(marked)}
+                "accuracy": mean(m["correct"] for m in marked), "per_family": per_family_accuracy(marked), "n": len(marked),
+                "answer_reading": self.answer_reading}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from v2drop.benchmarks.base import Sample, register_benchmark
-from v2drop.benchmarks.hub import VideoBenchmark, hub_dataset, present
-from v2drop.benchmarks.metrics import mean, option_is_correct
-from v2drop.benchmarks.prompts import LETTERS, OPTION_ANSWER
+from v2drop.benchmarks.hub import VideoBenchmark, hub_dataset
+from v2drop.benchmarks.metrics import mean, per_family_accuracy
+from v2drop.benchmarks.prompts import LETTERS
+from v2drop.benchmarks.reading import mvbench_lmms_eval
+
+POST_PROMPT = "Only give the best option.\n"  # every mvbench_<task>.yaml's default post_prompt in lmms-eval 0.6.1
 
 # Task (the dataset configuration) -> folder of its videos in the dataset repository's video archives,
 # as lmms-eval lays them out.
@@ -43,14 +46,18 @@ class MVBench(VideoBenchmark):
     Local copy: ``<data_dir>/test.jsonl`` (or ``train.jsonl``) with ``video`` (a list of frame
     image paths, a folder of frames or a video file, relative to ``video_root`` or ``data_dir``),
     ``question``, ``candidates`` (the options), ``answer`` (the right candidate's text), ``task``
-    (the configuration name, e.g. ``action_sequence``) and optionally ``start``/``end`` (seconds;
-    applied to video files only: frame lists are taken to cover the clip already). From the hub,
-    ``video_root`` must hold the unpacked video archives (``star/``, ``clevrer/``, ...).
+    (the configuration name, e.g. ``action_sequence``); ``start``/``end`` columns are ignored:
+    the videos in the dataset's ``*_segment`` folders are already cut to the clip, and lmms-eval's
+    ``mvbench_doc_to_visual`` passes the whole file. From the hub, ``video_root`` must hold the
+    unpacked video archives (``star/``, ``clevrer/``, ...).
 
     Frames: ``num_frames`` (default 8; the official evaluation uses 16) picked uniformly.
-    Prompt: "Question: <question>\\nOptions:\\n(A) ...\\n(B) ..." + "\\nAnswer with the option's
-    letter from the given choices directly." ``aggregate``: accuracy overall and per task, and
-    ``mean_of_tasks`` (the paper's average).
+    Prompt (lmms-eval's ``mvbench_doc_to_text``): "Question:" + question + "\\nOption:\\n" +
+    "(A) ...\\n" lines + "Only give the best option.\\n". ``answer_reading``: ``lmms-eval`` only
+    (LLaVA-1.5 has no video evaluation): ``mcq_acc`` ("X. ..." or the first standalone a-e word),
+    and empty predictions are left out of each task's denominator. ``aggregate``: ``accuracy``
+    over answered questions, per task (``per_family``, each as lmms-eval's
+    ``mvbench_aggregate_results`` / 100) and ``mean_of_tasks`` (the paper's average).
     """
 
     hf_name = "OpenGVLab/MVBench"
@@ -60,6 +67,7 @@ class MVBench(VideoBenchmark):
     columns = ("video", "question", "candidates", "answer")
     families = tuple(TASK_DIRS)
     default_frames = 8
+    readings = ("lmms-eval",)
 
     def hub_rows(self, split):
         """Rows of every task configuration, each tagged with its task."""
@@ -77,18 +85,22 @@ class MVBench(VideoBenchmark):
         if answer not in candidates:
             raise ValueError(f"answer {answer!r} is not one of the candidates {candidates}")
         task = str(row.get("task") or "mvbench")
-        options = "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(candidates))
-        question = "Question: " + str(row["question"]).strip() + "\nOptions:\n" + options + OPTION_ANSWER
-        bounds = (float(row["start"]), float(row["end"])) if present(row.get("start")) and present(row.get("end")) else None
-        frames = self.frames(row["video"], bounds, subdirs=[TASK_DIRS[task]] if task in TASK_DIRS else [])
+        options = "".join(f"({LETTERS[i]}) {c}\n" for i, c in enumerate(candidates))
+        question = "Question:" + str(row["question"]) + "\nOption:\n" + options + POST_PROMPT
+        frames = self.frames(row["video"], None, subdirs=[TASK_DIRS[task]] if task in TASK_DIRS else [])
         return [Sample(f"{task}-{index}", question, LETTERS[candidates.index(answer)], task, frames, choices=tuple(candidates))]
 
     def is_correct(self, prediction, sample):
-        """The option the prediction picks is the answer."""
-        return option_is_correct(prediction, sample.answer, sample.choices, LETTERS)
+        """lmms-eval's ``mcq_acc``: the prediction's reading is the answer's letter."""
+        return mvbench_lmms_eval(prediction, sample.answer)
 
     def aggregate(self, records):
-        """Accuracy overall and per task, and the mean over tasks."""
-        out = super().aggregate(records)
-        out["mean_of_tasks"] = mean(out["per_family"].values())
-        return out
+        """Accuracy over answered questions, overall and per task (empty predictions left out), and the mean over tasks."""
+        answered = [{"family": s.family, "correct": self.is_correct(r["prediction"], s)}
+                    for r, s in self.with_samples(records) if r["prediction"] != ""]
+        per_task = per_family_accuracy(answered)
+        for task in sorted({s.family for _, s in self.with_samples(records)} - set(per_task)):
+            per_task[task] = 0.0  # lmms-eval scores a task with no answered question 0
+        per_task = dict(sorted(per_task.items()))
+        return {"accuracy": mean(a["correct"] for a in answered), "per_family": per_task, "mean_of_tasks": mean(per_task.values()),
+                "n": len(records), "n_answered": len(answered), "answer_reading": self.answer_reading}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from v2drop.benchmarks.base import Sample, register_benchmark
 from v2drop.benchmarks.hub import HFBenchmark, present
-from v2drop.benchmarks.metrics import option_is_correct
 from v2drop.benchmarks.prompts import LETTERS, OPTION_ANSWER, options_text
+from v2drop.benchmarks.reading import scienceqa_llava, scienceqa_lmms_eval
 
 
 @register_benchmark("scienceqa-img")
@@ -19,7 +19,9 @@ class ScienceQAImg(HFBenchmark):
 
     Prompt (LLaVA-1.5 / lmms-eval): "Context: <hint>\\n" (when there is one) + question +
     "\\nA. ..." lines + "\\nAnswer with the option's letter from the given choices directly."
-    Correct: the option letter parsed from the prediction. Families: ``subject``.
+    ``answer_reading``: ``llava`` (default; LLaVA-1.5's ``eval_science_qa.py``: the letter
+    exactly, "X. ...", or one "The answer is X." match) or ``lmms-eval`` (``sqa_process_results``:
+    the stripped letter in any case, or "X." with X upper case). Families: ``subject``.
     """
 
     hf_name = "lmms-lab/ScienceQA"
@@ -27,6 +29,7 @@ class ScienceQAImg(HFBenchmark):
     splits = ("test",)
     default_split = "test"
     columns = ("question", "choices", "answer", "image")
+    default_reading = "llava"
 
     def to_samples(self, row, index):
         """One multiple-choice question, or none when the row has no image."""
@@ -42,5 +45,7 @@ class ScienceQAImg(HFBenchmark):
                        choices=tuple(choices))]
 
     def is_correct(self, prediction, sample):
-        """The option the prediction picks is the answer."""
-        return option_is_correct(prediction, sample.answer, sample.choices, LETTERS)
+        """The option letter the reference of ``answer_reading`` reads is the answer."""
+        if self.answer_reading == "llava":
+            return scienceqa_llava(prediction, sample.answer, len(sample.choices))
+        return scienceqa_lmms_eval(prediction, sample.answer)

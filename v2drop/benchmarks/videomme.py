@@ -6,8 +6,12 @@ import re
 
 from v2drop.benchmarks.base import Sample, register_benchmark
 from v2drop.benchmarks.hub import VideoBenchmark, present
-from v2drop.benchmarks.metrics import option_is_correct
 from v2drop.benchmarks.prompts import LETTERS, OPTION_ANSWER, options_text
+from v2drop.benchmarks.reading import videomme_lmms_eval
+
+# lmms-eval's videomme_doc_to_text instruction line (its post_prompt default is OPTION_ANSWER, from videomme.yaml).
+INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video and the subtitles. "
+               "Respond with only the letter (A, B, C, or D) of the correct option.")
 
 TASK_TYPES = ("Temporal Perception", "Spatial Perception", "Attribute Perception", "Action Recognition", "Object Recognition",
               "OCR Problems", "Counting Problem", "Temporal Reasoning", "Spatial Reasoning", "Action Reasoning",
@@ -28,9 +32,14 @@ class VideoMME(VideoBenchmark):
     ``data/<videoID>.mp4`` (the unpacked hub archives), ``<videoID>.mp4`` (also .MP4, .mkv,
     .webm).
 
-    Frames: ``num_frames`` (default 16) picked uniformly. Prompt: question + the options, one per
-    line + "\\nAnswer with the option's letter from the given choices directly." ``aggregate``:
-    accuracy overall, per task type (the families) and per duration (``per_duration``).
+    Frames: ``num_frames`` (default 16) picked uniformly. Prompt (lmms-eval's
+    ``videomme_doc_to_text``): "Select the best answer to the following multiple-choice question
+    based on the video and the subtitles. Respond with only the letter (A, B, C, or D) of the
+    correct option." + "\\n" + question + "\\n" + the options, one per line + "\\n" + "\\nAnswer
+    with the option's letter from the given choices directly." ``answer_reading``: ``lmms-eval``
+    only (``extract_characters_regex``: answer phrases removed, then the first capital A-D
+    anywhere). ``aggregate``: accuracy overall, per task type (the families) and per duration
+    (``per_duration``).
     """
 
     hf_name = "lmms-lab/Video-MME"
@@ -39,6 +48,7 @@ class VideoMME(VideoBenchmark):
     columns = ("videoID", "question_id", "question", "options", "answer")
     families = TASK_TYPES
     default_frames = 16
+    readings = ("lmms-eval",)
 
     def hub_rows(self, split):
         """The question rows; their videos come from ``video_root``."""
@@ -53,7 +63,8 @@ class VideoMME(VideoBenchmark):
         if answer not in LETTERS[: len(raw)]:
             raise ValueError(f"answer {row['answer']!r} is not one of the {len(raw)} option letters")
         lettered = all(_LETTERED.match(o) and _LETTERED.match(o).group(1) == LETTERS[i] for i, o in enumerate(raw))
-        question = str(row["question"]).strip() + "\n" + ("\n".join(raw) if lettered else options_text(texts)) + OPTION_ANSWER
+        options = "\n".join(str(o) for o in row["options"]) if lettered else options_text(texts)
+        question = INSTRUCTION + "\n" + str(row["question"]) + "\n" + options + "\n" + OPTION_ANSWER
         sid = str(row["question_id"])
         self.by_id[sid] = {"duration": str(row.get("duration") or "unknown")}
         return [Sample(sid, question, answer, str(row.get("task_type") or "videomme"), self._video(row), choices=tuple(texts))]
@@ -70,8 +81,8 @@ class VideoMME(VideoBenchmark):
         return self.frames(path)
 
     def is_correct(self, prediction, sample):
-        """The option the prediction picks is the answer."""
-        return option_is_correct(prediction, sample.answer, sample.choices, LETTERS)
+        """lmms-eval's ``extract_characters_regex`` reads the answer's letter."""
+        return videomme_lmms_eval(prediction).lower() == sample.answer.lower()
 
     def aggregate(self, records):
         """Accuracy overall, per task type and per duration."""
@@ -80,4 +91,5 @@ class VideoMME(VideoBenchmark):
         for r, sample in self.with_samples(records):
             durations.setdefault(self.by_id[sample.id]["duration"], []).append(self.is_correct(r["prediction"], sample))
         out["per_duration"] = {d: sum(v) / len(v) for d, v in sorted(durations.items())}
+        out["answer_reading"] = self.answer_reading
         return out

@@ -1,6 +1,10 @@
 """lmms-eval model plugin: run any v2drop scorer and schedule inside the standard harness.
 
-    pip install -e ".[lmms]"
+lmms-eval finds tasks only through its task YAML files, which its wheels do not ship; install it
+from its source tag (``docs/benchmarks.md``, "lmms-eval"), then this package:
+
+    git clone --branch v0.6.1 https://github.com/EvolvingLMMs-Lab/lmms-eval && pip install -e ./lmms-eval
+    pip install -e .
     lmms-eval --model v2drop --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=v2drop,schedule=v2drop-llava15-128 \
         --tasks pope,mme --batch_size 1
 
@@ -22,6 +26,28 @@ from tqdm import tqdm
 
 import v2drop
 from v2drop.method import resolve_method
+
+
+# Our benchmark name -> the lmms-eval 0.6.1 task (or group) that evaluates the same split with the
+# reference scorer our ``answer_reading="lmms-eval"`` reproduces.
+LMMS_EVAL_TASKS = {
+    "pope": "pope",
+    "mme": "mme",
+    "gqa": "gqa",
+    "mmbench": "mmbench_en_dev",
+    "scienceqa-img": "scienceqa_img",
+    "textvqa": "textvqa_val",
+    "mvbench": "mvbench",
+    "videomme": "videomme",
+}
+
+
+def lmms_eval_task(benchmark: str) -> str:
+    """The lmms-eval task name of one of our real benchmarks; a ValueError listing the mapped ones otherwise."""
+    try:
+        return LMMS_EVAL_TASKS[benchmark]
+    except KeyError:
+        raise ValueError(f"No lmms-eval task for benchmark {benchmark!r}; mapped: {', '.join(sorted(LMMS_EVAL_TASKS))}") from None
 
 
 def manifest():

@@ -1,0 +1,117 @@
+"""SparseVLM presets keep the official v1.5 code's tokens: positions renumbered after each prune.
+
+The reference below runs the official procedure step by step on the tiny LLaVA's own tensors, with
+the model's own decoder layers: before each stage layer l, layer l−1's head-averaged attention
+rows of the raters (computed here from its q/k projections, rotary embedding and causal softmax)
+score the vision tokens, the top ``k`` are kept, part of the dropped ones is recycled right after
+the last kept vision token, and the positions of the new sequence are renumbered 0..n−1 (as the
+official code, which rebuilds ``position_ids`` from the pruned length). Rater choice and the
+recycling merge are SparseVLM's definitions (``select_raters`` and ``SparseVLMScorer.merge``,
+tested in the scorer tests); everything about positions, layers, scores and kept sets is computed
+here independently of the engine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from v2drop import Method
+from v2drop.scorers.sparsevlm import SparseVLMScorer, select_raters
+from v2drop.testing import build, image, prompt_for
+
+STAGES = {2: 24, 4: 12, 5: 6}  # layer -> vision tokens kept (of the tiny LLaVA's 64)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build("llava")
+
+
+def attention_rows(layer, rotary, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Head-averaged causal attention probabilities (n, n) of ``layer`` on its input ``hidden`` (1, n, D) at ``positions``."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    n, hd = x.shape[1], attn.head_dim
+    q = attn.q_proj(x).view(1, n, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
+    cos, sin = rotary(x, positions[None])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = repeat_kv(k, q.shape[1] // k.shape[1])
+    scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1).mean(1)[0]
+
+
+def official_kept_sets(lvlm, inputs, stages: dict[int, int]) -> tuple[list[list[int]], list[list[int]]]:
+    """Kept vision tokens (original indices) per stage, and the position ids after each stage, as the official code."""
+    model = lvlm.model
+    lm = model.model.language_model
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[0]  # layer-0 input: text + image features
+        ids = inputs["input_ids"][0]
+        vision = ids == model.config.image_token_id
+        L = ids.shape[0]
+        last_vision = int(vision.nonzero().max())
+        text_after = ~vision & (torch.arange(L) > last_vision)
+        raters = set(select_raters(hidden[0], vision, text_after).tolist())
+        orig = torch.arange(L)  # original index of each row (a recycled token: its cluster centre's)
+        is_vision = vision.clone()
+        positions = torch.arange(L)
+        kept_sets, position_sets = [], []
+        layer_input = hidden
+        for idx, layer in enumerate(lm.layers):
+            if idx in stages:
+                probs = attention_rows(lm.layers[idx - 1], lm.rotary_emb, previous_input, positions)
+                rater_rows = torch.tensor([i for i, o in enumerate(orig.tolist()) if o in raters and not is_vision[i]])
+                vision_rows = is_vision.nonzero().flatten()
+                scores = probs[rater_rows][:, vision_rows].mean(0)
+                top = torch.sort(scores, descending=True, stable=True).indices[: stages[idx]]
+                kept_rows = vision_rows[top.sort().values]
+                dropped = torch.ones(len(vision_rows), dtype=torch.bool)
+                dropped[top] = False
+                merged, centres = SparseVLMScorer().merge(layer_input[0, vision_rows[dropped]], scores[dropped])
+                kept_sets.append(orig[kept_rows].tolist())
+                keep = [i for i in range(len(orig)) if not is_vision[i] or i in set(kept_rows.tolist())]
+                last = int(kept_rows.max())
+                before, after = [i for i in keep if i <= last], [i for i in keep if i > last]
+                centre_orig = orig[vision_rows[dropped][centres]]
+                layer_input = torch.cat([layer_input[:, before], merged[None], layer_input[:, after]], dim=1)
+                orig = torch.cat([orig[before], centre_orig, orig[after]])
+                is_vision = torch.cat([is_vision[before], torch.ones(len(centres), dtype=torch.bool), is_vision[after]])
+                positions = torch.arange(len(orig))  # the official code renumbers after each prune
+                position_sets.append(positions.tolist())
+            previous_input = layer_input
+            cos_sin = lm.rotary_emb(layer_input, positions[None])
+            layer_input = layer(layer_input, attention_mask=None, position_ids=positions[None], position_embeddings=cos_sin)
+            if isinstance(layer_input, tuple):
+                layer_input = layer_input[0]
+    return kept_sets, position_sets
+
+
+def sparsevlm(policy: str) -> Method:
+    return Method.from_dict({"scorer": {"name": "sparsevlm"}, "position_policy": policy,
+                             "schedule": {"keep_mode": "absolute", "stages": [[layer, k] for layer, k in STAGES.items()]}})
+
+
+def test_presets_renumber_positions():
+    for budget in (64, 128, 192):
+        assert Method.from_preset(f"sparsevlm-llava15-{budget}").position_policy == "renumber"
+
+
+@pytest.mark.parametrize("question,seed", [("what is the digit in the middle of the image ?", 3), ("how many ?", 1)])
+def test_kept_sets_match_the_official_procedure_at_every_stage(tiny, question, seed):
+    inputs = tiny.prepare([prompt_for(tiny, question)], [[image(seed)]])
+    kept, positions = official_kept_sets(tiny, inputs, STAGES)
+    # hand-checked positions: contiguous from 0 after every prune, text and recycled tokens included
+    assert [p == list(range(len(p))) for p in positions] == [True] * len(STAGES)
+    n_text = int((inputs["input_ids"][0] != tiny.model.config.image_token_id).sum())
+    assert len(positions[0]) == n_text + STAGES[2] + (int(0.3 * (64 - STAGES[2])) + 1) // 10 + 1
+    out = tiny.generate_from_inputs(inputs, sparsevlm("renumber"), max_new_tokens=1)
+    ours = [stage["kept"] for stage in out.traces[0].stages]
+    assert [len(k) for k in kept] == list(STAGES.values())
+    assert ours == kept
+    # original positions (the old presets' policy) keep the same first stage, then diverge from the official code
+    preserved = [stage["kept"] for stage in tiny.generate_from_inputs(inputs, sparsevlm("preserve"), max_new_tokens=1).traces[0].stages]
+    assert preserved[0] == kept[0] and preserved[1:] != kept[1:]
