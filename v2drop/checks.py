@@ -122,8 +122,8 @@ def check_writable(path: str | os.PathLike, directory: bool = False) -> None:
 
 def check_method_file(spec: str | None, flag: str = "--schedule") -> None:
     """A ``--method``/``--schedule`` YAML file must hold a method (``scorer``/``schedule``) or a bare schedule (``stages``)."""
-    if not spec or not (str(spec).endswith((".yaml", ".yml", ".json")) or Path(spec).is_file()):
-        return
+    if not spec or not Path(spec).is_file():
+        return  # a preset name, or a missing file (resolve_method names it)
     from v2drop.config import read_yaml
 
     data = read_yaml(spec, what=f"{flag}")
