@@ -130,18 +130,34 @@ def resolve_split(args, benchmark) -> str:
     return args.split
 
 
+def check_args(args, name: str):
+    """The shared arguments checked before any model loads or directory is made: numbers, attention,
+    benchmark and split, the output directory, the model's config.json. Returns the benchmark."""
+    from v2drop import checks
+    from v2drop.benchmarks import get_benchmark
+
+    checks.check_int("--limit", args.limit, 1, optional=True)
+    checks.check_int("--batch-size", args.batch_size, 1)
+    checks.check_int("--threads", args.threads, 1)
+    checks.check_attn(args.attn)
+    benchmark = get_benchmark(args.benchmark)
+    resolve_split(args, benchmark)
+    checks.check_writable(Path(args.out) if args.out else Path("runs") / "analysis" / name, directory=True)
+    checks.model_config(args.model)
+    return benchmark
+
+
 def setup(args, name: str):
-    """Load model and benchmark, check them, and build the shared evaluation config."""
+    """Check the arguments, load benchmark samples and model, and build the shared evaluation config."""
     import torch
 
     import v2drop
-    from v2drop.benchmarks import get_benchmark
     from v2drop.evaluation import EvalConfig
 
+    benchmark = check_args(args, name)
+    samples = benchmark.load(args.split, args.limit)
     torch.set_num_threads(args.threads)
-    benchmark = get_benchmark(args.benchmark)
     lvlm = v2drop.load(args.model, attn_implementation=args.attn)
-    samples = benchmark.load(resolve_split(args, benchmark), args.limit)
     config = EvalConfig(model=args.model, benchmark=args.benchmark, split=args.split, limit=args.limit,
                         batch_size=args.batch_size, threads=args.threads, attn_implementation=args.attn, progress=True)
     return lvlm, benchmark, samples, vision_tokens_of(lvlm, samples[0]), config, run_dir(name, args.out)

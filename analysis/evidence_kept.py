@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt
 from analysis.common import command_parser, read_records, run_methods, save_figure, setup, write_table
 from analysis.method_table import methods_at_budgets
 from v2drop.evaluation import vision_index_of
+from v2drop import checks
+from v2drop.cli import run
 
 
 def evidence_shares(records: list[dict], evidence: dict[str, tuple]) -> dict:
@@ -55,9 +57,14 @@ def evidence_shares(records: list[dict], evidence: dict[str, tuple]) -> dict:
 
 def main(argv=None) -> list[dict]:
     """Compute the evidence shares of every method at every budget; write the table and a plot."""
+    return run(_main, argv)
+
+
+def _main(argv) -> list[dict]:
     p = command_parser(__doc__)
     p.add_argument("--results", default="runs/analysis/method_table", help="where method results are cached")
     args = p.parse_args(argv)
+    checks.check_writable(args.results, directory=True)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "evidence_kept")
     methods, info = methods_at_budgets(lvlm.depth, n_vision)
     methods.pop("none")

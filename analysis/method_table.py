@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 
 from analysis.common import PAPER_BUDGETS, budget_method, command_parser, relative_rows, run_methods, save_figure, scorer_variants, setup, write_table
 from v2drop.method import Method
+from v2drop.cli import run
 
 
 def methods_at_budgets(depth: int, n_vision: int, variants=None, budgets=PAPER_BUDGETS) -> tuple[dict, dict]:
@@ -32,6 +33,10 @@ def methods_at_budgets(depth: int, n_vision: int, variants=None, budgets=PAPER_B
 
 def main(argv=None) -> list[dict]:
     """Run every method at every budget and write the table and a bar chart."""
+    return run(_main, argv)
+
+
+def _main(argv) -> list[dict]:
     args = command_parser(__doc__).parse_args(argv)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "method_table")
     all_variants = scorer_variants()

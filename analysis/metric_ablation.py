@@ -10,12 +10,17 @@ import matplotlib.pyplot as plt
 from analysis.common import command_parser, relative_rows, run_methods, save_figure, setup, write_table
 from analysis.method_table import methods_at_budgets
 from v2drop.scorers.v2drop import METRICS as VARIATION_METRICS
+from v2drop.cli import run
 
 METRICS = {f"v2drop-{m}": ("v2drop", {"metric": m}) for m in VARIATION_METRICS}
 
 
 def main(argv=None) -> list[dict]:
     """Run the three metrics at the three budgets and write the table and a plot."""
+    return run(_main, argv)
+
+
+def _main(argv) -> list[dict]:
     args = command_parser(__doc__).parse_args(argv)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "metric_ablation")
     methods, info = methods_at_budgets(lvlm.depth, n_vision, variants=METRICS)

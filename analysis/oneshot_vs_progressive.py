@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 from analysis.common import PAPER_BUDGETS, PAPER_VISION_TOKENS, budget_method, command_parser, relative_rows, run_methods, save_figure, setup, write_table
 from v2drop.method import Method
 from v2drop.schedule import solve_keep
+from v2drop.cli import run
 
 
 def schedules(depth: int, n_vision: int, budgets=PAPER_BUDGETS) -> tuple[dict, dict]:
@@ -37,6 +38,10 @@ def schedules(depth: int, n_vision: int, budgets=PAPER_BUDGETS) -> tuple[dict, d
 
 def main(argv=None) -> list[dict]:
     """Run and write the table and a plot."""
+    return run(_main, argv)
+
+
+def _main(argv) -> list[dict]:
     args = command_parser(__doc__).parse_args(argv)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "oneshot_vs_progressive")
     methods, info = schedules(lvlm.depth, n_vision)

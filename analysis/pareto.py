@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt
 
 from analysis.common import run_dir, save_figure, write_table
 from v2drop.search import pareto_indices
+from v2drop import checks
+from v2drop.cli import run
 
 COSTS = ("prefill_ms", "flops_ratio")
 
@@ -57,11 +59,21 @@ def _pick(row: dict, *names):
 
 def main(argv=None) -> list[dict]:
     """Plot every cached method result (and sweep fronts) and mark the non-dominated ones."""
+    return run(_main, argv)
+
+
+def _main(argv) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="runs/analysis/method_table", help="folder of per-method result.json files")
     p.add_argument("--sweep", action="append", default=[], help="a sweep run directory (repeatable)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if not Path(args.results).is_dir():
+        raise FileNotFoundError(f"--results {args.results!r} is not a directory; run python -m analysis.method_table first (or point --results at its output)")
+    for folder in args.sweep:
+        if not (Path(folder) / "trials.csv").is_file() and not (Path(folder) / "pareto.csv").is_file():
+            raise FileNotFoundError(f"--sweep {folder!r} is not a sweep run directory (no trials.csv or pareto.csv in it)")
+    checks.check_writable(args.out or "runs/analysis/pareto", directory=True)
     out = run_dir("pareto", args.out)
     rows = []
     for path in sorted(Path(args.results).glob("*/result.json")):

@@ -17,6 +17,8 @@ from v2drop.evaluation import vision_index_of
 from v2drop.method import Method
 from v2drop.schedule import Schedule
 from v2drop.scorers import list_scorers
+from v2drop import checks
+from v2drop.cli import run
 
 BINS = 10
 
@@ -37,10 +39,21 @@ def interval_keep_rates(records: list[dict], bins: int = BINS) -> list[float]:
 
 def main(argv=None) -> list[dict]:
     """Run every registered scorer with one 50% stage and write the table and a plot."""
+    return run(_main, argv)
+
+
+def _main(argv) -> list[dict]:
     p = command_parser(__doc__)
     p.add_argument("--keep", type=float, default=0.5, help="fraction of vision tokens kept at the stage")
     p.add_argument("--layer", type=int, default=None, help="stage layer (default: 3 of 32 moved to the model's depth)")
     args = p.parse_args(argv)
+    if not 0.0 < args.keep <= 1.0:
+        raise ValueError(f"--keep must be a fraction in (0, 1], got {args.keep!r}")
+    if args.layer is not None:
+        checks.check_int("--layer", args.layer, 0)
+        depth = checks.model_depth(args.model)
+        if args.layer >= depth:
+            raise ValueError(f"--layer {args.layer} is past the model's last layer (model {args.model!r} has {depth} layers: 0..{depth - 1})")
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "positional_bias")
     layer = args.layer if args.layer is not None else max(1, round(3 * lvlm.depth / 32))
     schedule = Schedule.one_shot(layer, args.keep)

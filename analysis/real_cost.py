@@ -19,6 +19,8 @@ from analysis.common import run_dir
 from v2drop.cost import kv_cache_bytes, method_prefill_flops, prefill_flops
 from v2drop.method import Method, list_presets
 from v2drop.tables import write_table
+from v2drop import checks
+from v2drop.cli import run
 
 
 @dataclass(frozen=True)
@@ -80,11 +82,19 @@ def cost_rows(model: ModelSize, text_tokens: int, presets: list[str]) -> list[di
 
 def main(argv=None) -> list[dict]:
     """Compute the table for every model and preset; write CSV, markdown and a PNG."""
+    return run(_main, argv)
+
+
+def _main(argv) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output directory (default runs/analysis/real_cost)")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens in the prompt besides the vision tokens")
     p.add_argument("--presets", nargs="*", default=None, help="preset names (default: all)")
     args = p.parse_args(argv)
+    checks.check_int("--text-tokens", args.text_tokens, 0)
+    if args.presets:
+        checks.check_presets(args.presets, "--presets")
+    checks.check_writable(args.out or "runs/analysis/real_cost", directory=True)
     out = run_dir("real_cost", args.out)
     presets = args.presets or list_presets()
     rows = [r for m in MODELS for r in cost_rows(m, args.text_tokens, presets)]

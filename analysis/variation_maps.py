@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from matplotlib.patches import Rectangle
 
-from analysis.common import budget_method, command_parser, resolve_split, run_dir, save_figure, write_json
+from analysis.common import budget_method, check_args, command_parser, resolve_split, run_dir, save_figure, write_json
 from v2drop.method import Method
 from v2drop.scorers.v2drop import V2DropScorer
+from v2drop import checks
+from v2drop.cli import run
 
 
 @dataclass
@@ -36,10 +38,17 @@ class RecordingV2Drop(V2DropScorer):
 
 def main(argv=None) -> list[dict]:
     """Plot the variation maps of the first ``--samples`` samples."""
+    return run(_main, argv)
+
+
+def _main(argv) -> list[dict]:
     p = command_parser(__doc__)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--budget", type=int, default=192, help="paper budget (of 576) of the V²Drop schedule")
     args = p.parse_args(argv)
+    checks.check_int("--samples", args.samples, 1)
+    checks.check_int("--budget", args.budget, 1)
+    check_args(args, "variation_maps")
     import v2drop
     from v2drop.benchmarks import get_benchmark
 

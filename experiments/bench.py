@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 
 import v2drop
+from v2drop import checks
+from v2drop.cli import run
 from v2drop.budgets import budget_method, scorer_variants, with_scorer_args
 from v2drop.cost import environment, sample_prefill_flops
 from v2drop.method import Method
@@ -95,6 +97,10 @@ def latency_rows(kind: str, timings: dict) -> list[dict]:
 
 def main(argv=None) -> dict:
     """Run every measurement and write ``bench.json`` and ``bench.md``."""
+    return run(_main, argv)
+
+
+def _main(argv) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="proxy", help="model for v2drop.load, or 'random' for a random-weight LLaVA")
     p.add_argument("--budget", type=int, default=128, help="paper budget (of 576) every method is fitted to")
@@ -105,6 +111,15 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
+    checks.check_int("--budget", args.budget, 1)
+    checks.check_int("--repeats", args.repeats, 1)
+    checks.check_int("--new-tokens", args.new_tokens, 1)
+    checks.check_int("--frames", args.frames, 1)
+    checks.check_int("--batch", args.batch, 1)
+    checks.check_int("--threads", args.threads, 1)
+    checks.check_writable(args.out, directory=True)
+    if args.model != "random":
+        checks.model_config(args.model)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

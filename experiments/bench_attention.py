@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 import v2drop
+from v2drop import checks
+from v2drop.cli import run
 from experiments.bench import prompt_inputs, time_methods
 from v2drop.budgets import budget_method, with_scorer_args
 from v2drop.cost import environment
@@ -28,6 +30,10 @@ from v2drop.tables import write_table
 
 def main(argv=None) -> dict:
     """Measure, print the table with ratios, write ``bench_attention.{json,md}``."""
+    return run(_main, argv)
+
+
+def _main(argv) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random", help="'random' (random-weight LLaVA, hidden 512, 8 layers) or a v2drop.load name")
     p.add_argument("--frames", type=int, default=8, help="images in the prompt")
@@ -37,6 +43,14 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/bench_attention")
     args = p.parse_args(argv)
+    checks.check_int("--frames", args.frames, 1)
+    checks.check_int("--budget", args.budget, 1)
+    checks.check_int("--repeats", args.repeats, 1)
+    checks.check_int("--new-tokens", args.new_tokens, 1)
+    checks.check_int("--threads", args.threads, 1)
+    checks.check_writable(args.out, directory=True)
+    if args.model != "random":
+        checks.model_config(args.model)
     torch.set_num_threads(args.threads)
     if args.model == "random":
         from v2drop.testing import random_llava

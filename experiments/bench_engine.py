@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 
 import v2drop
+from v2drop import checks
+from v2drop.cli import run
 from v2drop import Method
 from v2drop.cost import Timer
 from v2drop.testing import random_llava  # noqa: F401  (also importable from here, as before)
@@ -34,6 +36,10 @@ def _timed(fn) -> float:
 
 def main(argv=None) -> dict:
     """Run the benchmark and print (and return) the ratios."""
+    return run(_main, argv)
+
+
+def _main(argv) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a model name for v2drop.load (default: a random LLaVA built here)")
     parser.add_argument("--preset", default="v2drop-llava15-128", help="V²Drop preset (rescaled to the model's depth)")
@@ -42,6 +48,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (fixed for every run)")
     parser.add_argument("--output", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
+    checks.check_int("--repeats", args.repeats, 1)
+    checks.check_int("--new-tokens", args.new_tokens, 1)
+    checks.check_int("--threads", args.threads, 1)
+    checks.check_presets([args.preset], "--preset")
+    if args.output:
+        checks.check_writable(args.output)
+    if args.model:
+        checks.model_config(args.model)
     torch.set_num_threads(args.threads)
 
     lvlm = v2drop.load(args.model) if args.model else random_llava()

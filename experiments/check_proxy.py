@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
 import v2drop
+from v2drop import checks
+from v2drop.cli import run
 from experiments.proxy.check import check, format_table
 from v2drop.benchmarks import get_benchmark
 
 
 def main(argv=None) -> dict:
     """Run the four conditions, print the per-family table and the verdict; bad input is a one-line error and exit status 2."""
+    return run(_main, argv)
+
+
+def _main(argv) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="proxy", help="bundled name, local directory or hub id")
     p.add_argument("--benchmark", default="digits")
@@ -33,14 +38,19 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--output", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
+    checks.check_int("--limit", args.limit, 1, optional=True)
+    checks.check_int("--threads", args.threads, 1)
+    checks.check_int("--layer", args.layer, 0)
+    if args.output:
+        checks.check_writable(args.output)
+    bench = get_benchmark(args.benchmark)
+    checks.check_split(bench, args.split)
+    depth = checks.model_depth(args.model)
+    if args.layer >= depth:
+        raise ValueError(f"--layer {args.layer} is past the model's last layer (model {args.model!r} has {depth} layers: 0..{depth - 1})")
+    samples = bench.load(args.split, args.limit)
     torch.set_num_threads(args.threads)
-    try:
-        lvlm = v2drop.load(args.model)
-        bench = get_benchmark(args.benchmark)
-        samples = bench.load(args.split, args.limit)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    lvlm = v2drop.load(args.model)
     result = {**check(lvlm, bench, samples, args.layer), "model": args.model}
     print(format_table(result["table"]))
     print(json.dumps(result["verdict"], indent=1))

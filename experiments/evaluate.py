@@ -6,22 +6,28 @@
 
 ``--method`` is a scorer name (with ``--schedule`` a preset name or YAML file), a full preset
 name, or ``none``. Per-sample records go to ``<run-dir>/records.jsonl`` as they finish; an
-interrupted run continues with ``--resume``.
+interrupted run continues with ``--resume``. Every input is checked before the model loads: a
+mistake is one ``error: ...`` line and exit status 2 (``--debug`` or ``V2DROP_DEBUG=1``: traceback).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from v2drop import checks
+from v2drop.cli import run
 from v2drop.config import config_from_dict, parse_overrides
 from v2drop.evaluation import EvalConfig, default_run_dir, format_table, run_evaluation
 from v2drop.method import resolve_method
 
 
 def main(argv=None) -> dict:
-    """Parse arguments, run the evaluation, print the table, write the files."""
+    """Parse arguments, run the evaluation, print the table, write the files; bad input: ``error: ...``, exit status 2."""
+    return run(_main, argv)
+
+
+def _main(argv) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="proxy", help="hub id, local directory or bundled name (proxy)")
     p.add_argument("--benchmark", default="digits", help="registered benchmark name")
@@ -50,20 +56,18 @@ def main(argv=None) -> dict:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    try:
-        method = resolve_method(args.method, args.schedule, parse_overrides(args.scorer_arg))
-        config = config_from_dict(EvalConfig, dict(
-            model=args.model, benchmark=args.benchmark, method=method.to_dict(), split=args.split, limit=args.limit,
-            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, warmup=args.warmup,
-            attn_implementation=args.attn, dtype=args.dtype, device=args.device, device_map=args.device_map,
-            data_dir=args.data_dir, benchmark_args=parse_overrides(args.benchmark_arg), threads=args.threads,
-            devices=int(args.devices) if args.devices.isdigit() else args.devices, progress=not args.no_progress,
-        ))
-        run_dir = Path(args.run_dir or default_run_dir(args.model, args.benchmark, args.method, args.schedule))
-        result = run_evaluation(config, run_dir, output=args.output, save_trace=args.save_trace, baseline=args.baseline, resume=args.resume)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+    checks.check_method_file(args.method, "--method")
+    checks.check_method_file(args.schedule, "--schedule")
+    method = resolve_method(args.method, args.schedule, parse_overrides(args.scorer_arg))
+    config = config_from_dict(EvalConfig, dict(
+        model=args.model, benchmark=args.benchmark, method=method.to_dict(), split=args.split, limit=args.limit,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, warmup=args.warmup,
+        attn_implementation=args.attn, dtype=args.dtype, device=args.device, device_map=args.device_map,
+        data_dir=args.data_dir, benchmark_args=parse_overrides(args.benchmark_arg), threads=args.threads,
+        devices=int(args.devices) if args.devices.isdigit() else args.devices, progress=not args.no_progress,
+    ))
+    run_dir = Path(args.run_dir or default_run_dir(args.model, args.benchmark, args.method, args.schedule))
+    result = run_evaluation(config, run_dir, output=args.output, save_trace=args.save_trace, baseline=args.baseline, resume=args.resume)
     print(format_table(result))
     print(f"results in {run_dir}")
     return result.to_json()

@@ -10,29 +10,52 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 
 from experiments.proxy.train import TrainConfig, train
+from v2drop import checks
+from v2drop.cli import run
 from v2drop.config import load_config
 
 
 def main(argv=None) -> None:
     """Parse, train, print where the model went; a bad config is a one-line error and exit status 2."""
+    return run(_main, argv)
+
+
+def check_recipe(cfg: TrainConfig) -> None:
+    """The recipe's counts in range and its output and work directories writable (before any training)."""
+    checks.check_int("threads", cfg.threads, 1)
+    checks.check_int("checkpoint_every", cfg.checkpoint_every, 1)
+    checks.check_int("monitor_every", cfg.monitor_every, 0)
+    checks.check_int("monitor_samples", cfg.monitor_samples, 1)
+    checks.check_int("frozen_decoder_layers", cfg.frozen_decoder_layers, 0)
+    for name in ("align", "lvlm", "robust", "video"):
+        stage = getattr(cfg, name)
+        checks.check_int(f"{name}.steps", stage.steps, 0)
+        checks.check_int(f"{name}.batch", stage.batch, 1)
+        if not stage.lr > 0:
+            raise ValueError(f"{name}.lr must be a positive learning rate, got {stage.lr!r}")
+    checks.check_writable(cfg.output, directory=True)
+    checks.check_writable(cfg.workdir, directory=True)
+
+
+def _main(argv) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/proxy.yaml", help="the recipe (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in the work directory")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(TrainConfig, args.config, args.set)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg = load_config(TrainConfig, args.config, args.set)
+    check_recipe(cfg)
     if args.fresh:
         shutil.rmtree(cfg.workdir, ignore_errors=True)
     start = time.time()
-    out = train(cfg, resume=not args.fresh)
+    try:
+        out = train(cfg, resume=not args.fresh)
+    except KeyboardInterrupt as err:
+        err.add_note(f"checkpoints are kept under {cfg.workdir}; rerun the same command (without --fresh) to resume")
+        raise
     print(f"saved the proxy to {out} after {(time.time() - start) / 60:.1f} min")
 
 

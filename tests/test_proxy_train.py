@@ -1,6 +1,7 @@
 """A miniature proxy trains a few steps through the real recipe and loads through v2drop.load."""
 
 import json
+import re
 import random
 from pathlib import Path
 
@@ -24,7 +25,7 @@ RECIPE = Path(__file__).parents[1] / "configs" / "proxy.yaml"
 
 
 @pytest.mark.slow
-def test_miniature_training_and_load(tmp_path):
+def test_miniature_training_and_load(tmp_path, capsys):
     out, work = tmp_path / "proxy", tmp_path / "work"
     args = ["--set", f"output={out}", "--set", f"workdir={work}", "--set", "model.layers=2", "--set", "model.hidden=32",
             "--set", "model.intermediate=64", "--set", "model.vision_hidden=32", "--set", "align.steps=2", "--set", "align.batch=2",
@@ -50,8 +51,10 @@ def test_miniature_training_and_load(tmp_path):
     # A second run resumes: finished stages are not trained again.
     train_main(args)
     # Resuming a stage under a different recipe is refused, naming what changed.
-    with pytest.raises(ValueError, match=r"work/lvlm was trained with different settings \(lvlm\)"):
+    with pytest.raises(SystemExit) as exit_:  # a user error: one line on stderr, exit status 2 (issue 20)
         train_main(args + ["--set", "lvlm.lr=0.01"])
+    assert exit_.value.code == 2
+    assert re.search(r"error: .*work/lvlm was trained with different settings \(lvlm\)", capsys.readouterr().err)
 
 
 def test_an_interrupted_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):

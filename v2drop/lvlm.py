@@ -150,6 +150,12 @@ def load(
     device_map : str or dict, optional
         Passed to ``from_pretrained`` (e.g. ``"auto"`` for one GPU).
     """
+    from v2drop import checks  # issue 20: dtype, attention and device checked before anything loads
+
+    checks.check_dtype(dtype)
+    checks.check_attn(attn_implementation)
+    if device_map is None:
+        checks.check_device(device)
     path = str(LOCAL_MODELS.get(name_or_path, name_or_path))
     if name_or_path in LOCAL_MODELS and not Path(path).is_dir():
         raise ValueError(f"The bundled model {name_or_path!r} is missing at {path}; train it with `python -m experiments.train_proxy`")

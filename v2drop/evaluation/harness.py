@@ -8,7 +8,9 @@ JSONL file as samples finish, so an interrupted run continues with ``resume=True
 from __future__ import annotations
 
 import os
+import signal
 import statistics
+import threading
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -173,7 +175,18 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
     # The loader yields sample indices: Lightning moves batches to the device and cannot copy
     # frozen dataclasses holding PIL images.
     loader = DataLoader(range(len(samples)), batch_size=config.batch_size, shuffle=False, collate_fn=list, num_workers=0)
-    trainer.predict(Predictor(), dataloaders=loader, return_predictions=False)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.predict(Predictor(), dataloaders=loader, return_predictions=False)
+    except SystemExit as err:
+        # Lightning turns Ctrl-C into sys.exit(1) after its teardown; callers (and the CLI's resume
+        # hint) need to see the interrupt as what it was.
+        if isinstance(err.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt("evaluation interrupted") from None
+        raise
+    finally:
+        if sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)  # Lightning leaves Ctrl-C ignored after an interrupt
     return writer.records
 
 

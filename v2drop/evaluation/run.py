@@ -1,14 +1,23 @@
-"""One evaluation run end to end, as the ``experiments.evaluate`` command does it: checks first, then the model."""
+"""One evaluation run end to end, as the ``experiments.evaluate`` command does it: checks first, then the model.
+
+``check_evaluation`` does every check that can fail on the user's input (numbers, dtype, device,
+method, benchmark and split, writable outputs, an earlier run's records, the baseline file, the
+model's config.json, the data) without loading weights or creating anything; ``run_evaluation``
+calls it, then loads the model and runs. An interrupted or failed run keeps its finished records
+and says how to resume.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+from v2drop import checks
 from v2drop.evaluation.config import EvalConfig, EvalResult
-from v2drop.evaluation.records import write_trace
+from v2drop.evaluation.records import read_records, write_trace
 
 
 def default_run_dir(model: str, benchmark: str, method: str, schedule: str | None = None) -> Path:
@@ -18,12 +27,57 @@ def default_run_dir(model: str, benchmark: str, method: str, schedule: str | Non
 
 
 def check_writable(path: str | os.PathLike) -> None:
-    """Create ``path``'s directory; a directory or file that cannot be written is an error now, not after the run."""
-    path = Path(path)
-    parent = path.parent if path.parent != Path("") else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"Cannot write {path}: the directory or file is not writable")
+    """A file at ``path`` could be written (its directory exists or could be created); creates nothing."""
+    checks.check_writable(path)
+
+
+@dataclass
+class CheckedRun:
+    """What ``check_evaluation`` resolved: the method, the benchmark, its split and samples, the baseline."""
+
+    method: object  # the Method, rescaled to the model's depth
+    benchmark: object  # the Benchmark instance
+    split: str  # the split to evaluate
+    samples: list  # the samples of that split (the first config.limit)
+    baseline: dict | None  # the baseline result data, if given
+    depth: int  # decoder layers of the model
+
+
+def check_evaluation(config: EvalConfig, run_dir: str | os.PathLike, output=None, save_trace=None, baseline=None,
+                     resume: bool = False, lvlm=None) -> CheckedRun:
+    """Every check of ``run_evaluation`` that needs no model weights; raises ValueError/FileNotFoundError, creates nothing."""
+    from v2drop.benchmarks import get_benchmark
+    from v2drop.evaluation.harness import _check_sample
+    from v2drop.method import Method
+
+    checks.check_eval_config(config)
+    method = Method.resolve(config.method)
+    benchmark = get_benchmark(config.benchmark, data_dir=config.data_dir, **config.benchmark_args)
+    split = checks.check_split(benchmark, config.split)
+    run_dir = Path(run_dir)
+    checks.check_writable(run_dir, directory=True)
+    for path in [run_dir / "result.json", run_dir / "records.jsonl"] + [Path(p) for p in (output, save_trace) if p]:
+        checks.check_writable(path)
+    records = run_dir / "records.jsonl"
+    if records.exists() and not resume:
+        raise ValueError(f"{records} exists from an earlier run; add --resume to continue it or --run-dir to start elsewhere")
+    base = checks.read_result(baseline) if baseline else None
+    depth = lvlm.depth if lvlm is not None else checks.model_depth(config.model)
+    method = method.rescaled(depth)
+    samples = benchmark.load(split, config.limit)
+    if not samples:
+        raise ValueError(f"Benchmark {benchmark.name!r} split {split!r} has no samples")
+    for sample in samples:
+        _check_sample(sample, benchmark)
+    return CheckedRun(method, benchmark, split, samples, base, depth)
+
+
+def resume_note(records: Path, command: str = "rerun the same command with --resume (run_evaluation(..., resume=True))") -> str | None:
+    """How many finished records ``records`` keeps and how to continue, or None when it holds none."""
+    if not records.exists():
+        return None
+    n = len(read_records(records))
+    return f"{n} finished sample(s) are kept in {records}; {command} to continue" if n else None
 
 
 def run_evaluation(
@@ -37,8 +91,9 @@ def run_evaluation(
 ) -> EvalResult:
     """Evaluate ``config`` into ``run_dir`` (``records.jsonl``, ``result.json``).
 
-    Every check that can fail (method, benchmark, writable outputs, an earlier run's records,
-    the baseline file) runs before the model loads.
+    Every check that can fail (numbers, dtype, device, method, benchmark and split, writable
+    outputs, an earlier run's records, the baseline file, the model's config, the data) runs
+    before the model loads and before ``run_dir`` is created (``check_evaluation``).
 
     Parameters
     ----------
@@ -56,31 +111,30 @@ def run_evaluation(
         An already loaded model instead of ``v2drop.load(config.model, ...)``.
     """
     import v2drop
-    from v2drop.benchmarks import get_benchmark
     from v2drop.evaluation.harness import evaluate
-    from v2drop.method import Method
 
-    method = Method.resolve(config.method)
-    benchmark = get_benchmark(config.benchmark, data_dir=config.data_dir, **config.benchmark_args)
+    checked = check_evaluation(config, run_dir, output, save_trace, baseline, resume, lvlm)
     run_dir = Path(run_dir)
-    outputs = [run_dir / "result.json"] + [Path(p) for p in (output, save_trace) if p]
-    for path in outputs:
-        check_writable(path)
     records = run_dir / "records.jsonl"
-    if records.exists() and not resume:
-        raise ValueError(f"{records} exists from an earlier run; add --resume to continue it or --run-dir to start elsewhere")
-    base = None
-    if baseline:
-        if not Path(baseline).is_file():
-            raise FileNotFoundError(f"baseline result {str(baseline)!r} does not exist")
-        base = json.loads(Path(baseline).read_text())
     if lvlm is None:
         lvlm = v2drop.load(config.model, attn_implementation=config.attn_implementation, dtype=config.dtype,
                            device=config.device, device_map=config.device_map)
-    result = evaluate(lvlm, benchmark, method, config, records_path=records, resume=resume, baseline=base)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = evaluate(lvlm, checked.benchmark, checked.method, config, records_path=records, resume=resume,
+                          baseline=checked.baseline, samples=checked.samples)
+    except BaseException as err:  # an interrupt or a failure mid-run: the records written so far stay valid
+        note = resume_note(records)
+        if note:
+            err.add_note(note)
+        raise
+    result.split = checked.split
     data = json.dumps(result.to_json(), indent=2)
     for path in [run_dir / "result.json"] + ([Path(output)] if output else []):
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(data)
     if save_trace:
+        Path(save_trace).parent.mkdir(parents=True, exist_ok=True)
         write_trace(records, save_trace)
     return result

@@ -20,9 +20,10 @@ from tqdm import tqdm
 from v2drop.evaluation import EvalConfig, evaluate, resolve_split, write_csv
 from v2drop.method import Method
 from v2drop.search.config import OBJECTIVES, SweepConfig
+from v2drop.search.checks import check_sweep_run
 from v2drop.search.report import write_artifacts
 from v2drop.search.space import fits, method_params, suggest_method, validate
-from v2drop.search.wandb import WandbCallback, plain, wandb_mode
+from v2drop.search.wandb import WandbCallback, plain
 
 
 def make_storage(cfg: SweepConfig):
@@ -87,12 +88,12 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
     re-evaluated on the confirmation split, "run_dir": str}``.
     """
     import v2drop
-    from v2drop.benchmarks import get_benchmark
 
     run_dir = cfg.resolved_run_dir()
-    validate(cfg)  # all but the layer range (which needs the model's depth) before the model loads
-    wandb_mode(cfg)
-    benchmark = benchmark or get_benchmark(cfg.benchmark)
+    # Every check (names, numbers, search ranges against the depth in config.json, presets, splits,
+    # paths, data) before the model loads and before the study exists.
+    checked = check_sweep_run(cfg, lvlm, benchmark)
+    benchmark = checked.benchmark
     storage = make_storage(cfg)  # fails fast on an unreachable URL
     lvlm = lvlm or v2drop.load(cfg.model)
     validate(cfg, lvlm.depth)
@@ -107,7 +108,7 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
         if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
             raise ValueError(f"Study {cfg.study!r} exists with other objectives; use another --study-name") from None
     eval_config = trial_eval_config(cfg)
-    samples = benchmark.load(resolve_split(benchmark, cfg.eval.split), cfg.eval.limit)
+    samples = checked.samples
 
     def objective(trial: optuna.Trial):
         method = suggest_method(trial, cfg.search, lvlm.depth)
@@ -123,9 +124,17 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
     if cfg.total_trials:
         callbacks.append(optuna.study.MaxTrialsCallback(cfg.total_trials, states=(optuna.trial.TrialState.COMPLETE,)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=cfg.trials, callbacks=callbacks, show_progress_bar=progress)
-    rows, front = write_artifacts(study, cfg, run_dir)
-    confirmed = confirm_front(study, front, cfg, lvlm, benchmark, run_dir, progress)
+    try:
+        study.optimize(objective, n_trials=cfg.trials, callbacks=callbacks, show_progress_bar=progress)
+        rows, front = write_artifacts(study, cfg, run_dir)
+        confirmed = confirm_front(study, front, cfg, lvlm, benchmark, run_dir, progress)
+    except BaseException as err:  # finished trials are in the storage already; say how to continue
+        done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+        err.add_note(f"study {cfg.study!r} keeps its {done} finished trial(s) in {cfg.storage or run_dir / 'journal.log'}; "
+                     "rerun the same command (same study name and storage) to resume it")
+        if callback.run is not None:  # the wandb run would otherwise stay open until the process exits
+            callback.run.finish(exit_code=1)
+        raise
     callback.finish(rows, confirmed, run_dir / "pareto.png")
     return {"rows": rows, "front": front, "confirmed": confirmed, "run_dir": str(run_dir)}
 

@@ -1,0 +1,50 @@
+"""A sweep's checks before the model loads and before the study is created (``run_sweep`` calls ``check_sweep_run`` first)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from v2drop import checks
+from v2drop.search.config import SweepConfig
+
+
+@dataclass
+class CheckedSweep:
+    """What ``check_sweep_run`` resolved: the benchmark, the trial split and samples, the model depth."""
+
+    benchmark: object  # the Benchmark instance
+    split: str  # the split trials are evaluated on
+    samples: list  # the trial samples (the first eval.limit of split)
+    depth: int  # decoder layers of the model
+
+
+def check_sweep_run(cfg: SweepConfig, lvlm=None, benchmark=None) -> CheckedSweep:
+    """Everything checkable without weights: names, numbers, search ranges (against the depth in the model's
+    config.json), presets, wandb mode, splits, the run directory and journal file, the trial data. Creates nothing."""
+    from pathlib import Path
+
+    from v2drop.benchmarks import get_benchmark
+    from v2drop.evaluation.harness import _check_sample
+    from v2drop.method import Method
+    from v2drop.search.space import validate
+    from v2drop.search.wandb import wandb_mode
+
+    validate(cfg)
+    checks.check_sweep(cfg)
+    wandb_mode(cfg)
+    benchmark = benchmark or get_benchmark(cfg.benchmark)
+    split = checks.check_split(benchmark, cfg.eval.split)
+    checks.check_split(benchmark, cfg.confirm.split)
+    depth = lvlm.depth if lvlm is not None else checks.model_depth(cfg.model)
+    validate(cfg, depth)
+    for name in cfg.enqueue_presets:
+        Method.from_preset(name, depth=depth)  # a preset that cannot be moved to this depth fails here
+    checks.check_writable(cfg.resolved_run_dir(), directory=True)
+    if cfg.storage is None or "://" not in cfg.storage:
+        checks.check_writable(Path(cfg.storage or cfg.resolved_run_dir() / "journal.log"))
+    samples = benchmark.load(split, cfg.eval.limit)
+    if not samples:
+        raise ValueError(f"Benchmark {benchmark.name!r} split {split!r} has no samples")
+    for sample in samples:
+        _check_sample(sample, benchmark)
+    return CheckedSweep(benchmark, split, samples, depth)
