@@ -11,7 +11,7 @@ from v2drop.scorers.base import (
     register_scorer,
     select_keep,
 )
-from v2drop.scorers import baselines, fastv, pdrop, sparsevlm, v2drop  # noqa: F401,E402  (registration on import)
+from v2drop.scorers import baselines, dart, fastv, pdrop, sparsevlm, v2drop  # noqa: F401,E402  (registration on import)
 
 __all__ = [
     "SCORERS", "AttentionRequest", "LayerState", "Scorer", "Selection", "build_scorer", "list_scorers", "register_scorer",
