@@ -216,3 +216,22 @@ def test_wandb_dashboard_is_in_the_offline_run(tiny, tmp_path):
     both = table("fronts_validation_vs_confirmed_table")
     assert {row[both["columns"].index("lineKey")] for row in both["data"]} == {"validation", "confirmed"}
     assert summary["front_size"] == len(result["front"]) and summary["trial_count"] == 12 and "dart" in summary["method_names"]
+
+
+def test_shipped_methods_config_validates_and_enqueues_every_method_at_every_budget():
+    cfg = SweepConfig.load(ROOT / "configs" / "sweep" / "methods.yaml")
+    validate(cfg, depth=12)  # the proxy's depth
+    presets = expand_presets(cfg.enqueue_presets)
+    fitting = [p for p in presets if fits(relative(Method.from_preset(p, depth=12)), cfg.search, 12)]
+    assert fitting == presets and len(presets) == 3 * len({p.split("-")[0] for p in presets})
+    assert {p.split("-")[0] for p in presets} >= {"dart", "fastv", "pdrop", "sparsevlm", "v2drop", "random", "uniform", "position"}
+    assert cfg.trials >= len(presets) + 1 + 20  # room to search after the baselines
+
+
+def test_cli_cross_method_error_exits_2_before_the_model_loads(capsys):
+    from experiments.sweep import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(ROOT / "configs" / "sweep" / "methods.yaml"), "--set", "search.scorers.dart.pivot_image=[4, -1]"])
+    assert exit_.value.code == 2
+    assert "search.scorers.dart.pivot_image: the choice -1 is invalid" in capsys.readouterr().err
