@@ -326,6 +326,6 @@ def test_python_api_raises_the_same_words(tmp_path):
         v2drop.load("proxy", device="cuda")
     with pytest.raises(ValueError, match=r"trials must be a whole number >= 1, got -1"):
         run_sweep(SweepConfig(trials=-1, run_dir=str(tmp_path / "sweep")))
-    with pytest.raises(ValueError, match=r"enqueue_presets names unknown preset 'nope'"):
+    with pytest.raises(ValueError, match=r"enqueue_presets: 'nope' matches no preset"):
         run_sweep(SweepConfig(enqueue_presets=["nope"], run_dir=str(tmp_path / "sweep")))
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()

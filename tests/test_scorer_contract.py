@@ -13,9 +13,12 @@ from v2drop import Method, Schedule, build_scorer, list_scorers
 from v2drop.testing import batch_for
 
 # Parameters for scorers that cannot be built from defaults alone (name -> kwargs).
-SCORER_KWARGS: dict[str, dict] = {"given": {"keep": (0, 3, 5, 7)}}  # scorers whose defaults would test too little
-SCORER_KWARGS["composite"] = {"parts": [{"name": "v2drop", "weight": 0.6}, {"name": "fastv", "weight": 0.4}], "combine": "zscore"}
-SCORER_KWARGS["staged"] = {"pre_llm": {"name": "visionzip"}, "llm": {"name": "divprune"}}
+SCORER_KWARGS: dict[str, dict] = {  # scorers whose defaults would test too little
+    "given": {"keep": (0, 3, 5, 7)},
+    "dart": {"pivot_image": 1, "pivot_text": 1},  # 4 + 4 pivots would leave nothing to claim on the tiny Qwen images (4-9 tokens)
+    "composite": {"parts": [{"name": "v2drop", "weight": 0.6}, {"name": "fastv", "weight": 0.4}], "combine": "zscore"},
+    "staged": {"pre_llm": {"name": "visionzip"}, "llm": {"name": "divprune"}},
+}
 # Scorers that run only on some families and refuse the others with a ValueError naming why (name -> (families, message)).
 FAMILY_SUPPORT: dict[str, tuple] = {"visionzip": (("llava",), "no \\[CLS\\] token")}
 SCHEDULE = Schedule.progressive([2, 4], [0.5, 0.5])

@@ -234,4 +234,6 @@ def check_sweep(cfg) -> None:
         check_settings(cfg.eval)
     except ValueError as err:
         raise ValueError(f"eval.{err}") from None
-    check_presets(cfg.enqueue_presets)
+    from v2drop.search.space import expand_presets
+
+    expand_presets(cfg.enqueue_presets)  # names or fnmatch patterns; one that matches no preset is an error

@@ -13,7 +13,7 @@ from v2drop.scorers.base import (
     register_scorer,
     select_keep,
 )
-from v2drop.scorers import baselines, composite, divprune, fastv, pdrop, sparsevlm, v2drop, visionzip  # noqa: F401,E402  (registration on import)
+from v2drop.scorers import baselines, composite, dart, divprune, fastv, pdrop, sparsevlm, v2drop, visionzip  # noqa: F401,E402  (registration on import)
 
 __all__ = [
     "SCORERS", "AttentionRequest", "LayerState", "Scorer", "Selection", "build_scorer", "list_scorers", "register_scorer",

@@ -1,7 +1,7 @@
 """Optuna searches over drop layers and keep fractions: accuracy against cost, as Pareto fronts.
 
 The search space is data (``configs/sweep/*.yaml``, see ``docs/sweeps.md``): which scorers (with
-their own parameters), one-shot or progressive, how many stages, the range of drop layers (drawn
+their own parameters; ``all`` = every registered one), one-shot or progressive (per scorer if need be), how many stages, the range of drop layers (drawn
 in increasing order) and of relative keep fractions. Modules: ``config`` (SweepConfig and its
 sections), ``space`` (validation, trial <-> Method), ``pareto`` (``pareto_indices``), ``study``
 (storage, sampler, ``run_sweep``), ``report`` (CSV, plot, terminal table) and ``wandb`` (our
@@ -12,15 +12,16 @@ from __future__ import annotations
 
 from v2drop.search.config import OBJECTIVES, SAMPLERS, ConfirmConfig, SearchSpace, SweepConfig, WandbConfig
 from v2drop.search.pareto import pareto_indices
-from v2drop.search.report import format_front, plot_front, trial_rows, write_artifacts
-from v2drop.search.space import fits, method_params, suggest_method, validate
+from v2drop.search.report import dashboard, format_front, plot_front, searched_params, trial_rows, write_artifacts
+from v2drop.search.space import expand_presets, fits, method_params, resolve_scorers, scorer_kinds, suggest_method, validate
 from v2drop.search.wandb import WANDB_MODES, WandbCallback, wandb_mode
 
-_STUDY = ("confirm_front", "make_sampler", "make_storage", "objective_values", "run_sweep", "trial_eval_config")
+_STUDY = ("conditional", "confirm_front", "make_sampler", "make_storage", "objective_values", "run_sweep", "trial_eval_config")
 
 __all__ = [
     "OBJECTIVES", "SAMPLERS", "WANDB_MODES", "ConfirmConfig", "SearchSpace", "SweepConfig", "WandbCallback", "WandbConfig",
-    "fits", "format_front", "method_params", "pareto_indices", "plot_front", "suggest_method", "trial_rows", "validate",
+    "dashboard", "expand_presets", "fits", "format_front", "method_params", "pareto_indices", "plot_front", "resolve_scorers",
+    "scorer_kinds", "searched_params", "suggest_method", "trial_rows", "validate",
     "wandb_mode", "write_artifacts", *_STUDY,
 ]
 

@@ -37,7 +37,9 @@ def check_sweep_run(cfg: SweepConfig, lvlm=None, benchmark=None) -> CheckedSweep
     checks.check_split(benchmark, cfg.confirm.split)
     depth = lvlm.depth if lvlm is not None else checks.model_depth(cfg.model)
     validate(cfg, depth)
-    for name in cfg.enqueue_presets:
+    from v2drop.search.space import expand_presets
+
+    for name in expand_presets(cfg.enqueue_presets):
         Method.from_preset(name, depth=depth)  # a preset that cannot be moved to this depth fails here
     checks.check_writable(cfg.resolved_run_dir(), directory=True)
     if cfg.storage is None or "://" not in cfg.storage:

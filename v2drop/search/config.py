@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from v2drop.config import config_from_dict, load_config
 from v2drop.evaluation.config import EvalSettings
@@ -27,8 +28,12 @@ SAMPLERS = ("tpe", "nsga2", "gp", "random")
 class SearchSpace:
     """What a trial may choose (``search:`` in a sweep YAML)."""
 
-    scorers: dict = field(default_factory=lambda: {"v2drop": {}})  # scorer name -> {parameter: [choices]}
+    # scorer name -> {parameter: [choices]}; "all" (or "*", also as a key) = every registered scorer with defaults
+    scorers: Any = field(default_factory=lambda: {"v2drop": {}})
+    exclude: list[str] = field(default_factory=lambda: ["given"])  # fnmatch patterns left out of "all" ("given" is an oracle)
     kinds: list[str] = field(default_factory=lambda: ["progressive"])  # "one-shot" and/or "progressive"
+    scorer_kinds: dict = field(default_factory=dict)  # scorer name -> its own kinds (e.g. {fastv: [one-shot]}), searched as "<name>.kind"
+    position_policy: dict = field(default_factory=dict)  # scorer name -> "preserve" (default) or "renumber" for its trials
     stages: list[int] = field(default_factory=lambda: [2, 3])  # [min, max] stages of a progressive schedule
     layers: list[int | None] = field(default_factory=lambda: [1, None])  # [first, last] drop layer; None = depth - 1
     # a plain list: OmegaConf would warn on every integer bound (``[0, 0.5]``) of a list[float]
@@ -69,7 +74,7 @@ class SweepConfig:
     seed: int = 0  # sampler seed
     objectives: list[str] = field(default_factory=lambda: ["accuracy", "prefill_latency"])  # names in OBJECTIVES; first is usually accuracy
     max_average_tokens: float | None = None  # constraint: average retained vision tokens at most this
-    enqueue_presets: list[str] = field(default_factory=lambda: ["v2drop-llava15-192", "v2drop-llava15-128", "v2drop-llava15-64"])  # paper settings tried first
+    enqueue_presets: list[str] = field(default_factory=lambda: ["v2drop-llava15-192", "v2drop-llava15-128", "v2drop-llava15-64"])  # presets tried first; fnmatch patterns allowed ("*-llava15-128")
     enqueue_none: bool = True  # a no-dropping trial first
     search: SearchSpace = field(default_factory=SearchSpace)  # what a trial may choose
     eval: EvalSettings = field(default_factory=_trial_eval)  # how each trial is evaluated (a sample of the validation split)

@@ -22,7 +22,7 @@ from v2drop.method import Method
 from v2drop.search.config import OBJECTIVES, SweepConfig
 from v2drop.search.checks import check_sweep_run
 from v2drop.search.report import write_artifacts
-from v2drop.search.space import fits, method_params, suggest_method, validate
+from v2drop.search.space import expand_presets, fits, method_params, relative, resolve_scorers, suggest_method, validate
 from v2drop.search.wandb import WandbCallback, plain
 
 
@@ -59,12 +59,23 @@ def make_sampler(cfg: SweepConfig, offset: int = 0) -> optuna.samplers.BaseSampl
     """The configured sampler, seeded with ``cfg.seed + offset`` (workers joining a study use their pid)."""
     seed = cfg.seed + offset
     if cfg.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, constant_liar=True)
+        if not conditional(cfg):
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, constant_liar=True)
+        # Several scorers: each one's parameters exist only in the trials that chose it. Grouped
+        # multivariate TPE models each such group of parameters jointly, over the trials that have it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, constant_liar=True, multivariate=True, group=True)
     if cfg.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
     if cfg.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+def conditional(cfg: SweepConfig) -> bool:
+    """True when trials differ in which parameters they have beyond the stages (several scorers, or per-scorer kinds)."""
+    return len(resolve_scorers(cfg.search)) > 1 or bool(cfg.search.scorer_kinds)
 
 
 def objective_values(metrics: dict, objectives: list[str]) -> list[float]:
@@ -143,12 +154,14 @@ def _enqueue_baselines(study: optuna.Study, cfg: SweepConfig, depth: int) -> Non
     """The no-drop trial and the paper's presets (rescaled to the model's depth) go first."""
     if cfg.enqueue_none:
         study.enqueue_trial({}, user_attrs={"label": "none"})
-    for name in cfg.enqueue_presets:
-        method = Method.from_preset(name, depth=depth)
-        if method.scorer_name not in cfg.search.scorers:
+    scorers = resolve_scorers(cfg.search)
+    for name in expand_presets(cfg.enqueue_presets):
+        method = relative(Method.from_preset(name, depth=depth))
+        if method.scorer_name not in scorers:
             continue
         if not fits(method, cfg.search, depth):
-            print(f"not enqueueing preset {name}: its stages {list(method.schedule.layers)} lie outside the search space")
+            print(f"not enqueueing preset {name}: its {method.scorer_name} settings, stages {list(method.schedule.layers)} or "
+                  f"position policy {method.position_policy!r} lie outside the search space")
             continue
         study.enqueue_trial(method_params(method, cfg.search), user_attrs={"label": name})
 
@@ -163,9 +176,10 @@ def confirm_front(study, front: list[dict], cfg: SweepConfig, lvlm, benchmark, r
     for row in tqdm(front, desc=f"confirming the front on {len(samples)} {split} samples", disable=not progress):
         method = Method.from_dict(by_number[row["trial"]].user_attrs["method"])
         m = evaluate(lvlm, benchmark, method, eval_config, samples=samples).metrics
-        out.append({"trial": row["trial"], "label": row["label"], "schedule": row["schedule"],
+        out.append({"trial": row["trial"], "label": row["label"], "scorer": row["scorer"], "kind": row["kind"], "schedule": row["schedule"],
                     "validation_accuracy": row.get("accuracy_metric"), "test_accuracy": m["accuracy"],
-                    "test_prefill_ms": m["prefill_latency_median_s"] * 1e3, "test_flops_ratio": m["flops_ratio"],
+                    "test_prefill_ms": m["prefill_latency_median_s"] * 1e3,
+                    "test_generation_ms": m["generation_latency_median_s"] * 1e3, "test_flops_ratio": m["flops_ratio"],
                     "test_average_tokens": m["average_vision_tokens"]})
     write_csv(out, run_dir / "pareto_confirmed.csv")
     return out

@@ -58,21 +58,31 @@ class WandbCallback:
         data.update({f"metrics/{k}": v for k, v in trial.user_attrs.get("metrics", {}).items() if isinstance(v, (int, float))})
         self.run.log({"trial": trial.number, **data})
         if self.cfg.wandb.per_trial_runs:
+            # Run config = the trial's parameters (plus scorer and label), summary = its objectives:
+            # what a parallel-coordinates panel over the group's runs reads.
+            method = trial.user_attrs.get("method") or {}
+            scorer = (method.get("scorer") or {}).get("name", "none") if isinstance(method.get("scorer"), dict) else "none"
+            config = {**trial.params, "scorer": scorer, "label": trial.user_attrs.get("label", "")}
             run = self.wandb.init(project=self.cfg.wandb.project, name=f"{self.cfg.study}-trial-{trial.number}",
                                   group=self.cfg.study, mode=self.mode, dir=str(self.run.dir).rsplit("/wandb/", 1)[0],
-                                  config=plain(trial.params), reinit="create_new")
+                                  config=plain(config), reinit="create_new")
             run.log(data)
             run.finish()
 
     def finish(self, rows: list[dict], confirmed: list[dict], figure: Path | None) -> None:
-        """Log the trials table (with ``is_pareto``), the scatter plots and the confirmed front."""
+        """Log the dashboard (``v2drop.search.report.dashboard``, ``docs/sweeps.md``) and close the run."""
         if self.run is None:
             return
-        columns = sorted({k for r in rows for k in r})
-        self.run.log({"trials": self.wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
-        if confirmed:
-            cc = sorted({k for r in confirmed for k in r})
-            self.run.log({"confirmed_front": self.wandb.Table(columns=cc, data=[[r.get(c) for c in cc] for r in confirmed])})
+        from v2drop.search.report import dashboard
+
+        board = dashboard(rows, confirmed, self.cfg)
+        tables = {key: self.wandb.Table(columns=columns, data=data) for key, (columns, data) in board["tables"].items()}
+        self.run.log({key: table for key, table in tables.items() if key in ("trials", "confirmed_front")})
+        for key, (table, x, y, title) in board["scatters"].items():
+            self.run.log({key: self.wandb.plot.scatter(tables[table], x, y, title=title)})
+        for key, (xs, ys, keys, title, xname) in board["lines"].items():
+            self.run.log({key: self.wandb.plot.line_series(xs=xs, ys=ys, keys=keys, title=title, xname=xname)})
         if figure is not None and figure.exists():
             self.run.log({"pareto": self.wandb.Image(str(figure))})
+        self.run.summary.update(board["summary"])
         self.run.finish()

@@ -1,0 +1,237 @@
+"""Sweeping across methods: ``scorers: all``, per-scorer kinds and parameters, presets first, the wandb dashboard read back offline."""
+
+import csv
+import json
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from v2drop import Method, list_scorers, register_scorer
+from v2drop.method import list_presets
+from v2drop.scorers import Scorer
+from v2drop.search import (SweepConfig, conditional, expand_presets, fits, make_storage, method_params, resolve_scorers, run_sweep,
+                           suggest_method, validate)
+from v2drop.search.space import relative
+from v2drop.testing import EchoBench
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(tmp_path, search=None, **kw):
+    data = {
+        "study": "methods", "model": "tiny", "benchmark": "echo", "trials": 10, "total_trials": None, "run_dir": str(tmp_path / "run"),
+        "objectives": ["accuracy", "flops"], "enqueue_presets": ["*-llava15-128"],
+        "eval": {"limit": 2, "batch_size": 2, "max_new_tokens": 1, "warmup": 0}, "confirm": {"limit": 2},
+        "search": search or {"scorers": "all", "kinds": ["one-shot", "progressive"], "scorer_kinds": {"fastv": ["one-shot"], "dart": ["one-shot"]},
+                             "position_policy": {"pdrop": "renumber"}, "stages": [2, 4]},
+        "wandb": {"mode": "disabled"},
+    }
+    data.update(kw)
+    return SweepConfig.from_dict(data)
+
+
+def test_all_means_every_registered_scorer_but_the_excluded():
+    @register_scorer("test-newcomer")
+    @dataclass
+    class Newcomer(Scorer):
+        def score(self, state):
+            return state.vision_idx.float()
+
+    cfg = config(Path("."))
+    names = resolve_scorers(cfg.search)
+    assert list(names) == [n for n in list_scorers() if n != "given"] and "test-newcomer" in names and "dart" in names
+    assert all(params == {} for params in names.values())
+    star = config(Path("."), search={"scorers": {"*": {}, "v2drop": {"metric": ["l1"]}}, "exclude": ["given", "test-*"]})
+    names = resolve_scorers(star.search)
+    assert names["v2drop"] == {"metric": ["l1"]} and "test-newcomer" not in names and "given" not in names
+    assert resolve_scorers(config(Path("."), search={"scorers": {"dart": None}}).search) == {"dart": {}}
+
+
+@pytest.mark.parametrize("search, message", [
+    ({"scorers": "most"}, "search.scorers 'most': give 'all'"),
+    ({"scorers": {"dart": {"pivots": [4]}}}, "scorer 'dart' has no parameter 'pivots'; valid parameters: pivot_image, pivot_text"),
+    ({"scorers": {"dart": {"pivot_image": [4, -1]}}}, r"search.scorers.dart.pivot_image: the choice -1 is invalid"),
+    ({"scorers": {"dart": {}}, "scorer_kinds": {"fastv": ["one-shot"]}}, r"search.scorer_kinds names \['fastv'\]"),
+    ({"scorers": {"dart": {}}, "scorer_kinds": {"dart": ["once"]}}, "search.scorer_kinds.dart must list"),
+    ({"scorers": {"pdrop": {}}, "position_policy": {"pdrop": "shift"}}, "search.position_policy.pdrop must be one of"),
+    ({"scorers": {"v2drop": {}}, "layers": [0, None]}, "search.layers starts at 0, but V2DropScorer needs the layer before"),
+    ({"scorers": {"*": {"metric": ["l1"]}}}, "takes no parameters"),
+    ({"scorers": "all", "exclude": ["*"]}, "search.scorers is empty"),
+])
+def test_bad_cross_method_spaces_stop_before_the_model_loads(tmp_path, search, message):
+    with pytest.raises(ValueError, match=message):
+        validate(config(tmp_path, search=search))
+
+
+def test_preset_patterns_expand_and_a_pattern_matching_nothing_is_an_error(tmp_path):
+    assert expand_presets(["dart-llava15-*"]) == ["dart-llava15-128", "dart-llava15-192", "dart-llava15-64"]
+    with pytest.raises(ValueError, match="'dartt-\\*' matches no preset"):
+        validate(config(tmp_path, enqueue_presets=["dartt-*"]))
+
+
+def test_a_scorer_with_its_own_kinds_gets_its_own_kind_parameter():
+    cfg = config(Path("."))
+    trial = optuna.trial.FixedTrial({"scorer": "dart", "dart.kind": "one-shot", "layer_0": 2, "keep_0": 0.25})
+    method = suggest_method(trial, cfg.search, depth=6)
+    assert method.scorer_name == "dart" and method.schedule.layers == (2,) and method.schedule.stages[0].keep == 0.25
+    trial = optuna.trial.FixedTrial({"scorer": "pdrop", "kind": "progressive", "stages": 2, "layer_0": 1, "keep_0": 0.5,
+                                     "layer_1": 3, "keep_1": 0.5})
+    method = suggest_method(trial, cfg.search, depth=6)
+    assert method.position_policy == "renumber" and method.schedule.layers == (1, 3)
+    assert conditional(cfg) and not conditional(config(Path("."), search={"scorers": {"v2drop": {}}}))
+
+
+@pytest.mark.parametrize("preset", [p for p in list_presets() if "-llava15-" in p])
+def test_every_paper_preset_is_reproduced_by_its_enqueued_parameters(preset):
+    """What the sweep enqueues for a preset suggests back the preset itself (as relative fractions of 576 tokens)."""
+    cfg = config(Path("."), search={"scorers": {"*": {}, "dart": {"pivot_image": [2, 4]}}, "kinds": ["one-shot", "progressive"],
+                                    "scorer_kinds": {"dart": ["one-shot"], "fastv": ["one-shot"]}, "position_policy": {"pdrop": "renumber"},
+                                    "stages": [2, 4]})
+    method = relative(Method.from_preset(preset, depth=12))
+    assert fits(method, cfg.search, 12)
+    again = suggest_method(optuna.trial.FixedTrial(method_params(method, cfg.search)), cfg.search, depth=12)
+    assert again.scorer_name == method.scorer_name and again.position_policy == method.position_policy
+    assert again.schedule.layers == method.schedule.layers
+    assert [s.keep for s in again.schedule.stages] == pytest.approx([min(s.keep, 0.9) for s in method.schedule.stages])
+    if preset.startswith("dart"):
+        assert again.scorer.pivot_image == 4
+
+
+def test_a_preset_outside_the_parameter_choices_does_not_fit():
+    cfg = config(Path("."), search={"scorers": {"dart": {"pivot_image": [2, 8]}}, "kinds": ["one-shot"]})
+    assert not fits(Method.from_preset("dart-llava15-64", depth=12), cfg.search, 12)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_cross_method_sweep_puts_every_method_on_one_front(tiny, tmp_path):
+    cfg = config(tmp_path, trials=14)
+    result = run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(2), progress=False)
+    trials = read_csv(tmp_path / "run" / "trials.csv")
+    labels = {t["label"] for t in trials}
+    scorers_with_presets = {p.split("-")[0] for p in expand_presets(["*-llava15-128"])}
+    assert {f"{s}-llava15-128" for s in scorers_with_presets} | {"none"} <= labels
+    assert len({t["scorer"] for t in trials}) >= len(scorers_with_presets)
+    for t in trials:
+        if t["scorer"] in ("dart", "fastv"):
+            assert t["kind"] == "one-shot" and t[f"{t['scorer']}.kind"] == "one-shot"
+    for column in ("scorer", "kind", "layer_0", "keep_0", "stages", "dart.kind", "fastv.kind", "kind"):
+        assert column in trials[0]
+    pdrop = next(r for r in result["rows"] if r["label"] == "pdrop-llava15-128")
+    assert pdrop["kind"] == "progressive" and len(pdrop["schedule"].split()) == 4
+    assert {c["scorer"] for c in result["confirmed"]} == {r["scorer"] for r in result["front"]}
+
+
+# -- the wandb dashboard, read back from the offline run -------------------------------------------
+
+def offline_records(path: Path) -> list:
+    """The protobuf records of an offline ``run-*.wandb`` file.
+
+    wandb 0.31 ships no reader in Python, so this reads the format directly: a 7-byte header
+    (``:W&B``, magic, version), then LevelDB-log records in 32 KiB blocks, each with a 7-byte
+    header (CRC32, length, type: 1 full, 2 first, 3 middle, 4 last).
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = path.read_bytes()
+    assert raw[:4] == b":W&B"
+    pos, block, records, parts = 7, 32768, [], []
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += block - pos % block
+            continue
+        parts.append(raw[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(b"".join(parts))
+            records.append(record)
+            parts = []
+    return records
+
+
+def logged(run_dir: Path, timeout: float = 60.0) -> tuple[dict, dict]:
+    """(config items, final summary) of an offline run: ``{key: value}`` with nested keys joined by '/'.
+
+    ``run.finish()`` can return before wandb's service has written the last records, so this
+    waits for the run's ``exit`` record.
+    """
+    deadline = time.time() + timeout
+    while True:
+        records = offline_records(next(run_dir.glob("run-*.wandb")))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    config, summary = {}, {}
+    for record in records:
+        kind = record.WhichOneof("record_type")
+        items = record.config.update if kind == "config" else record.summary.update if kind == "summary" else []
+        target = config if kind == "config" else summary
+        for item in items:
+            target[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return config, summary
+
+
+def test_wandb_dashboard_is_in_the_offline_run(tiny, tmp_path):
+    cfg = config(tmp_path, trials=12, wandb={"mode": "offline"})
+    result = run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(2), progress=False)
+    (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    config_items, summary = logged(run)
+    charts = {k.removeprefix("_wandb/visualize/"): v["panel_config"] for k, v in config_items.items() if k.startswith("_wandb/visualize/")}
+    assert charts["front_validation"]["panelDefId"] == "wandb/scatter/v0"
+    assert charts["front_validation"]["fieldSettings"] == {"x": "flops_ratio", "y": "accuracy_metric"}
+    assert charts["front_confirmed"]["fieldSettings"] == {"x": "test_flops_ratio", "y": "test_accuracy"}
+    assert charts["all_trials"]["panelDefId"] == "wandb/scatter/v0"
+    assert charts["method_fronts"]["panelDefId"] == "wandb/lineseries/v0"
+    assert charts["fronts_validation_vs_confirmed"]["panelDefId"] == "wandb/lineseries/v0"
+
+    def table(key):
+        return json.loads((run / "files" / summary[f"{key}/path"]).read_text())
+
+    trials = table("trials")
+    assert len(trials["data"]) == len(result["rows"]) == 12
+    columns = trials["columns"]
+    searched = {k for t in optuna.load_study(study_name="methods", storage=make_storage(cfg)).trials for k in t.params}
+    assert searched - {"scorer", "kind"} <= set(columns) and {"scorer", "kind", "is_pareto", "label", "flops", "accuracy"} <= set(columns)
+    by_scorer = {row[columns.index("scorer")] for row in trials["data"]}
+    assert len(by_scorer) > 3
+    front = table("front_validation_table")
+    assert len(front["data"]) == len(result["front"])
+    confirmed = table("confirmed_front")
+    assert len(confirmed["data"]) == len(result["confirmed"]) and "test_accuracy" in confirmed["columns"]
+    methods = table("method_fronts_table")
+    assert {row[methods["columns"].index("lineKey")] for row in methods["data"]} <= by_scorer - {"none"}
+    both = table("fronts_validation_vs_confirmed_table")
+    assert {row[both["columns"].index("lineKey")] for row in both["data"]} == {"validation", "confirmed"}
+    assert summary["front_size"] == len(result["front"]) and summary["trial_count"] == 12 and "dart" in summary["method_names"]
+
+
+def test_shipped_methods_config_validates_and_enqueues_every_method_at_every_budget():
+    cfg = SweepConfig.load(ROOT / "configs" / "sweep" / "methods.yaml")
+    validate(cfg, depth=12)  # the proxy's depth
+    presets = expand_presets(cfg.enqueue_presets)
+    fitting = [p for p in presets if fits(relative(Method.from_preset(p, depth=12)), cfg.search, 12)]
+    assert fitting == presets and len(presets) == 3 * len({p.split("-")[0] for p in presets})
+    assert {p.split("-")[0] for p in presets} >= {"dart", "fastv", "pdrop", "sparsevlm", "v2drop", "random", "uniform", "position"}
+    assert cfg.trials >= len(presets) + 1 + 20  # room to search after the baselines
+
+
+def test_cli_cross_method_error_exits_2_before_the_model_loads(capsys):
+    from experiments.sweep import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(ROOT / "configs" / "sweep" / "methods.yaml"), "--set", "search.scorers.dart.pivot_image=[4, -1]"])
+    assert exit_.value.code == 2
+    assert "search.scorers.dart.pivot_image: the choice -1 is invalid" in capsys.readouterr().err

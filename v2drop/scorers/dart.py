@@ -1,0 +1,140 @@
+"""DART: keep the vision tokens least duplicated by a few pivot tokens (arXiv 2502.11494).
+
+Pivots are the tokens with the largest key norm (some vision tokens, some text tokens after the
+image); each pivot then claims the vision tokens least cosine-similar to it, and the claimed
+tokens plus the vision pivots stay. The key and the normalisation come from the drop layer,
+not the layer before it as in the official code (``docs/methods.md`` says why). Definition:
+``docs/methods.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from v2drop.scorers.base import LayerState, Scorer, Selection, register_scorer, select_keep
+
+
+def key_l1_norms(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """L1 norm of each token's key (all key heads concatenated, before RoPE): (..., N) float32.
+
+    ``hidden`` (..., N, D) are inputs of ``layer``; its ``input_layernorm`` and
+    ``self_attn.k_proj`` (with its bias) make the keys.
+    """
+    keys = layer.self_attn.k_proj(layer.input_layernorm(hidden))
+    return keys.float().abs().sum(-1)
+
+
+def claim_least_similar(features: torch.Tensor, pivots: list[int], candidates: list[int], quotas: list[int]) -> list[int]:
+    """DART's greedy step: pivot after pivot, claim the candidates least cosine-similar to it.
+
+    Parameters
+    ----------
+    features : Tensor (N, D)
+        Token features the similarity is measured on.
+    pivots : list of int
+        Rows of ``features`` that are pivots, in processing order.
+    candidates : list of int
+        Rows that may be claimed (never a pivot), ascending.
+    quotas : list of int
+        How many candidates each pivot claims; a claimed row is gone for the following pivots.
+
+    Returns
+    -------
+    list of int: the claimed rows (unordered).
+    """
+    feats = features.float()
+    remaining = torch.tensor(candidates, dtype=torch.long, device=features.device)
+    claimed: list[int] = []
+    for pivot, quota in zip(pivots, quotas):
+        if quota <= 0 or remaining.numel() == 0:
+            continue
+        similarity = F.cosine_similarity(feats[pivot][None], feats[remaining], dim=-1)
+        # Least similar first; ties go to the lower row (the official topk leaves ties unspecified).
+        order = torch.sort(similarity, stable=True).indices[:quota]
+        claimed += remaining[order].tolist()
+        taken = torch.zeros(remaining.numel(), dtype=torch.bool, device=remaining.device)
+        taken[order] = True
+        remaining = remaining[~taken]
+    return claimed
+
+
+@register_scorer("dart")
+@dataclass
+class DARTScorer(Scorer):
+    """DART (duplication-aware reduction of tokens), one drop stage at layer K (official K = 2).
+
+    ``score``: the L1 norm of each vision token's key at the drop layer (the pivot criterion).
+    ``select``: the ``pivot_image`` vision tokens and the ``pivot_text`` text tokens after the
+    last vision token with the largest key norms are the pivots; with ``k`` tokens to keep, the
+    ``k − pivot_image`` others are shared out over the pivots (in position order, the first
+    pivots one more when it does not divide) and each pivot claims its share of the remaining
+    vision tokens least cosine-similar to it (features = the drop layer's ``input_layernorm`` of
+    the hidden states). Kept: the vision pivots and every claimed token.
+
+    Parameters
+    ----------
+    pivot_image : int
+        Vision pivots (official default 4).
+    pivot_text : int
+        Text pivots, among the tokens after the last vision token (official default 4).
+    """
+
+    pivot_image: int = 4
+    pivot_text: int = 4
+
+    def __post_init__(self):
+        for name in ("pivot_image", "pivot_text"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"dart {name} must be an integer >= 0, got {value!r}")
+        if self.pivot_image + self.pivot_text < 1:
+            raise ValueError(f"dart needs at least one pivot, got pivot_image={self.pivot_image}, pivot_text={self.pivot_text}")
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        """L1 norm of each vision token's key at the drop layer, (B, V) float32."""
+        vision_hidden = state.hidden.gather(1, state.vision_idx[..., None].expand(-1, -1, state.hidden.shape[-1]))
+        return key_l1_norms(state.layer, vision_hidden)
+
+    def select(self, state: LayerState, scores: torch.Tensor, counts: list[int]) -> Selection:
+        """Per sample: the vision pivots (top key norms) plus the tokens the pivots claim (see the class docstring)."""
+        n_valid = state.vision_valid.sum(1).tolist()
+        return Selection(keep=[self.keep_sample(state, b, scores[b, :n], k) for b, (n, k) in enumerate(zip(n_valid, counts))])
+
+    def keep_sample(self, state: LayerState, b: int, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """Ascending indices (into ``state.vision_idx[b]``) of the ``k`` vision tokens sample ``b`` keeps."""
+        n = scores.shape[0]
+        if k >= n:
+            return torch.arange(n, device=scores.device)
+        image_pivots = select_keep(scores, min(self.pivot_image, k))
+        if k <= self.pivot_image:
+            return image_pivots
+        vision_pos = state.vision_idx[b, :n]
+        positions = torch.arange(state.hidden.shape[1], device=vision_pos.device)
+        text_after = (positions > vision_pos.max()) & state.attention_mask[b].bool()
+        text_pos = positions[text_after]
+        layer = state.layer
+        text_pivots = []
+        if self.pivot_text and text_pos.numel():
+            text_norms = key_l1_norms(layer, state.hidden[b, text_pos])
+            text_pivots = select_keep(text_norms, min(self.pivot_text, text_pos.numel())).tolist()
+        # One feature table: the n vision tokens, then the text tokens after them.
+        features = layer.input_layernorm(torch.cat([state.hidden[b, vision_pos], state.hidden[b, text_pos]]))
+        pivots = image_pivots.tolist() + [n + t for t in text_pivots]  # position order: vision before the text after it
+        if not pivots:  # no vision pivot asked for and no text after the image: the key norms alone decide
+            return select_keep(scores, k)
+        is_pivot = torch.zeros(n, dtype=torch.bool)
+        is_pivot[image_pivots.cpu()] = True
+        candidates = [i for i in range(n) if not is_pivot[i]]
+        share, extra = divmod(k - len(image_pivots), len(pivots))
+        quotas = [share + (1 if i < extra else 0) for i in range(len(pivots))]
+        claimed = claim_least_similar(features, pivots, candidates, quotas)
+        keep = torch.tensor(image_pivots.tolist() + claimed, dtype=torch.long, device=scores.device)
+        return keep.sort().values
+
+    def flops(self, n_vision: int, n_tokens: int, hidden: int) -> float:
+        """Keys of every token (a D×D projection bounds the k_proj) and each pivot's cosine to every vision token."""
+        pivots = self.pivot_image + self.pivot_text
+        return 2.0 * n_tokens * hidden * hidden + 3.0 * pivots * n_vision * hidden
