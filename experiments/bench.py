@@ -48,6 +48,16 @@ def prompt_inputs(lvlm, n_images: int, batch: int = 1) -> dict:
     return lvlm.prepare([prompt] * batch, [images] * batch)
 
 
+def check_bench_args(args, counts) -> None:
+    """Before any model loads: each of ``counts`` (argument names) a whole number >= 1, ``--out``
+    writable, and ``--model`` (unless ``random``) a loadable config."""
+    for name in counts:
+        checks.check_int("--" + name.replace("_", "-"), getattr(args, name), 1)
+    checks.check_writable(args.out, directory=True)
+    if args.model != "random":
+        checks.model_config(args.model)
+
+
 def _flops(lvlm, out, method) -> float:
     """Analytic prefill FLOPs of the first sample of ``out``."""
     return sample_prefill_flops(lvlm.adapter.text_config, out.traces[0], len(out.prompt_ids[0]), method.scorer)
@@ -111,15 +121,7 @@ def _main(argv) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
-    checks.check_int("--budget", args.budget, 1)
-    checks.check_int("--repeats", args.repeats, 1)
-    checks.check_int("--new-tokens", args.new_tokens, 1)
-    checks.check_int("--frames", args.frames, 1)
-    checks.check_int("--batch", args.batch, 1)
-    checks.check_int("--threads", args.threads, 1)
-    checks.check_writable(args.out, directory=True)
-    if args.model != "random":
-        checks.model_config(args.model)
+    check_bench_args(args, ("budget", "repeats", "new_tokens", "frames", "batch", "threads"))
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 import v2drop
-from v2drop import checks
 from v2drop.cli import run
-from experiments.bench import prompt_inputs, time_methods
+from experiments.bench import check_bench_args, prompt_inputs, time_methods
 from v2drop.budgets import budget_method, with_scorer_args
 from v2drop.cost import environment
 from v2drop.method import Method
@@ -43,14 +42,7 @@ def _main(argv) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/bench_attention")
     args = p.parse_args(argv)
-    checks.check_int("--frames", args.frames, 1)
-    checks.check_int("--budget", args.budget, 1)
-    checks.check_int("--repeats", args.repeats, 1)
-    checks.check_int("--new-tokens", args.new_tokens, 1)
-    checks.check_int("--threads", args.threads, 1)
-    checks.check_writable(args.out, directory=True)
-    if args.model != "random":
-        checks.model_config(args.model)
+    check_bench_args(args, ("frames", "budget", "repeats", "new_tokens", "threads"))
     torch.set_num_threads(args.threads)
     if args.model == "random":
         from v2drop.testing import random_llava

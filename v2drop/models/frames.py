@@ -65,3 +65,12 @@ def read_chat_template(path: str | Path) -> str | None:
     if jinja.is_file():
         return jinja.read_text()
     return read_json(path, "chat_template.json").get("chat_template")
+
+
+def save_image_and_text_parts(path: str | Path, image_processor, tokenizer) -> Path:
+    """Create ``path`` and save a stand-in processor's image processor and tokenizer into it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    image_processor.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

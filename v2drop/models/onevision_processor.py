@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,7 +10,7 @@ from transformers import AutoTokenizer
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
-from v2drop.models.frames import read_chat_template, read_json, resize_normalize, split_videos
+from v2drop.models.frames import read_chat_template, read_json, resize_normalize, save_image_and_text_parts, split_videos
 
 
 class OnevisionProcessorLite:
@@ -105,10 +104,7 @@ class OnevisionProcessorLite:
 
     def save_pretrained(self, path) -> None:
         """Save in the real processor's layout (a machine with torchvision loads it as ``LlavaOnevisionProcessor``)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.image_processor.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        path = save_image_and_text_parts(path, self.image_processor, self.tokenizer)
         config = {
             "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": self.num_image_tokens,
             "vision_feature_select_strategy": self.vision_feature_select_strategy, "vision_aspect_ratio": self.vision_aspect_ratio,

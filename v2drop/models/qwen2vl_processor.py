@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
-from v2drop.models.frames import read_chat_template, read_json, resize_normalize, split_videos
+from v2drop.models.frames import read_chat_template, read_json, resize_normalize, save_image_and_text_parts, split_videos
 
 
 class QwenProcessorLite:
@@ -109,10 +108,7 @@ class QwenProcessorLite:
 
     def save_pretrained(self, path) -> None:
         """Save the image processor, the tokenizer and the video settings side by side."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.image_processor.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        path = save_image_and_text_parts(path, self.image_processor, self.tokenizer)
         video = {"video_processor_type": "Qwen2VLVideoProcessor", "size": self.video_size}
         (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
         if self.chat_template:
