@@ -158,7 +158,7 @@ def model_config(name: str):
     """The model's ``transformers`` config (config.json only, no weights): an unreachable model fails here."""
     from transformers import AutoConfig
 
-    from v2drop.lvlm import LOCAL_MODELS
+    from v2drop.bundled import LOCAL_MODELS
 
     path = LOCAL_MODELS.get(name, name)
     if name in LOCAL_MODELS and not Path(path).is_dir():

@@ -11,12 +11,9 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from v2drop import engine
 from v2drop.method import Method
+from v2drop.bundled import ASSETS, LOCAL_MODELS  # noqa: F401  (re-exported: where bundled models live)
 from v2drop.models import adapter_for
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-# "proxy-layer0-trained": the previous proxy (every decoder layer trained, `ident` at its prior), kept to check
-# that a conclusion about the methods does not hinge on the shipped proxy's frozen layer 0 (README: proxy)
-LOCAL_MODELS = {"proxy": ASSETS / "proxy", "proxy-layer0-trained": ASSETS / "proxy-layer0-trained"}
 _PAD_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
