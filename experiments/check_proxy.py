@@ -44,7 +44,7 @@ def _main(argv) -> dict:
     if args.output:
         checks.check_writable(args.output)
     bench = get_benchmark(args.benchmark)
-    checks.check_split(bench, args.split)
+    bench.resolve_split(args.split)
     depth = checks.model_depth(args.model)
     if args.layer >= depth:
         raise ValueError(f"--layer {args.layer} is past the model's last layer (model {args.model!r} has {depth} layers: 0..{depth - 1})")

@@ -195,11 +195,6 @@ def check_settings(settings) -> None:
         check_int("devices", settings.devices, 1)
 
 
-def check_split(benchmark, split: str | None) -> str:
-    """``benchmark.resolve_split(split)`` (an unknown split is an error listing the valid ones)."""
-    return benchmark.resolve_split(split)
-
-
 def check_eval_config(config) -> None:
     """Everything of an ``EvalConfig`` checkable without data or model: numbers, dtype, device, attention."""
     check_settings(config)

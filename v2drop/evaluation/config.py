@@ -54,8 +54,3 @@ class EvalResult:
     def to_json(self) -> dict:
         """Plain data for ``json.dump``."""
         return asdict(self)
-
-
-def resolve_split(benchmark, split: str | None) -> str:
-    """The split to load: ``split``, or the benchmark's default when it is None."""
-    return benchmark.resolve_split(split)

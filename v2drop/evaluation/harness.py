@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from v2drop.evaluation.config import EvalConfig, EvalResult, resolve_split
+from v2drop.evaluation.config import EvalConfig, EvalResult
 from v2drop.evaluation.records import append_records, read_records, vision_runs, write_records
 from v2drop.lvlm import LVLM
 from v2drop.cost import environment, prefill_flops, sample_prefill_flops
@@ -49,12 +49,12 @@ def evaluate(
     """
     if config.threads:
         torch.set_num_threads(config.threads)
-    split = resolve_split(benchmark, config.split) if samples is None else None  # caller-chosen samples: split unknown here
+    split = benchmark.resolve_split(config.split) if samples is None else None  # caller-chosen samples: split unknown here
     samples = samples if samples is not None else benchmark.load(split, config.limit)
     if not samples:
         raise ValueError(f"Benchmark {benchmark.name!r} split {split or config.split!r} has no samples")
     for sample in samples:
-        _check_sample(sample, benchmark)
+        check_sample(sample, benchmark)
     done: dict[str, dict] = {}
     if records_path is not None:
         records_path = Path(records_path)
@@ -79,7 +79,7 @@ def evaluate(
     return result
 
 
-def _check_sample(sample, benchmark) -> None:
+def check_sample(sample, benchmark) -> None:
     """Fail before any long work on a sample the model cannot take."""
     if not sample.images:
         what = "frames" if benchmark.modality == "video" else "image"

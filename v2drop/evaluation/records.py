@@ -7,8 +7,6 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from v2drop.tables import write_csv  # noqa: F401  (re-exported: evaluation and search write CSV through it)
-
 
 def read_records(path: str | os.PathLike) -> list[dict]:
     """Records of a JSONL file; a torn last line (a process killed mid-write) is ignored."""

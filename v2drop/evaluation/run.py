@@ -26,11 +26,6 @@ def default_run_dir(model: str, benchmark: str, method: str, schedule: str | Non
     return Path("runs") / "eval" / slug
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """A file at ``path`` could be written (its directory exists or could be created); creates nothing."""
-    checks.check_writable(path)
-
-
 @dataclass
 class CheckedRun:
     """What ``check_evaluation`` resolved: the method, the benchmark, its split and samples, the baseline."""
@@ -47,13 +42,13 @@ def check_evaluation(config: EvalConfig, run_dir: str | os.PathLike, output=None
                      resume: bool = False, lvlm=None) -> CheckedRun:
     """Every check of ``run_evaluation`` that needs no model weights; raises ValueError/FileNotFoundError, creates nothing."""
     from v2drop.benchmarks import get_benchmark
-    from v2drop.evaluation.harness import _check_sample
+    from v2drop.evaluation.harness import check_sample
     from v2drop.method import Method
 
     checks.check_eval_config(config)
     method = Method.resolve(config.method)
     benchmark = get_benchmark(config.benchmark, data_dir=config.data_dir, **config.benchmark_args)
-    split = checks.check_split(benchmark, config.split)
+    split = benchmark.resolve_split(config.split)
     run_dir = Path(run_dir)
     checks.check_writable(run_dir, directory=True)
     for path in [run_dir / "result.json", run_dir / "records.jsonl"] + [Path(p) for p in (output, save_trace) if p]:
@@ -68,7 +63,7 @@ def check_evaluation(config: EvalConfig, run_dir: str | os.PathLike, output=None
     if not samples:
         raise ValueError(f"Benchmark {benchmark.name!r} split {split!r} has no samples")
     for sample in samples:
-        _check_sample(sample, benchmark)
+        check_sample(sample, benchmark)
     return CheckedRun(method, benchmark, split, samples, base, depth)
 
 

@@ -24,7 +24,7 @@ def check_sweep_run(cfg: SweepConfig, lvlm=None, benchmark=None) -> CheckedSweep
     from pathlib import Path
 
     from v2drop.benchmarks import get_benchmark
-    from v2drop.evaluation.harness import _check_sample
+    from v2drop.evaluation.harness import check_sample
     from v2drop.method import Method
     from v2drop.search.space import validate
     from v2drop.search.wandb import wandb_mode
@@ -33,8 +33,8 @@ def check_sweep_run(cfg: SweepConfig, lvlm=None, benchmark=None) -> CheckedSweep
     checks.check_sweep(cfg)
     wandb_mode(cfg)
     benchmark = benchmark or get_benchmark(cfg.benchmark)
-    split = checks.check_split(benchmark, cfg.eval.split)
-    checks.check_split(benchmark, cfg.confirm.split)
+    split = benchmark.resolve_split(cfg.eval.split)
+    benchmark.resolve_split(cfg.confirm.split)  # checked now, used after the trials
     depth = lvlm.depth if lvlm is not None else checks.model_depth(cfg.model)
     validate(cfg, depth)
     from v2drop.search.space import expand_presets
@@ -48,5 +48,5 @@ def check_sweep_run(cfg: SweepConfig, lvlm=None, benchmark=None) -> CheckedSweep
     if not samples:
         raise ValueError(f"Benchmark {benchmark.name!r} split {split!r} has no samples")
     for sample in samples:
-        _check_sample(sample, benchmark)
+        check_sample(sample, benchmark)
     return CheckedSweep(benchmark, split, samples, depth)

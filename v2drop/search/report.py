@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from v2drop.evaluation.records import write_csv
+from v2drop.tables import write_csv
 from v2drop.search.config import OBJECTIVES, SweepConfig
 from v2drop.search.pareto import pareto_indices
 

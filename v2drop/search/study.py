@@ -17,7 +17,8 @@ from pathlib import Path
 import optuna
 from tqdm import tqdm
 
-from v2drop.evaluation import EvalConfig, evaluate, resolve_split, write_csv
+from v2drop.evaluation import EvalConfig, evaluate
+from v2drop.tables import write_csv
 from v2drop.method import Method
 from v2drop.search.config import OBJECTIVES, SweepConfig
 from v2drop.search.checks import check_sweep_run
@@ -168,7 +169,7 @@ def _enqueue_baselines(study: optuna.Study, cfg: SweepConfig, depth: int) -> Non
 
 def confirm_front(study, front: list[dict], cfg: SweepConfig, lvlm, benchmark, run_dir: Path, progress: bool = True) -> list[dict]:
     """Evaluate every Pareto trial on the confirmation split and write ``pareto_confirmed.csv``."""
-    split = resolve_split(benchmark, cfg.confirm.split)
+    split = benchmark.resolve_split(cfg.confirm.split)
     samples = benchmark.load(split, cfg.confirm.limit)
     eval_config = trial_eval_config(cfg, split=split, limit=cfg.confirm.limit)
     by_number = {t.number: t for t in study.trials}
