@@ -53,7 +53,7 @@ def resize_normalize(frame: np.ndarray, height: int, width: int, mean, std, resc
     return array.transpose(2, 0, 1)
 
 
-def read_json(path: str | Path, name: str) -> dict:
+def read_optional_json(path: str | Path, name: str) -> dict:
     """``path/name`` parsed, or {} when the file does not exist."""
     file = Path(path) / name
     return json.loads(file.read_text()) if file.is_file() else {}
@@ -64,7 +64,7 @@ def read_chat_template(path: str | Path) -> str | None:
     jinja = Path(path) / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text()
-    return read_json(path, "chat_template.json").get("chat_template")
+    return read_optional_json(path, "chat_template.json").get("chat_template")
 
 
 def save_image_and_text_parts(path: str | Path, image_processor, tokenizer) -> Path:

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
-from v2drop.models.frames import read_chat_template, read_json, resize_normalize, save_image_and_text_parts, split_videos
+from v2drop.models.frames import read_chat_template, read_optional_json, resize_normalize, save_image_and_text_parts, split_videos
 
 
 class OnevisionProcessorLite:
@@ -50,8 +50,8 @@ class OnevisionProcessorLite:
     @classmethod
     def from_pretrained(cls, path: str) -> "OnevisionProcessorLite":
         """The stand-in for a saved OneVision checkpoint (its processor, video processor and tokenizer files)."""
-        config = read_json(path, "processor_config.json")
-        video = read_json(path, "video_preprocessor_config.json")
+        config = read_optional_json(path, "processor_config.json")
+        video = read_optional_json(path, "video_preprocessor_config.json")
         return cls(
             LlavaOnevisionImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
             num_image_tokens=config.get("num_image_tokens", 729),

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
-from v2drop.models.frames import read_chat_template, read_json, resize_normalize, save_image_and_text_parts, split_videos
+from v2drop.models.frames import read_chat_template, read_optional_json, resize_normalize, save_image_and_text_parts, split_videos
 
 
 class QwenProcessorLite:
@@ -46,7 +46,7 @@ class QwenProcessorLite:
     @classmethod
     def from_pretrained(cls, path: str, second_per_grid: bool = False) -> "QwenProcessorLite":
         """The stand-in for a saved checkpoint (image processor, optional video processor config, tokenizer)."""
-        video = read_json(path, "video_preprocessor_config.json")
+        video = read_optional_json(path, "video_preprocessor_config.json")
         size = video.get("size")
         if size is None and ("min_pixels" in video or "max_pixels" in video):
             size = {"shortest_edge": video.get("min_pixels"), "longest_edge": video.get("max_pixels")}
