@@ -53,6 +53,7 @@ def _main(argv) -> dict:
     p.add_argument("--save-trace", default=None, help="write each sample's kept vision positions per stage (JSONL)")
     p.add_argument("--baseline", default=None, help="a no-dropping result JSON to report relative accuracy against")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run, skipping finished samples")
+    p.add_argument("--label", default=None, help="the method's name in experiments.report tables (default: from --method, --schedule and --scorer-arg)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
@@ -65,12 +66,22 @@ def _main(argv) -> dict:
         attn_implementation=args.attn, dtype=args.dtype, device=args.device, device_map=args.device_map,
         data_dir=args.data_dir, benchmark_args=parse_overrides(args.benchmark_arg), threads=args.threads,
         devices=int(args.devices) if args.devices.isdigit() else args.devices, progress=not args.no_progress,
+        label=args.label or method_label(args.method, args.schedule, args.scorer_arg),
     ))
     run_dir = Path(args.run_dir or default_run_dir(args.model, args.benchmark, args.method, args.schedule))
     result = run_evaluation(config, run_dir, output=args.output, save_trace=args.save_trace, baseline=args.baseline, resume=args.resume)
     print(format_table(result))
     print(f"results in {run_dir}")
     return result.to_json()
+
+
+def method_label(method: str, schedule: str | None, scorer_args: list[str]) -> str:
+    """The name a run's method gets in reports: the preset (or scorer and schedule) and any scorer arguments."""
+    label = Path(method).stem if method.endswith((".yaml", ".yml")) else method
+    if schedule:
+        stem = Path(schedule).stem
+        label = stem if stem.startswith(label) else f"{label}:{stem}"
+    return label + (f"[{','.join(scorer_args)}]" if scorer_args else "")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ class Benchmark:
     families: tuple[str, ...] = ()
     splits: tuple[str, ...] = ("test",)  # every split name load accepts
     default_split: str = "test"  # the split load reads when given none
+    paper_metric: str = "accuracy"  # the aggregate key papers' tables report (experiments.report's cells)
 
     def resolve_split(self, split: str | None) -> str:
         """``split``, or ``default_split`` for None; a split not in ``splits`` is a ValueError listing them."""

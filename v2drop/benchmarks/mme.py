@@ -38,6 +38,7 @@ class MME(HFBenchmark):
     columns = ("question_id", "question", "answer", "category", "image")
     families = PERCEPTION + COGNITION
     default_reading = "llava"
+    paper_metric = "total"  # perception + cognition score, as the token-dropping papers' tables
 
     def to_samples(self, row, index):
         """One yes/no question; its image is remembered for acc+."""

@@ -66,6 +66,7 @@ class MVBench(VideoBenchmark):
     split_aliases = {"test": "train"}
     columns = ("video", "question", "candidates", "answer")
     families = tuple(TASK_DIRS)
+    paper_metric = "mean_of_tasks"  # the mean of the 20 task accuracies
     default_frames = 8
     readings = ("lmms-eval",)
 

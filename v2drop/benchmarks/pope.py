@@ -37,6 +37,7 @@ class POPE(HFBenchmark):
     columns = ("question_id", "question", "answer", "image", "category")
     families = CATEGORIES
     default_reading = "llava"
+    paper_metric = "f1_mean_of_splits"  # LLaVA-1.5's POPE number: F1 averaged over the three categories
 
     def to_samples(self, row, index):
         """One yes/no question."""

@@ -36,6 +36,7 @@ class EvalConfig(EvalSettings):
     data_dir: str | None = None  # local copy of a real benchmark (same schema as its Hugging Face dataset)
     benchmark_args: dict = field(default_factory=dict)  # benchmark constructor parameters (circular, num_frames, ...)
     progress: bool = True  # show a progress bar
+    label: str | None = None  # the method's name in reports (experiments.report); None = the run directory's name
 
 
 @dataclass

@@ -1,0 +1,53 @@
+"""Collect finished evaluations into one table: methods × benchmarks, relative to no dropping (the papers' Table 1).
+
+    python -m experiments.report [runs/eval] [--output runs/report]
+
+Reads every ``result.json`` under the directory (``experiments.evaluate`` writes one per run, by
+default under ``runs/eval/``). Cells hold each benchmark's paper metric (POPE: F1 averaged over its
+categories; MME: total score; MVBench: mean of task accuracies; accuracy elsewhere); ``avg_vs_none``
+is the mean over benchmarks of the ratio to the no-dropping run of the same model on the same
+samples (run ``--method none`` once per benchmark). One table per model, written as markdown and
+CSV (the CSV also has every per-benchmark ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from v2drop import checks
+from v2drop.cli import run
+from v2drop.evaluation.collect import collect_results, method_benchmark_table, table_columns
+from v2drop.tables import markdown_table, write_csv
+
+
+def main(argv=None) -> dict:
+    """Print and write the table of every model's runs; bad input: ``error: ...``, exit status 2."""
+    return run(_main, argv)
+
+
+def _main(argv) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="?", default="runs/eval", help="directory holding evaluation runs (searched recursively)")
+    p.add_argument("--output", default="runs/report", help="directory for report-<model>.md / .csv")
+    args = p.parse_args(argv)
+    out = Path(args.output)
+    checks.check_writable(out, directory=True)
+    runs = collect_results(args.runs)
+    tables = method_benchmark_table(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    for model, rows in tables.items():
+        stem = f"report-{Path(model).name}"  # model names have dots (llava-1.5-7b-hf): no with_suffix
+        markdown = markdown_table(rows, table_columns(rows))
+        (out / f"{stem}.md").write_text(markdown)
+        write_csv(rows, out / f"{stem}.csv", sorted({k for r in rows for k in r}, key=lambda k: (k != "method", k)))
+        missing = [r["method"] for r in rows if r["avg_vs_none"] is None and r["method"] != "none"]
+        print(f"## {model} ({sum(r.model == model for r in runs)} runs)\n\n{markdown}")
+        if missing:
+            print(f"no no-dropping run on the same samples for: {', '.join(missing)} (run --method none on those benchmarks)")
+    print(f"tables in {out}")
+    return tables
+
+
+if __name__ == "__main__":
+    main()
