@@ -134,13 +134,32 @@ def test_onevision_video_beside_an_image_sample_batches_as_alone():
     assert [t.vision_tokens_per_layer[0] for t in batch.traces] == [4 * 196 + 1, 2929]
 
 
-def test_onevision_videos_of_different_frame_counts_do_not_batch():
+@pytest.mark.parametrize("dropping", [False, True], ids=["none", "v2drop"])
+def test_onevision_videos_of_different_frame_counts_batch_as_alone(dropping):
+    """Clips of 4 and 2 frames: padded in frames, each clip through the tower at its own length."""
     lvlm = real_onevision()
-    prompts = [video_prompt(lvlm), video_prompt(lvlm)]
-    with pytest.raises(ValueError, match=r"Cannot batch videos of different frame counts.*\(4, 3, 384, 384\), \(2, 3, 384, 384\)"):
-        lvlm.prepare(prompts, videos=[video_frames(1, 4, 64, 64), video_frames(2, 2, 64, 64)])
-    # each alone is fine
-    assert lvlm.prepare(prompts[:1], videos=[video_frames(2, 2, 64, 64)])["pixel_values_videos"].shape[1] == 2
+    method = Method.from_preset("v2drop-llava15-128", depth=lvlm.depth) if dropping else None
+    prompts = [video_prompt(lvlm), video_prompt(lvlm, "what is the colour of the digit ?")]
+    videos = [video_frames(1, 4, 64, 64), video_frames(2, 2, 64, 64)]
+    inputs = lvlm.prepare(prompts, videos=videos)
+    assert inputs["pixel_values_videos"].shape == (2, 4, 3, 384, 384) and inputs["video_frames"].tolist() == [4, 2]
+    assert not inputs["pixel_values_videos"][1, 2:].any()  # zero frames, never seen by the tower
+    assert lvlm.adapter.vision_mask(inputs["input_ids"]).sum(1).tolist() == [4 * 196 + 1, 2 * 196 + 1]
+    batch = lvlm.generate_from_inputs(inputs, method, max_new_tokens=3, stop_at_eos=False)
+    for i in range(2):
+        alone = lvlm.generate([prompts[i]], videos=[videos[i]], method=method, max_new_tokens=3, stop_at_eos=False)
+        assert alone.generated_ids[0] == batch.generated_ids[i]
+        assert alone.traces[0].stages == batch.traces[i].stages
+        assert torch.allclose(alone.first_logits[0], batch.first_logits[i], atol=1e-4)
+
+
+def test_video_frames_of_different_sizes_do_not_batch():
+    from v2drop.lvlm import _collate
+
+    samples = [{"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+                "pixel_values_videos": torch.zeros(1, n, 3, side, side)} for n, side in ((4, 32), (2, 16))]
+    with pytest.raises(ValueError, match=r"Cannot batch video frames of different sizes.*\(4, 3, 32, 32\), \(2, 3, 16, 16\)"):
+        _collate(samples, 0, "cpu", torch.float32)
 
 
 _ONEVISION: list = []

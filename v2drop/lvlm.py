@@ -214,8 +214,9 @@ def _collate(samples: list[dict], pad_id: int, device, dtype) -> dict:
     anyres ``pixel_values`` (LLaVA-NeXT / OneVision, (images, crops, C, H, W)) are zero-padded on
     the crop axis to the most crops in the batch (the model keeps each image's first crops, counted
     from ``image_sizes``); flat Qwen patches, grids, ``image_sizes`` and ``batch_num_images`` are
-    concatenated. OneVision videos ((videos, frames, C, H, W)) cannot be padded in frames (the
-    model pools every frame it gets), so clips of different frame counts do not batch.
+    concatenated. OneVision videos ((videos, frames, C, H, W)) of different frame counts are
+    zero-padded in frames, with ``video_frames`` holding each clip's count: the adapter runs such
+    clips through the tower one by one (the model pools every frame it gets).
     """
     length = max(s["input_ids"].shape[1] for s in samples)
     keys = dict.fromkeys(k for s in samples for k in s)  # ordered union: text-only samples lack vision keys
@@ -230,13 +231,13 @@ def _collate(samples: list[dict], pad_id: int, device, dtype) -> dict:
         elif key == "pixel_values" and values[0].dim() == 5:
             crops = max(v.shape[1] for v in values)
             values = [torch.cat([v, v.new_zeros(v.shape[0], crops - v.shape[1], *v.shape[2:])], dim=1) for v in values]
-        elif key == "pixel_values_videos" and values[0].dim() == 5 and len({v.shape[1:] for v in values}) > 1:
-            shapes = ", ".join(str(tuple(v.shape[1:])) for v in values)
-            raise ValueError(
-                f"Cannot batch videos of different frame counts or frame sizes ((frames, C, H, W) per sample: {shapes}): this "
-                f"family pools every frame it is given, so padding frames would change the answer. Sample the same "
-                f"number of frames for every video in a batch, or generate these samples separately"
-            )
+        elif key == "pixel_values_videos" and values[0].dim() == 5 and len({v.shape[1] for v in values}) > 1:
+            if len({v.shape[2:] for v in values}) > 1:  # the processors resize every frame to one size; a caller's own tensors may not
+                shapes = ", ".join(str(tuple(v.shape[1:])) for v in values)
+                raise ValueError(f"Cannot batch video frames of different sizes ((frames, C, H, W) per sample: {shapes})")
+            frames = max(v.shape[1] for v in values)
+            out["video_frames"] = torch.tensor([v.shape[1] for v in values for _ in range(v.shape[0])]).to(device)
+            values = [torch.cat([v, v.new_zeros(v.shape[0], frames - v.shape[1], *v.shape[2:])], dim=1) for v in values]
         value = torch.cat(values).to(device)
         out[key] = value.to(dtype) if value.is_floating_point() and key.startswith("pixel_values") else value
     return out

@@ -91,7 +91,7 @@ class Adapter:
         embeds = self.inner.get_input_embeddings()(input_ids)
         for names, get_features, token_id in (
             (self.image_inputs, self.inner.get_image_features, self.image_token_id),
-            (self.video_inputs, getattr(self.inner, "get_video_features", None), self.video_token_id),
+            (self.video_inputs, self.video_features, self.video_token_id),
         ):
             if not names or inputs.get(names[0]) is None:
                 continue
@@ -107,6 +107,10 @@ class Adapter:
                 )
             embeds = embeds.masked_scatter(placeholder[..., None], feats)
         return embeds
+
+    def video_features(self, **kwargs):
+        """The model's ``get_video_features`` on the batch's video inputs (``pooler_output``: features per video)."""
+        return self.inner.get_video_features(**kwargs)
 
     def position_ids(self, inputs: dict) -> torch.Tensor:
         """Position ids as the model's own ``generate`` builds them: (B, L), pads at 1."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from v2drop.models.base import Adapter, register_family
 
@@ -74,4 +75,16 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     """LLaVA-OneVision: anyres images and pooled video frames (``pixel_values_videos``)."""
 
     image_inputs = ("pixel_values", "image_sizes", "batch_num_images")
-    video_inputs = ("pixel_values_videos",)
+    video_inputs = ("pixel_values_videos", "video_frames")  # video_frames: set by collation when clips were padded in frames
+
+    def video_features(self, pixel_values_videos: torch.Tensor, video_frames: torch.Tensor | None = None, **kwargs):
+        """Each clip's features from its own frames: a batch padded in frames (``video_frames`` = true counts) runs clip by clip.
+
+        OneVision pools every frame it is given and appends one newline per clip, so padded frames
+        cannot go through the tower with the rest; each clip alone is exactly its unbatched result.
+        """
+        if video_frames is None:
+            return self.inner.get_video_features(pixel_values_videos=pixel_values_videos, **kwargs)
+        pooled = [self.inner.get_video_features(pixel_values_videos=clip[None, :n], **kwargs).pooler_output[0]
+                  for clip, n in zip(pixel_values_videos, video_frames.tolist())]
+        return BaseModelOutputWithPooling(pooler_output=pooled)
