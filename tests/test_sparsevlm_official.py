@@ -5,10 +5,18 @@ the model's own decoder layers: before each stage layer l, layer l−1's head-av
 rows of the raters (computed here from its q/k projections, rotary embedding and causal softmax)
 score the vision tokens, the top ``k`` are kept, part of the dropped ones is recycled right after
 the last kept vision token, and the positions of the new sequence are renumbered 0..n−1 (as the
-official code, which rebuilds ``position_ids`` from the pruned length). Rater choice and the
-recycling merge are SparseVLM's definitions (``select_raters`` and ``SparseVLMScorer.merge``,
-tested in the scorer tests); everything about positions, layers, scores and kept sets is computed
-here independently of the engine.
+official code, which rebuilds ``position_ids`` from the pruned length). Everything here —
+raters, scores, kept sets, the recycling clusters, positions — is computed independently of the
+engine and of ``v2drop.scorers.sparsevlm``, from the official v1.5 code (``Gumpest/SparseVLMs``,
+branch ``v1.5``): ``llava/model/language_model/modelling_sparse_llama.py`` lines 199-204 (raters),
+284-311 (recycling and re-insertion), ``llava/model/language_model/utils.py`` lines 247-310
+(``cluster_and_merge``). One official detail is replaced: the official code adds a 1e-6 random
+jitter to the cluster densities so that no two are equal, and ties are the rule, not the
+exception (with k nearest neighbours = clusters = 2, two mutual nearest neighbours have the same
+density; with 1 cluster every density is 1), so the official centres are random there. The
+reference, like the scorer, breaks ties deterministically: of two equal densities the lower index
+counts as denser. (The 1e-6 the official code adds to each cluster's size before averaging is
+left out; it moves merged values by about 1e-6 relative.)
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from v2drop import Method
-from v2drop.scorers.sparsevlm import SparseVLMScorer, select_raters
 from v2drop.testing import build, image, prompt_for
 
 STAGES = {2: 24, 4: 12, 5: 6}  # layer -> vision tokens kept (of the tiny LLaVA's 64)
@@ -44,6 +51,36 @@ def attention_rows(layer, rotary, hidden: torch.Tensor, positions: torch.Tensor)
     return scores.softmax(-1).mean(1)[0]
 
 
+def official_raters(hidden: torch.Tensor, vision: torch.Tensor, text_after: torch.Tensor) -> torch.Tensor:
+    """Text tokens after the image whose mean (over vision tokens) softmax relevance is above the mean relevance."""
+    text = text_after.nonzero().flatten()
+    relevance = (hidden[vision] @ hidden[text].T).softmax(dim=1).mean(dim=0)
+    return text[relevance > relevance.mean()]
+
+
+def official_recycle(dropped: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top 30% (+1) of the dropped tokens by score, clustered by DPC-KNN into ⌊m/10⌋+1 clusters, averaged per cluster.
+
+    Returns the merged tokens in the order the official code inserts them (centres by density × delta,
+    descending) and each centre's index into ``dropped``.
+    """
+    m = int(dropped.shape[0] * 0.3) + 1
+    top = scores.topk(m).indices
+    x = dropped[top]
+    clusters = int(m / 10) + 1
+    dist = (x[:, None] - x[None]).norm(dim=-1) / x.shape[1] ** 0.5
+    density = (-(dist.topk(clusters, dim=-1, largest=False).values ** 2).mean(dim=-1)).exp()
+    index = torch.arange(m)
+    # [i, j]: j is denser than i; equal densities: the lower index (the official code: random jitter)
+    higher = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (index[None, :] < index[:, None]))
+    delta = torch.where(higher, dist, dist.max()).min(dim=-1).values
+    centres = (delta * density).topk(clusters).indices
+    member_of = dist[centres].argmin(dim=0)
+    member_of[centres] = torch.arange(clusters)
+    merged = torch.stack([x[member_of == c].mean(dim=0) for c in range(clusters)])
+    return merged, top[centres]
+
+
 def official_kept_sets(lvlm, inputs, stages: dict[int, int]) -> tuple[list[list[int]], list[list[int]]]:
     """Kept vision tokens (original indices) per stage, and the position ids after each stage, as the official code."""
     model = lvlm.model
@@ -55,7 +92,7 @@ def official_kept_sets(lvlm, inputs, stages: dict[int, int]) -> tuple[list[list[
         L = ids.shape[0]
         last_vision = int(vision.nonzero().max())
         text_after = ~vision & (torch.arange(L) > last_vision)
-        raters = set(select_raters(hidden[0], vision, text_after).tolist())
+        raters = set(official_raters(hidden[0], vision, text_after).tolist())
         orig = torch.arange(L)  # original index of each row (a recycled token: its cluster centre's)
         is_vision = vision.clone()
         positions = torch.arange(L)
@@ -71,7 +108,7 @@ def official_kept_sets(lvlm, inputs, stages: dict[int, int]) -> tuple[list[list[
                 kept_rows = vision_rows[top.sort().values]
                 dropped = torch.ones(len(vision_rows), dtype=torch.bool)
                 dropped[top] = False
-                merged, centres = SparseVLMScorer().merge(layer_input[0, vision_rows[dropped]], scores[dropped])
+                merged, centres = official_recycle(layer_input[0, vision_rows[dropped]], scores[dropped])
                 kept_sets.append(orig[kept_rows].tolist())
                 keep = [i for i in range(len(orig)) if not is_vision[i] or i in set(kept_rows.tolist())]
                 last = int(kept_rows.max())
