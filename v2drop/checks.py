@@ -193,6 +193,7 @@ def check_settings(settings) -> None:
         raise ValueError(f"accelerator {settings.accelerator!r} is not a Lightning accelerator; use auto, cpu or gpu")
     if settings.devices != "auto":
         check_int("devices", settings.devices, 1)
+    check_int("num_nodes", settings.num_nodes, 1)
 
 
 def check_eval_config(config) -> None:
