@@ -230,6 +230,9 @@ def check_sweep(cfg) -> None:
         check_settings(cfg.eval)
     except ValueError as err:
         raise ValueError(f"eval.{err}") from None
+    if cfg.eval.devices != 1 or cfg.eval.num_nodes != 1:  # Lightning's launcher would re-run the whole sweep per rank
+        raise ValueError(f"eval.devices={cfg.eval.devices!r}, eval.num_nodes={cfg.eval.num_nodes!r}: a sweep runs its trials "
+                         "in one process; use 1 and 1 (several devices are for experiments.evaluate)")
     from v2drop.search.space import expand_presets
 
     expand_presets(cfg.enqueue_presets)  # names or fnmatch patterns; one that matches no preset is an error

@@ -156,6 +156,7 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
         def __init__(self):
             super().__init__()
             self.lvlm_model = lvlm.model  # registered so Lightning places it on the right device
+            self.allow_zero_length_dataloader_with_multiple_devices = True  # a rank may get no batch (ShardSampler)
 
         def predict_step(self, batch, batch_idx):
             return _predict(lvlm, benchmark, method, [samples[i] for i in batch], config, batch_idx < config.memory_batches)
