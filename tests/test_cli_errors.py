@@ -93,6 +93,7 @@ CASES = [
     (EVAL, ["--threads", "0"], ["threads", "got 0"]),
     (EVAL, ["--devices", "0"], ["devices", "got 0"]),
     (EVAL, ["--num-nodes", "0"], ["num_nodes", "got 0"]),
+    (EVAL, ["--device-map", "auto", "--devices", "2"], ["device_map 'auto'", "devices=2", "--device cuda"]),
     (EVAL, ["--method", "v2drop", "--schedule", _not_a_schedule], ["notschedule.yaml", "not a method or schedule", "stages"]),
     (EVAL, ["--method", "v2drop", "--schedule", _bad_yaml], ["bad.yaml", "not valid YAML"]),
     (EVAL, ["--method", "v2drop", "--schedule", "missing.yaml"], ["missing.yaml", "does not exist"]),

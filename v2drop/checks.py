@@ -205,6 +205,10 @@ def check_eval_config(config) -> None:
         check_device(config.device)
     elif config.device_map not in ("auto", "cpu", "balanced", "sequential") and not isinstance(config.device_map, dict):
         check_device(config.device_map)
+    if config.device_map not in (None, "cpu") and (config.devices != 1 or config.num_nodes != 1):
+        # device_map spreads one model over the GPUs; each rank needs a whole model on its own device
+        raise ValueError(f"device_map {config.device_map!r} cannot be combined with devices={config.devices!r}, "
+                         f"num_nodes={config.num_nodes!r}; use --device cuda with --devices N (each rank holds the whole model)")
 
 
 def check_presets(names, key: str = "enqueue_presets") -> None:
