@@ -189,10 +189,10 @@ def test_killed_two_rank_run_resumes_without_redoing_finished_samples(tmp_path):
         files = [rank_file(run / "records.jsonl", k) for k in (0, 1)]
         return all(f.exists() and read_records(f) for f in files) and len(_all_lines(run)) >= 3
 
-    if _start_and_kill(run, both_ranks_wrote) == 0:
+    if _start_and_kill(run, both_ranks_wrote) == 0 or len(_all_lines(run)) >= LIMIT:
         pytest.skip("the run finished before it could be killed")  # a very fast machine
     first = {r["id"]: r for r in _all_lines(run)}
-    assert len(first) == len(_all_lines(run)) < LIMIT and not (run / "result.json").exists()
+    assert len(first) == len(_all_lines(run)) and not (run / "result.json").exists()
     assert all(len(read_records(rank_file(run / "records.jsonl", k))) >= 1 for k in (0, 1))  # both ranks were predicting
 
     from v2drop.config import config_from_dict
@@ -207,7 +207,7 @@ def test_killed_two_rank_run_resumes_without_redoing_finished_samples(tmp_path):
     lines = _all_lines(run)
     assert max(Counter(r["id"] for r in lines).values()) == 1  # no sample predicted twice, on any rank
     second = {r["id"]: r for r in lines}
-    assert len(second) < LIMIT and all(second[i] == r for i, r in first.items())
+    assert len(second) > len(first) and all(second[i] == r for i, r in first.items())
 
     result = _evaluate(run, "--resume")  # one process finishes what two started
     records = read_records(run / "records.jsonl")
