@@ -68,7 +68,9 @@ def evaluate(
         earlier = earlier_records(records_path)
         if earlier is not None and not resume and not launched_rank():
             raise ValueError(f"{earlier} already exists; pass resume=True (--resume) to continue it, or choose another path")
-        done = read_finished(records_path)  # every rank reads the same files: no rank writes before all have started
+        # The same finished set on every rank: no rank appends a record before all of them have
+        # joined the process group inside Trainer.predict.
+        done = read_finished(records_path)
         records_path.parent.mkdir(parents=True, exist_ok=True)
         records_path.touch()
     todo = [s for s in samples if s.id not in done]
@@ -140,7 +142,7 @@ def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalCon
     return records
 
 
-def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records_path) -> list[dict]:
+def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records_path) -> list[dict] | None:
     """Predict every sample once through ``Trainer.predict``, appending records as batches finish
     (this rank's records; None on ranks other than 0, once every rank has finished)."""
     import logging
