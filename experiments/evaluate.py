@@ -5,9 +5,11 @@
     python -m experiments.evaluate --model proxy --benchmark digits --method none
 
 ``--method`` is a scorer name (with ``--schedule`` a preset name or YAML file), a full preset
-name, or ``none``. Per-sample records go to ``<run-dir>/records.jsonl`` as they finish; an
-interrupted run continues with ``--resume``. Every input is checked before the model loads: a
-mistake is one ``error: ...`` line and exit status 2 (``--debug`` or ``V2DROP_DEBUG=1``: traceback).
+name, or ``none``. Per-sample records go to ``<run-dir>/records.jsonl`` as they finish (with
+``--devices N``/``--num-nodes M``: one ``records.rank<k>.jsonl`` per rank, merged into
+``records.jsonl`` at the end); an interrupted run continues with ``--resume``, whatever number
+of ranks wrote its records. Every input is checked before the model loads: a mistake is one
+``error: ...`` line and exit status 2 (``--debug`` or ``V2DROP_DEBUG=1``: traceback).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from v2drop.evaluation import EvalConfig, default_run_dir, format_table, run_eva
 from v2drop.method import resolve_method
 
 
-def main(argv=None) -> dict:
-    """Parse arguments, run the evaluation, print the table, write the files; bad input: ``error: ...``, exit status 2."""
+def main(argv=None) -> dict | None:
+    """Parse arguments, run the evaluation, print the table, write the files (None on ranks other than 0); bad input: ``error: ...``, exit status 2."""
     return run(_main, argv)
 
 
-def _main(argv) -> dict:
+def _main(argv) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="proxy", help="hub id, local directory or bundled name (proxy)")
     p.add_argument("--benchmark", default="digits", help="registered benchmark name")
@@ -47,7 +49,8 @@ def _main(argv) -> dict:
     p.add_argument("--benchmark-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="benchmark parameter, e.g. circular=true (mmbench), num_frames=16, video_root=/data/videos")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--devices", default="1", help="Lightning devices")
+    p.add_argument("--devices", default="1", help="Lightning devices per machine; several shard the samples (records.rank<k>.jsonl, merged at the end)")
+    p.add_argument("--num-nodes", type=int, default=1, help="Lightning num_nodes: machines, each running --devices ranks")
     p.add_argument("--run-dir", default=None, help="where records, result and trace go (default runs/eval/<model>-<benchmark>-<method>)")
     p.add_argument("--output", default=None, help="also write the result JSON here")
     p.add_argument("--save-trace", default=None, help="write each sample's kept vision positions per stage (JSONL)")
@@ -65,11 +68,13 @@ def _main(argv) -> dict:
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, warmup=args.warmup,
         attn_implementation=args.attn, dtype=args.dtype, device=args.device, device_map=args.device_map,
         data_dir=args.data_dir, benchmark_args=parse_overrides(args.benchmark_arg), threads=args.threads,
-        devices=int(args.devices) if args.devices.isdigit() else args.devices, progress=not args.no_progress,
-        label=args.label or method_label(args.method, args.schedule, args.scorer_arg),
+        devices=int(args.devices) if args.devices.isdigit() else args.devices, num_nodes=args.num_nodes,
+        progress=not args.no_progress, label=args.label or method_label(args.method, args.schedule, args.scorer_arg),
     ))
     run_dir = Path(args.run_dir or default_run_dir(args.model, args.benchmark, args.method, args.schedule))
     result = run_evaluation(config, run_dir, output=args.output, save_trace=args.save_trace, baseline=args.baseline, resume=args.resume)
+    if result is None:
+        return None  # a rank other than 0 (``--devices``/``--num-nodes``): rank 0 prints and writes the result
     print(format_table(result))
     print(f"results in {run_dir}")
     return result.to_json()

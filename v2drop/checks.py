@@ -193,6 +193,7 @@ def check_settings(settings) -> None:
         raise ValueError(f"accelerator {settings.accelerator!r} is not a Lightning accelerator; use auto, cpu or gpu")
     if settings.devices != "auto":
         check_int("devices", settings.devices, 1)
+    check_int("num_nodes", settings.num_nodes, 1)
 
 
 def check_eval_config(config) -> None:
@@ -204,6 +205,10 @@ def check_eval_config(config) -> None:
         check_device(config.device)
     elif config.device_map not in ("auto", "cpu", "balanced", "sequential") and not isinstance(config.device_map, dict):
         check_device(config.device_map)
+    if config.device_map not in (None, "cpu") and (config.devices != 1 or config.num_nodes != 1):
+        # device_map spreads one model over the GPUs; each rank needs a whole model on its own device
+        raise ValueError(f"device_map {config.device_map!r} cannot be combined with devices={config.devices!r}, "
+                         f"num_nodes={config.num_nodes!r}; use --device cuda with --devices N (each rank holds the whole model)")
 
 
 def check_presets(names, key: str = "enqueue_presets") -> None:
@@ -229,6 +234,9 @@ def check_sweep(cfg) -> None:
         check_settings(cfg.eval)
     except ValueError as err:
         raise ValueError(f"eval.{err}") from None
+    if cfg.eval.devices != 1 or cfg.eval.num_nodes != 1:  # Lightning's launcher would re-run the whole sweep per rank
+        raise ValueError(f"eval.devices={cfg.eval.devices!r}, eval.num_nodes={cfg.eval.num_nodes!r}: a sweep runs its trials "
+                         "in one process; use 1 and 1 (several devices are for experiments.evaluate)")
     from v2drop.search.space import expand_presets
 
     expand_presets(cfg.enqueue_presets)  # names or fnmatch patterns; one that matches no preset is an error

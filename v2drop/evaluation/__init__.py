@@ -1,7 +1,8 @@
 """The evaluation harness: one benchmark, one model, one method -> per-sample records and aggregates.
 
 ``config`` (EvalConfig, EvalResult), ``harness`` (``evaluate``: the Lightning predict loop),
-``records`` (JSONL records, traces, vision-token positions), ``report`` (the terminal table) and
+``records`` (JSONL records, traces, vision-token positions), ``ranks`` (several devices or
+machines: shards, per-rank records files, the merge), ``report`` (the terminal table) and
 ``run`` (a whole run as the ``experiments.evaluate`` command does it). Lightning is imported only
 when ``evaluate`` runs.
 """

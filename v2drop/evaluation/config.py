@@ -19,7 +19,8 @@ class EvalSettings:
     measure_memory: bool = True  # record peak memory of the language-model part (CUDA: every batch; CPU: see memory_batches)
     memory_batches: int = 2  # CPU: the first N batches run once more, untimed, under the RSS sampler (it would slow the timed run)
     accelerator: str = "auto"  # Lightning accelerator; auto = gpu when device is cuda, else cpu
-    devices: int | str = 1  # Lightning devices (a count or "auto")
+    devices: int | str = 1  # Lightning devices per machine (a count or "auto"); several shard the samples
+    num_nodes: int = 1  # Lightning num_nodes: machines, each running `devices` ranks
 
 
 @dataclass

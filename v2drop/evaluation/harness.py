@@ -1,8 +1,9 @@
 """The evaluation harness: one benchmark, one model, one method -> per-sample records and aggregates.
 
-Runs through Lightning's ``Trainer.predict`` (one CPU device by default; Lightning strategies
-scale it to several GPUs or nodes, each sample predicted exactly once). Records are appended to a
-JSONL file as samples finish, so an interrupted run continues with ``resume=True``.
+Runs through Lightning's ``Trainer.predict`` (one CPU device by default; ``devices`` and
+``num_nodes`` shard the samples over several processes, GPUs or machines, each sample predicted
+exactly once: ``v2drop.evaluation.ranks``). Records are appended to a JSONL file as samples
+finish, so an interrupted run continues with ``resume=True``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 
 from v2drop.evaluation.config import EvalConfig, EvalResult
-from v2drop.evaluation.records import append_records, read_records, vision_runs, write_records
+from v2drop.evaluation.ranks import ShardSampler, earlier_records, launched_rank, merge_records, rank_file, read_finished
+from v2drop.evaluation.records import append_records, repair_tail, vision_runs
 from v2drop.lvlm import LVLM
 from v2drop.cost import environment, prefill_flops, sample_prefill_flops
 from v2drop.method import Method
@@ -33,14 +35,17 @@ def evaluate(
     resume: bool = False,
     baseline: dict | None = None,
     samples: list | None = None,
-) -> EvalResult:
-    """Run ``benchmark`` on ``lvlm`` under ``method`` and aggregate.
+) -> EvalResult | None:
+    """Run ``benchmark`` on ``lvlm`` under ``method`` and aggregate (None on ranks other than 0).
 
     Parameters
     ----------
     records_path : path, optional
         JSONL file receiving one record per sample as it finishes. Must not exist unless
-        ``resume`` is set, in which case finished samples are skipped.
+        ``resume`` is set, in which case finished samples are skipped. With several ranks
+        (``config.devices``, ``config.num_nodes``; required then) each rank appends to
+        ``<stem>.rank<k>.jsonl`` beside it and rank 0 merges them into it in sample order
+        (``v2drop.evaluation.ranks``); the file always ends in sample order.
     baseline : dict, optional
         A no-dropping result (``EvalResult.to_json()``) to report accuracies relative to.
     samples : list of Sample, optional
@@ -58,12 +63,14 @@ def evaluate(
     done: dict[str, dict] = {}
     if records_path is not None:
         records_path = Path(records_path)
-        if records_path.exists() and not resume:
-            raise ValueError(f"{records_path} already exists; pass resume=True (--resume) to continue it, or choose another path")
-        if resume and records_path.exists():
-            done = {r["id"]: r for r in read_records(records_path)}
-            # Rewrite without a torn last line (a process killed mid-write) before appending.
-            write_records(done.values(), records_path)
+        # Ranks a launcher started find the files rank 0 created for this very run: only the
+        # launching process can tell an earlier run's records.
+        earlier = earlier_records(records_path)
+        if earlier is not None and not resume and not launched_rank():
+            raise ValueError(f"{earlier} already exists; pass resume=True (--resume) to continue it, or choose another path")
+        # The same finished set on every rank: no rank appends a record before all of them have
+        # joined the process group inside Trainer.predict.
+        done = read_finished(records_path)
         records_path.parent.mkdir(parents=True, exist_ok=True)
         records_path.touch()
     todo = [s for s in samples if s.id not in done]
@@ -72,8 +79,12 @@ def evaluate(
         for sample in todo[: config.warmup]:
             _predict(lvlm, benchmark, method, [sample], config)
     new = _run_lightning(lvlm, benchmark, method, todo, config, records_path) if todo else []
+    if new is None or (not todo and launched_rank()):
+        return None  # a rank other than 0: rank 0 merges every rank's records and aggregates them once
+    if records_path is not None:
+        new = merge_records(records_path, [s.id for s in samples])
     wanted = {s.id for s in samples}
-    records = [r for r in list(done.values()) + new if r["id"] in wanted]
+    records = [r for r in new if r["id"] in wanted]
     result = _aggregate(lvlm, benchmark, method, config, records, records_path, baseline)
     result.split = split
     return result
@@ -131,8 +142,9 @@ def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalCon
     return records
 
 
-def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records_path) -> list[dict]:
-    """Predict every sample once through ``Trainer.predict``, appending records as batches finish."""
+def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records_path) -> list[dict] | None:
+    """Predict every sample once through ``Trainer.predict``, appending records as batches finish
+    (this rank's records; None on ranks other than 0, once every rank has finished)."""
     import logging
 
     import lightning as L
@@ -146,6 +158,7 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
         def __init__(self):
             super().__init__()
             self.lvlm_model = lvlm.model  # registered so Lightning places it on the right device
+            self.allow_zero_length_dataloader_with_multiple_devices = True  # a rank may get no batch (ShardSampler)
 
         def predict_step(self, batch, batch_idx):
             return _predict(lvlm, benchmark, method, [samples[i] for i in batch], config, batch_idx < config.memory_batches)
@@ -153,18 +166,26 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
     class RecordWriter(L.Callback):
         def __init__(self):
             self.records: list[dict] = []
+            self.path = None
+
+        def on_predict_start(self, trainer, pl_module):
+            if records_path is not None:
+                # One writer per file: a single process appends to records_path itself, each of several ranks to its own file.
+                self.path = records_path if trainer.world_size == 1 else rank_file(records_path, trainer.global_rank)
+                repair_tail(self.path)
 
         def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
             self.records.extend(outputs)
-            if records_path is not None:
-                path = records_path if trainer.world_size == 1 else records_path.with_suffix(f".rank{trainer.global_rank}.jsonl")
-                append_records(outputs, path)
+            if self.path is not None:
+                append_records(outputs, self.path)
 
     writer = RecordWriter()
     accelerator = config.accelerator if config.accelerator != "auto" else ("gpu" if config.device.startswith("cuda") else "cpu")
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=config.devices,
+        num_nodes=config.num_nodes,
+        use_distributed_sampler=False,  # ShardSampler: whole batches per rank, each sample once
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -172,9 +193,13 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
         callbacks=[writer],
         inference_mode=True,
     )
+    if trainer.world_size > 1 and records_path is None:
+        raise ValueError(f"evaluating on {trainer.world_size} ranks (devices={config.devices!r}, num_nodes={config.num_nodes}) "
+                         "needs a records path: rank 0 merges the ranks' records files")
     # The loader yields sample indices: Lightning moves batches to the device and cannot copy
     # frozen dataclasses holding PIL images.
-    loader = DataLoader(range(len(samples)), batch_size=config.batch_size, shuffle=False, collate_fn=list, num_workers=0)
+    loader = DataLoader(range(len(samples)), sampler=ShardSampler(len(samples), config.batch_size),
+                        batch_size=config.batch_size, collate_fn=list, num_workers=0)
     sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.predict(Predictor(), dataloaders=loader, return_predictions=False)
@@ -187,7 +212,10 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
     finally:
         if sigint is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)  # Lightning leaves Ctrl-C ignored after an interrupt
-    return writer.records
+    # After predict, not in a callback: a rank with no samples skips the predict hooks. The process
+    # group outlives predict, so this waits until every rank's records file is complete.
+    trainer.strategy.barrier("v2drop-records")
+    return writer.records if trainer.global_rank == 0 else None
 
 
 def _aggregate(lvlm, benchmark, method, config, records, records_path, baseline) -> EvalResult:

@@ -33,6 +33,35 @@ def append_records(records: Iterable[dict], path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
 
 
+def repair_tail(path: str | os.PathLike) -> None:
+    """Make ``path`` end with a whole line before appending: a torn last line (a process killed
+    mid-write) is cut off, a last record missing only its newline gets one.
+
+    Either way ``read_records`` reads the same records before and after, so another rank reading
+    the file meanwhile sees what this one sees.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[start:])
+        whole = True
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError (a multi-byte character cut in half)
+        whole = False
+    with open(path, "r+b") as f:
+        if whole:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+        else:
+            f.truncate(start)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_trace(records_path: str | os.PathLike, trace_path: str | os.PathLike) -> None:
     """Each record's kept vision positions per stage and tokens per layer, as JSONL."""
     with open(trace_path, "w") as f:

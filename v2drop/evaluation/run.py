@@ -17,7 +17,8 @@ from pathlib import Path
 
 from v2drop import checks
 from v2drop.evaluation.config import EvalConfig, EvalResult
-from v2drop.evaluation.records import read_records, write_trace
+from v2drop.evaluation.ranks import earlier_records, launched_rank, rank_files, read_finished
+from v2drop.evaluation.records import write_trace
 
 
 def default_run_dir(model: str, benchmark: str, method: str, schedule: str | None = None) -> Path:
@@ -53,9 +54,11 @@ def check_evaluation(config: EvalConfig, run_dir: str | os.PathLike, output=None
     checks.check_writable(run_dir, directory=True)
     for path in [run_dir / "result.json", run_dir / "records.jsonl"] + [Path(p) for p in (output, save_trace) if p]:
         checks.check_writable(path)
-    records = run_dir / "records.jsonl"
-    if records.exists() and not resume:
-        raise ValueError(f"{records} exists from an earlier run; add --resume to continue it or --run-dir to start elsewhere")
+    # Only the launching process can tell an earlier run: the ranks Lightning's launcher starts
+    # (the same command again, LOCAL_RANK set) find the records file rank 0 has just created.
+    earlier = earlier_records(run_dir / "records.jsonl")
+    if earlier is not None and not resume and not launched_rank():
+        raise ValueError(f"{earlier} exists from an earlier run; add --resume to continue it or --run-dir to start elsewhere")
     base = checks.read_result(baseline) if baseline else None
     depth = lvlm.depth if lvlm is not None else checks.model_depth(config.model)
     method = method.rescaled(depth)
@@ -68,11 +71,11 @@ def check_evaluation(config: EvalConfig, run_dir: str | os.PathLike, output=None
 
 
 def resume_note(records: Path, command: str = "rerun the same command with --resume (run_evaluation(..., resume=True))") -> str | None:
-    """How many finished records ``records`` keeps and how to continue, or None when it holds none."""
-    if not records.exists():
-        return None
-    n = len(read_records(records))
-    return f"{n} finished sample(s) are kept in {records}; {command} to continue" if n else None
+    """How many finished records ``records`` and its rank files keep and how to continue, or None when they hold none."""
+    n = len(read_finished(records))
+    ranks = rank_files(records)
+    where = f"{records}" + (f" and {len(ranks)} rank file(s) beside it ({records.stem}.rank*{records.suffix})" if ranks else "")
+    return f"{n} finished sample(s) are kept in {where}; {command} to continue" if n else None
 
 
 def run_evaluation(
@@ -83,8 +86,8 @@ def run_evaluation(
     baseline: str | os.PathLike | None = None,
     resume: bool = False,
     lvlm=None,
-) -> EvalResult:
-    """Evaluate ``config`` into ``run_dir`` (``records.jsonl``, ``result.json``).
+) -> EvalResult | None:
+    """Evaluate ``config`` into ``run_dir`` (``records.jsonl``, ``result.json``); None on ranks other than 0.
 
     Every check that can fail (numbers, dtype, device, method, benchmark and split, writable
     outputs, an earlier run's records, the baseline file, the model's config, the data) runs
@@ -94,6 +97,8 @@ def run_evaluation(
     ----------
     run_dir : path
         Receives ``records.jsonl`` (one record per sample, as they finish) and ``result.json``.
+        With several ranks (``config.devices``, ``config.num_nodes``) each rank appends to
+        ``records.rank<k>.jsonl`` and rank 0 merges them into ``records.jsonl`` at the end.
     output : path, optional
         Also write the result JSON here.
     save_trace : path, optional
@@ -123,6 +128,8 @@ def run_evaluation(
         if note:
             err.add_note(note)
         raise
+    if result is None:
+        return None  # another rank: rank 0 writes the merged records and the result
     result.split = checked.split
     data = json.dumps(result.to_json(), indent=2)
     for path in [run_dir / "result.json"] + ([Path(output)] if output else []):
