@@ -9,7 +9,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 
 from v2drop import Method, list_scorers, register_scorer
 from v2drop.method import list_presets

@@ -76,10 +76,12 @@ def plot_front(rows: list[dict], path: Path, cfg: SweepConfig) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "prefill_ms", "median prefill latency (ms)"), (axes[1], "flops_ratio", "prefill FLOPs / no dropping")):
         scorers = list(dict.fromkeys(r["scorer"] for r in rows if r["scorer"] != "none"))
-        if len(scorers) > 1:  # a cross-method sweep: one colour per method
-            for scorer in scorers:
+        if len(scorers) > 1:  # a cross-method sweep: one colour per method (tab20: the default cycle repeats after 10)
+            colours = plt.get_cmap("tab10" if len(scorers) <= 10 else "tab20")
+            for i, scorer in enumerate(scorers):
                 mine = [r for r in rows if r["scorer"] == scorer]
-                ax.scatter([r[key] for r in mine], [r["accuracy_metric"] for r in mine], s=14, alpha=0.6, label=scorer)
+                ax.scatter([r[key] for r in mine], [r["accuracy_metric"] for r in mine], s=14, alpha=0.6, label=scorer,
+                           color=colours(i % colours.N))
         else:
             ax.scatter([r[key] for r in rows], [r["accuracy_metric"] for r in rows], c="lightgrey", s=18, label="trials")
         front = sorted((r for r in rows if r["is_pareto"]), key=lambda r: r[key])
