@@ -315,6 +315,28 @@ def test_shipped_methods_config_validates_and_enqueues_every_method_at_every_bud
     assert cfg.trials >= len(presets) + 1 + 20  # room to search after the presets
 
 
+def test_every_trial_the_shipped_space_draws_is_a_valid_method():
+    """Random trials over methods.yaml's space (no evaluation) build Methods of every scorer and kind, at the proxy's depth."""
+    cfg = SweepConfig.load(ROOT / "configs" / "sweep" / "methods.yaml")
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(300):
+        trial = study.ask()
+        method = suggest_method(trial, cfg.search, depth=12)
+        method.schedule.check_depth(12)
+        params = method_params(method, cfg.search)  # the trial's own parameters, its weights normalised
+        assert fits(method, cfg.search, 12) and params.keys() == trial.params.keys()
+        assert {k: v for k, v in params.items() if ".weights." not in k} == {k: v for k, v in trial.params.items() if ".weights." not in k}
+        if method.scorer_name == "composite":
+            weights = [trial.params[f"composite.weights.{p['name']}"] for p in method.scorer.parts]
+            assert [p["weight"] for p in method.scorer.parts] == pytest.approx([w / sum(weights) for w in weights])
+        seen.add((method.scorer_name, trial.params.get(f"{method.scorer_name}.kind", trial.params.get("kind"))))
+        study.tell(trial, [0.0, 0.0])
+    assert {name for name, _ in seen} == set(resolve_scorers(cfg.search))
+    assert {("visionzip", "pre-llm"), ("divprune", "pre-llm"), ("staged", "pre-llm+progressive"), ("composite", "one-shot"),
+            ("composite", "progressive")} <= seen
+
+
 def test_cli_cross_method_error_exits_2_before_the_model_loads(capsys):
     from experiments.sweep import main
 
