@@ -15,7 +15,7 @@ def scorer_variants() -> dict[str, tuple[str, dict]]:
     budget by ``budget_method``), else on V²Drop's progressive schedule (so a newly registered
     scorer appears in every comparison without an edit here).
     """
-    from v2drop.method import list_presets
+    from v2drop.method import Method, list_presets
     from v2drop.scorers import list_scorers
     from v2drop.scorers.v2drop import METRICS
 
@@ -27,17 +27,9 @@ def scorer_variants() -> dict[str, tuple[str, dict]]:
         if any(p.startswith(f"{name}-llava15-") for p in presets):
             variants[name] = (name, {})
             continue
-        own = [p for p in presets if "-llava15-" in p and _scorer_of(p) == name]
+        own = [p for p in presets if "-llava15-" in p and Method.from_preset(p).scorer_name == name]
         variants[name] = (own[0].split("-llava15-")[0], {}) if own else ("v2drop", {"name": name})
     return variants
-
-
-def _scorer_of(preset: str) -> str:
-    """The scorer name of a preset, from its YAML (no scorer is built)."""
-    from v2drop.method import _method_data
-
-    scorer = _method_data(preset).get("scorer")
-    return scorer.get("name", "none") if isinstance(scorer, dict) else str(scorer)
 
 
 def budget_method(prefix: str, budget: int, depth: int, n_vision: int, **overrides):
