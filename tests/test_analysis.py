@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 
-from analysis.common import budget_method, command_parser, relative_rows, resolve_split, run_methods, save_figure, scorer_variants
+from analysis.common import (budget_method, command_parser, read_records, relative_rows, resolve_split, run_methods, save_figure,
+                             scorer_variants, vision_tokens_of)
 from analysis.evidence_kept import evidence_shares
 from analysis.method_table import methods_at_budgets
 from analysis.pareto import _sweep_points, mark_fronts
@@ -62,6 +63,8 @@ def test_scorer_variants_follow_the_registry(monkeypatch):
     variants = scorer_variants()
     assert list(variants)[:3] == ["v2drop-l2", "v2drop-l1", "v2drop-cosine"]
     assert variants["fastv"] == ("fastv", {}) and variants["random"] == ("random", {})
+    # scorers without presets of their own name run on the first preset that uses them, fitted to each budget
+    assert variants["composite"] == ("composite-v2drop-dart", {}) and variants["staged"] == ("visionzip-v2drop", {})
 
     @dataclass
     class NormScorer(Scorer):
@@ -125,6 +128,31 @@ def test_budget_methods_meet_their_budgets():
         assert target - 12 < avg <= target, (label, avg, target)
     assert methods["v2drop-cosine@192"].scorer.metric == "cosine"
     assert budget_method("no-such-method", 128, 12, 256) is None
+    for budget in (192, 128, 64):  # the staged and composite presets exist at 128 only
+        assert methods[f"staged@{budget}"].schedule.layers == (-1, 1, 6, 8) and methods[f"staged@{budget}"].scorer.pre_llm["name"] == "visionzip"
+        assert [p["name"] for p in methods[f"composite@{budget}"].scorer.parts] == ["v2drop", "dart"]
+    assert methods["divprune@64"].schedule.layers == (-1,)
+
+
+def test_pre_llm_composite_and_staged_methods_run_through_the_analysis_helpers(tiny, tmp_path):
+    """method_table's methods for the new scorers run, and their records feed positional_bias and evidence_kept."""
+    lvlm, bench = tiny("llava"), EchoBench(2)
+    n_vision = vision_tokens_of(lvlm, bench.load("test", 1)[0])
+    names = ("composite", "staged", "visionzip", "divprune")
+    # half of the tokens: the tiny model's few layers and tokens cannot reach the paper budgets with a stage at layer 1
+    picked, info = methods_at_budgets(lvlm.depth, n_vision, {n: v for n, v in scorer_variants().items() if n in names}, budgets=(288,))
+    picked.pop("none")
+    assert set(picked) == {f"{n}@288" for n in names}
+    config = EvalConfig(model="tiny", benchmark="echo", warmup=0, max_new_tokens=1, progress=False)
+    results = run_methods(lvlm, bench, picked, tmp_path, config)
+    for label, method in picked.items():
+        records = read_records(tmp_path, label)
+        assert len(records) == 2 and results[label]["metrics"]["average_vision_tokens"] < n_vision
+        assert [s["layer"] for s in records[0]["kept"]] == list(method.schedule.layers)
+        rates = interval_keep_rates(records)
+        assert len(rates) == 10 and 0 < sum(rates) < 10
+        shares = evidence_shares(records, {r["id"]: (0, 1, 2) for r in records})
+        assert 0 <= shares["layer_average"] <= 1 and shares["after_first_stage"] is not None
 
 
 def test_run_methods_caches_results(tiny, tmp_path):

@@ -1,10 +1,13 @@
 """Composite and staged scorers: hand-made combinations, the union of needs, YAML round trips and real runs."""
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
+import v2drop
 from v2drop import Method, Schedule, register_scorer
 from v2drop.scorers import AttentionRequest, LayerState, Scorer, build_scorer
 from v2drop.scorers.composite import rank_normalise, zscore_normalise
@@ -128,3 +131,36 @@ def test_dotted_parameters_reach_nested_weights():
     assert Method.from_dict({"scorer": staged}).scorer.at(3).metric == "cosine"
     with pytest.raises(ValueError, match="parts.5.weight"):
         with_params(base["scorer"], {"parts.5.weight": 1.0})
+
+
+STAGED_YAML = """\
+# written by a user: DivPrune keeps 96 of the projected vision tokens, then FastV halves them twice
+description: "staged DivPrune -> FastV"
+scorer:
+  name: staged
+  pre_llm: {name: divprune}
+  llm: {name: fastv}
+schedule:
+  keep_mode: absolute
+  stages: [[pre_llm, 96], [2, 48], [6, 24]]
+"""
+
+
+@pytest.mark.parametrize("source", ["preset file", "user file"])
+def test_yaml_only_methods_evaluate_through_the_cli(tmp_path, source):
+    """`experiments.evaluate --method <file.yaml>` runs a composite preset file and a user's staged YAML on the proxy."""
+    from experiments.evaluate import main
+
+    if source == "preset file":
+        path = Path(v2drop.__file__).parent / "presets" / "composite-v2drop-dart-llava15-128.yaml"
+    else:
+        path = tmp_path / "staged.yaml"
+        path.write_text(STAGED_YAML)
+    trace = tmp_path / "trace.jsonl"
+    result = main(["--method", str(path), "--model", "proxy", "--limit", "2", "--batch-size", "2", "--max-new-tokens", "2",
+                   "--warmup", "0", "--no-progress", "--run-dir", str(tmp_path / "run"), "--save-trace", str(trace)])
+    method = Method.from_preset(str(path), depth=12)  # the proxy: 12 layers, 256 vision tokens per image
+    assert Method.from_dict(result["config"]["method"]) == Method.from_preset(str(path))
+    assert result["metrics"]["average_vision_tokens"] == pytest.approx(method.schedule.average_tokens(12, 256))
+    stages = [[s["layer"] for s in json.loads(line)["stages"]] for line in trace.read_text().splitlines()]
+    assert stages == [list(method.schedule.layers)] * 2

@@ -10,10 +10,12 @@ def scorer_variants() -> dict[str, tuple[str, dict]]:
     """``{label: (preset prefix whose schedule is used, scorer settings)}`` for every registered scorer.
 
     V²Drop comes first, once per variation metric; every other scorer follows in registry order,
-    on its own ``<name>-llava15-<budget>`` presets when it has them, else on V²Drop's progressive
-    schedule (so a newly registered scorer appears in every comparison without an edit here).
+    on its own ``<name>-llava15-<budget>`` presets when it has them, else on the first LLaVA-1.5
+    preset that uses it (a composite or staged scorer: ``composite-v2drop-dart``, fitted to each
+    budget by ``budget_method``), else on V²Drop's progressive schedule (so a newly registered
+    scorer appears in every comparison without an edit here).
     """
-    from v2drop.method import list_presets
+    from v2drop.method import Method, list_presets
     from v2drop.scorers import list_scorers
     from v2drop.scorers.v2drop import METRICS
 
@@ -22,8 +24,11 @@ def scorer_variants() -> dict[str, tuple[str, dict]]:
     for name in list_scorers():
         if name == "v2drop":
             continue
-        has_presets = any(p.startswith(f"{name}-llava15-") for p in presets)
-        variants[name] = (name, {}) if has_presets else ("v2drop", {"name": name})
+        if any(p.startswith(f"{name}-llava15-") for p in presets):
+            variants[name] = (name, {})
+            continue
+        own = [p for p in presets if "-llava15-" in p and Method.from_preset(p).scorer_name == name]
+        variants[name] = (own[0].split("-llava15-")[0], {}) if own else ("v2drop", {"name": name})
     return variants
 
 
@@ -33,14 +38,19 @@ def budget_method(prefix: str, budget: int, depth: int, n_vision: int, **overrid
     ``overrides`` replace scorer parameters, or with ``name`` the scorer itself (same schedule).
     Stage layers are rescaled and the keep fractions fitted (one common factor, see
     ``v2drop.schedule.scale_to_average``) so the average retained tokens are the same share of
-    ``n_vision`` as ``budget`` is of 576. Returns None when no such preset exists.
+    ``n_vision`` as ``budget`` is of 576. Without a preset for ``budget``, the prefix's preset
+    closest to it is fitted instead (a composite written for 128 also gives 192 and 64). Returns
+    None when the prefix has no LLaVA-1.5 preset.
     """
     from v2drop.method import Method, list_presets
     from v2drop.schedule import scale_to_average
 
     name = f"{prefix}-llava15-{budget}"
     if name not in list_presets():
-        return None
+        others = [p for p in list_presets() if p.startswith(f"{prefix}-llava15-") and p.rsplit("-", 1)[1].isdigit()]
+        if not others:
+            return None
+        name = min(others, key=lambda p: abs(int(p.rsplit("-", 1)[1]) - budget))
     data = Method.from_preset(name).to_dict()
     if "name" in overrides:  # another scorer on this preset's schedule: drop the preset scorer's parameters
         data["scorer"] = dict(overrides)

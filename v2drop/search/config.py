@@ -31,13 +31,15 @@ class SearchSpace:
     # scorer name -> {parameter: [choices]}; "all" (or "*", also as a key) = every registered scorer with defaults
     scorers: Any = field(default_factory=lambda: {"v2drop": {}})
     exclude: list[str] = field(default_factory=lambda: ["given"])  # fnmatch patterns left out of "all" ("given" is an oracle)
-    kinds: list[str] = field(default_factory=lambda: ["progressive"])  # "one-shot" and/or "progressive"
+    # one-shot, progressive (decoder stages), pre-llm (one stage before the LLM), pre-llm+one-shot, pre-llm+progressive
+    kinds: list[str] = field(default_factory=lambda: ["progressive"])
     scorer_kinds: dict = field(default_factory=dict)  # scorer name -> its own kinds (e.g. {fastv: [one-shot]}), searched as "<name>.kind"
+    weights: dict = field(default_factory=dict)  # scorer with parts (composite) -> [low, high] of each part's weight, searched as "<name>.weights.<part>", normalised to sum 1
     position_policy: dict = field(default_factory=dict)  # scorer name -> "preserve" (default) or "renumber" for its trials
     stages: list[int] = field(default_factory=lambda: [2, 3])  # [min, max] stages of a progressive schedule
     layers: list[int | None] = field(default_factory=lambda: [1, None])  # [first, last] drop layer; None = depth - 1
     # a plain list: OmegaConf would warn on every integer bound (``[0, 0.5]``) of a list[float]
-    keep: list = field(default_factory=lambda: [0.0, 0.9])  # [low, high] relative keep fraction per stage
+    keep: list = field(default_factory=lambda: [0.0, 0.9])  # [low, high] relative keep fraction per stage (the pre-LLM one too)
 
 
 @dataclass

@@ -5,17 +5,21 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from v2drop.tables import write_csv
+from v2drop.schedule import Schedule
 from v2drop.search.config import OBJECTIVES, SweepConfig
 from v2drop.search.pareto import pareto_indices
+from v2drop.search.space import schedule_kind
+from v2drop.tables import write_csv
 
 
 def trial_rows(study, cfg: SweepConfig) -> list[dict]:
     """One row per complete trial of an ``optuna.Study``.
 
-    Columns: trial, label, scorer, kind, schedule, the objectives, accuracy and cost metrics,
-    feasibility, then one column per searched parameter under its Optuna name (``stages``,
-    ``layer_0``, ``keep_0``, ``v2drop.metric``, ``dart.kind``...; empty where a trial lacks it).
+    Columns: trial, label, scorer, kind (``space.KINDS`` or ``none``), schedule (``layer:keep``
+    pairs, ``pre_llm:keep`` for a stage before the LLM), the objectives, accuracy and cost
+    metrics, feasibility, then one column per searched parameter under its Optuna name
+    (``stages``, ``layer_0``, ``keep_0``, ``keep_pre_llm``, ``v2drop.metric``, ``dart.kind``,
+    ``composite.weights.v2drop``...; empty where a trial lacks it).
     """
     import optuna
 
@@ -23,11 +27,11 @@ def trial_rows(study, cfg: SweepConfig) -> list[dict]:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         m = t.user_attrs.get("metrics", {})
         method = t.user_attrs.get("method", {})
-        stages = (method.get("schedule") or {}).get("stages") or []
+        schedule = Schedule.from_dict(method.get("schedule"))
         row = {"trial": t.number, "label": t.user_attrs.get("label", ""),
                "scorer": (method.get("scorer") or {}).get("name", "none") if isinstance(method.get("scorer"), dict) else "none",
-               "kind": {0: "none", 1: "one-shot"}.get(len(stages), "progressive"),
-               "schedule": " ".join(f"{l}:{k:.3f}" for l, k in stages),
+               "kind": schedule_kind(schedule),
+               "schedule": " ".join(f"{'pre_llm' if s.pre_llm else s.layer}:{s.keep:.3f}" for s in schedule.stages),
                **{o: v for o, v in zip(cfg.objectives, t.values)},
                "accuracy_metric": m.get("accuracy"), "prefill_ms": (m.get("prefill_latency_median_s") or 0) * 1e3,
                "generation_ms": (m.get("generation_latency_median_s") or 0) * 1e3, "flops_ratio": m.get("flops_ratio"),
@@ -39,7 +43,7 @@ def trial_rows(study, cfg: SweepConfig) -> list[dict]:
 
 def searched_params(rows: list[dict]) -> list[str]:
     """The searched-parameter columns of ``trial_rows`` output, in order of first appearance."""
-    fixed = {"trial", "label", "scorer", "kind", "schedule", "accuracy_metric", "prefill_ms", "generation_ms", "flops_ratio",
+    fixed = {"trial", "label", "scorer", "hover", "kind", "schedule", "accuracy_metric", "prefill_ms", "generation_ms", "flops_ratio",
              "average_tokens", "feasible", "is_pareto", *OBJECTIVES}
     return [k for k in dict.fromkeys(k for r in rows for k in r) if k not in fixed]
 
@@ -72,10 +76,12 @@ def plot_front(rows: list[dict], path: Path, cfg: SweepConfig) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "prefill_ms", "median prefill latency (ms)"), (axes[1], "flops_ratio", "prefill FLOPs / no dropping")):
         scorers = list(dict.fromkeys(r["scorer"] for r in rows if r["scorer"] != "none"))
-        if len(scorers) > 1:  # a cross-method sweep: one colour per method
-            for scorer in scorers:
+        if len(scorers) > 1:  # a cross-method sweep: one colour per method (tab20: the default cycle repeats after 10)
+            colours = plt.get_cmap("tab10" if len(scorers) <= 10 else "tab20")
+            for i, scorer in enumerate(scorers):
                 mine = [r for r in rows if r["scorer"] == scorer]
-                ax.scatter([r[key] for r in mine], [r["accuracy_metric"] for r in mine], s=14, alpha=0.6, label=scorer)
+                ax.scatter([r[key] for r in mine], [r["accuracy_metric"] for r in mine], s=14, alpha=0.6, label=scorer,
+                           color=colours(i % colours.N))
         else:
             ax.scatter([r[key] for r in rows], [r["accuracy_metric"] for r in rows], c="lightgrey", s=18, label="trials")
         front = sorted((r for r in rows if r["is_pareto"]), key=lambda r: r[key])
@@ -107,9 +113,12 @@ def dashboard(rows: list[dict], confirmed: list[dict], cfg: SweepConfig) -> dict
     "lines": {key: (xs, ys, keys, title, xname)}, "summary": {...}}``:
 
     - ``trials``: one row per trial; fixed columns, then one column per searched parameter (for a
-      parallel-coordinates panel), ``scorer`` to colour by method, ``is_pareto``;
+      parallel-coordinates panel), ``scorer`` to colour by method, ``is_pareto``, and ``hover``
+      (``hover_label``: the method and schedule in one string);
     - ``front_validation`` and ``front_confirmed``: scatter charts of accuracy against the cost
-      objective, over the validation front and the confirmed front; ``all_trials``: every trial;
+      objective, over the validation front and the confirmed front; ``all_trials``: every trial
+      (each over a table whose rows carry ``hover``, ``scorer`` and ``schedule``, which the
+      built-in scatter's tooltip shows with the point);
     - ``fronts_validation_vs_confirmed``: both fronts as two lines on one chart;
     - ``method_fronts``: one line per scorer through its own non-dominated trials (per-method colours);
     - the confirmed front as the ``confirmed_front`` table.
@@ -119,7 +128,10 @@ def dashboard(rows: list[dict], confirmed: list[dict], cfg: SweepConfig) -> dict
     """
     cost = next((o for o in cfg.objectives if o != "accuracy"), "flops")
     x, x_test = COST_COLUMNS[cost]
-    fixed = ["trial", "label", "scorer", "kind", "schedule", *cfg.objectives, "accuracy_metric", "prefill_ms", "generation_ms",
+    hovers = {r["trial"]: hover_label(r) for r in rows}
+    rows = [{**r, "hover": hovers[r["trial"]]} for r in rows]
+    confirmed = [{**c, "hover": hovers.get(c["trial"], "")} for c in confirmed]
+    fixed = ["trial", "label", "scorer", "hover", "kind", "schedule", *cfg.objectives, "accuracy_metric", "prefill_ms", "generation_ms",
              "flops_ratio", "average_tokens", "feasible", "is_pareto"]
     columns = list(dict.fromkeys(fixed + searched_params(rows)))
     table = lambda items, cols: (cols, [[r.get(c) for c in cols] for r in items])  # noqa: E731
@@ -147,6 +159,23 @@ def dashboard(rows: list[dict], confirmed: list[dict], cfg: SweepConfig) -> dict
     summary = {"front_size": len(front), "trial_count": len(rows), "method_names": methods,
                "front_method_names": sorted({r["scorer"] for r in front})}
     return {"tables": tables, "scatters": scatters, "lines": lines, "summary": summary}
+
+
+def hover_label(row: dict) -> str:
+    """A trial's point label: scorer with its searched parameters, kind, schedule, and the preset it reproduces.
+
+    E.g. ``composite(parts=v2drop+dart, combine=rank, weights.v2drop=0.62, weights.dart=0.38) ·
+    progressive 2:0.500 6:0.250 · trial 17``.
+    """
+    scorer = row.get("scorer", "none")
+    params = [(k[len(scorer) + 1:], v) for k, v in row.items()
+              if k.startswith(f"{scorer}.") and k != f"{scorer}.kind" and v is not None and v == v]  # v == v: not NaN
+    shown = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in params)
+    text = f"{scorer}({shown})" if shown else scorer
+    parts = [text, f"{row.get('kind', '')} {row.get('schedule', '')}".strip(), f"trial {row.get('trial')}"]
+    if row.get("label"):
+        parts.append(row["label"])
+    return " · ".join(p for p in parts if p)
 
 
 def format_front(front: list[dict], confirmed: list[dict]) -> str:

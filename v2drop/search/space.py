@@ -1,26 +1,36 @@
 """The search space: checking it against a model, mapping trial suggestions onto a Method and back.
 
 A trial first chooses the scorer (parameter ``scorer``), then that scorer's own parameters
-(``<scorer>.<parameter>``), its schedule kind (``kind``, or ``<scorer>.kind`` for a scorer with
-its own kinds in ``search.scorer_kinds``), then the stages (``stages``, ``layer_i``, ``keep_i``).
-Parameters that only some scorers have are therefore conditional: they exist in the trials that
-chose their scorer (``docs/sweeps.md``).
+(``<scorer>.<parameter>``; a choice that is not a plain value, e.g. a composite's list of parts,
+is named by a label such as ``v2drop+dart``), the weights of a composite's parts when
+``search.weights`` names it (``<scorer>.weights.<part>``, normalised to sum 1), its schedule kind
+(``kind``, or ``<scorer>.kind`` for a scorer with its own kinds in ``search.scorer_kinds``), then
+the stages: ``keep_pre_llm`` for a stage before the LLM, ``stages``, ``layer_i``, ``keep_i`` for
+the decoder stages. Parameters that only some scorers have are therefore conditional: they exist
+in the trials that chose their scorer (``docs/sweeps.md``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
+import math
 from fnmatch import fnmatch
 from numbers import Real
 from typing import Any
 
 from v2drop.method import POSITION_POLICIES, Method
-from v2drop.schedule import Schedule
+from v2drop.schedule import PRE_LLM, Schedule
 from v2drop.search.config import OBJECTIVES, SAMPLERS, SearchSpace, SweepConfig
 
-KINDS = ("one-shot", "progressive")
+# one-shot / progressive: decoder stages only; pre-llm: one stage before the LLM only; pre-llm+...: both
+KINDS = ("one-shot", "progressive", "pre-llm", "pre-llm+one-shot", "pre-llm+progressive")
+PRE_LLM_KEEP = "keep_pre_llm"  # the trial parameter holding the pre-LLM stage's keep fraction
 ALL = ("all", "*")  # spellings of "every registered scorer"
 PRESET_VISION_TOKENS = 576  # the token count the presets' absolute keep values refer to (LLaVA-1.5)
+PLAIN = (type(None), bool, int, float, str)  # the values Optuna stores as categorical choices
+MAX_COMBINATIONS = 256  # parameter combinations checked one by one; larger spaces are checked one parameter at a time
 
 
 def resolve_scorers(space: SearchSpace) -> dict[str, dict[str, list]]:
@@ -60,6 +70,81 @@ def kind_param(space: SearchSpace, scorer: str) -> str:
     return f"{scorer}.kind" if scorer in space.scorer_kinds else "kind"
 
 
+def kind_parts(kind: str) -> tuple[bool, str | None]:
+    """(whether ``kind`` starts with a pre-LLM stage, its decoder part: ``one-shot``, ``progressive`` or None)."""
+    pre = kind.startswith("pre-llm")
+    decoder = kind[len("pre-llm"):].lstrip("+") if pre else kind
+    return pre, decoder or None
+
+
+def schedule_kind(schedule: Schedule) -> str:
+    """The kind of ``schedule`` (one of ``KINDS``), or ``none`` when it has no stage."""
+    pre = schedule.pre_llm is not None
+    decoder = {0: None, 1: "one-shot"}.get(len(schedule.stages) - pre, "progressive")
+    if not pre:
+        return decoder or "none"
+    return "pre-llm" if decoder is None else f"pre-llm+{decoder}"
+
+
+def choice_label(value: Any) -> Any:
+    """How a parameter choice appears in the study: plain values as they are, scorer specs by name.
+
+    ``{name: visionzip}`` -> ``visionzip``; ``{name: v2drop, metric: l1}`` -> ``v2drop(metric=l1)``;
+    a list of parts -> the parts' labels joined by ``+`` (``v2drop+dart``); anything else as JSON.
+    """
+    if isinstance(value, PLAIN):
+        return value
+    if isinstance(value, dict) and "name" in value:
+        rest = ", ".join(f"{k}={choice_label(v)}" for k, v in value.items() if k != "name")
+        return f"{value['name']}({rest})" if rest else str(value["name"])
+    if isinstance(value, (list, tuple)):
+        return "+".join(str(choice_label(v)) for v in value)
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def param_choices(scorer: str, param: str, choices: list) -> list:
+    """The Optuna choices of ``<scorer>.<param>``: the choices themselves if plain values, else their unique labels."""
+    if all(isinstance(c, PLAIN) for c in choices):
+        return list(choices)
+    labels = [str(choice_label(c)) for c in choices]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"search.scorers.{scorer}.{param}: the choices {labels} share a label; give choices that differ in "
+                         "scorer names or parameters")
+    return labels
+
+
+def normalise_weights(weights: list[float]) -> list[float]:
+    """Weights scaled to sum 1 (equal weights when they are all 0)."""
+    total = sum(weights)
+    return [w / total for w in weights] if total > 0 else [1.0 / len(weights)] * len(weights)
+
+
+def _value(scorer: str, param: str, choice: Any) -> Any:
+    """A choice as the scorer stores it (defaults filled in, e.g. a part given by name becomes its full config)."""
+    return getattr(_build(scorer, {param: choice}), param)
+
+
+def _without_weights(value: Any) -> Any:
+    """A list of parts with the ``weight`` keys left out (for comparing parts whose weights are searched)."""
+    if isinstance(value, list):
+        return [{k: v for k, v in p.items() if k != "weight"} if isinstance(p, dict) else p for p in value]
+    return value
+
+
+def _match(space: SearchSpace, scorer: str, param: str, choices: list, actual: Any) -> int | None:
+    """Index of the choice equal to ``actual`` (a Method's parameter value), or None."""
+    same = _without_weights if param == "parts" and scorer in space.weights else (lambda v: v)
+    for i, choice in enumerate(choices):
+        if same(_value(scorer, param, choice)) == same(actual):
+            return i
+    return None
+
+
+def _parts(scorer: str, kwargs: dict) -> list[dict]:
+    """The parts (normalised config data, without weights) a trial of a weighted scorer combines."""
+    return _without_weights(_value(scorer, "parts", kwargs.get("parts")))
+
+
 def expand_presets(patterns: list[str]) -> list[str]:
     """Preset names matching each of ``patterns`` (fnmatch, in order, without repeats); a pattern matching none is an error."""
     from v2drop.method import list_presets
@@ -78,7 +163,9 @@ def validate(cfg: SweepConfig, depth: int | None = None) -> None:
 
     Without ``depth`` (before the model loads) everything but the drop-layer range is checked:
     objectives, sampler, every scorer, parameter and choice (each choice builds its scorer), the
-    per-scorer kinds and position policies, the stage, layer and keep ranges, the presets.
+    searched weights, the per-scorer kinds (every parameter combination can run each of its
+    kinds' stages: before the LLM, at the first drop layer) and position policies, the stage,
+    layer and keep ranges, the presets.
     """
     for name in cfg.objectives:
         if name not in OBJECTIVES:
@@ -91,37 +178,35 @@ def validate(cfg: SweepConfig, depth: int | None = None) -> None:
     scorers = resolve_scorers(s)
     if not scorers:
         raise ValueError("search.scorers is empty (or 'all' minus search.exclude left nothing): name at least one scorer")
-    bad_kinds = set(s.kinds) - set(KINDS)
-    if not s.kinds or bad_kinds:
-        raise ValueError(f"search.kinds must list 'one-shot' and/or 'progressive', got {s.kinds}")
+    if not s.kinds or set(s.kinds) - set(KINDS):
+        raise ValueError(f"search.kinds must list kinds from {list(KINDS)}, got {s.kinds}")
     for name, params in scorers.items():
         _validate_scorer(s, name, params)
-    for section in ("scorer_kinds", "position_policy"):
+    for section in ("scorer_kinds", "position_policy", "weights"):
         unknown = set(getattr(s, section)) - set(scorers)
         if unknown:
             raise ValueError(f"search.{section} names {sorted(unknown)}, which are not among the searched scorers {sorted(scorers)}")
     for name, kinds in s.scorer_kinds.items():
         if not isinstance(kinds, list) or not kinds or set(kinds) - set(KINDS):
-            raise ValueError(f"search.scorer_kinds.{name} must list 'one-shot' and/or 'progressive', got {kinds!r}")
+            raise ValueError(f"search.scorer_kinds.{name} must list kinds from {list(KINDS)}, got {kinds!r}")
     for name, policy in s.position_policy.items():
         if policy not in POSITION_POLICIES:
             raise ValueError(f"search.position_policy.{name} must be one of {POSITION_POLICIES}, got {policy!r}")
+    for name, bounds in s.weights.items():
+        _validate_weights(name, bounds, scorers[name])
     for key in ("stages", "layers", "keep"):
         if len(getattr(s, key)) != 2:
             raise ValueError(f"search.{key} is a [low, high] pair, got {getattr(s, key)}")
     if s.layers[0] is None:
         raise ValueError(f"search.layers [{s.layers[0]}, {s.layers[1]}]: the first drop layer must be a number")
     lo, hi = s.stages
-    progressive = any("progressive" in scorer_kinds(s, n) for n in scorers)
+    progressive = any(kind_parts(k)[1] == "progressive" for n in scorers for k in scorer_kinds(s, n))
     if progressive and not (2 <= lo <= hi):
         raise ValueError(f"search.stages [{lo}, {hi}] must satisfy 2 <= min <= max for progressive schedules")
     if not all(isinstance(k, Real) and not isinstance(k, bool) for k in s.keep) or not 0.0 <= s.keep[0] <= s.keep[1] <= 1.0:
         raise ValueError(f"search.keep {s.keep} must be a range inside [0, 1]")
-    for name in scorers:  # e.g. v2drop or fastv need the layer before the drop layer
-        try:
-            _build(name, {}).check_layer(s.layers[0])
-        except ValueError as err:
-            raise ValueError(f"search.layers starts at {s.layers[0]}, but {err}") from None
+    for name, params in scorers.items():
+        _check_stages(s, name, params)
     expand_presets(cfg.enqueue_presets)
     if depth is None:
         return
@@ -155,6 +240,54 @@ def _validate_scorer(space: SearchSpace, name: str, params: Any) -> None:
                 _build(name, {param: choice})
             except (ValueError, TypeError) as err:
                 raise ValueError(f"search.scorers.{name}.{param}: the choice {choice!r} is invalid: {err}") from None
+        param_choices(name, param, choices)
+
+
+def _validate_weights(name: str, bounds: Any, params: dict) -> None:
+    """``search.weights.<name>``: a [low, high] range for a scorer made of parts with distinct names."""
+    from v2drop.scorers import SCORERS
+
+    cls = SCORERS.get(name)
+    if "parts" not in {f.name for f in dataclasses.fields(cls)}:
+        raise ValueError(f"search.weights.{name}: scorer {name!r} has no 'parts' to weigh; weights apply to scorers built "
+                         "from parts, such as composite")
+    if (not isinstance(bounds, list) or len(bounds) != 2 or not all(isinstance(b, Real) and not isinstance(b, bool) for b in bounds)
+            or not 0.0 <= bounds[0] <= bounds[1] or bounds[1] == 0):
+        raise ValueError(f"search.weights.{name} must be a [low, high] range with 0 <= low <= high and high > 0, got {bounds!r}")
+    for choice in params.get("parts", [None]):
+        names = [p["name"] for p in _parts(name, {"parts": choice})]
+        if len(set(names)) != len(names):
+            raise ValueError(f"search.weights.{name}: the parts {names} repeat a scorer; each part's weight is the parameter "
+                             f"{name}.weights.<part name>, so the parts of a weighted {name} must be different scorers")
+
+
+def _combinations(params: dict) -> list[dict]:
+    """Every combination of a scorer's parameter choices, or each choice with the others at their first when there are many."""
+    if math.prod(len(c) for c in params.values()) <= MAX_COMBINATIONS:
+        return [dict(zip(params, combo)) for combo in itertools.product(*params.values())]
+    first = {p: c[0] for p, c in params.items()}
+    return [first] + [{**first, p: choice} for p, c in params.items() for choice in c[1:]]
+
+
+def _check_stages(space: SearchSpace, name: str, params: dict) -> None:
+    """Every parameter combination of ``name`` can run the stages of each of its kinds."""
+    for kwargs in _combinations(params):
+        scorer = _build(name, kwargs)
+        chosen = "".join(f", {name}.{p}={choice_label(v)}" for p, v in kwargs.items())
+        for kind in scorer_kinds(space, name):
+            pre, decoder = kind_parts(kind)
+            if pre:
+                try:
+                    scorer.check_layer(PRE_LLM)
+                except ValueError as err:
+                    where = f"search.scorer_kinds.{name}" if name in space.scorer_kinds else "search.kinds"
+                    raise ValueError(f"{where}: kind {kind!r} starts with a stage before the LLM, but {err} ({name}{chosen}); "
+                                     f"give {name} kinds without 'pre-llm' (one-shot, progressive)") from None
+            if decoder:
+                try:
+                    scorer.check_layer(space.layers[0])
+                except ValueError as err:  # e.g. v2drop or fastv need the layer before the drop layer
+                    raise ValueError(f"search.layers starts at {space.layers[0]}, but {err} ({name}{chosen}, kind {kind!r})") from None
 
 
 def layer_range(space: SearchSpace, depth: int) -> tuple[int, int]:
@@ -168,15 +301,28 @@ def suggest_method(trial, space: SearchSpace, depth: int) -> Method:
         return Method.none()
     scorers = resolve_scorers(space)
     scorer = trial.suggest_categorical("scorer", list(scorers))
-    kwargs = {p: trial.suggest_categorical(f"{scorer}.{p}", list(choices)) for p, choices in scorers[scorer].items()}
-    kind = trial.suggest_categorical(kind_param(space, scorer), scorer_kinds(space, scorer))
+    kwargs = {}
+    for p, choices in scorers[scorer].items():
+        options = param_choices(scorer, p, choices)
+        kwargs[p] = choices[options.index(trial.suggest_categorical(f"{scorer}.{p}", options))]
+    if scorer in space.weights:
+        low, high = space.weights[scorer]
+        parts = _parts(scorer, kwargs)
+        weights = [trial.suggest_float(f"{scorer}.weights.{part['name']}", float(low), float(high)) for part in parts]
+        kwargs["parts"] = [{**part, "weight": w} for part, w in zip(parts, normalise_weights(weights))]
+    pre, decoder = kind_parts(trial.suggest_categorical(kind_param(space, scorer), scorer_kinds(space, scorer)))
     first, last = layer_range(space, depth)
-    n = 1 if kind == "one-shot" else trial.suggest_int("stages", space.stages[0], min(space.stages[1], last - first + 1))
-    layers, keeps, low = [], [], first
+    keep = float(space.keep[0]), float(space.keep[1])
+    layers, keeps = ([PRE_LLM], [trial.suggest_float(PRE_LLM_KEEP, *keep)]) if pre else ([], [])
+    if decoder == "progressive":
+        n = trial.suggest_int("stages", space.stages[0], min(space.stages[1], last - first + 1))
+    else:
+        n = 1 if decoder == "one-shot" else 0
+    low = first
     for i in range(n):
         layer = trial.suggest_int(f"layer_{i}", low, last - (n - 1 - i))
         layers.append(layer)
-        keeps.append(trial.suggest_float(f"keep_{i}", float(space.keep[0]), float(space.keep[1])))
+        keeps.append(trial.suggest_float(f"keep_{i}", *keep))
         low = layer + 1
     policy = space.position_policy.get(scorer, "preserve")
     return Method(scorer, schedule=Schedule.progressive(layers, keeps), position_policy=policy, **kwargs)
@@ -191,33 +337,53 @@ def relative(method: Method) -> Method:
     return Method.from_dict(data)
 
 
+def _weights(method: Method) -> dict[str, float]:
+    """``{part name: weight}`` of a method whose scorer has parts, normalised to sum 1."""
+    parts = method.scorer.parts
+    return dict(zip((p["name"] for p in parts), normalise_weights([p.get("weight", 1.0) for p in parts])))
+
+
 def method_params(method: Method, space: SearchSpace) -> dict:
-    """The trial parameters that reproduce ``method`` (for enqueueing presets)."""
+    """The trial parameters that reproduce ``method`` (for enqueueing presets; weights normalised, keeps clipped to the range)."""
     method = relative(method)
     name = method.scorer_name
-    params: dict[str, Any] = {"scorer": name, kind_param(space, name): "one-shot" if method.schedule.is_one_shot else "progressive"}
-    for p in resolve_scorers(space).get(name) or {}:
-        params[f"{name}.{p}"] = getattr(method.scorer, p)
-    if not method.schedule.is_one_shot:
-        params["stages"] = len(method.schedule.stages)
-    for i, stage in enumerate(method.schedule.stages):
+    params: dict[str, Any] = {"scorer": name, kind_param(space, name): schedule_kind(method.schedule)}
+    for p, choices in (resolve_scorers(space).get(name) or {}).items():
+        actual = getattr(method.scorer, p)
+        i = _match(space, name, p, choices, actual)
+        params[f"{name}.{p}"] = param_choices(name, p, choices)[i] if i is not None else choice_label(actual)
+    if name in space.weights:
+        low, high = space.weights[name]
+        params.update({f"{name}.weights.{part}": min(max(w, low), high) for part, w in _weights(method).items()})
+    clip = lambda keep: min(max(keep, space.keep[0]), space.keep[1])  # noqa: E731
+    decoder = [s for s in method.schedule.stages if not s.pre_llm]
+    if method.schedule.pre_llm is not None:
+        params[PRE_LLM_KEEP] = clip(method.schedule.pre_llm.keep)
+    if len(decoder) > 1:
+        params["stages"] = len(decoder)
+    for i, stage in enumerate(decoder):
         params[f"layer_{i}"] = stage.layer
-        params[f"keep_{i}"] = min(max(stage.keep, space.keep[0]), space.keep[1])
+        params[f"keep_{i}"] = clip(stage.keep)
     return params
 
 
 def fits(method: Method, space: SearchSpace, depth: int) -> bool:
-    """True when a trial of ``space`` can reproduce ``method`` (scorer, parameter values, kind, stage count, layers, positions)."""
+    """True when a trial of ``space`` can reproduce ``method`` (scorer, parameter values, weights, kind, stage count, layers, positions)."""
     scorers = resolve_scorers(space)
     name = method.scorer_name
     if name not in scorers:
         return False
-    if any(getattr(method.scorer, p) not in choices for p, choices in scorers[name].items()):
+    if any(_match(space, name, p, choices, getattr(method.scorer, p)) is None for p, choices in scorers[name].items()):
         return False
+    if name in space.weights:
+        low, high = space.weights[name]
+        weights = _weights(method)
+        if len(weights) != len(method.scorer.parts) or not all(low - 1e-9 <= w <= high + 1e-9 for w in weights.values()):
+            return False
     if method.position_policy != space.position_policy.get(name, "preserve"):
         return False
-    layers = method.schedule.layers
+    kind = schedule_kind(method.schedule)
+    layers = [s.layer for s in method.schedule.stages if not s.pre_llm]
     first, last = layer_range(space, depth)
-    kind = "one-shot" if method.schedule.is_one_shot else "progressive"
     return kind in scorer_kinds(space, name) and all(first <= layer <= last for layer in layers) and (
-        kind == "one-shot" or space.stages[0] <= len(layers) <= space.stages[1])
+        kind_parts(kind)[1] != "progressive" or space.stages[0] <= len(layers) <= space.stages[1])
