@@ -113,7 +113,10 @@ class StageContext:
         keys = self.vision["keys"]
         if keys is not None:
             keys = keys.gather(1, pos[..., None].expand(-1, -1, keys.shape[-1]))
-        return VisionFeatures(cls_attention=cls_attention, keys=keys, cls_embeds=self.vision["cls_embeds"])
+        crops = self.vision.get("crops")
+        if crops is not None:
+            crops = crops.gather(1, pos).masked_fill(~vision_valid, -1)
+        return VisionFeatures(cls_attention=cls_attention, keys=keys, cls_embeds=self.vision["cls_embeds"], crops=crops)
 
 
 def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: StageContext, cache=None) -> Sequence:

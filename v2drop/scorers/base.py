@@ -134,12 +134,18 @@ class VisionFeatures:
     keys : Tensor (B, V, K) float32 or None
         Head-averaged keys of each vision token at that layer.
     cls_embeds : list of Tensor (I_b, D) or None
-        Per sample, the projected [CLS] feature of each of its I_b images, in prompt order.
+        Per sample, the projected [CLS] feature of each of its I_b tower images, in prompt order
+        (an image, or on LLaVA-NeXT each crop: the base image and every anyres tile).
+    crops : LongTensor (B, V) or None
+        On families whose images are several tower crops (LLaVA-NeXT anyres): the crop each vision
+        token shows, a row of ``cls_embeds[b]``, or -1 for tokens of no crop (image_newline).
+        None where every image is one crop (LLaVA-1.5).
     """
 
     cls_attention: torch.Tensor
     keys: torch.Tensor | None = None
     cls_embeds: list | None = None
+    crops: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
