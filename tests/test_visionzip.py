@@ -235,6 +235,28 @@ def test_next_runs_per_crop_and_a_batch_keeps_what_each_image_keeps_alone(tiny):
         assert alone.traces[0].stages == trace.stages and alone.generated_ids[0] == out.generated_ids[b]
 
 
+def test_real_next_geometry_keeps_the_official_per_crop_counts():
+    """LLaVA-v1.6 geometry (336px CLIP/14, anyres): a 500x300 photo is the base image plus two unpadded tiles.
+    k = 3 · 64 gives every crop the official 54 + 10 (main.py:7 per crop): 53 dominant patches, its [CLS] and
+    10 contextual tokens, so 159 kept and 33 added; no newline token stays."""
+    from v2drop.scorers import VisionRequest
+    from v2drop.testing import build_real
+
+    lvlm = build_real("llava_next")
+    inputs = lvlm.prepare([prompt_for(lvlm, "how many ?")], [photo(0, 500, 300)])
+    state = lvlm.adapter.vision_tower_state(inputs, VisionRequest(keys=True, cls_embeds=True))
+    crops = state["crops"][0][inputs["input_ids"][0] == lvlm.model.config.image_token_id]
+    assert len(state["cls_embeds"][0]) == 3 and int((crops == 0).sum()) == 576
+    assert 0 < int((crops == 1).sum()) == int((crops == 2).sum()) < 576  # the tiles lost their padding rows or columns
+    method = Method("visionzip", schedule={"keep_mode": "absolute", "stages": [["pre_llm", 3 * 64]]}, position_policy="renumber")
+    out = lvlm.generate_from_inputs(inputs, method, max_new_tokens=1, stop_at_eos=False)
+    (stage,) = out.traces[0].stages
+    assert len(stage["kept"]) == 3 * 53 and len(stage["merged"]) == 3 * 11
+    newline_positions = set(((crops == -1).nonzero().flatten()).tolist())
+    image_positions = (inputs["input_ids"][0] == lvlm.model.config.image_token_id).nonzero().flatten().tolist()
+    assert not {image_positions[i] for i in newline_positions} & set(stage["kept"])
+
+
 def test_runs_on_the_bundled_proxy():
     """The proxy is a LLaVA with a CLIP tower: it has a [CLS] token, so VisionZip runs on it."""
     lvlm = v2drop.load("proxy")
