@@ -210,7 +210,7 @@ class Scorer:
     needs_prev_hidden : bool
         Fill ``LayerState.prev_hidden`` (costs one saved copy of the hidden states).
     needs_prev_keys : bool
-        Fill ``LayerState.prev_keys`` (a view of the KV cache: no copy, no computation).
+        Fill ``LayerState.prev_keys`` (read from the KV cache: nothing is recomputed).
     """
 
     needs_prev_hidden: ClassVar[bool] = False
