@@ -1,14 +1,20 @@
 """DART (``v2drop/scorers/dart.py``) against the official definition, on hand-made tensors and on real models.
 
-Official code (``ZichenWen1/DART``, read at the fork ``xqy1111111/DART`` HEAD d6a5af6):
-``llava/model/language_model/modeling_llama_self.py`` ``get_retained_image_token`` (lines 397-449):
-TOKEN_TOPK = budget // (pivot_image_token + pivot_text_token) (line 409); pivots = the top
-``pivot_image_token`` vision tokens and top ``pivot_text_token`` tokens after the image by the L1
-norm of their keys (lines 421-428); for each pivot in turn, the TOKEN_TOPK remaining non-pivot
-vision tokens with the lowest cosine similarity to it are added and removed from the candidates
-(lines 431-442); the text pivots are removed at the end (line 445). Pruning layer K = 2 and 4 + 4
-pivots: ``scripts/v1_5/eval/textvqa.sh`` lines 20-29. The Qwen2-VL variant
-(``Qwen2-VL/Qwen2VL_DART/modeling_qwen2_vl_self.py`` lines 401-445) is the same procedure.
+Official code (``ZichenWen1/DART``, read at the fork ``xqy1111111/DART`` HEAD d6a5af6),
+``llava/model/language_model/modeling_llama_self.py``:
+- the stage (lines 337-342): before decoder layer K, ``last_layer_state = self.norm(layer_outputs[0])``
+  (the model's final norm of layer K − 1's output) and ``any_states = layer_outputs[-2]``, the
+  key states layer K − 1 returned: after RoPE (line 572) and the cache update (line 576), repeated
+  over grouped-query heads (line 578; returned at 621 and 993);
+- ``get_retained_image_token`` (lines 397-449): TOKEN_TOPK = budget // (pivot_image_token +
+  pivot_text_token) (line 409); pivots = the top ``pivot_image_token`` vision tokens and top
+  ``pivot_text_token`` tokens after the image by the L1 norm of those keys (lines 421-428); for
+  each pivot in turn (line 434), the TOKEN_TOPK remaining non-pivot vision tokens with the lowest
+  cosine similarity to it on ``last_layer_state`` are added and removed from the candidates
+  (lines 435-442); the text pivots are removed at the end (line 445).
+Pruning layer K = 2 and 4 + 4 pivots: ``scripts/v1_5/eval/textvqa.sh`` lines 20-27. The Qwen2-VL
+variant (``Qwen2-VL/Qwen2VL_DART/modeling_qwen2_vl_self.py`` lines 341-349 and 401-445) is the
+same procedure on the same keys and norm.
 """
 
 import math
@@ -20,30 +26,18 @@ from torch import nn
 import v2drop
 from v2drop import Method, Schedule, build_scorer
 from v2drop.scorers import LayerState
-from v2drop.scorers.dart import key_l1_norms
 from v2drop.testing import FAMILIES, batch_for
 
 
-class IdentityLayer(nn.Module):
-    """A decoder layer whose norm and key projection are the identity: keys = features = hidden states."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.input_layernorm = nn.Identity()
-        self.self_attn = nn.Module()
-        self.self_attn.k_proj = nn.Linear(dim, dim, bias=False)
-        with torch.no_grad():
-            self.self_attn.k_proj.weight.copy_(torch.eye(dim))
-
-
-def state_for(hidden: torch.Tensor, vision_pos: list[int], layer: nn.Module, layer_idx: int = 2) -> LayerState:
-    """A one-sample LayerState over ``hidden`` (L, D) with vision tokens at ``vision_pos``."""
+def state_for(hidden: torch.Tensor, keys: torch.Tensor, vision_pos: list[int], norm: nn.Module, layer_idx: int = 2) -> LayerState:
+    """A one-sample LayerState over ``hidden`` (L, D) with layer K − 1's cached ``keys`` (L, K) and the final ``norm``."""
     L = hidden.shape[0]
     v = torch.tensor([vision_pos])
     return LayerState(
         layer_idx=layer_idx, hidden=hidden[None], vision_idx=v, vision_valid=torch.ones_like(v, dtype=torch.bool),
         vision_coords=torch.zeros(1, len(vision_pos), 3, dtype=torch.long), orig_idx=torch.arange(L)[None],
-        attention_mask=torch.ones(1, L, dtype=torch.long), sample_keys=torch.zeros(1, dtype=torch.long), layer=layer,
+        attention_mask=torch.ones(1, L, dtype=torch.long), sample_keys=torch.zeros(1, dtype=torch.long), layer=None,
+        prev_keys=keys[None], final_norm=norm,
     )
 
 
@@ -53,63 +47,93 @@ def dart_keep(scorer, state: LayerState, k: int) -> list[int]:
     return scorer.select(state, scores, [k]).keep[0].tolist()
 
 
+def weighted_norm(weights) -> nn.RMSNorm:
+    """An RMSNorm with the given weights (a per-token scale, so cosines see only the weights)."""
+    norm = nn.RMSNorm(len(weights), eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor(weights))
+    return norm
+
+
 # Positions: 0 = text before the image, 1..6 = vision tokens v0..v5, 7 and 8 = text after the image.
-HAND = torch.tensor([
-    [5.0, 5.0],    # 0 text before the image: never a pivot (official pivots come from the text after it)
-    [3.0, 0.0],    # v0  L1 3   <- the vision pivot
-    [1.0, 0.0],    # v1  L1 1
-    [0.0, 1.0],    # v2  L1 1
-    [-1.0, 0.0],   # v3  L1 1
-    [1.0, 1.5],    # v4  L1 2.5
-    [0.2, -2.0],   # v5  L1 2.2
-    [0.0, 0.5],    # 7   L1 0.5
-    [1.0, -1.0],   # 8   L1 2   <- the text pivot
+# KEYS are layer K − 1's cached keys (they choose the pivots); HIDDEN is layer K's input (the
+# final norm of it is what the cosines compare). The final norm weighs the coordinates (1, 2).
+KEYS = torch.tensor([
+    [9.0, 9.0],    # 0 text before the image: the largest norm, but pivots come from the text after it
+    [1.0, 0.0],    # v0  L1 1
+    [0.5, 0.5],    # v1  L1 1
+    [-1.0, 1.0],   # v2  L1 2
+    [0.0, 1.5],    # v3  L1 1.5
+    [2.0, -3.0],   # v4  L1 5    <- the vision pivot
+    [0.0, -0.5],   # v5  L1 0.5
+    [-3.0, 0.0],   # 7   L1 3    <- the text pivot
+    [0.5, 0.5],    # 8   L1 1
 ])
+HIDDEN = torch.tensor([
+    [5.0, 5.0],    # 0
+    [3.0, 0.0],    # v0  normed direction (3, 0)
+    [1.0, 0.5],    # v1  (1, 1)
+    [0.0, 1.0],    # v2  (0, 2)
+    [-1.0, -0.5],  # v3  (-1, -1)
+    [1.0, 1.5],    # v4  (1, 3)
+    [0.2, -2.0],   # v5  (0.2, -4)
+    [2.0, 0.0],    # 7   (2, 0)
+    [1.0, -1.0],   # 8   (1, -2)
+])
+FINAL_NORM = weighted_norm([1.0, 2.0])
 
 
-def test_hand_made_keep_set_one_claim_per_pivot():
-    """pivot_image = pivot_text = 1, keep 3: TOKEN_TOPK = (3 - 1) // 2 = 1 (official line 409 with budget 2).
+def test_hand_made_keep_set_follows_the_previous_layers_keys_and_the_final_norm():
+    """pivot_image = pivot_text = 1, keep 3: TOKEN_TOPK = (3 - 1) // 2 = 1 (line 409 with budget 2).
 
-    Pivots (official lines 424-428): v0 (key L1 3, the largest vision norm) and position 8 (L1 2,
-    the largest after the image). Official order: v0 then 8 (a set of small ints iterates
-    ascending). v0 = (3, 0): cosines v1 1, v2 0, v3 -1, v4 0.55, v5 0.10 -> claims v3. Position 8
-    = (1, -1): cosines v1 0.71, v2 -0.71, v4 -0.20, v5 0.77 -> claims v2. Kept: v0, v2, v3.
+    Pivots by the L1 norm of KEYS (lines 424-428): v4 (5) among the vision tokens and position 7
+    (3) after the image (position 0's 18 is before it). Order v4, then 7 (line 434; a set of
+    small ints iterates ascending). Cosines on the final norm (directions in HIDDEN's comments):
+    v4 = (1, 3): v0 0.316, v1 0.894, v2 0.949, v3 -0.894, v5 -0.932 -> claims v5 (line 437).
+    Position 7 = (2, 0): v0 1, v1 0.707, v2 0, v3 -0.707 -> claims v3. Kept: v3, v4, v5.
+    (Without the final norm's weights v4 would claim v3 (-0.868 < -0.773) and 7 then v2; with the
+    drop layer's own keys of HIDDEN the vision pivot would be v0.)
     """
     scorer = build_scorer("dart", pivot_image=1, pivot_text=1)
-    assert dart_keep(scorer, state_for(HAND, [1, 2, 3, 4, 5, 6], IdentityLayer(2)), 3) == [0, 2, 3]
+    assert dart_keep(scorer, state_for(HIDDEN, KEYS, [1, 2, 3, 4, 5, 6], FINAL_NORM), 3) == [3, 4, 5]
+    assert dart_keep(scorer, state_for(HIDDEN, KEYS, [1, 2, 3, 4, 5, 6], nn.Identity()), 3) == [2, 3, 4]
 
 
 def test_hand_made_keep_set_two_claims_per_pivot():
-    """Keep 5: TOKEN_TOPK = 2. v0 claims v3 (-1) and v2 (0); position 8 then chooses among v1
-    (0.71), v4 (-0.20), v5 (0.77): v4 and v1. Kept: v0, v1, v2, v3, v4 (v5 dropped)."""
+    """Keep 5: TOKEN_TOPK = 2. v4 claims v5 (-0.932) and v3 (-0.894); position 7 then chooses
+    among v0 (1), v1 (0.707), v2 (0): v2 and v1. Kept: v1 .. v5 (v0 dropped)."""
     scorer = build_scorer("dart", pivot_image=1, pivot_text=1)
-    assert dart_keep(scorer, state_for(HAND, [1, 2, 3, 4, 5, 6], IdentityLayer(2)), 5) == [0, 1, 2, 3, 4]
+    assert dart_keep(scorer, state_for(HIDDEN, KEYS, [1, 2, 3, 4, 5, 6], FINAL_NORM), 5) == [1, 2, 3, 4, 5]
 
 
 def test_uneven_budget_gives_the_first_pivot_one_more():
     """Keep 4 (3 claims for 2 pivots, not a multiple; the official code can only keep 1 + 2·TOPK):
-    v0 claims two (v3, v2), position 8 one (v4). Kept: v0, v2, v3, v4."""
+    v4 claims two (v5, v3), position 7 one (v2). Kept: v2, v3, v4, v5."""
     scorer = build_scorer("dart", pivot_image=1, pivot_text=1)
-    assert dart_keep(scorer, state_for(HAND, [1, 2, 3, 4, 5, 6], IdentityLayer(2)), 4) == [0, 2, 3, 4]
+    assert dart_keep(scorer, state_for(HIDDEN, KEYS, [1, 2, 3, 4, 5, 6], FINAL_NORM), 4) == [2, 3, 4, 5]
 
 
 def test_keeping_fewer_than_the_vision_pivots_keeps_the_largest_keys():
-    """Keep 1 with 1 vision pivot: only v0 (the largest key norm) stays."""
+    """Keep 1 with 1 vision pivot: only v4 (the largest cached key norm) stays."""
     scorer = build_scorer("dart", pivot_image=1, pivot_text=1)
-    assert dart_keep(scorer, state_for(HAND, [1, 2, 3, 4, 5, 6], IdentityLayer(2)), 1) == [0]
+    assert dart_keep(scorer, state_for(HIDDEN, KEYS, [1, 2, 3, 4, 5, 6], FINAL_NORM), 1) == [4]
 
 
-def official_keep(hidden: torch.Tensor, layer: nn.Module, start: int, length: int, pivot_image: int, pivot_text: int, budget: int) -> list[int]:
+def official_keep(keys: torch.Tensor, groups: int, features: torch.Tensor, start: int, length: int,
+                  pivot_image: int, pivot_text: int, budget: int) -> list[int]:
     """The official procedure (lines 409-449) written again from its definition, on positions ``start..``.
 
-    The official loop visits the pivots in the iteration order of a Python ``set`` of positions,
-    which is ascending while the positions stay below the set's table size; we visit them in
-    ascending position order always (``docs/methods.md``).
+    ``keys`` (L, H_kv, d) are layer K − 1's cached keys; like the official ``repeat_kv`` (line 578)
+    each key head is repeated ``groups`` times, then the heads are concatenated (line 419) before
+    the L1 norm. ``features`` (L, D) are the final norm of layer K's input (line 341). The official
+    loop visits the pivots in the iteration order of a Python ``set`` of positions, which is
+    ascending while the positions stay below the set's table size; we visit them in ascending
+    position order always (``docs/methods.md``).
     """
-    keys = layer.self_attn.k_proj(layer.input_layernorm(hidden)).float()
-    feats = layer.input_layernorm(hidden).float()
+    repeated = keys.float().repeat_interleave(groups, dim=1).flatten(1)
+    feats = features.float()
     topk = budget // (pivot_image + pivot_text)
-    norms = keys.abs().sum(-1)
+    norms = torch.norm(repeated, p=1, dim=-1)
     image_idx = (norms[start:start + length].topk(pivot_image).indices + start).tolist()
     query_idx = (norms[start + length:].topk(pivot_text).indices + start + length).tolist()
     chosen = set(image_idx + query_idx)
@@ -125,20 +149,17 @@ def official_keep(hidden: torch.Tensor, layer: nn.Module, start: int, length: in
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_random_layer_matches_the_official_procedure_at_its_budgets(seed):
-    """A random norm + key projection, 24 vision tokens at 3..26, 5 text tokens after: with
+def test_random_tensors_match_the_official_procedure_at_its_budgets(seed):
+    """Random keys and features, 24 vision tokens at 3..26, 5 text tokens after: with
     ``budget = 8·t`` our count ``4 + 8·t`` gives the official kept set (lines 409-449)."""
     torch.manual_seed(seed)
     D = 16
-    layer = IdentityLayer(D)
-    layer.input_layernorm = nn.RMSNorm(D)
-    with torch.no_grad():
-        layer.input_layernorm.weight.uniform_(0.5, 1.5)
-        layer.self_attn.k_proj.weight.normal_()
-    hidden = torch.randn(32, D)
+    norm = weighted_norm(torch.empty(D).uniform_(0.5, 1.5).tolist())
+    hidden, keys = torch.randn(32, D), torch.randn(32, 2, 4)  # 2 key heads of 4, each serving 2 query heads
     for t in (1, 2):
-        ours = dart_keep(build_scorer("dart"), state_for(hidden, list(range(3, 27)), layer), 4 + 8 * t)
-        assert ours == official_keep(hidden, layer, 3, 24, 4, 4, 8 * t)
+        ours = dart_keep(build_scorer("dart"), state_for(hidden, keys.flatten(1), list(range(3, 27)), norm), 4 + 8 * t)
+        with torch.no_grad():
+            assert ours == official_keep(keys, 2, norm(hidden), 3, 24, 4, 4, 8 * t)
 
 
 def test_parameters_are_validated():
@@ -165,7 +186,8 @@ def test_qwen2vl_preset_removes_77_8_percent_on_average():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_runs_on_every_family_and_keeps_what_the_definition_keeps(tiny, family):
-    """On each tiny family, the engine's kept set equals ``official_keep`` on the real layer state.
+    """On each tiny family, the engine's kept set equals ``official_keep`` on the real layer state
+    (the cached keys of layer 1 and the final norm of layer 2's input).
 
     LLaVA-style models (64 or 136 tokens) use the official 4 + 4 pivots keeping 4 + 8·2; the tiny
     Qwen models have 4 to 9 vision tokens, so 1 + 1 pivots keeping 1 + 2·2.
@@ -181,6 +203,8 @@ def test_runs_on_every_family_and_keeps_what_the_definition_keeps(tiny, family):
     out = lvlm.generate(prompts, images, method=method, max_new_tokens=2)
     assert len(states) == 1
     state, checked = states[0], 0
+    cfg = lvlm.model.config.text_config
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
     for b, trace in enumerate(out.traces):
         n = int(state.vision_valid[b].sum())
         vision = state.vision_idx[b, :n]
@@ -191,11 +215,41 @@ def test_runs_on_every_family_and_keeps_what_the_definition_keeps(tiny, family):
         start = int(vision[0])
         assert vision.tolist() == list(range(start, start + n))  # one image: one block, text after it
         with torch.no_grad():
-            expected = official_keep(state.hidden[b], state.layer, start, n, pivots, pivots, 2 * pivots * t)
+            keys = state.prev_keys[b].unflatten(-1, (cfg.num_key_value_heads, -1))
+            expected = official_keep(keys, groups, state.final_norm(state.hidden[b]), start, n, pivots, pivots, 2 * pivots * t)
         assert kept == expected
         assert trace.vision_tokens_per_layer[2:] == [k] * (lvlm.depth - 2)
         checked += 1
     assert checked >= 1
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_keys_are_the_previous_layers_post_rope_keys_of_a_plain_forward(tiny, family):
+    """The keys DART reads before layer 2 are the keys layer 1 caches in a plain transformers forward
+    (after RoPE; M-RoPE on Qwen2-VL), sample by sample, although the engine ran a padded batch;
+    the similarity norm is the model's final norm (official lines 337-342)."""
+    lvlm = tiny(family)
+    prompts, images = batch_for(lvlm, 3, family)
+    method = Method(build_scorer("dart", pivot_image=1, pivot_text=1), schedule=Schedule.one_shot(2, 3, keep_mode="absolute"))
+    states = []
+    score = method.scorer.score
+    method.scorer.score = lambda state: states.append(state) or score(state)
+    lvlm.generate(prompts, images, method=method, max_new_tokens=1)
+    (state,) = states
+    assert state.final_norm is lvlm.model.model.language_model.norm
+    for b, (prompt, image) in enumerate(zip(prompts, images)):
+        with torch.no_grad():
+            plain = lvlm.model(**lvlm.prepare([prompt], [image]), use_cache=True).past_key_values
+        expected = plain.layers[1].keys[0].transpose(0, 1).flatten(1)  # (L_b, H_kv * d)
+        real = state.attention_mask[b].bool()
+        assert state.prev_keys.shape[1] == state.hidden.shape[1] and int(real.sum()) == expected.shape[0]
+        torch.testing.assert_close(state.prev_keys[b, real], expected, rtol=0, atol=1e-5)
+
+
+def test_needs_the_layer_before_the_stage():
+    """Layer K − 1's keys do not exist before layer 0 or at the pre-LLM stage."""
+    with pytest.raises(ValueError, match="stage layer must be >= 1"):
+        Method(build_scorer("dart"), schedule=Schedule.one_shot(0, 0.5))
 
 
 def test_runs_on_the_bundled_proxy():

@@ -6,6 +6,13 @@ dominant ones, line 54; the remaining keys normalised, line 64; ``c`` evenly spa
 remaining token assigned to its most similar target, line 72-74; a contextual token = target + mean of its assigned
 tokens, line 75-80); visionzip/utils.py line 89 (the key is averaged over heads); visionzip/main.py line 7 (the
 dominant count includes [CLS]: ``dominant_num = dominant - 1``).
+
+LLaVA-NeXT (visionzip/llava_arch.py): every crop of every image (the base image and each anyres tile) goes
+through the tower as its own image (lines 94-95), so the selection above runs per crop with the same dominant
+and contextual counts; the base image's zipped tokens come first (line 110, 121), then the tiles' dominant
+patches put back on the tiles' grid and read in its raster order (restore_image_features_sorted, lines 49-75;
+``grid_with_newline = restored_features``, line 67: no image_newline token is kept), then every tile's [CLS]
+(line 77) and every tile's contextual tokens (line 76), concatenated at line 79.
 """
 
 import pytest
@@ -16,7 +23,7 @@ from v2drop import Method
 from v2drop.benchmarks import get_benchmark
 from v2drop.scorers import LayerState, VisionFeatures
 from v2drop.scorers.visionzip import VisionZipScorer
-from v2drop.testing import batch_for
+from v2drop.testing import batch_for, photo, prompt_for
 
 
 def hand_state(layer_idx=-1):
@@ -116,14 +123,138 @@ def test_pre_llm_run_on_tiny_llava_follows_the_official_definition(tiny):
         assert trace.vision_tokens_per_layer == [16] * lvlm.depth
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next"])
-def test_families_without_a_served_cls_token_are_refused(tiny, family):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+def test_families_without_a_cls_token_are_refused(tiny, family):
+    """Qwen2-VL / 2.5-VL and OneVision (SigLIP) towers have no [CLS]; the official code supports neither."""
     lvlm = tiny(family)
     prompts, images = batch_for(lvlm, 1, family)
     method = Method("visionzip", schedule={"keep_mode": "absolute", "stages": [["pre_llm", 4]]})
-    match = "no \\[CLS\\] token" if family.startswith("qwen") else "anyres"
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match="no \\[CLS\\] token") as err:
         lvlm.generate(prompts, images, method=method, max_new_tokens=1)
+    if family == "llava_onevision":
+        assert "official VisionZip code supports LLaVA-1.5 and LLaVA-NeXT only" in str(err.value)
+
+
+def crop_state():
+    """Twelve vision tokens of one LLaVA-NeXT image: crop 0 (base) = tokens 0-4, crop 1 (a tile) = 5, 6, 8, 9, 10,
+    image_newline tokens at 7 and 11; token i has hidden (i, 1)."""
+    attention = torch.tensor([[0.1, 0.5, 0.3, 0.05, 0.05, 0.2, 0.1, 0.0, 0.6, 0.05, 0.05, 0.0]])
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.1, 1.0], [0.0, 1.0], [1.0, 0.2],
+                          [1.0, 0.0], [1.0, 0.3], [0.0, 0.0], [1.0, 0.8], [0.0, 1.0], [0.1, 1.0], [0.0, 0.0]]])
+    crops = torch.tensor([[0, 0, 0, 0, 0, 1, 1, -1, 1, 1, 1, -1]])
+    hidden = torch.zeros(1, 14, 2)
+    hidden[0, 1:13] = torch.stack([torch.arange(12.0), torch.ones(12)], dim=1)
+    return LayerState(
+        layer_idx=-1, hidden=hidden, vision_idx=torch.arange(1, 13)[None], vision_valid=torch.ones(1, 12, dtype=torch.bool),
+        vision_coords=torch.zeros(1, 12, 3, dtype=torch.long), orig_idx=torch.arange(14)[None], attention_mask=torch.ones(1, 14),
+        sample_keys=torch.zeros(1, dtype=torch.long), layer=None,
+        vision=VisionFeatures(cls_attention=attention, keys=keys, cls_embeds=[torch.tensor([[100.0, 100.0], [200.0, 200.0]])], crops=crops),
+    )
+
+
+def test_hand_made_anyres_image_is_zipped_per_crop():
+    """k = 8 over 2 crops: 4 per crop (the official per-crop dominant + contextual), contextual_ratio 0.5 -> c = 2,
+    [CLS] + 1 dominant patch per crop (main.py:7).
+
+    Crop 0: the largest [CLS] attention is token 1 (0.5, clip_encoder.py:51-53); rest 0 2 3 4, step 4 // 2 = 2,
+    targets 0 and 3 (line 67-68); 2 (.1, 1) joins 3 (0, 1) and 4 (1, .2) joins 0 (1, 0) (line 72-74): contextual
+    h0 + h4 = (4, 2) and h3 + h2 = (5, 2) (line 75-80). Crop 1: token 8 (0.6); rest 5 6 9 10, targets 5 and 9;
+    6 (1, .3) joins 5, 10 (.1, 1) joins 9: (11, 2) and (19, 2). The newline tokens 7 and 11 are dropped
+    (llava_arch.py:67). Added: both [CLS] (line 77), then the contextual tokens crop by crop (line 76, 79).
+    """
+    state = crop_state()
+    sel = VisionZipScorer(contextual_ratio=0.5).select(state, VisionZipScorer().score(state), [8])
+    assert sel.keep[0].tolist() == [1, 8]
+    assert sel.added_source[0].tolist() == [0, 5, 0, 3, 5, 9]
+    torch.testing.assert_close(sel.added_hidden[0], torch.tensor([[100.0, 100.0], [200.0, 200.0], [4.0, 2.0], [5.0, 2.0], [11.0, 2.0], [19.0, 2.0]]))
+
+
+def test_uneven_share_gives_the_first_crop_one_more():
+    """k = 7: crop 0 keeps 4 (as above), crop 1 keeps 3: c = round(1.5) = 2, its [CLS], no dominant patch;
+    rest 5 6 8 9 10, step 5 // 2 = 2, targets 5 and 8 (1, .8); 6 (1, .3) joins 5 (cosines .958 vs .927), 9 (0, 1)
+    and 10 (.1, 1) join 8: h5 + h6 = (11, 2) and h8 + mean(h9, h10) = (17.5, 2)."""
+    state = crop_state()
+    sel = VisionZipScorer(contextual_ratio=0.5).select(state, VisionZipScorer().score(state), [7])
+    assert sel.keep[0].tolist() == [1]
+    assert sel.added_source[0].tolist() == [0, 5, 0, 3, 5, 8]
+    torch.testing.assert_close(sel.added_hidden[0][-2:], torch.tensor([[11.0, 2.0], [17.5, 2.0]]))
+
+
+def next_batch(lvlm):
+    """Four images of different sizes: 2 or 3 crops each, some tiles unpadded (fewer rows or columns)."""
+    sizes = [(32, 32), (64, 40), (40, 64), (48, 32)]
+    return [prompt_for(lvlm, "how many ?") for _ in sizes], [photo(i, w, h) for i, (w, h) in enumerate(sizes)]
+
+
+def test_next_serves_each_crops_own_cls_attention_on_its_tokens(tiny):
+    """A 32x32 image is the base crop (64 tokens) plus one 8x8 tile laid out row by row with a newline after each
+    row: the served [CLS] attention, crop numbers and [CLS] features are the eager tower's, crop by crop."""
+    lvlm = tiny("llava_next", "eager")
+    prompts, images = next_batch(lvlm)
+    inputs = lvlm.prepare(prompts[:1], images[:1])
+    from v2drop.scorers import VisionRequest
+
+    state = lvlm.adapter.vision_tower_state(inputs, VisionRequest(keys=True, cls_embeds=True))
+    with torch.no_grad():
+        out = lvlm.model.model.vision_tower(inputs["pixel_values"][0, :2], output_attentions=True, output_hidden_states=True)
+    layer = len(out.attentions) + lvlm.model.config.vision_feature_layer
+    expected = out.attentions[layer][:, :, 0, 1:].sum(1)  # (2 crops, 64) clip_encoder.py:51-52
+    placeholder = (inputs["input_ids"][0] == lvlm.model.config.image_token_id).nonzero().flatten()
+    assert len(placeholder) == 64 + 8 * 9
+    base, tile = placeholder[:64], placeholder[64:].view(8, 9)
+    served, crops = state["cls_attention"][0], state["crops"][0]
+    torch.testing.assert_close(served[base], expected[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(served[tile[:, :8].flatten()], expected[1], atol=1e-6, rtol=0)
+    assert crops[base].tolist() == [0] * 64 and crops[tile[:, :8]].flatten().tolist() == [1] * 64 and crops[tile[:, 8]].tolist() == [-1] * 8
+    with torch.no_grad():
+        cls = lvlm.model.model.multi_modal_projector(out.hidden_states[layer + 1][:, 0])
+    torch.testing.assert_close(state["cls_embeds"][0], cls, atol=1e-6, rtol=0)
+
+
+def test_next_runs_per_crop_and_a_batch_keeps_what_each_image_keeps_alone(tiny):
+    """k = 40 on images of 2 or 3 crops: every crop keeps its share, newlines go, and batched == alone."""
+    lvlm = tiny("llava_next")
+    prompts, images = next_batch(lvlm)
+    method = Method("visionzip", schedule={"keep_mode": "absolute", "stages": [["pre_llm", 40]]}, position_policy="renumber")
+    out = lvlm.generate(prompts, images, method=method, max_new_tokens=2, stop_at_eos=False)
+    inputs = lvlm.prepare(prompts, images)
+    newline = lvlm.model.model.image_newline
+    with torch.no_grad():
+        embeds = lvlm.adapter.embed(inputs)
+    for b, trace in enumerate(out.traces):
+        crops = 2 if b == 0 else 3
+        (stage,) = trace.stages
+        assert len(stage["kept"]) + len(stage["merged"]) == 40 and trace.vision_tokens_per_layer == [40] * lvlm.depth
+        per_crop = [40 // crops + (1 if i < 40 % crops else 0) for i in range(crops)]
+        contextual = [round(k * 10 / 64) for k in per_crop]
+        assert len(stage["merged"]) == crops + sum(contextual)  # one [CLS] per crop, then the contextual tokens
+        first = inputs["attention_mask"][b].tolist().index(1)
+        kept = embeds[b, first:][stage["kept"]]
+        assert not any(torch.equal(row, newline.to(row.dtype)) for row in kept)  # no image_newline token stays
+        alone = lvlm.generate([prompts[b]], [images[b]], method=method, max_new_tokens=2, stop_at_eos=False)
+        assert alone.traces[0].stages == trace.stages and alone.generated_ids[0] == out.generated_ids[b]
+
+
+def test_real_next_geometry_keeps_the_official_per_crop_counts():
+    """LLaVA-v1.6 geometry (336px CLIP/14, anyres): a 500x300 photo is the base image plus two unpadded tiles.
+    k = 3 · 64 gives every crop the official 54 + 10 (main.py:7 per crop): 53 dominant patches, its [CLS] and
+    10 contextual tokens, so 159 kept and 33 added; no newline token stays."""
+    from v2drop.scorers import VisionRequest
+    from v2drop.testing import build_real
+
+    lvlm = build_real("llava_next")
+    inputs = lvlm.prepare([prompt_for(lvlm, "how many ?")], [photo(0, 500, 300)])
+    state = lvlm.adapter.vision_tower_state(inputs, VisionRequest(keys=True, cls_embeds=True))
+    crops = state["crops"][0][inputs["input_ids"][0] == lvlm.model.config.image_token_id]
+    assert len(state["cls_embeds"][0]) == 3 and int((crops == 0).sum()) == 576
+    assert 0 < int((crops == 1).sum()) == int((crops == 2).sum()) < 576  # the tiles lost their padding rows or columns
+    method = Method("visionzip", schedule={"keep_mode": "absolute", "stages": [["pre_llm", 3 * 64]]}, position_policy="renumber")
+    out = lvlm.generate_from_inputs(inputs, method, max_new_tokens=1, stop_at_eos=False)
+    (stage,) = out.traces[0].stages
+    assert len(stage["kept"]) == 3 * 53 and len(stage["merged"]) == 3 * 11
+    newline_positions = set(((crops == -1).nonzero().flatten()).tolist())
+    image_positions = (inputs["input_ids"][0] == lvlm.model.config.image_token_id).nonzero().flatten().tolist()
+    assert not {image_positions[i] for i in newline_positions} & set(stage["kept"])
 
 
 def test_runs_on_the_bundled_proxy():

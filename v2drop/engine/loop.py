@@ -153,7 +153,7 @@ def generate(
         for layer_idx, layer in enumerate(adapter.layers):
             dropped = stages is not None and layer_idx in stages.stage_at and bool(seq.vision.any())
             if dropped:
-                seq = drop(seq, layer_idx, prev_hidden, stages)
+                seq = drop(seq, layer_idx, prev_hidden, stages, cache)
             if layer_idx == 0 or dropped:
                 segments.append(Segment(layer_idx, seq.attention_mask, seq.next_positions()))
                 masks, rope = {}, adapter.rope(seq.hidden, seq.position_ids)

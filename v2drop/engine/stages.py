@@ -1,7 +1,7 @@
 """Drop stages: serve the scorer's declarations, score, apply its selection and rebuild the sequence.
 
 The engine never names a scorer: for each stage it asks ``method.scorer.at(layer)`` for the
-scorer running there and reads its ``needs_prev_hidden``, ``attention_request()``,
+scorer running there and reads its ``needs_prev_hidden``, ``needs_prev_keys``, ``attention_request()``,
 ``attention_queries()`` and ``vision_request()``; it calls the method's scorer's ``score`` and
 ``select`` and applies the returned ``Selection``. The stage at layer -1 (pre-LLM) runs on the
 layer-0 input before any decoder layer.
@@ -113,11 +113,17 @@ class StageContext:
         keys = self.vision["keys"]
         if keys is not None:
             keys = keys.gather(1, pos[..., None].expand(-1, -1, keys.shape[-1]))
-        return VisionFeatures(cls_attention=cls_attention, keys=keys, cls_embeds=self.vision["cls_embeds"])
+        crops = self.vision.get("crops")
+        if crops is not None:
+            crops = crops.gather(1, pos).masked_fill(~vision_valid, -1)
+        return VisionFeatures(cls_attention=cls_attention, keys=keys, cls_embeds=self.vision["cls_embeds"], crops=crops)
 
 
-def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: StageContext) -> Sequence:
-    """Run the drop stage before ``layer_idx`` and return the rebuilt sequence (timings go to ``ctx``)."""
+def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: StageContext, cache=None) -> Sequence:
+    """Run the drop stage before ``layer_idx`` and return the rebuilt sequence (timings go to ``ctx``).
+
+    ``cache`` is the prefill's KV cache, read when the stage's scorer ``needs_prev_keys``.
+    """
     device = seq.hidden.device
     synchronize(device)
     stage_start = time.perf_counter()
@@ -131,6 +137,8 @@ def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: S
         layer_idx=layer_idx,
         hidden=seq.hidden,
         prev_hidden=prev_hidden,
+        prev_keys=_cached_keys(cache, layer_idx - 1, seq) if stage_scorer.needs_prev_keys else None,
+        final_norm=ctx.adapter.norm,
         vision_idx=vision_idx,
         vision_valid=vision_valid,
         vision_coords=seq.coords.gather(1, vision_idx[..., None].expand(-1, -1, 3)),
@@ -195,6 +203,19 @@ def _apply(seq: Sequence, selection: Selection, vision_idx: torch.Tensor, layer_
             keep[b] = torch.cat([keep[b][keep[b] <= last_kept[b]], inserted, keep[b][keep[b] > last_kept[b]]])
         seq = seq.extended(hidden, source, valid)
     return seq.select(keep)
+
+
+def _cached_keys(cache, layer_idx: int, seq: Sequence) -> torch.Tensor:
+    """(B, L, H_kv * head_dim) the post-RoPE keys layer ``layer_idx`` cached for the current tokens."""
+    keys = cache.layers[layer_idx].keys if cache is not None and layer_idx >= 0 else None
+    L = seq.hidden.shape[1]
+    # Layer layer_idx ran on exactly the current tokens, so its cache is them, unless it is a
+    # sliding-window layer that kept fewer.
+    if keys is None or keys.shape[-2] != L:
+        have = "nothing" if keys is None else f"{keys.shape[-2]} tokens"
+        raise ValueError(f"The keys of layer {layer_idx} are not in the KV cache for the {L} current tokens (it holds {have}); "
+                         "a scorer with needs_prev_keys needs a full-attention layer before its stage")
+    return keys.transpose(1, 2).flatten(2)
 
 
 def _attention(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: StageContext):

@@ -8,47 +8,62 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from v2drop.models.base import Adapter, register_family
 
 
+def _check_cls_tower(config) -> None:
+    """Raise unless the tower's [CLS] exists and is the token the model drops (strategy 'default', one int layer)."""
+    feature_layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+    if not isinstance(feature_layer, int) or strategy != "default":
+        raise ValueError(
+            f"The [CLS] attention is served for vision_feature_layer an int and vision_feature_select_strategy "
+            f"'default' (LLaVA-1.5, LLaVA-NeXT); this model has {feature_layer!r} and {strategy!r}"
+        )
+
+
+def _cls_rows(adapter: Adapter, pixels: torch.Tensor):
+    """The CLIP tower on ``pixels`` (N, C, H, W) at ``vision_feature_layer``: the [CLS] row and keys of every patch.
+
+    Returns ``(cls_attention (N, P) float32, heads summed; keys (N, P, hd) float32, heads averaged;
+    hidden (N, 1 + P, D_tower), the selection layer's output)``.
+    """
+    tower = adapter.inner.vision_tower
+    layers = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers
+    feature_layer = adapter.model.config.vision_feature_layer
+    selected = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer  # index into hidden_states
+    if selected < 1:
+        raise ValueError(f"vision_feature_layer {feature_layer} selects the patch embeddings, which have no attention")
+    hidden = tower(pixels.to(adapter.inner.device, tower.dtype), output_hidden_states=True).hidden_states
+    layer = layers[selected - 1]  # the encoder layer whose output the projector receives
+    attn = layer.self_attn
+    x = layer.layer_norm1(hidden[selected - 1])  # that layer's input, through its own norm
+    n, t, _ = x.shape
+    heads = attn.num_heads
+    q = attn.q_proj(x[:, :1]).float().view(n, 1, heads, -1).transpose(1, 2)  # (N, H, 1, hd) the [CLS] query
+    k = attn.k_proj(x).float().view(n, t, heads, -1).transpose(1, 2)  # (N, H, T, hd)
+    probs = torch.softmax((q * attn.scale) @ k.transpose(-1, -2), dim=-1)[:, :, 0]  # (N, H, T)
+    # heads summed, patches only (as VisionZip does); keys heads averaged, VisionZip's similarity key
+    return probs[:, :, 1:].sum(1), k.mean(1)[:, 1:], hidden[selected]
+
+
 @register_family("llava")
 class LlavaAdapter(Adapter):
     """LLaVA-1.5 (``LlavaForConditionalGeneration``): one square token grid per image; video = frames as images."""
 
     def vision_tower_state(self, inputs: dict, request) -> dict:
         """The CLIP tower's [CLS] attention, keys and projected [CLS] at ``vision_feature_layer`` (see ``Adapter``)."""
-        cfg = self.model.config
-        feature_layer, strategy = cfg.vision_feature_layer, cfg.vision_feature_select_strategy
-        if not isinstance(feature_layer, int) or strategy != "default":
-            raise ValueError(
-                f"The [CLS] attention is served for vision_feature_layer an int and vision_feature_select_strategy "
-                f"'default' (LLaVA-1.5); this model has {feature_layer!r} and {strategy!r}"
-            )
-        tower = self.inner.vision_tower
-        layers = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers
-        selected = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer  # index into hidden_states
-        if selected < 1:
-            raise ValueError(f"vision_feature_layer {feature_layer} selects the patch embeddings, which have no attention")
-        pixels = inputs["pixel_values"].to(self.inner.device, tower.dtype)
-        hidden = tower(pixels, output_hidden_states=True).hidden_states
-        layer = layers[selected - 1]  # the encoder layer whose output the projector receives
-        attn = layer.self_attn
-        x = layer.layer_norm1(hidden[selected - 1])  # that layer's input, through its own norm
-        n, t, _ = x.shape
-        heads = attn.num_heads
-        q = attn.q_proj(x[:, :1]).float().view(n, 1, heads, -1).transpose(1, 2)  # (N, H, 1, hd) the [CLS] query
-        k = attn.k_proj(x).float().view(n, t, heads, -1).transpose(1, 2)  # (N, H, T, hd)
-        probs = torch.softmax((q * attn.scale) @ k.transpose(-1, -2), dim=-1)[:, :, 0]  # (N, H, T)
-        cls_attention = probs[:, :, 1:].sum(1)  # heads summed, patches only (as VisionZip does)
+        _check_cls_tower(self.model.config)
+        cls_attention, keys, selected = _cls_rows(self, inputs["pixel_values"])
+        n, patches = cls_attention.shape
         input_ids = inputs["input_ids"]
         placeholder = (input_ids == self.image_token_id) & inputs["attention_mask"].bool()
-        if int(placeholder.sum()) != n * (t - 1):
-            raise ValueError(f"The prompts hold {int(placeholder.sum())} image placeholders but the images give {n * (t - 1)} patch tokens")
-        out = {"cls_attention": torch.zeros(placeholder.shape, device=x.device).masked_scatter(placeholder, cls_attention.reshape(-1)),
-               "keys": None, "cls_embeds": None}
+        if int(placeholder.sum()) != n * patches:
+            raise ValueError(f"The prompts hold {int(placeholder.sum())} image placeholders but the images give {n * patches} patch tokens")
+        device = cls_attention.device
+        out = {"cls_attention": torch.zeros(placeholder.shape, device=device).masked_scatter(placeholder, cls_attention.reshape(-1)),
+               "keys": None, "cls_embeds": None, "crops": None}
         if request.keys:
-            keys = k.mean(1)[:, 1:]  # heads averaged, as VisionZip's similarity key
-            out["keys"] = torch.zeros(*placeholder.shape, keys.shape[-1], device=x.device).masked_scatter(placeholder[..., None], keys.reshape(-1))
+            out["keys"] = torch.zeros(*placeholder.shape, keys.shape[-1], device=device).masked_scatter(placeholder[..., None], keys.reshape(-1))
         if request.cls_embeds:
-            projected = self.inner.multi_modal_projector(hidden[selected][:, :1]).flatten(0, 1)  # (N, D)
-            per_sample = (placeholder.sum(1) // (t - 1)).tolist()
+            projected = self.inner.multi_modal_projector(selected[:, :1]).flatten(0, 1)  # (N, D)
+            per_sample = (placeholder.sum(1) // patches).tolist()
             out["cls_embeds"] = list(projected.split(per_sample))
         return out
 
@@ -62,12 +77,58 @@ class LlavaNextAdapter(Adapter):
         return []
 
     def vision_tower_state(self, inputs: dict, request) -> dict:
-        """Refused: anyres tiles (one [CLS] per tile, plus newline tokens) are not mapped to [CLS] attention yet."""
-        raise ValueError(
-            f"Model family {self.model.config.model_type!r}: its anyres images are several tiles, each with its own [CLS], "
-            "plus newline tokens; serving the [CLS] attention for them is not implemented, so a scorer with a "
-            "vision_request() (VisionZip) runs only on llava (LLaVA-1.5) for now"
-        )
+        """The CLIP tower's outputs for every crop (the base image and each anyres tile), laid out on the prompt.
+
+        Each placeholder that shows a patch gets its crop's [CLS] attention and key for that patch;
+        ``"crops"`` (B, L) gives the crop it belongs to, numbered per sample in prompt order
+        (-1 for the image_newline tokens and for non-image positions); ``"cls_embeds"`` holds each
+        crop's projected [CLS]. The layout is the model's own: the per-patch values go through its
+        ``pack_image_features`` (unpadding, newline columns) exactly as its features do.
+        """
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        _check_cls_tower(cfg)
+        sizes = inputs["image_sizes"]
+        counts = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size)
+                  for s in sizes]
+        pixels = inputs["pixel_values"]
+        if pixels.dim() == 5:  # (images, crops, C, H, W) zero-padded over crops
+            pixels = torch.cat([p[:c] for p, c in zip(pixels, counts)])
+        cls_attention, keys, selected = _cls_rows(self, pixels)
+        n, patches = cls_attention.shape
+        device = cls_attention.device
+        # One table per patch: [CLS] attention, crop number, key; newline entries carry crop -1.
+        table = torch.cat([cls_attention[..., None], torch.arange(n, device=device, dtype=torch.float32)[:, None, None].expand(n, patches, 1), keys], -1)
+        newline = torch.zeros(table.shape[-1], device=device)
+        newline[1] = -1.0
+        packed, lens = self.inner.pack_image_features(list(table.split(counts)), sizes, "default", image_newline=newline)
+        packed = torch.cat(packed)
+        placeholder = (inputs["input_ids"] == self.image_token_id) & inputs["attention_mask"].bool()
+        if int(placeholder.sum()) != packed.shape[0]:
+            raise ValueError(f"The prompts hold {int(placeholder.sum())} image placeholders but the images give {packed.shape[0]} tokens")
+        # Images to samples: each sample's placeholders are its images' tokens, in order.
+        first_crop, crops_per_sample, image = [], [], 0
+        starts = [0] + torch.tensor(counts).cumsum(0).tolist()
+        lens = lens.tolist()
+        for count in placeholder.sum(1).tolist():
+            first, total = image, 0
+            while total < count:
+                total, image = total + lens[image], image + 1
+            first_crop.append(starts[first])
+            crops_per_sample.append(starts[image] - starts[first])
+        crop = packed[:, 1].round().long()
+        sample_of = placeholder.nonzero()[:, 0]
+        local = torch.where(crop >= 0, crop - torch.tensor(first_crop, device=device)[sample_of], crop)
+        out = {"cls_attention": torch.zeros(placeholder.shape, device=device).masked_scatter(placeholder, packed[:, 0].contiguous()),
+               "keys": None, "cls_embeds": None,
+               "crops": torch.full(placeholder.shape, -1, dtype=torch.long, device=device).masked_scatter(placeholder, local)}
+        if request.keys:
+            out["keys"] = torch.zeros(*placeholder.shape, keys.shape[-1], device=device).masked_scatter(placeholder[..., None], packed[:, 2:].contiguous())
+        if request.cls_embeds:
+            projected = self.inner.multi_modal_projector(selected[:, :1]).flatten(0, 1)  # (N, D)
+            out["cls_embeds"] = list(projected.split(crops_per_sample))
+        return out
 
 
 @register_family("llava_onevision")
@@ -88,3 +149,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         pooled = [self.inner.get_video_features(pixel_values_videos=clip[None, :n], **kwargs).pooler_output[0]
                   for clip, n in zip(pixel_values_videos, video_frames.tolist())]
         return BaseModelOutputWithPooling(pooler_output=pooled)
+
+    def vision_tower_state(self, inputs: dict, request) -> dict:
+        """Refused: OneVision's SigLIP tower has no [CLS] token, and the official VisionZip code has no OneVision variant."""
+        raise ValueError(
+            f"Model family {self.model.config.model_type!r}: LLaVA-OneVision's SigLIP vision tower has no [CLS] token "
+            "(all of its tokens are patches, vision_feature_select_strategy 'full'), so there is no [CLS] attention to "
+            "serve, and the official VisionZip code supports LLaVA-1.5 and LLaVA-NeXT only; a scorer with a "
+            "vision_request() (VisionZip) runs on llava and llava_next, or use a scorer that reads the projected "
+            "features (divprune)"
+        )

@@ -3,6 +3,8 @@
 A scorer declares what it needs and the engine serves exactly that, without knowing the scorer:
 
 - ``needs_prev_hidden`` (class variable): the input of the layer before the drop layer;
+- ``needs_prev_keys`` (class variable): the keys the layer before the drop layer cached (after
+  RoPE), read from the KV cache at no extra cost;
 - ``attention_request()``: attention rows, from which layer and whether they must come from the
   layer's full probability map; the query tokens are chosen once, by ``attention_queries`` on the
   layer-0 input (default: the last prompt token);
@@ -15,7 +17,7 @@ A scorer declares what it needs and the engine serves exactly that, without know
 
 A stage at layer -1 (``pre_llm``) runs before the decoder on the projected vision features
 (``LayerState.hidden`` is the layer-0 input, ``layer`` is None); a scorer that needs anything of
-a decoder layer (previous hidden states, attention rows) cannot run there.
+a decoder layer (previous hidden states or keys, attention rows) cannot run there.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class LayerState:
         the input embeddings with the projected vision features.
     prev_hidden : Tensor (B, L, D) or None
         Input of layer ``layer_idx - 1`` over the same tokens; set when ``needs_prev_hidden``.
+    prev_keys : Tensor (B, L, H_kv * head_dim) or None
+        The keys layer ``layer_idx - 1`` put in the KV cache for the same tokens (after RoPE, the
+        key heads concatenated, not repeated for grouped queries); set when ``needs_prev_keys``.
     vision_idx : LongTensor (B, V)
         Positions of the vision tokens in the current sequence, ascending; padded with 0.
     vision_valid : BoolTensor (B, V)
@@ -67,6 +72,8 @@ class LayerState:
         A per-sample integer derived from the prompt ids, for reproducible per-sample randomness.
     layer : nn.Module or None
         The decoder layer ``layer_idx`` (None at the pre-LLM stage).
+    final_norm : nn.Module or None
+        The language model's last norm (the one before the LM head).
     vision : VisionFeatures or None
         The vision tower's outputs for the current vision tokens; set when ``vision_request()`` is not None.
     """
@@ -81,6 +88,8 @@ class LayerState:
     sample_keys: torch.Tensor
     layer: nn.Module | None
     prev_hidden: torch.Tensor | None = None
+    prev_keys: torch.Tensor | None = None
+    final_norm: nn.Module | None = None
     attention: torch.Tensor | None = None
     query_valid: torch.Tensor | None = None
     vision: VisionFeatures | None = None
@@ -125,12 +134,18 @@ class VisionFeatures:
     keys : Tensor (B, V, K) float32 or None
         Head-averaged keys of each vision token at that layer.
     cls_embeds : list of Tensor (I_b, D) or None
-        Per sample, the projected [CLS] feature of each of its I_b images, in prompt order.
+        Per sample, the projected [CLS] feature of each of its I_b tower images, in prompt order
+        (an image, or on LLaVA-NeXT each crop: the base image and every anyres tile).
+    crops : LongTensor (B, V) or None
+        On families whose images are several tower crops (LLaVA-NeXT anyres): the crop each vision
+        token shows, a row of ``cls_embeds[b]``, or -1 for tokens of no crop (image_newline).
+        None where every image is one crop (LLaVA-1.5).
     """
 
     cls_attention: torch.Tensor
     keys: torch.Tensor | None = None
     cls_embeds: list | None = None
+    crops: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -194,9 +209,12 @@ class Scorer:
     ---------------
     needs_prev_hidden : bool
         Fill ``LayerState.prev_hidden`` (costs one saved copy of the hidden states).
+    needs_prev_keys : bool
+        Fill ``LayerState.prev_keys`` (read from the KV cache: nothing is recomputed).
     """
 
     needs_prev_hidden: ClassVar[bool] = False
+    needs_prev_keys: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -252,7 +270,7 @@ class Scorer:
     def check_layer(self, layer_idx: int) -> None:
         """Raise if this scorer cannot run at a stage before ``layer_idx``."""
         request = self.attention_request()
-        if (self.needs_prev_hidden or (request is not None and request.layer_offset < 0)) and layer_idx < 1:
+        if (self.needs_prev_hidden or self.needs_prev_keys or (request is not None and request.layer_offset < 0)) and layer_idx < 1:
             where = "the pre-LLM stage (-1)" if layer_idx < 0 else layer_idx
             raise ValueError(f"{type(self).__name__} needs the layer before the drop layer; stage layer must be >= 1, got {where}")
         if request is not None and layer_idx < 0:

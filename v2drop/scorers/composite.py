@@ -115,6 +115,7 @@ class CompositeScorer(Scorer):
         self._scorers, self._weights = scorers, weights
         # An instance attribute: the union of the parts' needs.
         self.needs_prev_hidden = any(s.needs_prev_hidden for s in scorers)
+        self.needs_prev_keys = any(s.needs_prev_keys for s in scorers)
         self._request = self._merged_request()
 
     def _merged_request(self) -> AttentionRequest | None:
@@ -200,6 +201,7 @@ class StagedScorer(Scorer):
             if isinstance(part, StagedScorer):
                 raise ValueError("a staged scorer's parts cannot be staged themselves")
         self.needs_prev_hidden = self._llm.needs_prev_hidden
+        self.needs_prev_keys = self._llm.needs_prev_keys
 
     def at(self, layer_idx: int) -> Scorer:
         """The pre-LLM part for layer -1, the decoder part otherwise."""

@@ -2,29 +2,20 @@
 
 Pivots are the tokens with the largest key norm (some vision tokens, some text tokens after the
 image); each pivot then claims the vision tokens least cosine-similar to it, and the claimed
-tokens plus the vision pivots stay. The key and the normalisation come from the drop layer,
-not the layer before it as in the official code (``docs/methods.md`` says why). Definition:
-``docs/methods.md``.
+tokens plus the vision pivots stay. As in the official code, the keys are the ones the layer
+before the drop layer cached (after RoPE) and the similarity is measured on the drop layer's
+input passed through the model's final norm. Definition: ``docs/methods.md``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from v2drop.scorers.base import LayerState, Scorer, Selection, register_scorer, select_keep
-
-
-def key_l1_norms(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """L1 norm of each token's key (all key heads concatenated, before RoPE): (..., N) float32.
-
-    ``hidden`` (..., N, D) are inputs of ``layer``; its ``input_layernorm`` and
-    ``self_attn.k_proj`` (with its bias) make the keys.
-    """
-    keys = layer.self_attn.k_proj(layer.input_layernorm(hidden))
-    return keys.float().abs().sum(-1)
 
 
 def claim_least_similar(features: torch.Tensor, pivots: list[int], candidates: list[int], quotas: list[int]) -> list[int]:
@@ -66,13 +57,13 @@ def claim_least_similar(features: torch.Tensor, pivots: list[int], candidates: l
 class DARTScorer(Scorer):
     """DART (duplication-aware reduction of tokens), one drop stage at layer K (official K = 2).
 
-    ``score``: the L1 norm of each vision token's key at the drop layer (the pivot criterion).
-    ``select``: the ``pivot_image`` vision tokens and the ``pivot_text`` text tokens after the
-    last vision token with the largest key norms are the pivots; with ``k`` tokens to keep, the
-    ``k − pivot_image`` others are shared out over the pivots (in position order, the first
-    pivots one more when it does not divide) and each pivot claims its share of the remaining
-    vision tokens least cosine-similar to it (features = the drop layer's ``input_layernorm`` of
-    the hidden states). Kept: the vision pivots and every claimed token.
+    ``score``: the L1 norm of each vision token's key as layer K − 1 cached it (after RoPE; the
+    pivot criterion). ``select``: the ``pivot_image`` vision tokens and the ``pivot_text`` text
+    tokens after the last vision token with the largest key norms are the pivots; with ``k``
+    tokens to keep, the ``k − pivot_image`` others are shared out over the pivots (in position
+    order, the first pivots one more when it does not divide) and each pivot claims its share of
+    the remaining vision tokens least cosine-similar to it (features = the model's final norm of
+    layer K's input, i.e. of layer K − 1's output). Kept: the vision pivots and every claimed token.
 
     Parameters
     ----------
@@ -81,6 +72,8 @@ class DARTScorer(Scorer):
     pivot_text : int
         Text pivots, among the tokens after the last vision token (official default 4).
     """
+
+    needs_prev_keys: ClassVar[bool] = True
 
     pivot_image: int = 4
     pivot_text: int = 4
@@ -94,9 +87,9 @@ class DARTScorer(Scorer):
             raise ValueError(f"dart needs at least one pivot, got pivot_image={self.pivot_image}, pivot_text={self.pivot_text}")
 
     def score(self, state: LayerState) -> torch.Tensor:
-        """L1 norm of each vision token's key at the drop layer, (B, V) float32."""
-        vision_hidden = state.hidden.gather(1, state.vision_idx[..., None].expand(-1, -1, state.hidden.shape[-1]))
-        return key_l1_norms(state.layer, vision_hidden)
+        """L1 norm of each vision token's cached layer K − 1 key, (B, V) float32."""
+        keys = state.prev_keys.gather(1, state.vision_idx[..., None].expand(-1, -1, state.prev_keys.shape[-1]))
+        return keys.float().abs().sum(-1)
 
     def select(self, state: LayerState, scores: torch.Tensor, counts: list[int]) -> Selection:
         """Per sample: the vision pivots (top key norms) plus the tokens the pivots claim (see the class docstring)."""
@@ -115,13 +108,12 @@ class DARTScorer(Scorer):
         positions = torch.arange(state.hidden.shape[1], device=vision_pos.device)
         text_after = (positions > vision_pos.max()) & state.attention_mask[b].bool()
         text_pos = positions[text_after]
-        layer = state.layer
         text_pivots = []
         if self.pivot_text and text_pos.numel():
-            text_norms = key_l1_norms(layer, state.hidden[b, text_pos])
+            text_norms = state.prev_keys[b, text_pos].float().abs().sum(-1)
             text_pivots = select_keep(text_norms, min(self.pivot_text, text_pos.numel())).tolist()
         # One feature table: the n vision tokens, then the text tokens after them.
-        features = layer.input_layernorm(torch.cat([state.hidden[b, vision_pos], state.hidden[b, text_pos]]))
+        features = state.final_norm(torch.cat([state.hidden[b, vision_pos], state.hidden[b, text_pos]]))
         pivots = image_pivots.tolist() + [n + t for t in text_pivots]  # position order: vision before the text after it
         if not pivots:  # no vision pivot asked for and no text after the image: the key norms alone decide
             return select_keep(scores, k)
@@ -135,6 +127,7 @@ class DARTScorer(Scorer):
         return keep.sort().values
 
     def flops(self, n_vision: int, n_tokens: int, hidden: int) -> float:
-        """Keys of every token (a D×D projection bounds the k_proj) and each pivot's cosine to every vision token."""
+        """The keys come from the cache: their L1 norms and the final norm of the tokens (bounded by 4·n·D),
+        then each pivot's cosine to every vision token."""
         pivots = self.pivot_image + self.pivot_text
-        return 2.0 * n_tokens * hidden * hidden + 3.0 * pivots * n_vision * hidden
+        return 4.0 * n_tokens * hidden + 3.0 * pivots * n_vision * hidden

@@ -2,7 +2,8 @@
 
 Official code: ``dvlab-research/VisionZip``, ``visionzip/clip_encoder.py`` (lines 43-85) and
 ``visionzip/utils.py`` (the head-averaged keys, line 89); ``visionzip/main.py`` line 7 (the
-dominant count includes the [CLS] token). Definition and differences: ``docs/methods.md``.
+dominant count includes the [CLS] token); LLaVA-NeXT per crop: ``visionzip/llava_arch.py`` (lines
+94-121 and ``restore_image_features_sorted``, lines 42-80). Definition and differences: ``docs/methods.md``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ class VisionZipScorer(Scorer):
     remaining patch joins the target whose head-averaged key is most cosine-similar, and a
     contextual token is the target's hidden state plus the mean of the hidden states that joined it.
 
-    Needs a vision tower with a [CLS] token (LLaVA-1.5's CLIP): other families are refused.
+    On LLaVA-NeXT every crop (the base image and each anyres tile) is zipped on its own with an
+    equal share of k, and the image_newline tokens go (``zip_crops``), as the official code does.
+
+    Needs a vision tower with a [CLS] token (the CLIP of LLaVA-1.5 and LLaVA-NeXT): OneVision
+    (SigLIP) and Qwen2-VL / 2.5-VL are refused.
 
     Parameters
     ----------
@@ -54,11 +59,18 @@ class VisionZipScorer(Scorer):
         """Dominant tokens kept, [CLS] and contextual tokens added (see the class docstring)."""
         keep, added_hidden, added_source = [], [], []
         D = state.hidden.shape[-1]
+        crops = state.vision.crops if state.vision is not None else None
         for b, (n, k) in enumerate(zip(state.vision_valid.sum(1).tolist(), counts)):
             hidden = state.hidden.new_zeros(0, D, dtype=torch.float32)
             source = torch.zeros(0, dtype=torch.long, device=scores.device)
             if k >= n:  # nothing to drop: keep every token as it is
                 keep.append(torch.arange(n, device=scores.device))
+                added_hidden.append(hidden)
+                added_source.append(source)
+                continue
+            if crops is not None:
+                kept, hidden, source = self.zip_crops(state, b, scores[b, :n], k, crops[b, :n])
+                keep.append(kept)
                 added_hidden.append(hidden)
                 added_source.append(source)
                 continue
@@ -76,21 +88,70 @@ class VisionZipScorer(Scorer):
                 hidden = torch.cat([hidden, cls[:n_cls].float()])
                 source = torch.cat([source, firsts])
             if contextual:
-                step = max(1, len(rest) // contextual)
-                is_target = torch.zeros(len(rest), dtype=torch.bool, device=scores.device)
-                is_target[torch.arange(0, len(rest), step, device=scores.device)[:contextual]] = True
-                keys = state.vision.keys[b, rest].float()
-                keys = keys / keys.norm(dim=-1, keepdim=True)
-                assign = (keys[~is_target] @ keys[is_target].T).argmax(dim=1)
-                h = state.hidden[b, state.vision_idx[b, rest]].float()
-                sums = torch.zeros(contextual, D, device=h.device).index_add_(0, assign, h[~is_target])
-                sizes = torch.bincount(assign, minlength=contextual).clamp(min=1)[:, None]
-                hidden = torch.cat([hidden, h[is_target] + sums / sizes])
-                source = torch.cat([source, rest[is_target]])
+                merged, targets = self.contextual_tokens(state, b, rest, contextual)
+                hidden = torch.cat([hidden, merged])
+                source = torch.cat([source, targets])
             keep.append(dominant)
             added_hidden.append(hidden)
             added_source.append(source)
         return Selection(keep=keep, added_hidden=added_hidden, added_source=added_source)
+
+    def contextual_tokens(self, state: LayerState, b: int, rest: torch.Tensor, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``contextual`` tokens merged from the vision tokens ``rest`` (ascending indices into ``state.vision_idx[b]``).
+
+        Every ``⌊len(rest) / contextual⌋``-th of them is a target; every other one joins the
+        target with the most cosine-similar key. Returns ((c, D) float32 hidden states: target +
+        mean of the joined, (c,) the targets).
+        """
+        step = max(1, len(rest) // contextual)
+        is_target = torch.zeros(len(rest), dtype=torch.bool, device=rest.device)
+        is_target[torch.arange(0, len(rest), step, device=rest.device)[:contextual]] = True
+        keys = state.vision.keys[b, rest].float()
+        keys = keys / keys.norm(dim=-1, keepdim=True)
+        assign = (keys[~is_target] @ keys[is_target].T).argmax(dim=1)
+        h = state.hidden[b, state.vision_idx[b, rest]].float()
+        sums = torch.zeros(contextual, h.shape[-1], device=h.device).index_add_(0, assign, h[~is_target])
+        sizes = torch.bincount(assign, minlength=contextual).clamp(min=1)[:, None]
+        return h[is_target] + sums / sizes, rest[is_target]
+
+    def zip_crops(self, state: LayerState, b: int, scores: torch.Tensor, k: int, crops: torch.Tensor):
+        """VisionZip per crop (LLaVA-NeXT anyres): the base image and every tile are zipped on their own.
+
+        ``k`` is shared out equally over the sample's crops (the first ones one more when it does
+        not divide); a crop keeping ``k_c`` has ``round(k_c · contextual_ratio)`` contextual tokens,
+        its [CLS] (at the pre-LLM stage) and the rest dominant patches by its own [CLS] attention.
+        Tokens of no crop (image_newline) are dropped. Returns the kept indices and the added
+        tokens: every crop's [CLS], then every crop's contextual tokens, in crop order.
+        """
+        device = scores.device
+        groups = crops.unique()
+        groups = groups[groups >= 0]
+        share, extra = divmod(k, max(1, len(groups)))
+        cls = state.vision.cls_embeds[b] if state.layer_idx < 0 and state.vision.cls_embeds is not None else None
+        kept, cls_hidden, cls_source, ctx_hidden, ctx_source = [], [], [], [], []
+        for i, group in enumerate(groups.tolist()):
+            members = (crops == group).nonzero().flatten()
+            k_crop = share + (1 if i < extra else 0)
+            if k_crop >= len(members):
+                kept.append(members)
+                continue
+            contextual = min(math.floor(k_crop * self.contextual_ratio + 0.5), k_crop)
+            n_cls = 1 if cls is not None and k_crop - contextual >= 1 else 0
+            dominant = members[select_keep(scores[members], k_crop - contextual - n_cls)]
+            kept.append(dominant)
+            rest = members[~torch.isin(members, dominant)]
+            if n_cls:
+                cls_hidden.append(cls[group:group + 1].float())
+                cls_source.append(members[:1])
+            contextual = min(contextual, len(rest))
+            if contextual:
+                merged, targets = self.contextual_tokens(state, b, rest, contextual)
+                ctx_hidden.append(merged)
+                ctx_source.append(targets)
+        empty_h = state.hidden.new_zeros(0, state.hidden.shape[-1], dtype=torch.float32)
+        empty_s = torch.zeros(0, dtype=torch.long, device=device)
+        keep = torch.cat(kept).sort().values if kept else empty_s
+        return keep, torch.cat([empty_h, *cls_hidden, *ctx_hidden]), torch.cat([empty_s, *cls_source, *ctx_source])
 
     def flops(self, n_vision: int, n_tokens: int, hidden: int) -> float:
         """An estimate: the [CLS] row against every patch key and the merge (about 4·n·D)."""
