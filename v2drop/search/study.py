@@ -22,6 +22,7 @@ from v2drop.tables import write_csv
 from v2drop.method import Method
 from v2drop.search.config import OBJECTIVES, SweepConfig
 from v2drop.search.checks import check_sweep_run
+from v2drop.search.data import eval_fields
 from v2drop.search.report import write_artifacts
 from v2drop.search.space import expand_presets, fits, method_params, relative, resolve_scorers, suggest_method, validate
 from v2drop.search.wandb import WandbCallback, plain
@@ -90,7 +91,7 @@ def objective_values(metrics: dict, objectives: list[str]) -> list[float]:
 
 def trial_eval_config(cfg: SweepConfig, **changes) -> EvalConfig:
     """The EvalConfig of a trial: the sweep's model and benchmark with its ``eval`` section (plus ``changes``)."""
-    return replace(EvalConfig(model=cfg.model, benchmark=cfg.benchmark, progress=False, **asdict(cfg.eval)), **changes)
+    return replace(EvalConfig(model=cfg.model, benchmark=cfg.benchmark, progress=False, **eval_fields(cfg)), **changes)
 
 
 def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True) -> dict:
