@@ -8,6 +8,7 @@ journal file in the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -26,6 +27,7 @@ from v2drop.search.data import eval_fields
 from v2drop.search.report import write_artifacts
 from v2drop.search.space import expand_presets, fits, method_params, relative, resolve_scorers, suggest_method, validate
 from v2drop.search.wandb import WandbCallback, plain
+from v2drop.vision_cache import VisionCache
 
 
 def make_storage(cfg: SweepConfig):
@@ -122,10 +124,13 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
             raise ValueError(f"Study {cfg.study!r} exists with other objectives; use another --study-name") from None
     eval_config = trial_eval_config(cfg)
     samples = checked.samples
+    # Every trial runs the same batches: their inputs and vision features are computed by the first one only.
+    cache = VisionCache(cfg.vision_cache_mb * 2**20) if cfg.vision_cache_mb else None
 
     def objective(trial: optuna.Trial):
         method = suggest_method(trial, cfg.search, lvlm.depth)
-        result = evaluate(lvlm, benchmark, method, eval_config, samples=samples)
+        with cache.attached(lvlm) if cache is not None else contextlib.nullcontext():
+            result = evaluate(lvlm, benchmark, method, eval_config, samples=samples)
         trial.set_user_attr("method", method.to_dict())
         trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
         if cfg.max_average_tokens is not None:
@@ -140,7 +145,10 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
     try:
         study.optimize(objective, n_trials=cfg.trials, callbacks=callbacks, show_progress_bar=progress)
         rows, front = write_artifacts(study, cfg, run_dir)
-        confirmed = confirm_front(study, front, cfg, lvlm, benchmark, run_dir, progress)
+        if cache is not None:  # the confirmation samples differ: the trial sample's entries would only crowd them out
+            cache = VisionCache(cfg.vision_cache_mb * 2**20)
+        with cache.attached(lvlm) if cache is not None else contextlib.nullcontext():
+            confirmed = confirm_front(study, front, cfg, lvlm, benchmark, run_dir, progress)
     except BaseException as err:  # finished trials are in the storage already; say how to continue
         done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
         err.add_note(f"study {cfg.study!r} keeps its {done} finished trial(s) in {cfg.storage or run_dir / 'journal.log'}; "
