@@ -34,6 +34,12 @@ def check_sweep_run(cfg: SweepConfig, lvlm=None, benchmark=None) -> CheckedSweep
     checks.check_sweep(cfg)
     wandb_mode(cfg)
     check_sample_rule(cfg)
+    for check, value in ((checks.check_device, cfg.eval.device), (checks.check_dtype, cfg.eval.dtype),
+                         (checks.check_attn, cfg.eval.attn_implementation)):
+        try:
+            check(value)
+        except ValueError as err:
+            raise ValueError(f"eval.{err}") from None
     checks.check_int("vision_cache_mb", cfg.vision_cache_mb, 0)
     benchmark = benchmark or sweep_benchmark(cfg)
     split = benchmark.resolve_split(cfg.eval.split)

@@ -64,6 +64,9 @@ SAMPLE_RULES = ("stratified", "first")
 class SweepEval(EvalSettings):
     """How each trial is evaluated (``eval:``): the ``EvalSettings``, the benchmark's data and how the trial sample is drawn."""
 
+    device: str = "cpu"  # where the model runs (cpu, cuda, cuda:N); a --workers worker sees only its own GPU, as cuda
+    dtype: str = "float32"  # float32, bfloat16 or float16
+    attn_implementation: str = "sdpa"  # eager, sdpa or flash_attention_2
     data_dir: str | None = None  # local copy of a real benchmark (as ``experiments.evaluate --data-dir``); None = the hub
     benchmark_args: dict = field(default_factory=dict)  # benchmark constructor parameters (as ``--benchmark-arg``: circular, num_frames, ...)
     sample: str = "stratified"  # how the `limit` trial samples are drawn from `split`: stratified (per family, seeded by `seed`) or first
