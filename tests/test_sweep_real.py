@@ -138,3 +138,22 @@ def test_two_workers_run_one_study_then_the_front_is_written_once(local_llava, t
     with open(tmp_path / "run" / "trials.csv") as f:
         assert len(list(csv.DictReader(f))) == 6
     assert (tmp_path / "run" / "pareto_confirmed.csv").exists()
+
+
+def test_a_sweep_with_the_vision_cache_finds_the_same_trials_as_one_without(tiny, tmp_path):
+    """Objectives that do not depend on timing: the seeded sampler sees the same values, so every trial is the same."""
+    from v2drop.search import run_sweep
+    from v2drop.testing import EchoBench
+
+    rows = {}
+    for mb in (0, 64):
+        cfg = SweepConfig.from_dict({
+            "study": "cache", "benchmark": "echo", "trials": 4, "total_trials": None, "run_dir": str(tmp_path / f"run{mb}"),
+            "objectives": ["accuracy", "average_tokens"], "vision_cache_mb": mb, "enqueue_presets": ["v2drop-llava15-128"],
+            "eval": {"limit": 3, "batch_size": 2, "max_new_tokens": 2, "warmup": 1}, "confirm": {"limit": 3},
+            "search": {"scorers": {"v2drop": {}, "visionzip": {}}, "kinds": ["one-shot", "progressive"]}, "wandb": {"mode": "disabled"},
+        })
+        result = run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(3), progress=False)
+        keep = ("trial", "label", "scorer", "schedule", "accuracy", "average_tokens", "flops_ratio")
+        rows[mb] = [{k: r.get(k) for k in keep} for r in result["rows"]]
+    assert len(rows[0]) == 4 and rows[0] == rows[64]

@@ -96,8 +96,15 @@ class VisionCache:
 
 
 def _image_digest(image) -> tuple:
-    """(mode, size, digest of the pixels) of a PIL image."""
-    return image.mode, image.size, hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+    """(mode, size, digest of the pixels) of a PIL image; (shape, dtype, digest) of an array or tensor frame."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.mode, image.size, hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+    import numpy as np
+
+    array = np.ascontiguousarray(image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image))
+    return array.shape, str(array.dtype), hashlib.blake2b(array.tobytes(), digest_size=16).digest()
 
 
 def _tensors(inputs: dict) -> tuple:
