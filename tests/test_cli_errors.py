@@ -160,6 +160,9 @@ CASES = [
     ("experiments.bench", ["--out", UNWRITABLE + "/bench"], [UNWRITABLE, "not writable"]),
     ("experiments.bench_engine", ["--preset", "nope"], ["nope", "--preset", "v2drop-llava15-128"]),
     ("experiments.bench_engine", ["--new-tokens", "0"], ["--new-tokens", "got 0"]),
+    ("experiments.bench_sweep", ["--limit", "0"], ["--limit", "got 0"]),
+    ("experiments.bench_sweep", ["--methods", "none", "nope"], ["nope", "--methods"]),
+    ("experiments.bench_sweep", ["--models", "{tmp}/nomodel"], ["nomodel", "config.json"]),
     ("experiments.bench_attention", ["--frames", "0"], ["--frames", "got 0"]),
     ("experiments.bench_attention", ["--threads", "-2"], ["--threads", "-2"]),
     # analysis.*
