@@ -43,6 +43,7 @@ class LVLM:
         self.adapter = adapter_for(model)
         self.name = name
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.vision_cache = None  # an attached v2drop.vision_cache.VisionCache (``cache.attached(lvlm)``); None = compute everything
 
     @property
     def depth(self) -> int:
@@ -77,6 +78,11 @@ class LVLM:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = _per_sample(images, len(prompts), "images")
         videos = _per_sample(videos, len(prompts), "videos")
+        if self.vision_cache is not None:
+            return self.vision_cache.prepare(prompts, images, videos, lambda: self._prepare(prompts, images, videos))
+        return self._prepare(prompts, images, videos)
+
+    def _prepare(self, prompts: list[str], images: list[list], videos: list[list]) -> dict:
         samples = []
         for i, (prompt, imgs, vids) in enumerate(zip(prompts, images, videos)):
             n_placeholders = prompt.count(self.image_token)
@@ -120,7 +126,7 @@ class LVLM:
         eos = self.model.generation_config.eos_token_id if stop_at_eos else None
         out = engine.generate(
             self.adapter, inputs, method, max_new_tokens, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id or 0,
-            measure_memory=measure_memory,
+            measure_memory=measure_memory, vision_cache=self.vision_cache,
         )
         texts = self.tokenizer.batch_decode(out.generated_ids, skip_special_tokens=True)
         return GenerationResult(**vars(out), texts=[t.strip() for t in texts])

@@ -144,18 +144,20 @@ def build(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
     return _ready(model, proc, f"tiny-{family}", attn)
 
 
-def random_llava(hidden: int = 512, layers: int = 12, image_size: int = 96, patch: int = 4) -> LVLM:
+def random_llava(hidden: int = 512, layers: int = 12, image_size: int = 96, patch: int = 4,
+                 vision: CLIPVisionConfig | None = None) -> LVLM:
     """A random-weight LLaVA-1.5-shaped model with (image_size/patch)^2 vision tokens, for engine benchmarks.
 
-    Its prompts use the words ``w0`` .. ``w255``, ``USER:`` and ``ASSISTANT:``.
+    Its prompts use the words ``w0`` .. ``w255``, ``USER:`` and ``ASSISTANT:``. ``vision`` replaces the
+    default 2-layer, width-64 CLIP tower (its image size and patch must match ``image_size``, ``patch``).
     """
     words = ["<pad>", "<unk>", "<s>", "</s>", "<image>"] + [f"w{i}" for i in range(256)] + ["USER:", "ASSISTANT:"]
     tok = word_tokenizer(words, split_punctuation=False)
     torch.manual_seed(0)
     text = LlamaConfig(vocab_size=len(words), hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
                        num_attention_heads=8, num_key_value_heads=8, initializer_range=0.05, pad_token_id=0)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=image_size, patch_size=patch)
+    vision = vision or CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                        image_size=image_size, patch_size=patch)
     model, proc = _llava(tok, text, vision, image_size, patch)
     return _ready(model, proc, f"random-llava-h{hidden}-l{layers}-v{(image_size // patch) ** 2}")
 

@@ -102,6 +102,7 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int = 0,
     measure_memory: bool = False,
+    vision_cache=None,
 ) -> EngineOutput:
     """Prefill with the method's drop stages, then greedy decoding with per-layer KV caches.
 
@@ -122,6 +123,9 @@ def generate(
         Token fed (and reported) after a sample has finished.
     measure_memory : bool
         Measure the peak memory of prefill and decoding (``v2drop.cost.PeakMemory``).
+    vision_cache : VisionCache, optional
+        Serves the embeddings and the vision tower's outputs for inputs it has seen
+        (``v2drop.vision_cache``); the results are the same as without it.
     """
     method = method or Method.none()
     if max_new_tokens < 1:
@@ -133,7 +137,7 @@ def generate(
     device = input_ids.device
     vision = adapter.vision_mask(input_ids) & mask2d.bool()
     seq = Sequence(
-        hidden=adapter.embed(inputs),
+        hidden=vision_cache.embed(adapter, inputs) if vision_cache is not None else adapter.embed(inputs),
         position_ids=adapter.position_ids(inputs),
         attention_mask=mask2d,
         orig_idx=(mask2d.long().cumsum(-1) - 1).masked_fill(mask2d == 0, -1),
@@ -141,7 +145,8 @@ def generate(
         coords=adapter.vision_coords(inputs, vision) if method.drops else torch.zeros(B, L, 3, dtype=torch.long, device=device),
     )
     traces = [SampleTrace(vision_tokens=n) for n in vision.sum(1).tolist()]
-    stages = StageContext.start(method, adapter, seq, sample_keys(input_ids, mask2d), traces, inputs) if method.drops else None
+    stages = StageContext.start(method, adapter, seq, sample_keys(input_ids, mask2d), traces, inputs,
+                                 vision_cache) if method.drops else None
     cache = DynamicCache(config=adapter.text_config)
 
     with PeakMemory(device) if measure_memory else contextlib.nullcontext() as memory:

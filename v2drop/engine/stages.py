@@ -66,9 +66,9 @@ class StageContext:
 
     @classmethod
     def start(cls, method: Method, adapter: Adapter, seq: Sequence, sample_keys: torch.Tensor, traces: list,
-              inputs: dict | None = None) -> "StageContext":
+              inputs: dict | None = None, vision_cache=None) -> "StageContext":
         """The context of a batch whose layer-0 sequence is ``seq``: asks each stage's scorer for its queries
-        and the vision tower for what the scorers request, once."""
+        and the vision tower for what the scorers request, once (from ``vision_cache`` when given)."""
         requests, queries, vision_request, asked = {}, {}, None, {}
         for stage in method.schedule.stages:
             scorer = method.scorer.at(stage.layer)
@@ -86,7 +86,8 @@ class StageContext:
             if inputs is None:
                 raise ValueError("A scorer with a vision_request() needs the model inputs (pixel values) in StageContext.start")
             try:
-                vision = adapter.vision_tower_state(inputs, vision_request)
+                vision = (vision_cache.tower_state(adapter, inputs, vision_request) if vision_cache is not None
+                          else adapter.vision_tower_state(inputs, vision_request))
             except ValueError as err:
                 raise ValueError(f"Scorer {method.scorer_name!r} reads the vision tower ([CLS] attention): {err}") from None
         return cls(

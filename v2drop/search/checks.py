@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from v2drop import checks
 from v2drop.search.config import SweepConfig
+from v2drop.search.data import check_sample_rule, sweep_benchmark, trial_samples
 
 
 @dataclass
@@ -14,16 +15,16 @@ class CheckedSweep:
 
     benchmark: object  # the Benchmark instance
     split: str  # the split trials are evaluated on
-    samples: list  # the trial samples (the first eval.limit of split)
+    samples: list  # the trial samples (eval.limit of split, drawn by v2drop.search.data.trial_samples)
     depth: int  # decoder layers of the model
 
 
 def check_sweep_run(cfg: SweepConfig, lvlm=None, benchmark=None) -> CheckedSweep:
     """Everything checkable without weights: names, numbers, search ranges (against the depth in the model's
-    config.json), presets, wandb mode, splits, the run directory and journal file, the trial data. Creates nothing."""
+    config.json), presets, wandb mode, the data (data_dir, benchmark_args, splits, every trial sample), the run
+    directory and journal file. Creates nothing."""
     from pathlib import Path
 
-    from v2drop.benchmarks import get_benchmark
     from v2drop.evaluation.harness import check_sample
     from v2drop.method import Method
     from v2drop.search.space import validate
@@ -32,7 +33,15 @@ def check_sweep_run(cfg: SweepConfig, lvlm=None, benchmark=None) -> CheckedSweep
     validate(cfg)
     checks.check_sweep(cfg)
     wandb_mode(cfg)
-    benchmark = benchmark or get_benchmark(cfg.benchmark)
+    check_sample_rule(cfg)
+    for check, value in ((checks.check_device, cfg.eval.device), (checks.check_dtype, cfg.eval.dtype),
+                         (checks.check_attn, cfg.eval.attn_implementation)):
+        try:
+            check(value)
+        except ValueError as err:
+            raise ValueError(f"eval.{err}") from None
+    checks.check_int("vision_cache_mb", cfg.vision_cache_mb, 0)
+    benchmark = benchmark or sweep_benchmark(cfg)
     split = benchmark.resolve_split(cfg.eval.split)
     benchmark.resolve_split(cfg.confirm.split)  # checked now, used after the trials
     depth = lvlm.depth if lvlm is not None else checks.model_depth(cfg.model)
@@ -44,7 +53,7 @@ def check_sweep_run(cfg: SweepConfig, lvlm=None, benchmark=None) -> CheckedSweep
     checks.check_writable(cfg.resolved_run_dir(), directory=True)
     if cfg.storage is None or "://" not in cfg.storage:
         checks.check_writable(Path(cfg.storage or cfg.resolved_run_dir() / "journal.log"))
-    samples = benchmark.load(split, cfg.eval.limit)
+    samples = trial_samples(benchmark, split, cfg)
     if not samples:
         raise ValueError(f"Benchmark {benchmark.name!r} split {split!r} has no samples")
     for sample in samples:

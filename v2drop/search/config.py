@@ -59,8 +59,24 @@ class WandbConfig:
     per_trial_runs: bool = False  # also one wandb run per trial, grouped by study
 
 
-def _trial_eval() -> EvalSettings:
-    return EvalSettings(split="validation", limit=100, batch_size=8, max_new_tokens=4, warmup=2)
+SAMPLE_RULES = ("stratified", "first")
+
+
+@dataclass
+class SweepEval(EvalSettings):
+    """How each trial is evaluated (``eval:``): the ``EvalSettings``, the benchmark's data and how the trial sample is drawn."""
+
+    device: str = "cpu"  # where the model runs (cpu, cuda, cuda:N); a --workers worker sees only its own GPU, as cuda
+    dtype: str = "float32"  # float32, bfloat16 or float16
+    attn_implementation: str = "sdpa"  # eager, sdpa or flash_attention_2
+    data_dir: str | None = None  # local copy of a real benchmark (as ``experiments.evaluate --data-dir``); None = the hub
+    benchmark_args: dict = field(default_factory=dict)  # benchmark constructor parameters (as ``--benchmark-arg``: circular, num_frames, ...)
+    sample: str = "stratified"  # how the `limit` trial samples are drawn from `split`: stratified (per family, seeded by `seed`) or first
+    pool: int | None = None  # stratified: draw from the first N samples of `split`; None = the whole split
+
+
+def _trial_eval() -> SweepEval:
+    return SweepEval(split="validation", limit=100, batch_size=8, max_new_tokens=4, warmup=2)
 
 
 @dataclass
@@ -79,7 +95,8 @@ class SweepConfig:
     enqueue_presets: list[str] = field(default_factory=lambda: ["v2drop-llava15-192", "v2drop-llava15-128", "v2drop-llava15-64"])  # presets tried first; fnmatch patterns allowed ("*-llava15-128")
     enqueue_none: bool = True  # a no-dropping trial first
     search: SearchSpace = field(default_factory=SearchSpace)  # what a trial may choose
-    eval: EvalSettings = field(default_factory=_trial_eval)  # how each trial is evaluated (a sample of the validation split)
+    eval: SweepEval = field(default_factory=_trial_eval)  # how each trial is evaluated (a sample of the validation split) and on which data
+    vision_cache_mb: int = 2048  # bound (MiB) of the per-sample cache of processor outputs and vision features reused by every trial; 0 = off
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)  # split and limit the Pareto set is confirmed on
     storage: str | None = None  # Optuna storage URL or journal file; None = journal file <run_dir>/journal.log
     run_dir: str | None = None  # artifacts; None = runs/<study>

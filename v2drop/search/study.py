@@ -8,6 +8,7 @@ journal file in the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -22,9 +23,11 @@ from v2drop.tables import write_csv
 from v2drop.method import Method
 from v2drop.search.config import OBJECTIVES, SweepConfig
 from v2drop.search.checks import check_sweep_run
+from v2drop.search.data import eval_fields
 from v2drop.search.report import write_artifacts
 from v2drop.search.space import expand_presets, fits, method_params, relative, resolve_scorers, suggest_method, validate
 from v2drop.search.wandb import WandbCallback, plain
+from v2drop.vision_cache import VisionCache
 
 
 def make_storage(cfg: SweepConfig):
@@ -90,24 +93,31 @@ def objective_values(metrics: dict, objectives: list[str]) -> list[float]:
 
 def trial_eval_config(cfg: SweepConfig, **changes) -> EvalConfig:
     """The EvalConfig of a trial: the sweep's model and benchmark with its ``eval`` section (plus ``changes``)."""
-    return replace(EvalConfig(model=cfg.model, benchmark=cfg.benchmark, progress=False, **asdict(cfg.eval)), **changes)
+    return replace(EvalConfig(model=cfg.model, benchmark=cfg.benchmark, progress=False, **eval_fields(cfg)), **changes)
 
 
-def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True) -> dict:
+def load_model(cfg: SweepConfig):
+    """The sweep's model on ``eval.device`` with ``eval.dtype`` and ``eval.attn_implementation``."""
+    import v2drop
+
+    return v2drop.load(cfg.model, attn_implementation=cfg.eval.attn_implementation, dtype=cfg.eval.dtype, device=cfg.eval.device)
+
+
+def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True, finish: bool = True) -> dict:
     """Run (or resume, or join) the study, then write the artifacts and confirm the front.
 
     Returns ``{"rows": every complete trial, "front": the Pareto rows, "confirmed": the front
-    re-evaluated on the confirmation split, "run_dir": str}``.
+    re-evaluated on the confirmation split, "run_dir": str}``. With ``finish=False`` only this
+    worker's trials run (no artifacts, no confirmation, no wandb run; rows, front and confirmed are
+    None): ``finish_sweep`` does the rest once every worker is done (``experiments.sweep --workers``).
     """
-    import v2drop
-
     run_dir = cfg.resolved_run_dir()
     # Every check (names, numbers, search ranges against the depth in config.json, presets, splits,
     # paths, data) before the model loads and before the study exists.
     checked = check_sweep_run(cfg, lvlm, benchmark)
     benchmark = checked.benchmark
     storage = make_storage(cfg)  # fails fast on an unreachable URL
-    lvlm = lvlm or v2drop.load(cfg.model)
+    lvlm = lvlm or load_model(cfg)
     validate(cfg, lvlm.depth)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(plain(asdict(cfg)), indent=2))
@@ -121,32 +131,65 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
             raise ValueError(f"Study {cfg.study!r} exists with other objectives; use another --study-name") from None
     eval_config = trial_eval_config(cfg)
     samples = checked.samples
+    # Every trial runs the same batches: their inputs and vision features are computed by the first one only.
+    cache = VisionCache(cfg.vision_cache_mb * 2**20) if cfg.vision_cache_mb else None
 
     def objective(trial: optuna.Trial):
         method = suggest_method(trial, cfg.search, lvlm.depth)
-        result = evaluate(lvlm, benchmark, method, eval_config, samples=samples)
+        with cache.attached(lvlm) if cache is not None else contextlib.nullcontext():
+            result = evaluate(lvlm, benchmark, method, eval_config, samples=samples)
         trial.set_user_attr("method", method.to_dict())
         trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
         if cfg.max_average_tokens is not None:
             trial.set_constraint("average_tokens", result.metrics["average_vision_tokens"] - cfg.max_average_tokens)
         return objective_values(result.metrics, cfg.objectives)
 
-    callback = WandbCallback(cfg, run_dir)
-    callbacks = [callback]
+    callback = WandbCallback(cfg, run_dir) if finish else None
+    callbacks = [callback] if callback is not None else []
     if cfg.total_trials:
         callbacks.append(optuna.study.MaxTrialsCallback(cfg.total_trials, states=(optuna.trial.TrialState.COMPLETE,)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study.optimize(objective, n_trials=cfg.trials, callbacks=callbacks, show_progress_bar=progress)
-        rows, front = write_artifacts(study, cfg, run_dir)
-        confirmed = confirm_front(study, front, cfg, lvlm, benchmark, run_dir, progress)
+        if not finish:
+            return {"rows": None, "front": None, "confirmed": None, "run_dir": str(run_dir)}
+        return _finish(study, cfg, lvlm, benchmark, callback, progress)
     except BaseException as err:  # finished trials are in the storage already; say how to continue
         done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
         err.add_note(f"study {cfg.study!r} keeps its {done} finished trial(s) in {cfg.storage or run_dir / 'journal.log'}; "
                      "rerun the same command (same study name and storage) to resume it")
-        if callback.run is not None:  # the wandb run would otherwise stay open until the process exits
+        if callback is not None and callback.run is not None:  # the wandb run would otherwise stay open until the process exits
             callback.run.finish(exit_code=1)
         raise
+
+
+def finish_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True) -> dict:
+    """Write the artifacts, log every trial to one wandb run and confirm the front of a study whose trials ran
+    elsewhere (the workers of ``experiments.sweep --workers``); returns what ``run_sweep`` returns."""
+    checked = check_sweep_run(cfg, lvlm, benchmark)
+    try:
+        study = optuna.load_study(study_name=cfg.study, storage=make_storage(cfg))
+    except KeyError:
+        raise ValueError(f"No study {cfg.study!r} in {cfg.storage or cfg.resolved_run_dir() / 'journal.log'}") from None
+    lvlm = lvlm or load_model(cfg)
+    callback = WandbCallback(cfg, cfg.resolved_run_dir())
+    for trial in study.trials:
+        callback(study, trial)
+    try:
+        return _finish(study, cfg, lvlm, checked.benchmark, callback, progress)
+    except BaseException:
+        if callback.run is not None:
+            callback.run.finish(exit_code=1)
+        raise
+
+
+def _finish(study, cfg: SweepConfig, lvlm, benchmark, callback, progress: bool) -> dict:
+    """Artifacts, the confirmed front (its own vision cache: other samples than the trials'), the wandb dashboard."""
+    run_dir = cfg.resolved_run_dir()
+    rows, front = write_artifacts(study, cfg, run_dir)
+    cache = VisionCache(cfg.vision_cache_mb * 2**20) if cfg.vision_cache_mb else None
+    with cache.attached(lvlm) if cache is not None else contextlib.nullcontext():
+        confirmed = confirm_front(study, front, cfg, lvlm, benchmark, run_dir, progress)
     callback.finish(rows, confirmed, run_dir / "pareto.png")
     return {"rows": rows, "front": front, "confirmed": confirmed, "run_dir": str(run_dir)}
 
