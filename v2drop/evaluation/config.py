@@ -20,6 +20,8 @@ class EvalSettings:
     memory_batches: int = 2  # CPU: the first N batches run once more, untimed, under the RSS sampler (it would slow the timed run)
     accelerator: str = "auto"  # Lightning accelerator; auto = gpu when device is cuda, else cpu
     devices: int | str = 1  # Lightning devices (a count or "auto")
+    workers: int = 2  # data-loader worker processes decoding and processing batches while the model runs; 0 = in the main process
+    prefetch_factor: int = 2  # batches each worker prepares ahead (with workers > 0)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import os
 import signal
 import statistics
 import threading
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -80,22 +81,69 @@ def evaluate(
 
 
 def check_sample(sample, benchmark) -> None:
-    """Fail before any long work on a sample the model cannot take."""
-    if not sample.images:
+    """Fail before any long work on a sample the model cannot take; cheap: media are found and their headers read, not decoded.
+
+    A medium that passes here but cannot be decoded fails when its batch is prepared, with a
+    ValueError naming the sample.
+    """
+    if not sample.media:
         what = "frames" if benchmark.modality == "video" else "image"
         raise ValueError(f"Sample {sample.id!r} of {benchmark.modality} benchmark {benchmark.name!r} has no {what}")
-    for i, image in enumerate(sample.images):
+    refs = sample.refs()
+    for i, ref in enumerate(refs):
+        try:
+            ref.check()
+        except ValueError as err:
+            raise ValueError(f"Sample {sample.id!r}: medium {i} cannot be read ({err})") from None
+    if refs:
+        return
+    for i, image in enumerate(sample.images):  # pixels given in memory: decoding a lazily opened file is all that can fail
         try:
             image.load()
         except Exception as err:  # PIL raises many types for truncated or corrupt files
             raise ValueError(f"Sample {sample.id!r}: image {i} cannot be decoded ({err})") from None
 
 
-def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalConfig, memory_pass: bool = False) -> list[dict]:
+class BatchInputs:
+    """Sample indices -> model inputs (decode, resize, processor) for a ``DataLoader``'s ``collate_fn``, run in its workers.
+
+    Holds the light samples and the processor only (``InputBuilder``), never the model. A batch
+    whose media cannot be decoded comes back as ``{"ids", "error"}``: ``predict_step`` raises the
+    error in the main process, so it reads as the sample's ValueError rather than a worker traceback.
+    """
+
+    def __init__(self, samples: list, builder, dtype: torch.dtype):
+        self.samples = samples
+        self.builder = builder
+        self.dtype = dtype
+
+    def __call__(self, indices: list[int]) -> dict:
+        batch = [self.samples[i] for i in indices]
+        ids = [s.id for s in batch]
+        try:
+            inputs = prepare_batch(self.builder, batch, "cpu", self.dtype)
+        except ValueError as err:
+            return {"indices": list(indices), "ids": ids, "error": err}
+        return {"indices": list(indices), "ids": ids, "inputs": inputs}
+
+
+def prepare_batch(builder, batch: list, device, dtype) -> dict:
+    """Model inputs for samples (their images decoded now, through the bounded cache) with an ``InputBuilder``."""
+    images = [list(s.images) for s in batch]
+    prompts = [builder.format_prompt(s.question, n_images=len(imgs)) for s, imgs in zip(batch, images)]
+    return builder.prepare(prompts, images, device=device, dtype=dtype)
+
+
+def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalConfig, memory_pass: bool = False,
+             inputs: dict | None = None, data_wait: float = 0.0) -> list[dict]:
     """Generate answers for a batch of samples and turn them into records (``memory_pass``: CPU
-    peak memory from one more, untimed run of the batch)."""
-    prompts = [lvlm.format_prompt(s.question, n_images=len(s.images)) for s in batch]
-    inputs = lvlm.prepare(prompts, [list(s.images) for s in batch])
+    peak memory from one more, untimed run of the batch; ``inputs``: the batch already prepared by
+    a loader worker, else prepared here; ``data_wait``: seconds the model waited for the batch)."""
+    start = time.perf_counter()
+    if inputs is None:
+        inputs = prepare_batch(lvlm.inputs, batch, lvlm.device, lvlm.model.dtype)
+    else:
+        inputs = {k: v.to(lvlm.device) for k, v in inputs.items()}
     on_cuda = lvlm.device.type == "cuda"
     out = lvlm.generate_from_inputs(inputs, method, config.max_new_tokens, measure_memory=config.measure_memory and on_cuda)
     peak = out.peak_memory_bytes
@@ -127,7 +175,11 @@ def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalCon
             "batch_size": len(batch),
             "kept": trace.stages,
             "vision_runs": vision_runs(lvlm.adapter.vision_mask(torch.tensor([out.prompt_ids[i]]))[0].tolist()),
+            "data_wait_seconds": data_wait / len(batch),
         })
+    step = (time.perf_counter() - start) / len(batch)
+    for record in records:
+        record["step_seconds"] = step  # the model's share of the batch's wall time, beside data_wait_seconds
     return records
 
 
@@ -141,14 +193,27 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no device banners per run
     # lightning 2.6 vs torch 2.13's pytree: a deprecation inside Lightning, printed once per Trainer
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers")  # workers is the user's setting
 
     class Predictor(L.LightningModule):
         def __init__(self):
             super().__init__()
             self.lvlm_model = lvlm.model  # registered so Lightning places it on the right device
+            self.ready_at = 0.0
+
+        def on_predict_start(self):
+            self.ready_at = time.perf_counter()
 
         def predict_step(self, batch, batch_idx):
-            return _predict(lvlm, benchmark, method, [samples[i] for i in batch], config, batch_idx < config.memory_batches)
+            # From the end of the last step (or the start) to now the model had nothing to do: loading the batch.
+            wait = time.perf_counter() - self.ready_at
+            if "error" in batch:
+                raise batch["error"]
+            chosen = [samples[i] for i in batch["indices"]]
+            assert [s.id for s in chosen] == batch["ids"], "the loader returned a batch out of order"
+            out = _predict(lvlm, benchmark, method, chosen, config, batch_idx < config.memory_batches, batch["inputs"], wait)
+            self.ready_at = time.perf_counter()
+            return out
 
     class RecordWriter(L.Callback):
         def __init__(self):
@@ -172,9 +237,13 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
         callbacks=[writer],
         inference_mode=True,
     )
-    # The loader yields sample indices: Lightning moves batches to the device and cannot copy
-    # frozen dataclasses holding PIL images.
-    loader = DataLoader(range(len(samples)), batch_size=config.batch_size, shuffle=False, collate_fn=list, num_workers=0)
+    # Workers decode, resize and process each batch (BatchInputs) while the model runs the previous
+    # ones; the main process holds only light samples. Batches come back in order.
+    workers = {"num_workers": config.workers}
+    if config.workers:
+        workers.update(prefetch_factor=config.prefetch_factor, persistent_workers=False)
+    loader = DataLoader(range(len(samples)), batch_size=config.batch_size, shuffle=False,
+                        collate_fn=BatchInputs(samples, lvlm.inputs, lvlm.model.dtype), **workers)
     sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.predict(Predictor(), dataloaders=loader, return_predictions=False)
@@ -188,6 +257,15 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
         if sigint is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)  # Lightning leaves Ctrl-C ignored after an interrupt
     return writer.records
+
+
+def _data_wait_share(records: list[dict]) -> float | None:
+    """Share of the evaluation's wall time the model spent waiting for batches (None for records written before it was measured)."""
+    timed = [r for r in records if "data_wait_seconds" in r and "step_seconds" in r]
+    if not timed:
+        return None
+    wait = sum(r["data_wait_seconds"] for r in timed)
+    return wait / max(wait + sum(r["step_seconds"] for r in timed), 1e-12)
 
 
 def _aggregate(lvlm, benchmark, method, config, records, records_path, baseline) -> EvalResult:
@@ -209,6 +287,7 @@ def _aggregate(lvlm, benchmark, method, config, records, records_path, baseline)
         "scoring_share_of_prefill": (sum(r["scoring_seconds"] for r in records) / max(sum(r["prefill_seconds"] for r in records), 1e-12)),
         "peak_memory_mb_max": max(peaks) / 2**20 if peaks else None,
         "peak_memory_mb_median": statistics.median(peaks) / 2**20 if peaks else None,
+        "data_wait_share": _data_wait_share(records),
     }
     metrics.update({k: v for k, v in scores.items() if k not in ("accuracy", "per_family", "n")})
     per_family = scores.get("per_family", {})
