@@ -6,7 +6,8 @@
 Builds a local TextVQA-schema copy (``v2drop.testing.textvqa_copy``: ``--rows`` random JPEGs of
 ``--width`` x ``--height``; in a temporary folder unless ``--data-dir`` names one, reused when it
 already holds the copy) and evaluates it with ``run_evaluation`` and a random-weight
-LLaVA-1.5-shaped model (``v2drop.testing.random_llava``: 576 vision tokens), once per
+LLaVA-1.5-shaped model (``--model tiny``: ``v2drop.testing.build("llava")``, CLIP + Llama, 64
+vision tokens, so decoding is what costs; ``random-llava``: 576 vision tokens), once per
 ``--workers`` value, each in a fresh process so peaks do not mix. Memory is sampled from /proc
 every ``--interval`` seconds: the resident set (RSS) of the evaluating process plus its loader
 workers, and their proportional set (PSS), which counts pages the forked workers share with the
@@ -46,8 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", default="v2drop-llava15-128", help="method preset")
     parser.add_argument("--max-new-tokens", type=int, default=2, help="greedy tokens per answer")
     parser.add_argument("--batch-size", type=int, default=1, help="samples per generate call")
-    parser.add_argument("--hidden", type=int, default=512, help="the random model's hidden size")
-    parser.add_argument("--layers", type=int, default=12, help="the random model's decoder layers")
+    parser.add_argument("--model", choices=("tiny", "random-llava"), default="tiny",
+                        help="tiny: v2drop.testing.build('llava') (64 vision tokens, the issue's tiny LLaVA); "
+                             "random-llava: random_llava (hidden 512, 12 layers, 576 vision tokens)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the evaluating process")
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between memory samples")
     parser.add_argument("--output", default=None, help="write the figures as JSON here")
@@ -57,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv) -> list[dict]:
     args = _parser().parse_args(argv)
-    for key in ("rows", "width", "height", "max_new_tokens", "batch_size", "hidden", "layers", "threads"):
+    for key in ("rows", "width", "height", "max_new_tokens", "batch_size", "threads"):
         checks.check_int(f"--{key.replace('_', '-')}", getattr(args, key), 1)
     for w in args.workers:
         checks.check_int("--workers", w, 0)
@@ -102,12 +104,12 @@ def _one(args, setting: dict) -> dict:
     import torch
 
     from v2drop.evaluation import EvalConfig, run_evaluation
-    from v2drop.testing import random_llava
+    from v2drop.testing import build, random_llava
 
     torch.set_num_threads(args.threads)
     sampler = MemorySampler(args.interval)
     sampler.start()
-    lvlm = random_llava(hidden=args.hidden, layers=args.layers)
+    lvlm = build("llava") if args.model == "tiny" else random_llava()
     config = EvalConfig(model=lvlm.name, benchmark="textvqa", data_dir=args.data_dir, method=args.method, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, threads=args.threads, workers=setting["workers"], progress=False, warmup=2,
                         memory_batches=0)

@@ -47,6 +47,7 @@ def _main(argv) -> dict:
     p.add_argument("--benchmark-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="benchmark parameter, e.g. circular=true (mmbench), num_frames=16, video_root=/data/videos")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="data-loader processes decoding and processing batches (0: in the main process)")
     p.add_argument("--devices", default="1", help="Lightning devices")
     p.add_argument("--run-dir", default=None, help="where records, result and trace go (default runs/eval/<model>-<benchmark>-<method>)")
     p.add_argument("--output", default=None, help="also write the result JSON here")
@@ -63,7 +64,7 @@ def _main(argv) -> dict:
         model=args.model, benchmark=args.benchmark, method=method.to_dict(), split=args.split, limit=args.limit,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, warmup=args.warmup,
         attn_implementation=args.attn, dtype=args.dtype, device=args.device, device_map=args.device_map,
-        data_dir=args.data_dir, benchmark_args=parse_overrides(args.benchmark_arg), threads=args.threads,
+        data_dir=args.data_dir, benchmark_args=parse_overrides(args.benchmark_arg), threads=args.threads, workers=args.workers,
         devices=int(args.devices) if args.devices.isdigit() else args.devices, progress=not args.no_progress,
     ))
     run_dir = Path(args.run_dir or default_run_dir(args.model, args.benchmark, args.method, args.schedule))

@@ -1,8 +1,10 @@
 """The evaluation harness: one benchmark, one model, one method -> per-sample records and aggregates.
 
 Runs through Lightning's ``Trainer.predict`` (one CPU device by default; Lightning strategies
-scale it to several GPUs or nodes, each sample predicted exactly once). Records are appended to a
-JSONL file as samples finish, so an interrupted run continues with ``resume=True``.
+scale it to several GPUs or nodes, each sample predicted exactly once). Samples are light (their
+media decoded on demand); ``workers`` loader processes decode and process each batch while the
+model runs the previous one. Records are appended to a JSONL file as samples finish, so an
+interrupted run continues with ``resume=True``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import statistics
+import sys
 import threading
 import time
 import warnings
@@ -112,19 +115,40 @@ class BatchInputs:
     error in the main process, so it reads as the sample's ValueError rather than a worker traceback.
     """
 
-    def __init__(self, samples: list, builder, dtype: torch.dtype):
+    def __init__(self, samples: list, builder):
         self.samples = samples
         self.builder = builder
-        self.dtype = dtype
 
     def __call__(self, indices: list[int]) -> dict:
         batch = [self.samples[i] for i in indices]
         ids = [s.id for s in batch]
         try:
-            inputs = prepare_batch(self.builder, batch, "cpu", self.dtype)
+            inputs = prepare_batch(self.builder, batch, "cpu", torch.float32)
         except ValueError as err:
             return {"indices": list(indices), "ids": ids, "error": err}
-        return {"indices": list(indices), "ids": ids, "inputs": inputs}
+        # As numpy arrays the batch is pickled through the worker's pipe: tensors would be passed as
+        # shared-memory file descriptors, whose hand-over prints a traceback when an interrupted run
+        # stops its workers mid-transfer. Pixels stay float32 here (numpy has no bfloat16).
+        return {"indices": list(indices), "ids": ids, "arrays": {k: v.numpy() for k, v in inputs.items()}}
+
+
+def _end_with_parent(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """Make a loader worker end when the evaluating process does, even killed (SIGKILL: it cannot stop its workers).
+
+    An orphaned worker blocks on its full result pipe and keeps the parent's stdout and stderr
+    open, so whoever waits for the killed run's output would wait forever. Linux only (prctl).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def prepare_batch(builder, batch: list, device, dtype) -> dict:
@@ -138,12 +162,14 @@ def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalCon
              inputs: dict | None = None, data_wait: float = 0.0) -> list[dict]:
     """Generate answers for a batch of samples and turn them into records (``memory_pass``: CPU
     peak memory from one more, untimed run of the batch; ``inputs``: the batch already prepared by
-    a loader worker, else prepared here; ``data_wait``: seconds the model waited for the batch)."""
+    a loader worker (tensors or numpy arrays), else prepared here; ``data_wait``: seconds the model waited for the batch)."""
     start = time.perf_counter()
     if inputs is None:
         inputs = prepare_batch(lvlm.inputs, batch, lvlm.device, lvlm.model.dtype)
     else:
-        inputs = {k: v.to(lvlm.device) for k, v in inputs.items()}
+        inputs = {k: torch.as_tensor(v).to(lvlm.device) for k, v in inputs.items()}
+        dtype = lvlm.model.dtype
+        inputs = {k: v.to(dtype) if v.is_floating_point() and k.startswith("pixel_values") else v for k, v in inputs.items()}
     on_cuda = lvlm.device.type == "cuda"
     out = lvlm.generate_from_inputs(inputs, method, config.max_new_tokens, measure_memory=config.measure_memory and on_cuda)
     peak = out.peak_memory_bytes
@@ -211,7 +237,7 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
                 raise batch["error"]
             chosen = [samples[i] for i in batch["indices"]]
             assert [s.id for s in chosen] == batch["ids"], "the loader returned a batch out of order"
-            out = _predict(lvlm, benchmark, method, chosen, config, batch_idx < config.memory_batches, batch["inputs"], wait)
+            out = _predict(lvlm, benchmark, method, chosen, config, batch_idx < config.memory_batches, batch["arrays"], wait)
             self.ready_at = time.perf_counter()
             return out
 
@@ -241,9 +267,9 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
     # ones; the main process holds only light samples. Batches come back in order.
     workers = {"num_workers": config.workers}
     if config.workers:
-        workers.update(prefetch_factor=config.prefetch_factor, persistent_workers=False)
+        workers.update(prefetch_factor=config.prefetch_factor, persistent_workers=False, worker_init_fn=_end_with_parent)
     loader = DataLoader(range(len(samples)), batch_size=config.batch_size, shuffle=False,
-                        collate_fn=BatchInputs(samples, lvlm.inputs, lvlm.model.dtype), **workers)
+                        collate_fn=BatchInputs(samples, lvlm.inputs), **workers)
     sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.predict(Predictor(), dataloaders=loader, return_predictions=False)
