@@ -120,6 +120,7 @@ class BatchInputs:
         self.builder = builder
 
     def __call__(self, indices: list[int]) -> dict:
+        """``{"indices", "ids", "arrays"}`` (the prepared inputs as numpy arrays), or ``{"indices", "ids", "error"}``."""
         batch = [self.samples[i] for i in indices]
         ids = [s.id for s in batch]
         try:
