@@ -49,6 +49,7 @@ def _main(argv) -> dict | None:
     p.add_argument("--benchmark-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="benchmark parameter, e.g. circular=true (mmbench), num_frames=16, video_root=/data/videos")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="data-loader processes decoding and processing batches (0: in the main process)")
     p.add_argument("--devices", default="1", help="Lightning devices per machine; several shard the samples (records.rank<k>.jsonl, merged at the end)")
     p.add_argument("--num-nodes", type=int, default=1, help="Lightning num_nodes: machines, each running --devices ranks")
     p.add_argument("--run-dir", default=None, help="where records, result and trace go (default runs/eval/<model>-<benchmark>-<method>)")
@@ -67,7 +68,7 @@ def _main(argv) -> dict | None:
         model=args.model, benchmark=args.benchmark, method=method.to_dict(), split=args.split, limit=args.limit,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, warmup=args.warmup,
         attn_implementation=args.attn, dtype=args.dtype, device=args.device, device_map=args.device_map,
-        data_dir=args.data_dir, benchmark_args=parse_overrides(args.benchmark_arg), threads=args.threads,
+        data_dir=args.data_dir, benchmark_args=parse_overrides(args.benchmark_arg), threads=args.threads, workers=args.workers,
         devices=int(args.devices) if args.devices.isdigit() else args.devices, num_nodes=args.num_nodes,
         progress=not args.no_progress, label=args.label or method_label(args.method, args.schedule, args.scorer_arg),
     ))

@@ -26,7 +26,7 @@ LIMIT = 12
 ARGS = ["--model", "proxy", "--benchmark", "digits", "--method", "v2drop", "--schedule", "v2drop-llava15-128",
         "--limit", str(LIMIT), "--warmup", "0", "--max-new-tokens", "2", "--threads", "1", "--no-progress"]
 # Timings and memory differ from run to run; everything else in a record is a function of the sample and its batch.
-VOLATILE = {"prefill_seconds", "generate_seconds", "scoring_seconds", "peak_memory_bytes"}
+VOLATILE = {"prefill_seconds", "generate_seconds", "scoring_seconds", "peak_memory_bytes", "data_wait_seconds", "step_seconds"}
 METRICS = ("accuracy", "n", "average_vision_tokens", "vision_tokens", "flops", "flops_ratio")
 
 

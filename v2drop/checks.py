@@ -189,6 +189,8 @@ def check_settings(settings) -> None:
     check_int("warmup", settings.warmup, 0)
     check_int("threads", settings.threads, 1, optional=True)
     check_int("memory_batches", settings.memory_batches, 0)
+    check_int("workers", settings.workers, 0)
+    check_int("prefetch_factor", settings.prefetch_factor, 1)
     if settings.accelerator not in ("auto", "cpu", "gpu", "cuda", "mps", "tpu"):
         raise ValueError(f"accelerator {settings.accelerator!r} is not a Lightning accelerator; use auto, cpu or gpu")
     if settings.devices != "auto":

@@ -24,6 +24,58 @@ class GenerationResult(engine.EngineOutput):
     texts: list[str] = None  # type: ignore[assignment]
 
 
+class InputBuilder:
+    """Prompts and images -> model inputs with the processor alone (no model): picklable, so loader workers can run it."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    @property
+    def tokenizer(self):
+        """The processor's tokenizer (the processor itself for a bare tokenizer)."""
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def image_token(self) -> str:
+        """The placeholder string a prompt uses for one image."""
+        return getattr(self.processor, "image_token", "<image>")
+
+    def format_prompt(self, question: str, n_images: int = 1) -> str:
+        """The family's chat prompt for one user turn with ``n_images`` images before the question."""
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        if getattr(self.processor, "chat_template", None):
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return "USER: " + self.image_token * n_images + "\n" + question + " ASSISTANT:"
+
+    def prepare(self, prompts: Sequence[str], images: Sequence[Any] | None = None, videos: Sequence[Any] | None = None,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+        """Model inputs for a batch on ``device`` (pixel values in ``dtype``): each sample processed alone, then left-padded together.
+
+        ``images[i]`` is None, one PIL image or a list of them for prompt ``i``; ``videos[i]``
+        likewise a list of frames (families with native video inputs only).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        images = _per_sample(images, len(prompts), "images")
+        videos = _per_sample(videos, len(prompts), "videos")
+        samples = []
+        for i, (prompt, imgs, vids) in enumerate(zip(prompts, images, videos)):
+            n_placeholders = prompt.count(self.image_token)
+            if len(imgs) != n_placeholders:
+                raise ValueError(
+                    f"Prompt {i} has {n_placeholders} image placeholder(s) ({self.image_token!r}) but "
+                    f"{len(imgs)} image(s) were given; put one placeholder per image in the prompt "
+                    f"(LVLM.format_prompt does this)"
+                )
+            kwargs: dict[str, Any] = {"text": prompt, "return_tensors": "pt"}
+            if imgs:
+                kwargs["images"] = imgs
+            if vids:
+                kwargs["videos"] = vids
+            samples.append(dict(self.processor(**kwargs)))
+        return _collate(samples, pad_id=self.tokenizer.pad_token_id or 0, device=device, dtype=dtype)
+
+
 class LVLM:
     """A loaded vision-language model: the ``transformers`` model, its processor and family adapter.
 
@@ -51,6 +103,11 @@ class LVLM:
         return self.adapter.depth
 
     @property
+    def inputs(self) -> InputBuilder:
+        """Prompt formatting and input preparation with the processor alone (what loader workers run)."""
+        return InputBuilder(self.processor)
+
+    @property
     def device(self) -> torch.device:
         """Device of the model's parameters."""
         return next(self.model.parameters()).device
@@ -58,47 +115,26 @@ class LVLM:
     @property
     def image_token(self) -> str:
         """The placeholder string a prompt uses for one image."""
-        return getattr(self.processor, "image_token", "<image>")
+        return self.inputs.image_token
 
     def format_prompt(self, question: str, n_images: int = 1) -> str:
         """The family's chat prompt for one user turn with ``n_images`` images before the question."""
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
-        messages = [{"role": "user", "content": content}]
-        if getattr(self.processor, "chat_template", None):
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return "USER: " + self.image_token * n_images + "\n" + question + " ASSISTANT:"
+        return self.inputs.format_prompt(question, n_images)
 
     # -- inputs -----------------------------------------------------------------------------------
     def prepare(self, prompts: Sequence[str], images: Sequence[Any] | None = None, videos: Sequence[Any] | None = None) -> dict:
-        """Model inputs for a batch: each sample processed alone, then left-padded together.
+        """Model inputs for a batch on the model's device: each sample processed alone, then left-padded together.
 
         ``images[i]`` is None, one PIL image or a list of them for prompt ``i``; ``videos[i]``
         likewise a list of frames (families with native video inputs only).
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        images = _per_sample(images, len(prompts), "images")
-        videos = _per_sample(videos, len(prompts), "videos")
-        if self.vision_cache is not None:
-            return self.vision_cache.prepare(prompts, images, videos, lambda: self._prepare(prompts, images, videos))
-        return self._prepare(prompts, images, videos)
-
-    def _prepare(self, prompts: list[str], images: list[list], videos: list[list]) -> dict:
-        samples = []
-        for i, (prompt, imgs, vids) in enumerate(zip(prompts, images, videos)):
-            n_placeholders = prompt.count(self.image_token)
-            if len(imgs) != n_placeholders:
-                raise ValueError(
-                    f"Prompt {i} has {n_placeholders} image placeholder(s) ({self.image_token!r}) but "
-                    f"{len(imgs)} image(s) were given; put one placeholder per image in the prompt "
-                    f"(LVLM.format_prompt does this)"
-                )
-            kwargs: dict[str, Any] = {"text": prompt, "return_tensors": "pt"}
-            if imgs:
-                kwargs["images"] = imgs
-            if vids:
-                kwargs["videos"] = vids
-            samples.append(dict(self.processor(**kwargs)))
-        return _collate(samples, pad_id=self.tokenizer.pad_token_id or 0, device=self.device, dtype=self.model.dtype)
+        if self.vision_cache is not None:  # a sweep's trials: the same batch's inputs once, reused by every trial
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            images = _per_sample(images, len(prompts), "images")
+            videos = _per_sample(videos, len(prompts), "videos")
+            return self.vision_cache.prepare(prompts, images, videos, lambda: self.inputs.prepare(
+                prompts, images, videos, device=self.device, dtype=self.model.dtype))
+        return self.inputs.prepare(prompts, images, videos, device=self.device, dtype=self.model.dtype)
 
     # -- generation -------------------------------------------------------------------------------
     def generate(

@@ -43,6 +43,7 @@ FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 __all__ = [
     "DEPTH", "FAMILIES", "SPECIALS", "WORDS", "EchoBench", "Item", "PlaceholderProcessor", "batch_for", "build", "image",
     "prompt_for", "random_llava", "tokenizer", "word_tokenizer", "REAL_GEOMETRY", "build_real", "photo", "video_frames",
+    "textvqa_copy",
 ]
 
 
@@ -199,6 +200,32 @@ def photo(seed: int, width: int, height: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 255, (max(1, height // 16), max(1, width // 16), 3), dtype=np.uint8)
     return Image.fromarray(small).resize((width, height), Image.BILINEAR)
+
+
+def textvqa_copy(dest, rows: int, width: int = 1024, height: int = 768, seed: int = 0, quality: int = 90):
+    """Write a local TextVQA-schema copy to ``dest`` (``validation.jsonl`` + ``images/*.jpg``): ``rows`` questions, one
+    random ``width`` x ``height`` JPEG each, for measuring evaluation at scale (never committed: build it where needed).
+
+    Returns ``dest`` as a Path.
+    """
+    import json
+    from pathlib import Path
+
+    dest = Path(dest)
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    words = ["w%d" % i for i in range(256)]
+    rng = np.random.default_rng(seed)
+    with open(dest / "validation.jsonl", "w", encoding="utf-8") as f:
+        for i in range(rows):
+            name = f"images/{i:06d}.jpg"
+            if not (dest / name).is_file():  # a copy built before is reused (same seed, same pixels)
+                photo(seed * 1_000_003 + i, width, height).save(dest / name, quality=quality)
+            question = " ".join(rng.choice(words, 8).tolist())
+            answers = [str(a) for a in rng.choice(words[:4], 10).tolist()]
+            row = {"question_id": i, "question": question, "answers": answers, "image": name, "image_id": f"{i:06d}",
+                   "ocr_tokens": rng.choice(words, 3).tolist()}
+            f.write(json.dumps(row) + "\n")
+    return dest
 
 
 def video_frames(seed: int, frames: int, width: int, height: int) -> list[Image.Image]:

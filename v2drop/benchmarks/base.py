@@ -18,15 +18,17 @@ class DataError(ValueError):
     """A benchmark's data is missing, unreadable or not in its schema (a ``ValueError``, so the CLI reports it)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Sample:
     """One question about one image (or the frames of one video).
 
     Attributes
     ----------
     id, question, answer, family : str
-    images : tuple of PIL.Image
-        One for image benchmarks, the frames for video.
+    media : tuple of PIL.Image and ``MediaRef``, or one ``MediaRef``
+        The pixels in memory (small or generated benchmarks), or light references to where they
+        are (real benchmarks: a file, bytes, a video), decoded only when ``images`` is read. Given to the constructor as
+        ``images`` (positionally or by name) or as ``media``.
     evidence : tuple of int
         Vision-token indices (0-based over all the sample's tokens, images in order, each image's
         tokens in raster order) covering the objects the answer depends on; empty when unknown.
@@ -38,9 +40,50 @@ class Sample:
     question: str
     answer: str
     family: str
-    images: tuple
+    media: Any
     evidence: tuple = ()
     choices: tuple = ()
+
+    def __init__(self, id: str, question: str, answer: str, family: str, images: Any = (), evidence: tuple = (),
+                 choices: tuple = (), *, media: Any = None):
+        for name, value in (("id", id), ("question", question), ("answer", answer), ("family", family),
+                            ("media", images if media is None else media), ("evidence", evidence), ("choices", choices)):
+            object.__setattr__(self, name, value)
+
+    def refs(self) -> tuple:
+        """The lazy references (``MediaRef``) among the sample's media; empty when its pixels are in memory."""
+        from v2drop.benchmarks.media import MediaRef
+
+        parts = (self.media,) if isinstance(self.media, MediaRef) else tuple(self.media or ())
+        return tuple(m for m in parts if isinstance(m, MediaRef))
+
+    @property
+    def lazy(self) -> bool:
+        """Whether any of the pixels are a reference decoded on demand rather than images in memory."""
+        return bool(self.refs())
+
+    @property
+    def images(self) -> tuple:
+        """The sample's PIL images: one for image benchmarks, the frames for video (decoded on demand, bounded cache).
+
+        A medium that cannot be decoded is a ``DataError`` (a ValueError) naming the sample.
+        """
+        from v2drop.benchmarks.media import MEDIA_CACHE, MediaRef
+
+        try:
+            if isinstance(self.media, MediaRef):
+                return MEDIA_CACHE.get(self.media)  # the cached tuple itself: a video's questions share it
+            out: list = []
+            for m in self.media or ():
+                if isinstance(m, MediaRef):
+                    out.extend(MEDIA_CACHE.get(m))
+                else:
+                    out.append(m)
+            return tuple(out)
+        except DataError as err:
+            raise DataError(f"Sample {self.id!r}: {err}") from None
+        except Exception as err:  # PIL and PyAV raise many types for truncated or corrupt files
+            raise DataError(f"Sample {self.id!r}: its media cannot be decoded ({type(err).__name__}: {err})") from None
 
 
 class Benchmark:

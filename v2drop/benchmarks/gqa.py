@@ -65,7 +65,7 @@ class GQA(HFBenchmark):
             for suffix in IMAGE_SUFFIXES:
                 path = self.data_dir / "images" / f"{row['imageId']}{suffix}"
                 if path.is_file():
-                    return self.image(str(path))
+                    return self.image(str(path.absolute()))  # a relative data_dir would be joined twice
         raise DataError(f"no image column and no images/{row['imageId']}.jpg (or .png) under {self.data_dir}")
 
     def is_correct(self, prediction, sample):

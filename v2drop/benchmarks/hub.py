@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from v2drop.benchmarks.base import Benchmark, DataError, Sample
-from v2drop.benchmarks.media import decode_image_file, decode_video, existing_path, frame_files, open_image, sample_frames, shrink
+from v2drop.benchmarks.media import MediaRef, existing_path, image_ref, open_image, sample_frames, shrink
 from v2drop.benchmarks.metrics import mean, per_family_accuracy
 from v2drop.benchmarks.reading import READINGS, check_reading
 
@@ -44,7 +44,18 @@ def hub_dataset(bench: str, repo: str, config: str | None, split: str):
     except ImportError:
         raise DataError(f"{bench} reads the Hugging Face dataset {what} with the `datasets` package, which is not installed: "
                         f"pip install datasets, or {local}") from None
-    return datasets.load_dataset(repo, config, split=split)
+    return lazy_images(datasets.load_dataset(repo, config, split=split))
+
+
+def lazy_images(dataset):
+    """``dataset`` with its image columns left encoded (``{"bytes", "path"}``): samples then decode on demand."""
+    import datasets
+
+    image_type = getattr(datasets, "Image", None)
+    for name, feature in dict(getattr(dataset, "features", None) or {}).items():
+        if image_type is not None and isinstance(feature, image_type) and getattr(feature, "decode", False):
+            dataset = dataset.cast_column(name, image_type(decode=False))
+    return dataset
 
 
 def read_table(path: Path) -> Iterator[tuple[str, dict]]:
@@ -106,7 +117,7 @@ class HFBenchmark(Benchmark):
             raise DataError(f"data_dir {str(data_dir)!r} (--data-dir) is not a directory")
         self.samples_by_id: dict[str, Sample] = {}
         self.by_id: dict[str, dict] = {}  # sample id -> what aggregate needs beyond the records
-        self._images: dict[str, Image.Image] = {}  # decoded once, shared by the questions about one image
+        self._decoded: dict[str, Image.Image] = {}  # images datasets gave decoded, shared by the questions about one image
 
     # -- rows ---------------------------------------------------------------------------------------------
     def dataset_split(self, split: str | None) -> str:
@@ -200,18 +211,19 @@ class HFBenchmark(Benchmark):
         """The existing file or folder ``value`` names under ``media_root``, if any."""
         return existing_path(self.media_root(), value)
 
-    def image(self, value: Any, cache: bool = True, key: Any = None) -> Image.Image:
-        """An RGB image from a PIL image, a ``datasets`` image dict, bytes, a path under ``data_dir`` or base64.
+    def image(self, value: Any, cache: bool = True, key: Any = None) -> MediaRef | Image.Image:
+        """A lazy reference to an image given as a ``datasets`` image dict, bytes, a path under ``data_dir`` or base64.
 
-        Files, and hub images with a ``key`` (their file name in the dataset), are kept once per
-        instance (``cache``): POPE asks 18 questions per image, and 9,000 copies would not fit.
+        Nothing is decoded here: ``Sample.images`` decodes on demand through the bounded
+        ``MEDIA_CACHE``, keyed by the image's identity (its file, or a digest of its bytes), so
+        POPE's 18 questions per image share one decode without every image being held at once.
+        A PIL image (already decoded, as ``datasets`` gives images unless ``hub_dataset`` could turn
+        decoding off) is returned as it is, kept once per ``key`` (its file name in the dataset)
+        when ``cache``.
         """
-        if cache and key is not None and f"key:{key}" in self._images:
-            return self._images[f"key:{key}"]
-        if cache and key is not None and not isinstance(value, str):
-            self._images[f"key:{key}"] = open_image(value, self.media_root())
-            return self._images[f"key:{key}"]
-        return open_image(value, self.media_root(), self._images if cache else None)
+        if isinstance(value, Image.Image) and cache and key is not None:
+            return self._decoded.setdefault(f"key:{key}", value.convert("RGB"))
+        return image_ref(value, self.media_root())
 
 
 class VideoBenchmark(HFBenchmark):
@@ -219,9 +231,10 @@ class VideoBenchmark(HFBenchmark):
 
     A row's video may be a list of frame images (paths, PIL images), a folder of frame images
     (natural order) or a video file (PyAV), relative to ``video_root`` (default ``data_dir``).
-    ``max_side`` optionally shrinks frames so their longer side is at most that many pixels: the
-    harness holds every sample's frames in memory, which for long benchmarks at full resolution
-    does not fit; processors resize frames anyway, though not always to the same size.
+    Samples hold a ``MediaRef``: frames are decoded when the sample is evaluated, and the decoded
+    frames of recent videos are shared through the bounded ``MEDIA_CACHE``. ``max_side``
+    optionally shrinks frames so their longer side is at most that many pixels (less memory per
+    cached video); processors resize frames anyway, though not always to the same size.
     """
 
     modality = "video"
@@ -239,7 +252,6 @@ class VideoBenchmark(HFBenchmark):
         self.video_root = Path(video_root) if video_root else None
         if self.video_root is not None and not self.video_root.is_dir():
             raise DataError(f"video_root {str(video_root)!r} is not a directory")
-        self._videos: dict[tuple, tuple] = {}  # sampled frames per video, shared by its questions
 
     def media_root(self) -> Path | None:
         """Videos and frames are found under ``video_root``, else ``data_dir``."""
@@ -251,27 +263,25 @@ class VideoBenchmark(HFBenchmark):
             raise DataError(f"{self.name}: the {self.hf_name} rows name videos that must be downloaded and unpacked separately; "
                             "pass video_root with them (or data_dir with a local copy)")
 
-    def frames(self, value: Any, bounds: tuple[float, float] | None = None, subdirs: Sequence[str] = ()) -> tuple:
-        """The sampled frames of one video given as a frame list, a frame folder or a video file (tried under ``subdirs`` too)."""
+    def frames(self, value: Any, bounds: tuple[float, float] | None = None, subdirs: Sequence[str] = ()) -> MediaRef | tuple:
+        """A lazy reference to the sampled frames of one video given as a frame list, a frame folder or a video file
+        (tried under ``subdirs`` too); decoded frames (PIL images in a list) are sampled and kept as they are."""
         if isinstance(value, (list, tuple)):
             picks = sample_frames(list(value), self.num_frames)
-            if not all(isinstance(v, str) for v in value):  # decoded frames: nothing to share
-                return tuple(shrink(self.image(v, cache=False), self.max_side) for v in picks)
-            key: tuple = ("list", tuple(value), self.num_frames)
-            if key not in self._videos:
-                self._videos[key] = tuple(shrink(self.image(v, cache=False), self.max_side) for v in picks)
-            return self._videos[key]
+            if not all(isinstance(v, str) for v in value):  # decoded frames: nothing to defer
+                return tuple(shrink(open_image(v, self.media_root()), self.max_side) for v in picks)
+            paths = []
+            for v in picks:
+                path = self.find_media(v)
+                if path is None:
+                    raise DataError(f"frame {v!r} not found under {self.media_root()}")
+                paths.append(str(path.absolute()))
+            return MediaRef("frames", tuple(paths), max_side=self.max_side)
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"no video in {str(value)[:60]!r}")
         path = next((p for p in (self.find_media(str(Path(d) / value)) for d in ("", *subdirs)) if p is not None), None)
         if path is None:
             where = [str(Path(d) / value) for d in ("", *subdirs)]
             raise DataError(f"video {value!r} not found under {self.media_root()} (tried {where})")
-        key = (str(path), self.num_frames, bounds)
-        if key not in self._videos:
-            if path.is_dir():
-                picked = [decode_image_file(p) for p in sample_frames(frame_files(path), self.num_frames)]
-            else:
-                picked = decode_video(path, self.num_frames, bounds)
-            self._videos[key] = tuple(shrink(im, self.max_side) for im in picked)
-        return self._videos[key]
+        kind = "folder" if path.is_dir() else "video"
+        return MediaRef(kind, str(path.absolute()), self.num_frames, bounds if kind == "video" else None, self.max_side)

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import re
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +170,162 @@ def _clip(total: int, rate: float, bounds: tuple[float, float] | None) -> tuple[
         return 0, total - 1
     first = min(max(0, round(bounds[0] * rate)), total - 1)
     return first, max(first, min(total - 1, round(bounds[1] * rate)))
+
+
+# -- lazy references and the bounded cache ------------------------------------------------------------------
+
+
+class MediaCache:
+    """A least-recently-used cache of decoded media, bounded in entries and in decoded bytes.
+
+    Keys are a medium's identity (``MediaRef.key``), so questions about one image or video share
+    one decode while it stays among the most recent; the newest entry is always kept, even alone
+    over ``max_bytes``.
+    """
+
+    def __init__(self, max_entries: int = 32, max_bytes: int = 512 * 2**20):
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError(f"MediaCache needs max_entries >= 1 and max_bytes >= 1, got {max_entries} and {max_bytes}")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[Hashable, tuple] = OrderedDict()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.entries
+
+    def get(self, ref: MediaRef) -> tuple:
+        """The decoded images of ``ref``: from the cache when there, else decoded and remembered (evicting the oldest)."""
+        key = ref.key
+        if key in self.entries:
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        self.misses += 1
+        images = ref.decode()
+        self.entries[key] = images
+        self.nbytes += _nbytes(images)
+        while len(self.entries) > 1 and (len(self.entries) > self.max_entries or self.nbytes > self.max_bytes):
+            _, old = self.entries.popitem(last=False)
+            self.nbytes -= _nbytes(old)
+        return images
+
+    def clear(self) -> None:
+        """Forget every entry and reset the counters."""
+        self.entries.clear()
+        self.nbytes = self.hits = self.misses = 0
+
+
+def _nbytes(images: tuple) -> int:
+    """Decoded size of PIL images (width x height x bands bytes each)."""
+    return sum(im.width * im.height * len(im.getbands()) for im in images)
+
+
+MEDIA_CACHE = MediaCache()  # the per-process cache ``Sample.images`` decodes through (each loader worker has its own)
+
+
+@dataclass(frozen=True, eq=False)
+class MediaRef:
+    """Where one sample's pixels are, decoded only on demand (``MEDIA_CACHE.get(ref)``): a light, picklable record.
+
+    ``kind``: ``image`` (``source``: a file path, encoded bytes or base64 text), ``frames`` (a
+    tuple of frame file paths, sampled to ``num_frames``), ``folder`` (a folder of frame images)
+    or ``video`` (a video file; PyAV). Frames are shrunk to ``max_side`` when given.
+    """
+
+    kind: str  # image, frames, folder or video
+    source: Any  # a path (str), bytes, base64 text, or a tuple of frame paths
+    num_frames: int | None = None  # frames picked uniformly (frames, folder, video)
+    bounds: tuple[float, float] | None = None  # seconds of a video file to pick frames within
+    max_side: int | None = None  # shrink frames so their longer side is at most this
+
+    def __post_init__(self):
+        if self.kind not in ("image", "frames", "folder", "video"):
+            raise ValueError(f"MediaRef kind must be image, frames, folder or video, got {self.kind!r}")
+
+    @cached_property
+    def key(self) -> Hashable:
+        """The medium's identity: its path(s) and sampling, or a digest of inline bytes/base64."""
+        source = self.source
+        if isinstance(source, (bytes, bytearray)) or (isinstance(source, str) and existing_path(None, source) is None):
+            data = bytes(source) if isinstance(source, (bytes, bytearray)) else source.encode()
+            source = "sha1:" + hashlib.sha1(data).hexdigest()
+        return (self.kind, source, self.num_frames, self.bounds, self.max_side)
+
+    def decode(self) -> tuple:
+        """The RGB image(s): one for an image, the picked frames for a video; a DataError when they cannot be decoded."""
+        if self.kind == "image":
+            return (open_image(self.source, None),)
+        if self.kind == "frames":
+            picks = sample_frames(list(self.source), self.num_frames or len(self.source))
+            return tuple(shrink(open_image(p, None), self.max_side) for p in picks)
+        path = Path(self.source)
+        if self.kind == "folder":
+            picked = [decode_image_file(p) for p in sample_frames(frame_files(path), self.num_frames or 1)]
+        else:
+            picked = decode_video(path, self.num_frames or 1, self.bounds)
+        return tuple(shrink(im, self.max_side) for im in picked)
+
+    def check(self) -> None:
+        """A cheap check that the medium is there and readable: files exist, image headers parse; nothing is decoded."""
+        if self.kind == "image":
+            _check_header(self.source)
+        elif self.kind == "frames":
+            if not self.source:
+                raise DataError("a video with no frames")
+            for p in self.source:
+                _check_header(p)
+        elif self.kind == "folder":
+            frame_files(Path(self.source))
+        elif not Path(self.source).is_file():
+            raise DataError(f"video file {self.source} does not exist")
+
+
+def _check_header(source: Any) -> None:
+    """Open an image's header (PIL reads pixels only on ``load``); a DataError naming it when that fails."""
+    if isinstance(source, str) and existing_path(None, source) is not None:
+        opener, what = source, f"image file {source}"
+    else:
+        data = source if isinstance(source, (bytes, bytearray)) else _base64(str(source))
+        opener, what = io.BytesIO(bytes(data)), "image bytes" if isinstance(source, (bytes, bytearray)) else "base64 image"
+    try:
+        with Image.open(opener):
+            pass
+    except OSError as err:
+        raise DataError(f"{what} cannot be read ({err})") from None
+
+
+def _base64(value: str, root: Path | None = None) -> bytes:
+    """The bytes of base64 text (a ``data:`` URL prefix allowed); a DataError when it is not base64 (nor a file under ``root``)."""
+    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise DataError(f"image {value[:60]!r} is neither a file under {root} nor base64") from None
+
+
+def image_ref(value: Any, root: Path | None) -> MediaRef | Image.Image:
+    """A lazy reference to one image given as a ``datasets`` image dict, bytes, a path under ``root`` or base64.
+
+    A PIL image (already decoded, e.g. by ``datasets``) is returned as it is: there is nothing to defer.
+    """
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return MediaRef("image", bytes(value["bytes"]))
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return MediaRef("image", bytes(value))
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"no image in {str(value)[:60]!r}")
+    path = existing_path(root, value)
+    if path is not None:
+        return MediaRef("image", str(path.absolute()))  # loader workers may not share a relative root's meaning
+    _base64(value, root)  # fail at load time on text that is neither a file nor base64
+    return MediaRef("image", value)

@@ -21,6 +21,8 @@ class EvalSettings:
     accelerator: str = "auto"  # Lightning accelerator; auto = gpu when device is cuda, else cpu
     devices: int | str = 1  # Lightning devices per machine (a count or "auto"); several shard the samples
     num_nodes: int = 1  # Lightning num_nodes: machines, each running `devices` ranks
+    workers: int = 2  # data-loader worker processes decoding and processing batches while the model runs; 0 = in the main process
+    prefetch_factor: int = 2  # batches each worker prepares ahead (with workers > 0)
 
 
 @dataclass

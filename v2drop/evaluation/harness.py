@@ -2,8 +2,10 @@
 
 Runs through Lightning's ``Trainer.predict`` (one CPU device by default; ``devices`` and
 ``num_nodes`` shard the samples over several processes, GPUs or machines, each sample predicted
-exactly once: ``v2drop.evaluation.ranks``). Records are appended to a JSONL file as samples
-finish, so an interrupted run continues with ``resume=True``.
+exactly once: ``v2drop.evaluation.ranks``). Samples are light (their media decoded on demand);
+``workers`` loader processes decode and process each batch while the model runs the previous one.
+Records are appended to a JSONL file as samples finish, so an interrupted run continues with
+``resume=True``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import os
 import signal
 import statistics
+import sys
 import threading
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -91,22 +95,99 @@ def evaluate(
 
 
 def check_sample(sample, benchmark) -> None:
-    """Fail before any long work on a sample the model cannot take."""
-    if not sample.images:
+    """Fail before any long work on a sample the model cannot take; cheap: media are found and their headers read, not decoded.
+
+    A medium that passes here but cannot be decoded fails when its batch is prepared, with a
+    ValueError naming the sample.
+    """
+    if not sample.media:
         what = "frames" if benchmark.modality == "video" else "image"
         raise ValueError(f"Sample {sample.id!r} of {benchmark.modality} benchmark {benchmark.name!r} has no {what}")
-    for i, image in enumerate(sample.images):
+    refs = sample.refs()
+    for i, ref in enumerate(refs):
+        try:
+            ref.check()
+        except ValueError as err:
+            raise ValueError(f"Sample {sample.id!r}: medium {i} cannot be read ({err})") from None
+    if refs:
+        return
+    for i, image in enumerate(sample.images):  # pixels given in memory: decoding a lazily opened file is all that can fail
         try:
             image.load()
         except Exception as err:  # PIL raises many types for truncated or corrupt files
             raise ValueError(f"Sample {sample.id!r}: image {i} cannot be decoded ({err})") from None
 
 
-def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalConfig, memory_pass: bool = False) -> list[dict]:
+class BatchInputs:
+    """Sample indices -> model inputs (decode, resize, processor) for a ``DataLoader``'s ``collate_fn``, run in its workers.
+
+    Holds the light samples and the processor only (``InputBuilder``), never the model. A batch
+    whose media cannot be decoded comes back as ``{"ids", "error"}``: ``predict_step`` raises the
+    error in the main process, so it reads as the sample's ValueError rather than a worker traceback.
+    """
+
+    def __init__(self, samples: list, builder):
+        self.samples = samples
+        self.builder = builder
+
+    def __call__(self, indices: list[int]) -> dict:
+        """``{"indices", "ids", "arrays"}`` (the prepared inputs as numpy arrays), or ``{"indices", "ids", "error"}``;
+        without a builder only ``{"indices", "ids"}`` (the main process prepares the batch)."""
+        batch = [self.samples[i] for i in indices]
+        ids = [s.id for s in batch]
+        if self.builder is None:
+            return {"indices": list(indices), "ids": ids}
+        try:
+            inputs = prepare_batch(self.builder, batch, "cpu", torch.float32)
+        except ValueError as err:
+            return {"indices": list(indices), "ids": ids, "error": err}
+        # As numpy arrays the batch is pickled through the worker's pipe: tensors would be passed as
+        # shared-memory file descriptors, whose hand-over prints a traceback when an interrupted run
+        # stops its workers mid-transfer. Pixels stay float32 here (numpy has no bfloat16).
+        return {"indices": list(indices), "ids": ids, "arrays": {k: v.numpy() for k, v in inputs.items()}}
+
+
+def _end_with_parent(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """Make a loader worker end when the evaluating process does, even killed (SIGKILL: it cannot stop its workers).
+
+    An orphaned worker blocks on its full result pipe and keeps the parent's stdout and stderr
+    open, so whoever waits for the killed run's output would wait forever. Linux only (prctl).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def prepare_batch(builder, batch: list, device, dtype) -> dict:
+    """Model inputs for samples (their images decoded now, through the bounded cache) with an ``InputBuilder``."""
+    images = [list(s.images) for s in batch]
+    prompts = [builder.format_prompt(s.question, n_images=len(imgs)) for s, imgs in zip(batch, images)]
+    return builder.prepare(prompts, images, device=device, dtype=dtype)
+
+
+def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalConfig, memory_pass: bool = False,
+             inputs: dict | None = None, data_wait: float = 0.0) -> list[dict]:
     """Generate answers for a batch of samples and turn them into records (``memory_pass``: CPU
-    peak memory from one more, untimed run of the batch)."""
-    prompts = [lvlm.format_prompt(s.question, n_images=len(s.images)) for s in batch]
-    inputs = lvlm.prepare(prompts, [list(s.images) for s in batch])
+    peak memory from one more, untimed run of the batch; ``inputs``: the batch already prepared by
+    a loader worker (tensors or numpy arrays), else prepared here; ``data_wait``: seconds the model waited for the batch)."""
+    start = time.perf_counter()
+    if inputs is None and lvlm.vision_cache is not None:  # through the sweep's cache: prepared once, reused by every trial
+        images = [list(s.images) for s in batch]
+        inputs = lvlm.prepare([lvlm.format_prompt(s.question, n_images=len(imgs)) for s, imgs in zip(batch, images)], images)
+    elif inputs is None:
+        inputs = prepare_batch(lvlm.inputs, batch, lvlm.device, lvlm.model.dtype)
+    else:
+        inputs = {k: torch.as_tensor(v).to(lvlm.device) for k, v in inputs.items()}
+        dtype = lvlm.model.dtype
+        inputs = {k: v.to(dtype) if v.is_floating_point() and k.startswith("pixel_values") else v for k, v in inputs.items()}
     on_cuda = lvlm.device.type == "cuda"
     out = lvlm.generate_from_inputs(inputs, method, config.max_new_tokens, measure_memory=config.measure_memory and on_cuda)
     peak = out.peak_memory_bytes
@@ -138,7 +219,11 @@ def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalCon
             "batch_size": len(batch),
             "kept": trace.stages,
             "vision_runs": vision_runs(lvlm.adapter.vision_mask(torch.tensor([out.prompt_ids[i]]))[0].tolist()),
+            "data_wait_seconds": data_wait / len(batch),
         })
+    step = (time.perf_counter() - start) / len(batch)
+    for record in records:
+        record["step_seconds"] = step  # the model's share of the batch's wall time, beside data_wait_seconds
     return records
 
 
@@ -153,15 +238,28 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no device banners per run
     # lightning 2.6 vs torch 2.13's pytree: a deprecation inside Lightning, printed once per Trainer
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers")  # workers is the user's setting
 
     class Predictor(L.LightningModule):
         def __init__(self):
             super().__init__()
             self.lvlm_model = lvlm.model  # registered so Lightning places it on the right device
             self.allow_zero_length_dataloader_with_multiple_devices = True  # a rank may get no batch (ShardSampler)
+            self.ready_at = 0.0
+
+        def on_predict_start(self):
+            self.ready_at = time.perf_counter()
 
         def predict_step(self, batch, batch_idx):
-            return _predict(lvlm, benchmark, method, [samples[i] for i in batch], config, batch_idx < config.memory_batches)
+            # From the end of the last step (or the start) to now the model had nothing to do: loading the batch.
+            wait = time.perf_counter() - self.ready_at
+            if "error" in batch:
+                raise batch["error"]
+            chosen = [samples[i] for i in batch["indices"]]
+            assert [s.id for s in chosen] == batch["ids"], "the loader returned a batch out of order"
+            out = _predict(lvlm, benchmark, method, chosen, config, batch_idx < config.memory_batches, batch.get("arrays"), wait)
+            self.ready_at = time.perf_counter()
+            return out
 
     class RecordWriter(L.Callback):
         def __init__(self):
@@ -196,10 +294,16 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
     if trainer.world_size > 1 and records_path is None:
         raise ValueError(f"evaluating on {trainer.world_size} ranks (devices={config.devices!r}, num_nodes={config.num_nodes}) "
                          "needs a records path: rank 0 merges the ranks' records files")
-    # The loader yields sample indices: Lightning moves batches to the device and cannot copy
-    # frozen dataclasses holding PIL images.
-    loader = DataLoader(range(len(samples)), sampler=ShardSampler(len(samples), config.batch_size),
-                        batch_size=config.batch_size, collate_fn=list, num_workers=0)
+    # Workers decode, resize and process each batch (BatchInputs) while the model runs the previous
+    # ones; the main process holds only light samples. Batches come back in order; ShardSampler
+    # gives each rank whole batches, each sample once. With a sweep's vision cache attached the
+    # batches are prepared here instead, through the cache, so every trial after the first reuses them.
+    cached = lvlm.vision_cache is not None
+    workers = {"num_workers": 0 if cached else config.workers}
+    if workers["num_workers"]:
+        workers.update(prefetch_factor=config.prefetch_factor, persistent_workers=False, worker_init_fn=_end_with_parent)
+    loader = DataLoader(range(len(samples)), sampler=ShardSampler(len(samples), config.batch_size), batch_size=config.batch_size,
+                        collate_fn=BatchInputs(samples, None if cached else lvlm.inputs), **workers)
     sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.predict(Predictor(), dataloaders=loader, return_predictions=False)
@@ -216,6 +320,15 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
     # group outlives predict, so this waits until every rank's records file is complete.
     trainer.strategy.barrier("v2drop-records")
     return writer.records if trainer.global_rank == 0 else None
+
+
+def _data_wait_share(records: list[dict]) -> float | None:
+    """Share of the evaluation's wall time the model spent waiting for batches (None for records written before it was measured)."""
+    timed = [r for r in records if "data_wait_seconds" in r and "step_seconds" in r]
+    if not timed:
+        return None
+    wait = sum(r["data_wait_seconds"] for r in timed)
+    return wait / max(wait + sum(r["step_seconds"] for r in timed), 1e-12)
 
 
 def _aggregate(lvlm, benchmark, method, config, records, records_path, baseline) -> EvalResult:
@@ -237,6 +350,7 @@ def _aggregate(lvlm, benchmark, method, config, records, records_path, baseline)
         "scoring_share_of_prefill": (sum(r["scoring_seconds"] for r in records) / max(sum(r["prefill_seconds"] for r in records), 1e-12)),
         "peak_memory_mb_max": max(peaks) / 2**20 if peaks else None,
         "peak_memory_mb_median": statistics.median(peaks) / 2**20 if peaks else None,
+        "data_wait_share": _data_wait_share(records),
     }
     metrics.update({k: v for k, v in scores.items() if k not in ("accuracy", "per_family", "n")})
     per_family = scores.get("per_family", {})
