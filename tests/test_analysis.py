@@ -65,6 +65,7 @@ def test_scorer_variants_follow_the_registry(monkeypatch):
     assert variants["fastv"] == ("fastv", {}) and variants["random"] == ("random", {})
     # scorers without presets of their own name run on the first preset that uses them, fitted to each budget
     assert variants["composite"] == ("composite-v2drop-dart", {}) and variants["staged"] == ("visionzip-v2drop", {})
+    assert "given" not in variants  # an oracle needs each sample's positions
 
     @dataclass
     class NormScorer(Scorer):

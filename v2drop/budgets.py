@@ -13,7 +13,8 @@ def scorer_variants() -> dict[str, tuple[str, dict]]:
     on its own ``<name>-llava15-<budget>`` presets when it has them, else on the first LLaVA-1.5
     preset that uses it (a composite or staged scorer: ``composite-v2drop-dart``, fitted to each
     budget by ``budget_method``), else on V²Drop's progressive schedule (so a newly registered
-    scorer appears in every comparison without an edit here).
+    scorer appears in every comparison without an edit here). The ``given`` oracle is left out:
+    without per-sample positions every score ties and it keeps the first vision tokens.
     """
     from v2drop.method import Method, list_presets
     from v2drop.scorers import list_scorers
@@ -22,7 +23,7 @@ def scorer_variants() -> dict[str, tuple[str, dict]]:
     presets = list_presets()
     variants = {f"v2drop-{metric}": ("v2drop", {"metric": metric}) for metric in METRICS}
     for name in list_scorers():
-        if name == "v2drop":
+        if name in ("v2drop", "given"):
             continue
         if any(p.startswith(f"{name}-llava15-") for p in presets):
             variants[name] = (name, {})
