@@ -138,7 +138,7 @@ class BatchInputs:
         if self.builder is None:
             return {"indices": list(indices), "ids": ids}
         try:
-            inputs = prepare_batch(self.builder, batch, "cpu", torch.float32)
+            inputs = prepare_batch(self.builder, batch, device="cpu", dtype=torch.float32)
         except ValueError as err:
             return {"indices": list(indices), "ids": ids, "error": err}
         # As numpy arrays the batch is pickled through the worker's pipe: tensors would be passed as
@@ -166,11 +166,12 @@ def _end_with_parent(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's wor
         os._exit(1)
 
 
-def prepare_batch(builder, batch: list, device, dtype) -> dict:
-    """Model inputs for samples (their images decoded now, through the bounded cache) with an ``InputBuilder``."""
+def prepare_batch(builder, batch: list, **where) -> dict:
+    """Model inputs for samples (their images decoded now, through the bounded media cache) with ``builder.prepare``:
+    an ``InputBuilder`` (``where``: device and dtype) in a loader worker, or the ``LVLM`` itself in the main process."""
     images = [list(s.images) for s in batch]
     prompts = [builder.format_prompt(s.question, n_images=len(imgs)) for s, imgs in zip(batch, images)]
-    return builder.prepare(prompts, images, device=device, dtype=dtype)
+    return builder.prepare(prompts, images, **where)
 
 
 def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalConfig, memory_pass: bool = False,
@@ -179,11 +180,8 @@ def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalCon
     peak memory from one more, untimed run of the batch; ``inputs``: the batch already prepared by
     a loader worker (tensors or numpy arrays), else prepared here; ``data_wait``: seconds the model waited for the batch)."""
     start = time.perf_counter()
-    if inputs is None and lvlm.vision_cache is not None:  # through the sweep's cache: prepared once, reused by every trial
-        images = [list(s.images) for s in batch]
-        inputs = lvlm.prepare([lvlm.format_prompt(s.question, n_images=len(imgs)) for s, imgs in zip(batch, images)], images)
-    elif inputs is None:
-        inputs = prepare_batch(lvlm.inputs, batch, lvlm.device, lvlm.model.dtype)
+    if inputs is None:  # LVLM.prepare: on the model's device, through a sweep's vision cache when one is attached
+        inputs = prepare_batch(lvlm, batch)
     else:
         inputs = {k: torch.as_tensor(v).to(lvlm.device) for k, v in inputs.items()}
         dtype = lvlm.model.dtype
