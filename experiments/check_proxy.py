@@ -32,6 +32,7 @@ def _main(argv) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="proxy", help="bundled name, local directory or hub id")
     p.add_argument("--benchmark", default="digits")
+    p.add_argument("--seed", type=int, default=None, help="the benchmark's seed (digits: another draw of scenes and questions; default: the benchmark's own)")
     p.add_argument("--split", default="test")
     p.add_argument("--layer", type=int, default=2, help="drop layer of the evidence and random conditions")
     p.add_argument("--limit", type=int, default=None, help="questions to score (default: the whole split)")
@@ -43,7 +44,7 @@ def _main(argv) -> dict:
     checks.check_int("--layer", args.layer, 0)
     if args.output:
         checks.check_writable(args.output)
-    bench = get_benchmark(args.benchmark)
+    bench = get_benchmark(args.benchmark, seed=args.seed)
     bench.resolve_split(args.split)
     depth = checks.model_depth(args.model)
     if args.layer >= depth:
@@ -53,6 +54,8 @@ def _main(argv) -> dict:
     lvlm = v2drop.load(args.model)
     result = {**check(lvlm, bench, samples, args.layer), "model": args.model}
     print(format_table(result["table"]))
+    print("mean change of the vision tokens per decoder layer (‖h_{l+1} − h_l‖, l = 0, 1, ...): "
+          + " ".join(f"{c:.1f}" for c in result["layer_changes"]))
     print(json.dumps(result["verdict"], indent=1))
     if args.output:
         with open(args.output, "w") as f:

@@ -1,6 +1,7 @@
 """Train the proxy LVLM on the digits world and save it to v2drop/assets/proxy.
 
     python -m experiments.train_proxy [--config configs/proxy.yaml] [--set lvlm.steps=2000] [--fresh]
+    python -m experiments.train_proxy --init proxy-layer0-frozen --start settle   # the last stage only, from a saved model
 
 Resumes from the last Lightning checkpoint of the current stage unless ``--fresh``. The recipe is
 ``experiments.proxy.train.TrainConfig``; ``--set key.sub=value`` overrides any key of it.
@@ -12,7 +13,7 @@ import argparse
 import shutil
 import time
 
-from experiments.proxy.train import TrainConfig, train
+from experiments.proxy.train import STAGES, TrainConfig, train
 from v2drop import checks
 from v2drop.cli import run
 from v2drop.config import load_config
@@ -30,7 +31,7 @@ def check_recipe(cfg: TrainConfig) -> None:
     checks.check_int("monitor_every", cfg.monitor_every, 0)
     checks.check_int("monitor_samples", cfg.monitor_samples, 1)
     checks.check_int("frozen_decoder_layers", cfg.frozen_decoder_layers, 0)
-    for name in ("align", "lvlm", "robust", "video"):
+    for name in STAGES:
         stage = getattr(cfg, name)
         checks.check_int(f"{name}.steps", stage.steps, 0)
         checks.check_int(f"{name}.batch", stage.batch, 1)
@@ -45,14 +46,18 @@ def _main(argv) -> None:
     p.add_argument("--config", default="configs/proxy.yaml", help="the recipe (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in the work directory")
+    p.add_argument("--start", choices=STAGES, default=None, help="begin at this stage from --init's weights (trained by this recipe's earlier stages)")
+    p.add_argument("--init", default=None, help="with --start: the saved proxy (bundled name or directory) the earlier stages produced")
     args = p.parse_args(argv)
+    if (args.start is None) != (args.init is None):
+        raise ValueError("--start and --init go together: --init names the saved model that this recipe's stages before --start produced")
     cfg = load_config(TrainConfig, args.config, args.set)
     check_recipe(cfg)
     if args.fresh:
         shutil.rmtree(cfg.workdir, ignore_errors=True)
     start = time.time()
     try:
-        out = train(cfg, resume=not args.fresh)
+        out = train(cfg, resume=not args.fresh, init=args.init, start=args.start)
     except KeyboardInterrupt as err:
         err.add_note(f"checkpoints are kept under {cfg.workdir}; rerun the same command (without --fresh) to resume")
         raise

@@ -8,7 +8,7 @@ import torch
 
 import v2drop
 from experiments.check_proxy import main as check_main
-from experiments.proxy.check import BAR_CONDITIONS, bar_table
+from experiments.proxy.check import BAR_CONDITIONS, bar_table, layer_changes
 from experiments.proxy.train import TrainConfig
 from v2drop.benchmarks import get_benchmark
 from v2drop.config import config_to_dict, load_config
@@ -17,7 +17,7 @@ from v2drop.lvlm import LOCAL_MODELS
 ASSET = LOCAL_MODELS["proxy"]
 
 
-@pytest.mark.parametrize("name", ["proxy", "proxy-layer0-trained"])
+@pytest.mark.parametrize("name", ["proxy", "proxy-layer0-frozen", "proxy-layer0-trained"])
 def test_the_bundled_proxies_are_small_standard_llavas(name):
     """safetensors from save_pretrained, <= 50 MB for all bundled models, >= 12 decoder layers, 256 vision tokens per image, recipe alongside."""
     files = {p.name for p in LOCAL_MODELS[name].iterdir()}
@@ -60,6 +60,30 @@ def test_check_cli_prints_the_bars_and_writes_them(tmp_path, capsys):
     assert all(0.0 <= row["overall"] <= 1.0 for row in result["table"].values())
     assert out.startswith("condition") and '"validity_evidence_ge_95pct_of_full"' in out
     assert json.loads((tmp_path / "bars.json").read_text()) == json.loads(json.dumps(result))
+    assert len(result["layer_changes"]) == 12 and "mean change of the vision tokens per decoder layer" in out
+
+
+def test_layer_changes_are_the_mean_norm_of_each_layers_update_to_the_vision_tokens():
+    """``layer_changes`` equals ‖h_{l+1} − h_l‖ averaged over the vision tokens, read from transformers' own hidden states."""
+    lvlm = v2drop.load("proxy")
+    samples = get_benchmark("digits").load("test", 2)
+    per_token = []
+    for sample in samples:
+        inputs = lvlm.prepare([lvlm.format_prompt(sample.question)], [list(sample.images)])
+        with torch.no_grad():
+            hidden = lvlm.model(**inputs, output_hidden_states=True).hidden_states
+        vision = inputs["input_ids"][0] == lvlm.model.config.image_token_id
+        per_token.append(torch.stack([(hidden[l + 1][0] - hidden[l][0])[vision].norm(dim=-1) for l in range(12)]))
+    expected = torch.cat(per_token, dim=1).mean(dim=1)
+    assert torch.allclose(torch.tensor(layer_changes(lvlm, samples)), expected, rtol=1e-5)
+
+
+def test_the_shipped_proxy_trains_every_decoder_layer():
+    """Every decoder layer of the shipped proxy moves the vision tokens by the same order as the others (no untrained layer)."""
+    changes = layer_changes(v2drop.load("proxy"), get_benchmark("digits").load("test", 10))
+    median = sorted(changes)[len(changes) // 2]
+    assert min(changes) >= median / 10, changes
+    assert json.loads((ASSET / "train_config.json").read_text())["settle"]["frozen"] is False
 
 
 def test_check_cli_reports_a_missing_model_in_one_line_with_status_2(tmp_path, capsys):

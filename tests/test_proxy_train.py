@@ -249,6 +249,52 @@ def test_frozen_decoder_layers_keep_their_weights_while_the_rest_trains():
     assert not torch.equal(before[1]["self_attn.q_proj.weight"], layers[1].self_attn.q_proj.weight)
 
 
+def test_an_unfrozen_stage_trains_the_frozen_layers_at_their_own_rate():
+    """``frozen: false``: the first decoder layers train, in their own optimiser group at ``frozen_lr``; the rest at ``lr``."""
+    processor = build_processor()
+    torch.manual_seed(0)
+    model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer)
+    stage = StageConfig(lr=1e-2, vision_lr=1e-3, frozen=False, frozen_lr=5e-3, steps=40, isolated=True)
+    module = ConversationModule(model, processor, stage, frozen_layers=1)
+    layer0 = model.model.language_model.layers[0]
+    (opt,), (sched,) = module.configure_optimizers()
+    groups = {id(p): g["max_lr"] for g in opt.param_groups for p in g["params"]}
+    assert {groups[id(p)] for p in layer0.parameters()} == {5e-3}
+    assert groups[id(model.model.language_model.layers[1].self_attn.q_proj.weight)] == 1e-2
+    before = layer0.self_attn.q_proj.weight.clone()
+    batch = [dict(zip(("image", "objects"), get_benchmark("digits").scene("train", i)[:2]), rng_seed=i) for i in (1, 2)]
+    module.training_step(batch, 0).backward()
+    opt.step()
+    assert not torch.equal(before, layer0.self_attn.q_proj.weight)
+
+
+def tiny_recipe(tmp_path, name, *extra):
+    """``--set`` arguments of a two-layer recipe writing under ``tmp_path / name``."""
+    sets = [f"output={tmp_path / name / 'out'}", f"workdir={tmp_path / name / 'work'}", "model.layers=2", "model.hidden=32",
+            "model.intermediate=64", "model.vision_hidden=32", "align.steps=1", "align.batch=2", "lvlm.steps=1", "lvlm.batch=2",
+            "robust.steps=1", "robust.batch=2", "frozen_decoder_layers=1", "settle.batch=2", *extra]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def test_a_later_stage_starts_from_a_saved_model_of_the_same_recipe(tmp_path, capsys):
+    """``--init M --start settle`` equals the whole recipe run at once; a model of another recipe is refused with what differs."""
+    train_main(tiny_recipe(tmp_path, "base"))  # align, lvlm, robust (settle off)
+    whole = tiny_recipe(tmp_path, "whole", "settle.steps=2")
+    train_main(whole)
+    train_main(tiny_recipe(tmp_path, "later", "settle.steps=2") + ["--init", str(tmp_path / "base" / "out"), "--start", "settle"])
+    a = torch.load(tmp_path / "whole" / "work" / "settle" / "done.pt", weights_only=True)
+    b = torch.load(tmp_path / "later" / "work" / "settle" / "done.pt", weights_only=True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # the saved model round-trips through safetensors
+    assert not (tmp_path / "later" / "work" / "lvlm").exists()  # earlier stages were not trained again
+    with pytest.raises(SystemExit) as exit_:
+        train_main(tiny_recipe(tmp_path, "other", "settle.steps=2", "lvlm.lr=0.01") + ["--init", str(tmp_path / "base" / "out"), "--start", "settle"])
+    assert exit_.value.code == 2
+    assert re.search(r"error: .*was not trained by this recipe's stages before 'settle' \(differs in: lvlm\)", capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        train_main(whole + ["--start", "settle"])
+    assert "--start and --init go together" in capsys.readouterr().err
+
+
 def test_layer_masks_close_dropped_columns_from_their_layer_on():
     """Hand-made mask: sample 0 drops positions 1 and 2 before layer 1; sample 1 drops nothing."""
     base = isolation_mask(torch.zeros(2, 4, dtype=torch.long))

@@ -66,7 +66,28 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def check(lvlm, bench, samples, layer: int = 2, progress: bool = True) -> dict:
-    """The bar table of ``samples`` and its verdict: ``{"table", "verdict", "layer", "n"}``."""
+def layer_changes(lvlm, samples) -> list[float]:
+    """Mean L2 change ‖h_{l+1} − h_l‖ that each decoder layer l makes to the vision tokens, over ``samples`` (no dropping).
+
+    V²Drop's variation at layer l+1 is exactly this change; a layer that barely moves the tokens
+    (an untrained one) makes every method that reads it read noise.
+    """
+    import torch
+
+    image_id = lvlm.model.config.image_token_id
+    total, count = None, 0
+    with torch.no_grad():
+        for sample in samples:
+            inputs = lvlm.prepare([lvlm.format_prompt(sample.question, n_images=len(sample.images))], [list(sample.images)])
+            hidden = lvlm.model(**inputs, output_hidden_states=True).hidden_states  # embeddings, then each layer's output
+            vision = inputs["input_ids"][0] == image_id
+            steps = torch.stack([(b[0, vision] - a[0, vision]).float().norm(dim=-1).sum() for a, b in zip(hidden[:-1], hidden[1:])])
+            total, count = (steps if total is None else total + steps), count + int(vision.sum())
+    return (total / count).tolist()
+
+
+def check(lvlm, bench, samples, layer: int = 2, progress: bool = True, change_samples: int = 60) -> dict:
+    """The bar table of ``samples``, its verdict and the per-layer change to vision tokens on the first ``change_samples``: ``{"table", "verdict", "layer", "n", "layer_changes"}``."""
     table = bar_table(lvlm, bench, samples, layer, progress=progress)
-    return {"table": table, "verdict": verdict(table), "layer": layer, "n": len(samples)}
+    changes = layer_changes(lvlm, samples[:change_samples])
+    return {"table": table, "verdict": verdict(table), "layer": layer, "n": len(samples), "layer_changes": changes}

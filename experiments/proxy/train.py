@@ -9,7 +9,9 @@ Stages (``configs/proxy.yaml``; the recipe and its history are in ``docs/proxy.m
    embeddings frozen so the alignment keeps its meaning; half of the conversations lose vision
    tokens before decoder layer 1 or 2 (``drops.draw_drop``) and are answered from what survives.
 3. ``robust``: the same again, a second learning-rate cycle with more whole-object drops.
-4. ``video`` (off in the shipped recipe): clips beside the image conversations (``video``).
+4. ``settle``: a short cycle in which every decoder layer trains, the layers frozen until then at
+   their own learning rate (``frozen_lr``).
+5. ``video`` (off in the shipped recipe): clips beside the image conversations (``video``).
 """
 
 from __future__ import annotations
@@ -23,25 +25,28 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from experiments.proxy.check import bar_table
+from experiments.proxy.check import bar_table, layer_changes
 from experiments.proxy.data import AUX_TURNS, SceneStream, as_list, conversation, isolation_mask, pad_conversations, patch_words
 from experiments.proxy.drops import check_drop_settings, draw_drop, drop_masks
 from experiments.proxy.model import FRAME_WORDS, VISION_TOKENS, ProxyConfig, build_model, build_processor
 from experiments.proxy.video import VIDEO_AUX_TURNS, ClipStream, video_loss
 from v2drop.benchmarks.digits import FRAMES
-from v2drop.config import config_to_dict
+from v2drop.config import config_to_dict, load_config
 
-STAGES = ("align", "lvlm", "robust", "video")  # in training order; a stage's data seed is offset by its index
+STAGES = ("align", "lvlm", "robust", "settle", "video")  # in training order
+STAGE_SEEDS = {"align": 0, "lvlm": 1, "robust": 2, "video": 3, "settle": 4}  # a stage's data seed is offset by this (fixed when a stage is added)
 
 
 @dataclass
 class StageConfig:
-    """One training stage (``configs/proxy.yaml``: ``align``, ``lvlm``, ``robust`` and ``video``)."""
+    """One training stage (``configs/proxy.yaml``: ``align``, ``lvlm``, ``robust``, ``settle`` and ``video``)."""
 
     steps: int = 300  # optimiser steps (0: skip the stage)
     batch: int = 32  # scenes per step
     lr: float = 3e-3  # peak learning rate (one-cycle schedule)
     vision_lr: float = 1e-4  # peak learning rate of tower + projector (conversation stages)
+    frozen: bool = True  # conversation stages: keep the recipe's ``frozen_decoder_layers`` frozen (False: train them at ``frozen_lr``)
+    frozen_lr: float = 0.0  # with ``frozen: false``: peak learning rate of the otherwise frozen first decoder layers
     token_keep: list | None = None  # [low, high] share of vision tokens kept by a drop, whose conversation asks about what survives (None: no drops)
     turns: int = 5  # questions per conversation: one per family, then more retrieval questions
     isolated: bool = False  # each turn sees only the image prefix and itself (no answer leaks between turns)
@@ -79,8 +84,9 @@ class TrainConfig:
     align: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch=32, lr=3e-3))  # stage 1
     lvlm: StageConfig = field(default_factory=lambda: StageConfig(steps=800, batch=16, lr=1.5e-3, vision_lr=1e-4))  # stage 2
     robust: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch=16, lr=7e-4, vision_lr=5e-5, token_keep=[0.05, 1.0]))  # stage 3
-    video: StageConfig = field(default_factory=lambda: StageConfig(steps=0, batch=8, lr=1e-3, vision_lr=0.0, clips=4))  # stage 4
-    frozen_decoder_layers: int = 0  # the first N decoder layers keep their initial weights in every stage (docs/proxy.md)
+    settle: StageConfig = field(default_factory=lambda: StageConfig(steps=0, batch=16, lr=3e-4, vision_lr=0.0, frozen=False))  # stage 4
+    video: StageConfig = field(default_factory=lambda: StageConfig(steps=0, batch=8, lr=1e-3, vision_lr=0.0, clips=4))  # stage 5
+    frozen_decoder_layers: int = 0  # the first N decoder layers keep their initial weights in every stage whose ``frozen`` is true (docs/proxy.md)
     checkpoint_every: int = 50  # steps between Lightning checkpoints (what an interrupted stage resumes from)
     monitor_every: int = 0  # every N steps print validation accuracy per family (0: never)
     monitor_samples: int = 100  # validation questions the monitor scores
@@ -146,7 +152,7 @@ class AlignModule(L.LightningModule):
 
 
 class ConversationModule(L.LightningModule):
-    """Stages 2–4: the LVLM trained on conversations, input embeddings and the first ``frozen_layers`` decoder layers frozen.
+    """Stages 2–5: the LVLM trained on conversations, input embeddings frozen, the first ``frozen_layers`` decoder layers frozen or (``stage.frozen`` false) at ``stage.frozen_lr``.
 
     With ``stage.token_keep`` = [low, high], a ``stage.drop_share`` of the conversations lose vision
     tokens (``drops.draw_drop``) before a decoder layer drawn from ``stage.drop_layers`` and are
@@ -161,8 +167,9 @@ class ConversationModule(L.LightningModule):
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.model.model.get_input_embeddings().weight.requires_grad_(False)
-        for layer in self.model.model.language_model.layers[:frozen_layers]:
-            layer.requires_grad_(False)
+        self.first_layers = self.model.model.language_model.layers[:frozen_layers]
+        for layer in self.first_layers:
+            layer.requires_grad_(not stage.frozen)
 
     def training_step(self, batch, batch_idx):
         """The loss of a list of scenes, or of a video step's scenes and clips."""
@@ -207,13 +214,17 @@ class ConversationModule(L.LightningModule):
                 hook.remove()
 
     def configure_optimizers(self):
-        """AdamW with the tower + projector at ``stage.vision_lr`` and the rest at ``stage.lr``, one-cycle over the stage's steps."""
+        """AdamW with the tower + projector at ``stage.vision_lr``, unfrozen first layers at ``stage.frozen_lr`` and the rest at ``stage.lr``, one-cycle over the stage's steps."""
         vision = list(self.model.model.vision_tower.parameters()) + list(self.model.model.multi_modal_projector.parameters())
-        vision_ids = {id(p) for p in vision}
-        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in vision_ids]
-        opt = torch.optim.AdamW([{"params": rest, "lr": self.stage.lr}, {"params": vision, "lr": self.stage.vision_lr}],
-                                weight_decay=0.05, betas=(0.9, 0.98))
-        return one_cycle(opt, [self.stage.lr, self.stage.vision_lr], self.stage.steps)
+        first = [p for p in self.first_layers.parameters() if p.requires_grad]
+        special = {id(p) for p in vision + first}
+        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in special]
+        groups, lrs = [{"params": rest, "lr": self.stage.lr}, {"params": vision, "lr": self.stage.vision_lr}], [self.stage.lr, self.stage.vision_lr]
+        if first:  # a group of its own only when it trains, so the optimiser of a frozen-layer stage is as before
+            groups.append({"params": first, "lr": self.stage.frozen_lr})
+            lrs.append(self.stage.frozen_lr)
+        opt = torch.optim.AdamW(groups, weight_decay=0.05, betas=(0.9, 0.98))
+        return one_cycle(opt, lrs, self.stage.steps)
 
 
 class PrintLoss(L.Callback):
@@ -235,7 +246,7 @@ class PrintLoss(L.Callback):
 
 
 class Monitor(L.Callback):
-    """Prints the bar conditions (full, evidence, random) on ``n`` validation questions of each benchmark every ``every`` steps."""
+    """Prints the bar conditions (full, evidence, random) on ``n`` validation questions of each benchmark, and each decoder layer's change to the vision tokens, every ``every`` steps."""
 
     def __init__(self, processor, every: int, n: int, benchmarks=("digits",)):
         from v2drop.benchmarks import get_benchmark
@@ -255,16 +266,27 @@ class Monitor(L.Callback):
                 table = bar_table(lvlm, bench, samples, layer=min(2, lvlm.depth - 1), conditions=("full", "evidence", "random"))
             for name, row in table.items():
                 print(f"[monitor] step {trainer.global_step} {bench.name} {name:<8} " + " ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
+            changes = layer_changes(lvlm, samples[:20])
+            print(f"[monitor] step {trainer.global_step} {bench.name} layer changes " + " ".join(f"{c:.1f}" for c in changes), flush=True)
         pl_module.model.train()
 
 
-def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
-    """Run the stages (resuming from the last checkpoint of each) and save the model, the processor and the resolved recipe."""
+def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, init: str | Path | None = None, start: str | None = None) -> Path:
+    """Run the stages (resuming from the last checkpoint of each) and save the model, the processor and the resolved recipe.
+
+    ``start`` (with ``init``, a saved proxy): begin at stage ``start`` from ``init``'s weights
+    instead of training the stages before it; ``init`` must have been trained by this very recipe
+    up to there (``load_earlier_stages``).
+    """
     torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     processor = build_processor()
     model = build_model(cfg.model, processor.tokenizer)
-    for name in STAGES:
+    stages = STAGES
+    if start is not None:
+        load_earlier_stages(cfg, model, init, start)
+        stages = STAGES[STAGES.index(start):]
+    for name in stages:
         if getattr(cfg, name).steps > 0:
             train_stage(cfg, name, model, processor, resume, progress)
     out = Path(cfg.output)
@@ -272,7 +294,35 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "train_config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    started = out / "started_from.json"  # provenance: which saved model stood in for the earlier stages
+    if start is not None:
+        started.write_text(json.dumps({"start": start, "init": str(init)}, indent=1))
+    elif started.exists():
+        started.unlink()
     return out
+
+
+def load_earlier_stages(cfg: TrainConfig, model, init: str | Path, start: str) -> None:
+    """Load into ``model`` the weights of the saved proxy ``init`` (bundled name or directory), refusing one not trained by ``cfg``'s stages before ``start``."""
+    from transformers import LlavaForConditionalGeneration
+
+    from v2drop.bundled import LOCAL_MODELS
+
+    if start not in STAGES:
+        raise ValueError(f"unknown stage {start!r}; stages: {list(STAGES)}")
+    path = Path(LOCAL_MODELS.get(str(init), init))
+    if not (path / "train_config.json").is_file():
+        raise ValueError(f"{init!r} is not a saved proxy (no {path / 'train_config.json'}): its recipe cannot be checked")
+    saved = load_config(TrainConfig, path / "train_config.json")
+    earlier = list(STAGES[: STAGES.index(start)])
+    same = ["seed", "model", "frozen_decoder_layers"] + earlier
+    diff = [k for k in same if json.dumps(config_to_dict(getattr(saved, k)) if k in STAGES or k == "model" else getattr(saved, k))
+            != json.dumps(config_to_dict(getattr(cfg, k)) if k in STAGES or k == "model" else getattr(cfg, k))]
+    diff += [f"{n} (trained)" for n in STAGES[STAGES.index(start):] if getattr(saved, n).steps > 0]
+    if diff:
+        raise ValueError(f"{init!r} was not trained by this recipe's stages before {start!r} (differs in: {', '.join(diff)}); "
+                         "train from scratch or use the model those stages produced")
+    model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(path).state_dict())
 
 
 def train_stage(cfg: TrainConfig, name: str, model, processor, resume: bool = True, progress: bool = True) -> None:
@@ -304,7 +354,7 @@ def train_stage(cfg: TrainConfig, name: str, model, processor, resume: bool = Tr
 
 def stage_loader(cfg: TrainConfig, name: str, done_steps: int = 0) -> torch.utils.data.DataLoader:
     """The seeded data of stage ``name`` from step ``done_steps`` on: lists of scenes, or (video) dicts of scenes and clips."""
-    stage, seed = getattr(cfg, name), cfg.seed + STAGES.index(name) * 10**6
+    stage, seed = getattr(cfg, name), cfg.seed + STAGE_SEEDS[name] * 10**6
     if name == "video":
         return torch.utils.data.DataLoader(ClipStream(seed, stage.batch, stage.clips, stage.frames, start=done_steps), batch_size=None,
                                            collate_fn=as_list)
