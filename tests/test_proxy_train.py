@@ -30,11 +30,11 @@ def test_miniature_training_and_load(tmp_path, capsys):
     args = ["--set", f"output={out}", "--set", f"workdir={work}", "--set", "model.layers=2", "--set", "model.hidden=32",
             "--set", "model.intermediate=64", "--set", "model.vision_hidden=32", "--set", "align.steps=2", "--set", "align.batch=2",
             "--set", "lvlm.steps=2", "--set", "lvlm.batch=2", "--set", "robust.steps=2", "--set", "robust.batch=2",
-            "--set", "video.steps=1", "--set", "video.batch=1", "--set", "video.clips=1", "--set", "video.frames=[1,2]",
+            "--set", "settle.steps=2", "--set", "settle.batch=2", "--set", "video.steps=1", "--set", "video.batch=1", "--set", "video.clips=1", "--set", "video.frames=[1,2]",
             "--set", "video.frame_tags=1.0", "--set", "video.video_aux=[frames,firsts]", "--set", "video.token_keep=[0.1,1.0]",
             "--set", "monitor_every=1", "--set", "monitor_samples=5"]
     train_main(args)
-    assert (out / "model.safetensors").exists() and (work / "lvlm" / "done.pt").exists() and (work / "video" / "done.pt").exists()
+    assert (out / "model.safetensors").exists() and all((work / stage / "done.pt").exists() for stage in ("lvlm", "settle", "video"))
     lvlm = v2drop.load(str(out))
     sample = get_benchmark("digits").load("test", 1)[0]
     prompt = lvlm.format_prompt(sample.question)
@@ -65,7 +65,7 @@ def test_an_interrupted_stage_resumes_to_the_same_weights(tmp_path, monkeypatch)
         return ["--set", f"output={tmp_path / name / 'out'}", "--set", f"workdir={tmp_path / name / 'work'}", "--set", "model.layers=2",
                 "--set", "model.hidden=32", "--set", "model.intermediate=64", "--set", "model.vision_hidden=32", "--set", "align.steps=1",
                 "--set", "align.batch=2", "--set", "lvlm.steps=4", "--set", "lvlm.batch=2", "--set", "lvlm.token_keep=[0.1,1.0]",
-                "--set", "robust.steps=0", "--set", "checkpoint_every=1"]
+                "--set", "robust.steps=0", "--set", "settle.steps=0", "--set", "checkpoint_every=1"]
 
     train_main(args("straight"))
 
@@ -272,7 +272,7 @@ def tiny_recipe(tmp_path, name, *extra):
     """``--set`` arguments of a two-layer recipe writing under ``tmp_path / name``."""
     sets = [f"output={tmp_path / name / 'out'}", f"workdir={tmp_path / name / 'work'}", "model.layers=2", "model.hidden=32",
             "model.intermediate=64", "model.vision_hidden=32", "align.steps=1", "align.batch=2", "lvlm.steps=1", "lvlm.batch=2",
-            "robust.steps=1", "robust.batch=2", "frozen_decoder_layers=1", "settle.batch=2", *extra]
+            "robust.steps=1", "robust.batch=2", "frozen_decoder_layers=1", "settle.steps=0", "settle.batch=2", *extra]
     return [a for s in sets for a in ("--set", s)]
 
 
