@@ -314,10 +314,9 @@ def load_earlier_stages(cfg: TrainConfig, model, init: str | Path, start: str) -
     if not (path / "train_config.json").is_file():
         raise ValueError(f"{init!r} is not a saved proxy (no {path / 'train_config.json'}): its recipe cannot be checked")
     saved = load_config(TrainConfig, path / "train_config.json")
-    earlier = list(STAGES[: STAGES.index(start)])
-    same = ["seed", "model", "frozen_decoder_layers"] + earlier
-    diff = [k for k in same if json.dumps(config_to_dict(getattr(saved, k)) if k in STAGES or k == "model" else getattr(saved, k))
-            != json.dumps(config_to_dict(getattr(cfg, k)) if k in STAGES or k == "model" else getattr(cfg, k))]
+    earlier = STAGES[: STAGES.index(start)]
+    theirs, ours = stage_record(saved, earlier), stage_record(cfg, earlier)
+    diff = [k for k in ours if theirs[k] != ours[k]]
     diff += [f"{n} (trained)" for n in STAGES[STAGES.index(start):] if getattr(saved, n).steps > 0]
     if diff:
         raise ValueError(f"{init!r} was not trained by this recipe's stages before {start!r} (differs in: {', '.join(diff)}); "
@@ -361,15 +360,20 @@ def stage_loader(cfg: TrainConfig, name: str, done_steps: int = 0) -> torch.util
     return torch.utils.data.DataLoader(SceneStream(seed, start=done_steps * stage.batch), batch_size=stage.batch, collate_fn=as_list)
 
 
+def stage_record(cfg: TrainConfig, stages) -> dict:
+    """What weights trained through ``stages`` depend on: the seed, the model shape, the frozen layers and each of those stages' settings (JSON-normalised)."""
+    record = {"seed": cfg.seed, "model": config_to_dict(cfg.model), "frozen_decoder_layers": cfg.frozen_decoder_layers}
+    record.update({n: config_to_dict(getattr(cfg, n)) for n in stages})
+    return json.loads(json.dumps(record))  # tuples -> lists, as read back
+
+
 def check_stage_record(path: Path, cfg: TrainConfig, name: str, resume: bool) -> None:
     """Record what a stage's checkpoints were trained with; refuse to resume them under a different recipe.
 
     A stage's weights depend on the seed, the model shape, its own settings and every earlier
     stage's, so those are what must match.
     """
-    record = {"seed": cfg.seed, "model": config_to_dict(cfg.model), "frozen_decoder_layers": cfg.frozen_decoder_layers}
-    record.update({n: config_to_dict(getattr(cfg, n)) for n in STAGES[: STAGES.index(name) + 1]})
-    record = json.loads(json.dumps(record))  # tuples -> lists, as read back
+    record = stage_record(cfg, STAGES[: STAGES.index(name) + 1])
     if resume and path.exists():
         saved = json.loads(path.read_text())
         if saved != record:
