@@ -36,8 +36,9 @@ def vision_tokens_of(lvlm, sample) -> int:
 def run_methods(lvlm, benchmark, methods: dict, out: Path, config, samples=None) -> dict:
     """Evaluate each labelled method, caching ``out/<label>/result.json``; returns label -> result dict.
 
-    A label whose result exists for the same method and config is read back, not rerun; an
-    interrupted label resumes from its records.
+    A label whose result exists for the same method, config and weights (``LVLM.weights_fingerprint``:
+    a retrained model under the same name is rerun) is read back, not rerun; an interrupted label
+    resumes from its records.
     """
     from dataclasses import asdict
 
@@ -48,10 +49,11 @@ def run_methods(lvlm, benchmark, methods: dict, out: Path, config, samples=None)
         folder = out / label
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "result.json"
-        wanted = {"method": method.to_dict(), "config": {**asdict(config), "method": method.to_dict()}}
+        wanted = {"method": method.to_dict(), "config": {**asdict(config), "method": method.to_dict()},
+                  "weights": lvlm.weights_fingerprint}
         if path.exists():
             old = json.loads(path.read_text())
-            if old.get("method") == wanted["method"] and old.get("config") == wanted["config"]:
+            if all(old.get(key) == value for key, value in wanted.items()):
                 results[label] = old
                 continue
             (folder / "records.jsonl").unlink(missing_ok=True)
@@ -59,7 +61,7 @@ def run_methods(lvlm, benchmark, methods: dict, out: Path, config, samples=None)
 
         result = evaluate(lvlm, benchmark, method, replace(config, method=method.to_dict()),
                           records_path=folder / "records.jsonl", resume=True, samples=samples)
-        results[label] = result.to_json()
+        results[label] = {**result.to_json(), "weights": lvlm.weights_fingerprint}
         write_json(results[label], path)
     return results
 

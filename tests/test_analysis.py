@@ -1,6 +1,7 @@
 """Analysis helpers on hand-made records, the real-model cost table, and cached method runs."""
 
 import pytest
+import torch
 
 from dataclasses import dataclass
 
@@ -167,6 +168,28 @@ def test_run_methods_caches_results(tiny, tmp_path):
     assert again["drop"]["metrics"] == first["drop"]["metrics"]
     changed = run_methods(lvlm, bench, {"drop": Method("v2drop", schedule=Schedule.one_shot(2, 0.25))}, tmp_path, config)
     assert changed["drop"]["metrics"]["average_vision_tokens"] < first["drop"]["metrics"]["average_vision_tokens"]
+
+
+def test_run_methods_reruns_when_the_weights_change_under_the_same_name(tiny, tmp_path):
+    """A model retrained under the same name (a bundled proxy replaced) is not served the old model's results."""
+    import copy
+
+    from v2drop.lvlm import LVLM
+
+    lvlm, bench = tiny("llava"), EchoBench(3)
+    config = EvalConfig(model="tiny", benchmark="echo", warmup=0, max_new_tokens=1, progress=False)
+    methods = {"drop": Method("v2drop", schedule=Schedule.one_shot(2, 0.5))}
+    run_methods(lvlm, bench, methods, tmp_path, config)
+    stamp = (tmp_path / "drop" / "result.json").stat().st_mtime_ns
+    assert LVLM(copy.deepcopy(lvlm.model), lvlm.processor, lvlm.name).weights_fingerprint == lvlm.weights_fingerprint
+    model = copy.deepcopy(lvlm.model)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1.0
+    retrained = LVLM(model, lvlm.processor, lvlm.name)
+    assert retrained.weights_fingerprint != lvlm.weights_fingerprint
+    result = run_methods(retrained, bench, methods, tmp_path, config)
+    assert (tmp_path / "drop" / "result.json").stat().st_mtime_ns != stamp
+    assert result["drop"]["weights"] == retrained.weights_fingerprint
 
 
 def test_relative_rows_average_ratios_over_families():

@@ -103,6 +103,27 @@ class LVLM:
         return self.adapter.depth
 
     @property
+    def weights_fingerprint(self) -> str:
+        """A short hash of the weights (names, shapes, dtypes and each tensor's first and last values), for caches keyed by model.
+
+        A model name alone is not enough: a bundled or local model retrained under the same name
+        must not be served another model's cached results. Sampling the ends of every tensor keeps
+        this cheap for 7B checkpoints while any retraining changes it.
+        """
+        if getattr(self, "_fingerprint", None) is None:
+            import hashlib
+
+            digest = hashlib.blake2b(digest_size=8)
+            for name, tensor in self.model.state_dict().items():
+                digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+                if tensor.numel() and tensor.device.type != "meta":
+                    flat = tensor.detach().reshape(-1)
+                    ends = torch.cat([flat[:16], flat[-16:]]).to("cpu", torch.float64)
+                    digest.update(ends.numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    @property
     def inputs(self) -> InputBuilder:
         """Prompt formatting and input preparation with the processor alone (what loader workers run)."""
         return InputBuilder(self.processor)
