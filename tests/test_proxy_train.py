@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import v2drop
-from experiments.proxy.data import aux_turn, conversation, isolation_mask, patch_words
+from experiments.proxy.data import aux_turn, column_mate_question, conversation, isolation_mask, patch_words
 from experiments.proxy.drops import VisionDrop, block_keep_mask, draw_drop, layer_masks
 from experiments.proxy.model import ProxyConfig, build_model, build_processor, build_tokenizer
 from experiments.proxy.train import AlignModule, ConversationModule, StageConfig, TrainConfig
@@ -91,7 +91,7 @@ def test_config_rejects_unknown_keys_and_bad_drop_settings():
         config_from_dict(TrainConfig, {"lvlm": {"step": 3}})
     with pytest.raises(ValueError, match=r"token_keep must be \[low, high\]"):
         config_from_dict(TrainConfig, {"robust": {"token_keep": [0.0, 1.0]}})
-    with pytest.raises(ValueError, match=r"aux \['grid'\] names unknown turns \['grid'\]; known: \['digits', 'which', 'cells'\]"):
+    with pytest.raises(ValueError, match=r"aux \['grid'\] names unknown turns \['grid'\]; known: \['digits', 'which', 'cells', 'column_cells'\]"):
         config_from_dict(TrainConfig, {"lvlm": {"aux": ["grid"]}})
 
 
@@ -145,7 +145,7 @@ def test_digits_aux_turn_names_every_digit_with_its_colour_or_none():
     colour = {str(o.label): o.colour for o in objects}
     assert answers == [colour.get(w, "none") for w in words]
     assert labels[0::2] == [-100] * 10 and labels[1::2] == ids[1::2]  # only the answers are supervised
-    with pytest.raises(ValueError, match=r"Unknown auxiliary turn 'grid'; known: \['digits', 'which', 'cells'\]"):
+    with pytest.raises(ValueError, match=r"Unknown auxiliary turn 'grid'; known: \['digits', 'which', 'cells', 'column_cells'\]"):
         aux_turn(tok, objects, random.Random(0), "grid")
 
 
@@ -163,6 +163,54 @@ def test_cells_aux_turn_names_every_cell_with_its_digit_or_none():
     assert labels[0::3] == labels[1::3] == [-100] * len(cells) and labels[2::3] == ids[2::3]
     hidden, _ = aux_turn(tok, objects[1:], random.Random(0), "cells")  # a dropped object is not there: its cell is empty
     assert len(hidden) == 3 * 2 * (len(objects) - 1)
+
+
+def test_column_cells_aux_turn_draws_its_empty_cells_from_columns_holding_a_digit():
+    """``column_cells``: like ``cells``, but the empty cells come from the columns with a digit while there are any, so the row decides."""
+    tok = build_tokenizer()
+    bench = get_benchmark("digits")
+    for scene in range(40):
+        _, objects, _ = bench.scene("train", scene)
+        ids, labels = aux_turn(tok, objects, random.Random(scene), "column_cells")
+        cells = [(ROW_WORDS.index(r), COL_WORDS.index(c), a) for r, c, a in zip(*(tok.convert_ids_to_tokens(ids[i::3]) for i in range(3)))]
+        where = {(o.row, o.col): str(o.label) for o in objects}
+        assert len({(r, c) for r, c, _ in cells}) == len(cells) == 2 * len(objects)
+        assert [a for _, _, a in cells] == [where.get((r, c), "none") for r, c, _ in cells]
+        near = {(r, c) for r in range(4) for c in {c for _, c in where} if (r, c) not in where}
+        empty = {(r, c) for r, c, a in cells if a == "none"}
+        assert empty <= near if len(near) >= len(objects) else near < empty
+        assert labels[2::3] == ids[2::3] and labels[0::3] == labels[1::3] == [-100] * len(cells)
+
+
+def test_column_mate_questions_ask_about_cells_where_the_row_decides():
+    """``column_mate_question``: a digit sharing its column with another (answered by it, or none once dropped) or an empty cell of such a column; None without mates."""
+    bench = get_benchmark("digits")
+    kinds = set()
+    for scene in range(200):
+        _, objects, _ = bench.scene("train", scene)
+        question = column_mate_question(random.Random(scene), objects)
+        columns = [o.col for o in objects]
+        mate_columns = {c for c in columns if columns.count(c) > 1}
+        if not mate_columns:
+            assert question is None
+            continue
+        family, text, answer, evidence, _ = question
+        row, col = (ROW_WORDS.index(text.split("the ")[1].split(" row")[0]), COL_WORDS.index(text.split("row, ")[1].split(" column")[0]))
+        assert family == "ident" and col in mate_columns
+        at = [o for o in objects if (o.row, o.col) == (row, col)]
+        assert answer == (str(at[0].label) if at else "none")
+        kinds.add("digit" if at else "empty")
+        if at:
+            assert column_mate_question(random.Random(scene), objects, visible=set())[2] in ("none",)  # every digit dropped
+    assert kinds == {"digit", "empty"}
+
+
+def test_ident_mates_zero_leaves_a_conversation_unchanged():
+    """The default ``ident_mates`` 0 draws nothing from the RNG, so recipes without it train on exactly the same conversations."""
+    processor = build_processor()
+    _, objects, _ = get_benchmark("digits").scene("train", 9)
+    plain = conversation(processor, objects, random.Random(4), turns=9, isolated=True, aux=["digits", "cells"])
+    assert conversation(processor, objects, random.Random(4), turns=9, isolated=True, aux=["digits", "cells"], ident_mates=0.0) == plain
 
 
 def test_which_aux_turn_asks_for_the_digit_only_when_one_is_visible():

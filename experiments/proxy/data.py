@@ -12,10 +12,10 @@ import random
 import torch
 
 from experiments.proxy.model import VISION_TOKENS
-from v2drop.benchmarks.digits import COL_WORDS, GRID, PATCH, PATCHES, ROW_WORDS, Digits, image_questions
+from v2drop.benchmarks.digits import COL_WORDS, GRID, PATCH, PATCHES, ROW_WORDS, Digits, cell_evidence, image_questions
 
 EXTRA_FAMILIES = ("ident", "exist", "colour", "mc")  # families a conversation adds questions of past one per family
-AUX_TURNS = ("digits", "which", "cells")  # the dense auxiliary turns ``aux_turn`` builds
+AUX_TURNS = ("digits", "which", "cells", "column_cells")  # the dense auxiliary turns ``aux_turn`` builds
 WHICH_QUESTION = "What digit is in the image?"  # the ``which`` turn's question
 
 
@@ -68,8 +68,10 @@ def aux_turn(tokenizer, objects, rng: random.Random, kind: str) -> tuple[list[in
     word followed by the digit there or ``none``: ``upper left 7 bottom rightmost none ...`` (all
     sixteen cells, 80% ``none``, stayed at always-``none`` for 300 steps) — the same first-order
     signal for the opposite lookup, position as the key and the digit as the value (what ``ident``
-    asks; ``digits`` only ever reads a digit as the key). ``which``: "What digit is in the image?"
-    when exactly one digit is visible (nothing otherwise).
+    asks; ``digits`` only ever reads a digit as the key). ``column_cells``: the same, but the empty
+    cells are drawn from the columns that hold a digit first, so most ``none`` answers need the row
+    (a lookup by column alone finds a digit there). ``which``: "What digit is in the image?" when
+    exactly one digit is visible (nothing otherwise).
     """
     if kind not in AUX_TURNS:
         raise ValueError(f"Unknown auxiliary turn {kind!r}; known: {list(AUX_TURNS)}")
@@ -80,10 +82,18 @@ def aux_turn(tokenizer, objects, rng: random.Random, kind: str) -> tuple[list[in
         prompt = tokenizer(WHICH_QUESTION, add_special_tokens=False)["input_ids"] + [tid("ASSISTANT:")]
         target = [tid(str(objects[0].label)), tid("</s>")]
         return prompt + target, [-100] * len(prompt) + target
-    if kind == "cells":
+    if kind in ("cells", "column_cells"):
         where = {(o.row, o.col): str(o.label) for o in objects}
         empty = [(r, c) for r in range(len(ROW_WORDS)) for c in range(len(COL_WORDS)) if (r, c) not in where]
-        cells = list(where) + rng.sample(empty, min(len(where), len(empty)))
+        wanted = min(len(where), len(empty))
+        if kind == "cells":
+            cells = list(where) + rng.sample(empty, wanted)
+        else:
+            columns = {c for _, c in where}
+            near = [e for e in empty if e[1] in columns]
+            far = [e for e in empty if e[1] not in columns]
+            picked = rng.sample(near, min(wanted, len(near)))
+            cells = list(where) + picked + rng.sample(far, wanted - len(picked))
         rng.shuffle(cells)
         ids, labels = [], []
         for r, c in cells:
@@ -110,7 +120,37 @@ def question_turn(tokenizer, question: str, answer: str) -> tuple[list[int], lis
     return prompt + target, [-100] * len(prompt) + target
 
 
-def conversation(processor, objects, rng: random.Random, turns: int = 5, isolated: bool = False, aux=(), visible=None):
+def column_mate_question(rng: random.Random, objects, visible=None):
+    """An ``ident`` question whose answer needs the row: about a digit that shares its column with another (three times in four) or an empty cell of such a column; None when no two digits share a column.
+
+    ``ident`` fails when the lookup goes by column alone (docs/proxy.md): a benchmark scene rarely
+    puts two digits in one column, so training on its questions alone seldom punishes that.
+    """
+    seen = {o.label for o in objects} if visible is None else set(visible)
+    where = {(o.row, o.col): o for o in objects}
+    mates = [o for o in objects if any(p.col == o.col and p is not o for p in objects)]
+    if not mates:
+        return None
+    empty = [(r, c) for r in range(len(ROW_WORDS)) for c in {o.col for o in mates} if (r, c) not in where]
+    if not empty or rng.random() < 0.75:
+        o = rng.choice(mates)
+        row, col, answer, evidence = o.row, o.col, str(o.label) if o.label in seen else "none", o.evidence()
+    else:
+        row, col = rng.choice(empty)
+        answer, evidence = "none", cell_evidence(row, col)
+    return ("ident", f"What digit is in the {ROW_WORDS[row]} row, {COL_WORDS[col]} column?", answer, evidence, ())
+
+
+def with_column_mates(rng: random.Random, questions: list, objects, visible, share: float) -> list:
+    """``questions`` with, at probability ``share``, its ``ident`` question replaced by a ``column_mate_question`` (no RNG drawn when ``share`` is 0)."""
+    if share <= 0 or rng.random() >= share:
+        return questions
+    mate = column_mate_question(rng, objects, visible)
+    return questions if mate is None else [mate if q[0] == "ident" else q for q in questions]
+
+
+def conversation(processor, objects, rng: random.Random, turns: int = 5, isolated: bool = False, aux=(), visible=None,
+                 ident_mates: float = 0.0):
     """Token ids and labels (plus segments and positions when ``isolated``) of one conversation about a scene, every answer supervised.
 
     The first five turns ask one question of every family (shuffled); turns beyond five add more
@@ -118,17 +158,20 @@ def conversation(processor, objects, rng: random.Random, turns: int = 5, isolate
     256 vision tokens, so they multiply the learning signal per image almost for free. ``aux``
     names dense auxiliary turns (``aux_turn``) added after the questions. ``visible`` (labels, or
     None for all): answer as if only those objects were in the image (``image_questions``).
+    ``ident_mates``: share of the ``ident`` questions asked about column mates instead
+    (``with_column_mates``).
     ``isolated``: every turn continues the shared ``USER: <image>`` prefix at the positions of its
     evaluation prompt and sees nothing else (``segments``: 0 for the prefix, k for turn k).
     """
     tok = processor.tokenizer
-    qa = image_questions(rng, objects, visible)
+    qa = with_column_mates(rng, image_questions(rng, objects, visible), objects, visible, ident_mates)
     rng.shuffle(qa)
     seen = {q for _, q, *_ in qa}
     for _ in range(8 * turns):
         if len(qa) >= turns:
             break
-        extra = [x for x in image_questions(rng, objects, visible) if x[0] in EXTRA_FAMILIES and x[1] not in seen]
+        drawn = with_column_mates(rng, image_questions(rng, objects, visible), objects, visible, ident_mates)
+        extra = [x for x in drawn if x[0] in EXTRA_FAMILIES and x[1] not in seen]
         if extra:
             pick = rng.choice(extra)
             seen.add(pick[1])

@@ -51,6 +51,7 @@ class StageConfig:
     turns: int = 5  # questions per conversation: one per family, then more retrieval questions
     isolated: bool = False  # each turn sees only the image prefix and itself (no answer leaks between turns)
     aux: list = field(default_factory=list)  # dense auxiliary turns after the questions (``data.AUX_TURNS``), e.g. [digits]
+    ident_mates: float = 0.0  # share of ident questions asked about a digit sharing its column with another, or an empty cell there (``data.column_mate_question``)
     drop_kinds: dict = field(default_factory=lambda: {"tokens": 1.0})  # drop shapes and their weights: tokens, blocks, objects (``drops.draw_drop``)
     drop_share: float = 0.5  # share of the conversations given a vision-token drop (when token_keep is set)
     drop_layers: list = field(default_factory=lambda: [0])  # decoder layers a drop happens before (drawn uniformly; 0 = the input)
@@ -191,7 +192,8 @@ class ConversationModule(L.LightningModule):
                 if rng.random() < stage.drop_share and (
                         drawn := draw_drop(b["objects"], rng, stage.token_keep, stage.drop_kinds, stage.drop_layers, stage.all_objects)):
                     drop, visible = drawn[0], {o.label for o in drawn[1]}
-            convs.append(conversation(self.processor, b["objects"], random.Random(b["rng_seed"]), stage.turns, stage.isolated, stage.aux, visible))
+            convs.append(conversation(self.processor, b["objects"], random.Random(b["rng_seed"]), stage.turns, stage.isolated, stage.aux, visible,
+                                      stage.ident_mates))
             drops.append(drop)
         ids, labels, segments, positions = pad_conversations(convs, self.processor.tokenizer.pad_token_id)
         pixels = self.processor.image_processor([b["image"] for b in batch], return_tensors="pt")["pixel_values"]
