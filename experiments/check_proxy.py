@@ -56,6 +56,9 @@ def _main(argv) -> dict:
     print(format_table(result["table"]))
     print("mean change of the vision tokens per decoder layer (‖h_{l+1} − h_l‖, l = 0, 1, ...): "
           + " ".join(f"{c:.1f}" for c in result["layer_changes"]))
+    if result["ident_by_column_mates"]:
+        print("ident, by whether another digit shares the asked column: " + ", ".join(
+            f"{kind} {v['accuracy']:.3f} (n={v['n']})" for kind, v in result["ident_by_column_mates"].items() if v["n"]))
     print(json.dumps(result["verdict"], indent=1))
     if args.output:
         with open(args.output, "w") as f:

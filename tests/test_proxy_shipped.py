@@ -8,7 +8,7 @@ import torch
 
 import v2drop
 from experiments.check_proxy import main as check_main
-from experiments.proxy.check import BAR_CONDITIONS, bar_table, layer_changes
+from experiments.proxy.check import BAR_CONDITIONS, asked_cell, bar_table, ident_by_column_mates, layer_changes
 from experiments.proxy.train import TrainConfig
 from v2drop.benchmarks import get_benchmark
 from v2drop.config import config_to_dict, load_config
@@ -61,6 +61,23 @@ def test_check_cli_prints_the_bars_and_writes_them(tmp_path, capsys):
     assert out.startswith("condition") and '"validity_evidence_ge_95pct_of_full"' in out
     assert json.loads((tmp_path / "bars.json").read_text()) == json.loads(json.dumps(result))
     assert len(result["layer_changes"]) == 12 and "mean change of the vision tokens per decoder layer" in out
+
+
+def test_ident_split_by_column_mates_adds_up_to_the_bar_tables_ident():
+    """``ident_by_column_mates`` scores every ``ident`` question once: its two parts average to the bar table's full-image ``ident``."""
+    lvlm, bench = v2drop.load("proxy"), get_benchmark("digits")
+    samples = bench.load("test", 60)
+    split = ident_by_column_mates(lvlm, bench, samples)
+    ident = bar_table(lvlm, bench, samples, conditions=("full",))["full"]["ident"]
+    n = sum(v["n"] for v in split.values())
+    assert n == sum(s.family == "ident" for s in samples) == 12 and all(v["n"] for v in split.values())
+    assert sum(v["accuracy"] * v["n"] for v in split.values()) / n == pytest.approx(ident)
+    assert asked_cell("What digit is in the lower row, left column?") == (2, 1)
+    for sample in samples:
+        if sample.family == "ident":
+            row, col = asked_cell(sample.question)
+            objects = bench.scene("test", int(sample.id.split("-")[1]))[1]
+            assert sample.answer == next((str(o.label) for o in objects if (o.row, o.col) == (row, col)), "none")
 
 
 def test_layer_changes_are_the_mean_norm_of_each_layers_update_to_the_vision_tokens():

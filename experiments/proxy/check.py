@@ -86,8 +86,41 @@ def layer_changes(lvlm, samples) -> list[float]:
     return (total / count).tolist()
 
 
+def asked_cell(question: str) -> tuple[int, int]:
+    """(row, column) of the grid cell an ``ident`` question names ("What digit is in the lower row, left column?")."""
+    from v2drop.benchmarks.digits import COL_WORDS, ROW_WORDS
+
+    where = question.split(" in the ", 1)[1]
+    return ROW_WORDS.index(where.split(" row")[0]), COL_WORDS.index(where.split("row, ")[1].split(" column")[0])
+
+
+def ident_by_column_mates(lvlm, bench, samples) -> dict[str, dict]:
+    """Full-image ``ident`` accuracy split by whether another digit shares the asked cell's column (``with mate``) or not (``alone``): ``{kind: {"accuracy", "n"}}``.
+
+    A model that looks a cell up by its column alone answers the ``alone`` questions and fails the
+    others (docs/proxy.md, "Where ident broke"). Needs a benchmark with ``scene(split, index)``
+    (``digits``) and sample ids ``{split}-{scene}-{family}``.
+    """
+    correct: dict[str, list[bool]] = {"with mate": [], "alone": []}
+    for sample in samples:
+        if sample.family != "ident":
+            continue
+        split, scene, _ = sample.id.rsplit("-", 2)
+        row, col = asked_cell(sample.question)
+        objects = bench.scene(split, int(scene))[1]
+        kind = "with mate" if any(o.col == col and o.row != row for o in objects) else "alone"
+        inputs = lvlm.prepare([lvlm.format_prompt(sample.question, n_images=len(sample.images))], [list(sample.images)])
+        correct[kind].append(bench.is_correct(lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=4).texts[0], sample))
+    return {kind: {"accuracy": sum(v) / len(v) if v else None, "n": len(v)} for kind, v in correct.items()}
+
+
 def check(lvlm, bench, samples, layer: int = 2, progress: bool = True, change_samples: int = 60) -> dict:
-    """The bar table of ``samples``, its verdict and the per-layer change to vision tokens on the first ``change_samples``: ``{"table", "verdict", "layer", "n", "layer_changes"}``."""
+    """The bar table of ``samples``, its verdict, the per-layer change to vision tokens on the first ``change_samples`` and (``digits``) ``ident`` by column mates.
+
+    Returns ``{"table", "verdict", "layer", "n", "layer_changes", "ident_by_column_mates"}`` (the last None for other benchmarks).
+    """
     table = bar_table(lvlm, bench, samples, layer, progress=progress)
     changes = layer_changes(lvlm, samples[:change_samples])
-    return {"table": table, "verdict": verdict(table), "layer": layer, "n": len(samples), "layer_changes": changes}
+    mates = ident_by_column_mates(lvlm, bench, samples) if hasattr(bench, "scene") and bench.modality == "image" else None
+    return {"table": table, "verdict": verdict(table), "layer": layer, "n": len(samples), "layer_changes": changes,
+            "ident_by_column_mates": mates}
