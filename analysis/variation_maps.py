@@ -10,7 +10,7 @@ question, the reference answer and the answers without and with dropping are in 
 from __future__ import annotations
 
 import textwrap
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -24,16 +24,25 @@ from v2drop import checks
 from v2drop.cli import run
 
 
-@dataclass
-class RecordingV2Drop(V2DropScorer):
-    """V²Drop that also keeps every score it computes (for plots; not registered)."""
+@contextmanager
+def recorded_scores(history: list):
+    """While open, every V²Drop score is also appended to ``history`` as (layer, vision-token positions, scores).
 
-    history: list = field(default_factory=list, repr=False)
+    The registered scorer is recorded in place, not subclassed: a ``Method`` only takes registered
+    scorer classes, so that every method can be saved and loaded.
+    """
+    original = V2DropScorer.score
 
     def score(self, state):
-        scores = super().score(state)
-        self.history.append((state.layer_idx, state.orig_idx.gather(1, state.vision_idx)[0].tolist(), scores[0].tolist()))
+        scores = original(self, state)
+        history.append((state.layer_idx, state.orig_idx.gather(1, state.vision_idx)[0].tolist(), scores[0].tolist()))
         return scores
+
+    V2DropScorer.score = score
+    try:
+        yield history
+    finally:
+        V2DropScorer.score = original
 
 
 def main(argv=None) -> list[dict]:
@@ -63,16 +72,16 @@ def _main(argv) -> list[dict]:
         inputs = lvlm.prepare([prompt], [list(sample.images)])
         n_vision = int(lvlm.adapter.vision_mask(inputs["input_ids"]).sum())
         fitted = budget_method("v2drop", args.budget, lvlm.depth, n_vision)
-        scorer = RecordingV2Drop()
-        dropped = lvlm.generate_from_inputs(inputs, Method(scorer, schedule=fitted.schedule), max_new_tokens=8)
+        with recorded_scores([]) as history:
+            dropped = lvlm.generate_from_inputs(inputs, Method("v2drop", schedule=fitted.schedule), max_new_tokens=8)
         full = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=8)
         grid = lvlm.adapter.image_grids(inputs)[0]
         vision_pos = lvlm.adapter.vision_mask(inputs["input_ids"])[0].nonzero().flatten().tolist()
         index = {p: k for k, p in enumerate(vision_pos)}
         kept_sets = [set(s["kept"]) for s in dropped.traces[0].stages]
-        panels.append((sample, grid, index, scorer.history, kept_sets, full.texts[0], dropped.texts[0]))
+        panels.append((sample, grid, index, history, kept_sets, full.texts[0], dropped.texts[0]))
         rows.append({"id": sample.id, "question": sample.question, "reference": sample.answer, "no_drop": full.texts[0],
-                     "v2drop": dropped.texts[0], "stages": [h[0] for h in scorer.history]})
+                     "v2drop": dropped.texts[0], "stages": [h[0] for h in history]})
     n_stages = max(len(p[3]) for p in panels)
     fig, axes = plt.subplots(len(panels), n_stages + 1, figsize=(3.2 * (n_stages + 1), 3.4 * len(panels)), squeeze=False)
     for row_axes, (sample, (t, h, w), index, history, kept_sets, ans_full, ans_drop) in zip(axes, panels):

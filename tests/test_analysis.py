@@ -192,6 +192,17 @@ def test_run_methods_reruns_when_the_weights_change_under_the_same_name(tiny, tm
     assert result["drop"]["weights"] == retrained.weights_fingerprint
 
 
+def test_variation_maps_plot_the_recorded_v2drop_scores(tmp_path):
+    """``analysis.variation_maps`` runs on the bundled proxy: one panel per V²Drop stage, and the scorer is left unpatched afterwards."""
+    from analysis.variation_maps import main as maps_main
+    from v2drop.scorers.v2drop import V2DropScorer
+
+    score = V2DropScorer.score
+    rows = maps_main(["--samples", "1", "--out", str(tmp_path)])
+    assert len(rows) == 1 and rows[0]["stages"] and V2DropScorer.score is score
+    assert any(p.suffix == ".png" for p in tmp_path.rglob("*"))
+
+
 def test_relative_rows_average_ratios_over_families():
     metrics = {"accuracy": 0.6, "average_vision_tokens": 10.0, "flops_ratio": 0.5, "prefill_latency_median_s": 0.01,
                "generation_latency_median_s": 0.02}
