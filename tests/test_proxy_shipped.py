@@ -8,9 +8,10 @@ import torch
 
 import v2drop
 from experiments.check_proxy import main as check_main
-from experiments.proxy.check import BAR_CONDITIONS, asked_cell, bar_table, ident_by_column_mates, layer_changes
+from experiments.proxy.check import BAR_CONDITIONS, bar_answers, bar_table, ident_by_column_mates, layer_changes
 from experiments.proxy.train import TrainConfig
 from v2drop.benchmarks import get_benchmark
+from v2drop.benchmarks.digits import asked_cell
 from v2drop.config import config_to_dict, load_config
 from v2drop.lvlm import LOCAL_MODELS
 
@@ -71,7 +72,8 @@ def test_ident_split_by_column_mates_adds_up_to_the_bar_tables_ident():
     """``ident_by_column_mates`` scores every ``ident`` question once: its two parts average to the bar table's full-image ``ident``."""
     lvlm, bench = v2drop.load("proxy"), get_benchmark("digits")
     samples = bench.load("test", 60)
-    split = ident_by_column_mates(lvlm, bench, samples)
+    full = bar_answers(lvlm, bench, samples, conditions=("full",))["full"]
+    split = ident_by_column_mates(bench, samples, full)
     ident = bar_table(lvlm, bench, samples, conditions=("full",))["full"]["ident"]
     n = sum(v["n"] for v in split.values())
     assert n == sum(s.family == "ident" for s in samples) == 12 and all(v["n"] for v in split.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -102,7 +103,7 @@ class LVLM:
         """Number of decoder layers."""
         return self.adapter.depth
 
-    @property
+    @functools.cached_property
     def weights_fingerprint(self) -> str:
         """A short hash of the weights (names, shapes, dtypes and each tensor's first and last values), for caches keyed by model.
 
@@ -110,18 +111,15 @@ class LVLM:
         must not be served another model's cached results. Sampling the ends of every tensor keeps
         this cheap for 7B checkpoints while any retraining changes it.
         """
-        if getattr(self, "_fingerprint", None) is None:
-            import hashlib
+        import hashlib
 
-            digest = hashlib.blake2b(digest_size=8)
-            for name, tensor in self.model.state_dict().items():
-                digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-                if tensor.numel() and tensor.device.type != "meta":
-                    flat = tensor.detach().reshape(-1)
-                    ends = torch.cat([flat[:16], flat[-16:]]).to("cpu", torch.float64)
-                    digest.update(ends.numpy().tobytes())
-            self._fingerprint = digest.hexdigest()
-        return self._fingerprint
+        digest = hashlib.blake2b(digest_size=8)
+        for name, tensor in self.model.state_dict().items():
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            if tensor.numel() and tensor.device.type != "meta":
+                flat = tensor.detach().reshape(-1)
+                digest.update(torch.cat([flat[:16], flat[-16:]]).to("cpu", torch.float64).numpy().tobytes())
+        return digest.hexdigest()
 
     @property
     def inputs(self) -> InputBuilder:

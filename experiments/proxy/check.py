@@ -28,22 +28,35 @@ def bar_methods(sample, layer: int) -> dict[str, Method]:
     }
 
 
-def bar_table(lvlm, bench, samples, layer: int = 2, conditions=BAR_CONDITIONS, progress: bool = False) -> dict[str, dict[str, float]]:
-    """Accuracy per condition and family (plus ``overall``) of the quality and validity bars."""
+def bar_answers(lvlm, bench, samples, layer: int = 2, conditions=BAR_CONDITIONS, progress: bool = False) -> dict[str, list[bool]]:
+    """Whether each sample is answered right, per condition: ``{condition: [correct, ...]}`` in the order of ``samples``."""
     from tqdm import tqdm
 
-    correct: dict[str, dict[str, list[bool]]] = {}
+    correct: dict[str, list[bool]] = {name: [] for name in BAR_CONDITIONS if name in conditions}
     for sample in tqdm(samples, desc="check", disable=not progress):
         inputs = lvlm.prepare([lvlm.format_prompt(sample.question, n_images=len(sample.images))], [list(sample.images)])
         for name, method in bar_methods(sample, layer).items():
             if name in conditions:
                 text = lvlm.generate_from_inputs(inputs, method, max_new_tokens=4).texts[0]
-                correct.setdefault(name, {}).setdefault(sample.family, []).append(bench.is_correct(text, sample))
+                correct[name].append(bench.is_correct(text, sample))
+    return correct
+
+
+def table_of(samples, correct: dict[str, list[bool]]) -> dict[str, dict[str, float]]:
+    """``bar_answers`` as accuracy per condition and family (plus ``overall``)."""
     table = {}
-    for name, per_family in correct.items():
+    for name, right in correct.items():
+        per_family: dict[str, list[bool]] = {}
+        for sample, ok in zip(samples, right):
+            per_family.setdefault(sample.family, []).append(ok)
         table[name] = {f: sum(v) / len(v) for f, v in sorted(per_family.items())}
-        table[name]["overall"] = sum(sum(v) for v in per_family.values()) / sum(len(v) for v in per_family.values())
+        table[name]["overall"] = sum(right) / len(right)
     return table
+
+
+def bar_table(lvlm, bench, samples, layer: int = 2, conditions=BAR_CONDITIONS, progress: bool = False) -> dict[str, dict[str, float]]:
+    """Accuracy per condition and family (plus ``overall``) of the quality and validity bars."""
+    return table_of(samples, bar_answers(lvlm, bench, samples, layer, conditions, progress))
 
 
 def verdict(table: dict[str, dict[str, float]]) -> dict[str, bool]:
@@ -86,32 +99,24 @@ def layer_changes(lvlm, samples) -> list[float]:
     return (total / count).tolist()
 
 
-def asked_cell(question: str) -> tuple[int, int]:
-    """(row, column) of the grid cell an ``ident`` question names ("What digit is in the lower row, left column?")."""
-    from v2drop.benchmarks.digits import COL_WORDS, ROW_WORDS
-
-    where = question.split(" in the ", 1)[1]
-    return ROW_WORDS.index(where.split(" row")[0]), COL_WORDS.index(where.split("row, ")[1].split(" column")[0])
-
-
-def ident_by_column_mates(lvlm, bench, samples) -> dict[str, dict]:
-    """Full-image ``ident`` accuracy split by whether another digit shares the asked cell's column (``with mate``) or not (``alone``): ``{kind: {"accuracy", "n"}}``.
+def ident_by_column_mates(bench, samples, correct: list[bool]) -> dict[str, dict]:
+    """``ident`` accuracy (``correct``: per sample, as ``bar_answers`` gives it) split by whether another digit shares the asked cell's column (``with mate``) or not (``alone``): ``{kind: {"accuracy", "n"}}``.
 
     A model that looks a cell up by its column alone answers the ``alone`` questions and fails the
-    others (docs/proxy.md, "Where ident broke"). Needs a benchmark with ``scene(split, index)``
-    (``digits``) and sample ids ``{split}-{scene}-{family}``.
+    others (docs/proxy.md, "What ident still gets wrong"). Needs a benchmark with
+    ``scene(split, index)`` (``digits``) and sample ids ``{split}-{scene}-{family}``.
     """
-    correct: dict[str, list[bool]] = {"with mate": [], "alone": []}
-    for sample in samples:
+    from v2drop.benchmarks.digits import asked_cell
+
+    split_correct: dict[str, list[bool]] = {"with mate": [], "alone": []}
+    for sample, ok in zip(samples, correct):
         if sample.family != "ident":
             continue
         split, scene, _ = sample.id.rsplit("-", 2)
         row, col = asked_cell(sample.question)
         objects = bench.scene(split, int(scene))[1]
-        kind = "with mate" if any(o.col == col and o.row != row for o in objects) else "alone"
-        inputs = lvlm.prepare([lvlm.format_prompt(sample.question, n_images=len(sample.images))], [list(sample.images)])
-        correct[kind].append(bench.is_correct(lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=4).texts[0], sample))
-    return {kind: {"accuracy": sum(v) / len(v) if v else None, "n": len(v)} for kind, v in correct.items()}
+        split_correct["with mate" if any(o.col == col and o.row != row for o in objects) else "alone"].append(ok)
+    return {kind: {"accuracy": sum(v) / len(v) if v else None, "n": len(v)} for kind, v in split_correct.items()}
 
 
 def check(lvlm, bench, samples, layer: int = 2, progress: bool = True, change_samples: int = 60) -> dict:
@@ -119,8 +124,9 @@ def check(lvlm, bench, samples, layer: int = 2, progress: bool = True, change_sa
 
     Returns ``{"table", "verdict", "layer", "n", "layer_changes", "ident_by_column_mates"}`` (the last None for other benchmarks).
     """
-    table = bar_table(lvlm, bench, samples, layer, progress=progress)
+    correct = bar_answers(lvlm, bench, samples, layer, progress=progress)
+    table = table_of(samples, correct)
     changes = layer_changes(lvlm, samples[:change_samples])
-    mates = ident_by_column_mates(lvlm, bench, samples) if hasattr(bench, "scene") and bench.modality == "image" else None
+    mates = ident_by_column_mates(bench, samples, correct["full"]) if hasattr(bench, "scene") and bench.modality == "image" else None
     return {"table": table, "verdict": verdict(table), "layer": layer, "n": len(samples), "layer_changes": changes,
             "ident_by_column_mates": mates}

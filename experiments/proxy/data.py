@@ -12,7 +12,7 @@ import random
 import torch
 
 from experiments.proxy.model import VISION_TOKENS
-from v2drop.benchmarks.digits import COL_WORDS, GRID, PATCH, PATCHES, ROW_WORDS, Digits, cell_evidence, image_questions
+from v2drop.benchmarks.digits import COL_WORDS, GRID, PATCH, PATCHES, ROW_WORDS, Digits, cell_evidence, ident_question, image_questions
 
 EXTRA_FAMILIES = ("ident", "exist", "colour", "mc")  # families a conversation adds questions of past one per family
 AUX_TURNS = ("digits", "which", "cells", "column_cells")  # the dense auxiliary turns ``aux_turn`` builds
@@ -138,7 +138,7 @@ def column_mate_question(rng: random.Random, objects, visible=None):
     else:
         row, col = rng.choice(empty)
         answer, evidence = "none", cell_evidence(row, col)
-    return ("ident", f"What digit is in the {ROW_WORDS[row]} row, {COL_WORDS[col]} column?", answer, evidence, ())
+    return ("ident", ident_question(row, col), answer, evidence, ())
 
 
 def with_column_mates(rng: random.Random, questions: list, objects, visible, share: float) -> list:

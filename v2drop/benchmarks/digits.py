@@ -112,6 +112,17 @@ def cell_evidence(row: int, col: int, offset: int = 0) -> list[int]:
     return [offset + (row * per + r) * PATCHES + col * per + c for r in range(per) for c in range(per)]
 
 
+def ident_question(row: int, col: int) -> str:
+    """The ``ident`` question about grid cell (``row``, ``col``): "What digit is in the lower row, left column?"."""
+    return f"What digit is in the {ROW_WORDS[row]} row, {COL_WORDS[col]} column?"
+
+
+def asked_cell(question: str) -> tuple[int, int]:
+    """(row, column) of the grid cell an ``ident_question`` names."""
+    where = question.split(" in the ", 1)[1]
+    return ROW_WORDS.index(where.split(" row")[0]), COL_WORDS.index(where.split("row, ")[1].split(" column")[0])
+
+
 def image_questions(rng: random.Random, objects: list[Object], visible: set[int] | None = None) -> list[tuple[str, str, str, list[int], tuple]]:
     """One question of every image family: (family, question, answer, evidence, choices).
 
@@ -141,7 +152,7 @@ def image_questions(rng: random.Random, objects: list[Object], visible: set[int]
         taken = {(o.row, o.col) for o in objects}
         row, col = rng.choice([(r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in taken])
         answer, ev = "none", cell_evidence(row, col)
-    out.append(("ident", f"What digit is in the {ROW_WORDS[row]} row, {COL_WORDS[col]} column?", answer, ev, ()))
+    out.append(("ident", ident_question(row, col), answer, ev, ()))
     # counting
     out.append(("count", "How many digits are in the image?", str(len(shown)), all_evidence, ()))
     # multiple choice: exactly one option is in the image
