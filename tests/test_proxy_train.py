@@ -91,7 +91,7 @@ def test_config_rejects_unknown_keys_and_bad_drop_settings():
         config_from_dict(TrainConfig, {"lvlm": {"step": 3}})
     with pytest.raises(ValueError, match=r"token_keep must be \[low, high\]"):
         config_from_dict(TrainConfig, {"robust": {"token_keep": [0.0, 1.0]}})
-    with pytest.raises(ValueError, match=r"aux \['grid'\] names unknown turns \['grid'\]; known: \['digits', 'which', 'cells', 'column_cells'\]"):
+    with pytest.raises(ValueError, match=r"aux \['grid'\] names unknown turns \['grid'\]; known: \['digits', 'which', 'cells', 'column_cells', 'row_cells', 'cell_phrases'\]"):
         config_from_dict(TrainConfig, {"lvlm": {"aux": ["grid"]}})
 
 
@@ -145,7 +145,7 @@ def test_digits_aux_turn_names_every_digit_with_its_colour_or_none():
     colour = {str(o.label): o.colour for o in objects}
     assert answers == [colour.get(w, "none") for w in words]
     assert labels[0::2] == [-100] * 10 and labels[1::2] == ids[1::2]  # only the answers are supervised
-    with pytest.raises(ValueError, match=r"Unknown auxiliary turn 'grid'; known: \['digits', 'which', 'cells', 'column_cells'\]"):
+    with pytest.raises(ValueError, match=r"Unknown auxiliary turn 'grid'; known: \['digits', 'which', 'cells', 'column_cells', 'row_cells', 'cell_phrases'\]"):
         aux_turn(tok, objects, random.Random(0), "grid")
 
 
@@ -180,6 +180,23 @@ def test_column_cells_aux_turn_draws_its_empty_cells_from_columns_holding_a_digi
         empty = {(r, c) for r, c, a in cells if a == "none"}
         assert empty <= near if len(near) >= len(objects) else near < empty
         assert labels[2::3] == ids[2::3] and labels[0::3] == labels[1::3] == [-100] * len(cells)
+
+
+def test_row_cells_and_cell_phrases_ask_the_cells_of_cells_in_other_words():
+    """``row_cells``: the cells of ``cells`` column word first; ``cell_phrases``: the same cells in ``ident``'s wording; only the answers are supervised."""
+    tok = build_tokenizer()
+    _, objects, _ = get_benchmark("digits").scene("train", 5)
+    where = {(ROW_WORDS[o.row], COL_WORDS[o.col]): str(o.label) for o in objects}
+    cells_ids, _ = aux_turn(tok, objects, random.Random(0), "cells")
+    cells = list(zip(*(tok.convert_ids_to_tokens(cells_ids[i::3]) for i in range(2))))
+    ids, labels = aux_turn(tok, objects, random.Random(0), "row_cells")
+    cols, rows, answers = (tok.convert_ids_to_tokens(ids[i::3]) for i in range(3))
+    assert list(zip(rows, cols)) == cells and answers == [where.get(cell, "none") for cell in cells]
+    assert labels[0::3] == labels[1::3] == [-100] * len(cells) and labels[2::3] == ids[2::3]
+    ids, labels = aux_turn(tok, objects, random.Random(0), "cell_phrases")
+    text = " ".join(tok.convert_ids_to_tokens(ids))
+    assert text == " ".join(f"{r} row , {c} column {where.get((r, c), 'none')}" for r, c in cells)
+    assert [i for i, l in zip(ids, labels) if l != -100] == tok.convert_tokens_to_ids([where.get(cell, "none") for cell in cells])
 
 
 def test_column_mate_questions_ask_about_cells_where_the_row_decides():

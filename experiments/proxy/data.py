@@ -15,7 +15,7 @@ from experiments.proxy.model import VISION_TOKENS
 from v2drop.benchmarks.digits import COL_WORDS, GRID, PATCH, PATCHES, ROW_WORDS, Digits, cell_evidence, ident_question, image_questions
 
 EXTRA_FAMILIES = ("ident", "exist", "colour", "mc")  # families a conversation adds questions of past one per family
-AUX_TURNS = ("digits", "which", "cells", "column_cells")  # the dense auxiliary turns ``aux_turn`` builds
+AUX_TURNS = ("digits", "which", "cells", "column_cells", "row_cells", "cell_phrases")  # the dense auxiliary turns ``aux_turn`` builds
 WHICH_QUESTION = "What digit is in the image?"  # the ``which`` turn's question
 
 
@@ -70,7 +70,12 @@ def aux_turn(tokenizer, objects, rng: random.Random, kind: str) -> tuple[list[in
     signal for the opposite lookup, position as the key and the digit as the value (what ``ident``
     asks; ``digits`` only ever reads a digit as the key). ``column_cells``: the same, but the empty
     cells are drawn from the columns that hold a digit first, so most ``none`` answers need the row
-    (a lookup by column alone finds a digit there). ``which``: "What digit is in the image?" when
+    (a lookup by column alone finds a digit there). ``row_cells``: the cells of ``cells`` with the
+    column word first, ``left upper 7 ...``, so the lookup at the last word before the answer is
+    keyed by the row (in ``cells`` and in ``ident``'s question the column comes last, and the
+    decoder learnt to look cells up by their column alone). ``cell_phrases``: the cells of ``cells``
+    in ``ident``'s own words, ``upper row, left column 7 ...``, so the row sits as far before the
+    answer as it does in the question. ``which``: "What digit is in the image?" when
     exactly one digit is visible (nothing otherwise).
     """
     if kind not in AUX_TURNS:
@@ -82,11 +87,11 @@ def aux_turn(tokenizer, objects, rng: random.Random, kind: str) -> tuple[list[in
         prompt = tokenizer(WHICH_QUESTION, add_special_tokens=False)["input_ids"] + [tid("ASSISTANT:")]
         target = [tid(str(objects[0].label)), tid("</s>")]
         return prompt + target, [-100] * len(prompt) + target
-    if kind in ("cells", "column_cells"):
+    if kind in ("cells", "column_cells", "row_cells", "cell_phrases"):
         where = {(o.row, o.col): str(o.label) for o in objects}
         empty = [(r, c) for r in range(len(ROW_WORDS)) for c in range(len(COL_WORDS)) if (r, c) not in where]
         wanted = min(len(where), len(empty))
-        if kind == "cells":
+        if kind in ("cells", "row_cells", "cell_phrases"):
             cells = list(where) + rng.sample(empty, wanted)
         else:
             columns = {c for _, c in where}
@@ -98,8 +103,12 @@ def aux_turn(tokenizer, objects, rng: random.Random, kind: str) -> tuple[list[in
         ids, labels = [], []
         for r, c in cells:
             answer = tid(where.get((r, c), "none"))
-            ids += [tid(ROW_WORDS[r]), tid(COL_WORDS[c]), answer]
-            labels += [-100, -100, answer]
+            if kind == "cell_phrases":
+                words = tokenizer(f"{ROW_WORDS[r]} row, {COL_WORDS[c]} column", add_special_tokens=False)["input_ids"]
+            else:
+                words = [tid(ROW_WORDS[r]), tid(COL_WORDS[c])]
+            ids += (words[::-1] if kind == "row_cells" else words) + [answer]
+            labels += [-100] * len(words) + [answer]
         return ids, labels
     colour = {o.label: o.colour for o in objects}
     digits = list(range(10))
