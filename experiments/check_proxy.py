@@ -1,6 +1,6 @@
 """The proxy's quality and validity bars, measured on the digits test split (see ``experiments.proxy.check``).
 
-    python -m experiments.check_proxy [--model proxy] [--benchmark digits] [--layer 2] [--limit N]
+    python -m experiments.check_proxy [--model proxy] [--benchmark digits] [--layer 2] [--limit N] [--lookups SCENES]
 
 Four conditions per question, accuracy per family: ``full`` (no dropping), ``no image`` (every
 vision token removed before layer 0), ``evidence`` (before ``--layer`` only the question's
@@ -19,7 +19,7 @@ import torch
 import v2drop
 from v2drop import checks
 from v2drop.cli import run
-from experiments.proxy.check import check, format_table
+from experiments.proxy.check import cell_lookups, check, format_table, lookup_table
 from v2drop.benchmarks import get_benchmark
 
 
@@ -37,15 +37,20 @@ def _main(argv) -> dict:
     p.add_argument("--layer", type=int, default=2, help="drop layer of the evidence and random conditions")
     p.add_argument("--limit", type=int, default=None, help="questions to score (default: the whole split)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--lookups", type=int, default=0, metavar="SCENES",
+                   help="digits: also probe each digit's cell lookup in the training turns' wordings and the ident question, on this many scenes")
     p.add_argument("--output", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
     checks.check_int("--limit", args.limit, 1, optional=True)
     checks.check_int("--threads", args.threads, 1)
+    checks.check_int("--lookups", args.lookups, 0)
     checks.check_int("--layer", args.layer, 0)
     if args.output:
         checks.check_writable(args.output)
     bench = get_benchmark(args.benchmark, seed=args.seed)
     bench.resolve_split(args.split)
+    if args.lookups and not (hasattr(bench, "scene") and bench.modality == "image"):
+        raise ValueError(f"--lookups needs the digits image benchmark, not {args.benchmark!r}")
     depth = checks.model_depth(args.model)
     if args.layer >= depth:
         raise ValueError(f"--layer {args.layer} is past the model's last layer (model {args.model!r} has {depth} layers: 0..{depth - 1})")
@@ -59,6 +64,11 @@ def _main(argv) -> dict:
     if result["ident_by_column_mates"]:
         print("ident, by whether another digit shares the asked column: " + ", ".join(
             f"{kind} {v['accuracy']:.3f} (n={v['n']})" for kind, v in result["ident_by_column_mates"].items() if v["n"]))
+    if args.lookups:
+        result["cell_lookups"] = lookup_table(cell_lookups(lvlm, bench, args.split, args.lookups))
+        print(f"next-token cell lookup by wording ({args.lookups} scenes; alone / with a column mate):")
+        for wording, kinds in result["cell_lookups"].items():
+            print(f"  {wording:13s} " + "   ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in kinds.items() if v["n"]))
     print(json.dumps(result["verdict"], indent=1))
     if args.output:
         with open(args.output, "w") as f:

@@ -157,6 +157,8 @@ CASES = [
     ("experiments.check_proxy", ["--split", "nosplit"], ["nosplit", "valid splits"]),
     ("experiments.check_proxy", ["--layer", "99"], ["--layer 99", "12 layers"]),
     ("experiments.check_proxy", ["--model", "{tmp}/nomodel"], ["nomodel", "config.json"]),
+    ("experiments.check_proxy", ["--lookups", "-1"], ["--lookups", "got -1"]),
+    ("experiments.check_proxy", ["--benchmark", "digits-video", "--lookups", "5"], ["--lookups", "digits-video"]),
     # experiments.bench*
     ("experiments.bench", ["--repeats", "0"], ["--repeats", "got 0"]),
     ("experiments.bench", ["--model", "{tmp}/nomodel"], ["nomodel", "config.json"]),

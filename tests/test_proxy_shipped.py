@@ -8,7 +8,7 @@ import torch
 
 import v2drop
 from experiments.check_proxy import main as check_main
-from experiments.proxy.check import BAR_CONDITIONS, bar_answers, bar_table, ident_by_column_mates, layer_changes
+from experiments.proxy.check import BAR_CONDITIONS, CELL_WORDINGS, bar_answers, bar_table, cell_lookups, ident_by_column_mates, layer_changes, lookup_table
 from experiments.proxy.train import TrainConfig
 from v2drop.benchmarks import get_benchmark
 from v2drop.benchmarks.digits import asked_cell
@@ -116,3 +116,27 @@ def test_check_cli_reports_a_missing_model_in_one_line_with_status_2(tmp_path, c
         check_main(["--model", str(tmp_path / "nowhere")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "nowhere" in err
+
+
+def test_cell_lookups_ask_every_digit_in_every_wording_and_the_question_as_evaluated():
+    """One record per digit and wording; the ``question`` wording is the evaluation prompt, so its answer is right exactly when the bar's ``full`` answer is."""
+    torch.set_num_threads(2)
+    lvlm, bench = v2drop.load("proxy"), get_benchmark("digits")
+    records = cell_lookups(lvlm, bench, "test", 10)
+    scenes = [bench.scene("test", s)[1] for s in range(10)]
+    assert len(records) == len(CELL_WORDINGS) * sum(len(objects) for objects in scenes)
+    for r in records:
+        assert r["mate"] == any(o.col == r["col"] and o.row != r["row"] for o in scenes[r["scene"]])
+    question = {(r["scene"], r["row"], r["col"]): r["correct"] for r in records if r["wording"] == "question"}
+    samples = [s for scene in range(10) for s in bench.scene_samples("test", scene) if s.family == "ident"]
+    full = bar_answers(lvlm, bench, samples, conditions=("full",))["full"]
+    compared = 0
+    for sample, ok in zip(samples, full):
+        cell = (int(sample.id.split("-")[1]), *asked_cell(sample.question))
+        if cell in question:  # an occupied cell (an empty one answers `none`, which the lookups do not ask)
+            assert question[cell] == ok
+            compared += 1
+    assert compared >= 3
+    table = lookup_table(records)
+    assert set(table) == set(CELL_WORDINGS)
+    assert sum(v["n"] for v in table["cells"].values()) == len(question)

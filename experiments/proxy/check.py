@@ -119,6 +119,57 @@ def ident_by_column_mates(bench, samples, correct: list[bool]) -> dict[str, dict
     return {kind: {"accuracy": sum(v) / len(v) if v else None, "n": len(v)} for kind, v in split_correct.items()}
 
 
+CELL_WORDINGS = {  # how a cell lookup is worded: the training turns' words, then the evaluation question
+    "cells": "{row} {col}",
+    "row_cells": "{col} {row}",
+    "cell_phrases": "{row} row, {col} column",
+    "question": None,  # the ident question's evaluation prompt, "... in the {row} row, {col} column? ASSISTANT:"
+}
+
+
+def cell_lookups(lvlm, bench, split: str = "test", scenes: int = 100) -> list[dict]:
+    """The next-token answer for every digit of the first ``scenes`` scenes, asked in each ``CELL_WORDINGS`` after the image prefix: one record per digit and wording.
+
+    Records are ``{"scene", "row", "col", "mate", "wording", "correct"}`` (``mate``: another digit
+    shares the column). A model that keys its lookup on the last position word answers a wording
+    whose last word is the row (``row_cells``) with mates present, and the others without; see
+    docs/proxy.md ("What ident still gets wrong"). Needs ``digits``-like ``scene(split, index)``.
+    """
+    import torch
+
+    from v2drop.benchmarks.digits import COL_WORDS, ROW_WORDS, ident_question
+
+    tok, image_id = lvlm.processor.tokenizer, lvlm.model.config.image_token_id
+    records = []
+    with torch.no_grad():
+        for scene in range(scenes):
+            image, objects, _ = bench.scene(split, scene)
+            for o in objects:
+                inputs = lvlm.prepare([lvlm.format_prompt(ident_question(o.row, o.col))], [[image]])
+                ids = inputs["input_ids"][0]
+                prefix = ids[: int((ids == image_id).nonzero().max()) + 1].tolist()
+                for wording, text in CELL_WORDINGS.items():
+                    if text is None:
+                        prompt = ids.tolist()
+                    else:
+                        words = text.format(row=ROW_WORDS[o.row], col=COL_WORDS[o.col])
+                        prompt = prefix + tok(words, add_special_tokens=False)["input_ids"]
+                    prompt = torch.tensor([prompt], device=ids.device)
+                    logits = lvlm.model(input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=inputs["pixel_values"]).logits
+                    answer = tok.convert_ids_to_tokens(int(logits[0, -1].argmax()))
+                    records.append({"scene": scene, "row": o.row, "col": o.col, "wording": wording, "correct": answer == str(o.label),
+                                    "mate": any(p.col == o.col and p is not o for p in objects)})
+    return records
+
+
+def lookup_table(records: list[dict]) -> dict[str, dict[str, dict]]:
+    """``cell_lookups`` records as ``{wording: {"alone" | "with mate": {"accuracy", "n"}}}``."""
+    table: dict[str, dict[str, list[bool]]] = {}
+    for r in records:
+        table.setdefault(r["wording"], {"alone": [], "with mate": []})["with mate" if r["mate"] else "alone"].append(r["correct"])
+    return {w: {k: {"accuracy": sum(v) / len(v) if v else None, "n": len(v)} for k, v in kinds.items()} for w, kinds in table.items()}
+
+
 def check(lvlm, bench, samples, layer: int = 2, progress: bool = True, change_samples: int = 60) -> dict:
     """The bar table of ``samples``, its verdict, the per-layer change to vision tokens on the first ``change_samples`` and (``digits``) ``ident`` by column mates.
 
