@@ -133,7 +133,7 @@ def cell_lookups(lvlm, bench, split: str = "test", scenes: int = 100) -> list[di
     Records are ``{"scene", "row", "col", "mate", "wording", "correct"}`` (``mate``: another digit
     shares the column). A model that keys its lookup on the last position word answers a wording
     whose last word is the row (``row_cells``) with mates present, and the others without; see
-    docs/proxy.md ("What ident still gets wrong"). Needs ``digits``-like ``scene(split, index)``.
+    docs/proxy.md ("How ident learnt the row"). Needs ``digits``-like ``scene(split, index)``.
     """
     import torch
 
