@@ -103,7 +103,7 @@ def ident_by_column_mates(bench, samples, correct: list[bool]) -> dict[str, dict
     """``ident`` accuracy (``correct``: per sample, as ``bar_answers`` gives it) split by whether another digit shares the asked cell's column (``with mate``) or not (``alone``): ``{kind: {"accuracy", "n"}}``.
 
     A model that looks a cell up by its column alone answers the ``alone`` questions and fails the
-    others (docs/proxy.md, "What ident still gets wrong"). Needs a benchmark with
+    others (docs/proxy.md, "How ident learnt the row"). Needs a benchmark with
     ``scene(split, index)`` (``digits``) and sample ids ``{split}-{scene}-{family}``.
     """
     from v2drop.benchmarks.digits import asked_cell
