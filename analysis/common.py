@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -49,8 +48,11 @@ def run_methods(lvlm, benchmark, methods: dict, out: Path, config, samples=None)
         folder = out / label
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "result.json"
-        wanted = {"method": method.to_dict(), "config": {**asdict(config), "method": method.to_dict()},
-                  "weights": lvlm.weights_fingerprint}
+        wanted = {
+            "method": method.to_dict(),
+            "config": {**asdict(config), "method": method.to_dict()},
+            "weights": lvlm.weights_fingerprint,
+        }
         if path.exists():
             old = json.loads(path.read_text())
             if all(old.get(key) == value for key, value in wanted.items()):
@@ -59,8 +61,15 @@ def run_methods(lvlm, benchmark, methods: dict, out: Path, config, samples=None)
             (folder / "records.jsonl").unlink(missing_ok=True)
         from dataclasses import replace
 
-        result = evaluate(lvlm, benchmark, method, replace(config, method=method.to_dict()),
-                          records_path=folder / "records.jsonl", resume=True, samples=samples)
+        result = evaluate(
+            lvlm,
+            benchmark,
+            method,
+            replace(config, method=method.to_dict()),
+            records_path=folder / "records.jsonl",
+            resume=True,
+            samples=samples,
+        )
         results[label] = {**result.to_json(), "weights": lvlm.weights_fingerprint}
         write_json(results[label], path)
     return results
@@ -81,14 +90,16 @@ def relative_rows(results: dict, baseline: str = "none", extra: dict | None = No
         m = res["metrics"]
         row = {"method": label, **(extra or {}).get(label, {})}
         row.update({f: fams[f] for f in sorted(fams)})
-        row.update({
-            "accuracy": m["accuracy"],
-            "avg_vs_none": sum(ratios) / len(ratios) if ratios else None,
-            "avg_vision_tokens": m["average_vision_tokens"],
-            "flops_ratio": m["flops_ratio"],
-            "prefill_ms": m["prefill_latency_median_s"] * 1e3,
-            "generation_ms": m["generation_latency_median_s"] * 1e3,
-        })
+        row.update(
+            {
+                "accuracy": m["accuracy"],
+                "avg_vs_none": sum(ratios) / len(ratios) if ratios else None,
+                "avg_vision_tokens": m["average_vision_tokens"],
+                "flops_ratio": m["flops_ratio"],
+                "prefill_ms": m["prefill_latency_median_s"] * 1e3,
+                "generation_ms": m["generation_latency_median_s"] * 1e3,
+            }
+        )
         rows.append(row)
     return rows
 
@@ -160,6 +171,14 @@ def setup(args, name: str):
     samples = benchmark.load(args.split, args.limit)
     torch.set_num_threads(args.threads)
     lvlm = v2drop.load(args.model, attn_implementation=args.attn)
-    config = EvalConfig(model=args.model, benchmark=args.benchmark, split=args.split, limit=args.limit,
-                        batch_size=args.batch_size, threads=args.threads, attn_implementation=args.attn, progress=True)
+    config = EvalConfig(
+        model=args.model,
+        benchmark=args.benchmark,
+        split=args.split,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        attn_implementation=args.attn,
+        progress=True,
+    )
     return lvlm, benchmark, samples, vision_tokens_of(lvlm, samples[0]), config, run_dir(name, args.out)

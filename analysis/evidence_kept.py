@@ -16,9 +16,9 @@ import matplotlib.pyplot as plt
 
 from analysis.common import command_parser, read_records, run_methods, save_figure, setup, write_table
 from analysis.method_table import methods_at_budgets
-from v2drop.evaluation import vision_index_of
 from v2drop import checks
 from v2drop.cli import run
+from v2drop.evaluation import vision_index_of
 
 
 def evidence_shares(records: list[dict], evidence: dict[str, tuple]) -> dict:
@@ -71,7 +71,10 @@ def _main(argv) -> list[dict]:
     results_dir = Path(args.results)
     run_methods(lvlm, benchmark, methods, results_dir, config, samples)
     evidence = {s.id: s.evidence for s in samples}
-    rows = [{**info[label], "method": label, **evidence_shares(read_records(results_dir, label), evidence)} for label in methods]
+    rows = [
+        {**info[label], "method": label, **evidence_shares(read_records(results_dir, label), evidence)}
+        for label in methods
+    ]
     print(write_table(rows, out / "evidence_kept"))
     fig, ax = plt.subplots(figsize=(8, 4))
     for variant in dict.fromkeys(i["scorer"] for i in info.values()):

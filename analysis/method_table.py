@@ -12,9 +12,19 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
-from analysis.common import PAPER_BUDGETS, budget_method, command_parser, relative_rows, run_methods, save_figure, scorer_variants, setup, write_table
-from v2drop.method import Method
+from analysis.common import (
+    PAPER_BUDGETS,
+    budget_method,
+    command_parser,
+    relative_rows,
+    run_methods,
+    save_figure,
+    scorer_variants,
+    setup,
+    write_table,
+)
 from v2drop.cli import run
+from v2drop.method import Method
 
 
 def methods_at_budgets(depth: int, n_vision: int, variants=None, budgets=PAPER_BUDGETS) -> tuple[dict, dict]:
@@ -44,9 +54,15 @@ def _main(argv) -> list[dict]:
     missing = sorted({v for v in all_variants if not any(i.get("scorer") == v for i in info.values())})
     results = run_methods(lvlm, benchmark, methods, out, config, samples)
     rows = relative_rows(results, extra=info)
-    columns = ["budget", "method"] + sorted(benchmark.families) + ["accuracy", "avg_vs_none", "avg_vision_tokens", "flops_ratio", "prefill_ms"]
+    columns = (
+        ["budget", "method"]
+        + sorted(benchmark.families)
+        + ["accuracy", "avg_vs_none", "avg_vision_tokens", "flops_ratio", "prefill_ms"]
+    )
     markdown = write_table(rows, out / "method_table", columns)
-    print(f"{lvlm.name}: {lvlm.depth} layers, {n_vision} vision tokens, {len(samples)} samples of {benchmark.name}/{args.split}")
+    print(
+        f"{lvlm.name}: {lvlm.depth} layers, {n_vision} vision tokens, {len(samples)} samples of {benchmark.name}/{args.split}"
+    )
     print(markdown)
     if missing:
         print(f"no presets for: {', '.join(missing)}")
@@ -55,7 +71,10 @@ def _main(argv) -> list[dict]:
     variants = [v for v in all_variants if any(r.get("scorer") == v for r in rows)]
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
-        vals = [next((r["avg_vs_none"] for r in rows if r.get("scorer") == variant and r.get("budget") == b), 0) for b in PAPER_BUDGETS]
+        vals = [
+            next((r["avg_vs_none"] for r in rows if r.get("scorer") == variant and r.get("budget") == b), 0)
+            for b in PAPER_BUDGETS
+        ]
         ax.bar([j + i * width for j in range(len(PAPER_BUDGETS))], vals, width, label=variant)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(PAPER_BUDGETS))], [f"{b}/576 budget" for b in PAPER_BUDGETS])
     ax.set_ylabel("accuracy / no dropping (mean over families)")

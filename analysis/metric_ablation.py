@@ -1,6 +1,6 @@
 """Paper Tables 7 and 9: L1 vs L2 vs cosine variation, accuracy and throughput, at three budgets.
 
-    python -m analysis.metric_ablation [--model proxy] [--benchmark digits] [--limit N]
+python -m analysis.metric_ablation [--model proxy] [--benchmark digits] [--limit N]
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import matplotlib.pyplot as plt
 
 from analysis.common import command_parser, relative_rows, run_methods, save_figure, setup, write_table
 from analysis.method_table import methods_at_budgets
-from v2drop.scorers.v2drop import METRICS as VARIATION_METRICS
 from v2drop.cli import run
+from v2drop.scorers.v2drop import METRICS as VARIATION_METRICS
 
 METRICS = {f"v2drop-{m}": ("v2drop", {"metric": m}) for m in VARIATION_METRICS}
 
@@ -30,7 +30,16 @@ def _main(argv) -> list[dict]:
         m = results[label]["metrics"]
         row["samples_per_s"] = 1.0 / m["generation_latency_median_s"]
         row["scoring_share"] = m["scoring_share_of_prefill"]
-    columns = ["budget", "method", "accuracy", "avg_vs_none", "avg_vision_tokens", "samples_per_s", "prefill_ms", "scoring_share"]
+    columns = [
+        "budget",
+        "method",
+        "accuracy",
+        "avg_vs_none",
+        "avg_vision_tokens",
+        "samples_per_s",
+        "prefill_ms",
+        "scoring_share",
+    ]
     print(write_table(rows, out / "metric_ablation", columns))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for variant in METRICS:

@@ -11,10 +11,20 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
-from analysis.common import PAPER_BUDGETS, PAPER_VISION_TOKENS, budget_method, command_parser, relative_rows, run_methods, save_figure, setup, write_table
+from analysis.common import (
+    PAPER_BUDGETS,
+    PAPER_VISION_TOKENS,
+    budget_method,
+    command_parser,
+    relative_rows,
+    run_methods,
+    save_figure,
+    setup,
+    write_table,
+)
+from v2drop.cli import run
 from v2drop.method import Method
 from v2drop.schedule import solve_keep
-from v2drop.cli import run
 
 
 def schedules(depth: int, n_vision: int, budgets=PAPER_BUDGETS) -> tuple[dict, dict]:
@@ -24,7 +34,10 @@ def schedules(depth: int, n_vision: int, budgets=PAPER_BUDGETS) -> tuple[dict, d
         progressive = budget_method("v2drop", budget, depth, n_vision)
         target = progressive.schedule.average_tokens(depth, n_vision)
         methods[f"progressive@{budget}"] = progressive
-        info[f"progressive@{budget}"] = {"budget": budget, "schedule": "progressive " + "/".join(map(str, progressive.schedule.layers))}
+        info[f"progressive@{budget}"] = {
+            "budget": budget,
+            "schedule": "progressive " + "/".join(map(str, progressive.schedule.layers)),
+        }
         layers = progressive.schedule.layers
         for name, layer in (("one-shot-first", layers[0]), ("one-shot-middle", layers[len(layers) // 2])):
             try:
@@ -32,7 +45,10 @@ def schedules(depth: int, n_vision: int, budgets=PAPER_BUDGETS) -> tuple[dict, d
             except ValueError:
                 continue  # that budget cannot be reached with one stage there
             methods[f"{name}@{budget}"] = Method("v2drop", schedule=one)
-            info[f"{name}@{budget}"] = {"budget": budget, "schedule": f"one-shot at {layer}, keep {one.stages[0].keep:.3f}"}
+            info[f"{name}@{budget}"] = {
+                "budget": budget,
+                "schedule": f"one-shot at {layer}, keep {one.stages[0].keep:.3f}",
+            }
     return methods, info
 
 
@@ -47,11 +63,19 @@ def _main(argv) -> list[dict]:
     methods, info = schedules(lvlm.depth, n_vision)
     results = run_methods(lvlm, benchmark, methods, out, config, samples)
     rows = relative_rows(results, extra=info)
-    columns = ["budget", "method", "schedule"] + sorted(benchmark.families) + ["accuracy", "avg_vs_none", "avg_vision_tokens", "flops_ratio", "prefill_ms"]
+    columns = (
+        ["budget", "method", "schedule"]
+        + sorted(benchmark.families)
+        + ["accuracy", "avg_vs_none", "avg_vision_tokens", "flops_ratio", "prefill_ms"]
+    )
     print(write_table(rows, out / "oneshot_vs_progressive", columns))
     fig, ax = plt.subplots(figsize=(7, 4))
     for kind, marker in (("progressive", "o"), ("one-shot-first", "s"), ("one-shot-middle", "^")):
-        pts = [(r["avg_vision_tokens"] / n_vision * PAPER_VISION_TOKENS, r["avg_vs_none"]) for r in rows if r["method"].startswith(kind + "@")]
+        pts = [
+            (r["avg_vision_tokens"] / n_vision * PAPER_VISION_TOKENS, r["avg_vs_none"])
+            for r in rows
+            if r["method"].startswith(kind + "@")
+        ]
         if pts:
             ax.plot(*zip(*sorted(pts)), marker=marker, label=kind)
     ax.set_xlabel("average retained tokens (as of 576)")

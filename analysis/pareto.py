@@ -17,9 +17,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from analysis.common import run_dir, save_figure, write_table
-from v2drop.search import pareto_indices
 from v2drop import checks
 from v2drop.cli import run
+from v2drop.search import pareto_indices
 
 COSTS = ("prefill_ms", "flops_ratio")
 
@@ -41,8 +41,14 @@ def _sweep_points(folder: Path) -> tuple[list[dict], str]:
     confirmed, path = folder / "pareto_confirmed.csv", folder / "pareto.csv"
     if confirmed.exists():
         with open(confirmed) as f:
-            return [{"accuracy": r["test_accuracy"], "prefill_ms": r["test_prefill_ms"], "flops_ratio": r["test_flops_ratio"]}
-                    for r in csv.DictReader(f)], "confirmed"
+            return [
+                {
+                    "accuracy": r["test_accuracy"],
+                    "prefill_ms": r["test_prefill_ms"],
+                    "flops_ratio": r["test_flops_ratio"],
+                }
+                for r in csv.DictReader(f)
+            ], "confirmed"
     if not path.exists():
         raise ValueError(f"{folder} has no pareto.csv; run python -m experiments.sweep first")
     with open(path) as f:
@@ -69,25 +75,39 @@ def _main(argv) -> list[dict]:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not Path(args.results).is_dir():
-        raise FileNotFoundError(f"--results {args.results!r} is not a directory; run python -m analysis.method_table first (or point --results at its output)")
+        raise FileNotFoundError(
+            f"--results {args.results!r} is not a directory; run python -m analysis.method_table first (or point --results at its output)"
+        )
     for folder in args.sweep:
         if not (Path(folder) / "trials.csv").is_file() and not (Path(folder) / "pareto.csv").is_file():
-            raise FileNotFoundError(f"--sweep {folder!r} is not a sweep run directory (no trials.csv or pareto.csv in it)")
+            raise FileNotFoundError(
+                f"--sweep {folder!r} is not a sweep run directory (no trials.csv or pareto.csv in it)"
+            )
     checks.check_writable(args.out or "runs/analysis/pareto", directory=True)
     out = run_dir("pareto", args.out)
     rows = []
     for path in sorted(Path(args.results).glob("*/result.json")):
         m = json.loads(path.read_text())["metrics"]
         label = path.parent.name
-        rows.append({"method": label, "scorer": label.split("@")[0], "accuracy": m["accuracy"],
-                     "prefill_ms": m["prefill_latency_median_s"] * 1e3, "flops_ratio": m["flops_ratio"],
-                     "avg_vision_tokens": m["average_vision_tokens"]})
+        rows.append(
+            {
+                "method": label,
+                "scorer": label.split("@")[0],
+                "accuracy": m["accuracy"],
+                "prefill_ms": m["prefill_latency_median_s"] * 1e3,
+                "flops_ratio": m["flops_ratio"],
+                "avg_vision_tokens": m["average_vision_tokens"],
+            }
+        )
     if not rows:
         raise SystemExit(f"no results under {args.results}; run python -m analysis.method_table first")
     mark_fronts(rows)
     print(write_table(rows, out / "pareto"))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, xlabel in ((axes[0], "prefill_ms", "median LLM prefill latency (ms)"), (axes[1], "flops_ratio", "prefill FLOPs / no dropping")):
+    for ax, key, xlabel in (
+        (axes[0], "prefill_ms", "median LLM prefill latency (ms)"),
+        (axes[1], "flops_ratio", "prefill FLOPs / no dropping"),
+    ):
         for scorer in dict.fromkeys(r["scorer"] for r in rows):
             mine = [r for r in rows if r["scorer"] == scorer]
             ax.scatter([r[key] for r in mine], [r["accuracy"] for r in mine], label=scorer, s=25)
@@ -95,7 +115,11 @@ def _main(argv) -> list[dict]:
         ax.step(*zip(*front), where="post", color="black", lw=1, label="front (methods)")
         for folder in args.sweep:
             sweep_rows, split = _sweep_points(Path(folder))
-            cost = ("prefill_ms", "prefill_latency", "prefill_latency_median_s") if key == "prefill_ms" else ("flops_ratio", "flops")
+            cost = (
+                ("prefill_ms", "prefill_latency", "prefill_latency_median_s")
+                if key == "prefill_ms"
+                else ("flops_ratio", "flops")
+            )
             pts = sorted(p for p in ((_pick(r, *cost), _pick(r, "accuracy")) for r in sweep_rows) if None not in p)
             if pts:
                 ax.plot(*zip(*pts), ls="--", marker="x", label=f"sweep {Path(folder).name} ({split})")

@@ -13,12 +13,12 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 from analysis.common import command_parser, read_records, run_methods, save_figure, setup, write_table
+from v2drop import checks
+from v2drop.cli import run
 from v2drop.evaluation import vision_index_of
 from v2drop.method import Method
 from v2drop.schedule import Schedule
 from v2drop.scorers import list_scorers
-from v2drop import checks
-from v2drop.cli import run
 
 BINS = 10
 
@@ -53,7 +53,9 @@ def _main(argv) -> list[dict]:
         checks.check_int("--layer", args.layer, 0)
         depth = checks.model_depth(args.model)
         if args.layer >= depth:
-            raise ValueError(f"--layer {args.layer} is past the model's last layer (model {args.model!r} has {depth} layers: 0..{depth - 1})")
+            raise ValueError(
+                f"--layer {args.layer} is past the model's last layer (model {args.model!r} has {depth} layers: 0..{depth - 1})"
+            )
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "positional_bias")
     layer = args.layer if args.layer is not None else max(1, round(3 * lvlm.depth / 32))
     schedule = Schedule.one_shot(layer, args.keep)

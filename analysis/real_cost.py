@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 
 from analysis.common import run_dir
+from v2drop import checks
+from v2drop.cli import run
 from v2drop.cost import kv_cache_bytes, method_prefill_flops, prefill_flops
 from v2drop.method import Method, list_presets
 from v2drop.tables import write_table
-from v2drop import checks
-from v2drop.cli import run
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,13 @@ class ModelSize:
         """A transformers config with these sizes (nothing is downloaded or allocated)."""
         from transformers import LlamaConfig
 
-        return LlamaConfig(hidden_size=self.hidden, intermediate_size=self.intermediate, num_hidden_layers=self.layers,
-                           num_attention_heads=self.heads, num_key_value_heads=self.kv_heads)
+        return LlamaConfig(
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+        )
 
 
 PRESET_VISION_TOKENS = 576  # the presets are LLaVA-1.5-7B settings (one 336 px image)
@@ -62,8 +67,19 @@ def cost_rows(model: ModelSize, text_tokens: int, presets: list[str]) -> list[di
     full_tokens = [text_tokens + model.vision_tokens] * model.layers
     base_flops = prefill_flops(cfg, full_tokens)
     base_kv = kv_cache_bytes(cfg, full_tokens)
-    rows = [{"model": model.name, "preset": "none", "layers": "-", "avg_vision_tokens": float(model.vision_tokens),
-             "kept_share": 1.0, "tflops": base_flops / 1e12, "flops_ratio": 1.0, "kv_cache_mb": base_kv / 2**20, "kv_ratio": 1.0}]
+    rows = [
+        {
+            "model": model.name,
+            "preset": "none",
+            "layers": "-",
+            "avg_vision_tokens": float(model.vision_tokens),
+            "kept_share": 1.0,
+            "tflops": base_flops / 1e12,
+            "flops_ratio": 1.0,
+            "kv_cache_mb": base_kv / 2**20,
+            "kv_ratio": 1.0,
+        }
+    ]
     for name in presets:
         method = Method.from_preset(name, depth=model.layers)
         schedule = method.schedule
@@ -74,9 +90,19 @@ def cost_rows(model: ModelSize, text_tokens: int, presets: list[str]) -> list[di
         flops = method_prefill_flops(cfg, text_tokens, model.vision_tokens, per_layer, schedule.layers, method.scorer)
         kv = kv_cache_bytes(cfg, [text_tokens + v for v in per_layer])
         avg = sum(per_layer) / model.layers
-        rows.append({"model": model.name, "preset": name, "layers": "/".join(map(str, schedule.layers)),
-                     "avg_vision_tokens": avg, "kept_share": avg / model.vision_tokens, "tflops": flops / 1e12,
-                     "flops_ratio": flops / base_flops, "kv_cache_mb": kv / 2**20, "kv_ratio": kv / base_kv})
+        rows.append(
+            {
+                "model": model.name,
+                "preset": name,
+                "layers": "/".join(map(str, schedule.layers)),
+                "avg_vision_tokens": avg,
+                "kept_share": avg / model.vision_tokens,
+                "tflops": flops / 1e12,
+                "flops_ratio": flops / base_flops,
+                "kv_cache_mb": kv / 2**20,
+                "kv_ratio": kv / base_kv,
+            }
+        )
     return rows
 
 
@@ -98,8 +124,21 @@ def _main(argv) -> list[dict]:
     out = run_dir("real_cost", args.out)
     presets = args.presets or list_presets()
     rows = [r for m in MODELS for r in cost_rows(m, args.text_tokens, presets)]
-    markdown = write_table(rows, out / "real_cost", ["model", "preset", "layers", "avg_vision_tokens", "kept_share",
-                                                     "tflops", "flops_ratio", "kv_cache_mb", "kv_ratio"])
+    markdown = write_table(
+        rows,
+        out / "real_cost",
+        [
+            "model",
+            "preset",
+            "layers",
+            "avg_vision_tokens",
+            "kept_share",
+            "tflops",
+            "flops_ratio",
+            "kv_cache_mb",
+            "kv_ratio",
+        ],
+    )
     print("\n".join(f"{m.name}: {m.vision_note}, {m.layers} layers" for m in MODELS))
     print(markdown)
 

@@ -18,10 +18,10 @@ import torch
 from matplotlib.patches import Rectangle
 
 from analysis.common import budget_method, check_args, command_parser, resolve_split, run_dir, save_figure, write_json
-from v2drop.method import Method
-from v2drop.scorers.v2drop import V2DropScorer
 from v2drop import checks
 from v2drop.cli import run
+from v2drop.method import Method
+from v2drop.scorers.v2drop import V2DropScorer
 
 
 @contextmanager
@@ -80,14 +80,26 @@ def _main(argv) -> list[dict]:
         index = {p: k for k, p in enumerate(vision_pos)}
         kept_sets = [set(s["kept"]) for s in dropped.traces[0].stages]
         panels.append((sample, grid, index, history, kept_sets, full.texts[0], dropped.texts[0]))
-        rows.append({"id": sample.id, "question": sample.question, "reference": sample.answer, "no_drop": full.texts[0],
-                     "v2drop": dropped.texts[0], "stages": [h[0] for h in history]})
+        rows.append(
+            {
+                "id": sample.id,
+                "question": sample.question,
+                "reference": sample.answer,
+                "no_drop": full.texts[0],
+                "v2drop": dropped.texts[0],
+                "stages": [h[0] for h in history],
+            }
+        )
     n_stages = max(len(p[3]) for p in panels)
-    fig, axes = plt.subplots(len(panels), n_stages + 1, figsize=(3.2 * (n_stages + 1), 3.4 * len(panels)), squeeze=False)
-    for row_axes, (sample, (t, h, w), index, history, kept_sets, ans_full, ans_drop) in zip(axes, panels):
+    fig, axes = plt.subplots(
+        len(panels), n_stages + 1, figsize=(3.2 * (n_stages + 1), 3.4 * len(panels)), squeeze=False
+    )
+    for row_axes, (sample, (_t, h, w), index, history, kept_sets, ans_full, ans_drop) in zip(axes, panels):
         image = np.asarray(sample.images[0].convert("RGB"))
         row_axes[0].imshow(image)
-        question = "\n".join(textwrap.wrap(sample.question, 40))  # long multiple-choice questions would run off the figure
+        question = "\n".join(
+            textwrap.wrap(sample.question, 40)
+        )  # long multiple-choice questions would run off the figure
         row_axes[0].set_title(f"{question}\nref {sample.answer} | none: {ans_full} | V²Drop: {ans_drop}", fontsize=7)
         for ax, (layer, positions, scores), kept in zip(row_axes[1:], history, kept_sets):
             heat = np.full((h, w), np.nan)

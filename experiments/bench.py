@@ -21,8 +21,8 @@ from PIL import Image
 
 import v2drop
 from v2drop import checks
-from v2drop.cli import run
 from v2drop.budgets import budget_method, scorer_variants, with_scorer_args
+from v2drop.cli import run
 from v2drop.cost import environment, sample_prefill_flops
 from v2drop.method import Method
 from v2drop.tables import write_table
@@ -66,14 +66,16 @@ def _flops(lvlm, out, method) -> float:
 def time_methods(lvlm, inputs, methods: dict, repeats: int, new_tokens: int, memory: bool = False) -> dict:
     """Median prefill/generation/scoring seconds (and peak memory) per method, interleaved rounds."""
     runs = {k: [] for k in methods}
-    for label, method in methods.items():  # warm-up
+    for method in methods.values():  # warm-up
         lvlm.generate_from_inputs(inputs, method, new_tokens, stop_at_eos=False)
     for _ in range(repeats):
         for label, method in methods.items():
-            runs[label].append(lvlm.generate_from_inputs(inputs, method, new_tokens, stop_at_eos=False, measure_memory=memory))
+            runs[label].append(
+                lvlm.generate_from_inputs(inputs, method, new_tokens, stop_at_eos=False, measure_memory=memory)
+            )
     out = {}
     for label, outs in runs.items():
-        med = lambda key: statistics.median(getattr(o, key) for o in outs)  # noqa: E731
+        med = lambda key, outs=outs: statistics.median(getattr(o, key) for o in outs)  # noqa: E731
         out[label] = {
             "prefill_s": med("prefill_seconds"),
             "generation_s": med("generate_seconds"),
@@ -95,13 +97,22 @@ def latency_rows(kind: str, timings: dict) -> list[dict]:
     for label, t in timings.items():
         ideal = base["flops"] / t["flops"]
         speed = base["prefill_s"] / t["prefill_s"]
-        rows.append({
-            "input": kind, "method": label, "vision_tokens": t["vision_tokens"], "avg_vision_tokens": t["avg_vision_tokens"],
-            "prefill_ms": t["prefill_s"] * 1e3, "generation_ms": t["generation_s"] * 1e3,
-            "prefill_speedup": speed, "generation_speedup": base["generation_s"] / t["generation_s"],
-            "ideal_speedup_flops": ideal, "speedup_over_ideal": speed / ideal,
-            "scoring_share": t["scoring_s"] / t["prefill_s"], "drop_stage_share": t["drop_stage_s"] / t["prefill_s"],
-        })
+        rows.append(
+            {
+                "input": kind,
+                "method": label,
+                "vision_tokens": t["vision_tokens"],
+                "avg_vision_tokens": t["avg_vision_tokens"],
+                "prefill_ms": t["prefill_s"] * 1e3,
+                "generation_ms": t["generation_s"] * 1e3,
+                "prefill_speedup": speed,
+                "generation_speedup": base["generation_s"] / t["generation_s"],
+                "ideal_speedup_flops": ideal,
+                "speedup_over_ideal": speed / ideal,
+                "scoring_share": t["scoring_s"] / t["prefill_s"],
+                "drop_stage_share": t["drop_stage_s"] / t["prefill_s"],
+            }
+        )
     return rows
 
 
@@ -145,8 +156,11 @@ def _main(argv) -> dict:
         print(f"[{kind}] {n_vision} vision tokens, {len(methods)} methods, {args.repeats} rounds")
         rows += latency_rows(kind, time_methods(lvlm, inputs, methods, args.repeats, args.new_tokens))
     report["latency"] = rows
-    md = ["## Latency at the same budget (medians; speedups over no dropping)", "",
-          write_table(rows, out / "bench_latency")]
+    md = [
+        "## Latency at the same budget (medians; speedups over no dropping)",
+        "",
+        write_table(rows, out / "bench_latency"),
+    ]
 
     # Peak memory on the long input: V²Drop vs FastV faithful (full attention map) vs FastV rows vs none.
     long_inputs = prompt_inputs(lvlm, args.frames)
@@ -157,10 +171,22 @@ def _main(argv) -> dict:
         memory_methods["fastv-rows"] = fastv
         memory_methods["fastv-faithful"] = with_scorer_args(fastv, faithful=True)
     mem = time_methods(lvlm, long_inputs, memory_methods, max(1, args.repeats // 2), args.new_tokens, memory=True)
-    mem_rows = [{"method": k, "peak_memory_mb": v["peak_memory_mb"], "vs_none": v["peak_memory_mb"] / mem["none"]["peak_memory_mb"],
-                 "prefill_ms": v["prefill_s"] * 1e3} for k, v in mem.items()]
+    mem_rows = [
+        {
+            "method": k,
+            "peak_memory_mb": v["peak_memory_mb"],
+            "vs_none": v["peak_memory_mb"] / mem["none"]["peak_memory_mb"],
+            "prefill_ms": v["prefill_s"] * 1e3,
+        }
+        for k, v in mem.items()
+    ]
     report["memory"] = mem_rows
-    md += ["", f"## Peak memory of the LLM part, {n_vision} vision tokens", "", write_table(mem_rows, out / "bench_memory")]
+    md += [
+        "",
+        f"## Peak memory of the LLM part, {n_vision} vision tokens",
+        "",
+        write_table(mem_rows, out / "bench_memory"),
+    ]
 
     # Throughput: batch 1 vs batch N, with and without dropping.
     tp_rows = []
@@ -174,8 +200,11 @@ def _main(argv) -> dict:
     report["throughput"] = tp_rows
     md += ["", "## Throughput (generation, samples per second)", "", write_table(tp_rows, out / "bench_throughput")]
     env = report["environment"]
-    md.insert(0, f"Machine: {env['processor']}, {env['cpu_count']} cores, torch {env['torch']} ({env['torch_threads']} threads), "
-                 f"{env['model']} ({env['dtype']}, {env['attn_implementation']}), budget {args.budget}/576.\n")
+    md.insert(
+        0,
+        f"Machine: {env['processor']}, {env['cpu_count']} cores, torch {env['torch']} ({env['torch_threads']} threads), "
+        f"{env['model']} ({env['dtype']}, {env['attn_implementation']}), budget {args.budget}/576.\n",
+    )
     (out / "bench.md").write_text("\n".join(md))
     (out / "bench.json").write_text(json.dumps(report, indent=2, default=str))
     print("\n".join(md))

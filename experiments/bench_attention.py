@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 import v2drop
-from v2drop.cli import run
 from experiments.bench import check_bench_args, prompt_inputs, time_methods
 from v2drop.budgets import budget_method, with_scorer_args
+from v2drop.cli import run
 from v2drop.cost import environment
 from v2drop.method import Method
 from v2drop.tables import write_table
@@ -34,7 +34,9 @@ def main(argv=None) -> dict:
 
 def _main(argv) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="random", help="'random' (random-weight LLaVA, hidden 512, 8 layers) or a v2drop.load name")
+    p.add_argument(
+        "--model", default="random", help="'random' (random-weight LLaVA, hidden 512, 8 layers) or a v2drop.load name"
+    )
     p.add_argument("--frames", type=int, default=8, help="images in the prompt")
     p.add_argument("--budget", type=int, default=128, help="paper budget (of 576) every method is fitted to")
     p.add_argument("--repeats", type=int, default=5)
@@ -64,30 +66,42 @@ def _main(argv) -> dict:
         "sparsevlm faithful": with_scorer_args(fit("sparsevlm"), faithful=True),
         "pdrop rows": fit("pdrop"),
     }
-    print(f"{lvlm.name}: {n_vision} vision tokens, {inputs['input_ids'].shape[1]} prompt tokens, "
-          f"{len(methods)} methods x {args.repeats} interleaved rounds")
+    print(
+        f"{lvlm.name}: {n_vision} vision tokens, {inputs['input_ids'].shape[1]} prompt tokens, "
+        f"{len(methods)} methods x {args.repeats} interleaved rounds"
+    )
     timings = time_methods(lvlm, inputs, methods, args.repeats, args.new_tokens)
-    memory = time_methods(lvlm, inputs, methods, max(1, args.repeats // 2), args.new_tokens, memory=True)  # the CPU sampler slows what it wraps: its own rounds
+    memory = time_methods(
+        lvlm, inputs, methods, max(1, args.repeats // 2), args.new_tokens, memory=True
+    )  # the CPU sampler slows what it wraps: its own rounds
     for label, t in timings.items():
         t["peak_memory_mb"] = memory[label]["peak_memory_mb"]
     base = timings["none"]
-    rows = [{
-        "method": label,
-        "avg_vision_tokens": t["avg_vision_tokens"],
-        "prefill_ms": t["prefill_s"] * 1e3,
-        "prefill_vs_none": t["prefill_s"] / base["prefill_s"],
-        "peak_memory_mb": t["peak_memory_mb"],
-        "memory_vs_none": t["peak_memory_mb"] / base["peak_memory_mb"] if base["peak_memory_mb"] else float("nan"),
-        "scoring_share": t["scoring_s"] / t["prefill_s"],
-    } for label, t in timings.items()]
+    rows = [
+        {
+            "method": label,
+            "avg_vision_tokens": t["avg_vision_tokens"],
+            "prefill_ms": t["prefill_s"] * 1e3,
+            "prefill_vs_none": t["prefill_s"] / base["prefill_s"],
+            "peak_memory_mb": t["peak_memory_mb"],
+            "memory_vs_none": t["peak_memory_mb"] / base["peak_memory_mb"] if base["peak_memory_mb"] else float("nan"),
+            "scoring_share": t["scoring_s"] / t["prefill_s"],
+        }
+        for label, t in timings.items()
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(lvlm)
-    md = [f"{env['model']} ({env['dtype']}, {env['attn_implementation']}), {n_vision} vision tokens, budget {args.budget}/576, "
-          f"torch {env['torch']} ({env['torch_threads']} threads), medians of {args.repeats} rounds.", "",
-          write_table(rows, out / "bench_attention")]
+    md = [
+        f"{env['model']} ({env['dtype']}, {env['attn_implementation']}), {n_vision} vision tokens, budget {args.budget}/576, "
+        f"torch {env['torch']} ({env['torch_threads']} threads), medians of {args.repeats} rounds.",
+        "",
+        write_table(rows, out / "bench_attention"),
+    ]
     (out / "bench_attention.md").write_text("\n".join(md))
-    (out / "bench_attention.json").write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=2, default=str))
+    (out / "bench_attention.json").write_text(
+        json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=2, default=str)
+    )
     print("\n".join(md))
     return {"rows": rows}
 

@@ -47,13 +47,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", default="v2drop-llava15-128", help="method preset")
     parser.add_argument("--max-new-tokens", type=int, default=2, help="greedy tokens per answer")
     parser.add_argument("--batch-size", type=int, default=1, help="samples per generate call")
-    parser.add_argument("--model", choices=("tiny", "random-llava"), default="tiny",
-                        help="tiny: v2drop.testing.build('llava') (64 vision tokens, the issue's tiny LLaVA); "
-                             "random-llava: random_llava (hidden 512, 12 layers, 576 vision tokens)")
+    parser.add_argument(
+        "--model",
+        choices=("tiny", "random-llava"),
+        default="tiny",
+        help="tiny: v2drop.testing.build('llava') (64 vision tokens, the issue's tiny LLaVA); "
+        "random-llava: random_llava (hidden 512, 12 layers, 576 vision tokens)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the evaluating process")
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between memory samples")
     parser.add_argument("--output", default=None, help="write the figures as JSON here")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one setting (JSON) and print its figures
+    parser.add_argument(
+        "--one", default=None, help=argparse.SUPPRESS
+    )  # internal: run one setting (JSON) and print its figures
     return parser
 
 
@@ -76,12 +82,25 @@ def _main(argv) -> list[dict]:
         data = Path(args.data_dir) if args.data_dir else Path(tmp) / "textvqa"
         start = time.perf_counter()
         textvqa_copy(data, args.rows, args.width, args.height)
-        print(f"copy: {args.rows} rows of {args.width}x{args.height} JPEGs in {data} ({time.perf_counter() - start:.0f} s)", flush=True)
-        settings = ([{"workers": 0, "eager": True}] if args.eager else []) + [{"workers": w, "eager": False} for w in args.workers]
+        print(
+            f"copy: {args.rows} rows of {args.width}x{args.height} JPEGs in {data} ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+        settings = ([{"workers": 0, "eager": True}] if args.eager else []) + [
+            {"workers": w, "eager": False} for w in args.workers
+        ]
         figures = []
         for setting in settings:
-            cmd = [sys.executable, "-m", "experiments.bench_data", *(argv or sys.argv[1:]), "--data-dir", str(data),
-                   "--one", json.dumps(setting)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "experiments.bench_data",
+                *(argv or sys.argv[1:]),
+                "--data-dir",
+                str(data),
+                "--one",
+                json.dumps(setting),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 raise RuntimeError(f"the run {setting} failed:\n{out.stderr[-3000:]}")
@@ -95,8 +114,10 @@ def _main(argv) -> list[dict]:
 def _line(f: dict) -> str:
     """One setting's figures as a table row."""
     name = "eager (old)" if f["eager"] else f"workers={f['workers']}"
-    return (f"{name:>12}: peak RSS {f['peak_rss_mb']:7.0f} MB (main {f['peak_main_rss_mb']:6.0f}), peak PSS {f['peak_pss_mb']:7.0f} MB, "
-            f"{f['samples_per_s']:6.2f} samples/s, data wait {100 * f['data_wait_share']:5.1f}%, {f['n']} samples in {f['seconds']:.0f} s")
+    return (
+        f"{name:>12}: peak RSS {f['peak_rss_mb']:7.0f} MB (main {f['peak_main_rss_mb']:6.0f}), peak PSS {f['peak_pss_mb']:7.0f} MB, "
+        f"{f['samples_per_s']:6.2f} samples/s, data wait {100 * f['data_wait_share']:5.1f}%, {f['n']} samples in {f['seconds']:.0f} s"
+    )
 
 
 def _one(args, setting: dict) -> dict:
@@ -110,9 +131,19 @@ def _one(args, setting: dict) -> dict:
     sampler = MemorySampler(args.interval)
     sampler.start()
     lvlm = build("llava") if args.model == "tiny" else random_llava()
-    config = EvalConfig(model=lvlm.name, benchmark="textvqa", data_dir=args.data_dir, method=args.method, max_new_tokens=args.max_new_tokens,
-                        batch_size=args.batch_size, threads=args.threads, workers=setting["workers"], progress=False, warmup=2,
-                        memory_batches=0)
+    config = EvalConfig(
+        model=lvlm.name,
+        benchmark="textvqa",
+        data_dir=args.data_dir,
+        method=args.method,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        workers=setting["workers"],
+        progress=False,
+        warmup=2,
+        memory_batches=0,
+    )
     with tempfile.TemporaryDirectory(prefix="bench_data_run_") as tmp:
         start = time.perf_counter()
         if setting["eager"]:
@@ -122,10 +153,22 @@ def _one(args, setting: dict) -> dict:
         seconds = time.perf_counter() - start
     sampler.stop()
     n = result.metrics["n"]
-    figures = {**setting, "n": n, "seconds": seconds, "samples_per_s": n / seconds, "data_wait_share": result.metrics["data_wait_share"],
-               "peak_rss_mb": sampler.peak_rss / 2**20, "peak_main_rss_mb": sampler.peak_main / 2**20,
-               "peak_pss_mb": sampler.peak_pss / 2**20, "rows": args.rows, "size": [args.width, args.height], "method": args.method,
-               "model": lvlm.name, "threads": args.threads, "cpus": os.cpu_count()}
+    figures = {
+        **setting,
+        "n": n,
+        "seconds": seconds,
+        "samples_per_s": n / seconds,
+        "data_wait_share": result.metrics["data_wait_share"],
+        "peak_rss_mb": sampler.peak_rss / 2**20,
+        "peak_main_rss_mb": sampler.peak_main / 2**20,
+        "peak_pss_mb": sampler.peak_pss / 2**20,
+        "rows": args.rows,
+        "size": [args.width, args.height],
+        "method": args.method,
+        "model": lvlm.name,
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+    }
     print(json.dumps(figures))
     return figures
 
@@ -141,7 +184,9 @@ def _eager(config, tmp: str, lvlm):
     samples = benchmark.load(config.split, config.limit)
     held = []
     for s in samples:  # what HFBenchmark.load did before: decode every image at load time and keep it
-        held.append(Sample(s.id, s.question, s.answer, s.family, tuple(im.copy() for im in s.images), s.evidence, s.choices))
+        held.append(
+            Sample(s.id, s.question, s.answer, s.family, tuple(im.copy() for im in s.images), s.evidence, s.choices)
+        )
     MEDIA_CACHE.clear()
     return evaluate(lvlm, benchmark, Method.resolve(config.method), config, Path(tmp) / "records.jsonl", samples=held)
 

@@ -20,9 +20,8 @@ import torch
 from PIL import Image
 
 import v2drop
-from v2drop import checks
+from v2drop import Method, checks
 from v2drop.cli import run
-from v2drop import Method
 from v2drop.cost import Timer
 from v2drop.testing import random_llava  # noqa: F401  (also importable from here, as before)
 
@@ -41,7 +40,9 @@ def main(argv=None) -> dict:
 
 def _main(argv) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="a model name for v2drop.load (default: a random LLaVA built here)")
+    parser.add_argument(
+        "--model", default=None, help="a model name for v2drop.load (default: a random LLaVA built here)"
+    )
     parser.add_argument("--preset", default="v2drop-llava15-128", help="V²Drop preset (rescaled to the model's depth)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per variant, after one warm-up")
     parser.add_argument("--new-tokens", type=int, default=8, help="greedy tokens generated per run")
@@ -72,7 +73,7 @@ def _main(argv) -> dict:
         with torch.no_grad():
             lvlm.model.generate(**inputs, max_new_tokens=n, do_sample=False, min_new_tokens=n)
 
-    def ours(m=Method.none()):
+    def ours(m=Method.none()):  # noqa: B008 (a frozen dataclass: one shared default is safe)
         """Our engine with method ``m``."""
         return lvlm.generate_from_inputs(inputs, m, max_new_tokens=n, stop_at_eos=False)
 
@@ -100,14 +101,25 @@ def _main(argv) -> dict:
         "scoring_share_of_prefill": med(scoring) / med(prefill_drop),
         "drop_stage_share_of_prefill": med(drop_stage) / med(prefill_drop),
         "prefill_speedup_with_dropping": med(prefill_none) / med(prefill_drop),
-        "median_seconds": {"generate": med(t_hf), "engine": med(t_ours), "prefill_none": med(prefill_none),
-                           "prefill_v2drop": med(prefill_drop), "scoring_v2drop": med(scoring)},
+        "median_seconds": {
+            "generate": med(t_hf),
+            "engine": med(t_ours),
+            "prefill_none": med(prefill_none),
+            "prefill_v2drop": med(prefill_drop),
+            "scoring_v2drop": med(scoring),
+        },
     }
-    print(f"model {figures['model']} ({figures['depth']} layers, {figures['vision_tokens']} vision tokens), "
-          f"{args.threads} threads, median of {args.repeats}")
+    print(
+        f"model {figures['model']} ({figures['depth']} layers, {figures['vision_tokens']} vision tokens), "
+        f"{args.threads} threads, median of {args.repeats}"
+    )
     print(f"engine (no dropping) / model.generate, prefill + {n} tokens : {figures['engine_over_generate']:.3f}")
-    print(f"V²Drop scoring / prefill ({args.preset})                 : {figures['scoring_share_of_prefill'] * 100:.3f}%")
-    print(f"V²Drop whole drop stages (score, select, rebuild) / prefill : {figures['drop_stage_share_of_prefill'] * 100:.3f}%")
+    print(
+        f"V²Drop scoring / prefill ({args.preset})                 : {figures['scoring_share_of_prefill'] * 100:.3f}%"
+    )
+    print(
+        f"V²Drop whole drop stages (score, select, rebuild) / prefill : {figures['drop_stage_share_of_prefill'] * 100:.3f}%"
+    )
     print(f"prefill speedup with V²Drop                              : x{figures['prefill_speedup_with_dropping']:.2f}")
     if args.output:
         with open(args.output, "w") as f:

@@ -36,8 +36,15 @@ def random_llava15(width_divisor: int = 4, decoder_layers: int = 4):
     from v2drop.testing import random_llava
 
     d = width_divisor
-    tower = CLIPVisionConfig(hidden_size=1024 // d, intermediate_size=4096 // d, num_hidden_layers=24, num_attention_heads=16,
-                             image_size=336, patch_size=14, projection_dim=768 // d)
+    tower = CLIPVisionConfig(
+        hidden_size=1024 // d,
+        intermediate_size=4096 // d,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768 // d,
+    )
     lvlm = random_llava(hidden=4096 // d, layers=decoder_layers, image_size=336, patch=14, vision=tower)
     lvlm.name = f"random-llava15-w1/{d}-l{decoder_layers}"
     return lvlm
@@ -52,16 +59,33 @@ def _main(argv) -> dict:
     from v2drop.benchmarks import get_benchmark
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["proxy", "random-llava15"], help="model names for v2drop.load, or random-llava15")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["proxy", "random-llava15"],
+        help="model names for v2drop.load, or random-llava15",
+    )
     p.add_argument("--benchmark", default="digits")
     p.add_argument("--split", default="validation")
     p.add_argument("--limit", type=int, default=16, help="trial samples")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=3)
-    p.add_argument("--methods", nargs="+", default=["none", "v2drop-llava15-128", "visionzip-llava15-64"], help="presets (or none), one trial each")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["none", "v2drop-llava15-128", "visionzip-llava15-64"],
+        help="presets (or none), one trial each",
+    )
     p.add_argument("--repeats", type=int, default=2, help="timed trials per method and variant")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared machine, idle threads spinning would count as CPU time)")
-    p.add_argument("--width-divisor", type=int, default=4, help="random-llava15: every width of LLaVA-1.5-7B divided by this")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared machine, idle threads spinning would count as CPU time)",
+    )
+    p.add_argument(
+        "--width-divisor", type=int, default=4, help="random-llava15: every width of LLaVA-1.5-7B divided by this"
+    )
     p.add_argument("--decoder-layers", type=int, default=4, help="random-llava15: decoder layers")
     p.add_argument("--output", default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
@@ -76,8 +100,14 @@ def _main(argv) -> dict:
     bench = get_benchmark(args.benchmark)
     samples = bench.load(bench.resolve_split(args.split), args.limit)
     torch.set_num_threads(args.threads)
-    figures = {"benchmark": args.benchmark, "samples": len(samples), "batch_size": args.batch_size, "threads": args.threads,
-               "repeats": args.repeats, "models": []}
+    figures = {
+        "benchmark": args.benchmark,
+        "samples": len(samples),
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "models": [],
+    }
     for name in args.models:
         figures["models"].append(_bench_model(name, args, bench, samples))
     if args.output:
@@ -95,8 +125,13 @@ def _bench_model(name: str, args, bench, samples) -> dict:
     from v2drop.vision_cache import VisionCache
 
     lvlm = random_llava15(args.width_divisor, args.decoder_layers) if name == "random-llava15" else v2drop.load(name)
-    settings = {**eval_fields(SweepConfig()), "limit": len(samples), "batch_size": args.batch_size,
-                "max_new_tokens": args.max_new_tokens, "threads": args.threads}
+    settings = {
+        **eval_fields(SweepConfig()),
+        "limit": len(samples),
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "threads": args.threads,
+    }
     config = EvalConfig(model=name, benchmark=args.benchmark, progress=False, **settings)
     methods = {m: Method.resolve(m, depth=lvlm.depth) for m in args.methods}
     cache = VisionCache()
@@ -108,7 +143,9 @@ def _bench_model(name: str, args, bench, samples) -> dict:
             evaluate(lvlm, bench, method, config, samples=samples)
         return time.process_time() - cpu, time.perf_counter() - wall
 
-    trial(methods[args.methods[0]], False)  # warm-up: first-call costs (allocator, Lightning imports) out of the figures
+    trial(
+        methods[args.methods[0]], False
+    )  # warm-up: first-call costs (allocator, Lightning imports) out of the figures
     cold = trial(methods[args.methods[0]], True)[0]  # the sweep's first trial: fills the cache
     times = {m: {"plain": [], "cached": []} for m in methods}
     walls = {"plain": [], "cached": []}
@@ -119,21 +156,42 @@ def _bench_model(name: str, args, bench, samples) -> dict:
                 times[m][variant].append(cpu)
                 walls[variant].append(wall)
     med = statistics.median
-    n_vision = int(lvlm.adapter.vision_mask(lvlm.prepare([lvlm.format_prompt("w1")], [samples[0].images[0]])["input_ids"]).sum())
-    rows = [{"method": m, "plain_s": med(t["plain"]), "cached_s": med(t["cached"]), "speedup": med(t["plain"]) / med(t["cached"])}
-            for m, t in times.items()]
+    n_vision = int(
+        lvlm.adapter.vision_mask(lvlm.prepare([lvlm.format_prompt("w1")], [samples[0].images[0]])["input_ids"]).sum()
+    )
+    rows = [
+        {
+            "method": m,
+            "plain_s": med(t["plain"]),
+            "cached_s": med(t["cached"]),
+            "speedup": med(t["plain"]) / med(t["cached"]),
+        }
+        for m, t in times.items()
+    ]
     all_plain = [x for t in times.values() for x in t["plain"]]
     all_cached = [x for t in times.values() for x in t["cached"]]
-    out = {"model": lvlm.name, "depth": lvlm.depth, "vision_tokens": n_vision, "cold_cached_trial_s": cold, "rows": rows,
-           "speedup": med(all_plain) / med(all_cached), "cache_entries": len(cache), "cache_mb": cache.bytes / 2**20,
-           "wall_s": {k: med(v) for k, v in walls.items()}}
-    print(f"\n{lvlm.name}: {lvlm.depth} decoder layers, {n_vision} vision tokens per image; {len(samples)} samples of "
-          f"{args.benchmark}, batch {args.batch_size}; median of {args.repeats}; cache {len(cache)} entries, {out['cache_mb']:.1f} MiB")
+    out = {
+        "model": lvlm.name,
+        "depth": lvlm.depth,
+        "vision_tokens": n_vision,
+        "cold_cached_trial_s": cold,
+        "rows": rows,
+        "speedup": med(all_plain) / med(all_cached),
+        "cache_entries": len(cache),
+        "cache_mb": cache.bytes / 2**20,
+        "wall_s": {k: med(v) for k, v in walls.items()},
+    }
+    print(
+        f"\n{lvlm.name}: {lvlm.depth} decoder layers, {n_vision} vision tokens per image; {len(samples)} samples of "
+        f"{args.benchmark}, batch {args.batch_size}; median of {args.repeats}; cache {len(cache)} entries, {out['cache_mb']:.1f} MiB"
+    )
     print(f"{'trial CPU seconds':<24} {'no cache (s)':>13} {'cache (s)':>10} {'speed-up':>9}")
     for r in rows:
         print(f"{r['method']:<24} {r['plain_s']:>13.2f} {r['cached_s']:>10.2f} {r['speedup']:>8.2f}x")
-    print(f"{'all trials':<24} {med(all_plain):>13.2f} {med(all_cached):>10.2f} {out['speedup']:>8.2f}x   "
-          f"(first, cache-filling trial: {cold:.2f} s)")
+    print(
+        f"{'all trials':<24} {med(all_plain):>13.2f} {med(all_cached):>10.2f} {out['speedup']:>8.2f}x   "
+        f"(first, cache-filling trial: {cold:.2f} s)"
+    )
     print(f"{'wall clock, all trials':<24} {out['wall_s']['plain']:>13.2f} {out['wall_s']['cached']:>10.2f}")
     return out
 

@@ -17,10 +17,10 @@ import json
 import torch
 
 import v2drop
-from v2drop import checks
-from v2drop.cli import run
 from experiments.proxy.check import cell_lookups, check, format_table, lookup_table
+from v2drop import checks
 from v2drop.benchmarks import get_benchmark
+from v2drop.cli import run
 
 
 def main(argv=None) -> dict:
@@ -32,13 +32,23 @@ def _main(argv) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="proxy", help="bundled name, local directory or hub id")
     p.add_argument("--benchmark", default="digits")
-    p.add_argument("--seed", type=int, default=None, help="the benchmark's seed (digits: another draw of scenes and questions; default: the benchmark's own)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="the benchmark's seed (digits: another draw of scenes and questions; default: the benchmark's own)",
+    )
     p.add_argument("--split", default="test")
     p.add_argument("--layer", type=int, default=2, help="drop layer of the evidence and random conditions")
     p.add_argument("--limit", type=int, default=None, help="questions to score (default: the whole split)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--lookups", type=int, default=0, metavar="SCENES",
-                   help="digits: also probe each digit's cell lookup in the training turns' wordings and the ident question, on this many scenes")
+    p.add_argument(
+        "--lookups",
+        type=int,
+        default=0,
+        metavar="SCENES",
+        help="digits: also probe each digit's cell lookup in the training turns' wordings and the ident question, on this many scenes",
+    )
     p.add_argument("--output", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
     checks.check_int("--limit", args.limit, 1, optional=True)
@@ -53,22 +63,35 @@ def _main(argv) -> dict:
         raise ValueError(f"--lookups needs the digits image benchmark, not {args.benchmark!r}")
     depth = checks.model_depth(args.model)
     if args.layer >= depth:
-        raise ValueError(f"--layer {args.layer} is past the model's last layer (model {args.model!r} has {depth} layers: 0..{depth - 1})")
+        raise ValueError(
+            f"--layer {args.layer} is past the model's last layer (model {args.model!r} has {depth} layers: 0..{depth - 1})"
+        )
     samples = bench.load(args.split, args.limit)
     torch.set_num_threads(args.threads)
     lvlm = v2drop.load(args.model)
     result = {**check(lvlm, bench, samples, args.layer), "model": args.model}
     print(format_table(result["table"]))
-    print("mean change of the vision tokens per decoder layer (‖h_{l+1} − h_l‖, l = 0, 1, ...): "
-          + " ".join(f"{c:.1f}" for c in result["layer_changes"]))
+    print(
+        "mean change of the vision tokens per decoder layer (‖h_{l+1} − h_l‖, l = 0, 1, ...): "
+        + " ".join(f"{c:.1f}" for c in result["layer_changes"])
+    )
     if result["ident_by_column_mates"]:
-        print("ident, by whether another digit shares the asked column: " + ", ".join(
-            f"{kind} {v['accuracy']:.3f} (n={v['n']})" for kind, v in result["ident_by_column_mates"].items() if v["n"]))
+        print(
+            "ident, by whether another digit shares the asked column: "
+            + ", ".join(
+                f"{kind} {v['accuracy']:.3f} (n={v['n']})"
+                for kind, v in result["ident_by_column_mates"].items()
+                if v["n"]
+            )
+        )
     if args.lookups:
         result["cell_lookups"] = lookup_table(cell_lookups(lvlm, bench, args.split, args.lookups))
         print(f"next-token cell lookup by wording ({args.lookups} scenes; alone / with a column mate):")
         for wording, kinds in result["cell_lookups"].items():
-            print(f"  {wording:13s} " + "   ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in kinds.items() if v["n"]))
+            print(
+                f"  {wording:13s} "
+                + "   ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in kinds.items() if v["n"])
+            )
     print(json.dumps(result["verdict"], indent=1))
     if args.output:
         with open(args.output, "w") as f:

@@ -35,7 +35,9 @@ def _main(argv) -> dict | None:
     p.add_argument("--benchmark", default="digits", help="registered benchmark name")
     p.add_argument("--method", default="none", help="scorer name, preset name or YAML, or none")
     p.add_argument("--schedule", default=None, help="preset name or YAML whose schedule to use")
-    p.add_argument("--scorer-arg", action="append", default=[], metavar="KEY=VALUE", help="scorer parameter, e.g. metric=l1")
+    p.add_argument(
+        "--scorer-arg", action="append", default=[], metavar="KEY=VALUE", help="scorer parameter, e.g. metric=l1"
+    )
     p.add_argument("--split", default=None, help="benchmark split (default: the benchmark's default split)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples")
     p.add_argument("--batch-size", type=int, default=1)
@@ -44,36 +46,81 @@ def _main(argv) -> dict | None:
     p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--device-map", default=None, help='from_pretrained device_map, e.g. "auto" for one GPU (overrides --device)')
+    p.add_argument(
+        "--device-map", default=None, help='from_pretrained device_map, e.g. "auto" for one GPU (overrides --device)'
+    )
     p.add_argument("--data-dir", default=None, help="local copy of a real benchmark in its Hugging Face schema")
-    p.add_argument("--benchmark-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="benchmark parameter, e.g. circular=true (mmbench), num_frames=16, video_root=/data/videos")
+    p.add_argument(
+        "--benchmark-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="benchmark parameter, e.g. circular=true (mmbench), num_frames=16, video_root=/data/videos",
+    )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2, help="data-loader processes decoding and processing batches (0: in the main process)")
-    p.add_argument("--devices", default="1", help="Lightning devices per machine; several shard the samples (records.rank<k>.jsonl, merged at the end)")
-    p.add_argument("--num-nodes", type=int, default=1, help="Lightning num_nodes: machines, each running --devices ranks")
-    p.add_argument("--run-dir", default=None, help="where records, result and trace go (default runs/eval/<model>-<benchmark>-<method>)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="data-loader processes decoding and processing batches (0: in the main process)",
+    )
+    p.add_argument(
+        "--devices",
+        default="1",
+        help="Lightning devices per machine; several shard the samples (records.rank<k>.jsonl, merged at the end)",
+    )
+    p.add_argument(
+        "--num-nodes", type=int, default=1, help="Lightning num_nodes: machines, each running --devices ranks"
+    )
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="where records, result and trace go (default runs/eval/<model>-<benchmark>-<method>)",
+    )
     p.add_argument("--output", default=None, help="also write the result JSON here")
     p.add_argument("--save-trace", default=None, help="write each sample's kept vision positions per stage (JSONL)")
     p.add_argument("--baseline", default=None, help="a no-dropping result JSON to report relative accuracy against")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run, skipping finished samples")
-    p.add_argument("--label", default=None, help="the method's name in experiments.report tables (default: from --method, --schedule and --scorer-arg)")
+    p.add_argument(
+        "--label",
+        default=None,
+        help="the method's name in experiments.report tables (default: from --method, --schedule and --scorer-arg)",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
     checks.check_method_file(args.method, "--method")
     checks.check_method_file(args.schedule, "--schedule")
     method = resolve_method(args.method, args.schedule, parse_overrides(args.scorer_arg))
-    config = config_from_dict(EvalConfig, dict(
-        model=args.model, benchmark=args.benchmark, method=method.to_dict(), split=args.split, limit=args.limit,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, warmup=args.warmup,
-        attn_implementation=args.attn, dtype=args.dtype, device=args.device, device_map=args.device_map,
-        data_dir=args.data_dir, benchmark_args=parse_overrides(args.benchmark_arg), threads=args.threads, workers=args.workers,
-        devices=int(args.devices) if args.devices.isdigit() else args.devices, num_nodes=args.num_nodes,
-        progress=not args.no_progress, label=args.label or method_label(args.method, args.schedule, args.scorer_arg),
-    ))
+    config = config_from_dict(
+        EvalConfig,
+        dict(
+            model=args.model,
+            benchmark=args.benchmark,
+            method=method.to_dict(),
+            split=args.split,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            warmup=args.warmup,
+            attn_implementation=args.attn,
+            dtype=args.dtype,
+            device=args.device,
+            device_map=args.device_map,
+            data_dir=args.data_dir,
+            benchmark_args=parse_overrides(args.benchmark_arg),
+            threads=args.threads,
+            workers=args.workers,
+            devices=int(args.devices) if args.devices.isdigit() else args.devices,
+            num_nodes=args.num_nodes,
+            progress=not args.no_progress,
+            label=args.label or method_label(args.method, args.schedule, args.scorer_arg),
+        ),
+    )
     run_dir = Path(args.run_dir or default_run_dir(args.model, args.benchmark, args.method, args.schedule))
-    result = run_evaluation(config, run_dir, output=args.output, save_trace=args.save_trace, baseline=args.baseline, resume=args.resume)
+    result = run_evaluation(
+        config, run_dir, output=args.output, save_trace=args.save_trace, baseline=args.baseline, resume=args.resume
+    )
     if result is None:
         return None  # a rank other than 0 (``--devices``/``--num-nodes``): rank 0 prints and writes the result
     print(format_table(result))

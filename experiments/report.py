@@ -28,7 +28,9 @@ def main(argv=None) -> dict:
 
 def _main(argv) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="?", default="runs/eval", help="directory holding evaluation runs (searched recursively)")
+    p.add_argument(
+        "runs", nargs="?", default="runs/eval", help="directory holding evaluation runs (searched recursively)"
+    )
     p.add_argument("--output", default="runs/report", help="directory for report-<model>.md / .csv")
     args = p.parse_args(argv)
     out = Path(args.output)
@@ -44,7 +46,9 @@ def _main(argv) -> dict:
         missing = [r["method"] for r in rows if r["avg_vs_none"] is None and r["method"] != "none"]
         print(f"## {model} ({sum(r.model == model for r in runs)} runs)\n\n{markdown}")
         if missing:
-            print(f"no no-dropping run on the same samples for: {', '.join(missing)} (run --method none on those benchmarks)")
+            print(
+                f"no no-dropping run on the same samples for: {', '.join(missing)} (run --method none on those benchmarks)"
+            )
     print(f"tables in {out}")
     return tables
 

@@ -42,15 +42,29 @@ def _main(argv) -> dict:
     p.add_argument("--storage", default=None, help="Optuna storage URL or journal file path")
     p.add_argument("--study-name", default=None)
     p.add_argument("--trials", type=int, default=None, help="trials this worker (each of --workers) runs")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine, worker i on GPU i (CUDA_VISIBLE_DEVICES)")
-    p.add_argument("--trials-only", action="store_true", help="run this worker's trials and stop: no artifacts, no confirmation "
-                                                             "(how --workers starts its workers)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes on this machine, worker i on GPU i (CUDA_VISIBLE_DEVICES)",
+    )
+    p.add_argument(
+        "--trials-only",
+        action="store_true",
+        help="run this worker's trials and stop: no artifacts, no confirmation (how --workers starts its workers)",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    flags = {k: v for k, v in (("storage", args.storage), ("study", args.study_name), ("trials", args.trials)) if v is not None}
+    flags = {
+        k: v
+        for k, v in (("storage", args.storage), ("study", args.study_name), ("trials", args.trials))
+        if v is not None
+    }
     cfg = config_from_dict(SweepConfig, read_yaml(args.config, what="sweep config"), parse_overrides(args.set), flags)
     if args.workers < 1 or (args.workers > 1 and args.trials_only):
-        raise ValueError(f"--workers must be a whole number >= 1 (and not given with --trials-only), got {args.workers}")
+        raise ValueError(
+            f"--workers must be a whole number >= 1 (and not given with --trials-only), got {args.workers}"
+        )
     start = time.time()
     if args.trials_only:
         result = run_sweep(cfg, progress=not args.no_progress, finish=False)
@@ -60,7 +74,9 @@ def _main(argv) -> dict:
         result = run_workers(cfg, args, progress=not args.no_progress)
     else:
         result = run_sweep(cfg, progress=not args.no_progress)
-    print(f"\nPareto front of {cfg.study} ({len(result['rows'])} complete trials, {(time.time() - start) / 60:.1f} min):")
+    print(
+        f"\nPareto front of {cfg.study} ({len(result['rows'])} complete trials, {(time.time() - start) / 60:.1f} min):"
+    )
     print(format_front(result["front"], result["confirmed"]))
     print(f"\nartifacts in {result['run_dir']}")
     return result
@@ -97,11 +113,16 @@ def run_workers(cfg: SweepConfig, args, progress: bool = True) -> dict:
     try:
         for i, device in enumerate(worker_devices(args.workers)):
             env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))  # `-m experiments.sweep` from any cwd
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [ROOT, env.get("PYTHONPATH")])
+            )  # `-m experiments.sweep` from any cwd
             if device is not None:
                 env["CUDA_VISIBLE_DEVICES"] = device
             workers.append(subprocess.Popen(argv, env=env))
-            print(f"worker {i}: pid {workers[-1].pid}" + (f", CUDA_VISIBLE_DEVICES={device}" if device is not None else ""))
+            print(
+                f"worker {i}: pid {workers[-1].pid}"
+                + (f", CUDA_VISIBLE_DEVICES={device}" if device is not None else "")
+            )
         codes = [w.wait() for w in workers]
     except BaseException:  # Ctrl-C or an error here: stop the workers this command started; finished trials stay stored
         for w in workers:
@@ -112,8 +133,10 @@ def run_workers(cfg: SweepConfig, args, progress: bool = True) -> dict:
         raise
     failed = [(i, c) for i, c in enumerate(codes) if c != 0]
     if failed:
-        raise RuntimeError(f"worker(s) {', '.join(f'{i} (exit status {c})' for i, c in failed)} failed; the finished trials are "
-                           f"kept in the storage: rerun the same command to resume the study")
+        raise RuntimeError(
+            f"worker(s) {', '.join(f'{i} (exit status {c})' for i, c in failed)} failed; the finished trials are "
+            f"kept in the storage: rerun the same command to resume the study"
+        )
     return finish_sweep(cfg, progress=progress)
 
 

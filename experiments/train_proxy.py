@@ -46,11 +46,22 @@ def _main(argv) -> None:
     p.add_argument("--config", default="configs/proxy.yaml", help="the recipe (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in the work directory")
-    p.add_argument("--start", choices=STAGES, default=None, help="begin at this stage from --init's weights (trained by this recipe's earlier stages)")
-    p.add_argument("--init", default=None, help="with --start: the saved proxy (bundled name or directory) the earlier stages produced")
+    p.add_argument(
+        "--start",
+        choices=STAGES,
+        default=None,
+        help="begin at this stage from --init's weights (trained by this recipe's earlier stages)",
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        help="with --start: the saved proxy (bundled name or directory) the earlier stages produced",
+    )
     args = p.parse_args(argv)
     if (args.start is None) != (args.init is None):
-        raise ValueError("--start and --init go together: --init names the saved model that this recipe's stages before --start produced")
+        raise ValueError(
+            "--start and --init go together: --init names the saved model that this recipe's stages before --start produced"
+        )
     cfg = load_config(TrainConfig, args.config, args.set)
     check_recipe(cfg)
     if args.fresh:

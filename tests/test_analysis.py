@@ -1,24 +1,32 @@
 """Analysis helpers on hand-made records, the real-model cost table, and cached method runs."""
 
-import pytest
-import torch
-
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
+import pytest
+import torch
 
-from analysis.common import (budget_method, command_parser, read_records, relative_rows, resolve_split, run_methods, save_figure,
-                             scorer_variants, vision_tokens_of)
+from analysis.common import (
+    budget_method,
+    command_parser,
+    read_records,
+    relative_rows,
+    resolve_split,
+    run_methods,
+    save_figure,
+    scorer_variants,
+    vision_tokens_of,
+)
 from analysis.evidence_kept import evidence_shares
 from analysis.method_table import methods_at_budgets
 from analysis.pareto import _sweep_points, mark_fronts
 from analysis.positional_bias import interval_keep_rates
 from analysis.real_cost import MODELS, cost_rows
-from v2drop.testing import EchoBench
-from v2drop.benchmarks import Benchmark
 from v2drop import Method, Schedule
+from v2drop.benchmarks import Benchmark
 from v2drop.evaluation import EvalConfig
 from v2drop.scorers import SCORERS, Scorer
+from v2drop.testing import EchoBench
 
 
 def test_real_cost_table():
@@ -88,7 +96,8 @@ def test_sweep_front_prefers_the_one_confirmed_on_test(tmp_path):
     assert split == "validation sample" and rows[0]["accuracy"] == "0.55"
     (tmp_path / "pareto_confirmed.csv").write_text(
         "trial,label,schedule,validation_accuracy,test_accuracy,test_prefill_ms,test_flops_ratio,test_average_tokens\n"
-        "3,,1:0.05,0.55,0.597,9.5,0.137,26.8\n")
+        "3,,1:0.05,0.55,0.597,9.5,0.137,26.8\n"
+    )
     rows, split = _sweep_points(tmp_path)
     assert split == "confirmed" and rows == [{"accuracy": "0.597", "prefill_ms": "9.5", "flops_ratio": "0.137"}]
     with pytest.raises(ValueError, match="has no pareto.csv"):
@@ -97,8 +106,15 @@ def test_sweep_front_prefers_the_one_confirmed_on_test(tmp_path):
 
 def record(kept_stages, runs=((10, 20),), depth=4, family="a", rid="x"):
     n = sum(length for _, length in runs)
-    return {"id": rid, "family": family, "vision_runs": [list(r) for r in runs], "kept": kept_stages,
-            "vision_tokens_per_layer": [n] * depth, "vision_tokens": n, "average_vision_tokens": 0.0}
+    return {
+        "id": rid,
+        "family": family,
+        "vision_runs": [list(r) for r in runs],
+        "kept": kept_stages,
+        "vision_tokens_per_layer": [n] * depth,
+        "vision_tokens": n,
+        "average_vision_tokens": 0.0,
+    }
 
 
 def test_interval_keep_rates():
@@ -131,7 +147,10 @@ def test_budget_methods_meet_their_budgets():
     assert methods["v2drop-cosine@192"].scorer.metric == "cosine"
     assert budget_method("no-such-method", 128, 12, 256) is None
     for budget in (192, 128, 64):  # the staged and composite presets exist at 128 only
-        assert methods[f"staged@{budget}"].schedule.layers == (-1, 1, 6, 8) and methods[f"staged@{budget}"].scorer.pre_llm["name"] == "visionzip"
+        assert (
+            methods[f"staged@{budget}"].schedule.layers == (-1, 1, 6, 8)
+            and methods[f"staged@{budget}"].scorer.pre_llm["name"] == "visionzip"
+        )
         assert [p["name"] for p in methods[f"composite@{budget}"].scorer.parts] == ["v2drop", "dart"]
     assert methods["divprune@64"].schedule.layers == (-1,)
 
@@ -142,7 +161,9 @@ def test_pre_llm_composite_and_staged_methods_run_through_the_analysis_helpers(t
     n_vision = vision_tokens_of(lvlm, bench.load("test", 1)[0])
     names = ("composite", "staged", "visionzip", "divprune")
     # half of the tokens: the tiny model's few layers and tokens cannot reach the paper budgets with a stage at layer 1
-    picked, info = methods_at_budgets(lvlm.depth, n_vision, {n: v for n, v in scorer_variants().items() if n in names}, budgets=(288,))
+    picked, info = methods_at_budgets(
+        lvlm.depth, n_vision, {n: v for n, v in scorer_variants().items() if n in names}, budgets=(288,)
+    )
     picked.pop("none")
     assert set(picked) == {f"{n}@288" for n in names}
     config = EvalConfig(model="tiny", benchmark="echo", warmup=0, max_new_tokens=1, progress=False)
@@ -166,7 +187,9 @@ def test_run_methods_caches_results(tiny, tmp_path):
     again = run_methods(lvlm, bench, methods, tmp_path, config)
     assert (tmp_path / "drop" / "result.json").stat().st_mtime_ns == stamp
     assert again["drop"]["metrics"] == first["drop"]["metrics"]
-    changed = run_methods(lvlm, bench, {"drop": Method("v2drop", schedule=Schedule.one_shot(2, 0.25))}, tmp_path, config)
+    changed = run_methods(
+        lvlm, bench, {"drop": Method("v2drop", schedule=Schedule.one_shot(2, 0.25))}, tmp_path, config
+    )
     assert changed["drop"]["metrics"]["average_vision_tokens"] < first["drop"]["metrics"]["average_vision_tokens"]
 
 
@@ -204,10 +227,17 @@ def test_variation_maps_plot_the_recorded_v2drop_scores(tmp_path):
 
 
 def test_relative_rows_average_ratios_over_families():
-    metrics = {"accuracy": 0.6, "average_vision_tokens": 10.0, "flops_ratio": 0.5, "prefill_latency_median_s": 0.01,
-               "generation_latency_median_s": 0.02}
-    results = {"none": {"per_family": {"a": 0.5, "b": 1.0}, "metrics": metrics},
-               "drop": {"per_family": {"a": 0.25, "b": 0.9}, "metrics": metrics}}
+    metrics = {
+        "accuracy": 0.6,
+        "average_vision_tokens": 10.0,
+        "flops_ratio": 0.5,
+        "prefill_latency_median_s": 0.01,
+        "generation_latency_median_s": 0.02,
+    }
+    results = {
+        "none": {"per_family": {"a": 0.5, "b": 1.0}, "metrics": metrics},
+        "drop": {"per_family": {"a": 0.25, "b": 0.9}, "metrics": metrics},
+    }
     rows = relative_rows(results, extra={"drop": {"budget": 128}})
     assert rows[0]["avg_vs_none"] == 1.0
     assert rows[1]["avg_vs_none"] == pytest.approx((0.5 + 0.9) / 2) and rows[1]["budget"] == 128

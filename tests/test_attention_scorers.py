@@ -49,8 +49,9 @@ def test_rows_beside_sdpa_equal_eager_attention(tiny, family, kind):
     drop_layer = 2
     scorer = recording(FastVScorer() if kind == "fastv" else PDropScorer())
     keep = 3 if family == "qwen2_vl" else 20
-    out = sdpa.generate_from_inputs(inputs, Method(scorer, schedule=Schedule.one_shot(drop_layer, keep, keep_mode="absolute")),
-                                    max_new_tokens=2)
+    out = sdpa.generate_from_inputs(
+        inputs, Method(scorer, schedule=Schedule.one_shot(drop_layer, keep, keep_mode="absolute")), max_new_tokens=2
+    )
     source_layer = drop_layer - 1 if kind == "fastv" else drop_layer
     reference = eager_probabilities(eager, inputs, source_layer).mean(1)[:, -1]  # (B, L): last prompt token, head mean
     rows = scorer.rows[0][:, 0]
@@ -72,7 +73,9 @@ def test_faithful_keeps_the_same_tokens(tiny, family, name, attn):
     inputs = lvlm.prepare(prompts, images)
     schedule = Schedule.progressive([2, 4], [0.5, 0.5])
     rows = lvlm.generate_from_inputs(inputs, Method(build_scorer(name), schedule=schedule), max_new_tokens=4)
-    faithful = lvlm.generate_from_inputs(inputs, Method(build_scorer(name, faithful=True), schedule=schedule), max_new_tokens=4)
+    faithful = lvlm.generate_from_inputs(
+        inputs, Method(build_scorer(name, faithful=True), schedule=schedule), max_new_tokens=4
+    )
     assert [t.stages for t in faithful.traces] == [t.stages for t in rows.traces]
     assert faithful.generated_ids == rows.generated_ids
     # the sdpa model is left as it was
@@ -96,12 +99,17 @@ def test_every_method_generates_and_keep_all_is_exact(tiny, family, attn):
     base = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=4, stop_at_eos=False)
     for name, schedule in METHODS.items():
         for policy in ("preserve", "renumber"):
-            out = lvlm.generate_from_inputs(inputs, Method(name, schedule=schedule, position_policy=policy), max_new_tokens=4)
+            out = lvlm.generate_from_inputs(
+                inputs, Method(name, schedule=schedule, position_policy=policy), max_new_tokens=4
+            )
             assert all(len(t.stages) == len(schedule.stages) for t in out.traces)
             assert all(len(ids) == 4 for ids in out.generated_ids)  # the tiny models have no EOS
             for trace in out.traces:  # each stage keeps the schedule's count of the vision tokens present before it
                 n0 = trace.vision_tokens_per_layer[0]
-                expected = [schedule.kept_count(i, trace.vision_tokens_per_layer[s["layer"] - 1], n0) for i, s in enumerate(trace.stages)]
+                expected = [
+                    schedule.kept_count(i, trace.vision_tokens_per_layer[s["layer"] - 1], n0)
+                    for i, s in enumerate(trace.stages)
+                ]
                 assert [len(s["kept"]) for s in trace.stages] == expected
         keep_all = Schedule(tuple(type(s)(s.layer, 1.0) for s in schedule.stages))
         out = lvlm.generate_from_inputs(inputs, Method(name, schedule=keep_all), max_new_tokens=4, stop_at_eos=False)
@@ -135,7 +143,9 @@ def test_pdrop_renumber_equals_feeding_only_the_kept_tokens(tiny):
         cache = DynamicCache(config=lvlm.adapter.text_config)
         mask = torch.ones(1, len(keep), dtype=torch.long)
         for _ in range(5):
-            hidden = ref(inputs_embeds=h, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+            hidden = ref(
+                inputs_embeds=h, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            ).last_hidden_state
             token = int(lvlm.model.lm_head(hidden[:, -1]).argmax(-1))
             generated.append(token)
             h = lvlm.model.get_input_embeddings()(torch.tensor([[token]]))
@@ -159,7 +169,9 @@ def test_rater_selection_by_hand():
     assert select_raters(embeds, vision, text_after).tolist() == [3]
     # ties everywhere: every candidate rates
     flat = torch.zeros(5, 2)
-    assert select_raters(flat, torch.tensor([True, True, False, False, False]), torch.tensor([False, False, True, True, True])).tolist() == [2, 3, 4]
+    assert select_raters(
+        flat, torch.tensor([True, True, False, False, False]), torch.tensor([False, False, True, True, True])
+    ).tolist() == [2, 3, 4]
 
 
 def test_sparsevlm_queries_take_text_after_the_last_vision_token():
@@ -173,10 +185,17 @@ def test_sparsevlm_queries_take_text_after_the_last_vision_token():
 def _state(attention, query_valid, vision_idx):
     B, Q, L = attention.shape
     return LayerState(
-        layer_idx=3, hidden=torch.zeros(B, L, 2), vision_idx=vision_idx, vision_valid=torch.ones_like(vision_idx, dtype=torch.bool),
-        vision_coords=torch.zeros(*vision_idx.shape, 3, dtype=torch.long), orig_idx=torch.arange(L).expand(B, L),
-        attention_mask=torch.ones(B, L, dtype=torch.long), sample_keys=torch.zeros(B, dtype=torch.long), layer=None,
-        attention=attention, query_valid=query_valid,
+        layer_idx=3,
+        hidden=torch.zeros(B, L, 2),
+        vision_idx=vision_idx,
+        vision_valid=torch.ones_like(vision_idx, dtype=torch.bool),
+        vision_coords=torch.zeros(*vision_idx.shape, 3, dtype=torch.long),
+        orig_idx=torch.arange(L).expand(B, L),
+        attention_mask=torch.ones(B, L, dtype=torch.long),
+        sample_keys=torch.zeros(B, dtype=torch.long),
+        layer=None,
+        attention=attention,
+        query_valid=query_valid,
     )
 
 
@@ -193,8 +212,11 @@ def test_sparsevlm_adaptive_count_uses_the_rank():
     assert SparseVLMScorer(adaptive=True, scale=2.0, bias=0.0).count(state, 0, 3, scheduled=1) == 2
     assert SparseVLMScorer(adaptive=True, scale=5.0).count(state, 0, 3, scheduled=1) == 2  # at most n - 1
     assert SparseVLMScorer().count(state, 0, 3, scheduled=1) == 1
-    full_rank = _state(torch.tensor([[[0, 1.0, 0, 0, 0], [0, 0, 1.0, 0, 0], [0, 0, 0, 1.0, 0]]]), torch.ones(1, 3, dtype=torch.bool),
-                       torch.tensor([[1, 2, 3]]))
+    full_rank = _state(
+        torch.tensor([[[0, 1.0, 0, 0, 0], [0, 0, 1.0, 0, 0], [0, 0, 0, 1.0, 0]]]),
+        torch.ones(1, 3, dtype=torch.bool),
+        torch.tensor([[1, 2, 3]]),
+    )
     assert SparseVLMScorer(adaptive=True).count(full_rank, 0, 3, scheduled=1) == 3  # rank = n: nothing dropped
 
 

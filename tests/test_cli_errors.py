@@ -94,7 +94,11 @@ CASES = [
     (EVAL, ["--devices", "0"], ["devices", "got 0"]),
     (EVAL, ["--num-nodes", "0"], ["num_nodes", "got 0"]),
     (EVAL, ["--device-map", "auto", "--devices", "2"], ["device_map 'auto'", "devices=2", "--device cuda"]),
-    (EVAL, ["--method", "v2drop", "--schedule", _not_a_schedule], ["notschedule.yaml", "not a method or schedule", "stages"]),
+    (
+        EVAL,
+        ["--method", "v2drop", "--schedule", _not_a_schedule],
+        ["notschedule.yaml", "not a method or schedule", "stages"],
+    ),
     (EVAL, ["--method", "v2drop", "--schedule", _bad_yaml], ["bad.yaml", "not valid YAML"]),
     (EVAL, ["--method", "v2drop", "--schedule", "missing.yaml"], ["missing.yaml", "does not exist"]),
     (EVAL, ["--method", "nope", "--schedule", "v2drop-llava15-128"], ["nope", "v2drop"]),
@@ -119,12 +123,20 @@ CASES = [
     (SWEEP_CMD, ["--set", "trials=-1"], ["trials", "-1"]),
     (SWEEP_CMD, ["--trials", "0"], ["trials", "got 0"]),
     (SWEEP_CMD, ["--set", "total_trials=0"], ["total_trials", "got 0"]),
-    (SWEEP_CMD, ["--set", "enqueue_presets=[v2drop-llava15-128, nope]"], ["nope", "enqueue_presets", "v2drop-llava15-64"]),
+    (
+        SWEEP_CMD,
+        ["--set", "enqueue_presets=[v2drop-llava15-128, nope]"],
+        ["nope", "enqueue_presets", "v2drop-llava15-64"],
+    ),
     (SWEEP_CMD, ["--set", "sampler=nope"], ["nope", "tpe"]),
     (SWEEP_CMD, ["--set", "objectives=[accuracy, nope]"], ["nope", "prefill_latency"]),
     (SWEEP_CMD, ["--set", "search.scorers={nope: {}}"], ["nope", "v2drop"]),
     (SWEEP_CMD, ["--set", "search.layers=[1, 40]"], ["search.layers [1, 40]", "12 layers"]),
-    (SWEEP_CMD, ["--set", "search.layers=[10, 11]", "--set", "search.stages=[3, 3]"], ["search.layers [10, 11]", "3 stages"]),
+    (
+        SWEEP_CMD,
+        ["--set", "search.layers=[10, 11]", "--set", "search.stages=[3, 3]"],
+        ["search.layers [10, 11]", "3 stages"],
+    ),
     (SWEEP_CMD, ["--set", "search.keep=[0.5, 2]"], ["search.keep", "[0, 1]"]),
     (SWEEP_CMD, ["--set", "eval.split=nosplit"], ["nosplit", "valid splits"]),
     (SWEEP_CMD, ["--set", "eval.devices=2"], ["eval.devices=2", "one process"]),
@@ -138,11 +150,31 @@ CASES = [
     (SWEEP_CMD, ["--set", f"run_dir={UNWRITABLE}/run"], [UNWRITABLE, "not writable"]),
     (SWEEP_CMD, ["--config", "{tmp}/missing.yaml"], ["missing.yaml", "does not exist"]),
     (SWEEP_CMD, ["--config", _bad_yaml], ["bad.yaml", "not valid YAML"]),
-    (SWEEP_CMD, ["--set", "benchmark=pope", "--set", "eval.split=test", "--set", "confirm.split=null"], ["offline", "HF_HUB_OFFLINE"]),
+    (
+        SWEEP_CMD,
+        ["--set", "benchmark=pope", "--set", "eval.split=test", "--set", "confirm.split=null"],
+        ["offline", "HF_HUB_OFFLINE"],
+    ),
     (SWEEP_CMD, ["--set", "benchmark=pope", "--set", "eval.data_dir={tmp}/nodata"], ["nodata", "not a directory"]),
-    (SWEEP_CMD, ["--set", "benchmark=pope", "--set", "eval.data_dir=" + str(FIXTURES / "pope")], ["validation", "valid splits: test"]),
-    (SWEEP_CMD, ["--set", "benchmark=pope", "--set", "eval.split=test", "--set", "confirm.split=null", "--set",
-                 lambda tmp: "eval.data_dir=" + _broken_jsonl(tmp)], ["test.jsonl", "line", "not JSON"]),
+    (
+        SWEEP_CMD,
+        ["--set", "benchmark=pope", "--set", "eval.data_dir=" + str(FIXTURES / "pope")],
+        ["validation", "valid splits: test"],
+    ),
+    (
+        SWEEP_CMD,
+        [
+            "--set",
+            "benchmark=pope",
+            "--set",
+            "eval.split=test",
+            "--set",
+            "confirm.split=null",
+            "--set",
+            lambda tmp: "eval.data_dir=" + _broken_jsonl(tmp),
+        ],
+        ["test.jsonl", "line", "not JSON"],
+    ),
     (SWEEP_CMD, ["--set", "eval.benchmark_args={nope: 1}"], ["nope", "does not take"]),
     (SWEEP_CMD, ["--set", "eval.sample=shuffled"], ["shuffled", "stratified, first"]),
     (SWEEP_CMD, ["--set", "eval.device=tpu9"], ["eval.device", "tpu9"]),
@@ -230,7 +262,14 @@ def no_model(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
-@pytest.mark.parametrize("command, argv, words", CASES, ids=[f"{c.split('.')[-1]}:{' '.join(a if isinstance(a, str) else getattr(a, '__name__', '-') for a in v)}" for c, v, _ in CASES])
+@pytest.mark.parametrize(
+    "command, argv, words",
+    CASES,
+    ids=[
+        f"{c.split('.')[-1]}:{' '.join(a if isinstance(a, str) else getattr(a, '__name__', '-') for a in v)}"
+        for c, v, _ in CASES
+    ],
+)
 def test_bad_input_is_one_line_exit_2_before_any_work(command, argv, words, tmp_path, monkeypatch, capsys, no_model):
     work = tmp_path / "cwd"
     work.mkdir()
@@ -261,22 +300,34 @@ def test_bad_input_is_one_line_exit_2_before_any_work(command, argv, words, tmp_
 def test_the_table_has_at_least_40_cases_over_every_command():
     commands = {c for c, _, _ in CASES}
     assert len(CASES) >= 40
-    assert {EVAL, SWEEP_CMD, "experiments.train_proxy", "experiments.check_proxy", "experiments.bench",
-            "experiments.bench_engine", "experiments.bench_attention"} <= commands
+    assert {
+        EVAL,
+        SWEEP_CMD,
+        "experiments.train_proxy",
+        "experiments.check_proxy",
+        "experiments.bench",
+        "experiments.bench_engine",
+        "experiments.bench_attention",
+    } <= commands
     assert sum(c.startswith("analysis.") for c in commands) >= 5
 
 
 def _subprocess(argv: list[str], cwd: Path, env: dict | None = None):
     environment = {k: v for k, v in os.environ.items() if k != "V2DROP_DEBUG"}
     environment.update({"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), **(env or {})})
-    return subprocess.run([sys.executable, *argv], cwd=cwd, env=environment, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, *argv], cwd=cwd, env=environment, capture_output=True, text=True, timeout=120
+    )
 
 
-@pytest.mark.parametrize("argv, word", [
-    (["-m", "experiments.evaluate", "--limit", "-3"], "-3"),
-    (["-m", "experiments.sweep", "--config", SWEEP, "--set", "trials=-1"], "trials"),
-    (["-m", "analysis.real_cost", "--presets", "nope"], "nope"),
-])
+@pytest.mark.parametrize(
+    "argv, word",
+    [
+        (["-m", "experiments.evaluate", "--limit", "-3"], "-3"),
+        (["-m", "experiments.sweep", "--config", SWEEP, "--set", "trials=-1"], "trials"),
+        (["-m", "analysis.real_cost", "--presets", "nope"], "nope"),
+    ],
+)
 def test_end_to_end_exit_status_2_and_no_traceback(argv, word, tmp_path):
     out = _subprocess(argv + (["--run-dir", str(tmp_path / "run")] if "experiments.evaluate" in argv else []), tmp_path)
     assert out.returncode == 2, out.stderr
@@ -287,7 +338,9 @@ def test_end_to_end_exit_status_2_and_no_traceback(argv, word, tmp_path):
 
 @pytest.mark.parametrize("how", [{"flag": True}, {"env": {"V2DROP_DEBUG": "1"}}])
 def test_debug_shows_the_traceback(how, tmp_path):
-    argv = ["-m", "experiments.evaluate", "--limit", "0", "--run-dir", str(tmp_path / "run")] + (["--debug"] if how.get("flag") else [])
+    argv = ["-m", "experiments.evaluate", "--limit", "0", "--run-dir", str(tmp_path / "run")] + (
+        ["--debug"] if how.get("flag") else []
+    )
     out = _subprocess(argv, tmp_path, env=how.get("env"))
     assert out.returncode == 1 and "Traceback" in out.stderr and "limit must be a whole number >= 1" in out.stderr
 
@@ -303,7 +356,10 @@ def read_only(directory: Path):
         finally:
             directory.chmod(0o755)
         return
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
+    if (
+        shutil.which("chattr") is None
+        or subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode
+    ):
         pytest.skip("running as root on a file system without chattr +i: cannot make a read-only directory")
     try:
         yield
@@ -333,7 +389,9 @@ def test_python_api_raises_the_same_words(tmp_path):
 
     with pytest.raises(ValueError, match=r"limit must be a whole number >= 1 or None, got -3"):
         run_evaluation(config_from_dict(EvalConfig, {"limit": -3}), tmp_path / "run")
-    with pytest.raises(ValueError, match=r"dtype 'float8' is not supported; choose one of float32, bfloat16, float16, auto"):
+    with pytest.raises(
+        ValueError, match=r"dtype 'float8' is not supported; choose one of float32, bfloat16, float16, auto"
+    ):
         run_evaluation(config_from_dict(EvalConfig, {"dtype": "float8"}), tmp_path / "run")
     with pytest.raises(FileNotFoundError, match=r"baseline result '.*nothere.json' does not exist"):
         run_evaluation(EvalConfig(), tmp_path / "run", baseline=tmp_path / "nothere.json")

@@ -19,9 +19,15 @@ FIXED = {"a": [3.0, 1.0, 2.0], "b": [1.0, 2.0, 3.0]}
 def state_of(n=3):
     """A LayerState with one sample of ``n`` vision tokens (only the fields the fixed scorers read)."""
     return LayerState(
-        layer_idx=2, hidden=torch.zeros(1, n, 4), vision_idx=torch.arange(n)[None], vision_valid=torch.ones(1, n, dtype=torch.bool),
-        vision_coords=torch.zeros(1, n, 3, dtype=torch.long), orig_idx=torch.arange(n)[None], attention_mask=torch.ones(1, n),
-        sample_keys=torch.zeros(1, dtype=torch.long), layer=None,
+        layer_idx=2,
+        hidden=torch.zeros(1, n, 4),
+        vision_idx=torch.arange(n)[None],
+        vision_valid=torch.ones(1, n, dtype=torch.bool),
+        vision_coords=torch.zeros(1, n, 3, dtype=torch.long),
+        orig_idx=torch.arange(n)[None],
+        attention_mask=torch.ones(1, n),
+        sample_keys=torch.zeros(1, dtype=torch.long),
+        layer=None,
     )
 
 
@@ -39,7 +45,9 @@ def fixed_scorers():
 
 
 def composite(combine, wa=0.7, wb=0.3):
-    return build_scorer("composite", combine=combine, parts=[{"name": "fixed_a", "weight": wa}, {"name": "fixed_b", "weight": wb}])
+    return build_scorer(
+        "composite", combine=combine, parts=[{"name": "fixed_a", "weight": wa}, {"name": "fixed_b", "weight": wb}]
+    )
 
 
 def test_rank_combination_by_hand(fixed_scorers):
@@ -62,13 +70,17 @@ def test_zscore_combination_by_hand(fixed_scorers):
 def test_ties_share_their_rank_and_padding_is_ignored():
     scores = torch.tensor([[2.0, 2.0, 5.0, float("-inf")], [1.0, 0.0, 9.0, 9.0]])
     valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    torch.testing.assert_close(rank_normalise(scores, valid), torch.tensor([[0.25, 0.25, 1.0, 0.0], [1 / 3, 0.0, 5 / 6, 5 / 6]]))
+    torch.testing.assert_close(
+        rank_normalise(scores, valid), torch.tensor([[0.25, 0.25, 1.0, 0.0], [1 / 3, 0.0, 5 / 6, 5 / 6]])
+    )
     z = zscore_normalise(torch.tensor([[1.0, float("-inf"), 3.0]]), torch.ones(1, 3, dtype=torch.bool))
     torch.testing.assert_close(z, torch.tensor([[-1.0, -2.0, 1.0]]))  # −inf: below the lowest finite z
 
 
 def test_needs_are_the_union_of_the_parts():
-    scorer = build_scorer("composite", parts=[{"name": "v2drop", "weight": 0.5}, {"name": "fastv", "weight": 0.5, "faithful": True}])
+    scorer = build_scorer(
+        "composite", parts=[{"name": "v2drop", "weight": 0.5}, {"name": "fastv", "weight": 0.5, "faithful": True}]
+    )
     assert scorer.needs_prev_hidden
     assert scorer.attention_request() == AttentionRequest(layer_offset=-1, full_map=True)
     with pytest.raises(ValueError, match="different layers"):
@@ -84,14 +96,23 @@ def test_needs_are_the_union_of_the_parts():
 def test_yaml_presets_round_trip_with_their_weights():
     method = Method.from_preset("composite-v2drop-fastv-llava15-128")
     data = method.to_dict()
-    assert data["scorer"] == {"name": "composite", "combine": "rank", "parts": [
-        {"name": "v2drop", "weight": 0.7, "metric": "l2"}, {"name": "fastv", "weight": 0.3, "faithful": False}]}
+    assert data["scorer"] == {
+        "name": "composite",
+        "combine": "rank",
+        "parts": [
+            {"name": "v2drop", "weight": 0.7, "metric": "l2"},
+            {"name": "fastv", "weight": 0.3, "faithful": False},
+        ],
+    }
     assert Method.from_dict(data) == method
     data["scorer"]["parts"][0]["weight"] = 0.5  # a sweep changes a weight: a different method
     assert Method.from_dict(data) != method
     staged = Method.from_preset("visionzip-v2drop-llava15-128")
-    assert staged.to_dict()["scorer"] == {"name": "staged", "pre_llm": {"name": "visionzip", "contextual_ratio": 0.15625},
-                                          "llm": {"name": "v2drop", "metric": "l2"}}
+    assert staged.to_dict()["scorer"] == {
+        "name": "staged",
+        "pre_llm": {"name": "visionzip", "contextual_ratio": 0.15625},
+        "llm": {"name": "v2drop", "metric": "l2"},
+    }
     assert Method.from_dict(staged.to_dict()) == staged
     assert staged.rescaled(12).schedule.layers == (-1, 1, 6, 8)
 
@@ -101,7 +122,9 @@ def test_a_composite_with_one_weight_keeps_what_its_part_keeps(tiny):
     lvlm = tiny("qwen2_vl")
     prompts, images = batch_for(lvlm, 3, "qwen2_vl")
     schedule = Schedule.progressive([2, 4], [0.5, 0.5])
-    mixed = Method("composite", schedule=schedule, parts=[{"name": "v2drop", "weight": 1.0}, {"name": "fastv", "weight": 0.0}])
+    mixed = Method(
+        "composite", schedule=schedule, parts=[{"name": "v2drop", "weight": 1.0}, {"name": "fastv", "weight": 0.0}]
+    )
     alone = Method("v2drop", schedule=schedule)
     a = lvlm.generate(prompts, images, method=mixed, max_new_tokens=2)
     b = lvlm.generate(prompts, images, method=alone, max_new_tokens=2)
@@ -123,9 +146,15 @@ def test_dotted_parameters_reach_nested_weights():
     from v2drop.scorers.composite import with_params
 
     base = Method.from_preset("composite-v2drop-fastv-llava15-128").to_dict()
-    data = dict(base, scorer=with_params(base["scorer"], {"parts.0.weight": 0.5, "parts.1.faithful": True, "combine": "zscore"}))
+    data = dict(
+        base, scorer=with_params(base["scorer"], {"parts.0.weight": 0.5, "parts.1.faithful": True, "combine": "zscore"})
+    )
     method = Method.from_dict(data)
-    assert method.scorer.parts[0]["weight"] == 0.5 and method.scorer.parts[1]["faithful"] and method.scorer.combine == "zscore"
+    assert (
+        method.scorer.parts[0]["weight"] == 0.5
+        and method.scorer.parts[1]["faithful"]
+        and method.scorer.combine == "zscore"
+    )
     assert base["scorer"]["parts"][0]["weight"] == 0.7
     staged = with_params({"name": "staged", "llm": {"name": "v2drop", "metric": "l2"}}, {"llm.metric": "cosine"})
     assert Method.from_dict({"scorer": staged}).scorer.at(3).metric == "cosine"
@@ -157,8 +186,27 @@ def test_yaml_only_methods_evaluate_through_the_cli(tmp_path, source):
         path = tmp_path / "staged.yaml"
         path.write_text(STAGED_YAML)
     trace = tmp_path / "trace.jsonl"
-    result = main(["--method", str(path), "--model", "proxy", "--limit", "2", "--batch-size", "2", "--max-new-tokens", "2",
-                   "--warmup", "0", "--no-progress", "--run-dir", str(tmp_path / "run"), "--save-trace", str(trace)])
+    result = main(
+        [
+            "--method",
+            str(path),
+            "--model",
+            "proxy",
+            "--limit",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--warmup",
+            "0",
+            "--no-progress",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--save-trace",
+            str(trace),
+        ]
+    )
     method = Method.from_preset(str(path), depth=12)  # the proxy: 12 layers, 256 vision tokens per image
     assert Method.from_dict(result["config"]["method"]) == Method.from_preset(str(path))
     assert result["metrics"]["average_vision_tokens"] == pytest.approx(method.schedule.average_tokens(12, 256))

@@ -33,7 +33,9 @@ def test_layers_apply_in_order(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: y\nsection: {steps: 5}\nscorers: {fastv: {}}\n")
     cfg = load_config(Example, path, overrides=["section.steps=7", "limit=20", "devices=auto", "section.layers=[2, 3]"])
-    assert cfg == Example(name="y", limit=20, devices="auto", scorers={"fastv": {}}, section=Section(7, [2, 3]), other=Section(steps=9))
+    assert cfg == Example(
+        name="y", limit=20, devices="auto", scorers={"fastv": {}}, section=Section(7, [2, 3]), other=Section(steps=9)
+    )
     assert isinstance(cfg.section, Section)
 
 
@@ -47,12 +49,15 @@ def test_round_trip():
     assert config_from_dict(Example, config_to_dict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("data, words", [
-    ({"nmae": "y"}, ["'nmae'", "valid keys", "name", "section"]),
-    ({"section": {"stpes": 1}}, ["'section.stpes'", "steps", "layers"]),
-    ({"section": 3}, ["section", "steps"]),
-    ({"limit": "many"}, ["limit", "many"]),
-])
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ({"nmae": "y"}, ["'nmae'", "valid keys", "name", "section"]),
+        ({"section": {"stpes": 1}}, ["'section.stpes'", "steps", "layers"]),
+        ({"section": 3}, ["section", "steps"]),
+        ({"limit": "many"}, ["limit", "many"]),
+    ],
+)
 def test_bad_data_is_a_one_line_error_naming_the_key(data, words):
     with pytest.raises(ValueError) as err:
         config_from_dict(Example, data)

@@ -64,7 +64,12 @@ def test_kv_cache_bytes_by_hand(tiny):
 def test_tables_write_csv_and_markdown(tmp_path):
     rows = [{"method": "a", "x": 0.123456, "n": 3}, {"method": "b", "x": None, "n": 4, "extra": 1}]
     markdown = write_table(rows, tmp_path / "t")
-    assert markdown.splitlines() == ["| method | x | n | extra |", "|---|---|---|---|", "| a | 0.1235 | 3 |  |", "| b |  | 4 | 1 |"]
+    assert markdown.splitlines() == [
+        "| method | x | n | extra |",
+        "|---|---|---|---|",
+        "| a | 0.1235 | 3 |  |",
+        "| b |  | 4 | 1 |",
+    ]
     assert (tmp_path / "t.md").read_text() == markdown
     assert (tmp_path / "t.csv").read_text().splitlines() == ["method,x,n,extra", "a,0.123456,3,", "b,,4,1"]
     write_csv(rows, tmp_path / "c.csv", columns=["n"])

@@ -29,15 +29,24 @@ from v2drop.scorers import LayerState
 from v2drop.testing import FAMILIES, batch_for
 
 
-def state_for(hidden: torch.Tensor, keys: torch.Tensor, vision_pos: list[int], norm: nn.Module, layer_idx: int = 2) -> LayerState:
+def state_for(
+    hidden: torch.Tensor, keys: torch.Tensor, vision_pos: list[int], norm: nn.Module, layer_idx: int = 2
+) -> LayerState:
     """A one-sample LayerState over ``hidden`` (L, D) with layer K − 1's cached ``keys`` (L, K) and the final ``norm``."""
     L = hidden.shape[0]
     v = torch.tensor([vision_pos])
     return LayerState(
-        layer_idx=layer_idx, hidden=hidden[None], vision_idx=v, vision_valid=torch.ones_like(v, dtype=torch.bool),
-        vision_coords=torch.zeros(1, len(vision_pos), 3, dtype=torch.long), orig_idx=torch.arange(L)[None],
-        attention_mask=torch.ones(1, L, dtype=torch.long), sample_keys=torch.zeros(1, dtype=torch.long), layer=None,
-        prev_keys=keys[None], final_norm=norm,
+        layer_idx=layer_idx,
+        hidden=hidden[None],
+        vision_idx=v,
+        vision_valid=torch.ones_like(v, dtype=torch.bool),
+        vision_coords=torch.zeros(1, len(vision_pos), 3, dtype=torch.long),
+        orig_idx=torch.arange(L)[None],
+        attention_mask=torch.ones(1, L, dtype=torch.long),
+        sample_keys=torch.zeros(1, dtype=torch.long),
+        layer=None,
+        prev_keys=keys[None],
+        final_norm=norm,
     )
 
 
@@ -58,28 +67,32 @@ def weighted_norm(weights) -> nn.RMSNorm:
 # Positions: 0 = text before the image, 1..6 = vision tokens v0..v5, 7 and 8 = text after the image.
 # KEYS are layer K − 1's cached keys (they choose the pivots); HIDDEN is layer K's input (the
 # final norm of it is what the cosines compare). The final norm weighs the coordinates (1, 2).
-KEYS = torch.tensor([
-    [9.0, 9.0],    # 0 text before the image: the largest norm, but pivots come from the text after it
-    [1.0, 0.0],    # v0  L1 1
-    [0.5, 0.5],    # v1  L1 1
-    [-1.0, 1.0],   # v2  L1 2
-    [0.0, 1.5],    # v3  L1 1.5
-    [2.0, -3.0],   # v4  L1 5    <- the vision pivot
-    [0.0, -0.5],   # v5  L1 0.5
-    [-3.0, 0.0],   # 7   L1 3    <- the text pivot
-    [0.5, 0.5],    # 8   L1 1
-])
-HIDDEN = torch.tensor([
-    [5.0, 5.0],    # 0
-    [3.0, 0.0],    # v0  normed direction (3, 0)
-    [1.0, 0.5],    # v1  (1, 1)
-    [0.0, 1.0],    # v2  (0, 2)
-    [-1.0, -0.5],  # v3  (-1, -1)
-    [1.0, 1.5],    # v4  (1, 3)
-    [0.2, -2.0],   # v5  (0.2, -4)
-    [2.0, 0.0],    # 7   (2, 0)
-    [1.0, -1.0],   # 8   (1, -2)
-])
+KEYS = torch.tensor(
+    [
+        [9.0, 9.0],  # 0 text before the image: the largest norm, but pivots come from the text after it
+        [1.0, 0.0],  # v0  L1 1
+        [0.5, 0.5],  # v1  L1 1
+        [-1.0, 1.0],  # v2  L1 2
+        [0.0, 1.5],  # v3  L1 1.5
+        [2.0, -3.0],  # v4  L1 5    <- the vision pivot
+        [0.0, -0.5],  # v5  L1 0.5
+        [-3.0, 0.0],  # 7   L1 3    <- the text pivot
+        [0.5, 0.5],  # 8   L1 1
+    ]
+)
+HIDDEN = torch.tensor(
+    [
+        [5.0, 5.0],  # 0
+        [3.0, 0.0],  # v0  normed direction (3, 0)
+        [1.0, 0.5],  # v1  (1, 1)
+        [0.0, 1.0],  # v2  (0, 2)
+        [-1.0, -0.5],  # v3  (-1, -1)
+        [1.0, 1.5],  # v4  (1, 3)
+        [0.2, -2.0],  # v5  (0.2, -4)
+        [2.0, 0.0],  # 7   (2, 0)
+        [1.0, -1.0],  # 8   (1, -2)
+    ]
+)
 FINAL_NORM = weighted_norm([1.0, 2.0])
 
 
@@ -119,8 +132,16 @@ def test_keeping_fewer_than_the_vision_pivots_keeps_the_largest_keys():
     assert dart_keep(scorer, state_for(HIDDEN, KEYS, [1, 2, 3, 4, 5, 6], FINAL_NORM), 1) == [4]
 
 
-def official_keep(keys: torch.Tensor, groups: int, features: torch.Tensor, start: int, length: int,
-                  pivot_image: int, pivot_text: int, budget: int) -> list[int]:
+def official_keep(
+    keys: torch.Tensor,
+    groups: int,
+    features: torch.Tensor,
+    start: int,
+    length: int,
+    pivot_image: int,
+    pivot_text: int,
+    budget: int,
+) -> list[int]:
     """The official procedure (lines 409-449) written again from its definition, on positions ``start..``.
 
     ``keys`` (L, H_kv, d) are layer K − 1's cached keys; like the official ``repeat_kv`` (line 578)
@@ -134,8 +155,8 @@ def official_keep(keys: torch.Tensor, groups: int, features: torch.Tensor, start
     feats = features.float()
     topk = budget // (pivot_image + pivot_text)
     norms = torch.norm(repeated, p=1, dim=-1)
-    image_idx = (norms[start:start + length].topk(pivot_image).indices + start).tolist()
-    query_idx = (norms[start + length:].topk(pivot_text).indices + start + length).tolist()
+    image_idx = (norms[start : start + length].topk(pivot_image).indices + start).tolist()
+    query_idx = (norms[start + length :].topk(pivot_text).indices + start + length).tolist()
     chosen = set(image_idx + query_idx)
     valid = set(range(start, start + length)) - set(image_idx)
     for item in sorted(chosen):
@@ -196,7 +217,10 @@ def test_runs_on_every_family_and_keeps_what_the_definition_keeps(tiny, family):
     prompts, images = batch_for(lvlm, 3, family)
     pivots, t = (1, 2) if family.startswith("qwen") else (4, 2)
     k = pivots + 2 * pivots * t
-    method = Method(build_scorer("dart", pivot_image=pivots, pivot_text=pivots), schedule=Schedule.one_shot(2, k, keep_mode="absolute"))
+    method = Method(
+        build_scorer("dart", pivot_image=pivots, pivot_text=pivots),
+        schedule=Schedule.one_shot(2, k, keep_mode="absolute"),
+    )
     states = []
     score = method.scorer.score
     method.scorer.score = lambda state: states.append(state) or score(state)
@@ -216,7 +240,9 @@ def test_runs_on_every_family_and_keeps_what_the_definition_keeps(tiny, family):
         assert vision.tolist() == list(range(start, start + n))  # one image: one block, text after it
         with torch.no_grad():
             keys = state.prev_keys[b].unflatten(-1, (cfg.num_key_value_heads, -1))
-            expected = official_keep(keys, groups, state.final_norm(state.hidden[b]), start, n, pivots, pivots, 2 * pivots * t)
+            expected = official_keep(
+                keys, groups, state.final_norm(state.hidden[b]), start, n, pivots, pivots, 2 * pivots * t
+            )
         assert kept == expected
         assert trace.vision_tokens_per_layer[2:] == [k] * (lvlm.depth - 2)
         checked += 1
@@ -230,7 +256,9 @@ def test_keys_are_the_previous_layers_post_rope_keys_of_a_plain_forward(tiny, fa
     the similarity norm is the model's final norm (official lines 337-342)."""
     lvlm = tiny(family)
     prompts, images = batch_for(lvlm, 3, family)
-    method = Method(build_scorer("dart", pivot_image=1, pivot_text=1), schedule=Schedule.one_shot(2, 3, keep_mode="absolute"))
+    method = Method(
+        build_scorer("dart", pivot_image=1, pivot_text=1), schedule=Schedule.one_shot(2, 3, keep_mode="absolute")
+    )
     states = []
     score = method.scorer.score
     method.scorer.score = lambda state: states.append(state) or score(state)

@@ -18,19 +18,53 @@ from pathlib import Path
 
 import pytest
 
-from v2drop.evaluation.ranks import ShardSampler, earlier_records, launched_rank, merge_records, rank_file, rank_files, read_finished, shard
+from v2drop.evaluation.ranks import (
+    ShardSampler,
+    earlier_records,
+    launched_rank,
+    merge_records,
+    rank_file,
+    rank_files,
+    read_finished,
+    shard,
+)
 from v2drop.evaluation.records import append_records, read_records, repair_tail
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 12
-ARGS = ["--model", "proxy", "--benchmark", "digits", "--method", "v2drop", "--schedule", "v2drop-llava15-128",
-        "--limit", str(LIMIT), "--warmup", "0", "--max-new-tokens", "2", "--threads", "1", "--no-progress"]
+ARGS = [
+    "--model",
+    "proxy",
+    "--benchmark",
+    "digits",
+    "--method",
+    "v2drop",
+    "--schedule",
+    "v2drop-llava15-128",
+    "--limit",
+    str(LIMIT),
+    "--warmup",
+    "0",
+    "--max-new-tokens",
+    "2",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 # Timings and memory differ from run to run; everything else in a record is a function of the sample and its batch.
-VOLATILE = {"prefill_seconds", "generate_seconds", "scoring_seconds", "peak_memory_bytes", "data_wait_seconds", "step_seconds"}
+VOLATILE = {
+    "prefill_seconds",
+    "generate_seconds",
+    "scoring_seconds",
+    "peak_memory_bytes",
+    "data_wait_seconds",
+    "step_seconds",
+}
 METRICS = ("accuracy", "n", "average_vision_tokens", "vision_tokens", "flops", "flops_ratio")
 
 
 # --- sharding and the files, without processes -------------------------------------------------
+
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5])
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
@@ -38,8 +72,10 @@ def test_shards_cover_every_sample_once_in_whole_batches(world_size, batch_size)
     for n in range(0, 14):
         shards = [shard(n, batch_size, rank, world_size) for rank in range(world_size)]
         assert [i for s in shards for i in s] == list(range(n))  # each sample once, in order
-        batches = [list(s[i:i + batch_size]) for s in shards for i in range(0, len(s), batch_size)]
-        assert batches == [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]  # one process's batches
+        batches = [list(s[i : i + batch_size]) for s in shards for i in range(0, len(s), batch_size)]
+        assert batches == [
+            list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)
+        ]  # one process's batches
         n_batches = [-(-len(s) // batch_size) for s in shards]
         assert max(n_batches) - min(n_batches) <= 1  # balanced to within one batch; ranks beyond the batches get none
 
@@ -54,7 +90,9 @@ def test_rank_files_resume_and_merge(tmp_path):
     append_records([{"id": "c", "v": 1}], rank_file(path, 1))
     assert earlier_records(path) == rank_file(path, 1)  # rank files alone are an earlier run too
     append_records([{"id": "a", "v": 1}], path)
-    append_records([{"id": "b", "v": 1}, {"id": "a", "v": 2}], rank_file(path, 0))  # "a" twice: a crash between merge and cleanup
+    append_records(
+        [{"id": "b", "v": 1}, {"id": "a", "v": 2}], rank_file(path, 0)
+    )  # "a" twice: a crash between merge and cleanup
     append_records([{"id": "x", "v": 1}], rank_file(path, 10))  # an id outside this run's samples
     with open(rank_file(path, 1), "a") as f:
         f.write('{"id": "d", "v"')  # torn
@@ -78,9 +116,16 @@ def test_repair_tail_cuts_a_torn_line_and_ends_a_whole_one(tmp_path):
     assert [r["id"] for r in read_records(path)] == ["a", "b", "c"]
 
 
-@pytest.mark.parametrize("env, launched", [({}, False), ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, False),
-                                           ({"LOCAL_RANK": "1"}, True), ({"NODE_RANK": "2", "LOCAL_RANK": "0"}, True),
-                                           ({"RANK": "3"}, True)])
+@pytest.mark.parametrize(
+    "env, launched",
+    [
+        ({}, False),
+        ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, False),
+        ({"LOCAL_RANK": "1"}, True),
+        ({"NODE_RANK": "2", "LOCAL_RANK": "0"}, True),
+        ({"RANK": "3"}, True),
+    ],
+)
 def test_launched_rank_reads_the_launchers_variables(monkeypatch, env, launched):
     for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
@@ -94,15 +139,22 @@ def test_several_ranks_need_a_records_path(tiny):
     from v2drop.evaluation import EvalConfig, evaluate
     from v2drop.testing import EchoBench
 
-    config = EvalConfig(model="tiny", benchmark="echo", warmup=0, max_new_tokens=1, progress=False, accelerator="cpu", devices=2)
+    config = EvalConfig(
+        model="tiny", benchmark="echo", warmup=0, max_new_tokens=1, progress=False, accelerator="cpu", devices=2
+    )
     with pytest.raises(ValueError, match="2 ranks .* needs a records path"):
         evaluate(tiny("llava"), EchoBench(2), Method.none(), config)
 
 
 # --- two processes ---------------------------------------------------------------------------
 
+
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("V2DROP_DEBUG", "RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("V2DROP_DEBUG", "RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")
+    }
     return {**env, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
 
 
@@ -111,7 +163,9 @@ def _command(run: Path, *extra) -> list[str]:
 
 
 def _evaluate(run: Path, *extra) -> dict:
-    done = subprocess.run(_command(run, *extra), cwd=run.parent, env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        _command(run, *extra), cwd=run.parent, env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr
     return json.loads((run / "result.json").read_text())
 
@@ -123,8 +177,20 @@ def _reference(run: Path, batch_size: int):
     from v2drop.method import resolve_method
 
     method = resolve_method("v2drop", "v2drop-llava15-128")
-    cfg = config_from_dict(EvalConfig, {"model": "proxy", "benchmark": "digits", "method": method.to_dict(), "limit": LIMIT,
-                                        "batch_size": batch_size, "warmup": 0, "max_new_tokens": 2, "threads": 1, "progress": False})
+    cfg = config_from_dict(
+        EvalConfig,
+        {
+            "model": "proxy",
+            "benchmark": "digits",
+            "method": method.to_dict(),
+            "limit": LIMIT,
+            "batch_size": batch_size,
+            "warmup": 0,
+            "max_new_tokens": 2,
+            "threads": 1,
+            "progress": False,
+        },
+    )
     result = run_evaluation(cfg, run)
     return [_stable(r) for r in read_records(run / "records.jsonl")], result.to_json()
 
@@ -135,7 +201,12 @@ def _stable(record: dict) -> dict:
 
 def _all_lines(run: Path) -> list[dict]:
     """Every whole record in the run's files, duplicates included (a sample predicted twice shows twice)."""
-    return [r for path in [run / "records.jsonl"] + rank_files(run / "records.jsonl") if path.exists() for r in read_records(path)]
+    return [
+        r
+        for path in [run / "records.jsonl"] + rank_files(run / "records.jsonl")
+        if path.exists()
+        for r in read_records(path)
+    ]
 
 
 def _same_result(result: dict, reference: dict) -> None:
@@ -166,8 +237,15 @@ def test_two_ranks_give_the_single_process_records_and_metrics(tmp_path):
 
 def _start_and_kill(run: Path, ready, *extra) -> int:
     """Start a two-rank evaluation, SIGKILL its whole process group (both ranks) once ``ready(run)``; its exit status."""
-    proc = subprocess.Popen(_command(run, "--devices", "2", *extra), cwd=run.parent, env=_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _command(run, "--devices", "2", *extra),
+        cwd=run.parent,
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not ready(run) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -193,7 +271,9 @@ def test_killed_two_rank_run_resumes_without_redoing_finished_samples(tmp_path):
         pytest.skip("the run finished before it could be killed")  # a very fast machine
     first = {r["id"]: r for r in _all_lines(run)}
     assert len(first) == len(_all_lines(run)) and not (run / "result.json").exists()
-    assert all(len(read_records(rank_file(run / "records.jsonl", k))) >= 1 for k in (0, 1))  # both ranks were predicting
+    assert all(
+        len(read_records(rank_file(run / "records.jsonl", k))) >= 1 for k in (0, 1)
+    )  # both ranks were predicting
 
     from v2drop.config import config_from_dict
     from v2drop.evaluation import EvalConfig

@@ -27,7 +27,9 @@ def test_splits_are_declared_and_checked():
     assert bench.splits == ("train", "validation", "test") and bench.default_split == "test"
     assert [s.id for s in bench.load(limit=5)] == [s.id for s in bench.load("test", 5)]
     assert bench.load("validation", 1)[0].id == "validation-0-exist"
-    with pytest.raises(ValueError, match=r"Benchmark 'digits' has no split 'dev'; valid splits: train, validation, test"):
+    with pytest.raises(
+        ValueError, match=r"Benchmark 'digits' has no split 'dev'; valid splits: train, validation, test"
+    ):
         bench.load("dev")
     with pytest.raises(ValueError, match=r"limit must be a positive whole number of samples or None, got 0"):
         get_benchmark("digits-video").load("test", 0)
@@ -51,7 +53,7 @@ def test_evidence_covers_the_digit_pixels():
             covered = np.zeros_like(o.mask)
             for k in ev:
                 r, c = divmod(k, PATCHES)
-                covered[r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH] = True
+                covered[r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH] = True
             assert o.mask.any() and (covered | ~o.mask).all()  # every digit pixel lies in an evidence patch
             assert pixels[o.mask].mean() > pixels[~covered].mean() + 40  # and those pixels are the bright object
             assert len(ev) < 40  # a few tokens out of 256
@@ -83,7 +85,9 @@ def test_metric_and_aggregate():
     sample = Sample("x", "q", "A", "mc", ())
     assert bench.is_correct("A.", sample) and bench.is_correct(" a ", sample) and not bench.is_correct("B", sample)
     assert normalize_answer("Yes, it is.") == "yes"
-    agg = bench.aggregate([{"family": "mc", "correct": True}, {"family": "mc", "correct": False}, {"family": "count", "correct": True}])
+    agg = bench.aggregate(
+        [{"family": "mc", "correct": True}, {"family": "mc", "correct": False}, {"family": "count", "correct": True}]
+    )
     assert agg["accuracy"] == pytest.approx(2 / 3) and agg["per_family"] == {"count": 1.0, "mc": 0.5}
 
 
@@ -102,7 +106,9 @@ def test_visible_answers_as_if_only_the_visible_objects_were_there():
     for seed in range(60):
         full = image_questions(random.Random(seed), objects)
         qa = {fam: (q, a, choices) for fam, q, a, _, choices in image_questions(random.Random(seed), objects, visible)}
-        assert [q for _, q, *_ in full][:3] == [qa[f][0] for f in ("exist", "ident", "count")]  # same questions where they can be
+        assert [q for _, q, *_ in full][:3] == [
+            qa[f][0] for f in ("exist", "ident", "count")
+        ]  # same questions where they can be
         digit = int(qa["exist"][0].split()[3])
         assert qa["exist"][1] == ("yes" if digit in visible else "no")
         counts["dropped-yes"] += digit in colour and digit not in visible

@@ -52,7 +52,9 @@ def test_pre_llm_keeps_the_greedy_subset_of_the_projected_features(tiny, family)
     prompts, images = batch_for(lvlm, 2, family)
     inputs = lvlm.prepare(prompts, images)
     k = 3
-    method = Method("divprune", schedule={"keep_mode": "absolute", "stages": [["pre_llm", k]]}, position_policy="renumber")
+    method = Method(
+        "divprune", schedule={"keep_mode": "absolute", "stages": [["pre_llm", k]]}, position_policy="renumber"
+    )
     out = lvlm.generate_from_inputs(inputs, method, max_new_tokens=2, stop_at_eos=False)
     with torch.no_grad():
         embeds = lvlm.adapter.embed(inputs)
@@ -76,6 +78,8 @@ def test_presets_keep_their_budget(budget):
 def test_runs_on_the_bundled_proxy():
     lvlm = v2drop.load("proxy")
     sample = get_benchmark("digits").load("test", 1)[0]
-    out = lvlm.generate([lvlm.format_prompt(sample.question)], [list(sample.images)], method="divprune-llava15-64", max_new_tokens=2)
+    out = lvlm.generate(
+        [lvlm.format_prompt(sample.question)], [list(sample.images)], method="divprune-llava15-64", max_new_tokens=2
+    )
     assert out.traces[0].vision_tokens == 256
     assert out.traces[0].vision_tokens_per_layer == [64] * lvlm.depth

@@ -79,7 +79,9 @@ def test_drop_matches_mask_reference(tiny, family, attn, metric):
     prompts, images = batch_for(lvlm, 3, family)
     inputs = lvlm.prepare(prompts, images)
     schedule = Schedule.progressive([1, 3, 5], [0.5, 0.5, 0.0])
-    out = lvlm.generate_from_inputs(inputs, Method("v2drop", schedule=schedule, metric=metric), max_new_tokens=6, stop_at_eos=False)
+    out = lvlm.generate_from_inputs(
+        inputs, Method("v2drop", schedule=schedule, metric=metric), max_new_tokens=6, stop_at_eos=False
+    )
     ref_logits, ref_tokens, ref_kept = reference_generate(lvlm, inputs, schedule, 6, metric)
     assert [[s["kept"] for s in t.stages] for t in out.traces] == ref_kept
     torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-4, rtol=0)
@@ -103,7 +105,9 @@ def test_batch_equals_alone(tiny, family, scorer):
 def test_trace_counts_follow_schedule(tiny):
     lvlm = tiny("llava")
     schedule = Schedule.progressive([2, 4], [0.5, 0.25])
-    out = lvlm.generate([prompt_for(lvlm, "how many ?")], [image(0)], method=Method("v2drop", schedule=schedule), max_new_tokens=2)
+    out = lvlm.generate(
+        [prompt_for(lvlm, "how many ?")], [image(0)], method=Method("v2drop", schedule=schedule), max_new_tokens=2
+    )
     trace = out.traces[0]
     assert trace.vision_tokens_per_layer == schedule.tokens_per_layer(lvlm.depth, 64) == [64, 64, 32, 32, 8, 8]
     assert [s["layer"] for s in trace.stages] == [2, 4]
@@ -121,10 +125,16 @@ def test_renumber_policy_gives_contiguous_positions_and_runs(tiny, monkeypatch):
     seen = []  # the position ids every rope call gets: prefill segments first, then each decoding step's
     rope = lvlm.adapter.rope
     monkeypatch.setattr(lvlm.adapter, "rope", lambda hidden, pos: seen.append(pos.clone()) or rope(hidden, pos))
-    preserve = lvlm.generate(prompts, images, method=Method("v2drop", schedule=schedule), max_new_tokens=4, stop_at_eos=False)
+    preserve = lvlm.generate(
+        prompts, images, method=Method("v2drop", schedule=schedule), max_new_tokens=4, stop_at_eos=False
+    )
     preserve_pos, seen[:] = list(seen), []
     renumber = lvlm.generate(
-        prompts, images, method=Method("v2drop", schedule=schedule, position_policy="renumber"), max_new_tokens=4, stop_at_eos=False
+        prompts,
+        images,
+        method=Method("v2drop", schedule=schedule, position_policy="renumber"),
+        max_new_tokens=4,
+        stop_at_eos=False,
     )
     renumber_pos = list(seen)
     # Same kept set (layers before the drop are identical), different logits (positions moved).
@@ -139,7 +149,7 @@ def test_renumber_policy_gives_contiguous_positions_and_runs(tiny, monkeypatch):
         # prefill: layers 0-1 see every prompt position; from layer 2 on, preserve keeps the survivors'
         # own positions (LLaVA numbers tokens by prompt index) and renumber numbers them 0..n-1
         for pos in (preserve_pos, renumber_pos):
-            assert pos[0][b, -len(ids):].tolist() == list(range(len(ids)))
+            assert pos[0][b, -len(ids) :].tolist() == list(range(len(ids)))
         assert preserve_pos[1][b, -n:].tolist() == survivors
         assert renumber_pos[1][b, -n:].tolist() == list(range(n))
         # the first decoded token continues each segment's numbering: layers 0-1 at len(ids), 2+ at n (renumber)

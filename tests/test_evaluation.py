@@ -1,13 +1,14 @@
 """The evaluation harness: records as samples finish, resume, aggregates, and errors before long work."""
 
 import json
+
 import pytest
 from PIL import Image
 
-from v2drop.testing import EchoBench, Item, image
 from v2drop import Method, Schedule
 from v2drop.config import config_from_dict
 from v2drop.evaluation import EvalConfig, evaluate, format_table, read_records, run_evaluation
+from v2drop.testing import EchoBench, Item, image
 
 
 def config(**kw):
@@ -85,8 +86,18 @@ def test_eval_config_typo_lists_the_valid_keys():
 
 def test_run_evaluation_writes_the_run_and_refuses_to_overwrite_it(tiny, tmp_path):
     """The default split is the benchmark's; records, result and trace are written; a second run needs resume."""
-    cfg = config_from_dict(EvalConfig, {"model": "tiny", "benchmark": "digits", "limit": 2, "warmup": 0, "max_new_tokens": 1,
-                                        "progress": False, "method": Method("v2drop", schedule=Schedule.one_shot(1, 0.5)).to_dict()})
+    cfg = config_from_dict(
+        EvalConfig,
+        {
+            "model": "tiny",
+            "benchmark": "digits",
+            "limit": 2,
+            "warmup": 0,
+            "max_new_tokens": 1,
+            "progress": False,
+            "method": Method("v2drop", schedule=Schedule.one_shot(1, 0.5)).to_dict(),
+        },
+    )
     run = tmp_path / "run"
     result = run_evaluation(cfg, run, save_trace=tmp_path / "trace.jsonl", lvlm=tiny("llava"))
     assert result.split == "test" and result.metrics["n"] == 2
@@ -99,11 +110,14 @@ def test_run_evaluation_writes_the_run_and_refuses_to_overwrite_it(tiny, tmp_pat
         run_evaluation(cfg, run, lvlm=tiny("llava"))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--method", "v2drop"], "error: --method v2drop needs --schedule"),
-    (["--method", "v2drop", "--schedule", "missing.yaml"], "error: method file 'missing.yaml' does not exist"),
-    (["--benchmark", "nope"], "error: Unknown benchmark 'nope'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "v2drop"], "error: --method v2drop needs --schedule"),
+        (["--method", "v2drop", "--schedule", "missing.yaml"], "error: method file 'missing.yaml' does not exist"),
+        (["--benchmark", "nope"], "error: Unknown benchmark 'nope'"),
+    ],
+)
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     from experiments.evaluate import main
 

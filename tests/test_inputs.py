@@ -10,7 +10,9 @@ from v2drop.testing import build_real, image, photo, prompt_for, video_frames
 
 def test_more_images_than_placeholders(tiny):
     lvlm = tiny("llava")
-    with pytest.raises(ValueError, match=r"Prompt 0 has 1 image placeholder\(s\) \('<image>'\) but 2 image\(s\) were given"):
+    with pytest.raises(
+        ValueError, match=r"Prompt 0 has 1 image placeholder\(s\) \('<image>'\) but 2 image\(s\) were given"
+    ):
         lvlm.generate([prompt_for(lvlm, "how many ?")], [[image(0), image(1)]])
 
 
@@ -21,7 +23,9 @@ def test_images_list_must_match_prompts(tiny):
 
 
 def test_unknown_family():
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
+    )
     with pytest.raises(ValueError, match=r"Unsupported model family 'llama'.*Supported families: llava, llava_next"):
         LVLM(model, processor=None)
 
@@ -51,7 +55,10 @@ def test_qwen_save_and_load_round_trip(tiny, tmp_path):
     lvlm.processor.save_pretrained(tmp_path)
     again = load(str(tmp_path))
     prompts, images = [prompt_for(lvlm, "how many ?")], [image(3, 48)]
-    assert lvlm.generate(prompts, images, max_new_tokens=3).generated_ids == again.generate(prompts, images, max_new_tokens=3).generated_ids
+    assert (
+        lvlm.generate(prompts, images, max_new_tokens=3).generated_ids
+        == again.generate(prompts, images, max_new_tokens=3).generated_ids
+    )
 
 
 # -- loading without torchvision ------------------------------------------------------------------------
@@ -83,7 +90,10 @@ def test_qwen_video_round_trip(tiny, tmp_path):
     lvlm.processor.save_pretrained(tmp_path)
     again = load(str(tmp_path))
     assert again.processor.second_per_grid and again.processor.video_size == lvlm.processor.video_size
-    prompt, video = ["USER: <|vision_start|><|video_pad|><|vision_end|>\nhow many ? ASSISTANT:"], [video_frames(0, 4, 48, 40)]
+    prompt, video = (
+        ["USER: <|vision_start|><|video_pad|><|vision_end|>\nhow many ? ASSISTANT:"],
+        [video_frames(0, 4, 48, 40)],
+    )
     a = lvlm.generate(prompt, videos=video, max_new_tokens=3, stop_at_eos=False)
     b = again.generate(prompt, videos=video, max_new_tokens=3, stop_at_eos=False)
     assert a.prompt_ids == b.prompt_ids and a.generated_ids == b.generated_ids
@@ -99,7 +109,9 @@ def test_processor_needing_a_missing_package_names_it(tiny, tmp_path, monkeypatc
     lvlm.model.config.save_pretrained(tmp_path)
 
     def needs_torchvision(*args, **kwargs):
-        raise ImportError("LlavaVideoProcessor requires the Torchvision library but it was not found in your environment")
+        raise ImportError(
+            "LlavaVideoProcessor requires the Torchvision library but it was not found in your environment"
+        )
 
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs_torchvision)
     with pytest.raises(ImportError, match=r"Cannot build the processor of .* \(llava\).*pip install torchvision"):

@@ -2,13 +2,15 @@
 
 import pytest
 
-lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (.ci/run installs it without dependencies)")
+lmms_eval = pytest.importorskip(
+    "lmms_eval", reason="lmms-eval is not installed (.ci/run installs it without dependencies)"
+)
 
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.models import get_model  # noqa: E402
 
-from v2drop.testing import image  # noqa: E402
 from v2drop import Method  # noqa: E402
+from v2drop.testing import image  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +27,19 @@ def saved_llava(tmp_path_factory):
 def _requests(questions, until=None, max_new_tokens=4):
     docs = [{"image": image(i), "question": q} for i, q in enumerate(questions)]
     reqs = [
-        Instance(request_type="generate_until", idx=0, metadata={"task": "toy", "doc_id": i, "repeats": 1},
-                 arguments=(q, {"max_new_tokens": max_new_tokens, "until": until or []}, lambda doc: [doc["image"]], i, "toy", "test"))
+        Instance(
+            request_type="generate_until",
+            idx=0,
+            metadata={"task": "toy", "doc_id": i, "repeats": 1},
+            arguments=(
+                q,
+                {"max_new_tokens": max_new_tokens, "until": until or []},
+                lambda doc: [doc["image"]],
+                i,
+                "toy",
+                "test",
+            ),
+        )
         for i, q in enumerate(questions)
     ]
     return {"toy": {"test": docs}}, reqs
@@ -35,7 +48,9 @@ def _requests(questions, until=None, max_new_tokens=4):
 def test_plugin_is_discovered_and_generates(saved_llava):
     cls = get_model("v2drop")
     assert cls.__module__ == "v2drop.integrations.lmms_eval"
-    model = cls.create_from_arg_string(f"pretrained={saved_llava},method=v2drop,schedule=v2drop-llava15-128,scorer_metric=l1,batch_size=2")
+    model = cls.create_from_arg_string(
+        f"pretrained={saved_llava},method=v2drop,schedule=v2drop-llava15-128,scorer_metric=l1,batch_size=2"
+    )
     assert model.method.scorer.metric == "l1"
     task_dict, reqs = _requests(["what is the digit ?", "how many ?", "what colour ?"])
     model.task_dict = task_dict

@@ -94,8 +94,12 @@ def test_importing_the_library_loads_no_heavy_framework():
     import subprocess
     import sys
 
-    code = ("import sys, v2drop, v2drop.evaluation, v2drop.search, v2drop.method; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'optuna', 'wandb', 'matplotlib', 'pandas'}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(v2drop.__file__).parent.parent)
+    code = (
+        "import sys, v2drop, v2drop.evaluation, v2drop.search, v2drop.method; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'optuna', 'wandb', 'matplotlib', 'pandas'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(v2drop.__file__).parent.parent
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

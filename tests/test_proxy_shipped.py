@@ -8,7 +8,16 @@ import torch
 
 import v2drop
 from experiments.check_proxy import main as check_main
-from experiments.proxy.check import BAR_CONDITIONS, CELL_WORDINGS, bar_answers, bar_table, cell_lookups, ident_by_column_mates, layer_changes, lookup_table
+from experiments.proxy.check import (
+    BAR_CONDITIONS,
+    CELL_WORDINGS,
+    bar_answers,
+    bar_table,
+    cell_lookups,
+    ident_by_column_mates,
+    layer_changes,
+    lookup_table,
+)
 from experiments.proxy.train import TrainConfig
 from v2drop.benchmarks import get_benchmark
 from v2drop.benchmarks.digits import asked_cell
@@ -23,7 +32,9 @@ def test_the_bundled_proxies_are_small_standard_llavas(name):
     """safetensors from save_pretrained, <= 50 MB for all bundled models, >= 12 decoder layers, 256 vision tokens per image, recipe alongside."""
     files = {p.name for p in LOCAL_MODELS[name].iterdir()}
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "train_config.json"} <= files
-    assert sum(p.stat().st_size for asset in LOCAL_MODELS.values() for p in asset.rglob("*") if p.is_file()) <= 50 * 2**20
+    assert (
+        sum(p.stat().st_size for asset in LOCAL_MODELS.values() for p in asset.rglob("*") if p.is_file()) <= 50 * 2**20
+    )
     lvlm = v2drop.load(name)
     assert type(lvlm.model).__name__ == "LlavaForConditionalGeneration"
     assert lvlm.depth >= 12
@@ -53,7 +64,10 @@ def test_the_shipped_proxy_was_trained_by_the_recipe_in_configs():
     """
     recipe = config_to_dict(load_config(TrainConfig, Path(__file__).parents[1] / "configs" / "proxy.yaml"))
     shipped = config_to_dict(load_config(TrainConfig, ASSET / "train_config.json"))
-    recipe, shipped = (json.loads(json.dumps({k: v for k, v in d.items() if k not in ("output", "workdir")})) for d in (recipe, shipped))
+    recipe, shipped = (
+        json.loads(json.dumps({k: v for k, v in d.items() if k not in ("output", "workdir")}))
+        for d in (recipe, shipped)
+    )
     assert recipe == shipped
 
 
@@ -106,9 +120,13 @@ def test_the_shipped_proxy_trains_every_decoder_layer():
     changes = layer_changes(v2drop.load("proxy"), get_benchmark("digits").load("test", 10))
     median = sorted(changes)[len(changes) // 2]
     assert min(changes) >= median / 10, changes
-    recipe = json.loads((ASSET / "train_config.json").read_text())  # and its recipe's last image stage trains the frozen layers
+    recipe = json.loads(
+        (ASSET / "train_config.json").read_text()
+    )  # and its recipe's last image stage trains the frozen layers
     settle = recipe["settle"]
-    assert recipe["frozen_decoder_layers"] == 0 or (settle["steps"] > 0 and not settle["frozen"] and settle["frozen_lr"] > 0)
+    assert recipe["frozen_decoder_layers"] == 0 or (
+        settle["steps"] > 0 and not settle["frozen"] and settle["frozen_lr"] > 0
+    )
 
 
 def test_check_cli_reports_a_missing_model_in_one_line_with_status_2(tmp_path, capsys):

@@ -1,8 +1,8 @@
 """A miniature proxy trains a few steps through the real recipe and loads through v2drop.load."""
 
 import json
-import re
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -27,14 +27,58 @@ RECIPE = Path(__file__).parents[1] / "configs" / "proxy.yaml"
 @pytest.mark.slow
 def test_miniature_training_and_load(tmp_path, capsys):
     out, work = tmp_path / "proxy", tmp_path / "work"
-    args = ["--set", f"output={out}", "--set", f"workdir={work}", "--set", "model.layers=2", "--set", "model.hidden=32",
-            "--set", "model.intermediate=64", "--set", "model.vision_hidden=32", "--set", "align.steps=2", "--set", "align.batch=2",
-            "--set", "lvlm.steps=2", "--set", "lvlm.batch=2", "--set", "robust.steps=2", "--set", "robust.batch=2",
-            "--set", "settle.steps=2", "--set", "settle.batch=2", "--set", "video.steps=1", "--set", "video.batch=1", "--set", "video.clips=1", "--set", "video.frames=[1,2]",
-            "--set", "video.frame_tags=1.0", "--set", "video.video_aux=[frames,firsts]", "--set", "video.token_keep=[0.1,1.0]",
-            "--set", "monitor_every=1", "--set", "monitor_samples=5"]
+    args = [
+        "--set",
+        f"output={out}",
+        "--set",
+        f"workdir={work}",
+        "--set",
+        "model.layers=2",
+        "--set",
+        "model.hidden=32",
+        "--set",
+        "model.intermediate=64",
+        "--set",
+        "model.vision_hidden=32",
+        "--set",
+        "align.steps=2",
+        "--set",
+        "align.batch=2",
+        "--set",
+        "lvlm.steps=2",
+        "--set",
+        "lvlm.batch=2",
+        "--set",
+        "robust.steps=2",
+        "--set",
+        "robust.batch=2",
+        "--set",
+        "settle.steps=2",
+        "--set",
+        "settle.batch=2",
+        "--set",
+        "video.steps=1",
+        "--set",
+        "video.batch=1",
+        "--set",
+        "video.clips=1",
+        "--set",
+        "video.frames=[1,2]",
+        "--set",
+        "video.frame_tags=1.0",
+        "--set",
+        "video.video_aux=[frames,firsts]",
+        "--set",
+        "video.token_keep=[0.1,1.0]",
+        "--set",
+        "monitor_every=1",
+        "--set",
+        "monitor_samples=5",
+    ]
     train_main(args)
-    assert (out / "model.safetensors").exists() and all((work / stage / "done.pt").exists() for stage in ("lvlm", "settle", "video"))
+    assert (out / "model.safetensors").exists() and all(
+        (work / stage / "done.pt").exists() for stage in ("lvlm", "settle", "video")
+    )
     lvlm = v2drop.load(str(out))
     sample = get_benchmark("digits").load("test", 1)[0]
     prompt = lvlm.format_prompt(sample.question)
@@ -45,9 +89,13 @@ def test_miniature_training_and_load(tmp_path, capsys):
     image, objects, _ = get_benchmark("digits").scene("test", 0)
     ids, labels = conversation(lvlm.processor, objects, random.Random(0))
     first_answer = next(i for i, l in enumerate(labels) if l != -100)
-    eval_ids = lvlm.prepare([lvlm.format_prompt(lvlm.tokenizer.decode(ids[257:first_answer - 1]))], [image])["input_ids"][0].tolist()
+    eval_ids = lvlm.prepare([lvlm.format_prompt(lvlm.tokenizer.decode(ids[257 : first_answer - 1]))], [image])[
+        "input_ids"
+    ][0].tolist()
     assert ids[:first_answer] == eval_ids
-    assert json.loads((out / "train_config.json").read_text())["lvlm"]["steps"] == 2  # the resolved recipe ships with the model
+    assert (
+        json.loads((out / "train_config.json").read_text())["lvlm"]["steps"] == 2
+    )  # the resolved recipe ships with the model
     # A second run resumes: finished stages are not trained again.
     train_main(args)
     # Resuming a stage under a different recipe is refused, naming what changed.
@@ -62,10 +110,36 @@ def test_an_interrupted_stage_resumes_to_the_same_weights(tmp_path, monkeypatch)
     import experiments.proxy.train as proxy_train
 
     def args(name):
-        return ["--set", f"output={tmp_path / name / 'out'}", "--set", f"workdir={tmp_path / name / 'work'}", "--set", "model.layers=2",
-                "--set", "model.hidden=32", "--set", "model.intermediate=64", "--set", "model.vision_hidden=32", "--set", "align.steps=1",
-                "--set", "align.batch=2", "--set", "lvlm.steps=4", "--set", "lvlm.batch=2", "--set", "lvlm.token_keep=[0.1,1.0]",
-                "--set", "robust.steps=0", "--set", "settle.steps=0", "--set", "checkpoint_every=1"]
+        return [
+            "--set",
+            f"output={tmp_path / name / 'out'}",
+            "--set",
+            f"workdir={tmp_path / name / 'work'}",
+            "--set",
+            "model.layers=2",
+            "--set",
+            "model.hidden=32",
+            "--set",
+            "model.intermediate=64",
+            "--set",
+            "model.vision_hidden=32",
+            "--set",
+            "align.steps=1",
+            "--set",
+            "align.batch=2",
+            "--set",
+            "lvlm.steps=4",
+            "--set",
+            "lvlm.batch=2",
+            "--set",
+            "lvlm.token_keep=[0.1,1.0]",
+            "--set",
+            "robust.steps=0",
+            "--set",
+            "settle.steps=0",
+            "--set",
+            "checkpoint_every=1",
+        ]
 
     train_main(args("straight"))
 
@@ -87,20 +161,31 @@ def test_an_interrupted_stage_resumes_to_the_same_weights(tmp_path, monkeypatch)
 
 
 def test_config_rejects_unknown_keys_and_bad_drop_settings():
-    with pytest.raises(ValueError, match=r"unknown key 'lvlm.step' in section 'lvlm' of StageConfig; valid keys: .*steps"):
+    with pytest.raises(
+        ValueError, match=r"unknown key 'lvlm.step' in section 'lvlm' of StageConfig; valid keys: .*steps"
+    ):
         config_from_dict(TrainConfig, {"lvlm": {"step": 3}})
     with pytest.raises(ValueError, match=r"token_keep must be \[low, high\]"):
         config_from_dict(TrainConfig, {"robust": {"token_keep": [0.0, 1.0]}})
-    with pytest.raises(ValueError, match=r"aux \['grid'\] names unknown turns \['grid'\]; known: \['digits', 'which', 'cells', 'column_cells', 'row_cells', 'cell_phrases'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"aux \['grid'\] names unknown turns \['grid'\]; known: \['digits', 'which', 'cells', 'column_cells', 'row_cells', 'cell_phrases'\]",
+    ):
         config_from_dict(TrainConfig, {"lvlm": {"aux": ["grid"]}})
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--config", "{tmp}/missing.yaml"], ["error:", "missing.yaml", "does not exist"]),
-    (["--config", "{recipe}", "--set", "lvlm.step=3"], ["error:", "'lvlm.step'", "valid keys"]),
-    (["--config", "{recipe}", "--set", "lvlm.steps=many"], ["error:", "lvlm.steps", "many"]),
-    (["--config", "{recipe}", "--set", "video.frames=[2, 9]"], ["error:", "video.frames must be [min, max]", "[2, 9]"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--config", "{tmp}/missing.yaml"], ["error:", "missing.yaml", "does not exist"]),
+        (["--config", "{recipe}", "--set", "lvlm.step=3"], ["error:", "'lvlm.step'", "valid keys"]),
+        (["--config", "{recipe}", "--set", "lvlm.steps=many"], ["error:", "lvlm.steps", "many"]),
+        (
+            ["--config", "{recipe}", "--set", "video.frames=[2, 9]"],
+            ["error:", "video.frames must be [min, max]", "[2, 9]"],
+        ),
+    ],
+)
 def test_train_cli_reports_bad_input_in_one_line_with_status_2(argv, words, capsys, tmp_path):
     """A missing recipe, an unknown key or a bad value: ``error: ...`` on one line, exit status 2, no traceback, nothing trained."""
     with pytest.raises(SystemExit) as exit_:
@@ -120,8 +205,12 @@ def test_isolated_turns_see_exactly_the_evaluation_prompt():
     ids, labels, segments, positions = conversation(processor, objects, random.Random(1), turns=7, isolated=True)
     pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids]), pixel_values=pixels, position_ids=torch.tensor([positions]),
-                       attention_mask=isolation_mask(torch.tensor([segments]))).logits[0]
+        logits = model(
+            input_ids=torch.tensor([ids]),
+            pixel_values=pixels,
+            position_ids=torch.tensor([positions]),
+            attention_mask=isolation_mask(torch.tensor([segments])),
+        ).logits[0]
         answer_starts = [i for i in range(len(labels)) if labels[i] != -100 and (i == 0 or labels[i - 1] == -100)]
         assert len(answer_starts) == 7
         for start in answer_starts:
@@ -129,8 +218,14 @@ def test_isolated_turns_see_exactly_the_evaluation_prompt():
             first = segments.index(turn)
             prompt = ids[:257] + ids[first:start]
             assert positions[first:start] == list(range(257, 257 + start - first))  # the prompt's own position ids
-            alone = model(input_ids=torch.tensor([prompt]), pixel_values=pixels, attention_mask=torch.ones(1, len(prompt), dtype=torch.long)).logits[0, -1]
-            torch.testing.assert_close(logits[start - 1], alone, atol=1e-4, rtol=0)  # float noise only: a leak moves logits by O(1)
+            alone = model(
+                input_ids=torch.tensor([prompt]),
+                pixel_values=pixels,
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            ).logits[0, -1]
+            torch.testing.assert_close(
+                logits[start - 1], alone, atol=1e-4, rtol=0
+            )  # float noise only: a leak moves logits by O(1)
             text = processor.tokenizer.decode(prompt[257:])
             assert processor(text=f"USER: <image>\n{text}", images=[image])["input_ids"][0] == prompt
 
@@ -145,7 +240,10 @@ def test_digits_aux_turn_names_every_digit_with_its_colour_or_none():
     colour = {str(o.label): o.colour for o in objects}
     assert answers == [colour.get(w, "none") for w in words]
     assert labels[0::2] == [-100] * 10 and labels[1::2] == ids[1::2]  # only the answers are supervised
-    with pytest.raises(ValueError, match=r"Unknown auxiliary turn 'grid'; known: \['digits', 'which', 'cells', 'column_cells', 'row_cells', 'cell_phrases'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown auxiliary turn 'grid'; known: \['digits', 'which', 'cells', 'column_cells', 'row_cells', 'cell_phrases'\]",
+    ):
         aux_turn(tok, objects, random.Random(0), "grid")
 
 
@@ -156,12 +254,16 @@ def test_cells_aux_turn_names_every_cell_with_its_digit_or_none():
     ids, labels = aux_turn(tok, objects, random.Random(0), "cells")
     rows, cols, answers = (tok.convert_ids_to_tokens(ids[i::3]) for i in range(3))
     cells = list(zip(rows, cols))
-    assert len(set(cells)) == len(cells) == 2 * len(objects) and set(cells) <= {(r, c) for r in ROW_WORDS for c in COL_WORDS}
+    assert len(set(cells)) == len(cells) == 2 * len(objects) and set(cells) <= {
+        (r, c) for r in ROW_WORDS for c in COL_WORDS
+    }
     where = {(ROW_WORDS[o.row], COL_WORDS[o.col]): str(o.label) for o in objects}
     assert set(where) < set(cells) and answers == [where.get(cell, "none") for cell in cells]
     assert answers.count("none") == len(objects) > 0
     assert labels[0::3] == labels[1::3] == [-100] * len(cells) and labels[2::3] == ids[2::3]
-    hidden, _ = aux_turn(tok, objects[1:], random.Random(0), "cells")  # a dropped object is not there: its cell is empty
+    hidden, _ = aux_turn(
+        tok, objects[1:], random.Random(0), "cells"
+    )  # a dropped object is not there: its cell is empty
     assert len(hidden) == 3 * 2 * (len(objects) - 1)
 
 
@@ -172,7 +274,10 @@ def test_column_cells_aux_turn_draws_its_empty_cells_from_columns_holding_a_digi
     for scene in range(40):
         _, objects, _ = bench.scene("train", scene)
         ids, labels = aux_turn(tok, objects, random.Random(scene), "column_cells")
-        cells = [(ROW_WORDS.index(r), COL_WORDS.index(c), a) for r, c, a in zip(*(tok.convert_ids_to_tokens(ids[i::3]) for i in range(3)))]
+        cells = [
+            (ROW_WORDS.index(r), COL_WORDS.index(c), a)
+            for r, c, a in zip(*(tok.convert_ids_to_tokens(ids[i::3]) for i in range(3)))
+        ]
         where = {(o.row, o.col): str(o.label) for o in objects}
         assert len({(r, c) for r, c, _ in cells}) == len(cells) == 2 * len(objects)
         assert [a for _, _, a in cells] == [where.get((r, c), "none") for r, c, _ in cells]
@@ -196,7 +301,9 @@ def test_row_cells_and_cell_phrases_ask_the_cells_of_cells_in_other_words():
     ids, labels = aux_turn(tok, objects, random.Random(0), "cell_phrases")
     text = " ".join(tok.convert_ids_to_tokens(ids))
     assert text == " ".join(f"{r} row , {c} column {where.get((r, c), 'none')}" for r, c in cells)
-    assert [i for i, l in zip(ids, labels) if l != -100] == tok.convert_tokens_to_ids([where.get(cell, "none") for cell in cells])
+    assert [i for i, l in zip(ids, labels) if l != -100] == tok.convert_tokens_to_ids(
+        [where.get(cell, "none") for cell in cells]
+    )
 
 
 def test_column_mate_questions_ask_about_cells_where_the_row_decides():
@@ -212,13 +319,18 @@ def test_column_mate_questions_ask_about_cells_where_the_row_decides():
             assert question is None
             continue
         family, text, answer, evidence, _ = question
-        row, col = (ROW_WORDS.index(text.split("the ")[1].split(" row")[0]), COL_WORDS.index(text.split("row, ")[1].split(" column")[0]))
+        row, col = (
+            ROW_WORDS.index(text.split("the ")[1].split(" row")[0]),
+            COL_WORDS.index(text.split("row, ")[1].split(" column")[0]),
+        )
         assert family == "ident" and col in mate_columns
         at = [o for o in objects if (o.row, o.col) == (row, col)]
         assert answer == (str(at[0].label) if at else "none")
         kinds.add("digit" if at else "empty")
         if at:
-            assert column_mate_question(random.Random(scene), objects, visible=set())[2] in ("none",)  # every digit dropped
+            assert column_mate_question(random.Random(scene), objects, visible=set())[2] in (
+                "none",
+            )  # every digit dropped
     assert kinds == {"digit", "empty"}
 
 
@@ -227,7 +339,12 @@ def test_ident_mates_zero_leaves_a_conversation_unchanged():
     processor = build_processor()
     _, objects, _ = get_benchmark("digits").scene("train", 9)
     plain = conversation(processor, objects, random.Random(4), turns=9, isolated=True, aux=["digits", "cells"])
-    assert conversation(processor, objects, random.Random(4), turns=9, isolated=True, aux=["digits", "cells"], ident_mates=0.0) == plain
+    assert (
+        conversation(
+            processor, objects, random.Random(4), turns=9, isolated=True, aux=["digits", "cells"], ident_mates=0.0
+        )
+        == plain
+    )
 
 
 def test_which_aux_turn_asks_for_the_digit_only_when_one_is_visible():
@@ -245,7 +362,9 @@ def test_aux_turn_is_isolated_and_leaves_the_questions_unchanged():
     processor = build_processor()
     _, objects, _ = get_benchmark("digits").scene("train", 7)
     plain = conversation(processor, objects, random.Random(3), turns=6, isolated=True)
-    ids, labels, segments, positions = conversation(processor, objects, random.Random(3), turns=6, isolated=True, aux=["digits"])
+    ids, labels, segments, positions = conversation(
+        processor, objects, random.Random(3), turns=6, isolated=True, aux=["digits"]
+    )
     n = len(plain[0])
     assert (ids[:n], labels[:n], segments[:n], positions[:n]) == plain
     assert segments[n:] == [7] * 20 and positions[n:] == list(range(257, 277))
@@ -254,13 +373,19 @@ def test_aux_turn_is_isolated_and_leaves_the_questions_unchanged():
 def test_tied_qk_init_starts_every_query_head_equal_to_its_key_head():
     """The mimetic start: each query head's weights equal the key head it shares under GQA; 0 keeps transformers' init."""
     tok = build_tokenizer()
-    decoder = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, tied_qk_init=0.1), tok).model.language_model
+    decoder = build_model(
+        ProxyConfig(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, tied_qk_init=0.1), tok
+    ).model.language_model
     for layer in decoder.layers:
         q, k = layer.self_attn.q_proj.weight.view(4, 8, 32), layer.self_attn.k_proj.weight.view(2, 8, 32)
         for h in range(4):
             torch.testing.assert_close(q[h], k[h // 2], rtol=0, atol=0)
         assert 0.07 < k.std().item() < 0.13
-    untied = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), tok).model.language_model.layers[0].self_attn
+    untied = (
+        build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), tok)
+        .model.language_model.layers[0]
+        .self_attn
+    )
     assert not torch.equal(untied.q_proj.weight.view(4, 8, 32)[0], untied.k_proj.weight.view(2, 8, 32)[0])
 
 
@@ -303,7 +428,9 @@ def test_frozen_decoder_layers_keep_their_weights_while_the_rest_trains():
     processor = build_processor()
     torch.manual_seed(0)
     model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer)
-    module = ConversationModule(model, processor, StageConfig(lr=1e-2, vision_lr=1e-3, steps=2, isolated=True), frozen_layers=1)
+    module = ConversationModule(
+        model, processor, StageConfig(lr=1e-2, vision_lr=1e-3, steps=2, isolated=True), frozen_layers=1
+    )
     layers = model.model.language_model.layers
     before = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
     batch = [dict(zip(("image", "objects"), get_benchmark("digits").scene("train", i)[:2]), rng_seed=i) for i in (1, 2)]
@@ -335,9 +462,24 @@ def test_an_unfrozen_stage_trains_the_frozen_layers_at_their_own_rate():
 
 def tiny_recipe(tmp_path, name, *extra):
     """``--set`` arguments of a two-layer recipe writing under ``tmp_path / name``."""
-    sets = [f"output={tmp_path / name / 'out'}", f"workdir={tmp_path / name / 'work'}", "model.layers=2", "model.hidden=32",
-            "model.intermediate=64", "model.vision_hidden=32", "align.steps=1", "align.batch=2", "lvlm.steps=1", "lvlm.batch=2",
-            "robust.steps=1", "robust.batch=2", "frozen_decoder_layers=1", "settle.steps=0", "settle.batch=2", *extra]
+    sets = [
+        f"output={tmp_path / name / 'out'}",
+        f"workdir={tmp_path / name / 'work'}",
+        "model.layers=2",
+        "model.hidden=32",
+        "model.intermediate=64",
+        "model.vision_hidden=32",
+        "align.steps=1",
+        "align.batch=2",
+        "lvlm.steps=1",
+        "lvlm.batch=2",
+        "robust.steps=1",
+        "robust.batch=2",
+        "frozen_decoder_layers=1",
+        "settle.steps=0",
+        "settle.batch=2",
+        *extra,
+    ]
     return [a for s in sets for a in ("--set", s)]
 
 
@@ -346,15 +488,24 @@ def test_a_later_stage_starts_from_a_saved_model_of_the_same_recipe(tmp_path, ca
     train_main(tiny_recipe(tmp_path, "base"))  # align, lvlm, robust (settle off)
     whole = tiny_recipe(tmp_path, "whole", "settle.steps=2")
     train_main(whole)
-    train_main(tiny_recipe(tmp_path, "later", "settle.steps=2") + ["--init", str(tmp_path / "base" / "out"), "--start", "settle"])
+    train_main(
+        tiny_recipe(tmp_path, "later", "settle.steps=2")
+        + ["--init", str(tmp_path / "base" / "out"), "--start", "settle"]
+    )
     a = torch.load(tmp_path / "whole" / "work" / "settle" / "done.pt", weights_only=True)
     b = torch.load(tmp_path / "later" / "work" / "settle" / "done.pt", weights_only=True)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # the saved model round-trips through safetensors
     assert not (tmp_path / "later" / "work" / "lvlm").exists()  # earlier stages were not trained again
     with pytest.raises(SystemExit) as exit_:
-        train_main(tiny_recipe(tmp_path, "other", "settle.steps=2", "lvlm.lr=0.01") + ["--init", str(tmp_path / "base" / "out"), "--start", "settle"])
+        train_main(
+            tiny_recipe(tmp_path, "other", "settle.steps=2", "lvlm.lr=0.01")
+            + ["--init", str(tmp_path / "base" / "out"), "--start", "settle"]
+        )
     assert exit_.value.code == 2
-    assert re.search(r"error: .*was not trained by this recipe's stages before 'settle' \(differs in: lvlm\)", capsys.readouterr().err)
+    assert re.search(
+        r"error: .*was not trained by this recipe's stages before 'settle' \(differs in: lvlm\)",
+        capsys.readouterr().err,
+    )
     with pytest.raises(SystemExit):
         train_main(whole + ["--start", "settle"])
     assert "--start and --init go together" in capsys.readouterr().err
@@ -366,7 +517,9 @@ def test_layer_masks_close_dropped_columns_from_their_layer_on():
     masks = layer_masks(base, [(1, torch.tensor([1, 2])), (-1, torch.tensor([], dtype=torch.long))], depth=3)
     assert masks[0] is base and masks[1] is masks[2]
     open_ = masks[1][0, 0] == 0
-    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)  # causal minus columns 1-2, diagonal kept
+    expected = torch.tensor(
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]], dtype=torch.bool
+    )  # causal minus columns 1-2, diagonal kept
     assert torch.equal(open_, expected)
     assert torch.equal(masks[1][1], base[1])
 
@@ -387,7 +540,9 @@ def test_draw_drop_asks_only_about_the_objects_that_keep_a_token():
             if kind == "objects":
                 assert all(ev <= kept or not ev & kept for ev in evidence)  # whole objects or nothing of them
     assert seen_partial
-    drop, _ = draw_drop(objects, random.Random(0), (0.001, 0.001), {"blocks": 1.0}, [2])  # one block, redrawn until an object is in it
+    drop, _ = draw_drop(
+        objects, random.Random(0), (0.001, 0.001), {"blocks": 1.0}, [2]
+    )  # one block, redrawn until an object is in it
     assert int(drop.kept.sum()) == 16
     for seed in range(10):  # all_objects=1: every object kept whole, the count question's evidence
         drop, visible = draw_drop(objects, random.Random(seed), (0.05, 0.5), {"objects": 1.0}, [2], all_objects=1.0)
@@ -411,12 +566,18 @@ def test_a_training_drop_equals_the_engine_dropping_the_same_tokens():
     pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]
     t = lambda x: torch.tensor([x])  # noqa: E731
     with torch.no_grad():
-        logits = module.forward_with_drops(t(ids), t(labels), pixels, t(segments), t(positions), [VisionDrop(2, kept)]).logits[0]
+        logits = module.forward_with_drops(
+            t(ids), t(labels), pixels, t(segments), t(positions), [VisionDrop(2, kept)]
+        ).logits[0]
     answer = next(i for i, l in enumerate(labels) if l != -100)
     lvlm = LVLM(model, processor)
     inputs = lvlm.prepare([lvlm.format_prompt(processor.tokenizer.decode(ids[257 : answer - 1]))], [[image]])
     assert inputs["input_ids"][0].tolist() == ids[:answer]
-    keep = Method("given", keep=tuple(kept.nonzero().flatten().tolist()), schedule=Schedule.one_shot(2, 40, keep_mode="absolute", min_keep=0))
+    keep = Method(
+        "given",
+        keep=tuple(kept.nonzero().flatten().tolist()),
+        schedule=Schedule.one_shot(2, 40, keep_mode="absolute", min_keep=0),
+    )
     engine = lvlm.generate_from_inputs(inputs, keep, max_new_tokens=1).first_logits[0]
     torch.testing.assert_close(logits[answer - 1], engine, atol=1e-4, rtol=0)
     full = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=1).first_logits[0]

@@ -9,7 +9,14 @@ import torch
 from experiments.proxy.data import isolation_mask
 from experiments.proxy.model import FRAME_WORDS, ProxyConfig, build_model, build_processor, build_tokenizer
 from experiments.proxy.train import TrainConfig
-from experiments.proxy.video import FRAME_TAG_SCALE, ClipStream, draw_clip_drop, frame_tag_loss, video_aux_turn, video_conversation
+from experiments.proxy.video import (
+    FRAME_TAG_SCALE,
+    ClipStream,
+    draw_clip_drop,
+    frame_tag_loss,
+    video_aux_turn,
+    video_conversation,
+)
 from v2drop.benchmarks import get_benchmark
 from v2drop.benchmarks.digits import Object, video_questions
 from v2drop.config import config_from_dict
@@ -25,9 +32,14 @@ def _digit(label: int, row: int = 0, col: int = 0) -> Object:
 def test_multi_image_prompts_mark_every_frame():
     """One image: the plain prompt; several: "frame one <image>", "frame two <image>", ...; past the eighth, "frame" alone."""
     processor = build_processor()
-    lvlm = LVLM(build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer), processor)
+    lvlm = LVLM(
+        build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer), processor
+    )
     assert lvlm.format_prompt("Q?") == "USER: <image>\nQ? ASSISTANT:"
-    assert lvlm.format_prompt("Q?", n_images=3) == "USER: frame one <image>\nframe two <image>\nframe three <image>\nQ? ASSISTANT:"
+    assert (
+        lvlm.format_prompt("Q?", n_images=3)
+        == "USER: frame one <image>\nframe two <image>\nframe three <image>\nQ? ASSISTANT:"
+    )
     nine = lvlm.format_prompt("Q?", n_images=9)
     assert nine.count("<image>") == 9 and "frame eight <image>\nframe <image>\nQ?" in nine
 
@@ -39,14 +51,26 @@ def test_video_training_turns_see_exactly_the_evaluation_prompt():
     model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer).eval()
     lvlm = LVLM(model, processor)
     frames, contents, _ = get_benchmark("digits-video").clip("train", 5, frames=3)
-    ids, labels, segments, positions = video_conversation(processor, contents, random.Random(1), turns=4, aux=["frames", "firsts"])
+    ids, labels, segments, positions = video_conversation(
+        processor, contents, random.Random(1), turns=4, aux=["frames", "firsts"]
+    )
     prefix = segments.index(1)
     assert prefix == 1 + 3 * (2 + 256)
     pixels = processor.image_processor(frames, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids]), pixel_values=pixels, position_ids=torch.tensor([positions]),
-                       attention_mask=isolation_mask(torch.tensor([segments]))).logits[0]
-        starts = [i for i in range(len(labels)) if labels[i] != -100 and labels[i - 1] == -100 and ids[i - 1] == processor.tokenizer.convert_tokens_to_ids("ASSISTANT:")]
+        logits = model(
+            input_ids=torch.tensor([ids]),
+            pixel_values=pixels,
+            position_ids=torch.tensor([positions]),
+            attention_mask=isolation_mask(torch.tensor([segments])),
+        ).logits[0]
+        starts = [
+            i
+            for i in range(len(labels))
+            if labels[i] != -100
+            and labels[i - 1] == -100
+            and ids[i - 1] == processor.tokenizer.convert_tokens_to_ids("ASSISTANT:")
+        ]
         assert len(starts) == 4
         for start in starts:
             first = segments.index(segments[start])
@@ -96,7 +120,9 @@ def test_video_questions_answer_as_if_only_the_visible_frames_had_digits():
     bench = get_benchmark("digits-video")
     frames, contents, rng = bench.clip("test", 2)
     samples = [s for s in bench.load("test", 12) if s.id.startswith("test-2-")]
-    assert [(s.family, s.question, s.answer, s.evidence) for s in samples] == [(f, q, a, tuple(e)) for f, q, a, e in video_questions(rng, contents)]
+    assert [(s.family, s.question, s.answer, s.evidence) for s in samples] == [
+        (f, q, a, tuple(e)) for f, q, a, e in video_questions(rng, contents)
+    ]
 
 
 def test_clip_drops_keep_whole_objects_and_report_the_visible_frames():
@@ -116,7 +142,9 @@ def test_clip_drops_keep_whole_objects_and_report_the_visible_frames():
                 assert all(set(contents[f][0].evidence(f * 256)) <= kept or f not in visible for f in with_digit)
     assert partial
     for seed in range(5):
-        drop, visible = draw_clip_drop(contents, random.Random(seed), (0.05, 0.5), {"objects": 1.0}, [2], all_objects=1.0)
+        drop, visible = draw_clip_drop(
+            contents, random.Random(seed), (0.05, 0.5), {"objects": 1.0}, [2], all_objects=1.0
+        )
         assert visible == set(with_digit)
 
 

@@ -31,8 +31,11 @@ def real(family: str):
 def batch_params():
     """(family, dropping) rows; OneVision's and the no-drop rows (which also run transformers' generate) are slow."""
     return [
-        pytest.param(f, d, marks=pytest.mark.slow, id=f"{f}-{'v2drop' if d else 'none'}") if f in SLOW or not d else pytest.param(f, d, id=f"{f}-v2drop")
-        for f in FAMILIES for d in (False, True)
+        pytest.param(f, d, marks=pytest.mark.slow, id=f"{f}-{'v2drop' if d else 'none'}")
+        if f in SLOW or not d
+        else pytest.param(f, d, id=f"{f}-v2drop")
+        for f in FAMILIES
+        for d in (False, True)
     ]
 
 
@@ -62,7 +65,9 @@ def test_real_token_counts(family, size, tokens, crops):
         assert inputs["pixel_values"].shape[:2] == (1, crops)
     if family.startswith("qwen"):
         # an independent count: the image processor's own patch arithmetic, merged 2x2
-        patches = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056, patch_size=14).get_number_of_image_patches(size[1], size[0])
+        patches = Qwen2VLImageProcessorPil(
+            min_pixels=3136, max_pixels=12845056, patch_size=14
+        ).get_number_of_image_patches(size[1], size[0])
         assert patches // 4 == tokens
 
 
@@ -80,14 +85,18 @@ def test_collation_matches_the_processors_own_batch(family):
             ref = lvlm.processor(text=prompts, images=images, return_tensors="pt", padding=True)
         finally:
             lvlm.processor.tokenizer.padding_side = side
-        assert torch.equal(inputs["input_ids"], ref["input_ids"]) and torch.equal(inputs["attention_mask"], ref["attention_mask"])
+        assert torch.equal(inputs["input_ids"], ref["input_ids"]) and torch.equal(
+            inputs["attention_mask"], ref["attention_mask"]
+        )
     else:
         ref = lvlm.processor.image_processor(images=images, return_tensors="pt")
     for key in ref:
         if key.startswith("pixel") or key in ("image_sizes", "image_grid_thw", "batch_num_images"):
             torch.testing.assert_close(inputs[key], ref[key], atol=0, rtol=0, msg=key)
     if "image_sizes" in inputs:
-        assert [a["pixel_values"].shape[1] for a in alone] != [inputs["pixel_values"].shape[1]] * 2, "crop counts should differ"
+        assert [a["pixel_values"].shape[1] for a in alone] != [inputs["pixel_values"].shape[1]] * 2, (
+            "crop counts should differ"
+        )
     assert (inputs["attention_mask"] == 0).any(), "the batch should exercise token padding"
 
 
@@ -110,7 +119,7 @@ def test_mixed_sizes_batch_equals_alone(family, dropping):
     elif family not in SLOW:  # transformers' generate materialises a 10k x 10k mask per head for OneVision's batch
         with torch.no_grad():
             ref = lvlm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        assert batch.generated_ids == ref[:, inputs["input_ids"].shape[1]:].tolist()
+        assert batch.generated_ids == ref[:, inputs["input_ids"].shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
@@ -122,7 +131,10 @@ def test_real_size_videos_batch_as_alone(family):
     prompts = [f"USER: {token}\n{q} ASSISTANT:" for q in QUESTIONS]
     videos = [video_frames(1, 8, 640, 480), video_frames(2, 5, 320, 240)]
     inputs = lvlm.prepare(prompts, videos=videos)
-    assert inputs["video_grid_thw"].tolist() == [[4, 34, 46], [3, 18, 22]]  # 640x480 -> 644x476, 320x240 -> 308x252 (multiples of 28)
+    assert inputs["video_grid_thw"].tolist() == [
+        [4, 34, 46],
+        [3, 18, 22],
+    ]  # 640x480 -> 644x476, 320x240 -> 308x252 (multiples of 28)
     assert lvlm.adapter.vision_mask(inputs["input_ids"]).sum(1).tolist() == [4 * 17 * 23, 3 * 9 * 11]
     batch = lvlm.generate_from_inputs(inputs, method, max_new_tokens=3, stop_at_eos=False)
     for i in range(2):
@@ -131,7 +143,9 @@ def test_real_size_videos_batch_as_alone(family):
         assert alone.traces[0].stages == batch.traces[i].stages
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW | {"llava_next"} else f for f in FAMILIES])
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW | {"llava_next"} else f for f in FAMILIES]
+)
 def test_multi_image_and_single_image_samples_batch_as_alone(family):
     """A two-image prompt (OneVision: not tiled, ``batch_num_images`` 2) beside a one-image prompt, under V2Drop."""
     lvlm = real(family)

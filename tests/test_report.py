@@ -11,7 +11,10 @@ from experiments import evaluate, report
 from v2drop.evaluation.collect import collect_results, method_benchmark_table
 
 COMMON = ["--model", "proxy", "--max-new-tokens", "2", "--warmup", "0", "--no-progress"]
-DATA = {"digits": ["--limit", "4"], "pope": ["--data-dir", str(Path(__file__).parent / "fixtures" / "realbench" / "pope")]}
+DATA = {
+    "digits": ["--limit", "4"],
+    "pope": ["--data-dir", str(Path(__file__).parent / "fixtures" / "realbench" / "pope")],
+}
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +25,20 @@ def runs(tmp_path_factory):
         args = [*COMMON, *DATA[bench], "--benchmark", bench]
         evaluate.main([*args, "--method", "none", "--run-dir", str(root / f"{bench}-none")])
         evaluate.main([*args, "--method", "v2drop-llava15-128", "--run-dir", str(root / f"{bench}-v2drop")])
-    evaluate.main([*COMMON, *DATA["digits"], "--benchmark", "digits", "--method", "fastv", "--schedule", "fastv-llava15-128",
-                   "--run-dir", str(root / "digits-fastv")])
+    evaluate.main(
+        [
+            *COMMON,
+            *DATA["digits"],
+            "--benchmark",
+            "digits",
+            "--method",
+            "fastv",
+            "--schedule",
+            "fastv-llava15-128",
+            "--run-dir",
+            str(root / "digits-fastv"),
+        ]
+    )
     return root
 
 
@@ -38,7 +53,8 @@ def test_table_is_the_runs_relative_to_none(runs, tmp_path):
         assert rows["v2drop-llava15-128"][bench] == mine and rows["none"][bench] == base
         assert rows["v2drop-llava15-128"][f"{bench} vs none"] == pytest.approx(mine / base)
     assert rows["v2drop-llava15-128"]["avg_vs_none"] == pytest.approx(
-        sum(rows["v2drop-llava15-128"][f"{b} vs none"] for b in ("digits", "pope")) / 2)
+        sum(rows["v2drop-llava15-128"][f"{b} vs none"] for b in ("digits", "pope")) / 2
+    )
     assert "pope" not in rows["fastv-llava15-128"] and rows["none"]["avg_vs_none"] == 1.0
     assert rows["v2drop-llava15-128"]["flops_ratio"] < 1.0 == rows["none"]["flops_ratio"]
     markdown = (tmp_path / "out" / "report-proxy.md").read_text()
@@ -48,8 +64,19 @@ def test_table_is_the_runs_relative_to_none(runs, tmp_path):
 
 def test_runs_on_other_samples_are_not_compared(runs, tmp_path):
     """A run on 3 samples has no no-dropping run on the same 3: no ratio, and the report says so."""
-    evaluate.main([*COMMON, "--limit", "3", "--benchmark", "digits", "--method", "v2drop-llava15-64",
-                   "--run-dir", str(tmp_path / "runs" / "short")])
+    evaluate.main(
+        [
+            *COMMON,
+            "--limit",
+            "3",
+            "--benchmark",
+            "digits",
+            "--method",
+            "v2drop-llava15-64",
+            "--run-dir",
+            str(tmp_path / "runs" / "short"),
+        ]
+    )
     for path in runs.rglob("result.json"):
         target = tmp_path / "runs" / path.parent.name / "result.json"
         target.parent.mkdir(parents=True)
@@ -62,7 +89,11 @@ def test_paper_metrics_are_aggregate_keys():
     from v2drop.benchmarks import BENCHMARKS
 
     assert {n: BENCHMARKS.get(n).paper_metric for n in ("pope", "mme", "mvbench", "gqa")} == {
-        "pope": "f1_mean_of_splits", "mme": "total", "mvbench": "mean_of_tasks", "gqa": "accuracy"}
+        "pope": "f1_mean_of_splits",
+        "mme": "total",
+        "mvbench": "mean_of_tasks",
+        "gqa": "accuracy",
+    }
 
 
 def test_bad_input(tmp_path, capsys):

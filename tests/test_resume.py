@@ -19,10 +19,34 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 16
-ARGS = ["--model", "proxy", "--benchmark", "digits", "--method", "v2drop", "--schedule", "v2drop-llava15-128",
-        "--limit", str(LIMIT), "--warmup", "0", "--max-new-tokens", "2", "--threads", "1", "--no-progress"]
+ARGS = [
+    "--model",
+    "proxy",
+    "--benchmark",
+    "digits",
+    "--method",
+    "v2drop",
+    "--schedule",
+    "v2drop-llava15-128",
+    "--limit",
+    str(LIMIT),
+    "--warmup",
+    "0",
+    "--max-new-tokens",
+    "2",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 # Timings and memory differ from run to run; everything else in a record is a function of the sample.
-VOLATILE = {"prefill_seconds", "generate_seconds", "scoring_seconds", "peak_memory_bytes", "data_wait_seconds", "step_seconds"}
+VOLATILE = {
+    "prefill_seconds",
+    "generate_seconds",
+    "scoring_seconds",
+    "peak_memory_bytes",
+    "data_wait_seconds",
+    "step_seconds",
+}
 METRICS = ("accuracy", "n", "average_vision_tokens", "vision_tokens", "flops", "flops_ratio")
 
 
@@ -37,8 +61,14 @@ def _lines(path: Path) -> int:
 
 def _start_and_kill(run: Path, sig: int, at_least: int, extra=()) -> subprocess.CompletedProcess:
     """Start the evaluation, wait until ``at_least`` records are on disk, send ``sig``."""
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.evaluate", *ARGS, "--run-dir", str(run), *extra],
-                            cwd=run.parent, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.evaluate", *ARGS, "--run-dir", str(run), *extra],
+        cwd=run.parent,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     records = run / "records.jsonl"
     deadline = time.time() + 300
     while _lines(records) < at_least and proc.poll() is None and time.time() < deadline:
@@ -59,8 +89,19 @@ def test_killed_evaluation_resumes_to_the_uninterrupted_result(tmp_path):
     from v2drop.method import resolve_method
 
     method = resolve_method("v2drop", "v2drop-llava15-128")
-    cfg = config_from_dict(EvalConfig, {"model": "proxy", "benchmark": "digits", "method": method.to_dict(), "limit": LIMIT,
-                                        "warmup": 0, "max_new_tokens": 2, "threads": 1, "progress": False})
+    cfg = config_from_dict(
+        EvalConfig,
+        {
+            "model": "proxy",
+            "benchmark": "digits",
+            "method": method.to_dict(),
+            "limit": LIMIT,
+            "warmup": 0,
+            "max_new_tokens": 2,
+            "threads": 1,
+            "progress": False,
+        },
+    )
     reference = run_evaluation(cfg, tmp_path / "reference")
     ref_records = {r["id"]: _stable(r) for r in read_records(tmp_path / "reference" / "records.jsonl")}
 
@@ -77,8 +118,14 @@ def test_killed_evaluation_resumes_to_the_uninterrupted_result(tmp_path):
     second = _start_and_kill(run, signal.SIGKILL, at_least=kept + 2, extra=["--resume"])
     assert second.returncode in (-signal.SIGKILL, 0), second.stderr
 
-    third = subprocess.run([sys.executable, "-m", "experiments.evaluate", *ARGS, "--run-dir", str(run), "--resume"],
-                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    third = subprocess.run(
+        [sys.executable, "-m", "experiments.evaluate", *ARGS, "--run-dir", str(run), "--resume"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert third.returncode == 0, third.stderr
     records = read_records(run / "records.jsonl")
     assert sorted(r["id"] for r in records) == sorted(ref_records)  # every sample exactly once

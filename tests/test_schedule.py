@@ -6,7 +6,9 @@ from v2drop import Method, Schedule, solve_keep
 from v2drop.method import list_presets
 
 
-@pytest.mark.parametrize("preset, average", [("v2drop-llava15-192", 193.75), ("v2drop-llava15-128", 131.0), ("v2drop-llava15-64", 66.71875)])
+@pytest.mark.parametrize(
+    "preset, average", [("v2drop-llava15-192", 193.75), ("v2drop-llava15-128", 131.0), ("v2drop-llava15-64", 66.71875)]
+)
 def test_paper_presets_average(preset, average):
     method = Method.from_preset(preset)
     assert method.scorer_name == "v2drop" and method.scorer.metric == "l2"
@@ -80,7 +82,10 @@ def test_config_round_trip():
         (lambda: Schedule.progressive([2], [0.5], keep_mode="nope"), "keep_mode must be one of"),
         (lambda: Schedule.progressive([2, 3], [0.5]), "2 layers but 1 keep"),
         (lambda: Schedule.from_dict({"stages": [[1, 0.5]], "ratio": 2}), r"Unknown schedule keys \['ratio'\]"),
-        (lambda: Method.from_preset("v2drop-llava15-100"), r"Unknown preset 'v2drop-llava15-100'. Available presets: .*v2drop-llava15-128"),
+        (
+            lambda: Method.from_preset("v2drop-llava15-100"),
+            r"Unknown preset 'v2drop-llava15-100'. Available presets: .*v2drop-llava15-128",
+        ),
         (lambda: Method.from_dict({"scorer": "v2drop", "shedule": {}}), r"Unknown method keys \['shedule'\]"),
         (lambda: Method("v2drop", position_policy="shift"), "position_policy must be one of"),
     ],
@@ -92,8 +97,7 @@ def test_bad_schedules_are_clear_errors(build, message):
 
 def test_stage_beyond_depth_is_an_error(tiny):
     lvlm = tiny("llava")
-    from v2drop.testing import prompt_for
-    from v2drop.testing import image
+    from v2drop.testing import image, prompt_for
 
     method = Method("v2drop", schedule=Schedule.one_shot(6, 0.5))
     with pytest.raises(ValueError, match=r"Stage layer 6 does not exist: the model has 6 decoder layers \(0..5\)"):
@@ -101,7 +105,9 @@ def test_stage_beyond_depth_is_an_error(tiny):
 
 
 def test_presets_listed():
-    assert {"v2drop-llava15-192", "v2drop-llava15-128", "v2drop-llava15-64", "v2drop-qwen2vl-778"} <= set(list_presets())
+    assert {"v2drop-llava15-192", "v2drop-llava15-128", "v2drop-llava15-64", "v2drop-qwen2vl-778"} <= set(
+        list_presets()
+    )
 
 
 def test_scale_to_average_keeps_layers_and_ratios():

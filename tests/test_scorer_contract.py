@@ -15,7 +15,10 @@ from v2drop.testing import batch_for
 # Parameters for scorers that cannot be built from defaults alone (name -> kwargs).
 SCORER_KWARGS: dict[str, dict] = {  # scorers whose defaults would test too little
     "given": {"keep": (0, 3, 5, 7)},
-    "dart": {"pivot_image": 1, "pivot_text": 1},  # 4 + 4 pivots would leave nothing to claim on the tiny Qwen images (4-9 tokens)
+    "dart": {
+        "pivot_image": 1,
+        "pivot_text": 1,
+    },  # 4 + 4 pivots would leave nothing to claim on the tiny Qwen images (4-9 tokens)
     "composite": {"parts": [{"name": "v2drop", "weight": 0.6}, {"name": "fastv", "weight": 0.4}], "combine": "zscore"},
     "staged": {"pre_llm": {"name": "visionzip"}, "llm": {"name": "divprune"}},
 }
@@ -91,7 +94,9 @@ def test_keeping_everything_is_the_model_without_dropping(tiny, name):
     prompts, images = batch_for(lvlm, 2, "llava")
     inputs = lvlm.prepare(prompts, images)
     base = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=4, stop_at_eos=False)
-    out = lvlm.generate_from_inputs(inputs, method(name, Schedule.progressive([2, 4], [1.0, 1.0])), max_new_tokens=4, stop_at_eos=False)
+    out = lvlm.generate_from_inputs(
+        inputs, method(name, Schedule.progressive([2, 4], [1.0, 1.0])), max_new_tokens=4, stop_at_eos=False
+    )
     with torch.no_grad():
         ref_tokens = lvlm.model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
         ref_logits = lvlm.model(**inputs).logits[:, -1].float()

@@ -96,7 +96,9 @@ def test_random_is_seeded_per_sample():
 
 def test_unknown_scorer_lists_registered_names():
     assert {"fastv", "pdrop", "position", "random", "sparsevlm", "uniform", "v2drop"} <= set(v2drop.list_scorers())
-    with pytest.raises(ValueError, match=re.escape("Unknown scorer 'nope'. Registered scorers: " + ", ".join(v2drop.list_scorers()))):
+    with pytest.raises(
+        ValueError, match=re.escape("Unknown scorer 'nope'. Registered scorers: " + ", ".join(v2drop.list_scorers()))
+    ):
         build_scorer("nope")
     with pytest.raises(ValueError, match=r"no parameter\(s\) \['metirc'\].*metric"):
         build_scorer("v2drop", metirc="l1")
@@ -121,7 +123,12 @@ def test_registering_a_scorer_is_one_small_class(tiny):
     lvlm = tiny("llava")
     from v2drop.testing import image, prompt_for
 
-    out = lvlm.generate([prompt_for(lvlm, "how many ?")], [image(0)], method=Method("test-first-tokens", schedule=Schedule.one_shot(2, 0.25)), max_new_tokens=1)
+    out = lvlm.generate(
+        [prompt_for(lvlm, "how many ?")],
+        [image(0)],
+        method=Method("test-first-tokens", schedule=Schedule.one_shot(2, 0.25)),
+        max_new_tokens=1,
+    )
     kept = out.traces[0].stages[0]["kept"]
     first_vision = out.prompt_ids[0].index(lvlm.adapter.image_token_id)
     assert kept == list(range(first_vision, first_vision + 16))
@@ -165,12 +172,15 @@ def test_uniform_table_lookup_equals_the_bitwise_definition():
     assert torch.equal(scores, expected)
 
 
-@pytest.mark.parametrize("old, new, name", [
-    ("v2drop.scorers.variation", "v2drop.scorers.v2drop", "V2DropScorer"),
-    ("v2drop.scorers.attention_based", "v2drop.scorers.fastv", "FastVScorer"),
-    ("v2drop.scorers.attention_based", "v2drop.scorers.sparsevlm", "SparseVLMScorer"),
-    ("v2drop.measure", "v2drop.cost", "PeakMemory"),
-])
+@pytest.mark.parametrize(
+    "old, new, name",
+    [
+        ("v2drop.scorers.variation", "v2drop.scorers.v2drop", "V2DropScorer"),
+        ("v2drop.scorers.attention_based", "v2drop.scorers.fastv", "FastVScorer"),
+        ("v2drop.scorers.attention_based", "v2drop.scorers.sparsevlm", "SparseVLMScorer"),
+        ("v2drop.measure", "v2drop.cost", "PeakMemory"),
+    ],
+)
 def test_deprecated_modules_warn_and_give_the_same_objects(old, new, name):
     import importlib
     import sys

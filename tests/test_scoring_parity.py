@@ -59,12 +59,63 @@ YAML_TEXT = {  # what the modules read from their YAML at import, with v0.6.1's 
 
 # Predictions that tell readings apart: casing, punctuation, "Yes," prefixes, letters in parentheses,
 # option text, empty answers, number words, long answers.
-ADVERSARIAL = ["Yes", "yes.", "YES", "Yes, there is.", " no ", "No.", "NO", "No, it is not.", "not sure", "y", "n", "",
-               "A", "(B)", "B.", "b", "c", "C. cat", "D) dog", "The answer is D.", "The best answer is (A).", "Answer: C",
-               "I think A is right", "Option B", "cat", "dog", "bird", "left", "two", "2", "none", "Two.", "red one",
-               "The red one.", "t-shirt", "T Shirt", "don't", "dont", "3", "three apples", "E", "A. left",
-               "The correct answer is B", "It is not C but D", "Sat on the bed.", "(C) Took the cup.", "only at the start",
-               "a", "A.", "a. left", "no!", "Left!", "(yes)", "Man?", "  C  "]
+ADVERSARIAL = [
+    "Yes",
+    "yes.",
+    "YES",
+    "Yes, there is.",
+    " no ",
+    "No.",
+    "NO",
+    "No, it is not.",
+    "not sure",
+    "y",
+    "n",
+    "",
+    "A",
+    "(B)",
+    "B.",
+    "b",
+    "c",
+    "C. cat",
+    "D) dog",
+    "The answer is D.",
+    "The best answer is (A).",
+    "Answer: C",
+    "I think A is right",
+    "Option B",
+    "cat",
+    "dog",
+    "bird",
+    "left",
+    "two",
+    "2",
+    "none",
+    "Two.",
+    "red one",
+    "The red one.",
+    "t-shirt",
+    "T Shirt",
+    "don't",
+    "dont",
+    "3",
+    "three apples",
+    "E",
+    "A. left",
+    "The correct answer is B",
+    "It is not C but D",
+    "Sat on the bed.",
+    "(C) Took the cup.",
+    "only at the start",
+    "a",
+    "A.",
+    "a. left",
+    "no!",
+    "Left!",
+    "(yes)",
+    "Man?",
+    "  C  ",
+]
 
 
 # -- importing lmms-eval's task modules -------------------------------------------------------------------------
@@ -98,8 +149,12 @@ def lmms_module(relative: str):
     _stub("cv2", added)
     _stub("datasets", added, Dataset=object, load_dataset=None)
     _stub("sacrebleu", added)
-    _stub("lmms_eval.api.registry", added, register_metric=lambda **kw: (lambda f: f),
-          register_aggregation=lambda name: (lambda f: f))
+    _stub(
+        "lmms_eval.api.registry",
+        added,
+        register_metric=lambda **kw: lambda f: f,
+        register_aggregation=lambda name: lambda f: f,
+    )
     real_open = builtins.open
 
     def serve_yaml(file, *args, **kwargs):
@@ -157,11 +212,34 @@ def test_evalai_normaliser_key_by_key():
 
     ref = lmms_module("_task_utils/vqa_eval_metric").EvalAIAnswerProcessor
     assert vqa.CONTRACTIONS == ref.CONTRACTIONS  # every key and value
-    assert vqa.NUMBER_MAP == ref.NUMBER_MAP and list(vqa.ARTICLES) == ref.ARTICLES and list(vqa.PUNCTUATIONS) == ref.PUNCTUATIONS
+    assert (
+        vqa.NUMBER_MAP == ref.NUMBER_MAP
+        and list(vqa.ARTICLES) == ref.ARTICLES
+        and list(vqa.PUNCTUATIONS) == ref.PUNCTUATIONS
+    )
     process = ref()
     words = list(ref.CONTRACTIONS) + list(ref.CONTRACTIONS.values()) + list(ref.NUMBER_MAP) + ADVERSARIAL
-    texts = words + [f"The {w}!" for w in words] + ["1,000", "3.5", ".5", "5.", "a-b", "x - y", "(yes)", "it's", "u.s.a.",
-                                                    "Coca-Cola!", "10,000 people", "well\tdone\n", "lets", "shes", "Im"]
+    texts = (
+        words
+        + [f"The {w}!" for w in words]
+        + [
+            "1,000",
+            "3.5",
+            ".5",
+            "5.",
+            "a-b",
+            "x - y",
+            "(yes)",
+            "it's",
+            "u.s.a.",
+            "Coca-Cola!",
+            "10,000 people",
+            "well\tdone\n",
+            "lets",
+            "shes",
+            "Im",
+        ]
+    )
     assert {t: vqa.normalize_vqa(t) for t in texts} == {t: process(t) for t in texts}
 
 
@@ -190,9 +268,18 @@ def mme_rows() -> list[dict]:
     from v2drop.benchmarks.mme import COGNITION, PERCEPTION
 
     image = tiny_png()
-    return [{"question_id": f"{cat}/{k}.png", "question": f"Is this {cat} {k}-{q}? Please answer yes or no.",
-             "answer": "Yes" if (k + q) % 2 else "No", "category": cat, "image": image}
-            for cat in PERCEPTION + COGNITION for k in range(2) for q in range(2)]
+    return [
+        {
+            "question_id": f"{cat}/{k}.png",
+            "question": f"Is this {cat} {k}-{q}? Please answer yes or no.",
+            "answer": "Yes" if (k + q) % 2 else "No",
+            "category": cat,
+            "image": image,
+        }
+        for cat in PERCEPTION + COGNITION
+        for k in range(2)
+        for q in range(2)
+    ]
 
 
 def test_mme_parity_every_category(tmp_path):
@@ -221,7 +308,9 @@ def test_gqa_parity():
     for doc, s in zip(docs, samples):
         assert s.question == utils.gqa_doc_to_text(doc, PROMPT_KWARGS["gqa"])
     for preds in prediction_sets(len(docs)) + [[d["answer"].upper() + "." for d in docs]]:
-        expected = ref.exact_match_hf_evaluate(preds, [d["answer"] for d in docs], ignore_case=True, ignore_punctuation=True)
+        expected = ref.exact_match_hf_evaluate(
+            preds, [d["answer"] for d in docs], ignore_case=True, ignore_punctuation=True
+        )
         assert ours(bench, samples, preds)["accuracy"] == pytest.approx(expected["exact_match"])
 
 
@@ -264,10 +353,18 @@ def test_mmbench_circular_parity():
     for doc, s in zip(docs, samples):
         doc = {**doc, "hint": float("nan") if doc.get("hint") is None else doc["hint"]}
         assert s.question == utils.mmbench_doc_to_text(doc, PROMPT_KWARGS["mmbench"])
-    letters = [["A"] * 9, ["B"] * 9, [s.answer for s in samples], [f"({s.answer})" for s in samples],
-               [s.choices["ABCDE".index(s.answer)] for s in samples]]
+    letters = [
+        ["A"] * 9,
+        ["B"] * 9,
+        [s.answer for s in samples],
+        [f"({s.answer})" for s in samples],
+        [s.choices["ABCDE".index(s.answer)] for s in samples],
+    ]
     for preds in prediction_sets(len(docs)) + letters:
-        results = [utils.mmbench_process_results({**d, "hint": d.get("hint")}, [p])["gpt_eval_score"] for d, p in zip(docs, preds)]
+        results = [
+            utils.mmbench_process_results({**d, "hint": d.get("hint")}, [p])["gpt_eval_score"]
+            for d, p in zip(docs, preds)
+        ]
         overall, per_category, _ = evaluator.eval_result(copy.deepcopy(results), eval_method="openai")
         out = ours(bench, samples, preds)
         assert out["accuracy"] == pytest.approx(overall)
@@ -295,7 +392,7 @@ def test_mvbench_parity():
 def test_mvbench_ignores_clip_bounds(tmp_path):
     """lmms-eval's ``mvbench_doc_to_visual`` passes the whole file: ``*_segment`` videos are already cut."""
     ref = lmms_module("mvbench/utils")
-    assert "start" not in _source(ref.mvbench_doc_to_visual) and "end\"" not in _source(ref.mvbench_doc_to_visual)
+    assert "start" not in _source(ref.mvbench_doc_to_visual) and 'end"' not in _source(ref.mvbench_doc_to_visual)
     row = rows_of("mvbench", "test")[0]
     with_bounds = {**row, "start": 100.0, "end": 200.0}
     (tmp_path / "test.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(with_bounds) + "\n")

@@ -30,16 +30,63 @@ from v2drop.benchmarks import get_benchmark
 
 SPEC = importlib.util.find_spec("llava")
 if SPEC is None or not SPEC.submodule_search_locations:
-    pytest.skip("llava-torch is not installed (pip install --no-deps llava-torch==1.2.2.post1)", allow_module_level=True)
+    pytest.skip(
+        "llava-torch is not installed (pip install --no-deps llava-torch==1.2.2.post1)", allow_module_level=True
+    )
 EVAL = Path(SPEC.submodule_search_locations[0]) / "eval"
 FIXTURES = Path(__file__).parent / "fixtures" / "realbench"
 
 # Predictions that tell LLaVA's readings apart from looser ones: case, sentences, commas, letters
 # with and without ". ", "The answer is X.", several matches, letters beyond the choices.
-ADVERSARIAL = ["Yes", "yes.", "YES", "Yes, there is.", " no ", "No.", "NO", "No, it is not.", "not sure", "There is no dog",
-               "no!", "Nope", "It is not. Yes.", "", "A", "B", "E", "(B)", "B.", "B. ", "C. cat", "b", "The answer is C.",
-               "The answer is D. The answer is A.", "the answer is B.", "Answer: C", "cat", "two", "2", "Two.", "three apples",
-               "pepsi", "Pepsi!", "coca cola", "The Coca-Cola", "red", "RED.", "left", "don't know", "2 ", "  C  ", " A", "B ", " D ", "A.", "D. dog", "(A)"]
+ADVERSARIAL = [
+    "Yes",
+    "yes.",
+    "YES",
+    "Yes, there is.",
+    " no ",
+    "No.",
+    "NO",
+    "No, it is not.",
+    "not sure",
+    "There is no dog",
+    "no!",
+    "Nope",
+    "It is not. Yes.",
+    "",
+    "A",
+    "B",
+    "E",
+    "(B)",
+    "B.",
+    "B. ",
+    "C. cat",
+    "b",
+    "The answer is C.",
+    "The answer is D. The answer is A.",
+    "the answer is B.",
+    "Answer: C",
+    "cat",
+    "two",
+    "2",
+    "Two.",
+    "three apples",
+    "pepsi",
+    "Pepsi!",
+    "coca cola",
+    "The Coca-Cola",
+    "red",
+    "RED.",
+    "left",
+    "don't know",
+    "2 ",
+    "  C  ",
+    " A",
+    "B ",
+    " D ",
+    "A.",
+    "D. dog",
+    "(A)",
+]
 
 
 def llava_module(name: str) -> types.ModuleType:
@@ -128,11 +175,28 @@ def test_scienceqa_llava_parity(tmp_path, monkeypatch):
     for k, preds in enumerate(prediction_sets(len(samples))):
         answers = tmp_path / f"answers{k}.jsonl"
         # "<image>" in the prompt marks a multimodal question, which every ScienceQA-IMG question is.
-        answers.write_text("".join(json.dumps({"question_id": s.id, "prompt": "<image>\n" + s.question, "text": p}) + "\n"
-                                   for s, p in zip(samples, preds)))
+        answers.write_text(
+            "".join(
+                json.dumps({"question_id": s.id, "prompt": "<image>\n" + s.question, "text": p}) + "\n"
+                for s, p in zip(samples, preds)
+            )
+        )
         result = tmp_path / f"result{k}.json"
-        monkeypatch.setattr(sys, "argv", [str(script), "--base-dir", str(tmp_path), "--result-file", str(answers),
-                                          "--output-file", str(tmp_path / f"out{k}.json"), "--output-result", str(result)])
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            [
+                str(script),
+                "--base-dir",
+                str(tmp_path),
+                "--result-file",
+                str(answers),
+                "--output-file",
+                str(tmp_path / f"out{k}.json"),
+                "--output-result",
+                str(result),
+            ],
+        )
         printed(runpy.run_path, str(script), None, "__main__")
         reference = json.loads(result.read_text())
         correct = {pid: idx == problems[pid]["answer"] for pid, idx in reference["results"].items()}
@@ -149,14 +213,28 @@ def test_textvqa_llava_parity(tmp_path):
     # LLaVA keys annotations by (image_id, question) and its answer files' question_id by the image id;
     # the question id stands in for it here, which keeps two questions on one image apart.
     annotations = tmp_path / "TextVQA_0.5.1_val.json"
-    annotations.write_text(json.dumps({"data": [{"image_id": str(d["question_id"]), "question": d["question"], "answers": d["answers"]}
-                                                for d in docs]}))
+    annotations.write_text(
+        json.dumps(
+            {
+                "data": [
+                    {"image_id": str(d["question_id"]), "question": d["question"], "answers": d["answers"]}
+                    for d in docs
+                ]
+            }
+        )
+    )
     for k, preds in enumerate(prediction_sets(len(samples)) + [[d["answers"][0].upper() + "!" for d in docs]]):
         answers = tmp_path / f"answers{k}.jsonl"
-        answers.write_text("".join(json.dumps({"question_id": s.id, "prompt": s.question, "text": p}) + "\n"
-                                   for s, p in zip(samples, preds)))
+        answers.write_text(
+            "".join(
+                json.dumps({"question_id": s.id, "prompt": s.question, "text": p}) + "\n"
+                for s, p in zip(samples, preds)
+            )
+        )
         text = printed(ref.eval_single, str(annotations), str(answers))
         printed_accuracy = float(text.split("Accuracy: ")[1].split("%")[0])  # two decimals
-        exact = ref.TextVQAAccuracyEvaluator().eval_pred_list([{"pred_answer": p, "gt_answers": d["answers"]} for d, p in zip(docs, preds)])
+        exact = ref.TextVQAAccuracyEvaluator().eval_pred_list(
+            [{"pred_answer": p, "gt_answers": d["answers"]} for d, p in zip(docs, preds)]
+        )
         mine = ours(bench, samples, preds)["accuracy"]
         assert mine == pytest.approx(exact) and 100 * mine == pytest.approx(printed_accuracy, abs=5e-3)

@@ -72,7 +72,9 @@ def official_recycle(dropped: torch.Tensor, scores: torch.Tensor) -> tuple[torch
     density = (-(dist.topk(clusters, dim=-1, largest=False).values ** 2).mean(dim=-1)).exp()
     index = torch.arange(m)
     # [i, j]: j is denser than i; equal densities: the lower index (the official code: random jitter)
-    higher = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (index[None, :] < index[:, None]))
+    higher = (density[None, :] > density[:, None]) | (
+        (density[None, :] == density[:, None]) & (index[None, :] < index[:, None])
+    )
     delta = torch.where(higher, dist, dist.max()).min(dim=-1).values
     centres = (delta * density).topk(clusters).indices
     member_of = dist[centres].argmin(dim=0)
@@ -97,7 +99,7 @@ def official_kept_sets(lvlm, inputs, stages: dict[int, int]) -> tuple[list[list[
         is_vision = vision.clone()
         positions = torch.arange(L)
         kept_sets, position_sets = [], []
-        layer_input = hidden
+        layer_input = previous_input = hidden  # stages start at layer 1: previous_input is reset below first
         for idx, layer in enumerate(lm.layers):
             if idx in stages:
                 probs = attention_rows(lm.layers[idx - 1], lm.rotary_emb, previous_input, positions)
@@ -121,15 +123,22 @@ def official_kept_sets(lvlm, inputs, stages: dict[int, int]) -> tuple[list[list[
                 position_sets.append(positions.tolist())
             previous_input = layer_input
             cos_sin = lm.rotary_emb(layer_input, positions[None])
-            layer_input = layer(layer_input, attention_mask=None, position_ids=positions[None], position_embeddings=cos_sin)
+            layer_input = layer(
+                layer_input, attention_mask=None, position_ids=positions[None], position_embeddings=cos_sin
+            )
             if isinstance(layer_input, tuple):
                 layer_input = layer_input[0]
     return kept_sets, position_sets
 
 
 def sparsevlm(policy: str) -> Method:
-    return Method.from_dict({"scorer": {"name": "sparsevlm"}, "position_policy": policy,
-                             "schedule": {"keep_mode": "absolute", "stages": [[layer, k] for layer, k in STAGES.items()]}})
+    return Method.from_dict(
+        {
+            "scorer": {"name": "sparsevlm"},
+            "position_policy": policy,
+            "schedule": {"keep_mode": "absolute", "stages": [[layer, k] for layer, k in STAGES.items()]},
+        }
+    )
 
 
 def test_presets_renumber_positions():
@@ -150,5 +159,8 @@ def test_kept_sets_match_the_official_procedure_at_every_stage(tiny, question, s
     assert [len(k) for k in kept] == list(STAGES.values())
     assert ours == kept
     # original positions (the old presets' policy) keep the same first stage, then diverge from the official code
-    preserved = [stage["kept"] for stage in tiny.generate_from_inputs(inputs, sparsevlm("preserve"), max_new_tokens=1).traces[0].stages]
+    preserved = [
+        stage["kept"]
+        for stage in tiny.generate_from_inputs(inputs, sparsevlm("preserve"), max_new_tokens=1).traces[0].stages
+    ]
     assert preserved[0] == kept[0] and preserved[1:] != kept[1:]

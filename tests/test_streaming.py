@@ -62,7 +62,7 @@ def test_loading_decodes_nothing(tmp_path):
     assert len(MEDIA_CACHE) == 0
     assert samples[3].images[0].size == (16, 12) and len(MEDIA_CACHE) == 1
     for s in samples:
-        s.images
+        _ = s.images
     assert len(MEDIA_CACHE) == MEDIA_CACHE.max_entries < 200  # bounded, not one entry per sample
 
 
@@ -90,8 +90,15 @@ def test_workers_give_the_same_records_in_order(tiny, tmp_path, name):
     for workers in (0, 2):
         path = tmp_path / f"w{workers}.jsonl"
         bench = get_benchmark(name, data_dir=data_dir)
-        results.append(evaluate(lvlm, bench, Method.from_preset("v2drop-llava15-128"),
-                                config(benchmark=name, limit=7, batch_size=3, workers=workers), path))
+        results.append(
+            evaluate(
+                lvlm,
+                bench,
+                Method.from_preset("v2drop-llava15-128"),
+                config(benchmark=name, limit=7, batch_size=3, workers=workers),
+                path,
+            )
+        )
         records.append([json.loads(line) for line in path.read_text().splitlines()])
     assert [[r[k] for k in KEYS] for r in records[0]] == [[r[k] for k in KEYS] for r in records[1]]
     assert [r["id"] for r in records[1]] == [s.id for s in get_benchmark(name, data_dir=data_dir).load(None, 7)]

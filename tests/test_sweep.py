@@ -13,17 +13,27 @@ import optuna
 import pytest
 import yaml
 
-from v2drop.testing import EchoBench
 from v2drop.search import SweepConfig, make_storage, pareto_indices, run_sweep, validate, wandb_mode
+from v2drop.testing import EchoBench
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def config(tmp_path, **kw):
     data = {
-        "study": "tiny", "model": "tiny", "benchmark": "echo", "trials": 8, "total_trials": None, "run_dir": str(tmp_path / "run"),
-        "eval": {"limit": 3, "batch_size": 3, "max_new_tokens": 1, "warmup": 0}, "confirm": {"limit": 3},
-        "search": {"scorers": {"v2drop": {"metric": ["l2", "l1"]}, "random": {}}, "kinds": ["one-shot", "progressive"], "stages": [2, 3]},
+        "study": "tiny",
+        "model": "tiny",
+        "benchmark": "echo",
+        "trials": 8,
+        "total_trials": None,
+        "run_dir": str(tmp_path / "run"),
+        "eval": {"limit": 3, "batch_size": 3, "max_new_tokens": 1, "warmup": 0},
+        "confirm": {"limit": 3},
+        "search": {
+            "scorers": {"v2drop": {"metric": ["l2", "l1"]}, "random": {}},
+            "kinds": ["one-shot", "progressive"],
+            "stages": [2, 3],
+        },
         "wandb": {"mode": "disabled"},
     }
     data.update(kw)
@@ -51,8 +61,12 @@ def test_tiny_sweep_writes_artifacts_and_a_true_front(tiny, tmp_path):
     assert {f["trial"] for f in front} == expected
     for f in front:  # nobody dominates a front member
         a, t = float(f["accuracy"]), float(f["average_tokens"])
-        assert not any(float(o["accuracy"]) >= a and float(o["average_tokens"]) <= t and
-                       (float(o["accuracy"]) > a or float(o["average_tokens"]) < t) for o in trials)
+        assert not any(
+            float(o["accuracy"]) >= a
+            and float(o["average_tokens"]) <= t
+            and (float(o["accuracy"]) > a or float(o["average_tokens"]) < t)
+            for o in trials
+        )
     assert len(result["confirmed"]) == len(front)
     # Re-running resumes the same study: 8 more trials join the first 8.
     again = run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(3), progress=False)
@@ -89,14 +103,17 @@ def test_unreachable_storage_is_a_clear_error(tmp_path):
         make_storage(config(tmp_path, storage="postgresql://nobody@127.0.0.1:1/none"))
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["trails=3"], ["unknown key 'trails'", "trials"]),
-    (["eval.limt=5"], ["unknown key 'eval.limt'", "limit", "batch_size"]),
-    (["confirm.splt=test"], ["unknown key 'confirm.splt'", "split", "limit"]),
-    (["wandb.mod=offline"], ["unknown key 'wandb.mod'", "mode", "per_trial_runs"]),
-    (["search.kind=[one-shot]"], ["unknown key 'search.kind'", "kinds"]),
-    (["eval.limit=many"], ["eval.limit", "many"]),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["trails=3"], ["unknown key 'trails'", "trials"]),
+        (["eval.limt=5"], ["unknown key 'eval.limt'", "limit", "batch_size"]),
+        (["confirm.splt=test"], ["unknown key 'confirm.splt'", "split", "limit"]),
+        (["wandb.mod=offline"], ["unknown key 'wandb.mod'", "mode", "per_trial_runs"]),
+        (["search.kind=[one-shot]"], ["unknown key 'search.kind'", "kinds"]),
+        (["eval.limit=many"], ["eval.limit", "many"]),
+    ],
+)
 def test_config_typos_are_one_line_errors_listing_the_valid_keys(overrides, words):
     with pytest.raises(ValueError) as err:
         SweepConfig.load(ROOT / "configs" / "sweep" / "default.yaml", overrides=overrides)
@@ -130,7 +147,16 @@ def test_old_module_is_a_deprecated_alias():
     sys.modules.pop("v2drop.sweep", None)
     with pytest.warns(DeprecationWarning, match="v2drop.search"):
         sweep = importlib.import_module("v2drop.sweep")
-    for name in ("SweepConfig", "SearchSpace", "run_sweep", "pareto_indices", "validate", "wandb_mode", "make_storage", "format_front"):
+    for name in (
+        "SweepConfig",
+        "SearchSpace",
+        "run_sweep",
+        "pareto_indices",
+        "validate",
+        "wandb_mode",
+        "make_storage",
+        "format_front",
+    ):
         assert getattr(sweep, name) is getattr(search, name)
 
 
@@ -157,6 +183,7 @@ def test_wandb_disabled_writes_nothing(tiny, tmp_path):
 
 # -- workers in separate processes -------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     from v2drop.testing import build
@@ -170,10 +197,19 @@ def saved_model(tmp_path_factory):
 
 def worker_config(tmp_path, model, storage, trials):
     data = {
-        "study": "shared", "model": str(model), "benchmark": "digits", "trials": trials, "total_trials": None,
-        "run_dir": str(tmp_path / "run"), "storage": storage, "heartbeat": 1, "retries": 2,
-        "eval": {"limit": 10, "batch_size": 5, "max_new_tokens": 1, "warmup": 0}, "confirm": {"split": "validation", "limit": 5},
-        "search": {"scorers": {"v2drop": {}}, "kinds": ["progressive"], "stages": [2, 2]}, "enqueue_presets": ["v2drop-llava15-128"],
+        "study": "shared",
+        "model": str(model),
+        "benchmark": "digits",
+        "trials": trials,
+        "total_trials": None,
+        "run_dir": str(tmp_path / "run"),
+        "storage": storage,
+        "heartbeat": 1,
+        "retries": 2,
+        "eval": {"limit": 10, "batch_size": 5, "max_new_tokens": 1, "warmup": 0},
+        "confirm": {"split": "validation", "limit": 5},
+        "search": {"scorers": {"v2drop": {}}, "kinds": ["progressive"], "stages": [2, 2]},
+        "enqueue_presets": ["v2drop-llava15-128"],
         "wandb": {"mode": "disabled"},
     }
     path = tmp_path / f"sweep-{os.getpid()}-{time.monotonic_ns()}.yaml"
@@ -183,8 +219,14 @@ def worker_config(tmp_path, model, storage, trials):
 
 def start_worker(cfg_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--config", str(cfg_path), "--no-progress"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.sweep", "--config", str(cfg_path), "--no-progress"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def complete_trials(storage_url, study="shared"):

@@ -14,8 +14,18 @@ from v2drop import Method, list_scorers, register_scorer
 from v2drop.method import list_presets
 from v2drop.scorers import Scorer
 from v2drop.scorers.base import scorer_params
-from v2drop.search import (SweepConfig, conditional, expand_presets, fits, make_storage, method_params, resolve_scorers, run_sweep,
-                           suggest_method, validate)
+from v2drop.search import (
+    SweepConfig,
+    conditional,
+    expand_presets,
+    fits,
+    make_storage,
+    method_params,
+    resolve_scorers,
+    run_sweep,
+    suggest_method,
+    validate,
+)
 from v2drop.search.space import relative
 from v2drop.testing import EchoBench
 
@@ -24,20 +34,38 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Every method but the oracle: pre-LLM scorers with their own kinds, a weighted composite, a staged scorer.
 SPACE = {
-    "scorers": {"*": {}, "composite": {"parts": [["v2drop", "dart"], ["v2drop", "fastv"]], "combine": ["rank", "zscore"]},
-                "staged": {"pre_llm": ["visionzip", "divprune"], "llm": ["v2drop", "fastv"]}},
-    "exclude": ["given"], "weights": {"composite": [0.0, 1.0]}, "kinds": ["one-shot", "progressive"],
-    "scorer_kinds": {"fastv": ["one-shot"], "dart": ["one-shot"], "visionzip": ["pre-llm"], "divprune": ["pre-llm"],
-                     "staged": ["pre-llm+progressive"]},
-    "position_policy": {"pdrop": "renumber", "sparsevlm": "renumber", "visionzip": "renumber", "divprune": "renumber"}, "stages": [2, 4],
+    "scorers": {
+        "*": {},
+        "composite": {"parts": [["v2drop", "dart"], ["v2drop", "fastv"]], "combine": ["rank", "zscore"]},
+        "staged": {"pre_llm": ["visionzip", "divprune"], "llm": ["v2drop", "fastv"]},
+    },
+    "exclude": ["given"],
+    "weights": {"composite": [0.0, 1.0]},
+    "kinds": ["one-shot", "progressive"],
+    "scorer_kinds": {
+        "fastv": ["one-shot"],
+        "dart": ["one-shot"],
+        "visionzip": ["pre-llm"],
+        "divprune": ["pre-llm"],
+        "staged": ["pre-llm+progressive"],
+    },
+    "position_policy": {"pdrop": "renumber", "sparsevlm": "renumber", "visionzip": "renumber", "divprune": "renumber"},
+    "stages": [2, 4],
 }
 
 
 def config(tmp_path, search=None, **kw):
     data = {
-        "study": "methods", "model": "tiny", "benchmark": "echo", "trials": 10, "total_trials": None, "run_dir": str(tmp_path / "run"),
-        "objectives": ["accuracy", "flops"], "enqueue_presets": ["*-llava15-128"],
-        "eval": {"limit": 2, "batch_size": 2, "max_new_tokens": 1, "warmup": 0}, "confirm": {"limit": 2},
+        "study": "methods",
+        "model": "tiny",
+        "benchmark": "echo",
+        "trials": 10,
+        "total_trials": None,
+        "run_dir": str(tmp_path / "run"),
+        "objectives": ["accuracy", "flops"],
+        "enqueue_presets": ["*-llava15-128"],
+        "eval": {"limit": 2, "batch_size": 2, "max_new_tokens": 1, "warmup": 0},
+        "confirm": {"limit": 2},
         "search": search or SPACE,
         "wandb": {"mode": "disabled"},
     }
@@ -56,37 +84,77 @@ def test_all_means_every_registered_scorer_but_the_excluded():
     names = resolve_scorers(cfg.search)
     assert list(names) == [n for n in list_scorers() if n != "given"] and "test-newcomer" in names and "dart" in names
     assert all(params == {} for name, params in names.items() if name not in ("composite", "staged"))
-    star = config(Path("."), search={"scorers": {"*": {}, "v2drop": {"metric": ["l1"]}}, "exclude": ["given", "test-*"]})
+    star = config(
+        Path("."), search={"scorers": {"*": {}, "v2drop": {"metric": ["l1"]}}, "exclude": ["given", "test-*"]}
+    )
     names = resolve_scorers(star.search)
     assert names["v2drop"] == {"metric": ["l1"]} and "test-newcomer" not in names and "given" not in names
     assert resolve_scorers(config(Path("."), search={"scorers": {"dart": None}}).search) == {"dart": {}}
 
 
-@pytest.mark.parametrize("search, message", [
-    ({"scorers": "most"}, "search.scorers 'most': give 'all'"),
-    ({"scorers": {"dart": {"pivots": [4]}}}, "scorer 'dart' has no parameter 'pivots'; valid parameters: pivot_image, pivot_text"),
-    ({"scorers": {"dart": {"pivot_image": [4, -1]}}}, r"search.scorers.dart.pivot_image: the choice -1 is invalid"),
-    ({"scorers": {"dart": {}}, "scorer_kinds": {"fastv": ["one-shot"]}}, r"search.scorer_kinds names \['fastv'\]"),
-    ({"scorers": {"dart": {}}, "scorer_kinds": {"dart": ["once"]}}, "search.scorer_kinds.dart must list"),
-    ({"scorers": {"pdrop": {}}, "position_policy": {"pdrop": "shift"}}, "search.position_policy.pdrop must be one of"),
-    ({"scorers": {"v2drop": {}}, "layers": [0, None]}, "search.layers starts at 0, but V2DropScorer needs the layer before"),
-    ({"scorers": {"*": {"metric": ["l1"]}}}, "takes no parameters"),
-    ({"scorers": "all", "exclude": ["*"]}, "search.scorers is empty"),
-    ({"scorers": {"visionzip": {}}, "kinds": ["pre_llm"]}, r"search.kinds must list kinds from \['one-shot', 'progressive', 'pre-llm'"),
-    ({"scorers": {"v2drop": {}}, "kinds": ["pre-llm+progressive"]},
-     "search.kinds: kind 'pre-llm\\+progressive' starts with a stage before the LLM, but V2DropScorer needs the layer before"),
-    ({"scorers": {"staged": {"llm": ["v2drop"]}}, "scorer_kinds": {"staged": ["pre-llm+one-shot"]}},
-     r"search.scorer_kinds.staged: .* has no pre_llm part.* \(staged, staged.llm=v2drop\)"),
-    ({"scorers": {"staged": {"pre_llm": ["divprune", "fastv"]}}, "scorer_kinds": {"staged": ["pre-llm"]}},
-     r"FastVScorer .* \(staged, staged.pre_llm=fastv\)"),
-    ({"scorers": {"v2drop": {}}, "weights": {"v2drop": [0, 1]}}, "search.weights.v2drop: scorer 'v2drop' has no 'parts' to weigh"),
-    ({"scorers": {"v2drop": {}}, "weights": {"composite": [0, 1]}}, r"search.weights names \['composite'\], which are not among"),
-    ({"scorers": {"composite": {}}, "weights": {"composite": [0.5, 0.2]}}, r"search.weights.composite must be a \[low, high\] range"),
-    ({"scorers": {"composite": {"parts": [["v2drop", {"name": "v2drop", "metric": "l1"}]]}}, "weights": {"composite": [0, 1]}},
-     r"the parts \['v2drop', 'v2drop'\] repeat a scorer"),
-    ({"scorers": {"composite": {"parts": [["v2drop", "fastv"], [{"name": "v2drop"}, "fastv"]]}}}, "share a label"),
-    ({"scorers": {"composite": {"parts": [["fastv", "pdrop"]]}}}, "search.scorers.composite.parts: the choice .* is invalid: .*different layers"),
-])
+@pytest.mark.parametrize(
+    "search, message",
+    [
+        ({"scorers": "most"}, "search.scorers 'most': give 'all'"),
+        (
+            {"scorers": {"dart": {"pivots": [4]}}},
+            "scorer 'dart' has no parameter 'pivots'; valid parameters: pivot_image, pivot_text",
+        ),
+        ({"scorers": {"dart": {"pivot_image": [4, -1]}}}, r"search.scorers.dart.pivot_image: the choice -1 is invalid"),
+        ({"scorers": {"dart": {}}, "scorer_kinds": {"fastv": ["one-shot"]}}, r"search.scorer_kinds names \['fastv'\]"),
+        ({"scorers": {"dart": {}}, "scorer_kinds": {"dart": ["once"]}}, "search.scorer_kinds.dart must list"),
+        (
+            {"scorers": {"pdrop": {}}, "position_policy": {"pdrop": "shift"}},
+            "search.position_policy.pdrop must be one of",
+        ),
+        (
+            {"scorers": {"v2drop": {}}, "layers": [0, None]},
+            "search.layers starts at 0, but V2DropScorer needs the layer before",
+        ),
+        ({"scorers": {"*": {"metric": ["l1"]}}}, "takes no parameters"),
+        ({"scorers": "all", "exclude": ["*"]}, "search.scorers is empty"),
+        (
+            {"scorers": {"visionzip": {}}, "kinds": ["pre_llm"]},
+            r"search.kinds must list kinds from \['one-shot', 'progressive', 'pre-llm'",
+        ),
+        (
+            {"scorers": {"v2drop": {}}, "kinds": ["pre-llm+progressive"]},
+            "search.kinds: kind 'pre-llm\\+progressive' starts with a stage before the LLM, but V2DropScorer needs the layer before",
+        ),
+        (
+            {"scorers": {"staged": {"llm": ["v2drop"]}}, "scorer_kinds": {"staged": ["pre-llm+one-shot"]}},
+            r"search.scorer_kinds.staged: .* has no pre_llm part.* \(staged, staged.llm=v2drop\)",
+        ),
+        (
+            {"scorers": {"staged": {"pre_llm": ["divprune", "fastv"]}}, "scorer_kinds": {"staged": ["pre-llm"]}},
+            r"FastVScorer .* \(staged, staged.pre_llm=fastv\)",
+        ),
+        (
+            {"scorers": {"v2drop": {}}, "weights": {"v2drop": [0, 1]}},
+            "search.weights.v2drop: scorer 'v2drop' has no 'parts' to weigh",
+        ),
+        (
+            {"scorers": {"v2drop": {}}, "weights": {"composite": [0, 1]}},
+            r"search.weights names \['composite'\], which are not among",
+        ),
+        (
+            {"scorers": {"composite": {}}, "weights": {"composite": [0.5, 0.2]}},
+            r"search.weights.composite must be a \[low, high\] range",
+        ),
+        (
+            {
+                "scorers": {"composite": {"parts": [["v2drop", {"name": "v2drop", "metric": "l1"}]]}},
+                "weights": {"composite": [0, 1]},
+            },
+            r"the parts \['v2drop', 'v2drop'\] repeat a scorer",
+        ),
+        ({"scorers": {"composite": {"parts": [["v2drop", "fastv"], [{"name": "v2drop"}, "fastv"]]}}}, "share a label"),
+        (
+            {"scorers": {"composite": {"parts": [["fastv", "pdrop"]]}}},
+            "search.scorers.composite.parts: the choice .* is invalid: .*different layers",
+        ),
+    ],
+)
 def test_bad_cross_method_spaces_stop_before_the_model_loads(tmp_path, search, message):
     with pytest.raises(ValueError, match=message):
         validate(config(tmp_path, search=search))
@@ -103,8 +171,17 @@ def test_a_scorer_with_its_own_kinds_gets_its_own_kind_parameter():
     trial = optuna.trial.FixedTrial({"scorer": "dart", "dart.kind": "one-shot", "layer_0": 2, "keep_0": 0.25})
     method = suggest_method(trial, cfg.search, depth=6)
     assert method.scorer_name == "dart" and method.schedule.layers == (2,) and method.schedule.stages[0].keep == 0.25
-    trial = optuna.trial.FixedTrial({"scorer": "pdrop", "kind": "progressive", "stages": 2, "layer_0": 1, "keep_0": 0.5,
-                                     "layer_1": 3, "keep_1": 0.5})
+    trial = optuna.trial.FixedTrial(
+        {
+            "scorer": "pdrop",
+            "kind": "progressive",
+            "stages": 2,
+            "layer_0": 1,
+            "keep_0": 0.5,
+            "layer_1": 3,
+            "keep_1": 0.5,
+        }
+    )
     method = suggest_method(trial, cfg.search, depth=6)
     assert method.position_policy == "renumber" and method.schedule.layers == (1, 3)
     assert conditional(cfg) and not conditional(config(Path("."), search={"scorers": {"v2drop": {}}}))
@@ -113,19 +190,50 @@ def test_a_scorer_with_its_own_kinds_gets_its_own_kind_parameter():
 def test_pre_llm_composite_and_staged_trials_map_onto_methods():
     """A pre-LLM kind suggests keep_pre_llm; composite weights are normalised; a staged trial picks both of its scorers."""
     search = SweepConfig.from_dict({"search": SPACE}).search
-    method = suggest_method(optuna.trial.FixedTrial({"scorer": "divprune", "divprune.kind": "pre-llm", "keep_pre_llm": 0.25}), search, depth=6)
-    assert method.schedule.layers == (-1,) and method.schedule.stages[0].keep == 0.25 and method.position_policy == "renumber"
-    trial = optuna.trial.FixedTrial({"scorer": "composite", "composite.parts": "v2drop+dart", "composite.combine": "zscore",
-                                     "composite.weights.v2drop": 0.3, "composite.weights.dart": 0.1, "kind": "one-shot",
-                                     "layer_0": 2, "keep_0": 0.5})
+    method = suggest_method(
+        optuna.trial.FixedTrial({"scorer": "divprune", "divprune.kind": "pre-llm", "keep_pre_llm": 0.25}),
+        search,
+        depth=6,
+    )
+    assert (
+        method.schedule.layers == (-1,)
+        and method.schedule.stages[0].keep == 0.25
+        and method.position_policy == "renumber"
+    )
+    trial = optuna.trial.FixedTrial(
+        {
+            "scorer": "composite",
+            "composite.parts": "v2drop+dart",
+            "composite.combine": "zscore",
+            "composite.weights.v2drop": 0.3,
+            "composite.weights.dart": 0.1,
+            "kind": "one-shot",
+            "layer_0": 2,
+            "keep_0": 0.5,
+        }
+    )
     method = suggest_method(trial, search, depth=6)
     assert method.scorer.combine == "zscore" and [p["name"] for p in method.scorer.parts] == ["v2drop", "dart"]
     assert [p["weight"] for p in method.scorer.parts] == pytest.approx([0.75, 0.25])
     zero = dict(trial.params, **{"composite.weights.v2drop": 0.0, "composite.weights.dart": 0.0})
-    assert [p["weight"] for p in suggest_method(optuna.trial.FixedTrial(zero), search, depth=6).scorer.parts] == [0.5, 0.5]
-    trial = optuna.trial.FixedTrial({"scorer": "staged", "staged.pre_llm": "divprune", "staged.llm": "fastv",
-                                     "staged.kind": "pre-llm+progressive", "keep_pre_llm": 0.5, "stages": 2,
-                                     "layer_0": 1, "keep_0": 0.5, "layer_1": 4, "keep_1": 0.25})
+    assert [p["weight"] for p in suggest_method(optuna.trial.FixedTrial(zero), search, depth=6).scorer.parts] == [
+        0.5,
+        0.5,
+    ]
+    trial = optuna.trial.FixedTrial(
+        {
+            "scorer": "staged",
+            "staged.pre_llm": "divprune",
+            "staged.llm": "fastv",
+            "staged.kind": "pre-llm+progressive",
+            "keep_pre_llm": 0.5,
+            "stages": 2,
+            "layer_0": 1,
+            "keep_0": 0.5,
+            "layer_1": 4,
+            "keep_1": 0.25,
+        }
+    )
     method = suggest_method(trial, search, depth=6)
     assert method.schedule.layers == (-1, 1, 4) and method.scorer.pre_llm == {"name": "divprune"}
     assert method.scorer.llm["name"] == "fastv" and method_params(method, search) == trial.params
@@ -148,7 +256,9 @@ def test_every_paper_preset_is_reproduced_by_its_enqueued_parameters(preset):
     expected, got = scorer_params(method.scorer), scorer_params(again.scorer)
     if "parts" in expected:  # weights are searched, then normalised: compare them as numbers
         total = sum(p["weight"] for p in expected["parts"])
-        assert [p.pop("weight") for p in got["parts"]] == pytest.approx([p.pop("weight") / total for p in expected["parts"]])
+        assert [p.pop("weight") for p in got["parts"]] == pytest.approx(
+            [p.pop("weight") / total for p in expected["parts"]]
+        )
     assert got == expected
 
 
@@ -158,8 +268,14 @@ def test_a_preset_outside_the_parameter_choices_does_not_fit():
     only_fastv = config(Path("."), search={**SPACE, "scorers": {"composite": {"parts": [["v2drop", "fastv"]]}}})
     assert fits(Method.from_preset("composite-v2drop-fastv-llava15-128", depth=12), only_fastv.search, 12)
     assert not fits(Method.from_preset("composite-v2drop-dart-llava15-128", depth=12), only_fastv.search, 12)
-    decoder_only = config(Path("."), search={"scorers": {"divprune": {}}, "kinds": ["one-shot", "progressive"],
-                                             "position_policy": {"divprune": "renumber"}})
+    decoder_only = config(
+        Path("."),
+        search={
+            "scorers": {"divprune": {}},
+            "kinds": ["one-shot", "progressive"],
+            "position_policy": {"divprune": "renumber"},
+        },
+    )
     assert not fits(relative(Method.from_preset("divprune-llava15-64", depth=12)), decoder_only.search, 12)
 
 
@@ -182,22 +298,48 @@ def test_cross_method_sweep_puts_every_method_on_one_front(tiny, tmp_path):
             assert t["kind"] == "pre-llm" and t["schedule"] == f"pre_llm:{float(t['keep_pre_llm']):.3f}"
             if t["label"]:  # the 128-token preset: 128 of 576 as a relative fraction
                 assert float(t["keep_pre_llm"]) == pytest.approx(128 / 576)
-    for column in ("scorer", "kind", "layer_0", "keep_0", "stages", "dart.kind", "fastv.kind", "keep_pre_llm", "composite.parts",
-                   "composite.weights.v2drop", "composite.weights.dart", "composite.weights.fastv", "staged.pre_llm", "staged.llm"):
+    for column in (
+        "scorer",
+        "kind",
+        "layer_0",
+        "keep_0",
+        "stages",
+        "dart.kind",
+        "fastv.kind",
+        "keep_pre_llm",
+        "composite.parts",
+        "composite.weights.v2drop",
+        "composite.weights.dart",
+        "composite.weights.fastv",
+        "staged.pre_llm",
+        "staged.llm",
+    ):
         assert column in trials[0]
     rows = {r["label"]: r for r in result["rows"]}
-    assert rows["pdrop-llava15-128"]["kind"] == "progressive" and len(rows["pdrop-llava15-128"]["schedule"].split()) == 4
+    assert (
+        rows["pdrop-llava15-128"]["kind"] == "progressive" and len(rows["pdrop-llava15-128"]["schedule"].split()) == 4
+    )
     staged = rows["visionzip-v2drop-llava15-128"]
-    assert staged["kind"] == "pre-llm+progressive" and staged["staged.pre_llm"] == "visionzip" and staged["keep_pre_llm"] == 0.5
+    assert (
+        staged["kind"] == "pre-llm+progressive"
+        and staged["staged.pre_llm"] == "visionzip"
+        and staged["keep_pre_llm"] == 0.5
+    )
     composite = rows["composite-v2drop-dart-llava15-128"]
     assert composite["composite.parts"] == "v2drop+dart" and composite["composite.weights.v2drop"] == pytest.approx(0.6)
     study = optuna.load_study(study_name="methods", storage=make_storage(cfg))
-    method = next(t for t in study.trials if t.user_attrs.get("label") == "composite-v2drop-dart-llava15-128").user_attrs["method"]
-    assert [(p["name"], p["weight"]) for p in method["scorer"]["parts"]] == [("v2drop", pytest.approx(0.6)), ("dart", pytest.approx(0.4))]
+    method = next(
+        t for t in study.trials if t.user_attrs.get("label") == "composite-v2drop-dart-llava15-128"
+    ).user_attrs["method"]
+    assert [(p["name"], p["weight"]) for p in method["scorer"]["parts"]] == [
+        ("v2drop", pytest.approx(0.6)),
+        ("dart", pytest.approx(0.4)),
+    ]
     assert {c["scorer"] for c in result["confirmed"]} == {r["scorer"] for r in result["front"]}
 
 
 # -- the wandb dashboard, read back from the offline run -------------------------------------------
+
 
 def offline_records(path: Path) -> list:
     """The protobuf records of an offline ``run-*.wandb`` file.
@@ -215,11 +357,11 @@ def offline_records(path: Path) -> list:
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
         if length == 0 and kind == 0:
             pos += block - pos % block
             continue
-        parts.append(raw[pos + 7:pos + 7 + length])
+        parts.append(raw[pos + 7 : pos + 7 + length])
         pos += 7 + length
         if kind in (1, 4):
             record = pb.Record()
@@ -257,7 +399,11 @@ def test_wandb_dashboard_is_in_the_offline_run(tiny, tmp_path):
     result = run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(2), progress=False)
     (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     config_items, summary = logged(run)
-    charts = {k.removeprefix("_wandb/visualize/"): v["panel_config"] for k, v in config_items.items() if k.startswith("_wandb/visualize/")}
+    charts = {
+        k.removeprefix("_wandb/visualize/"): v["panel_config"]
+        for k, v in config_items.items()
+        if k.startswith("_wandb/visualize/")
+    }
     assert charts["front_validation"]["panelDefId"] == "wandb/scatter/v0"
     assert charts["front_validation"]["fieldSettings"] == {"x": "flops_ratio", "y": "accuracy_metric"}
     assert charts["front_confirmed"]["fieldSettings"] == {"x": "test_flops_ratio", "y": "test_accuracy"}
@@ -272,18 +418,34 @@ def test_wandb_dashboard_is_in_the_offline_run(tiny, tmp_path):
     assert len(trials["data"]) == len(result["rows"]) == cfg.trials
     columns = trials["columns"]
     searched = {k for t in optuna.load_study(study_name="methods", storage=make_storage(cfg)).trials for k in t.params}
-    assert searched - {"scorer", "kind"} <= set(columns) and {"scorer", "kind", "is_pareto", "label", "flops", "accuracy"} <= set(columns)
-    assert {"composite.weights.v2drop", "keep_pre_llm", "staged.pre_llm"} <= searched  # one column each, for parallel coordinates
+    assert searched - {"scorer", "kind"} <= set(columns) and {
+        "scorer",
+        "kind",
+        "is_pareto",
+        "label",
+        "flops",
+        "accuracy",
+    } <= set(columns)
+    assert {
+        "composite.weights.v2drop",
+        "keep_pre_llm",
+        "staged.pre_llm",
+    } <= searched  # one column each, for parallel coordinates
     # hover: each point's row carries its method and schedule in one label (the built-in scatter's tooltip shows the row)
     hover, label = columns.index("hover"), columns.index("label")
     rows = {row[label]: row for row in trials["data"]}
-    assert rows["visionzip-v2drop-llava15-128"][hover].startswith("staged(pre_llm=visionzip, llm=v2drop) · pre-llm+progressive pre_llm:0.500 ")
+    assert rows["visionzip-v2drop-llava15-128"][hover].startswith(
+        "staged(pre_llm=visionzip, llm=v2drop) · pre-llm+progressive pre_llm:0.500 "
+    )
     assert rows["composite-v2drop-dart-llava15-128"][hover].startswith(
-        "composite(parts=v2drop+dart, combine=zscore, weights.v2drop=0.60, weights.dart=0.40) · progressive ")
+        "composite(parts=v2drop+dart, combine=zscore, weights.v2drop=0.60, weights.dart=0.40) · progressive "
+    )
     assert rows["none"][hover].startswith("none · none")
-    for key, (table_key, x) in {"front_validation": ("front_validation_table", "flops_ratio"),
-                                "front_confirmed": ("front_confirmed_table", "test_flops_ratio"),
-                                "all_trials": ("all_trials_table", "flops_ratio")}.items():
+    for key, (table_key, x) in {
+        "front_validation": ("front_validation_table", "flops_ratio"),
+        "front_confirmed": ("front_confirmed_table", "test_flops_ratio"),
+        "all_trials": ("all_trials_table", "flops_ratio"),
+    }.items():
         shown = table(table_key)
         assert {"hover", "scorer", "schedule", x} <= set(shown["columns"]), key
         assert all(row[shown["columns"].index("hover")] for row in shown["data"])
@@ -297,7 +459,11 @@ def test_wandb_dashboard_is_in_the_offline_run(tiny, tmp_path):
     assert {row[methods["columns"].index("lineKey")] for row in methods["data"]} <= by_scorer - {"none"}
     both = table("fronts_validation_vs_confirmed_table")
     assert {row[both["columns"].index("lineKey")] for row in both["data"]} == {"validation", "confirmed"}
-    assert summary["front_size"] == len(result["front"]) and summary["trial_count"] == cfg.trials and "dart" in summary["method_names"]
+    assert (
+        summary["front_size"] == len(result["front"])
+        and summary["trial_count"] == cfg.trials
+        and "dart" in summary["method_names"]
+    )
 
 
 def test_shipped_methods_config_validates_and_enqueues_every_method_at_every_budget():
@@ -309,9 +475,18 @@ def test_shipped_methods_config_validates_and_enqueues_every_method_at_every_bud
     methods = {Method.from_preset(p).scorer_name for p in presets}
     assert methods == set(resolve_scorers(cfg.search)) == {n for n in list_scorers() if n != "given"}
     single = {p.rsplit("-", 2)[0] for p in presets if Method.from_preset(p).scorer_name not in ("composite", "staged")}
-    assert all(f"{m}-llava15-{b}" in presets for m in single for b in (192, 128, 64))  # every single method at every budget
-    assert {"composite-v2drop-dart-llava15-128", "composite-v2drop-fastv-llava15-128", "visionzip-v2drop-llava15-128"} <= set(presets)
-    assert cfg.search.weights == {"composite": [0.0, 1.0]} and cfg.search.scorers["staged"]["pre_llm"] == ["visionzip", "divprune"]
+    assert all(
+        f"{m}-llava15-{b}" in presets for m in single for b in (192, 128, 64)
+    )  # every single method at every budget
+    assert {
+        "composite-v2drop-dart-llava15-128",
+        "composite-v2drop-fastv-llava15-128",
+        "visionzip-v2drop-llava15-128",
+    } <= set(presets)
+    assert cfg.search.weights == {"composite": [0.0, 1.0]} and cfg.search.scorers["staged"]["pre_llm"] == [
+        "visionzip",
+        "divprune",
+    ]
     assert cfg.trials >= len(presets) + 1 + 20  # room to search after the presets
 
 
@@ -326,21 +501,35 @@ def test_every_trial_the_shipped_space_draws_is_a_valid_method():
         method.schedule.check_depth(12)
         params = method_params(method, cfg.search)  # the trial's own parameters, its weights normalised
         assert fits(method, cfg.search, 12) and params.keys() == trial.params.keys()
-        assert {k: v for k, v in params.items() if ".weights." not in k} == {k: v for k, v in trial.params.items() if ".weights." not in k}
+        assert {k: v for k, v in params.items() if ".weights." not in k} == {
+            k: v for k, v in trial.params.items() if ".weights." not in k
+        }
         if method.scorer_name == "composite":
             weights = [trial.params[f"composite.weights.{p['name']}"] for p in method.scorer.parts]
             assert [p["weight"] for p in method.scorer.parts] == pytest.approx([w / sum(weights) for w in weights])
         seen.add((method.scorer_name, trial.params.get(f"{method.scorer_name}.kind", trial.params.get("kind"))))
         study.tell(trial, [0.0, 0.0])
     assert {name for name, _ in seen} == set(resolve_scorers(cfg.search))
-    assert {("visionzip", "pre-llm"), ("divprune", "pre-llm"), ("staged", "pre-llm+progressive"), ("composite", "one-shot"),
-            ("composite", "progressive")} <= seen
+    assert {
+        ("visionzip", "pre-llm"),
+        ("divprune", "pre-llm"),
+        ("staged", "pre-llm+progressive"),
+        ("composite", "one-shot"),
+        ("composite", "progressive"),
+    } <= seen
 
 
 def test_cli_cross_method_error_exits_2_before_the_model_loads(capsys):
     from experiments.sweep import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["--config", str(ROOT / "configs" / "sweep" / "methods.yaml"), "--set", "search.scorers.dart.pivot_image=[4, -1]"])
+        main(
+            [
+                "--config",
+                str(ROOT / "configs" / "sweep" / "methods.yaml"),
+                "--set",
+                "search.scorers.dart.pivot_image=[4, -1]",
+            ]
+        )
     assert exit_.value.code == 2
     assert "search.scorers.dart.pivot_image: the choice -1 is invalid" in capsys.readouterr().err

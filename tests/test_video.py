@@ -18,8 +18,13 @@ def qwen_video_inputs(lvlm, frames=4, side=8):
     text = "USER: <|vision_start|>" + "<|video_pad|>" * n + "<|vision_end|>\nhow many ? ASSISTANT:"
     ids = tok(text, return_tensors="pt")["input_ids"]
     types = (ids == tok.convert_tokens_to_ids("<|video_pad|>")).int() * 2
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types,
-            "pixel_values_videos": pixels, "video_grid_thw": grid}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": types,
+        "pixel_values_videos": pixels,
+        "video_grid_thw": grid,
+    }
 
 
 def onevision_video_inputs(lvlm, frames=4):
@@ -41,12 +46,14 @@ def test_video_no_drop_exact_and_drop_traced(tiny, family):
     with torch.no_grad():
         ref = lvlm.model.generate(**inputs, max_new_tokens=4, do_sample=False)
         logits = lvlm.model(**inputs).logits[:, -1].float()
-    assert out.generated_ids == ref[:, inputs["input_ids"].shape[1]:].tolist()
+    assert out.generated_ids == ref[:, inputs["input_ids"].shape[1] :].tolist()
     torch.testing.assert_close(out.first_logits, logits, atol=1e-5, rtol=0)
 
     n_video = int(lvlm.adapter.vision_mask(inputs["input_ids"]).sum())
     schedule = Schedule.progressive([1, 3], [0.5, 0.5])
-    dropped = lvlm.generate_from_inputs(inputs, Method("uniform", schedule=schedule), max_new_tokens=4, stop_at_eos=False)
+    dropped = lvlm.generate_from_inputs(
+        inputs, Method("uniform", schedule=schedule), max_new_tokens=4, stop_at_eos=False
+    )
     assert dropped.traces[0].vision_tokens_per_layer == schedule.tokens_per_layer(lvlm.depth, n_video)
     if family != "llava_onevision":
         # Qwen grids are known: uniform keeps an even share of every frame.
@@ -74,7 +81,9 @@ def test_qwen_video_patches_follow_the_processor_layout(tiny):
     assert proc.video_inputs([[frame] * 3])["video_grid_thw"][0, 0].item() == 2
     # a (frames, H, W, 3) uint8 array is the same video as its list of frames
     array = np.stack([np.asarray(frame)] * 2)
-    torch.testing.assert_close(proc.video_inputs(array)["pixel_values_videos"], video["pixel_values_videos"], atol=0, rtol=0)
+    torch.testing.assert_close(
+        proc.video_inputs(array)["pixel_values_videos"], video["pixel_values_videos"], atol=0, rtol=0
+    )
     with pytest.raises(ValueError, match="Video 0 is not a list of frames"):
         proc.video_inputs([["not a frame"]])
 
@@ -84,7 +93,11 @@ def test_qwen_video_patches_follow_the_processor_layout(tiny):
 def test_qwen_videos_of_different_lengths_and_sizes_batch_as_alone(tiny, family, dropping):
     lvlm = tiny(family)
     method = Method("v2drop", schedule=Schedule.progressive([1, 3], [0.5, 0.25])) if dropping else Method.none()
-    prompts = [video_prompt(lvlm), video_prompt(lvlm, "what is the colour of the digit ?"), prompt_for(lvlm, "how many ?")]
+    prompts = [
+        video_prompt(lvlm),
+        video_prompt(lvlm, "what is the colour of the digit ?"),
+        prompt_for(lvlm, "how many ?"),
+    ]
     videos = [video_frames(1, 4, 32, 32), video_frames(2, 6, 48, 40), None]
     images = [None, None, photo(3, 40, 48)]
     inputs = lvlm.prepare(prompts, images, videos)
@@ -92,13 +105,15 @@ def test_qwen_videos_of_different_lengths_and_sizes_batch_as_alone(tiny, family,
     assert ("second_per_grid_ts" in inputs) == (family == "qwen2_5_vl")
     batch = lvlm.generate_from_inputs(inputs, method, max_new_tokens=4, stop_at_eos=False)
     for i in range(3):
-        alone = lvlm.generate([prompts[i]], [images[i]], [videos[i]], method=method, max_new_tokens=4, stop_at_eos=False)
+        alone = lvlm.generate(
+            [prompts[i]], [images[i]], [videos[i]], method=method, max_new_tokens=4, stop_at_eos=False
+        )
         assert alone.generated_ids[0] == batch.generated_ids[i]
         assert alone.traces[0].stages == batch.traces[i].stages
     if not dropping:
         with torch.no_grad():
             ref = lvlm.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        assert batch.generated_ids == ref[:, inputs["input_ids"].shape[1]:].tolist()
+        assert batch.generated_ids == ref[:, inputs["input_ids"].shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("dropping", [False, True], ids=["none", "v2drop"])
@@ -109,7 +124,9 @@ def test_onevision_videos_of_different_sizes_batch_as_alone(dropping):
     videos = [video_frames(1, 4, 640, 480), video_frames(2, 4, 320, 200)]
     inputs = lvlm.prepare(prompts, videos=videos)
     assert inputs["pixel_values_videos"].shape == (2, 4, 3, 384, 384)
-    assert lvlm.adapter.vision_mask(inputs["input_ids"]).sum(1).tolist() == [4 * 196 + 1] * 2  # 27x27 patches pooled to 14x14, + newline
+    assert (
+        lvlm.adapter.vision_mask(inputs["input_ids"]).sum(1).tolist() == [4 * 196 + 1] * 2
+    )  # 27x27 patches pooled to 14x14, + newline
     batch = lvlm.generate_from_inputs(inputs, method, max_new_tokens=3, stop_at_eos=False)
     for i in range(2):
         alone = lvlm.generate([prompts[i]], videos=[videos[i]], method=method, max_new_tokens=3, stop_at_eos=False)
@@ -118,7 +135,7 @@ def test_onevision_videos_of_different_sizes_batch_as_alone(dropping):
     if not dropping:
         with torch.no_grad():
             ref = lvlm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        assert batch.generated_ids == ref[:, inputs["input_ids"].shape[1]:].tolist()
+        assert batch.generated_ids == ref[:, inputs["input_ids"].shape[1] :].tolist()
 
 
 def test_onevision_video_beside_an_image_sample_batches_as_alone():
@@ -128,7 +145,9 @@ def test_onevision_video_beside_an_image_sample_batches_as_alone():
     videos, images = [video_frames(1, 4, 320, 240), None], [None, photo(3, 640, 480)]
     batch = lvlm.generate(prompts, images, videos, method=method, max_new_tokens=3, stop_at_eos=False)
     for i in range(2):
-        alone = lvlm.generate([prompts[i]], [images[i]], [videos[i]], method=method, max_new_tokens=3, stop_at_eos=False)
+        alone = lvlm.generate(
+            [prompts[i]], [images[i]], [videos[i]], method=method, max_new_tokens=3, stop_at_eos=False
+        )
         assert alone.generated_ids[0] == batch.generated_ids[i]
         assert alone.traces[0].stages == batch.traces[i].stages
     assert [t.vision_tokens_per_layer[0] for t in batch.traces] == [4 * 196 + 1, 2929]
@@ -156,9 +175,17 @@ def test_onevision_videos_of_different_frame_counts_batch_as_alone(dropping):
 def test_video_frames_of_different_sizes_do_not_batch():
     from v2drop.lvlm import _collate
 
-    samples = [{"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long),
-                "pixel_values_videos": torch.zeros(1, n, 3, side, side)} for n, side in ((4, 32), (2, 16))]
-    with pytest.raises(ValueError, match=r"Cannot batch video frames of different sizes.*\(4, 3, 32, 32\), \(2, 3, 16, 16\)"):
+    samples = [
+        {
+            "input_ids": torch.ones(1, 3, dtype=torch.long),
+            "attention_mask": torch.ones(1, 3, dtype=torch.long),
+            "pixel_values_videos": torch.zeros(1, n, 3, side, side),
+        }
+        for n, side in ((4, 32), (2, 16))
+    ]
+    with pytest.raises(
+        ValueError, match=r"Cannot batch video frames of different sizes.*\(4, 3, 32, 32\), \(2, 3, 16, 16\)"
+    ):
         _collate(samples, 0, "cpu", torch.float32)
 
 

@@ -11,10 +11,23 @@ from v2drop.evaluation.records import read_records
 from v2drop.testing import EchoBench, batch_for, image
 from v2drop.vision_cache import VisionCache
 
-TIMINGS = {"prefill_seconds", "generate_seconds", "scoring_seconds", "peak_memory_bytes", "data_wait_seconds", "step_seconds"}
+TIMINGS = {
+    "prefill_seconds",
+    "generate_seconds",
+    "scoring_seconds",
+    "peak_memory_bytes",
+    "data_wait_seconds",
+    "step_seconds",
+}
 # one scorer per way of reading the model: hidden states, attention rows, the vision tower's [CLS] attention, pre-LLM diversity
-METHODS = ["none", "v2drop-llava15-128", "fastv-llava15-64", "visionzip-llava15-64", "divprune-llava15-128",
-           "composite-v2drop-fastv-llava15-128"]
+METHODS = [
+    "none",
+    "v2drop-llava15-128",
+    "fastv-llava15-64",
+    "visionzip-llava15-64",
+    "divprune-llava15-128",
+    "composite-v2drop-fastv-llava15-128",
+]
 
 
 def run(lvlm, method, path, cache=None):

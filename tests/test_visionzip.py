@@ -29,13 +29,21 @@ from v2drop.testing import batch_for, photo, prompt_for
 def hand_state(layer_idx=-1):
     """Eight vision tokens (prompt positions 1..8) between two text tokens; one image; D = 2."""
     attention = torch.tensor([[0.05, 0.30, 0.02, 0.20, 0.01, 0.25, 0.04, 0.13]])
-    keys = torch.tensor([[[1.0, 0.0], [5.0, 5.0], [1.0, 0.1], [0.2, 1.0], [0.0, 1.0], [5.0, 5.0], [1.0, -0.5], [0.1, 1.0]]])
+    keys = torch.tensor(
+        [[[1.0, 0.0], [5.0, 5.0], [1.0, 0.1], [0.2, 1.0], [0.0, 1.0], [5.0, 5.0], [1.0, -0.5], [0.1, 1.0]]]
+    )
     hidden = torch.zeros(1, 10, 2)
     hidden[0, 1:9] = torch.stack([torch.arange(8.0), torch.ones(8)], dim=1)  # vision token i has hidden (i, 1)
     return LayerState(
-        layer_idx=layer_idx, hidden=hidden, vision_idx=torch.arange(1, 9)[None], vision_valid=torch.ones(1, 8, dtype=torch.bool),
-        vision_coords=torch.zeros(1, 8, 3, dtype=torch.long), orig_idx=torch.arange(10)[None], attention_mask=torch.ones(1, 10),
-        sample_keys=torch.zeros(1, dtype=torch.long), layer=None,
+        layer_idx=layer_idx,
+        hidden=hidden,
+        vision_idx=torch.arange(1, 9)[None],
+        vision_valid=torch.ones(1, 8, dtype=torch.bool),
+        vision_coords=torch.zeros(1, 8, 3, dtype=torch.long),
+        orig_idx=torch.arange(10)[None],
+        attention_mask=torch.ones(1, 10),
+        sample_keys=torch.zeros(1, dtype=torch.long),
+        layer=None,
         vision=VisionFeatures(cls_attention=attention, keys=keys, cls_embeds=[torch.tensor([[100.0, 100.0]])]),
     )
 
@@ -73,10 +81,18 @@ def test_presets_are_the_official_llava15_settings(budget, dominant, contextual)
     torch.manual_seed(0)
     n = 576
     state = LayerState(
-        layer_idx=-1, hidden=torch.randn(1, n, 8), vision_idx=torch.arange(n)[None], vision_valid=torch.ones(1, n, dtype=torch.bool),
-        vision_coords=torch.zeros(1, n, 3, dtype=torch.long), orig_idx=torch.arange(n)[None], attention_mask=torch.ones(1, n),
-        sample_keys=torch.zeros(1, dtype=torch.long), layer=None,
-        vision=VisionFeatures(cls_attention=torch.rand(1, n), keys=torch.randn(1, n, 4), cls_embeds=[torch.randn(1, 8)]),
+        layer_idx=-1,
+        hidden=torch.randn(1, n, 8),
+        vision_idx=torch.arange(n)[None],
+        vision_valid=torch.ones(1, n, dtype=torch.bool),
+        vision_coords=torch.zeros(1, n, 3, dtype=torch.long),
+        orig_idx=torch.arange(n)[None],
+        attention_mask=torch.ones(1, n),
+        sample_keys=torch.zeros(1, dtype=torch.long),
+        layer=None,
+        vision=VisionFeatures(
+            cls_attention=torch.rand(1, n), keys=torch.randn(1, n, 4), cls_embeds=[torch.randn(1, 8)]
+        ),
     )
     count = method.schedule.kept_count(0, n, n)
     sel = method.scorer.select(state, method.scorer.score(state), [count])
@@ -94,7 +110,9 @@ def test_cls_attention_is_the_towers_own_attention(tiny):
     tower = lvlm.model.model.vision_tower
     with torch.no_grad():
         out = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
-    layer = len(out.attentions) + lvlm.model.config.vision_feature_layer  # attentions[-2] with hidden_states[-2] (line 43-44)
+    layer = (
+        len(out.attentions) + lvlm.model.config.vision_feature_layer
+    )  # attentions[-2] with hidden_states[-2] (line 43-44)
     expected = out.attentions[layer][:, :, 0, 1:].sum(1)  # clip_encoder.py:51-52
     placeholder = inputs["input_ids"] == lvlm.model.config.image_token_id
     torch.testing.assert_close(state["cls_attention"][placeholder], expected.reshape(-1), atol=1e-6, rtol=0)
@@ -108,7 +126,9 @@ def test_pre_llm_run_on_tiny_llava_follows_the_official_definition(tiny):
     lvlm = tiny("llava", "eager")
     prompts, images = batch_for(lvlm, 3, "llava")
     inputs = lvlm.prepare(prompts, images)
-    method = Method("visionzip", schedule={"keep_mode": "absolute", "stages": [["pre_llm", 16]]}, position_policy="renumber")
+    method = Method(
+        "visionzip", schedule={"keep_mode": "absolute", "stages": [["pre_llm", 16]]}, position_policy="renumber"
+    )
     out = lvlm.generate_from_inputs(inputs, method, max_new_tokens=2, stop_at_eos=False)
     with torch.no_grad():
         attn = lvlm.model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
@@ -119,7 +139,9 @@ def test_pre_llm_run_on_tiny_llava_follows_the_official_definition(tiny):
         dominant = sorted(torch.sort(cls[b], descending=True, stable=True).indices[:12].tolist())
         rest = [i for i in range(64) if i not in dominant]
         targets = rest[:: len(rest) // 3][:3]
-        assert trace.stages == [{"layer": -1, "kept": positions[dominant].tolist(), "merged": positions[[0] + targets].tolist()}]
+        assert trace.stages == [
+            {"layer": -1, "kept": positions[dominant].tolist(), "merged": positions[[0] + targets].tolist()}
+        ]
         assert trace.vision_tokens_per_layer == [16] * lvlm.depth
 
 
@@ -139,16 +161,40 @@ def crop_state():
     """Twelve vision tokens of one LLaVA-NeXT image: crop 0 (base) = tokens 0-4, crop 1 (a tile) = 5, 6, 8, 9, 10,
     image_newline tokens at 7 and 11; token i has hidden (i, 1)."""
     attention = torch.tensor([[0.1, 0.5, 0.3, 0.05, 0.05, 0.2, 0.1, 0.0, 0.6, 0.05, 0.05, 0.0]])
-    keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.1, 1.0], [0.0, 1.0], [1.0, 0.2],
-                          [1.0, 0.0], [1.0, 0.3], [0.0, 0.0], [1.0, 0.8], [0.0, 1.0], [0.1, 1.0], [0.0, 0.0]]])
+    keys = torch.tensor(
+        [
+            [
+                [1.0, 0.0],
+                [0.0, 1.0],
+                [0.1, 1.0],
+                [0.0, 1.0],
+                [1.0, 0.2],
+                [1.0, 0.0],
+                [1.0, 0.3],
+                [0.0, 0.0],
+                [1.0, 0.8],
+                [0.0, 1.0],
+                [0.1, 1.0],
+                [0.0, 0.0],
+            ]
+        ]
+    )
     crops = torch.tensor([[0, 0, 0, 0, 0, 1, 1, -1, 1, 1, 1, -1]])
     hidden = torch.zeros(1, 14, 2)
     hidden[0, 1:13] = torch.stack([torch.arange(12.0), torch.ones(12)], dim=1)
     return LayerState(
-        layer_idx=-1, hidden=hidden, vision_idx=torch.arange(1, 13)[None], vision_valid=torch.ones(1, 12, dtype=torch.bool),
-        vision_coords=torch.zeros(1, 12, 3, dtype=torch.long), orig_idx=torch.arange(14)[None], attention_mask=torch.ones(1, 14),
-        sample_keys=torch.zeros(1, dtype=torch.long), layer=None,
-        vision=VisionFeatures(cls_attention=attention, keys=keys, cls_embeds=[torch.tensor([[100.0, 100.0], [200.0, 200.0]])], crops=crops),
+        layer_idx=-1,
+        hidden=hidden,
+        vision_idx=torch.arange(1, 13)[None],
+        vision_valid=torch.ones(1, 12, dtype=torch.bool),
+        vision_coords=torch.zeros(1, 12, 3, dtype=torch.long),
+        orig_idx=torch.arange(14)[None],
+        attention_mask=torch.ones(1, 14),
+        sample_keys=torch.zeros(1, dtype=torch.long),
+        layer=None,
+        vision=VisionFeatures(
+            cls_attention=attention, keys=keys, cls_embeds=[torch.tensor([[100.0, 100.0], [200.0, 200.0]])], crops=crops
+        ),
     )
 
 
@@ -166,7 +212,10 @@ def test_hand_made_anyres_image_is_zipped_per_crop():
     sel = VisionZipScorer(contextual_ratio=0.5).select(state, VisionZipScorer().score(state), [8])
     assert sel.keep[0].tolist() == [1, 8]
     assert sel.added_source[0].tolist() == [0, 5, 0, 3, 5, 9]
-    torch.testing.assert_close(sel.added_hidden[0], torch.tensor([[100.0, 100.0], [200.0, 200.0], [4.0, 2.0], [5.0, 2.0], [11.0, 2.0], [19.0, 2.0]]))
+    torch.testing.assert_close(
+        sel.added_hidden[0],
+        torch.tensor([[100.0, 100.0], [200.0, 200.0], [4.0, 2.0], [5.0, 2.0], [11.0, 2.0], [19.0, 2.0]]),
+    )
 
 
 def test_uneven_share_gives_the_first_crop_one_more():
@@ -196,7 +245,9 @@ def test_next_serves_each_crops_own_cls_attention_on_its_tokens(tiny):
 
     state = lvlm.adapter.vision_tower_state(inputs, VisionRequest(keys=True, cls_embeds=True))
     with torch.no_grad():
-        out = lvlm.model.model.vision_tower(inputs["pixel_values"][0, :2], output_attentions=True, output_hidden_states=True)
+        out = lvlm.model.model.vision_tower(
+            inputs["pixel_values"][0, :2], output_attentions=True, output_hidden_states=True
+        )
     layer = len(out.attentions) + lvlm.model.config.vision_feature_layer
     expected = out.attentions[layer][:, :, 0, 1:].sum(1)  # (2 crops, 64) clip_encoder.py:51-52
     placeholder = (inputs["input_ids"][0] == lvlm.model.config.image_token_id).nonzero().flatten()
@@ -205,7 +256,11 @@ def test_next_serves_each_crops_own_cls_attention_on_its_tokens(tiny):
     served, crops = state["cls_attention"][0], state["crops"][0]
     torch.testing.assert_close(served[base], expected[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(served[tile[:, :8].flatten()], expected[1], atol=1e-6, rtol=0)
-    assert crops[base].tolist() == [0] * 64 and crops[tile[:, :8]].flatten().tolist() == [1] * 64 and crops[tile[:, 8]].tolist() == [-1] * 8
+    assert (
+        crops[base].tolist() == [0] * 64
+        and crops[tile[:, :8]].flatten().tolist() == [1] * 64
+        and crops[tile[:, 8]].tolist() == [-1] * 8
+    )
     with torch.no_grad():
         cls = lvlm.model.model.multi_modal_projector(out.hidden_states[layer + 1][:, 0])
     torch.testing.assert_close(state["cls_embeds"][0], cls, atol=1e-6, rtol=0)
@@ -215,7 +270,9 @@ def test_next_runs_per_crop_and_a_batch_keeps_what_each_image_keeps_alone(tiny):
     """k = 40 on images of 2 or 3 crops: every crop keeps its share, newlines go, and batched == alone."""
     lvlm = tiny("llava_next")
     prompts, images = next_batch(lvlm)
-    method = Method("visionzip", schedule={"keep_mode": "absolute", "stages": [["pre_llm", 40]]}, position_policy="renumber")
+    method = Method(
+        "visionzip", schedule={"keep_mode": "absolute", "stages": [["pre_llm", 40]]}, position_policy="renumber"
+    )
     out = lvlm.generate(prompts, images, method=method, max_new_tokens=2, stop_at_eos=False)
     inputs = lvlm.prepare(prompts, images)
     newline = lvlm.model.model.image_newline
@@ -248,7 +305,9 @@ def test_real_next_geometry_keeps_the_official_per_crop_counts():
     crops = state["crops"][0][inputs["input_ids"][0] == lvlm.model.config.image_token_id]
     assert len(state["cls_embeds"][0]) == 3 and int((crops == 0).sum()) == 576
     assert 0 < int((crops == 1).sum()) == int((crops == 2).sum()) < 576  # the tiles lost their padding rows or columns
-    method = Method("visionzip", schedule={"keep_mode": "absolute", "stages": [["pre_llm", 3 * 64]]}, position_policy="renumber")
+    method = Method(
+        "visionzip", schedule={"keep_mode": "absolute", "stages": [["pre_llm", 3 * 64]]}, position_policy="renumber"
+    )
     out = lvlm.generate_from_inputs(inputs, method, max_new_tokens=1, stop_at_eos=False)
     (stage,) = out.traces[0].stages
     assert len(stage["kept"]) == 3 * 53 and len(stage["merged"]) == 3 * 11
@@ -260,9 +319,13 @@ def test_real_next_geometry_keeps_the_official_per_crop_counts():
 def test_runs_on_the_bundled_proxy():
     """The proxy is a LLaVA with a CLIP tower: it has a [CLS] token, so VisionZip runs on it."""
     lvlm = v2drop.load("proxy")
-    assert lvlm.model.config.vision_feature_select_strategy == "default"  # the tower's [CLS] exists and is dropped by HF
+    assert (
+        lvlm.model.config.vision_feature_select_strategy == "default"
+    )  # the tower's [CLS] exists and is dropped by HF
     sample = get_benchmark("digits").load("test", 1)[0]
-    out = lvlm.generate([lvlm.format_prompt(sample.question)], [list(sample.images)], method="visionzip-llava15-64", max_new_tokens=2)
+    out = lvlm.generate(
+        [lvlm.format_prompt(sample.question)], [list(sample.images)], method="visionzip-llava15-64", max_new_tokens=2
+    )
     trace = out.traces[0]
     assert len(trace.stages[0]["kept"]) == 53 and len(trace.stages[0]["merged"]) == 11
     assert trace.vision_tokens_per_layer == [64] * lvlm.depth

@@ -28,17 +28,31 @@ print(json.dumps({"file": v2drop.__file__, "presets": names, "methods": methods,
 def test_installed_wheel_loads_every_preset_and_the_proxy(tmp_path):
     # Build from a copy: an in-tree build would leave build/ and *.egg-info in the repository.
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__", "wandb",
-                                                                ".pytest_cache", "lightning_logs"))
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", "runs", "build", "*.egg-info", "__pycache__", "wandb", ".pytest_cache", "lightning_logs"
+        ),
+    )
     env = {**os.environ, "PIP_NO_INDEX": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
-                   check=True, env=env, cwd=tmp_path)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+    )
     (wheel,) = (tmp_path / "dist").glob("v2drop-*.whl")
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, env=env, cwd=tmp_path)
-    out = subprocess.run([sys.executable, "-c", CHECK], env={**env, "PYTHONPATH": str(site)}, cwd=tmp_path,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK],
+        env={**env, "PYTHONPATH": str(site)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout.strip().splitlines()[-1])
     assert Path(data["file"]).resolve().is_relative_to(site.resolve())

@@ -45,7 +45,9 @@ def check_dtype(dtype: Any) -> None:
 def check_attn(attn: str) -> None:
     """An attention implementation of ``ATTN_IMPLEMENTATIONS``."""
     if attn not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation {attn!r} is not supported; choose one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        raise ValueError(
+            f"attn_implementation {attn!r} is not supported; choose one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
 
 
 def check_device(device: Any) -> None:
@@ -61,8 +63,10 @@ def check_device(device: Any) -> None:
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(f"device {device!r} asks for CUDA, but this machine has no usable CUDA GPU "
-                             f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA); use --device cpu")
+            raise ValueError(
+                f"device {device!r} asks for CUDA, but this machine has no usable CUDA GPU "
+                f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA); use --device cpu"
+            )
         if dev.index is not None and dev.index >= count:
             raise ValueError(f"device {device!r}: there are only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
         return
@@ -111,7 +115,9 @@ def check_writable(path: str | os.PathLike, directory: bool = False) -> None:
         if not directory and path.is_dir():
             raise ValueError(f"Cannot write {str(path)!r}: it is a directory, not a file")
         if not (_can_write_in(path) if directory else _can_append(path)):
-            raise ValueError(f"Cannot write to {kind} {str(path)!r}: it is read-only (check its permissions or choose another path)")
+            raise ValueError(
+                f"Cannot write to {kind} {str(path)!r}: it is read-only (check its permissions or choose another path)"
+            )
         return
     base = _nearest_existing(path)
     if not base.is_dir():
@@ -129,19 +135,25 @@ def check_method_file(spec: str | None, flag: str = "--schedule") -> None:
     data = read_yaml(spec, what=f"{flag}")
     wanted = {"stages", "schedule", "scorer"}
     if not wanted & set(data):
-        raise ValueError(f"{flag} file {str(spec)!r} is not a method or schedule: it has keys {sorted(data)[:8]}, "
-                         f"but a schedule file holds 'stages' (a method file 'scorer' and 'schedule'); or give a preset name")
+        raise ValueError(
+            f"{flag} file {str(spec)!r} is not a method or schedule: it has keys {sorted(data)[:8]}, "
+            f"but a schedule file holds 'stages' (a method file 'scorer' and 'schedule'); or give a preset name"
+        )
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """The data in a JSON file; missing is a FileNotFoundError, broken a ValueError, both naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+        raise FileNotFoundError(
+            f"{what} {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else "")
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{what} {str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+        raise ValueError(
+            f"{what} {str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from None
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read {what} {str(path)!r}: {err}") from None
 
@@ -162,13 +174,17 @@ def model_config(name: str):
 
     path = LOCAL_MODELS.get(name, name)
     if name in LOCAL_MODELS and not Path(path).is_dir():
-        raise ValueError(f"The bundled model {name!r} is missing at {path}; train it with `python -m experiments.train_proxy`")
+        raise ValueError(
+            f"The bundled model {name!r} is missing at {path}; train it with `python -m experiments.train_proxy`"
+        )
     try:
         return AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"Cannot load model {name!r}: not a local directory with a config.json, and the hub is unreachable "
-                         f"or has no such repo ({first})") from None
+        raise ValueError(
+            f"Cannot load model {name!r}: not a local directory with a config.json, and the hub is unreachable "
+            f"or has no such repo ({first})"
+        ) from None
 
 
 def model_depth(name: str) -> int:
@@ -209,8 +225,10 @@ def check_eval_config(config) -> None:
         check_device(config.device_map)
     if config.device_map not in (None, "cpu") and (config.devices != 1 or config.num_nodes != 1):
         # device_map spreads one model over the GPUs; each rank needs a whole model on its own device
-        raise ValueError(f"device_map {config.device_map!r} cannot be combined with devices={config.devices!r}, "
-                         f"num_nodes={config.num_nodes!r}; use --device cuda with --devices N (each rank holds the whole model)")
+        raise ValueError(
+            f"device_map {config.device_map!r} cannot be combined with devices={config.devices!r}, "
+            f"num_nodes={config.num_nodes!r}; use --device cuda with --devices N (each rank holds the whole model)"
+        )
 
 
 def check_presets(names, key: str = "enqueue_presets") -> None:
@@ -231,14 +249,18 @@ def check_sweep(cfg) -> None:
     check_int("retries", cfg.retries, 0)
     check_int("confirm.limit", cfg.confirm.limit, 1, optional=True)
     if cfg.max_average_tokens is not None and not cfg.max_average_tokens > 0:
-        raise ValueError(f"max_average_tokens must be a positive number of tokens or None, got {cfg.max_average_tokens!r}")
+        raise ValueError(
+            f"max_average_tokens must be a positive number of tokens or None, got {cfg.max_average_tokens!r}"
+        )
     try:
         check_settings(cfg.eval)
     except ValueError as err:
         raise ValueError(f"eval.{err}") from None
     if cfg.eval.devices != 1 or cfg.eval.num_nodes != 1:  # Lightning's launcher would re-run the whole sweep per rank
-        raise ValueError(f"eval.devices={cfg.eval.devices!r}, eval.num_nodes={cfg.eval.num_nodes!r}: a sweep runs its trials "
-                         "in one process; use 1 and 1 (several devices are for experiments.evaluate)")
+        raise ValueError(
+            f"eval.devices={cfg.eval.devices!r}, eval.num_nodes={cfg.eval.num_nodes!r}: a sweep runs its trials "
+            "in one process; use 1 and 1 (several devices are for experiments.evaluate)"
+        )
     from v2drop.search.space import expand_presets
 
     expand_presets(cfg.enqueue_presets)  # names or fnmatch patterns; one that matches no preset is an error

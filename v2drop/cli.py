@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
 EXIT_USER_ERROR = 2

@@ -10,15 +10,18 @@ configs), an unknown key is an error listing the valid ones, and a field typed a
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
 T = TypeVar("T")
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: Iterable[str] = (), data: dict | None = None) -> T:
+def load_config(
+    schema: type[T], path: str | Path | None = None, overrides: Iterable[str] = (), data: dict | None = None
+) -> T:
     """An instance of ``schema`` from its defaults, then ``path`` (YAML) or ``data``, then ``overrides``.
 
     Parameters
@@ -49,7 +52,9 @@ def config_from_dict(schema: type[T], *layers: dict) -> T:
     cfg = OmegaConf.structured(schema)
     for layer in layers:
         if not isinstance(layer, dict):
-            raise ValueError(f"{schema.__name__} config must be a mapping of keys to values, got {type(layer).__name__}: {layer!r}")
+            raise ValueError(
+                f"{schema.__name__} config must be a mapping of keys to values, got {type(layer).__name__}: {layer!r}"
+            )
         _apply(cfg, schema, layer, prefix="")
     try:
         return OmegaConf.to_object(cfg)
@@ -87,7 +92,10 @@ def read_yaml(path: str | Path, what: str = "config") -> dict:
     """The mapping in a YAML file; a missing, unreadable or non-mapping file is a one-line error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist" + ("" if path.parent.is_dir() else f" (no directory {str(path.parent)!r})"))
+        raise FileNotFoundError(
+            f"{what} file {str(path)!r} does not exist"
+            + ("" if path.parent.is_dir() else f" (no directory {str(path.parent)!r})")
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -116,7 +124,9 @@ def _apply(node, schema: type, data: dict, prefix: str) -> None:
         where = f"{prefix}{key}"
         if key not in fields:
             section = f"section {prefix[:-1]!r} of " if prefix else ""
-            raise ValueError(f"unknown key {where!r} in {section}{schema.__name__}; valid keys: {', '.join(sorted(fields))}")
+            raise ValueError(
+                f"unknown key {where!r} in {section}{schema.__name__}; valid keys: {', '.join(sorted(fields))}"
+            )
         sub = types.get(key)
         if dataclasses.is_dataclass(sub) and isinstance(sub, type):
             if value is None:

@@ -13,8 +13,8 @@ import platform
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -32,8 +32,14 @@ def prefill_flops(text_config, tokens_per_layer: Sequence[int], scorer_flops: fl
     return sum(layer_flops(n, d, m) for n in tokens_per_layer) + scorer_flops
 
 
-def method_prefill_flops(text_config, text_tokens: int, vision_tokens: int, vision_per_layer: Sequence[int],
-                         stage_layers: Sequence[int], scorer=None) -> float:
+def method_prefill_flops(
+    text_config,
+    text_tokens: int,
+    vision_tokens: int,
+    vision_per_layer: Sequence[int],
+    stage_layers: Sequence[int],
+    scorer=None,
+) -> float:
     """Prefill FLOPs of a prompt of ``text_tokens`` text and ``vision_tokens`` vision tokens under a method.
 
     ``vision_per_layer`` are the vision tokens present in each decoder layer. Each stage (before
@@ -57,7 +63,9 @@ def sample_prefill_flops(text_config, trace, n_prompt: int, scorer=None) -> floa
     """Prefill FLOPs of one sample the engine ran, from its ``SampleTrace``, prompt length and the method's scorer."""
     text_tokens = n_prompt - trace.vision_tokens
     stage_layers = [s["layer"] for s in trace.stages]
-    return method_prefill_flops(text_config, text_tokens, trace.vision_tokens, trace.vision_tokens_per_layer, stage_layers, scorer)
+    return method_prefill_flops(
+        text_config, text_tokens, trace.vision_tokens, trace.vision_tokens_per_layer, stage_layers, scorer
+    )
 
 
 def kv_cache_bytes(text_config, tokens_per_layer: Sequence[int], bytes_per_value: int = 2) -> int:
@@ -105,7 +113,7 @@ class Timer:
         end.synchronize()
         return self._begin.elapsed_time(end) / 1e3
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self._start()
         return self
 
@@ -134,7 +142,7 @@ class PeakMemory:
         self.peak_bytes = 0
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

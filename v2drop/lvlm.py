@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from v2drop import engine
-from v2drop.method import Method
 from v2drop.bundled import ASSETS, LOCAL_MODELS  # noqa: F401  (re-exported: where bundled models live)
+from v2drop.method import Method
 from v2drop.models import adapter_for
 
 _PAD_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids")
@@ -49,8 +50,14 @@ class InputBuilder:
             return self.processor.apply_chat_template(messages, add_generation_prompt=True)
         return "USER: " + self.image_token * n_images + "\n" + question + " ASSISTANT:"
 
-    def prepare(self, prompts: Sequence[str], images: Sequence[Any] | None = None, videos: Sequence[Any] | None = None,
-                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    def prepare(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Any] | None = None,
+        videos: Sequence[Any] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> dict:
         """Model inputs for a batch on ``device`` (pixel values in ``dtype``): each sample processed alone, then left-padded together.
 
         ``images[i]`` is None, one PIL image or a list of them for prompt ``i``; ``videos[i]``
@@ -96,7 +103,9 @@ class LVLM:
         self.adapter = adapter_for(model)
         self.name = name
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.vision_cache = None  # an attached v2drop.vision_cache.VisionCache (``cache.attached(lvlm)``); None = compute everything
+        self.vision_cache = (
+            None  # an attached v2drop.vision_cache.VisionCache (``cache.attached(lvlm)``); None = compute everything
+        )
 
     @property
     def depth(self) -> int:
@@ -141,7 +150,9 @@ class LVLM:
         return self.inputs.format_prompt(question, n_images)
 
     # -- inputs -----------------------------------------------------------------------------------
-    def prepare(self, prompts: Sequence[str], images: Sequence[Any] | None = None, videos: Sequence[Any] | None = None) -> dict:
+    def prepare(
+        self, prompts: Sequence[str], images: Sequence[Any] | None = None, videos: Sequence[Any] | None = None
+    ) -> dict:
         """Model inputs for a batch on the model's device: each sample processed alone, then left-padded together.
 
         ``images[i]`` is None, one PIL image or a list of them for prompt ``i``; ``videos[i]``
@@ -151,8 +162,12 @@ class LVLM:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             images = _per_sample(images, len(prompts), "images")
             videos = _per_sample(videos, len(prompts), "videos")
-            return self.vision_cache.prepare(prompts, images, videos, lambda: self.inputs.prepare(
-                prompts, images, videos, device=self.device, dtype=self.model.dtype))
+            return self.vision_cache.prepare(
+                prompts,
+                images,
+                videos,
+                lambda: self.inputs.prepare(prompts, images, videos, device=self.device, dtype=self.model.dtype),
+            )
         return self.inputs.prepare(prompts, images, videos, device=self.device, dtype=self.model.dtype)
 
     # -- generation -------------------------------------------------------------------------------
@@ -174,14 +189,27 @@ class LVLM:
         return self.generate_from_inputs(inputs, method, max_new_tokens, stop_at_eos)
 
     def generate_from_inputs(
-        self, inputs: dict, method=None, max_new_tokens: int = 16, stop_at_eos: bool = True, measure_memory: bool = False
+        self,
+        inputs: dict,
+        method=None,
+        max_new_tokens: int = 16,
+        stop_at_eos: bool = True,
+        measure_memory: bool = False,
     ) -> GenerationResult:
         """``generate`` for inputs already built by ``prepare`` (or by a processor, left-padded)."""
-        method = Method.resolve(method, depth=self.depth) if not isinstance(method, Method) else method.rescaled(self.depth)
+        method = (
+            Method.resolve(method, depth=self.depth) if not isinstance(method, Method) else method.rescaled(self.depth)
+        )
         eos = self.model.generation_config.eos_token_id if stop_at_eos else None
         out = engine.generate(
-            self.adapter, inputs, method, max_new_tokens, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id or 0,
-            measure_memory=measure_memory, vision_cache=self.vision_cache,
+            self.adapter,
+            inputs,
+            method,
+            max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=self.tokenizer.pad_token_id or 0,
+            measure_memory=measure_memory,
+            vision_cache=self.vision_cache,
         )
         texts = self.tokenizer.batch_decode(out.generated_ids, skip_special_tokens=True)
         return GenerationResult(**vars(out), texts=[t.strip() for t in texts])
@@ -216,11 +244,15 @@ def load(
         checks.check_device(device)
     path = str(LOCAL_MODELS.get(name_or_path, name_or_path))
     if name_or_path in LOCAL_MODELS and not Path(path).is_dir():
-        raise ValueError(f"The bundled model {name_or_path!r} is missing at {path}; train it with `python -m experiments.train_proxy`")
+        raise ValueError(
+            f"The bundled model {name_or_path!r} is missing at {path}; train it with `python -m experiments.train_proxy`"
+        )
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as err:
-        raise ValueError(f"Cannot load model {name_or_path!r}: not a local directory with a config.json, and the hub is unreachable or has no such repo ({err})") from None
+        raise ValueError(
+            f"Cannot load model {name_or_path!r}: not a local directory with a config.json, and the hub is unreachable or has no such repo ({err})"
+        ) from None
     torch_dtype = dtype if isinstance(dtype, torch.dtype) or dtype == "auto" else getattr(torch, dtype)
     kwargs: dict[str, Any] = {"attn_implementation": attn_implementation, "dtype": torch_dtype}
     if device_map is not None:
@@ -264,7 +296,9 @@ def _per_sample(items, n: int, what: str) -> list[list]:
         return [[] for _ in range(n)]
     items = list(items)
     if len(items) != n:
-        raise ValueError(f"Got {n} prompts but {len(items)} entries in {what}; give one entry (None, an item or a list) per prompt")
+        raise ValueError(
+            f"Got {n} prompts but {len(items)} entries in {what}; give one entry (None, an item or a list) per prompt"
+        )
     return [[] if x is None else list(x) if isinstance(x, (list, tuple)) else [x] for x in items]
 
 
@@ -293,9 +327,13 @@ def _collate(samples: list[dict], pad_id: int, device, dtype) -> dict:
             crops = max(v.shape[1] for v in values)
             values = [torch.cat([v, v.new_zeros(v.shape[0], crops - v.shape[1], *v.shape[2:])], dim=1) for v in values]
         elif key == "pixel_values_videos" and values[0].dim() == 5 and len({v.shape[1] for v in values}) > 1:
-            if len({v.shape[2:] for v in values}) > 1:  # the processors resize every frame to one size; a caller's own tensors may not
+            if (
+                len({v.shape[2:] for v in values}) > 1
+            ):  # the processors resize every frame to one size; a caller's own tensors may not
                 shapes = ", ".join(str(tuple(v.shape[1:])) for v in values)
-                raise ValueError(f"Cannot batch video frames of different sizes ((frames, C, H, W) per sample: {shapes})")
+                raise ValueError(
+                    f"Cannot batch video frames of different sizes ((frames, C, H, W) per sample: {shapes})"
+                )
             frames = max(v.shape[1] for v in values)
             out["video_frames"] = torch.tensor([v.shape[1] for v in values for _ in range(v.shape[0])]).to(device)
             values = [torch.cat([v, v.new_zeros(v.shape[0], frames - v.shape[1], *v.shape[2:])], dim=1) for v in values]

@@ -80,7 +80,9 @@ class Method:
         _set(self, "reference_depth", reference_depth)
 
     def __setattr__(self, key, value):
-        raise dataclasses.FrozenInstanceError(f"Method is immutable; cannot set {key!r} (build a new Method, or use rescaled())")
+        raise dataclasses.FrozenInstanceError(
+            f"Method is immutable; cannot set {key!r} (build a new Method, or use rescaled())"
+        )
 
     def __delattr__(self, key):
         raise dataclasses.FrozenInstanceError(f"Method is immutable; cannot delete {key!r}")
@@ -102,7 +104,7 @@ class Method:
         return hash((self.scorer_name, self.schedule, self.position_policy, self.reference_depth))
 
     @classmethod
-    def none(cls) -> "Method":
+    def none(cls) -> Method:
         """No dropping: the unmodified model."""
         return cls(scorer=None)
 
@@ -113,7 +115,7 @@ class Method:
 
     # -- config data ---------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict) -> "Method":
+    def from_dict(cls, data: dict) -> Method:
         """Build from config data: ``{scorer: {name: v2drop, metric: l2}, schedule: {...}, ...}``."""
         if not isinstance(data, dict):
             raise ValueError(f"Method config data must be a mapping with keys {sorted(_METHOD_KEYS)}, got {data!r}")
@@ -146,13 +148,13 @@ class Method:
         }
 
     @classmethod
-    def from_preset(cls, name: str, depth: int | None = None) -> "Method":
+    def from_preset(cls, name: str, depth: int | None = None) -> Method:
         """Load a named preset (see ``list_presets()``) or a YAML file, rescaled to ``depth`` if given."""
         method = cls.from_dict(_method_data(name))
         return method.rescaled(depth) if depth is not None else method
 
     @classmethod
-    def resolve(cls, spec: "str | dict | Method | None", depth: int | None = None) -> "Method":
+    def resolve(cls, spec: str | dict | Method | None, depth: int | None = None) -> Method:
         """A Method from a preset name, a YAML path, config data, ``"none"`` or a Method."""
         if spec is None or spec == "none":
             return cls.none()
@@ -163,7 +165,7 @@ class Method:
             return method.rescaled(depth) if depth is not None else method
         return cls.from_preset(spec, depth)
 
-    def rescaled(self, depth: int) -> "Method":
+    def rescaled(self, depth: int) -> Method:
         """A new method with stage layers moved proportionally to a model of ``depth`` layers (or this one if nothing moves)."""
         if self.reference_depth in (None, depth) or not self.schedule.stages:
             return self
@@ -182,8 +184,6 @@ def registered_name(cls: type) -> str:
         f"Scorer class {cls.__qualname__} is not registered, so a Method using it could not be saved and loaded; "
         f"register it with @register_scorer('<name>') (registered scorers: {', '.join(SCORERS.names())})"
     )
-
-
 
 
 # -- presets -----------------------------------------------------------------------------------
@@ -237,7 +237,9 @@ def resolve_method(method: str, schedule: str | None = None, scorer_args: dict |
             return Method.from_dict(data)
         SCORERS.get(method)  # raises, listing the scorers
     if not schedule:
-        raise ValueError(f"--method {method} needs --schedule (a preset name or YAML file); presets: {', '.join(list_presets())}")
+        raise ValueError(
+            f"--method {method} needs --schedule (a preset name or YAML file); presets: {', '.join(list_presets())}"
+        )
     data = _method_data(schedule)
     preset_scorer = data.get("scorer")
     preset_args = {}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from importlib import metadata
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -47,7 +48,9 @@ class Registry(Generic[T]):
             raise TypeError(f"{self.kind} {name!r} must be a subclass of {self.base_cls.__name__}, got {obj!r}")
         existing = self._items.get(name)
         if existing is not None and existing is not obj:
-            raise ValueError(f"{self.kind} name {name!r} is already registered to {existing!r}; cannot also register {obj!r}")
+            raise ValueError(
+                f"{self.kind} name {name!r} is already registered to {existing!r}; cannot also register {obj!r}"
+            )
         self._items[name] = obj
 
     def get(self, name: str) -> T:

@@ -12,8 +12,8 @@ keep fraction applies to the vision tokens still present at that stage, with at 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 KEEP_MODES = ("relative", "cumulative", "absolute")
 PRE_LLM = -1  # the stage layer of a pre-LLM stage: before decoder layer 0, on the projector output
@@ -78,17 +78,19 @@ class Schedule:
             raise ValueError(f"min_keep must be a non-negative integer, got {self.min_keep!r}")
         for i, stage in enumerate(stages):
             if stage.layer < PRE_LLM:
-                raise ValueError(f"Stage {i}: layer must be >= 0, or -1 ('pre_llm') for the pre-LLM stage, got {stage.layer}")
+                raise ValueError(
+                    f"Stage {i}: layer must be >= 0, or -1 ('pre_llm') for the pre-LLM stage, got {stage.layer}"
+                )
             if i and stage.layer <= stages[i - 1].layer:
                 layers = [s.layer for s in stages]
                 raise ValueError(f"Stage layers must strictly increase, got {layers}")
             if self.keep_mode == "absolute":
                 if stage.keep < 0 or stage.keep != int(stage.keep):
-                    raise ValueError(f"Stage {i} (layer {stage.layer}): absolute keep must be a count >= 0, got {stage.keep}")
+                    raise ValueError(
+                        f"Stage {i} (layer {stage.layer}): absolute keep must be a count >= 0, got {stage.keep}"
+                    )
             elif not 0.0 <= stage.keep <= 1.0:
-                raise ValueError(
-                    f"Stage {i} (layer {stage.layer}): keep fraction must be in [0, 1], got {stage.keep}"
-                )
+                raise ValueError(f"Stage {i} (layer {stage.layer}): keep fraction must be in [0, 1], got {stage.keep}")
         if self.keep_mode == "cumulative":
             keeps = [s.keep for s in stages]
             if any(b > a for a, b in zip(keeps, keeps[1:])):
@@ -96,26 +98,26 @@ class Schedule:
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
-    def none(cls) -> "Schedule":
+    def none(cls) -> Schedule:
         """A schedule that drops nothing."""
         return cls(())
 
     @classmethod
-    def one_shot(cls, layer: int, keep: float, keep_mode: str = "relative", min_keep: int = 1) -> "Schedule":
+    def one_shot(cls, layer: int, keep: float, keep_mode: str = "relative", min_keep: int = 1) -> Schedule:
         """A single drop stage at ``layer``."""
         return cls((Stage(layer, keep),), keep_mode, min_keep)
 
     @classmethod
     def progressive(
         cls, layers: Sequence[int], keeps: Sequence[float], keep_mode: str = "relative", min_keep: int = 1
-    ) -> "Schedule":
+    ) -> Schedule:
         """Several drop stages, one per layer in ``layers`` (``"pre_llm"`` or -1 for a pre-LLM first stage)."""
         if len(layers) != len(keeps):
             raise ValueError(f"Got {len(layers)} layers but {len(keeps)} keep values")
         return cls(tuple(Stage(stage_layer(l), float(k)) for l, k in zip(layers, keeps)), keep_mode, min_keep)
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "Schedule":
+    def from_dict(cls, data: dict | None) -> Schedule:
         """Build from config data: ``{"stages": [[layer, keep], ...], "keep_mode": ..., "min_keep": ...}`` (layer may be ``"pre_llm"``)."""
         if data is None:
             return cls.none()
@@ -204,17 +206,21 @@ class Schedule:
             out.append(n)
         return out
 
-    def to_absolute(self, n_vision: int) -> "Schedule":
+    def to_absolute(self, n_vision: int) -> Schedule:
         """The same drops as absolute counts for ``n_vision`` original tokens."""
-        return Schedule(tuple(Stage(s.layer, c) for s, c in zip(self.stages, self.counts(n_vision))), "absolute", self.min_keep)
-
-    def to_cumulative(self, n_vision: int) -> "Schedule":
-        """The same drops as fractions of the ``n_vision`` original tokens."""
         return Schedule(
-            tuple(Stage(s.layer, c / n_vision) for s, c in zip(self.stages, self.counts(n_vision))), "cumulative", self.min_keep
+            tuple(Stage(s.layer, c) for s, c in zip(self.stages, self.counts(n_vision))), "absolute", self.min_keep
         )
 
-    def to_relative(self, n_vision: int) -> "Schedule":
+    def to_cumulative(self, n_vision: int) -> Schedule:
+        """The same drops as fractions of the ``n_vision`` original tokens."""
+        return Schedule(
+            tuple(Stage(s.layer, c / n_vision) for s, c in zip(self.stages, self.counts(n_vision))),
+            "cumulative",
+            self.min_keep,
+        )
+
+    def to_relative(self, n_vision: int) -> Schedule:
         """The same drops as fractions of the tokens present at each stage (exact for ``n_vision``)."""
         rel, prev = [], n_vision
         for s, c in zip(self.stages, self.counts(n_vision)):
@@ -222,7 +228,7 @@ class Schedule:
             prev = c
         return Schedule(tuple(rel), "relative", self.min_keep)
 
-    def rescaled(self, from_depth: int, to_depth: int) -> "Schedule":
+    def rescaled(self, from_depth: int, to_depth: int) -> Schedule:
         """Move stage layers proportionally from a ``from_depth``-layer model to a ``to_depth``-layer one.
 
         Layer 0 and the pre-LLM stage stay where they are.
@@ -248,7 +254,9 @@ def _fit(build, hi: float, depth: int, n_vision: int, target_average: float, wha
     """
     lowest = build(0.0).average_tokens(depth, n_vision)
     if lowest > target_average:
-        raise ValueError(f"Target average {target_average} is unreachable with {what}: the smallest keep averages {lowest:.2f}")
+        raise ValueError(
+            f"Target average {target_average} is unreachable with {what}: the smallest keep averages {lowest:.2f}"
+        )
     lo = 0.0
     if build(hi).average_tokens(depth, n_vision) <= target_average:
         lo = hi

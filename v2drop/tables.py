@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def write_csv(rows: Sequence[dict], path: str | Path, columns: Sequence[str] | None = None) -> None:
@@ -25,7 +25,9 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, f
     return "\n".join(lines) + "\n"
 
 
-def write_table(rows: Sequence[dict], path_stem: str | Path, columns: Sequence[str] | None = None, floatfmt: str = "{:.4g}") -> str:
+def write_table(
+    rows: Sequence[dict], path_stem: str | Path, columns: Sequence[str] | None = None, floatfmt: str = "{:.4g}"
+) -> str:
     """Write ``rows`` as ``<stem>.csv`` and ``<stem>.md``; return the markdown."""
     path_stem = Path(path_stem)
     columns = list(columns or dict.fromkeys(k for r in rows for k in r))

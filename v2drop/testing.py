@@ -6,7 +6,7 @@ Used by the test suite and by the engine benchmarks (``random_llava``). Nothing 
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -36,24 +36,57 @@ from v2drop.lvlm import LVLM
 from v2drop.models.qwen2vl_processor import QwenProcessorLite
 
 WORDS = "USER: ASSISTANT: what is the digit colour how many in row column yes no a b c d red green blue white".split()
-SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+SPECIALS = [
+    "<pad>",
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<image>",
+    "<video>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+]
 DEPTH = 6
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 
 __all__ = [
-    "DEPTH", "FAMILIES", "SPECIALS", "WORDS", "EchoBench", "Item", "PlaceholderProcessor", "batch_for", "build", "image",
-    "prompt_for", "random_llava", "tokenizer", "word_tokenizer", "REAL_GEOMETRY", "build_real", "photo", "video_frames",
+    "DEPTH",
+    "FAMILIES",
+    "SPECIALS",
+    "WORDS",
+    "EchoBench",
+    "Item",
+    "PlaceholderProcessor",
+    "batch_for",
+    "build",
+    "image",
+    "prompt_for",
+    "random_llava",
+    "tokenizer",
+    "word_tokenizer",
+    "REAL_GEOMETRY",
+    "build_real",
+    "photo",
+    "video_frames",
     "textvqa_copy",
 ]
 
 
-def word_tokenizer(words: Sequence[str], split_punctuation: bool = True, special: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+def word_tokenizer(
+    words: Sequence[str], split_punctuation: bool = True, special: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
     """A WordLevel tokenizer over ``words`` (which must include ``<pad>``, ``<unk>``, ``<s>``, ``</s>``, ``<image>``)."""
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(words)}, unk_token="<unk>"))
     splitters = [pre_tokenizers.WhitespaceSplit()] + ([pre_tokenizers.Punctuation()] if split_punctuation else [])
     tok.pre_tokenizer = pre_tokenizers.Sequence(splitters) if len(splitters) > 1 else splitters[0]
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
         extra_special_tokens={"image_token": "<image>"},
     )
     if special:
@@ -69,27 +102,49 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def _llama(vocab: int, **kw) -> LlamaConfig:
     kw = {"max_position_embeddings": 512, **kw}
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
-        num_key_value_heads=2, initializer_range=0.2, pad_token_id=0, **kw,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        pad_token_id=0,
+        **kw,
     )
 
 
 def _clip(image_size: int = 32, patch_size: int = 4) -> CLIPVisionConfig:
     return CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
-        patch_size=patch_size, projection_dim=32, initializer_range=0.2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+        initializer_range=0.2,
     )
 
 
 def _llava(tok, text_config, vision_config, image_size: int, patch: int):
     """A LLaVA-1.5-shaped model (one token per patch) and its processor; the model is built from the current RNG."""
     n_vision = (image_size // patch) ** 2
-    cfg = LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                      image_seq_length=n_vision)
+    cfg = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=n_vision,
+    )
     model = LlavaForConditionalGeneration(copy.deepcopy(cfg))
     proc = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}),
-        tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default", image_token="<image>",
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
         num_additional_image_tokens=1,
     )
     return model, proc
@@ -116,8 +171,11 @@ def build(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
         model, proc = _llava(tok, _llama(vocab), _clip(), image_size=32, patch=4)
     elif family in ("llava_next", "llava_onevision"):
         common = dict(
-            vision_config=_clip(), text_config=_llama(vocab), image_token_index=tok.convert_tokens_to_ids("<image>"),
-            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]], vision_feature_select_strategy="default",
+            vision_config=_clip(),
+            text_config=_llama(vocab),
+            image_token_index=tok.convert_tokens_to_ids("<image>"),
+            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]],
+            vision_feature_select_strategy="default",
         )
         if family == "llava_next":
             model = LlavaNextForConditionalGeneration(LlavaNextConfig(**common))
@@ -127,12 +185,34 @@ def build(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
     else:
         qwen_image, qwen_video = tok.convert_tokens_to_ids("<|image_pad|>"), tok.convert_tokens_to_ids("<|video_pad|>")
         text = dict(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
-            num_key_value_heads=2, initializer_range=0.2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            max_position_embeddings=512, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=DEPTH,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=0.2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=None,
+            eos_token_id=None,
         )
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2)
-        ids = dict(image_token_id=qwen_image, video_token_id=qwen_video, vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"))
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            initializer_range=0.2,
+        )
+        ids = dict(
+            image_token_id=qwen_image,
+            video_token_id=qwen_video,
+            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        )
         if family == "qwen2_5_vl":
             vision.update(out_hidden_size=64, intermediate_size=64, fullatt_block_indexes=[1], window_size=32)
             vision.pop("embed_dim")
@@ -140,13 +220,19 @@ def build(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
             model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
         else:
             model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
-        proc = QwenProcessorLite(Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2), tok,
-                                 second_per_grid=family == "qwen2_5_vl")
+        proc = QwenProcessorLite(
+            Qwen2VLImageProcessorPil(
+                min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2
+            ),
+            tok,
+            second_per_grid=family == "qwen2_5_vl",
+        )
     return _ready(model, proc, f"tiny-{family}", attn)
 
 
-def random_llava(hidden: int = 512, layers: int = 12, image_size: int = 96, patch: int = 4,
-                 vision: CLIPVisionConfig | None = None) -> LVLM:
+def random_llava(
+    hidden: int = 512, layers: int = 12, image_size: int = 96, patch: int = 4, vision: CLIPVisionConfig | None = None
+) -> LVLM:
     """A random-weight LLaVA-1.5-shaped model with (image_size/patch)^2 vision tokens, for engine benchmarks.
 
     Its prompts use the words ``w0`` .. ``w255``, ``USER:`` and ``ASSISTANT:``. ``vision`` replaces the
@@ -155,10 +241,24 @@ def random_llava(hidden: int = 512, layers: int = 12, image_size: int = 96, patc
     words = ["<pad>", "<unk>", "<s>", "</s>", "<image>"] + [f"w{i}" for i in range(256)] + ["USER:", "ASSISTANT:"]
     tok = word_tokenizer(words, split_punctuation=False)
     torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=len(words), hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-                       num_attention_heads=8, num_key_value_heads=8, initializer_range=0.05, pad_token_id=0)
-    vision = vision or CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                        image_size=image_size, patch_size=patch)
+    text = LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        initializer_range=0.05,
+        pad_token_id=0,
+    )
+    vision = vision or CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+    )
     model, proc = _llava(tok, text, vision, image_size, patch)
     return _ready(model, proc, f"random-llava-h{hidden}-l{layers}-v{(image_size // patch) ** 2}")
 
@@ -171,13 +271,16 @@ class PlaceholderProcessor:
 
     def __init__(self, tok, model):
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
 
         self.tokenizer = tok
         self.model = model
         onevision = model.config.model_type == "llava_onevision"
         self.image_processor = (LlavaOnevisionImageProcessorPil if onevision else LlavaNextImageProcessorPil)(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+            size={"shortest_edge": 32},
+            crop_size={"height": 32, "width": 32},
             image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]],
         )
 
@@ -187,9 +290,13 @@ class PlaceholderProcessor:
             px = self.image_processor(images=images, return_tensors="pt")
             out.update(pixel_values=px["pixel_values"], image_sizes=px["image_sizes"])
             with torch.no_grad():
-                feats = self.model.model.get_image_features(pixel_values=px["pixel_values"], image_sizes=px["image_sizes"]).pooler_output
+                feats = self.model.model.get_image_features(
+                    pixel_values=px["pixel_values"], image_sizes=px["image_sizes"]
+                ).pooler_output
             pieces = text.split(self.image_token)
-            text = pieces[0] + "".join(self.image_token * f.reshape(-1, f.shape[-1]).shape[0] + p for f, p in zip(feats, pieces[1:]))
+            text = pieces[0] + "".join(
+                self.image_token * f.reshape(-1, f.shape[-1]).shape[0] + p for f, p in zip(feats, pieces[1:])
+            )
         ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
         out.update(input_ids=ids, attention_mask=torch.ones_like(ids))
         return out
@@ -213,7 +320,7 @@ def textvqa_copy(dest, rows: int, width: int = 1024, height: int = 768, seed: in
 
     dest = Path(dest)
     (dest / "images").mkdir(parents=True, exist_ok=True)
-    words = ["w%d" % i for i in range(256)]
+    words = [f"w{i}" for i in range(256)]
     rng = np.random.default_rng(seed)
     with open(dest / "validation.jsonl", "w", encoding="utf-8") as f:
         for i in range(rows):
@@ -222,8 +329,14 @@ def textvqa_copy(dest, rows: int, width: int = 1024, height: int = 768, seed: in
                 photo(seed * 1_000_003 + i, width, height).save(dest / name, quality=quality)
             question = " ".join(rng.choice(words, 8).tolist())
             answers = [str(a) for a in rng.choice(words[:4], 10).tolist()]
-            row = {"question_id": i, "question": question, "answers": answers, "image": name, "image_id": f"{i:06d}",
-                   "ocr_tokens": rng.choice(words, 3).tolist()}
+            row = {
+                "question_id": i,
+                "question": question,
+                "answers": answers,
+                "image": name,
+                "image_id": f"{i:06d}",
+                "ocr_tokens": rng.choice(words, 3).tolist(),
+            }
             f.write(json.dumps(row) + "\n")
     return dest
 
@@ -279,12 +392,17 @@ class EchoBench(Benchmark):
     def aggregate(self, records):
         """Accuracy overall and per family."""
         fam = {f: [r["correct"] for r in records if r["family"] == f] for f in self.families}
-        return {"accuracy": sum(r["correct"] for r in records) / len(records), "per_family": {f: sum(v) / len(v) for f, v in fam.items() if v}}
+        return {
+            "accuracy": sum(r["correct"] for r in records) / len(records),
+            "per_family": {f: sum(v) / len(v) for f, v in fam.items() if v},
+        }
 
 
 # -- realistic geometry: the real checkpoints' preprocessing with tiny weights ---------------------------
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6 anyres resolutions (H, W)
-ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # llava-onevision: 1x1 .. 6x6 crops of 384
+ONEVISION_PINPOINTS = [
+    [384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)
+]  # llava-onevision: 1x1 .. 6x6 crops of 384
 # each family's preprocessing in build_real, as its real checkpoints set it
 REAL_GEOMETRY = {
     "llava": "llava-1.5: CLIP 336px, patch 14, resize + centre crop: 576 tokens per image",
@@ -319,40 +437,96 @@ def build_real(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
     if family == "llava":
         model, proc = _llava(tok, text, _clip(336, 14), image_size=336, patch=14)
     elif family == "llava_next":
-        model = LlavaNextForConditionalGeneration(LlavaNextConfig(
-            vision_config=_clip(336, 14), text_config=text, image_token_index=image_id, image_grid_pinpoints=NEXT_PINPOINTS,
-            vision_feature_select_strategy="default",
-        ))
-        image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=NEXT_PINPOINTS,
+        model = LlavaNextForConditionalGeneration(
+            LlavaNextConfig(
+                vision_config=_clip(336, 14),
+                text_config=text,
+                image_token_index=image_id,
+                image_grid_pinpoints=NEXT_PINPOINTS,
+                vision_feature_select_strategy="default",
+            )
         )
-        proc = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
-                                  num_additional_image_tokens=1)
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": 336},
+            crop_size={"height": 336, "width": 336},
+            image_grid_pinpoints=NEXT_PINPOINTS,
+        )
+        proc = LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tok,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
     elif family == "llava_onevision":
-        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=384, patch_size=14)
-        model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
-            vision_config=vision, text_config=text, image_token_index=image_id, video_token_index=video_id,
-            image_grid_pinpoints=ONEVISION_PINPOINTS, vision_feature_select_strategy="full", vision_feature_layer=-1,
-            vision_aspect_ratio="anyres_max_9",
-        ))
+        vision = SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=384,
+            patch_size=14,
+        )
+        model = LlavaOnevisionForConditionalGeneration(
+            LlavaOnevisionConfig(
+                vision_config=vision,
+                text_config=text,
+                image_token_index=image_id,
+                video_token_index=video_id,
+                image_grid_pinpoints=ONEVISION_PINPOINTS,
+                vision_feature_select_strategy="full",
+                vision_feature_layer=-1,
+                vision_aspect_ratio="anyres_max_9",
+            )
+        )
         image_processor = LlavaOnevisionImageProcessorPil(
-            size={"height": 384, "width": 384}, image_grid_pinpoints=ONEVISION_PINPOINTS, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+            size={"height": 384, "width": 384},
+            image_grid_pinpoints=ONEVISION_PINPOINTS,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
         )
         proc = OnevisionProcessorLite(image_processor, tok, num_image_tokens=729, vision_feature_select_strategy="full")
     else:
         rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
         text = dict(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4, num_key_value_heads=2,
-            initializer_range=0.2, rope_parameters=rope, max_position_embeddings=32768, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=DEPTH,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=0.2,
+            rope_parameters=rope,
+            max_position_embeddings=32768,
+            pad_token_id=0,
+            bos_token_id=None,
+            eos_token_id=None,
         )
-        vision = dict(depth=2, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2)
-        ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-                   vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"))
+        vision = dict(
+            depth=2,
+            hidden_size=64,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            initializer_range=0.2,
+        )
+        ids = dict(
+            image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        )
         if family == "qwen2_5_vl":
-            vision.update(hidden_size=32, out_hidden_size=64, intermediate_size=64, fullatt_block_indexes=[1], window_size=112)
+            vision.update(
+                hidden_size=32, out_hidden_size=64, intermediate_size=64, fullatt_block_indexes=[1], window_size=112
+            )
             model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
         else:
-            model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=dict(vision, embed_dim=32), **ids))
-        image_processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2, temporal_patch_size=2)
+            model = Qwen2VLForConditionalGeneration(
+                Qwen2VLConfig(text_config=text, vision_config=dict(vision, embed_dim=32), **ids)
+            )
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2, temporal_patch_size=2
+        )
         proc = QwenProcessorLite(image_processor, tok, second_per_grid=family == "qwen2_5_vl")
     return _ready(model, proc, f"real-geometry-{family}", attn)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -58,21 +59,31 @@ class VisionCache:
     # -- what the model asks for ---------------------------------------------------------------------
     def prepare(self, prompts: list[str], images: list[list], videos: list[list], compute: Callable[[], dict]) -> dict:
         """``compute()`` (the batch's processor outputs) once per prompts and pixels; the same tensors on every hit."""
-        key = ("prepare", tuple(prompts), tuple(tuple(map(_image_digest, x)) for x in images),
-               tuple(tuple(map(_image_digest, x)) for x in videos))
+        key = (
+            "prepare",
+            tuple(prompts),
+            tuple(tuple(map(_image_digest, x)) for x in images),
+            tuple(tuple(map(_image_digest, x)) for x in videos),
+        )
         inputs = self._get(key, None, compute, tensors=lambda v: tuple(v.values()))
         return dict(inputs)  # a new dict of the same tensors: callers may add keys without touching the entry
 
     def embed(self, adapter, inputs: dict) -> torch.Tensor:
         """``adapter.embed(inputs)``, once per input tensors."""
         held = _tensors(inputs)
-        return self._get(("embed", _identity(held)), held, lambda: adapter.embed(inputs), tensors=lambda v: (v,)).clone()
+        return self._get(
+            ("embed", _identity(held)), held, lambda: adapter.embed(inputs), tensors=lambda v: (v,)
+        ).clone()
 
     def tower_state(self, adapter, inputs: dict, request) -> dict:
         """``adapter.vision_tower_state(inputs, request)``, once per input tensors and request."""
         held = _tensors(inputs)
-        state = self._get(("tower", _identity(held), request), held, lambda: adapter.vision_tower_state(inputs, request),
-                          tensors=_state_tensors)
+        state = self._get(
+            ("tower", _identity(held), request),
+            held,
+            lambda: adapter.vision_tower_state(inputs, request),
+            tensors=_state_tensors,
+        )
         return {k: _copy(v) for k, v in state.items()}
 
     # -- the LRU --------------------------------------------------------------------------------------

@@ -23,12 +23,16 @@ def bar_methods(sample, layer: int) -> dict[str, Method]:
     return {
         "full": Method.none(),
         "no image": Method("random", schedule=Schedule.one_shot(0, 0.0, min_keep=0)),
-        "evidence": Method("given", keep=tuple(sample.evidence), schedule=Schedule.one_shot(layer, n, keep_mode="absolute", min_keep=0)),
+        "evidence": Method(
+            "given", keep=tuple(sample.evidence), schedule=Schedule.one_shot(layer, n, keep_mode="absolute", min_keep=0)
+        ),
         "random": Method("random", schedule=Schedule.one_shot(layer, n, keep_mode="absolute", min_keep=0)),
     }
 
 
-def bar_answers(lvlm, bench, samples, layer: int = 2, conditions=BAR_CONDITIONS, progress: bool = False) -> dict[str, list[bool]]:
+def bar_answers(
+    lvlm, bench, samples, layer: int = 2, conditions=BAR_CONDITIONS, progress: bool = False
+) -> dict[str, list[bool]]:
     """Whether each sample is answered right, per condition: ``{condition: [correct, ...]}`` in the order of ``samples``."""
     from tqdm import tqdm
 
@@ -54,7 +58,9 @@ def table_of(samples, correct: dict[str, list[bool]]) -> dict[str, dict[str, flo
     return table
 
 
-def bar_table(lvlm, bench, samples, layer: int = 2, conditions=BAR_CONDITIONS, progress: bool = False) -> dict[str, dict[str, float]]:
+def bar_table(
+    lvlm, bench, samples, layer: int = 2, conditions=BAR_CONDITIONS, progress: bool = False
+) -> dict[str, dict[str, float]]:
     """Accuracy per condition and family (plus ``overall``) of the quality and validity bars."""
     return table_of(samples, bar_answers(lvlm, bench, samples, layer, conditions, progress))
 
@@ -91,10 +97,16 @@ def layer_changes(lvlm, samples) -> list[float]:
     total, count = None, 0
     with torch.no_grad():
         for sample in samples:
-            inputs = lvlm.prepare([lvlm.format_prompt(sample.question, n_images=len(sample.images))], [list(sample.images)])
-            hidden = lvlm.model(**inputs, output_hidden_states=True).hidden_states  # embeddings, then each layer's output
+            inputs = lvlm.prepare(
+                [lvlm.format_prompt(sample.question, n_images=len(sample.images))], [list(sample.images)]
+            )
+            hidden = lvlm.model(
+                **inputs, output_hidden_states=True
+            ).hidden_states  # embeddings, then each layer's output
             vision = inputs["input_ids"][0] == image_id
-            steps = torch.stack([(b[0, vision] - a[0, vision]).float().norm(dim=-1).sum() for a, b in zip(hidden[:-1], hidden[1:])])
+            steps = torch.stack(
+                [(b[0, vision] - a[0, vision]).float().norm(dim=-1).sum() for a, b in zip(hidden[:-1], hidden[1:])]
+            )
             total, count = (steps if total is None else total + steps), count + int(vision.sum())
     return (total / count).tolist()
 
@@ -155,10 +167,20 @@ def cell_lookups(lvlm, bench, split: str = "test", scenes: int = 100) -> list[di
                         words = text.format(row=ROW_WORDS[o.row], col=COL_WORDS[o.col])
                         prompt = prefix + tok(words, add_special_tokens=False)["input_ids"]
                     prompt = torch.tensor([prompt], device=ids.device)
-                    logits = lvlm.model(input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=inputs["pixel_values"]).logits
+                    logits = lvlm.model(
+                        input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=inputs["pixel_values"]
+                    ).logits
                     answer = tok.convert_ids_to_tokens(int(logits[0, -1].argmax()))
-                    records.append({"scene": scene, "row": o.row, "col": o.col, "wording": wording, "correct": answer == str(o.label),
-                                    "mate": any(p.col == o.col and p is not o for p in objects)})
+                    records.append(
+                        {
+                            "scene": scene,
+                            "row": o.row,
+                            "col": o.col,
+                            "wording": wording,
+                            "correct": answer == str(o.label),
+                            "mate": any(p.col == o.col and p is not o for p in objects),
+                        }
+                    )
     return records
 
 
@@ -166,8 +188,13 @@ def lookup_table(records: list[dict]) -> dict[str, dict[str, dict]]:
     """``cell_lookups`` records as ``{wording: {"alone" | "with mate": {"accuracy", "n"}}}``."""
     table: dict[str, dict[str, list[bool]]] = {}
     for r in records:
-        table.setdefault(r["wording"], {"alone": [], "with mate": []})["with mate" if r["mate"] else "alone"].append(r["correct"])
-    return {w: {k: {"accuracy": sum(v) / len(v) if v else None, "n": len(v)} for k, v in kinds.items()} for w, kinds in table.items()}
+        table.setdefault(r["wording"], {"alone": [], "with mate": []})["with mate" if r["mate"] else "alone"].append(
+            r["correct"]
+        )
+    return {
+        w: {k: {"accuracy": sum(v) / len(v) if v else None, "n": len(v)} for k, v in kinds.items()}
+        for w, kinds in table.items()
+    }
 
 
 def check(lvlm, bench, samples, layer: int = 2, progress: bool = True, change_samples: int = 60) -> dict:
@@ -178,6 +205,16 @@ def check(lvlm, bench, samples, layer: int = 2, progress: bool = True, change_sa
     correct = bar_answers(lvlm, bench, samples, layer, progress=progress)
     table = table_of(samples, correct)
     changes = layer_changes(lvlm, samples[:change_samples])
-    mates = ident_by_column_mates(bench, samples, correct["full"]) if hasattr(bench, "scene") and bench.modality == "image" else None
-    return {"table": table, "verdict": verdict(table), "layer": layer, "n": len(samples), "layer_changes": changes,
-            "ident_by_column_mates": mates}
+    mates = (
+        ident_by_column_mates(bench, samples, correct["full"])
+        if hasattr(bench, "scene") and bench.modality == "image"
+        else None
+    )
+    return {
+        "table": table,
+        "verdict": verdict(table),
+        "layer": layer,
+        "n": len(samples),
+        "layer_changes": changes,
+        "ident_by_column_mates": mates,
+    }

@@ -12,10 +12,27 @@ import random
 import torch
 
 from experiments.proxy.model import VISION_TOKENS
-from v2drop.benchmarks.digits import COL_WORDS, GRID, PATCH, PATCHES, ROW_WORDS, Digits, cell_evidence, ident_question, image_questions
+from v2drop.benchmarks.digits import (
+    COL_WORDS,
+    GRID,
+    PATCH,
+    PATCHES,
+    ROW_WORDS,
+    Digits,
+    cell_evidence,
+    ident_question,
+    image_questions,
+)
 
 EXTRA_FAMILIES = ("ident", "exist", "colour", "mc")  # families a conversation adds questions of past one per family
-AUX_TURNS = ("digits", "which", "cells", "column_cells", "row_cells", "cell_phrases")  # the dense auxiliary turns ``aux_turn`` builds
+AUX_TURNS = (
+    "digits",
+    "which",
+    "cells",
+    "column_cells",
+    "row_cells",
+    "cell_phrases",
+)  # the dense auxiliary turns ``aux_turn`` builds
 WHICH_QUESTION = "What digit is in the image?"  # the ``which`` turn's question
 
 
@@ -158,8 +175,16 @@ def with_column_mates(rng: random.Random, questions: list, objects, visible, sha
     return questions if mate is None else [mate if q[0] == "ident" else q for q in questions]
 
 
-def conversation(processor, objects, rng: random.Random, turns: int = 5, isolated: bool = False, aux=(), visible=None,
-                 ident_mates: float = 0.0):
+def conversation(
+    processor,
+    objects,
+    rng: random.Random,
+    turns: int = 5,
+    isolated: bool = False,
+    aux=(),
+    visible=None,
+    ident_mates: float = 0.0,
+):
     """Token ids and labels (plus segments and positions when ``isolated``) of one conversation about a scene, every answer supervised.
 
     The first five turns ask one question of every family (shuffled); turns beyond five add more

@@ -54,10 +54,14 @@ def token_keep_mask(share: float, generator: torch.Generator) -> torch.Tensor:
 def check_drop_settings(keep, kinds: dict) -> None:
     """Raise ValueError unless ``keep`` is [low, high] with 0 < low <= high <= 1 and ``kinds`` names one or more known drop shapes."""
     if keep is None or len(keep) != 2 or not 0 < keep[0] <= keep[1] <= 1:
-        raise ValueError(f"token_keep must be [low, high] with 0 < low <= high <= 1, got {None if keep is None else list(keep)}")
+        raise ValueError(
+            f"token_keep must be [low, high] with 0 < low <= high <= 1, got {None if keep is None else list(keep)}"
+        )
     unknown = set(kinds) - set(DROP_KINDS)
     if unknown or not kinds:
-        raise ValueError(f"Unknown drop kinds {sorted(unknown) if unknown else '(none given)'}; known: {list(DROP_KINDS)}")
+        raise ValueError(
+            f"Unknown drop kinds {sorted(unknown) if unknown else '(none given)'}; known: {list(DROP_KINDS)}"
+        )
 
 
 def draw_shape(rng: random.Random, keep, kinds: dict) -> tuple[float, torch.Generator, str]:
@@ -68,7 +72,9 @@ def draw_shape(rng: random.Random, keep, kinds: dict) -> tuple[float, torch.Gene
     return share, generator, rng.choices(names, weights)[0]
 
 
-def shape_mask(kind: str, share: float, generator: torch.Generator, objects, rng: random.Random, background: bool, keep_all: bool) -> torch.Tensor:
+def shape_mask(
+    kind: str, share: float, generator: torch.Generator, objects, rng: random.Random, background: bool, keep_all: bool
+) -> torch.Tensor:
     """The kept tokens of one image under a drop of shape ``kind``.
 
     ``objects``: every object kept whole or dropped whole (all kept if ``keep_all``, else each with
@@ -82,7 +88,9 @@ def shape_mask(kind: str, share: float, generator: torch.Generator, objects, rng
     return kept
 
 
-def draw_drop(objects, rng: random.Random, keep, kinds: dict, layers, all_objects: float = 0.0) -> tuple[VisionDrop, list] | None:
+def draw_drop(
+    objects, rng: random.Random, keep, kinds: dict, layers, all_objects: float = 0.0
+) -> tuple[VisionDrop, list] | None:
     """A training drop and the objects that keep at least one token, or None when ten draws leave no object visible.
 
     Shapes (``kinds``: name -> weight), each with a kept share drawn log-uniformly from ``keep`` =

@@ -24,7 +24,11 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
     "{% set images = message['content'] | selectattr('type', 'equalto', 'image') | list %}"
     "{% for c in images %}{% if images | length > 1 %}frame "
-    "{% if loop.index <= " + str(len(FRAME_WORDS)) + " %}{{ " + repr(list(FRAME_WORDS)) + "[loop.index0] }} {% endif %}{% endif %}<image>\n{% endfor %}"
+    "{% if loop.index <= "
+    + str(len(FRAME_WORDS))
+    + " %}{{ "
+    + repr(list(FRAME_WORDS))
+    + "[loop.index0] }} {% endif %}{% endif %}<image>\n{% endfor %}"
     "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
     "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}</s>"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
@@ -58,8 +62,13 @@ def build_tokenizer():
     )
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"}, model_max_length=4096,
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=4096,
     )
 
 
@@ -77,12 +86,19 @@ def build_processor(tokenizer=None):
 
     mean, std = pixel_statistics()
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=mean, image_std=std, do_convert_rgb=True,
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=mean,
+        image_std=std,
+        do_convert_rgb=True,
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer or build_tokenizer(), patch_size=PATCH,
-        vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tokenizer or build_tokenizer(),
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
 
@@ -93,13 +109,23 @@ def build_model(cfg: ProxyConfig, tokenizer) -> nn.Module:
 
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 2, num_hidden_layers=cfg.vision_layers,
-            num_attention_heads=cfg.vision_heads, image_size=IMAGE_SIZE, patch_size=PATCH,
+            hidden_size=cfg.vision_hidden,
+            intermediate_size=cfg.vision_hidden * 2,
+            num_hidden_layers=cfg.vision_layers,
+            num_attention_heads=cfg.vision_heads,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH,
         ),
         text_config=LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-            num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-            max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden,
+            intermediate_size=cfg.intermediate,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            num_key_value_heads=cfg.kv_heads,
+            max_position_embeddings=4096,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
         ),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),

@@ -116,7 +116,9 @@ def video_conversation(processor, contents, rng: random.Random, turns: int = 3, 
     return ids, labels, segments, positions
 
 
-def draw_clip_drop(contents, rng: random.Random, keep, kinds: dict, layers, all_objects: float = 0.0) -> tuple[VisionDrop, set]:
+def draw_clip_drop(
+    contents, rng: random.Random, keep, kinds: dict, layers, all_objects: float = 0.0
+) -> tuple[VisionDrop, set]:
     """A training drop over a clip's frames and the frames whose digit keeps at least one token.
 
     ``drops.draw_drop``'s shapes, one shape and kept share for the clip, drawn frame by frame. A
@@ -154,16 +156,34 @@ def video_loss(module, clips) -> torch.Tensor:
         drop, visible = None, None
         rng = random.Random(f"drop-{c['rng_seed']}")
         if stage.token_keep is not None and rng.random() < stage.drop_share:
-            drop, visible = draw_clip_drop(c["contents"], rng, stage.token_keep, stage.drop_kinds, stage.drop_layers, stage.all_objects)
-        convs.append(video_conversation(module.processor, c["contents"], random.Random(c["rng_seed"]), stage.video_turns, stage.video_aux, visible))
+            drop, visible = draw_clip_drop(
+                c["contents"], rng, stage.token_keep, stage.drop_kinds, stage.drop_layers, stage.all_objects
+            )
+        convs.append(
+            video_conversation(
+                module.processor,
+                c["contents"],
+                random.Random(c["rng_seed"]),
+                stage.video_turns,
+                stage.video_aux,
+                visible,
+            )
+        )
         drops.append(drop)
     ids, labels, segments, positions = pad_conversations(convs, tok.pad_token_id)
-    pixels = module.processor.image_processor([f for c in clips for f in c["frames"]], return_tensors="pt")["pixel_values"]
+    pixels = module.processor.image_processor([f for c in clips for f in c["frames"]], return_tensors="pt")[
+        "pixel_values"
+    ]
     out = module.forward_with_drops(ids, labels, pixels, segments, positions, drops, hidden_states=stage.frame_tags > 0)
     if stage.frame_tags <= 0:
         return out.loss
     vision = ids.to(module.device) == tok.convert_tokens_to_ids("<image>")
-    tags = frame_tag_loss(out.hidden_states[stage.frame_tag_layer][vision], len(clips[0]["frames"]), len(clips),
-                          module.model.model.get_input_embeddings().weight, tok)
+    tags = frame_tag_loss(
+        out.hidden_states[stage.frame_tag_layer][vision],
+        len(clips[0]["frames"]),
+        len(clips),
+        module.model.model.get_input_embeddings().weight,
+        tok,
+    )
     module.log("frame_tag_loss", tags)
     return out.loss + stage.frame_tags * tags

@@ -10,6 +10,8 @@ scorers' answer readings, lmms-eval's and LLaVA-1.5's, chosen per benchmark by `
 splits, schema, prompt and metric are in its class docstring and in ``docs/benchmarks.md``.
 """
 
+# Every benchmark module, imported for its @register_benchmark side effect.
+from v2drop.benchmarks import digits, gqa, mmbench, mme, mvbench, pope, scienceqa, textvqa, videomme  # noqa: E402,F401,I001
 from v2drop.benchmarks.base import (
     BENCHMARKS,
     Benchmark,
@@ -22,9 +24,6 @@ from v2drop.benchmarks.base import (
 )
 from v2drop.benchmarks.hub import HFBenchmark, VideoBenchmark
 from v2drop.benchmarks.metrics import normalize_answer
-
-# Every benchmark module, imported for its @register_benchmark side effect.
-from v2drop.benchmarks import digits, gqa, mmbench, mme, mvbench, pope, scienceqa, textvqa, videomme  # noqa: E402,F401,I001
 
 __all__ = [
     "BENCHMARKS",

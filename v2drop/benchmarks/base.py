@@ -44,10 +44,27 @@ class Sample:
     evidence: tuple = ()
     choices: tuple = ()
 
-    def __init__(self, id: str, question: str, answer: str, family: str, images: Any = (), evidence: tuple = (),
-                 choices: tuple = (), *, media: Any = None):
-        for name, value in (("id", id), ("question", question), ("answer", answer), ("family", family),
-                            ("media", images if media is None else media), ("evidence", evidence), ("choices", choices)):
+    def __init__(
+        self,
+        id: str,
+        question: str,
+        answer: str,
+        family: str,
+        images: Any = (),
+        evidence: tuple = (),
+        choices: tuple = (),
+        *,
+        media: Any = None,
+    ):
+        for name, value in (
+            ("id", id),
+            ("question", question),
+            ("answer", answer),
+            ("family", family),
+            ("media", images if media is None else media),
+            ("evidence", evidence),
+            ("choices", choices),
+        ):
             object.__setattr__(self, name, value)
 
     def refs(self) -> tuple:
@@ -106,8 +123,10 @@ class Benchmark:
         if split is None:
             return self.default_split
         if split not in self.splits:
-            raise ValueError(f"Benchmark {self.name!r} has no split {split!r}; valid splits: {', '.join(self.splits)} "
-                             f"(default {self.default_split!r})")
+            raise ValueError(
+                f"Benchmark {self.name!r} has no split {split!r}; valid splits: {', '.join(self.splits)} "
+                f"(default {self.default_split!r})"
+            )
         return split
 
     def load(self, split: str | None = None, limit: int | None = None) -> list[Sample]:
@@ -127,7 +146,11 @@ class Benchmark:
         if not records:
             raise ValueError(f"No records to aggregate for {self.name!r}")
         marked = [{"family": r["family"], "correct": bool(r["correct"])} for r in records]
-        return {"accuracy": mean(m["correct"] for m in marked), "per_family": per_family_accuracy(marked), "n": len(marked)}
+        return {
+            "accuracy": mean(m["correct"] for m in marked),
+            "per_family": per_family_accuracy(marked),
+            "n": len(marked),
+        }
 
 
 def check_limit(limit: Any) -> int | None:
@@ -151,7 +174,9 @@ def register_benchmark(name: str):
 
     def decorator(cls):
         if cls.default_split not in cls.splits:
-            raise ValueError(f"Benchmark {name!r}: default_split {cls.default_split!r} is not one of its splits {cls.splits}")
+            raise ValueError(
+                f"Benchmark {name!r}: default_split {cls.default_split!r} is not one of its splits {cls.splits}"
+            )
         cls.name = name
         return BENCHMARKS.register(name)(cls)
 

@@ -75,7 +75,10 @@ class Object:
 def _background(rng: np.random.Generator) -> np.ndarray:
     """A dark, low-frequency colour texture with pixel noise (so empty tokens are not all equal)."""
     coarse = rng.uniform(0.0, 0.22, size=(5, 5, 3))
-    img = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)) / 255.0
+    img = (
+        np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))
+        / 255.0
+    )
     return np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
 
 
@@ -92,7 +95,12 @@ def render_scene(rng: np.random.Generator, pool: np.ndarray, n_objects: int) -> 
             if int(labels[idx]) not in used:
                 break
         used.add(int(labels[idx]))
-        glyph = np.asarray(Image.fromarray((images[idx] * 255).astype(np.uint8)).resize((DIGIT_PX, DIGIT_PX), Image.BILINEAR)) / 255.0
+        glyph = (
+            np.asarray(
+                Image.fromarray((images[idx] * 255).astype(np.uint8)).resize((DIGIT_PX, DIGIT_PX), Image.BILINEAR)
+            )
+            / 255.0
+        )
         colour = str(rng.choice(list(COLOURS))) if rng.random() < 0.6 else "white"
         row, col = divmod(int(cell), GRID)
         y = row * CELL + int(rng.integers(0, CELL - DIGIT_PX + 1))
@@ -123,7 +131,9 @@ def asked_cell(question: str) -> tuple[int, int]:
     return ROW_WORDS.index(where.split(" row")[0]), COL_WORDS.index(where.split("row, ")[1].split(" column")[0])
 
 
-def image_questions(rng: random.Random, objects: list[Object], visible: set[int] | None = None) -> list[tuple[str, str, str, list[int], tuple]]:
+def image_questions(
+    rng: random.Random, objects: list[Object], visible: set[int] | None = None
+) -> list[tuple[str, str, str, list[int], tuple]]:
     """One question of every image family: (family, question, answer, evidence, choices).
 
     ``visible`` (labels; None = every object) is for the proxy's training drops: questions are
@@ -140,7 +150,9 @@ def image_questions(rng: random.Random, objects: list[Object], visible: set[int]
     # existence, balanced: half the time ask about a digit that is absent
     if rng.random() < 0.5:
         o = rng.choice(objects)
-        out.append(("exist", f"Is there a {o.label} in the image?", "yes" if o.label in seen else "no", o.evidence(), ()))
+        out.append(
+            ("exist", f"Is there a {o.label} in the image?", "yes" if o.label in seen else "no", o.evidence(), ())
+        )
     else:
         d = rng.choice([d for d in range(10) if d not in present])
         out.append(("exist", f"Is there a {d} in the image?", "no", all_evidence, ()))
@@ -167,7 +179,15 @@ def image_questions(rng: random.Random, objects: list[Object], visible: set[int]
     rng.shuffle(options)
     letter = LETTERS[options.index(o.label)]
     text = " ".join(f"{l}. {d}" for l, d in zip(LETTERS, options))
-    out.append(("mc", f"Which digit is in the image? {text} Answer with the option's letter.", letter, o.evidence(), tuple(map(str, options))))
+    out.append(
+        (
+            "mc",
+            f"Which digit is in the image? {text} Answer with the option's letter.",
+            letter,
+            o.evidence(),
+            tuple(map(str, options)),
+        )
+    )
     # colour of a given digit
     o = rng.choice(objects)
     out.append(("colour", f"What colour is the {o.label}?", o.colour if o.label in seen else "none", o.evidence(), ()))
@@ -232,7 +252,9 @@ class Digits(_DigitsBase):
         ]
 
 
-def video_questions(rng: random.Random, contents: list[list[Object]], visible: set[int] | None = None) -> list[tuple[str, str, str, list[int]]]:
+def video_questions(
+    rng: random.Random, contents: list[list[Object]], visible: set[int] | None = None
+) -> list[tuple[str, str, str, list[int]]]:
     """The video questions of a clip: (family, question, answer, evidence); ``contents[f]`` = frame f's objects (0 or 1).
 
     ``visible`` (frame indices; None = every frame) is for the proxy's training drops: a frame
@@ -252,8 +274,14 @@ def video_questions(rng: random.Random, contents: list[list[Object]], visible: s
         labels = [contents[f][0].label for f in with_digit]
         d = rng.choice(labels)
         first = next((f for f in seen if contents[f][0].label == d), None)
-        out.append(("first", f"In which frame does the {d} first appear?", "none" if first is None else NUMBER_WORDS[first + 1],
-                    [i for f in with_digit if contents[f][0].label == d for i in contents[f][0].evidence(f * per)]))
+        out.append(
+            (
+                "first",
+                f"In which frame does the {d} first appear?",
+                "none" if first is None else NUMBER_WORDS[first + 1],
+                [i for f in with_digit if contents[f][0].label == d for i in contents[f][0].evidence(f * per)],
+            )
+        )
     out.append(("frames", "How many frames contain a digit?", str(len(seen)), all_ev))
     return out
 
@@ -265,7 +293,9 @@ class DigitsVideo(_DigitsBase):
     modality = "video"
     families = VIDEO_FAMILIES
 
-    def clip(self, split: str, scene: int, frames: int = FRAMES) -> tuple[list[Image.Image], list[list[Object]], random.Random]:
+    def clip(
+        self, split: str, scene: int, frames: int = FRAMES
+    ) -> tuple[list[Image.Image], list[list[Object]], random.Random]:
         """The ``frames`` frames of clip ``scene`` of ``split`` (each with one digit half of the time), their objects, and the question RNG."""
         nrng, qrng = _scene_rng(self.seed, split, scene, "video")
         pool = split_indices(split)
@@ -280,7 +310,10 @@ class DigitsVideo(_DigitsBase):
         """The video questions about clip ``scene``."""
         frames, contents, qrng = self.clip(split, scene)
         images = tuple(frames)
-        return [Sample(f"{split}-{scene}-{fam}", q, a, fam, images, tuple(e)) for fam, q, a, e in video_questions(qrng, contents)]
+        return [
+            Sample(f"{split}-{scene}-{fam}", q, a, fam, images, tuple(e))
+            for fam, q, a, e in video_questions(qrng, contents)
+        ]
 
 
 def vocabulary() -> list[str]:

@@ -55,8 +55,15 @@ class GQA(HFBenchmark):
 
     def to_samples(self, row, index):
         """One short-answer question."""
-        return [Sample(str(row["id"]), str(row["question"]).strip() + SHORT_ANSWER, str(row["answer"]), structural_type(row),
-                       (self._image_of(row),))]
+        return [
+            Sample(
+                str(row["id"]),
+                str(row["question"]).strip() + SHORT_ANSWER,
+                str(row["answer"]),
+                structural_type(row),
+                (self._image_of(row),),
+            )
+        ]
 
     def _image_of(self, row):
         if row.get("image") is not None:

@@ -38,12 +38,16 @@ def hub_dataset(bench: str, repo: str, config: str | None, split: str):
     what = f"{repo}" + (f" (configuration {config})" if config else "") + f", split {split}"
     local = f"pass data_dir (--data-dir) with a local copy, {split}.jsonl in the dataset's schema (see the {bench} class docstring)"
     if hub_offline():
-        raise DataError(f"{bench} reads the Hugging Face dataset {what}, but the hub is offline (HF_HUB_OFFLINE); {local}")
+        raise DataError(
+            f"{bench} reads the Hugging Face dataset {what}, but the hub is offline (HF_HUB_OFFLINE); {local}"
+        )
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{bench} reads the Hugging Face dataset {what} with the `datasets` package, which is not installed: "
-                        f"pip install datasets, or {local}") from None
+        raise DataError(
+            f"{bench} reads the Hugging Face dataset {what} with the `datasets` package, which is not installed: "
+            f"pip install datasets, or {local}"
+        ) from None
     return lazy_images(datasets.load_dataset(repo, config, split=split))
 
 
@@ -66,7 +70,9 @@ def read_table(path: Path) -> Iterator[tuple[str, dict]]:
 
             frame = pandas.read_parquet(path)
         except ImportError:
-            raise DataError(f"Reading {path} needs pyarrow (pip install pyarrow); or convert it to {path.stem}.jsonl") from None
+            raise DataError(
+                f"Reading {path} needs pyarrow (pip install pyarrow); or convert it to {path.stem}.jsonl"
+            ) from None
         for i, row in enumerate(frame.to_dict("records")):
             yield f"{path} row {i}", row
         return
@@ -117,7 +123,9 @@ class HFBenchmark(Benchmark):
             raise DataError(f"data_dir {str(data_dir)!r} (--data-dir) is not a directory")
         self.samples_by_id: dict[str, Sample] = {}
         self.by_id: dict[str, dict] = {}  # sample id -> what aggregate needs beyond the records
-        self._decoded: dict[str, Image.Image] = {}  # images datasets gave decoded, shared by the questions about one image
+        self._decoded: dict[
+            str, Image.Image
+        ] = {}  # images datasets gave decoded, shared by the questions about one image
 
     # -- rows ---------------------------------------------------------------------------------------------
     def dataset_split(self, split: str | None) -> str:
@@ -139,7 +147,9 @@ class HFBenchmark(Benchmark):
             if path.is_file():
                 return path
         found = sorted(p.name for p in self.data_dir.iterdir() if p.suffix in (".jsonl", ".parquet"))
-        raise DataError(f"{self.name}: none of {[p.name for p in candidates]} in {self.data_dir} (found {found or 'no tables'})")
+        raise DataError(
+            f"{self.name}: none of {[p.name for p in candidates]} in {self.data_dir} (found {found or 'no tables'})"
+        )
 
     def rows(self, split: str) -> Iterator[tuple[str, dict]]:
         """(where, row) for every row of ``split``, from ``data_dir`` when given, else from the hub."""
@@ -187,8 +197,10 @@ class HFBenchmark(Benchmark):
         try:
             return self.samples_by_id[record["id"]]
         except KeyError:
-            raise DataError(f"{self.name}: record {record.get('id')!r} is not a sample this benchmark loaded; "
-                            "call load(split) on the same instance before aggregate") from None
+            raise DataError(
+                f"{self.name}: record {record.get('id')!r} is not a sample this benchmark loaded; "
+                "call load(split) on the same instance before aggregate"
+            ) from None
 
     def with_samples(self, records: list[dict]) -> list[tuple[dict, Sample]]:
         """(record, its loaded sample) for every record; no records is an error (there is nothing to aggregate)."""
@@ -198,9 +210,15 @@ class HFBenchmark(Benchmark):
 
     def aggregate(self, records: list[dict]) -> dict:
         """Accuracy (``is_correct`` on each record's prediction) overall and per family."""
-        marked = [{"family": s.family, "correct": self.is_correct(r["prediction"], s)} for r, s in self.with_samples(records)]
-        return {"accuracy": mean(m["correct"] for m in marked), "per_family": per_family_accuracy(marked), "n": len(records),
-                "answer_reading": self.answer_reading}
+        marked = [
+            {"family": s.family, "correct": self.is_correct(r["prediction"], s)} for r, s in self.with_samples(records)
+        ]
+        return {
+            "accuracy": mean(m["correct"] for m in marked),
+            "per_family": per_family_accuracy(marked),
+            "n": len(records),
+            "answer_reading": self.answer_reading,
+        }
 
     # -- images -------------------------------------------------------------------------------------------
     def media_root(self) -> Path | None:
@@ -240,8 +258,14 @@ class VideoBenchmark(HFBenchmark):
     modality = "video"
     default_frames = 8  # num_frames when none is given
 
-    def __init__(self, data_dir: str | None = None, num_frames: int | None = None, video_root: str | None = None,
-                 max_side: int | None = None, answer_reading: str | None = None):
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        num_frames: int | None = None,
+        video_root: str | None = None,
+        max_side: int | None = None,
+        answer_reading: str | None = None,
+    ):
         super().__init__(data_dir, answer_reading)
         self.num_frames = self.default_frames if num_frames is None else int(num_frames)
         if self.num_frames < 1:
@@ -260,10 +284,14 @@ class VideoBenchmark(HFBenchmark):
     def require_video_root(self) -> None:
         """Hub rows name video files that are not in the dataset's rows: fail early without a folder holding them."""
         if self.video_root is None:
-            raise DataError(f"{self.name}: the {self.hf_name} rows name videos that must be downloaded and unpacked separately; "
-                            "pass video_root with them (or data_dir with a local copy)")
+            raise DataError(
+                f"{self.name}: the {self.hf_name} rows name videos that must be downloaded and unpacked separately; "
+                "pass video_root with them (or data_dir with a local copy)"
+            )
 
-    def frames(self, value: Any, bounds: tuple[float, float] | None = None, subdirs: Sequence[str] = ()) -> MediaRef | tuple:
+    def frames(
+        self, value: Any, bounds: tuple[float, float] | None = None, subdirs: Sequence[str] = ()
+    ) -> MediaRef | tuple:
         """A lazy reference to the sampled frames of one video given as a frame list, a frame folder or a video file
         (tried under ``subdirs`` too); decoded frames (PIL images in a list) are sampled and kept as they are."""
         if isinstance(value, (list, tuple)):

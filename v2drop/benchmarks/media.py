@@ -135,13 +135,17 @@ def decode_video(path: Path, num_frames: int, bounds: tuple[float, float] | None
     try:
         import av
     except ImportError:
-        raise DataError(f"reading the video file {path} needs PyAV (pip install av); or give the video as frame images") from None
+        raise DataError(
+            f"reading the video file {path} needs PyAV (pip install av); or give the video as frame images"
+        ) from None
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         rate = float(stream.average_rate or stream.guessed_rate or 0)
         base = float(stream.time_base)
         start_pts = stream.start_time or 0
-        total = stream.frames or (int(float(stream.duration * stream.time_base) * rate) if stream.duration and rate else 0)
+        total = stream.frames or (
+            int(float(stream.duration * stream.time_base) * rate) if stream.duration and rate else 0
+        )
         if not rate or not total:  # length unknown: decode it all, then pick
             frames = [f.to_image().convert("RGB") for f in container.decode(stream)]
             first, last = _clip(len(frames), rate, bounds)
@@ -292,7 +296,10 @@ def _check_header(source: Any) -> None:
         opener, what = source, f"image file {source}"
     else:
         data = source if isinstance(source, (bytes, bytearray)) else _base64(str(source))
-        opener, what = io.BytesIO(bytes(data)), "image bytes" if isinstance(source, (bytes, bytearray)) else "base64 image"
+        opener, what = (
+            io.BytesIO(bytes(data)),
+            "image bytes" if isinstance(source, (bytes, bytearray)) else "base64 image",
+        )
     try:
         with Image.open(opener):
             pass

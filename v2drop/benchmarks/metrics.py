@@ -137,6 +137,7 @@ def option_is_correct(prediction: str, answer: str, choices: Sequence[str], lett
 
 # -- the VQA answer normaliser (TextVQA): EvalAI's, in v2drop.benchmarks.vqa --------------------------------
 
+
 def vqa_exact_match(prediction: str, answer: str) -> bool:
     """``normalize_vqa`` of both agree (a lenient VQA exact match; the benchmarks use their references' readings)."""
     return normalize_vqa(prediction) == normalize_vqa(answer)

@@ -81,7 +81,9 @@ class MMBench(HFBenchmark):
         if self.answer_reading == "llava":
             hint = f"{row['hint']}\n" if present(row.get("hint")) else ""
             return hint + str(row["question"]) + "\n" + options_text(options) + OPTION_ANSWER
-        lines = "\n".join(f"{c}. {row[c]}" for c in "ABCDE" if c in row and row[c] and not _missing(row[c]) and row[c] != "nan")
+        lines = "\n".join(
+            f"{c}. {row[c]}" for c in "ABCDE" if c in row and row[c] and not _missing(row[c]) and row[c] != "nan"
+        )
         body = f"{SYS_PROMPT}\n{lines}".rstrip("\n")
         hint = row.get("hint")
         head = f"{hint} {row['question']}" if not _missing(hint) and hint != "nan" else f"{row['question']}"
@@ -96,18 +98,30 @@ class MMBench(HFBenchmark):
         groups: dict[int, list[tuple[bool, str, bool]]] = {}
         for r, sample in self.with_samples(records):
             info = self.by_id[sample.id]
-            groups.setdefault(info["group"], []).append((info["first"], sample.family, self.is_correct(r["prediction"], sample)))
+            groups.setdefault(info["group"], []).append(
+                (info["first"], sample.family, self.is_correct(r["prediction"], sample))
+            )
         # As MMBench's evaluator: a group is scored only when its question's own row (index < 1e6) was asked.
         scored = {g: v for g, v in groups.items() if any(first for first, _, _ in v)}
         if not scored:
-            raise ValueError("mmbench: no record is a question's own row (index < 1,000,000); CircularEval scores those groups")
+            raise ValueError(
+                "mmbench: no record is a question's own row (index < 1,000,000); CircularEval scores those groups"
+            )
         first = [{"family": f, "correct": c} for v in scored.values() for is_first, f, c in v if is_first]
-        circular = [{"family": next(f for is_first, f, _ in v if is_first), "correct": all(c for _, _, c in v)}
-                    for v in scored.values()]
+        circular = [
+            {"family": next(f for is_first, f, _ in v if is_first), "correct": all(c for _, _, c in v)}
+            for v in scored.values()
+        ]
         per_q = circular if self.circular else first
-        return {"accuracy": mean(q["correct"] for q in per_q), "per_family": per_family_accuracy(per_q), "circular": self.circular,
-                "accuracy_first_copy": mean(q["correct"] for q in first), "n": len(per_q), "n_samples": len(records),
-                "answer_reading": self.answer_reading}
+        return {
+            "accuracy": mean(q["correct"] for q in per_q),
+            "per_family": per_family_accuracy(per_q),
+            "circular": self.circular,
+            "accuracy_first_copy": mean(q["correct"] for q in first),
+            "n": len(per_q),
+            "n_samples": len(records),
+            "answer_reading": self.answer_reading,
+        }
 
 
 def _missing(value) -> bool:

@@ -58,14 +58,23 @@ class MME(HFBenchmark):
 
     def aggregate(self, records):
         """Per-subtask acc, acc+ and score; perception, cognition and total scores."""
-        marked = [{"family": s.family, "image": self.by_id[s.id]["image"], "correct": self.is_correct(r["prediction"], s)}
-                  for r, s in self.with_samples(records)]
+        marked = [
+            {"family": s.family, "image": self.by_id[s.id]["image"], "correct": self.is_correct(r["prediction"], s)}
+            for r, s in self.with_samples(records)
+        ]
         by_subtask: dict[str, dict[str, list[bool]]] = {}
         for m in marked:
             by_subtask.setdefault(m["family"], {}).setdefault(m["image"], []).append(m["correct"])
         subtasks = {cat: acc_plus_scores(images) for cat, images in sorted(by_subtask.items())}
         perception = sum(v["score"] for k, v in subtasks.items() if k in PERCEPTION)
         cognition = sum(v["score"] for k, v in subtasks.items() if k in COGNITION)
-        return {"perception": perception, "cognition": cognition, "total": perception + cognition, "subtasks": subtasks,
-                "accuracy": mean(m["correct"] for m in marked), "per_family": per_family_accuracy(marked), "n": len(marked),
-                "answer_reading": self.answer_reading}
+        return {
+            "perception": perception,
+            "cognition": cognition,
+            "total": perception + cognition,
+            "subtasks": subtasks,
+            "accuracy": mean(m["correct"] for m in marked),
+            "per_family": per_family_accuracy(marked),
+            "n": len(marked),
+            "answer_reading": self.answer_reading,
+        }

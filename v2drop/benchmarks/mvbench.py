@@ -89,7 +89,11 @@ class MVBench(VideoBenchmark):
         options = "".join(f"({LETTERS[i]}) {c}\n" for i, c in enumerate(candidates))
         question = "Question:" + str(row["question"]) + "\nOption:\n" + options + POST_PROMPT
         frames = self.frames(row["video"], None, subdirs=[TASK_DIRS[task]] if task in TASK_DIRS else [])
-        return [Sample(f"{task}-{index}", question, LETTERS[candidates.index(answer)], task, frames, choices=tuple(candidates))]
+        return [
+            Sample(
+                f"{task}-{index}", question, LETTERS[candidates.index(answer)], task, frames, choices=tuple(candidates)
+            )
+        ]
 
     def is_correct(self, prediction, sample):
         """lmms-eval's ``mcq_acc``: the prediction's reading is the answer's letter."""
@@ -97,11 +101,20 @@ class MVBench(VideoBenchmark):
 
     def aggregate(self, records):
         """Accuracy over answered questions, overall and per task (empty predictions left out), and the mean over tasks."""
-        answered = [{"family": s.family, "correct": self.is_correct(r["prediction"], s)}
-                    for r, s in self.with_samples(records) if r["prediction"] != ""]
+        answered = [
+            {"family": s.family, "correct": self.is_correct(r["prediction"], s)}
+            for r, s in self.with_samples(records)
+            if r["prediction"] != ""
+        ]
         per_task = per_family_accuracy(answered)
         for task in sorted({s.family for _, s in self.with_samples(records)} - set(per_task)):
             per_task[task] = 0.0  # lmms-eval scores a task with no answered question 0
         per_task = dict(sorted(per_task.items()))
-        return {"accuracy": mean(a["correct"] for a in answered), "per_family": per_task, "mean_of_tasks": mean(per_task.values()),
-                "n": len(records), "n_answered": len(answered), "answer_reading": self.answer_reading}
+        return {
+            "accuracy": mean(a["correct"] for a in answered),
+            "per_family": per_task,
+            "mean_of_tasks": mean(per_task.values()),
+            "n": len(records),
+            "n_answered": len(answered),
+            "answer_reading": self.answer_reading,
+        }

@@ -64,7 +64,10 @@ class POPE(HFBenchmark):
 
     def aggregate(self, records):
         """Overall and per-category accuracy, precision, recall, F1, yes ratio; mean F1 over categories."""
-        marked = [{"family": s.family, "pred": self.read(r["prediction"]), "gold": s.answer} for r, s in self.with_samples(records)]
+        marked = [
+            {"family": s.family, "pred": self.read(r["prediction"]), "gold": s.answer}
+            for r, s in self.with_samples(records)
+        ]
         for m in marked:
             m["correct"] = m["pred"] == m["gold"]
         out = self.scores([m["pred"] for m in marked], [m["gold"] for m in marked])

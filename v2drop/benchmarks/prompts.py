@@ -6,7 +6,9 @@ import string
 from collections.abc import Sequence
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's GQA/TextVQA/POPE suffix
-OPTION_ANSWER = "\nAnswer with the option's letter from the given choices directly."  # LLaVA-1.5's multiple-choice suffix
+OPTION_ANSWER = (
+    "\nAnswer with the option's letter from the given choices directly."  # LLaVA-1.5's multiple-choice suffix
+)
 LETTERS = string.ascii_uppercase  # option letters, in order
 
 

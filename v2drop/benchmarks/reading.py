@@ -61,9 +61,13 @@ def pope_lmms_eval_scores(preds: Sequence[str], golds: Sequence[str]) -> dict:
     precision = tp / (tp + fp) if tp + fp > 0 else 0
     recall = tp / (tp + fn) if tp + fn > 0 else 0
     yes, no = sum(g == "yes" for g in golds), sum(g == "no" for g in golds)
-    return {"accuracy": sum(p == g for p, g in zip(preds, golds)) / n, "precision": precision, "recall": recall,
-            "f1": 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0,
-            "yes_ratio": yes / (yes + no) if yes + no > 0 else 0}
+    return {
+        "accuracy": sum(p == g for p, g in zip(preds, golds)) / n,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0,
+        "yes_ratio": yes / (yes + no) if yes + no > 0 else 0,
+    }
 
 
 # -- MME ------------------------------------------------------------------------------------------------------
@@ -154,8 +158,20 @@ def mmbench_infer_option(answer: str, num_choice: int = 5) -> str | bool:
                 break
             if ch in splits:
                 return ch
-    tups = [("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."), (":", ""), (":", ","), (":", "."),
-            (":", ")"), (":", ").")]
+    tups = [
+        ("", "."),
+        ("", ","),
+        ("", ":"),
+        ("", ")"),
+        ("", ")."),
+        ("(", ")"),
+        ("(", ")."),
+        (":", ""),
+        (":", ","),
+        (":", "."),
+        (":", ")"),
+        (":", ")."),
+    ]
     for prefix, suffix in tups:
         if count(splits, choices, prefix=prefix, suffix=suffix) == 1:
             for ch in choices:
@@ -174,7 +190,9 @@ def mmbench_infer_text(answer: str, choices: Mapping[str, str]) -> str | bool:
 def mmbench_read(prediction: str, choices: Mapping[str, str]) -> str | bool:
     """MMBench's ``can_infer`` on a stripped prediction: the option letter it reads, or False (where MMBench would ask an LLM judge)."""
     prediction = str(prediction.strip())
-    return mmbench_infer_option(prediction) or mmbench_infer_text(prediction, {k: v for k, v in choices.items() if k in "ABCD"})
+    return mmbench_infer_option(prediction) or mmbench_infer_text(
+        prediction, {k: v for k, v in choices.items() if k in "ABCD"}
+    )
 
 
 # -- MVBench --------------------------------------------------------------------------------------------------
@@ -208,8 +226,14 @@ def mvbench_lmms_eval(prediction: str, answer_letter: str) -> bool:
 
 # lmms-eval's list, with its two missing commas: "The best option isThe correct option is" and
 # "Best answer:Best option:" are single (never-matching) prefixes there, so they are here.
-_VIDEOMME_PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
-                      "The best option isThe correct option is", "Best answer:Best option:")
+_VIDEOMME_PREFIXES = (
+    "The best answer is",
+    "The correct answer is",
+    "The answer is",
+    "The answer",
+    "The best option isThe correct option is",
+    "Best answer:Best option:",
+)
 
 
 def videomme_lmms_eval(prediction: str) -> str:

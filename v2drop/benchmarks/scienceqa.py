@@ -41,8 +41,16 @@ class ScienceQAImg(HFBenchmark):
             raise ValueError(f"answer index {answer} is outside the {len(choices)} choices")
         context = f"Context: {str(row['hint']).strip()}\n" if present(row.get("hint")) else ""
         question = context + str(row["question"]).strip() + "\n" + options_text(choices) + OPTION_ANSWER
-        return [Sample(f"sqa-{index}", question, LETTERS[answer], str(row.get("subject") or "scienceqa"), (self.image(row["image"]),),
-                       choices=tuple(choices))]
+        return [
+            Sample(
+                f"sqa-{index}",
+                question,
+                LETTERS[answer],
+                str(row.get("subject") or "scienceqa"),
+                (self.image(row["image"]),),
+                choices=tuple(choices),
+            )
+        ]
 
     def is_correct(self, prediction, sample):
         """The option letter the reference of ``answer_reading`` reads is the answer."""

@@ -74,5 +74,11 @@ class TextVQA(HFBenchmark):
             soft.append(vqa_accuracy(r["prediction"], self.by_id[sample.id]["answers"]))
             full.append(self.is_correct(r["prediction"], sample))
         score = mean(soft)
-        return {"vqa_accuracy": score, "accuracy": score, "full_credit": mean(full), "per_family": {"textvqa": score},
-                "n": len(records), "answer_reading": self.answer_reading}
+        return {
+            "vqa_accuracy": score,
+            "accuracy": score,
+            "full_credit": mean(full),
+            "per_family": {"textvqa": score},
+            "n": len(records),
+            "answer_reading": self.answer_reading,
+        }

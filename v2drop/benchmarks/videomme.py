@@ -10,12 +10,25 @@ from v2drop.benchmarks.prompts import LETTERS, OPTION_ANSWER, options_text
 from v2drop.benchmarks.reading import videomme_lmms_eval
 
 # lmms-eval's videomme_doc_to_text instruction line (its post_prompt default is OPTION_ANSWER, from videomme.yaml).
-INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video and the subtitles. "
-               "Respond with only the letter (A, B, C, or D) of the correct option.")
+INSTRUCTION = (
+    "Select the best answer to the following multiple-choice question based on the video and the subtitles. "
+    "Respond with only the letter (A, B, C, or D) of the correct option."
+)
 
-TASK_TYPES = ("Temporal Perception", "Spatial Perception", "Attribute Perception", "Action Recognition", "Object Recognition",
-              "OCR Problems", "Counting Problem", "Temporal Reasoning", "Spatial Reasoning", "Action Reasoning",
-              "Object Reasoning", "Information Synopsis")
+TASK_TYPES = (
+    "Temporal Perception",
+    "Spatial Perception",
+    "Attribute Perception",
+    "Action Recognition",
+    "Object Recognition",
+    "OCR Problems",
+    "Counting Problem",
+    "Temporal Reasoning",
+    "Spatial Reasoning",
+    "Action Reasoning",
+    "Object Reasoning",
+    "Information Synopsis",
+)
 _LETTERED = re.compile(r"^\s*\(?([A-Z])[.)]\s*")
 
 
@@ -67,14 +80,20 @@ class VideoMME(VideoBenchmark):
         question = INSTRUCTION + "\n" + str(row["question"]) + "\n" + options + "\n" + OPTION_ANSWER
         sid = str(row["question_id"])
         self.by_id[sid] = {"duration": str(row.get("duration") or "unknown")}
-        return [Sample(sid, question, answer, str(row.get("task_type") or "videomme"), self._video(row), choices=tuple(texts))]
+        return [
+            Sample(
+                sid, question, answer, str(row.get("task_type") or "videomme"), self._video(row), choices=tuple(texts)
+            )
+        ]
 
     def _video(self, row) -> tuple:
         for column in ("video", "frames"):
             if present(row.get(column)) or isinstance(row.get(column), (list, tuple)):
                 return self.frames(row[column])
         vid = str(row["videoID"])
-        names = [f"frames/{vid}", vid] + [f"{d}{vid}{ext}" for d in ("data/", "") for ext in (".mp4", ".MP4", ".mkv", ".webm")]
+        names = [f"frames/{vid}", vid] + [
+            f"{d}{vid}{ext}" for d in ("data/", "") for ext in (".mp4", ".MP4", ".mkv", ".webm")
+        ]
         path = next((n for n in names if self.find_media(n) is not None), None)
         if path is None:
             raise ValueError(f"no video or frames column and none of {names} under {self.media_root()}")

@@ -142,11 +142,16 @@ def generate(
         attention_mask=mask2d,
         orig_idx=(mask2d.long().cumsum(-1) - 1).masked_fill(mask2d == 0, -1),
         vision=vision,
-        coords=adapter.vision_coords(inputs, vision) if method.drops else torch.zeros(B, L, 3, dtype=torch.long, device=device),
+        coords=adapter.vision_coords(inputs, vision)
+        if method.drops
+        else torch.zeros(B, L, 3, dtype=torch.long, device=device),
     )
     traces = [SampleTrace(vision_tokens=n) for n in vision.sum(1).tolist()]
-    stages = StageContext.start(method, adapter, seq, sample_keys(input_ids, mask2d), traces, inputs,
-                                 vision_cache) if method.drops else None
+    stages = (
+        StageContext.start(method, adapter, seq, sample_keys(input_ids, mask2d), traces, inputs, vision_cache)
+        if method.drops
+        else None
+    )
     cache = DynamicCache(config=adapter.text_config)
 
     with PeakMemory(device) if measure_memory else contextlib.nullcontext() as memory:
@@ -167,7 +172,9 @@ def generate(
             for trace, count in zip(traces, vision_counts):
                 trace.vision_tokens_per_layer.append(count)
             prev_hidden = seq.hidden if stages is not None and stages.needs_prev_hidden(layer_idx + 1) else None
-            seq.hidden = layer(seq.hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+            seq.hidden = layer(
+                seq.hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True
+            )
         logits = adapter.lm_head(adapter.norm(seq.hidden[:, -1:]))[:, -1].float()
         prefill_seconds = clock.elapsed()
 
@@ -186,12 +193,16 @@ def generate(
             hidden = embed_tokens(token[:, None])
             ones = torch.ones(B, step + 1, dtype=mask2d.dtype, device=device)
             seg_mask2d = [torch.cat([seg.attention_mask, ones], dim=1) for seg in segments]
-            seg_rope = [adapter.rope(hidden, adapter.decode_position_ids(seg.next_positions + step)) for seg in segments]
+            seg_rope = [
+                adapter.rope(hidden, adapter.decode_position_ids(seg.next_positions + step)) for seg in segments
+            ]
             masks = {}
             for layer_idx, layer in enumerate(adapter.layers):
                 s = seg_of_layer[layer_idx]
                 mask = mask_for(adapter, layer_idx, hidden, seg_mask2d[s], cache, masks, segments[s].first_layer)
-                hidden = layer(hidden, attention_mask=mask, position_embeddings=seg_rope[s], past_key_values=cache, use_cache=True)
+                hidden = layer(
+                    hidden, attention_mask=mask, position_embeddings=seg_rope[s], past_key_values=cache, use_cache=True
+                )
             logits = adapter.lm_head(adapter.norm(hidden))[:, -1].float()
         generate_seconds = clock.elapsed()
 
@@ -201,7 +212,13 @@ def generate(
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
         out_ids.append(row[:cut])
     return EngineOutput(
-        prompt_ids, out_ids, traces, first_logits, prefill_seconds, generate_seconds,
-        stages.scoring_seconds if stages else 0.0, stages.drop_seconds if stages else 0.0,
+        prompt_ids,
+        out_ids,
+        traces,
+        first_logits,
+        prefill_seconds,
+        generate_seconds,
+        stages.scoring_seconds if stages else 0.0,
+        stages.drop_seconds if stages else 0.0,
         memory.peak_bytes if memory is not None else None,
     )

@@ -28,7 +28,7 @@ class Sequence:
         valid = torch.arange(width, device=counts.device)[None] < counts[:, None]
         return order.masked_fill(~valid, 0), valid
 
-    def select(self, keep: list[torch.Tensor]) -> "Sequence":
+    def select(self, keep: list[torch.Tensor]) -> Sequence:
         """Keep the given positions of each sample (ascending), left-padding to a common length."""
         length = max(int(k.numel()) for k in keep)
         B, device = len(keep), self.hidden.device
@@ -54,7 +54,7 @@ class Sequence:
             coords=self.coords.gather(1, idx[..., None].expand(-1, -1, 3)),
         )
 
-    def extended(self, hidden: torch.Tensor, source: torch.Tensor, valid: torch.Tensor) -> "Sequence":
+    def extended(self, hidden: torch.Tensor, source: torch.Tensor, valid: torch.Tensor) -> Sequence:
         """Append M new vision tokens per sample (``hidden`` (B, M, D)) at the end of the sequence.
 
         Each takes the position ids, prompt index and grid coordinates of the token at ``source``
@@ -73,7 +73,7 @@ class Sequence:
             coords=torch.cat([self.coords, self.coords.gather(1, source[..., None].expand(-1, -1, 3))], dim=1),
         )
 
-    def renumbered(self) -> "Sequence":
+    def renumbered(self) -> Sequence:
         """The same tokens with contiguous positions 0..n-1 per sample (official PDrop policy)."""
         mask = self.attention_mask.long()
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)

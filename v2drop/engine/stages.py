@@ -19,7 +19,7 @@ from v2drop.cost import synchronize
 from v2drop.engine.sequence import Sequence
 from v2drop.method import Method
 from v2drop.models.base import Adapter
-from v2drop.scorers import AttentionRequest, LayerState, Selection, VisionFeatures, VisionRequest
+from v2drop.scorers import LayerState, Selection, VisionFeatures
 
 
 @dataclass
@@ -65,8 +65,16 @@ class StageContext:
     drop_seconds: float = 0.0
 
     @classmethod
-    def start(cls, method: Method, adapter: Adapter, seq: Sequence, sample_keys: torch.Tensor, traces: list,
-              inputs: dict | None = None, vision_cache=None) -> "StageContext":
+    def start(
+        cls,
+        method: Method,
+        adapter: Adapter,
+        seq: Sequence,
+        sample_keys: torch.Tensor,
+        traces: list,
+        inputs: dict | None = None,
+        vision_cache=None,
+    ) -> StageContext:
         """The context of a batch whose layer-0 sequence is ``seq``: asks each stage's scorer for its queries
         and the vision tower for what the scorers request, once (from ``vision_cache`` when given)."""
         requests, queries, vision_request, asked = {}, {}, None, {}
@@ -84,16 +92,30 @@ class StageContext:
         vision = None
         if vision_request is not None and bool(seq.vision.any()):
             if inputs is None:
-                raise ValueError("A scorer with a vision_request() needs the model inputs (pixel values) in StageContext.start")
+                raise ValueError(
+                    "A scorer with a vision_request() needs the model inputs (pixel values) in StageContext.start"
+                )
             try:
-                vision = (vision_cache.tower_state(adapter, inputs, vision_request) if vision_cache is not None
-                          else adapter.vision_tower_state(inputs, vision_request))
+                vision = (
+                    vision_cache.tower_state(adapter, inputs, vision_request)
+                    if vision_cache is not None
+                    else adapter.vision_tower_state(inputs, vision_request)
+                )
             except ValueError as err:
-                raise ValueError(f"Scorer {method.scorer_name!r} reads the vision tower ([CLS] attention): {err}") from None
+                raise ValueError(
+                    f"Scorer {method.scorer_name!r} reads the vision tower ([CLS] attention): {err}"
+                ) from None
         return cls(
-            method=method, adapter=adapter, stage_at={s.layer: i for i, s in enumerate(method.schedule.stages)},
-            sample_keys=sample_keys, n_vision=seq.vision.sum(1).tolist(), traces=traces, requests=requests, queries=queries,
-            vision=vision, pad=(seq.attention_mask == 0).sum(1),
+            method=method,
+            adapter=adapter,
+            stage_at={s.layer: i for i, s in enumerate(method.schedule.stages)},
+            sample_keys=sample_keys,
+            n_vision=seq.vision.sum(1).tolist(),
+            traces=traces,
+            requests=requests,
+            queries=queries,
+            vision=vision,
+            pad=(seq.attention_mask == 0).sum(1),
         )
 
     def needs_prev_hidden(self, layer_idx: int) -> bool:
@@ -103,7 +125,9 @@ class StageContext:
         request = self.requests.get(layer_idx)
         return self.method.scorer.at(layer_idx).needs_prev_hidden or (request is not None and request.layer_offset < 0)
 
-    def vision_features(self, seq: Sequence, vision_idx: torch.Tensor, vision_valid: torch.Tensor) -> VisionFeatures | None:
+    def vision_features(
+        self, seq: Sequence, vision_idx: torch.Tensor, vision_valid: torch.Tensor
+    ) -> VisionFeatures | None:
         """The vision tower's outputs for the current vision tokens (None when no scorer asked)."""
         if self.vision is None:
             return None
@@ -149,7 +173,9 @@ def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: S
         layer=ctx.adapter.layers[layer_idx] if layer_idx >= 0 else None,
         attention=attention,
         query_valid=query_valid,
-        vision=ctx.vision_features(seq, vision_idx, vision_valid) if stage_scorer.vision_request() is not None else None,
+        vision=ctx.vision_features(seq, vision_idx, vision_valid)
+        if stage_scorer.vision_request() is not None
+        else None,
     )
     synchronize(device)
     start = time.perf_counter()
@@ -157,15 +183,23 @@ def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: S
     synchronize(device)
     ctx.scoring_seconds += time.perf_counter() - start
     if scores.shape != vision_idx.shape:
-        raise RuntimeError(f"{type(scorer).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(vision_idx.shape)}")
+        raise RuntimeError(
+            f"{type(scorer).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(vision_idx.shape)}"
+        )
     scores = scores.float().nan_to_num(nan=float("-inf"))
     stage_idx = ctx.stage_at[layer_idx]
     n_valid = vision_valid.sum(1).tolist()
     counts = [schedule.kept_count(stage_idx, n, n0) for n, n0 in zip(n_valid, ctx.n_vision)]
     selection = scorer.select(state, scores, counts)
     B = seq.hidden.shape[0]
-    if len(selection.keep) != B or len(selection.added_hidden or [None] * B) != B or len(selection.added_source or [None] * B) != B:
-        raise RuntimeError(f"{type(scorer).__name__}.select must return one entry per sample ({B}) in every Selection field")
+    if (
+        len(selection.keep) != B
+        or len(selection.added_hidden or [None] * B) != B
+        or len(selection.added_source or [None] * B) != B
+    ):
+        raise RuntimeError(
+            f"{type(scorer).__name__}.select must return one entry per sample ({B}) in every Selection field"
+        )
     new = _apply(seq, selection, vision_idx, layer_idx, ctx.traces)
     if ctx.method.position_policy == "renumber":
         new = new.renumbered()
@@ -214,8 +248,10 @@ def _cached_keys(cache, layer_idx: int, seq: Sequence) -> torch.Tensor:
     # sliding-window layer that kept fewer.
     if keys is None or keys.shape[-2] != L:
         have = "nothing" if keys is None else f"{keys.shape[-2]} tokens"
-        raise ValueError(f"The keys of layer {layer_idx} are not in the KV cache for the {L} current tokens (it holds {have}); "
-                         "a scorer with needs_prev_keys needs a full-attention layer before its stage")
+        raise ValueError(
+            f"The keys of layer {layer_idx} are not in the KV cache for the {L} current tokens (it holds {have}); "
+            "a scorer with needs_prev_keys needs a full-attention layer before its stage"
+        )
     return keys.transpose(1, 2).flatten(2)
 
 

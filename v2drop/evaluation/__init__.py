@@ -7,13 +7,20 @@ machines: shards, per-rank records files, the merge), ``report`` (the terminal t
 when ``evaluate`` runs.
 """
 
+from v2drop.checks import check_writable  # noqa: F401  (the output check run_evaluation uses)
 from v2drop.evaluation.config import EvalConfig, EvalResult, EvalSettings
 from v2drop.evaluation.harness import evaluate
-from v2drop.evaluation.records import append_records, read_records, vision_index_of, vision_runs, write_records, write_trace
-from v2drop.tables import write_csv  # noqa: F401  (the one CSV writer, importable from here too)
+from v2drop.evaluation.records import (
+    append_records,
+    read_records,
+    vision_index_of,
+    vision_runs,
+    write_records,
+    write_trace,
+)
 from v2drop.evaluation.report import format_table
-from v2drop.checks import check_writable  # noqa: F401  (the output check run_evaluation uses)
 from v2drop.evaluation.run import default_run_dir, run_evaluation
+from v2drop.tables import write_csv  # noqa: F401  (the one CSV writer, importable from here too)
 
 __all__ = [
     "EvalConfig",

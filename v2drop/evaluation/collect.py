@@ -54,19 +54,33 @@ def read_run(path: str | os.PathLike) -> RunResult:
     metric = BENCHMARKS.get(benchmark).paper_metric if benchmark in BENCHMARKS else "accuracy"
     score = metrics.get(metric, metrics.get("accuracy"))
     label = config.get("label") or ("none" if not drops else path.parent.name)
-    return RunResult(path, str(config["model"]), benchmark, data.get("split") or config.get("split"), int(metrics["n"]), label,
-                     drops, score, metric if metric in metrics else "accuracy", float(metrics["average_vision_tokens"]),
-                     float(metrics["flops_ratio"]))
+    return RunResult(
+        path,
+        str(config["model"]),
+        benchmark,
+        data.get("split") or config.get("split"),
+        int(metrics["n"]),
+        label,
+        drops,
+        score,
+        metric if metric in metrics else "accuracy",
+        float(metrics["average_vision_tokens"]),
+        float(metrics["flops_ratio"]),
+    )
 
 
 def collect_results(root: str | os.PathLike) -> list[RunResult]:
     """Every ``result.json`` under ``root`` (recursively), sorted by path; none is a ValueError."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"No runs directory {root}; evaluations write to runs/eval/<run> by default (--run-dir)")
+        raise FileNotFoundError(
+            f"No runs directory {root}; evaluations write to runs/eval/<run> by default (--run-dir)"
+        )
     runs = [read_run(p) for p in sorted(root.rglob("result.json"))]
     if not runs:
-        raise ValueError(f"No result.json under {root}: finish an evaluation first (python -m experiments.evaluate ...)")
+        raise ValueError(
+            f"No result.json under {root}: finish an evaluation first (python -m experiments.evaluate ...)"
+        )
     return runs
 
 
@@ -85,7 +99,7 @@ def method_benchmark_table(runs: list[RunResult]) -> dict[str, list[dict]]:
     tables: dict[str, list[dict]] = {}
     for model in sorted({r.model for r in latest.values()}):
         by_label: dict[str, list[RunResult]] = {}
-        for (group, label), run in latest.items():
+        for (_group, label), run in latest.items():
             if run.model == model:
                 by_label.setdefault(label, []).append(run)
         rows = []
@@ -108,6 +122,12 @@ def method_benchmark_table(runs: list[RunResult]) -> dict[str, list[dict]]:
 
 def table_columns(rows: list[dict]) -> list[str]:
     """``method``, each benchmark's score, then the averages (ratio columns stay in the CSV only)."""
-    benchmarks = sorted({k for r in rows for k in r if k not in ("method", "avg_vs_none", "avg_vision_tokens", "flops_ratio")
-                         and not k.endswith(" vs none")})
+    benchmarks = sorted(
+        {
+            k
+            for r in rows
+            for k in r
+            if k not in ("method", "avg_vs_none", "avg_vision_tokens", "flops_ratio") and not k.endswith(" vs none")
+        }
+    )
     return ["method", *benchmarks, "avg_vs_none", "avg_vision_tokens", "flops_ratio"]

@@ -16,12 +16,18 @@ class EvalSettings:
     max_new_tokens: int = 8  # greedy tokens generated per answer
     warmup: int = 2  # samples run (and discarded) before timing starts
     threads: int | None = 2  # torch CPU threads; None leaves the current setting
-    measure_memory: bool = True  # record peak memory of the language-model part (CUDA: every batch; CPU: see memory_batches)
-    memory_batches: int = 2  # CPU: the first N batches run once more, untimed, under the RSS sampler (it would slow the timed run)
+    measure_memory: bool = (
+        True  # record peak memory of the language-model part (CUDA: every batch; CPU: see memory_batches)
+    )
+    memory_batches: int = (
+        2  # CPU: the first N batches run once more, untimed, under the RSS sampler (it would slow the timed run)
+    )
     accelerator: str = "auto"  # Lightning accelerator; auto = gpu when device is cuda, else cpu
     devices: int | str = 1  # Lightning devices per machine (a count or "auto"); several shard the samples
     num_nodes: int = 1  # Lightning num_nodes: machines, each running `devices` ranks
-    workers: int = 2  # data-loader worker processes decoding and processing batches while the model runs; 0 = in the main process
+    workers: int = (
+        2  # data-loader worker processes decoding and processing batches while the model runs; 0 = in the main process
+    )
     prefetch_factor: int = 2  # batches each worker prepares ahead (with workers > 0)
 
 

@@ -22,11 +22,18 @@ from pathlib import Path
 
 import torch
 
+from v2drop.cost import environment, prefill_flops, sample_prefill_flops
 from v2drop.evaluation.config import EvalConfig, EvalResult
-from v2drop.evaluation.ranks import ShardSampler, earlier_records, launched_rank, merge_records, rank_file, read_finished
+from v2drop.evaluation.ranks import (
+    ShardSampler,
+    earlier_records,
+    launched_rank,
+    merge_records,
+    rank_file,
+    read_finished,
+)
 from v2drop.evaluation.records import append_records, repair_tail, vision_runs
 from v2drop.lvlm import LVLM
-from v2drop.cost import environment, prefill_flops, sample_prefill_flops
 from v2drop.method import Method
 
 
@@ -58,7 +65,9 @@ def evaluate(
     """
     if config.threads:
         torch.set_num_threads(config.threads)
-    split = benchmark.resolve_split(config.split) if samples is None else None  # caller-chosen samples: split unknown here
+    split = (
+        benchmark.resolve_split(config.split) if samples is None else None
+    )  # caller-chosen samples: split unknown here
     samples = samples if samples is not None else benchmark.load(split, config.limit)
     if not samples:
         raise ValueError(f"Benchmark {benchmark.name!r} split {split or config.split!r} has no samples")
@@ -71,7 +80,9 @@ def evaluate(
         # launching process can tell an earlier run's records.
         earlier = earlier_records(records_path)
         if earlier is not None and not resume and not launched_rank():
-            raise ValueError(f"{earlier} already exists; pass resume=True (--resume) to continue it, or choose another path")
+            raise ValueError(
+                f"{earlier} already exists; pass resume=True (--resume) to continue it, or choose another path"
+            )
         # The same finished set on every rank: no rank appends a record before all of them have
         # joined the process group inside Trainer.predict.
         done = read_finished(records_path)
@@ -111,7 +122,9 @@ def check_sample(sample, benchmark) -> None:
             raise ValueError(f"Sample {sample.id!r}: medium {i} cannot be read ({err})") from None
     if refs:
         return
-    for i, image in enumerate(sample.images):  # pixels given in memory: decoding a lazily opened file is all that can fail
+    for i, image in enumerate(
+        sample.images
+    ):  # pixels given in memory: decoding a lazily opened file is all that can fail
         try:
             image.load()
         except Exception as err:  # PIL raises many types for truncated or corrupt files
@@ -174,8 +187,16 @@ def prepare_batch(builder, batch: list, **where) -> dict:
     return builder.prepare(prompts, images, **where)
 
 
-def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalConfig, memory_pass: bool = False,
-             inputs: dict | None = None, data_wait: float = 0.0) -> list[dict]:
+def _predict(
+    lvlm: LVLM,
+    benchmark,
+    method: Method,
+    batch: list,
+    config: EvalConfig,
+    memory_pass: bool = False,
+    inputs: dict | None = None,
+    data_wait: float = 0.0,
+) -> list[dict]:
     """Generate answers for a batch of samples and turn them into records (``memory_pass``: CPU
     peak memory from one more, untimed run of the batch; ``inputs``: the batch already prepared by
     a loader worker (tensors or numpy arrays), else prepared here; ``data_wait``: seconds the model waited for the batch)."""
@@ -185,9 +206,13 @@ def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalCon
     else:
         inputs = {k: torch.as_tensor(v).to(lvlm.device) for k, v in inputs.items()}
         dtype = lvlm.model.dtype
-        inputs = {k: v.to(dtype) if v.is_floating_point() and k.startswith("pixel_values") else v for k, v in inputs.items()}
+        inputs = {
+            k: v.to(dtype) if v.is_floating_point() and k.startswith("pixel_values") else v for k, v in inputs.items()
+        }
     on_cuda = lvlm.device.type == "cuda"
-    out = lvlm.generate_from_inputs(inputs, method, config.max_new_tokens, measure_memory=config.measure_memory and on_cuda)
+    out = lvlm.generate_from_inputs(
+        inputs, method, config.max_new_tokens, measure_memory=config.measure_memory and on_cuda
+    )
     peak = out.peak_memory_bytes
     if config.measure_memory and not on_cuda and memory_pass:
         peak = lvlm.generate_from_inputs(inputs, method, config.max_new_tokens, measure_memory=True).peak_memory_bytes
@@ -197,28 +222,30 @@ def _predict(lvlm: LVLM, benchmark, method: Method, batch: list, config: EvalCon
         trace = out.traces[i]
         n_prompt = len(out.prompt_ids[i])
         prediction = out.texts[i]
-        records.append({
-            "id": sample.id,
-            "family": sample.family,
-            "question": sample.question,
-            "prediction": prediction,
-            "reference": sample.answer,
-            "correct": bool(benchmark.is_correct(prediction, sample)),
-            "prompt_tokens": n_prompt,
-            "vision_tokens": trace.vision_tokens,
-            "vision_tokens_per_layer": trace.vision_tokens_per_layer,
-            "average_vision_tokens": trace.average_vision_tokens,
-            "flops": sample_prefill_flops(cfg, trace, n_prompt, method.scorer),
-            "flops_no_drop": prefill_flops(cfg, [n_prompt] * lvlm.depth),
-            "prefill_seconds": out.prefill_seconds / len(batch),
-            "generate_seconds": out.generate_seconds / len(batch),
-            "scoring_seconds": out.scoring_seconds / len(batch),
-            "peak_memory_bytes": peak,
-            "batch_size": len(batch),
-            "kept": trace.stages,
-            "vision_runs": vision_runs(lvlm.adapter.vision_mask(torch.tensor([out.prompt_ids[i]]))[0].tolist()),
-            "data_wait_seconds": data_wait / len(batch),
-        })
+        records.append(
+            {
+                "id": sample.id,
+                "family": sample.family,
+                "question": sample.question,
+                "prediction": prediction,
+                "reference": sample.answer,
+                "correct": bool(benchmark.is_correct(prediction, sample)),
+                "prompt_tokens": n_prompt,
+                "vision_tokens": trace.vision_tokens,
+                "vision_tokens_per_layer": trace.vision_tokens_per_layer,
+                "average_vision_tokens": trace.average_vision_tokens,
+                "flops": sample_prefill_flops(cfg, trace, n_prompt, method.scorer),
+                "flops_no_drop": prefill_flops(cfg, [n_prompt] * lvlm.depth),
+                "prefill_seconds": out.prefill_seconds / len(batch),
+                "generate_seconds": out.generate_seconds / len(batch),
+                "scoring_seconds": out.scoring_seconds / len(batch),
+                "peak_memory_bytes": peak,
+                "batch_size": len(batch),
+                "kept": trace.stages,
+                "vision_runs": vision_runs(lvlm.adapter.vision_mask(torch.tensor([out.prompt_ids[i]]))[0].tolist()),
+                "data_wait_seconds": data_wait / len(batch),
+            }
+        )
     step = (time.perf_counter() - start) / len(batch)
     for record in records:
         record["step_seconds"] = step  # the model's share of the batch's wall time, beside data_wait_seconds
@@ -255,7 +282,9 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
                 raise batch["error"]
             chosen = [samples[i] for i in batch["indices"]]
             assert [s.id for s in chosen] == batch["ids"], "the loader returned a batch out of order"
-            out = _predict(lvlm, benchmark, method, chosen, config, batch_idx < config.memory_batches, batch.get("arrays"), wait)
+            out = _predict(
+                lvlm, benchmark, method, chosen, config, batch_idx < config.memory_batches, batch.get("arrays"), wait
+            )
             self.ready_at = time.perf_counter()
             return out
 
@@ -276,7 +305,9 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
                 append_records(outputs, self.path)
 
     writer = RecordWriter()
-    accelerator = config.accelerator if config.accelerator != "auto" else ("gpu" if config.device.startswith("cuda") else "cpu")
+    accelerator = (
+        config.accelerator if config.accelerator != "auto" else ("gpu" if config.device.startswith("cuda") else "cpu")
+    )
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=config.devices,
@@ -290,8 +321,10 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
         inference_mode=True,
     )
     if trainer.world_size > 1 and records_path is None:
-        raise ValueError(f"evaluating on {trainer.world_size} ranks (devices={config.devices!r}, num_nodes={config.num_nodes}) "
-                         "needs a records path: rank 0 merges the ranks' records files")
+        raise ValueError(
+            f"evaluating on {trainer.world_size} ranks (devices={config.devices!r}, num_nodes={config.num_nodes}) "
+            "needs a records path: rank 0 merges the ranks' records files"
+        )
     # Workers decode, resize and process each batch (BatchInputs) while the model runs the previous
     # ones; the main process holds only light samples. Batches come back in order; ShardSampler
     # gives each rank whole batches, each sample once. With a sweep's vision cache attached the
@@ -299,9 +332,16 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
     cached = lvlm.vision_cache is not None
     workers = {"num_workers": 0 if cached else config.workers}
     if workers["num_workers"]:
-        workers.update(prefetch_factor=config.prefetch_factor, persistent_workers=False, worker_init_fn=_end_with_parent)
-    loader = DataLoader(range(len(samples)), sampler=ShardSampler(len(samples), config.batch_size), batch_size=config.batch_size,
-                        collate_fn=BatchInputs(samples, None if cached else lvlm.inputs), **workers)
+        workers.update(
+            prefetch_factor=config.prefetch_factor, persistent_workers=False, worker_init_fn=_end_with_parent
+        )
+    loader = DataLoader(
+        range(len(samples)),
+        sampler=ShardSampler(len(samples), config.batch_size),
+        batch_size=config.batch_size,
+        collate_fn=BatchInputs(samples, None if cached else lvlm.inputs),
+        **workers,
+    )
     sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.predict(Predictor(), dataloaders=loader, return_predictions=False)
@@ -345,7 +385,9 @@ def _aggregate(lvlm, benchmark, method, config, records, records_path, baseline)
         "flops_ratio": flops / flops_full if flops_full else 1.0,
         "prefill_latency_median_s": med("prefill_seconds"),
         "generation_latency_median_s": med("generate_seconds"),
-        "scoring_share_of_prefill": (sum(r["scoring_seconds"] for r in records) / max(sum(r["prefill_seconds"] for r in records), 1e-12)),
+        "scoring_share_of_prefill": (
+            sum(r["scoring_seconds"] for r in records) / max(sum(r["prefill_seconds"] for r in records), 1e-12)
+        ),
         "peak_memory_mb_max": max(peaks) / 2**20 if peaks else None,
         "peak_memory_mb_median": statistics.median(peaks) / 2**20 if peaks else None,
         "data_wait_share": _data_wait_share(records),
@@ -366,5 +408,7 @@ def _aggregate(lvlm, benchmark, method, config, records, records_path, baseline)
         per_family=per_family,
         method=method.to_dict(),
         records_path=str(records_path) if records_path else None,
-        baseline={"accuracy": baseline["metrics"]["accuracy"], "per_family": baseline.get("per_family")} if baseline else None,
+        baseline={"accuracy": baseline["metrics"]["accuracy"], "per_family": baseline.get("per_family")}
+        if baseline
+        else None,
     )

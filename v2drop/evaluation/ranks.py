@@ -39,7 +39,11 @@ def rank_files(records_path: str | os.PathLike) -> list[Path]:
     """The rank files beside ``records_path`` that exist (of any earlier world size), by rank."""
     path = Path(records_path)
     pattern = re.compile(rf"{re.escape(path.stem)}\.rank(\d+){re.escape(path.suffix)}")
-    found = [(int(m.group(1)), p) for p in path.parent.glob(f"{path.stem}.rank*{path.suffix}") if (m := pattern.fullmatch(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in path.parent.glob(f"{path.stem}.rank*{path.suffix}")
+        if (m := pattern.fullmatch(p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 

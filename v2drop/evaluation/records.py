@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
@@ -66,7 +66,12 @@ def write_trace(records_path: str | os.PathLike, trace_path: str | os.PathLike) 
     """Each record's kept vision positions per stage and tokens per layer, as JSONL."""
     with open(trace_path, "w") as f:
         for r in read_records(records_path):
-            f.write(json.dumps({"id": r["id"], "stages": r["kept"], "vision_tokens_per_layer": r["vision_tokens_per_layer"]}) + "\n")
+            f.write(
+                json.dumps(
+                    {"id": r["id"], "stages": r["kept"], "vision_tokens_per_layer": r["vision_tokens_per_layer"]}
+                )
+                + "\n"
+            )
 
 
 def vision_runs(vision_mask: list[bool]) -> list[list[int]]:

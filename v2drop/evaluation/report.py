@@ -15,7 +15,9 @@ def format_table(result: EvalResult) -> str:
     overall_rel = f"{m['relative_accuracy']:.1%}" if m.get("relative_accuracy") else "-"
     lines.append(f"{'overall':<16}{m['accuracy']:>10.3f}{overall_rel:>10}")
     lines.append("")
-    lines.append(f"samples {m['n']}, vision tokens {m['vision_tokens']:.0f}, average retained {m['average_vision_tokens']:.2f}")
+    lines.append(
+        f"samples {m['n']}, vision tokens {m['vision_tokens']:.0f}, average retained {m['average_vision_tokens']:.2f}"
+    )
     lines.append(f"FLOPs {m['flops']:.3e} ({m['flops_ratio']:.1%} of no dropping)")
     lines.append(
         f"median prefill {m['prefill_latency_median_s'] * 1e3:.1f} ms, generation {m['generation_latency_median_s'] * 1e3:.1f} ms, "

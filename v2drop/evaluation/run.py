@@ -23,7 +23,9 @@ from v2drop.evaluation.records import write_trace
 
 def default_run_dir(model: str, benchmark: str, method: str, schedule: str | None = None) -> Path:
     """``runs/eval/<model>-<benchmark>-<method>-<schedule>`` with unsafe characters replaced."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(model).name}-{benchmark}-{method}-{Path(schedule or 'default').stem}")
+    slug = re.sub(
+        r"[^A-Za-z0-9_.-]+", "_", f"{Path(model).name}-{benchmark}-{method}-{Path(schedule or 'default').stem}"
+    )
     return Path("runs") / "eval" / slug
 
 
@@ -39,8 +41,15 @@ class CheckedRun:
     depth: int  # decoder layers of the model
 
 
-def check_evaluation(config: EvalConfig, run_dir: str | os.PathLike, output=None, save_trace=None, baseline=None,
-                     resume: bool = False, lvlm=None) -> CheckedRun:
+def check_evaluation(
+    config: EvalConfig,
+    run_dir: str | os.PathLike,
+    output=None,
+    save_trace=None,
+    baseline=None,
+    resume: bool = False,
+    lvlm=None,
+) -> CheckedRun:
     """Every check of ``run_evaluation`` that needs no model weights; raises ValueError/FileNotFoundError, creates nothing."""
     from v2drop.benchmarks import get_benchmark
     from v2drop.evaluation.harness import check_sample
@@ -58,7 +67,9 @@ def check_evaluation(config: EvalConfig, run_dir: str | os.PathLike, output=None
     # (the same command again, LOCAL_RANK set) find the records file rank 0 has just created.
     earlier = earlier_records(run_dir / "records.jsonl")
     if earlier is not None and not resume and not launched_rank():
-        raise ValueError(f"{earlier} exists from an earlier run; add --resume to continue it or --run-dir to start elsewhere")
+        raise ValueError(
+            f"{earlier} exists from an earlier run; add --resume to continue it or --run-dir to start elsewhere"
+        )
     base = checks.read_result(baseline) if baseline else None
     depth = lvlm.depth if lvlm is not None else checks.model_depth(config.model)
     method = method.rescaled(depth)
@@ -70,11 +81,15 @@ def check_evaluation(config: EvalConfig, run_dir: str | os.PathLike, output=None
     return CheckedRun(method, benchmark, split, samples, base, depth)
 
 
-def resume_note(records: Path, command: str = "rerun the same command with --resume (run_evaluation(..., resume=True))") -> str | None:
+def resume_note(
+    records: Path, command: str = "rerun the same command with --resume (run_evaluation(..., resume=True))"
+) -> str | None:
     """How many finished records ``records`` and its rank files keep and how to continue, or None when they hold none."""
     n = len(read_finished(records))
     ranks = rank_files(records)
-    where = f"{records}" + (f" and {len(ranks)} rank file(s) beside it ({records.stem}.rank*{records.suffix})" if ranks else "")
+    where = f"{records}" + (
+        f" and {len(ranks)} rank file(s) beside it ({records.stem}.rank*{records.suffix})" if ranks else ""
+    )
     return f"{n} finished sample(s) are kept in {where}; {command} to continue" if n else None
 
 
@@ -117,12 +132,25 @@ def run_evaluation(
     run_dir = Path(run_dir)
     records = run_dir / "records.jsonl"
     if lvlm is None:
-        lvlm = v2drop.load(config.model, attn_implementation=config.attn_implementation, dtype=config.dtype,
-                           device=config.device, device_map=config.device_map)
+        lvlm = v2drop.load(
+            config.model,
+            attn_implementation=config.attn_implementation,
+            dtype=config.dtype,
+            device=config.device,
+            device_map=config.device_map,
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        result = evaluate(lvlm, checked.benchmark, checked.method, config, records_path=records, resume=resume,
-                          baseline=checked.baseline, samples=checked.samples)
+        result = evaluate(
+            lvlm,
+            checked.benchmark,
+            checked.method,
+            config,
+            records_path=records,
+            resume=resume,
+            baseline=checked.baseline,
+            samples=checked.samples,
+        )
     except BaseException as err:  # an interrupt or a failure mid-run: the records written so far stay valid
         note = resume_note(records)
         if note:

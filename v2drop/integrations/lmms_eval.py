@@ -27,7 +27,6 @@ from tqdm import tqdm
 import v2drop
 from v2drop.method import resolve_method
 
-
 # Our benchmark name -> the lmms-eval 0.6.1 task (or group) that evaluates the same split with the
 # reference scorer our ``answer_reading="lmms-eval"`` reproduces.
 LMMS_EVAL_TASKS = {
@@ -47,7 +46,9 @@ def lmms_eval_task(benchmark: str) -> str:
     try:
         return LMMS_EVAL_TASKS[benchmark]
     except KeyError:
-        raise ValueError(f"No lmms-eval task for benchmark {benchmark!r}; mapped: {', '.join(sorted(LMMS_EVAL_TASKS))}") from None
+        raise ValueError(
+            f"No lmms-eval task for benchmark {benchmark!r}; mapped: {', '.join(sorted(LMMS_EVAL_TASKS))}"
+        ) from None
 
 
 def manifest():
@@ -69,15 +70,26 @@ def video_frames(path: str, n: int) -> list:
 class V2DropLMM(lmms):
     """An lmms-eval model running a v2drop ``LVLM`` under a token-dropping method."""
 
-    def __init__(self, pretrained: str = "proxy", method: str = "none", schedule: str | None = None, device: str = "cpu",
-                 dtype: str = "float32", attn_implementation: str = "sdpa", batch_size: int | str = 1, max_frames: int | str = 8,
-                 **kwargs):
+    def __init__(
+        self,
+        pretrained: str = "proxy",
+        method: str = "none",
+        schedule: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        batch_size: int | str = 1,
+        max_frames: int | str = 8,
+        **kwargs,
+    ):
         super().__init__()
         unknown = [k for k in kwargs if not k.startswith("scorer_")]
         if unknown:
-            raise ValueError(f"Unknown v2drop model_args {unknown}; valid: pretrained, method, schedule, scorer_<param>, device, "
-                             "dtype, attn_implementation, batch_size, max_frames")
-        scorer_args = {k[len("scorer_"):]: yaml.safe_load(str(v)) for k, v in kwargs.items()}
+            raise ValueError(
+                f"Unknown v2drop model_args {unknown}; valid: pretrained, method, schedule, scorer_<param>, device, "
+                "dtype, attn_implementation, batch_size, max_frames"
+            )
+        scorer_args = {k[len("scorer_") :]: yaml.safe_load(str(v)) for k, v in kwargs.items()}
         self.lvlm = v2drop.load(pretrained, attn_implementation=attn_implementation, dtype=dtype, device=device)
         self.method = resolve_method(method, schedule, scorer_args)
         self.batch_size_per_gpu = int(batch_size)

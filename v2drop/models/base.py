@@ -10,7 +10,7 @@ from torch import nn
 
 from v2drop.registry import Registry
 
-FAMILIES: Registry[type["Adapter"]] = Registry("model family")
+FAMILIES: Registry[type[Adapter]] = Registry("model family")
 
 
 def register_family(*model_types: str):
@@ -24,7 +24,7 @@ def register_family(*model_types: str):
     return decorator
 
 
-def adapter_for(model: nn.Module) -> "Adapter":
+def adapter_for(model: nn.Module) -> Adapter:
     """The adapter for ``model``, chosen from its config's ``model_type``."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in FAMILIES:

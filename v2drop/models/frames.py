@@ -4,8 +4,9 @@ processors need torchvision."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -33,7 +34,11 @@ def split_videos(videos: Sequence[Any] | None) -> list[list[np.ndarray]]:
         videos = [videos]
     out = []
     for i, video in enumerate(videos):
-        frames = list(video) if isinstance(video, (list, tuple)) or (isinstance(video, np.ndarray) and video.ndim == 4) else []
+        frames = (
+            list(video)
+            if isinstance(video, (list, tuple)) or (isinstance(video, np.ndarray) and video.ndim == 4)
+            else []
+        )
         if not frames or not all(is_frame(f) for f in frames):
             raise ValueError(
                 f"Video {i} is not a list of frames: give each video as a list of PIL images or (H, W, 3) arrays, "

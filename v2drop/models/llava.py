@@ -55,12 +55,22 @@ class LlavaAdapter(Adapter):
         input_ids = inputs["input_ids"]
         placeholder = (input_ids == self.image_token_id) & inputs["attention_mask"].bool()
         if int(placeholder.sum()) != n * patches:
-            raise ValueError(f"The prompts hold {int(placeholder.sum())} image placeholders but the images give {n * patches} patch tokens")
+            raise ValueError(
+                f"The prompts hold {int(placeholder.sum())} image placeholders but the images give {n * patches} patch tokens"
+            )
         device = cls_attention.device
-        out = {"cls_attention": torch.zeros(placeholder.shape, device=device).masked_scatter(placeholder, cls_attention.reshape(-1)),
-               "keys": None, "cls_embeds": None, "crops": None}
+        out = {
+            "cls_attention": torch.zeros(placeholder.shape, device=device).masked_scatter(
+                placeholder, cls_attention.reshape(-1)
+            ),
+            "keys": None,
+            "cls_embeds": None,
+            "crops": None,
+        }
         if request.keys:
-            out["keys"] = torch.zeros(*placeholder.shape, keys.shape[-1], device=device).masked_scatter(placeholder[..., None], keys.reshape(-1))
+            out["keys"] = torch.zeros(*placeholder.shape, keys.shape[-1], device=device).masked_scatter(
+                placeholder[..., None], keys.reshape(-1)
+            )
         if request.cls_embeds:
             projected = self.inner.multi_modal_projector(selected[:, :1]).flatten(0, 1)  # (N, D)
             per_sample = (placeholder.sum(1) // patches).tolist()
@@ -90,8 +100,12 @@ class LlavaNextAdapter(Adapter):
         cfg = self.model.config
         _check_cls_tower(cfg)
         sizes = inputs["image_sizes"]
-        counts = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size)
-                  for s in sizes]
+        counts = [
+            image_size_to_num_patches(
+                image_size=s, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size
+            )
+            for s in sizes
+        ]
         pixels = inputs["pixel_values"]
         if pixels.dim() == 5:  # (images, crops, C, H, W) zero-padded over crops
             pixels = torch.cat([p[:c] for p, c in zip(pixels, counts)])
@@ -99,14 +113,25 @@ class LlavaNextAdapter(Adapter):
         n, patches = cls_attention.shape
         device = cls_attention.device
         # One table per patch: [CLS] attention, crop number, key; newline entries carry crop -1.
-        table = torch.cat([cls_attention[..., None], torch.arange(n, device=device, dtype=torch.float32)[:, None, None].expand(n, patches, 1), keys], -1)
+        table = torch.cat(
+            [
+                cls_attention[..., None],
+                torch.arange(n, device=device, dtype=torch.float32)[:, None, None].expand(n, patches, 1),
+                keys,
+            ],
+            -1,
+        )
         newline = torch.zeros(table.shape[-1], device=device)
         newline[1] = -1.0
-        packed, lens = self.inner.pack_image_features(list(table.split(counts)), sizes, "default", image_newline=newline)
+        packed, lens = self.inner.pack_image_features(
+            list(table.split(counts)), sizes, "default", image_newline=newline
+        )
         packed = torch.cat(packed)
         placeholder = (inputs["input_ids"] == self.image_token_id) & inputs["attention_mask"].bool()
         if int(placeholder.sum()) != packed.shape[0]:
-            raise ValueError(f"The prompts hold {int(placeholder.sum())} image placeholders but the images give {packed.shape[0]} tokens")
+            raise ValueError(
+                f"The prompts hold {int(placeholder.sum())} image placeholders but the images give {packed.shape[0]} tokens"
+            )
         # Images to samples: each sample's placeholders are its images' tokens, in order.
         first_crop, crops_per_sample, image = [], [], 0
         starts = [0] + torch.tensor(counts).cumsum(0).tolist()
@@ -120,11 +145,20 @@ class LlavaNextAdapter(Adapter):
         crop = packed[:, 1].round().long()
         sample_of = placeholder.nonzero()[:, 0]
         local = torch.where(crop >= 0, crop - torch.tensor(first_crop, device=device)[sample_of], crop)
-        out = {"cls_attention": torch.zeros(placeholder.shape, device=device).masked_scatter(placeholder, packed[:, 0].contiguous()),
-               "keys": None, "cls_embeds": None,
-               "crops": torch.full(placeholder.shape, -1, dtype=torch.long, device=device).masked_scatter(placeholder, local)}
+        out = {
+            "cls_attention": torch.zeros(placeholder.shape, device=device).masked_scatter(
+                placeholder, packed[:, 0].contiguous()
+            ),
+            "keys": None,
+            "cls_embeds": None,
+            "crops": torch.full(placeholder.shape, -1, dtype=torch.long, device=device).masked_scatter(
+                placeholder, local
+            ),
+        }
         if request.keys:
-            out["keys"] = torch.zeros(*placeholder.shape, keys.shape[-1], device=device).masked_scatter(placeholder[..., None], packed[:, 2:].contiguous())
+            out["keys"] = torch.zeros(*placeholder.shape, keys.shape[-1], device=device).masked_scatter(
+                placeholder[..., None], packed[:, 2:].contiguous()
+            )
         if request.cls_embeds:
             projected = self.inner.multi_modal_projector(selected[:, :1]).flatten(0, 1)  # (N, D)
             out["cls_embeds"] = list(projected.split(crops_per_sample))
@@ -136,7 +170,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     """LLaVA-OneVision: anyres images and pooled video frames (``pixel_values_videos``)."""
 
     image_inputs = ("pixel_values", "image_sizes", "batch_num_images")
-    video_inputs = ("pixel_values_videos", "video_frames")  # video_frames: set by collation when clips were padded in frames
+    video_inputs = (
+        "pixel_values_videos",
+        "video_frames",
+    )  # video_frames: set by collation when clips were padded in frames
 
     def video_features(self, pixel_values_videos: torch.Tensor, video_frames: torch.Tensor | None = None, **kwargs):
         """Each clip's features from its own frames: a batch padded in frames (``video_frames`` = true counts) runs clip by clip.
@@ -146,8 +183,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """
         if video_frames is None:
             return self.inner.get_video_features(pixel_values_videos=pixel_values_videos, **kwargs)
-        pooled = [self.inner.get_video_features(pixel_values_videos=clip[None, :n], **kwargs).pooler_output[0]
-                  for clip, n in zip(pixel_values_videos, video_frames.tolist())]
+        pooled = [
+            self.inner.get_video_features(pixel_values_videos=clip[None, :n], **kwargs).pooler_output[0]
+            for clip, n in zip(pixel_values_videos, video_frames.tolist())
+        ]
         return BaseModelOutputWithPooling(pooler_output=pooled)
 
     def vision_tower_state(self, inputs: dict, request) -> dict:

@@ -10,7 +10,13 @@ from transformers import AutoTokenizer
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
-from v2drop.models.frames import read_chat_template, read_optional_json, resize_normalize, save_image_and_text_parts, split_videos
+from v2drop.models.frames import (
+    read_chat_template,
+    read_optional_json,
+    resize_normalize,
+    save_image_and_text_parts,
+    split_videos,
+)
 
 
 class OnevisionProcessorLite:
@@ -32,9 +38,18 @@ class OnevisionProcessorLite:
     replace_video_token = LlavaOnevisionProcessor.replace_video_token
 
     def __init__(
-        self, image_processor, tokenizer, num_image_tokens: int = 729, vision_feature_select_strategy: str = "full",
-        vision_aspect_ratio: str = "anyres_max_9", video_size: dict | None = None, video_mean=None, video_std=None,
-        chat_template: str | None = None, image_token: str = "<image>", video_token: str = "<video>",
+        self,
+        image_processor,
+        tokenizer,
+        num_image_tokens: int = 729,
+        vision_feature_select_strategy: str = "full",
+        vision_aspect_ratio: str = "anyres_max_9",
+        video_size: dict | None = None,
+        video_mean=None,
+        video_std=None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        video_token: str = "<video>",
     ):
         self.image_token, self.video_token = image_token, video_token
         self.image_processor = image_processor
@@ -48,17 +63,21 @@ class OnevisionProcessorLite:
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "OnevisionProcessorLite":
+    def from_pretrained(cls, path: str) -> OnevisionProcessorLite:
         """The stand-in for a saved OneVision checkpoint (its processor, video processor and tokenizer files)."""
         config = read_optional_json(path, "processor_config.json")
         video = read_optional_json(path, "video_preprocessor_config.json")
         return cls(
-            LlavaOnevisionImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+            LlavaOnevisionImageProcessorPil.from_pretrained(path),
+            AutoTokenizer.from_pretrained(path),
             num_image_tokens=config.get("num_image_tokens", 729),
             vision_feature_select_strategy=config.get("vision_feature_select_strategy", "full"),
             vision_aspect_ratio=config.get("vision_aspect_ratio", "anyres_max_9"),
-            video_size=video.get("size"), video_mean=video.get("image_mean"), video_std=video.get("image_std"),
-            chat_template=read_chat_template(path), image_token=config.get("image_token", "<image>"),
+            video_size=video.get("size"),
+            video_mean=video.get("image_mean"),
+            video_std=video.get("image_std"),
+            chat_template=read_chat_template(path),
+            image_token=config.get("image_token", "<image>"),
             video_token=config.get("video_token", "<video>"),
         )
 
@@ -67,14 +86,21 @@ class OnevisionProcessorLite:
         if self.chat_template is None:
             raise ValueError("This processor has no chat template; build prompts with the family's format instead")
         return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
+            messages,
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **kwargs,
         )
 
     def video_pixels(self, videos) -> torch.Tensor:
         """(videos, frames, 3, H, W) float32 for videos of equal frame count (frames resized to ``video_size``)."""
         clips = split_videos(videos)
         height, width = self.video_size["height"], self.video_size["width"]
-        arrays = [np.stack([resize_normalize(f, height, width, self.video_mean, self.video_std) for f in clip]) for clip in clips]
+        arrays = [
+            np.stack([resize_normalize(f, height, width, self.video_mean, self.video_std) for f in clip])
+            for clip in clips
+        ]
         if len({a.shape[0] for a in arrays}) > 1:
             raise ValueError(
                 f"The videos of one prompt have different frame counts ({[a.shape[0] for a in arrays]}); LLaVA-OneVision "
@@ -91,12 +117,20 @@ class OnevisionProcessorLite:
             images = list(images) if isinstance(images, (list, tuple)) else [images]
             # one nested list: several images of one prompt are not tiled (OneVision's multi-image mode)
             vision = self.image_processor(images=[images], return_tensors="pt")
-            out.update(pixel_values=vision["pixel_values"], image_sizes=vision["image_sizes"], batch_num_images=vision["batch_num_images"])
+            out.update(
+                pixel_values=vision["pixel_values"],
+                image_sizes=vision["image_sizes"],
+                batch_num_images=vision["batch_num_images"],
+            )
             text = _expand(text, self.image_token, [self.replace_image_token(vision, i) for i in range(len(images))])
         if videos is not None and len(videos):
             pixels = self.video_pixels(videos)
             out["pixel_values_videos"] = pixels
-            text = _expand(text, self.video_token, [self.replace_video_token({"pixel_values_videos": pixels}, i) for i in range(len(pixels))])
+            text = _expand(
+                text,
+                self.video_token,
+                [self.replace_video_token({"pixel_values_videos": pixels}, i) for i in range(len(pixels))],
+            )
         ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
         out["input_ids"] = ids
         out["attention_mask"] = torch.ones_like(ids)
@@ -106,15 +140,25 @@ class OnevisionProcessorLite:
         """Save in the real processor's layout (a machine with torchvision loads it as ``LlavaOnevisionProcessor``)."""
         path = save_image_and_text_parts(path, self.image_processor, self.tokenizer)
         config = {
-            "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": self.num_image_tokens,
-            "vision_feature_select_strategy": self.vision_feature_select_strategy, "vision_aspect_ratio": self.vision_aspect_ratio,
-            "image_token": self.image_token, "video_token": self.video_token,
+            "processor_class": "LlavaOnevisionProcessor",
+            "num_image_tokens": self.num_image_tokens,
+            "vision_feature_select_strategy": self.vision_feature_select_strategy,
+            "vision_aspect_ratio": self.vision_aspect_ratio,
+            "image_token": self.image_token,
+            "video_token": self.video_token,
         }
         (path / "processor_config.json").write_text(json.dumps(config, indent=2))
         video = {
-            "video_processor_type": "LlavaOnevisionVideoProcessor", "size": self.video_size, "image_mean": self.video_mean,
-            "image_std": self.video_std, "resample": 3, "rescale_factor": 1 / 255, "do_resize": True, "do_rescale": True,
-            "do_normalize": True, "do_convert_rgb": True,
+            "video_processor_type": "LlavaOnevisionVideoProcessor",
+            "size": self.video_size,
+            "image_mean": self.video_mean,
+            "image_std": self.video_std,
+            "resample": 3,
+            "rescale_factor": 1 / 255,
+            "do_resize": True,
+            "do_rescale": True,
+            "do_normalize": True,
+            "do_convert_rgb": True,
         }
         (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
         if self.chat_template:

@@ -9,7 +9,13 @@ import torch
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
-from v2drop.models.frames import read_chat_template, read_optional_json, resize_normalize, save_image_and_text_parts, split_videos
+from v2drop.models.frames import (
+    read_chat_template,
+    read_optional_json,
+    resize_normalize,
+    save_image_and_text_parts,
+    split_videos,
+)
 
 
 class QwenProcessorLite:
@@ -32,8 +38,13 @@ class QwenProcessorLite:
     video_token = "<|video_pad|>"
 
     def __init__(
-        self, image_processor, tokenizer, chat_template: str | None = None, video_size: dict | None = None,
-        second_per_grid: bool = False, video_fps: float = 24.0,
+        self,
+        image_processor,
+        tokenizer,
+        chat_template: str | None = None,
+        video_size: dict | None = None,
+        second_per_grid: bool = False,
+        video_fps: float = 24.0,
     ):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
@@ -44,22 +55,27 @@ class QwenProcessorLite:
         self.video_fps = video_fps
 
     @classmethod
-    def from_pretrained(cls, path: str, second_per_grid: bool = False) -> "QwenProcessorLite":
+    def from_pretrained(cls, path: str, second_per_grid: bool = False) -> QwenProcessorLite:
         """The stand-in for a saved checkpoint (image processor, optional video processor config, tokenizer)."""
         video = read_optional_json(path, "video_preprocessor_config.json")
         size = video.get("size")
         if size is None and ("min_pixels" in video or "max_pixels" in video):
             size = {"shortest_edge": video.get("min_pixels"), "longest_edge": video.get("max_pixels")}
         return cls(
-            Qwen2VLImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-            chat_template=read_chat_template(path), video_size=size, second_per_grid=second_per_grid,
+            Qwen2VLImageProcessorPil.from_pretrained(path),
+            AutoTokenizer.from_pretrained(path),
+            chat_template=read_chat_template(path),
+            video_size=size,
+            second_per_grid=second_per_grid,
         )
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
         """The chat template applied to ``messages``."""
         if self.chat_template is not None:
             kwargs.setdefault("chat_template", self.chat_template)
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
+        )
 
     def video_inputs(self, videos) -> dict:
         """``pixel_values_videos`` (patches, patch_dim) and ``video_grid_thw`` (videos, 3) for a list of videos."""
@@ -71,9 +87,15 @@ class QwenProcessorLite:
             if any(f.shape[:2] != (h, w) for f in clip):
                 raise ValueError(f"The frames of one video must all have the same size (first frame {h}x{w})")
             height, width = smart_resize(
-                h, w, factor=patch * merge, min_pixels=self.video_size["shortest_edge"], max_pixels=self.video_size["longest_edge"]
+                h,
+                w,
+                factor=patch * merge,
+                min_pixels=self.video_size["shortest_edge"],
+                max_pixels=self.video_size["longest_edge"],
             )
-            frames = np.stack([resize_normalize(f, height, width, proc.image_mean, proc.image_std, proc.rescale_factor) for f in clip])
+            frames = np.stack(
+                [resize_normalize(f, height, width, proc.image_mean, proc.image_std, proc.rescale_factor) for f in clip]
+            )
             if pad := -len(frames) % temporal:
                 frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
             flat, grid = _patchify(frames, patch, merge, temporal)
@@ -96,7 +118,9 @@ class QwenProcessorLite:
             out.update(video)
             text = _expand(text, self.video_token, [int(g.prod()) // merge for g in video["video_grid_thw"]])
             if self.second_per_grid:
-                out["second_per_grid_ts"] = torch.full((len(video["video_grid_thw"]),), self.image_processor.temporal_patch_size / self.video_fps)
+                out["second_per_grid_ts"] = torch.full(
+                    (len(video["video_grid_thw"]),), self.image_processor.temporal_patch_size / self.video_fps
+                )
         ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
         types = torch.zeros_like(ids, dtype=torch.int)
         types[ids == self.tokenizer.convert_tokens_to_ids(self.image_token)] = 1
@@ -121,7 +145,11 @@ def _patchify(frames: np.ndarray, patch: int, merge: int, temporal: int) -> tupl
     grid_t, grid_h, grid_w = t // temporal, h // patch, w // patch
     x = frames.reshape(grid_t, temporal, c, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
     x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return np.ascontiguousarray(x).reshape(grid_t * grid_h * grid_w, c * temporal * patch * patch), [grid_t, grid_h, grid_w]
+    return np.ascontiguousarray(x).reshape(grid_t * grid_h * grid_w, c * temporal * patch * patch), [
+        grid_t,
+        grid_h,
+        grid_w,
+    ]
 
 
 def _expand(text: str, token: str, counts: list[int]) -> str:

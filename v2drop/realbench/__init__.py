@@ -11,8 +11,12 @@ import warnings
 from v2drop import benchmarks as _benchmarks
 from v2drop.benchmarks import DataError, HFBenchmark, VideoBenchmark
 
-warnings.warn("v2drop.realbench is deprecated; import from v2drop.benchmarks (and v2drop.benchmarks.metrics, "
-              ".media, .hub, .prompts for the helpers of v2drop.realbench.common)", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "v2drop.realbench is deprecated; import from v2drop.benchmarks (and v2drop.benchmarks.metrics, "
+    ".media, .hub, .prompts for the helpers of v2drop.realbench.common)",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
 # The old module paths name the moved modules themselves, so classes stay identical objects.
 for _name in ("gqa", "mmbench", "mme", "mvbench", "pope", "scienceqa", "textvqa", "videomme"):

@@ -116,11 +116,13 @@ class VisionRequest:
     keys: bool = False
     cls_embeds: bool = False
 
-    def union(self, other: "VisionRequest | None") -> "VisionRequest":
+    def union(self, other: VisionRequest | None) -> VisionRequest:
         """A request for everything either request asks for."""
         if other is None:
             return self
-        return VisionRequest(self.cls_attention or other.cls_attention, self.keys or other.keys, self.cls_embeds or other.cls_embeds)
+        return VisionRequest(
+            self.cls_attention or other.cls_attention, self.keys or other.keys, self.cls_embeds or other.cls_embeds
+        )
 
 
 @dataclass(frozen=True)
@@ -223,10 +225,16 @@ class Scorer:
             return
         # The declaration before AttentionRequest: a class variable naming the query row.
         if query not in ("last_prompt", "last_instruction"):
-            raise ValueError(f"{cls.__name__}.attention_query={query!r} is not supported; override attention_request() "
-                             "and attention_queries() instead")
-        warnings.warn(f"{cls.__name__}: the attention_query/attention_layer_offset class variables are deprecated; "
-                      "override attention_request() instead", DeprecationWarning, stacklevel=2)
+            raise ValueError(
+                f"{cls.__name__}.attention_query={query!r} is not supported; override attention_request() "
+                "and attention_queries() instead"
+            )
+        warnings.warn(
+            f"{cls.__name__}: the attention_query/attention_layer_offset class variables are deprecated; "
+            "override attention_request() instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         request = AttentionRequest(layer_offset=cls.__dict__.get("attention_layer_offset", 0))
         cls.attention_request = lambda self: request
 
@@ -242,11 +250,13 @@ class Scorer:
         """The vision tower outputs ``score``/``select`` read from ``state.vision`` (default: none)."""
         return None
 
-    def at(self, layer_idx: int) -> "Scorer":
+    def at(self, layer_idx: int) -> Scorer:
         """The scorer that runs the stage before ``layer_idx`` (-1: the pre-LLM stage); itself unless staged."""
         return self
 
-    def attention_queries(self, embeds: torch.Tensor, vision: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    def attention_queries(
+        self, embeds: torch.Tensor, vision: torch.Tensor, attention_mask: torch.Tensor
+    ) -> list[torch.Tensor]:
         """Per sample, the positions (in the left-padded layer-0 sequence) of the attention query tokens.
 
         Called once per batch on the layer-0 input when ``attention_request()`` is not None; the
@@ -270,11 +280,17 @@ class Scorer:
     def check_layer(self, layer_idx: int) -> None:
         """Raise if this scorer cannot run at a stage before ``layer_idx``."""
         request = self.attention_request()
-        if (self.needs_prev_hidden or self.needs_prev_keys or (request is not None and request.layer_offset < 0)) and layer_idx < 1:
+        if (
+            self.needs_prev_hidden or self.needs_prev_keys or (request is not None and request.layer_offset < 0)
+        ) and layer_idx < 1:
             where = "the pre-LLM stage (-1)" if layer_idx < 0 else layer_idx
-            raise ValueError(f"{type(self).__name__} needs the layer before the drop layer; stage layer must be >= 1, got {where}")
+            raise ValueError(
+                f"{type(self).__name__} needs the layer before the drop layer; stage layer must be >= 1, got {where}"
+            )
         if request is not None and layer_idx < 0:
-            raise ValueError(f"{type(self).__name__} reads a decoder layer's attention; it cannot run at the pre-LLM stage (-1)")
+            raise ValueError(
+                f"{type(self).__name__} reads a decoder layer's attention; it cannot run at the pre-LLM stage (-1)"
+            )
 
 
 SCORERS: Registry[type[Scorer]] = Registry("scorer", base_cls=Scorer, entry_point_group="v2drop.scorers")

@@ -66,8 +66,12 @@ def _coordinate_tables() -> dict[str, torch.Tensor]:
     """The bit functions above over every 12-bit value, computed once (a gather per call instead of ~30 small ops)."""
     x = torch.arange(_TABLE_SIZE)
     zero = torch.zeros_like(x)
-    return {"tz": _trailing_zeros(x), "rev12": _bit_reverse(x), "rev8": _bit_reverse(x, bits=8),
-            "spread": _interleave(zero, x)}  # bits of x moved to the even positions
+    return {
+        "tz": _trailing_zeros(x),
+        "rev12": _bit_reverse(x),
+        "rev8": _bit_reverse(x, bits=8),
+        "spread": _interleave(zero, x),
+    }  # bits of x moved to the even positions
 
 
 def _lookup(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +95,9 @@ class UniformScorer(Scorer):
         frame = frame.clamp(min=0) & 0xFF  # _bit_reverse(bits=8) reads the lowest 8 bits only
         if int(torch.maximum(row.max(), col.max())) < _TABLE_SIZE:
             level = torch.minimum(_lookup("tz", row), _lookup("tz", col)).clamp(max=15)
-            spread = (_lookup("spread", _lookup("rev12", row)) << 1 | _lookup("spread", _lookup("rev12", col))).float() / float(1 << 24)
+            spread = (
+                _lookup("spread", _lookup("rev12", row)) << 1 | _lookup("spread", _lookup("rev12", col))
+            ).float() / float(1 << 24)
             frame_term = _lookup("rev8", frame).float() / 256.0
         else:  # grids beyond 4096 tokens a side: the bitwise loops
             level = torch.minimum(_trailing_zeros(row), _trailing_zeros(col)).clamp(max=15)

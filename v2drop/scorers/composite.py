@@ -32,7 +32,9 @@ def _part(data: Any, where: str, reserved: tuple[str, ...] = ()) -> tuple[str, d
     if isinstance(data, str):
         data = {"name": data}
     if not hasattr(data, "keys") or "name" not in data:
-        raise ValueError(f"{where} must be a mapping with a 'name' (a registered scorer) and its parameters, got {data!r}")
+        raise ValueError(
+            f"{where} must be a mapping with a 'name' (a registered scorer) and its parameters, got {data!r}"
+        )
     data = dict(data)
     name = data.pop("name")
     extra = {k: data.pop(k) for k in reserved if k in data}
@@ -107,8 +109,12 @@ class CompositeScorer(Scorer):
                 raise ValueError(f"composite parts[{i}].weight must be a number, got {weight!r}")
             name, config, scorer = _part(data, f"composite parts[{i}]")
             if name == "staged":
-                raise ValueError("composite parts cannot be 'staged' (a staged scorer chooses per stage; put composites inside it instead)")
-            normalised.append({"name": name, "weight": float(weight), **{k: v for k, v in config.items() if k != "name"}})
+                raise ValueError(
+                    "composite parts cannot be 'staged' (a staged scorer chooses per stage; put composites inside it instead)"
+                )
+            normalised.append(
+                {"name": name, "weight": float(weight), **{k: v for k, v in config.items() if k != "name"}}
+            )
             scorers.append(scorer)
             weights.append(float(weight))
         self.parts = normalised
@@ -125,12 +131,17 @@ class CompositeScorer(Scorer):
             return None
         offsets = {r.layer_offset for _, r in asking}
         if len(offsets) > 1:
-            raise ValueError(f"composite parts need attention rows of different layers (layer offsets {sorted(offsets)}); "
-                             "combine scorers that read the same layer's rows")
+            raise ValueError(
+                f"composite parts need attention rows of different layers (layer offsets {sorted(offsets)}); "
+                "combine scorers that read the same layer's rows"
+            )
         queries = {type(s).attention_queries for s, _ in asking}
         if len(queries) > 1:
-            raise ValueError("composite parts choose different attention query tokens ("
-                             + ", ".join(type(s).__name__ for s, _ in asking) + "); combine scorers that share their queries")
+            raise ValueError(
+                "composite parts choose different attention query tokens ("
+                + ", ".join(type(s).__name__ for s, _ in asking)
+                + "); combine scorers that share their queries"
+            )
         self._query_scorer = asking[0][0]
         return AttentionRequest(layer_offset=offsets.pop(), full_map=any(r.full_map for _, r in asking))
 
@@ -208,8 +219,10 @@ class StagedScorer(Scorer):
         if layer_idx >= 0:
             return self._llm
         if self._pre is None:
-            raise ValueError("This staged scorer has no pre_llm part, so its schedule cannot have a pre-LLM stage (layer -1); "
-                             "set pre_llm: {name: <scorer>}")
+            raise ValueError(
+                "This staged scorer has no pre_llm part, so its schedule cannot have a pre-LLM stage (layer -1); "
+                "set pre_llm: {name: <scorer>}"
+            )
         return self._pre
 
     def check_layer(self, layer_idx: int) -> None:
@@ -249,7 +262,9 @@ def with_params(scorer: dict, params: dict) -> dict:
             last = i == len(keys) - 1
             if isinstance(node, list):
                 if not key.isdigit() or int(key) >= len(node):
-                    raise ValueError(f"Scorer parameter path {path!r}: {key!r} is not an index of a {len(node)}-item list")
+                    raise ValueError(
+                        f"Scorer parameter path {path!r}: {key!r} is not an index of a {len(node)}-item list"
+                    )
                 key = int(key)
             elif not isinstance(node, dict) or (key not in node and not last):
                 raise ValueError(f"Scorer parameter path {path!r}: no {key!r} in {node!r}")

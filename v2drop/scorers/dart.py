@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from v2drop.scorers.base import LayerState, Scorer, Selection, register_scorer, select_keep
 
 
-def claim_least_similar(features: torch.Tensor, pivots: list[int], candidates: list[int], quotas: list[int]) -> list[int]:
+def claim_least_similar(
+    features: torch.Tensor, pivots: list[int], candidates: list[int], quotas: list[int]
+) -> list[int]:
     """DART's greedy step: pivot after pivot, claim the candidates least cosine-similar to it.
 
     Parameters
@@ -84,7 +86,9 @@ class DARTScorer(Scorer):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"dart {name} must be an integer >= 0, got {value!r}")
         if self.pivot_image + self.pivot_text < 1:
-            raise ValueError(f"dart needs at least one pivot, got pivot_image={self.pivot_image}, pivot_text={self.pivot_text}")
+            raise ValueError(
+                f"dart needs at least one pivot, got pivot_image={self.pivot_image}, pivot_text={self.pivot_text}"
+            )
 
     def score(self, state: LayerState) -> torch.Tensor:
         """L1 norm of each vision token's cached layer K − 1 key, (B, V) float32."""
@@ -94,7 +98,9 @@ class DARTScorer(Scorer):
     def select(self, state: LayerState, scores: torch.Tensor, counts: list[int]) -> Selection:
         """Per sample: the vision pivots (top key norms) plus the tokens the pivots claim (see the class docstring)."""
         n_valid = state.vision_valid.sum(1).tolist()
-        return Selection(keep=[self.keep_sample(state, b, scores[b, :n], k) for b, (n, k) in enumerate(zip(n_valid, counts))])
+        return Selection(
+            keep=[self.keep_sample(state, b, scores[b, :n], k) for b, (n, k) in enumerate(zip(n_valid, counts))]
+        )
 
     def keep_sample(self, state: LayerState, b: int, scores: torch.Tensor, k: int) -> torch.Tensor:
         """Ascending indices (into ``state.vision_idx[b]``) of the ``k`` vision tokens sample ``b`` keeps."""

@@ -40,7 +40,9 @@ def select_raters(embeds: torch.Tensor, vision: torch.Tensor, text_after: torch.
     return candidates[chosen] if bool(chosen.any()) else candidates
 
 
-def density_peak_clusters(x: torch.Tensor, n_clusters: int, knn: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def density_peak_clusters(
+    x: torch.Tensor, n_clusters: int, knn: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Density-peak clustering with k-nearest-neighbour density (DPC-KNN), deterministic.
 
     Density of a point: exp(−mean squared distance to its ``knn`` nearest neighbours, itself
@@ -70,7 +72,9 @@ def density_peak_clusters(x: torch.Tensor, n_clusters: int, knn: int | None = No
     density = (-(nearest**2).mean(dim=-1)).exp()
     index = torch.arange(n, device=x.device)
     # j is "denser" than i if it has higher density, or equal density and a lower index.
-    denser = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (index[None, :] < index[:, None]))
+    denser = (density[None, :] > density[:, None]) | (
+        (density[None, :] == density[:, None]) & (index[None, :] < index[:, None])
+    )
     delta = dist.masked_fill(~denser, float("inf")).amin(dim=-1)
     delta = torch.where(torch.isinf(delta), dist.max(), delta)
     centres = torch.sort(density * delta, descending=True, stable=True).indices[:c]
@@ -127,7 +131,9 @@ class SparseVLMScorer(Scorer):
         """The raters' rows of layer l−1, from the full map when ``faithful``."""
         return AttentionRequest(layer_offset=-1, full_map=self.faithful)
 
-    def attention_queries(self, embeds: torch.Tensor, vision: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    def attention_queries(
+        self, embeds: torch.Tensor, vision: torch.Tensor, attention_mask: torch.Tensor
+    ) -> list[torch.Tensor]:
         """Per sample, the positions of its raters (text after the last vision token, chosen at layer 0)."""
         out = []
         for b in range(embeds.shape[0]):

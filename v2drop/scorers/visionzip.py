@@ -96,7 +96,9 @@ class VisionZipScorer(Scorer):
             added_source.append(source)
         return Selection(keep=keep, added_hidden=added_hidden, added_source=added_source)
 
-    def contextual_tokens(self, state: LayerState, b: int, rest: torch.Tensor, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def contextual_tokens(
+        self, state: LayerState, b: int, rest: torch.Tensor, contextual: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``contextual`` tokens merged from the vision tokens ``rest`` (ascending indices into ``state.vision_idx[b]``).
 
         Every ``⌊len(rest) / contextual⌋``-th of them is a target; every other one joins the
@@ -141,7 +143,7 @@ class VisionZipScorer(Scorer):
             kept.append(dominant)
             rest = members[~torch.isin(members, dominant)]
             if n_cls:
-                cls_hidden.append(cls[group:group + 1].float())
+                cls_hidden.append(cls[group : group + 1].float())
                 cls_source.append(members[:1])
             contextual = min(contextual, len(rest))
             if contextual:

@@ -13,19 +13,69 @@ from __future__ import annotations
 
 from v2drop.search.config import OBJECTIVES, SAMPLERS, ConfirmConfig, SearchSpace, SweepConfig, SweepEval, WandbConfig
 from v2drop.search.pareto import pareto_indices
-from v2drop.search.report import dashboard, format_front, hover_label, plot_front, searched_params, trial_rows, write_artifacts
-from v2drop.search.space import (KINDS, expand_presets, fits, method_params, resolve_scorers, schedule_kind, scorer_kinds, suggest_method,
-                                 validate)
+from v2drop.search.report import (
+    dashboard,
+    format_front,
+    hover_label,
+    plot_front,
+    searched_params,
+    trial_rows,
+    write_artifacts,
+)
+from v2drop.search.space import (
+    KINDS,
+    expand_presets,
+    fits,
+    method_params,
+    resolve_scorers,
+    schedule_kind,
+    scorer_kinds,
+    suggest_method,
+    validate,
+)
 from v2drop.search.wandb import WANDB_MODES, WandbCallback, wandb_mode
 
-_STUDY = ("conditional", "confirm_front", "finish_sweep", "load_model", "make_sampler", "make_storage", "objective_values", "run_sweep",
-          "trial_eval_config")
+_STUDY = (
+    "conditional",
+    "confirm_front",
+    "finish_sweep",
+    "load_model",
+    "make_sampler",
+    "make_storage",
+    "objective_values",
+    "run_sweep",
+    "trial_eval_config",
+)
 
 __all__ = [
-    "KINDS", "OBJECTIVES", "SAMPLERS", "WANDB_MODES", "ConfirmConfig", "SearchSpace", "SweepConfig", "SweepEval", "WandbCallback",
-    "WandbConfig", "dashboard", "expand_presets", "fits", "format_front", "hover_label", "method_params", "pareto_indices", "plot_front",
-    "resolve_scorers", "schedule_kind", "scorer_kinds", "searched_params", "suggest_method", "trial_rows", "validate",
-    "wandb_mode", "write_artifacts", *_STUDY,
+    "KINDS",
+    "OBJECTIVES",
+    "SAMPLERS",
+    "WANDB_MODES",
+    "ConfirmConfig",
+    "SearchSpace",
+    "SweepConfig",
+    "SweepEval",
+    "WandbCallback",
+    "WandbConfig",
+    "dashboard",
+    "expand_presets",
+    "fits",
+    "format_front",
+    "hover_label",
+    "method_params",
+    "pareto_indices",
+    "plot_front",
+    "resolve_scorers",
+    "schedule_kind",
+    "scorer_kinds",
+    "searched_params",
+    "suggest_method",
+    "trial_rows",
+    "validate",
+    "wandb_mode",
+    "write_artifacts",
+    *_STUDY,
 ]
 
 

@@ -34,8 +34,11 @@ def check_sweep_run(cfg: SweepConfig, lvlm=None, benchmark=None) -> CheckedSweep
     checks.check_sweep(cfg)
     wandb_mode(cfg)
     check_sample_rule(cfg)
-    for check, value in ((checks.check_device, cfg.eval.device), (checks.check_dtype, cfg.eval.dtype),
-                         (checks.check_attn, cfg.eval.attn_implementation)):
+    for check, value in (
+        (checks.check_device, cfg.eval.device),
+        (checks.check_dtype, cfg.eval.dtype),
+        (checks.check_attn, cfg.eval.attn_implementation),
+    ):
         try:
             check(value)
         except ValueError as err:

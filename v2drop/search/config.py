@@ -30,16 +30,26 @@ class SearchSpace:
 
     # scorer name -> {parameter: [choices]}; "all" (or "*", also as a key) = every registered scorer with defaults
     scorers: Any = field(default_factory=lambda: {"v2drop": {}})
-    exclude: list[str] = field(default_factory=lambda: ["given"])  # fnmatch patterns left out of "all" ("given" is an oracle)
+    exclude: list[str] = field(
+        default_factory=lambda: ["given"]
+    )  # fnmatch patterns left out of "all" ("given" is an oracle)
     # one-shot, progressive (decoder stages), pre-llm (one stage before the LLM), pre-llm+one-shot, pre-llm+progressive
     kinds: list[str] = field(default_factory=lambda: ["progressive"])
-    scorer_kinds: dict = field(default_factory=dict)  # scorer name -> its own kinds (e.g. {fastv: [one-shot]}), searched as "<name>.kind"
-    weights: dict = field(default_factory=dict)  # scorer with parts (composite) -> [low, high] of each part's weight, searched as "<name>.weights.<part>", normalised to sum 1
-    position_policy: dict = field(default_factory=dict)  # scorer name -> "preserve" (default) or "renumber" for its trials
+    scorer_kinds: dict = field(
+        default_factory=dict
+    )  # scorer name -> its own kinds (e.g. {fastv: [one-shot]}), searched as "<name>.kind"
+    weights: dict = field(
+        default_factory=dict
+    )  # scorer with parts (composite) -> [low, high] of each part's weight, searched as "<name>.weights.<part>", normalised to sum 1
+    position_policy: dict = field(
+        default_factory=dict
+    )  # scorer name -> "preserve" (default) or "renumber" for its trials
     stages: list[int] = field(default_factory=lambda: [2, 3])  # [min, max] stages of a progressive schedule
     layers: list[int | None] = field(default_factory=lambda: [1, None])  # [first, last] drop layer; None = depth - 1
     # a plain list: OmegaConf would warn on every integer bound (``[0, 0.5]``) of a list[float]
-    keep: list = field(default_factory=lambda: [0.0, 0.9])  # [low, high] relative keep fraction per stage (the pre-LLM one too)
+    keep: list = field(
+        default_factory=lambda: [0.0, 0.9]
+    )  # [low, high] relative keep fraction per stage (the pre-LLM one too)
 
 
 @dataclass
@@ -69,8 +79,12 @@ class SweepEval(EvalSettings):
     device: str = "cpu"  # where the model runs (cpu, cuda, cuda:N); a --workers worker sees only its own GPU, as cuda
     dtype: str = "float32"  # float32, bfloat16 or float16
     attn_implementation: str = "sdpa"  # eager, sdpa or flash_attention_2
-    data_dir: str | None = None  # local copy of a real benchmark (as ``experiments.evaluate --data-dir``); None = the hub
-    benchmark_args: dict = field(default_factory=dict)  # benchmark constructor parameters (as ``--benchmark-arg``: circular, num_frames, ...)
+    data_dir: str | None = (
+        None  # local copy of a real benchmark (as ``experiments.evaluate --data-dir``); None = the hub
+    )
+    benchmark_args: dict = field(
+        default_factory=dict
+    )  # benchmark constructor parameters (as ``--benchmark-arg``: circular, num_frames, ...)
     sample: str = "stratified"  # how the `limit` trial samples are drawn from `split`: stratified (per family, seeded by `seed`) or first
     pool: int | None = None  # stratified: draw from the first N samples of `split`; None = the whole split
 
@@ -90,12 +104,18 @@ class SweepConfig:
     total_trials: int | None = None  # stop every worker once the study holds this many finished trials
     sampler: str = "tpe"  # tpe, nsga2, gp or random
     seed: int = 0  # sampler seed
-    objectives: list[str] = field(default_factory=lambda: ["accuracy", "prefill_latency"])  # names in OBJECTIVES; first is usually accuracy
+    objectives: list[str] = field(
+        default_factory=lambda: ["accuracy", "prefill_latency"]
+    )  # names in OBJECTIVES; first is usually accuracy
     max_average_tokens: float | None = None  # constraint: average retained vision tokens at most this
-    enqueue_presets: list[str] = field(default_factory=lambda: ["v2drop-llava15-192", "v2drop-llava15-128", "v2drop-llava15-64"])  # presets tried first; fnmatch patterns allowed ("*-llava15-128")
+    enqueue_presets: list[str] = field(
+        default_factory=lambda: ["v2drop-llava15-192", "v2drop-llava15-128", "v2drop-llava15-64"]
+    )  # presets tried first; fnmatch patterns allowed ("*-llava15-128")
     enqueue_none: bool = True  # a no-dropping trial first
     search: SearchSpace = field(default_factory=SearchSpace)  # what a trial may choose
-    eval: SweepEval = field(default_factory=_trial_eval)  # how each trial is evaluated (a sample of the validation split) and on which data
+    eval: SweepEval = field(
+        default_factory=_trial_eval
+    )  # how each trial is evaluated (a sample of the validation split) and on which data
     vision_cache_mb: int = 2048  # bound (MiB) of the per-sample cache of processor outputs and vision features reused by every trial; 0 = off
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)  # split and limit the Pareto set is confirmed on
     storage: str | None = None  # Optuna storage URL or journal file; None = journal file <run_dir>/journal.log
@@ -105,12 +125,12 @@ class SweepConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)  # logging to Weights & Biases
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SweepConfig":
+    def from_dict(cls, data: dict) -> SweepConfig:
         """Build from config data (e.g. a parsed YAML file); unknown keys are errors naming the valid ones."""
         return config_from_dict(cls, data)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides=(), data: dict | None = None) -> "SweepConfig":
+    def load(cls, path: str | Path | None = None, overrides=(), data: dict | None = None) -> SweepConfig:
         """Defaults <- the YAML file ``path`` <- ``data`` <- ``key=value`` overrides."""
         return load_config(cls, path, overrides=overrides, data=data)
 

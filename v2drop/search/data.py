@@ -23,7 +23,9 @@ def sweep_benchmark(cfg: SweepConfig):
     from v2drop.benchmarks import get_benchmark
 
     if not isinstance(cfg.eval.benchmark_args, dict):
-        raise ValueError(f"eval.benchmark_args must be a mapping of constructor parameters (e.g. {{num_frames: 8}}), got {cfg.eval.benchmark_args!r}")
+        raise ValueError(
+            f"eval.benchmark_args must be a mapping of constructor parameters (e.g. {{num_frames: 8}}), got {cfg.eval.benchmark_args!r}"
+        )
     return get_benchmark(cfg.benchmark, data_dir=cfg.eval.data_dir, **cfg.eval.benchmark_args)
 
 
@@ -32,7 +34,9 @@ def check_sample_rule(cfg: SweepConfig) -> None:
     from v2drop.checks import check_int
 
     if cfg.eval.sample not in SAMPLE_RULES:
-        raise ValueError(f"eval.sample {cfg.eval.sample!r} is not a sampling rule; choose one of {', '.join(SAMPLE_RULES)}")
+        raise ValueError(
+            f"eval.sample {cfg.eval.sample!r} is not a sampling rule; choose one of {', '.join(SAMPLE_RULES)}"
+        )
     check_int("eval.pool", cfg.eval.pool, 1, optional=True)
 
 

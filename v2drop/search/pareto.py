@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def pareto_indices(values: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:
@@ -17,7 +17,11 @@ def pareto_indices(values: Sequence[Sequence[float]], directions: Sequence[str])
     signed = [[v if d == "minimize" else -v for v, d in zip(row, directions)] for row in values]
     front = []
     for i, a in enumerate(signed):
-        dominated = any(all(x <= y for x, y in zip(b, a)) and any(x < y for x, y in zip(b, a)) for j, b in enumerate(signed) if j != i)
+        dominated = any(
+            all(x <= y for x, y in zip(b, a)) and any(x < y for x, y in zip(b, a))
+            for j, b in enumerate(signed)
+            if j != i
+        )
         if not dominated:
             front.append(i)
     return front

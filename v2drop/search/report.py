@@ -28,14 +28,22 @@ def trial_rows(study, cfg: SweepConfig) -> list[dict]:
         m = t.user_attrs.get("metrics", {})
         method = t.user_attrs.get("method", {})
         schedule = Schedule.from_dict(method.get("schedule"))
-        row = {"trial": t.number, "label": t.user_attrs.get("label", ""),
-               "scorer": (method.get("scorer") or {}).get("name", "none") if isinstance(method.get("scorer"), dict) else "none",
-               "kind": schedule_kind(schedule),
-               "schedule": " ".join(f"{'pre_llm' if s.pre_llm else s.layer}:{s.keep:.3f}" for s in schedule.stages),
-               **{o: v for o, v in zip(cfg.objectives, t.values)},
-               "accuracy_metric": m.get("accuracy"), "prefill_ms": (m.get("prefill_latency_median_s") or 0) * 1e3,
-               "generation_ms": (m.get("generation_latency_median_s") or 0) * 1e3, "flops_ratio": m.get("flops_ratio"),
-               "average_tokens": m.get("average_vision_tokens"), "feasible": all(c <= 0 for c in _constraint_values(t))}
+        row = {
+            "trial": t.number,
+            "label": t.user_attrs.get("label", ""),
+            "scorer": (method.get("scorer") or {}).get("name", "none")
+            if isinstance(method.get("scorer"), dict)
+            else "none",
+            "kind": schedule_kind(schedule),
+            "schedule": " ".join(f"{'pre_llm' if s.pre_llm else s.layer}:{s.keep:.3f}" for s in schedule.stages),
+            **{o: v for o, v in zip(cfg.objectives, t.values)},
+            "accuracy_metric": m.get("accuracy"),
+            "prefill_ms": (m.get("prefill_latency_median_s") or 0) * 1e3,
+            "generation_ms": (m.get("generation_latency_median_s") or 0) * 1e3,
+            "flops_ratio": m.get("flops_ratio"),
+            "average_tokens": m.get("average_vision_tokens"),
+            "feasible": all(c <= 0 for c in _constraint_values(t)),
+        }
         row.update({k: v for k, v in t.params.items() if k not in ("scorer", "kind")})
         rows.append(row)
     return rows
@@ -43,8 +51,22 @@ def trial_rows(study, cfg: SweepConfig) -> list[dict]:
 
 def searched_params(rows: list[dict]) -> list[str]:
     """The searched-parameter columns of ``trial_rows`` output, in order of first appearance."""
-    fixed = {"trial", "label", "scorer", "hover", "kind", "schedule", "accuracy_metric", "prefill_ms", "generation_ms", "flops_ratio",
-             "average_tokens", "feasible", "is_pareto", *OBJECTIVES}
+    fixed = {
+        "trial",
+        "label",
+        "scorer",
+        "hover",
+        "kind",
+        "schedule",
+        "accuracy_metric",
+        "prefill_ms",
+        "generation_ms",
+        "flops_ratio",
+        "average_tokens",
+        "feasible",
+        "is_pareto",
+        *OBJECTIVES,
+    }
     return [k for k in dict.fromkeys(k for r in rows for k in r) if k not in fixed]
 
 
@@ -74,23 +96,49 @@ def plot_front(rows: list[dict], path: Path, cfg: SweepConfig) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "prefill_ms", "median prefill latency (ms)"), (axes[1], "flops_ratio", "prefill FLOPs / no dropping")):
+    for ax, key, label in (
+        (axes[0], "prefill_ms", "median prefill latency (ms)"),
+        (axes[1], "flops_ratio", "prefill FLOPs / no dropping"),
+    ):
         scorers = list(dict.fromkeys(r["scorer"] for r in rows if r["scorer"] != "none"))
         if len(scorers) > 1:  # a cross-method sweep: one colour per method (tab20: the default cycle repeats after 10)
             colours = plt.get_cmap("tab10" if len(scorers) <= 10 else "tab20")
             for i, scorer in enumerate(scorers):
                 mine = [r for r in rows if r["scorer"] == scorer]
-                ax.scatter([r[key] for r in mine], [r["accuracy_metric"] for r in mine], s=14, alpha=0.6, label=scorer,
-                           color=colours(i % colours.N))
+                ax.scatter(
+                    [r[key] for r in mine],
+                    [r["accuracy_metric"] for r in mine],
+                    s=14,
+                    alpha=0.6,
+                    label=scorer,
+                    color=colours(i % colours.N),
+                )
         else:
-            ax.scatter([r[key] for r in rows], [r["accuracy_metric"] for r in rows], c="lightgrey", s=18, label="trials")
+            ax.scatter(
+                [r[key] for r in rows], [r["accuracy_metric"] for r in rows], c="lightgrey", s=18, label="trials"
+            )
         front = sorted((r for r in rows if r["is_pareto"]), key=lambda r: r[key])
-        ax.plot([r[key] for r in front], [r["accuracy_metric"] for r in front], "o-", c="tab:red", ms=5, label="Pareto front")
+        ax.plot(
+            [r[key] for r in front],
+            [r["accuracy_metric"] for r in front],
+            "o-",
+            c="tab:red",
+            ms=5,
+            label="Pareto front",
+        )
         labelled = [r for r in rows if r["label"]]
         for r in labelled:
             name = ("paper " if r["label"] != "none" else "") + r["label"]
-            ax.scatter([r[key]], [r["accuracy_metric"]], marker="*" if r["label"] != "none" else "s", s=90 if len(labelled) <= 8 else 40,
-                       zorder=5, edgecolors="black", linewidths=0.5, label=name if len(labelled) <= 8 else None)
+            ax.scatter(
+                [r[key]],
+                [r["accuracy_metric"]],
+                marker="*" if r["label"] != "none" else "s",
+                s=90 if len(labelled) <= 8 else 40,
+                zorder=5,
+                edgecolors="black",
+                linewidths=0.5,
+                label=name if len(labelled) <= 8 else None,
+            )
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (validation sample)")
         ax.legend(fontsize=7)
@@ -101,9 +149,13 @@ def plot_front(rows: list[dict], path: Path, cfg: SweepConfig) -> None:
 
 
 # objective -> (trials column, confirmed-front column) of the cost axis
-COST_COLUMNS = {"prefill_latency": ("prefill_ms", "test_prefill_ms"), "generation_latency": ("generation_ms", "test_generation_ms"),
-                "flops": ("flops_ratio", "test_flops_ratio"), "average_tokens": ("average_tokens", "test_average_tokens"),
-                "accuracy": ("flops_ratio", "test_flops_ratio")}
+COST_COLUMNS = {
+    "prefill_latency": ("prefill_ms", "test_prefill_ms"),
+    "generation_latency": ("generation_ms", "test_generation_ms"),
+    "flops": ("flops_ratio", "test_flops_ratio"),
+    "average_tokens": ("average_tokens", "test_average_tokens"),
+    "accuracy": ("flops_ratio", "test_flops_ratio"),
+}
 
 
 def dashboard(rows: list[dict], confirmed: list[dict], cfg: SweepConfig) -> dict:
@@ -131,33 +183,64 @@ def dashboard(rows: list[dict], confirmed: list[dict], cfg: SweepConfig) -> dict
     hovers = {r["trial"]: hover_label(r) for r in rows}
     rows = [{**r, "hover": hovers[r["trial"]]} for r in rows]
     confirmed = [{**c, "hover": hovers.get(c["trial"], "")} for c in confirmed]
-    fixed = ["trial", "label", "scorer", "hover", "kind", "schedule", *cfg.objectives, "accuracy_metric", "prefill_ms", "generation_ms",
-             "flops_ratio", "average_tokens", "feasible", "is_pareto"]
+    fixed = [
+        "trial",
+        "label",
+        "scorer",
+        "hover",
+        "kind",
+        "schedule",
+        *cfg.objectives,
+        "accuracy_metric",
+        "prefill_ms",
+        "generation_ms",
+        "flops_ratio",
+        "average_tokens",
+        "feasible",
+        "is_pareto",
+    ]
     columns = list(dict.fromkeys(fixed + searched_params(rows)))
     table = lambda items, cols: (cols, [[r.get(c) for c in cols] for r in items])  # noqa: E731
     front = sorted((r for r in rows if r.get("is_pareto")), key=lambda r: r[x])
     confirmed = sorted(confirmed, key=lambda r: r[x_test])
     confirmed_columns = list(dict.fromkeys(k for r in confirmed for k in r)) or ["trial", "test_accuracy", x_test]
-    tables = {"trials": table(rows, columns), "front": table(front, columns), "confirmed_front": table(confirmed, confirmed_columns)}
+    tables = {
+        "trials": table(rows, columns),
+        "front": table(front, columns),
+        "confirmed_front": table(confirmed, confirmed_columns),
+    }
     scatters = {
         "all_trials": ("trials", x, "accuracy_metric", f"every trial: validation accuracy vs {x}"),
         "front_validation": ("front", x, "accuracy_metric", f"Pareto front (validation): accuracy vs {x}"),
         "front_confirmed": ("confirmed_front", x_test, "test_accuracy", f"confirmed front: test accuracy vs {x_test}"),
     }
-    lines = {"fronts_validation_vs_confirmed": (
-        [[r[x] for r in front], [r[x_test] for r in confirmed]], [[r["accuracy_metric"] for r in front], [r["test_accuracy"] for r in confirmed]],
-        ["validation", "confirmed"], "Pareto front: validation vs confirmation split", x)}
+    lines = {
+        "fronts_validation_vs_confirmed": (
+            [[r[x] for r in front], [r[x_test] for r in confirmed]],
+            [[r["accuracy_metric"] for r in front], [r["test_accuracy"] for r in confirmed]],
+            ["validation", "confirmed"],
+            "Pareto front: validation vs confirmation split",
+            x,
+        )
+    }
     methods = list(dict.fromkeys(r["scorer"] for r in rows if r["scorer"] != "none"))
     xs, ys = [], []
     for method in methods:
         mine = [r for r in rows if r["scorer"] == method and r["feasible"]]
-        best = sorted((mine[i] for i in pareto_indices([[r["accuracy_metric"], r[x]] for r in mine], ["maximize", "minimize"])), key=lambda r: r[x])
+        best = sorted(
+            (mine[i] for i in pareto_indices([[r["accuracy_metric"], r[x]] for r in mine], ["maximize", "minimize"])),
+            key=lambda r: r[x],
+        )
         xs.append([r[x] for r in best])
         ys.append([r["accuracy_metric"] for r in best])
     if methods:
         lines["method_fronts"] = (xs, ys, methods, f"each method's own front: accuracy vs {x}", x)
-    summary = {"front_size": len(front), "trial_count": len(rows), "method_names": methods,
-               "front_method_names": sorted({r["scorer"] for r in front})}
+    summary = {
+        "front_size": len(front),
+        "trial_count": len(rows),
+        "method_names": methods,
+        "front_method_names": sorted({r["scorer"] for r in front}),
+    }
     return {"tables": tables, "scatters": scatters, "lines": lines, "summary": summary}
 
 
@@ -168,8 +251,11 @@ def hover_label(row: dict) -> str:
     progressive 2:0.500 6:0.250 · trial 17``.
     """
     scorer = row.get("scorer", "none")
-    params = [(k[len(scorer) + 1:], v) for k, v in row.items()
-              if k.startswith(f"{scorer}.") and k != f"{scorer}.kind" and v is not None and v == v]  # v == v: not NaN
+    params = [
+        (k[len(scorer) + 1 :], v)
+        for k, v in row.items()
+        if k.startswith(f"{scorer}.") and k != f"{scorer}.kind" and v is not None and v == v
+    ]  # v == v: not NaN
     shown = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in params)
     text = f"{scorer}({shown})" if shown else scorer
     parts = [text, f"{row.get('kind', '')} {row.get('schedule', '')}".strip(), f"trial {row.get('trial')}"]
@@ -181,11 +267,15 @@ def hover_label(row: dict) -> str:
 def format_front(front: list[dict], confirmed: list[dict]) -> str:
     """The front as a terminal table, with the confirmed accuracy."""
     test = {c["trial"]: c for c in confirmed}
-    lines = [f"{'trial':>5} {'scorer':<10} {'label':<20} {'schedule':<32} {'val acc':>8} {'test acc':>8} {'prefill ms':>10} {'FLOPs':>7} {'tokens':>7}"]
+    lines = [
+        f"{'trial':>5} {'scorer':<10} {'label':<20} {'schedule':<32} {'val acc':>8} {'test acc':>8} {'prefill ms':>10} {'FLOPs':>7} {'tokens':>7}"
+    ]
     for r in front:
         c = test.get(r["trial"], {})
-        lines.append(f"{r['trial']:>5} {r.get('scorer', '')[:10]:<10} {r['label'][:20]:<20} {r['schedule'][:32]:<32} {r['accuracy_metric']:>8.3f} "
-                     f"{c.get('test_accuracy', math.nan):>8.3f} {r['prefill_ms']:>10.1f} {r['flops_ratio']:>7.3f} {r['average_tokens']:>7.1f}")
+        lines.append(
+            f"{r['trial']:>5} {r.get('scorer', '')[:10]:<10} {r['label'][:20]:<20} {r['schedule'][:32]:<32} {r['accuracy_metric']:>8.3f} "
+            f"{c.get('test_accuracy', math.nan):>8.3f} {r['prefill_ms']:>10.1f} {r['flops_ratio']:>7.3f} {r['average_tokens']:>7.1f}"
+        )
     return "\n".join(lines)
 
 

@@ -45,16 +45,24 @@ def resolve_scorers(space: SearchSpace) -> dict[str, dict[str, list]]:
     spec = space.scorers
     if isinstance(spec, str):
         if spec not in ALL:
-            raise ValueError(f"search.scorers {spec!r}: give 'all' (or '*') or a mapping of scorer name -> {{parameter: [choices]}}")
+            raise ValueError(
+                f"search.scorers {spec!r}: give 'all' (or '*') or a mapping of scorer name -> {{parameter: [choices]}}"
+            )
         spec = {"*": {}}
     if not isinstance(spec, dict):
-        raise ValueError(f"search.scorers must be 'all' or a mapping of scorer name -> {{parameter: [choices]}}, got {spec!r}")
+        raise ValueError(
+            f"search.scorers must be 'all' or a mapping of scorer name -> {{parameter: [choices]}}, got {spec!r}"
+        )
     out: dict[str, dict[str, list]] = {}
     for name, params in spec.items():
         if name in ALL:
             if params:
-                raise ValueError(f"search.scorers.{name!r} means every scorer with its defaults; it takes no parameters, got {params!r}")
-            out.update({n: {} for n in list_scorers() if not any(fnmatch(n, p) for p in space.exclude) and n not in out})
+                raise ValueError(
+                    f"search.scorers.{name!r} means every scorer with its defaults; it takes no parameters, got {params!r}"
+                )
+            out.update(
+                {n: {} for n in list_scorers() if not any(fnmatch(n, p) for p in space.exclude) and n not in out}
+            )
         else:  # an explicit entry wins over the expansion
             out[name] = params if params is None or not isinstance(params, dict) else dict(params)
     return {name: ({} if params is None else params) for name, params in out.items()}
@@ -73,7 +81,7 @@ def kind_param(space: SearchSpace, scorer: str) -> str:
 def kind_parts(kind: str) -> tuple[bool, str | None]:
     """(whether ``kind`` starts with a pre-LLM stage, its decoder part: ``one-shot``, ``progressive`` or None)."""
     pre = kind.startswith("pre-llm")
-    decoder = kind[len("pre-llm"):].lstrip("+") if pre else kind
+    decoder = kind[len("pre-llm") :].lstrip("+") if pre else kind
     return pre, decoder or None
 
 
@@ -108,8 +116,10 @@ def param_choices(scorer: str, param: str, choices: list) -> list:
         return list(choices)
     labels = [str(choice_label(c)) for c in choices]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"search.scorers.{scorer}.{param}: the choices {labels} share a label; give choices that differ in "
-                         "scorer names or parameters")
+        raise ValueError(
+            f"search.scorers.{scorer}.{param}: the choices {labels} share a label; give choices that differ in "
+            "scorer names or parameters"
+        )
     return labels
 
 
@@ -177,7 +187,9 @@ def validate(cfg: SweepConfig, depth: int | None = None) -> None:
     s = cfg.search
     scorers = resolve_scorers(s)
     if not scorers:
-        raise ValueError("search.scorers is empty (or 'all' minus search.exclude left nothing): name at least one scorer")
+        raise ValueError(
+            "search.scorers is empty (or 'all' minus search.exclude left nothing): name at least one scorer"
+        )
     if not s.kinds or set(s.kinds) - set(KINDS):
         raise ValueError(f"search.kinds must list kinds from {list(KINDS)}, got {s.kinds}")
     for name, params in scorers.items():
@@ -185,7 +197,9 @@ def validate(cfg: SweepConfig, depth: int | None = None) -> None:
     for section in ("scorer_kinds", "position_policy", "weights"):
         unknown = set(getattr(s, section)) - set(scorers)
         if unknown:
-            raise ValueError(f"search.{section} names {sorted(unknown)}, which are not among the searched scorers {sorted(scorers)}")
+            raise ValueError(
+                f"search.{section} names {sorted(unknown)}, which are not among the searched scorers {sorted(scorers)}"
+            )
     for name, kinds in s.scorer_kinds.items():
         if not isinstance(kinds, list) or not kinds or set(kinds) - set(KINDS):
             raise ValueError(f"search.scorer_kinds.{name} must list kinds from {list(KINDS)}, got {kinds!r}")
@@ -203,7 +217,10 @@ def validate(cfg: SweepConfig, depth: int | None = None) -> None:
     progressive = any(kind_parts(k)[1] == "progressive" for n in scorers for k in scorer_kinds(s, n))
     if progressive and not (2 <= lo <= hi):
         raise ValueError(f"search.stages [{lo}, {hi}] must satisfy 2 <= min <= max for progressive schedules")
-    if not all(isinstance(k, Real) and not isinstance(k, bool) for k in s.keep) or not 0.0 <= s.keep[0] <= s.keep[1] <= 1.0:
+    if (
+        not all(isinstance(k, Real) and not isinstance(k, bool) for k in s.keep)
+        or not 0.0 <= s.keep[0] <= s.keep[1] <= 1.0
+    ):
         raise ValueError(f"search.keep {s.keep} must be a range inside [0, 1]")
     for name, params in scorers.items():
         _check_stages(s, name, params)
@@ -212,7 +229,9 @@ def validate(cfg: SweepConfig, depth: int | None = None) -> None:
         return
     first, last = layer_range(s, depth)
     if not 0 <= first <= last < depth:
-        raise ValueError(f"search.layers [{first}, {last}] must lie within the model's {depth} layers (0..{depth - 1}) and not be empty")
+        raise ValueError(
+            f"search.layers [{first}, {last}] must lie within the model's {depth} layers (0..{depth - 1}) and not be empty"
+        )
     if progressive and last - first + 1 < lo:
         raise ValueError(f"search.layers [{first}, {last}] has fewer layers than the {lo} stages asked for")
 
@@ -230,11 +249,15 @@ def _validate_scorer(space: SearchSpace, name: str, params: Any) -> None:
 
     cls = SCORERS.get(name)  # unknown scorer: error listing the registered ones
     if not isinstance(params or {}, dict) or any(not isinstance(c, list) or not c for c in (params or {}).values()):
-        raise ValueError(f"search.scorers.{name} must map each parameter to a non-empty list of choices, got {params!r}")
+        raise ValueError(
+            f"search.scorers.{name} must map each parameter to a non-empty list of choices, got {params!r}"
+        )
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     for param, choices in (params or {}).items():
         if param not in fields:
-            raise ValueError(f"search.scorers.{name}: scorer {name!r} has no parameter {param!r}; valid parameters: {', '.join(sorted(fields)) or '(none)'}")
+            raise ValueError(
+                f"search.scorers.{name}: scorer {name!r} has no parameter {param!r}; valid parameters: {', '.join(sorted(fields)) or '(none)'}"
+            )
         for choice in choices:
             try:
                 _build(name, {param: choice})
@@ -249,16 +272,27 @@ def _validate_weights(name: str, bounds: Any, params: dict) -> None:
 
     cls = SCORERS.get(name)
     if "parts" not in {f.name for f in dataclasses.fields(cls)}:
-        raise ValueError(f"search.weights.{name}: scorer {name!r} has no 'parts' to weigh; weights apply to scorers built "
-                         "from parts, such as composite")
-    if (not isinstance(bounds, list) or len(bounds) != 2 or not all(isinstance(b, Real) and not isinstance(b, bool) for b in bounds)
-            or not 0.0 <= bounds[0] <= bounds[1] or bounds[1] == 0):
-        raise ValueError(f"search.weights.{name} must be a [low, high] range with 0 <= low <= high and high > 0, got {bounds!r}")
+        raise ValueError(
+            f"search.weights.{name}: scorer {name!r} has no 'parts' to weigh; weights apply to scorers built "
+            "from parts, such as composite"
+        )
+    if (
+        not isinstance(bounds, list)
+        or len(bounds) != 2
+        or not all(isinstance(b, Real) and not isinstance(b, bool) for b in bounds)
+        or not 0.0 <= bounds[0] <= bounds[1]
+        or bounds[1] == 0
+    ):
+        raise ValueError(
+            f"search.weights.{name} must be a [low, high] range with 0 <= low <= high and high > 0, got {bounds!r}"
+        )
     for choice in params.get("parts", [None]):
         names = [p["name"] for p in _parts(name, {"parts": choice})]
         if len(set(names)) != len(names):
-            raise ValueError(f"search.weights.{name}: the parts {names} repeat a scorer; each part's weight is the parameter "
-                             f"{name}.weights.<part name>, so the parts of a weighted {name} must be different scorers")
+            raise ValueError(
+                f"search.weights.{name}: the parts {names} repeat a scorer; each part's weight is the parameter "
+                f"{name}.weights.<part name>, so the parts of a weighted {name} must be different scorers"
+            )
 
 
 def _combinations(params: dict) -> list[dict]:
@@ -281,13 +315,17 @@ def _check_stages(space: SearchSpace, name: str, params: dict) -> None:
                     scorer.check_layer(PRE_LLM)
                 except ValueError as err:
                     where = f"search.scorer_kinds.{name}" if name in space.scorer_kinds else "search.kinds"
-                    raise ValueError(f"{where}: kind {kind!r} starts with a stage before the LLM, but {err} ({name}{chosen}); "
-                                     f"give {name} kinds without 'pre-llm' (one-shot, progressive)") from None
+                    raise ValueError(
+                        f"{where}: kind {kind!r} starts with a stage before the LLM, but {err} ({name}{chosen}); "
+                        f"give {name} kinds without 'pre-llm' (one-shot, progressive)"
+                    ) from None
             if decoder:
                 try:
                     scorer.check_layer(space.layers[0])
                 except ValueError as err:  # e.g. v2drop or fastv need the layer before the drop layer
-                    raise ValueError(f"search.layers starts at {space.layers[0]}, but {err} ({name}{chosen}, kind {kind!r})") from None
+                    raise ValueError(
+                        f"search.layers starts at {space.layers[0]}, but {err} ({name}{chosen}, kind {kind!r})"
+                    ) from None
 
 
 def layer_range(space: SearchSpace, depth: int) -> tuple[int, int]:
@@ -378,12 +416,17 @@ def fits(method: Method, space: SearchSpace, depth: int) -> bool:
     if name in space.weights:
         low, high = space.weights[name]
         weights = _weights(method)
-        if len(weights) != len(method.scorer.parts) or not all(low - 1e-9 <= w <= high + 1e-9 for w in weights.values()):
+        if len(weights) != len(method.scorer.parts) or not all(
+            low - 1e-9 <= w <= high + 1e-9 for w in weights.values()
+        ):
             return False
     if method.position_policy != space.position_policy.get(name, "preserve"):
         return False
     kind = schedule_kind(method.schedule)
     layers = [s.layer for s in method.schedule.stages if not s.pre_llm]
     first, last = layer_range(space, depth)
-    return kind in scorer_kinds(space, name) and all(first <= layer <= last for layer in layers) and (
-        kind_parts(kind)[1] != "progressive" or space.stages[0] <= len(layers) <= space.stages[1])
+    return (
+        kind in scorer_kinds(space, name)
+        and all(first <= layer <= last for layer in layers)
+        and (kind_parts(kind)[1] != "progressive" or space.stages[0] <= len(layers) <= space.stages[1])
+    )

@@ -19,14 +19,14 @@ import optuna
 from tqdm import tqdm
 
 from v2drop.evaluation import EvalConfig, evaluate
-from v2drop.tables import write_csv
 from v2drop.method import Method
-from v2drop.search.config import OBJECTIVES, SweepConfig
 from v2drop.search.checks import check_sweep_run
+from v2drop.search.config import OBJECTIVES, SweepConfig
 from v2drop.search.data import eval_fields
 from v2drop.search.report import write_artifacts
 from v2drop.search.space import expand_presets, fits, method_params, relative, resolve_scorers, suggest_method, validate
 from v2drop.search.wandb import WandbCallback, plain
+from v2drop.tables import write_csv
 from v2drop.vision_cache import VisionCache
 
 
@@ -51,7 +51,9 @@ def make_storage(cfg: SweepConfig):
             # in the pinned Optuna 5.0 (tests/test_sweep.py checks that they behave as we rely on).
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, heartbeat_interval=cfg.heartbeat, grace_period=2 * cfg.heartbeat,
+                url,
+                heartbeat_interval=cfg.heartbeat,
+                grace_period=2 * cfg.heartbeat,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.retries),
                 engine_kwargs={"pool_pre_ping": True},
             )
@@ -69,7 +71,9 @@ def make_sampler(cfg: SweepConfig, offset: int = 0) -> optuna.samplers.BaseSampl
         # multivariate TPE models each such group of parameters jointly, over the trials that have it.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, constant_liar=True, multivariate=True, group=True)
+            return optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=8, constant_liar=True, multivariate=True, group=True
+            )
     if cfg.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
     if cfg.sampler == "gp":
@@ -100,7 +104,9 @@ def load_model(cfg: SweepConfig):
     """The sweep's model on ``eval.device`` with ``eval.dtype`` and ``eval.attn_implementation``."""
     import v2drop
 
-    return v2drop.load(cfg.model, attn_implementation=cfg.eval.attn_implementation, dtype=cfg.eval.dtype, device=cfg.eval.device)
+    return v2drop.load(
+        cfg.model, attn_implementation=cfg.eval.attn_implementation, dtype=cfg.eval.dtype, device=cfg.eval.device
+    )
 
 
 def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True, finish: bool = True) -> dict:
@@ -123,7 +129,9 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
     (run_dir / "config.json").write_text(json.dumps(plain(asdict(cfg)), indent=2))
     directions = [OBJECTIVES[o][1] for o in cfg.objectives]
     try:  # creating a study is atomic in every storage: only its creator enqueues the baselines
-        study = optuna.create_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg), directions=directions)
+        study = optuna.create_study(
+            study_name=cfg.study, storage=storage, sampler=make_sampler(cfg), directions=directions
+        )
         _enqueue_baselines(study, cfg, lvlm.depth)
     except optuna.exceptions.DuplicatedStudyError:  # joining or resuming
         study = optuna.load_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg, offset=os.getpid()))
@@ -156,9 +164,13 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
         return _finish(study, cfg, lvlm, benchmark, callback, progress)
     except BaseException as err:  # finished trials are in the storage already; say how to continue
         done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-        err.add_note(f"study {cfg.study!r} keeps its {done} finished trial(s) in {cfg.storage or run_dir / 'journal.log'}; "
-                     "rerun the same command (same study name and storage) to resume it")
-        if callback is not None and callback.run is not None:  # the wandb run would otherwise stay open until the process exits
+        err.add_note(
+            f"study {cfg.study!r} keeps its {done} finished trial(s) in {cfg.storage or run_dir / 'journal.log'}; "
+            "rerun the same command (same study name and storage) to resume it"
+        )
+        if (
+            callback is not None and callback.run is not None
+        ):  # the wandb run would otherwise stay open until the process exits
             callback.run.finish(exit_code=1)
         raise
 
@@ -204,13 +216,17 @@ def _enqueue_baselines(study: optuna.Study, cfg: SweepConfig, depth: int) -> Non
         if method.scorer_name not in scorers:
             continue
         if not fits(method, cfg.search, depth):
-            print(f"not enqueueing preset {name}: its {method.scorer_name} settings, stages {list(method.schedule.layers)} or "
-                  f"position policy {method.position_policy!r} lie outside the search space")
+            print(
+                f"not enqueueing preset {name}: its {method.scorer_name} settings, stages {list(method.schedule.layers)} or "
+                f"position policy {method.position_policy!r} lie outside the search space"
+            )
             continue
         study.enqueue_trial(method_params(method, cfg.search), user_attrs={"label": name})
 
 
-def confirm_front(study, front: list[dict], cfg: SweepConfig, lvlm, benchmark, run_dir: Path, progress: bool = True) -> list[dict]:
+def confirm_front(
+    study, front: list[dict], cfg: SweepConfig, lvlm, benchmark, run_dir: Path, progress: bool = True
+) -> list[dict]:
     """Evaluate every Pareto trial on the confirmation split and write ``pareto_confirmed.csv``."""
     split = benchmark.resolve_split(cfg.confirm.split)
     samples = benchmark.load(split, cfg.confirm.limit)
@@ -220,10 +236,20 @@ def confirm_front(study, front: list[dict], cfg: SweepConfig, lvlm, benchmark, r
     for row in tqdm(front, desc=f"confirming the front on {len(samples)} {split} samples", disable=not progress):
         method = Method.from_dict(by_number[row["trial"]].user_attrs["method"])
         m = evaluate(lvlm, benchmark, method, eval_config, samples=samples).metrics
-        out.append({"trial": row["trial"], "label": row["label"], "scorer": row["scorer"], "kind": row["kind"], "schedule": row["schedule"],
-                    "validation_accuracy": row.get("accuracy_metric"), "test_accuracy": m["accuracy"],
-                    "test_prefill_ms": m["prefill_latency_median_s"] * 1e3,
-                    "test_generation_ms": m["generation_latency_median_s"] * 1e3, "test_flops_ratio": m["flops_ratio"],
-                    "test_average_tokens": m["average_vision_tokens"]})
+        out.append(
+            {
+                "trial": row["trial"],
+                "label": row["label"],
+                "scorer": row["scorer"],
+                "kind": row["kind"],
+                "schedule": row["schedule"],
+                "validation_accuracy": row.get("accuracy_metric"),
+                "test_accuracy": m["accuracy"],
+                "test_prefill_ms": m["prefill_latency_median_s"] * 1e3,
+                "test_generation_ms": m["generation_latency_median_s"] * 1e3,
+                "test_flops_ratio": m["flops_ratio"],
+                "test_average_tokens": m["average_vision_tokens"],
+            }
+        )
     write_csv(out, run_dir / "pareto_confirmed.csv")
     return out

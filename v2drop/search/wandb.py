@@ -19,7 +19,9 @@ def wandb_mode(cfg: SweepConfig) -> str:
     """The wandb mode: the config's ``wandb.mode`` if set, else ``$WANDB_MODE``, else ``offline``."""
     mode = cfg.wandb.mode or os.environ.get("WANDB_MODE") or "offline"
     if mode not in WANDB_MODES:
-        raise ValueError(f"wandb mode {mode!r} is not one of {list(WANDB_MODES)} (from the config's wandb.mode or $WANDB_MODE)")
+        raise ValueError(
+            f"wandb mode {mode!r} is not one of {list(WANDB_MODES)} (from the config's wandb.mode or $WANDB_MODE)"
+        )
     return mode
 
 
@@ -44,8 +46,14 @@ class WandbCallback:
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project=cfg.wandb.project, name=cfg.study, mode=self.mode, dir=str(run_dir),
-                              config=plain(asdict(cfg)), reinit="finish_previous")
+        self.run = wandb.init(
+            project=cfg.wandb.project,
+            name=cfg.study,
+            mode=self.mode,
+            dir=str(run_dir),
+            config=plain(asdict(cfg)),
+            reinit="finish_previous",
+        )
 
     def __call__(self, study, trial) -> None:
         """Log a finished trial (Optuna calls this after each one)."""
@@ -55,17 +63,27 @@ class WandbCallback:
             return
         data = {f"params/{k}": v for k, v in trial.params.items()}
         data.update({f"objectives/{k}": v for k, v in zip(self.cfg.objectives, trial.values)})
-        data.update({f"metrics/{k}": v for k, v in trial.user_attrs.get("metrics", {}).items() if isinstance(v, (int, float))})
+        data.update(
+            {f"metrics/{k}": v for k, v in trial.user_attrs.get("metrics", {}).items() if isinstance(v, (int, float))}
+        )
         self.run.log({"trial": trial.number, **data})
         if self.cfg.wandb.per_trial_runs:
             # Run config = the trial's parameters (plus scorer and label), summary = its objectives:
             # what a parallel-coordinates panel over the group's runs reads.
             method = trial.user_attrs.get("method") or {}
-            scorer = (method.get("scorer") or {}).get("name", "none") if isinstance(method.get("scorer"), dict) else "none"
+            scorer = (
+                (method.get("scorer") or {}).get("name", "none") if isinstance(method.get("scorer"), dict) else "none"
+            )
             config = {**trial.params, "scorer": scorer, "label": trial.user_attrs.get("label", "")}
-            run = self.wandb.init(project=self.cfg.wandb.project, name=f"{self.cfg.study}-trial-{trial.number}",
-                                  group=self.cfg.study, mode=self.mode, dir=str(self.run.dir).rsplit("/wandb/", 1)[0],
-                                  config=plain(config), reinit="create_new")
+            run = self.wandb.init(
+                project=self.cfg.wandb.project,
+                name=f"{self.cfg.study}-trial-{trial.number}",
+                group=self.cfg.study,
+                mode=self.mode,
+                dir=str(self.run.dir).rsplit("/wandb/", 1)[0],
+                config=plain(config),
+                reinit="create_new",
+            )
             run.log(data)
             run.finish()
 
