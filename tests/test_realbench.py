@@ -182,7 +182,9 @@ def test_uniform_frame_indices():
 
 
 def test_llava_readings_by_hand():
-    """LLaVA-1.5's scripts, case by case (eval_pope.py, MME's calculation.py, convert_gqa_for_eval.py, eval_science_qa.py)."""
+    """LLaVA-1.5's scripts, case by case (eval_pope.py, MME's calculation.py, convert_gqa_for_eval.py,
+    eval_science_qa.py).
+    """
     from v2drop.benchmarks.reading import gqa_llava, mme_llava, pope_llava, scienceqa_llava
 
     pope = {

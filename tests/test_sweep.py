@@ -300,7 +300,9 @@ def test_wandb_per_trial_runs(tiny, tmp_path):
 
 
 def test_wandb_mode_comes_from_the_config_then_the_environment_then_offline(monkeypatch):
-    """An unset wandb.mode follows $WANDB_MODE (so CI's `disabled` holds), else offline; a set one wins; a bad one is a clear error."""
+    """An unset wandb.mode follows $WANDB_MODE (so CI's `disabled` holds), else offline; a set one wins; a bad one is a
+    clear error.
+    """
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode(SweepConfig()) == "disabled"
     assert wandb_mode(SweepConfig.from_dict({"wandb": {"mode": "offline"}})) == "offline"

@@ -5,7 +5,8 @@ Importing this package registers every benchmark (``digits``, ``digits-video``, 
 ``list_benchmarks()`` is the same whatever ran before; no dataset is read at import. Layout:
 ``base`` (``Sample``, ``Benchmark`` and its splits, the registry), ``reading`` (the reference
 scorers' answer readings, lmms-eval's and LLaVA-1.5's, chosen per benchmark by ``answer_reading``),
-``vqa`` (EvalAI's answer normaliser), ``metrics`` (generic and lenient scoring rules), ``prompts``, ``media`` (images, videos, frame sampling), ``hub``
+``vqa`` (EvalAI's answer normaliser), ``metrics`` (generic and lenient scoring rules), ``prompts``, ``media`` (images,
+videos, frame sampling), ``hub``
 (rows from the Hugging Face hub or a local copy), and one module per benchmark. Each benchmark's
 splits, schema, prompt and metric are in its class docstring and in ``docs/benchmarks.md``.
 """

@@ -184,7 +184,9 @@ def register_benchmark(name: str):
 
 
 def get_benchmark(name: str, **kwargs: Any) -> Benchmark:
-    """An instance of benchmark ``name`` built with ``kwargs`` (None values left out); unknown names and arguments are errors."""
+    """An instance of benchmark ``name`` built with ``kwargs`` (None values left out); unknown names and arguments are
+    errors.
+    """
     cls = BENCHMARKS.get(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:

@@ -89,7 +89,8 @@ def binary_scores(predicted_yes: Sequence[bool], gold_yes: Sequence[bool]) -> di
 
 
 def acc_plus_scores(correct_by_image: dict[str, list[bool]]) -> dict[str, float]:
-    """MME's scores of one subtask: acc (questions right), acc+ (images with every question right), (acc + acc+) × 100."""
+    """MME's scores of one subtask: acc (questions right), acc+ (images with every question right), (acc + acc+) ×
+    100."""
     acc = mean(c for v in correct_by_image.values() for c in v)
     acc_plus = mean(all(v) for v in correct_by_image.values())
     return {"acc": acc, "acc_plus": acc_plus, "score": (acc + acc_plus) * 100}
@@ -144,6 +145,8 @@ def vqa_exact_match(prediction: str, answer: str) -> bool:
 
 
 def vqa_full_credit(prediction: str, answers: Sequence[str]) -> bool:
-    """At least three annotators (all of them when fewer) gave the prediction, after ``normalize_vqa``: TextVQA's ``is_correct``."""
+    """At least three annotators (all of them when fewer) gave the prediction, after ``normalize_vqa``: TextVQA's
+    ``is_correct``.
+    """
     pred = normalize_vqa(prediction)
     return sum(normalize_vqa(a) == pred for a in answers) >= min(3, len(answers))

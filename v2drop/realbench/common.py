@@ -1,4 +1,6 @@
-"""Deprecated: the old ``v2drop.realbench.common`` names, now in ``v2drop.benchmarks`` (base, hub, media, metrics, prompts)."""
+"""Deprecated: the old ``v2drop.realbench.common`` names, now in ``v2drop.benchmarks`` (base, hub, media, metrics,
+prompts).
+"""
 
 from v2drop.benchmarks.base import DataError
 from v2drop.benchmarks.hub import HFBenchmark, VideoBenchmark, hub_dataset, hub_offline, present, read_table
