@@ -52,6 +52,9 @@ class QwenProcessorLite:
         chat_template: str | None = None,
         video_size: dict | None = None,
         second_per_grid: bool = False,
+        do_sample_frames: bool = False,
+        fps: float | None = None,
+        num_frames: int | None = None,
         min_frames: int = 4,
         max_frames: int = 768,
     ):
@@ -62,6 +65,8 @@ class QwenProcessorLite:
         # video config
         self.video_size = dict(video_size or image_processor.size)
         self.second_per_grid = second_per_grid
+        # the video processor's sampling defaults (a checkpoint's video config may set them)
+        self.do_sample_frames, self.fps, self.num_frames = do_sample_frames, fps, num_frames
         self.min_frames, self.max_frames = min_frames, max_frames
 
     @classmethod
@@ -77,6 +82,7 @@ class QwenProcessorLite:
             chat_template=read_chat_template(path),
             video_size=size,
             second_per_grid=second_per_grid,
+            **{k: video[k] for k in _SAMPLING if video.get(k) is not None},
         )
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
@@ -91,12 +97,16 @@ class QwenProcessorLite:
         self,
         videos,
         video_metadata=None,
-        do_sample_frames: bool = False,
+        do_sample_frames: bool | None = None,
         fps: float | None = None,
         num_frames: int | None = None,
     ) -> dict:
         """``pixel_values_videos`` (patches, patch_dim), ``video_grid_thw`` (videos, 3) and ``video_metadata``
-        (one ``VideoMetadata`` per video, ``frames_indices`` set to the frames used) for a list of videos."""
+        (one ``VideoMetadata`` per video, ``frames_indices`` set to the frames used) for a list of videos.
+
+        Sampling arguments left None take the processor's defaults, as the real video processor's do."""
+        if do_sample_frames is None:
+            do_sample_frames = self.do_sample_frames
         proc = self.image_processor
         patch, merge, temporal = proc.patch_size, proc.merge_size, proc.temporal_patch_size
         clips = split_videos(videos)
@@ -156,6 +166,9 @@ class QwenProcessorLite:
         ``num_frames`` (rounded to the temporal patch) frames, or ``fps`` frames a second of the
         source (needs ``metadata.fps``; at least ``min_frames``, at most ``max_frames``), spread uniformly.
         """
+        # the real video processor fills unset arguments from its own settings before this check
+        num_frames = num_frames if num_frames is not None else self.num_frames
+        fps = fps if fps is not None else self.fps
         if fps is not None and num_frames is not None:
             raise ValueError("`num_frames` and `fps` are mutually exclusive arguments, please use only one!")
         temporal = self.image_processor.temporal_patch_size
@@ -187,7 +200,7 @@ class QwenProcessorLite:
         images=None,
         videos=None,
         video_metadata=None,
-        do_sample_frames: bool = False,
+        do_sample_frames: bool | None = None,
         fps: float | None = None,
         num_frames: int | None = None,
         return_tensors: str = "pt",
@@ -228,9 +241,13 @@ class QwenProcessorLite:
         """Save the image processor, the tokenizer and the video settings side by side."""
         path = save_image_and_text_parts(path, self.image_processor, self.tokenizer)
         video = {"video_processor_type": "Qwen2VLVideoProcessor", "size": self.video_size}
+        video.update({k: getattr(self, k) for k in _SAMPLING})
         (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
         if self.chat_template:
             (path / "chat_template.jinja").write_text(self.chat_template)
+
+
+_SAMPLING = ("do_sample_frames", "fps", "num_frames", "min_frames", "max_frames")  # video config keys for sampling
 
 
 def _patchify(frames: np.ndarray, patch: int, merge: int, temporal: int) -> tuple[np.ndarray, list[int]]:
