@@ -110,6 +110,8 @@ def test_qwen_video_sampling_settings_are_saved_and_used(tiny, tmp_path):
         again(prompt, videos=[clip.frames])
     with pytest.raises(ValueError, match="Received 1 videos but 2 video_metadata entries"):
         lite(prompt, videos=[clip.frames], video_metadata=[None, None])
+    with pytest.raises(ValueError, match="The metadata of video 0 has no total_num_frames"):
+        lite(prompt, videos=[Clip(clip.frames, {"fps": 12.0})])
 
 
 @pytest.mark.parametrize("dropping", [False, True], ids=["none", "v2drop"])

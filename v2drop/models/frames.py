@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from transformers.video_utils import VideoMetadata, make_batched_metadata
 
 
 def is_frame(item: Any) -> bool:
@@ -73,6 +74,33 @@ def clip_metadata(videos: Sequence[Any] | None) -> list[Any] | None:
     """Each video's ``Clip.metadata`` (None for plain frames), or None when no video carries any."""
     metadata = [v.metadata if isinstance(v, Clip) else None for v in _clips(videos)]
     return metadata if any(m is not None for m in metadata) else None
+
+
+def metadata_per_clip(clips: list[list[np.ndarray]], video_metadata=None) -> list[VideoMetadata]:
+    """One ``VideoMetadata`` per clip, as transformers' ``make_batched_metadata`` builds it.
+
+    ``video_metadata`` is None, one dict / ``VideoMetadata`` or one per clip (None entries: the
+    clip's own frame count, no frame rate, every frame).
+    """
+    if video_metadata is None:
+        video_metadata = [None] * len(clips)
+    elif isinstance(video_metadata, (dict, VideoMetadata)):
+        video_metadata = [video_metadata]
+    video_metadata = list(video_metadata)
+    if len(video_metadata) != len(clips):
+        raise ValueError(
+            f"Received {len(clips)} videos but {len(video_metadata)} video_metadata entries; pass one entry per "
+            f"video (None where a video has none)"
+        )
+    out = []
+    for i, (clip, meta) in enumerate(zip(clips, video_metadata)):
+        if meta is not None and dict(meta).get("total_num_frames") is None:
+            raise ValueError(
+                f"The metadata of video {i} has no total_num_frames: give the source video's frame count with its "
+                f"fps (VideoMetadata fields), or no metadata"
+            )
+        out.append(make_batched_metadata([np.stack(clip)], None if meta is None else [dict(meta)])[0])
+    return out
 
 
 def resize_normalize(frame: np.ndarray, height: int, width: int, mean, std, rescale: float = 1 / 255) -> np.ndarray:

@@ -9,10 +9,11 @@ import torch
 from transformers import AutoTokenizer
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
-from transformers.video_utils import default_sample_indices_fn, make_batched_metadata
+from transformers.video_utils import default_sample_indices_fn
 
 from v2drop.models.frames import (
     clip_metadata,
+    metadata_per_clip,
     read_chat_template,
     read_optional_json,
     resize_normalize,
@@ -110,10 +111,7 @@ class OnevisionProcessorLite:
         clips = split_videos(videos)
         if do_sample_frames:
             metadata = video_metadata if video_metadata is not None else clip_metadata(videos)
-            if metadata is None or isinstance(metadata, dict):
-                metadata = [metadata] * len(clips) if metadata is None else [metadata]
-            for i, (clip, meta) in enumerate(zip(clips, metadata)):
-                meta = make_batched_metadata([np.stack(clip)], None if meta is None else [dict(meta)])[0]
+            for i, (clip, meta) in enumerate(zip(clips, metadata_per_clip(clips, metadata))):
                 clips[i] = [clip[j] for j in default_sample_indices_fn(meta, num_frames=num_frames, fps=fps)]
         height, width = self.video_size["height"], self.video_size["width"]
         arrays = [

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
-from transformers.video_utils import VideoMetadata, make_batched_metadata
+from transformers.video_utils import VideoMetadata
 
 from v2drop.models.frames import (
     clip_metadata,
+    metadata_per_clip,
     read_chat_template,
     read_optional_json,
     resize_normalize,
@@ -110,7 +111,7 @@ class QwenProcessorLite:
         proc = self.image_processor
         patch, merge, temporal = proc.patch_size, proc.merge_size, proc.temporal_patch_size
         clips = split_videos(videos)
-        metadata = self.metadata(clips, video_metadata if video_metadata is not None else clip_metadata(videos))
+        metadata = metadata_per_clip(clips, video_metadata if video_metadata is not None else clip_metadata(videos))
         patches, grids = [], []
         for clip, meta in zip(clips, metadata):
             if do_sample_frames:
@@ -140,25 +141,6 @@ class QwenProcessorLite:
             "video_grid_thw": torch.tensor(grids),
             "video_metadata": metadata,
         }
-
-    @staticmethod
-    def metadata(clips: list[list[np.ndarray]], video_metadata=None) -> list[VideoMetadata]:
-        """One ``VideoMetadata`` per clip, as transformers' ``make_batched_metadata`` builds it (None entries:
-        the clip's own frame count, no frame rate)."""
-        if video_metadata is None:
-            video_metadata = [None] * len(clips)
-        elif isinstance(video_metadata, (dict, VideoMetadata)):
-            video_metadata = [video_metadata]
-        video_metadata = list(video_metadata)
-        if len(video_metadata) != len(clips):
-            raise ValueError(
-                f"Received {len(clips)} videos but {len(video_metadata)} video_metadata entries; pass one entry per "
-                f"video (None where a video has none)"
-            )
-        return [
-            make_batched_metadata([np.stack(clip)], None if meta is None else [dict(meta)])[0]
-            for clip, meta in zip(clips, video_metadata)
-        ]
 
     def sample_frames(self, metadata: VideoMetadata, fps: float | None = None, num_frames: int | None = None):
         """Indices of the frames to keep, as ``Qwen2VLVideoProcessor.sample_frames`` picks them.
