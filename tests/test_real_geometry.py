@@ -281,3 +281,16 @@ def test_video_generation_equals_transformers_on_the_reference_inputs(family):
     assert [[s["kept"] for s in t.stages] for t in dropped.traces] == kept
     assert dropped.generated_ids == tokens
     torch.testing.assert_close(dropped.first_logits, first_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_image_and_video_prompt_outputs_equal_the_reference(family):
+    """One prompt with an image and a video: token types 1 and 2, both grids, every key as the real processor's."""
+    lvlm = real(family)
+    prompt = prompt_for(lvlm, "how many ?").replace(" ASSISTANT:", "") + video_prompt(lvlm).removeprefix("USER: ")
+    image, clip, metadata = photo(4, 640, 480), video_frames(5, 6, 336, 448), {"total_num_frames": 30, "fps": 5.0}
+    ref = reference_processor(lvlm)
+    expected = ref(text=prompt, images=[image], videos=[clip], video_metadata=[metadata], return_tensors="pt")
+    ours = lvlm.processor(prompt, images=[image], videos=[Clip(clip, metadata)])
+    assert_same_outputs(ours, expected)
+    assert set(ours["mm_token_type_ids"].unique().tolist()) == {0, 1, 2}

@@ -576,7 +576,11 @@ def reference_processor(lvlm):
             vision_aspect_ratio=lite.vision_aspect_ratio,
         )
     video = ReferenceVideoProcessor(lite)
-    return Reference(image_processor=lite.image_processor, tokenizer=lite.tokenizer, video_processor=video, **kwargs)
+    ref = Reference(image_processor=lite.image_processor, tokenizer=lite.tokenizer, video_processor=video, **kwargs)
+    if ref.image_token != lite.image_token:
+        # the tiny tokenizer names its LLaVA "<image>" as the image token; a Qwen tokenizer names "<|image_pad|>"
+        ref.image_token, ref.image_token_id = lite.image_token, lite.tokenizer.convert_tokens_to_ids(lite.image_token)
+    return ref
 
 
 class ReferenceVideoProcessor(VideoProcessorMixin):
