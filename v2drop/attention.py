@@ -21,7 +21,8 @@ def attention_probabilities(
 ) -> torch.Tensor:
     """Per-head attention probabilities of some query rows (or all) of ``layer`` over all keys.
 
-    Applies the layer's ``input_layernorm``, ``q_proj``/``k_proj`` (with their biases), RoPE,
+    Applies the layer's ``input_layernorm``, ``q_proj``/``k_proj`` (with their biases), the
+    per-head ``q_norm``/``k_norm`` where the layer has them, RoPE,
     grouped-query head sharing, the causal mask and padding, then softmax in float32, exactly as
     the layer's eager attention would for those rows.
 
@@ -49,8 +50,11 @@ def attention_probabilities(
         query_idx = torch.arange(L, device=hidden.device).expand(B, L)
     normed = layer.input_layernorm(hidden)
     q_in = normed.gather(1, query_idx[..., None].expand(-1, -1, normed.shape[-1]))  # (B, Q, D)
-    q = attn.q_proj(q_in).view(B, q_in.shape[1], -1, head_dim).transpose(1, 2)  # (B, H, Q, hd)
-    k = attn.k_proj(normed).view(B, L, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
+    q = attn.q_proj(q_in).view(B, q_in.shape[1], -1, head_dim)
+    k = attn.k_proj(normed).view(B, L, -1, head_dim)
+    if getattr(attn, "q_norm", None) is not None:  # per-head RMSNorm before RoPE (Qwen3, Gemma 3)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, Q, hd), (B, Hkv, L, hd)
     cos, sin = rope
     q_cos = cos.gather(1, query_idx[..., None].expand(-1, -1, head_dim))[:, None]
     q_sin = sin.gather(1, query_idx[..., None].expand(-1, -1, head_dim))[:, None]

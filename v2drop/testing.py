@@ -27,6 +27,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
@@ -53,7 +55,7 @@ SPECIALS = [
     "<|vision_end|>",
 ]
 DEPTH = 6
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 __all__ = [
     "DEPTH",
@@ -188,6 +190,12 @@ def build(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
         else:
             model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**common, video_token_index=video_id))
         proc = PlaceholderProcessor(tok, model)
+    elif family == "qwen3_vl":
+        model = _qwen3_vl(tok, patch=8, grid_side=4, max_positions=512)
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2, **_HALF
+        )
+        proc = QwenProcessorLite(image_processor, tok)
     else:
         qwen_image, qwen_video = tok.convert_tokens_to_ids("<|image_pad|>"), tok.convert_tokens_to_ids("<|video_pad|>")
         text = dict(
@@ -234,6 +242,51 @@ def build(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
             second_per_grid=family == "qwen2_5_vl",
         )
     return _ready(model, proc, f"tiny-{family}", attn)
+
+
+_HALF = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)  # Qwen3-VL's image normalisation
+
+
+def _qwen3_vl(tok, patch: int, grid_side: int, max_positions: int):
+    """A Qwen3-VL model: decoder as ``build``'s Qwen ones (interleaved M-RoPE), a 3-layer tower whose every layer
+    feeds DeepStack (as the real [8, 16, 24] of 27 feed decoder layers 0-2); built from the current RNG."""
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        initializer_range=0.2,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [4, 2, 2],  # the real [24, 20, 20] of head_dim 128, scaled to head_dim 16
+            "mrope_interleaved": True,
+        },
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+    )
+    vision = dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        patch_size=patch,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=64,
+        num_position_embeddings=grid_side * grid_side,
+        deepstack_visual_indexes=[0, 1, 2],
+        initializer_range=0.2,
+    )
+    ids = {f"{name}_token_id": tok.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end")}
+    ids.update(
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+    )
+    return Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
 
 
 def random_llava(

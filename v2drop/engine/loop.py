@@ -1,7 +1,8 @@
 """The pruning engine: one prefill loop over the decoder layers, then KV-cached greedy decoding.
 
 Read ``generate`` top to bottom: embed, then for every decoder layer drop vision tokens if a
-stage starts there, run the layer; norm and head give the first token; then each new token runs
+stage starts there, run the layer, add the family's own per-layer additions (Qwen3-VL's DeepStack) at
+the vision tokens still present; norm and head give the first token; then each new token runs
 through every layer, each attending to its own (possibly shorter) KV cache. Conventions (layer
 indexing, positions, keep counts) are those of ``docs/methods.md``.
 """
@@ -93,6 +94,17 @@ def sample_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.
     return torch.tensor(keys, dtype=torch.long)
 
 
+def _add_at_vision(seq: Sequence, addition: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """``seq.hidden`` plus ``addition`` (B, L0, D, on the layer-0 positions) at its vision tokens; others unchanged.
+
+    A token's layer-0 position is its prompt index plus its sample's left padding in ``prompt_mask``.
+    """
+    pad = (prompt_mask == 0).sum(1, keepdim=True)
+    pos = (seq.orig_idx + pad).clamp(min=0)
+    extra = addition.gather(1, pos[..., None].expand(-1, -1, addition.shape[-1])).to(seq.hidden.dtype)
+    return torch.where(seq.vision[..., None], seq.hidden + extra, seq.hidden)
+
+
 @torch.no_grad()
 def generate(
     adapter: Adapter,
@@ -153,6 +165,7 @@ def generate(
         else None
     )
     cache = DynamicCache(config=adapter.text_config)
+    additions = adapter.layer_additions(inputs) if bool(vision.any()) else {}
 
     with PeakMemory(device) if measure_memory else contextlib.nullcontext() as memory:
         clock = Timer(device)
@@ -175,6 +188,8 @@ def generate(
             seq.hidden = layer(
                 seq.hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True
             )
+            if layer_idx in additions:  # the family's own additions (DeepStack), at the vision tokens still present
+                seq.hidden = _add_at_vision(seq, additions[layer_idx], mask2d)
         logits = adapter.lm_head(adapter.norm(seq.hidden[:, -1:]))[:, -1].float()
         prefill_seconds = clock.elapsed()
 

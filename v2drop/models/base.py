@@ -108,6 +108,14 @@ class Adapter:
             embeds = embeds.masked_scatter(placeholder[..., None], feats)
         return embeds
 
+    def layer_additions(self, inputs: dict) -> dict[int, torch.Tensor]:
+        """Decoder layer -> (B, L, D) features the model adds to that layer's output at the vision positions.
+
+        Laid out on the prompt positions of ``inputs`` (zero elsewhere); the engine adds each to the
+        vision tokens still present after the layer. Most families add nothing (Qwen3-VL: DeepStack).
+        """
+        return {}
+
     def video_features(self, **kwargs):
         """The model's ``get_video_features`` on the batch's video inputs (``pooler_output``: features per video)."""
         return self.inner.get_video_features(**kwargs)

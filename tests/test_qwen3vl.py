@@ -1,0 +1,155 @@
+"""Qwen3-VL: the engine equals transformers' own model, DeepStack additions included, with and without dropping.
+
+Every reference here is transformers' ``Qwen3VLForConditionalGeneration`` itself (its ``generate``, its
+forward, its eager attention), observed or masked through hooks on its decoder layers, so DeepStack,
+the interleaved M-RoPE and ``get_rope_index`` are transformers' and not re-implemented.
+"""
+
+import pytest
+import torch
+
+from v2drop import Method, Schedule, select_keep
+from v2drop.scorers.fastv import FastVScorer
+from v2drop.testing import batch_for
+
+FAMILY = "qwen3_vl"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_no_drop_matches_transformers(tiny, attn, batch):
+    lvlm = tiny(FAMILY, attn)
+    prompts, images = batch_for(lvlm, batch, FAMILY)
+    inputs = lvlm.prepare(prompts, images)
+    if batch > 1:
+        assert (inputs["attention_mask"] == 0).any(), "the batch should exercise padding"
+    out = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=6, stop_at_eos=False)
+    with torch.no_grad():
+        ref_tokens = lvlm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        ref_logits = lvlm.model(**inputs).logits[:, -1].float()
+    assert out.generated_ids == ref_tokens[:, inputs["input_ids"].shape[1] :].tolist()
+    torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_deepstack_changes_the_result(tiny, monkeypatch):
+    """The additions are real: without them the engine is no longer transformers' model."""
+    lvlm = tiny(FAMILY)
+    inputs = lvlm.prepare(*batch_for(lvlm, 2, FAMILY))
+    additions = lvlm.adapter.layer_additions(inputs)
+    assert sorted(additions) == [0, 1, 2]  # one per DeepStack tower layer, added after decoder layers 0-2
+    vision = lvlm.adapter.vision_mask(inputs["input_ids"])
+    for extra in additions.values():
+        assert bool((extra[vision] != 0).any(-1).all()) and bool((extra[~vision] == 0).all())
+    with torch.no_grad():
+        ref_logits = lvlm.model(**inputs).logits[:, -1].float()
+    monkeypatch.setattr(lvlm.adapter, "layer_additions", lambda inputs: {})
+    out = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=1)
+    assert (out.first_logits - ref_logits).abs().max() > 1e-2
+
+
+def _additive_keys(mask: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """The eager layer's additive (B, 1, Q, K) mask with the keys not ``alive`` (B, K) removed as well."""
+    return mask.masked_fill(~alive[:, None, None, :], torch.finfo(mask.dtype).min)
+
+
+@torch.no_grad()
+def masked_transformers_generate(lvlm_eager, inputs, schedule: Schedule, max_new_tokens: int):
+    """V²Drop on transformers' own eager model: a pre-hook on every decoder layer sees the input transformers
+    gives it (DeepStack additions of the layer before included); at a stage layer it keeps the top-k of the
+    L2 variation from the previous layer's input among the vision tokens still alive, and from then on the
+    dropped tokens are masked as keys (prefill and every decoding step). Returns (first logits, tokens, kept)."""
+    a = lvlm_eager.adapter
+    pad = inputs["attention_mask"].bool()
+    B, L = pad.shape
+    vision = a.vision_mask(inputs["input_ids"]) & pad
+    n_orig = vision.sum(1).tolist()
+    offsets = (~pad).sum(1).tolist()
+    stage_at = {s.layer: i for i, s in enumerate(schedule.stages)}
+    alive, alive_at, prev, kept = pad.clone(), {}, {}, [[] for _ in range(B)]
+
+    def hook(layer_idx):
+        def pre(module, args, kwargs):
+            nonlocal alive
+            hidden = args[0] if args else kwargs["hidden_states"]
+            mask = kwargs["attention_mask"]
+            if hidden.shape[1] == L and layer_idx not in alive_at:  # the prefill
+                if layer_idx in stage_at:
+                    var = (hidden.float() - prev["hidden"].float()).norm(dim=-1)
+                    alive = alive.clone()
+                    for b in range(B):
+                        cand = (vision[b] & alive[b]).nonzero().flatten()
+                        k = schedule.kept_count(stage_at[layer_idx], cand.numel(), n_orig[b])
+                        keep = cand[select_keep(var[b, cand], k)]
+                        alive[b, cand] = False
+                        alive[b, keep] = True
+                        kept[b].append((keep - offsets[b]).tolist())
+                alive_at[layer_idx] = alive
+                prev["hidden"] = hidden
+            keys = mask.shape[-1]
+            ones = torch.ones(B, keys - L, dtype=torch.bool)
+            kwargs["attention_mask"] = _additive_keys(mask, torch.cat([alive_at[layer_idx], ones], dim=1))
+            return args, kwargs
+
+        return pre
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(a.layers)]
+    try:
+        out = lvlm_eager.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    return out.logits[0].float(), out.sequences[:, L:].tolist(), kept
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("layers", [[1], [2, 4]], ids=["one-stage", "two-stage"])
+def test_v2drop_equals_transformers_with_dropped_keys_masked(tiny, attn, layers):
+    """Kept sets, first logits and greedy tokens equal the masked eager model's (DeepStack inside layers 0-2)."""
+    lvlm, eager = tiny(FAMILY, attn), tiny(FAMILY, "eager")
+    inputs = lvlm.prepare(*batch_for(lvlm, 3, FAMILY))
+    schedule = Schedule.progressive(layers, [0.5] * len(layers))
+    out = lvlm.generate_from_inputs(inputs, Method("v2drop", schedule=schedule), max_new_tokens=5, stop_at_eos=False)
+    ref_logits, ref_tokens, ref_kept = masked_transformers_generate(eager, inputs, schedule, 5)
+    assert [[s["kept"] for s in t.stages] for t in out.traces] == ref_kept
+    assert all(len(k) == len(layers) and all(k) for k in ref_kept)
+    torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-4, rtol=0)
+    assert out.generated_ids == ref_tokens
+
+
+def test_fastv_keeps_the_top_of_transformers_eager_attention(tiny):
+    """FastV at layer 2 keeps the top-k of layer 1's eager attention from the last prompt token (head mean)."""
+    lvlm, eager = tiny(FAMILY, "sdpa"), tiny(FAMILY, "eager")
+    inputs = lvlm.prepare(*batch_for(lvlm, 3, FAMILY))
+    seen = []
+    handle = eager.adapter.layers[1].self_attn.register_forward_hook(lambda m, a, out: seen.append(out[1]))
+    try:
+        with torch.no_grad():
+            eager.model(**inputs)
+    finally:
+        handle.remove()
+    reference = seen[0].float().mean(1)[:, -1]
+    keep = 3
+    out = lvlm.generate_from_inputs(
+        inputs, Method(FastVScorer(), schedule=Schedule.one_shot(2, keep, keep_mode="absolute")), max_new_tokens=2
+    )
+    vision = lvlm.adapter.vision_mask(inputs["input_ids"]) & inputs["attention_mask"].bool()
+    offsets = (inputs["attention_mask"] == 0).sum(1)
+    for b in range(3):
+        positions = vision[b].nonzero().flatten()
+        expected = positions[select_keep(reference[b, positions], keep)] - offsets[b]
+        assert out.traces[b].stages[0]["kept"] == expected.tolist()
+
+
+@pytest.mark.parametrize("scorer", ["v2drop", "fastv", "random"])
+def test_batch_equals_alone(tiny, scorer):
+    lvlm = tiny(FAMILY)
+    prompts, images = batch_for(lvlm, 3, FAMILY)
+    method = Method(scorer, schedule=Schedule.progressive([1, 4], [0.4, 0.5]))
+    batch = lvlm.generate(prompts, images, method=method, max_new_tokens=5, stop_at_eos=False)
+    for i in range(3):
+        alone = lvlm.generate([prompts[i]], [images[i]], method=method, max_new_tokens=5, stop_at_eos=False)
+        assert alone.generated_ids[0] == batch.generated_ids[i]
+        assert alone.traces[0].stages == batch.traces[i].stages
+        torch.testing.assert_close(alone.first_logits[0], batch.first_logits[i], atol=1e-4, rtol=0)
