@@ -10,7 +10,7 @@ import torch
 
 from v2drop import Method, Schedule, select_keep
 from v2drop.scorers.fastv import FastVScorer
-from v2drop.testing import batch_for
+from v2drop.testing import batch_for, build_real, photo, prompt_for, reference_processor, video_frames
 
 FAMILY = "qwen3_vl"
 
@@ -153,3 +153,65 @@ def test_batch_equals_alone(tiny, scorer):
         assert alone.generated_ids[0] == batch.generated_ids[i]
         assert alone.traces[0].stages == batch.traces[i].stages
         torch.testing.assert_close(alone.first_logits[0], batch.first_logits[i], atol=1e-4, rtol=0)
+
+
+# -- real geometry: Qwen3-VL-8B-Instruct's preprocessing (patch 16, 65536..16777216 pixels), tiny weights ------------
+_REAL: dict = {}
+
+
+def real(attn: str = "sdpa"):
+    """A cached real-geometry Qwen3-VL (same weights for every attention implementation)."""
+    if attn not in _REAL:
+        _REAL[attn] = build_real(FAMILY, attn)
+    return _REAL[attn]
+
+
+def real_batch(lvlm):
+    prompts = [prompt_for(lvlm, q) for q in ("how many ?", "what is the colour of the digit in row 2 column 3 ?")]
+    return lvlm.prepare(prompts, [photo(0, 1000, 700), photo(1, 640, 480)])
+
+
+def test_real_processor_outputs_equal_transformers_processor():
+    """The stand-in's outputs for image prompts equal transformers' own ``Qwen3VLProcessor``'s on every key."""
+    lvlm = real()
+    ref = reference_processor(lvlm)
+    assert type(ref).__mro__[1].__name__ == "Qwen3VLProcessor"
+    prompts = [prompt_for(lvlm, "how many ?"), prompt_for(lvlm, "how many ?", n_images=2)]
+    for prompt, images in zip(prompts, [[photo(0, 1000, 700)], [photo(1, 640, 480), photo(2, 200, 150)]]):
+        ours, expected = lvlm.processor(prompt, images=images), ref(text=prompt, images=images, return_tensors="pt")
+        assert sorted(ours) == sorted(expected)
+        for key in expected:
+            assert ours[key].dtype == expected[key].dtype and torch.equal(ours[key], expected[key]), key
+
+
+def test_real_processor_refuses_videos():
+    lvlm = real()
+    with pytest.raises(ValueError, match="images only"):
+        lvlm.processor(
+            "USER: <|vision_start|><|video_pad|><|vision_end|> ASSISTANT:", videos=[video_frames(0, 4, 64, 64)]
+        )
+
+
+def test_real_no_drop_matches_transformers():
+    lvlm = real()
+    inputs = real_batch(lvlm)
+    assert (inputs["attention_mask"] == 0).any()
+    out = lvlm.generate_from_inputs(inputs, None, max_new_tokens=3, stop_at_eos=False)
+    with torch.no_grad():
+        ref_tokens = lvlm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        ref_logits = lvlm.model(**inputs).logits[:, -1].float()
+    assert out.generated_ids == ref_tokens[:, inputs["input_ids"].shape[1] :].tolist()
+    torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_real_v2drop_equals_transformers_with_dropped_keys_masked():
+    """Two stages at layers 1 and 2 (inside DeepStack's layers 0-2) on 682 + 300 vision tokens, padded batch."""
+    lvlm, eager = real(), real("eager")
+    inputs = real_batch(lvlm)
+    schedule = Schedule.progressive([1, 2], [0.25, 0.5])
+    out = lvlm.generate_from_inputs(inputs, Method("v2drop", schedule=schedule), max_new_tokens=3, stop_at_eos=False)
+    ref_logits, ref_tokens, ref_kept = masked_transformers_generate(eager, inputs, schedule, 3)
+    assert [[len(k) for k in kept] for kept in ref_kept] == [[170, 85], [75, 37]]
+    assert [[s["kept"] for s in t.stages] for t in out.traces] == ref_kept
+    torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-4, rtol=0)
+    assert out.generated_ids == ref_tokens

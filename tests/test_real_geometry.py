@@ -18,8 +18,10 @@ SIZES = {
     "llava_onevision": [(1300, 900), (640, 480)],
     "qwen2_vl": [(1000, 700), (640, 480)],
     "qwen2_5_vl": [(1000, 700), (640, 480)],
+    "qwen3_vl": [(1000, 700), (640, 480)],
 }
 QUESTIONS = ["how many ?", "what is the colour of the digit in row 2 column 3 ?"]
+QWEN_PIXELS = {"qwen3_vl": dict(min_pixels=65536, max_pixels=16777216, patch_size=16)}  # Qwen3-VL-8B-Instruct's
 SLOW = {"llava_onevision"}  # 7,295 + 2,929 vision tokens: ~10 s a test on CPU
 
 
@@ -57,6 +59,8 @@ def mixed_batch(lvlm, family):
         ("llava_onevision", (640, 480), 2929, 5),
         ("qwen2_vl", (1000, 700), 900, None),
         ("qwen2_5_vl", (640, 480), 391, None),
+        ("qwen3_vl", (1000, 700), 682, None),  # 704x992 in 16-pixel patches, merged 2x2
+        ("qwen3_vl", (200, 150), 70, None),  # enlarged to 320x224, over min_pixels 65536
     ],
 )
 def test_real_token_counts(family, size, tokens, crops):
@@ -67,13 +71,12 @@ def test_real_token_counts(family, size, tokens, crops):
         assert inputs["pixel_values"].shape[:2] == (1, crops)
     if family.startswith("qwen"):
         # an independent count: the image processor's own patch arithmetic, merged 2x2
-        patches = Qwen2VLImageProcessorPil(
-            min_pixels=3136, max_pixels=12845056, patch_size=14
-        ).get_number_of_image_patches(size[1], size[0])
+        bounds = QWEN_PIXELS.get(family, dict(min_pixels=3136, max_pixels=12845056, patch_size=14))
+        patches = Qwen2VLImageProcessorPil(**bounds).get_number_of_image_patches(size[1], size[0])
         assert patches // 4 == tokens
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_collation_matches_the_processors_own_batch(family):
     """Samples processed alone then collated carry the vision inputs of the image processor run on the whole batch."""
     lvlm = real(family)

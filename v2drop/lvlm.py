@@ -272,7 +272,8 @@ def load_processor(path: str, config=None):
     """The checkpoint's processor; where it needs torchvision (video processors), a PIL/numpy stand-in.
 
     Qwen2-VL / Qwen2.5-VL fall back to ``QwenProcessorLite`` and LLaVA-OneVision to
-    ``OnevisionProcessorLite`` (images and videos, same token counts as the real processors); any
+    ``OnevisionProcessorLite`` (images and videos, same token counts as the real processors),
+    Qwen3-VL to ``Qwen3ProcessorLite`` (images); any
     other family whose processor cannot load raises the original error.
     """
     try:
@@ -283,6 +284,10 @@ def load_processor(path: str, config=None):
             from v2drop.models.qwen2vl_processor import QwenProcessorLite
 
             return QwenProcessorLite.from_pretrained(path, second_per_grid=config.model_type == "qwen2_5_vl")
+        if config.model_type == "qwen3_vl":
+            from v2drop.models.qwen3vl_processor import Qwen3ProcessorLite
+
+            return Qwen3ProcessorLite.from_pretrained(path)
         if config.model_type == "llava_onevision":
             from v2drop.models.onevision_processor import OnevisionProcessorLite
 

@@ -40,6 +40,7 @@ from transformers.video_utils import default_sample_indices_fn
 from v2drop.benchmarks import Benchmark, Sample
 from v2drop.lvlm import LVLM
 from v2drop.models.qwen2vl_processor import QwenProcessorLite
+from v2drop.models.qwen3vl_processor import Qwen3ProcessorLite
 
 WORDS = "USER: ASSISTANT: what is the digit colour how many in row column yes no a b c d red green blue white".split()
 SPECIALS = [
@@ -195,7 +196,7 @@ def build(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
         image_processor = Qwen2VLImageProcessorPil(
             min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2, **_HALF
         )
-        proc = QwenProcessorLite(image_processor, tok)
+        proc = Qwen3ProcessorLite(image_processor, tok)
     else:
         qwen_image, qwen_video = tok.convert_tokens_to_ids("<|image_pad|>"), tok.convert_tokens_to_ids("<|video_pad|>")
         text = dict(
@@ -472,6 +473,10 @@ REAL_GEOMETRY = {
     ),
     "qwen2_vl": "Qwen2-VL: patch 14, merge 2, temporal 2, min_pixels 3136, max_pixels 12845056",
     "qwen2_5_vl": "Qwen2.5-VL: as Qwen2-VL, window attention (window 112)",
+    "qwen3_vl": (
+        "Qwen3-VL (Qwen3-VL-8B-Instruct): patch 16, merge 2, temporal 2, min_pixels 65536, max_pixels 16777216, "
+        "mean/std 0.5, a 48x48 learned position grid, DeepStack into decoder layers 0-2, interleaved M-RoPE"
+    ),
 }
 
 
@@ -548,6 +553,12 @@ def build_real(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
             image_std=[0.5] * 3,
         )
         proc = OnevisionProcessorLite(image_processor, tok, num_image_tokens=729, vision_feature_select_strategy="full")
+    elif family == "qwen3_vl":
+        model = _qwen3_vl(tok, patch=16, grid_side=48, max_positions=32768)
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=65536, max_pixels=16777216, patch_size=16, merge_size=2, temporal_patch_size=2, **_HALF
+        )
+        proc = Qwen3ProcessorLite(image_processor, tok)
     else:
         rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
         text = dict(
@@ -596,16 +607,20 @@ def build_real(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
 
 # -- reference video processing: transformers' own processors around a torchvision-free video processor -------------
 def reference_processor(lvlm):
-    """The family's real transformers processor (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor`` or
-    ``LlavaOnevisionProcessor``) over ``lvlm.processor``'s tokenizer and image processor, with a
-    ``ReferenceVideoProcessor`` as its video processor: the oracle the stand-in processors are checked against."""
+    """The family's real transformers processor (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``,
+    ``Qwen3VLProcessor`` (images only) or ``LlavaOnevisionProcessor``) over ``lvlm.processor``'s tokenizer and
+    image processor, with a ``ReferenceVideoProcessor`` as its video processor: the oracle the stand-in processors
+    are checked against."""
     from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
     from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
     from transformers.video_processing_utils import VideoProcessorMixin
 
     family = lvlm.model.config.model_type
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
     classes = {
+        "qwen3_vl": Qwen3VLProcessor,
         "qwen2_vl": Qwen2VLProcessor,
         "qwen2_5_vl": Qwen2_5_VLProcessor,
         "llava_onevision": LlavaOnevisionProcessor,
