@@ -7,6 +7,7 @@ the interleaved M-RoPE and ``get_rope_index`` are transformers' and not re-imple
 
 import pytest
 import torch
+from test_scorer_contract import FAMILY_SUPPORT, SCHEDULE, SCORERS, kept, method, refuses
 
 from v2drop import Method, Schedule, select_keep
 from v2drop.scorers.fastv import FastVScorer
@@ -215,3 +216,32 @@ def test_real_v2drop_equals_transformers_with_dropped_keys_masked():
     assert [[s["kept"] for s in t.stages] for t in out.traces] == ref_kept
     torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-4, rtol=0)
     assert out.generated_ids == ref_tokens
+
+
+# -- every registered scorer runs on Qwen3-VL or refuses with its reason (the contract suite's rules) ----------------
+@pytest.mark.parametrize("name", SCORERS)
+def test_every_scorer_batches_as_alone_or_refuses(tiny, name):
+    lvlm = tiny(FAMILY)
+    prompts, images = batch_for(lvlm, 3, FAMILY)
+    if refuses(name, FAMILY):
+        with pytest.raises(ValueError, match=FAMILY_SUPPORT[name][1]):
+            lvlm.generate(prompts, images, method=method(name), max_new_tokens=1)
+        return
+    batch = lvlm.generate(prompts, images, method=method(name), max_new_tokens=2, stop_at_eos=False)
+    assert all(len(t.stages) == len(SCHEDULE.stages) for t in batch.traces)
+    for i in range(3):
+        alone = lvlm.generate(prompts[i : i + 1], images[i : i + 1], method=method(name), max_new_tokens=2)
+        assert kept(alone)[0] == kept(batch)[i]
+        assert alone.generated_ids[0] == batch.generated_ids[i]
+
+
+@pytest.mark.parametrize("name", [n for n in SCORERS if not refuses(n, FAMILY)])
+def test_every_scorer_keeping_everything_is_the_model(tiny, name):
+    lvlm = tiny(FAMILY)
+    inputs = lvlm.prepare(*batch_for(lvlm, 2, FAMILY))
+    base = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=3, stop_at_eos=False)
+    out = lvlm.generate_from_inputs(
+        inputs, method(name, Schedule.progressive([2, 4], [1.0, 1.0])), max_new_tokens=3, stop_at_eos=False
+    )
+    assert out.generated_ids == base.generated_ids
+    assert torch.equal(out.first_logits, base.first_logits)

@@ -66,6 +66,15 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                 deepstack[layer_idx] = base.masked_scatter(placeholder[..., None], extra)
         return embeds, deepstack
 
+    def vision_tower_state(self, inputs: dict, request) -> dict:
+        """Refused: Qwen3-VL's vision tower has no [CLS] token, so there is no [CLS] attention to serve."""
+        raise ValueError(
+            "Model family 'qwen3_vl': the Qwen3-VL vision tower has no [CLS] token (patches are merged 2x2, with a "
+            "learned position grid and no class token), so a scorer that reads the [CLS] attention (VisionZip, "
+            "vision_request()) cannot run on it; use a family with a CLIP-like tower (llava), or a scorer that reads "
+            "the projected features (divprune)"
+        )
+
     def image_grids(self, inputs: dict) -> list[tuple[int, int, int]]:
         """(frames, rows, columns) of every image and video frame, in prompt order, after spatial merging."""
         merge = self.model.config.vision_config.spatial_merge_size
