@@ -10,6 +10,7 @@ import torch
 from test_scorer_contract import FAMILY_SUPPORT, SCHEDULE, SCORERS, kept, method, refuses
 
 from v2drop import Method, Schedule, select_keep
+from v2drop.lvlm import _collate
 from v2drop.scorers.fastv import FastVScorer
 from v2drop.testing import batch_for, build_real, photo, prompt_for, reference_processor, video_frames
 
@@ -245,3 +246,87 @@ def test_every_scorer_keeping_everything_is_the_model(tiny, name):
     )
     assert out.generated_ids == base.generated_ids
     assert torch.equal(out.first_logits, base.first_logits)
+
+
+# -- video: one grid per frame after a "<t seconds>" timestamp that stays text ---------------------------------------
+def video_sample(lvlm, seed: int, grid: tuple[int, int, int], prefix: dict | None = None) -> dict:
+    """One prompt's inputs as ``Qwen3VLProcessor`` lays a video out: per temporal patch ``<t seconds>`` (text), then
+    ``<|vision_start|>``, the frame's ``<|video_pad|>`` tokens and ``<|vision_end|>``; pixels are random patches.
+    ``prefix`` (processor outputs, e.g. with an image) comes first."""
+    tok, cfg = lvlm.processor.tokenizer, lvlm.model.config.vision_config
+    t, h, w = grid
+    frame = "<|vision_start|>" + "<|video_pad|>" * (h * w // cfg.spatial_merge_size**2) + "<|vision_end|>"
+    text = "".join(f"< {0.5 + i:.1f} seconds >" + frame for i in range(t)) + "\nhow many ? ASSISTANT:"
+    ids = tok(("" if prefix else "USER: ") + text, return_tensors="pt")["input_ids"]
+    torch.manual_seed(seed)
+    patch_dim = 3 * cfg.temporal_patch_size * cfg.patch_size**2
+    out = dict(prefix or {})
+    before = out.get("input_ids", torch.zeros(1, 0, dtype=torch.long))
+    out["input_ids"] = torch.cat([before, ids], dim=1)
+    out["attention_mask"] = torch.ones_like(out["input_ids"])
+    types = torch.zeros_like(out["input_ids"])
+    types[out["input_ids"] == lvlm.adapter.image_token_id] = 1
+    types[out["input_ids"] == lvlm.adapter.video_token_id] = 2
+    out["mm_token_type_ids"] = types
+    out["pixel_values_videos"] = torch.randn(t * h * w, patch_dim)
+    out["video_grid_thw"] = torch.tensor([[t, h, w]])
+    return out
+
+
+def video_batch(lvlm) -> list[dict]:
+    """A 3-frame video alone, and an image followed by a 2-frame video of another size."""
+    image_part = lvlm.processor("USER: <|vision_start|><|image_pad|><|vision_end|>", images=[photo(3, 48, 40)])
+    image_part.pop("attention_mask"), image_part.pop("mm_token_type_ids")
+    return [video_sample(lvlm, 0, (3, 4, 6)), video_sample(lvlm, 1, (2, 6, 4), prefix=image_part)]
+
+
+def collated(lvlm, samples: list[dict]) -> dict:
+    return _collate(samples, 0, lvlm.device, lvlm.model.dtype)
+
+
+def test_video_layout_follows_transformers_rope_index(tiny):
+    """Timestamps stay text; every frame is its own grid in ``get_rope_index`` and in the adapter's grids."""
+    lvlm = tiny(FAMILY)
+    inputs = collated(lvlm, video_batch(lvlm))
+    types = inputs["mm_token_type_ids"]
+    assert (types == 2).sum(1).tolist() == [3 * 6, 2 * 6] and (types == 1).sum(1).tolist() == [0, 6]
+    # sample 0: three 2x3 frames; sample 1: a 2x3 image (48x40 -> 48x32 pixels), then two 3x2 frames
+    assert lvlm.adapter.image_grids(inputs) == [(1, 2, 3)] * 4 + [(1, 3, 2)] * 2
+    pos = lvlm.adapter.position_ids(inputs)
+    ref, _ = lvlm.model.model.get_rope_index(
+        inputs["input_ids"],
+        mm_token_type_ids=types,
+        image_grid_thw=inputs["image_grid_thw"],
+        video_grid_thw=inputs["video_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+    )
+    assert torch.equal(pos, ref)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_video_no_drop_matches_transformers(tiny, attn):
+    lvlm = tiny(FAMILY, attn)
+    inputs = collated(lvlm, video_batch(lvlm))
+    assert (inputs["attention_mask"] == 0).any()
+    out = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=5, stop_at_eos=False)
+    with torch.no_grad():
+        ref_tokens = lvlm.model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        ref_logits = lvlm.model(**inputs).logits[:, -1].float()
+    assert out.generated_ids == ref_tokens[:, inputs["input_ids"].shape[1] :].tolist()
+    torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_video_v2drop_equals_transformers_with_dropped_keys_masked_and_batches_as_alone(tiny):
+    lvlm, eager = tiny(FAMILY), tiny(FAMILY, "eager")
+    samples = video_batch(lvlm)
+    inputs = collated(lvlm, samples)
+    method = Method("v2drop", schedule=Schedule.progressive([1, 3], [0.5, 0.5]))
+    out = lvlm.generate_from_inputs(inputs, method, max_new_tokens=4, stop_at_eos=False)
+    ref_logits, ref_tokens, ref_kept = masked_transformers_generate(eager, inputs, method.schedule, 4)
+    assert [[s["kept"] for s in t.stages] for t in out.traces] == ref_kept
+    torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-4, rtol=0)
+    assert out.generated_ids == ref_tokens
+    for i, sample in enumerate(samples):
+        alone = lvlm.generate_from_inputs(collated(lvlm, [sample]), method, max_new_tokens=4, stop_at_eos=False)
+        assert alone.traces[0].stages == out.traces[i].stages
+        assert alone.generated_ids[0] == out.generated_ids[i]
