@@ -11,6 +11,7 @@ from test_scorer_contract import FAMILY_SUPPORT, SCHEDULE, SCORERS, kept, method
 
 from v2drop import Method, Schedule, select_keep
 from v2drop.lvlm import _collate
+from v2drop.models.frames import Clip
 from v2drop.scorers.fastv import FastVScorer
 from v2drop.testing import batch_for, build_real, photo, prompt_for, reference_processor, video_frames
 
@@ -186,12 +187,54 @@ def test_real_processor_outputs_equal_transformers_processor():
             assert ours[key].dtype == expected[key].dtype and torch.equal(ours[key], expected[key]), key
 
 
-def test_real_processor_refuses_videos():
+VIDEO_PROMPT = "USER: <|vision_start|><|video_pad|><|vision_end|>\nhow many ? ASSISTANT:"
+# videos as (seed, frames, width, height), video_metadata, sampling kwargs; 448x320 frames need no resizing (multiples
+# of 32 within the clip's pixel bounds), so pixels are exact. Frames kept: Qwen3VLVideoProcessor.sample_frames with its
+# default 2 frames a second (at least 4), the given fps, or every frame without sampling.
+VIDEO_CASES = {
+    "fps-metadata": ([(1, 8, 448, 320)], [{"total_num_frames": 8, "fps": 2.0}], {}, 8),
+    "no-metadata": ([(1, 8, 448, 320)], None, {}, 4),  # 24 fps assumed: 8 / 24 * 2 -> at least 4 frames
+    "sample-12-fps": ([(2, 24, 448, 320)], [{"total_num_frames": 24, "fps": 12.0}], {}, 4),
+    "sample-1-fps": ([(2, 12, 448, 320)], [{"total_num_frames": 12, "fps": 6.0}], {"fps": 1}, 4),
+    "frames-indices": (
+        [(3, 6, 448, 320)],
+        [{"total_num_frames": 60, "fps": 30.0, "frames_indices": [*range(0, 60, 10)]}],
+        {"do_sample_frames": False},
+        6,
+    ),
+    "two-videos": (
+        [(1, 8, 448, 320), (4, 6, 320, 448)],
+        [{"total_num_frames": 8, "fps": 4.0}, {"total_num_frames": 6, "fps": 3.0}],
+        {},
+        4 + 4,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", VIDEO_CASES)
+def test_real_video_processor_outputs_equal_transformers_processor(case):
+    """Ids (timestamps included), token types, pixels and grids equal ``Qwen3VLProcessor``'s with transformers' own
+    ``Qwen3VLVideoProcessor`` (sampling, clip pixel budget, patchify), given metadata as an argument or in ``Clip``s."""
     lvlm = real()
-    with pytest.raises(ValueError, match="images only"):
-        lvlm.processor(
-            "USER: <|vision_start|><|video_pad|><|vision_end|> ASSISTANT:", videos=[video_frames(0, 4, 64, 64)]
-        )
+    specs, metadata, kwargs, frames = VIDEO_CASES[case]
+    videos = [video_frames(seed, n, w, h) for seed, n, w, h in specs]
+    prompt = VIDEO_PROMPT.replace(
+        "<|vision_end|>", "<|vision_end|>" + "<|vision_start|><|video_pad|><|vision_end|>" * (len(videos) - 1)
+    )
+    given = {"video_metadata": metadata} if metadata is not None else {}
+    expected = reference_processor(lvlm)(text=prompt, videos=videos, return_tensors="pt", **given, **kwargs)
+    clips = [v if m is None else Clip(v, m) for v, m in zip(videos, metadata or [None] * len(videos))]
+    for ours in (
+        lvlm.processor(prompt, videos=videos, **given, **kwargs),
+        lvlm.processor(prompt, videos=clips, **kwargs),
+    ):
+        assert sorted(ours) == sorted(expected)
+        for key in expected:
+            assert ours[key].dtype == expected[key].dtype and torch.equal(ours[key], expected[key]), key
+    assert 2 * int(expected["video_grid_thw"][:, 0].sum()) == frames
+    # each temporal patch opens its own <|vision_start|> after its timestamp, inside the prompt's own one
+    starts = int((expected["input_ids"] == lvlm.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")).sum())
+    assert starts == len(videos) + int(expected["video_grid_thw"][:, 0].sum())
 
 
 def test_real_no_drop_matches_transformers():
@@ -330,3 +373,38 @@ def test_video_v2drop_equals_transformers_with_dropped_keys_masked_and_batches_a
         alone = lvlm.generate_from_inputs(collated(lvlm, [sample]), method, max_new_tokens=4, stop_at_eos=False)
         assert alone.traces[0].stages == out.traces[i].stages
         assert alone.generated_ids[0] == out.generated_ids[i]
+
+
+def test_real_video_generation_equals_transformers_on_the_reference_inputs():
+    """An 8-frame clip at 2 fps (560 video tokens after 4 timestamps) beside a 6-frame one: no drop equals
+    transformers' ``generate``; V2Drop equals the masked eager model and each sample alone."""
+    lvlm, eager = real(), real("eager")
+    prompts = [VIDEO_PROMPT, VIDEO_PROMPT.replace("how many ?", "what is the digit ?")]
+    clips = [Clip(video_frames(1, 8, 448, 320), {"total_num_frames": 8, "fps": 2.0}), video_frames(2, 6, 320, 448)]
+    inputs = lvlm.prepare(prompts, videos=[[c] for c in clips])
+    ref = reference_processor(lvlm)
+    for i, clip in enumerate(clips):
+        alone = ref(
+            text=prompts[i],
+            videos=[clip.frames if isinstance(clip, Clip) else clip],
+            video_metadata=[clip.metadata] if isinstance(clip, Clip) else None,
+            return_tensors="pt",
+        )
+        assert torch.equal(alone["input_ids"][0], inputs["input_ids"][i][inputs["attention_mask"][i].bool()])
+    assert lvlm.adapter.vision_mask(inputs["input_ids"]).sum(1).tolist() == [4 * 140, 2 * 140]
+    out = lvlm.generate_from_inputs(inputs, None, max_new_tokens=3, stop_at_eos=False)
+    with torch.no_grad():
+        expected = lvlm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        logits = lvlm.model(**inputs).logits[:, -1].float()
+    assert out.generated_ids == expected[:, inputs["input_ids"].shape[1] :].tolist()
+    torch.testing.assert_close(out.first_logits, logits, atol=1e-5, rtol=0)
+    method = Method("v2drop", schedule=Schedule.progressive([1, 2], [0.25, 0.5]))
+    dropped = lvlm.generate_from_inputs(inputs, method, max_new_tokens=3, stop_at_eos=False)
+    ref_logits, ref_tokens, ref_kept = masked_transformers_generate(eager, inputs, method.schedule, 3)
+    assert [[s["kept"] for s in t.stages] for t in dropped.traces] == ref_kept
+    torch.testing.assert_close(dropped.first_logits, ref_logits, atol=1e-4, rtol=0)
+    assert dropped.generated_ids == ref_tokens
+    for i in range(2):
+        alone = lvlm.generate([prompts[i]], videos=[[clips[i]]], method=method, max_new_tokens=3, stop_at_eos=False)
+        assert alone.traces[0].stages == dropped.traces[i].stages
+        assert alone.generated_ids[0] == dropped.generated_ids[i]

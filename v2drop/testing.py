@@ -34,6 +34,8 @@ from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as qwen3_clip_size
 from transformers.video_processing_utils import BaseVideoProcessor, VideoProcessorMixin
 from transformers.video_utils import default_sample_indices_fn
 
@@ -80,6 +82,7 @@ __all__ = [
     "textvqa_copy",
     "ReferenceVideoProcessor",
     "reference_processor",
+    "Qwen3ReferenceVideoProcessor",
 ]
 
 
@@ -608,9 +611,9 @@ def build_real(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
 # -- reference video processing: transformers' own processors around a torchvision-free video processor -------------
 def reference_processor(lvlm):
     """The family's real transformers processor (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``,
-    ``Qwen3VLProcessor`` (images only) or ``LlavaOnevisionProcessor``) over ``lvlm.processor``'s tokenizer and
-    image processor, with a ``ReferenceVideoProcessor`` as its video processor: the oracle the stand-in processors
-    are checked against."""
+    ``Qwen3VLProcessor`` or ``LlavaOnevisionProcessor``) over ``lvlm.processor``'s tokenizer and image
+    processor, with a ``ReferenceVideoProcessor`` (Qwen3-VL: ``Qwen3ReferenceVideoProcessor``) as its
+    video processor: the oracle the stand-in processors are checked against."""
     from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
     from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
@@ -643,7 +646,7 @@ def reference_processor(lvlm):
             vision_feature_select_strategy=lite.vision_feature_select_strategy,
             vision_aspect_ratio=lite.vision_aspect_ratio,
         )
-    video = ReferenceVideoProcessor(lite)
+    video = Qwen3ReferenceVideoProcessor(lite) if family == "qwen3_vl" else ReferenceVideoProcessor(lite)
     ref = Reference(image_processor=lite.image_processor, tokenizer=lite.tokenizer, video_processor=video, **kwargs)
     if ref.image_token != lite.image_token:
         # the tiny tokenizer names its LLaVA "<image>" as the image token; a Qwen tokenizer names "<|image_pad|>"
@@ -739,3 +742,52 @@ class ReferenceVideoProcessor(VideoProcessorMixin):
             grids.append([len(steps), grid_h, grid_w])
         data = {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids)}
         return BatchFeature(data, tensor_type=kwargs.get("return_tensors"))
+
+
+class Qwen3ReferenceVideoProcessor(Qwen3VLVideoProcessor):
+    """transformers' ``Qwen3VLVideoProcessor`` itself, runnable without torchvision for frames that need no resizing.
+
+    Only the three steps that call torchvision are replaced: RGB conversion (frames are RGB already),
+    normalisation (torchvision's ``normalize_image`` written out, as ``ReferenceVideoProcessor.normalize``)
+    and resizing (the clip-level ``smart_resize`` must give the frames' own size, or it raises).
+    Sampling, the pixel budget, patchifying and the processor's timestamps are transformers' own.
+    """
+
+    normalize = ReferenceVideoProcessor.normalize
+
+    def __init__(self, lite):
+        proc = lite.image_processor
+        super().__init__(
+            size=dict(lite.video_size),
+            image_mean=list(proc.image_mean),
+            image_std=list(proc.image_std),
+            patch_size=proc.patch_size,
+            merge_size=proc.merge_size,
+            temporal_patch_size=proc.temporal_patch_size,
+            do_sample_frames=lite.do_sample_frames,
+            fps=lite.fps,
+            num_frames=lite.num_frames,
+            min_frames=lite.min_frames,
+            max_frames=lite.max_frames,
+            cap_pixels_per_frame=False,
+        )
+
+    def convert_to_rgb(self, video):
+        """The frames as they are (the test frames are RGB)."""
+        return video
+
+    def resize(self, videos, size, resample, factor, temporal_factor, cap_pixels_per_frame=None, **kwargs):
+        """The frames unchanged when the clip-level ``smart_resize`` keeps their size; otherwise a ValueError."""
+        h, w = videos.shape[-2:]
+        target = qwen3_clip_size(
+            videos.shape[1],
+            h,
+            w,
+            temporal_factor=temporal_factor,
+            factor=factor,
+            min_pixels=size.shortest_edge,
+            max_pixels=size.longest_edge,
+        )
+        if target != (h, w):
+            raise ValueError(f"The reference takes frames that need no resizing ({h}x{w} would become {target})")
+        return videos

@@ -121,13 +121,7 @@ class QwenProcessorLite:
             h, w = clip[0].shape[:2]
             if any(f.shape[:2] != (h, w) for f in clip):
                 raise ValueError(f"The frames of one video must all have the same size (first frame {h}x{w})")
-            height, width = smart_resize(
-                h,
-                w,
-                factor=patch * merge,
-                min_pixels=self.video_size["shortest_edge"],
-                max_pixels=self.video_size["longest_edge"],
-            )
+            height, width = self.frame_size(len(clip), h, w)
             frames = np.stack(
                 [resize_normalize(f, height, width, proc.image_mean, proc.image_std, proc.rescale_factor) for f in clip]
             )
@@ -141,6 +135,17 @@ class QwenProcessorLite:
             "video_grid_thw": torch.tensor(grids),
             "video_metadata": metadata,
         }
+
+    def frame_size(self, frames: int, height: int, width: int) -> tuple[int, int]:
+        """(height, width) every frame of a ``frames``-frame clip is resized to (``smart_resize`` per frame)."""
+        proc = self.image_processor
+        return smart_resize(
+            height,
+            width,
+            factor=proc.patch_size * proc.merge_size,
+            min_pixels=self.video_size["shortest_edge"],
+            max_pixels=self.video_size["longest_edge"],
+        )
 
     def sample_frames(self, metadata: VideoMetadata, fps: float | None = None, num_frames: int | None = None):
         """Indices of the frames to keep, as ``Qwen2VLVideoProcessor.sample_frames`` picks them.
