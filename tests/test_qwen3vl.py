@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_scorer_contract import FAMILY_SUPPORT, SCHEDULE, SCORERS, kept, method, refuses
 
-from v2drop import Method, Schedule, select_keep
+from v2drop import Method, Schedule, load, select_keep
 from v2drop.lvlm import _collate
 from v2drop.models.frames import Clip
 from v2drop.scorers.fastv import FastVScorer
@@ -237,6 +237,7 @@ def test_real_video_processor_outputs_equal_transformers_processor(case):
     assert starts == len(videos) + int(expected["video_grid_thw"][:, 0].sum())
 
 
+@pytest.mark.slow
 def test_real_no_drop_matches_transformers():
     lvlm = real()
     inputs = real_batch(lvlm)
@@ -249,6 +250,7 @@ def test_real_no_drop_matches_transformers():
     torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_real_v2drop_equals_transformers_with_dropped_keys_masked():
     """Two stages at layers 1 and 2 (inside DeepStack's layers 0-2) on 682 + 300 vision tokens, padded batch."""
     lvlm, eager = real(), real("eager")
@@ -375,6 +377,7 @@ def test_video_v2drop_equals_transformers_with_dropped_keys_masked_and_batches_a
         assert alone.generated_ids[0] == out.generated_ids[i]
 
 
+@pytest.mark.slow
 def test_real_video_generation_equals_transformers_on_the_reference_inputs():
     """An 8-frame clip at 2 fps (560 video tokens after 4 timestamps) beside a 6-frame one: no drop equals
     transformers' ``generate``; V2Drop equals the masked eager model and each sample alone."""
@@ -408,3 +411,22 @@ def test_real_video_generation_equals_transformers_on_the_reference_inputs():
         alone = lvlm.generate([prompts[i]], videos=[[clips[i]]], method=method, max_new_tokens=3, stop_at_eos=False)
         assert alone.traces[0].stages == dropped.traces[i].stages
         assert alone.generated_ids[0] == dropped.generated_ids[i]
+
+
+@pytest.mark.integration
+def test_real_checkpoint_round_trip_loads_the_stand_in(tmp_path):
+    """A saved real-geometry checkpoint loads through ``v2drop.load`` with the stand-in (torchvision is not installed
+    here), its video settings kept, and gives the same prompts and tokens for an image and a video."""
+    lvlm = real()
+    lvlm.model.save_pretrained(tmp_path)
+    lvlm.processor.save_pretrained(tmp_path)
+    again = load(str(tmp_path))
+    assert type(again.processor).__name__ == "Qwen3ProcessorLite"
+    for key in ("video_size", "do_sample_frames", "fps", "num_frames", "min_frames", "max_frames"):
+        assert getattr(again.processor, key) == getattr(lvlm.processor, key), key
+    image_prompt, clip = [prompt_for(lvlm, "how many ?")], Clip(video_frames(0, 4, 320, 224), {"total_num_frames": 4})
+    for kwargs in ({"images": [photo(0, 640, 480)]}, {"videos": [[clip]]}):
+        prompts = image_prompt if "images" in kwargs else [VIDEO_PROMPT]
+        a = lvlm.generate(prompts, max_new_tokens=3, stop_at_eos=False, **kwargs)
+        b = again.generate(prompts, max_new_tokens=3, stop_at_eos=False, **kwargs)
+        assert a.prompt_ids == b.prompt_ids and a.generated_ids == b.generated_ids

@@ -45,6 +45,7 @@ class QwenProcessorLite:
 
     image_token = "<|image_pad|>"
     video_token = "<|video_pad|>"
+    video_processor_type = "Qwen2VLVideoProcessor"  # the real video processor this one stands in for (saved)
 
     def __init__(
         self,
@@ -227,7 +228,7 @@ class QwenProcessorLite:
     def save_pretrained(self, path) -> None:
         """Save the image processor, the tokenizer and the video settings side by side."""
         path = save_image_and_text_parts(path, self.image_processor, self.tokenizer)
-        video = {"video_processor_type": "Qwen2VLVideoProcessor", "size": self.video_size}
+        video = {"video_processor_type": self.video_processor_type, "size": self.video_size}
         video.update({k: getattr(self, k) for k in _SAMPLING})
         (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
         if self.chat_template:

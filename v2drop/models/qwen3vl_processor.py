@@ -28,6 +28,8 @@ class Qwen3ProcessorLite(QwenProcessorLite):
     equal the real processor's.
     """
 
+    video_processor_type = "Qwen3VLVideoProcessor"
+
     def __init__(self, image_processor, tokenizer, chat_template=None, video_size=None, **sampling):
         sampling = {"do_sample_frames": True, "fps": 2, **sampling}
         super().__init__(image_processor, tokenizer, chat_template, video_size or VIDEO_SIZE, **sampling)
