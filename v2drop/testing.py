@@ -478,7 +478,8 @@ REAL_GEOMETRY = {
     "qwen2_5_vl": "Qwen2.5-VL: as Qwen2-VL, window attention (window 112)",
     "qwen3_vl": (
         "Qwen3-VL (Qwen3-VL-8B-Instruct): patch 16, merge 2, temporal 2, min_pixels 65536, max_pixels 16777216, "
-        "mean/std 0.5, a 48x48 learned position grid, DeepStack into decoder layers 0-2, interleaved M-RoPE"
+        "mean/std 0.5, a 48x48 learned position grid, DeepStack into decoder layers 0-2, interleaved M-RoPE; videos: "
+        "4096..25165824 pixels a clip, 2 frames a second, timestamps"
     ),
 }
 
