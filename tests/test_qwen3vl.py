@@ -14,6 +14,7 @@ from v2drop.lvlm import _collate
 from v2drop.models.frames import Clip
 from v2drop.scorers.fastv import FastVScorer
 from v2drop.testing import batch_for, build_real, photo, prompt_for, reference_processor, video_frames
+from v2drop.vision_cache import VisionCache
 
 FAMILY = "qwen3_vl"
 
@@ -430,3 +431,18 @@ def test_real_checkpoint_round_trip_loads_the_stand_in(tmp_path):
         a = lvlm.generate(prompts, max_new_tokens=3, stop_at_eos=False, **kwargs)
         b = again.generate(prompts, max_new_tokens=3, stop_at_eos=False, **kwargs)
         assert a.prompt_ids == b.prompt_ids and a.generated_ids == b.generated_ids
+
+
+def test_a_vision_cache_gives_the_same_deepstack_results(tiny):
+    """With the embeddings served by a vision cache, the DeepStack additions still come (a new vision pass)."""
+    lvlm = tiny(FAMILY)
+    prompts, images = batch_for(lvlm, 3, FAMILY)
+    method = Method("v2drop", schedule=Schedule.progressive([1, 3], [0.5, 0.5]))
+    plain = lvlm.generate_from_inputs(lvlm.prepare(prompts, images), method, 4)
+    cache = VisionCache()
+    with cache.attached(lvlm):
+        for _ in range(2):
+            out = lvlm.generate_from_inputs(lvlm.prepare(prompts, images), method, 4)
+            assert torch.equal(out.first_logits, plain.first_logits)
+            assert [t.stages for t in out.traces] == [t.stages for t in plain.traces]
+    assert cache.hits == 2 and cache.misses == 2  # the second round's prepare and embed came from the cache

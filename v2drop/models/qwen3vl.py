@@ -34,9 +34,14 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return embeds
 
     def layer_additions(self, inputs: dict) -> dict[int, torch.Tensor]:
-        """Decoder layer -> (B, L, D) DeepStack features on the prompt positions (zero at text and padding)."""
-        if self._held is not None and _same(self._held[0], _key(inputs)):
-            return self._held[1]
+        """Decoder layer -> (B, L, D) DeepStack features on the prompt positions (zero at text and padding).
+
+        Those of the last ``embed`` when it embedded these very inputs (then released), else a new vision
+        pass (as when a vision cache served the embeddings).
+        """
+        held, self._held = self._held, None
+        if held is not None and _same(held[0], _key(inputs)):
+            return held[1]
         return self._embed_with_additions(inputs)[1]
 
     def _embed_with_additions(self, inputs: dict) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
