@@ -13,6 +13,7 @@ from v2drop import Method, Schedule, load, select_keep
 from v2drop.lvlm import _collate
 from v2drop.models.frames import Clip
 from v2drop.scorers.fastv import FastVScorer
+from v2drop.scorers.pdrop import PDropScorer
 from v2drop.testing import batch_for, build_real, photo, prompt_for, reference_processor, video_frames
 from v2drop.vision_cache import VisionCache
 
@@ -122,25 +123,33 @@ def test_v2drop_equals_transformers_with_dropped_keys_masked(tiny, attn, layers)
     assert out.generated_ids == ref_tokens
 
 
-def test_fastv_keeps_the_top_of_transformers_eager_attention(tiny):
-    """FastV at layer 2 keeps the top-k of layer 1's eager attention from the last prompt token (head mean)."""
-    lvlm, eager = tiny(FAMILY, "sdpa"), tiny(FAMILY, "eager")
-    inputs = lvlm.prepare(*batch_for(lvlm, 3, FAMILY))
+@pytest.mark.parametrize("geometry", ["tiny", pytest.param("real", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["fastv", "pdrop"])
+def test_attention_scorers_keep_the_top_of_transformers_eager_attention(tiny, kind, geometry):
+    """A stage at layer 2 keeps the top-k of the eager attention from the last prompt token (head mean) of layer 1
+    (FastV) or 2 (PDrop), as transformers' own eager forward computes it (q/k norms, DeepStack of layers 0-1)."""
+    if geometry == "tiny":
+        lvlm, eager = tiny(FAMILY, "sdpa"), tiny(FAMILY, "eager")
+        inputs = lvlm.prepare(*batch_for(lvlm, 3, FAMILY))
+    else:
+        lvlm, eager = real(), real("eager")
+        inputs = real_batch(lvlm)
+    drop_layer, keep = 2, 3 if geometry == "tiny" else 64
     seen = []
-    handle = eager.adapter.layers[1].self_attn.register_forward_hook(lambda m, a, out: seen.append(out[1]))
+    source = eager.adapter.layers[drop_layer - 1 if kind == "fastv" else drop_layer]
+    handle = source.self_attn.register_forward_hook(lambda m, a, out: seen.append(out[1]))
     try:
         with torch.no_grad():
             eager.model(**inputs)
     finally:
         handle.remove()
     reference = seen[0].float().mean(1)[:, -1]
-    keep = 3
-    out = lvlm.generate_from_inputs(
-        inputs, Method(FastVScorer(), schedule=Schedule.one_shot(2, keep, keep_mode="absolute")), max_new_tokens=2
-    )
+    scorer = FastVScorer() if kind == "fastv" else PDropScorer()
+    schedule = Schedule.one_shot(drop_layer, keep, keep_mode="absolute")
+    out = lvlm.generate_from_inputs(inputs, Method(scorer, schedule=schedule), max_new_tokens=2)
     vision = lvlm.adapter.vision_mask(inputs["input_ids"]) & inputs["attention_mask"].bool()
     offsets = (inputs["attention_mask"] == 0).sum(1)
-    for b in range(3):
+    for b in range(len(vision)):
         positions = vision[b].nonzero().flatten()
         expected = positions[select_keep(reference[b, positions], keep)] - offsets[b]
         assert out.traces[b].stages[0]["kept"] == expected.tolist()
