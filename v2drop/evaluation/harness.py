@@ -261,7 +261,7 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
     from torch.utils.data import DataLoader
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no device banners per run
-    # lightning 2.6 vs torch 2.13's pytree: a deprecation inside Lightning, printed once per Trainer
+    # lightning 2.6 vs torch 2.13's pytree: a LeafSpec warning inside Lightning, printed once per Trainer
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*does not have many workers")  # workers is the user's setting
 
