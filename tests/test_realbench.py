@@ -52,7 +52,7 @@ def _run(code):
     return done.stdout
 
 
-def test_registration_is_eager_and_touches_no_data():
+def test_registration_finds_every_benchmark_and_touches_no_data():
     code = """
 import sys
 import v2drop.benchmarks

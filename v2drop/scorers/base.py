@@ -272,7 +272,10 @@ class Scorer:
             )
 
 
-SCORERS: Registry[type[Scorer]] = Registry("scorer", base_cls=Scorer, entry_point_group="v2drop.scorers")
+# Every module of v2drop.scorers is imported on the first lookup, so a scorer registers by being in that package.
+SCORERS: Registry[type[Scorer]] = Registry(
+    "scorer", base_cls=Scorer, entry_point_group="v2drop.scorers", package="v2drop.scorers"
+)
 
 
 def register_scorer(name: str):
