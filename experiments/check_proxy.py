@@ -24,7 +24,9 @@ from v2drop.cli import run
 
 
 def main(argv=None) -> dict:
-    """Run the four conditions, print the per-family table and the verdict; bad input is a one-line error and exit status 2."""
+    """Run the four conditions, print the per-family table and the verdict; bad input is a one-line error and exit
+    status 2.
+    """
     return run(_main, argv)
 
 
@@ -47,7 +49,10 @@ def _main(argv) -> dict:
         type=int,
         default=0,
         metavar="SCENES",
-        help="digits: also probe each digit's cell lookup in the training turns' wordings and the ident question, on this many scenes",
+        help=(
+            "digits: also probe each digit's cell lookup in the training turns' wordings and the ident question, on "
+            "this many scenes"
+        ),
     )
     p.add_argument("--output", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
@@ -64,7 +69,8 @@ def _main(argv) -> dict:
     depth = checks.model_depth(args.model)
     if args.layer >= depth:
         raise ValueError(
-            f"--layer {args.layer} is past the model's last layer (model {args.model!r} has {depth} layers: 0..{depth - 1})"
+            f"--layer {args.layer} is past the model's last layer (model {args.model!r} has {depth} layers: "
+            f"0..{depth - 1})"
         )
     samples = bench.load(args.split, args.limit)
     torch.set_num_threads(args.threads)

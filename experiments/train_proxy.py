@@ -1,7 +1,8 @@
 """Train the proxy LVLM on the digits world and save it to v2drop/assets/proxy.
 
     python -m experiments.train_proxy [--config configs/proxy.yaml] [--set lvlm.steps=2000] [--fresh]
-    python -m experiments.train_proxy --init proxy-layer0-frozen --start settle   # the last stage only, from a saved model
+    python -m experiments.train_proxy --init proxy-layer0-frozen --start settle   # the last stage only, from a saved
+    model
 
 Resumes from the last Lightning checkpoint of the current stage unless ``--fresh``. The recipe is
 ``experiments.proxy.train.TrainConfig``; ``--set key.sub=value`` overrides any key of it.
@@ -60,7 +61,8 @@ def _main(argv) -> None:
     args = p.parse_args(argv)
     if (args.start is None) != (args.init is None):
         raise ValueError(
-            "--start and --init go together: --init names the saved model that this recipe's stages before --start produced"
+            "--start and --init go together: --init names the saved model that this recipe's stages before --start "
+            "produced"
         )
     cfg = load_config(TrainConfig, args.config, args.set)
     check_recipe(cfg)

@@ -90,13 +90,16 @@ def test_resolve_method_combines_scorer_schedule_and_arguments():
 
 
 def test_importing_the_library_loads_no_heavy_framework():
-    """``import v2drop`` (and its evaluation and search packages) leaves Lightning, Optuna, wandb, matplotlib and pandas unloaded."""
+    """``import v2drop`` (and its evaluation and search packages) leaves Lightning, Optuna, wandb, matplotlib and pandas
+    unloaded.
+    """
     import subprocess
     import sys
 
     code = (
         "import sys, v2drop, v2drop.evaluation, v2drop.search, v2drop.method; "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'optuna', 'wandb', 'matplotlib', 'pandas'}))"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'lightning', 'optuna', 'wandb', 'matplotlib', 'pandas'}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(v2drop.__file__).parent.parent

@@ -73,7 +73,8 @@ def test_real_token_counts(family, size, tokens, crops):
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
 def test_collation_matches_the_processors_own_batch(family):
-    """Samples processed alone then collated carry the same vision inputs as the image processor run on the whole batch."""
+    """Samples processed alone then collated carry the same vision inputs as the image processor run on the whole
+    batch."""
     lvlm = real(family)
     prompts, images = mixed_batch(lvlm, family)
     inputs = lvlm.prepare(prompts, images)

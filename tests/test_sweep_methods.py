@@ -1,4 +1,6 @@
-"""Sweeping across methods: ``scorers: all``, per-scorer kinds and parameters, presets first, the wandb dashboard read back offline."""
+"""Sweeping across methods: ``scorers: all``, per-scorer kinds and parameters, presets first, the wandb dashboard read
+back offline.
+"""
 
 import csv
 import json
@@ -119,7 +121,8 @@ def test_all_means_every_registered_scorer_but_the_excluded():
         ),
         (
             {"scorers": {"v2drop": {}}, "kinds": ["pre-llm+progressive"]},
-            "search.kinds: kind 'pre-llm\\+progressive' starts with a stage before the LLM, but V2DropScorer needs the layer before",
+            "search.kinds: kind 'pre-llm\\+progressive' starts with a stage before the LLM, but V2DropScorer needs the "
+            "layer before",
         ),
         (
             {"scorers": {"staged": {"llm": ["v2drop"]}}, "scorer_kinds": {"staged": ["pre-llm+one-shot"]}},
@@ -188,7 +191,8 @@ def test_a_scorer_with_its_own_kinds_gets_its_own_kind_parameter():
 
 
 def test_pre_llm_composite_and_staged_trials_map_onto_methods():
-    """A pre-LLM kind suggests keep_pre_llm; composite weights are normalised; a staged trial picks both of its scorers."""
+    """A pre-LLM kind suggests keep_pre_llm; composite weights are normalised; a staged trial picks both of its
+    scorers."""
     search = SweepConfig.from_dict({"search": SPACE}).search
     method = suggest_method(
         optuna.trial.FixedTrial({"scorer": "divprune", "divprune.kind": "pre-llm", "keep_pre_llm": 0.25}),
@@ -431,7 +435,8 @@ def test_wandb_dashboard_is_in_the_offline_run(tiny, tmp_path):
         "keep_pre_llm",
         "staged.pre_llm",
     } <= searched  # one column each, for parallel coordinates
-    # hover: each point's row carries its method and schedule in one label (the built-in scatter's tooltip shows the row)
+    # hover: each point's row carries its method and schedule in one label (the built-in scatter's tooltip shows the
+    # row)
     hover, label = columns.index("hover"), columns.index("label")
     rows = {row[label]: row for row in trials["data"]}
     assert rows["visionzip-v2drop-llava15-128"][hover].startswith(
@@ -491,7 +496,9 @@ def test_shipped_methods_config_validates_and_enqueues_every_method_at_every_bud
 
 
 def test_every_trial_the_shipped_space_draws_is_a_valid_method():
-    """Random trials over methods.yaml's space (no evaluation) build Methods of every scorer and kind, at the proxy's depth."""
+    """Random trials over methods.yaml's space (no evaluation) build Methods of every scorer and kind, at the proxy's
+    depth.
+    """
     cfg = SweepConfig.load(ROOT / "configs" / "sweep" / "methods.yaml")
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()

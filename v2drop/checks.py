@@ -65,7 +65,8 @@ def check_device(device: Any) -> None:
         if count == 0:
             raise ValueError(
                 f"device {device!r} asks for CUDA, but this machine has no usable CUDA GPU "
-                f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA); use --device cpu"
+                f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA); use --device "
+                "cpu"
             )
         if dev.index is not None and dev.index >= count:
             raise ValueError(f"device {device!r}: there are only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
@@ -106,7 +107,9 @@ def _can_append(path: Path) -> bool:
 
 
 def check_writable(path: str | os.PathLike, directory: bool = False) -> None:
-    """Fail now when ``path`` (a file, or a directory when ``directory``) could not be written later; leaves nothing behind."""
+    """Fail now when ``path`` (a file, or a directory when ``directory``) could not be written later; leaves nothing
+    behind.
+    """
     path = Path(path)
     kind = "directory" if directory else "file"
     if path.exists():
@@ -127,7 +130,9 @@ def check_writable(path: str | os.PathLike, directory: bool = False) -> None:
 
 
 def check_method_file(spec: str | None, flag: str = "--schedule") -> None:
-    """A ``--method``/``--schedule`` YAML file must hold a method (``scorer``/``schedule``) or a bare schedule (``stages``)."""
+    """A ``--method``/``--schedule`` YAML file must hold a method (``scorer``/``schedule``) or a bare schedule
+    (``stages``).
+    """
     if not spec or not Path(spec).is_file():
         return  # a preset name, or a missing file (resolve_method names it)
     from v2drop.config import read_yaml

@@ -166,7 +166,9 @@ class Method:
         return cls.from_preset(spec, depth)
 
     def rescaled(self, depth: int) -> Method:
-        """A new method with stage layers moved proportionally to a model of ``depth`` layers (or this one if nothing moves)."""
+        """A new method with stage layers moved proportionally to a model of ``depth`` layers (or this one if nothing
+        moves).
+        """
         if self.reference_depth in (None, depth) or not self.schedule.stages:
             return self
         return Method(self.scorer, self.schedule.rescaled(self.reference_depth, depth), self.position_policy, depth)
@@ -205,7 +207,9 @@ def preset_text(name: str) -> str:
 
 
 def _method_data(name: str) -> dict:
-    """Config data (without ``description``) of a preset name or a YAML path; a bare schedule file becomes ``{schedule: ...}``."""
+    """Config data (without ``description``) of a preset name or a YAML path; a bare schedule file becomes ``{schedule:
+    ...}``.
+    """
     from v2drop.config import read_yaml
 
     path = Path(name)

@@ -77,7 +77,8 @@ __all__ = [
 def word_tokenizer(
     words: Sequence[str], split_punctuation: bool = True, special: Sequence[str] = ()
 ) -> PreTrainedTokenizerFast:
-    """A WordLevel tokenizer over ``words`` (which must include ``<pad>``, ``<unk>``, ``<s>``, ``</s>``, ``<image>``)."""
+    """A WordLevel tokenizer over ``words`` (which must include ``<pad>``, ``<unk>``, ``<s>``, ``</s>``,
+    ``<image>``)."""
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(words)}, unk_token="<unk>"))
     splitters = [pre_tokenizers.WhitespaceSplit()] + ([pre_tokenizers.Punctuation()] if split_punctuation else [])
     tok.pre_tokenizer = pre_tokenizers.Sequence(splitters) if len(splitters) > 1 else splitters[0]
@@ -407,7 +408,8 @@ ONEVISION_PINPOINTS = [
 REAL_GEOMETRY = {
     "llava": "llava-1.5: CLIP 336px, patch 14, resize + centre crop: 576 tokens per image",
     "llava_next": "llava-v1.6: CLIP 336px/14, anyres pinpoints " + str(NEXT_PINPOINTS) + ", unpadded tiles + newlines",
-    "llava_onevision": "llava-onevision: SigLIP 384px/14 (729 per crop), 6x6 anyres pinpoints, anyres_max_9, video frames 384px pooled to 196",
+    "llava_onevision": "llava-onevision: SigLIP 384px/14 (729 per crop), 6x6 anyres pinpoints, anyres_max_9, video "
+    "frames 384px pooled to 196",
     "qwen2_vl": "Qwen2-VL: patch 14, merge 2, temporal 2, min_pixels 3136, max_pixels 12845056",
     "qwen2_5_vl": "Qwen2.5-VL: as Qwen2-VL, window attention (window 112)",
 }

@@ -5,7 +5,8 @@ from its source tag (``docs/benchmarks.md``, "lmms-eval"), then this package:
 
     git clone --branch v0.6.1 https://github.com/EvolvingLMMs-Lab/lmms-eval && pip install -e ./lmms-eval
     pip install -e .
-    lmms-eval --model v2drop --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=v2drop,schedule=v2drop-llava15-128 \
+    lmms-eval --model v2drop --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=v2drop,schedule=v2drop-llava15-128
+    \
         --tasks pope,mme --batch_size 1
 
 Registered through the ``lmms_eval.models`` entry point (see ``pyproject.toml``), so lmms-eval

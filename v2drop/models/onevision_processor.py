@@ -103,7 +103,8 @@ class OnevisionProcessorLite:
         ]
         if len({a.shape[0] for a in arrays}) > 1:
             raise ValueError(
-                f"The videos of one prompt have different frame counts ({[a.shape[0] for a in arrays]}); LLaVA-OneVision "
+                f"The videos of one prompt have different frame counts ({[a.shape[0] for a in arrays]}); "
+                "LLaVA-OneVision "
                 f"stacks them, so sample the same number of frames from each"
             )
         return torch.from_numpy(np.stack(arrays))
@@ -170,7 +171,8 @@ def _expand(text: str, token: str, replacements: list[str]) -> str:
     pieces = text.split(token)
     if len(pieces) - 1 != len(replacements):
         raise ValueError(
-            f"The prompt has {len(pieces) - 1} {token!r} placeholder(s) but {len(replacements)} input(s) of that kind were "
+            f"The prompt has {len(pieces) - 1} {token!r} placeholder(s) but {len(replacements)} input(s) of that kind "
+            "were "
             f"given; put one placeholder per image or video in the prompt"
         )
     return pieces[0] + "".join(r + p for r, p in zip(replacements, pieces[1:]))

@@ -49,7 +49,8 @@ class QwenProcessorLite:
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
-        # transformers' video processor falls back to the image processor's settings when a checkpoint has no video config
+        # transformers' video processor falls back to the image processor's settings when a checkpoint has no video
+        # config
         self.video_size = dict(video_size or image_processor.size)
         self.second_per_grid = second_per_grid
         self.video_fps = video_fps
@@ -153,11 +154,13 @@ def _patchify(frames: np.ndarray, patch: int, merge: int, temporal: int) -> tupl
 
 
 def _expand(text: str, token: str, counts: list[int]) -> str:
-    """``text`` with its n-th ``token`` repeated ``counts[n]`` times; the numbers of placeholders and inputs must match."""
+    """``text`` with its n-th ``token`` repeated ``counts[n]`` times; the numbers of placeholders and inputs must
+    match."""
     pieces = text.split(token)
     if len(pieces) - 1 != len(counts):
         raise ValueError(
-            f"The prompt has {len(pieces) - 1} {token!r} placeholder(s) but {len(counts)} input(s) of that kind were given; "
+            f"The prompt has {len(pieces) - 1} {token!r} placeholder(s) but {len(counts)} input(s) of that kind were "
+            "given; "
             f"put one placeholder per image or video in the prompt"
         )
     return pieces[0] + "".join(token * n + p for n, p in zip(counts, pieces[1:]))

@@ -58,7 +58,8 @@ def resolve_scorers(space: SearchSpace) -> dict[str, dict[str, list]]:
         if name in ALL:
             if params:
                 raise ValueError(
-                    f"search.scorers.{name!r} means every scorer with its defaults; it takes no parameters, got {params!r}"
+                    f"search.scorers.{name!r} means every scorer with its defaults; it takes no parameters, got "
+                    f"{params!r}"
                 )
             out.update(
                 {n: {} for n in list_scorers() if not any(fnmatch(n, p) for p in space.exclude) and n not in out}
@@ -69,7 +70,9 @@ def resolve_scorers(space: SearchSpace) -> dict[str, dict[str, list]]:
 
 
 def scorer_kinds(space: SearchSpace, scorer: str) -> list[str]:
-    """The schedule kinds a trial of ``scorer`` may choose: its own ``search.scorer_kinds`` entry, else ``search.kinds``."""
+    """The schedule kinds a trial of ``scorer`` may choose: its own ``search.scorer_kinds`` entry, else
+    ``search.kinds``.
+    """
     return list(space.scorer_kinds.get(scorer) or space.kinds)
 
 
@@ -156,7 +159,9 @@ def _parts(scorer: str, kwargs: dict) -> list[dict]:
 
 
 def expand_presets(patterns: list[str]) -> list[str]:
-    """Preset names matching each of ``patterns`` (fnmatch, in order, without repeats); a pattern matching none is an error."""
+    """Preset names matching each of ``patterns`` (fnmatch, in order, without repeats); a pattern matching none is an
+    error.
+    """
     from v2drop.method import list_presets
 
     presets, out = list_presets(), []
@@ -230,7 +235,8 @@ def validate(cfg: SweepConfig, depth: int | None = None) -> None:
     first, last = layer_range(s, depth)
     if not 0 <= first <= last < depth:
         raise ValueError(
-            f"search.layers [{first}, {last}] must lie within the model's {depth} layers (0..{depth - 1}) and not be empty"
+            f"search.layers [{first}, {last}] must lie within the model's {depth} layers (0..{depth - 1}) and not be "
+            "empty"
         )
     if progressive and last - first + 1 < lo:
         raise ValueError(f"search.layers [{first}, {last}] has fewer layers than the {lo} stages asked for")
@@ -256,7 +262,8 @@ def _validate_scorer(space: SearchSpace, name: str, params: Any) -> None:
     for param, choices in (params or {}).items():
         if param not in fields:
             raise ValueError(
-                f"search.scorers.{name}: scorer {name!r} has no parameter {param!r}; valid parameters: {', '.join(sorted(fields)) or '(none)'}"
+                f"search.scorers.{name}: scorer {name!r} has no parameter {param!r}; valid parameters: "
+                f"{', '.join(sorted(fields)) or '(none)'}"
             )
         for choice in choices:
             try:
@@ -296,7 +303,9 @@ def _validate_weights(name: str, bounds: Any, params: dict) -> None:
 
 
 def _combinations(params: dict) -> list[dict]:
-    """Every combination of a scorer's parameter choices, or each choice with the others at their first when there are many."""
+    """Every combination of a scorer's parameter choices, or each choice with the others at their first when there are
+    many.
+    """
     if math.prod(len(c) for c in params.values()) <= MAX_COMBINATIONS:
         return [dict(zip(params, combo)) for combo in itertools.product(*params.values())]
     first = {p: c[0] for p, c in params.items()}
@@ -382,7 +391,9 @@ def _weights(method: Method) -> dict[str, float]:
 
 
 def method_params(method: Method, space: SearchSpace) -> dict:
-    """The trial parameters that reproduce ``method`` (for enqueueing presets; weights normalised, keeps clipped to the range)."""
+    """The trial parameters that reproduce ``method`` (for enqueueing presets; weights normalised, keeps clipped to the
+    range).
+    """
     method = relative(method)
     name = method.scorer_name
     params: dict[str, Any] = {"scorer": name, kind_param(space, name): schedule_kind(method.schedule)}
@@ -406,7 +417,9 @@ def method_params(method: Method, space: SearchSpace) -> dict:
 
 
 def fits(method: Method, space: SearchSpace, depth: int) -> bool:
-    """True when a trial of ``space`` can reproduce ``method`` (scorer, parameter values, weights, kind, stage count, layers, positions)."""
+    """True when a trial of ``space`` can reproduce ``method`` (scorer, parameter values, weights, kind, stage count,
+    layers, positions).
+    """
     scorers = resolve_scorers(space)
     name = method.scorer_name
     if name not in scorers:

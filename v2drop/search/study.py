@@ -82,7 +82,8 @@ def make_sampler(cfg: SweepConfig, offset: int = 0) -> optuna.samplers.BaseSampl
 
 
 def conditional(cfg: SweepConfig) -> bool:
-    """True when trials differ in which parameters they have beyond the stages (several scorers, or per-scorer kinds)."""
+    """True when trials differ in which parameters they have beyond the stages (several scorers, or per-scorer
+    kinds)."""
     return len(resolve_scorers(cfg.search)) > 1 or bool(cfg.search.scorer_kinds)
 
 
@@ -217,7 +218,8 @@ def _enqueue_baselines(study: optuna.Study, cfg: SweepConfig, depth: int) -> Non
             continue
         if not fits(method, cfg.search, depth):
             print(
-                f"not enqueueing preset {name}: its {method.scorer_name} settings, stages {list(method.schedule.layers)} or "
+                f"not enqueueing preset {name}: its {method.scorer_name} settings, stages "
+                f"{list(method.schedule.layers)} or "
                 f"position policy {method.position_policy!r} lie outside the search space"
             )
             continue
