@@ -24,7 +24,15 @@ from v2drop.search.checks import check_sweep_run
 from v2drop.search.config import OBJECTIVES, SweepConfig
 from v2drop.search.data import eval_fields
 from v2drop.search.report import write_artifacts
-from v2drop.search.space import expand_presets, fits, method_params, relative, resolve_scorers, suggest_method, validate
+from v2drop.search.space import (
+    expand_presets,
+    fits,
+    method_params,
+    preset_method,
+    resolve_scorers,
+    suggest_method,
+    validate,
+)
 from v2drop.search.wandb import WandbCallback, plain
 from v2drop.tables import write_csv
 from v2drop.vision_cache import VisionCache
@@ -213,7 +221,7 @@ def _enqueue_baselines(study: optuna.Study, cfg: SweepConfig, depth: int) -> Non
         study.enqueue_trial({}, user_attrs={"label": "none"})
     scorers = resolve_scorers(cfg.search)
     for name in expand_presets(cfg.enqueue_presets):
-        method = relative(Method.from_preset(name, depth=depth))
+        method = preset_method(name, depth)
         if method.scorer_name not in scorers:
             continue
         if not fits(method, cfg.search, depth):
