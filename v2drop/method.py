@@ -15,7 +15,7 @@ from typing import Any
 from v2drop.presets import IDENTITY_KEYS, get_preset, list_presets
 from v2drop.schedule import Schedule
 from v2drop.scorers import SCORERS, Scorer, build_scorer
-from v2drop.scorers.base import scorer_params  # noqa: F401  (re-exported: v2drop.method.scorer_params)
+from v2drop.scorers.base import scorer_params
 
 POSITION_POLICIES = ("preserve", "renumber")
 _METHOD_KEYS = {"scorer", "schedule", "position_policy", "reference_depth", "description"}

@@ -161,7 +161,7 @@ def expand_presets(patterns: list[str]) -> list[str]:
     """Preset names matching each of ``patterns`` (fnmatch, in order, without repeats); a pattern matching none is an
     error.
     """
-    from v2drop.method import list_presets
+    from v2drop.presets import list_presets
 
     presets, out = list_presets(), []
     for pattern in patterns:
