@@ -115,6 +115,16 @@ def test_a_scorer_module_in_the_package_is_registered_without_being_listed(extra
     assert v2drop.Method.from_dict(v2drop.Method("norm").to_dict()).scorer == v2drop.build_scorer("norm")
 
 
+def test_a_module_that_fails_to_import_fails_every_lookup(extra_modules):
+    import v2drop
+    from v2drop.scorers import SCORERS
+
+    extra_modules("v2drop.scorers", "broken", "raise RuntimeError('this scorer module is broken')\n", SCORERS)
+    for _ in range(2):  # not only the first lookup: a half-filled registry is never served
+        with pytest.raises(RuntimeError, match="this scorer module is broken"):
+            v2drop.list_scorers()
+
+
 def test_a_benchmark_module_in_the_package_is_registered_without_being_listed(extra_modules):
     from v2drop.benchmarks import BENCHMARKS, get_benchmark, list_benchmarks
 

@@ -95,15 +95,17 @@ class Registry(Generic[T]):
         if self._discovered:
             return
         self._discovered = True  # first, so that a module looking names up while it is imported does not recurse
-        if self.package is not None:
-            import_modules(self.package)
-        if self.entry_point_group is None:
-            return
-        for ep in metadata.entry_points(group=self.entry_point_group):
-            # Loading the entry point's module runs its @register decorators; a bare class is added by name.
-            obj: Any = ep.load()
-            if ep.name not in self._items and isinstance(obj, type):
-                self.add(ep.name, obj)
+        try:
+            if self.package is not None:
+                import_modules(self.package)
+            for ep in metadata.entry_points(group=self.entry_point_group) if self.entry_point_group else ():
+                # Loading the entry point's module runs its @register decorators; a bare class is added by name.
+                obj: Any = ep.load()
+                if ep.name not in self._items and isinstance(obj, type):
+                    self.add(ep.name, obj)
+        except BaseException:
+            self._discovered = False  # a module that failed to import fails every lookup, not just the first
+            raise
 
 
 def import_modules(package: str) -> list[str]:
