@@ -8,6 +8,7 @@ and what would be valid; nothing here creates a file or a directory.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import operator
 import os
@@ -43,10 +44,15 @@ def check_dtype(dtype: Any) -> None:
 
 
 def check_attn(attn: str) -> None:
-    """An attention implementation of ``ATTN_IMPLEMENTATIONS``."""
+    """An attention implementation of ``ATTN_IMPLEMENTATIONS`` whose package is installed."""
     if attn not in ATTN_IMPLEMENTATIONS:
         raise ValueError(
             f"attn_implementation {attn!r} is not supported; choose one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError(
+            "attn_implementation 'flash_attention_2' needs the flash-attn package, which is not installed; "
+            'install it on a CUDA machine (pip install -e ".[flash]") or use sdpa'
         )
 
 
