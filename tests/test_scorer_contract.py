@@ -1,9 +1,9 @@
 """The contract every registered scorer meets, so a new scorer is tested by being registered.
 
-For each name in ``list_scorers()`` (built-in, entry-point or registered by an importing package):
-scores have shape (B, V) and a float dtype; kept sets are deterministic, the same in a batch as
-alone, and the same under eager and sdpa attention; a schedule that keeps everything reproduces
-the model without dropping exactly.
+For each name in ``list_scorers()`` (every module of ``v2drop.scorers``, entry points, or registered
+by an importing package): scores have shape (B, V) and a float dtype; kept sets are deterministic,
+the same in a batch as alone, and the same under eager and sdpa attention; a schedule that keeps
+everything reproduces the model without dropping exactly.
 """
 
 import pytest

@@ -10,6 +10,7 @@ installed wheel has them too.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from functools import cache
 from importlib import resources
@@ -125,7 +126,7 @@ def _read(name: str) -> Preset:
 def get_preset(name: str) -> Preset:
     """Shipped preset ``name`` with its identity; an unknown name is an error listing the presets."""
     preset = _read(name)
-    return dataclasses.replace(preset, data=dict(preset.data))  # the caller may edit its copy of the data
+    return dataclasses.replace(preset, data=copy.deepcopy(preset.data))  # the caller may edit its copy of the data
 
 
 def find_presets(
