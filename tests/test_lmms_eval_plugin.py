@@ -5,6 +5,7 @@ import pytest
 lmms_eval = pytest.importorskip(
     "lmms_eval", reason="lmms-eval is not installed (.ci/run installs it without dependencies)"
 )
+pytest.importorskip("accelerate", reason="lmms-eval's run-time needs are not installed: pip install -e '.[lmms]'")
 
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.models import get_model  # noqa: E402
