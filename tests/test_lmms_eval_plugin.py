@@ -78,7 +78,7 @@ def test_plugin_is_discovered_and_generates(saved_llava):
     assert sample_fields("a plain answer") == {}
 
 
-def test_plugin_stops_at_until_and_rejects_unknown_args(saved_llava):
+def test_plugin_stops_at_until_and_rejects_unknown_args(saved_llava, monkeypatch):
     cls = get_model("v2drop")
     model = cls.create_from_arg_string(f"pretrained={saved_llava},method=none")
     task_dict, reqs = _requests(["what is the digit ?"], max_new_tokens=6)
@@ -96,6 +96,11 @@ def test_plugin_stops_at_until_and_rejects_unknown_args(saved_llava):
             cls.create_from_arg_string(f"pretrained={saved_llava},{arg}", {"batch_size": 1, "device": "cpu"})
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         cls.create_from_arg_string(f"pretrained={saved_llava}", {"batch_size": "auto"})
+    # under torchrun / accelerate launch: the rank and world size lmms-eval's evaluator splits the documents by
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    ranked = cls.create_from_arg_string(f"pretrained={saved_llava}", {"batch_size": 1})
+    assert (ranked.rank, ranked.world_size) == (3, 4)
     with pytest.raises(ValueError, match="Unknown preset"):
         cls.create_from_arg_string(f"pretrained={saved_llava},method=v2drop,schedule=no-such-preset")
 
@@ -117,6 +122,26 @@ def test_task_name_mapping_covers_every_real_benchmark():
         assert (folder / ("en_utils.py" if task.startswith("mmbench") else "utils.py")).is_file(), (name, task)
     with pytest.raises(ValueError, match="No lmms-eval task for benchmark 'digits'"):
         lmms_eval_task("digits")
+
+
+def test_write_task_files_and_bad_input(tmp_path):
+    """A local task is a parquet file of the samples (images decoded as PIL), its YAML and its functions."""
+    import datasets
+    import yaml
+
+    from v2drop.benchmarks import get_benchmark
+    from v2drop.integrations.lmms_eval import write_task
+
+    assert write_task(tmp_path, "digits", limit=3, name="mine") == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.parquet", "mine.yaml", "mine_utils.py"]
+    rows = datasets.load_dataset("parquet", data_files=str(tmp_path / "mine.parquet"), split="train")
+    samples = get_benchmark("digits").load(None, 3)
+    assert rows["question"] == [s.question for s in samples] and rows["answer"] == [s.answer for s in samples]
+    assert rows[0]["image"].tobytes() == samples[0].images[0].convert(rows[0]["image"].mode).tobytes()
+    text = (tmp_path / "mine.yaml").read_text().replace("!function", "")
+    assert yaml.safe_load(text)["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "mine.parquet")
+    with pytest.raises(ValueError, match="write_task writes image benchmarks; 'digits-video' is a video"):
+        write_task(tmp_path, "digits-video", limit=1)
 
 
 @pytest.fixture(scope="module")
@@ -165,4 +190,6 @@ def test_lmms_eval_cli_runs_a_local_task(local_task, tmp_path, method):
             assert 0 < s["average_vision_tokens"] < 256
     mean = sum(s["average_vision_tokens"] for s in samples) / len(samples)
     assert results["results"][name]["average_vision_tokens,none"] == pytest.approx(mean)
+    assert results["results"][name]["vision_tokens,none"] == 256
+    assert results["results"][name]["v2drop_method,none"] == f"method={method}"
     assert results["throughput"]["avg_retained_vision_tokens"] == pytest.approx(mean)

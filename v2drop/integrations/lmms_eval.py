@@ -8,7 +8,7 @@ at run time, and lmms-eval itself goes in without its declared dependencies (the
     python -m lmms_eval --model v2drop --model_args pretrained=proxy,method=v2drop-llava15-128 \\
         --tasks v2drop_digits --include_path tasks/ --batch_size 1 --output_path results/v2drop --log_samples
 
-``write_task`` writes a local task (a parquet file, a task YAML and its ``utils.py``). Registered
+``write_task`` writes a local task (a parquet file, a task YAML and its functions). Registered
 through the ``lmms_eval.models`` entry point (see ``pyproject.toml``), so lmms-eval finds it without
 a change on its side. ``--model_args`` keys: ``pretrained`` (hub id, local directory or ``proxy``),
 ``method`` (scorer name, preset, YAML or ``none``), ``schedule`` (preset or YAML), ``scorer_<param>``
@@ -22,12 +22,11 @@ is greedy. Every answer carries the method and its vision tokens (``Answer.info`
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import yaml
-from accelerate import Accelerator
 from lmms_eval.api.model import lmms
-from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from tqdm import tqdm
 
 import v2drop
@@ -81,18 +80,24 @@ dataset_kwargs:
     test: {parquet}
 test_split: test
 output_type: generate_until
-doc_to_visual: !function utils.doc_to_visual
-doc_to_text: !function utils.doc_to_text
+doc_to_visual: !function {name}_utils.doc_to_visual
+doc_to_text: !function {name}_utils.doc_to_text
 doc_to_target: answer
 generation_kwargs:
-  max_new_tokens: {max_new_tokens}
-process_results: !function utils.process_results
+  max_new_tokens: 8
+process_results: !function {name}_utils.process_results
 metric_list:
   - metric: accuracy
     aggregation: mean
     higher_is_better: true
+  - metric: vision_tokens
+    aggregation: mean
+    higher_is_better: false
   - metric: average_vision_tokens
     aggregation: mean
+    higher_is_better: false
+  - metric: v2drop_method
+    aggregation: !function {name}_utils.method_of_run
     higher_is_better: false
 """
 
@@ -101,7 +106,7 @@ TASK_UTILS = """\
 
 from v2drop.integrations.lmms_eval import task_functions
 
-doc_to_visual, doc_to_text, process_results = task_functions({benchmark!r})
+doc_to_visual, doc_to_text, process_results, method_of_run = task_functions({benchmark!r})
 """
 
 
@@ -111,8 +116,8 @@ def write_task(
     """Write an image benchmark's samples as a local lmms-eval task in ``directory``; returns the task name.
 
     Three files: ``<name>.parquet`` (the samples, images included), ``<name>.yaml`` (the task, reading
-    the parquet file by its absolute path) and ``utils.py`` (its ``doc_to_*`` and ``process_results``,
-    from ``task_functions``). Run it with ``--tasks <name> --include_path <directory>``.
+    the parquet file by its absolute path) and ``<name>_utils.py`` (its ``doc_to_*`` and
+    ``process_results``, from ``task_functions``). Run it with ``--tasks <name> --include_path <directory>``.
     """
     from pathlib import Path
 
@@ -147,17 +152,18 @@ def write_task(
     directory.mkdir(parents=True, exist_ok=True)
     parquet = directory / f"{name}.parquet"
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(parquet))
-    max_new_tokens = 8
-    (directory / f"{name}.yaml").write_text(TASK_YAML.format(name=name, parquet=parquet, max_new_tokens=max_new_tokens))
-    (directory / "utils.py").write_text(TASK_UTILS.format(name=name, benchmark=benchmark))
+    (directory / f"{name}.yaml").write_text(TASK_YAML.format(name=name, parquet=parquet))
+    (directory / f"{name}_utils.py").write_text(TASK_UTILS.format(name=name, benchmark=benchmark))
     return name
 
 
 def task_functions(benchmark: str):
-    """``doc_to_visual``, ``doc_to_text`` and ``process_results`` of a task written by ``write_task``.
+    """``doc_to_visual``, ``doc_to_text``, ``process_results`` and ``method_of_run`` of a task written by
+    ``write_task``.
 
     ``process_results`` scores with the benchmark's own ``is_correct`` (``accuracy``) and adds
-    ``sample_fields`` of the answer, so every logged sample carries the method and its vision tokens.
+    ``sample_fields`` of the answer, so every logged sample carries the method and its vision tokens;
+    the vision-token fields aggregate by their mean and ``v2drop_method`` by ``method_of_run``.
     """
     from v2drop.benchmarks import get_benchmark
     from v2drop.benchmarks.base import Sample
@@ -165,17 +171,24 @@ def task_functions(benchmark: str):
     bench = get_benchmark(benchmark)
 
     def doc_to_visual(doc):
+        """The row's image."""
         return [doc["image"].convert("RGB")]
 
     def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+        """The row's question, as our harness asks it."""
         return doc["question"]
 
     def process_results(doc, results):
+        """``accuracy`` by the benchmark's ``is_correct``, plus the answer's ``sample_fields``."""
         sample = Sample(doc["id"], doc["question"], doc["answer"], doc["family"], choices=tuple(doc["choices"]))
         answer = results[0]
         return {"accuracy": float(bench.is_correct(str(answer), sample)), **sample_fields(answer)}
 
-    return doc_to_visual, doc_to_text, process_results
+    def method_of_run(methods):
+        """The run's one method (its samples' ``v2drop_method``, several joined by ``; ``)."""
+        return "; ".join(sorted(set(methods)))
+
+    return doc_to_visual, doc_to_text, process_results, method_of_run
 
 
 class Answer(str):
@@ -208,8 +221,9 @@ class V2DropLMM(lmms):
     """An lmms-eval model running a v2drop ``LVLM`` under a token-dropping method.
 
     ``batch_size`` and ``device`` are lmms-eval's own options (``--batch_size``, ``--device``), which it
-    passes to the constructor; under ``accelerate launch`` each process takes its rank's share of the
-    documents (and its own GPU when ``device`` is CUDA).
+    passes to the constructor; under ``torchrun`` or ``accelerate launch`` each process reports the rank
+    and world size lmms-eval splits the documents by (``RANK``, ``WORLD_SIZE``) and, when ``device`` is
+    CUDA, runs on its own GPU (``cuda:<LOCAL_RANK>``).
     """
 
     def __init__(
@@ -241,12 +255,12 @@ class V2DropLMM(lmms):
         )
         self.batch_size_per_gpu = int(batch_size)
         self.max_frames = int(max_frames)
-        self.accelerator = Accelerator()
-        self._rank = self.accelerator.process_index
-        self._world_size = self.accelerator.num_processes
+        # the rank and world size lmms-eval's evaluator splits the documents by (torchrun / accelerate launch set them)
+        self._rank = int(os.environ.get("RANK", 0))
+        self._world_size = int(os.environ.get("WORLD_SIZE", 1))
         device = device or "cpu"
         if self._world_size > 1 and device.startswith("cuda"):
-            device = f"cuda:{self.accelerator.local_process_index}"
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         self.lvlm = v2drop.load(pretrained, attn_implementation=attn_implementation, dtype=dtype, device=device)
 
     @classmethod
@@ -306,7 +320,10 @@ class V2DropLMM(lmms):
                 }
                 answers.append(Answer(text, info))
                 self.cache_hook.add_partial("generate_until", None, text)
-            # lmms-eval's generation-metrics log: the run's averages land in the results JSON ("throughput")
+            # lmms-eval's generation-metrics log: the run's averages land in the results JSON ("throughput");
+            # imported here, as importing lmms_eval.models loads the entry points, this module among them
+            from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
             seconds = out.prefill_seconds + out.generate_seconds
             n_generated = sum(min(len(ids), limit) for ids, limit in zip(out.generated_ids, limits))
             vision = [t.vision_tokens for t in out.traces]
