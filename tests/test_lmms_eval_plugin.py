@@ -1,6 +1,7 @@
 """The lmms-eval plugin: discovered through the entry point, answers generate_until requests on a tiny model."""
 
 import pytest
+import torch
 
 lmms_eval = pytest.importorskip(
     "lmms_eval", reason="lmms-eval is not installed (.ci/run installs it without dependencies)"
@@ -96,6 +97,9 @@ def test_plugin_stops_at_until_and_rejects_unknown_args(saved_llava, monkeypatch
             cls.create_from_arg_string(f"pretrained={saved_llava},{arg}", {"batch_size": 1, "device": "cpu"})
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         cls.create_from_arg_string(f"pretrained={saved_llava}", {"batch_size": "auto"})
+    if not torch.cuda.is_available():  # the hint names lmms-eval's own --device option
+        with pytest.raises(ValueError, match="no usable CUDA GPU .*use --device cpu"):
+            cls.create_from_arg_string(f"pretrained={saved_llava}", {"batch_size": 1, "device": "cuda"})
     # under torchrun / accelerate launch: the rank and world size lmms-eval's evaluator splits the documents by
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
