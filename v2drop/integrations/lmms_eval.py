@@ -236,7 +236,7 @@ class V2DropLMM(lmms):
         max_frames: int | str = 8,
         batch_size: int | str = 1,
         device: str | None = None,
-        max_batch_size: int | str | None = None,
+        max_batch_size: int | str | None = None,  # lmms-eval's --max_batch_size, for 'auto' batch sizes: unused
         **kwargs,
     ):
         super().__init__()
