@@ -4,8 +4,11 @@
 
 Budgets are the paper's 192/128/64 of 576 as the same shares of the model's vision tokens; each
 method's preset is moved to the model's depth and fitted to the budget (``analysis.common.budget_method``).
-"Avg" is the mean over question families of the accuracy ratio to no dropping (the paper averages
-per-benchmark ratios; here each family plays a benchmark).
+Every method is evaluated into the run store (``--store``, default ``runs/store``; finished runs are
+read back) and the table is laid out by the one Table 1 builder that ``experiments.report`` uses
+(``v2drop.evaluation.collect.method_benchmark_table``): "avg_vs_none" is the mean over benchmarks of
+the paper metric's ratio to no dropping (here one benchmark); the per-family columns show where the
+accuracy is lost.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from analysis.common import (
     PAPER_BUDGETS,
     budget_method,
     command_parser,
-    relative_rows,
     run_methods,
     save_figure,
     scorer_variants,
     setup,
+    table_rows,
     write_table,
 )
 from v2drop.cli import run
@@ -54,11 +57,11 @@ def _main(argv) -> list[dict]:
     all_variants = scorer_variants()
     methods, info = methods_at_budgets(lvlm.depth, n_vision, all_variants)
     missing = sorted({v for v in all_variants if not any(i.get("scorer") == v for i in info.values())})
-    results = run_methods(lvlm, benchmark, methods, out, config, samples)
-    rows = relative_rows(results, extra=info)
+    results = run_methods(lvlm, benchmark, methods, config, samples)
+    rows = table_rows(results, extra=info)
     columns = (
         ["budget", "method"]
-        + sorted(benchmark.families)
+        + [f"{benchmark.name}/{f}" for f in sorted(benchmark.families)]
         + ["accuracy", "avg_vs_none", "avg_vision_tokens", "flops_ratio", "prefill_ms"]
     )
     markdown = write_table(rows, out / "method_table", columns)
