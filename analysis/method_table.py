@@ -1,6 +1,7 @@
 """Paper Table 1: every scorer at three budgets, per question family, averaged as the paper does.
 
-    python -m analysis.method_table [--model proxy] [--benchmark digits] [--limit N]
+    python -m analysis.method_table [--model proxy] [--benchmark digits] [--limit N] [--scorers v2drop fastv]
+        [--budgets 128 64] [--store runs/store]
 
 Budgets are the paper's 192/128/64 of 576 as the same shares of the model's vision tokens; each
 method's preset is moved to the model's depth and fitted to the budget (``analysis.common.budget_method``).
@@ -52,10 +53,17 @@ def main(argv=None) -> list[dict]:
 
 
 def _main(argv) -> list[dict]:
-    args = command_parser(__doc__).parse_args(argv)
-    lvlm, benchmark, samples, n_vision, config, out = setup(args, "method_table")
+    p = command_parser(__doc__)
+    p.add_argument("--scorers", nargs="+", default=None, help="scorer variants to run (default: every one)")
+    p.add_argument("--budgets", nargs="+", type=int, default=list(PAPER_BUDGETS), help="budgets, of 576 tokens")
+    args = p.parse_args(argv)
     all_variants = scorer_variants()
-    methods, info = methods_at_budgets(lvlm.depth, n_vision, all_variants)
+    unknown = sorted(set(args.scorers or ()) - set(all_variants))
+    if unknown:
+        raise ValueError(f"--scorers {', '.join(unknown)}: not a scorer variant; choose from {', '.join(all_variants)}")
+    all_variants = {k: v for k, v in all_variants.items() if args.scorers is None or k in args.scorers}
+    lvlm, benchmark, samples, n_vision, config, out = setup(args, "method_table")
+    methods, info = methods_at_budgets(lvlm.depth, n_vision, all_variants, args.budgets)
     missing = sorted({v for v in all_variants if not any(i.get("scorer") == v for i in info.values())})
     results = run_methods(lvlm, benchmark, methods, config, samples)
     rows = table_rows(results, extra=info)
@@ -79,10 +87,10 @@ def _main(argv) -> list[dict]:
     for i, variant in enumerate(variants):
         vals = [
             next((r["avg_vs_none"] for r in rows if r.get("scorer") == variant and r.get("budget") == b), 0)
-            for b in PAPER_BUDGETS
+            for b in args.budgets
         ]
-        ax.bar([j + i * width for j in range(len(PAPER_BUDGETS))], vals, width, label=variant)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(PAPER_BUDGETS))], [f"{b}/576 budget" for b in PAPER_BUDGETS])
+        ax.bar([j + i * width for j in range(len(args.budgets))], vals, width, label=variant)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(args.budgets))], [f"{b}/576 budget" for b in args.budgets])
     ax.set_ylabel("accuracy / no dropping (mean over families)")
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.legend(fontsize=7, ncol=3)
