@@ -1,4 +1,5 @@
-"""Shared helpers for the analysis commands: run directories and table output (CSV, markdown, PNG)."""
+"""Shared helpers for the analysis commands: evaluations through the run store, Table 1 rows, output (CSV, markdown,
+PNG)."""
 
 from __future__ import annotations
 
@@ -32,77 +33,41 @@ def vision_tokens_of(lvlm, sample) -> int:
     return int(lvlm.adapter.vision_mask(inputs["input_ids"]).sum())
 
 
-def run_methods(lvlm, benchmark, methods: dict, out: Path, config, samples=None) -> dict:
-    """Evaluate each labelled method, caching ``out/<label>/result.json``; returns label -> result dict.
+def run_methods(lvlm, benchmark, methods: dict, config, samples=None) -> dict:
+    """Evaluate each labelled method into the run store (``config.store``); returns label -> result data.
 
-    A label whose result exists for the same method, config and weights (``LVLM.weights_fingerprint``:
-    a retrained model under the same name is rerun) is read back, not rerun; an interrupted label
-    resumes from its records.
+    A method whose run key is finished in the store is read back, not rerun (the key holds the
+    weights, ``LVLM.weights_fingerprint``: a retrained model under the same name is rerun); an
+    interrupted one continues from its records (``v2drop.evaluation.store``).
     """
-    from dataclasses import asdict
+    from dataclasses import replace
 
-    from v2drop.evaluation import evaluate
+    from v2drop.evaluation import evaluate_in_store
 
     results = {}
     for label, method in methods.items():
-        folder = out / label
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "result.json"
-        wanted = {
-            "method": method.to_dict(),
-            "config": {**asdict(config), "method": method.to_dict()},
-            "weights": lvlm.weights_fingerprint,
-        }
-        if path.exists():
-            old = json.loads(path.read_text())
-            if all(old.get(key) == value for key, value in wanted.items()):
-                results[label] = old
-                continue
-            (folder / "records.jsonl").unlink(missing_ok=True)
-        from dataclasses import replace
-
-        result = evaluate(
-            lvlm,
-            benchmark,
-            method,
-            replace(config, method=method.to_dict()),
-            records_path=folder / "records.jsonl",
-            resume=True,
-            samples=samples,
-        )
-        results[label] = {**result.to_json(), "weights": lvlm.weights_fingerprint}
-        write_json(results[label], path)
+        labelled = replace(config, method=method.to_dict(), label=label)
+        results[label] = evaluate_in_store(lvlm, benchmark, method, labelled, samples=samples).to_json()
     return results
 
 
-def read_records(out: Path, label: str) -> list[dict]:
-    """The per-sample records of one label of ``run_methods``."""
-    return [json.loads(line) for line in (out / label / "records.jsonl").read_text().splitlines() if line.strip()]
+def read_records(result: dict) -> list[dict]:
+    """The per-sample records of one result of ``run_methods``."""
+    from v2drop.evaluation import read_records as read_jsonl
+
+    return read_jsonl(result["records_path"])
 
 
-def relative_rows(results: dict, baseline: str = "none", extra: dict | None = None) -> list[dict]:
-    """Rows of per-family accuracy, overall accuracy and the paper's average (mean of per-family ratios to
-    ``baseline``).
-    """
-    base = results[baseline]["per_family"]
-    rows = []
-    for label, res in results.items():
-        fams = res["per_family"]
-        ratios = [fams[f] / base[f] for f in fams if base.get(f)]
-        m = res["metrics"]
-        row = {"method": label, **(extra or {}).get(label, {})}
-        row.update({f: fams[f] for f in sorted(fams)})
-        row.update(
-            {
-                "accuracy": m["accuracy"],
-                "avg_vs_none": sum(ratios) / len(ratios) if ratios else None,
-                "avg_vision_tokens": m["average_vision_tokens"],
-                "flops_ratio": m["flops_ratio"],
-                "prefill_ms": m["prefill_latency_median_s"] * 1e3,
-                "generation_ms": m["generation_latency_median_s"] * 1e3,
-            }
-        )
-        rows.append(row)
+def table_rows(results: dict, extra: dict | None = None) -> list[dict]:
+    """Table 1 rows (``v2drop.evaluation.collect.method_benchmark_table``, the one builder) of ``run_methods``'
+    results, in their order, with each label's ``extra`` columns and its overall ``accuracy``."""
+    from v2drop.evaluation.collect import method_benchmark_table, run_result
+
+    runs = [run_result(res, res["records_path"], label) for label, res in results.items()]
+    rows = [row for rows in method_benchmark_table(runs, order=list(results)).values() for row in rows]
+    for row in rows:
+        row.update((extra or {}).get(row["method"], {}))
+        row["accuracy"] = results[row["method"]]["metrics"]["accuracy"]
     return rows
 
 
@@ -136,7 +101,8 @@ def add_common_args(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attn", default="sdpa")
-    parser.add_argument("--out", default=None, help="run directory (default runs/analysis/<command>)")
+    parser.add_argument("--out", default=None, help="tables and figures (default runs/analysis/<command>)")
+    parser.add_argument("--store", default=None, help="the run store evaluations are filed in (default runs/store)")
 
 
 def resolve_split(args, benchmark) -> str:
@@ -159,6 +125,7 @@ def check_args(args, name: str):
     benchmark = get_benchmark(args.benchmark)
     resolve_split(args, benchmark)
     checks.check_writable(Path(args.out) if args.out else Path("runs") / "analysis" / name, directory=True)
+    checks.check_writable(Path(args.store) if args.store else Path("runs") / "store", directory=True)
     checks.model_config(args.model)
     return benchmark
 
@@ -183,5 +150,6 @@ def setup(args, name: str):
         threads=args.threads,
         attn_implementation=args.attn,
         progress=True,
+        store=args.store,
     )
     return lvlm, benchmark, samples, vision_tokens_of(lvlm, samples[0]), config, run_dir(name, args.out)

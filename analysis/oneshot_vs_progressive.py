@@ -16,10 +16,10 @@ from analysis.common import (
     PAPER_VISION_TOKENS,
     budget_method,
     command_parser,
-    relative_rows,
     run_methods,
     save_figure,
     setup,
+    table_rows,
     write_table,
 )
 from v2drop.cli import run
@@ -61,11 +61,11 @@ def _main(argv) -> list[dict]:
     args = command_parser(__doc__).parse_args(argv)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "oneshot_vs_progressive")
     methods, info = schedules(lvlm.depth, n_vision)
-    results = run_methods(lvlm, benchmark, methods, out, config, samples)
-    rows = relative_rows(results, extra=info)
+    results = run_methods(lvlm, benchmark, methods, config, samples)
+    rows = table_rows(results, extra=info)
     columns = (
         ["budget", "method", "schedule"]
-        + sorted(benchmark.families)
+        + [f"{benchmark.name}/{f}" for f in sorted(benchmark.families)]
         + ["accuracy", "avg_vs_none", "avg_vision_tokens", "flops_ratio", "prefill_ms"]
     )
     print(write_table(rows, out / "oneshot_vs_progressive", columns))

@@ -63,10 +63,10 @@ def _main(argv) -> list[dict]:
     # V²Drop first (the method under study), then every other registered scorer.
     names = sorted(list_scorers(), key=lambda name: name != "v2drop")
     methods = {name: Method(name, schedule=schedule) for name in names}
-    run_methods(lvlm, benchmark, methods, out, config, samples)
+    results = run_methods(lvlm, benchmark, methods, config, samples)
     rows = []
     for name in methods:
-        rates = interval_keep_rates(read_records(out, name))
+        rates = interval_keep_rates(read_records(results[name]))
         rows.append({"scorer": name, **{f"{10 * i}-{10 * (i + 1)}%": rate for i, rate in enumerate(rates)}})
     print(f"drop {1 - args.keep:.0%} before layer {layer} of {lvlm.depth}; keep rate per vision-token index interval")
     print(write_table(rows, out / "positional_bias"))

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from v2drop import checks
@@ -152,7 +153,7 @@ def _one(args, setting: dict) -> dict:
         if setting["eager"]:
             result = _eager(config, tmp, lvlm)
         else:
-            result = run_evaluation(config, Path(tmp) / "run", lvlm=lvlm)
+            result = run_evaluation(replace(config, store=str(Path(tmp) / "store")), lvlm=lvlm)
         seconds = time.perf_counter() - start
     sampler.stop()
     n = result.metrics["n"]

@@ -1,15 +1,17 @@
 """Evaluate one model on one benchmark under one method.
 
     python -m experiments.evaluate --model proxy --benchmark digits --method v2drop --schedule v2drop-llava15-128 \
-        [--limit N] [--output result.json] [--save-trace trace.jsonl] [--resume] [--baseline none.json]
+        [--limit N] [--output result.json] [--save-trace trace.jsonl] [--baseline none.json] [--store runs/store]
     python -m experiments.evaluate --model proxy --benchmark digits --method none
 
 ``--method`` is a scorer name (with ``--schedule`` a preset name or YAML file), a full preset
-name, or ``none``. Per-sample records go to ``<run-dir>/records.jsonl`` as they finish (with
+name, or ``none``. The run is filed in the run store (``--store``, default ``runs/store``) under
+its key: per-sample records go to ``<store>/<key folder>/records.jsonl`` as they finish (with
 ``--devices N``/``--num-nodes M``: one ``records.rank<k>.jsonl`` per rank, merged into
-``records.jsonl`` at the end); an interrupted run continues with ``--resume``, whatever number
-of ranks wrote its records. Every input is checked before the model loads: a mistake is one
-``error: ...`` line and exit status 2 (``--debug`` or ``V2DROP_DEBUG=1``: traceback).
+``records.jsonl`` at the end). The same command again reads a finished run back without model
+work and continues an interrupted one, whatever number of ranks wrote its records. Every input is
+checked before the model loads: a mistake is one ``error: ...`` line and exit status 2
+(``--debug`` or ``V2DROP_DEBUG=1``: traceback).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from v2drop import checks
 from v2drop.cli import run
 from v2drop.config import config_from_dict, parse_overrides
-from v2drop.evaluation import EvalConfig, default_run_dir, format_table, run_evaluation
+from v2drop.evaluation import EvalConfig, format_table, run_evaluation
 from v2drop.method import resolve_method
 
 
@@ -74,15 +76,10 @@ def _main(argv) -> dict | None:
     p.add_argument(
         "--num-nodes", type=int, default=1, help="Lightning num_nodes: machines, each running --devices ranks"
     )
-    p.add_argument(
-        "--run-dir",
-        default=None,
-        help="where records, result and trace go (default runs/eval/<model>-<benchmark>-<method>)",
-    )
+    p.add_argument("--store", default=None, help="the run store directory (default runs/store)")
     p.add_argument("--output", default=None, help="also write the result JSON here")
     p.add_argument("--save-trace", default=None, help="write each sample's kept vision positions per stage (JSONL)")
     p.add_argument("--baseline", default=None, help="a no-dropping result JSON to report relative accuracy against")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run, skipping finished samples")
     p.add_argument(
         "--label",
         default=None,
@@ -117,16 +114,15 @@ def _main(argv) -> dict | None:
             num_nodes=args.num_nodes,
             progress=not args.no_progress,
             label=args.label or method_label(args.method, args.schedule, args.scorer_arg),
+            store=args.store,
         ),
     )
-    run_dir = Path(args.run_dir or default_run_dir(args.model, args.benchmark, args.method, args.schedule))
-    result = run_evaluation(
-        config, run_dir, output=args.output, save_trace=args.save_trace, baseline=args.baseline, resume=args.resume
-    )
+    result = run_evaluation(config, output=args.output, save_trace=args.save_trace, baseline=args.baseline)
     if result is None:
         return None  # a rank other than 0 (``--devices``/``--num-nodes``): rank 0 prints and writes the result
     print(format_table(result))
-    print(f"results in {run_dir}")
+    where = Path(result.records_path).parent
+    print(f"{'finished earlier, reused' if result.reused else 'results'} in {where}")
     return result.to_json()
 
 

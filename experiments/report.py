@@ -1,13 +1,15 @@
 """Collect finished evaluations into one table: methods × benchmarks, relative to no dropping (the papers' Table 1).
 
-    python -m experiments.report [runs/eval] [--output runs/report]
+    python -m experiments.report [runs/store] [--output runs/report]
 
-Reads every ``result.json`` under the directory (``experiments.evaluate`` writes one per run, by
-default under ``runs/eval/``). Cells hold each benchmark's paper metric (POPE: F1 averaged over its
+Reads every finished run of the run store (``experiments.evaluate``, the analyses and the sweeps'
+confirmations file their results there, by default under ``runs/store/``) and lays them out with
+the one Table 1 builder (``v2drop.evaluation.collect.method_benchmark_table``, also behind
+``analysis.method_table``). Cells hold each benchmark's paper metric (POPE: F1 averaged over its
 categories; MME: total score; MVBench: mean of task accuracies; accuracy elsewhere); ``avg_vs_none``
 is the mean over benchmarks of the ratio to the no-dropping run of the same model on the same
-samples (run ``--method none`` once per benchmark). One table per model, written as markdown and
-CSV (the CSV also has every per-benchmark ratio).
+samples and engine settings (run ``--method none`` once per benchmark). One table per model,
+written as markdown and CSV (the CSV also has every per-benchmark ratio and per-family score).
 """
 
 from __future__ import annotations
@@ -28,9 +30,7 @@ def main(argv=None) -> dict:
 
 def _main(argv) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "runs", nargs="?", default="runs/eval", help="directory holding evaluation runs (searched recursively)"
-    )
+    p.add_argument("runs", nargs="?", default="runs/store", help="the run store holding finished evaluations")
     p.add_argument("--output", default="runs/report", help="directory for report-<model>.md / .csv")
     args = p.parse_args(argv)
     out = Path(args.output)

@@ -126,6 +126,7 @@ class SweepConfig:
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)  # split and limit the Pareto set is confirmed on
     storage: str | None = None  # Optuna storage URL or journal file; None = journal file <run_dir>/journal.log
     run_dir: str | None = None  # artifacts; None = runs/<study>
+    store: str | None = None  # run store the confirmed front is evaluated into; None = $V2DROP_STORE, else runs/store
     heartbeat: int = 30  # seconds between RDB heartbeats (a dead worker's trial is failed after 2x)
     retries: int = 2  # times a failed trial is retried (RDB storages)
     wandb: WandbConfig = field(default_factory=WandbConfig)  # logging to Weights & Biases
