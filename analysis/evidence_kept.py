@@ -10,14 +10,15 @@ methods as ``analysis.method_table`` and reuses its results when pointed at the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from analysis.common import command_parser, read_records, run_methods, save_figure, setup, write_table
+from analysis.common import AnalysisConfig, read_records, run_methods, save_figure, setup, write_table
 from analysis.method_table import methods_at_budgets
 from v2drop import checks
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.evaluation import vision_index_of
 
 
@@ -55,15 +56,23 @@ def evidence_shares(records: list[dict], evidence: dict[str, tuple]) -> dict:
     }
 
 
+@dataclass
+class EvidenceConfig(AnalysisConfig):
+    """``analysis.evidence_kept``'s options."""
+
+    results: str = "runs/analysis/method_table"  # where method results are cached (shared with analysis.method_table)
+
+
+CONFIG = EvidenceConfig
+
+
 def main(argv=None) -> list[dict]:
     """Compute the evidence shares of every method at every budget; write the table and a plot."""
     return run(_main, argv)
 
 
 def _main(argv) -> list[dict]:
-    p = command_parser(__doc__)
-    p.add_argument("--results", default="runs/analysis/method_table", help="where method results are cached")
-    args = p.parse_args(argv)
+    args = parse_config(EvidenceConfig, argv, __doc__)
     checks.check_writable(args.results, directory=True)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "evidence_kept")
     methods, info = methods_at_budgets(lvlm.depth, n_vision)

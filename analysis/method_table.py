@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt
 
 from analysis.common import (
     PAPER_BUDGETS,
+    AnalysisConfig,
     budget_method,
-    command_parser,
     relative_rows,
     run_methods,
     save_figure,
@@ -23,7 +23,7 @@ from analysis.common import (
     setup,
     write_table,
 )
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.method import Method
 
 
@@ -41,13 +41,16 @@ def methods_at_budgets(depth: int, n_vision: int, variants=None, budgets=PAPER_B
     return methods, info
 
 
+CONFIG = AnalysisConfig
+
+
 def main(argv=None) -> list[dict]:
     """Run every method at every budget and write the table and a bar chart."""
     return run(_main, argv)
 
 
 def _main(argv) -> list[dict]:
-    args = command_parser(__doc__).parse_args(argv)
+    args = parse_config(AnalysisConfig, argv, __doc__)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "method_table")
     all_variants = scorer_variants()
     methods, info = methods_at_budgets(lvlm.depth, n_vision, all_variants)

@@ -221,7 +221,7 @@ def test_variation_maps_plot_the_recorded_v2drop_scores(tmp_path):
     from v2drop.scorers.v2drop import V2DropScorer
 
     score = V2DropScorer.score
-    rows = maps_main(["--samples", "1", "--out", str(tmp_path)])
+    rows = maps_main(["--samples", "1", "--output", str(tmp_path)])
     assert len(rows) == 1 and rows[0]["stages"] and V2DropScorer.score is score
     assert any(p.suffix == ".png" for p in tmp_path.rglob("*"))
 

@@ -160,7 +160,13 @@ def config_parser(
         elif typing.get_origin(kind) is list or kind is list:
             (item,) = typing.get_args(kind) or (Any,)
             parser.add_argument(
-                flag, nargs="*", type=_converter(item), default=argparse.SUPPRESS, metavar=_metavar(item), help=text
+                flag,
+                nargs="*",
+                action="extend",
+                type=_converter(item),
+                default=argparse.SUPPRESS,
+                metavar=_metavar(item),
+                help=text + " (one or more values; repeatable)",
             )
         else:
             parser.add_argument(
