@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from analysis.common import (
+    AnalysisConfig,
     budget_method,
-    command_parser,
     read_records,
     relative_rows,
     resolve_split,
@@ -24,6 +24,7 @@ from analysis.positional_bias import interval_keep_rates
 from analysis.real_cost import MODELS, cost_rows
 from v2drop import Method, Schedule
 from v2drop.benchmarks import Benchmark
+from v2drop.cli import parse_config
 from v2drop.evaluation import EvalConfig
 from v2drop.scorers import SCORERS, Scorer
 from v2drop.testing import EchoBench
@@ -251,8 +252,8 @@ def test_split_defaults_to_the_benchmarks_own():
         splits = ("dev", "validation")
         default_split = "dev"
 
-    args = command_parser("doc").parse_args([])
+    args = parse_config(AnalysisConfig, [])
     assert resolve_split(args, DevOnly()) == "dev" and args.split == "dev"
-    assert resolve_split(command_parser("doc").parse_args(["--split", "validation"]), DevOnly()) == "validation"
+    assert resolve_split(parse_config(AnalysisConfig, ["--split", "validation"]), DevOnly()) == "validation"
     with pytest.raises(ValueError, match="no split 'test'; valid splits: dev, validation"):
-        resolve_split(command_parser("doc").parse_args(["--split", "test"]), DevOnly())
+        resolve_split(parse_config(AnalysisConfig, ["--split", "test"]), DevOnly())

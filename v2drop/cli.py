@@ -129,7 +129,7 @@ def config_parser(
     epilog = None
     if sections:
         epilog = "keys of the sections (--set section.key=value, or in the --config file):\n" + "\n".join(sections)
-    parser = _Parser(description=doc, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=doc, epilog=epilog, formatter_class=_Formatter)
     parser.add_argument(
         "--config",
         default=config,
@@ -173,6 +173,15 @@ def config_parser(
                 flag, type=_converter(kind), default=argparse.SUPPRESS, metavar=_metavar(kind), help=text
             )
     return parser
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """The description and epilog as written; option help wrapped at spaces only (never inside a-hyphenated-word)."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 class _Parser(argparse.ArgumentParser):
