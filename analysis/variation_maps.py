@@ -1,6 +1,6 @@
 """Paper Fig. 3: each vision token's variation as a heatmap over the image, kept tokens outlined.
 
-    python -m analysis.variation_maps [--model proxy] [--benchmark digits] [--samples 4] [--preset v2drop-llava15-192]
+    python -m analysis.variation_maps [--model proxy] [--benchmark digits] [--samples 4] [--budget 192]
 
 For a few samples, one row each: the image, then for every V²Drop stage the L2 variation of the
 tokens present (a heatmap on the token grid over the image) with the kept tokens outlined; the
