@@ -89,7 +89,11 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
 
 
 def parse_config(
-    schema: type[T], argv: Sequence[str] | None, doc: str | None = None, config: str | None = None, positional=None
+    schema: type[T],
+    argv: Sequence[str] | None,
+    doc: str | None = None,
+    config: str | None = None,
+    positional: str | None = None,
 ) -> T:
     """An instance of the config dataclass ``schema`` from ``argv``: defaults, ``--config``, ``--set``, then flags.
 
@@ -134,7 +138,7 @@ def config_parser(
         "--config",
         default=config,
         metavar="FILE",
-        help=f"YAML file of config keys, applied over the defaults (default: {config})",
+        help=f"YAML file of config keys, applied over the defaults (default: {config or 'none'})",
     )
     parser.add_argument(
         "--set",

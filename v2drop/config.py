@@ -5,6 +5,10 @@ dataclass defaults, then a YAML file or a dict, then ``key.sub=value`` overrides
 instance of the dataclass. Values are checked against the field types (OmegaConf structured
 configs), an unknown key is an error listing the valid ones, and a field typed as a plain
 ``dict`` or ``list`` is replaced by the new value, never merged into the default.
+
+Each field's one-line doc is the comment after it (``limit: int | None = None  # first N samples``),
+or the comment lines right above it when it has none; ``field_docs`` reads them once, for
+``--help`` (``v2drop.cli.parse_config``) and the tests that every key is documented.
 """
 
 from __future__ import annotations
