@@ -82,7 +82,9 @@ def read_records(out: Path, label: str) -> list[dict]:
 
 
 def relative_rows(results: dict, baseline: str = "none", extra: dict | None = None) -> list[dict]:
-    """Rows of per-family accuracy, overall accuracy and the paper's average (mean of per-family ratios to ``baseline``)."""
+    """Rows of per-family accuracy, overall accuracy and the paper's average (mean of per-family ratios to
+    ``baseline``).
+    """
     base = results[baseline]["per_family"]
     rows = []
     for label, res in results.items():
@@ -140,7 +142,8 @@ class AnalysisConfig:
 
 
 def resolve_split(args: AnalysisConfig, benchmark) -> str:
-    """``split`` checked against the benchmark's splits, or its default split when not given; stored back on ``args``."""
+    """``split`` checked against the benchmark's splits, or its default split when not given; stored back on
+    ``args``."""
     args.split = benchmark.resolve_split(args.split)
     return args.split
 

@@ -28,7 +28,9 @@ from v2drop.method import Method
 
 
 def methods_at_budgets(depth: int, n_vision: int, variants=None, budgets=PAPER_BUDGETS) -> tuple[dict, dict]:
-    """``{label: Method}`` for none and every variant (default: every registered scorer) at every budget, plus ``{label: {budget, scorer}}``."""
+    """``{label: Method}`` for none and every variant (default: every registered scorer) at every budget, plus ``{label:
+    {budget, scorer}}``.
+    """
     variants = scorer_variants() if variants is None else variants
     methods, info = {"none": Method.none()}, {"none": {"budget": "all", "scorer": "none"}}
     for budget in budgets:
@@ -64,7 +66,8 @@ def _main(argv) -> list[dict]:
     )
     markdown = write_table(rows, out / "method_table", columns)
     print(
-        f"{lvlm.name}: {lvlm.depth} layers, {n_vision} vision tokens, {len(samples)} samples of {benchmark.name}/{args.split}"
+        f"{lvlm.name}: {lvlm.depth} layers, {n_vision} vision tokens, {len(samples)} samples of "
+        f"{benchmark.name}/{args.split}"
     )
     print(markdown)
     if missing:

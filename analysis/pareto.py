@@ -84,7 +84,8 @@ def _main(argv) -> list[dict]:
     args = parse_config(ParetoConfig, argv, __doc__)
     if not Path(args.results).is_dir():
         raise FileNotFoundError(
-            f"--results {args.results!r} is not a directory; run python -m analysis.method_table first (or point --results at its output)"
+            f"--results {args.results!r} is not a directory; run python -m analysis.method_table first (or point "
+            "--results at its output)"
         )
     for folder in args.sweep:
         if not (Path(folder) / "trials.csv").is_file() and not (Path(folder) / "pareto.csv").is_file():

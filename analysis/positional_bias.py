@@ -67,7 +67,8 @@ def _main(argv) -> list[dict]:
         depth = checks.model_depth(args.model)
         if args.layer >= depth:
             raise ValueError(
-                f"--layer {args.layer} is past the model's last layer (model {args.model!r} has {depth} layers: 0..{depth - 1})"
+                f"--layer {args.layer} is past the model's last layer (model {args.model!r} has {depth} layers: "
+                f"0..{depth - 1})"
             )
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "positional_bias")
     layer = args.layer if args.layer is not None else max(1, round(3 * lvlm.depth / 32))

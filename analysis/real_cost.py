@@ -18,7 +18,7 @@ from analysis.common import run_dir
 from v2drop import checks
 from v2drop.cli import parse_config, run
 from v2drop.cost import kv_cache_bytes, method_prefill_flops, prefill_flops
-from v2drop.method import Method, list_presets
+from v2drop.presets import get_preset, list_presets
 from v2drop.tables import write_table
 
 
@@ -47,8 +47,6 @@ class ModelSize:
             num_key_value_heads=self.kv_heads,
         )
 
-
-PRESET_VISION_TOKENS = 576  # the presets are LLaVA-1.5-7B settings (one 336 px image)
 
 MODELS = [
     # Vicuna-7B decoder; CLIP ViT-L/14 at 336 px gives 24 x 24 = 576 tokens.
@@ -80,11 +78,12 @@ def cost_rows(model: ModelSize, text_tokens: int, presets: list[str]) -> list[di
         }
     ]
     for name in presets:
-        method = Method.from_preset(name, depth=model.layers)
+        preset = get_preset(name)
+        method = preset.method(depth=model.layers)
         schedule = method.schedule
-        if schedule.keep_mode == "absolute" and model.vision_tokens != PRESET_VISION_TOKENS:
-            # counts were set for 576 tokens: keep the same shares, or 98 kept of 6,272 would pass for "128"
-            schedule = schedule.to_cumulative(PRESET_VISION_TOKENS)
+        if schedule.keep_mode == "absolute" and model.vision_tokens != preset.reference_vision_tokens:
+            # counts were set for the preset's tokens: keep the same shares, or 98 kept of 6,272 would pass for "128"
+            schedule = schedule.to_cumulative(preset.reference_vision_tokens)
         per_layer = schedule.tokens_per_layer(model.layers, model.vision_tokens)
         flops = method_prefill_flops(cfg, text_tokens, model.vision_tokens, per_layer, schedule.layers, method.scorer)
         kv = kv_cache_bytes(cfg, [text_tokens + v for v in per_layer])

@@ -219,7 +219,8 @@ def _main(argv) -> dict:
     env = report["environment"]
     md.insert(
         0,
-        f"Machine: {env['processor']}, {env['cpu_count']} cores, torch {env['torch']} ({env['torch_threads']} threads), "
+        f"Machine: {env['processor']}, {env['cpu_count']} cores, torch {env['torch']} ({env['torch_threads']} "
+        "threads), "
         f"{env['model']} ({env['dtype']}, {env['attn_implementation']}), budget {args.budget}/576.\n",
     )
     (out / "bench.md").write_text("\n".join(md))

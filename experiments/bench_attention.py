@@ -96,7 +96,8 @@ def _main(argv) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     env = environment(lvlm)
     md = [
-        f"{env['model']} ({env['dtype']}, {env['attn_implementation']}), {n_vision} vision tokens, budget {args.budget}/576, "
+        f"{env['model']} ({env['dtype']}, {env['attn_implementation']}), {n_vision} vision tokens, budget "
+        f"{args.budget}/576, "
         f"torch {env['torch']} ({env['torch_threads']} threads), medians of {args.repeats} rounds.",
         "",
         write_table(rows, out / "bench_attention"),

@@ -85,7 +85,8 @@ def _main(argv) -> list[dict]:
         start = time.perf_counter()
         textvqa_copy(data, args.rows, args.width, args.height)
         print(
-            f"copy: {args.rows} rows of {args.width}x{args.height} JPEGs in {data} ({time.perf_counter() - start:.0f} s)",
+            f"copy: {args.rows} rows of {args.width}x{args.height} JPEGs in {data} ({time.perf_counter() - start:.0f} "
+            "s)",
             flush=True,
         )
         settings = ([{"workers": 0, "eager": True}] if args.eager else []) + [
@@ -117,8 +118,10 @@ def _line(f: dict) -> str:
     """One setting's figures as a table row."""
     name = "eager (old)" if f["eager"] else f"workers={f['workers']}"
     return (
-        f"{name:>12}: peak RSS {f['peak_rss_mb']:7.0f} MB (main {f['peak_main_rss_mb']:6.0f}), peak PSS {f['peak_pss_mb']:7.0f} MB, "
-        f"{f['samples_per_s']:6.2f} samples/s, data wait {100 * f['data_wait_share']:5.1f}%, {f['n']} samples in {f['seconds']:.0f} s"
+        f"{name:>12}: peak RSS {f['peak_rss_mb']:7.0f} MB (main {f['peak_main_rss_mb']:6.0f}), peak PSS "
+        f"{f['peak_pss_mb']:7.0f} MB, "
+        f"{f['samples_per_s']:6.2f} samples/s, data wait {100 * f['data_wait_share']:5.1f}%, {f['n']} samples in "
+        f"{f['seconds']:.0f} s"
     )
 
 
@@ -176,7 +179,8 @@ def _one(args, setting: dict) -> dict:
 
 
 def _eager(config, tmp: str, lvlm):
-    """The pre-streaming behaviour: every sample's image decoded and held before evaluation starts, in the main process."""
+    """The pre-streaming behaviour: every sample's image decoded and held before evaluation starts, in the main
+    process."""
     from v2drop.benchmarks import Sample, get_benchmark
     from v2drop.benchmarks.media import MEDIA_CACHE
     from v2drop.evaluation import evaluate

@@ -126,7 +126,8 @@ def _main(argv) -> dict:
         f"V²Drop scoring / prefill ({args.preset})                 : {figures['scoring_share_of_prefill'] * 100:.3f}%"
     )
     print(
-        f"V²Drop whole drop stages (score, select, rebuild) / prefill : {figures['drop_stage_share_of_prefill'] * 100:.3f}%"
+        "V²Drop whole drop stages (score, select, rebuild) / prefill : "
+        f"{figures['drop_stage_share_of_prefill'] * 100:.3f}%"
     )
     print(f"prefill speedup with V²Drop                              : x{figures['prefill_speedup_with_dropping']:.2f}")
     if args.output:

@@ -1,7 +1,8 @@
 """Sweep trial time with and without the per-sample vision cache (``v2drop.vision_cache``), side by side.
 
     python -m experiments.bench_sweep [--models proxy random-llava15] [--limit 16] [--batch-size 4]
-                                      [--methods none v2drop-llava15-128 visionzip-llava15-64] [--repeats 2] [--threads 1]
+                                      [--methods none v2drop-llava15-128 visionzip-llava15-64] [--repeats 2]
+                                      [--threads 1]
 
 A trial is what a sweep's objective runs: ``evaluate`` on the trial sample under one method (with
 the sweep's default trial settings: warm-up, CPU memory pass). Each method's trial runs without
@@ -30,7 +31,9 @@ from v2drop.cli import parse_config, run
 
 
 def random_llava15(width_divisor: int = 4, decoder_layers: int = 4):
-    """LLaVA-1.5-7B's shapes (CLIP ViT-L/14-336 tower, 4096-wide Llama decoder) with every width divided by ``width_divisor``."""
+    """LLaVA-1.5-7B's shapes (CLIP ViT-L/14-336 tower, 4096-wide Llama decoder) with every width divided by
+    ``width_divisor``.
+    """
     from transformers import CLIPVisionConfig
 
     from v2drop.testing import random_llava
@@ -180,7 +183,8 @@ def _bench_model(name: str, args, bench, samples) -> dict:
     }
     print(
         f"\n{lvlm.name}: {lvlm.depth} decoder layers, {n_vision} vision tokens per image; {len(samples)} samples of "
-        f"{args.benchmark}, batch {args.batch_size}; median of {args.repeats}; cache {len(cache)} entries, {out['cache_mb']:.1f} MiB"
+        f"{args.benchmark}, batch {args.batch_size}; median of {args.repeats}; cache {len(cache)} entries, "
+        f"{out['cache_mb']:.1f} MiB"
     )
     print(f"{'trial CPU seconds':<24} {'no cache (s)':>13} {'cache (s)':>10} {'speed-up':>9}")
     for r in rows:

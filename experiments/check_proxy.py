@@ -50,7 +50,9 @@ CONFIG = CheckProxyConfig
 
 
 def main(argv=None) -> dict:
-    """Run the four conditions, print the per-family table and the verdict; bad input is a one-line error and exit status 2."""
+    """Run the four conditions, print the per-family table and the verdict; bad input is a one-line error and exit
+    status 2.
+    """
     return run(_main, argv)
 
 
@@ -65,7 +67,8 @@ def _main(argv) -> dict:
     depth = checks.model_depth(args.model)
     if args.layer >= depth:
         raise ValueError(
-            f"--layer {args.layer} is past the model's last layer (model {args.model!r} has {depth} layers: 0..{depth - 1})"
+            f"--layer {args.layer} is past the model's last layer (model {args.model!r} has {depth} layers: "
+            f"0..{depth - 1})"
         )
     samples = bench.load(args.split, args.limit)
     torch.set_num_threads(args.threads)

@@ -29,7 +29,9 @@ from v2drop.method import resolve_method
 
 
 def main(argv=None) -> dict | None:
-    """Parse arguments, run the evaluation, print the table, write the files (None on ranks other than 0); bad input: ``error: ...``, exit status 2."""
+    """Parse arguments, run the evaluation, print the table, write the files (None on ranks other than 0); bad input:
+    ``error: ...``, exit status 2.
+    """
     return run(_main, argv)
 
 

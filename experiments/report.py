@@ -53,7 +53,8 @@ def _main(argv) -> dict:
         print(f"## {model} ({sum(r.model == model for r in runs)} runs)\n\n{markdown}")
         if missing:
             print(
-                f"no no-dropping run on the same samples for: {', '.join(missing)} (run --method none on those benchmarks)"
+                f"no no-dropping run on the same samples for: {', '.join(missing)} (run --method none on those "
+                "benchmarks)"
             )
     print(f"tables in {out}")
     return tables

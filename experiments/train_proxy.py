@@ -1,7 +1,7 @@
 """Train the proxy LVLM on the digits world and save it to v2drop/assets/proxy.
 
     python -m experiments.train_proxy [--config configs/proxy.yaml] [--set lvlm.steps=2000] [--fresh]
-    python -m experiments.train_proxy --init proxy-layer0-frozen --start settle   # the last stage only, from a saved model
+    python -m experiments.train_proxy --init proxy-layer0-frozen --start settle   # the last stage, from a saved model
 
 Resumes from the last Lightning checkpoint of the current stage unless ``--fresh``. The recipe is
 ``experiments.proxy.train.TrainConfig``; ``--set key.sub=value`` overrides any key of it.

@@ -91,7 +91,9 @@ def test_scorer_variants_follow_the_registry(monkeypatch):
 
 
 def test_sweep_front_prefers_the_one_confirmed_on_test(tmp_path):
-    """The overlay sits on the methods' split: the test-confirmed front when the sweep wrote one, else the validation one."""
+    """The overlay sits on the methods' split: the test-confirmed front when the sweep wrote one, else the validation
+    one.
+    """
     (tmp_path / "pareto.csv").write_text("trial,accuracy,prefill_ms,flops_ratio\n3,0.55,9.2,0.137\n")
     rows, split = _sweep_points(tmp_path)
     assert split == "validation sample" and rows[0]["accuracy"] == "0.55"
@@ -217,7 +219,9 @@ def test_run_methods_reruns_when_the_weights_change_under_the_same_name(tiny, tm
 
 
 def test_variation_maps_plot_the_recorded_v2drop_scores(tmp_path):
-    """``analysis.variation_maps`` runs on the bundled proxy: one panel per V²Drop stage, and the scorer is left unpatched afterwards."""
+    """``analysis.variation_maps`` runs on the bundled proxy: one panel per V²Drop stage, and the scorer is left
+    unpatched afterwards.
+    """
     from analysis.variation_maps import main as maps_main
     from v2drop.scorers.v2drop import V2DropScorer
 

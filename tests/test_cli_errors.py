@@ -119,6 +119,7 @@ CASES = [
     (EVAL, ["--benchmark", "pope"], ["offline", "HF_HUB_OFFLINE"]),
     (EVAL, ["--benchmark", "pope", "--data-dir", _broken_jsonl], ["test.jsonl", "line", "not JSON"]),
     (EVAL, ["--benchmark", "pope", "--data-dir", _corrupt_image], ["cannot"]),
+    (EVAL, ["--attn-implementation", "flash_attention_2"], ["flash-attn", "not installed", "sdpa"]),
     # experiments.sweep
     (SWEEP_CMD, ["--set", "trials=-1"], ["trials", "-1"]),
     (SWEEP_CMD, ["--trials", "0"], ["trials", "got 0"]),

@@ -177,7 +177,8 @@ schedule:
 
 @pytest.mark.parametrize("source", ["preset file", "user file"])
 def test_yaml_only_methods_evaluate_through_the_cli(tmp_path, source):
-    """`experiments.evaluate --method <file.yaml>` runs a composite preset file and a user's staged YAML on the proxy."""
+    """`experiments.evaluate --method <file.yaml>` runs a composite preset file and a user's staged YAML on the
+    proxy."""
     from experiments.evaluate import main
 
     if source == "preset file":

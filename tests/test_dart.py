@@ -32,7 +32,8 @@ from v2drop.testing import FAMILIES, batch_for
 def state_for(
     hidden: torch.Tensor, keys: torch.Tensor, vision_pos: list[int], norm: nn.Module, layer_idx: int = 2
 ) -> LayerState:
-    """A one-sample LayerState over ``hidden`` (L, D) with layer K − 1's cached ``keys`` (L, K) and the final ``norm``."""
+    """A one-sample LayerState over ``hidden`` (L, D) with layer K − 1's cached ``keys`` (L, K) and the final
+    ``norm``."""
     L = hidden.shape[0]
     v = torch.tensor([vision_pos])
     return LayerState(

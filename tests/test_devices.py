@@ -1,4 +1,5 @@
-"""Evaluation on several ranks (``--devices N``, ``--num-nodes M``) gives exactly the single-process records and metrics.
+"""Evaluation on several ranks (``--devices N``, ``--num-nodes M``) gives exactly the single-process records and
+metrics.
 
 Two CPU processes (Lightning's DDP launcher, gloo) predict each sample once, write one records file
 per rank, and rank 0 merges them in sample order; a two-rank run killed mid-way resumes, on two
@@ -236,7 +237,8 @@ def test_two_ranks_give_the_single_process_records_and_metrics(tmp_path):
 
 
 def _start_and_kill(run: Path, ready, *extra) -> int:
-    """Start a two-rank evaluation, SIGKILL its whole process group (both ranks) once ``ready(run)``; its exit status."""
+    """Start a two-rank evaluation, SIGKILL its whole process group (both ranks) once ``ready(run)``; its exit
+    status."""
     proc = subprocess.Popen(
         _command(run, "--devices", "2", *extra),
         cwd=run.parent,

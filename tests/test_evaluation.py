@@ -48,6 +48,30 @@ def test_resume_skips_finished_samples(tiny, tmp_path):
     assert result.metrics["n"] == 5
 
 
+def test_resume_refuses_a_corrupt_middle_line_and_leaves_the_file(tiny, tmp_path):
+    lvlm, path = tiny("llava"), tmp_path / "r.jsonl"
+    evaluate(lvlm, EchoBench(), Method.none(), config(limit=3), records_path=path)
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][: len(lines[1]) // 2] + "\n"  # a damaged record that is not the last line
+    path.write_text("".join(lines))
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"r\.jsonl, line 2 is not a JSON record.*left as it is"):
+        evaluate(lvlm, EchoBench(), Method.none(), config(), records_path=path, resume=True)
+    assert path.read_bytes() == before
+
+
+def test_a_torn_last_line_is_skipped_with_a_warning_naming_it(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"id": "a"}\n\n{"id": "b"}\n{"id": "c", "to')
+    with pytest.warns(UserWarning, match=r"r\.jsonl, line 4: a torn last line"):
+        assert [r["id"] for r in read_records(path)] == ["a", "b"]
+    path.write_text('{"id": "a"}\n{"id": "b"}')  # a whole last record missing only its newline is kept
+    assert [r["id"] for r in read_records(path)] == ["a", "b"]
+    path.write_text('{"id": "a"}\n[1, 2]\n')  # valid JSON but not a record
+    with pytest.raises(ValueError, match="line 2 is not a JSON record"):
+        read_records(path)
+
+
 def test_relative_to_baseline(tiny):
     lvlm = tiny("llava")
     base = evaluate(lvlm, EchoBench(4, answer="0"), Method.none(), config()).to_json()

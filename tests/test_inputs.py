@@ -65,7 +65,8 @@ def test_qwen_save_and_load_round_trip(tiny, tmp_path):
 @pytest.mark.integration
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
 def test_anyres_checkpoint_loads_and_runs_without_torchvision(family, tmp_path):
-    """A saved checkpoint with the real preprocessing loads through ``v2drop.load`` (torchvision is not installed here)."""
+    """A saved checkpoint with the real preprocessing loads through ``v2drop.load`` (torchvision is not installed
+    here)."""
     lvlm = build_real(family)
     lvlm.model.save_pretrained(tmp_path)
     lvlm.processor.save_pretrained(tmp_path)

@@ -60,7 +60,8 @@ def test_a_pre_llm_stage_keeping_everything_is_the_model_without_dropping(tiny):
 
 
 def test_mixed_scorer_schedule_end_to_end(tiny):
-    """VisionZip before the LLM, V²Drop at layers 2 and 4, defined as config data only; each stage runs its own scorer."""
+    """VisionZip before the LLM, V²Drop at layers 2 and 4, defined as config data only; each stage runs its own
+    scorer."""
     lvlm = tiny("llava")
     prompts, images = batch_for(lvlm, 3, "llava")
     data = {
@@ -85,13 +86,15 @@ def test_mixed_scorer_schedule_end_to_end(tiny):
         assert trace.vision_tokens_per_layer == [32, 32, 12, 12, 4, 4]
         assert len(trace.stages[1]["kept"]) == 12 and "merged" not in trace.stages[1]  # V²Drop keeps, never merges
         assert set(trace.stages[2]["kept"]) <= set(trace.stages[1]["kept"])
-    # V²Drop at layer 2 ranks by the l1 update of layer 1: a staged v2drop part gets the previous hidden states it declares
+    # V²Drop at layer 2 ranks by the l1 update of layer 1: a staged v2drop part gets the previous hidden states it
+    # declares
     scorer = method.scorer.at(2)
     assert scorer.needs_prev_hidden and scorer.metric == "l1" and method.scorer.at(-1).vision_request() is not None
 
 
 def test_pre_llm_flops(tiny):
-    """Decoder layers over text + k vision tokens, plus DivPrune's 2·n²·D + 3·n·D + 2·n² on the n prompt vision tokens."""
+    """Decoder layers over text + k vision tokens, plus DivPrune's 2·n²·D + 3·n·D + 2·n² on the n prompt vision
+    tokens."""
     lvlm = tiny("llava")
     prompts, images = batch_for(lvlm, 1, "llava")
     method = Method("divprune", schedule={"keep_mode": "absolute", "stages": [["pre_llm", 16]]})
@@ -117,7 +120,8 @@ def test_pre_llm_flops(tiny):
 
 
 def test_a_composite_can_mix_a_feature_scorer_into_the_pre_llm_stage(tiny):
-    """A composite of DivPrune and VisionZip runs before the LLM; with all weight on DivPrune it keeps DivPrune's set."""
+    """A composite of DivPrune and VisionZip runs before the LLM; with all weight on DivPrune it keeps DivPrune's
+    set."""
     lvlm = tiny("llava")
     prompts, images = batch_for(lvlm, 1, "llava")
     inputs = lvlm.prepare(prompts, images)
@@ -139,7 +143,9 @@ def test_a_composite_can_mix_a_feature_scorer_into_the_pre_llm_stage(tiny):
     [("visionzip-v2drop-llava15-128", [-1, 1, 6, 8]), ("composite-v2drop-fastv-llava15-128", [1, 6, 8])],
 )
 def test_yaml_only_presets_run_on_the_bundled_proxy(preset, layers):
-    """The composite and the mixed-scorer presets are YAML only; on the 12-layer proxy their decoder stages move, the pre-LLM one stays."""
+    """The composite and the mixed-scorer presets are YAML only; on the 12-layer proxy their decoder stages move, the
+    pre-LLM one stays.
+    """
     import v2drop
     from v2drop.benchmarks import get_benchmark
 

@@ -29,7 +29,9 @@ ASSET = LOCAL_MODELS["proxy"]
 
 @pytest.mark.parametrize("name", ["proxy", "proxy-layer0-frozen", "proxy-layer0-trained"])
 def test_the_bundled_proxies_are_small_standard_llavas(name):
-    """safetensors from save_pretrained, <= 50 MB for all bundled models, >= 12 decoder layers, 256 vision tokens per image, recipe alongside."""
+    """safetensors from save_pretrained, <= 50 MB for all bundled models, >= 12 decoder layers, 256 vision tokens per
+    image, recipe alongside.
+    """
     files = {p.name for p in LOCAL_MODELS[name].iterdir()}
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "train_config.json"} <= files
     assert (
@@ -46,7 +48,8 @@ def test_the_bundled_proxies_are_small_standard_llavas(name):
 
 @pytest.mark.slow
 def test_the_bundled_proxy_answers_from_the_image():
-    """On 50 test questions: clearly above the no-image answers, and keeping the evidence beats as many random tokens."""
+    """On 50 test questions: clearly above the no-image answers, and keeping the evidence beats as many random
+    tokens."""
     torch.set_num_threads(2)
     lvlm = v2drop.load("proxy")
     bench = get_benchmark("digits")
@@ -57,7 +60,8 @@ def test_the_bundled_proxy_answers_from_the_image():
 
 
 def test_the_shipped_proxy_was_trained_by_the_recipe_in_configs():
-    """configs/proxy.yaml describes the bundled model: its resolved recipe equals the shipped train_config.json (paths aside).
+    """configs/proxy.yaml describes the bundled model: its resolved recipe equals the shipped train_config.json (paths
+    aside).
 
     Both are resolved against today's TrainConfig, so a key added later with a default that leaves
     training unchanged (such as ``ident_mates`` 0) does not make the shipped recipe differ.
@@ -72,7 +76,9 @@ def test_the_shipped_proxy_was_trained_by_the_recipe_in_configs():
 
 
 def test_check_cli_prints_the_bars_and_writes_them(tmp_path, capsys):
-    """``check_proxy`` on a few questions: every condition in the table, the verdict printed, the JSON equal to what it returns."""
+    """``check_proxy`` on a few questions: every condition in the table, the verdict printed, the JSON equal to what it
+    returns.
+    """
     result = check_main(["--limit", "4", "--output", str(tmp_path / "bars.json")])
     out = capsys.readouterr().out
     assert list(result["table"]) == list(BAR_CONDITIONS) and result["n"] == 4 and result["model"] == "proxy"
@@ -83,7 +89,9 @@ def test_check_cli_prints_the_bars_and_writes_them(tmp_path, capsys):
 
 
 def test_ident_split_by_column_mates_adds_up_to_the_bar_tables_ident():
-    """``ident_by_column_mates`` scores every ``ident`` question once: its two parts average to the bar table's full-image ``ident``."""
+    """``ident_by_column_mates`` scores every ``ident`` question once: its two parts average to the bar table's
+    full-image ``ident``.
+    """
     lvlm, bench = v2drop.load("proxy"), get_benchmark("digits")
     samples = bench.load("test", 60)
     full = bar_answers(lvlm, bench, samples, conditions=("full",))["full"]
@@ -101,7 +109,9 @@ def test_ident_split_by_column_mates_adds_up_to_the_bar_tables_ident():
 
 
 def test_layer_changes_are_the_mean_norm_of_each_layers_update_to_the_vision_tokens():
-    """``layer_changes`` equals ‖h_{l+1} − h_l‖ averaged over the vision tokens, read from transformers' own hidden states."""
+    """``layer_changes`` equals ‖h_{l+1} − h_l‖ averaged over the vision tokens, read from transformers' own hidden
+    states.
+    """
     lvlm = v2drop.load("proxy")
     samples = get_benchmark("digits").load("test", 2)
     per_token = []
@@ -116,7 +126,9 @@ def test_layer_changes_are_the_mean_norm_of_each_layers_update_to_the_vision_tok
 
 
 def test_the_shipped_proxy_trains_every_decoder_layer():
-    """Every decoder layer of the shipped proxy moves the vision tokens by the same order as the others (no untrained layer)."""
+    """Every decoder layer of the shipped proxy moves the vision tokens by the same order as the others (no untrained
+    layer).
+    """
     changes = layer_changes(v2drop.load("proxy"), get_benchmark("digits").load("test", 10))
     median = sorted(changes)[len(changes) // 2]
     assert min(changes) >= median / 10, changes
@@ -137,7 +149,9 @@ def test_check_cli_reports_a_missing_model_in_one_line_with_status_2(tmp_path, c
 
 
 def test_cell_lookups_ask_every_digit_in_every_wording_and_the_question_as_evaluated():
-    """One record per digit and wording; the ``question`` wording is the evaluation prompt, so its answer is right exactly when the bar's ``full`` answer is."""
+    """One record per digit and wording; the ``question`` wording is the evaluation prompt, so its answer is right
+    exactly when the bar's ``full`` answer is.
+    """
     torch.set_num_threads(2)
     lvlm, bench = v2drop.load("proxy"), get_benchmark("digits")
     records = cell_lookups(lvlm, bench, "test", 10)

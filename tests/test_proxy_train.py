@@ -169,7 +169,10 @@ def test_config_rejects_unknown_keys_and_bad_drop_settings():
         config_from_dict(TrainConfig, {"robust": {"token_keep": [0.0, 1.0]}})
     with pytest.raises(
         ValueError,
-        match=r"aux \['grid'\] names unknown turns \['grid'\]; known: \['digits', 'which', 'cells', 'column_cells', 'row_cells', 'cell_phrases'\]",
+        match=(
+            r"aux \['grid'\] names unknown turns \['grid'\]; known: \['digits', 'which', 'cells', 'column_cells', "
+            r"'row_cells', 'cell_phrases'\]"
+        ),
     ):
         config_from_dict(TrainConfig, {"lvlm": {"aux": ["grid"]}})
 
@@ -187,7 +190,9 @@ def test_config_rejects_unknown_keys_and_bad_drop_settings():
     ],
 )
 def test_train_cli_reports_bad_input_in_one_line_with_status_2(argv, words, capsys, tmp_path):
-    """A missing recipe, an unknown key or a bad value: ``error: ...`` on one line, exit status 2, no traceback, nothing trained."""
+    """A missing recipe, an unknown key or a bad value: ``error: ...`` on one line, exit status 2, no traceback, nothing
+    trained.
+    """
     with pytest.raises(SystemExit) as exit_:
         train_main([a.format(tmp=tmp_path, recipe=RECIPE) for a in argv])
     err = capsys.readouterr().err
@@ -242,7 +247,10 @@ def test_digits_aux_turn_names_every_digit_with_its_colour_or_none():
     assert labels[0::2] == [-100] * 10 and labels[1::2] == ids[1::2]  # only the answers are supervised
     with pytest.raises(
         ValueError,
-        match=r"Unknown auxiliary turn 'grid'; known: \['digits', 'which', 'cells', 'column_cells', 'row_cells', 'cell_phrases'\]",
+        match=(
+            r"Unknown auxiliary turn 'grid'; known: \['digits', 'which', 'cells', 'column_cells', 'row_cells', "
+            r"'cell_phrases'\]"
+        ),
     ):
         aux_turn(tok, objects, random.Random(0), "grid")
 
@@ -268,7 +276,9 @@ def test_cells_aux_turn_names_every_cell_with_its_digit_or_none():
 
 
 def test_column_cells_aux_turn_draws_its_empty_cells_from_columns_holding_a_digit():
-    """``column_cells``: like ``cells``, but the empty cells come from the columns with a digit while there are any, so the row decides."""
+    """``column_cells``: like ``cells``, but the empty cells come from the columns with a digit while there are any, so
+    the row decides.
+    """
     tok = build_tokenizer()
     bench = get_benchmark("digits")
     for scene in range(40):
@@ -288,7 +298,9 @@ def test_column_cells_aux_turn_draws_its_empty_cells_from_columns_holding_a_digi
 
 
 def test_row_cells_and_cell_phrases_ask_the_cells_of_cells_in_other_words():
-    """``row_cells``: the cells of ``cells`` column word first; ``cell_phrases``: the same cells in ``ident``'s wording; only the answers are supervised."""
+    """``row_cells``: the cells of ``cells`` column word first; ``cell_phrases``: the same cells in ``ident``'s wording;
+    only the answers are supervised.
+    """
     tok = build_tokenizer()
     _, objects, _ = get_benchmark("digits").scene("train", 5)
     where = {(ROW_WORDS[o.row], COL_WORDS[o.col]): str(o.label) for o in objects}
@@ -307,7 +319,9 @@ def test_row_cells_and_cell_phrases_ask_the_cells_of_cells_in_other_words():
 
 
 def test_column_mate_questions_ask_about_cells_where_the_row_decides():
-    """``column_mate_question``: a digit sharing its column with another (answered by it, or none once dropped) or an empty cell of such a column; None without mates."""
+    """``column_mate_question``: a digit sharing its column with another (answered by it, or none once dropped) or an
+    empty cell of such a column; None without mates.
+    """
     bench = get_benchmark("digits")
     kinds = set()
     for scene in range(200):
@@ -335,7 +349,9 @@ def test_column_mate_questions_ask_about_cells_where_the_row_decides():
 
 
 def test_ident_mates_zero_leaves_a_conversation_unchanged():
-    """The default ``ident_mates`` 0 draws nothing from the RNG, so recipes without it train on exactly the same conversations."""
+    """The default ``ident_mates`` 0 draws nothing from the RNG, so recipes without it train on exactly the same
+    conversations.
+    """
     processor = build_processor()
     _, objects, _ = get_benchmark("digits").scene("train", 9)
     plain = conversation(processor, objects, random.Random(4), turns=9, isolated=True, aux=["digits", "cells"])
@@ -348,7 +364,9 @@ def test_ident_mates_zero_leaves_a_conversation_unchanged():
 
 
 def test_which_aux_turn_asks_for_the_digit_only_when_one_is_visible():
-    """``which``: "What digit is in the image? ASSISTANT: 7 </s>" with one object, nothing with more; only the answer is supervised."""
+    """``which``: "What digit is in the image? ASSISTANT: 7 </s>" with one object, nothing with more; only the answer is
+    supervised.
+    """
     tok = build_tokenizer()
     _, objects, _ = get_benchmark("digits").scene("train", 11)
     assert len(objects) >= 2 and aux_turn(tok, objects, random.Random(0), "which") == ([], [])
@@ -358,7 +376,9 @@ def test_which_aux_turn_asks_for_the_digit_only_when_one_is_visible():
 
 
 def test_aux_turn_is_isolated_and_leaves_the_questions_unchanged():
-    """Adding the auxiliary turn appends one isolated segment at the evaluation prompt's positions; the questions are identical."""
+    """Adding the auxiliary turn appends one isolated segment at the evaluation prompt's positions; the questions are
+    identical.
+    """
     processor = build_processor()
     _, objects, _ = get_benchmark("digits").scene("train", 7)
     plain = conversation(processor, objects, random.Random(3), turns=6, isolated=True)
@@ -371,7 +391,8 @@ def test_aux_turn_is_isolated_and_leaves_the_questions_unchanged():
 
 
 def test_tied_qk_init_starts_every_query_head_equal_to_its_key_head():
-    """The mimetic start: each query head's weights equal the key head it shares under GQA; 0 keeps transformers' init."""
+    """The mimetic start: each query head's weights equal the key head it shares under GQA; 0 keeps transformers'
+    init."""
     tok = build_tokenizer()
     decoder = build_model(
         ProxyConfig(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, tied_qk_init=0.1), tok
@@ -442,7 +463,9 @@ def test_frozen_decoder_layers_keep_their_weights_while_the_rest_trains():
 
 
 def test_an_unfrozen_stage_trains_the_frozen_layers_at_their_own_rate():
-    """``frozen: false``: the first decoder layers train, in their own optimiser group at ``frozen_lr``; the rest at ``lr``."""
+    """``frozen: false``: the first decoder layers train, in their own optimiser group at ``frozen_lr``; the rest at
+    ``lr``.
+    """
     processor = build_processor()
     torch.manual_seed(0)
     model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer)
@@ -484,7 +507,9 @@ def tiny_recipe(tmp_path, name, *extra):
 
 
 def test_a_later_stage_starts_from_a_saved_model_of_the_same_recipe(tmp_path, capsys):
-    """``--init M --start settle`` equals the whole recipe run at once; a model of another recipe is refused with what differs."""
+    """``--init M --start settle`` equals the whole recipe run at once; a model of another recipe is refused with what
+    differs.
+    """
     train_main(tiny_recipe(tmp_path, "base"))  # align, lvlm, robust (settle off)
     whole = tiny_recipe(tmp_path, "whole", "settle.steps=2")
     train_main(whole)
@@ -525,7 +550,9 @@ def test_layer_masks_close_dropped_columns_from_their_layer_on():
 
 
 def test_draw_drop_asks_only_about_the_objects_that_keep_a_token():
-    """Drops keep a share of the tokens, whole blocks or whole objects; the visible objects are exactly those with a kept token."""
+    """Drops keep a share of the tokens, whole blocks or whole objects; the visible objects are exactly those with a
+    kept token.
+    """
     image, objects, _ = get_benchmark("digits").scene("train", 11)
     assert len(objects) >= 2
     evidence = [set(o.evidence()) for o in objects]
@@ -554,7 +581,9 @@ def test_draw_drop_asks_only_about_the_objects_that_keep_a_token():
 
 
 def test_a_training_drop_equals_the_engine_dropping_the_same_tokens():
-    """Closing dropped tokens' columns from layer 2 in training gives the logits the engine gives when it removes them before layer 2."""
+    """Closing dropped tokens' columns from layer 2 in training gives the logits the engine gives when it removes them
+    before layer 2.
+    """
     processor = build_processor()
     torch.manual_seed(0)
     model = build_model(ProxyConfig(hidden=32, intermediate=64, layers=4, vision_hidden=32), processor.tokenizer).eval()

@@ -30,7 +30,9 @@ def _digit(label: int, row: int = 0, col: int = 0) -> Object:
 
 
 def test_multi_image_prompts_mark_every_frame():
-    """One image: the plain prompt; several: "frame one <image>", "frame two <image>", ...; past the eighth, "frame" alone."""
+    """One image: the plain prompt; several: "frame one <image>", "frame two <image>", ...; past the eighth, "frame"
+    alone.
+    """
     processor = build_processor()
     lvlm = LVLM(
         build_model(ProxyConfig(hidden=32, intermediate=64, layers=2, vision_hidden=32), processor.tokenizer), processor
@@ -83,7 +85,9 @@ def test_video_training_turns_see_exactly_the_evaluation_prompt():
 
 
 def test_video_aux_turns_name_every_frame_and_every_digit():
-    """``frames``: each frame word once, answered by its digit or none; ``firsts``: each digit once, by the frame it first shows in."""
+    """``frames``: each frame word once, answered by its digit or none; ``firsts``: each digit once, by the frame it
+    first shows in.
+    """
     tok = build_tokenizer()
     contents = [[_digit(4)], [], [_digit(7)], [_digit(4)]]
     ids, labels = video_aux_turn(tok, contents, random.Random(0), "frames")
@@ -149,7 +153,8 @@ def test_clip_drops_keep_whole_objects_and_report_the_visible_frames():
 
 
 def test_frame_tag_loss_is_the_cross_entropy_against_the_frame_words():
-    """Hand-made hidden states: the loss equals the cross-entropy of scaled dot products with the frame-word embeddings."""
+    """Hand-made hidden states: the loss equals the cross-entropy of scaled dot products with the frame-word
+    embeddings."""
     tok = build_tokenizer()
     torch.manual_seed(0)
     embeddings = torch.randn(len(tok), 8)
@@ -164,7 +169,9 @@ def test_frame_tag_loss_is_the_cross_entropy_against_the_frame_words():
 
 
 def test_clip_stream_gives_fixed_size_steps_and_resumes_where_it_stopped():
-    """Each step: ``scenes`` scenes and ``clips`` clips of one frame count in range; a stream started at step k repeats step k."""
+    """Each step: ``scenes`` scenes and ``clips`` clips of one frame count in range; a stream started at step k repeats
+    step k.
+    """
     stream = iter(ClipStream(5, scenes=2, clips=3, frames=[2, 4]))
     steps = [next(stream) for _ in range(4)]
     for step in steps:

@@ -1,4 +1,5 @@
-"""``experiments.report``: finished runs under a directory become one method × benchmark table relative to no dropping."""
+"""``experiments.report``: finished runs under a directory become one method × benchmark table relative to no
+dropping."""
 
 from __future__ import annotations
 

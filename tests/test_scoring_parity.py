@@ -315,7 +315,9 @@ def test_gqa_parity():
 
 
 def _api_metrics():
-    """``lmms_eval.api.metrics`` (``exact_match_hf_evaluate``, the metric GQA's YAML names), with its unused imports stubbed."""
+    """``lmms_eval.api.metrics`` (``exact_match_hf_evaluate``, the metric GQA's YAML names), with its unused imports
+    stubbed.
+    """
     return lmms_module("../api/metrics")
 
 

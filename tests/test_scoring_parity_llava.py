@@ -90,7 +90,8 @@ ADVERSARIAL = [
 
 
 def llava_module(name: str) -> types.ModuleType:
-    """``llava/eval/<name>.py`` loaded from its file; ``llava`` and ``llava.eval`` are bare packages while it imports."""
+    """``llava/eval/<name>.py`` loaded from its file; ``llava`` and ``llava.eval`` are bare packages while it
+    imports."""
     added = []
     for pkg, path in (("llava", EVAL.parent), ("llava.eval", EVAL)):
         if pkg not in sys.modules:
@@ -205,7 +206,8 @@ def test_scienceqa_llava_parity(tmp_path, monkeypatch):
 
 
 def test_textvqa_llava_parity(tmp_path):
-    """``eval_textvqa.eval_single``: LLaVA's prompt parsing (our llava prompt, OCR line included) and ``m4c_evaluator``."""
+    """``eval_textvqa.eval_single``: LLaVA's prompt parsing (our llava prompt, OCR line included) and
+    ``m4c_evaluator``."""
     ref = llava_module("eval_textvqa")
     bench = get_benchmark("textvqa", data_dir=str(FIXTURES / "textvqa"), answer_reading="llava")
     samples = bench.load("validation")

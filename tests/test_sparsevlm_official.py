@@ -37,7 +37,9 @@ def tiny():
 
 
 def attention_rows(layer, rotary, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Head-averaged causal attention probabilities (n, n) of ``layer`` on its input ``hidden`` (1, n, D) at ``positions``."""
+    """Head-averaged causal attention probabilities (n, n) of ``layer`` on its input ``hidden`` (1, n, D) at
+    ``positions``.
+    """
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
     n, hd = x.shape[1], attn.head_dim
@@ -59,7 +61,8 @@ def official_raters(hidden: torch.Tensor, vision: torch.Tensor, text_after: torc
 
 
 def official_recycle(dropped: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top 30% (+1) of the dropped tokens by score, clustered by DPC-KNN into ⌊m/10⌋+1 clusters, averaged per cluster.
+    """The top 30% (+1) of the dropped tokens by score, clustered by DPC-KNN into ⌊m/10⌋+1 clusters, averaged per
+    cluster.
 
     Returns the merged tokens in the order the official code inserts them (centres by density × delta,
     descending) and each centre's index into ``dropped``.

@@ -138,28 +138,6 @@ def test_default_config_sections_are_typed():
     assert cfg.wandb.project == "v2drop" and cfg.search.layers == [1, None]
 
 
-def test_old_module_is_a_deprecated_alias():
-    import importlib
-    import sys
-
-    import v2drop.search as search
-
-    sys.modules.pop("v2drop.sweep", None)
-    with pytest.warns(DeprecationWarning, match="v2drop.search"):
-        sweep = importlib.import_module("v2drop.sweep")
-    for name in (
-        "SweepConfig",
-        "SearchSpace",
-        "run_sweep",
-        "pareto_indices",
-        "validate",
-        "wandb_mode",
-        "make_storage",
-        "format_front",
-    ):
-        assert getattr(sweep, name) is getattr(search, name)
-
-
 def test_pareto_indices_keeps_ties_and_drops_dominated_rows():
     rows = [[0.9, 10.0], [0.9, 10.0], [0.8, 5.0], [0.7, 6.0], [0.95, 20.0]]
     assert pareto_indices(rows, ["maximize", "minimize"]) == [0, 1, 2, 4]
@@ -300,7 +278,10 @@ def test_wandb_per_trial_runs(tiny, tmp_path):
 
 
 def test_wandb_mode_comes_from_the_config_then_the_environment_then_offline(monkeypatch):
-    """An unset wandb.mode follows $WANDB_MODE (so CI's `disabled` holds), else offline; a set one wins; a bad one is a clear error."""
+    """An unset wandb.mode follows $WANDB_MODE (so CI's `disabled` holds), else offline.
+
+    A set one wins; a bad one is a clear error.
+    """
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode(SweepConfig()) == "disabled"
     assert wandb_mode(SweepConfig.from_dict({"wandb": {"mode": "offline"}})) == "offline"

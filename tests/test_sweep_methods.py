@@ -1,4 +1,6 @@
-"""Sweeping across methods: ``scorers: all``, per-scorer kinds and parameters, presets first, the wandb dashboard read back offline."""
+"""Sweeping across methods: ``scorers: all``, per-scorer kinds and parameters, presets first, the wandb dashboard read
+back offline.
+"""
 
 import csv
 import json
@@ -11,7 +13,7 @@ import optuna
 import pytest
 
 from v2drop import Method, list_scorers, register_scorer
-from v2drop.method import list_presets
+from v2drop.presets import find_presets, get_preset
 from v2drop.scorers import Scorer
 from v2drop.scorers.base import scorer_params
 from v2drop.search import (
@@ -26,7 +28,7 @@ from v2drop.search import (
     suggest_method,
     validate,
 )
-from v2drop.search.space import relative
+from v2drop.search.space import preset_method
 from v2drop.testing import EchoBench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +121,8 @@ def test_all_means_every_registered_scorer_but_the_excluded():
         ),
         (
             {"scorers": {"v2drop": {}}, "kinds": ["pre-llm+progressive"]},
-            "search.kinds: kind 'pre-llm\\+progressive' starts with a stage before the LLM, but V2DropScorer needs the layer before",
+            "search.kinds: kind 'pre-llm\\+progressive' starts with a stage before the LLM, but V2DropScorer needs the "
+            "layer before",
         ),
         (
             {"scorers": {"staged": {"llm": ["v2drop"]}}, "scorer_kinds": {"staged": ["pre-llm+one-shot"]}},
@@ -188,7 +191,8 @@ def test_a_scorer_with_its_own_kinds_gets_its_own_kind_parameter():
 
 
 def test_pre_llm_composite_and_staged_trials_map_onto_methods():
-    """A pre-LLM kind suggests keep_pre_llm; composite weights are normalised; a staged trial picks both of its scorers."""
+    """A pre-LLM kind suggests keep_pre_llm; composite weights are normalised; a staged trial picks both of its
+    scorers."""
     search = SweepConfig.from_dict({"search": SPACE}).search
     method = suggest_method(
         optuna.trial.FixedTrial({"scorer": "divprune", "divprune.kind": "pre-llm", "keep_pre_llm": 0.25}),
@@ -239,7 +243,7 @@ def test_pre_llm_composite_and_staged_trials_map_onto_methods():
     assert method.scorer.llm["name"] == "fastv" and method_params(method, search) == trial.params
 
 
-@pytest.mark.parametrize("preset", [p for p in list_presets() if "-llava15-" in p])
+@pytest.mark.parametrize("preset", [p.name for p in find_presets(model="llava15") if p.budget is not None])
 def test_every_paper_preset_is_reproduced_by_its_enqueued_parameters(preset):
     """What the sweep enqueues for a preset suggests back the preset itself (as relative fractions of 576 tokens).
 
@@ -247,7 +251,7 @@ def test_every_paper_preset_is_reproduced_by_its_enqueued_parameters(preset):
     pre-LLM presets with their stage before the LLM.
     """
     cfg = config(Path("."), search={**SPACE, "scorers": {**SPACE["scorers"], "dart": {"pivot_image": [2, 4]}}})
-    method = relative(Method.from_preset(preset, depth=12))
+    method = preset_method(preset, 12)
     assert fits(method, cfg.search, 12)
     again = suggest_method(optuna.trial.FixedTrial(method_params(method, cfg.search)), cfg.search, depth=12)
     assert again.scorer_name == method.scorer_name and again.position_policy == method.position_policy
@@ -276,7 +280,7 @@ def test_a_preset_outside_the_parameter_choices_does_not_fit():
             "position_policy": {"divprune": "renumber"},
         },
     )
-    assert not fits(relative(Method.from_preset("divprune-llava15-64", depth=12)), decoder_only.search, 12)
+    assert not fits(preset_method("divprune-llava15-64", 12), decoder_only.search, 12)
 
 
 def read_csv(path):
@@ -431,7 +435,8 @@ def test_wandb_dashboard_is_in_the_offline_run(tiny, tmp_path):
         "keep_pre_llm",
         "staged.pre_llm",
     } <= searched  # one column each, for parallel coordinates
-    # hover: each point's row carries its method and schedule in one label (the built-in scatter's tooltip shows the row)
+    # hover: each point's row carries its method and schedule in one label (the built-in scatter's tooltip shows the
+    # row)
     hover, label = columns.index("hover"), columns.index("label")
     rows = {row[label]: row for row in trials["data"]}
     assert rows["visionzip-v2drop-llava15-128"][hover].startswith(
@@ -470,14 +475,14 @@ def test_shipped_methods_config_validates_and_enqueues_every_method_at_every_bud
     cfg = SweepConfig.load(ROOT / "configs" / "sweep" / "methods.yaml")
     validate(cfg, depth=12)  # the proxy's depth
     presets = expand_presets(cfg.enqueue_presets)
-    fitting = [p for p in presets if fits(relative(Method.from_preset(p, depth=12)), cfg.search, 12)]
+    fitting = [p for p in presets if fits(preset_method(p, 12), cfg.search, 12)]
     assert fitting == presets
     methods = {Method.from_preset(p).scorer_name for p in presets}
     assert methods == set(resolve_scorers(cfg.search)) == {n for n in list_scorers() if n != "given"}
-    single = {p.rsplit("-", 2)[0] for p in presets if Method.from_preset(p).scorer_name not in ("composite", "staged")}
-    assert all(
-        f"{m}-llava15-{b}" in presets for m in single for b in (192, 128, 64)
-    )  # every single method at every budget
+    enqueued = [get_preset(p) for p in presets]
+    single = {p.label for p in enqueued if p.scorer not in ("composite", "staged")}
+    # every single method at every budget
+    assert {(p.label, p.budget) for p in enqueued} >= {(m, b) for m in single for b in (192, 128, 64)}
     assert {
         "composite-v2drop-dart-llava15-128",
         "composite-v2drop-fastv-llava15-128",
@@ -491,7 +496,9 @@ def test_shipped_methods_config_validates_and_enqueues_every_method_at_every_bud
 
 
 def test_every_trial_the_shipped_space_draws_is_a_valid_method():
-    """Random trials over methods.yaml's space (no evaluation) build Methods of every scorer and kind, at the proxy's depth."""
+    """Random trials over methods.yaml's space (no evaluation) build Methods of every scorer and kind, at the proxy's
+    depth.
+    """
     cfg = SweepConfig.load(ROOT / "configs" / "sweep" / "methods.yaml")
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()

@@ -1,4 +1,6 @@
-"""Sweeps on a real benchmark's local copy and a local checkpoint, offline; bad data settings; the trial sample; --workers."""
+"""Sweeps on a real benchmark's local copy and a local checkpoint, offline; bad data settings; the trial sample;
+--workers.
+"""
 
 import csv
 import os

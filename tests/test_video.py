@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from v2drop import Method, Schedule
+from v2drop.models.frames import Clip
+from v2drop.models.qwen2vl_processor import QwenProcessorLite
 from v2drop.testing import build_real, photo, prompt_for, video_frames
 
 
@@ -86,6 +88,30 @@ def test_qwen_video_patches_follow_the_processor_layout(tiny):
     )
     with pytest.raises(ValueError, match="Video 0 is not a list of frames"):
         proc.video_inputs([["not a frame"]])
+
+
+def test_qwen_video_sampling_settings_are_saved_and_used(tiny, tmp_path):
+    """A checkpoint's video sampling settings (``fps`` frames a second) load back and apply to clips with metadata."""
+    lvlm = tiny("qwen2_5_vl")
+    lite, prompt = lvlm.processor, video_prompt(lvlm)
+    proc = QwenProcessorLite(lite.image_processor, lite.tokenizer, second_per_grid=True, do_sample_frames=True, fps=2.0)
+    proc.save_pretrained(tmp_path)
+    again = QwenProcessorLite.from_pretrained(tmp_path, second_per_grid=True)
+    assert (again.do_sample_frames, again.fps, again.num_frames) == (True, 2.0, None)
+    clip = Clip(video_frames(1, 24, 32, 32), {"total_num_frames": 24, "fps": 12.0})
+    sampled = again(prompt, videos=[clip])
+    # 24 frames at 12 fps sampled at 2 fps: 4 frames (2 grid steps) of 2 fps, 2 / 2 = 1 s a grid step
+    assert sampled["video_grid_thw"][0, 0].item() == 2 and sampled["second_per_grid_ts"].tolist() == [1.0]
+    # not sampled: all 24 frames (12 grid steps) at the clip's 12 fps
+    whole = lite(prompt, videos=[clip])
+    assert whole["video_grid_thw"][0, 0].item() == 12
+    assert whole["second_per_grid_ts"].tolist() == torch.tensor([2 / 12]).tolist()
+    with pytest.raises(ValueError, match="no metadata with its frame rate"):
+        again(prompt, videos=[clip.frames])
+    with pytest.raises(ValueError, match="Received 1 videos but 2 video_metadata entries"):
+        lite(prompt, videos=[clip.frames], video_metadata=[None, None])
+    with pytest.raises(ValueError, match="The metadata of video 0 has no total_num_frames"):
+        lite(prompt, videos=[Clip(clip.frames, {"fps": 12.0})])
 
 
 @pytest.mark.parametrize("dropping", [False, True], ids=["none", "v2drop"])

@@ -1,4 +1,6 @@
-"""The sweep's per-sample vision cache: a trial with it gives the same records as one without; it is bounded and keyed by content."""
+"""The sweep's per-sample vision cache: a trial with it gives the same records as one without; it is bounded and keyed
+by content.
+"""
 
 import contextlib
 
@@ -19,7 +21,8 @@ TIMINGS = {
     "data_wait_seconds",
     "step_seconds",
 }
-# one scorer per way of reading the model: hidden states, attention rows, the vision tower's [CLS] attention, pre-LLM diversity
+# one scorer per way of reading the model: hidden states, attention rows, the vision tower's [CLS] attention, pre-LLM
+# diversity
 METHODS = [
     "none",
     "v2drop-llava15-128",

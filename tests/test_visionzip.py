@@ -100,7 +100,8 @@ def test_presets_are_the_official_llava15_settings(budget, dominant, contextual)
 
 
 def test_cls_attention_is_the_towers_own_attention(tiny):
-    """The served [CLS] row equals the eager CLIP tower's attention probabilities at the selection layer, heads summed."""
+    """The served [CLS] row equals the eager CLIP tower's attention probabilities at the selection layer, heads
+    summed."""
     lvlm = tiny("llava", "eager")
     prompts, images = batch_for(lvlm, 2, "llava")
     inputs = lvlm.prepare(prompts, images)
@@ -122,7 +123,8 @@ def test_cls_attention_is_the_towers_own_attention(tiny):
 
 
 def test_pre_llm_run_on_tiny_llava_follows_the_official_definition(tiny):
-    """k = 16: c = round(2.5) = 3 contextual, [CLS] + 12 patches dominant; targets every 51 // 3 = 17th remaining token."""
+    """k = 16: c = round(2.5) = 3 contextual, [CLS] + 12 patches dominant; targets every 51 // 3 = 17th remaining
+    token."""
     lvlm = tiny("llava", "eager")
     prompts, images = batch_for(lvlm, 3, "llava")
     inputs = lvlm.prepare(prompts, images)

@@ -8,6 +8,7 @@ and what would be valid; nothing here creates a file or a directory.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import operator
 import os
@@ -43,10 +44,15 @@ def check_dtype(dtype: Any) -> None:
 
 
 def check_attn(attn: str) -> None:
-    """An attention implementation of ``ATTN_IMPLEMENTATIONS``."""
+    """An attention implementation of ``ATTN_IMPLEMENTATIONS`` whose package is installed."""
     if attn not in ATTN_IMPLEMENTATIONS:
         raise ValueError(
             f"attn_implementation {attn!r} is not supported; choose one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError(
+            "attn_implementation 'flash_attention_2' needs the flash-attn package, which is not installed; "
+            'install it on a CUDA machine (pip install -e ".[flash]") or use sdpa'
         )
 
 
@@ -65,7 +71,8 @@ def check_device(device: Any) -> None:
         if count == 0:
             raise ValueError(
                 f"device {device!r} asks for CUDA, but this machine has no usable CUDA GPU "
-                f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA); use --device cpu"
+                f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA); use --device "
+                "cpu"
             )
         if dev.index is not None and dev.index >= count:
             raise ValueError(f"device {device!r}: there are only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
@@ -106,7 +113,9 @@ def _can_append(path: Path) -> bool:
 
 
 def check_writable(path: str | os.PathLike, directory: bool = False) -> None:
-    """Fail now when ``path`` (a file, or a directory when ``directory``) could not be written later; leaves nothing behind."""
+    """Fail now when ``path`` (a file, or a directory when ``directory``) could not be written later; leaves nothing
+    behind.
+    """
     path = Path(path)
     kind = "directory" if directory else "file"
     if path.exists():
@@ -127,7 +136,9 @@ def check_writable(path: str | os.PathLike, directory: bool = False) -> None:
 
 
 def check_method_file(spec: str | None, flag: str = "--schedule") -> None:
-    """A ``--method``/``--schedule`` YAML file must hold a method (``scorer``/``schedule``) or a bare schedule (``stages``)."""
+    """A ``--method``/``--schedule`` YAML file must hold a method (``scorer``/``schedule``) or a bare schedule
+    (``stages``).
+    """
     if not spec or not Path(spec).is_file():
         return  # a preset name, or a missing file (resolve_method names it)
     from v2drop.config import read_yaml
@@ -233,7 +244,7 @@ def check_eval_config(config) -> None:
 
 def check_presets(names, key: str = "enqueue_presets") -> None:
     """Every name is a shipped preset (or a YAML file that exists)."""
-    from v2drop.method import list_presets
+    from v2drop.presets import list_presets
 
     presets = list_presets()
     for name in names:

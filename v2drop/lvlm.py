@@ -27,7 +27,8 @@ class GenerationResult(engine.EngineOutput):
 
 
 class InputBuilder:
-    """Prompts and images -> model inputs with the processor alone (no model): picklable, so loader workers can run it."""
+    """Prompts and images -> model inputs with the processor alone (no model): picklable, so loader workers can run
+    it."""
 
     def __init__(self, processor):
         self.processor = processor
@@ -58,7 +59,8 @@ class InputBuilder:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> dict:
-        """Model inputs for a batch on ``device`` (pixel values in ``dtype``): each sample processed alone, then left-padded together.
+        """Model inputs for a batch on ``device`` (pixel values in ``dtype``): each sample processed alone, then
+        left-padded together.
 
         ``images[i]`` is None, one PIL image or a list of them for prompt ``i``; ``videos[i]``
         likewise a list of frames (families with native video inputs only).
@@ -114,7 +116,8 @@ class LVLM:
 
     @functools.cached_property
     def weights_fingerprint(self) -> str:
-        """A short hash of the weights (names, shapes, dtypes and each tensor's first and last values), for caches keyed by model.
+        """A short hash of the weights (names, shapes, dtypes and each tensor's first and last values), for caches keyed
+        by model.
 
         A model name alone is not enough: a bundled or local model retrained under the same name
         must not be served another model's cached results. Sampling the ends of every tensor keeps
@@ -245,13 +248,15 @@ def load(
     path = str(LOCAL_MODELS.get(name_or_path, name_or_path))
     if name_or_path in LOCAL_MODELS and not Path(path).is_dir():
         raise ValueError(
-            f"The bundled model {name_or_path!r} is missing at {path}; train it with `python -m experiments.train_proxy`"
+            f"The bundled model {name_or_path!r} is missing at {path}; train it with `python -m "
+            "experiments.train_proxy`"
         )
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as err:
         raise ValueError(
-            f"Cannot load model {name_or_path!r}: not a local directory with a config.json, and the hub is unreachable or has no such repo ({err})"
+            f"Cannot load model {name_or_path!r}: not a local directory with a config.json, and the hub is unreachable "
+            f"or has no such repo ({err})"
         ) from None
     torch_dtype = dtype if isinstance(dtype, torch.dtype) or dtype == "auto" else getattr(torch, dtype)
     kwargs: dict[str, Any] = {"attn_implementation": attn_implementation, "dtype": torch_dtype}

@@ -35,7 +35,9 @@ def stage_layer(value) -> int:
 
 @dataclass(frozen=True)
 class Stage:
-    """One drop stage: before decoder ``layer`` runs (``PRE_LLM`` = -1: before the decoder), keep ``keep`` of the vision tokens."""
+    """One drop stage: before decoder ``layer`` runs (``PRE_LLM`` = -1: before the decoder), keep ``keep`` of the vision
+    tokens.
+    """
 
     layer: int
     keep: float
@@ -118,7 +120,9 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> Schedule:
-        """Build from config data: ``{"stages": [[layer, keep], ...], "keep_mode": ..., "min_keep": ...}`` (layer may be ``"pre_llm"``)."""
+        """Build from config data: ``{"stages": [[layer, keep], ...], "keep_mode": ..., "min_keep": ...}`` (layer may be
+        ``"pre_llm"``).
+        """
         if data is None:
             return cls.none()
         if isinstance(data, Schedule):
@@ -166,7 +170,8 @@ class Schedule:
             if s.layer >= depth:
                 raise ValueError(
                     f"Stage layer {s.layer} does not exist: the model has {depth} decoder layers (0..{depth - 1}). "
-                    f"Use schedule.rescaled(from_depth, {depth}) or Method.rescaled({depth}) for a preset made for another depth."
+                    f"Use schedule.rescaled(from_depth, {depth}) or Method.rescaled({depth}) for a preset made for "
+                    "another depth."
                 )
 
     def kept_count(self, stage_idx: int, n_present: int, n_original: int) -> int:

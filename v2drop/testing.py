@@ -28,8 +28,12 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_utils import BatchFeature
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+from transformers.video_processing_utils import BaseVideoProcessor, VideoProcessorMixin
+from transformers.video_utils import default_sample_indices_fn
 
 from v2drop.benchmarks import Benchmark, Sample
 from v2drop.lvlm import LVLM
@@ -71,13 +75,15 @@ __all__ = [
     "photo",
     "video_frames",
     "textvqa_copy",
+    "ReferenceVideoProcessor",
+    "reference_processor",
 ]
 
 
 def word_tokenizer(
     words: Sequence[str], split_punctuation: bool = True, special: Sequence[str] = ()
 ) -> PreTrainedTokenizerFast:
-    """A WordLevel tokenizer over ``words`` (which must include ``<pad>``, ``<unk>``, ``<s>``, ``</s>``, ``<image>``)."""
+    """A WordLevel tokenizer over ``words`` (which must hold ``<pad>``, ``<unk>``, ``<s>``, ``</s>``, ``<image>``)."""
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(words)}, unk_token="<unk>"))
     splitters = [pre_tokenizers.WhitespaceSplit()] + ([pre_tokenizers.Punctuation()] if split_punctuation else [])
     tok.pre_tokenizer = pre_tokenizers.Sequence(splitters) if len(splitters) > 1 else splitters[0]
@@ -407,7 +413,10 @@ ONEVISION_PINPOINTS = [
 REAL_GEOMETRY = {
     "llava": "llava-1.5: CLIP 336px, patch 14, resize + centre crop: 576 tokens per image",
     "llava_next": "llava-v1.6: CLIP 336px/14, anyres pinpoints " + str(NEXT_PINPOINTS) + ", unpadded tiles + newlines",
-    "llava_onevision": "llava-onevision: SigLIP 384px/14 (729 per crop), 6x6 anyres pinpoints, anyres_max_9, video frames 384px pooled to 196",
+    "llava_onevision": (
+        "llava-onevision: SigLIP 384px/14 (729 per crop), 6x6 anyres pinpoints, anyres_max_9, "
+        "video frames 384px pooled to 196"
+    ),
     "qwen2_vl": "Qwen2-VL: patch 14, merge 2, temporal 2, min_pixels 3136, max_pixels 12845056",
     "qwen2_5_vl": "Qwen2.5-VL: as Qwen2-VL, window attention (window 112)",
 }
@@ -530,3 +539,135 @@ def build_real(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
         )
         proc = QwenProcessorLite(image_processor, tok, second_per_grid=family == "qwen2_5_vl")
     return _ready(model, proc, f"real-geometry-{family}", attn)
+
+
+# -- reference video processing: transformers' own processors around a torchvision-free video processor -------------
+def reference_processor(lvlm):
+    """The family's real transformers processor (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor`` or
+    ``LlavaOnevisionProcessor``) over ``lvlm.processor``'s tokenizer and image processor, with a
+    ``ReferenceVideoProcessor`` as its video processor: the oracle the stand-in processors are checked against."""
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    family = lvlm.model.config.model_type
+    classes = {
+        "qwen2_vl": Qwen2VLProcessor,
+        "qwen2_5_vl": Qwen2_5_VLProcessor,
+        "llava_onevision": LlavaOnevisionProcessor,
+    }
+    if family not in classes:
+        raise ValueError(f"No video reference for family {family!r}; valid: {', '.join(classes)}")
+
+    class Reference(classes[family]):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            # the real check looks ``VideoProcessorMixin`` up among transformers' exports, which need torchvision
+            if argument_name == "video_processor" and isinstance(argument, VideoProcessorMixin):
+                return VideoProcessorMixin
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    lite = lvlm.processor
+    kwargs = {}
+    if family == "llava_onevision":
+        kwargs = dict(
+            num_image_tokens=lite.num_image_tokens,
+            vision_feature_select_strategy=lite.vision_feature_select_strategy,
+            vision_aspect_ratio=lite.vision_aspect_ratio,
+        )
+    video = ReferenceVideoProcessor(lite)
+    ref = Reference(image_processor=lite.image_processor, tokenizer=lite.tokenizer, video_processor=video, **kwargs)
+    if ref.image_token != lite.image_token:
+        # the tiny tokenizer names its LLaVA "<image>" as the image token; a Qwen tokenizer names "<|image_pad|>"
+        ref.image_token, ref.image_token_id = lite.image_token, lite.tokenizer.convert_tokens_to_ids(lite.image_token)
+    return ref
+
+
+class ReferenceVideoProcessor(VideoProcessorMixin):
+    """transformers' video processing for frames that need no resizing, runnable without torchvision.
+
+    ``Qwen2VLVideoProcessor`` and ``LlavaOnevisionVideoProcessor`` need torchvision. This runs the
+    code they share as it is: ``VideoProcessorMixin.preprocess`` (kwarg defaults, metadata,
+    ``return_metadata``), ``BaseVideoProcessor._decode_and_sample_videos`` (batching, metadata,
+    frame sampling) and ``TorchvisionBackend.rescale_and_normalize`` (the fused float32 rescale and
+    normalise), with torchvision's ``normalize_image`` (subtract, then divide) written out. Qwen
+    frames are then patchified one by one with the real image processor's ``patchify`` and their
+    patches interleaved in time (``Qwen2VLVideoProcessor.patchify``'s layout; a clip of odd length
+    repeats its last frame); OneVision frames are stacked. Frames must need no resizing (Qwen:
+    sides multiples of ``patch_size * merge_size`` within the pixel bounds; OneVision: the video
+    size), because resizing is torchvision's. Frame sampling is ``Qwen2VLVideoProcessor.sample_frames``
+    (Qwen, as ``QwenProcessorLite.sample_frames`` ports it) or ``BaseVideoProcessor.sample_frames`` (OneVision).
+    """
+
+    _decode_and_sample_videos = BaseVideoProcessor._decode_and_sample_videos
+    _fuse_mean_std_and_rescale_factor = TorchvisionBackend._fuse_mean_std_and_rescale_factor
+    rescale_and_normalize = TorchvisionBackend.rescale_and_normalize
+    model_input_names = ["pixel_values_videos", "video_grid_thw"]
+    do_sample_frames = False
+    do_rescale = do_normalize = True
+
+    def __init__(self, lite):
+        super().__init__()
+        self.lite = lite
+        proc = lite.image_processor
+        self.qwen = isinstance(lite, QwenProcessorLite)
+        self.rescale_factor = proc.rescale_factor
+        self.image_mean = tuple(proc.image_mean if self.qwen else lite.video_mean)
+        self.image_std = tuple(proc.image_std if self.qwen else lite.video_std)
+        self.patch_size = getattr(proc, "patch_size", None)
+        self.merge_size = getattr(proc, "merge_size", None)
+        self.temporal_patch_size = getattr(proc, "temporal_patch_size", None)
+
+    def sample_frames(self, metadata, num_frames=None, fps=None, **kwargs):
+        """The family's frame sampling (see the class docstring)."""
+        if self.qwen:
+            return self.lite.sample_frames(metadata, fps=fps, num_frames=num_frames)
+        return default_sample_indices_fn(metadata, num_frames=num_frames, fps=fps)
+
+    def _prepare_input_videos(self, videos, **kwargs):
+        """(T, H, W, 3) uint8 -> (T, 3, H, W), as ``BaseVideoProcessor._prepare_input_videos`` lays them out."""
+        return [torch.from_numpy(np.asarray(v)).permute(0, 3, 1, 2).contiguous() for v in videos]
+
+    def _standardize_kwargs(self, **kwargs):
+        return kwargs
+
+    def _validate_preprocess_kwargs(self, **kwargs):
+        return None
+
+    def normalize(self, image, mean, std, inplace=False, **kwargs):
+        """torchvision's ``normalize_image``: subtract the mean, then divide by the std, in the image's dtype."""
+        mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
+        return (image.sub_(mean) if inplace else image.sub(mean)).div_(std)
+
+    def _preprocess(self, videos, do_rescale, rescale_factor, do_normalize, image_mean, image_std, **kwargs):
+        out = []
+        for video in videos:
+            h, w = video.shape[-2:]
+            if self.qwen:
+                size = self.lite.video_size
+                target = smart_resize(
+                    h, w, self.patch_size * self.merge_size, size["shortest_edge"], size["longest_edge"]
+                )
+            else:
+                target = (self.lite.video_size["height"], self.lite.video_size["width"])
+            if target != (h, w):
+                raise ValueError(f"The reference takes frames that need no resizing ({h}x{w} would become {target})")
+            out.append(
+                self.rescale_and_normalize(video, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+            )
+        if not self.qwen:
+            return BatchFeature({"pixel_values_videos": torch.stack(out)}, tensor_type=kwargs.get("return_tensors"))
+        patch, merge, temporal = self.patch_size, self.merge_size, self.temporal_patch_size
+        patches, grids = [], []
+        for video in out:
+            frames = list(video) + [video[-1]] * (-len(video) % temporal)  # padded in time with the last frame
+            flat = [self.lite.image_processor.patchify(f.numpy(), patch, merge, temporal) for f in frames]
+            _, grid_h, grid_w = flat[0]
+            # an image's patch repeats its frame in every temporal slot; slot t of step g is frame g * temporal + t
+            slots = [torch.from_numpy(f[0]).view(grid_h * grid_w, 3, temporal, patch, patch)[:, :, 0] for f in flat]
+            steps = [torch.stack(slots[g : g + temporal], dim=2) for g in range(0, len(slots), temporal)]
+            patches += [s.reshape(grid_h * grid_w, -1) for s in steps]
+            grids.append([len(steps), grid_h, grid_w])
+        data = {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids)}
+        return BatchFeature(data, tensor_type=kwargs.get("return_tensors"))

@@ -33,7 +33,9 @@ def bar_methods(sample, layer: int) -> dict[str, Method]:
 def bar_answers(
     lvlm, bench, samples, layer: int = 2, conditions=BAR_CONDITIONS, progress: bool = False
 ) -> dict[str, list[bool]]:
-    """Whether each sample is answered right, per condition: ``{condition: [correct, ...]}`` in the order of ``samples``."""
+    """Whether each sample is answered right, per condition: ``{condition: [correct, ...]}`` in the order of
+    ``samples``.
+    """
     from tqdm import tqdm
 
     correct: dict[str, list[bool]] = {name: [] for name in BAR_CONDITIONS if name in conditions}
@@ -86,7 +88,8 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
 
 
 def layer_changes(lvlm, samples) -> list[float]:
-    """Mean L2 change ‖h_{l+1} − h_l‖ that each decoder layer l makes to the vision tokens, over ``samples`` (no dropping).
+    """Mean L2 change ‖h_{l+1} − h_l‖ that each decoder layer l makes to the vision tokens, over ``samples`` (no
+    dropping).
 
     V²Drop's variation at layer l+1 is exactly this change; a layer that barely moves the tokens
     (an untrained one) makes every method that reads it read noise.
@@ -112,7 +115,8 @@ def layer_changes(lvlm, samples) -> list[float]:
 
 
 def ident_by_column_mates(bench, samples, correct: list[bool]) -> dict[str, dict]:
-    """``ident`` accuracy (``correct``: per sample, as ``bar_answers`` gives it) split by whether another digit shares the asked cell's column (``with mate``) or not (``alone``): ``{kind: {"accuracy", "n"}}``.
+    """``ident`` accuracy (``correct``: per sample, as ``bar_answers`` gives it) split by whether another digit shares
+    the asked cell's column (``with mate``) or not (``alone``): ``{kind: {"accuracy", "n"}}``.
 
     A model that looks a cell up by its column alone answers the ``alone`` questions and fails the
     others (docs/proxy.md, "How ident learnt the row"). Needs a benchmark with
@@ -140,7 +144,8 @@ CELL_WORDINGS = {  # how a cell lookup is worded: the training turns' words, the
 
 
 def cell_lookups(lvlm, bench, split: str = "test", scenes: int = 100) -> list[dict]:
-    """The next-token answer for every digit of the first ``scenes`` scenes, asked in each ``CELL_WORDINGS`` after the image prefix: one record per digit and wording.
+    """The next-token answer for every digit of the first ``scenes`` scenes, asked in each ``CELL_WORDINGS`` after the
+    image prefix: one record per digit and wording.
 
     Records are ``{"scene", "row", "col", "mate", "wording", "correct"}`` (``mate``: another digit
     shares the column). A model that keys its lookup on the last position word answers a wording
@@ -198,9 +203,11 @@ def lookup_table(records: list[dict]) -> dict[str, dict[str, dict]]:
 
 
 def check(lvlm, bench, samples, layer: int = 2, progress: bool = True, change_samples: int = 60) -> dict:
-    """The bar table of ``samples``, its verdict, the per-layer change to vision tokens on the first ``change_samples`` and (``digits``) ``ident`` by column mates.
+    """The bar table of ``samples``, its verdict, the per-layer change to vision tokens on the first ``change_samples``
+    and (``digits``) ``ident`` by column mates.
 
-    Returns ``{"table", "verdict", "layer", "n", "layer_changes", "ident_by_column_mates"}`` (the last None for other benchmarks).
+    Returns ``{"table", "verdict", "layer", "n", "layer_changes", "ident_by_column_mates"}`` (the last None for other
+    benchmarks).
     """
     correct = bar_answers(lvlm, bench, samples, layer, progress=progress)
     table = table_of(samples, correct)

@@ -147,7 +147,8 @@ def question_turn(tokenizer, question: str, answer: str) -> tuple[list[int], lis
 
 
 def column_mate_question(rng: random.Random, objects, visible=None):
-    """An ``ident`` question whose answer needs the row: about a digit that shares its column with another (three times in four) or an empty cell of such a column; None when no two digits share a column.
+    """An ``ident`` question whose answer needs the row: about a digit that shares its column with another (three times
+    in four) or an empty cell of such a column; None when no two digits share a column.
 
     ``ident`` fails when the lookup goes by column alone (docs/proxy.md): a benchmark scene rarely
     puts two digits in one column, so training on its questions alone seldom punishes that.
@@ -168,7 +169,9 @@ def column_mate_question(rng: random.Random, objects, visible=None):
 
 
 def with_column_mates(rng: random.Random, questions: list, objects, visible, share: float) -> list:
-    """``questions`` with, at probability ``share``, its ``ident`` question replaced by a ``column_mate_question`` (no RNG drawn when ``share`` is 0)."""
+    """``questions`` with, at probability ``share``, its ``ident`` question replaced by a ``column_mate_question`` (no
+    RNG drawn when ``share`` is 0).
+    """
     if share <= 0 or rng.random() >= share:
         return questions
     mate = column_mate_question(rng, objects, visible)
@@ -185,7 +188,8 @@ def conversation(
     visible=None,
     ident_mates: float = 0.0,
 ):
-    """Token ids and labels (plus segments and positions when ``isolated``) of one conversation about a scene, every answer supervised.
+    """Token ids and labels (plus segments and positions when ``isolated``) of one conversation about a scene, every
+    answer supervised.
 
     The first five turns ask one question of every family (shuffled); turns beyond five add more
     questions of the retrieval families (``EXTRA_FAMILIES``): each costs a few tokens next to the

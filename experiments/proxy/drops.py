@@ -30,7 +30,8 @@ class VisionDrop:
 
 
 def block_keep_mask(share: float, generator: torch.Generator) -> torch.Tensor:
-    """Which of the 256 vision tokens (raster order) survive block dropout: the tokens of a random ``share`` (at least one) of the aligned ``BLOCK``×``BLOCK``-patch blocks.
+    """Which of the 256 vision tokens (raster order) survive block dropout: the tokens of a random ``share`` (at least
+    one) of the aligned ``BLOCK``×``BLOCK``-patch blocks.
 
     Content-blind like token dropout, but it also shows the model inputs where the kept tokens
     cluster in a few regions with little background around them (token dropout almost never
@@ -52,7 +53,9 @@ def token_keep_mask(share: float, generator: torch.Generator) -> torch.Tensor:
 
 
 def check_drop_settings(keep, kinds: dict) -> None:
-    """Raise ValueError unless ``keep`` is [low, high] with 0 < low <= high <= 1 and ``kinds`` names one or more known drop shapes."""
+    """Raise ValueError unless ``keep`` is [low, high] with 0 < low <= high <= 1 and ``kinds`` names one or more known
+    drop shapes.
+    """
     if keep is None or len(keep) != 2 or not 0 < keep[0] <= keep[1] <= 1:
         raise ValueError(
             f"token_keep must be [low, high] with 0 < low <= high <= 1, got {None if keep is None else list(keep)}"
@@ -65,7 +68,9 @@ def check_drop_settings(keep, kinds: dict) -> None:
 
 
 def draw_shape(rng: random.Random, keep, kinds: dict) -> tuple[float, torch.Generator, str]:
-    """A drop's kept share (log-uniform in ``keep``), the generator of its token masks, and its shape (``kinds``: name -> weight)."""
+    """A drop's kept share (log-uniform in ``keep``), the generator of its token masks, and its shape (``kinds``: name
+    -> weight).
+    """
     names, weights = zip(*kinds.items())
     share = math.exp(rng.uniform(math.log(keep[0]), math.log(keep[1])))
     generator = torch.Generator().manual_seed(rng.randrange(2**31))
@@ -119,7 +124,8 @@ def draw_drop(
 
 
 def layer_masks(base: torch.Tensor, dropped: list[tuple[int, torch.Tensor]], depth: int) -> list[torch.Tensor]:
-    """Per decoder layer, ``base`` (B, 1, L, L additive) with the columns of each sample's dropped tokens closed from its drop layer on.
+    """Per decoder layer, ``base`` (B, 1, L, L additive) with the columns of each sample's dropped tokens closed from
+    its drop layer on.
 
     ``dropped[k]`` = (layer, positions) for sample k. Closing a token's column from layer l on is
     the same as removing its hidden state before layer l, as the engine does, with positions
@@ -139,7 +145,8 @@ def layer_masks(base: torch.Tensor, dropped: list[tuple[int, torch.Tensor]], dep
 
 
 def drop_masks(ids: torch.Tensor, image_id: int, drops: list, base: torch.Tensor, depth: int) -> list[torch.Tensor]:
-    """``layer_masks`` for a padded batch: each sample's ``VisionDrop`` (or None) located among its ``image_id`` tokens."""
+    """``layer_masks`` for a padded batch: each sample's ``VisionDrop`` (or None) located among its ``image_id``
+    tokens."""
     dropped = []
     for k, drop in enumerate(drops):
         vision = (ids[k] == image_id).nonzero().flatten()

@@ -30,7 +30,8 @@ CHAT_TEMPLATE = (
     + repr(list(FRAME_WORDS))
     + "[loop.index0] }} {% endif %}{% endif %}<image>\n{% endfor %}"
     "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}</s>"
+    "{% else %}ASSISTANT: "
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}</s>"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
@@ -47,7 +48,8 @@ class ProxyConfig:
     vision_hidden: int = 128  # CLIP tower hidden size
     vision_layers: int = 2  # CLIP tower layers
     vision_heads: int = 4  # CLIP tower heads
-    tied_qk_init: float = 0.0  # if > 0: std of a "mimetic" start, every head's query weights equal to its key weights (0: transformers' init)
+    # if > 0: std of a "mimetic" start, every head's query weights equal to its key weights (0: transformers' init)
+    tied_qk_init: float = 0.0
 
 
 def build_tokenizer():
@@ -143,7 +145,8 @@ def build_model(cfg: ProxyConfig, tokenizer) -> nn.Module:
 
 
 def tie_query_to_key(decoder, std: float) -> None:
-    """Mimetic attention init (Trockman & Kolter, 2023): key weights drawn with ``std``, every query head equal to its key head.
+    """Mimetic attention init (Trockman & Kolter, 2023): key weights drawn with ``std``, every query head equal to its
+    key head.
 
     Under GQA a query head copies the key head it shares, so ``q·k`` is a similarity and tokens
     attend to tokens that look like them from the first step. Content lookups ("which vision

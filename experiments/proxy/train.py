@@ -59,17 +59,19 @@ class StageConfig:
     batch: int = 32  # scenes per step
     lr: float = 3e-3  # peak learning rate (one-cycle schedule)
     vision_lr: float = 1e-4  # peak learning rate of tower + projector (conversation stages)
-    frozen: bool = True  # conversation stages: keep the recipe's ``frozen_decoder_layers`` frozen (False: train them at ``frozen_lr``)
+    # conversation stages: keep the recipe's ``frozen_decoder_layers`` frozen (False: train them at ``frozen_lr``)
+    frozen: bool = True
     frozen_lr: float = 0.0  # with ``frozen: false``: peak learning rate of the otherwise frozen first decoder layers
-    token_keep: list | None = (
-        None  # [low, high] share of vision tokens kept by a drop, whose conversation asks about what survives (None: no drops)
-    )
+    # [low, high] share of vision tokens kept by a drop, whose conversation asks about what survives (None: no drops)
+    token_keep: list | None = None
     turns: int = 5  # questions per conversation: one per family, then more retrieval questions
     isolated: bool = False  # each turn sees only the image prefix and itself (no answer leaks between turns)
     aux: list = field(
         default_factory=list
     )  # dense auxiliary turns after the questions (``data.AUX_TURNS``), e.g. [digits]
-    ident_mates: float = 0.0  # share of ident questions asked about a digit sharing its column with another, or an empty cell there (``data.column_mate_question``)
+    # share of ident questions asked about a digit sharing its column with another, or an empty cell there
+    # (``data.column_mate_question``)
+    ident_mates: float = 0.0
     drop_kinds: dict = field(
         default_factory=lambda: {"tokens": 1.0}
     )  # drop shapes and their weights: tokens, blocks, objects (``drops.draw_drop``)
@@ -121,7 +123,8 @@ class TrainConfig:
     video: StageConfig = field(
         default_factory=lambda: StageConfig(steps=0, batch=8, lr=1e-3, vision_lr=0.0, clips=4)
     )  # stage 5
-    frozen_decoder_layers: int = 0  # the first N decoder layers keep their initial weights in every stage whose ``frozen`` is true (docs/proxy.md)
+    # the first N decoder layers keep their initial weights in every stage whose ``frozen`` is true (docs/proxy.md)
+    frozen_decoder_layers: int = 0
     checkpoint_every: int = 50  # steps between Lightning checkpoints (what an interrupted stage resumes from)
     monitor_every: int = 0  # every N steps print validation accuracy per family (0: never)
     monitor_samples: int = 100  # validation questions the monitor scores
@@ -135,7 +138,9 @@ class TrainConfig:
 
 
 def one_cycle(opt: torch.optim.Optimizer, max_lr, steps: int):
-    """Lightning's optimiser spec: ``opt`` under a per-step one-cycle schedule peaking at ``max_lr`` (one value per parameter group, or one for all)."""
+    """Lightning's optimiser spec: ``opt`` under a per-step one-cycle schedule peaking at ``max_lr`` (one value per
+    parameter group, or one for all).
+    """
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, pct_start=0.05)
     return [opt], [{"scheduler": sched, "interval": "step"}]
 
@@ -195,7 +200,8 @@ class AlignModule(L.LightningModule):
 
 
 class ConversationModule(L.LightningModule):
-    """Stages 2–5: the LVLM trained on conversations, input embeddings frozen, the first ``frozen_layers`` decoder layers frozen or (``stage.frozen`` false) at ``stage.frozen_lr``.
+    """Stages 2–5: the LVLM trained on conversations, input embeddings frozen, the first ``frozen_layers`` decoder
+    layers frozen or (``stage.frozen`` false) at ``stage.frozen_lr``.
 
     With ``stage.token_keep`` = [low, high], a ``stage.drop_share`` of the conversations lose vision
     tokens (``drops.draw_drop``) before a decoder layer drawn from ``stage.drop_layers`` and are
@@ -255,7 +261,9 @@ class ConversationModule(L.LightningModule):
         return self.forward_with_drops(ids, labels, pixels, segments, positions, drops).loss
 
     def forward_with_drops(self, ids, labels, pixels, segments, positions, drops, hidden_states: bool = False):
-        """The model on whole conversations (``segments``: 0 prefix, k turn k, -1 padding), each sample's ``VisionDrop`` (or None) applied by per-layer masks."""
+        """The model on whole conversations (``segments``: 0 prefix, k turn k, -1 padding), each sample's ``VisionDrop``
+        (or None) applied by per-layer masks.
+        """
         base = isolation_mask(segments, torch.float32)
         decoder = self.model.model.language_model
         masks = drop_masks(
@@ -283,7 +291,9 @@ class ConversationModule(L.LightningModule):
                 hook.remove()
 
     def configure_optimizers(self):
-        """AdamW with the tower + projector at ``stage.vision_lr``, unfrozen first layers at ``stage.frozen_lr`` and the rest at ``stage.lr``, one-cycle over the stage's steps."""
+        """AdamW with the tower + projector at ``stage.vision_lr``, unfrozen first layers at ``stage.frozen_lr`` and the
+        rest at ``stage.lr``, one-cycle over the stage's steps.
+        """
         vision = list(self.model.model.vision_tower.parameters()) + list(
             self.model.model.multi_modal_projector.parameters()
         )
@@ -323,7 +333,9 @@ class PrintLoss(L.Callback):
 
 
 class Monitor(L.Callback):
-    """Prints the bar conditions (full, evidence, random) on ``n`` validation questions of each benchmark, and each decoder layer's change to the vision tokens, every ``every`` steps."""
+    """Prints the bar conditions (full, evidence, random) on ``n`` validation questions of each benchmark, and each
+    decoder layer's change to the vision tokens, every ``every`` steps.
+    """
 
     def __init__(self, processor, every: int, n: int, benchmarks=("digits",)):
         from v2drop.benchmarks import get_benchmark
@@ -365,7 +377,8 @@ def train(
     init: str | Path | None = None,
     start: str | None = None,
 ) -> Path:
-    """Run the stages (resuming from the last checkpoint of each) and save the model, the processor and the resolved recipe.
+    """Run the stages (resuming from the last checkpoint of each) and save the model, the processor and the resolved
+    recipe.
 
     ``start`` (with ``init``, a saved proxy): begin at stage ``start`` from ``init``'s weights
     instead of training the stages before it; ``init`` must have been trained by this very recipe
@@ -396,7 +409,9 @@ def train(
 
 
 def load_earlier_stages(cfg: TrainConfig, model, init: str | Path, start: str) -> None:
-    """Load into ``model`` the weights of the saved proxy ``init`` (bundled name or directory), refusing one not trained by ``cfg``'s stages before ``start``."""
+    """Load into ``model`` the weights of the saved proxy ``init`` (bundled name or directory), refusing one not trained
+    by ``cfg``'s stages before ``start``.
+    """
     from transformers import LlavaForConditionalGeneration
 
     from v2drop.bundled import LOCAL_MODELS
@@ -473,7 +488,9 @@ def train_stage(cfg: TrainConfig, name: str, model, processor, resume: bool = Tr
 
 
 def stage_loader(cfg: TrainConfig, name: str, done_steps: int = 0) -> torch.utils.data.DataLoader:
-    """The seeded data of stage ``name`` from step ``done_steps`` on: lists of scenes, or (video) dicts of scenes and clips."""
+    """The seeded data of stage ``name`` from step ``done_steps`` on: lists of scenes, or (video) dicts of scenes and
+    clips.
+    """
     stage, seed = getattr(cfg, name), cfg.seed + STAGE_SEEDS[name] * 10**6
     if name == "video":
         return torch.utils.data.DataLoader(
@@ -487,7 +504,9 @@ def stage_loader(cfg: TrainConfig, name: str, done_steps: int = 0) -> torch.util
 
 
 def stage_record(cfg: TrainConfig, stages) -> dict:
-    """What weights trained through ``stages`` depend on: the seed, the model shape, the frozen layers and each of those stages' settings (JSON-normalised)."""
+    """What weights trained through ``stages`` depend on: the seed, the model shape, the frozen layers and each of those
+    stages' settings (JSON-normalised).
+    """
     record = {"seed": cfg.seed, "model": config_to_dict(cfg.model), "frozen_decoder_layers": cfg.frozen_decoder_layers}
     record.update({n: config_to_dict(getattr(cfg, n)) for n in stages})
     return json.loads(json.dumps(record))  # tuples -> lists, as read back

@@ -1,4 +1,5 @@
-"""The optional video stage: clips of 1–8 frames beside the image conversations (off in the shipped recipe, ``video.steps: 0``).
+"""The optional video stage: clips of 1–8 frames beside the image conversations (off in the shipped recipe,
+``video.steps: 0``).
 
 A multi-image prompt marks every frame (``frame three <image>``, ``model.CHAT_TEMPLATE``); a clip
 gives isolated video questions, dense ``frames``/``firsts`` turns and clip drops
@@ -149,7 +150,9 @@ def frame_tag_loss(hidden: torch.Tensor, frames: int, clips: int, embeddings: to
 
 
 def video_loss(module, clips) -> torch.Tensor:
-    """Loss of ``module`` (a ``train.ConversationModule``) on isolated conversations about clips of one frame count, plus the frame tags."""
+    """Loss of ``module`` (a ``train.ConversationModule``) on isolated conversations about clips of one frame count,
+    plus the frame tags.
+    """
     stage, tok = module.stage, module.processor.tokenizer
     convs, drops = [], []
     for c in clips:

@@ -255,7 +255,8 @@ class Digits(_DigitsBase):
 def video_questions(
     rng: random.Random, contents: list[list[Object]], visible: set[int] | None = None
 ) -> list[tuple[str, str, str, list[int]]]:
-    """The video questions of a clip: (family, question, answer, evidence); ``contents[f]`` = frame f's objects (0 or 1).
+    """The video questions of a clip: (family, question, answer, evidence); ``contents[f]`` = frame f's objects (0 or
+    1).
 
     ``visible`` (frame indices; None = every frame) is for the proxy's training drops: a frame
     whose digit lost every token counts as empty. With None the questions and the RNG's use are
@@ -296,7 +297,9 @@ class DigitsVideo(_DigitsBase):
     def clip(
         self, split: str, scene: int, frames: int = FRAMES
     ) -> tuple[list[Image.Image], list[list[Object]], random.Random]:
-        """The ``frames`` frames of clip ``scene`` of ``split`` (each with one digit half of the time), their objects, and the question RNG."""
+        """The ``frames`` frames of clip ``scene`` of ``split`` (each with one digit half of the time), their objects,
+        and the question RNG.
+        """
         nrng, qrng = _scene_rng(self.seed, split, scene, "video")
         pool = split_indices(split)
         images, contents = [], []

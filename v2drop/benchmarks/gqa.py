@@ -15,7 +15,8 @@ STRUCTURAL = ("verify", "query", "choose", "logical", "compare")
 
 @register_benchmark("gqa")
 class GQA(HFBenchmark):
-    """GQA balanced (``lmms-lab/GQA``: ``testdev_balanced_instructions`` + ``testdev_balanced_images``, 12,578 questions).
+    """GQA balanced (``lmms-lab/GQA``: ``testdev_balanced_instructions`` + ``testdev_balanced_images``, 12,578
+    questions).
 
     Splits: ``testdev`` (default; the split the community reports), ``val`` (the val_balanced
     configurations) and ``test``, another name for ``testdev`` (GQA's test answers are not public).

@@ -36,7 +36,10 @@ def hub_offline() -> bool:
 def hub_dataset(bench: str, repo: str, config: str | None, split: str):
     """``datasets.load_dataset(repo, config, split=split)``, or a DataError saying how to work without it."""
     what = f"{repo}" + (f" (configuration {config})" if config else "") + f", split {split}"
-    local = f"pass data_dir (--data-dir) with a local copy, {split}.jsonl in the dataset's schema (see the {bench} class docstring)"
+    local = (
+        f"pass data_dir (--data-dir) with a local copy, {split}.jsonl in the dataset's schema "
+        f"(see the {bench} class docstring)"
+    )
     if hub_offline():
         raise DataError(
             f"{bench} reads the Hugging Face dataset {what}, but the hub is offline (HF_HUB_OFFLINE); {local}"

@@ -90,7 +90,9 @@ def open_image(value: Any, root: Path | None, files: dict[str, Image.Image] | No
 
 
 def shrink(image: Image.Image, max_side: int | None) -> Image.Image:
-    """``image`` resized (bicubic, aspect kept) so its longer side is at most ``max_side`` pixels; as is when None or smaller."""
+    """``image`` resized (bicubic, aspect kept) so its longer side is at most ``max_side`` pixels; as is when None or
+    smaller.
+    """
     if max_side is None or max(image.size) <= max_side:
         return image
     scale = max_side / max(image.size)
@@ -204,7 +206,8 @@ class MediaCache:
         return key in self.entries
 
     def get(self, ref: MediaRef) -> tuple:
-        """The decoded images of ``ref``: from the cache when there, else decoded and remembered (evicting the oldest)."""
+        """The decoded images of ``ref``: from the cache when there, else decoded and remembered (evicting the
+        oldest)."""
         key = ref.key
         if key in self.entries:
             self.hits += 1
@@ -262,7 +265,8 @@ class MediaRef:
         return (self.kind, source, self.num_frames, self.bounds, self.max_side)
 
     def decode(self) -> tuple:
-        """The RGB image(s): one for an image, the picked frames for a video; a DataError when they cannot be decoded."""
+        """The RGB image(s): one for an image, the picked frames for a video; a DataError when they cannot be
+        decoded."""
         if self.kind == "image":
             return (open_image(self.source, None),)
         if self.kind == "frames":
@@ -308,7 +312,9 @@ def _check_header(source: Any) -> None:
 
 
 def _base64(value: str, root: Path | None = None) -> bytes:
-    """The bytes of base64 text (a ``data:`` URL prefix allowed); a DataError when it is not base64 (nor a file under ``root``)."""
+    """The bytes of base64 text (a ``data:`` URL prefix allowed); a DataError when it is not base64 (nor a file under
+    ``root``).
+    """
     payload = value.split(",", 1)[1] if value.startswith("data:") else value
     try:
         return base64.b64decode(payload, validate=True)

@@ -1,4 +1,5 @@
-"""MMBench: single-image multiple-choice questions over 20 abilities, scored by CircularEval over the dataset's copies."""
+"""MMBench: single-image multiple-choice questions over 20 abilities, scored by CircularEval over the dataset's
+copies."""
 
 from __future__ import annotations
 
@@ -94,7 +95,9 @@ class MMBench(HFBenchmark):
         return mmbench_read(prediction, self.by_id[sample.id]["choices"]) == sample.answer
 
     def aggregate(self, records):
-        """CircularEval accuracy over question groups (or first-copy accuracy), per category, and the first copies' accuracy."""
+        """CircularEval accuracy over question groups (or first-copy accuracy), per category, and the first copies'
+        accuracy.
+        """
         groups: dict[int, list[tuple[bool, str, bool]]] = {}
         for r, sample in self.with_samples(records):
             info = self.by_id[sample.id]

@@ -100,7 +100,8 @@ class MVBench(VideoBenchmark):
         return mvbench_lmms_eval(prediction, sample.answer)
 
     def aggregate(self, records):
-        """Accuracy over answered questions, overall and per task (empty predictions left out), and the mean over tasks."""
+        """Accuracy over answered questions, overall and per task (empty predictions left out), and the mean over
+        tasks."""
         answered = [
             {"family": s.family, "correct": self.is_correct(r["prediction"], s)}
             for r, s in self.with_samples(records)

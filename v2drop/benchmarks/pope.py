@@ -57,7 +57,9 @@ class POPE(HFBenchmark):
         return self.read(prediction) == sample.answer
 
     def scores(self, preds: list[str], golds: list[str]) -> dict:
-        """Accuracy, precision, recall, F1 and yes ratio of read predictions against the labels, as the reference computes them."""
+        """Accuracy, precision, recall, F1 and yes ratio of read predictions against the labels, as the reference
+        computes them.
+        """
         if self.answer_reading == "lmms-eval":
             return pope_lmms_eval_scores(preds, golds)
         return binary_scores([p == "yes" for p in preds], [g == "yes" for g in golds])

@@ -1,4 +1,6 @@
-"""Prompt pieces the real benchmarks share (LLaVA-1.5's suffixes, option lines); ``docs/benchmarks.md`` gives each full prompt."""
+"""Prompt pieces the real benchmarks share (LLaVA-1.5's suffixes, option lines); ``docs/benchmarks.md`` gives each full
+prompt.
+"""
 
 from __future__ import annotations
 

@@ -33,7 +33,8 @@ def check_reading(value: str, allowed: Sequence[str], bench: str) -> str:
 
 
 def pope_llava(text: str) -> str:
-    """LLaVA's ``eval_pope.py``: "no" if the first sentence (commas dropped, split on spaces) has "No", "no" or "not"; else "yes".
+    """LLaVA's ``eval_pope.py``: "no" if the first sentence (commas dropped, split on spaces) has "No", "no" or "not";
+    else "yes".
 
     Case-sensitive, as the script: "NO" and "no!" read "yes".
     """
@@ -44,7 +45,8 @@ def pope_llava(text: str) -> str:
 
 
 def pope_lmms_eval(text: str) -> str:
-    """lmms-eval's ``pope_process_results``: the prediction lower-cased and stripped (right only when exactly yes/no)."""
+    """lmms-eval's ``pope_process_results``: the prediction lower-cased and stripped (right only when exactly
+    yes/no)."""
     return text.lower().strip()
 
 
@@ -74,7 +76,8 @@ def pope_lmms_eval_scores(preds: Sequence[str], golds: Sequence[str]) -> dict:
 
 
 def mme_lmms_eval(text: str) -> str:
-    """lmms-eval's ``parse_pred_ans`` (Otter's): exactly yes/no, a lone "y"/"n", else yes/no in the first four characters, else "other".
+    """lmms-eval's ``parse_pred_ans`` (Otter's): exactly yes/no, a lone "y"/"n", else yes/no in the first four
+    characters, else "other".
 
     Lower case, surrounding space and every period removed first.
     """
@@ -88,7 +91,9 @@ def mme_lmms_eval(text: str) -> str:
 
 
 def mme_llava(text: str) -> str:
-    """MME's ``calculation.py`` (LLaVA-1.5 scores MME with it): lower case, exactly yes/no, else yes/no in the first four characters, else "other"."""
+    """MME's ``calculation.py`` (LLaVA-1.5 scores MME with it): lower case, exactly yes/no, else yes/no in the first
+    four characters, else "other".
+    """
     text = text.lower()
     if text in ("yes", "no"):
         return text
@@ -102,12 +107,15 @@ _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 
 
 def gqa_lmms_eval(prediction: str, answer: str) -> bool:
-    """lmms-eval's ``exact_match`` with ``ignore_case`` and ``ignore_punctuation`` (GQA's task YAML): whole strings, no stripping."""
+    """lmms-eval's ``exact_match`` with ``ignore_case`` and ``ignore_punctuation`` (GQA's task YAML): whole strings, no
+    stripping.
+    """
     return prediction.lower().translate(_PUNCT_TABLE) == answer.lower().translate(_PUNCT_TABLE)
 
 
 def gqa_llava(prediction: str, answer: str) -> bool:
-    """LLaVA's ``convert_gqa_for_eval.py`` (``rstrip('.')``, lower case), then GQA's ``eval.py`` (equal to the answer)."""
+    """LLaVA's ``convert_gqa_for_eval.py`` (``rstrip('.')``, lower case), then GQA's ``eval.py`` (equal to the
+    answer)."""
     return prediction.rstrip(".").lower() == answer
 
 
@@ -115,7 +123,9 @@ def gqa_llava(prediction: str, answer: str) -> bool:
 
 
 def scienceqa_lmms_eval(prediction: str, answer: str) -> bool:
-    """lmms-eval's ``sqa_process_results``: the stripped prediction is the letter (any case), or starts "X." with X upper case."""
+    """lmms-eval's ``sqa_process_results``: the stripped prediction is the letter (any case), or starts "X." with X
+    upper case.
+    """
     target = answer.strip().lower()
     pred = prediction.strip()
     if pred.lower() == target:
@@ -126,7 +136,9 @@ def scienceqa_lmms_eval(prediction: str, answer: str) -> bool:
 
 
 def scienceqa_llava(prediction: str, answer: str, n_choices: int) -> bool:
-    """LLaVA-1.5's ``eval_science_qa.py``: the letter exactly, "X. ..." , or exactly one "The answer is X." match; a letter beyond the choices is wrong."""
+    """LLaVA-1.5's ``eval_science_qa.py``: the letter exactly, "X. ..." , or exactly one "The answer is X." match; a
+    letter beyond the choices is wrong.
+    """
     options = ("A", "B", "C", "D", "E")  # a list in the script: membership is whole-string, never a substring
     if prediction in options:
         letter = prediction
@@ -143,7 +155,9 @@ def scienceqa_llava(prediction: str, answer: str, n_choices: int) -> bool:
 
 
 def mmbench_infer_option(answer: str, num_choice: int = 5) -> str | bool:
-    """MMBench's ``can_infer_option``: the one option letter standing alone (or as "X.", "(X)", ...) in the answer, else False."""
+    """MMBench's ``can_infer_option``: the one option letter standing alone (or as "X.", "(X)", ...) in the answer, else
+    False.
+    """
     choices = string.ascii_uppercase[:num_choice]
     if "Failed to obtain answer via API" in answer:
         return False
@@ -181,14 +195,18 @@ def mmbench_infer_option(answer: str, num_choice: int = 5) -> str | bool:
 
 
 def mmbench_infer_text(answer: str, choices: Mapping[str, str]) -> str | bool:
-    """MMBench's ``can_infer_text``: the one option (of A-D) whose lower-cased text occurs in the lower-cased answer, else False."""
+    """MMBench's ``can_infer_text``: the one option (of A-D) whose lower-cased text occurs in the lower-cased answer,
+    else False.
+    """
     answer = answer.lower()
     hits = [k for k, v in choices.items() if str(v).lower() in answer]
     return hits[0] if len(hits) == 1 else False
 
 
 def mmbench_read(prediction: str, choices: Mapping[str, str]) -> str | bool:
-    """MMBench's ``can_infer`` on a stripped prediction: the option letter it reads, or False (where MMBench would ask an LLM judge)."""
+    """MMBench's ``can_infer`` on a stripped prediction: the option letter it reads, or False (where MMBench would ask
+    an LLM judge).
+    """
     prediction = str(prediction.strip())
     return mmbench_infer_option(prediction) or mmbench_infer_text(
         prediction, {k: v for k, v in choices.items() if k in "ABCD"}
@@ -203,7 +221,9 @@ _MV_COMMA = re.compile(r"(\d)(\,)(\d)")
 
 
 def mvbench_process(answer: str) -> str:
-    """lmms-eval's ``mcq_acc`` reading: "X. ..." gives X; else punctuation dropped and the first standalone a-e word, upper-cased; else the cleaned text."""
+    """lmms-eval's ``mcq_acc`` reading: "X. ..." gives X; else punctuation dropped and the first standalone a-e word,
+    upper-cased; else the cleaned text.
+    """
     match = re.match(r"^([A-E])\.\s*(.+)$", answer.strip(), re.IGNORECASE)
     if match:
         return match.group(1).upper()
@@ -237,7 +257,9 @@ _VIDEOMME_PREFIXES = (
 
 
 def videomme_lmms_eval(prediction: str) -> str:
-    """lmms-eval's ``extract_characters_regex``: answer phrases removed, then the first capital A-D anywhere ("" when none, or over ten words without one)."""
+    """lmms-eval's ``extract_characters_regex``: answer phrases removed, then the first capital A-D anywhere ("" when
+    none, or over ten words without one).
+    """
     s = prediction.strip()
     for prefix in _VIDEOMME_PREFIXES:
         s = s.replace(prefix, "")

@@ -203,7 +203,8 @@ def normalize_vqa(answer: str) -> str:
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA accuracy: over the leave-one-annotator-out subsets, the mean of min(1, matches / 3), after ``normalize_vqa``."""
+    """VQA accuracy: over the leave-one-annotator-out subsets, the mean of min(1, matches / 3), after
+    ``normalize_vqa``."""
     pred = normalize_vqa(prediction)
     gold = [normalize_vqa(a) for a in answers]
     if not gold:

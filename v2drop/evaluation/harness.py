@@ -106,7 +106,8 @@ def evaluate(
 
 
 def check_sample(sample, benchmark) -> None:
-    """Fail before any long work on a sample the model cannot take; cheap: media are found and their headers read, not decoded.
+    """Fail before any long work on a sample the model cannot take; cheap: media are found and their headers read, not
+    decoded.
 
     A medium that passes here but cannot be decoded fails when its batch is prepared, with a
     ValueError naming the sample.
@@ -132,7 +133,8 @@ def check_sample(sample, benchmark) -> None:
 
 
 class BatchInputs:
-    """Sample indices -> model inputs (decode, resize, processor) for a ``DataLoader``'s ``collate_fn``, run in its workers.
+    """Sample indices -> model inputs (decode, resize, processor) for a ``DataLoader``'s ``collate_fn``, run in its
+    workers.
 
     Holds the light samples and the processor only (``InputBuilder``), never the model. A batch
     whose media cannot be decoded comes back as ``{"ids", "error"}``: ``predict_step`` raises the
@@ -199,7 +201,8 @@ def _predict(
 ) -> list[dict]:
     """Generate answers for a batch of samples and turn them into records (``memory_pass``: CPU
     peak memory from one more, untimed run of the batch; ``inputs``: the batch already prepared by
-    a loader worker (tensors or numpy arrays), else prepared here; ``data_wait``: seconds the model waited for the batch)."""
+    a loader worker (tensors or numpy arrays), else prepared here; ``data_wait``: seconds the model waited for the
+    batch)."""
     start = time.perf_counter()
     if inputs is None:  # LVLM.prepare: on the model's device, through a sweep's vision cache when one is attached
         inputs = prepare_batch(lvlm, batch)
@@ -261,7 +264,7 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
     from torch.utils.data import DataLoader
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no device banners per run
-    # lightning 2.6 vs torch 2.13's pytree: a deprecation inside Lightning, printed once per Trainer
+    # lightning 2.6 vs torch 2.13's pytree: a LeafSpec warning inside Lightning, printed once per Trainer
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*does not have many workers")  # workers is the user's setting
 
@@ -295,7 +298,8 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
 
         def on_predict_start(self, trainer, pl_module):
             if records_path is not None:
-                # One writer per file: a single process appends to records_path itself, each of several ranks to its own file.
+                # One writer per file: a single process appends to records_path itself, each of several ranks to its own
+                # file.
                 self.path = records_path if trainer.world_size == 1 else rank_file(records_path, trainer.global_rank)
                 repair_tail(self.path)
 
@@ -361,7 +365,9 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
 
 
 def _data_wait_share(records: list[dict]) -> float | None:
-    """Share of the evaluation's wall time the model spent waiting for batches (None for records written before it was measured)."""
+    """Share of the evaluation's wall time the model spent waiting for batches (None for records written before it was
+    measured).
+    """
     timed = [r for r in records if "data_wait_seconds" in r and "step_seconds" in r]
     if not timed:
         return None

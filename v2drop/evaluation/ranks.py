@@ -105,7 +105,8 @@ class ShardSampler(Sampler[int]):
 
 
 def merge_records(records_path: str | os.PathLike, order: list[str]) -> list[dict]:
-    """Rewrite ``records_path`` with every finished record (its own and its rank files'), in ``order``, and remove the rank files.
+    """Rewrite ``records_path`` with every finished record (its own and its rank files'), in ``order``, and remove the
+    rank files.
 
     Ids not in ``order`` (an earlier run over more samples) keep their place after the others.
     The new file replaces the old one atomically, and the rank files go only after it, so a crash

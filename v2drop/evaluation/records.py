@@ -4,18 +4,47 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
-    """Records of a JSONL file; a torn last line (a process killed mid-write) is ignored."""
+    """Records of a JSONL file; a torn last line (a process killed mid-write) is skipped with a warning.
+
+    Any other line that is not a JSON object is an error naming the file and the line: nothing is
+    dropped silently, and the caller, which rewrites the file only after reading it, leaves it as it is.
+    """
+    data = Path(path).read_bytes()
+    lines = data.split(b"\n")
+    torn = lines[-1] if lines[-1].strip() else None  # no newline after the last line: written in part
     out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+    for number, line in enumerate(lines[:-1], start=1):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            record = None
+        if not isinstance(record, dict):
+            text = line[:80].decode("utf-8", "replace")
+            raise ValueError(
+                f"{path}, line {number} is not a JSON record: {text!r}; mend or delete that line and run again "
+                "(the file is left as it is)"
+            )
+        out.append(record)
+    if torn is not None:
+        try:
+            record = json.loads(torn)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):  # a whole record missing only its newline
+            out.append(record)
+        else:
+            warnings.warn(
+                f"{path}, line {len(lines)}: a torn last line (a run killed while writing it) is skipped",
+                stacklevel=2,
+            )
     return out
 
 

@@ -20,7 +20,8 @@ def format_table(result: EvalResult) -> str:
     )
     lines.append(f"FLOPs {m['flops']:.3e} ({m['flops_ratio']:.1%} of no dropping)")
     lines.append(
-        f"median prefill {m['prefill_latency_median_s'] * 1e3:.1f} ms, generation {m['generation_latency_median_s'] * 1e3:.1f} ms, "
+        f"median prefill {m['prefill_latency_median_s'] * 1e3:.1f} ms, generation "
+        f"{m['generation_latency_median_s'] * 1e3:.1f} ms, "
         f"scoring {m['scoring_share_of_prefill']:.2%} of prefill"
     )
     if m.get("peak_memory_mb_max") is not None:

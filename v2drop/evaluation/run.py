@@ -50,7 +50,9 @@ def check_evaluation(
     resume: bool = False,
     lvlm=None,
 ) -> CheckedRun:
-    """Every check of ``run_evaluation`` that needs no model weights; raises ValueError/FileNotFoundError, creates nothing."""
+    """Every check of ``run_evaluation`` that needs no model weights; raises ValueError/FileNotFoundError, creates
+    nothing.
+    """
     from v2drop.benchmarks import get_benchmark
     from v2drop.evaluation.harness import check_sample
     from v2drop.method import Method
@@ -84,7 +86,8 @@ def check_evaluation(
 def resume_note(
     records: Path, command: str = "rerun the same command with --resume (run_evaluation(..., resume=True))"
 ) -> str | None:
-    """How many finished records ``records`` and its rank files keep and how to continue, or None when they hold none."""
+    """How many finished records ``records`` and its rank files keep and how to continue, or None when they hold
+    none."""
     n = len(read_finished(records))
     ranks = rank_files(records)
     where = f"{records}" + (

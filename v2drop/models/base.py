@@ -137,7 +137,8 @@ class Adapter:
         """
         raise ValueError(
             f"Model family {self.model.config.model_type!r} does not expose its vision tower's [CLS] attention, "
-            "so a scorer with a vision_request() (VisionZip) cannot run on it; supported families: llava (LLaVA-1.5), llava_next (LLaVA-NeXT)"
+            "so a scorer with a vision_request() (VisionZip) cannot run on it; supported families: llava (LLaVA-1.5), "
+            "llava_next (LLaVA-NeXT)"
         )
 
     # -- vision-token layout ------------------------------------------------------------------------

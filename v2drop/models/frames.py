@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
+from transformers.video_utils import VideoMetadata, make_batched_metadata
 
 
 def is_frame(item: Any) -> bool:
@@ -17,23 +20,42 @@ def is_frame(item: Any) -> bool:
     return isinstance(item, Image.Image) or (isinstance(item, np.ndarray) and item.ndim == 3)
 
 
+@dataclass(frozen=True)
+class Clip:
+    """One video's frames with its metadata, as transformers' video processors take them.
+
+    ``metadata`` has ``transformers.video_utils.VideoMetadata``'s fields (a dict or that object):
+    ``fps`` (the source's frame rate), ``total_num_frames`` and ``frames_indices`` (which source
+    frames ``frames`` are). Qwen2.5-VL's temporal positions use the sampled frame rate
+    ``len(frames_indices) / total_num_frames * fps``; without metadata transformers assumes 24.
+    """
+
+    frames: Sequence[Any]
+    metadata: Any = None
+
+
+def _clips(videos: Sequence[Any] | None) -> list[Any]:
+    """``videos`` as a list with one entry per video (a ``Clip``, a list of frames or a (T, H, W, 3) array)."""
+    if videos is None:
+        return []
+    if isinstance(videos, (np.ndarray, Clip)):
+        videos = [videos]
+    videos = list(videos)
+    if videos and is_frame(videos[0]):
+        videos = [videos]
+    return videos
+
+
 def split_videos(videos: Sequence[Any] | None) -> list[list[np.ndarray]]:
     """One list of (H, W, 3) uint8 frames per video.
 
-    ``videos`` is one video (a list of frames, or a (T, H, W, 3) array) or a list of videos (each a
-    list of PIL images / (H, W, 3) arrays, or a (T, H, W, 3) array).
+    ``videos`` is one video (a ``Clip``, a list of frames, or a (T, H, W, 3) array) or a list of
+    videos (each a ``Clip``, a list of PIL images / (H, W, 3) arrays, or a (T, H, W, 3) array).
     """
-    if videos is None:
-        return []
-    if isinstance(videos, np.ndarray):
-        videos = [videos]
-    videos = list(videos)
-    if not videos:
-        return []
-    if is_frame(videos[0]):
-        videos = [videos]
     out = []
-    for i, video in enumerate(videos):
+    for i, video in enumerate(_clips(videos)):
+        if isinstance(video, Clip):
+            video = video.frames
         frames = (
             list(video)
             if isinstance(video, (list, tuple)) or (isinstance(video, np.ndarray) and video.ndim == 4)
@@ -48,14 +70,54 @@ def split_videos(videos: Sequence[Any] | None) -> list[list[np.ndarray]]:
     return out
 
 
+def clip_metadata(videos: Sequence[Any] | None) -> list[Any] | None:
+    """Each video's ``Clip.metadata`` (None for plain frames), or None when no video carries any."""
+    metadata = [v.metadata if isinstance(v, Clip) else None for v in _clips(videos)]
+    return metadata if any(m is not None for m in metadata) else None
+
+
+def metadata_per_clip(clips: list[list[np.ndarray]], video_metadata=None) -> list[VideoMetadata]:
+    """One ``VideoMetadata`` per clip, as transformers' ``make_batched_metadata`` builds it.
+
+    ``video_metadata`` is None, one dict / ``VideoMetadata`` or one per clip (None entries: the
+    clip's own frame count, no frame rate, every frame).
+    """
+    if video_metadata is None:
+        video_metadata = [None] * len(clips)
+    elif isinstance(video_metadata, (dict, VideoMetadata)):
+        video_metadata = [video_metadata]
+    video_metadata = list(video_metadata)
+    if len(video_metadata) != len(clips):
+        raise ValueError(
+            f"Received {len(clips)} videos but {len(video_metadata)} video_metadata entries; pass one entry per "
+            f"video (None where a video has none)"
+        )
+    out = []
+    for i, (clip, meta) in enumerate(zip(clips, video_metadata)):
+        if meta is not None and dict(meta).get("total_num_frames") is None:
+            raise ValueError(
+                f"The metadata of video {i} has no total_num_frames: give the source video's frame count with its "
+                f"fps (VideoMetadata fields), or no metadata"
+            )
+        out.append(make_batched_metadata([np.stack(clip)], None if meta is None else [dict(meta)])[0])
+    return out
+
+
 def resize_normalize(frame: np.ndarray, height: int, width: int, mean, std, rescale: float = 1 / 255) -> np.ndarray:
-    """(C, H, W) float32: ``frame`` resized with PIL bicubic to height x width, rescaled and normalised."""
+    """(C, H, W) float32: ``frame`` resized with PIL bicubic to height x width (if it is not that size), rescaled
+    and normalised with the video processors' arithmetic.
+
+    transformers' video processors fuse the two steps (``TorchvisionBackend.rescale_and_normalize``):
+    ``(pixel - mean / rescale) / (std / rescale)`` in float32, the mean and std scaled as float32
+    tensors; the same operations here give the same bits.
+    """
     image = Image.fromarray(frame.astype(np.uint8))
     if image.size != (width, height):
         image = image.resize((width, height), Image.BICUBIC)
-    array = np.asarray(image, dtype=np.float32) * rescale
-    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return array.transpose(2, 0, 1)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).to(torch.float32)
+    mean = (torch.tensor(tuple(mean)) * (1.0 / rescale)).view(-1, 1, 1)
+    std = (torch.tensor(tuple(std)) * (1.0 / rescale)).view(-1, 1, 1)
+    return pixels.sub(mean).div_(std).numpy()
 
 
 def read_optional_json(path: str | Path, name: str) -> dict:

@@ -56,7 +56,8 @@ class LlavaAdapter(Adapter):
         placeholder = (input_ids == self.image_token_id) & inputs["attention_mask"].bool()
         if int(placeholder.sum()) != n * patches:
             raise ValueError(
-                f"The prompts hold {int(placeholder.sum())} image placeholders but the images give {n * patches} patch tokens"
+                f"The prompts hold {int(placeholder.sum())} image placeholders but the images give {n * patches} patch "
+                "tokens"
             )
         device = cls_attention.device
         out = {
@@ -130,7 +131,8 @@ class LlavaNextAdapter(Adapter):
         placeholder = (inputs["input_ids"] == self.image_token_id) & inputs["attention_mask"].bool()
         if int(placeholder.sum()) != packed.shape[0]:
             raise ValueError(
-                f"The prompts hold {int(placeholder.sum())} image placeholders but the images give {packed.shape[0]} tokens"
+                f"The prompts hold {int(placeholder.sum())} image placeholders but the images give {packed.shape[0]} "
+                "tokens"
             )
         # Images to samples: each sample's placeholders are its images' tokens, in order.
         first_crop, crops_per_sample, image = [], [], 0
@@ -176,7 +178,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     )  # video_frames: set by collation when clips were padded in frames
 
     def video_features(self, pixel_values_videos: torch.Tensor, video_frames: torch.Tensor | None = None, **kwargs):
-        """Each clip's features from its own frames: a batch padded in frames (``video_frames`` = true counts) runs clip by clip.
+        """Each clip's features from its own frames: a batch padded in frames (``video_frames`` = true counts) runs clip
+        by clip.
 
         OneVision pools every frame it is given and appends one newline per clip, so padded frames
         cannot go through the tower with the rest; each clip alone is exactly its unbatched result.
@@ -190,7 +193,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return BaseModelOutputWithPooling(pooler_output=pooled)
 
     def vision_tower_state(self, inputs: dict, request) -> dict:
-        """Refused: OneVision's SigLIP tower has no [CLS] token, and the official VisionZip code has no OneVision variant."""
+        """Refused: OneVision's SigLIP tower has no [CLS] token, and the official VisionZip code has no OneVision
+        variant.
+        """
         raise ValueError(
             f"Model family {self.model.config.model_type!r}: LLaVA-OneVision's SigLIP vision tower has no [CLS] token "
             "(all of its tokens are patches, vision_feature_select_strategy 'full'), so there is no [CLS] attention to "

@@ -9,8 +9,11 @@ import torch
 from transformers import AutoTokenizer
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+from transformers.video_utils import default_sample_indices_fn
 
 from v2drop.models.frames import (
+    clip_metadata,
+    metadata_per_clip,
     read_chat_template,
     read_optional_json,
     resize_normalize,
@@ -26,8 +29,11 @@ class OnevisionProcessorLite:
     it). This does the same job for one prompt: anyres images (one image per prompt is tiled,
     several are not, as in the real processor: ``batch_num_images``), videos resized to the video
     size and normalised, and each ``<image>`` / ``<video>`` expanded with the real processor's own
-    token-count code, so counts are identical. Video frames are resized with PIL bicubic instead of
-    torchvision's, so video pixel values differ slightly from the real processor's (not their shape).
+    token-count code, so counts are identical. Videos are lists of frames or ``Clip``s (frames with
+    metadata); ``do_sample_frames`` with ``fps`` or ``num_frames`` picks frames as
+    ``BaseVideoProcessor.sample_frames`` does. Video frames are resized with PIL bicubic instead of
+    torchvision's, so video pixel values differ slightly from the real processor's when a frame is
+    resized (not their shape); frames already of the video size give the real processor's values.
     """
 
     image_token = "<image>"
@@ -93,9 +99,20 @@ class OnevisionProcessorLite:
             **kwargs,
         )
 
-    def video_pixels(self, videos) -> torch.Tensor:
+    def video_pixels(
+        self,
+        videos,
+        video_metadata=None,
+        do_sample_frames: bool = False,
+        fps: float | None = None,
+        num_frames: int | None = None,
+    ) -> torch.Tensor:
         """(videos, frames, 3, H, W) float32 for videos of equal frame count (frames resized to ``video_size``)."""
         clips = split_videos(videos)
+        if do_sample_frames:
+            metadata = video_metadata if video_metadata is not None else clip_metadata(videos)
+            for i, (clip, meta) in enumerate(zip(clips, metadata_per_clip(clips, metadata))):
+                clips[i] = [clip[j] for j in default_sample_indices_fn(meta, num_frames=num_frames, fps=fps)]
         height, width = self.video_size["height"], self.video_size["width"]
         arrays = [
             np.stack([resize_normalize(f, height, width, self.video_mean, self.video_std) for f in clip])
@@ -103,13 +120,24 @@ class OnevisionProcessorLite:
         ]
         if len({a.shape[0] for a in arrays}) > 1:
             raise ValueError(
-                f"The videos of one prompt have different frame counts ({[a.shape[0] for a in arrays]}); LLaVA-OneVision "
-                f"stacks them, so sample the same number of frames from each"
+                f"The videos of one prompt have different frame counts ({[a.shape[0] for a in arrays]}); "
+                f"LLaVA-OneVision stacks them, so sample the same number of frames from each"
             )
         return torch.from_numpy(np.stack(arrays))
 
-    def __call__(self, text: str, images=None, videos=None, return_tensors: str = "pt") -> dict:
-        """``input_ids``, ``attention_mask`` and the vision inputs for one prompt."""
+    def __call__(
+        self,
+        text: str,
+        images=None,
+        videos=None,
+        video_metadata=None,
+        do_sample_frames: bool = False,
+        fps: float | None = None,
+        num_frames: int | None = None,
+        return_tensors: str = "pt",
+    ) -> dict:
+        """``input_ids``, ``attention_mask`` and the vision inputs for one prompt, as ``LlavaOnevisionProcessor``
+        returns them for the same arguments."""
         if not isinstance(text, str):
             raise ValueError(f"{type(self).__name__} processes one prompt at a time (got {type(text).__name__})")
         out: dict = {}
@@ -124,7 +152,7 @@ class OnevisionProcessorLite:
             )
             text = _expand(text, self.image_token, [self.replace_image_token(vision, i) for i in range(len(images))])
         if videos is not None and len(videos):
-            pixels = self.video_pixels(videos)
+            pixels = self.video_pixels(videos, video_metadata, do_sample_frames, fps, num_frames)
             out["pixel_values_videos"] = pixels
             text = _expand(
                 text,
@@ -170,7 +198,7 @@ def _expand(text: str, token: str, replacements: list[str]) -> str:
     pieces = text.split(token)
     if len(pieces) - 1 != len(replacements):
         raise ValueError(
-            f"The prompt has {len(pieces) - 1} {token!r} placeholder(s) but {len(replacements)} input(s) of that kind were "
-            f"given; put one placeholder per image or video in the prompt"
+            f"The prompt has {len(pieces) - 1} {token!r} placeholder(s) but {len(replacements)} input(s) of that kind "
+            f"were given; put one placeholder per image or video in the prompt"
         )
     return pieces[0] + "".join(r + p for r, p in zip(replacements, pieces[1:]))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -218,26 +217,6 @@ class Scorer:
     needs_prev_hidden: ClassVar[bool] = False
     needs_prev_keys: ClassVar[bool] = False
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        query = cls.__dict__.get("attention_query")
-        if query is None:
-            return
-        # The declaration before AttentionRequest: a class variable naming the query row.
-        if query not in ("last_prompt", "last_instruction"):
-            raise ValueError(
-                f"{cls.__name__}.attention_query={query!r} is not supported; override attention_request() "
-                "and attention_queries() instead"
-            )
-        warnings.warn(
-            f"{cls.__name__}: the attention_query/attention_layer_offset class variables are deprecated; "
-            "override attention_request() instead",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        request = AttentionRequest(layer_offset=cls.__dict__.get("attention_layer_offset", 0))
-        cls.attention_request = lambda self: request
-
     def score(self, state: LayerState) -> torch.Tensor:
         """Scores (B, V) float32 for ``state.vision_idx``; padded entries are ignored."""
         raise NotImplementedError
@@ -293,7 +272,10 @@ class Scorer:
             )
 
 
-SCORERS: Registry[type[Scorer]] = Registry("scorer", base_cls=Scorer, entry_point_group="v2drop.scorers")
+# Every module of v2drop.scorers is imported on the first lookup, so a scorer registers by being in that package.
+SCORERS: Registry[type[Scorer]] = Registry(
+    "scorer", base_cls=Scorer, entry_point_group="v2drop.scorers", package="v2drop.scorers"
+)
 
 
 def register_scorer(name: str):

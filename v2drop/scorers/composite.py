@@ -110,7 +110,8 @@ class CompositeScorer(Scorer):
             name, config, scorer = _part(data, f"composite parts[{i}]")
             if name == "staged":
                 raise ValueError(
-                    "composite parts cannot be 'staged' (a staged scorer chooses per stage; put composites inside it instead)"
+                    "composite parts cannot be 'staged' (a staged scorer chooses per stage; put composites inside it "
+                    "instead)"
                 )
             normalised.append(
                 {"name": name, "weight": float(weight), **{k: v for k, v in config.items() if k != "name"}}

@@ -99,7 +99,8 @@ class VisionZipScorer(Scorer):
     def contextual_tokens(
         self, state: LayerState, b: int, rest: torch.Tensor, contextual: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``contextual`` tokens merged from the vision tokens ``rest`` (ascending indices into ``state.vision_idx[b]``).
+        """``contextual`` tokens merged from the vision tokens ``rest`` (ascending indices into
+        ``state.vision_idx[b]``).
 
         Every ``⌊len(rest) / contextual⌋``-th of them is a target; every other one joins the
         target with the most cosine-similar key. Returns ((c, D) float32 hidden states: target +

@@ -4,7 +4,8 @@ The search space is data (``configs/sweep/*.yaml``, see ``docs/sweeps.md``): whi
 their own parameters; ``all`` = every registered one; composites with searched weights), one-shot, progressive or
 with a stage before the LLM (per scorer if need be), how many stages, the range of drop layers (drawn
 in increasing order) and of relative keep fractions. Modules: ``config`` (SweepConfig and its
-sections), ``data`` (the benchmark and the trial sample), ``space`` (validation, trial <-> Method), ``pareto`` (``pareto_indices``), ``study``
+sections), ``data`` (the benchmark and the trial sample), ``space`` (validation, trial <-> Method), ``pareto``
+(``pareto_indices``), ``study``
 (storage, sampler, ``run_sweep``), ``report`` (CSV, plot, terminal table) and ``wandb`` (our
 callback). Optuna is imported only when ``study``'s names are first used.
 """

@@ -1,4 +1,6 @@
-"""A sweep's checks before the model loads and before the study is created (``run_sweep`` calls ``check_sweep_run`` first)."""
+"""A sweep's checks before the model loads and before the study is created (``run_sweep`` calls ``check_sweep_run``
+first).
+"""
 
 from __future__ import annotations
 

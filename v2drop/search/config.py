@@ -40,7 +40,9 @@ class SearchSpace:
     )  # scorer name -> its own kinds (e.g. {fastv: [one-shot]}), searched as "<name>.kind"
     weights: dict = field(
         default_factory=dict
-    )  # scorer with parts (composite) -> [low, high] of each part's weight, searched as "<name>.weights.<part>", normalised to sum 1
+        # scorer with parts (composite) -> [low, high] of each part's weight, searched as "<name>.weights.<part>",
+        # normalised to sum 1
+    )
     position_policy: dict = field(
         default_factory=dict
     )  # scorer name -> "preserve" (default) or "renumber" for its trials
@@ -74,7 +76,9 @@ SAMPLE_RULES = ("stratified", "first")
 
 @dataclass
 class SweepEval(EvalSettings):
-    """How each trial is evaluated (``eval:``): the ``EvalSettings``, the benchmark's data and how the trial sample is drawn."""
+    """How each trial is evaluated (``eval:``): the ``EvalSettings``, the benchmark's data and how the trial sample is
+    drawn.
+    """
 
     device: str = "cpu"  # where the model runs (cpu, cuda, cuda:N); a --workers worker sees only its own GPU, as cuda
     dtype: str = "float32"  # float32, bfloat16 or float16
@@ -85,7 +89,8 @@ class SweepEval(EvalSettings):
     benchmark_args: dict = field(
         default_factory=dict
     )  # benchmark constructor parameters (as ``--benchmark-args``: circular, num_frames, ...)
-    sample: str = "stratified"  # how the `limit` trial samples are drawn from `split`: stratified (per family, seeded by `seed`) or first
+    # how the `limit` trial samples are drawn from `split`: stratified (per family, seeded by `seed`) or first
+    sample: str = "stratified"
     pool: int | None = None  # stratified: draw from the first N samples of `split`; None = the whole split
 
 
@@ -116,7 +121,8 @@ class SweepConfig:
     eval: SweepEval = field(
         default_factory=_trial_eval
     )  # how each trial is evaluated (a sample of the validation split) and on which data
-    vision_cache_mb: int = 2048  # bound (MiB) of the per-sample cache of processor outputs and vision features reused by every trial; 0 = off
+    # bound (MiB) of the per-sample cache of processor outputs and vision features reused by every trial; 0 = off
+    vision_cache_mb: int = 2048
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)  # split and limit the Pareto set is confirmed on
     storage: str | None = None  # Optuna storage URL or journal file; None = journal file <run_dir>/journal.log
     run_dir: str | None = None  # artifacts; None = runs/<study>

@@ -24,7 +24,8 @@ def sweep_benchmark(cfg: SweepConfig):
 
     if not isinstance(cfg.eval.benchmark_args, dict):
         raise ValueError(
-            f"eval.benchmark_args must be a mapping of constructor parameters (e.g. {{num_frames: 8}}), got {cfg.eval.benchmark_args!r}"
+            f"eval.benchmark_args must be a mapping of constructor parameters (e.g. {{num_frames: 8}}), got "
+            f"{cfg.eval.benchmark_args!r}"
         )
     return get_benchmark(cfg.benchmark, data_dir=cfg.eval.data_dir, **cfg.eval.benchmark_args)
 

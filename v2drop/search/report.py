@@ -268,13 +268,16 @@ def format_front(front: list[dict], confirmed: list[dict]) -> str:
     """The front as a terminal table, with the confirmed accuracy."""
     test = {c["trial"]: c for c in confirmed}
     lines = [
-        f"{'trial':>5} {'scorer':<10} {'label':<20} {'schedule':<32} {'val acc':>8} {'test acc':>8} {'prefill ms':>10} {'FLOPs':>7} {'tokens':>7}"
+        f"{'trial':>5} {'scorer':<10} {'label':<20} {'schedule':<32} {'val acc':>8} {'test acc':>8} {'prefill ms':>10} "
+        f"{'FLOPs':>7} {'tokens':>7}"
     ]
     for r in front:
         c = test.get(r["trial"], {})
         lines.append(
-            f"{r['trial']:>5} {r.get('scorer', '')[:10]:<10} {r['label'][:20]:<20} {r['schedule'][:32]:<32} {r['accuracy_metric']:>8.3f} "
-            f"{c.get('test_accuracy', math.nan):>8.3f} {r['prefill_ms']:>10.1f} {r['flops_ratio']:>7.3f} {r['average_tokens']:>7.1f}"
+            f"{r['trial']:>5} {r.get('scorer', '')[:10]:<10} {r['label'][:20]:<20} {r['schedule'][:32]:<32} "
+            f"{r['accuracy_metric']:>8.3f} "
+            f"{c.get('test_accuracy', math.nan):>8.3f} {r['prefill_ms']:>10.1f} {r['flops_ratio']:>7.3f} "
+            f"{r['average_tokens']:>7.1f}"
         )
     return "\n".join(lines)
 

@@ -28,7 +28,6 @@ from v2drop.search.config import OBJECTIVES, SAMPLERS, SearchSpace, SweepConfig
 KINDS = ("one-shot", "progressive", "pre-llm", "pre-llm+one-shot", "pre-llm+progressive")
 PRE_LLM_KEEP = "keep_pre_llm"  # the trial parameter holding the pre-LLM stage's keep fraction
 ALL = ("all", "*")  # spellings of "every registered scorer"
-PRESET_VISION_TOKENS = 576  # the token count the presets' absolute keep values refer to (LLaVA-1.5)
 PLAIN = (type(None), bool, int, float, str)  # the values Optuna stores as categorical choices
 MAX_COMBINATIONS = 256  # parameter combinations checked one by one; larger spaces are checked one parameter at a time
 
@@ -58,7 +57,8 @@ def resolve_scorers(space: SearchSpace) -> dict[str, dict[str, list]]:
         if name in ALL:
             if params:
                 raise ValueError(
-                    f"search.scorers.{name!r} means every scorer with its defaults; it takes no parameters, got {params!r}"
+                    f"search.scorers.{name!r} means every scorer with its defaults; it takes no parameters, got "
+                    f"{params!r}"
                 )
             out.update(
                 {n: {} for n in list_scorers() if not any(fnmatch(n, p) for p in space.exclude) and n not in out}
@@ -69,7 +69,9 @@ def resolve_scorers(space: SearchSpace) -> dict[str, dict[str, list]]:
 
 
 def scorer_kinds(space: SearchSpace, scorer: str) -> list[str]:
-    """The schedule kinds a trial of ``scorer`` may choose: its own ``search.scorer_kinds`` entry, else ``search.kinds``."""
+    """The schedule kinds a trial of ``scorer`` may choose: its own ``search.scorer_kinds`` entry, else
+    ``search.kinds``.
+    """
     return list(space.scorer_kinds.get(scorer) or space.kinds)
 
 
@@ -156,8 +158,10 @@ def _parts(scorer: str, kwargs: dict) -> list[dict]:
 
 
 def expand_presets(patterns: list[str]) -> list[str]:
-    """Preset names matching each of ``patterns`` (fnmatch, in order, without repeats); a pattern matching none is an error."""
-    from v2drop.method import list_presets
+    """Preset names matching each of ``patterns`` (fnmatch, in order, without repeats); a pattern matching none is an
+    error.
+    """
+    from v2drop.presets import list_presets
 
     presets, out = list_presets(), []
     for pattern in patterns:
@@ -230,7 +234,8 @@ def validate(cfg: SweepConfig, depth: int | None = None) -> None:
     first, last = layer_range(s, depth)
     if not 0 <= first <= last < depth:
         raise ValueError(
-            f"search.layers [{first}, {last}] must lie within the model's {depth} layers (0..{depth - 1}) and not be empty"
+            f"search.layers [{first}, {last}] must lie within the model's {depth} layers (0..{depth - 1}) and not be "
+            "empty"
         )
     if progressive and last - first + 1 < lo:
         raise ValueError(f"search.layers [{first}, {last}] has fewer layers than the {lo} stages asked for")
@@ -256,7 +261,8 @@ def _validate_scorer(space: SearchSpace, name: str, params: Any) -> None:
     for param, choices in (params or {}).items():
         if param not in fields:
             raise ValueError(
-                f"search.scorers.{name}: scorer {name!r} has no parameter {param!r}; valid parameters: {', '.join(sorted(fields)) or '(none)'}"
+                f"search.scorers.{name}: scorer {name!r} has no parameter {param!r}; valid parameters: "
+                f"{', '.join(sorted(fields)) or '(none)'}"
             )
         for choice in choices:
             try:
@@ -296,7 +302,9 @@ def _validate_weights(name: str, bounds: Any, params: dict) -> None:
 
 
 def _combinations(params: dict) -> list[dict]:
-    """Every combination of a scorer's parameter choices, or each choice with the others at their first when there are many."""
+    """Every combination of a scorer's parameter choices, or each choice with the others at their first when there are
+    many.
+    """
     if math.prod(len(c) for c in params.values()) <= MAX_COMBINATIONS:
         return [dict(zip(params, combo)) for combo in itertools.product(*params.values())]
     first = {p: c[0] for p, c in params.items()}
@@ -366,12 +374,19 @@ def suggest_method(trial, space: SearchSpace, depth: int) -> Method:
     return Method(scorer, schedule=Schedule.progressive(layers, keeps), position_policy=policy, **kwargs)
 
 
-def relative(method: Method) -> Method:
-    """``method`` with its schedule as relative keep fractions (absolute presets count of 576 tokens)."""
+def preset_method(name: str, depth: int) -> Method:
+    """Preset ``name`` at ``depth`` layers, its keep values as relative fractions (as trials suggest them).
+
+    Absolute keep counts become fractions of the preset's own ``reference_vision_tokens``.
+    """
+    from v2drop.presets import get_preset
+
+    preset = get_preset(name)
+    method = preset.method(depth)
     if method.schedule.keep_mode == "relative":
         return method
     data = method.to_dict()
-    data["schedule"] = method.schedule.to_relative(PRESET_VISION_TOKENS).to_dict()
+    data["schedule"] = method.schedule.to_relative(preset.reference_vision_tokens).to_dict()
     return Method.from_dict(data)
 
 
@@ -382,8 +397,15 @@ def _weights(method: Method) -> dict[str, float]:
 
 
 def method_params(method: Method, space: SearchSpace) -> dict:
-    """The trial parameters that reproduce ``method`` (for enqueueing presets; weights normalised, keeps clipped to the range)."""
-    method = relative(method)
+    """The trial parameters that reproduce ``method`` (for enqueueing presets; weights normalised, keeps clipped).
+
+    ``method`` keeps relative fractions, as trials do (``preset_method`` gives a preset so).
+    """
+    if method.schedule.keep_mode != "relative":
+        raise ValueError(
+            f"method_params needs relative keep fractions, got a {method.schedule.keep_mode} schedule; "
+            "convert it with Schedule.to_relative(vision_tokens) or load a preset with preset_method(name, depth)"
+        )
     name = method.scorer_name
     params: dict[str, Any] = {"scorer": name, kind_param(space, name): schedule_kind(method.schedule)}
     for p, choices in (resolve_scorers(space).get(name) or {}).items():
@@ -406,7 +428,9 @@ def method_params(method: Method, space: SearchSpace) -> dict:
 
 
 def fits(method: Method, space: SearchSpace, depth: int) -> bool:
-    """True when a trial of ``space`` can reproduce ``method`` (scorer, parameter values, weights, kind, stage count, layers, positions)."""
+    """True when a trial of ``space`` can reproduce ``method`` (scorer, parameter values, weights, kind, stage count,
+    layers, positions).
+    """
     scorers = resolve_scorers(space)
     name = method.scorer_name
     if name not in scorers:

@@ -24,7 +24,15 @@ from v2drop.search.checks import check_sweep_run
 from v2drop.search.config import OBJECTIVES, SweepConfig
 from v2drop.search.data import eval_fields
 from v2drop.search.report import write_artifacts
-from v2drop.search.space import expand_presets, fits, method_params, relative, resolve_scorers, suggest_method, validate
+from v2drop.search.space import (
+    expand_presets,
+    fits,
+    method_params,
+    preset_method,
+    resolve_scorers,
+    suggest_method,
+    validate,
+)
 from v2drop.search.wandb import WandbCallback, plain
 from v2drop.tables import write_csv
 from v2drop.vision_cache import VisionCache
@@ -82,7 +90,8 @@ def make_sampler(cfg: SweepConfig, offset: int = 0) -> optuna.samplers.BaseSampl
 
 
 def conditional(cfg: SweepConfig) -> bool:
-    """True when trials differ in which parameters they have beyond the stages (several scorers, or per-scorer kinds)."""
+    """True when trials differ in which parameters they have beyond the stages (several scorers, or per-scorer
+    kinds)."""
     return len(resolve_scorers(cfg.search)) > 1 or bool(cfg.search.scorer_kinds)
 
 
@@ -212,12 +221,13 @@ def _enqueue_baselines(study: optuna.Study, cfg: SweepConfig, depth: int) -> Non
         study.enqueue_trial({}, user_attrs={"label": "none"})
     scorers = resolve_scorers(cfg.search)
     for name in expand_presets(cfg.enqueue_presets):
-        method = relative(Method.from_preset(name, depth=depth))
+        method = preset_method(name, depth)
         if method.scorer_name not in scorers:
             continue
         if not fits(method, cfg.search, depth):
             print(
-                f"not enqueueing preset {name}: its {method.scorer_name} settings, stages {list(method.schedule.layers)} or "
+                f"not enqueueing preset {name}: its {method.scorer_name} settings, stages "
+                f"{list(method.schedule.layers)} or "
                 f"position policy {method.position_policy!r} lie outside the search space"
             )
             continue
