@@ -133,6 +133,7 @@ def test_flag_kinds():
         (["--alpha", "-1"], ["--alpha must be >= 0, got -1"]),
         (["--set", "inner.dpeth=2"], ["dpeth", "valid keys", "depth"]),
         (["--bogus", "1"], ["unrecognized arguments: --bogus 1"]),
+        (["--max-new-tokes", "1"], ["unrecognized arguments: --max-new-tokes 1", "did you mean --max-new-tokens?"]),
         (["--alpha", "many"], ["alpha", "many"]),
         (["--set", "alpha"], ["expected key=value"]),
         (["--config", "missing.yaml"], ["missing.yaml", "does not exist"]),

@@ -192,7 +192,13 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors (unknown flag, bad number) are user errors: one line, exit status 2."""
 
     def error(self, message: str):
-        raise ValueError(f"{message} (--help lists the options)")
+        import difflib
+
+        flags = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        words = message.partition("unrecognized arguments:")[2].split() if "unrecognized" in message else []
+        close = [m for w in words if w.startswith("--") for m in difflib.get_close_matches(w.split("=")[0], flags, 1)]
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ValueError(f"{message} ({hint}--help lists the options)")
 
 
 def config_keys(schema: type, prefix: str = "") -> dict[str, str]:
