@@ -1,9 +1,10 @@
-"""Shared helpers for the analysis commands: evaluations through the run store, Table 1 rows, output (CSV, markdown,
-PNG)."""
+"""Shared helpers for the analysis commands: their options, evaluations through the run store, Table 1 rows and
+output (CSV, markdown, PNG)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -83,54 +84,54 @@ def save_figure(fig, out: Path, name: str, dpi: int = 120, message: str | None =
     return path
 
 
-def command_parser(doc: str):
-    """An argument parser with ``doc`` as its description and the arguments every analysis command shares."""
-    import argparse
+@dataclass
+class AnalysisConfig:
+    """The options every analysis command that runs a model shares (each command adds its own in a subclass)."""
 
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
-    return parser
+    model: str = "proxy"  # model name for v2drop.load
+    benchmark: str = "digits"  # registered benchmark
+    split: str | None = None  # benchmark split; None = the benchmark's default split
+    limit: int | None = None  # first N samples; None = the whole split
+    batch_size: int = 8  # samples per generate call
+    threads: int = 2  # torch CPU threads
+    attn_implementation: str = "sdpa"  # eager, sdpa or flash_attention_2
+    output: str | None = None  # tables and figures; None = runs/analysis/<command>
+    store: str | None = None  # the run store evaluations are filed in; None = $V2DROP_STORE or runs/store
+
+    def __post_init__(self):
+        from v2drop import checks
+
+        checks.check_int("--limit", self.limit, 1, optional=True)
+        checks.check_int("--batch-size", self.batch_size, 1)
+        checks.check_int("--threads", self.threads, 1)
+        checks.check_attn(self.attn_implementation)
 
 
-def add_common_args(parser) -> None:
-    """The arguments every analysis command shares."""
-    parser.add_argument("--model", default="proxy", help="model name for v2drop.load")
-    parser.add_argument("--benchmark", default="digits", help="registered benchmark")
-    parser.add_argument("--split", default=None, help="benchmark split (default: the benchmark's default split)")
-    parser.add_argument("--limit", type=int, default=None, help="first N samples (default: the whole split)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--attn", default="sdpa")
-    parser.add_argument("--out", default=None, help="tables and figures (default runs/analysis/<command>)")
-    parser.add_argument("--store", default=None, help="the run store evaluations are filed in (default runs/store)")
-
-
-def resolve_split(args, benchmark) -> str:
-    """``--split`` checked against the benchmark's splits, or its default split when not given; stored back on
+def resolve_split(args: AnalysisConfig, benchmark) -> str:
+    """``split`` checked against the benchmark's splits, or its default split when not given; stored back on
     ``args``."""
     args.split = benchmark.resolve_split(args.split)
     return args.split
 
 
-def check_args(args, name: str):
-    """The shared arguments checked before any model loads or directory is made: numbers, attention,
-    benchmark and split, the output directory, the model's config.json. Returns the benchmark."""
+def check_args(args: AnalysisConfig, name: str):
+    """The shared options checked before any model loads or directory is made (numbers and attention are checked by
+    ``AnalysisConfig`` itself): benchmark and split, the output directory, the model's config.json. Returns the
+    benchmark."""
     from v2drop import checks
     from v2drop.benchmarks import get_benchmark
 
-    checks.check_int("--limit", args.limit, 1, optional=True)
-    checks.check_int("--batch-size", args.batch_size, 1)
-    checks.check_int("--threads", args.threads, 1)
-    checks.check_attn(args.attn)
     benchmark = get_benchmark(args.benchmark)
     resolve_split(args, benchmark)
-    checks.check_writable(Path(args.out) if args.out else Path("runs") / "analysis" / name, directory=True)
-    checks.check_writable(Path(args.store) if args.store else Path("runs") / "store", directory=True)
+    checks.check_writable(Path(args.output) if args.output else Path("runs") / "analysis" / name, directory=True)
+    from v2drop.evaluation.store import store_dir
+
+    checks.check_writable(store_dir(args.store), directory=True)
     checks.model_config(args.model)
     return benchmark
 
 
-def setup(args, name: str):
+def setup(args: AnalysisConfig, name: str):
     """Check the arguments, load benchmark samples and model, and build the shared evaluation config."""
     import torch
 
@@ -140,7 +141,7 @@ def setup(args, name: str):
     benchmark = check_args(args, name)
     samples = benchmark.load(args.split, args.limit)
     torch.set_num_threads(args.threads)
-    lvlm = v2drop.load(args.model, attn_implementation=args.attn)
+    lvlm = v2drop.load(args.model, attn_implementation=args.attn_implementation)
     config = EvalConfig(
         model=args.model,
         benchmark=args.benchmark,
@@ -148,8 +149,8 @@ def setup(args, name: str):
         limit=args.limit,
         batch_size=args.batch_size,
         threads=args.threads,
-        attn_implementation=args.attn,
+        attn_implementation=args.attn_implementation,
         progress=True,
         store=args.store,
     )
-    return lvlm, benchmark, samples, vision_tokens_of(lvlm, samples[0]), config, run_dir(name, args.out)
+    return lvlm, benchmark, samples, vision_tokens_of(lvlm, samples[0]), config, run_dir(name, args.output)

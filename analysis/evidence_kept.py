@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
-from analysis.common import command_parser, read_records, run_methods, save_figure, setup, write_table
+from analysis.common import AnalysisConfig, read_records, run_methods, save_figure, setup, write_table
 from analysis.method_table import methods_at_budgets
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.evaluation import vision_index_of
 
 
@@ -52,14 +52,16 @@ def evidence_shares(records: list[dict], evidence: dict[str, tuple]) -> dict:
     }
 
 
+CONFIG = AnalysisConfig  # no options of its own: the methods' runs come from the run store, as method_table's do
+
+
 def main(argv=None) -> list[dict]:
     """Compute the evidence shares of every method at every budget; write the table and a plot."""
     return run(_main, argv)
 
 
 def _main(argv) -> list[dict]:
-    p = command_parser(__doc__)
-    args = p.parse_args(argv)
+    args = parse_config(CONFIG, argv, __doc__)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "evidence_kept")
     methods, info = methods_at_budgets(lvlm.depth, n_vision)
     methods.pop("none")

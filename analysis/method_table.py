@@ -14,12 +14,14 @@ accuracy is lost.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import matplotlib.pyplot as plt
 
 from analysis.common import (
     PAPER_BUDGETS,
+    AnalysisConfig,
     budget_method,
-    command_parser,
     run_methods,
     save_figure,
     scorer_variants,
@@ -27,7 +29,7 @@ from analysis.common import (
     table_rows,
     write_table,
 )
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.method import Method
 
 
@@ -47,16 +49,24 @@ def methods_at_budgets(depth: int, n_vision: int, variants=None, budgets=PAPER_B
     return methods, info
 
 
+@dataclass
+class MethodTableConfig(AnalysisConfig):
+    """``analysis.method_table``'s options."""
+
+    scorers: list[str] | None = None  # scorer variants to run; None = every one
+    budgets: list[int] = field(default_factory=lambda: list(PAPER_BUDGETS))  # budgets, as tokens of LLaVA-1.5's 576
+
+
+CONFIG = MethodTableConfig
+
+
 def main(argv=None) -> list[dict]:
     """Run every method at every budget and write the table and a bar chart."""
     return run(_main, argv)
 
 
 def _main(argv) -> list[dict]:
-    p = command_parser(__doc__)
-    p.add_argument("--scorers", nargs="+", default=None, help="scorer variants to run (default: every one)")
-    p.add_argument("--budgets", nargs="+", type=int, default=list(PAPER_BUDGETS), help="budgets, of 576 tokens")
-    args = p.parse_args(argv)
+    args = parse_config(CONFIG, argv, __doc__)
     all_variants = scorer_variants()
     unknown = sorted(set(args.scorers or ()) - set(all_variants))
     if unknown:

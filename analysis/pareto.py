@@ -10,15 +10,15 @@ the test split when present, else the validation-sample one.
 
 from __future__ import annotations
 
-import argparse
 import csv
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
 from analysis.common import run_dir, save_figure, write_table
 from v2drop import checks
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.evaluation.collect import collect_results
 from v2drop.search import pareto_indices
 
@@ -64,17 +64,25 @@ def _pick(row: dict, *names):
     return None
 
 
+@dataclass
+class ParetoConfig:
+    """``analysis.pareto``'s options."""
+
+    results: str = "runs/store"  # the run store holding the method results (analysis.method_table files them there)
+    sweep: list[str] = field(default_factory=list)  # sweep run directories whose fronts are overlaid
+    output: str | None = None  # output directory; None = runs/analysis/pareto
+
+
+CONFIG = ParetoConfig
+
+
 def main(argv=None) -> list[dict]:
     """Plot every cached method result (and sweep fronts) and mark the non-dominated ones."""
     return run(_main, argv)
 
 
 def _main(argv) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", default="runs/store", help="the run store holding the method results")
-    p.add_argument("--sweep", action="append", default=[], help="a sweep run directory (repeatable)")
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    args = parse_config(ParetoConfig, argv, __doc__)
     if not Path(args.results).is_dir():
         raise FileNotFoundError(
             f"--results {args.results!r} is not a directory; run python -m analysis.method_table first (or point "
@@ -85,8 +93,8 @@ def _main(argv) -> list[dict]:
             raise FileNotFoundError(
                 f"--sweep {folder!r} is not a sweep run directory (no trials.csv or pareto.csv in it)"
             )
-    checks.check_writable(args.out or "runs/analysis/pareto", directory=True)
-    out = run_dir("pareto", args.out)
+    checks.check_writable(args.output or "runs/analysis/pareto", directory=True)
+    out = run_dir("pareto", args.output)
     rows = [
         {
             "method": r.label,
@@ -98,6 +106,8 @@ def _main(argv) -> list[dict]:
         }
         for r in collect_results(args.results)
     ]
+    if not rows:
+        raise ValueError(f"no results in the run store {args.results}; run python -m analysis.method_table first")
     mark_fronts(rows)
     print(write_table(rows, out / "pareto"))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))

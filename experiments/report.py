@@ -14,11 +14,11 @@ written as markdown and CSV (the CSV also has every per-benchmark ratio and per-
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from v2drop import checks
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.evaluation.collect import collect_results, method_benchmark_table, table_columns
 from v2drop.tables import markdown_table, write_csv
 
@@ -28,11 +28,19 @@ def main(argv=None) -> dict:
     return run(_main, argv)
 
 
+@dataclass
+class ReportConfig:
+    """The command's options."""
+
+    runs: str = "runs/store"  # the run store holding finished evaluations; also the positional argument
+    output: str = "runs/report"  # directory for report-<model>.md / .csv
+
+
+CONFIG = ReportConfig
+
+
 def _main(argv) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="?", default="runs/store", help="the run store holding finished evaluations")
-    p.add_argument("--output", default="runs/report", help="directory for report-<model>.md / .csv")
-    args = p.parse_args(argv)
+    args = parse_config(ReportConfig, argv, __doc__, positional="runs")
     out = Path(args.output)
     checks.check_writable(out, directory=True)
     runs = collect_results(args.runs)

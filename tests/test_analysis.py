@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from analysis.common import (
+    AnalysisConfig,
     budget_method,
-    command_parser,
     read_records,
     resolve_split,
     run_methods,
@@ -25,6 +25,7 @@ from analysis.positional_bias import interval_keep_rates
 from analysis.real_cost import MODELS, cost_rows
 from v2drop import Method, Schedule
 from v2drop.benchmarks import Benchmark
+from v2drop.cli import parse_config
 from v2drop.evaluation import EvalConfig
 from v2drop.scorers import SCORERS, Scorer
 from v2drop.testing import EchoBench
@@ -226,7 +227,7 @@ def test_variation_maps_plot_the_recorded_v2drop_scores(tmp_path):
     from v2drop.scorers.v2drop import V2DropScorer
 
     score = V2DropScorer.score
-    rows = maps_main(["--samples", "1", "--out", str(tmp_path)])
+    rows = maps_main(["--samples", "1", "--output", str(tmp_path)])
     assert len(rows) == 1 and rows[0]["stages"] and V2DropScorer.score is score
     assert any(p.suffix == ".png" for p in tmp_path.rglob("*"))
 
@@ -268,8 +269,8 @@ def test_split_defaults_to_the_benchmarks_own():
         splits = ("dev", "validation")
         default_split = "dev"
 
-    args = command_parser("doc").parse_args([])
+    args = parse_config(AnalysisConfig, [])
     assert resolve_split(args, DevOnly()) == "dev" and args.split == "dev"
-    assert resolve_split(command_parser("doc").parse_args(["--split", "validation"]), DevOnly()) == "validation"
+    assert resolve_split(parse_config(AnalysisConfig, ["--split", "validation"]), DevOnly()) == "validation"
     with pytest.raises(ValueError, match="no split 'test'; valid splits: dev, validation"):
-        resolve_split(command_parser("doc").parse_args(["--split", "test"]), DevOnly())
+        resolve_split(parse_config(AnalysisConfig, ["--split", "test"]), DevOnly())

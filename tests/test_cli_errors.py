@@ -96,7 +96,7 @@ CASES = [
     (EVAL, ["--method", "v2drop", "--schedule", _bad_yaml], ["bad.yaml", "not valid YAML"]),
     (EVAL, ["--method", "v2drop", "--schedule", "missing.yaml"], ["missing.yaml", "does not exist"]),
     (EVAL, ["--method", "nope", "--schedule", "v2drop-llava15-128"], ["nope", "v2drop"]),
-    (EVAL, ["--method", "v2drop", "--schedule", "v2drop-llava15-128", "--scorer-arg", "nope=1"], ["nope"]),
+    (EVAL, ["--method", "v2drop", "--schedule", "v2drop-llava15-128", "--scorer-args", "nope=1"], ["nope"]),
     (EVAL, ["--method", "v2drop"], ["--method v2drop needs --schedule"]),
     (EVAL, ["--baseline", "{tmp}/missing.json"], ["missing.json", "does not exist"]),
     (EVAL, ["--baseline", _broken_json], ["base.json", "not valid JSON", "line 1"]),
@@ -107,13 +107,13 @@ CASES = [
     (EVAL, ["--store", UNWRITABLE + "/run"], [UNWRITABLE, "not writable"]),
     (EVAL, ["--store", _a_file], ["afile", "it is a file"]),
     (EVAL, ["--benchmark", "nope"], ["nope", "digits"]),
-    (EVAL, ["--benchmark-arg", "nope=1"], ["nope", "does not take"]),
+    (EVAL, ["--benchmark-args", "nope=1"], ["nope", "does not take"]),
     (EVAL, ["--model", "{tmp}/nomodel"], ["nomodel", "config.json"]),
     (EVAL, ["--benchmark", "pope", "--data-dir", "{tmp}/nodata"], ["nodata", "not a directory"]),
     (EVAL, ["--benchmark", "pope"], ["offline", "HF_HUB_OFFLINE"]),
     (EVAL, ["--benchmark", "pope", "--data-dir", _broken_jsonl], ["test.jsonl", "line", "not JSON"]),
     (EVAL, ["--benchmark", "pope", "--data-dir", _corrupt_image], ["cannot"]),
-    (EVAL, ["--attn", "flash_attention_2"], ["flash-attn", "not installed", "sdpa"]),
+    (EVAL, ["--attn-implementation", "flash_attention_2"], ["flash-attn", "not installed", "sdpa"]),
     # experiments.sweep
     (SWEEP_CMD, ["--set", "trials=-1"], ["trials", "-1"]),
     (SWEEP_CMD, ["--trials", "0"], ["trials", "got 0"]),
@@ -189,9 +189,9 @@ CASES = [
     # experiments.bench*
     ("experiments.bench", ["--repeats", "0"], ["--repeats", "got 0"]),
     ("experiments.bench", ["--model", "{tmp}/nomodel"], ["nomodel", "config.json"]),
-    ("experiments.bench", ["--out", UNWRITABLE + "/bench"], [UNWRITABLE, "not writable"]),
+    ("experiments.bench", ["--output", UNWRITABLE + "/bench"], [UNWRITABLE, "not writable"]),
     ("experiments.bench_engine", ["--preset", "nope"], ["nope", "--preset", "v2drop-llava15-128"]),
-    ("experiments.bench_engine", ["--new-tokens", "0"], ["--new-tokens", "got 0"]),
+    ("experiments.bench_engine", ["--max-new-tokens", "0"], ["--max-new-tokens", "got 0"]),
     ("experiments.bench_sweep", ["--limit", "0"], ["--limit", "got 0"]),
     ("experiments.bench_sweep", ["--methods", "none", "nope"], ["nope", "--methods"]),
     ("experiments.bench_sweep", ["--models", "{tmp}/nomodel"], ["nomodel", "config.json"]),
@@ -205,12 +205,12 @@ CASES = [
     ("analysis.oneshot_vs_progressive", ["--model", "{tmp}/nomodel"], ["nomodel", "config.json"]),
     ("analysis.positional_bias", ["--keep", "1.5"], ["--keep", "1.5"]),
     ("analysis.positional_bias", ["--layer", "99"], ["--layer 99", "12 layers"]),
-    ("analysis.evidence_kept", ["--attn", "fast"], ["fast", "sdpa"]),
+    ("analysis.evidence_kept", ["--attn-implementation", "fast"], ["fast", "sdpa"]),
     ("analysis.variation_maps", ["--samples", "0"], ["--samples", "got 0"]),
     ("analysis.real_cost", ["--presets", "nope"], ["nope", "--presets"]),
     ("analysis.real_cost", ["--text-tokens", "-1"], ["--text-tokens", "-1"]),
     ("analysis.pareto", ["--results", "{tmp}/noresults"], ["noresults", "analysis.method_table"]),
-    ("analysis.method_table", ["--out", UNWRITABLE + "/table"], [UNWRITABLE, "not writable"]),
+    ("analysis.method_table", ["--output", UNWRITABLE + "/table"], [UNWRITABLE, "not writable"]),
 ]
 
 
@@ -233,12 +233,12 @@ def _argv(command: str, argv: list, tmp: Path) -> list[str]:
         out = ["--config", str(ROOT / "configs" / "proxy.yaml"), "--set", f"workdir={run}"] + out
     elif command == "experiments.check_proxy":
         out += ["--output", f"{run}/check.json"]
-    elif command in ("experiments.bench", "experiments.bench_attention") and "--out" not in out:
-        out += ["--out", run]
+    elif command in ("experiments.bench", "experiments.bench_attention") and "--output" not in out:
+        out += ["--output", run]
     elif command == "experiments.bench_engine":
         out += ["--output", f"{run}/engine.json"]
-    elif command.startswith("analysis.") and "--out" not in out:
-        out += ["--out", run]
+    elif command.startswith("analysis.") and "--output" not in out:
+        out += ["--output", run]
     return out
 
 

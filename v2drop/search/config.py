@@ -88,7 +88,7 @@ class SweepEval(EvalSettings):
     )
     benchmark_args: dict = field(
         default_factory=dict
-    )  # benchmark constructor parameters (as ``--benchmark-arg``: circular, num_frames, ...)
+    )  # benchmark constructor parameters (as ``--benchmark-args``: circular, num_frames, ...)
     # how the `limit` trial samples are drawn from `split`: stratified (per family, seeded by `seed`) or first
     sample: str = "stratified"
     pool: int | None = None  # stratified: draw from the first N samples of `split`; None = the whole split

@@ -146,7 +146,7 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
     except optuna.exceptions.DuplicatedStudyError:  # joining or resuming
         study = optuna.load_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg, offset=os.getpid()))
         if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
-            raise ValueError(f"Study {cfg.study!r} exists with other objectives; use another --study-name") from None
+            raise ValueError(f"Study {cfg.study!r} exists with other objectives; use another --study") from None
     eval_config = trial_eval_config(cfg)
     samples = checked.samples
     # Every trial runs the same batches: their inputs and vision features are computed by the first one only.
