@@ -109,18 +109,42 @@ class VisionRequest:
         Each patch token's key vector of that layer, averaged over heads.
     cls_embeds : bool
         Each image's [CLS] output passed through the projector (a token the LLM can read).
+    features : bool
+        Each patch token's output of that layer, before the projector (the tower's own feature).
+    received_layers : tuple of int or None
+        Encoder layers whose received attention is served: for each patch token, the attention
+        probabilities all of the layer's query tokens give it, averaged over heads and queries. A
+        layer is numbered as ``vision_feature_layer`` numbers it (``ℓ`` ≥ 1: the layer whose output
+        is ``hidden_states[ℓ]``; negative: counted from the end); None is the feature-selection layer.
     """
 
     cls_attention: bool = True
     keys: bool = False
     cls_embeds: bool = False
+    features: bool = False
+    received_layers: tuple = ()
+
+    def __post_init__(self):
+        if not isinstance(self.received_layers, tuple) or not all(
+            layer is None or (isinstance(layer, int) and not isinstance(layer, bool) and layer != 0)
+            for layer in self.received_layers
+        ):
+            raise ValueError(
+                "VisionRequest.received_layers must be a tuple of nonzero ints or None (the feature-selection "
+                f"layer), got {self.received_layers!r}"
+            )
 
     def union(self, other: VisionRequest | None) -> VisionRequest:
         """A request for everything either request asks for."""
         if other is None:
             return self
+        layers = self.received_layers + tuple(x for x in other.received_layers if x not in self.received_layers)
         return VisionRequest(
-            self.cls_attention or other.cls_attention, self.keys or other.keys, self.cls_embeds or other.cls_embeds
+            self.cls_attention or other.cls_attention,
+            self.keys or other.keys,
+            self.cls_embeds or other.cls_embeds,
+            self.features or other.features,
+            layers,
         )
 
 
@@ -141,12 +165,19 @@ class VisionFeatures:
         On families whose images are several tower crops (LLaVA-NeXT anyres): the crop each vision
         token shows, a row of ``cls_embeds[b]``, or -1 for tokens of no crop (image_newline).
         None where every image is one crop (LLaVA-1.5).
+    features : Tensor (B, V, C) float32 or None
+        Each vision token's output of the tower's selection layer, before the projector.
+    received : dict of int or None to Tensor (B, V) float32, or None
+        Per layer of ``VisionRequest.received_layers``, the head- and query-averaged attention each
+        vision token receives in that layer.
     """
 
     cls_attention: torch.Tensor
     keys: torch.Tensor | None = None
     cls_embeds: list | None = None
     crops: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    received: dict | None = None
 
 
 @dataclass(frozen=True)
