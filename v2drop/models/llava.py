@@ -19,8 +19,10 @@ def _check_cls_tower(config) -> None:
 
 
 def _tower_layer(layers, feature_layer: int, layer: int | None) -> int:
-    """Index into ``hidden_states`` of the output of encoder layer ``layer`` (None: the feature-selection layer)."""
+    """Index into ``hidden_states`` of the output of encoder layer ``layer`` (see ``VisionRequest.received_layers``)."""
     layer = feature_layer if layer is None else layer
+    if isinstance(layer, float):  # a share of the tower's depth
+        layer = max(1, round(layer * len(layers)))
     index = layer if layer >= 0 else len(layers) + 1 + layer
     if not 1 <= index <= len(layers):
         raise ValueError(

@@ -94,6 +94,17 @@ class LayerState:
     vision: VisionFeatures | None = None
 
 
+def is_tower_layer(layer) -> bool:
+    """Whether ``layer`` names a tower layer: a nonzero int, a float in (0, 1) (a share of the depth), or None."""
+    if layer is None:
+        return True
+    if isinstance(layer, bool):
+        return False
+    if isinstance(layer, int):
+        return layer != 0
+    return isinstance(layer, float) and 0.0 < layer < 1.0
+
+
 @dataclass(frozen=True)
 class VisionRequest:
     """The vision tower's own outputs a scorer needs (served for CLIP-like towers with a [CLS] token).
@@ -111,11 +122,13 @@ class VisionRequest:
         Each image's [CLS] output passed through the projector (a token the LLM can read).
     features : bool
         Each patch token's output of that layer, before the projector (the tower's own feature).
-    received_layers : tuple of int or None
+    received_layers : tuple of int, float or None
         Encoder layers whose received attention is served: for each patch token, the attention
         probabilities all of the layer's query tokens give it, averaged over heads and queries. A
         layer is numbered as ``vision_feature_layer`` numbers it (``ℓ`` ≥ 1: the layer whose output
-        is ``hidden_states[ℓ]``; negative: counted from the end); None is the feature-selection layer.
+        is ``hidden_states[ℓ]``; negative: counted from the end); a float ``f`` in (0, 1) is the
+        layer ``max(1, round(f · depth))`` of a tower ``depth`` layers deep; None is the
+        feature-selection layer.
     """
 
     cls_attention: bool = True
@@ -125,13 +138,10 @@ class VisionRequest:
     received_layers: tuple = ()
 
     def __post_init__(self):
-        if not isinstance(self.received_layers, tuple) or not all(
-            layer is None or (isinstance(layer, int) and not isinstance(layer, bool) and layer != 0)
-            for layer in self.received_layers
-        ):
+        if not isinstance(self.received_layers, tuple) or not all(map(is_tower_layer, self.received_layers)):
             raise ValueError(
-                "VisionRequest.received_layers must be a tuple of nonzero ints or None (the feature-selection "
-                f"layer), got {self.received_layers!r}"
+                "VisionRequest.received_layers must be a tuple of nonzero ints, floats in (0, 1) (a share of the "
+                f"tower's depth) or None (the feature-selection layer), got {self.received_layers!r}"
             )
 
     def union(self, other: VisionRequest | None) -> VisionRequest:
