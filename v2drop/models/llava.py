@@ -247,6 +247,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             f"Model family {self.model.config.model_type!r}: LLaVA-OneVision's SigLIP vision tower has no [CLS] token "
             "(all of its tokens are patches, vision_feature_select_strategy 'full'), so there is no [CLS] attention to "
             "serve, and the official VisionZip code supports LLaVA-1.5 and LLaVA-NeXT only; a scorer with a "
-            "vision_request() (VisionZip) runs on llava and llava_next, or use a scorer that reads the projected "
-            "features (divprune)"
+            "vision_request() (VisionZip, VisPruner, HiPrune) runs on llava and llava_next, or use a scorer that reads "
+            "the projected features (divprune, cdpruner)"
         )

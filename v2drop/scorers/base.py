@@ -8,8 +8,9 @@ A scorer declares what it needs and the engine serves exactly that, without know
 - ``attention_request()``: attention rows, from which layer and whether they must come from the
   layer's full probability map; the query tokens are chosen once, by ``attention_queries`` on the
   layer-0 input (default: the last prompt token);
-- ``vision_request()``: outputs of the vision tower itself (its [CLS] attention and keys at the
-  feature-selection layer, the projected [CLS] feature), served on families whose tower has them;
+- ``vision_request()``: outputs of the vision tower itself (its [CLS] attention, keys and own
+  features at the feature-selection layer, the projected [CLS] feature, the attention each patch
+  receives in chosen layers), served on families whose tower has them;
 - ``select()``: the step after scoring, which tokens stay and which new tokens join them
   (default: the schedule's count of top scores; SparseVLM adds its adaptive count and recycling);
 - ``at(layer)``: the scorer whose declarations hold at the stage before ``layer`` (default:
