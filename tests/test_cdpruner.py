@@ -136,3 +136,34 @@ def test_runs_on_the_bundled_proxy(budget):
     assert trace.vision_tokens == 256
     count = min(budget, 256)
     assert len(trace.stages[0]["kept"]) == count and trace.vision_tokens_per_layer == [count] * lvlm.depth
+
+
+def official_steps(features, text, T):
+    """The official encode_images kernel and fast MAP loop (lines 149-182) for one image, batch of one; the
+    relevance is computed against the given text rows, as ``relevance="llm_embeddings"`` does."""
+    unit = features / features.norm(dim=-1, keepdim=True)
+    similarity = unit @ unit.T
+    rel = -((unit @ (text / text.norm(dim=-1, keepdim=True)).T).mean(dim=-1))
+    rel = (rel - rel.min() + 1e-6) / (rel.max() - rel.min())
+    kernel = rel[:, None] * similarity * rel[None]
+    cis = torch.zeros(T, len(features))
+    gains = torch.diagonal(kernel).clone()
+    picks = []
+    for i in range(T):
+        j = int(torch.argmax(gains))
+        picks.append(j)
+        e = (kernel[j] - cis[:i, j] @ cis[:i]) / torch.sqrt(gains[j])
+        cis[i] = e
+        gains -= e.square()
+        gains[j] = -float("inf")
+    return sorted(picks)
+
+
+@pytest.mark.parametrize("T", [16, 64])
+def test_matches_the_official_steps(T):
+    """Random projected features (256 tokens, D = 128, full rank) and instruction rows: the same kept set."""
+    torch.manual_seed(T)
+    features, text = torch.randn(256, 128), torch.randn(5, 128)
+    r = relevance(features, text).double()
+    x = torch.nn.functional.normalize(features, dim=-1).double()
+    assert sorted(dpp_greedy(r[:, None] * (x @ x.T) * r[None], T).tolist()) == official_steps(features, text, T)

@@ -152,3 +152,22 @@ def test_runs_on_the_bundled_proxy(budget):
     assert trace.vision_tokens == 256
     count = min(budget, 256)
     assert len(trace.stages[0]["kept"]) == count and trace.vision_tokens_per_layer == [count] * lvlm.depth
+
+
+def official_steps(shallow, deep, T, alpha):
+    """The official encode_images steps (lines 152-170) for one 576-token image, written out for a batch of one."""
+    anchors = torch.topk(shallow[None], k=round(T * alpha / 5), dim=1)[1]
+    near = torch.cat([anchors, anchors - 1, anchors + 1, anchors - 24, anchors + 24], dim=1).clamp(0, 575)
+    near = torch.unique(near, sorted=False)[None]
+    mask = torch.zeros(1, 576, dtype=torch.bool)
+    mask.scatter_(1, near, True)
+    rest = torch.topk((deep - mask.int().squeeze())[None], k=T - near.shape[1], dim=1)[1]
+    return sorted(torch.cat([near, rest], dim=1)[0].tolist())
+
+
+@pytest.mark.parametrize("T, alpha", [(192, 0.1), (128, 0.1), (64, 0.1), (64, 0.5), (300, 0.2)])
+def test_matches_the_official_steps_on_a_576_token_image(T, alpha):
+    """Random (tie-free) attention of a 24 × 24 image: the same kept set as the official steps."""
+    torch.manual_seed(T)
+    shallow, deep = torch.rand(576), torch.rand(576) / 10  # received attention: below 1, as official assumes
+    assert hiprune_keep(shallow, deep, T, alpha, 24).tolist() == official_steps(shallow, deep, T, alpha)

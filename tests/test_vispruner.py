@@ -139,3 +139,33 @@ def test_runs_on_the_bundled_proxy(budget):
     assert trace.vision_tokens == 256
     kept_count = min(budget, 256)
     assert len(trace.stages[0]["kept"]) == kept_count and trace.vision_tokens_per_layer == [kept_count] * lvlm.depth
+
+
+def official_steps(features, attention, T, ratio):
+    """The official encode_images steps (lines 148-183) for one 576-token image, written out with a batch of one."""
+    important_num = int(T * ratio)
+    diverse_num = T - important_num
+    order = attention.argsort(descending=True)
+    important, residual = order[:important_num], order[important_num:]
+    unit = features / features.norm(dim=-1, keepdim=True)
+    while diverse_num > 0:
+        R = len(residual)
+        r = min(8, R - diverse_num)
+        if r <= 0:
+            break
+        a, b = unit[residual[::2]], unit[residual[1::2]]
+        best = (a @ b.T).max(dim=-1).values
+        distinct = best.argsort(descending=True)[r:]
+        residual = torch.cat([residual[::2][distinct], residual[1::2]])
+    chosen = torch.cat([important, residual]) if diverse_num > 0 else important
+    return sorted(chosen.tolist())
+
+
+@pytest.mark.parametrize("T, ratio", [(192, 0.5), (128, 0.5), (64, 0.5), (64, 0.75), (100, 0.3)])
+def test_matches_the_official_steps_on_a_576_token_image(T, ratio):
+    """Random (tie-free) attention and features of a 24 × 24 image: the same kept set as the official steps."""
+    torch.manual_seed(T)
+    features, attention = torch.randn(576, 32), torch.rand(576)
+    assert sorted(VisPrunerScorer(important_ratio=ratio).keep_in_group(features, attention, T).tolist()) == (
+        official_steps(features, attention, T, ratio)
+    )
