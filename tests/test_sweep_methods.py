@@ -49,9 +49,14 @@ SPACE = {
         "dart": ["one-shot"],
         "visionzip": ["pre-llm"],
         "divprune": ["pre-llm"],
+        "vispruner": ["pre-llm"],
+        "hiprune": ["pre-llm"],
+        "cdpruner": ["pre-llm"],
         "staged": ["pre-llm+progressive"],
     },
-    "position_policy": {"pdrop": "renumber", "sparsevlm": "renumber", "visionzip": "renumber", "divprune": "renumber"},
+    "position_policy": {
+        name: "renumber" for name in ("pdrop", "sparsevlm", "visionzip", "divprune", "vispruner", "hiprune", "cdpruner")
+    },
     "stages": [2, 4],
 }
 
