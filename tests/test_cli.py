@@ -162,4 +162,4 @@ def test_positional_field(tmp_path):
 
     assert parse_config(ReportConfig, ["some/runs"], positional="runs").runs == "some/runs"
     assert parse_config(ReportConfig, ["--runs", "x"], positional="runs").runs == "x"
-    assert parse_config(ReportConfig, [], positional="runs").runs == "runs/eval"
+    assert parse_config(ReportConfig, [], positional="runs").runs == "runs/store"
