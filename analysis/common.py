@@ -1,8 +1,10 @@
-"""Shared helpers for the analysis commands: run directories and table output (CSV, markdown, PNG)."""
+"""Shared helpers for the analysis commands: their options, evaluations through the run store, Table 1 rows and
+output (CSV, markdown, PNG)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -32,77 +34,41 @@ def vision_tokens_of(lvlm, sample) -> int:
     return int(lvlm.adapter.vision_mask(inputs["input_ids"]).sum())
 
 
-def run_methods(lvlm, benchmark, methods: dict, out: Path, config, samples=None) -> dict:
-    """Evaluate each labelled method, caching ``out/<label>/result.json``; returns label -> result dict.
+def run_methods(lvlm, benchmark, methods: dict, config, samples=None) -> dict:
+    """Evaluate each labelled method into the run store (``config.store``); returns label -> result data.
 
-    A label whose result exists for the same method, config and weights (``LVLM.weights_fingerprint``:
-    a retrained model under the same name is rerun) is read back, not rerun; an interrupted label
-    resumes from its records.
+    A method whose run key is finished in the store is read back, not rerun (the key holds the
+    weights, ``LVLM.weights_fingerprint``: a retrained model under the same name is rerun); an
+    interrupted one continues from its records (``v2drop.evaluation.store``).
     """
-    from dataclasses import asdict
+    from dataclasses import replace
 
-    from v2drop.evaluation import evaluate
+    from v2drop.evaluation import evaluate_in_store
 
     results = {}
     for label, method in methods.items():
-        folder = out / label
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "result.json"
-        wanted = {
-            "method": method.to_dict(),
-            "config": {**asdict(config), "method": method.to_dict()},
-            "weights": lvlm.weights_fingerprint,
-        }
-        if path.exists():
-            old = json.loads(path.read_text())
-            if all(old.get(key) == value for key, value in wanted.items()):
-                results[label] = old
-                continue
-            (folder / "records.jsonl").unlink(missing_ok=True)
-        from dataclasses import replace
-
-        result = evaluate(
-            lvlm,
-            benchmark,
-            method,
-            replace(config, method=method.to_dict()),
-            records_path=folder / "records.jsonl",
-            resume=True,
-            samples=samples,
-        )
-        results[label] = {**result.to_json(), "weights": lvlm.weights_fingerprint}
-        write_json(results[label], path)
+        labelled = replace(config, method=method.to_dict(), label=label)
+        results[label] = evaluate_in_store(lvlm, benchmark, method, labelled, samples=samples).to_json()
     return results
 
 
-def read_records(out: Path, label: str) -> list[dict]:
-    """The per-sample records of one label of ``run_methods``."""
-    return [json.loads(line) for line in (out / label / "records.jsonl").read_text().splitlines() if line.strip()]
+def read_records(result: dict) -> list[dict]:
+    """The per-sample records of one result of ``run_methods``."""
+    from v2drop.evaluation import read_records as read_jsonl
+
+    return read_jsonl(result["records_path"])
 
 
-def relative_rows(results: dict, baseline: str = "none", extra: dict | None = None) -> list[dict]:
-    """Rows of per-family accuracy, overall accuracy and the paper's average (mean of per-family ratios to
-    ``baseline``).
-    """
-    base = results[baseline]["per_family"]
-    rows = []
-    for label, res in results.items():
-        fams = res["per_family"]
-        ratios = [fams[f] / base[f] for f in fams if base.get(f)]
-        m = res["metrics"]
-        row = {"method": label, **(extra or {}).get(label, {})}
-        row.update({f: fams[f] for f in sorted(fams)})
-        row.update(
-            {
-                "accuracy": m["accuracy"],
-                "avg_vs_none": sum(ratios) / len(ratios) if ratios else None,
-                "avg_vision_tokens": m["average_vision_tokens"],
-                "flops_ratio": m["flops_ratio"],
-                "prefill_ms": m["prefill_latency_median_s"] * 1e3,
-                "generation_ms": m["generation_latency_median_s"] * 1e3,
-            }
-        )
-        rows.append(row)
+def table_rows(results: dict, extra: dict | None = None) -> list[dict]:
+    """Table 1 rows (``v2drop.evaluation.collect.method_benchmark_table``, the one builder) of ``run_methods``'
+    results, in their order, with each label's ``extra`` columns and its overall ``accuracy``."""
+    from v2drop.evaluation.collect import method_benchmark_table, run_result
+
+    runs = [run_result(res, res["records_path"], label) for label, res in results.items()]
+    rows = [row for rows in method_benchmark_table(runs, order=list(results)).values() for row in rows]
+    for row in rows:
+        row.update((extra or {}).get(row["method"], {}))
+        row["accuracy"] = results[row["method"]]["metrics"]["accuracy"]
     return rows
 
 
@@ -118,52 +84,54 @@ def save_figure(fig, out: Path, name: str, dpi: int = 120, message: str | None =
     return path
 
 
-def command_parser(doc: str):
-    """An argument parser with ``doc`` as its description and the arguments every analysis command shares."""
-    import argparse
+@dataclass
+class AnalysisConfig:
+    """The options every analysis command that runs a model shares (each command adds its own in a subclass)."""
 
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
-    return parser
+    model: str = "proxy"  # model name for v2drop.load
+    benchmark: str = "digits"  # registered benchmark
+    split: str | None = None  # benchmark split; None = the benchmark's default split
+    limit: int | None = None  # first N samples; None = the whole split
+    batch_size: int = 8  # samples per generate call
+    threads: int = 2  # torch CPU threads
+    attn_implementation: str = "sdpa"  # eager, sdpa or flash_attention_2
+    output: str | None = None  # tables and figures; None = runs/analysis/<command>
+    store: str | None = None  # the run store evaluations are filed in; None = $V2DROP_STORE or runs/store
+
+    def __post_init__(self):
+        from v2drop import checks
+
+        checks.check_int("--limit", self.limit, 1, optional=True)
+        checks.check_int("--batch-size", self.batch_size, 1)
+        checks.check_int("--threads", self.threads, 1)
+        checks.check_attn(self.attn_implementation)
 
 
-def add_common_args(parser) -> None:
-    """The arguments every analysis command shares."""
-    parser.add_argument("--model", default="proxy", help="model name for v2drop.load")
-    parser.add_argument("--benchmark", default="digits", help="registered benchmark")
-    parser.add_argument("--split", default=None, help="benchmark split (default: the benchmark's default split)")
-    parser.add_argument("--limit", type=int, default=None, help="first N samples (default: the whole split)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--attn", default="sdpa")
-    parser.add_argument("--out", default=None, help="run directory (default runs/analysis/<command>)")
-
-
-def resolve_split(args, benchmark) -> str:
-    """``--split`` checked against the benchmark's splits, or its default split when not given; stored back on
+def resolve_split(args: AnalysisConfig, benchmark) -> str:
+    """``split`` checked against the benchmark's splits, or its default split when not given; stored back on
     ``args``."""
     args.split = benchmark.resolve_split(args.split)
     return args.split
 
 
-def check_args(args, name: str):
-    """The shared arguments checked before any model loads or directory is made: numbers, attention,
-    benchmark and split, the output directory, the model's config.json. Returns the benchmark."""
+def check_args(args: AnalysisConfig, name: str):
+    """The shared options checked before any model loads or directory is made (numbers and attention are checked by
+    ``AnalysisConfig`` itself): benchmark and split, the output directory, the model's config.json. Returns the
+    benchmark."""
     from v2drop import checks
     from v2drop.benchmarks import get_benchmark
 
-    checks.check_int("--limit", args.limit, 1, optional=True)
-    checks.check_int("--batch-size", args.batch_size, 1)
-    checks.check_int("--threads", args.threads, 1)
-    checks.check_attn(args.attn)
     benchmark = get_benchmark(args.benchmark)
     resolve_split(args, benchmark)
-    checks.check_writable(Path(args.out) if args.out else Path("runs") / "analysis" / name, directory=True)
+    checks.check_writable(Path(args.output) if args.output else Path("runs") / "analysis" / name, directory=True)
+    from v2drop.evaluation.store import store_dir
+
+    checks.check_writable(store_dir(args.store), directory=True)
     checks.model_config(args.model)
     return benchmark
 
 
-def setup(args, name: str):
+def setup(args: AnalysisConfig, name: str):
     """Check the arguments, load benchmark samples and model, and build the shared evaluation config."""
     import torch
 
@@ -173,7 +141,7 @@ def setup(args, name: str):
     benchmark = check_args(args, name)
     samples = benchmark.load(args.split, args.limit)
     torch.set_num_threads(args.threads)
-    lvlm = v2drop.load(args.model, attn_implementation=args.attn)
+    lvlm = v2drop.load(args.model, attn_implementation=args.attn_implementation)
     config = EvalConfig(
         model=args.model,
         benchmark=args.benchmark,
@@ -181,7 +149,8 @@ def setup(args, name: str):
         limit=args.limit,
         batch_size=args.batch_size,
         threads=args.threads,
-        attn_implementation=args.attn,
+        attn_implementation=args.attn_implementation,
         progress=True,
+        store=args.store,
     )
-    return lvlm, benchmark, samples, vision_tokens_of(lvlm, samples[0]), config, run_dir(name, args.out)
+    return lvlm, benchmark, samples, vision_tokens_of(lvlm, samples[0]), config, run_dir(name, args.output)

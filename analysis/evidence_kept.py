@@ -4,20 +4,17 @@
 
 The direct test of "low variation = unimportant" that a synthetic benchmark makes possible: every
 question names the vision tokens covering the objects its answer depends on. Runs the same
-methods as ``analysis.method_table`` and reuses its results when pointed at the same directory
-(``--results``, default ``runs/analysis/method_table``).
+methods as ``analysis.method_table`` and reuses its results from the run store (``--store``, default
+``runs/store``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 
-from analysis.common import command_parser, read_records, run_methods, save_figure, setup, write_table
+from analysis.common import AnalysisConfig, read_records, run_methods, save_figure, setup, write_table
 from analysis.method_table import methods_at_budgets
-from v2drop import checks
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.evaluation import vision_index_of
 
 
@@ -55,25 +52,23 @@ def evidence_shares(records: list[dict], evidence: dict[str, tuple]) -> dict:
     }
 
 
+CONFIG = AnalysisConfig  # no options of its own: the methods' runs come from the run store, as method_table's do
+
+
 def main(argv=None) -> list[dict]:
     """Compute the evidence shares of every method at every budget; write the table and a plot."""
     return run(_main, argv)
 
 
 def _main(argv) -> list[dict]:
-    p = command_parser(__doc__)
-    p.add_argument("--results", default="runs/analysis/method_table", help="where method results are cached")
-    args = p.parse_args(argv)
-    checks.check_writable(args.results, directory=True)
+    args = parse_config(CONFIG, argv, __doc__)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "evidence_kept")
     methods, info = methods_at_budgets(lvlm.depth, n_vision)
     methods.pop("none")
-    results_dir = Path(args.results)
-    run_methods(lvlm, benchmark, methods, results_dir, config, samples)
+    results = run_methods(lvlm, benchmark, methods, config, samples)
     evidence = {s.id: s.evidence for s in samples}
     rows = [
-        {**info[label], "method": label, **evidence_shares(read_records(results_dir, label), evidence)}
-        for label in methods
+        {**info[label], "method": label, **evidence_shares(read_records(results[label]), evidence)} for label in methods
     ]
     print(write_table(rows, out / "evidence_kept"))
     fig, ax = plt.subplots(figsize=(8, 4))

@@ -1,29 +1,35 @@
 """Paper Table 1: every scorer at three budgets, per question family, averaged as the paper does.
 
-    python -m analysis.method_table [--model proxy] [--benchmark digits] [--limit N]
+    python -m analysis.method_table [--model proxy] [--benchmark digits] [--limit N] [--scorers v2drop fastv]
+        [--budgets 128 64] [--store runs/store]
 
 Budgets are the paper's 192/128/64 of 576 as the same shares of the model's vision tokens; each
 method's preset is moved to the model's depth and fitted to the budget (``analysis.common.budget_method``).
-"Avg" is the mean over question families of the accuracy ratio to no dropping (the paper averages
-per-benchmark ratios; here each family plays a benchmark).
+Every method is evaluated into the run store (``--store``, default ``runs/store``; finished runs are
+read back) and the table is laid out by the one Table 1 builder that ``experiments.report`` uses
+(``v2drop.evaluation.collect.method_benchmark_table``): "avg_vs_none" is the mean over benchmarks of
+the paper metric's ratio to no dropping (here one benchmark); the per-family columns show where the
+accuracy is lost.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import matplotlib.pyplot as plt
 
 from analysis.common import (
     PAPER_BUDGETS,
+    AnalysisConfig,
     budget_method,
-    command_parser,
-    relative_rows,
     run_methods,
     save_figure,
     scorer_variants,
     setup,
+    table_rows,
     write_table,
 )
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.method import Method
 
 
@@ -43,22 +49,37 @@ def methods_at_budgets(depth: int, n_vision: int, variants=None, budgets=PAPER_B
     return methods, info
 
 
+@dataclass
+class MethodTableConfig(AnalysisConfig):
+    """``analysis.method_table``'s options."""
+
+    scorers: list[str] | None = None  # scorer variants to run; None = every one
+    budgets: list[int] = field(default_factory=lambda: list(PAPER_BUDGETS))  # budgets, as tokens of LLaVA-1.5's 576
+
+
+CONFIG = MethodTableConfig
+
+
 def main(argv=None) -> list[dict]:
     """Run every method at every budget and write the table and a bar chart."""
     return run(_main, argv)
 
 
 def _main(argv) -> list[dict]:
-    args = command_parser(__doc__).parse_args(argv)
-    lvlm, benchmark, samples, n_vision, config, out = setup(args, "method_table")
+    args = parse_config(CONFIG, argv, __doc__)
     all_variants = scorer_variants()
-    methods, info = methods_at_budgets(lvlm.depth, n_vision, all_variants)
+    unknown = sorted(set(args.scorers or ()) - set(all_variants))
+    if unknown:
+        raise ValueError(f"--scorers {', '.join(unknown)}: not a scorer variant; choose from {', '.join(all_variants)}")
+    all_variants = {k: v for k, v in all_variants.items() if args.scorers is None or k in args.scorers}
+    lvlm, benchmark, samples, n_vision, config, out = setup(args, "method_table")
+    methods, info = methods_at_budgets(lvlm.depth, n_vision, all_variants, args.budgets)
     missing = sorted({v for v in all_variants if not any(i.get("scorer") == v for i in info.values())})
-    results = run_methods(lvlm, benchmark, methods, out, config, samples)
-    rows = relative_rows(results, extra=info)
+    results = run_methods(lvlm, benchmark, methods, config, samples)
+    rows = table_rows(results, extra=info)
     columns = (
         ["budget", "method"]
-        + sorted(benchmark.families)
+        + [f"{benchmark.name}/{f}" for f in sorted(benchmark.families)]
         + ["accuracy", "avg_vs_none", "avg_vision_tokens", "flops_ratio", "prefill_ms"]
     )
     markdown = write_table(rows, out / "method_table", columns)
@@ -76,10 +97,10 @@ def _main(argv) -> list[dict]:
     for i, variant in enumerate(variants):
         vals = [
             next((r["avg_vs_none"] for r in rows if r.get("scorer") == variant and r.get("budget") == b), 0)
-            for b in PAPER_BUDGETS
+            for b in args.budgets
         ]
-        ax.bar([j + i * width for j in range(len(PAPER_BUDGETS))], vals, width, label=variant)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(PAPER_BUDGETS))], [f"{b}/576 budget" for b in PAPER_BUDGETS])
+        ax.bar([j + i * width for j in range(len(args.budgets))], vals, width, label=variant)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(args.budgets))], [f"{b}/576 budget" for b in args.budgets])
     ax.set_ylabel("accuracy / no dropping (mean over families)")
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.legend(fontsize=7, ncol=3)

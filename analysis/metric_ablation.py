@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
-from analysis.common import command_parser, relative_rows, run_methods, save_figure, setup, write_table
+from analysis.common import AnalysisConfig, run_methods, save_figure, setup, table_rows, write_table
 from analysis.method_table import methods_at_budgets
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.scorers.v2drop import METRICS as VARIATION_METRICS
 
 METRICS = {f"v2drop-{m}": ("v2drop", {"metric": m}) for m in VARIATION_METRICS}
+
+
+CONFIG = AnalysisConfig
 
 
 def main(argv=None) -> list[dict]:
@@ -21,11 +24,11 @@ def main(argv=None) -> list[dict]:
 
 
 def _main(argv) -> list[dict]:
-    args = command_parser(__doc__).parse_args(argv)
+    args = parse_config(AnalysisConfig, argv, __doc__)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "metric_ablation")
     methods, info = methods_at_budgets(lvlm.depth, n_vision, variants=METRICS)
-    results = run_methods(lvlm, benchmark, methods, out, config, samples)
-    rows = relative_rows(results, extra=info)
+    results = run_methods(lvlm, benchmark, methods, config, samples)
+    rows = table_rows(results, extra=info)
     for row, label in zip(rows, results):
         m = results[label]["metrics"]
         row["samples_per_s"] = 1.0 / m["generation_latency_median_s"]

@@ -14,15 +14,15 @@ import matplotlib.pyplot as plt
 from analysis.common import (
     PAPER_BUDGETS,
     PAPER_VISION_TOKENS,
+    AnalysisConfig,
     budget_method,
-    command_parser,
-    relative_rows,
     run_methods,
     save_figure,
     setup,
+    table_rows,
     write_table,
 )
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.method import Method
 from v2drop.schedule import solve_keep
 
@@ -52,20 +52,23 @@ def schedules(depth: int, n_vision: int, budgets=PAPER_BUDGETS) -> tuple[dict, d
     return methods, info
 
 
+CONFIG = AnalysisConfig
+
+
 def main(argv=None) -> list[dict]:
     """Run and write the table and a plot."""
     return run(_main, argv)
 
 
 def _main(argv) -> list[dict]:
-    args = command_parser(__doc__).parse_args(argv)
+    args = parse_config(AnalysisConfig, argv, __doc__)
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "oneshot_vs_progressive")
     methods, info = schedules(lvlm.depth, n_vision)
-    results = run_methods(lvlm, benchmark, methods, out, config, samples)
-    rows = relative_rows(results, extra=info)
+    results = run_methods(lvlm, benchmark, methods, config, samples)
+    rows = table_rows(results, extra=info)
     columns = (
         ["budget", "method", "schedule"]
-        + sorted(benchmark.families)
+        + [f"{benchmark.name}/{f}" for f in sorted(benchmark.families)]
         + ["accuracy", "avg_vs_none", "avg_vision_tokens", "flops_ratio", "prefill_ms"]
     )
     print(write_table(rows, out / "oneshot_vs_progressive", columns))

@@ -1,24 +1,25 @@
 """Accuracy vs prefill latency and vs FLOPs across methods, with sweep fronts overlaid.
 
-    python -m analysis.pareto [--results runs/analysis/method_table] [--sweep runs/<study> ...]
+    python -m analysis.pareto [--results runs/store] [--sweep runs/<study> ...]
 
-Reads the results ``analysis.method_table`` cached (one folder per method and budget) and, for
+Reads the finished runs of the run store (``analysis.method_table`` files one per method and budget,
+labelled ``<scorer>@<budget>``; accuracy is each run's paper metric) and, for
 each ``--sweep`` directory, its front (from ``python -m experiments.sweep``): the one confirmed on
 the test split when present, else the validation-sample one.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
 from analysis.common import run_dir, save_figure, write_table
 from v2drop import checks
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
+from v2drop.evaluation.collect import collect_results
 from v2drop.search import pareto_indices
 
 COSTS = ("prefill_ms", "flops_ratio")
@@ -63,17 +64,25 @@ def _pick(row: dict, *names):
     return None
 
 
+@dataclass
+class ParetoConfig:
+    """``analysis.pareto``'s options."""
+
+    results: str = "runs/store"  # the run store holding the method results (analysis.method_table files them there)
+    sweep: list[str] = field(default_factory=list)  # sweep run directories whose fronts are overlaid
+    output: str | None = None  # output directory; None = runs/analysis/pareto
+
+
+CONFIG = ParetoConfig
+
+
 def main(argv=None) -> list[dict]:
     """Plot every cached method result (and sweep fronts) and mark the non-dominated ones."""
     return run(_main, argv)
 
 
 def _main(argv) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", default="runs/analysis/method_table", help="folder of per-method result.json files")
-    p.add_argument("--sweep", action="append", default=[], help="a sweep run directory (repeatable)")
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    args = parse_config(ParetoConfig, argv, __doc__)
     if not Path(args.results).is_dir():
         raise FileNotFoundError(
             f"--results {args.results!r} is not a directory; run python -m analysis.method_table first (or point "
@@ -84,24 +93,21 @@ def _main(argv) -> list[dict]:
             raise FileNotFoundError(
                 f"--sweep {folder!r} is not a sweep run directory (no trials.csv or pareto.csv in it)"
             )
-    checks.check_writable(args.out or "runs/analysis/pareto", directory=True)
-    out = run_dir("pareto", args.out)
-    rows = []
-    for path in sorted(Path(args.results).glob("*/result.json")):
-        m = json.loads(path.read_text())["metrics"]
-        label = path.parent.name
-        rows.append(
-            {
-                "method": label,
-                "scorer": label.split("@")[0],
-                "accuracy": m["accuracy"],
-                "prefill_ms": m["prefill_latency_median_s"] * 1e3,
-                "flops_ratio": m["flops_ratio"],
-                "avg_vision_tokens": m["average_vision_tokens"],
-            }
-        )
+    checks.check_writable(args.output or "runs/analysis/pareto", directory=True)
+    out = run_dir("pareto", args.output)
+    rows = [
+        {
+            "method": r.label,
+            "scorer": r.label.split("@")[0],
+            "accuracy": r.score,
+            "prefill_ms": r.prefill_ms,
+            "flops_ratio": r.flops_ratio,
+            "avg_vision_tokens": r.average_vision_tokens,
+        }
+        for r in collect_results(args.results)
+    ]
     if not rows:
-        raise SystemExit(f"no results under {args.results}; run python -m analysis.method_table first")
+        raise ValueError(f"no results in the run store {args.results}; run python -m analysis.method_table first")
     mark_fronts(rows)
     print(write_table(rows, out / "pareto"))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -10,11 +10,13 @@ scorer is flat at the keep fraction.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import matplotlib.pyplot as plt
 
-from analysis.common import command_parser, read_records, run_methods, save_figure, setup, write_table
+from analysis.common import AnalysisConfig, read_records, run_methods, save_figure, setup, write_table
 from v2drop import checks
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.evaluation import vision_index_of
 from v2drop.method import Method
 from v2drop.schedule import Schedule
@@ -37,20 +39,31 @@ def interval_keep_rates(records: list[dict], bins: int = BINS) -> list[float]:
     return [c / t if t else 0.0 for c, t in zip(kept_count, total)]
 
 
+@dataclass
+class PositionalBiasConfig(AnalysisConfig):
+    """``analysis.positional_bias``'s options."""
+
+    keep: float = 0.5  # fraction of vision tokens kept at the stage
+    layer: int | None = None  # stage layer; None = 3 of 32 moved to the model's depth
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.keep <= 1.0:
+            raise ValueError(f"--keep must be a fraction in (0, 1], got {self.keep!r}")
+        checks.check_int("--layer", self.layer, 0, optional=True)
+
+
+CONFIG = PositionalBiasConfig
+
+
 def main(argv=None) -> list[dict]:
     """Run every registered scorer with one 50% stage and write the table and a plot."""
     return run(_main, argv)
 
 
 def _main(argv) -> list[dict]:
-    p = command_parser(__doc__)
-    p.add_argument("--keep", type=float, default=0.5, help="fraction of vision tokens kept at the stage")
-    p.add_argument("--layer", type=int, default=None, help="stage layer (default: 3 of 32 moved to the model's depth)")
-    args = p.parse_args(argv)
-    if not 0.0 < args.keep <= 1.0:
-        raise ValueError(f"--keep must be a fraction in (0, 1], got {args.keep!r}")
+    args = parse_config(PositionalBiasConfig, argv, __doc__)
     if args.layer is not None:
-        checks.check_int("--layer", args.layer, 0)
         depth = checks.model_depth(args.model)
         if args.layer >= depth:
             raise ValueError(
@@ -63,10 +76,10 @@ def _main(argv) -> list[dict]:
     # V²Drop first (the method under study), then every other registered scorer.
     names = sorted(list_scorers(), key=lambda name: name != "v2drop")
     methods = {name: Method(name, schedule=schedule) for name in names}
-    run_methods(lvlm, benchmark, methods, out, config, samples)
+    results = run_methods(lvlm, benchmark, methods, config, samples)
     rows = []
     for name in methods:
-        rates = interval_keep_rates(read_records(out, name))
+        rates = interval_keep_rates(read_records(results[name]))
         rows.append({"scorer": name, **{f"{10 * i}-{10 * (i + 1)}%": rate for i, rate in enumerate(rates)}})
     print(f"drop {1 - args.keep:.0%} before layer {layer} of {lvlm.depth}; keep rate per vision-token index interval")
     print(write_table(rows, out / "positional_bias"))

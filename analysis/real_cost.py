@@ -1,6 +1,6 @@
 """Cost of every preset on real 7B models, analytically (published sizes, no weights).
 
-    python -m analysis.real_cost [--out runs/analysis/real_cost] [--text-tokens 64]
+    python -m analysis.real_cost [--output runs/analysis/real_cost] [--text-tokens 64]
 
 For LLaVA-1.5-7B, Qwen2-VL-7B and LLaVA-OneVision-7B, configs are built locally with their
 published sizes; for each preset (rescaled to the model's depth; count-based stages turned into the
@@ -10,16 +10,15 @@ FLOPs (``v2drop.cost``, formula in ``docs/methods.md``) and KV-cache size, each 
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 
 from analysis.common import run_dir
 from v2drop import checks
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.cost import kv_cache_bytes, method_prefill_flops, prefill_flops
-from v2drop.method import Method, list_presets
+from v2drop.presets import get_preset, list_presets
 from v2drop.tables import write_table
 
 
@@ -48,8 +47,6 @@ class ModelSize:
             num_key_value_heads=self.kv_heads,
         )
 
-
-PRESET_VISION_TOKENS = 576  # the presets are LLaVA-1.5-7B settings (one 336 px image)
 
 MODELS = [
     # Vicuna-7B decoder; CLIP ViT-L/14 at 336 px gives 24 x 24 = 576 tokens.
@@ -81,11 +78,12 @@ def cost_rows(model: ModelSize, text_tokens: int, presets: list[str]) -> list[di
         }
     ]
     for name in presets:
-        method = Method.from_preset(name, depth=model.layers)
+        preset = get_preset(name)
+        method = preset.method(depth=model.layers)
         schedule = method.schedule
-        if schedule.keep_mode == "absolute" and model.vision_tokens != PRESET_VISION_TOKENS:
-            # counts were set for 576 tokens: keep the same shares, or 98 kept of 6,272 would pass for "128"
-            schedule = schedule.to_cumulative(PRESET_VISION_TOKENS)
+        if schedule.keep_mode == "absolute" and model.vision_tokens != preset.reference_vision_tokens:
+            # counts were set for the preset's tokens: keep the same shares, or 98 kept of 6,272 would pass for "128"
+            schedule = schedule.to_cumulative(preset.reference_vision_tokens)
         per_layer = schedule.tokens_per_layer(model.layers, model.vision_tokens)
         flops = method_prefill_flops(cfg, text_tokens, model.vision_tokens, per_layer, schedule.layers, method.scorer)
         kv = kv_cache_bytes(cfg, [text_tokens + v for v in per_layer])
@@ -106,22 +104,32 @@ def cost_rows(model: ModelSize, text_tokens: int, presets: list[str]) -> list[di
     return rows
 
 
+@dataclass
+class RealCostConfig:
+    """``analysis.real_cost``'s options."""
+
+    output: str | None = None  # output directory; None = runs/analysis/real_cost
+    text_tokens: int = 64  # text tokens in the prompt besides the vision tokens
+    presets: list[str] | None = None  # preset names; None = all
+
+    def __post_init__(self):
+        checks.check_int("--text-tokens", self.text_tokens, 0)
+
+
+CONFIG = RealCostConfig
+
+
 def main(argv=None) -> list[dict]:
     """Compute the table for every model and preset; write CSV, markdown and a PNG."""
     return run(_main, argv)
 
 
 def _main(argv) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="output directory (default runs/analysis/real_cost)")
-    p.add_argument("--text-tokens", type=int, default=64, help="text tokens in the prompt besides the vision tokens")
-    p.add_argument("--presets", nargs="*", default=None, help="preset names (default: all)")
-    args = p.parse_args(argv)
-    checks.check_int("--text-tokens", args.text_tokens, 0)
+    args = parse_config(RealCostConfig, argv, __doc__)
     if args.presets:
         checks.check_presets(args.presets, "--presets")
-    checks.check_writable(args.out or "runs/analysis/real_cost", directory=True)
-    out = run_dir("real_cost", args.out)
+    checks.check_writable(args.output or "runs/analysis/real_cost", directory=True)
+    out = run_dir("real_cost", args.output)
     presets = args.presets or list_presets()
     rows = [r for m in MODELS for r in cost_rows(m, args.text_tokens, presets)]
     markdown = write_table(

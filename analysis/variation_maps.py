@@ -1,6 +1,6 @@
 """Paper Fig. 3: each vision token's variation as a heatmap over the image, kept tokens outlined.
 
-    python -m analysis.variation_maps [--model proxy] [--benchmark digits] [--samples 4] [--preset v2drop-llava15-192]
+    python -m analysis.variation_maps [--model proxy] [--benchmark digits] [--samples 4] [--budget 192]
 
 For a few samples, one row each: the image, then for every V²Drop stage the L2 variation of the
 tokens present (a heatmap on the token grid over the image) with the kept tokens outlined; the
@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import textwrap
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.patches import Rectangle
 
-from analysis.common import budget_method, check_args, command_parser, resolve_split, run_dir, save_figure, write_json
+from analysis.common import AnalysisConfig, budget_method, check_args, resolve_split, run_dir, save_figure, write_json
 from v2drop import checks
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.method import Method
 from v2drop.scorers.v2drop import V2DropScorer
 
@@ -45,26 +46,37 @@ def recorded_scores(history: list):
         V2DropScorer.score = original
 
 
+@dataclass
+class VariationMapsConfig(AnalysisConfig):
+    """``analysis.variation_maps``'s options."""
+
+    samples: int = 4  # samples plotted, one row each
+    budget: int = 192  # paper budget (of 576) of the V²Drop schedule
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.check_int("--samples", self.samples, 1)
+        checks.check_int("--budget", self.budget, 1)
+
+
+CONFIG = VariationMapsConfig
+
+
 def main(argv=None) -> list[dict]:
     """Plot the variation maps of the first ``--samples`` samples."""
     return run(_main, argv)
 
 
 def _main(argv) -> list[dict]:
-    p = command_parser(__doc__)
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--budget", type=int, default=192, help="paper budget (of 576) of the V²Drop schedule")
-    args = p.parse_args(argv)
-    checks.check_int("--samples", args.samples, 1)
-    checks.check_int("--budget", args.budget, 1)
+    args = parse_config(VariationMapsConfig, argv, __doc__)
     check_args(args, "variation_maps")
     import v2drop
     from v2drop.benchmarks import get_benchmark
 
     torch.set_num_threads(args.threads)
-    out = run_dir("variation_maps", args.out)
+    out = run_dir("variation_maps", args.output)
     benchmark = get_benchmark(args.benchmark)
-    lvlm = v2drop.load(args.model, attn_implementation=args.attn)
+    lvlm = v2drop.load(args.model, attn_implementation=args.attn_implementation)
     samples = benchmark.load(resolve_split(args, benchmark), args.limit or args.samples)[: args.samples]
     rows, panels = [], []
     for sample in samples:

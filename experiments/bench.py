@@ -1,6 +1,6 @@
 """Side-by-side efficiency benchmark of every method: latency, speedup vs the FLOPs limit, scoring, memory, throughput.
 
-    python -m experiments.bench [--model proxy] [--repeats 5] [--threads 2] [--budget 128] [--out runs/bench]
+    python -m experiments.bench [--model proxy] [--repeats 5] [--threads 2] [--budget 128] [--output runs/bench]
 
 All figures come from one run: every variant is timed in interleaved rounds after warm-up and
 medians are compared, with one fixed thread count. On a CPU absolute times are noise; the ratios
@@ -10,9 +10,9 @@ vision tokens). Methods are fitted to the same average budget (``--budget`` of 5
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,8 @@ from PIL import Image
 import v2drop
 from v2drop import checks
 from v2drop.budgets import budget_method, scorer_variants, with_scorer_args
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
+from v2drop.config import config_to_dict
 from v2drop.cost import environment, sample_prefill_flops
 from v2drop.method import Method
 from v2drop.tables import write_table
@@ -48,12 +49,37 @@ def prompt_inputs(lvlm, n_images: int, batch: int = 1) -> dict:
     return lvlm.prepare([prompt] * batch, [images] * batch)
 
 
-def check_bench_args(args, counts) -> None:
-    """Before any model loads: each of ``counts`` (argument names) a whole number >= 1, ``--out``
-    writable, and ``--model`` (unless ``random``) a loadable config."""
-    for name in counts:
-        checks.check_int("--" + name.replace("_", "-"), getattr(args, name), 1)
-    checks.check_writable(args.out, directory=True)
+@dataclass
+class TimingOptions:
+    """What every timing benchmark sets: the model, the budget, the long input, the rounds."""
+
+    model: str = "proxy"  # model for v2drop.load, or 'random' for a random-weight LLaVA
+    budget: int = 128  # paper budget (of 576) every method is fitted to
+    repeats: int = 5  # timed rounds (interleaved over the methods, after warm-up)
+    max_new_tokens: int = 4  # greedy tokens generated per run
+    frames: int = 8  # images in the long input
+    threads: int = 2  # torch CPU threads (fixed for every run)
+    output: str = "runs/bench"  # directory for the JSON and markdown figures
+
+    def __post_init__(self):
+        for f in fields(self):
+            if f.type in (int, "int"):
+                checks.check_int("--" + f.name.replace("_", "-"), getattr(self, f.name), 1)
+
+
+@dataclass
+class BenchConfig(TimingOptions):
+    """``experiments.bench``'s options."""
+
+    batch: int = 8  # batch size of the throughput test
+
+
+CONFIG = BenchConfig
+
+
+def check_bench_args(args: TimingOptions) -> None:
+    """Before any model loads: ``output`` writable and ``model`` (unless ``random``) a loadable config."""
+    checks.check_writable(args.output, directory=True)
     if args.model != "random":
         checks.model_config(args.model)
 
@@ -122,19 +148,10 @@ def main(argv=None) -> dict:
 
 
 def _main(argv) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="proxy", help="model for v2drop.load, or 'random' for a random-weight LLaVA")
-    p.add_argument("--budget", type=int, default=128, help="paper budget (of 576) every method is fitted to")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--new-tokens", type=int, default=4)
-    p.add_argument("--frames", type=int, default=8, help="images in the long input")
-    p.add_argument("--batch", type=int, default=8, help="batch size of the throughput test")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="runs/bench")
-    args = p.parse_args(argv)
-    check_bench_args(args, ("budget", "repeats", "new_tokens", "frames", "batch", "threads"))
+    args = parse_config(BenchConfig, argv, __doc__)
+    check_bench_args(args)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     if args.model == "random":
         from v2drop.testing import random_llava
@@ -142,7 +159,7 @@ def _main(argv) -> dict:
         lvlm = random_llava()
     else:
         lvlm = v2drop.load(args.model)
-    report = {"environment": environment(lvlm), "args": vars(args)}
+    report = {"environment": environment(lvlm), "args": config_to_dict(args)}
 
     rows = []
     for kind, n_images in (("image", 1), (f"{args.frames} frames", args.frames)):
@@ -154,7 +171,7 @@ def _main(argv) -> dict:
             if method is not None:
                 methods[label] = method
         print(f"[{kind}] {n_vision} vision tokens, {len(methods)} methods, {args.repeats} rounds")
-        rows += latency_rows(kind, time_methods(lvlm, inputs, methods, args.repeats, args.new_tokens))
+        rows += latency_rows(kind, time_methods(lvlm, inputs, methods, args.repeats, args.max_new_tokens))
     report["latency"] = rows
     md = [
         "## Latency at the same budget (medians; speedups over no dropping)",
@@ -170,7 +187,7 @@ def _main(argv) -> dict:
     if fastv is not None:
         memory_methods["fastv-rows"] = fastv
         memory_methods["fastv-faithful"] = with_scorer_args(fastv, faithful=True)
-    mem = time_methods(lvlm, long_inputs, memory_methods, max(1, args.repeats // 2), args.new_tokens, memory=True)
+    mem = time_methods(lvlm, long_inputs, memory_methods, max(1, args.repeats // 2), args.max_new_tokens, memory=True)
     mem_rows = [
         {
             "method": k,
@@ -194,7 +211,7 @@ def _main(argv) -> dict:
         inputs = prompt_inputs(lvlm, 1, batch)
         n_vision = int(lvlm.adapter.vision_mask(inputs["input_ids"][:1]).sum())
         ms = {"none": Method.none(), "v2drop": budget_method("v2drop", args.budget, lvlm.depth, n_vision)}
-        t = time_methods(lvlm, inputs, ms, max(1, args.repeats // 2), args.new_tokens)
+        t = time_methods(lvlm, inputs, ms, max(1, args.repeats // 2), args.max_new_tokens)
         for label, v in t.items():
             tp_rows.append({"batch": batch, "method": label, "samples_per_s": batch / v["generation_s"]})
     report["throughput"] = tp_rows

@@ -12,19 +12,32 @@ ratios to no dropping are printed (on a CPU, the ratios are the figures).
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import v2drop
-from experiments.bench import check_bench_args, prompt_inputs, time_methods
+from experiments.bench import TimingOptions, check_bench_args, prompt_inputs, time_methods
 from v2drop.budgets import budget_method, with_scorer_args
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
+from v2drop.config import config_to_dict
 from v2drop.cost import environment
 from v2drop.method import Method
 from v2drop.tables import write_table
+
+
+@dataclass
+class AttentionBenchConfig(TimingOptions):
+    """``experiments.bench_attention``'s options."""
+
+    model: str = "random"  # 'random' (random-weight LLaVA, hidden 512, 8 layers) or a v2drop.load name
+    max_new_tokens: int = 2
+    output: str = "runs/bench_attention"
+
+
+CONFIG = AttentionBenchConfig
 
 
 def main(argv=None) -> dict:
@@ -33,18 +46,8 @@ def main(argv=None) -> dict:
 
 
 def _main(argv) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--model", default="random", help="'random' (random-weight LLaVA, hidden 512, 8 layers) or a v2drop.load name"
-    )
-    p.add_argument("--frames", type=int, default=8, help="images in the prompt")
-    p.add_argument("--budget", type=int, default=128, help="paper budget (of 576) every method is fitted to")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--new-tokens", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="runs/bench_attention")
-    args = p.parse_args(argv)
-    check_bench_args(args, ("frames", "budget", "repeats", "new_tokens", "threads"))
+    args = parse_config(AttentionBenchConfig, argv, __doc__)
+    check_bench_args(args)
     torch.set_num_threads(args.threads)
     if args.model == "random":
         from v2drop.testing import random_llava
@@ -70,9 +73,9 @@ def _main(argv) -> dict:
         f"{lvlm.name}: {n_vision} vision tokens, {inputs['input_ids'].shape[1]} prompt tokens, "
         f"{len(methods)} methods x {args.repeats} interleaved rounds"
     )
-    timings = time_methods(lvlm, inputs, methods, args.repeats, args.new_tokens)
+    timings = time_methods(lvlm, inputs, methods, args.repeats, args.max_new_tokens)
     memory = time_methods(
-        lvlm, inputs, methods, max(1, args.repeats // 2), args.new_tokens, memory=True
+        lvlm, inputs, methods, max(1, args.repeats // 2), args.max_new_tokens, memory=True
     )  # the CPU sampler slows what it wraps: its own rounds
     for label, t in timings.items():
         t["peak_memory_mb"] = memory[label]["peak_memory_mb"]
@@ -89,7 +92,7 @@ def _main(argv) -> dict:
         }
         for label, t in timings.items()
     ]
-    out = Path(args.out)
+    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(lvlm)
     md = [
@@ -101,7 +104,7 @@ def _main(argv) -> dict:
     ]
     (out / "bench_attention.md").write_text("\n".join(md))
     (out / "bench_attention.json").write_text(
-        json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=2, default=str)
+        json.dumps({"environment": env, "args": config_to_dict(args), "rows": rows}, indent=2, default=str)
     )
     print("\n".join(md))
     return {"rows": rows}

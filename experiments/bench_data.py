@@ -17,7 +17,6 @@ the first batch, in the main process) for comparison.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,10 +24,11 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from v2drop import checks
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 
 
 def main(argv=None) -> list[dict]:
@@ -36,41 +36,43 @@ def main(argv=None) -> list[dict]:
     return run(_main, argv)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2500, help="questions (one image each) in the generated copy")
-    parser.add_argument("--width", type=int, default=1024, help="image width in pixels")
-    parser.add_argument("--height", type=int, default=768, help="image height in pixels")
-    parser.add_argument("--data-dir", default=None, help="build (or reuse) the copy here instead of a temporary folder")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader worker counts to compare")
-    parser.add_argument("--eager", action="store_true", help="also run the old behaviour: decode every image up front")
-    parser.add_argument("--method", default="v2drop-llava15-128", help="method preset")
-    parser.add_argument("--max-new-tokens", type=int, default=2, help="greedy tokens per answer")
-    parser.add_argument("--batch-size", type=int, default=1, help="samples per generate call")
-    parser.add_argument(
-        "--model",
-        choices=("tiny", "random-llava"),
-        default="tiny",
-        help="tiny: v2drop.testing.build('llava') (64 vision tokens, the issue's tiny LLaVA); "
-        "random-llava: random_llava (hidden 512, 12 layers, 576 vision tokens)",
-    )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the evaluating process")
-    parser.add_argument("--interval", type=float, default=0.25, help="seconds between memory samples")
-    parser.add_argument("--output", default=None, help="write the figures as JSON here")
-    parser.add_argument(
-        "--one", default=None, help=argparse.SUPPRESS
-    )  # internal: run one setting (JSON) and print its figures
-    return parser
+@dataclass
+class DataBenchConfig:
+    """``experiments.bench_data``'s options."""
+
+    rows: int = 2500  # questions (one image each) in the generated copy
+    width: int = 1024  # image width in pixels
+    height: int = 768  # image height in pixels
+    data_dir: str | None = None  # build (or reuse) the copy here; None = a temporary folder
+    workers: list[int] = field(default_factory=lambda: [0, 2])  # loader worker counts to compare
+    eager: bool = False  # also run the old behaviour: decode every image up front
+    method: str = "v2drop-llava15-128"  # method preset
+    max_new_tokens: int = 2  # greedy tokens per answer
+    batch_size: int = 1  # samples per generate call
+    # tiny: v2drop.testing.build('llava') (64 vision tokens);
+    # random-llava: random_llava (hidden 512, 12 layers, 576 vision tokens)
+    model: str = "tiny"
+    threads: int = 2  # torch CPU threads of the evaluating process
+    interval: float = 0.25  # seconds between memory samples
+    output: str | None = None  # write the figures as JSON here
+    one: str | None = None  # internal: run only this setting (JSON) and print its figures
+
+    def __post_init__(self):
+        for key in ("rows", "width", "height", "max_new_tokens", "batch_size", "threads"):
+            checks.check_int(f"--{key.replace('_', '-')}", getattr(self, key), 1)
+        for w in self.workers:
+            checks.check_int("--workers", w, 0)
+        if not self.interval > 0:
+            raise ValueError(f"--interval must be a positive number of seconds, got {self.interval}")
+        if self.model not in ("tiny", "random-llava"):
+            raise ValueError(f"--model must be tiny or random-llava, got {self.model!r}")
+
+
+CONFIG = DataBenchConfig
 
 
 def _main(argv) -> list[dict]:
-    args = _parser().parse_args(argv)
-    for key in ("rows", "width", "height", "max_new_tokens", "batch_size", "threads"):
-        checks.check_int(f"--{key.replace('_', '-')}", getattr(args, key), 1)
-    for w in args.workers:
-        checks.check_int("--workers", w, 0)
-    if not args.interval > 0:
-        raise ValueError(f"--interval must be a positive number of seconds, got {args.interval}")
+    args = parse_config(DataBenchConfig, argv, __doc__)
     checks.check_presets([args.method], "--method")
     if args.one:
         return [_one(args, json.loads(args.one))]
@@ -152,7 +154,7 @@ def _one(args, setting: dict) -> dict:
         if setting["eager"]:
             result = _eager(config, tmp, lvlm)
         else:
-            result = run_evaluation(config, Path(tmp) / "run", lvlm=lvlm)
+            result = run_evaluation(replace(config, store=str(Path(tmp) / "store")), lvlm=lvlm)
         seconds = time.perf_counter() - start
     sampler.stop()
     n = result.metrics["n"]

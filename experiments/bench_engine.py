@@ -11,9 +11,9 @@ absolute times are noise and only the ratios measured side by side mean anything
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from PIL import Image
 
 import v2drop
 from v2drop import Method, checks
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.cost import Timer
 from v2drop.testing import random_llava  # noqa: F401  (also importable from here, as before)
 
@@ -33,25 +33,33 @@ def _timed(fn) -> float:
     return timer.seconds
 
 
+@dataclass
+class EngineBenchConfig:
+    """``experiments.bench_engine``'s options."""
+
+    model: str | None = None  # a model name for v2drop.load; None = a random LLaVA built here
+    preset: str = "v2drop-llava15-128"  # V²Drop preset (rescaled to the model's depth)
+    repeats: int = 7  # timed runs per variant, after one warm-up
+    max_new_tokens: int = 8  # greedy tokens generated per run
+    threads: int = 2  # torch CPU threads (fixed for every run)
+    output: str | None = None  # write the figures as JSON here
+
+    def __post_init__(self):
+        checks.check_int("--repeats", self.repeats, 1)
+        checks.check_int("--max-new-tokens", self.max_new_tokens, 1)
+        checks.check_int("--threads", self.threads, 1)
+
+
+CONFIG = EngineBenchConfig
+
+
 def main(argv=None) -> dict:
     """Run the benchmark and print (and return) the ratios."""
     return run(_main, argv)
 
 
 def _main(argv) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model", default=None, help="a model name for v2drop.load (default: a random LLaVA built here)"
-    )
-    parser.add_argument("--preset", default="v2drop-llava15-128", help="V²Drop preset (rescaled to the model's depth)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per variant, after one warm-up")
-    parser.add_argument("--new-tokens", type=int, default=8, help="greedy tokens generated per run")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (fixed for every run)")
-    parser.add_argument("--output", default=None, help="write the figures as JSON here")
-    args = parser.parse_args(argv)
-    checks.check_int("--repeats", args.repeats, 1)
-    checks.check_int("--new-tokens", args.new_tokens, 1)
-    checks.check_int("--threads", args.threads, 1)
+    args = parse_config(EngineBenchConfig, argv, __doc__)
     checks.check_presets([args.preset], "--preset")
     if args.output:
         checks.check_writable(args.output)
@@ -66,7 +74,7 @@ def _main(argv) -> dict:
     prompt = lvlm.format_prompt(" ".join(f"w{i}" for i in range(20)))
     inputs = lvlm.prepare([prompt], [image])
     method = Method.from_preset(args.preset, depth=lvlm.depth)
-    n = args.new_tokens
+    n = args.max_new_tokens
 
     def hf():
         """``model.generate`` without dropping."""

@@ -18,16 +18,16 @@ On a CPU, absolute times are noise; only the ratios measured side by side mean a
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from v2drop import Method, checks
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 
 
 def random_llava15(width_divisor: int = 4, decoder_layers: int = 4):
@@ -53,6 +53,35 @@ def random_llava15(width_divisor: int = 4, decoder_layers: int = 4):
     return lvlm
 
 
+@dataclass
+class SweepBenchConfig:
+    """``experiments.bench_sweep``'s options."""
+
+    models: list[str] = field(
+        default_factory=lambda: ["proxy", "random-llava15"]
+    )  # v2drop.load names, or random-llava15
+    benchmark: str = "digits"  # registered benchmark
+    split: str = "validation"  # benchmark split the trial samples come from
+    limit: int = 16  # trial samples
+    batch_size: int = 4  # samples per generate call
+    max_new_tokens: int = 3  # greedy tokens generated per answer
+    methods: list[str] = field(
+        default_factory=lambda: ["none", "v2drop-llava15-128", "visionzip-llava15-64"]
+    )  # presets (or none), one trial each
+    repeats: int = 2  # timed trials per method and variant
+    threads: int = 1  # torch CPU threads (1: on a shared machine, idle threads spinning would count as CPU time)
+    width_divisor: int = 4  # random-llava15: every width of LLaVA-1.5-7B divided by this
+    decoder_layers: int = 4  # random-llava15: decoder layers
+    output: str | None = None  # write the figures as JSON here
+
+    def __post_init__(self):
+        for name in ("limit", "batch_size", "max_new_tokens", "repeats", "threads", "width_divisor", "decoder_layers"):
+            checks.check_int(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+
+
+CONFIG = SweepBenchConfig
+
+
 def main(argv=None) -> dict:
     """Run the benchmark, print the trial times side by side (and return them)."""
     return run(_main, argv)
@@ -61,39 +90,7 @@ def main(argv=None) -> dict:
 def _main(argv) -> dict:
     from v2drop.benchmarks import get_benchmark
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--models",
-        nargs="+",
-        default=["proxy", "random-llava15"],
-        help="model names for v2drop.load, or random-llava15",
-    )
-    p.add_argument("--benchmark", default="digits")
-    p.add_argument("--split", default="validation")
-    p.add_argument("--limit", type=int, default=16, help="trial samples")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=3)
-    p.add_argument(
-        "--methods",
-        nargs="+",
-        default=["none", "v2drop-llava15-128", "visionzip-llava15-64"],
-        help="presets (or none), one trial each",
-    )
-    p.add_argument("--repeats", type=int, default=2, help="timed trials per method and variant")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (1: on a shared machine, idle threads spinning would count as CPU time)",
-    )
-    p.add_argument(
-        "--width-divisor", type=int, default=4, help="random-llava15: every width of LLaVA-1.5-7B divided by this"
-    )
-    p.add_argument("--decoder-layers", type=int, default=4, help="random-llava15: decoder layers")
-    p.add_argument("--output", default=None, help="write the figures as JSON here")
-    args = p.parse_args(argv)
-    for name in ("limit", "batch_size", "max_new_tokens", "repeats", "threads", "width_divisor", "decoder_layers"):
-        checks.check_int(f"--{name.replace('_', '-')}", getattr(args, name), 1)
+    args = parse_config(SweepBenchConfig, argv, __doc__)
     checks.check_presets([m for m in args.methods if m != "none"], "--methods")
     for name in args.models:
         if name != "random-llava15":

@@ -11,8 +11,8 @@ every family.
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +20,33 @@ import v2drop
 from experiments.proxy.check import cell_lookups, check, format_table, lookup_table
 from v2drop import checks
 from v2drop.benchmarks import get_benchmark
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
+
+
+@dataclass
+class CheckProxyConfig:
+    """``experiments.check_proxy``'s options."""
+
+    model: str = "proxy"  # bundled name, local directory or hub id
+    benchmark: str = "digits"  # registered benchmark
+    seed: int | None = None  # the benchmark's seed (digits: another draw of scenes and questions); None = its own
+    split: str = "test"  # benchmark split
+    layer: int = 2  # drop layer of the evidence and random conditions
+    limit: int | None = None  # questions to score; None = the whole split
+    threads: int = 2  # torch CPU threads
+    # digits: also probe each digit's cell lookup in the training turns' wordings and the ident question,
+    # on this many scenes
+    lookups: int = 0
+    output: str | None = None  # write the table as JSON here
+
+    def __post_init__(self):
+        checks.check_int("--limit", self.limit, 1, optional=True)
+        checks.check_int("--threads", self.threads, 1)
+        checks.check_int("--lookups", self.lookups, 0)
+        checks.check_int("--layer", self.layer, 0)
+
+
+CONFIG = CheckProxyConfig
 
 
 def main(argv=None) -> dict:
@@ -31,35 +57,7 @@ def main(argv=None) -> dict:
 
 
 def _main(argv) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="proxy", help="bundled name, local directory or hub id")
-    p.add_argument("--benchmark", default="digits")
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="the benchmark's seed (digits: another draw of scenes and questions; default: the benchmark's own)",
-    )
-    p.add_argument("--split", default="test")
-    p.add_argument("--layer", type=int, default=2, help="drop layer of the evidence and random conditions")
-    p.add_argument("--limit", type=int, default=None, help="questions to score (default: the whole split)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument(
-        "--lookups",
-        type=int,
-        default=0,
-        metavar="SCENES",
-        help=(
-            "digits: also probe each digit's cell lookup in the training turns' wordings and the ident question, on "
-            "this many scenes"
-        ),
-    )
-    p.add_argument("--output", default=None, help="write the table as JSON here")
-    args = p.parse_args(argv)
-    checks.check_int("--limit", args.limit, 1, optional=True)
-    checks.check_int("--threads", args.threads, 1)
-    checks.check_int("--lookups", args.lookups, 0)
-    checks.check_int("--layer", args.layer, 0)
+    args = parse_config(CheckProxyConfig, argv, __doc__)
     if args.output:
         checks.check_writable(args.output)
     bench = get_benchmark(args.benchmark, seed=args.seed)

@@ -1,22 +1,24 @@
 """Collect finished evaluations into one table: methods × benchmarks, relative to no dropping (the papers' Table 1).
 
-    python -m experiments.report [runs/eval] [--output runs/report]
+    python -m experiments.report [runs/store] [--output runs/report]
 
-Reads every ``result.json`` under the directory (``experiments.evaluate`` writes one per run, by
-default under ``runs/eval/``). Cells hold each benchmark's paper metric (POPE: F1 averaged over its
+Reads every finished run of the run store (``experiments.evaluate``, the analyses and the sweeps'
+confirmations file their results there, by default under ``runs/store/``) and lays them out with
+the one Table 1 builder (``v2drop.evaluation.collect.method_benchmark_table``, also behind
+``analysis.method_table``). Cells hold each benchmark's paper metric (POPE: F1 averaged over its
 categories; MME: total score; MVBench: mean of task accuracies; accuracy elsewhere); ``avg_vs_none``
 is the mean over benchmarks of the ratio to the no-dropping run of the same model on the same
-samples (run ``--method none`` once per benchmark). One table per model, written as markdown and
-CSV (the CSV also has every per-benchmark ratio).
+samples and engine settings (run ``--method none`` once per benchmark). One table per model,
+written as markdown and CSV (the CSV also has every per-benchmark ratio and per-family score).
 """
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from v2drop import checks
-from v2drop.cli import run
+from v2drop.cli import parse_config, run
 from v2drop.evaluation.collect import collect_results, method_benchmark_table, table_columns
 from v2drop.tables import markdown_table, write_csv
 
@@ -26,13 +28,19 @@ def main(argv=None) -> dict:
     return run(_main, argv)
 
 
+@dataclass
+class ReportConfig:
+    """The command's options."""
+
+    runs: str = "runs/store"  # the run store holding finished evaluations; also the positional argument
+    output: str = "runs/report"  # directory for report-<model>.md / .csv
+
+
+CONFIG = ReportConfig
+
+
 def _main(argv) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "runs", nargs="?", default="runs/eval", help="directory holding evaluation runs (searched recursively)"
-    )
-    p.add_argument("--output", default="runs/report", help="directory for report-<model>.md / .csv")
-    args = p.parse_args(argv)
+    args = parse_config(ReportConfig, argv, __doc__, positional="runs")
     out = Path(args.output)
     checks.check_writable(out, directory=True)
     runs = collect_results(args.runs)

@@ -1,9 +1,9 @@
 """Search drop layers and keep fractions with Optuna; write and log the accuracy–cost Pareto front.
 
     python -m experiments.sweep [--config configs/sweep/default.yaml] [--set key=value ...]
-                                [--storage URL] [--study-name NAME] [--trials N] [--workers N]
+                                [--storage URL] [--study NAME] [--trials N] [--workers N]
 
-Run the same command with the same ``--study-name`` and ``--storage`` on any number of machines
+Run the same command with the same ``--study`` and ``--storage`` on any number of machines
 to share one study; re-running a finished or interrupted command resumes it. ``--workers N``
 starts N worker processes on this machine, all on the run's storage, worker ``i`` seeing only GPU
 ``i`` (``CUDA_VISIBLE_DEVICES``; with ``--set eval.device=cuda``), each running ``--trials``
@@ -16,15 +16,14 @@ exit status 2 (``--debug`` or ``V2DROP_DEBUG=1``: traceback). See docs/sweeps.md
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from v2drop.cli import run
-from v2drop.config import config_from_dict, parse_overrides, read_yaml
+from v2drop.cli import parse_config, run
 from v2drop.search import SweepConfig, format_front, run_sweep
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -35,45 +34,44 @@ def main(argv=None) -> dict:
     return run(_main, argv)
 
 
+@dataclass
+class SweepCommand(SweepConfig):
+    """The command's options: a ``SweepConfig`` and how this machine runs it."""
+
+    workers: int = (
+        1  # worker processes on this machine, worker i on GPU i (CUDA_VISIBLE_DEVICES), each running `trials`
+    )
+    trials_only: bool = (
+        False  # run this worker's trials and stop: no artifacts, no confirmation (how --workers starts its workers)
+    )
+    progress: bool = True  # show progress bars
+
+    def __post_init__(self):
+        if not isinstance(self.workers, int) or self.workers < 1 or (self.workers > 1 and self.trials_only):
+            raise ValueError(
+                f"--workers must be a whole number >= 1 (and not given with --trials-only), got {self.workers}"
+            )
+
+    def sweep(self) -> SweepConfig:
+        """The ``SweepConfig`` part."""
+        return SweepConfig(**{f.name: getattr(self, f.name) for f in fields(SweepConfig)})
+
+
+CONFIG = SweepCommand
+
+
 def _main(argv) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/sweep/default.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config value")
-    p.add_argument("--storage", default=None, help="Optuna storage URL or journal file path")
-    p.add_argument("--study-name", default=None)
-    p.add_argument("--trials", type=int, default=None, help="trials this worker (each of --workers) runs")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="worker processes on this machine, worker i on GPU i (CUDA_VISIBLE_DEVICES)",
-    )
-    p.add_argument(
-        "--trials-only",
-        action="store_true",
-        help="run this worker's trials and stop: no artifacts, no confirmation (how --workers starts its workers)",
-    )
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    flags = {
-        k: v
-        for k, v in (("storage", args.storage), ("study", args.study_name), ("trials", args.trials))
-        if v is not None
-    }
-    cfg = config_from_dict(SweepConfig, read_yaml(args.config, what="sweep config"), parse_overrides(args.set), flags)
-    if args.workers < 1 or (args.workers > 1 and args.trials_only):
-        raise ValueError(
-            f"--workers must be a whole number >= 1 (and not given with --trials-only), got {args.workers}"
-        )
+    args = parse_config(SweepCommand, argv, __doc__, config="configs/sweep/default.yaml")
+    cfg = args.sweep()
     start = time.time()
     if args.trials_only:
-        result = run_sweep(cfg, progress=not args.no_progress, finish=False)
+        result = run_sweep(cfg, progress=args.progress, finish=False)
         print(f"worker {os.getpid()} done ({(time.time() - start) / 60:.1f} min)")
         return result
     if args.workers > 1:
-        result = run_workers(cfg, args, progress=not args.no_progress)
+        result = run_workers(cfg, args.workers, argv, progress=args.progress)
     else:
-        result = run_sweep(cfg, progress=not args.no_progress)
+        result = run_sweep(cfg, progress=args.progress)
     print(
         f"\nPareto front of {cfg.study} ({len(result['rows'])} complete trials, {(time.time() - start) / 60:.1f} min):"
     )
@@ -95,23 +93,19 @@ def worker_devices(n: int) -> list[str | None]:
     return [gpus[i % len(gpus)] if gpus else None for i in range(n)]
 
 
-def run_workers(cfg: SweepConfig, args, progress: bool = True) -> dict:
-    """Check everything, start ``args.workers`` processes of this command with ``--trials-only`` (same config and
-    storage, one GPU each), wait for all, then write the artifacts and confirm the front once."""
+def run_workers(cfg: SweepConfig, n: int, argv: list[str], progress: bool = True) -> dict:
+    """Check everything, start ``n`` processes of this command (its command line ``argv``) with ``--trials-only``
+    (same config and storage, one GPU each), wait for all, then write the artifacts and confirm the front once."""
     from v2drop.search import finish_sweep
     from v2drop.search.checks import check_sweep_run
 
     check_sweep_run(cfg)  # a mistake is reported once, before any worker starts or the study exists
-    argv = [sys.executable, "-m", "experiments.sweep", "--config", args.config, "--trials-only", "--no-progress"]
-    for item in args.set:
-        argv += ["--set", item]
-    for flag, value in (("--storage", args.storage), ("--study-name", args.study_name), ("--trials", args.trials)):
-        if value is not None:
-            argv += [flag, str(value)]
-    argv += ["--set", "wandb.mode=disabled"]  # one wandb run for the study, written by finish_sweep
+    # the same command line, then (later layers win) one worker's part and one wandb run for the study
+    argv = [sys.executable, "-m", "experiments.sweep", *argv, "--set", "wandb.mode=disabled"]
+    argv += ["--workers", "1", "--trials-only", "--no-progress"]
     workers = []
     try:
-        for i, device in enumerate(worker_devices(args.workers)):
+        for i, device in enumerate(worker_devices(n)):
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(
                 filter(None, [ROOT, env.get("PYTHONPATH")])

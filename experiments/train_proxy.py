@@ -1,8 +1,7 @@
 """Train the proxy LVLM on the digits world and save it to v2drop/assets/proxy.
 
     python -m experiments.train_proxy [--config configs/proxy.yaml] [--set lvlm.steps=2000] [--fresh]
-    python -m experiments.train_proxy --init proxy-layer0-frozen --start settle   # the last stage only, from a saved
-    model
+    python -m experiments.train_proxy --init proxy-layer0-frozen --start settle   # the last stage, from a saved model
 
 Resumes from the last Lightning checkpoint of the current stage unless ``--fresh``. The recipe is
 ``experiments.proxy.train.TrainConfig``; ``--set key.sub=value`` overrides any key of it.
@@ -10,14 +9,13 @@ Resumes from the last Lightning checkpoint of the current stage unless ``--fresh
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import time
+from dataclasses import dataclass, fields
 
 from experiments.proxy.train import STAGES, TrainConfig, train
 from v2drop import checks
-from v2drop.cli import run
-from v2drop.config import load_config
+from v2drop.cli import parse_config, run
 
 
 def main(argv=None) -> None:
@@ -42,29 +40,35 @@ def check_recipe(cfg: TrainConfig) -> None:
     checks.check_writable(cfg.workdir, directory=True)
 
 
+@dataclass
+class TrainCommand(TrainConfig):
+    """The command's options: the recipe (``TrainConfig``) and where training starts."""
+
+    fresh: bool = False  # ignore checkpoints in the work directory
+    start: str | None = None  # begin at this stage (align, lvlm, robust, settle, video) from `init`'s weights
+    init: str | None = None  # with `start`: the saved proxy (bundled name or directory) the earlier stages produced
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.start is not None and self.start not in STAGES:
+            raise ValueError(f"--start {self.start!r} is not a stage; choose one of {', '.join(STAGES)}")
+        if (self.start is None) != (self.init is None):
+            raise ValueError(
+                "--start and --init go together: --init names the saved model that this recipe's stages before "
+                "--start produced"
+            )
+
+    def recipe(self) -> TrainConfig:
+        """The ``TrainConfig`` part."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
+
+
+CONFIG = TrainCommand
+
+
 def _main(argv) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/proxy.yaml", help="the recipe (YAML)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
-    p.add_argument("--fresh", action="store_true", help="ignore checkpoints in the work directory")
-    p.add_argument(
-        "--start",
-        choices=STAGES,
-        default=None,
-        help="begin at this stage from --init's weights (trained by this recipe's earlier stages)",
-    )
-    p.add_argument(
-        "--init",
-        default=None,
-        help="with --start: the saved proxy (bundled name or directory) the earlier stages produced",
-    )
-    args = p.parse_args(argv)
-    if (args.start is None) != (args.init is None):
-        raise ValueError(
-            "--start and --init go together: --init names the saved model that this recipe's stages before --start "
-            "produced"
-        )
-    cfg = load_config(TrainConfig, args.config, args.set)
+    args = parse_config(TrainCommand, argv, __doc__, config="configs/proxy.yaml")
+    cfg = args.recipe()
     check_recipe(cfg)
     if args.fresh:
         shutil.rmtree(cfg.workdir, ignore_errors=True)

@@ -40,6 +40,13 @@ def _registries() -> list:
 
 
 @pytest.fixture(autouse=True)
+def run_store(tmp_path, monkeypatch):
+    """Every test files its evaluations in its own run store (``$V2DROP_STORE``), never in the checkout's runs/."""
+    monkeypatch.setenv("V2DROP_STORE", str(tmp_path / "store"))
+    return tmp_path / "store"
+
+
+@pytest.fixture(autouse=True)
 def restore_registries():
     """Undo whatever a test registers (scorers, benchmarks), so no test depends on another's registrations."""
     registries = _registries()

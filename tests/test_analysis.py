@@ -1,20 +1,21 @@
 """Analysis helpers on hand-made records, the real-model cost table, and cached method runs."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
 import torch
 
 from analysis.common import (
+    AnalysisConfig,
     budget_method,
-    command_parser,
     read_records,
-    relative_rows,
     resolve_split,
     run_methods,
     save_figure,
     scorer_variants,
+    table_rows,
     vision_tokens_of,
 )
 from analysis.evidence_kept import evidence_shares
@@ -24,6 +25,7 @@ from analysis.positional_bias import interval_keep_rates
 from analysis.real_cost import MODELS, cost_rows
 from v2drop import Method, Schedule
 from v2drop.benchmarks import Benchmark
+from v2drop.cli import parse_config
 from v2drop.evaluation import EvalConfig
 from v2drop.scorers import SCORERS, Scorer
 from v2drop.testing import EchoBench
@@ -169,9 +171,9 @@ def test_pre_llm_composite_and_staged_methods_run_through_the_analysis_helpers(t
     picked.pop("none")
     assert set(picked) == {f"{n}@288" for n in names}
     config = EvalConfig(model="tiny", benchmark="echo", warmup=0, max_new_tokens=1, progress=False)
-    results = run_methods(lvlm, bench, picked, tmp_path, config)
+    results = run_methods(lvlm, bench, picked, config)
     for label, method in picked.items():
-        records = read_records(tmp_path, label)
+        records = read_records(results[label])
         assert len(records) == 2 and results[label]["metrics"]["average_vision_tokens"] < n_vision
         assert [s["layer"] for s in records[0]["kept"]] == list(method.schedule.layers)
         rates = interval_keep_rates(records)
@@ -180,19 +182,19 @@ def test_pre_llm_composite_and_staged_methods_run_through_the_analysis_helpers(t
         assert 0 <= shares["layer_average"] <= 1 and shares["after_first_stage"] is not None
 
 
-def test_run_methods_caches_results(tiny, tmp_path):
+def test_run_methods_reuses_finished_runs_from_the_store(tiny, tmp_path):
     lvlm, bench = tiny("llava"), EchoBench(3)
-    config = EvalConfig(model="tiny", benchmark="echo", warmup=0, max_new_tokens=1, progress=False)
+    config = EvalConfig(model="tiny", benchmark="echo", warmup=0, max_new_tokens=1, progress=False, store=str(tmp_path))
     methods = {"none": Method.none(), "drop": Method("v2drop", schedule=Schedule.one_shot(2, 0.5))}
-    first = run_methods(lvlm, bench, methods, tmp_path, config)
-    stamp = (tmp_path / "drop" / "result.json").stat().st_mtime_ns
-    again = run_methods(lvlm, bench, methods, tmp_path, config)
-    assert (tmp_path / "drop" / "result.json").stat().st_mtime_ns == stamp
+    first = run_methods(lvlm, bench, methods, config)
+    result_json = Path(first["drop"]["records_path"]).parent / "result.json"
+    stamp = result_json.stat().st_mtime_ns
+    again = run_methods(lvlm, bench, methods, config)
+    assert result_json.stat().st_mtime_ns == stamp and again["drop"]["reused"] and not first["drop"]["reused"]
     assert again["drop"]["metrics"] == first["drop"]["metrics"]
-    changed = run_methods(
-        lvlm, bench, {"drop": Method("v2drop", schedule=Schedule.one_shot(2, 0.25))}, tmp_path, config
-    )
+    changed = run_methods(lvlm, bench, {"drop": Method("v2drop", schedule=Schedule.one_shot(2, 0.25))}, config)
     assert changed["drop"]["metrics"]["average_vision_tokens"] < first["drop"]["metrics"]["average_vision_tokens"]
+    assert not changed["drop"]["reused"] and len(list(tmp_path.iterdir())) == 3
 
 
 def test_run_methods_reruns_when_the_weights_change_under_the_same_name(tiny, tmp_path):
@@ -202,19 +204,19 @@ def test_run_methods_reruns_when_the_weights_change_under_the_same_name(tiny, tm
     from v2drop.lvlm import LVLM
 
     lvlm, bench = tiny("llava"), EchoBench(3)
-    config = EvalConfig(model="tiny", benchmark="echo", warmup=0, max_new_tokens=1, progress=False)
+    config = EvalConfig(model="tiny", benchmark="echo", warmup=0, max_new_tokens=1, progress=False, store=str(tmp_path))
     methods = {"drop": Method("v2drop", schedule=Schedule.one_shot(2, 0.5))}
-    run_methods(lvlm, bench, methods, tmp_path, config)
-    stamp = (tmp_path / "drop" / "result.json").stat().st_mtime_ns
+    first = run_methods(lvlm, bench, methods, config)
     assert LVLM(copy.deepcopy(lvlm.model), lvlm.processor, lvlm.name).weights_fingerprint == lvlm.weights_fingerprint
     model = copy.deepcopy(lvlm.model)
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] += 1.0
     retrained = LVLM(model, lvlm.processor, lvlm.name)
     assert retrained.weights_fingerprint != lvlm.weights_fingerprint
-    result = run_methods(retrained, bench, methods, tmp_path, config)
-    assert (tmp_path / "drop" / "result.json").stat().st_mtime_ns != stamp
-    assert result["drop"]["weights"] == retrained.weights_fingerprint
+    result = run_methods(retrained, bench, methods, config)
+    assert not result["drop"]["reused"] and result["drop"]["records_path"] != first["drop"]["records_path"]
+    assert result["drop"]["key"]["weights"] == retrained.weights_fingerprint
+    assert first["drop"]["key"]["weights"] == lvlm.weights_fingerprint
 
 
 def test_variation_maps_plot_the_recorded_v2drop_scores(tmp_path):
@@ -225,26 +227,38 @@ def test_variation_maps_plot_the_recorded_v2drop_scores(tmp_path):
     from v2drop.scorers.v2drop import V2DropScorer
 
     score = V2DropScorer.score
-    rows = maps_main(["--samples", "1", "--out", str(tmp_path)])
+    rows = maps_main(["--samples", "1", "--output", str(tmp_path)])
     assert len(rows) == 1 and rows[0]["stages"] and V2DropScorer.score is score
     assert any(p.suffix == ".png" for p in tmp_path.rglob("*"))
 
 
-def test_relative_rows_average_ratios_over_families():
-    metrics = {
-        "accuracy": 0.6,
-        "average_vision_tokens": 10.0,
-        "flops_ratio": 0.5,
-        "prefill_latency_median_s": 0.01,
-        "generation_latency_median_s": 0.02,
-    }
-    results = {
-        "none": {"per_family": {"a": 0.5, "b": 1.0}, "metrics": metrics},
-        "drop": {"per_family": {"a": 0.25, "b": 0.9}, "metrics": metrics},
-    }
-    rows = relative_rows(results, extra={"drop": {"budget": 128}})
-    assert rows[0]["avg_vs_none"] == 1.0
-    assert rows[1]["avg_vs_none"] == pytest.approx((0.5 + 0.9) / 2) and rows[1]["budget"] == 128
+def test_table_rows_relate_each_method_to_no_dropping_of_the_same_key(tiny, tmp_path):
+    """Rows follow run_methods' order; the benchmark score's ratio to none is avg_vs_none (one benchmark here), the
+    per-family scores and the extra columns are there."""
+    lvlm = tiny("llava")
+    config = EvalConfig(model="tiny", benchmark="echo", warmup=0, max_new_tokens=1, progress=False)
+    methods = {"drop": Method("v2drop", schedule=Schedule.one_shot(1, 0.25)), "none": Method.none()}
+    # Answers the model gives without dropping for half the samples, so that no dropping scores above zero.
+    bench = EchoBench(4)
+    probe = run_methods(lvlm, bench, {"none": Method.none()}, replace(config, store=str(tmp_path / "probe")))
+    said = {r["id"]: r["prediction"] for r in read_records(probe["none"])}
+    bench.items = [replace(s, answer=said[s.id] if k % 2 else "?") for k, s in enumerate(bench.items)]
+    results = run_methods(lvlm, bench, methods, replace(config, store=str(tmp_path / "store")))
+    rows = table_rows(results, extra={"drop": {"budget": 128}})
+    assert [r["method"] for r in rows] == ["drop", "none"] and rows[0]["budget"] == 128
+    acc = {label: res["metrics"]["accuracy"] for label, res in results.items()}
+    assert acc["none"] == 0.5 and rows[1]["avg_vs_none"] == 1.0
+    assert rows[0]["avg_vs_none"] == pytest.approx(acc["drop"] / 0.5) == rows[0]["echo vs none"]
+    assert rows[0]["accuracy"] == acc["drop"] and rows[0]["echo"] == acc["drop"]
+    assert {k for k in rows[0] if k.startswith("echo/")} == {f"echo/{f}" for f in results["drop"]["per_family"]}
+
+
+def test_vs_none_is_the_one_ratio():
+    from v2drop.evaluation.collect import vs_none
+
+    ratios, mean = vs_none({"a": 0.25, "b": 0.9, "c": 0.5, "d": None}, {"a": 0.5, "b": 1.0, "c": 0.0, "d": 1.0})
+    assert ratios == {"a": 0.5, "b": 0.9} and mean == pytest.approx(0.7)
+    assert vs_none({"a": 1.0}, {}) == ({}, None)
 
 
 def test_split_defaults_to_the_benchmarks_own():
@@ -255,8 +269,8 @@ def test_split_defaults_to_the_benchmarks_own():
         splits = ("dev", "validation")
         default_split = "dev"
 
-    args = command_parser("doc").parse_args([])
+    args = parse_config(AnalysisConfig, [])
     assert resolve_split(args, DevOnly()) == "dev" and args.split == "dev"
-    assert resolve_split(command_parser("doc").parse_args(["--split", "validation"]), DevOnly()) == "validation"
+    assert resolve_split(parse_config(AnalysisConfig, ["--split", "validation"]), DevOnly()) == "validation"
     with pytest.raises(ValueError, match="no split 'test'; valid splits: dev, validation"):
-        resolve_split(command_parser("doc").parse_args(["--split", "test"]), DevOnly())
+        resolve_split(parse_config(AnalysisConfig, ["--split", "test"]), DevOnly())

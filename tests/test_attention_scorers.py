@@ -274,29 +274,6 @@ def test_sparsevlm_end_to_end_batch_equals_alone(tiny, family):
     assert trace.vision_tokens_per_layer[4] == n // 2 + merged[1]
 
 
-def test_the_deprecated_class_variable_declaration_still_gets_its_rows(tiny):
-    from v2drop.scorers import Scorer, register_scorer
-    from v2drop.scorers.base import vision_columns
-
-    with pytest.warns(DeprecationWarning, match="attention_query"):
-
-        @register_scorer("test-old-fastv")  # the registry fixture removes it after the test
-        @dataclass
-        class OldFastV(Scorer):
-            attention_query = "last_prompt"
-            attention_layer_offset = -1
-
-            def score(self, state):
-                return vision_columns(state)[:, 0]
-
-    lvlm = tiny("llava")
-    prompts, images = batch_for(lvlm, 2, "llava")
-    schedule = Schedule.one_shot(2, 0.25)
-    old = lvlm.generate(prompts, images, method=Method(OldFastV(), schedule=schedule), max_new_tokens=1)
-    new = lvlm.generate(prompts, images, method=Method("fastv", schedule=schedule), max_new_tokens=1)
-    assert [t.stages for t in old.traces] == [t.stages for t in new.traces]
-
-
 @pytest.mark.parametrize("full_map", [False, True])
 @pytest.mark.parametrize("offset", [0, -1])
 def test_any_declared_queries_get_the_eager_rows(tiny, offset, full_map):

@@ -70,12 +70,6 @@ def _corrupt_image(tmp: Path) -> str:
     return str(dest)
 
 
-def _earlier_run(tmp: Path) -> str:
-    (tmp / "run").mkdir()
-    (tmp / "run" / "records.jsonl").write_text('{"id": "x"}\n')
-    return str(tmp / "run")
-
-
 # (command, argv with {tmp}/{run} placeholders or callables of tmp, words the message must contain)
 EVAL = "experiments.evaluate"
 SWEEP_CMD = "experiments.sweep"
@@ -102,7 +96,7 @@ CASES = [
     (EVAL, ["--method", "v2drop", "--schedule", _bad_yaml], ["bad.yaml", "not valid YAML"]),
     (EVAL, ["--method", "v2drop", "--schedule", "missing.yaml"], ["missing.yaml", "does not exist"]),
     (EVAL, ["--method", "nope", "--schedule", "v2drop-llava15-128"], ["nope", "v2drop"]),
-    (EVAL, ["--method", "v2drop", "--schedule", "v2drop-llava15-128", "--scorer-arg", "nope=1"], ["nope"]),
+    (EVAL, ["--method", "v2drop", "--schedule", "v2drop-llava15-128", "--scorer-args", "nope=1"], ["nope"]),
     (EVAL, ["--method", "v2drop"], ["--method v2drop needs --schedule"]),
     (EVAL, ["--baseline", "{tmp}/missing.json"], ["missing.json", "does not exist"]),
     (EVAL, ["--baseline", _broken_json], ["base.json", "not valid JSON", "line 1"]),
@@ -110,16 +104,16 @@ CASES = [
     (EVAL, ["--output", UNWRITABLE + "/result.json"], [UNWRITABLE, "not writable"]),
     (EVAL, ["--output", lambda tmp: _a_file(tmp) + "/result.json"], ["afile", "is a file, not a directory"]),
     (EVAL, ["--save-trace", UNWRITABLE + "/trace.jsonl"], [UNWRITABLE]),
-    (EVAL, ["--run-dir", UNWRITABLE + "/run"], [UNWRITABLE, "not writable"]),
-    (EVAL, ["--run-dir", _earlier_run], ["records.jsonl", "--resume"]),
+    (EVAL, ["--store", UNWRITABLE + "/run"], [UNWRITABLE, "not writable"]),
+    (EVAL, ["--store", _a_file], ["afile", "it is a file"]),
     (EVAL, ["--benchmark", "nope"], ["nope", "digits"]),
-    (EVAL, ["--benchmark-arg", "nope=1"], ["nope", "does not take"]),
+    (EVAL, ["--benchmark-args", "nope=1"], ["nope", "does not take"]),
     (EVAL, ["--model", "{tmp}/nomodel"], ["nomodel", "config.json"]),
     (EVAL, ["--benchmark", "pope", "--data-dir", "{tmp}/nodata"], ["nodata", "not a directory"]),
     (EVAL, ["--benchmark", "pope"], ["offline", "HF_HUB_OFFLINE"]),
     (EVAL, ["--benchmark", "pope", "--data-dir", _broken_jsonl], ["test.jsonl", "line", "not JSON"]),
     (EVAL, ["--benchmark", "pope", "--data-dir", _corrupt_image], ["cannot"]),
-    (EVAL, ["--attn", "flash_attention_2"], ["flash-attn", "not installed", "sdpa"]),
+    (EVAL, ["--attn-implementation", "flash_attention_2"], ["flash-attn", "not installed", "sdpa"]),
     # experiments.sweep
     (SWEEP_CMD, ["--set", "trials=-1"], ["trials", "-1"]),
     (SWEEP_CMD, ["--trials", "0"], ["trials", "got 0"]),
@@ -195,9 +189,9 @@ CASES = [
     # experiments.bench*
     ("experiments.bench", ["--repeats", "0"], ["--repeats", "got 0"]),
     ("experiments.bench", ["--model", "{tmp}/nomodel"], ["nomodel", "config.json"]),
-    ("experiments.bench", ["--out", UNWRITABLE + "/bench"], [UNWRITABLE, "not writable"]),
+    ("experiments.bench", ["--output", UNWRITABLE + "/bench"], [UNWRITABLE, "not writable"]),
     ("experiments.bench_engine", ["--preset", "nope"], ["nope", "--preset", "v2drop-llava15-128"]),
-    ("experiments.bench_engine", ["--new-tokens", "0"], ["--new-tokens", "got 0"]),
+    ("experiments.bench_engine", ["--max-new-tokens", "0"], ["--max-new-tokens", "got 0"]),
     ("experiments.bench_sweep", ["--limit", "0"], ["--limit", "got 0"]),
     ("experiments.bench_sweep", ["--methods", "none", "nope"], ["nope", "--methods"]),
     ("experiments.bench_sweep", ["--models", "{tmp}/nomodel"], ["nomodel", "config.json"]),
@@ -211,12 +205,12 @@ CASES = [
     ("analysis.oneshot_vs_progressive", ["--model", "{tmp}/nomodel"], ["nomodel", "config.json"]),
     ("analysis.positional_bias", ["--keep", "1.5"], ["--keep", "1.5"]),
     ("analysis.positional_bias", ["--layer", "99"], ["--layer 99", "12 layers"]),
-    ("analysis.evidence_kept", ["--attn", "fast"], ["fast", "sdpa"]),
+    ("analysis.evidence_kept", ["--attn-implementation", "fast"], ["fast", "sdpa"]),
     ("analysis.variation_maps", ["--samples", "0"], ["--samples", "got 0"]),
     ("analysis.real_cost", ["--presets", "nope"], ["nope", "--presets"]),
     ("analysis.real_cost", ["--text-tokens", "-1"], ["--text-tokens", "-1"]),
     ("analysis.pareto", ["--results", "{tmp}/noresults"], ["noresults", "analysis.method_table"]),
-    ("analysis.method_table", ["--out", UNWRITABLE + "/table"], [UNWRITABLE, "not writable"]),
+    ("analysis.method_table", ["--output", UNWRITABLE + "/table"], [UNWRITABLE, "not writable"]),
 ]
 
 
@@ -226,8 +220,8 @@ def _argv(command: str, argv: list, tmp: Path) -> list[str]:
     for item in argv:
         out.append(item(tmp) if callable(item) else str(item).replace("{tmp}", str(tmp)))
     run = str(tmp / "run")
-    if command == EVAL and "--run-dir" not in out:
-        out += ["--run-dir", run]
+    if command == EVAL and "--store" not in out:
+        out += ["--store", run]
     elif command == SWEEP_CMD:
         if "--config" not in out:
             out = ["--config", SWEEP] + out
@@ -239,12 +233,12 @@ def _argv(command: str, argv: list, tmp: Path) -> list[str]:
         out = ["--config", str(ROOT / "configs" / "proxy.yaml"), "--set", f"workdir={run}"] + out
     elif command == "experiments.check_proxy":
         out += ["--output", f"{run}/check.json"]
-    elif command in ("experiments.bench", "experiments.bench_attention") and "--out" not in out:
-        out += ["--out", run]
+    elif command in ("experiments.bench", "experiments.bench_attention") and "--output" not in out:
+        out += ["--output", run]
     elif command == "experiments.bench_engine":
         out += ["--output", f"{run}/engine.json"]
-    elif command.startswith("analysis.") and "--out" not in out:
-        out += ["--out", run]
+    elif command.startswith("analysis.") and "--output" not in out:
+        out += ["--output", run]
     return out
 
 
@@ -330,7 +324,7 @@ def _subprocess(argv: list[str], cwd: Path, env: dict | None = None):
     ],
 )
 def test_end_to_end_exit_status_2_and_no_traceback(argv, word, tmp_path):
-    out = _subprocess(argv + (["--run-dir", str(tmp_path / "run")] if "experiments.evaluate" in argv else []), tmp_path)
+    out = _subprocess(argv + (["--store", str(tmp_path / "run")] if "experiments.evaluate" in argv else []), tmp_path)
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and word in out.stderr
     assert "Traceback" not in out.stderr
@@ -339,7 +333,7 @@ def test_end_to_end_exit_status_2_and_no_traceback(argv, word, tmp_path):
 
 @pytest.mark.parametrize("how", [{"flag": True}, {"env": {"V2DROP_DEBUG": "1"}}])
 def test_debug_shows_the_traceback(how, tmp_path):
-    argv = ["-m", "experiments.evaluate", "--limit", "0", "--run-dir", str(tmp_path / "run")] + (
+    argv = ["-m", "experiments.evaluate", "--limit", "0", "--store", str(tmp_path / "run")] + (
         ["--debug"] if how.get("flag") else []
     )
     out = _subprocess(argv, tmp_path, env=how.get("env"))
@@ -374,7 +368,7 @@ def test_read_only_run_directory_is_reported(tmp_path):
     with read_only(run):
         with pytest.raises(OSError):
             (run / "probe").write_text("x")  # the directory really is read-only
-        out = _subprocess(["-m", "experiments.evaluate", "--limit", "1", "--run-dir", str(run)], tmp_path)
+        out = _subprocess(["-m", "experiments.evaluate", "--limit", "1", "--store", str(run)], tmp_path)
         assert out.returncode == 2, out.stderr
         assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
         assert str(run) in out.stderr and "read-only" in out.stderr
@@ -389,13 +383,13 @@ def test_python_api_raises_the_same_words(tmp_path):
     from v2drop.search import SweepConfig, run_sweep
 
     with pytest.raises(ValueError, match=r"limit must be a whole number >= 1 or None, got -3"):
-        run_evaluation(config_from_dict(EvalConfig, {"limit": -3}), tmp_path / "run")
+        run_evaluation(config_from_dict(EvalConfig, {"limit": -3, "store": str(tmp_path / "run")}))
     with pytest.raises(
         ValueError, match=r"dtype 'float8' is not supported; choose one of float32, bfloat16, float16, auto"
     ):
-        run_evaluation(config_from_dict(EvalConfig, {"dtype": "float8"}), tmp_path / "run")
+        run_evaluation(config_from_dict(EvalConfig, {"dtype": "float8", "store": str(tmp_path / "run")}))
     with pytest.raises(FileNotFoundError, match=r"baseline result '.*nothere.json' does not exist"):
-        run_evaluation(EvalConfig(), tmp_path / "run", baseline=tmp_path / "nothere.json")
+        run_evaluation(EvalConfig(store=str(tmp_path / "run")), baseline=tmp_path / "nothere.json")
     with pytest.raises(ValueError, match=r"dtype 'float8' is not supported"):
         v2drop.load("proxy", dtype="float8")
     with pytest.raises(ValueError, match=r"device 'cuda' asks for CUDA"):

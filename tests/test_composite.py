@@ -202,7 +202,7 @@ def test_yaml_only_methods_evaluate_through_the_cli(tmp_path, source):
             "--warmup",
             "0",
             "--no-progress",
-            "--run-dir",
+            "--store",
             str(tmp_path / "run"),
             "--save-trace",
             str(trace),

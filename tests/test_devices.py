@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -159,8 +160,15 @@ def _env() -> dict:
     return {**env, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
 
 
+def _dir(store: Path) -> Path:
+    """The run's key folder in the run store ``store`` (each test's store holds one run; before it exists, a path that
+    does not)."""
+    found = sorted(p for p in store.glob("*") if p.is_dir()) if store.is_dir() else []
+    return found[0] if found else store / "pending"
+
+
 def _command(run: Path, *extra) -> list[str]:
-    return [sys.executable, "-m", "experiments.evaluate", *ARGS, "--run-dir", str(run), *extra]
+    return [sys.executable, "-m", "experiments.evaluate", *ARGS, "--store", str(run), *extra]
 
 
 def _evaluate(run: Path, *extra) -> dict:
@@ -168,7 +176,7 @@ def _evaluate(run: Path, *extra) -> dict:
         _command(run, *extra), cwd=run.parent, env=_env(), capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr
-    return json.loads((run / "result.json").read_text())
+    return json.loads((_dir(run) / "result.json").read_text())
 
 
 def _reference(run: Path, batch_size: int):
@@ -192,8 +200,8 @@ def _reference(run: Path, batch_size: int):
             "progress": False,
         },
     )
-    result = run_evaluation(cfg, run)
-    return [_stable(r) for r in read_records(run / "records.jsonl")], result.to_json()
+    result = run_evaluation(replace(cfg, store=str(run)))
+    return [_stable(r) for r in read_records(result.records_path)], result.to_json()
 
 
 def _stable(record: dict) -> dict:
@@ -204,7 +212,7 @@ def _all_lines(run: Path) -> list[dict]:
     """Every whole record in the run's files, duplicates included (a sample predicted twice shows twice)."""
     return [
         r
-        for path in [run / "records.jsonl"] + rank_files(run / "records.jsonl")
+        for path in [_dir(run) / "records.jsonl"] + rank_files(_dir(run) / "records.jsonl")
         if path.exists()
         for r in read_records(path)
     ]
@@ -220,17 +228,17 @@ def test_two_ranks_give_the_single_process_records_and_metrics(tmp_path):
     ref_records, reference = _reference(tmp_path / "one", batch_size=2)
     run = tmp_path / "two"
     result = _evaluate(run, "--batch-size", "2", "--devices", "2")
-    records = read_records(run / "records.jsonl")
+    records = read_records(_dir(run) / "records.jsonl")
     assert [_stable(r) for r in records] == ref_records  # same ids in sample order, predictions, correct, kept, batches
-    assert rank_files(run / "records.jsonl") == []  # merged into records.jsonl
+    assert rank_files(_dir(run) / "records.jsonl") == []  # merged into records.jsonl
     _same_result(result, reference)
     assert result["config"]["devices"] == 2
 
     # Resume with one batch left: one rank predicts it, the other has no sample and still takes part.
-    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:-2]))
-    (run / "result.json").unlink()
-    result = _evaluate(run, "--batch-size", "2", "--devices", "2", "--resume")
-    resumed = read_records(run / "records.jsonl")
+    (_dir(run) / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:-2]))
+    (_dir(run) / "result.json").unlink()
+    result = _evaluate(run, "--batch-size", "2", "--devices", "2")
+    resumed = read_records(_dir(run) / "records.jsonl")
     assert resumed[:-2] == records[:-2]  # the finished samples were not predicted again (same timings)
     assert [_stable(r) for r in resumed] == ref_records
     _same_result(result, reference)
@@ -260,39 +268,31 @@ def _start_and_kill(run: Path, ready, *extra) -> int:
 
 @pytest.mark.integration
 def test_killed_two_rank_run_resumes_without_redoing_finished_samples(tmp_path):
-    from v2drop.evaluation.run import check_evaluation
 
     ref_records, reference = _reference(tmp_path / "one", batch_size=1)
     run = tmp_path / "run"
 
     def both_ranks_wrote(run):
-        files = [rank_file(run / "records.jsonl", k) for k in (0, 1)]
+        files = [rank_file(_dir(run) / "records.jsonl", k) for k in (0, 1)]
         return all(f.exists() and read_records(f) for f in files) and len(_all_lines(run)) >= 3
 
     if _start_and_kill(run, both_ranks_wrote) == 0 or len(_all_lines(run)) >= LIMIT:
         pytest.skip("the run finished before it could be killed")  # a very fast machine
     first = {r["id"]: r for r in _all_lines(run)}
-    assert len(first) == len(_all_lines(run)) and not (run / "result.json").exists()
+    assert len(first) == len(_all_lines(run)) and not (_dir(run) / "result.json").exists()
     assert all(
-        len(read_records(rank_file(run / "records.jsonl", k))) >= 1 for k in (0, 1)
+        len(read_records(rank_file(_dir(run) / "records.jsonl", k))) >= 1 for k in (0, 1)
     )  # both ranks were predicting
 
-    from v2drop.config import config_from_dict
-    from v2drop.evaluation import EvalConfig
-
-    cfg = config_from_dict(EvalConfig, {"model": "proxy", "benchmark": "digits", "limit": LIMIT})
-    with pytest.raises(ValueError, match="exists from an earlier run; add --resume"):
-        check_evaluation(cfg, run)  # the launching process still refuses to overwrite the records
-
-    if _start_and_kill(run, lambda run: len(_all_lines(run)) >= len(first) + 2, "--resume") == 0:
+    if _start_and_kill(run, lambda run: len(_all_lines(run)) >= len(first) + 2) == 0:
         pytest.skip("the resumed run finished before it could be killed")
     lines = _all_lines(run)
     assert max(Counter(r["id"] for r in lines).values()) == 1  # no sample predicted twice, on any rank
     second = {r["id"]: r for r in lines}
     assert len(second) > len(first) and all(second[i] == r for i, r in first.items())
 
-    result = _evaluate(run, "--resume")  # one process finishes what two started
-    records = read_records(run / "records.jsonl")
-    assert [_stable(r) for r in records] == ref_records and rank_files(run / "records.jsonl") == []
+    result = _evaluate(run)  # one process finishes what two started
+    records = read_records(_dir(run) / "records.jsonl")
+    assert [_stable(r) for r in records] == ref_records and rank_files(_dir(run) / "records.jsonl") == []
     assert all(r == second[r["id"]] for r in records if r["id"] in second)  # finished samples were not predicted again
     _same_result(result, reference)

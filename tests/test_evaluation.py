@@ -108,8 +108,11 @@ def test_eval_config_typo_lists_the_valid_keys():
         config_from_dict(EvalConfig, {"limt": 5})
 
 
-def test_run_evaluation_writes_the_run_and_refuses_to_overwrite_it(tiny, tmp_path):
-    """The default split is the benchmark's; records, result and trace are written; a second run needs resume."""
+def test_run_evaluation_files_the_run_in_the_store_and_reuses_it(tiny, tmp_path, monkeypatch):
+    """The default split is the benchmark's; records, result, key and trace are written under the run's key; the same
+    run again is read back from the store without one generate call, its records untouched."""
+    from v2drop.evaluation import RunKey
+
     cfg = config_from_dict(
         EvalConfig,
         {
@@ -120,18 +123,53 @@ def test_run_evaluation_writes_the_run_and_refuses_to_overwrite_it(tiny, tmp_pat
             "max_new_tokens": 1,
             "progress": False,
             "method": Method("v2drop", schedule=Schedule.one_shot(1, 0.5)).to_dict(),
+            "store": str(tmp_path / "store"),
         },
     )
-    run = tmp_path / "run"
-    result = run_evaluation(cfg, run, save_trace=tmp_path / "trace.jsonl", lvlm=tiny("llava"))
-    assert result.split == "test" and result.metrics["n"] == 2
-    saved = json.loads((run / "result.json").read_text())
+    lvlm = tiny("llava")
+    calls = []
+    generate = lvlm.generate_from_inputs
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(lvlm, "generate_from_inputs", counted)
+    result = run_evaluation(cfg, save_trace=tmp_path / "trace.jsonl", lvlm=lvlm)
+    assert result.split == "test" and result.metrics["n"] == 2 and not result.reused and calls
+    (folder,) = (tmp_path / "store").iterdir()
+    key = RunKey.from_json(json.loads((folder / "key.json").read_text()))
+    assert folder.name == key.folder_name == f"tiny-digits-{key.digest}" and result.key == key.to_json()
+    assert key.weights == lvlm.weights_fingerprint and key.n == 2 and key.split == "test"
+    saved = json.loads((folder / "result.json").read_text())
     assert saved["metrics"]["n"] == 2 and saved["method"]["scorer"]["name"] == "v2drop"
     trace = [json.loads(l) for l in (tmp_path / "trace.jsonl").read_text().splitlines()]
-    assert [t["id"] for t in trace] == [r["id"] for r in read_records(run / "records.jsonl")]
+    assert [t["id"] for t in trace] == [r["id"] for r in read_records(folder / "records.jsonl")]
     assert all(t["stages"][0]["layer"] == 1 for t in trace)
-    with pytest.raises(ValueError, match="exists from an earlier run; add --resume"):
-        run_evaluation(cfg, run, lvlm=tiny("llava"))
+
+    stamp = (folder / "records.jsonl").stat().st_mtime_ns, (folder / "result.json").stat().st_mtime_ns
+    calls.clear()
+    again = run_evaluation(cfg, lvlm=lvlm)
+    assert again.reused and not calls and again.metrics == result.metrics
+    assert ((folder / "records.jsonl").stat().st_mtime_ns, (folder / "result.json").stat().st_mtime_ns) == stamp
+    # Another output-changing setting is another key: evaluated, in its own folder.
+    other = run_evaluation(config_from_dict(EvalConfig, {**vars(cfg), "max_new_tokens": 2}), lvlm=lvlm)
+    assert not other.reused and calls and len(list((tmp_path / "store").iterdir())) == 2
+
+
+def test_run_key_digest_is_stable_and_covers_every_field():
+    """The folder name depends on the key's content only; changing any field changes it."""
+    from dataclasses import fields, replace
+
+    from v2drop.evaluation import RunKey
+
+    key = RunKey("w", "proxy", "digits", "{}", "test", 2, "ids", '{"scorer":"none"}', 8, "sdpa", "float32", 1)
+    assert key.digest == RunKey.from_json(key.to_json()).digest and len(key.digest) == 16
+    for f in fields(RunKey):
+        changed = replace(key, **{f.name: getattr(key, f.name) + (1 if isinstance(getattr(key, f.name), int) else "x")})
+        assert changed.digest != key.digest, f.name
+    with pytest.raises(ValueError, match="not a run key"):
+        RunKey.from_json({"weights": "w"})
 
 
 @pytest.mark.parametrize(
@@ -146,7 +184,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     from experiments.evaluate import main
 
     with pytest.raises(SystemExit) as exit_:
-        main([*argv, "--run-dir", str(tmp_path / "run")])
+        main([*argv, "--store", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err.startswith(message) and "\n" not in err
     assert not (tmp_path / "run").exists()

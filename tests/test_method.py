@@ -5,10 +5,13 @@ import pickle
 from pathlib import Path
 
 import pytest
+import yaml
 
 import v2drop
 from v2drop import Method, Schedule, list_presets, list_scorers
+from v2drop.budgets import PAPER_BUDGETS, PAPER_VISION_TOKENS
 from v2drop.method import resolve_method
+from v2drop.presets import IDENTITY_KEYS, find_presets, get_preset, parse_preset, preset_name, preset_text
 from v2drop.scorers import SCORERS, Scorer
 
 PRESET_FILES = sorted(p.stem for p in (Path(v2drop.__file__).parent / "presets").glob("*.yaml"))
@@ -25,6 +28,58 @@ def test_every_preset_round_trips(name):
     assert again == method and hash(again) == hash(method)
     assert again.to_dict() == method.to_dict()
     assert pickle.loads(pickle.dumps(method)) == method
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_carries_its_identity_as_data_that_agrees_with_its_name(name):
+    """The file's label, model and budget (or reduction) make its name; its scorer is the method's."""
+    raw = yaml.safe_load(preset_text(name))
+    preset = get_preset(name)  # raises on a file whose data contradicts its name
+    assert {"description", "label", "model"} <= set(raw) and set(raw) & set(IDENTITY_KEYS) == {
+        k for k in IDENTITY_KEYS if raw.get(k) is not None
+    }
+    assert preset_name(preset.label, preset.model, preset.budget, preset.reduction) == name
+    assert preset.scorer == Method.from_preset(name).scorer_name and preset.method() == Method.from_preset(name)
+    assert preset.budget is None or preset.reduction is None  # one measure of how much is kept, at most
+    if preset.model == "llava15":
+        assert preset.reference_vision_tokens == PAPER_VISION_TOKENS
+
+
+def test_a_preset_whose_data_contradicts_its_name_is_an_error():
+    data = yaml.safe_load(preset_text("v2drop-llava15-128"))
+    assert parse_preset("v2drop-llava15-128", data).budget == 128
+    with pytest.raises(
+        ValueError, match=r"'v2drop-llava15-64' .*contradicts its data.*make the name 'v2drop-llava15-128'"
+    ):
+        parse_preset("v2drop-llava15-64", data)
+    with pytest.raises(ValueError, match=r"make the name 'fastv-llava15-128'"):
+        parse_preset("v2drop-llava15-128", {**data, "label": "fastv"})
+    with pytest.raises(ValueError, match=r"make the name 'v2drop-qwen2vl-128'"):
+        parse_preset("v2drop-llava15-128", {**data, "model": "qwen2vl"})
+    with pytest.raises(ValueError, match=r"has no label, model; every preset sets description, label, model"):
+        parse_preset("v2drop-llava15-128", {k: v for k, v in data.items() if k not in ("label", "model")})
+    with pytest.raises(ValueError, match=r"budget must be a positive whole number or absent, got '128'"):
+        parse_preset("v2drop-llava15-128", {**data, "budget": "128"})
+    with pytest.raises(ValueError, match=r"reduction must be a share between 0 and 1 or absent, got 77.8"):
+        parse_preset("v2drop-qwen2vl-77800", {**data, "model": "qwen2vl", "budget": None, "reduction": 77.8})
+    fastv = yaml.safe_load(preset_text("fastv-llava15-128"))
+    with pytest.raises(ValueError, match=r"counts vision tokens .* but sets no reference_vision_tokens"):
+        parse_preset("fastv-llava15-128", {**fastv, "reference_vision_tokens": None})
+
+
+def test_find_presets_selects_by_fields():
+    fastv = find_presets(scorer="fastv", model="llava15")
+    assert [p.budget for p in fastv] == sorted(PAPER_BUDGETS, key=str) and {p.label for p in fastv} == {"fastv"}
+    assert all(p.name in list_presets() for p in fastv)
+    assert {p.name for p in find_presets(model="qwen2vl")} == {n for n in list_presets() if "-qwen2vl-" in n}
+    assert {p.scorer for p in find_presets(model="qwen2vl")} == {"v2drop", "dart"}
+    composites = find_presets(scorer="composite")
+    assert {p.label for p in composites} == {"composite-v2drop-dart", "composite-v2drop-fastv"}
+    assert find_presets(label="composite-v2drop-dart", budget=128) == [composites[0]]
+    assert find_presets(scorer="v2drop", budget=64) == [get_preset("v2drop-llava15-64")]
+    assert find_presets(scorer="no-such-scorer") == []
+    every = find_presets()
+    assert [p.name for p in every] == list_presets() and len({p.name for p in every}) == len(every)
 
 
 @pytest.mark.parametrize("name", list_scorers())
@@ -73,6 +128,9 @@ def test_preset_from_a_yaml_path(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("scorer: {name: random, seed: 3}\nschedule: {stages: [[1, 0.5]]}\n")
     assert Method.from_preset(str(path)) == Method("random", schedule=Schedule.one_shot(1, 0.5), seed=3)
+    copy = tmp_path / "copy.yaml"  # a shipped preset's file, identity keys and all, read as a method file
+    copy.write_text(preset_text("fastv-llava15-128"))
+    assert Method.from_preset(str(copy)) == Method.from_preset("fastv-llava15-128")
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         Method.from_preset(str(tmp_path / "missing.yaml"))
 

@@ -14,13 +14,7 @@ from PIL import Image
 from v2drop import Method
 from v2drop.benchmarks import DataError, get_benchmark, list_benchmarks
 from v2drop.benchmarks.media import frame_indices
-from v2drop.benchmarks.metrics import (
-    normalize_vqa,
-    parse_option,
-    read_yes_no_by_negation,
-    read_yes_no_by_prefix,
-    vqa_accuracy,
-)
+from v2drop.benchmarks.vqa import normalize_vqa, vqa_accuracy
 from v2drop.evaluation import EvalConfig, evaluate
 
 FIXTURES = Path(__file__).parent / "fixtures" / "realbench"
@@ -58,35 +52,17 @@ def _run(code):
     return done.stdout
 
 
-def test_registration_is_eager_and_needs_no_old_package():
+def test_registration_finds_every_benchmark_and_touches_no_data():
     code = """
 import sys
 import v2drop.benchmarks
 first = v2drop.benchmarks.BENCHMARKS.names()
 assert first == v2drop.benchmarks.list_benchmarks(), first
 import v2drop.evaluation, v2drop.integrations
-assert "v2drop.realbench" not in sys.modules  # nothing inside v2drop uses the deprecated alias
 assert "datasets" not in sys.modules and "pandas" not in sys.modules  # no data is touched at import
 print(",".join(first))
 """
     assert set(_run(code).strip().split(",")) == {"digits", "digits-video", *ALL}
-
-
-def test_old_realbench_package_is_a_deprecated_alias():
-    code = """
-import warnings
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    import v2drop.realbench
-    from v2drop.realbench import DataError, HFBenchmark, VideoBenchmark
-    from v2drop.realbench.pope import POPE
-    from v2drop.realbench.common import parse_option, frame_indices
-import v2drop.benchmarks as b
-assert any(issubclass(w.category, DeprecationWarning) and "v2drop.benchmarks" in str(w.message) for w in caught)
-assert (DataError, HFBenchmark, VideoBenchmark) == (b.DataError, b.HFBenchmark, b.VideoBenchmark)
-assert POPE is b.get_benchmark("pope").__class__ and parse_option("(B)") == "B" and frame_indices(3, 2) == [0, 2]
-"""
-    _run(code)
 
 
 @pytest.mark.parametrize("name", list_benchmarks())
@@ -119,47 +95,7 @@ def test_default_split_and_its_other_names_read_the_same_questions(name, folder,
     assert ids and all([s.id for s in bench(name, folder).load(n)] == ids for n in (b.default_split, *other_names))
 
 
-# -- answer parsing and normalisation ------------------------------------------------------------------------
-
-
-def test_option_parsing():
-    cases = {
-        "B": "B",
-        "(C)": "C",
-        "b.": "B",
-        "(C) cat": "C",
-        "D. dog": "D",
-        "Answer: C": "C",
-        "The answer is (B).": "B",
-        "Best option: (D)": "D",
-        "The best answer is C.": "C",
-        "I think B is right": "B",
-        "none": "",
-        "E": "",
-    }
-    assert {t: parse_option(t) for t in cases} == cases
-    assert parse_option("E", "ABCDE") == "E"
-    # an option's text counts when it is exactly one option's (after normalisation)
-    assert (
-        parse_option("The bird.", "ABC", ["cat", "dog", "bird"]) == "C"
-        and parse_option("fish", "ABC", ["cat", "dog", "bird"]) == ""
-    )
-
-
-def test_yes_no_readings():
-    # POPE: first sentence only; "no"/"not" as words
-    assert [
-        read_yes_no_by_negation(t)
-        for t in ["No, there is not.", "There is not a cat. Yes.", "Yes. Not sure", "NO", "Nothing to see", ""]
-    ] == ["no", "no", "yes", "no", "yes", "yes"]
-    # MME: exact yes/no, else yes/no within the first four characters
-    assert [read_yes_no_by_prefix(t) for t in ["Yes.", "no", "yes, it is", "The answer is no", "Not sure"]] == [
-        "yes",
-        "no",
-        "yes",
-        "other",
-        "no",
-    ]
+# -- answer normalisation ------------------------------------------------------------------------
 
 
 def test_vqa_normalisation():
@@ -182,8 +118,9 @@ def test_uniform_frame_indices():
 
 
 def test_llava_readings_by_hand():
-    """LLaVA-1.5's scripts, case by case (eval_pope.py, MME's calculation.py, convert_gqa_for_eval.py,
-    eval_science_qa.py).
+    """LLaVA-1.5's scripts, case by case.
+
+    eval_pope.py, MME's calculation.py, convert_gqa_for_eval.py, eval_science_qa.py.
     """
     from v2drop.benchmarks.reading import gqa_llava, mme_llava, pope_llava, scienceqa_llava
 

@@ -1,9 +1,10 @@
-"""``experiments.report``: finished runs under a directory become one method × benchmark table relative to no
-dropping."""
+"""``experiments.report``: the finished runs of a run store become one method × benchmark table relative to no
+dropping, the same table ``analysis.method_table`` writes from the same store."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,11 @@ DATA = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """none and V²Drop at 128 on digits and POPE (the fixture), FastV at 128 on digits; evaluated through the CLI."""
-    root = tmp_path_factory.mktemp("runs") / "eval"
+    root = tmp_path_factory.mktemp("runs") / "store"
     for bench in ("digits", "pope"):
-        args = [*COMMON, *DATA[bench], "--benchmark", bench]
-        evaluate.main([*args, "--method", "none", "--run-dir", str(root / f"{bench}-none")])
-        evaluate.main([*args, "--method", "v2drop-llava15-128", "--run-dir", str(root / f"{bench}-v2drop")])
+        args = [*COMMON, *DATA[bench], "--benchmark", bench, "--store", str(root)]
+        evaluate.main([*args, "--method", "none"])
+        evaluate.main([*args, "--method", "v2drop-llava15-128"])
     evaluate.main(
         [
             *COMMON,
@@ -36,8 +37,8 @@ def runs(tmp_path_factory):
             "fastv",
             "--schedule",
             "fastv-llava15-128",
-            "--run-dir",
-            str(root / "digits-fastv"),
+            "--store",
+            str(root),
         ]
     )
     return root
@@ -47,10 +48,12 @@ def test_table_is_the_runs_relative_to_none(runs, tmp_path):
     tables = report.main([str(runs), "--output", str(tmp_path / "out")])
     rows = {r["method"]: r for r in tables["proxy"]}
     assert list(rows) == ["none", "fastv-llava15-128", "v2drop-llava15-128"]
-    results = {p.parent.name: json.loads(p.read_text()) for p in runs.rglob("result.json")}
+    stored = [json.loads(p.read_text()) for p in runs.rglob("result.json")]
+    results = {(r["config"]["benchmark"], r["config"]["label"]): r for r in stored}
+    assert len(results) == len(stored) == 5
     for bench, metric in (("digits", "accuracy"), ("pope", "f1_mean_of_splits")):
-        base = results[f"{bench}-none"]["metrics"][metric]
-        mine = results[f"{bench}-v2drop"]["metrics"][metric]
+        base = results[(bench, "none")]["metrics"][metric]
+        mine = results[(bench, "v2drop-llava15-128")]["metrics"][metric]
         assert rows["v2drop-llava15-128"][bench] == mine and rows["none"][bench] == base
         assert rows["v2drop-llava15-128"][f"{bench} vs none"] == pytest.approx(mine / base)
     assert rows["v2drop-llava15-128"]["avg_vs_none"] == pytest.approx(
@@ -65,6 +68,7 @@ def test_table_is_the_runs_relative_to_none(runs, tmp_path):
 
 def test_runs_on_other_samples_are_not_compared(runs, tmp_path):
     """A run on 3 samples has no no-dropping run on the same 3: no ratio, and the report says so."""
+    shutil.copytree(runs, tmp_path / "store")
     evaluate.main(
         [
             *COMMON,
@@ -74,16 +78,46 @@ def test_runs_on_other_samples_are_not_compared(runs, tmp_path):
             "digits",
             "--method",
             "v2drop-llava15-64",
-            "--run-dir",
-            str(tmp_path / "runs" / "short"),
+            "--store",
+            str(tmp_path / "store"),
         ]
     )
-    for path in runs.rglob("result.json"):
-        target = tmp_path / "runs" / path.parent.name / "result.json"
-        target.parent.mkdir(parents=True)
-        target.write_text(path.read_text())
-    rows = {r["method"]: r for r in method_benchmark_table(collect_results(tmp_path / "runs"))["proxy"]}
+    rows = {r["method"]: r for r in method_benchmark_table(collect_results(tmp_path / "store"))["proxy"]}
     assert rows["v2drop-llava15-64"]["digits"] is not None and rows["v2drop-llava15-64"]["avg_vs_none"] is None
+
+
+def test_a_finished_run_is_reused_without_model_work(runs, tmp_path, capsys):
+    """The same command again reads the stored run back: records and result untouched, the command says so."""
+    argv = [*COMMON, *DATA["digits"], "--benchmark", "digits", "--method", "none", "--store", str(runs)]
+    files = sorted(runs.rglob("*.json*"))
+    stamps = [p.stat().st_mtime_ns for p in files]
+    again = evaluate.main(argv)
+    assert again["reused"] and "finished earlier, reused in" in capsys.readouterr().out
+    assert sorted(runs.rglob("*.json*")) == files and [p.stat().st_mtime_ns for p in files] == stamps
+
+
+def test_method_table_and_report_give_the_same_table_one(tmp_path):
+    """``analysis.method_table`` (which evaluates into the store) and ``experiments.report`` (which only reads it) lay
+    out the same numbers: one builder, one ratio."""
+    from analysis import method_table
+
+    store = tmp_path / "store"
+    argv = ["--limit", "2", "--scorers", "v2drop-l2", "fastv", "--budgets", "128", "--batch-size", "2"]
+    table = method_table.main([*argv, "--store", str(store), "--out", str(tmp_path / "analysis")])
+    assert [r["method"] for r in table] == ["none", "v2drop-l2@128", "fastv@128"]
+    files = sorted(store.rglob("*"))
+    stamps = [p.stat().st_mtime_ns for p in files]
+    reported = {r["method"]: r for r in report.main([str(store), "--output", str(tmp_path / "report")])["proxy"]}
+    assert set(reported) == {r["method"] for r in table}
+    numbers = ("digits", "digits vs none", "avg_vs_none", "avg_vision_tokens", "flops_ratio", "prefill_ms")
+    for row in table:
+        assert {k: row.get(k) for k in numbers} == {k: reported[row["method"]].get(k) for k in numbers}
+        families = {k: v for k, v in row.items() if k.startswith("digits/")}
+        assert families and families == {k: v for k, v in reported[row["method"]].items() if k.startswith("digits/")}
+    assert table[0]["avg_vs_none"] == 1.0 and table[1]["flops_ratio"] < 1.0
+    assert sorted(store.rglob("*")) == files and [p.stat().st_mtime_ns for p in files] == stamps  # report only reads
+    again = method_table.main([*argv, "--store", str(store), "--out", str(tmp_path / "again")])
+    assert again == table and [p.stat().st_mtime_ns for p in files] == stamps  # every run reused, none redone
 
 
 def test_paper_metrics_are_aggregate_keys():

@@ -1,7 +1,8 @@
-"""Killing an evaluation mid-run loses nothing: ``--resume`` gives the records and metrics of an uninterrupted run.
+"""Killing an evaluation mid-run loses nothing: the same command again gives the records and metrics of an
+uninterrupted run (the run store continues the key's records).
 
 The first run is stopped with SIGTERM (what a scheduler sends: the command says ``interrupted``,
-where the finished records are and how to resume, exit status 130), the resumed run with SIGKILL
+where the finished records are and how to continue, exit status 130), the resumed run with SIGKILL
 (a crash: no handler runs, a last line may be torn), and a third run finishes the job.
 """
 
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,13 @@ def _env() -> dict:
     return {**env, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
 
 
+def _dir(store: Path) -> Path:
+    """The run's key folder in the run store ``store`` (each test's store holds one run; before it exists, a path that
+    does not)."""
+    found = sorted(p for p in store.glob("*") if p.is_dir()) if store.is_dir() else []
+    return found[0] if found else store / "pending"
+
+
 def _lines(path: Path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
@@ -62,16 +71,15 @@ def _lines(path: Path) -> int:
 def _start_and_kill(run: Path, sig: int, at_least: int, extra=()) -> subprocess.CompletedProcess:
     """Start the evaluation, wait until ``at_least`` records are on disk, send ``sig``."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.evaluate", *ARGS, "--run-dir", str(run), *extra],
+        [sys.executable, "-m", "experiments.evaluate", *ARGS, "--store", str(run), *extra],
         cwd=run.parent,
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    records = run / "records.jsonl"
     deadline = time.time() + 300
-    while _lines(records) < at_least and proc.poll() is None and time.time() < deadline:
+    while _lines(_dir(run) / "records.jsonl") < at_least and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     if proc.poll() is None:
         proc.send_signal(sig)
@@ -102,24 +110,25 @@ def test_killed_evaluation_resumes_to_the_uninterrupted_result(tmp_path):
             "progress": False,
         },
     )
-    reference = run_evaluation(cfg, tmp_path / "reference")
-    ref_records = {r["id"]: _stable(r) for r in read_records(tmp_path / "reference" / "records.jsonl")}
+    reference = run_evaluation(replace(cfg, store=str(tmp_path / "reference")))
+    ref_records = {r["id"]: _stable(r) for r in read_records(reference.records_path)}
 
     run = tmp_path / "run"
     first = _start_and_kill(run, signal.SIGTERM, at_least=3)
-    kept = _lines(run / "records.jsonl")
+    kept = _lines(_dir(run) / "records.jsonl")
     if first.returncode == 0 or kept >= LIMIT:
         pytest.skip("the run finished before it could be interrupted")  # a very fast machine
     assert first.returncode == 130, first.stderr
     assert "interrupted" in first.stderr and "Traceback" not in first.stderr
-    assert f"finished sample(s) are kept in {run / 'records.jsonl'}" in first.stderr and "--resume" in first.stderr
-    assert not (run / "result.json").exists()
+    assert f"finished sample(s) are kept in {_dir(run) / 'records.jsonl'}" in first.stderr
+    assert "rerun the same command" in first.stderr
+    assert not (_dir(run) / "result.json").exists()
 
-    second = _start_and_kill(run, signal.SIGKILL, at_least=kept + 2, extra=["--resume"])
+    second = _start_and_kill(run, signal.SIGKILL, at_least=kept + 2)
     assert second.returncode in (-signal.SIGKILL, 0), second.stderr
 
     third = subprocess.run(
-        [sys.executable, "-m", "experiments.evaluate", *ARGS, "--run-dir", str(run), "--resume"],
+        [sys.executable, "-m", "experiments.evaluate", *ARGS, "--store", str(run)],
         cwd=tmp_path,
         env=_env(),
         capture_output=True,
@@ -127,9 +136,9 @@ def test_killed_evaluation_resumes_to_the_uninterrupted_result(tmp_path):
         timeout=600,
     )
     assert third.returncode == 0, third.stderr
-    records = read_records(run / "records.jsonl")
+    records = read_records(_dir(run) / "records.jsonl")
     assert sorted(r["id"] for r in records) == sorted(ref_records)  # every sample exactly once
     assert {r["id"]: _stable(r) for r in records} == ref_records
-    result = json.loads((run / "result.json").read_text())
+    result = json.loads((_dir(run) / "result.json").read_text())
     assert {k: result["metrics"][k] for k in METRICS} == {k: reference.metrics[k] for k in METRICS}
     assert result["per_family"] == reference.per_family and result["split"] == reference.split == "test"

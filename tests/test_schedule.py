@@ -3,7 +3,7 @@
 import pytest
 
 from v2drop import Method, Schedule, solve_keep
-from v2drop.method import list_presets
+from v2drop.presets import list_presets
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,9 @@
 """The contract every registered scorer meets, so a new scorer is tested by being registered.
 
-For each name in ``list_scorers()`` (built-in, entry-point or registered by an importing package):
-scores have shape (B, V) and a float dtype; kept sets are deterministic, the same in a batch as
-alone, and the same under eager and sdpa attention; a schedule that keeps everything reproduces
-the model without dropping exactly.
+For each name in ``list_scorers()`` (every module of ``v2drop.scorers``, entry points, or registered
+by an importing package): scores have shape (B, V) and a float dtype; kept sets are deterministic,
+the same in a batch as alone, and the same under eager and sdpa attention; a schedule that keeps
+everything reproduces the model without dropping exactly.
 """
 
 import pytest
@@ -24,7 +24,9 @@ SCORER_KWARGS: dict[str, dict] = {  # scorers whose defaults would test too litt
 }
 # Scorers that run only on some families and refuse the others with a ValueError naming why (name -> (families,
 # message)).
-FAMILY_SUPPORT: dict[str, tuple] = {"visionzip": (("llava", "llava_next"), "no \\[CLS\\] token")}
+FAMILY_SUPPORT: dict[str, tuple] = {
+    name: (("llava", "llava_next"), "no \\[CLS\\] token") for name in ("visionzip", "vispruner", "hiprune")
+}
 SCHEDULE = Schedule.progressive([2, 4], [0.5, 0.5])
 SCORERS = list_scorers()
 

@@ -170,22 +170,3 @@ def test_uniform_table_lookup_equals_the_bitwise_definition():
     spread = _interleave(_bit_reverse(row), _bit_reverse(col)).float() / float(1 << 24)
     expected = level.float() * 4 - spread * 2 - _bit_reverse(frame.clamp(min=0), bits=8).float() / 256.0 * 1e-3
     assert torch.equal(scores, expected)
-
-
-@pytest.mark.parametrize(
-    "old, new, name",
-    [
-        ("v2drop.scorers.variation", "v2drop.scorers.v2drop", "V2DropScorer"),
-        ("v2drop.scorers.attention_based", "v2drop.scorers.fastv", "FastVScorer"),
-        ("v2drop.scorers.attention_based", "v2drop.scorers.sparsevlm", "SparseVLMScorer"),
-        ("v2drop.measure", "v2drop.cost", "PeakMemory"),
-    ],
-)
-def test_deprecated_modules_warn_and_give_the_same_objects(old, new, name):
-    import importlib
-    import sys
-
-    sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match="deprecated"):
-        module = importlib.import_module(old)
-    assert getattr(module, name) is getattr(importlib.import_module(new), name)

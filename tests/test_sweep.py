@@ -13,7 +13,15 @@ import optuna
 import pytest
 import yaml
 
-from v2drop.search import SweepConfig, make_storage, pareto_indices, run_sweep, validate, wandb_mode
+from v2drop.search import (
+    SweepConfig,
+    finish_sweep,
+    make_storage,
+    pareto_indices,
+    run_sweep,
+    validate,
+    wandb_mode,
+)
 from v2drop.testing import EchoBench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +53,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_tiny_sweep_writes_artifacts_and_a_true_front(tiny, tmp_path):
+def test_tiny_sweep_writes_artifacts_and_a_true_front(tiny, tmp_path, run_store):
     cfg = config(tmp_path, objectives=["accuracy", "average_tokens"])
     result = run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(3), progress=False)
     run = tmp_path / "run"
@@ -68,6 +76,19 @@ def test_tiny_sweep_writes_artifacts_and_a_true_front(tiny, tmp_path):
             for o in trials
         )
     assert len(result["confirmed"]) == len(front)
+    # The front is confirmed through the run store: one finished key per distinct method, on the 3 confirm samples.
+    stored = {p: json.loads(p.read_text()) for p in run_store.glob("*/result.json")}
+    assert stored and {r["key"]["n"] for r in stored.values()} == {3}
+    assert {r["config"]["label"] for r in stored.values()} <= {f["label"] or f"tiny#{f['trial']}" for f in front}
+    by_label = {r["config"]["label"]: r["metrics"]["accuracy"] for r in stored.values()}
+    assert all(by_label[c["label"] or f"tiny#{c['trial']}"] == c["test_accuracy"] for c in result["confirmed"])
+    # Finishing again confirms the same front from the store: no finished key is evaluated or rewritten.
+    stamps = {p: p.stat().st_mtime_ns for p in run_store.rglob("*") if p.is_file()}
+    assert (
+        finish_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(3), progress=False)["confirmed"]
+        == result["confirmed"]
+    )
+    assert {p: p.stat().st_mtime_ns for p in run_store.rglob("*") if p.is_file()} == stamps
     # Re-running resumes the same study: 8 more trials join the first 8.
     again = run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(3), progress=False)
     assert len(again["rows"]) == 16
@@ -136,28 +157,6 @@ def test_default_config_sections_are_typed():
     assert (cfg.eval.split, cfg.eval.limit, cfg.eval.batch_size) == ("validation", 7, 10)
     assert (cfg.confirm.split, cfg.confirm.limit) == ("test", 3)
     assert cfg.wandb.project == "v2drop" and cfg.search.layers == [1, None]
-
-
-def test_old_module_is_a_deprecated_alias():
-    import importlib
-    import sys
-
-    import v2drop.search as search
-
-    sys.modules.pop("v2drop.sweep", None)
-    with pytest.warns(DeprecationWarning, match="v2drop.search"):
-        sweep = importlib.import_module("v2drop.sweep")
-    for name in (
-        "SweepConfig",
-        "SearchSpace",
-        "run_sweep",
-        "pareto_indices",
-        "validate",
-        "wandb_mode",
-        "make_storage",
-        "format_front",
-    ):
-        assert getattr(sweep, name) is getattr(search, name)
 
 
 def test_pareto_indices_keeps_ties_and_drops_dominated_rows():
@@ -300,8 +299,9 @@ def test_wandb_per_trial_runs(tiny, tmp_path):
 
 
 def test_wandb_mode_comes_from_the_config_then_the_environment_then_offline(monkeypatch):
-    """An unset wandb.mode follows $WANDB_MODE (so CI's `disabled` holds), else offline; a set one wins; a bad one is a
-    clear error.
+    """An unset wandb.mode follows $WANDB_MODE (so CI's `disabled` holds), else offline.
+
+    A set one wins; a bad one is a clear error.
     """
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode(SweepConfig()) == "disabled"

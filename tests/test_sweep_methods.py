@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from v2drop import Method, list_scorers, register_scorer
-from v2drop.method import list_presets
+from v2drop.presets import find_presets, get_preset
 from v2drop.scorers import Scorer
 from v2drop.scorers.base import scorer_params
 from v2drop.search import (
@@ -28,7 +28,7 @@ from v2drop.search import (
     suggest_method,
     validate,
 )
-from v2drop.search.space import relative
+from v2drop.search.space import preset_method
 from v2drop.testing import EchoBench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,9 +49,14 @@ SPACE = {
         "dart": ["one-shot"],
         "visionzip": ["pre-llm"],
         "divprune": ["pre-llm"],
+        "vispruner": ["pre-llm"],
+        "hiprune": ["pre-llm"],
+        "cdpruner": ["pre-llm"],
         "staged": ["pre-llm+progressive"],
     },
-    "position_policy": {"pdrop": "renumber", "sparsevlm": "renumber", "visionzip": "renumber", "divprune": "renumber"},
+    "position_policy": {
+        name: "renumber" for name in ("pdrop", "sparsevlm", "visionzip", "divprune", "vispruner", "hiprune", "cdpruner")
+    },
     "stages": [2, 4],
 }
 
@@ -243,7 +248,7 @@ def test_pre_llm_composite_and_staged_trials_map_onto_methods():
     assert method.scorer.llm["name"] == "fastv" and method_params(method, search) == trial.params
 
 
-@pytest.mark.parametrize("preset", [p for p in list_presets() if "-llava15-" in p])
+@pytest.mark.parametrize("preset", [p.name for p in find_presets(model="llava15") if p.budget is not None])
 def test_every_paper_preset_is_reproduced_by_its_enqueued_parameters(preset):
     """What the sweep enqueues for a preset suggests back the preset itself (as relative fractions of 576 tokens).
 
@@ -251,7 +256,7 @@ def test_every_paper_preset_is_reproduced_by_its_enqueued_parameters(preset):
     pre-LLM presets with their stage before the LLM.
     """
     cfg = config(Path("."), search={**SPACE, "scorers": {**SPACE["scorers"], "dart": {"pivot_image": [2, 4]}}})
-    method = relative(Method.from_preset(preset, depth=12))
+    method = preset_method(preset, 12)
     assert fits(method, cfg.search, 12)
     again = suggest_method(optuna.trial.FixedTrial(method_params(method, cfg.search)), cfg.search, depth=12)
     assert again.scorer_name == method.scorer_name and again.position_policy == method.position_policy
@@ -280,7 +285,7 @@ def test_a_preset_outside_the_parameter_choices_does_not_fit():
             "position_policy": {"divprune": "renumber"},
         },
     )
-    assert not fits(relative(Method.from_preset("divprune-llava15-64", depth=12)), decoder_only.search, 12)
+    assert not fits(preset_method("divprune-llava15-64", 12), decoder_only.search, 12)
 
 
 def read_csv(path):
@@ -475,14 +480,14 @@ def test_shipped_methods_config_validates_and_enqueues_every_method_at_every_bud
     cfg = SweepConfig.load(ROOT / "configs" / "sweep" / "methods.yaml")
     validate(cfg, depth=12)  # the proxy's depth
     presets = expand_presets(cfg.enqueue_presets)
-    fitting = [p for p in presets if fits(relative(Method.from_preset(p, depth=12)), cfg.search, 12)]
+    fitting = [p for p in presets if fits(preset_method(p, 12), cfg.search, 12)]
     assert fitting == presets
     methods = {Method.from_preset(p).scorer_name for p in presets}
     assert methods == set(resolve_scorers(cfg.search)) == {n for n in list_scorers() if n != "given"}
-    single = {p.rsplit("-", 2)[0] for p in presets if Method.from_preset(p).scorer_name not in ("composite", "staged")}
-    assert all(
-        f"{m}-llava15-{b}" in presets for m in single for b in (192, 128, 64)
-    )  # every single method at every budget
+    enqueued = [get_preset(p) for p in presets]
+    single = {p.label for p in enqueued if p.scorer not in ("composite", "staged")}
+    # every single method at every budget
+    assert {(p.label, p.budget) for p in enqueued} >= {(m, b) for m in single for b in (192, 128, 64)}
     assert {
         "composite-v2drop-dart-llava15-128",
         "composite-v2drop-fastv-llava15-128",

@@ -2,7 +2,8 @@
 
 from v2drop.engine import EngineOutput, SampleTrace, select_keep
 from v2drop.lvlm import LVLM, GenerationResult, load
-from v2drop.method import Method, list_presets
+from v2drop.method import Method
+from v2drop.presets import Preset, find_presets, get_preset, list_presets
 from v2drop.schedule import Schedule, Stage, solve_keep
 from v2drop.scorers import AttentionRequest, LayerState, Scorer, Selection, build_scorer, list_scorers, register_scorer
 
@@ -13,12 +14,15 @@ __all__ = [
     "GenerationResult",
     "LayerState",
     "Method",
+    "Preset",
     "SampleTrace",
     "Schedule",
     "Scorer",
     "Selection",
     "Stage",
     "build_scorer",
+    "find_presets",
+    "get_preset",
     "list_presets",
     "list_scorers",
     "load",

@@ -244,7 +244,7 @@ def check_eval_config(config) -> None:
 
 def check_presets(names, key: str = "enqueue_presets") -> None:
     """Every name is a shipped preset (or a YAML file that exists)."""
-    from v2drop.method import list_presets
+    from v2drop.presets import list_presets
 
     presets = list_presets()
     for name in names:

@@ -5,11 +5,16 @@ dataclass defaults, then a YAML file or a dict, then ``key.sub=value`` overrides
 instance of the dataclass. Values are checked against the field types (OmegaConf structured
 configs), an unknown key is an error listing the valid ones, and a field typed as a plain
 ``dict`` or ``list`` is replaced by the new value, never merged into the default.
+
+Each field's one-line doc is the comment after it (``limit: int | None = None  # first N samples``),
+or the comment lines right above it when it has none; ``field_docs`` reads them once, for
+``--help`` (``v2drop.cli.parse_config``) and the tests that every key is documented.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -155,3 +160,49 @@ def _field_types(schema: type) -> dict[str, Any]:
 
 def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def field_docs(schema: type) -> dict[str, str]:
+    """Each field's one-line doc: the comment after its declaration (or, if none, the comment lines right above it).
+
+    Fields a subclass declares again without a comment keep the doc of the class that documented them.
+    """
+    docs: dict[str, str] = {}
+    for cls in reversed([c for c in schema.__mro__ if dataclasses.is_dataclass(c)]):
+        docs.update({k: v for k, v in _class_comments(cls).items() if v})
+    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(schema)}
+
+
+@functools.cache
+def _class_comments(cls: type) -> dict[str, str]:
+    """Comments of the annotated assignments in the body of ``cls`` (read once from its source)."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (a frozen or interactive class): no docs
+        return {}
+    comments: dict[int, str] = {}
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+            code_lines.add(tok.start[0])
+    (node,) = ast.parse(source).body
+    out = {}
+    for stmt in node.body:
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        inside = [comments[n] for n in range(stmt.lineno, stmt.end_lineno + 1) if n in comments]
+        if not inside:  # the comment block right above the field
+            line = stmt.lineno - 1
+            while line in comments and line not in code_lines:
+                inside.insert(0, comments[line])
+                line -= 1
+        out[stmt.target.id] = " ".join(inside)
+    return out

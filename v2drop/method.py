@@ -3,22 +3,19 @@
 Methods are immutable values: two methods with the same scorer (registered name and
 parameters), schedule, position policy and reference depth are equal, and
 ``Method.from_dict(m.to_dict()) == m``. Named presets ship with the package
-(``v2drop/presets/*.yaml``) and are read with ``importlib.resources``, so an installed wheel has
-them too.
+(``v2drop.presets``: ``list_presets``, ``get_preset``, ``find_presets``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from v2drop.presets import IDENTITY_KEYS, get_preset, list_presets
 from v2drop.schedule import Schedule
 from v2drop.scorers import SCORERS, Scorer, build_scorer
-from v2drop.scorers.base import scorer_params  # noqa: F401  (re-exported: v2drop.method.scorer_params)
+from v2drop.scorers.base import scorer_params
 
 POSITION_POLICIES = ("preserve", "renumber")
 _METHOD_KEYS = {"scorer", "schedule", "position_policy", "reference_depth", "description"}
@@ -189,38 +186,20 @@ def registered_name(cls: type) -> str:
 
 
 # -- presets -----------------------------------------------------------------------------------
-def _preset_dir():
-    return resources.files("v2drop").joinpath("presets")
-
-
-def list_presets() -> list[str]:
-    """Sorted names of the presets shipped in ``v2drop/presets``."""
-    return sorted(p.name[: -len(".yaml")] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
-
-
-def preset_text(name: str) -> str:
-    """The YAML text of preset ``name``; an unknown name is an error listing the presets."""
-    entry = _preset_dir().joinpath(f"{name}.yaml")
-    if not entry.is_file():
-        raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(list_presets()) or '(none)'}")
-    return entry.read_text()
-
-
 def _method_data(name: str) -> dict:
-    """Config data (without ``description``) of a preset name or a YAML path; a bare schedule file becomes ``{schedule:
-    ...}``.
+    """Method config data of a preset name or a YAML path (a preset's identity keys left out).
+
+    A bare schedule file becomes ``{schedule: ...}``.
     """
     from v2drop.config import read_yaml
 
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        data = read_yaml(path, what="method")
-    else:
-        data = yaml.safe_load(preset_text(name)) or {}
+    if not (path.suffix in (".yaml", ".yml") or path.is_file()):
+        return get_preset(name).data
+    data = read_yaml(path, what="method")
     if "stages" in data:
         data = {"schedule": data}
-    data.pop("description", None)
-    return data
+    return {k: v for k, v in data.items() if k not in IDENTITY_KEYS}
 
 
 def resolve_method(method: str, schedule: str | None = None, scorer_args: dict | None = None) -> Method:

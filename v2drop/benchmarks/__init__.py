@@ -1,18 +1,18 @@
 """Benchmarks: the synthetic ``digits`` worlds and the real image and video benchmarks, in one registry.
 
-Importing this package registers every benchmark (``digits``, ``digits-video``, ``pope``,
-``mme``, ``gqa``, ``mmbench``, ``scienceqa-img``, ``textvqa``, ``mvbench``, ``videomme``), so
-``list_benchmarks()`` is the same whatever ran before; no dataset is read at import. Layout:
+The first registry lookup (``list_benchmarks``, ``get_benchmark``, ...) imports every module of
+this package, which registers every benchmark (``digits``, ``digits-video``, ``pope``, ``mme``,
+``gqa``, ``mmbench``, ``scienceqa-img``, ``textvqa``, ``mvbench``, ``videomme``), so a module
+added here registers without being listed anywhere and ``list_benchmarks()`` is the same
+whatever ran before; no dataset is read at import. Layout:
 ``base`` (``Sample``, ``Benchmark`` and its splits, the registry), ``reading`` (the reference
 scorers' answer readings, lmms-eval's and LLaVA-1.5's, chosen per benchmark by ``answer_reading``),
-``vqa`` (EvalAI's answer normaliser), ``metrics`` (generic and lenient scoring rules), ``prompts``, ``media`` (images,
-videos, frame sampling), ``hub``
-(rows from the Hugging Face hub or a local copy), and one module per benchmark. Each benchmark's
-splits, schema, prompt and metric are in its class docstring and in ``docs/benchmarks.md``.
+``vqa`` (EvalAI's answer normaliser), ``metrics`` (the shared scoring rules), ``prompts``,
+``media`` (images, videos, frame sampling), ``hub`` (rows from the Hugging Face hub or a local
+copy), and one module per benchmark. Each benchmark's splits, schema, prompt and metric are in
+its class docstring and in ``docs/benchmarks.md``.
 """
 
-# Every benchmark module, imported for its @register_benchmark side effect.
-from v2drop.benchmarks import digits, gqa, mmbench, mme, mvbench, pope, scienceqa, textvqa, videomme  # noqa: E402,F401,I001
 from v2drop.benchmarks.base import (
     BENCHMARKS,
     Benchmark,

@@ -166,7 +166,8 @@ def check_limit(limit: Any) -> int | None:
     return value
 
 
-BENCHMARKS: Registry[type[Benchmark]] = Registry("benchmark", base_cls=Benchmark)
+# Every module of v2drop.benchmarks is imported on the first lookup, so a benchmark registers by being in that package.
+BENCHMARKS: Registry[type[Benchmark]] = Registry("benchmark", base_cls=Benchmark, package="v2drop.benchmarks")
 
 
 def register_benchmark(name: str):
@@ -184,9 +185,7 @@ def register_benchmark(name: str):
 
 
 def get_benchmark(name: str, **kwargs: Any) -> Benchmark:
-    """An instance of benchmark ``name`` built with ``kwargs`` (None values left out); unknown names and arguments are
-    errors.
-    """
+    """Benchmark ``name`` built with ``kwargs`` (None values dropped); unknown names or arguments fail."""
     cls = BENCHMARKS.get(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:

@@ -105,6 +105,8 @@ class StageContext:
                 raise ValueError(
                     f"Scorer {method.scorer_name!r} reads the vision tower ([CLS] attention): {err}"
                 ) from None
+            # the received attention, keyed by the layer as the request names it
+            vision["received"] = dict(zip(vision_request.received_layers, vision.get("received") or []))
         return cls(
             method=method,
             adapter=adapter,
@@ -141,7 +143,22 @@ class StageContext:
         crops = self.vision.get("crops")
         if crops is not None:
             crops = crops.gather(1, pos).masked_fill(~vision_valid, -1)
-        return VisionFeatures(cls_attention=cls_attention, keys=keys, cls_embeds=self.vision["cls_embeds"], crops=crops)
+        features = self.vision.get("features")
+        if features is not None:
+            features = features.gather(1, pos[..., None].expand(-1, -1, features.shape[-1]))
+        received = None
+        if self.vision.get("received"):
+            received = {
+                layer: r.gather(1, pos).masked_fill(~vision_valid, 0.0) for layer, r in self.vision["received"].items()
+            }
+        return VisionFeatures(
+            cls_attention=cls_attention,
+            keys=keys,
+            cls_embeds=self.vision["cls_embeds"],
+            crops=crops,
+            features=features,
+            received=received,
+        )
 
 
 def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: StageContext, cache=None) -> Sequence:

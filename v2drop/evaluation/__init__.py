@@ -2,9 +2,10 @@
 
 ``config`` (EvalConfig, EvalResult), ``harness`` (``evaluate``: the Lightning predict loop),
 ``records`` (JSONL records, traces, vision-token positions), ``ranks`` (several devices or
-machines: shards, per-rank records files, the merge), ``report`` (the terminal table) and
-``run`` (a whole run as the ``experiments.evaluate`` command does it). Lightning is imported only
-when ``evaluate`` runs.
+machines: shards, per-rank records files, the merge), ``store`` (the run store: one folder per
+run key, reused instead of rerun), ``collect`` (stored results as Table 1, ``vs_none``),
+``report`` (the terminal table) and ``run`` (a whole run as the ``experiments.evaluate`` command
+does it). Lightning is imported only when ``evaluate`` runs.
 """
 
 from v2drop.checks import check_writable  # noqa: F401  (the output check run_evaluation uses)
@@ -19,7 +20,8 @@ from v2drop.evaluation.records import (
     write_trace,
 )
 from v2drop.evaluation.report import format_table
-from v2drop.evaluation.run import default_run_dir, run_evaluation
+from v2drop.evaluation.run import run_evaluation
+from v2drop.evaluation.store import RunKey, evaluate_in_store, read_stored
 from v2drop.tables import write_csv  # noqa: F401  (the one CSV writer, importable from here too)
 
 __all__ = [
@@ -28,10 +30,12 @@ __all__ = [
     "EvalSettings",
     "append_records",
     "check_writable",
-    "default_run_dir",
+    "RunKey",
     "evaluate",
+    "evaluate_in_store",
     "format_table",
     "read_records",
+    "read_stored",
     "run_evaluation",
     "vision_index_of",
     "vision_runs",

@@ -1,19 +1,30 @@
-"""Finished evaluation runs gathered into one table: methods × benchmarks, relative to no dropping.
+"""Finished evaluations gathered into the papers' Table 1: methods × benchmarks, relative to no dropping.
 
-Every ``experiments.evaluate`` run writes ``<run dir>/result.json`` (by default under
-``runs/eval/<model>-<benchmark>-<method>-<schedule>/``). ``collect_results`` reads all of them
-under a directory; ``method_benchmark_table`` lays them out as the token-dropping papers' Table 1:
-one row per method, one column per benchmark holding the benchmark's ``paper_metric`` (POPE's F1
-over its categories, MME's total score, accuracy elsewhere), and ``avg_vs_none``, the mean over
-benchmarks of each score's ratio to the no-dropping run of the same model on the same samples.
+Every evaluation files its ``result.json`` in the run store (``v2drop.evaluation.store``).
+``collect_results`` reads all of them under a store; ``method_benchmark_table`` is the one Table 1
+builder (``experiments.report`` and ``analysis.method_table`` both use it): one row per method, one
+column per benchmark holding the benchmark's ``paper_metric`` (POPE's F1 over its categories, MME's
+total score, accuracy elsewhere) and ``avg_vs_none``, the mean over benchmarks of each score's
+ratio to the no-dropping run of the same key but for the method (same model weights, samples and
+engine settings). ``vs_none`` is the one place such ratios are computed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def vs_none(scores: dict, none: dict) -> tuple[dict, float | None]:
+    """Each score's ratio to the no-dropping score under the same key, and the mean of those ratios.
+
+    Keys without a no-dropping score (missing, None or 0) or without a score of their own are
+    left out; the mean is None when no key is left.
+    """
+    ratios = {k: v / none[k] for k, v in scores.items() if v is not None and none.get(k)}
+    return ratios, (sum(ratios.values()) / len(ratios) if ratios else None)
 
 
 @dataclass(frozen=True)
@@ -31,29 +42,32 @@ class RunResult:
     metric: str  # which aggregate key ``score`` is
     average_vision_tokens: float  # retained vision tokens, averaged over decoder layers
     flops_ratio: float  # prefill FLOPs relative to no dropping
+    group: str  # the run's store key without its method: runs sharing it share a no-dropping baseline
+    per_family: dict = field(default_factory=dict)  # the benchmark metric per question family
+    prefill_ms: float | None = None  # median prefill latency, milliseconds
+    generation_ms: float | None = None  # median generation latency, milliseconds
 
-    @property
-    def group(self) -> tuple:
-        """Runs comparable with each other: same model, benchmark, split and number of samples."""
-        return (self.model, self.benchmark, self.split, self.n)
 
-
-def read_run(path: str | os.PathLike) -> RunResult:
-    """A ``result.json`` as a RunResult; a file that is not one is a ValueError naming it."""
+def run_result(data: dict, path: str | os.PathLike, label: str | None = None) -> RunResult:
+    """A stored result (``result.json`` data) as a RunResult, labelled ``label`` (default: its config's label, else
+    ``none`` for no dropping, else the scorer's name); data that is not one is a ValueError naming ``path``."""
     from v2drop.benchmarks import BENCHMARKS
+    from v2drop.evaluation.store import RunKey
 
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-        config, metrics = data["config"], data["metrics"]
+        config, metrics, method = data["config"], data["metrics"], data["method"]
         benchmark = config["benchmark"]
-        scorer = data["method"]["scorer"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not an evaluation result ({type(err).__name__}: {err})") from None
-    drops = scorer != "none" and bool(data["method"].get("schedule", {}).get("stages"))
+        scorer = method["scorer"]
+        group = RunKey.from_json(data["key"]).comparable()
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not an evaluation result of the run store ({type(err).__name__}: {err})") from None
+    drops = scorer != "none" and bool(method.get("schedule", {}).get("stages"))
     metric = BENCHMARKS.get(benchmark).paper_metric if benchmark in BENCHMARKS else "accuracy"
     score = metrics.get(metric, metrics.get("accuracy"))
-    label = config.get("label") or ("none" if not drops else path.parent.name)
+    name = scorer.get("name") if isinstance(scorer, dict) else str(scorer)
+    label = label or config.get("label") or ("none" if not drops else str(name))
+    ms = lambda key: metrics[key] * 1e3 if metrics.get(key) is not None else None  # noqa: E731
     return RunResult(
         path,
         str(config["model"]),
@@ -66,15 +80,29 @@ def read_run(path: str | os.PathLike) -> RunResult:
         metric if metric in metrics else "accuracy",
         float(metrics["average_vision_tokens"]),
         float(metrics["flops_ratio"]),
+        group,
+        dict(data.get("per_family") or {}),
+        ms("prefill_latency_median_s"),
+        ms("generation_latency_median_s"),
     )
 
 
+def read_run(path: str | os.PathLike) -> RunResult:
+    """A ``result.json`` of the run store as a RunResult; a file that is not one is a ValueError naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not an evaluation result ({type(err).__name__}: {err})") from None
+    return run_result(data, path)
+
+
 def collect_results(root: str | os.PathLike) -> list[RunResult]:
-    """Every ``result.json`` under ``root`` (recursively), sorted by path; none is a ValueError."""
+    """Every ``result.json`` in the run store ``root``, sorted by path; none is a ValueError."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(
-            f"No runs directory {root}; evaluations write to runs/eval/<run> by default (--run-dir)"
+            f"No runs directory {root}; evaluations file their results in the run store runs/store by default (--store)"
         )
     runs = [read_run(p) for p in sorted(root.rglob("result.json"))]
     if not runs:
@@ -84,18 +112,27 @@ def collect_results(root: str | os.PathLike) -> list[RunResult]:
     return runs
 
 
-def method_benchmark_table(runs: list[RunResult]) -> dict[str, list[dict]]:
-    """Per model, the rows of the method × benchmark table (``none`` first, then by label).
+def _mean(values: list) -> float | None:
+    """The mean of the values that are not None (None when none is)."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def method_benchmark_table(runs: list[RunResult], order: list[str] | None = None) -> dict[str, list[dict]]:
+    """Per model, the rows of Table 1 (``order``'s labels in that order, else ``none`` first, then by label).
 
     A cell is the method's paper metric on that benchmark; ``<benchmark> vs none`` its ratio to
-    the no-dropping run on the same samples (missing without one); ``avg_vs_none`` the mean of
-    those ratios over the benchmarks the method has; ``avg_vision_tokens`` and ``flops_ratio`` the
-    means over its runs. Two runs of one method on one benchmark and sample set: the later file wins.
+    the no-dropping run of the same group (missing without one); ``<benchmark>/<family>`` the
+    benchmark metric per question family; ``avg_vs_none`` the mean of the ratios over the
+    benchmarks the method has (``vs_none``); ``avg_vision_tokens``, ``flops_ratio``,
+    ``prefill_ms`` and ``generation_ms`` the means over its runs. Two runs of one label in one
+    group: the later file wins.
     """
     latest: dict[tuple, RunResult] = {}
-    for run in sorted(runs, key=lambda r: r.path.stat().st_mtime):
+    for run in sorted(runs, key=lambda r: r.path.stat().st_mtime if r.path.exists() else 0.0):
         latest[(run.group, run.label)] = run
-    baselines = {group: run for (group, label), run in latest.items() if not run.drops}
+    baselines = {group: run for (group, _label), run in latest.items() if not run.drops}
+    rank = {label: i for i, label in enumerate(order or [])}
     tables: dict[str, list[dict]] = {}
     for model in sorted({r.model for r in latest.values()}):
         by_label: dict[str, list[RunResult]] = {}
@@ -103,31 +140,31 @@ def method_benchmark_table(runs: list[RunResult]) -> dict[str, list[dict]]:
             if run.model == model:
                 by_label.setdefault(label, []).append(run)
         rows = []
-        for label in sorted(by_label, key=lambda lab: (lab != "none", lab)):
+        for label in sorted(by_label, key=lambda lab: (rank.get(lab, len(rank)), lab != "none", lab)):
+            mine = sorted(by_label[label], key=lambda r: r.benchmark)
             row: dict = {"method": label}
-            ratios = []
-            for run in sorted(by_label[label], key=lambda r: r.benchmark):
-                row[run.benchmark] = run.score
-                base = baselines.get(run.group)
-                if base is not None and base.score and run.score is not None:
-                    row[f"{run.benchmark} vs none"] = run.score / base.score
-                    ratios.append(run.score / base.score)
-            row["avg_vs_none"] = sum(ratios) / len(ratios) if ratios else None
-            row["avg_vision_tokens"] = sum(r.average_vision_tokens for r in by_label[label]) / len(by_label[label])
-            row["flops_ratio"] = sum(r.flops_ratio for r in by_label[label]) / len(by_label[label])
+            scores, base = {}, {}
+            for run in mine:
+                row[run.benchmark] = scores[run.benchmark] = run.score
+                row.update({f"{run.benchmark}/{fam}": value for fam, value in sorted(run.per_family.items())})
+                if run.group in baselines:
+                    base[run.benchmark] = baselines[run.group].score
+            ratios, row["avg_vs_none"] = vs_none(scores, base)
+            row.update({f"{b} vs none": r for b, r in ratios.items()})
+            row["avg_vision_tokens"] = _mean([r.average_vision_tokens for r in mine])
+            row["flops_ratio"] = _mean([r.flops_ratio for r in mine])
+            row["prefill_ms"] = _mean([r.prefill_ms for r in mine])
+            row["generation_ms"] = _mean([r.generation_ms for r in mine])
             rows.append(row)
         tables[model] = rows
     return tables
 
 
+SUMMARY = ("avg_vs_none", "avg_vision_tokens", "flops_ratio")
+
+
 def table_columns(rows: list[dict]) -> list[str]:
-    """``method``, each benchmark's score, then the averages (ratio columns stay in the CSV only)."""
-    benchmarks = sorted(
-        {
-            k
-            for r in rows
-            for k in r
-            if k not in ("method", "avg_vs_none", "avg_vision_tokens", "flops_ratio") and not k.endswith(" vs none")
-        }
-    )
-    return ["method", *benchmarks, "avg_vs_none", "avg_vision_tokens", "flops_ratio"]
+    """``method``, each benchmark's score, then the averages (ratio, family and latency columns stay in the CSV)."""
+    skip = {"method", *SUMMARY, "prefill_ms", "generation_ms"}
+    benchmarks = sorted({k for r in rows for k in r if k not in skip and not k.endswith(" vs none") and "/" not in k})
+    return ["method", *benchmarks, *SUMMARY]

@@ -45,7 +45,8 @@ class EvalConfig(EvalSettings):
     data_dir: str | None = None  # local copy of a real benchmark (same schema as its Hugging Face dataset)
     benchmark_args: dict = field(default_factory=dict)  # benchmark constructor parameters (circular, num_frames, ...)
     progress: bool = True  # show a progress bar
-    label: str | None = None  # the method's name in reports (experiments.report); None = the run directory's name
+    label: str | None = None  # the method's name in reports (experiments.report); None = the method's scorer name
+    store: str | None = None  # run store directory (v2drop.evaluation.store); None = $V2DROP_STORE, else runs/store
 
 
 @dataclass
@@ -60,6 +61,8 @@ class EvalResult:
     records_path: str | None = None  # JSONL file with one record per sample
     baseline: dict | None = None  # the no-dropping accuracies the relative figures use
     split: str | None = None  # the split actually evaluated (config.split resolved by the benchmark)
+    key: dict | None = None  # the run store key (v2drop.evaluation.store.RunKey) the result is filed under
+    reused: bool = False  # True when read back from the run store (no model work was done)
 
     def to_json(self) -> dict:
         """Plain data for ``json.dump``."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from v2drop.cost import environment, prefill_flops, sample_prefill_flops
+from v2drop.evaluation.collect import vs_none
 from v2drop.evaluation.config import EvalConfig, EvalResult
 from v2drop.evaluation.ranks import (
     ShardSampler,
@@ -100,9 +101,9 @@ def evaluate(
         new = merge_records(records_path, [s.id for s in samples])
     wanted = {s.id for s in samples}
     records = [r for r in new if r["id"] in wanted]
-    result = _aggregate(lvlm, benchmark, method, config, records, records_path, baseline)
+    result = _aggregate(lvlm, benchmark, method, config, records, records_path)
     result.split = split
-    return result
+    return apply_baseline(result, baseline) if baseline is not None else result
 
 
 def check_sample(sample, benchmark) -> None:
@@ -264,7 +265,7 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
     from torch.utils.data import DataLoader
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no device banners per run
-    # lightning 2.6 vs torch 2.13's pytree: a deprecation inside Lightning, printed once per Trainer
+    # lightning 2.6 vs torch 2.13's pytree: a LeafSpec warning inside Lightning, printed once per Trainer
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*does not have many workers")  # workers is the user's setting
 
@@ -375,7 +376,7 @@ def _data_wait_share(records: list[dict]) -> float | None:
     return wait / max(wait + sum(r["step_seconds"] for r in timed), 1e-12)
 
 
-def _aggregate(lvlm, benchmark, method, config, records, records_path, baseline) -> EvalResult:
+def _aggregate(lvlm, benchmark, method, config, records, records_path) -> EvalResult:
     """Benchmark metric per family and overall, tokens, FLOPs, latency medians and memory."""
     scores = benchmark.aggregate(records)
     med = lambda key: statistics.median(r[key] for r in records)  # noqa: E731  (warm-up runs are never recorded)
@@ -400,13 +401,6 @@ def _aggregate(lvlm, benchmark, method, config, records, records_path, baseline)
     }
     metrics.update({k: v for k, v in scores.items() if k not in ("accuracy", "per_family", "n")})
     per_family = scores.get("per_family", {})
-    if baseline is not None:
-        base_acc = baseline["metrics"]["accuracy"]
-        metrics["relative_accuracy"] = metrics["accuracy"] / base_acc if base_acc else None
-        base_fam = baseline.get("per_family", {})
-        ratios = [per_family[f] / base_fam[f] for f in per_family if base_fam.get(f)]
-        metrics["relative_accuracy_mean_of_families"] = sum(ratios) / len(ratios) if ratios else None
-        metrics["relative_per_family"] = {f: per_family[f] / base_fam[f] for f in per_family if base_fam.get(f)}
     return EvalResult(
         config=asdict(config),
         environment=environment(lvlm),
@@ -414,7 +408,17 @@ def _aggregate(lvlm, benchmark, method, config, records, records_path, baseline)
         per_family=per_family,
         method=method.to_dict(),
         records_path=str(records_path) if records_path else None,
-        baseline={"accuracy": baseline["metrics"]["accuracy"], "per_family": baseline.get("per_family")}
-        if baseline
-        else None,
     )
+
+
+def apply_baseline(result: EvalResult, baseline: dict) -> EvalResult:
+    """Add the figures relative to a no-dropping result (``EvalResult.to_json()``), computed by ``vs_none``:
+    ``relative_accuracy``, ``relative_per_family`` and ``relative_accuracy_mean_of_families``."""
+    base_fam = baseline.get("per_family") or {}
+    overall, _ = vs_none({"accuracy": result.metrics["accuracy"]}, {"accuracy": baseline["metrics"]["accuracy"]})
+    per_family, mean = vs_none(result.per_family, base_fam)
+    result.metrics["relative_accuracy"] = overall.get("accuracy")
+    result.metrics["relative_accuracy_mean_of_families"] = mean
+    result.metrics["relative_per_family"] = per_family
+    result.baseline = {"accuracy": baseline["metrics"]["accuracy"], "per_family": baseline.get("per_family")}
+    return result

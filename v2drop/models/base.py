@@ -140,8 +140,9 @@ class Adapter:
         """The vision tower outputs a ``VisionRequest`` asks for, laid out on the prompt positions.
 
         Returns ``{"cls_attention": (B, L) float32, "keys": (B, L, K) float32 or None,
-        "cls_embeds": per-sample list of (I_b, D) or None}``; entries at non-vision positions are
-        zero. Families whose tower has no [CLS] token refuse with a ValueError.
+        "cls_embeds": per-sample list of (I_b, D) or None, "features": (B, L, C) float32 or None,
+        "received": one (B, L) float32 per entry of ``request.received_layers``}``; entries at
+        non-vision positions are zero. Families whose tower has no [CLS] token refuse with a ValueError.
         """
         raise ValueError(
             f"Model family {self.model.config.model_type!r} does not expose its vision tower's [CLS] attention, "

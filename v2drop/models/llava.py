@@ -18,29 +18,54 @@ def _check_cls_tower(config) -> None:
         )
 
 
-def _cls_rows(adapter: Adapter, pixels: torch.Tensor):
+def _tower_layer(layers, feature_layer: int, layer: int | None) -> int:
+    """Index into ``hidden_states`` of the output of encoder layer ``layer`` (see ``VisionRequest.received_layers``)."""
+    layer = feature_layer if layer is None else layer
+    if isinstance(layer, float):  # a share of the tower's depth
+        layer = max(1, round(layer * len(layers)))
+    index = layer if layer >= 0 else len(layers) + 1 + layer
+    if not 1 <= index <= len(layers):
+        raise ValueError(
+            f"Vision tower layer {layer} does not exist or has no attention: the tower has {len(layers)} layers "
+            f"(1..{len(layers)}, or -1..-{len(layers)} from the end)"
+        )
+    return index
+
+
+def _query_keys(layer, x: torch.Tensor, queries: slice):
+    """The float32 (N, H, Q, hd) queries of ``x[:, queries]`` and (N, H, T, hd) keys of a CLIP encoder layer."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(x)  # the layer's input, through its own norm
+    n, t, _ = x.shape
+    q = attn.q_proj(x[:, queries]).float().view(n, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).float().view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+    return q, k
+
+
+def _cls_rows(adapter: Adapter, pixels: torch.Tensor, received_layers: tuple = ()):
     """The CLIP tower on ``pixels`` (N, C, H, W) at ``vision_feature_layer``: the [CLS] row and keys of every patch.
 
     Returns ``(cls_attention (N, P) float32, heads summed; keys (N, P, hd) float32, heads averaged;
-    hidden (N, 1 + P, D_tower), the selection layer's output)``.
+    hidden (N, 1 + P, D_tower), the selection layer's output; received, one (N, P) float32 per
+    entry of ``received_layers``: the attention each patch receives there, heads and queries averaged)``.
     """
     tower = adapter.inner.vision_tower
     layers = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers
     feature_layer = adapter.model.config.vision_feature_layer
-    selected = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer  # index into hidden_states
-    if selected < 1:
+    if (feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer) < 1:
         raise ValueError(f"vision_feature_layer {feature_layer} selects the patch embeddings, which have no attention")
+    selected = _tower_layer(layers, feature_layer, None)
     hidden = tower(pixels.to(adapter.inner.device, tower.dtype), output_hidden_states=True).hidden_states
     layer = layers[selected - 1]  # the encoder layer whose output the projector receives
-    attn = layer.self_attn
-    x = layer.layer_norm1(hidden[selected - 1])  # that layer's input, through its own norm
-    n, t, _ = x.shape
-    heads = attn.num_heads
-    q = attn.q_proj(x[:, :1]).float().view(n, 1, heads, -1).transpose(1, 2)  # (N, H, 1, hd) the [CLS] query
-    k = attn.k_proj(x).float().view(n, t, heads, -1).transpose(1, 2)  # (N, H, T, hd)
-    probs = torch.softmax((q * attn.scale) @ k.transpose(-1, -2), dim=-1)[:, :, 0]  # (N, H, T)
+    q, k = _query_keys(layer, hidden[selected - 1], slice(0, 1))  # the [CLS] query
+    probs = torch.softmax((q * layer.self_attn.scale) @ k.transpose(-1, -2), dim=-1)[:, :, 0]  # (N, H, T)
+    received = []
+    for index in (_tower_layer(layers, feature_layer, x) for x in received_layers):
+        q_all, k_all = _query_keys(layers[index - 1], hidden[index - 1], slice(None))
+        full = torch.softmax((q_all * layers[index - 1].self_attn.scale) @ k_all.transpose(-1, -2), dim=-1)
+        received.append(full.mean(1).mean(1)[:, 1:])  # heads, then queries averaged; patch columns
     # heads summed, patches only (as VisionZip does); keys heads averaged, VisionZip's similarity key
-    return probs[:, :, 1:].sum(1), k.mean(1)[:, 1:], hidden[selected]
+    return probs[:, :, 1:].sum(1), k.mean(1)[:, 1:], hidden[selected], received
 
 
 @register_family("llava")
@@ -50,7 +75,7 @@ class LlavaAdapter(Adapter):
     def vision_tower_state(self, inputs: dict, request) -> dict:
         """The CLIP tower's [CLS] attention, keys and projected [CLS] at ``vision_feature_layer`` (see ``Adapter``)."""
         _check_cls_tower(self.model.config)
-        cls_attention, keys, selected = _cls_rows(self, inputs["pixel_values"])
+        cls_attention, keys, selected, received = _cls_rows(self, inputs["pixel_values"], request.received_layers)
         n, patches = cls_attention.shape
         input_ids = inputs["input_ids"]
         placeholder = (input_ids == self.image_token_id) & inputs["attention_mask"].bool()
@@ -67,10 +92,20 @@ class LlavaAdapter(Adapter):
             "keys": None,
             "cls_embeds": None,
             "crops": None,
+            "features": None,
+            "received": [
+                torch.zeros(placeholder.shape, device=device).masked_scatter(placeholder, r.reshape(-1))
+                for r in received
+            ],
         }
         if request.keys:
             out["keys"] = torch.zeros(*placeholder.shape, keys.shape[-1], device=device).masked_scatter(
                 placeholder[..., None], keys.reshape(-1)
+            )
+        if request.features:
+            feats = selected[:, 1:].float()
+            out["features"] = torch.zeros(*placeholder.shape, feats.shape[-1], device=device).masked_scatter(
+                placeholder[..., None], feats.reshape(-1)
             )
         if request.cls_embeds:
             projected = self.inner.multi_modal_projector(selected[:, :1]).flatten(0, 1)  # (N, D)
@@ -110,15 +145,19 @@ class LlavaNextAdapter(Adapter):
         pixels = inputs["pixel_values"]
         if pixels.dim() == 5:  # (images, crops, C, H, W) zero-padded over crops
             pixels = torch.cat([p[:c] for p, c in zip(pixels, counts)])
-        cls_attention, keys, selected = _cls_rows(self, pixels)
+        cls_attention, keys, selected, received = _cls_rows(self, pixels, request.received_layers)
         n, patches = cls_attention.shape
         device = cls_attention.device
-        # One table per patch: [CLS] attention, crop number, key; newline entries carry crop -1.
+        feats = selected[:, 1:].float() if request.features else selected.new_zeros(n, patches, 0).float()
+        # One table per patch: [CLS] attention, crop number, key, features, received attention;
+        # newline entries carry crop -1.
         table = torch.cat(
             [
                 cls_attention[..., None],
                 torch.arange(n, device=device, dtype=torch.float32)[:, None, None].expand(n, patches, 1),
                 keys,
+                feats,
+                *(r[..., None] for r in received),
             ],
             -1,
         )
@@ -157,10 +196,18 @@ class LlavaNextAdapter(Adapter):
                 placeholder, local
             ),
         }
-        if request.keys:
-            out["keys"] = torch.zeros(*placeholder.shape, keys.shape[-1], device=device).masked_scatter(
-                placeholder[..., None], packed[:, 2:].contiguous()
+        hd, c = keys.shape[-1], feats.shape[-1]
+
+        def spread(columns: torch.Tensor) -> torch.Tensor:
+            """Packed per-token columns (T, K) laid out on the prompt positions (B, L, K)."""
+            return torch.zeros(*placeholder.shape, columns.shape[-1], device=device).masked_scatter(
+                placeholder[..., None], columns.contiguous()
             )
+
+        if request.keys:
+            out["keys"] = spread(packed[:, 2 : 2 + hd])
+        out["features"] = spread(packed[:, 2 + hd : 2 + hd + c]) if request.features else None
+        out["received"] = [spread(packed[:, 2 + hd + c + i : 3 + hd + c + i])[..., 0] for i in range(len(received))]
         if request.cls_embeds:
             projected = self.inner.multi_modal_projector(selected[:, :1]).flatten(0, 1)  # (N, D)
             out["cls_embeds"] = list(projected.split(crops_per_sample))
@@ -200,6 +247,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             f"Model family {self.model.config.model_type!r}: LLaVA-OneVision's SigLIP vision tower has no [CLS] token "
             "(all of its tokens are patches, vision_feature_select_strategy 'full'), so there is no [CLS] attention to "
             "serve, and the official VisionZip code supports LLaVA-1.5 and LLaVA-NeXT only; a scorer with a "
-            "vision_request() (VisionZip) runs on llava and llava_next, or use a scorer that reads the projected "
-            "features (divprune)"
+            "vision_request() (VisionZip, VisPruner, HiPrune) runs on llava and llava_next, or use a scorer that reads "
+            "the projected features (divprune, cdpruner)"
         )

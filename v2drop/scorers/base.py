@@ -8,8 +8,9 @@ A scorer declares what it needs and the engine serves exactly that, without know
 - ``attention_request()``: attention rows, from which layer and whether they must come from the
   layer's full probability map; the query tokens are chosen once, by ``attention_queries`` on the
   layer-0 input (default: the last prompt token);
-- ``vision_request()``: outputs of the vision tower itself (its [CLS] attention and keys at the
-  feature-selection layer, the projected [CLS] feature), served on families whose tower has them;
+- ``vision_request()``: outputs of the vision tower itself (its [CLS] attention, keys and own
+  features at the feature-selection layer, the projected [CLS] feature, the attention each patch
+  receives in chosen layers), served on families whose tower has them;
 - ``select()``: the step after scoring, which tokens stay and which new tokens join them
   (default: the schedule's count of top scores; SparseVLM adds its adaptive count and recycling);
 - ``at(layer)``: the scorer whose declarations hold at the stage before ``layer`` (default:
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -95,6 +95,17 @@ class LayerState:
     vision: VisionFeatures | None = None
 
 
+def is_tower_layer(layer) -> bool:
+    """Whether ``layer`` names a tower layer: a nonzero int, a float in (0, 1) (a share of the depth), or None."""
+    if layer is None:
+        return True
+    if isinstance(layer, bool):
+        return False
+    if isinstance(layer, int):
+        return layer != 0
+    return isinstance(layer, float) and 0.0 < layer < 1.0
+
+
 @dataclass(frozen=True)
 class VisionRequest:
     """The vision tower's own outputs a scorer needs (served for CLIP-like towers with a [CLS] token).
@@ -110,18 +121,41 @@ class VisionRequest:
         Each patch token's key vector of that layer, averaged over heads.
     cls_embeds : bool
         Each image's [CLS] output passed through the projector (a token the LLM can read).
+    features : bool
+        Each patch token's output of that layer, before the projector (the tower's own feature).
+    received_layers : tuple of int, float or None
+        Encoder layers whose received attention is served: for each patch token, the attention
+        probabilities all of the layer's query tokens give it, averaged over heads and queries. A
+        layer is numbered as ``vision_feature_layer`` numbers it (``ℓ`` ≥ 1: the layer whose output
+        is ``hidden_states[ℓ]``; negative: counted from the end); a float ``f`` in (0, 1) is the
+        layer ``max(1, round(f · depth))`` of a tower ``depth`` layers deep; None is the
+        feature-selection layer.
     """
 
     cls_attention: bool = True
     keys: bool = False
     cls_embeds: bool = False
+    features: bool = False
+    received_layers: tuple = ()
+
+    def __post_init__(self):
+        if not isinstance(self.received_layers, tuple) or not all(map(is_tower_layer, self.received_layers)):
+            raise ValueError(
+                "VisionRequest.received_layers must be a tuple of nonzero ints, floats in (0, 1) (a share of the "
+                f"tower's depth) or None (the feature-selection layer), got {self.received_layers!r}"
+            )
 
     def union(self, other: VisionRequest | None) -> VisionRequest:
         """A request for everything either request asks for."""
         if other is None:
             return self
+        layers = self.received_layers + tuple(x for x in other.received_layers if x not in self.received_layers)
         return VisionRequest(
-            self.cls_attention or other.cls_attention, self.keys or other.keys, self.cls_embeds or other.cls_embeds
+            self.cls_attention or other.cls_attention,
+            self.keys or other.keys,
+            self.cls_embeds or other.cls_embeds,
+            self.features or other.features,
+            layers,
         )
 
 
@@ -142,12 +176,19 @@ class VisionFeatures:
         On families whose images are several tower crops (LLaVA-NeXT anyres): the crop each vision
         token shows, a row of ``cls_embeds[b]``, or -1 for tokens of no crop (image_newline).
         None where every image is one crop (LLaVA-1.5).
+    features : Tensor (B, V, C) float32 or None
+        Each vision token's output of the tower's selection layer, before the projector.
+    received : dict of int or None to Tensor (B, V) float32, or None
+        Per layer of ``VisionRequest.received_layers``, the head- and query-averaged attention each
+        vision token receives in that layer.
     """
 
     cls_attention: torch.Tensor
     keys: torch.Tensor | None = None
     cls_embeds: list | None = None
     crops: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    received: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -218,26 +259,6 @@ class Scorer:
     needs_prev_hidden: ClassVar[bool] = False
     needs_prev_keys: ClassVar[bool] = False
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        query = cls.__dict__.get("attention_query")
-        if query is None:
-            return
-        # The declaration before AttentionRequest: a class variable naming the query row.
-        if query not in ("last_prompt", "last_instruction"):
-            raise ValueError(
-                f"{cls.__name__}.attention_query={query!r} is not supported; override attention_request() "
-                "and attention_queries() instead"
-            )
-        warnings.warn(
-            f"{cls.__name__}: the attention_query/attention_layer_offset class variables are deprecated; "
-            "override attention_request() instead",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        request = AttentionRequest(layer_offset=cls.__dict__.get("attention_layer_offset", 0))
-        cls.attention_request = lambda self: request
-
     def score(self, state: LayerState) -> torch.Tensor:
         """Scores (B, V) float32 for ``state.vision_idx``; padded entries are ignored."""
         raise NotImplementedError
@@ -293,7 +314,10 @@ class Scorer:
             )
 
 
-SCORERS: Registry[type[Scorer]] = Registry("scorer", base_cls=Scorer, entry_point_group="v2drop.scorers")
+# Every module of v2drop.scorers is imported on the first lookup, so a scorer registers by being in that package.
+SCORERS: Registry[type[Scorer]] = Registry(
+    "scorer", base_cls=Scorer, entry_point_group="v2drop.scorers", package="v2drop.scorers"
+)
 
 
 def register_scorer(name: str):

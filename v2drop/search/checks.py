@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from v2drop import checks
+from v2drop.evaluation.store import store_dir
 from v2drop.search.config import SweepConfig
 from v2drop.search.data import check_sample_rule, sweep_benchmark, trial_samples
 
@@ -56,6 +57,7 @@ def check_sweep_run(cfg: SweepConfig, lvlm=None, benchmark=None) -> CheckedSweep
     for name in expand_presets(cfg.enqueue_presets):
         Method.from_preset(name, depth=depth)  # a preset that cannot be moved to this depth fails here
     checks.check_writable(cfg.resolved_run_dir(), directory=True)
+    checks.check_writable(store_dir(cfg.store), directory=True)
     if cfg.storage is None or "://" not in cfg.storage:
         checks.check_writable(Path(cfg.storage or cfg.resolved_run_dir() / "journal.log"))
     samples = trial_samples(benchmark, split, cfg)

@@ -88,7 +88,7 @@ class SweepEval(EvalSettings):
     )
     benchmark_args: dict = field(
         default_factory=dict
-    )  # benchmark constructor parameters (as ``--benchmark-arg``: circular, num_frames, ...)
+    )  # benchmark constructor parameters (as ``--benchmark-args``: circular, num_frames, ...)
     # how the `limit` trial samples are drawn from `split`: stratified (per family, seeded by `seed`) or first
     sample: str = "stratified"
     pool: int | None = None  # stratified: draw from the first N samples of `split`; None = the whole split
@@ -126,6 +126,7 @@ class SweepConfig:
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)  # split and limit the Pareto set is confirmed on
     storage: str | None = None  # Optuna storage URL or journal file; None = journal file <run_dir>/journal.log
     run_dir: str | None = None  # artifacts; None = runs/<study>
+    store: str | None = None  # run store the confirmed front is evaluated into; None = $V2DROP_STORE, else runs/store
     heartbeat: int = 30  # seconds between RDB heartbeats (a dead worker's trial is failed after 2x)
     retries: int = 2  # times a failed trial is retried (RDB storages)
     wandb: WandbConfig = field(default_factory=WandbConfig)  # logging to Weights & Biases

@@ -28,7 +28,6 @@ from v2drop.search.config import OBJECTIVES, SAMPLERS, SearchSpace, SweepConfig
 KINDS = ("one-shot", "progressive", "pre-llm", "pre-llm+one-shot", "pre-llm+progressive")
 PRE_LLM_KEEP = "keep_pre_llm"  # the trial parameter holding the pre-LLM stage's keep fraction
 ALL = ("all", "*")  # spellings of "every registered scorer"
-PRESET_VISION_TOKENS = 576  # the token count the presets' absolute keep values refer to (LLaVA-1.5)
 PLAIN = (type(None), bool, int, float, str)  # the values Optuna stores as categorical choices
 MAX_COMBINATIONS = 256  # parameter combinations checked one by one; larger spaces are checked one parameter at a time
 
@@ -162,7 +161,7 @@ def expand_presets(patterns: list[str]) -> list[str]:
     """Preset names matching each of ``patterns`` (fnmatch, in order, without repeats); a pattern matching none is an
     error.
     """
-    from v2drop.method import list_presets
+    from v2drop.presets import list_presets
 
     presets, out = list_presets(), []
     for pattern in patterns:
@@ -375,12 +374,19 @@ def suggest_method(trial, space: SearchSpace, depth: int) -> Method:
     return Method(scorer, schedule=Schedule.progressive(layers, keeps), position_policy=policy, **kwargs)
 
 
-def relative(method: Method) -> Method:
-    """``method`` with its schedule as relative keep fractions (absolute presets count of 576 tokens)."""
+def preset_method(name: str, depth: int) -> Method:
+    """Preset ``name`` at ``depth`` layers, its keep values as relative fractions (as trials suggest them).
+
+    Absolute keep counts become fractions of the preset's own ``reference_vision_tokens``.
+    """
+    from v2drop.presets import get_preset
+
+    preset = get_preset(name)
+    method = preset.method(depth)
     if method.schedule.keep_mode == "relative":
         return method
     data = method.to_dict()
-    data["schedule"] = method.schedule.to_relative(PRESET_VISION_TOKENS).to_dict()
+    data["schedule"] = method.schedule.to_relative(preset.reference_vision_tokens).to_dict()
     return Method.from_dict(data)
 
 
@@ -391,10 +397,15 @@ def _weights(method: Method) -> dict[str, float]:
 
 
 def method_params(method: Method, space: SearchSpace) -> dict:
-    """The trial parameters that reproduce ``method`` (for enqueueing presets; weights normalised, keeps clipped to the
-    range).
+    """The trial parameters that reproduce ``method`` (for enqueueing presets; weights normalised, keeps clipped).
+
+    ``method`` keeps relative fractions, as trials do (``preset_method`` gives a preset so).
     """
-    method = relative(method)
+    if method.schedule.keep_mode != "relative":
+        raise ValueError(
+            f"method_params needs relative keep fractions, got a {method.schedule.keep_mode} schedule; "
+            "convert it with Schedule.to_relative(vision_tokens) or load a preset with preset_method(name, depth)"
+        )
     name = method.scorer_name
     params: dict[str, Any] = {"scorer": name, kind_param(space, name): schedule_kind(method.schedule)}
     for p, choices in (resolve_scorers(space).get(name) or {}).items():

@@ -1,7 +1,8 @@
 """Running a study: storage, sampler, the trial objective, baselines first, artifacts and the confirmed front.
 
 A trial maps its suggestions onto a ``Method`` and calls the evaluation harness on a sample of
-the validation split; at the end the Pareto set is evaluated again on the confirmation split. Any
+the validation split (trial results go to the study's storage and CSVs, not the run store); at the
+end the Pareto set is evaluated again on the confirmation split, through the run store. Any
 Optuna storage URL works, so many workers on many machines can share one study; the default is a
 journal file in the run directory.
 """
@@ -18,13 +19,21 @@ from pathlib import Path
 import optuna
 from tqdm import tqdm
 
-from v2drop.evaluation import EvalConfig, evaluate
+from v2drop.evaluation import EvalConfig, evaluate, evaluate_in_store
 from v2drop.method import Method
 from v2drop.search.checks import check_sweep_run
 from v2drop.search.config import OBJECTIVES, SweepConfig
 from v2drop.search.data import eval_fields
 from v2drop.search.report import write_artifacts
-from v2drop.search.space import expand_presets, fits, method_params, relative, resolve_scorers, suggest_method, validate
+from v2drop.search.space import (
+    expand_presets,
+    fits,
+    method_params,
+    preset_method,
+    resolve_scorers,
+    suggest_method,
+    validate,
+)
 from v2drop.search.wandb import WandbCallback, plain
 from v2drop.tables import write_csv
 from v2drop.vision_cache import VisionCache
@@ -137,7 +146,7 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
     except optuna.exceptions.DuplicatedStudyError:  # joining or resuming
         study = optuna.load_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg, offset=os.getpid()))
         if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
-            raise ValueError(f"Study {cfg.study!r} exists with other objectives; use another --study-name") from None
+            raise ValueError(f"Study {cfg.study!r} exists with other objectives; use another --study") from None
     eval_config = trial_eval_config(cfg)
     samples = checked.samples
     # Every trial runs the same batches: their inputs and vision features are computed by the first one only.
@@ -213,7 +222,7 @@ def _enqueue_baselines(study: optuna.Study, cfg: SweepConfig, depth: int) -> Non
         study.enqueue_trial({}, user_attrs={"label": "none"})
     scorers = resolve_scorers(cfg.search)
     for name in expand_presets(cfg.enqueue_presets):
-        method = relative(Method.from_preset(name, depth=depth))
+        method = preset_method(name, depth)
         if method.scorer_name not in scorers:
             continue
         if not fits(method, cfg.search, depth):
@@ -229,15 +238,17 @@ def _enqueue_baselines(study: optuna.Study, cfg: SweepConfig, depth: int) -> Non
 def confirm_front(
     study, front: list[dict], cfg: SweepConfig, lvlm, benchmark, run_dir: Path, progress: bool = True
 ) -> list[dict]:
-    """Evaluate every Pareto trial on the confirmation split and write ``pareto_confirmed.csv``."""
+    """Evaluate every Pareto trial on the confirmation split through the run store (``cfg.store``: a front
+    confirmed before is read back) and write ``pareto_confirmed.csv``."""
     split = benchmark.resolve_split(cfg.confirm.split)
     samples = benchmark.load(split, cfg.confirm.limit)
-    eval_config = trial_eval_config(cfg, split=split, limit=cfg.confirm.limit)
+    eval_config = trial_eval_config(cfg, split=split, limit=cfg.confirm.limit, store=cfg.store)
     by_number = {t.number: t for t in study.trials}
     out = []
     for row in tqdm(front, desc=f"confirming the front on {len(samples)} {split} samples", disable=not progress):
         method = Method.from_dict(by_number[row["trial"]].user_attrs["method"])
-        m = evaluate(lvlm, benchmark, method, eval_config, samples=samples).metrics
+        label = row["label"] or f"{cfg.study}#{row['trial']}"
+        m = evaluate_in_store(lvlm, benchmark, method, replace(eval_config, label=label), samples=samples).metrics
         out.append(
             {
                 "trial": row["trial"],

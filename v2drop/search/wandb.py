@@ -1,4 +1,4 @@
-"""Our own small Optuna -> wandb logger (no optuna-integration callback, which is deprecated).
+"""Our own small Optuna -> wandb logger (optuna-integration's callback is no longer maintained).
 
 ``wandb`` and ``optuna`` are imported when a callback is created, never by ``import v2drop``.
 """

@@ -1,0 +1,169 @@
+"""CDPruner: a conditional DPP on the projected vision features, weighted by their relevance to the instruction.
+
+Official definition: Theia-4869/CDPruner, llava/model/llava_arch.py ``encode_images`` (lines 141-186): cosine
+similarity of the projected features (lines 149-152); relevance = the negated mean cosine of each token to the text
+embeddings, min-max normalised with a 1e-6 offset (lines 155-160); kernel r_i · sim_ij · r_j (line 167); fast greedy
+MAP inference: pick ``argmax`` of the gains, ``e = (L[j] − c[:, j] · c) / √d_j``, gains −= e², the picked gain −inf
+(lines 169-182). The relevance here uses the LLM's input embeddings of the instruction (``relevance="llm_embeddings"``)
+instead of the CLIP text tower's embedding of the question (clip_encoder.py lines 38-96).
+"""
+
+import pytest
+import torch
+
+import v2drop
+from v2drop import Method
+from v2drop.benchmarks import get_benchmark
+from v2drop.scorers import LayerState
+from v2drop.scorers.cdpruner import CDPrunerScorer, dpp_greedy, relevance
+from v2drop.testing import FAMILIES, batch_for
+
+
+def hand_state():
+    """Text (1, 1) at 0, vision tokens a (1, 0), b (2, 0), c (0, 1), d (.6, .8) at 1..4, the instruction (1, 0) at 5."""
+    hidden = torch.tensor([[[1.0, 1.0], [1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.6, 0.8], [1.0, 0.0]]])
+    return LayerState(
+        layer_idx=-1,
+        hidden=hidden,
+        vision_idx=torch.arange(1, 5)[None],
+        vision_valid=torch.ones(1, 4, dtype=torch.bool),
+        vision_coords=torch.zeros(1, 4, 3, dtype=torch.long),
+        orig_idx=torch.arange(6)[None],
+        attention_mask=torch.ones(1, 6),
+        sample_keys=torch.zeros(1, dtype=torch.long),
+        layer=None,
+    )
+
+
+def kept(k, negate=True):
+    state = hand_state()
+    scorer = CDPrunerScorer(negate=negate)
+    return scorer.select(state, scorer.score(state), [k]).keep[0].tolist()
+
+
+def test_hand_made_official_sign():
+    """Cosines to the instruction (1, 0): a 1, b 1, c 0, d .6; negated and min-max normalised (lines 159-160):
+    r = 1e-6, 1e-6, 1 + 1e-6, .4 + 1e-6. The first pick is the largest r² (c); then d's gain is
+    r_d² − (r_c r_d cos(c, d))² / r_c² = .16 − .32² = .0576, a's and b's stay 1e-12: c and d."""
+    assert kept(2) == [2, 3]
+
+
+def test_hand_made_unnegated_relevance_and_a_used_up_rank():
+    """negate=False: r = 1 + 1e-6, 1 + 1e-6, 1e-6, .6 + 1e-6. First a (a and b tie; the lower index), then d
+    (.36 · (1 − .36) = .2304; b's gain is 0, it is a's direction). k = 3: a and d span the plane, every gain left is
+    rounding, so the last pick follows the diagonal: b (r² ≈ 1) before c (1e-12)."""
+    assert kept(2, negate=False) == [0, 3]
+    assert kept(3, negate=False) == [0, 1, 3]
+
+
+def test_hand_made_greedy_map_order():
+    """Diagonal 4, 2, 1.5: pick 0; e = L[0] / 2 = (2, 1, 0), gains 2 − 1 = 1 and 1.5: pick 2, then 1."""
+    kernel = torch.tensor([[4.0, 2.0, 0.0], [2.0, 2.0, 0.0], [0.0, 0.0, 1.5]])
+    assert dpp_greedy(kernel, 3).tolist() == [0, 2, 1]
+
+
+def test_each_pick_maximises_the_determinant():
+    """The fast inference is the greedy log-det maximisation: each pick maximises det(L[S ∪ {j}])."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 20, dtype=torch.float64)
+    kernel = x @ x.T
+    order = dpp_greedy(kernel, 6).tolist()
+    picked = []
+    for _ in range(6):
+        dets = {j: torch.linalg.det(kernel[picked + [j]][:, picked + [j]]) for j in range(12) if j not in picked}
+        picked.append(max(dets, key=dets.get))
+    assert order == picked
+
+
+def test_relevance_formula():
+    vision = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # mean cosines .5, .5, .707: negated −.5, −.5, −.707 -> (r + .707 + 1e-6) / .207
+    expected = (torch.tensor([-0.5, -0.5, -(2**-0.5)]) + 2**-0.5 + 1e-6) / (2**-0.5 - 0.5)
+    torch.testing.assert_close(relevance(vision, text), expected)
+    assert relevance(vision[:1].expand(3, -1), text).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_clip_text_relevance_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="CLIP text tower"):
+        CDPrunerScorer(relevance="clip_text")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pre_llm_run_follows_the_definition_on_every_family(tiny, family):
+    """k = 3 of each sample's one image: the DPP's picks on the layer-0 embeddings, relevance to the text after the
+    sample's last vision token."""
+    lvlm = tiny(family)
+    prompts, images = batch_for(lvlm, 2, family)
+    inputs = lvlm.prepare(prompts, images)
+    method = Method(
+        "cdpruner", schedule={"keep_mode": "absolute", "stages": [["pre_llm", 3]]}, position_policy="renumber"
+    )
+    out = lvlm.generate_from_inputs(inputs, method, max_new_tokens=2, stop_at_eos=False)
+    with torch.no_grad():
+        embeds = lvlm.adapter.embed(inputs)
+    vision = lvlm.adapter.vision_mask(inputs["input_ids"]) & inputs["attention_mask"].bool()
+    pad = (inputs["attention_mask"] == 0).sum(1)
+    for b, trace in enumerate(out.traces):
+        positions = vision[b].nonzero().flatten()
+        assert len(positions) > 3
+        text = embeds[b, positions[-1] + 1 :]
+        r = relevance(embeds[b, positions], text).double()
+        x = torch.nn.functional.normalize(embeds[b, positions].float(), dim=-1).double()
+        expected = dpp_greedy(r[:, None] * (x @ x.T) * r[None], 3)
+        assert trace.stages[0]["layer"] == -1
+        assert trace.stages[0]["kept"] == sorted((positions[expected] - pad[b]).tolist())
+
+
+@pytest.mark.parametrize("budget", [192, 128, 64])
+def test_presets_keep_their_budget(budget):
+    method = Method.from_preset(f"cdpruner-llava15-{budget}")
+    assert method.scorer_name == "cdpruner" and method.scorer.relevance == "llm_embeddings" and method.scorer.negate
+    assert method.schedule.pre_llm is not None and method.schedule.tokens_per_layer(32, 576) == [budget] * 32
+
+
+@pytest.mark.parametrize("budget", [192, 128, 64])
+def test_runs_on_the_bundled_proxy(budget):
+    lvlm = v2drop.load("proxy")
+    sample = get_benchmark("digits").load("test", 1)[0]
+    out = lvlm.generate(
+        [lvlm.format_prompt(sample.question)],
+        [list(sample.images)],
+        method=f"cdpruner-llava15-{budget}",
+        max_new_tokens=2,
+    )
+    trace = out.traces[0]
+    assert trace.vision_tokens == 256
+    count = min(budget, 256)
+    assert len(trace.stages[0]["kept"]) == count and trace.vision_tokens_per_layer == [count] * lvlm.depth
+
+
+def official_steps(features, text, T):
+    """The official encode_images kernel and fast MAP loop (lines 149-182) for one image, batch of one; the
+    relevance is computed against the given text rows, as ``relevance="llm_embeddings"`` does."""
+    unit = features / features.norm(dim=-1, keepdim=True)
+    similarity = unit @ unit.T
+    rel = -((unit @ (text / text.norm(dim=-1, keepdim=True)).T).mean(dim=-1))
+    rel = (rel - rel.min() + 1e-6) / (rel.max() - rel.min())
+    kernel = rel[:, None] * similarity * rel[None]
+    cis = torch.zeros(T, len(features))
+    gains = torch.diagonal(kernel).clone()
+    picks = []
+    for i in range(T):
+        j = int(torch.argmax(gains))
+        picks.append(j)
+        e = (kernel[j] - cis[:i, j] @ cis[:i]) / torch.sqrt(gains[j])
+        cis[i] = e
+        gains -= e.square()
+        gains[j] = -float("inf")
+    return sorted(picks)
+
+
+@pytest.mark.parametrize("T", [16, 64])
+def test_matches_the_official_steps(T):
+    """Random projected features (256 tokens, D = 128, full rank) and instruction rows: the same kept set."""
+    torch.manual_seed(T)
+    features, text = torch.randn(256, 128), torch.randn(5, 128)
+    r = relevance(features, text).double()
+    x = torch.nn.functional.normalize(features, dim=-1).double()
+    assert sorted(dpp_greedy(r[:, None] * (x @ x.T) * r[None], T).tolist()) == official_steps(features, text, T)

@@ -1,0 +1,159 @@
+"""The run store: every evaluation's records and result, one folder per key, reused instead of rerun.
+
+Every evaluation that keeps its records (``experiments.evaluate``, the analyses through
+``analysis.common.run_methods``, a sweep's confirmation of its front) goes through
+``evaluate_in_store``. Its ``RunKey`` holds everything that changes the outputs: the model's weights
+(``LVLM.weights_fingerprint``) and name, the benchmark, its parameters, the split and the exact
+samples (their ids), the method (``Method.to_dict()`` at the model's depth) and the engine
+settings (``max_new_tokens``, attention implementation, dtype, batch size). The folder is
+``<store>/<model>-<benchmark>-<digest>/`` (the digest: a hash of the whole key) and holds
+``key.json`` (the full key), ``records.jsonl`` (one record per finished sample, appended as they
+finish) and ``result.json`` (the ``EvalResult``, written once every sample is done).
+
+The store is ``EvalConfig.store`` when set, else ``$V2DROP_STORE``, else ``runs/store``. A key
+whose ``result.json`` exists is read back: no model work. A key with records but no result
+(an interrupted run) continues where it stopped: finished samples are skipped. That is the one
+cache and the one resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from v2drop.evaluation.config import EvalConfig, EvalResult
+
+DEFAULT_STORE = Path("runs") / "store"
+STORE_VARIABLE = "V2DROP_STORE"  # environment variable naming the default store (tests point it at a temporary one)
+
+
+def _canonical(data) -> str:
+    """``data`` as compact JSON with sorted keys: equal data, equal text."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """What defines an evaluation's outputs; equal keys give equal records (timings aside)."""
+
+    weights: str  # LVLM.weights_fingerprint: a model retrained under the same name is another key
+    model: str  # the model's name (EvalConfig.model)
+    benchmark: str  # the registered benchmark name
+    benchmark_args: str  # its constructor parameters, as canonical JSON
+    split: str  # the split the samples are from
+    n: int  # how many samples
+    samples: str  # a hash of the samples' ids, in order
+    method: str  # Method.to_dict() at the model's depth, as canonical JSON
+    max_new_tokens: int  # greedy tokens generated per answer
+    attn_implementation: str  # eager, sdpa or flash_attention_2
+    dtype: str  # the model's dtype
+    batch_size: int  # samples per generate call (padding can change answers)
+
+    @classmethod
+    def of(cls, lvlm, config: EvalConfig, split: str, samples: list, method) -> RunKey:
+        """The key of evaluating ``samples`` of ``split`` under ``method`` (already at ``lvlm``'s depth) with
+        ``config``."""
+        ids = hashlib.blake2b("\n".join(str(s.id) for s in samples).encode(), digest_size=8).hexdigest()
+        return cls(
+            weights=lvlm.weights_fingerprint,
+            model=str(config.model),
+            benchmark=config.benchmark,
+            benchmark_args=_canonical(config.benchmark_args or {}),
+            split=str(split),
+            n=len(samples),
+            samples=ids,
+            method=_canonical(method.to_dict()),
+            max_new_tokens=config.max_new_tokens,
+            attn_implementation=config.attn_implementation,
+            dtype=config.dtype,
+            batch_size=config.batch_size,
+        )
+
+    @property
+    def digest(self) -> str:
+        """A stable hash of the whole key (16 hex digits)."""
+        return hashlib.blake2b(_canonical(asdict(self)).encode(), digest_size=8).hexdigest()
+
+    @property
+    def folder_name(self) -> str:
+        """``<model>-<benchmark>-<digest>``, unsafe characters replaced."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(self.model).name}-{self.benchmark}") + f"-{self.digest}"
+
+    def to_json(self) -> dict:
+        """The key as plain data (method and benchmark parameters as data, not text)."""
+        data = asdict(self)
+        data["method"] = json.loads(self.method)
+        data["benchmark_args"] = json.loads(self.benchmark_args)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunKey:
+        """The inverse of ``to_json``; a mapping that is not a key is a ValueError."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(data, dict) or set(data) != set(names):
+            got = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not a run key: expected the fields {names}, got {got}")
+        return cls(
+            **{**data, "method": _canonical(data["method"]), "benchmark_args": _canonical(data["benchmark_args"])}
+        )
+
+    def comparable(self) -> str:
+        """The key without its method, as text: runs equal here differ only in the method (and share a no-dropping
+        baseline)."""
+        return _canonical({k: v for k, v in asdict(self).items() if k != "method"})
+
+
+def store_dir(store: str | os.PathLike | None = None) -> Path:
+    """The store directory: ``store``, else ``$V2DROP_STORE``, else ``runs/store``."""
+    return Path(store or os.environ.get(STORE_VARIABLE) or DEFAULT_STORE)
+
+
+def read_stored(folder: str | os.PathLike) -> EvalResult | None:
+    """The finished result in a store folder (``reused`` set, ``records_path`` pointing into it), or None."""
+    folder = Path(folder)
+    path = folder / "result.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    names = {f.name for f in fields(EvalResult)}
+    result = EvalResult(**{k: v for k, v in data.items() if k in names})
+    result.records_path = str(folder / "records.jsonl")
+    result.reused = True
+    return result
+
+
+def evaluate_in_store(
+    lvlm, benchmark, method, config: EvalConfig, samples: list | None = None, split: str | None = None
+) -> EvalResult | None:
+    """Evaluate into the store folder of the run's key (``config.store``), or read a finished key back.
+
+    ``samples`` default to the first ``config.limit`` of ``split`` (default: ``config.split``
+    resolved by the benchmark). Returns None on ranks other than 0 of a multi-device run.
+    """
+    from v2drop.evaluation.harness import evaluate
+
+    split = benchmark.resolve_split(config.split if split is None else split)
+    samples = benchmark.load(split, config.limit) if samples is None else samples
+    method = method.rescaled(lvlm.depth)
+    key = RunKey.of(lvlm, config, split, samples, method)
+    folder = store_dir(config.store) / key.folder_name
+    finished = read_stored(folder)
+    if finished is not None:
+        return finished
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "key.json").write_text(json.dumps(key.to_json(), indent=2))
+    result = evaluate(
+        lvlm, benchmark, method, config, records_path=folder / "records.jsonl", resume=True, samples=samples
+    )
+    if result is None:
+        return None
+    result.split = split
+    result.key = key.to_json()
+    tmp = folder / "result.json.tmp"
+    tmp.write_text(json.dumps(result.to_json(), indent=2))
+    tmp.replace(folder / "result.json")  # whole or absent: a killed write never leaves a half result
+    return result
