@@ -30,4 +30,4 @@ __all__ = [
     "select_keep",
     "solve_keep",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
