@@ -68,6 +68,9 @@ class EngineOutput:
         Time from the first decoder layer to the first token's logits, and to the last token.
     scoring_seconds : float
         Part of the prefill spent in ``scorer.score`` (all stages).
+    vision_seconds : float
+        Time of the embedding step before the first decoder layer: the vision encoder and projector
+        (served by the vision cache when one is attached) and the text embeddings.
     drop_seconds : float
         Part of the prefill spent in drop stages: scoring, selection and rebuilding the sequence.
     peak_memory_bytes : int or None
@@ -83,6 +86,7 @@ class EngineOutput:
     scoring_seconds: float = 0.0
     drop_seconds: float = 0.0
     peak_memory_bytes: int | None = None
+    vision_seconds: float = 0.0
 
 
 def sample_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -148,8 +152,10 @@ def generate(
     B, L = input_ids.shape
     device = input_ids.device
     vision = adapter.vision_mask(input_ids) & mask2d.bool()
+    with Timer(device) as vision_clock:  # the vision tower and projector run inside the adapter's embed
+        hidden = vision_cache.embed(adapter, inputs) if vision_cache is not None else adapter.embed(inputs)
     seq = Sequence(
-        hidden=vision_cache.embed(adapter, inputs) if vision_cache is not None else adapter.embed(inputs),
+        hidden=hidden,
         position_ids=adapter.position_ids(inputs),
         attention_mask=mask2d,
         orig_idx=(mask2d.long().cumsum(-1) - 1).masked_fill(mask2d == 0, -1),
@@ -236,4 +242,5 @@ def generate(
         stages.scoring_seconds if stages else 0.0,
         stages.drop_seconds if stages else 0.0,
         memory.peak_bytes if memory is not None else None,
+        vision_clock.seconds,
     )

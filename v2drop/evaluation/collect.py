@@ -27,6 +27,11 @@ def vs_none(scores: dict, none: dict) -> tuple[dict, float | None]:
     return ratios, (sum(ratios.values()) / len(ratios) if ratios else None)
 
 
+def method_drops(method: dict) -> bool:
+    """Whether a method (``Method.to_dict()`` data) drops tokens: a scorer other than ``none`` and some stage."""
+    return method.get("scorer") != "none" and bool(method.get("schedule", {}).get("stages"))
+
+
 @dataclass(frozen=True)
 class RunResult:
     """One finished run, as the table needs it."""
@@ -62,7 +67,7 @@ def run_result(data: dict, path: str | os.PathLike, label: str | None = None) ->
         group = RunKey.from_json(data["key"]).comparable()
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not an evaluation result of the run store ({type(err).__name__}: {err})") from None
-    drops = scorer != "none" and bool(method.get("schedule", {}).get("stages"))
+    drops = method_drops(method)
     metric = BENCHMARKS.get(benchmark).paper_metric if benchmark in BENCHMARKS else "accuracy"
     score = metrics.get(metric, metrics.get("accuracy"))
     name = scorer.get("name") if isinstance(scorer, dict) else str(scorer)

@@ -63,6 +63,10 @@ class EvalResult:
     split: str | None = None  # the split actually evaluated (config.split resolved by the benchmark)
     key: dict | None = None  # the run store key (v2drop.evaluation.store.RunKey) the result is filed under
     reused: bool = False  # True when read back from the run store (no model work was done)
+    tokens: dict | None = None  # vision tokens per layer, their average, entering the LLM, KV-cache entries
+    time: dict | None = None  # vision, scoring, prefill, decode and ttft seconds, each {"median", "total"}
+    agreement_with_none: float | None = None  # share of answers equal to the stored no-dropping run's (None: no run)
+    notes: list = field(default_factory=list)  # why a figure is missing (e.g. no no-dropping run to compare with)
 
     def to_json(self) -> dict:
         """Plain data for ``json.dump``."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from v2drop.cost import environment, prefill_flops, sample_prefill_flops
+from v2drop.evaluation.accounting import bootstrap_ci, sample_tokens, time_section, token_section
 from v2drop.evaluation.collect import vs_none
 from v2drop.evaluation.config import EvalConfig, EvalResult
 from v2drop.evaluation.ranks import (
@@ -226,30 +227,33 @@ def _predict(
         trace = out.traces[i]
         n_prompt = len(out.prompt_ids[i])
         prediction = out.texts[i]
-        records.append(
-            {
-                "id": sample.id,
-                "family": sample.family,
-                "question": sample.question,
-                "prediction": prediction,
-                "reference": sample.answer,
-                "correct": bool(benchmark.is_correct(prediction, sample)),
-                "prompt_tokens": n_prompt,
-                "vision_tokens": trace.vision_tokens,
-                "vision_tokens_per_layer": trace.vision_tokens_per_layer,
-                "average_vision_tokens": trace.average_vision_tokens,
-                "flops": sample_prefill_flops(cfg, trace, n_prompt, method.scorer),
-                "flops_no_drop": prefill_flops(cfg, [n_prompt] * lvlm.depth),
-                "prefill_seconds": out.prefill_seconds / len(batch),
-                "generate_seconds": out.generate_seconds / len(batch),
-                "scoring_seconds": out.scoring_seconds / len(batch),
-                "peak_memory_bytes": peak,
-                "batch_size": len(batch),
-                "kept": trace.stages,
-                "vision_runs": vision_runs(lvlm.adapter.vision_mask(torch.tensor([out.prompt_ids[i]]))[0].tolist()),
-                "data_wait_seconds": data_wait / len(batch),
-            }
-        )
+        record = {
+            "id": sample.id,
+            "family": sample.family,
+            "question": sample.question,
+            "prediction": prediction,
+            "reference": sample.answer,
+            "correct": bool(benchmark.is_correct(prediction, sample)),
+            "prompt_tokens": n_prompt,
+            "vision_tokens": trace.vision_tokens,
+            "vision_tokens_per_layer": trace.vision_tokens_per_layer,
+            "average_vision_tokens": trace.average_vision_tokens,
+            "flops": sample_prefill_flops(cfg, trace, n_prompt, method.scorer),
+            "flops_no_drop": prefill_flops(cfg, [n_prompt] * lvlm.depth),
+            "prefill_seconds": out.prefill_seconds / len(batch),
+            "vision_seconds": out.vision_seconds / len(batch),
+            "generate_seconds": out.generate_seconds / len(batch),
+            "scoring_seconds": out.scoring_seconds / len(batch),
+            "peak_memory_bytes": peak,
+            "batch_size": len(batch),
+            "kept": trace.stages,
+            "vision_runs": vision_runs(lvlm.adapter.vision_mask(torch.tensor([out.prompt_ids[i]]))[0].tolist()),
+            "data_wait_seconds": data_wait / len(batch),
+        }
+        tokens = sample_tokens(record)
+        record["entering_llm_vision_tokens"] = tokens["entering_llm"]
+        record["kv_cache_tokens"] = tokens["kv_cache_tokens"]
+        records.append(record)
     step = (time.perf_counter() - start) / len(batch)
     for record in records:
         record["step_seconds"] = step  # the model's share of the batch's wall time, beside data_wait_seconds
@@ -385,6 +389,7 @@ def _aggregate(lvlm, benchmark, method, config, records, records_path) -> EvalRe
     peaks = [r["peak_memory_bytes"] for r in records if r.get("peak_memory_bytes") is not None]
     metrics = {
         "accuracy": scores["accuracy"],
+        "accuracy_ci95": bootstrap_ci([float(bool(r["correct"])) for r in records]),
         "n": len(records),
         "average_vision_tokens": sum(r["average_vision_tokens"] for r in records) / len(records),
         "vision_tokens": sum(r["vision_tokens"] for r in records) / len(records),
@@ -408,6 +413,12 @@ def _aggregate(lvlm, benchmark, method, config, records, records_path) -> EvalRe
         per_family=per_family,
         method=method.to_dict(),
         records_path=str(records_path) if records_path else None,
+        tokens=token_section(records),
+        time=time_section(records),
+        agreement_with_none=1.0 if not method.drops else None,
+        notes=[]
+        if not method.drops
+        else ["agreement_with_none: evaluated outside the run store, no no-dropping run to compare with"],
     )
 
 

@@ -126,6 +126,39 @@ def read_stored(folder: str | os.PathLike) -> EvalResult | None:
     return result
 
 
+def no_drop_run(store: str | os.PathLike | None, key: RunKey) -> Path | None:
+    """The folder of the finished no-dropping run filed under ``key`` but for the method (``RunKey.comparable``), or
+    None when the store holds none."""
+    from v2drop.evaluation.collect import method_drops
+
+    for key_file in sorted(store_dir(store).glob("*/key.json")):
+        folder = key_file.parent
+        if not (folder / "result.json").exists():
+            continue
+        try:
+            other = RunKey.from_json(json.loads(key_file.read_text()))
+        except ValueError:
+            continue
+        if other.comparable() == key.comparable() and not method_drops(json.loads(other.method)):
+            return folder
+    return None
+
+
+def agreement_in_store(store: str | os.PathLike | None, key: RunKey, records: list[dict]) -> tuple[float | None, list]:
+    """``agreement_with_none`` of a run's records against the stored no-dropping run of the same key but for the
+    method (never re-run), and the notes to file with it (one saying why when there is no such run)."""
+    from v2drop.evaluation.accounting import agreement
+    from v2drop.evaluation.records import read_records
+
+    folder = no_drop_run(store, key)
+    if folder is None:
+        return None, [
+            "agreement_with_none: no finished no-dropping run with the same key but the method in the store "
+            "(run --method none on the same samples first)"
+        ]
+    return agreement(records, read_records(folder / "records.jsonl")), []
+
+
 def evaluate_in_store(
     lvlm, benchmark, method, config: EvalConfig, samples: list | None = None, split: str | None = None
 ) -> EvalResult | None:
@@ -153,6 +186,11 @@ def evaluate_in_store(
         return None
     result.split = split
     result.key = key.to_json()
+    if method.drops:
+        from v2drop.evaluation.records import read_records
+
+        records = read_records(folder / "records.jsonl")
+        result.agreement_with_none, result.notes = agreement_in_store(config.store, key, records)
     tmp = folder / "result.json.tmp"
     tmp.write_text(json.dumps(result.to_json(), indent=2))
     tmp.replace(folder / "result.json")  # whole or absent: a killed write never leaves a half result

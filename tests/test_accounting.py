@@ -1,0 +1,155 @@
+"""Fair accounting in every result: tokens both ways, the time split, agreement with the stored no-dropping run and
+bootstrap intervals (``v2drop.evaluation.accounting``; definitions in docs/methods.md, "Measurements")."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import evaluate
+from v2drop.evaluation.accounting import agreement, bootstrap_ci, paired_difference
+from v2drop.evaluation.records import read_records
+
+COMMON = ["--model", "proxy", "--max-new-tokens", "2", "--warmup", "0", "--no-progress", "--benchmark", "digits"]
+
+
+def _stored(store, label):
+    """The result.json and records of the run labelled ``label`` in ``store``."""
+    for path in store.rglob("result.json"):
+        data = json.loads(path.read_text())
+        if data["config"]["label"] == label:
+            return data, read_records(path.parent / "records.jsonl")
+    raise AssertionError(f"no run labelled {label} in {store}")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """No dropping, V²Drop at 64 and VisionZip (pre-LLM) at 64 on 6 digits samples, in one store."""
+    root = tmp_path_factory.mktemp("acct") / "store"
+    args = [*COMMON, "--limit", "6", "--store", str(root)]
+    evaluate.main([*args, "--method", "none", "--label", "none"])
+    evaluate.main([*args, "--method", "v2drop-llava15-64", "--label", "v2drop"])
+    evaluate.main([*args, "--method", "visionzip-llava15-64", "--label", "visionzip"])
+    return root
+
+
+def test_tokens_both_ways(store):
+    """per_layer is the mean of the records' per-layer counts, average its mean; entering_llm is what layer 0
+    receives (all tokens for an in-LLM method, the pruned count for a pre-LLM one); KV entries add the text tokens in
+    every layer and fall below no dropping's."""
+    none, none_records = _stored(store, "none")
+    for label in ("none", "v2drop", "visionzip"):
+        data, records = _stored(store, label)
+        tokens = data["tokens"]
+        depth = len(records[0]["vision_tokens_per_layer"])
+        assert len(tokens["per_layer"]) == depth
+        for layer in range(depth):
+            mean = sum(r["vision_tokens_per_layer"][layer] for r in records) / len(records)
+            assert tokens["per_layer"][layer] == pytest.approx(mean)
+        assert tokens["average"] == pytest.approx(sum(tokens["per_layer"]) / depth)
+        assert tokens["average"] == pytest.approx(data["metrics"]["average_vision_tokens"])
+        for r in records:
+            text = r["prompt_tokens"] - r["vision_tokens"]
+            assert r["entering_llm_vision_tokens"] == r["vision_tokens_per_layer"][0]
+            assert r["kv_cache_tokens"] == sum(text + v for v in r["vision_tokens_per_layer"])
+        assert tokens["entering_llm"] == pytest.approx(
+            sum(r["entering_llm_vision_tokens"] for r in records) / len(records)
+        )
+        assert tokens["kv_cache_tokens"] == pytest.approx(sum(r["kv_cache_tokens"] for r in records) / len(records))
+        assert tokens["kv_cache_tokens_no_drop"] == none["tokens"]["kv_cache_tokens"]
+    full = none["tokens"]["entering_llm"]
+    assert none["tokens"]["average"] == full == none["metrics"]["vision_tokens"]
+    v2drop, visionzip = _stored(store, "v2drop")[0]["tokens"], _stored(store, "visionzip")[0]["tokens"]
+    assert v2drop["entering_llm"] == full > v2drop["average"]  # in-LLM: every token enters, fewer on average
+    assert visionzip["entering_llm"] < full and visionzip["entering_llm"] == pytest.approx(visionzip["average"])
+    for tokens in (v2drop, visionzip):
+        assert tokens["kv_cache_tokens"] < none["tokens"]["kv_cache_tokens"]
+
+
+def test_time_split(store):
+    """Each part is a median and a total over the records; decode = generation - prefill; ttft = vision + prefill;
+    scoring is part of prefill; vision time is measured (> 0) in every record."""
+    for label in ("none", "v2drop"):
+        data, records = _stored(store, label)
+        time = data["time"]
+        assert set(time) == {"vision", "scoring", "prefill", "decode", "ttft"}
+        assert all(r["vision_seconds"] > 0 for r in records)
+        assert time["vision"]["total"] == pytest.approx(sum(r["vision_seconds"] for r in records))
+        assert time["prefill"]["total"] == pytest.approx(sum(r["prefill_seconds"] for r in records))
+        assert time["prefill"]["median"] == pytest.approx(data["metrics"]["prefill_latency_median_s"])
+        assert time["decode"]["total"] == pytest.approx(
+            sum(r["generate_seconds"] - r["prefill_seconds"] for r in records)
+        )
+        assert time["ttft"]["total"] == pytest.approx(time["vision"]["total"] + time["prefill"]["total"])
+        assert 0 <= time["scoring"]["total"] <= time["prefill"]["total"]
+        assert (time["scoring"]["total"] > 0) == (label != "none")
+
+
+def test_agreement_with_none_reads_the_stored_run(store, tmp_path):
+    """The share of answers equal to the stored no-dropping run's, sample by sample; 1 for no dropping itself; null
+    with a note when the store holds no no-dropping run of the same key but the method."""
+    _none, none_records = _stored(store, "none")
+    for label in ("v2drop", "visionzip"):
+        data, records = _stored(store, label)
+        reference = {r["id"]: r["prediction"] for r in none_records}
+        expected = sum(r["prediction"] == reference[r["id"]] for r in records) / len(records)
+        assert data["agreement_with_none"] == pytest.approx(expected)
+        assert data["notes"] == []
+    assert _stored(store, "none")[0]["agreement_with_none"] == 1.0
+    alone = tmp_path / "alone"
+    evaluate.main([*COMMON, "--limit", "6", "--store", str(alone), "--method", "v2drop-llava15-64", "--label", "x"])
+    data, _ = _stored(alone, "x")
+    assert data["agreement_with_none"] is None
+    assert any(n.startswith("agreement_with_none:") for n in data["notes"])
+    # another number of samples is another key: never compared with the 6-sample no-dropping run
+    evaluate.main([*COMMON, "--limit", "5", "--store", str(store), "--method", "v2drop-llava15-64", "--label", "y"])
+    assert _stored(store, "y")[0]["agreement_with_none"] is None
+
+
+def test_agreement_counts_equal_answers():
+    """Over the ids both runs have, the share of equal predictions."""
+    runs = [{"id": i, "prediction": p} for i, p in enumerate("abca")]
+    none = [{"id": i, "prediction": p} for i, p in enumerate("abcd")] + [{"id": 9, "prediction": "z"}]
+    assert agreement(runs, none) == 0.75
+    assert agreement(runs, [{"id": 7, "prediction": "a"}]) is None
+
+
+def test_accuracy_interval_in_every_result(store):
+    """``accuracy_ci95`` brackets the accuracy and is the bootstrap interval of the records' correctness."""
+    for label in ("none", "v2drop"):
+        data, records = _stored(store, label)
+        low, high = data["metrics"]["accuracy_ci95"]
+        assert low <= data["metrics"]["accuracy"] <= high
+        assert [low, high] == bootstrap_ci([float(r["correct"]) for r in records])
+
+
+def test_bootstrap_interval_covers_the_true_accuracy_at_the_nominal_rate():
+    """200 synthetic Bernoulli benchmarks of 100 samples: the 95% interval holds the true accuracy in 90-99% of
+    them; a fixed seed gives the same interval twice."""
+    rng = np.random.default_rng(2024)
+    p = 0.7
+    datasets = [(rng.random(100) < p).astype(float) for _ in range(200)]
+    covered = [low <= p <= high for low, high in map(bootstrap_ci, datasets)]
+    assert 0.90 <= sum(covered) / len(covered) <= 0.99
+    assert bootstrap_ci(datasets[0]) == bootstrap_ci(datasets[0])
+    assert bootstrap_ci([1.0, 1.0, 1.0]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_ci([])
+
+
+def test_paired_difference():
+    """Paired over the shared sample ids: the mean difference, an interval around it, and whether it holds zero."""
+    rng = np.random.default_rng(0)
+    none = {i: bool(rng.random() < 0.8) for i in range(300)}
+    same = paired_difference(dict(none), none)
+    assert same == {"n": 300, "difference": 0.0, "ci95": [0.0, 0.0], "contains_zero": True}
+    worse = {i: c and i % 3 != 0 for i, c in none.items()}  # a third of the samples turned wrong
+    diff = paired_difference(worse, none)
+    assert diff["difference"] == pytest.approx(sum(worse.values()) / 300 - sum(none.values()) / 300)
+    assert diff["ci95"][0] <= diff["difference"] <= diff["ci95"][1] < 0 and not diff["contains_zero"]
+    shuffled = dict(zip(none, rng.permutation(list(none.values()))))  # other samples right, same accuracy
+    noisy = paired_difference(shuffled, none)
+    assert noisy["difference"] == 0.0 and noisy["ci95"][0] < 0 < noisy["ci95"][1] and noisy["contains_zero"]
+    assert paired_difference({"a": True}, none) is None
