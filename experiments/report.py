@@ -10,6 +10,9 @@ categories; MME: total score; MVBench: mean of task accuracies; accuracy elsewhe
 is the mean over benchmarks of the ratio to the no-dropping run of the same model on the same
 samples and engine settings (run ``--method none`` once per benchmark). One table per model,
 written as markdown and CSV (the CSV also has every per-benchmark ratio and per-family score).
+A second table per model (``report-<model>-intervals``) gives each run's accuracy with its 95%
+bootstrap interval, the paired-bootstrap interval of its difference to no dropping over the same
+samples (``ns``: the interval holds zero) and its agreement with the no-dropping answers.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 from v2drop import checks
 from v2drop.cli import parse_config, run
-from v2drop.evaluation.collect import collect_results, method_benchmark_table, table_columns
+from v2drop.evaluation.collect import collect_results, interval_rows, method_benchmark_table, table_columns
 from v2drop.tables import markdown_table, write_csv
 
 
@@ -46,6 +49,7 @@ def _main(argv) -> dict:
     runs = collect_results(args.runs)
     tables = method_benchmark_table(runs)
     out.mkdir(parents=True, exist_ok=True)
+    intervals = interval_rows(runs)
     for model, rows in tables.items():
         stem = f"report-{Path(model).name}"  # model names have dots (llava-1.5-7b-hf): no with_suffix
         markdown = markdown_table(rows, table_columns(rows))
@@ -58,6 +62,10 @@ def _main(argv) -> dict:
                 f"no no-dropping run on the same samples for: {', '.join(missing)} (run --method none on those "
                 "benchmarks)"
             )
+        spread = markdown_table(intervals[model], floatfmt="{:.3f}")
+        (out / f"{stem}-intervals.md").write_text(spread)
+        write_csv(intervals[model], out / f"{stem}-intervals.csv", list(intervals[model][0]))
+        print(f"\naccuracy, 95% bootstrap intervals (ns: the difference to none is within its interval)\n\n{spread}")
     print(f"tables in {out}")
     return tables
 

@@ -26,12 +26,14 @@ def _stored(store, label):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """No dropping, V²Drop at 64 and VisionZip (pre-LLM) at 64 on 6 digits samples, in one store."""
+    """No dropping, V²Drop at 64 and VisionZip (pre-LLM) at 64 on 6 digits samples, and V²Drop on 5 (``y``: no
+    no-dropping run on those), in one store."""
     root = tmp_path_factory.mktemp("acct") / "store"
     args = [*COMMON, "--limit", "6", "--store", str(root)]
     evaluate.main([*args, "--method", "none", "--label", "none"])
     evaluate.main([*args, "--method", "v2drop-llava15-64", "--label", "v2drop"])
     evaluate.main([*args, "--method", "visionzip-llava15-64", "--label", "visionzip"])
+    evaluate.main([*COMMON, "--limit", "5", "--store", str(root), "--method", "v2drop-llava15-64", "--label", "y"])
     return root
 
 
@@ -104,7 +106,6 @@ def test_agreement_with_none_reads_the_stored_run(store, tmp_path):
     assert data["agreement_with_none"] is None
     assert any(n.startswith("agreement_with_none:") for n in data["notes"])
     # another number of samples is another key: never compared with the 6-sample no-dropping run
-    evaluate.main([*COMMON, "--limit", "5", "--store", str(store), "--method", "v2drop-llava15-64", "--label", "y"])
     assert _stored(store, "y")[0]["agreement_with_none"] is None
 
 
@@ -153,3 +154,34 @@ def test_paired_difference():
     noisy = paired_difference(shuffled, none)
     assert noisy["difference"] == 0.0 and noisy["ci95"][0] < 0 < noisy["ci95"][1] and noisy["contains_zero"]
     assert paired_difference({"a": True}, none) is None
+
+
+def test_report_shows_intervals_and_paired_differences(store, tmp_path, capsys):
+    """``experiments.report`` writes and prints, per run, the accuracy interval, the paired difference to the
+    no-dropping run of the same samples (marked ``ns`` when its interval holds zero) and the agreement."""
+    from experiments import report
+
+    tables = report.main([str(store), "--output", str(tmp_path / "out")])
+    assert {r["method"] for r in tables["proxy"]} == {"none", "v2drop", "visionzip", "y"}
+    text = (tmp_path / "out" / "report-proxy-intervals.md").read_text()
+    assert text.splitlines()[0] == (
+        "| method | benchmark | n | accuracy | accuracy ci95 | Δ vs none | Δ ci95 | agreement with none |"
+    )
+    assert text in capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
+    none, none_records = _stored(store, "none")
+    for label in ("v2drop", "visionzip"):
+        data, records = _stored(store, label)
+        correct = {r["id"]: r["correct"] for r in records}
+        diff = paired_difference(correct, {r["id"]: r["correct"] for r in none_records})
+        cells = [c.strip() for c in rows[label].strip("|").split("|")]
+        low, high = data["metrics"]["accuracy_ci95"]
+        assert cells[4] == f"[{low:+.3f}, {high:+.3f}]"
+        assert cells[5] == f"{diff['difference']:.3f}"
+        assert cells[6] == f"[{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]" + (
+            " ns" if diff["contains_zero"] else ""
+        )
+        assert cells[7] == f"{data['agreement_with_none']:.3f}"
+    none_cells = [c.strip() for c in rows["none"].strip("|").split("|")]
+    y_cells = [c.strip() for c in rows["y"].strip("|").split("|")]
+    assert none_cells[5:] == ["", "", ""] and y_cells[5:] == ["", "", ""]  # no baseline on y's 5 samples

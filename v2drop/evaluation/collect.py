@@ -51,6 +51,8 @@ class RunResult:
     per_family: dict = field(default_factory=dict)  # the benchmark metric per question family
     prefill_ms: float | None = None  # median prefill latency, milliseconds
     generation_ms: float | None = None  # median generation latency, milliseconds
+    accuracy: float | None = None  # mean per-sample correctness (the figure the intervals are about)
+    accuracy_ci95: list | None = None  # its bootstrap interval, from the result
 
 
 def run_result(data: dict, path: str | os.PathLike, label: str | None = None) -> RunResult:
@@ -89,6 +91,8 @@ def run_result(data: dict, path: str | os.PathLike, label: str | None = None) ->
         dict(data.get("per_family") or {}),
         ms("prefill_latency_median_s"),
         ms("generation_latency_median_s"),
+        metrics.get("accuracy"),
+        metrics.get("accuracy_ci95"),
     )
 
 
@@ -173,3 +177,53 @@ def table_columns(rows: list[dict]) -> list[str]:
     skip = {"method", *SUMMARY, "prefill_ms", "generation_ms"}
     benchmarks = sorted({k for r in rows for k in r if k not in skip and not k.endswith(" vs none") and "/" not in k})
     return ["method", *benchmarks, *SUMMARY]
+
+
+def _correct(run: RunResult) -> dict:
+    """``{sample id: correct}`` from a run's records (beside its result.json)."""
+    from v2drop.evaluation.records import read_records
+
+    return {r["id"]: bool(r["correct"]) for r in read_records(run.path.parent / "records.jsonl")}
+
+
+def _interval(low_high) -> str:
+    """``[low, high]`` as text."""
+    return f"[{low_high[0]:+.3f}, {low_high[1]:+.3f}]"
+
+
+def interval_rows(runs: list[RunResult]) -> dict[str, list[dict]]:
+    """Per model, one row per method and benchmark: accuracy with its bootstrap interval (``accuracy_ci95``), the
+    paired-bootstrap difference to the no-dropping run of the same group over the same sample ids
+    (``v2drop.evaluation.accounting.paired_difference``; ``ns`` marks an interval holding zero: no difference
+    shown) and the share of answers equal to no dropping's, both from the stored records (never re-run)."""
+    from v2drop.evaluation.accounting import agreement, bootstrap_ci, paired_difference
+    from v2drop.evaluation.records import read_records
+
+    latest: dict[tuple, RunResult] = {}
+    for run in sorted(runs, key=lambda r: r.path.stat().st_mtime if r.path.exists() else 0.0):
+        latest[(run.group, run.label)] = run
+    baselines = {group: run for (group, _label), run in latest.items() if not run.drops}
+    out: dict[str, list[dict]] = {}
+    for (group, label), run in sorted(latest.items(), key=lambda kv: (kv[1].benchmark, kv[0][1] != "none", kv[0][1])):
+        correct = _correct(run)
+        ci = run.accuracy_ci95 or bootstrap_ci([float(c) for c in correct.values()])
+        row = {
+            "method": label,
+            "benchmark": run.benchmark,
+            "n": run.n,
+            "accuracy": sum(correct.values()) / len(correct),
+            "accuracy ci95": _interval(ci),
+            "Δ vs none": None,
+            "Δ ci95": None,
+            "agreement with none": None,
+        }
+        base = baselines.get(group)
+        if base is not None and run.drops:
+            diff = paired_difference(correct, _correct(base))
+            if diff is not None:
+                row["Δ vs none"] = diff["difference"]
+                row["Δ ci95"] = _interval(diff["ci95"]) + (" ns" if diff["contains_zero"] else "")
+            mine = read_records(run.path.parent / "records.jsonl")
+            row["agreement with none"] = agreement(mine, read_records(base.path.parent / "records.jsonl"))
+        out.setdefault(run.model, []).append(row)
+    return out
