@@ -56,6 +56,7 @@ ARGS = [
 # Timings and memory differ from run to run; everything else in a record is a function of the sample and its batch.
 VOLATILE = {
     "prefill_seconds",
+    "vision_seconds",
     "generate_seconds",
     "scoring_seconds",
     "peak_memory_bytes",

@@ -15,6 +15,7 @@ from v2drop.vision_cache import VisionCache
 
 TIMINGS = {
     "prefill_seconds",
+    "vision_seconds",
     "generate_seconds",
     "scoring_seconds",
     "peak_memory_bytes",
