@@ -185,3 +185,20 @@ def test_report_shows_intervals_and_paired_differences(store, tmp_path, capsys):
     none_cells = [c.strip() for c in rows["none"].strip("|").split("|")]
     y_cells = [c.strip() for c in rows["y"].strip("|").split("|")]
     assert none_cells[5:] == ["", "", ""] and y_cells[5:] == ["", "", ""]  # no baseline on y's 5 samples
+
+
+def test_terminal_table_shows_the_accounting(store):
+    """The table ``experiments.evaluate`` prints has the interval, the agreement, the tokens and the time split."""
+    from v2drop.evaluation import format_table
+    from v2drop.evaluation.store import read_stored
+
+    for path in store.rglob("result.json"):
+        data = json.loads(path.read_text())
+        if data["config"]["label"] != "v2drop":
+            continue
+        text = format_table(read_stored(path.parent))
+        low, high = data["metrics"]["accuracy_ci95"]
+        assert f"accuracy 95% bootstrap interval [{low:.3f}, {high:.3f}]" in text
+        assert f"answers equal to no dropping's: {data['agreement_with_none']:.1%}" in text
+        assert f"vision tokens entering the LLM {data['tokens']['entering_llm']:.1f}" in text
+        assert f"time to first token {data['time']['ttft']['median'] * 1e3:.1f}" in text
