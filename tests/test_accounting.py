@@ -78,6 +78,9 @@ def test_time_split(store):
         time = data["time"]
         assert set(time) == {"vision", "scoring", "prefill", "decode", "ttft"}
         assert all(r["vision_seconds"] > 0 for r in records)
+        for r in records:
+            assert r["decode_seconds"] == pytest.approx(r["generate_seconds"] - r["prefill_seconds"])
+            assert r["ttft_seconds"] == pytest.approx(r["vision_seconds"] + r["prefill_seconds"])
         assert time["vision"]["total"] == pytest.approx(sum(r["vision_seconds"] for r in records))
         assert time["prefill"]["total"] == pytest.approx(sum(r["prefill_seconds"] for r in records))
         assert time["prefill"]["median"] == pytest.approx(data["metrics"]["prefill_latency_median_s"])

@@ -45,6 +45,8 @@ VOLATILE = {
     "prefill_seconds",
     "vision_seconds",
     "generate_seconds",
+    "decode_seconds",
+    "ttft_seconds",
     "scoring_seconds",
     "peak_memory_bytes",
     "data_wait_seconds",

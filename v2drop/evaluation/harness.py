@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from v2drop.cost import environment, prefill_flops, sample_prefill_flops
-from v2drop.evaluation.accounting import bootstrap_ci, sample_tokens, time_section, token_section
+from v2drop.evaluation.accounting import bootstrap_ci, sample_times, sample_tokens, time_section, token_section
 from v2drop.evaluation.collect import vs_none
 from v2drop.evaluation.config import EvalConfig, EvalResult
 from v2drop.evaluation.ranks import (
@@ -253,6 +253,8 @@ def _predict(
         tokens = sample_tokens(record)
         record["entering_llm_vision_tokens"] = tokens["entering_llm"]
         record["kv_cache_tokens"] = tokens["kv_cache_tokens"]
+        times = sample_times(record)
+        record["decode_seconds"], record["ttft_seconds"] = times["decode"], times["ttft"]
         records.append(record)
     step = (time.perf_counter() - start) / len(batch)
     for record in records:
