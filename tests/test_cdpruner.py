@@ -16,6 +16,7 @@ from v2drop import Method
 from v2drop.benchmarks import get_benchmark
 from v2drop.scorers import LayerState
 from v2drop.scorers.cdpruner import CDPrunerScorer, dpp_greedy, relevance
+from v2drop.scorers.vispruner import share
 from v2drop.testing import FAMILIES, batch_for
 
 
@@ -92,7 +93,8 @@ def test_clip_text_relevance_is_refused_with_the_reason():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pre_llm_run_follows_the_definition_on_every_family(tiny, family):
     """k = 3 of each sample's one image: the DPP's picks on the layer-0 embeddings, relevance to the text after the
-    sample's last vision token."""
+    sample's last vision token; k shared out over the image's tiles where the family tiles it (InternVL3: one DPP a
+    tile, the thumbnail included)."""
     lvlm = tiny(family)
     prompts, images = batch_for(lvlm, 2, family)
     inputs = lvlm.prepare(prompts, images)
@@ -104,13 +106,18 @@ def test_pre_llm_run_follows_the_definition_on_every_family(tiny, family):
         embeds = lvlm.adapter.embed(inputs)
     vision = lvlm.adapter.vision_mask(inputs["input_ids"]) & inputs["attention_mask"].bool()
     pad = (inputs["attention_mask"] == 0).sum(1)
+    coords = lvlm.adapter.vision_coords(inputs, vision)
     for b, trace in enumerate(out.traces):
         positions = vision[b].nonzero().flatten()
         assert len(positions) > 3
         text = embeds[b, positions[-1] + 1 :]
         r = relevance(embeds[b, positions], text).double()
         x = torch.nn.functional.normalize(embeds[b, positions].float(), dim=-1).double()
-        expected = dpp_greedy(r[:, None] * (x @ x.T) * r[None], 3)
+        tiles, expected = coords[b, positions, 0], []
+        for tile, k in zip(tiles.unique().tolist(), share(3, len(tiles.unique()))):
+            members = (tiles == tile).nonzero().flatten()
+            expected.append(members[dpp_greedy(r[members, None] * (x[members] @ x[members].T) * r[None, members], k)])
+        expected = torch.cat(expected)
         assert trace.stages[0]["layer"] == -1
         assert trace.stages[0]["kept"] == sorted((positions[expected] - pad[b]).tolist())
 
