@@ -149,6 +149,14 @@ def test_every_scorer_keeping_everything_is_the_model(tiny, name):
     assert torch.equal(out.first_logits, base.first_logits)
 
 
+@pytest.mark.parametrize("name", [n for n in SCORERS if not refuses(n, FAMILY)])
+def test_every_scorer_keeps_the_same_under_eager_and_sdpa(tiny, name):
+    prompts, images = batch_for(tiny(FAMILY), 3, FAMILY)
+    eager = tiny(FAMILY, "eager").generate(prompts, images, method=method(name), max_new_tokens=1)
+    sdpa = tiny(FAMILY, "sdpa").generate(prompts, images, method=method(name), max_new_tokens=1)
+    assert kept(eager) == kept(sdpa)
+
+
 # -- real geometry: InternVL3-8B-hf's preprocessing (448-pixel tiles, patch 14, 256 tokens a tile), tiny weights -----
 _REAL: dict = {}
 
