@@ -265,3 +265,12 @@ def test_real_checkpoint_round_trip_loads_the_stand_in(tmp_path):
     a = lvlm.generate(prompts, images, max_new_tokens=3, stop_at_eos=False)
     b = again.generate(prompts, images, max_new_tokens=3, stop_at_eos=False)
     assert a.prompt_ids == b.prompt_ids and a.generated_ids == b.generated_ids
+
+
+def test_stand_in_refuses_videos_and_a_placeholder_count_mismatch(tiny):
+    lvlm = tiny(FAMILY)
+    prompt = prompt_for(lvlm, "how many ?")
+    with pytest.raises(ValueError, match="images only"):
+        lvlm.processor(prompt, videos=[[photo(0, 32, 32)]])
+    with pytest.raises(ValueError, match="1 '<IMG_CONTEXT>' placeholder\\(s\\) but 2"):
+        lvlm.processor(prompt, images=[photo(0, 32, 32), photo(1, 32, 32)])
