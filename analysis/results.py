@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -148,8 +149,8 @@ SECTIONS = [
         "proxy_bars",
         "The proxy's bars",
         "The two bars the bundled proxy must pass before any method is compared on it (`docs/proxy.md`, "
-        '"Bars"), on the whole `digits` test split (600 questions, 120 per family): quality (full image: '
-        "overall ≥ 0.90, every "
+        '"Quality and validity bars"), on the whole `digits` test split (600 questions, 120 per family): '
+        "quality (full image: overall ≥ 0.90, every "
         "family ≥ 0.80) and validity (keeping only the evidence tokens at decoder layer 2 scores ≥ 95% of full; "
         "a random set of the same size scores ≥ 10 points below the evidence). The command also prints how much "
         "each decoder layer moves the vision tokens (V²Drop's variation at layer l+1 is layer l's change) and "
@@ -321,7 +322,7 @@ def machine(load: float, seconds: float) -> str:
     env = environment()
     cpu = env["cuda"] or _cpu_model() or env["processor"]
     return (
-        f"Ran on {cpu}, {env['cpu_count']} cores, {env['torch_threads']} torch threads; torch {env['torch']}, "
+        f"Ran on {cpu} ({env['cpu_count']} cores), torch threads: {env['torch_threads']}; torch {env['torch']}, "
         f"transformers {env['transformers']}, Python {env['python']}; load average {load:.1f} at the start; "
         f"{seconds:.0f} s."
     )
@@ -354,14 +355,14 @@ def run_command(argv: Sequence[str], render: Callable[[Any, str], str]) -> str:
 def section_markdown(section: Section) -> str:
     """Run every command of ``section``; the section as markdown."""
     body = "\n".join(run_command(argv, section.render) for argv in section.commands)
-    return f"## {section.title}\n\n{section.text}\n\n{body}"
+    return f"## {section.title}\n\n{textwrap.fill(section.text, 100)}\n\n{body}"
 
 
 def placeholder(section: Section) -> str:
     """A section not generated yet: its text and the commands, no table."""
     commands = "\n\n".join(command_text(a) for a in section.commands)
     return (
-        f"## {section.title}\n\n{section.text}\n\n{commands}\n\n"
+        f"## {section.title}\n\n{textwrap.fill(section.text, 100)}\n\n{commands}\n\n"
         f"Not generated yet: `python -m analysis.results --only {section.name}`.\n"
     )
 

@@ -81,7 +81,7 @@ def test_results_writes_one_cheap_section(tmp_path, monkeypatch):
     first = lines.index("`python -m experiments.check_proxy --limit 3`")
     second = lines.index(f"`python -m analysis.real_cost --out {tmp_path / 'real_cost'}`")
     assert first < second
-    assert lines[first + 2].startswith("Ran on ") and "torch threads; torch " in lines[first + 2]
+    assert lines[first + 2].startswith("Ran on ") and "torch threads: " in lines[first + 2]
     header = next(line for line in lines[first:second] if line.startswith("| condition |"))
     assert header.endswith("| overall |")  # one column per family present, then overall
     assert any(line.startswith("| full | ") for line in lines[first:second])
