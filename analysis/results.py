@@ -177,8 +177,9 @@ SECTIONS = [
         'rescaled to the proxy\'s 12 layers and fitted to each budget; "avg_vs_none" is the mean over question '
         "families of the accuracy "
         'ratio to no dropping (the paper\'s "Avg"). On this proxy the trained decoder layer 0 moves the digit '
-        "tokens least, so every method whose first stage reads the variation before layer 1 drops the "
-        'evidence first (`docs/proxy.md`, "What layer 0 does to the methods"): read the table as a test of '
+        "tokens least, so V²Drop's first stage (the variation before layer 1) drops the evidence "
+        "first, and the composite and staged scorers that contain it inherit that "
+        '(`docs/proxy.md`, "What layer 0 does to the methods"): read the table as a test of '
         "the machinery and of this model, not as a ranking of the methods on real checkpoints.",
         (("analysis.method_table", "--limit", "120", "--threads", "1"),),
     ),
