@@ -234,10 +234,12 @@ SECTIONS = [
     ),
     Section(
         "pareto",
-        "Methods and the default sweep on one chart",
+        "Methods on one accuracy-cost chart",
         "Every cached method result of the method table against prefill latency and against FLOPs, the "
-        "non-dominated ones marked, with the default sweep's front overlaid (the PNG the command writes).",
-        (("analysis.pareto", "--sweep", "runs/v2drop-proxy-digits"),),
+        "non-dominated ones marked (`pareto_prefill_ms`, `pareto_flops_ratio`). "
+        "`--sweep runs/v2drop-proxy-digits` overlays the default "
+        "sweep's front on the chart the command writes.",
+        (("analysis.pareto",),),
     ),
     Section(
         "sweep_methods",
@@ -360,14 +362,14 @@ def run_command(argv: Sequence[str], render: Callable[[Any, str], str]) -> str:
 def section_markdown(section: Section) -> str:
     """Run every command of ``section``; the section as markdown."""
     body = "\n".join(run_command(argv, section.render) for argv in section.commands)
-    return f"## {section.title}\n\n{textwrap.fill(section.text, 100)}\n\n{body}"
+    return f"## {section.title}\n\n{textwrap.fill(section.text, 100, break_on_hyphens=False)}\n\n{body}"
 
 
 def placeholder(section: Section) -> str:
     """A section not generated yet: its text and the commands, no table."""
     commands = "\n\n".join(command_text(a) for a in section.commands)
     return (
-        f"## {section.title}\n\n{textwrap.fill(section.text, 100)}\n\n{commands}\n\n"
+        f"## {section.title}\n\n{textwrap.fill(section.text, 100, break_on_hyphens=False)}\n\n{commands}\n\n"
         f"Not generated yet: `python -m analysis.results --only {section.name}`.\n"
     )
 
