@@ -226,7 +226,7 @@ SECTIONS = [
     Section(
         "sweep",
         "The default sweep",
-        "`python -m experiments.sweep` with no arguments: TPE over V²Drop L2's progressive schedules on the "
+        "What `python -m experiments.sweep` runs with no arguments: TPE over V²Drop L2's progressive schedules on the "
         "proxy, accuracy against prefill latency, 24 trials on a 100-question validation sample stratified by "
         "family, then the front confirmed on the 600 test questions. The paper's presets are enqueued first.",
         (("experiments.sweep",),),
