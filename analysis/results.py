@@ -13,7 +13,6 @@ interrupted run leaves the sections it finished regenerated and the others as th
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import io
@@ -415,6 +414,9 @@ class ResultsConfig:
     check: bool = False  # only check that every table of the file names its command; no model runs
 
 
+CONFIG = ResultsConfig
+
+
 def main(argv=None) -> str:
     """Rerun the sections (or only check the file) and write it; returns the written (or checked) text."""
     from v2drop.cli import run
@@ -423,11 +425,9 @@ def main(argv=None) -> str:
 
 
 def _main(argv) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=None, help=f"one section: {', '.join(s.name for s in SECTIONS)}")
-    p.add_argument("--output", default=ResultsConfig.output, help="the results file")
-    p.add_argument("--check", action="store_true", help="only check the file names a command for every table")
-    cfg = ResultsConfig(**vars(p.parse_args(argv)))
+    from v2drop.cli import parse_config
+
+    cfg = parse_config(ResultsConfig, argv, __doc__)
     path = Path(cfg.output)
     if cfg.check:
         if not path.is_file():
