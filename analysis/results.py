@@ -173,9 +173,9 @@ SECTIONS = [
         "Methods on the proxy (paper Table 1 analogue)",
         "Every registered scorer at the paper's 192/128/64-of-576 budgets, taken as the same shares of the "
         "proxy's 256 vision tokens, on the first 120 `digits` test questions (24 per family). Presets are "
-        'rescaled to the proxy\'s 12 layers and fitted to each budget; "avg_vs_none" is the mean over question '
-        "families of the accuracy "
-        'ratio to no dropping (the paper\'s "Avg"). On this proxy the trained decoder layer 0 moves the digit '
+        'rescaled to the proxy\'s 12 layers and fitted to each budget; "avg_vs_none" is the paper\'s "Avg", the '
+        "mean over benchmarks of each benchmark's metric as a ratio to no dropping on the same samples (one "
+        "benchmark here: the accuracy ratio). On this proxy the trained decoder layer 0 moves the digit "
         "tokens least, so V²Drop's first stage (the variation before layer 1) drops the evidence "
         "first, and the composite and staged scorers that contain it inherit that "
         '(`docs/proxy.md`, "What layer 0 does to the methods"): read the table as a test of '
