@@ -64,9 +64,9 @@ def official_pivot_order(image_positions: list[int], text_positions: list[int]) 
 
     The official code builds ``set(image_positions + text_positions)`` (each list in descending
     key-norm order, as ``topk`` returns it), copies it and iterates the copy. CPython's set of small
-    ints is a hash table with hash = value, so the order is by ``position mod table size`` (32 for
-    5 to 10 pivots), collisions resolved by probing: deterministic for given positions. Building the
-    same set the same way gives exactly that order.
+    ints is a hash table with hash = value, so the order is by ``position mod table size`` (8 for up
+    to 4 pivots, 16 for 5 to 7, 32 for 8), collisions resolved by probing: deterministic for given
+    positions. Building the same set the same way gives exactly that order.
     """
     return list(set(image_positions + text_positions).copy())
 
