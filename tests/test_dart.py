@@ -374,3 +374,19 @@ def test_runs_on_the_bundled_proxy():
     assert [s["layer"] for s in trace.stages] == list(method.schedule.layers)
     assert len(trace.stages[0]["kept"]) == method.schedule.counts(256)[0]
     assert abs(sum(trace.vision_tokens_per_layer) / lvlm.depth - 64 / 576 * 256) < 2
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_official_order_in_a_padded_batch_keeps_what_each_sample_keeps_alone(tiny, family):
+    """Positions are counted in each sample's unpadded sequence, so padding does not change the set order."""
+    lvlm = tiny(family)
+    prompts, images = batch_for(lvlm, 3, family)
+
+    def official():
+        scorer = build_scorer("dart", pivot_order="official")
+        return Method(scorer, schedule=Schedule.one_shot(2, 4 + 8 * 2, keep_mode="absolute"))
+
+    batch = lvlm.generate(prompts, images, method=official(), max_new_tokens=1)
+    for i in range(3):
+        alone = lvlm.generate(prompts[i : i + 1], images[i : i + 1], method=official(), max_new_tokens=1)
+        assert alone.traces[0].stages == batch.traces[i].stages
