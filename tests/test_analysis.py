@@ -77,6 +77,10 @@ def test_scorer_variants_follow_the_registry(monkeypatch):
     # scorers without presets of their own name run on the first preset that uses them, fitted to each budget
     assert variants["composite"] == ("composite-v2drop-dart", {}) and variants["staged"] == ("visionzip-v2drop", {})
     assert "given" not in variants  # an oracle needs each sample's positions
+    # a scorer's named variants (official behaviour) are rows of their own, right after it
+    keys = list(variants)
+    assert variants["dart-official"] == ("dart-official", {}) and keys.index("dart-official") == keys.index("dart") + 1
+    assert variants["visionzip-official"] == ("visionzip-official", {})
 
     @dataclass
     class NormScorer(Scorer):

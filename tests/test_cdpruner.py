@@ -10,35 +10,21 @@ instead of the CLIP text tower's embedding of the question (clip_encoder.py line
 
 import pytest
 import torch
+from prellm_helpers import check_preset, check_proxy_run, kept_by, pre_llm_run, prellm_state
 
-import v2drop
-from v2drop import Method
-from v2drop.benchmarks import get_benchmark
-from v2drop.scorers import LayerState
 from v2drop.scorers.cdpruner import CDPrunerScorer, dpp_greedy, relevance
-from v2drop.testing import FAMILIES, batch_for
+from v2drop.scorers.vispruner import share
+from v2drop.testing import FAMILIES
 
 
 def hand_state():
     """Text (1, 1) at 0, vision tokens a (1, 0), b (2, 0), c (0, 1), d (.6, .8) at 1..4, the instruction (1, 0) at 5."""
     hidden = torch.tensor([[[1.0, 1.0], [1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.6, 0.8], [1.0, 0.0]]])
-    return LayerState(
-        layer_idx=-1,
-        hidden=hidden,
-        vision_idx=torch.arange(1, 5)[None],
-        vision_valid=torch.ones(1, 4, dtype=torch.bool),
-        vision_coords=torch.zeros(1, 4, 3, dtype=torch.long),
-        orig_idx=torch.arange(6)[None],
-        attention_mask=torch.ones(1, 6),
-        sample_keys=torch.zeros(1, dtype=torch.long),
-        layer=None,
-    )
+    return prellm_state(hidden, 4)
 
 
 def kept(k, negate=True):
-    state = hand_state()
-    scorer = CDPrunerScorer(negate=negate)
-    return scorer.select(state, scorer.score(state), [k]).keep[0].tolist()
+    return kept_by(CDPrunerScorer(negate=negate), hand_state(), k)
 
 
 def test_hand_made_official_sign():
@@ -92,50 +78,39 @@ def test_clip_text_relevance_is_refused_with_the_reason():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pre_llm_run_follows_the_definition_on_every_family(tiny, family):
     """k = 3 of each sample's one image: the DPP's picks on the layer-0 embeddings, relevance to the text after the
-    sample's last vision token."""
+    sample's last vision token; k shared out over the image's tiles where the family tiles it (InternVL3: one DPP a
+    tile, the thumbnail included)."""
     lvlm = tiny(family)
-    prompts, images = batch_for(lvlm, 2, family)
-    inputs = lvlm.prepare(prompts, images)
-    method = Method(
-        "cdpruner", schedule={"keep_mode": "absolute", "stages": [["pre_llm", 3]]}, position_policy="renumber"
-    )
-    out = lvlm.generate_from_inputs(inputs, method, max_new_tokens=2, stop_at_eos=False)
+    inputs, out = pre_llm_run(lvlm, family, "cdpruner", 3)
     with torch.no_grad():
         embeds = lvlm.adapter.embed(inputs)
     vision = lvlm.adapter.vision_mask(inputs["input_ids"]) & inputs["attention_mask"].bool()
     pad = (inputs["attention_mask"] == 0).sum(1)
+    coords = lvlm.adapter.vision_coords(inputs, vision)
     for b, trace in enumerate(out.traces):
         positions = vision[b].nonzero().flatten()
         assert len(positions) > 3
         text = embeds[b, positions[-1] + 1 :]
         r = relevance(embeds[b, positions], text).double()
         x = torch.nn.functional.normalize(embeds[b, positions].float(), dim=-1).double()
-        expected = dpp_greedy(r[:, None] * (x @ x.T) * r[None], 3)
+        tiles, expected = coords[b, positions, 0], []
+        for tile, k in zip(tiles.unique().tolist(), share(3, len(tiles.unique()))):
+            members = (tiles == tile).nonzero().flatten()
+            expected.append(members[dpp_greedy(r[members, None] * (x[members] @ x[members].T) * r[None, members], k)])
+        expected = torch.cat(expected)
         assert trace.stages[0]["layer"] == -1
         assert trace.stages[0]["kept"] == sorted((positions[expected] - pad[b]).tolist())
 
 
 @pytest.mark.parametrize("budget", [192, 128, 64])
 def test_presets_keep_their_budget(budget):
-    method = Method.from_preset(f"cdpruner-llava15-{budget}")
-    assert method.scorer_name == "cdpruner" and method.scorer.relevance == "llm_embeddings" and method.scorer.negate
-    assert method.schedule.pre_llm is not None and method.schedule.tokens_per_layer(32, 576) == [budget] * 32
+    method = check_preset("cdpruner", budget)
+    assert method.scorer.relevance == "llm_embeddings" and method.scorer.negate
 
 
 @pytest.mark.parametrize("budget", [192, 128, 64])
 def test_runs_on_the_bundled_proxy(budget):
-    lvlm = v2drop.load("proxy")
-    sample = get_benchmark("digits").load("test", 1)[0]
-    out = lvlm.generate(
-        [lvlm.format_prompt(sample.question)],
-        [list(sample.images)],
-        method=f"cdpruner-llava15-{budget}",
-        max_new_tokens=2,
-    )
-    trace = out.traces[0]
-    assert trace.vision_tokens == 256
-    count = min(budget, 256)
-    assert len(trace.stages[0]["kept"]) == count and trace.vision_tokens_per_layer == [count] * lvlm.depth
+    check_proxy_run("cdpruner", budget)
 
 
 def official_steps(features, text, T):

@@ -26,6 +26,7 @@ from torch import nn
 import v2drop
 from v2drop import Method, Schedule, build_scorer
 from v2drop.scorers import LayerState
+from v2drop.scorers.dart import official_pivot_order
 from v2drop.testing import FAMILIES, batch_for
 
 
@@ -142,15 +143,16 @@ def official_keep(
     pivot_image: int,
     pivot_text: int,
     budget: int,
+    set_order: bool = False,
 ) -> list[int]:
     """The official procedure (lines 409-449) written again from its definition, on positions ``start..``.
 
     ``keys`` (L, H_kv, d) are layer K − 1's cached keys; like the official ``repeat_kv`` (line 578)
     each key head is repeated ``groups`` times, then the heads are concatenated (line 419) before
     the L1 norm. ``features`` (L, D) are the final norm of layer K's input (line 341). The official
-    loop visits the pivots in the iteration order of a Python ``set`` of positions, which is
-    ascending while the positions stay below the set's table size; we visit them in ascending
-    position order always (``docs/methods.md``).
+    loop visits the pivots in the iteration order of a Python ``set`` of positions (line 434,
+    ``set_order=True``, ``pivot_order="official"``); ``pivot_order="position"`` visits them in
+    ascending position order (``set_order=False``, ``docs/methods.md``).
     """
     repeated = keys.float().repeat_interleave(groups, dim=1).flatten(1)
     feats = features.float()
@@ -160,7 +162,7 @@ def official_keep(
     query_idx = (norms[start + length :].topk(pivot_text).indices + start + length).tolist()
     chosen = set(image_idx + query_idx)
     valid = set(range(start, start + length)) - set(image_idx)
-    for item in sorted(chosen):
+    for item in list(chosen.copy()) if set_order else sorted(chosen):
         valid_list = sorted(valid)
         sim = -torch.nn.functional.cosine_similarity(feats[item], feats[valid_list], dim=-1)
         picked = [valid_list[i] for i in sim.topk(topk).indices.tolist()]
@@ -184,7 +186,72 @@ def test_random_tensors_match_the_official_procedure_at_its_budgets(seed):
             assert ours == official_keep(keys, 2, norm(hidden), 3, 24, 4, 4, 8 * t)
 
 
+def test_official_pivot_order_is_the_python_set_order():
+    """Hand-worked CPython order: 8 small ints live in a 32-slot table at slot ``position mod 32``
+    (72 collides with 40 at slot 8 and probes to slot 9): 100 (4), 646 (6), 40 (8), 72 (9),
+    650 (10), 620 (12), 51 (19), 700 (28); position order would be 40, 51, 72, 100, 620, ..."""
+    assert official_pivot_order([40, 72, 100, 51], [646, 620, 650, 700]) == [100, 646, 40, 72, 650, 620, 51, 700]
+    assert official_pivot_order([5, 7], []) == [5, 7] and official_pivot_order([6], [8]) == [8, 6]  # 8 slots: 8 -> 0
+
+
+# HIDDEN and KEYS one position later: one more text token before the image (pad-like, never a pivot).
+SHIFTED_HIDDEN, SHIFTED_KEYS = torch.cat([HIDDEN[:1], HIDDEN]), torch.cat([KEYS[:1], KEYS])
+
+
+def test_official_pivot_order_changes_the_kept_set_when_the_text_pivot_comes_first():
+    """Keep 5 with 1 + 1 pivots, two claims each. Vision at positions 2..7: the pivots are v4
+    (position 6) and the text token at 8; the set {6, 8} iterates 8 first (8 slots: 8 mod 8 = 0).
+    Position order (v4 first): v4 claims v5 (-0.932), v3 (-0.894); 8 = (2, 0) then v2 (0), v1
+    (0.707): kept v1..v5. Official order (8 first): 8 claims v3 (-0.707), v2 (0); v4 then v5
+    (-0.932), v0 (0.316): kept v0, v2, v3, v4, v5."""
+    state = state_for(SHIFTED_HIDDEN, SHIFTED_KEYS, [2, 3, 4, 5, 6, 7], FINAL_NORM)
+    assert dart_keep(build_scorer("dart", pivot_image=1, pivot_text=1), state, 5) == [1, 2, 3, 4, 5]
+    official = build_scorer("dart", pivot_image=1, pivot_text=1, pivot_order="official")
+    assert dart_keep(official, state, 5) == [0, 2, 3, 4, 5]
+    # in the unshifted layout the set {5, 7} iterates in position order: both options agree
+    unshifted = state_for(HIDDEN, KEYS, [1, 2, 3, 4, 5, 6], FINAL_NORM)
+    assert dart_keep(official, unshifted, 5) == [1, 2, 3, 4, 5]
+
+
+def test_official_pivot_order_counts_positions_in_the_unpadded_sample():
+    """Left padding does not move the official positions: a padded copy of the shifted layout keeps the same set."""
+    pad = torch.zeros(3, 2)
+    state = state_for(torch.cat([pad, SHIFTED_HIDDEN]), torch.cat([pad, SHIFTED_KEYS]), [5, 6, 7, 8, 9, 10], FINAL_NORM)
+    state.attention_mask[0, :3] = 0
+    official = build_scorer("dart", pivot_image=1, pivot_text=1, pivot_order="official")
+    assert dart_keep(official, state, 5) == [0, 2, 3, 4, 5]
+
+
+def test_official_count_gives_every_pivot_the_same_share():
+    """Keep 4 with 1 + 1 pivots: the official TOKEN_TOPK = (4 - 1) // 2 = 1 claim each, so 3 kept
+    (position order shares 2 + 1 and keeps 4)."""
+    state = state_for(HIDDEN, KEYS, [1, 2, 3, 4, 5, 6], FINAL_NORM)
+    assert dart_keep(build_scorer("dart", pivot_image=1, pivot_text=1, pivot_order="official"), state, 4) == [3, 4, 5]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_tensors_match_the_official_set_order_at_llava_positions(seed):
+    """576 vision tokens at the LLaVA-1.5 offset 35, 12 text tokens after: ``pivot_order="official"``
+    with ``4 + 8·t`` keeps the official set (set iteration order), ``position`` the sorted-order one."""
+    torch.manual_seed(seed)
+    D, start, n = 16, 35, 576
+    L = start + n + 12
+    norm = weighted_norm(torch.empty(D).uniform_(0.5, 1.5).tolist())
+    hidden, keys = torch.randn(L, D), torch.randn(L, 2, 4)
+    state = state_for(hidden, keys.flatten(1), list(range(start, start + n)), norm)
+    with torch.no_grad():
+        feats = norm(hidden)
+        for t in (8, 16):
+            official = dart_keep(build_scorer("dart", pivot_order="official"), state, 4 + 8 * t)
+            ours = dart_keep(build_scorer("dart"), state, 4 + 8 * t)
+            assert official == official_keep(keys, 2, feats, start, n, 4, 4, 8 * t, set_order=True)
+            assert ours == official_keep(keys, 2, feats, start, n, 4, 4, 8 * t)
+            assert official != ours  # at these positions the set order is not the position order
+
+
 def test_parameters_are_validated():
+    with pytest.raises(ValueError, match="pivot_order"):
+        build_scorer("dart", pivot_order="sorted")
     with pytest.raises(ValueError, match="pivot_image"):
         build_scorer("dart", pivot_image=-1)
     with pytest.raises(ValueError, match="at least one pivot"):
@@ -198,6 +265,18 @@ def test_presets_average_the_budget_on_llava15(budget, kept):
     assert method.scorer_name == "dart" and method.schedule.layers == (2,) and method.position_policy == "preserve"
     assert method.schedule.counts(576) == [kept]
     assert abs(method.schedule.average_tokens(32, 576) - budget) < 0.5
+
+
+@pytest.mark.parametrize("budget,kept", [(192, 196), (128, 132), (64, 68)])
+def test_official_presets_keep_the_official_count(budget, kept):
+    """The official code's count after layer 2: 4 vision pivots + 8 pivots · (budget // 8) claims."""
+    method = Method.from_preset(f"dart-official-llava15-{budget}")
+    assert method.scorer.pivot_order == "official" and (method.scorer.pivot_image, method.scorer.pivot_text) == (4, 4)
+    assert (
+        method.schedule.layers == (2,)
+        and method.schedule.counts(576) == [kept]
+        and method.position_policy == "preserve"
+    )
 
 
 def test_qwen2vl_preset_removes_77_8_percent_on_average():
@@ -295,3 +374,19 @@ def test_runs_on_the_bundled_proxy():
     assert [s["layer"] for s in trace.stages] == list(method.schedule.layers)
     assert len(trace.stages[0]["kept"]) == method.schedule.counts(256)[0]
     assert abs(sum(trace.vision_tokens_per_layer) / lvlm.depth - 64 / 576 * 256) < 2
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_official_order_in_a_padded_batch_keeps_what_each_sample_keeps_alone(tiny, family):
+    """Positions are counted in each sample's unpadded sequence, so padding does not change the set order."""
+    lvlm = tiny(family)
+    prompts, images = batch_for(lvlm, 3, family)
+
+    def official():
+        scorer = build_scorer("dart", pivot_order="official")
+        return Method(scorer, schedule=Schedule.one_shot(2, 4 + 8 * 2, keep_mode="absolute"))
+
+    batch = lvlm.generate(prompts, images, method=official(), max_new_tokens=1)
+    for i in range(3):
+        alone = lvlm.generate(prompts[i : i + 1], images[i : i + 1], method=official(), max_new_tokens=1)
+        assert alone.traces[0].stages == batch.traces[i].stages

@@ -10,11 +10,9 @@ the deep attention minus 1 on the chosen ones, ``topk`` of ``T − |anchors ∪ 
 
 import pytest
 import torch
+from prellm_helpers import check_preset, check_proxy_run, kept_by, pre_llm_run, prellm_state
 
-import v2drop
-from v2drop import Method
-from v2drop.benchmarks import get_benchmark
-from v2drop.scorers import LayerState, VisionFeatures, VisionRequest
+from v2drop.scorers import VisionFeatures, VisionRequest
 from v2drop.scorers.hiprune import HiPruneScorer, hiprune_keep
 from v2drop.testing import batch_for
 
@@ -24,20 +22,8 @@ def grid_state(shallow, deep, object_layer=0.375):
     coords = torch.zeros(1, 16, 3, dtype=torch.long)
     coords[0, :, 1] = torch.arange(16) // 4
     coords[0, :, 2] = torch.arange(16) % 4
-    return LayerState(
-        layer_idx=-1,
-        hidden=torch.zeros(1, 18, 2),
-        vision_idx=torch.arange(1, 17)[None],
-        vision_valid=torch.ones(1, 16, dtype=torch.bool),
-        vision_coords=coords,
-        orig_idx=torch.arange(18)[None],
-        attention_mask=torch.ones(1, 18),
-        sample_keys=torch.zeros(1, dtype=torch.long),
-        layer=None,
-        vision=VisionFeatures(
-            cls_attention=torch.zeros(1, 16), received={object_layer: shallow[None], None: deep[None]}
-        ),
-    )
+    vision = VisionFeatures(cls_attention=torch.zeros(1, 16), received={object_layer: shallow[None], None: deep[None]})
+    return prellm_state(torch.zeros(1, 18, 2), 16, coords, vision)
 
 
 DEEP = torch.tensor([0.1, 0.2, 0.3, 0.05, 0.04, 0.9, 0.02, 0.01, 0.3, 0.06, 0.07, 0.08, 0.03, 0.02, 0.01, 0.5])
@@ -46,9 +32,7 @@ DEEP = torch.tensor([0.1, 0.2, 0.3, 0.05, 0.04, 0.9, 0.02, 0.01, 0.3, 0.06, 0.07
 def kept(anchor, k, alpha=1.0):
     shallow = torch.full((16,), 0.01)
     shallow[anchor] = 0.5
-    state = grid_state(shallow, DEEP)
-    scorer = HiPruneScorer(alpha=alpha)
-    return scorer.select(state, scorer.score(state), [k]).keep[0].tolist()
+    return kept_by(HiPruneScorer(alpha=alpha), grid_state(shallow, DEEP), k)
 
 
 def test_hand_made_anchor_buffers_and_registers():
@@ -109,15 +93,7 @@ def test_bad_object_layer_is_refused(bad):
 def test_pre_llm_run_on_tiny_llava_follows_the_definition(tiny):
     """k = 16 per image on the tiny LLaVA (8 × 8 patches): hiprune_keep on the tower's own received attention."""
     lvlm = tiny("llava", "eager")
-    prompts, images = batch_for(lvlm, 2, "llava")
-    inputs = lvlm.prepare(prompts, images)
-    method = Method(
-        "hiprune",
-        alpha=0.5,
-        schedule={"keep_mode": "absolute", "stages": [["pre_llm", 16]]},
-        position_policy="renumber",
-    )
-    out = lvlm.generate_from_inputs(inputs, method, max_new_tokens=2, stop_at_eos=False)
+    inputs, out = pre_llm_run(lvlm, "llava", "hiprune", 16, alpha=0.5)
     with torch.no_grad():
         attn = lvlm.model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
     shallow = attn[0].mean(1).mean(1)[:, 1:]
@@ -132,26 +108,14 @@ def test_pre_llm_run_on_tiny_llava_follows_the_definition(tiny):
 
 @pytest.mark.parametrize("budget, anchors", [(192, 4), (128, 3), (64, 1)])
 def test_presets_keep_their_budget(budget, anchors):
-    method = Method.from_preset(f"hiprune-llava15-{budget}")
-    assert method.scorer_name == "hiprune" and method.scorer.alpha == 0.1 and round(0.375 * 24) == 9
+    method = check_preset("hiprune", budget)
+    assert method.scorer.alpha == 0.1 and round(0.375 * 24) == 9
     assert round(budget * method.scorer.alpha / 5) == anchors
-    assert method.schedule.pre_llm is not None and method.schedule.tokens_per_layer(32, 576) == [budget] * 32
 
 
 @pytest.mark.parametrize("budget", [192, 128, 64])
 def test_runs_on_the_bundled_proxy(budget):
-    lvlm = v2drop.load("proxy")
-    sample = get_benchmark("digits").load("test", 1)[0]
-    out = lvlm.generate(
-        [lvlm.format_prompt(sample.question)],
-        [list(sample.images)],
-        method=f"hiprune-llava15-{budget}",
-        max_new_tokens=2,
-    )
-    trace = out.traces[0]
-    assert trace.vision_tokens == 256
-    count = min(budget, 256)
-    assert len(trace.stages[0]["kept"]) == count and trace.vision_tokens_per_layer == [count] * lvlm.depth
+    check_proxy_run("hiprune", budget)
 
 
 def official_steps(shallow, deep, T, alpha):

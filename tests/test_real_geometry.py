@@ -19,6 +19,7 @@ SIZES = {
     "qwen2_vl": [(1000, 700), (640, 480)],
     "qwen2_5_vl": [(1000, 700), (640, 480)],
     "qwen3_vl": [(1000, 700), (640, 480)],
+    "internvl": [(1000, 700), (300, 300)],  # 6 tiles + thumbnail beside one tile
 }
 QUESTIONS = ["how many ?", "what is the colour of the digit in row 2 column 3 ?"]
 QWEN_PIXELS = {"qwen3_vl": dict(min_pixels=65536, max_pixels=16777216, patch_size=16)}  # Qwen3-VL-8B-Instruct's
@@ -61,6 +62,9 @@ def mixed_batch(lvlm, family):
         ("qwen2_5_vl", (640, 480), 391, None),
         ("qwen3_vl", (1000, 700), 682, None),  # 704x992 in 16-pixel patches, merged 2x2
         ("qwen3_vl", (200, 150), 70, None),  # enlarged to 320x224, over min_pixels 65536
+        ("internvl", (1000, 700), 7 * 256, None),  # 3x2 tiles of 448 + thumbnail, 256 tokens each
+        ("internvl", (2000, 1500), 13 * 256, None),  # 4x3 tiles (the most: 12) + thumbnail
+        ("internvl", (300, 300), 256, None),  # one tile, no thumbnail
     ],
 )
 def test_real_token_counts(family, size, tokens, crops):
@@ -74,9 +78,13 @@ def test_real_token_counts(family, size, tokens, crops):
         bounds = QWEN_PIXELS.get(family, dict(min_pixels=3136, max_pixels=12845056, patch_size=14))
         patches = Qwen2VLImageProcessorPil(**bounds).get_number_of_image_patches(size[1], size[0])
         assert patches // 4 == tokens
+    if family == "internvl":
+        # an independent count: the image processor's own tile arithmetic, 256 tokens a tile
+        tiles = lvlm.processor.image_processor.get_number_of_image_patches(size[1], size[0], {})
+        assert inputs["pixel_values"].shape == (tiles, 3, 448, 448) and 256 * tiles == tokens
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl"])
 def test_collation_matches_the_processors_own_batch(family):
     """Samples processed alone then collated carry the vision inputs of the image processor run on the whole batch."""
     lvlm = real(family)
@@ -149,7 +157,8 @@ def test_real_size_videos_batch_as_alone(family):
 
 
 @pytest.mark.parametrize(
-    "family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW | {"llava_next"} else f for f in FAMILIES]
+    "family",
+    [pytest.param(f, marks=pytest.mark.slow) if f in SLOW | {"llava_next", "internvl"} else f for f in FAMILIES],
 )
 def test_multi_image_and_single_image_samples_batch_as_alone(family):
     """A two-image prompt (OneVision: not tiled, ``batch_num_images`` 2) beside a one-image prompt, under V2Drop."""

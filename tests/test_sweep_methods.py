@@ -40,6 +40,8 @@ SPACE = {
         "*": {},
         "composite": {"parts": [["v2drop", "dart"], ["v2drop", "fastv"]], "combine": ["rank", "zscore"]},
         "staged": {"pre_llm": ["visionzip", "divprune"], "llm": ["v2drop", "fastv"]},
+        "dart": {"pivot_order": ["position", "official"]},
+        "visionzip": {"merge_space": ["projected", "tower"]},
     },
     "exclude": ["given"],
     "weights": {"composite": [0.0, 1.0]},
@@ -90,7 +92,8 @@ def test_all_means_every_registered_scorer_but_the_excluded():
     cfg = config(Path("."))
     names = resolve_scorers(cfg.search)
     assert list(names) == [n for n in list_scorers() if n != "given"] and "test-newcomer" in names and "dart" in names
-    assert all(params == {} for name, params in names.items() if name not in ("composite", "staged"))
+    searched = ("composite", "staged", "dart", "visionzip")  # SPACE searches these scorers' parameters
+    assert all(params == {} for name, params in names.items() if name not in searched)
     star = config(
         Path("."), search={"scorers": {"*": {}, "v2drop": {"metric": ["l1"]}}, "exclude": ["given", "test-*"]}
     )
@@ -105,7 +108,7 @@ def test_all_means_every_registered_scorer_but_the_excluded():
         ({"scorers": "most"}, "search.scorers 'most': give 'all'"),
         (
             {"scorers": {"dart": {"pivots": [4]}}},
-            "scorer 'dart' has no parameter 'pivots'; valid parameters: pivot_image, pivot_text",
+            "scorer 'dart' has no parameter 'pivots'; valid parameters: pivot_image, pivot_order, pivot_text",
         ),
         ({"scorers": {"dart": {"pivot_image": [4, -1]}}}, r"search.scorers.dart.pivot_image: the choice -1 is invalid"),
         ({"scorers": {"dart": {}}, "scorer_kinds": {"fastv": ["one-shot"]}}, r"search.scorer_kinds names \['fastv'\]"),
@@ -176,7 +179,9 @@ def test_preset_patterns_expand_and_a_pattern_matching_nothing_is_an_error(tmp_p
 
 def test_a_scorer_with_its_own_kinds_gets_its_own_kind_parameter():
     cfg = config(Path("."))
-    trial = optuna.trial.FixedTrial({"scorer": "dart", "dart.kind": "one-shot", "layer_0": 2, "keep_0": 0.25})
+    trial = optuna.trial.FixedTrial(
+        {"scorer": "dart", "dart.pivot_order": "position", "dart.kind": "one-shot", "layer_0": 2, "keep_0": 0.25}
+    )
     method = suggest_method(trial, cfg.search, depth=6)
     assert method.scorer_name == "dart" and method.schedule.layers == (2,) and method.schedule.stages[0].keep == 0.25
     trial = optuna.trial.FixedTrial(
@@ -255,7 +260,8 @@ def test_every_paper_preset_is_reproduced_by_its_enqueued_parameters(preset):
     Composites come back with their parts and normalised weights, staged scorers with both parts,
     pre-LLM presets with their stage before the LLM.
     """
-    cfg = config(Path("."), search={**SPACE, "scorers": {**SPACE["scorers"], "dart": {"pivot_image": [2, 4]}}})
+    dart = {"pivot_image": [2, 4], "pivot_order": ["position", "official"]}
+    cfg = config(Path("."), search={**SPACE, "scorers": {**SPACE["scorers"], "dart": dart}})
     method = preset_method(preset, 12)
     assert fits(method, cfg.search, 12)
     again = suggest_method(optuna.trial.FixedTrial(method_params(method, cfg.search)), cfg.search, depth=12)
@@ -274,6 +280,11 @@ def test_every_paper_preset_is_reproduced_by_its_enqueued_parameters(preset):
 def test_a_preset_outside_the_parameter_choices_does_not_fit():
     cfg = config(Path("."), search={"scorers": {"dart": {"pivot_image": [2, 8]}}, "kinds": ["one-shot"]})
     assert not fits(Method.from_preset("dart-llava15-64", depth=12), cfg.search, 12)
+    # a setting the space does not search is its default in every trial: the official variants do not fit
+    defaults = config(Path("."), search={**SPACE, "scorers": {"*": {}}}).search
+    assert fits(Method.from_preset("visionzip-llava15-64", depth=12), defaults, 12)
+    assert not fits(Method.from_preset("visionzip-official-llava15-64", depth=12), defaults, 12)
+    assert not fits(Method.from_preset("dart-official-llava15-64", depth=12), defaults, 12)
     only_fastv = config(Path("."), search={**SPACE, "scorers": {"composite": {"parts": [["v2drop", "fastv"]]}}})
     assert fits(Method.from_preset("composite-v2drop-fastv-llava15-128", depth=12), only_fastv.search, 12)
     assert not fits(Method.from_preset("composite-v2drop-dart-llava15-128", depth=12), only_fastv.search, 12)

@@ -73,6 +73,56 @@ def test_a_decoder_stage_merges_without_a_cls_token():
     torch.testing.assert_close(sel.added_hidden[0], torch.tensor([[4.0, 2.0], [11.0, 2.0]]))
 
 
+def projector(x: torch.Tensor) -> torch.Tensor:
+    """A hand-made nonlinear projector: (x0, x1) -> (max(x0 - 3, 0), x1)."""
+    return torch.stack([(x[..., 0] - 3).clamp(min=0), x[..., 1]], dim=-1)
+
+
+def tower_state() -> LayerState:
+    """``hand_state`` with tower features f_i = (i, 1) and LLM inputs h_i = projector(f_i) = (max(i - 3, 0), 1)."""
+    state = hand_state()
+    features = torch.stack([torch.arange(8.0), torch.ones(8)], dim=1)[None]
+    hidden = state.hidden.clone()
+    hidden[0, 1:9] = projector(features[0])
+    vision = VisionFeatures(
+        cls_attention=state.vision.cls_attention,
+        keys=state.vision.keys,
+        cls_embeds=state.vision.cls_embeds,
+        features=features,
+        project=projector,
+    )
+    return LayerState(**{**state.__dict__, "hidden": hidden, "vision": vision})
+
+
+def test_tower_merge_projects_the_merged_features_and_differs_from_merging_projections():
+    """Same selection as ``test_hand_made_kept_and_merged_tokens`` (targets 0 <- 2, 6 and 4 <- 3, 7).
+
+    projected (ours): h0 + mean(h2, h6) = (0, 1) + ((0 + 3) / 2, 1) = (1.5, 2); h4 + mean(h3, h7) = (1, 1) + (2, 1)
+    = (3, 2). tower (official, clip_encoder.py:75-80 then llava_arch.py:33): projector(f0 + mean(f2, f6)) =
+    projector((4, 2)) = (1, 2); projector(f4 + mean(f3, f7)) = projector((9, 2)) = (6, 2).
+    """
+    state = tower_state()
+    scores = VisionZipScorer().score(state)
+    projected = VisionZipScorer(contextual_ratio=0.4).select(state, scores, [5])
+    tower = VisionZipScorer(contextual_ratio=0.4, merge_space="tower").select(state, scores, [5])
+    for sel in (projected, tower):  # the kept set, the [CLS] and the targets do not depend on the merge space
+        assert sel.keep[0].tolist() == [1, 5] and sel.added_source[0].tolist() == [0, 0, 4]
+    torch.testing.assert_close(projected.added_hidden[0], torch.tensor([[100.0, 100.0], [1.5, 2.0], [3.0, 2.0]]))
+    torch.testing.assert_close(tower.added_hidden[0], torch.tensor([[100.0, 100.0], [1.0, 2.0], [6.0, 2.0]]))
+
+
+def test_tower_merge_is_refused_at_a_decoder_stage_and_checked():
+    state = tower_state()
+    with pytest.raises(ValueError, match="pre_llm stage only"):
+        VisionZipScorer(merge_space="tower").select(
+            LayerState(**{**state.__dict__, "layer_idx": 2}), state.vision.cls_attention, [5]
+        )
+    with pytest.raises(ValueError, match="merge_space"):
+        VisionZipScorer(merge_space="llm")
+    assert VisionZipScorer(merge_space="tower").vision_request().features
+    assert not VisionZipScorer().vision_request().features
+
+
 @pytest.mark.parametrize("budget, dominant, contextual", [(64, 54, 10), (128, 108, 20), (192, 162, 30)])
 def test_presets_are_the_official_llava15_settings(budget, dominant, contextual):
     """54+10 / 108+20 / 162+30 (README; main.py:7): ``dominant`` counts the [CLS] token."""
@@ -145,6 +195,55 @@ def test_pre_llm_run_on_tiny_llava_follows_the_official_definition(tiny):
             {"layer": -1, "kept": positions[dominant].tolist(), "merged": positions[[0] + targets].tolist()}
         ]
         assert trace.vision_tokens_per_layer == [16] * lvlm.depth
+
+
+def test_tower_merge_on_tiny_llava_is_the_official_merge_then_project(tiny):
+    """On the engine's real pre-LLM state: each contextual token is the model's projector applied to the tower's
+    selection-layer output of the target plus the mean of those of its joined tokens (clip_encoder.py:43, 75-80;
+    llava_arch.py:33); the projected-space merge gives other tokens (the projector is an MLP with a GELU)."""
+    lvlm = tiny("llava", "eager")
+    prompts, images = batch_for(lvlm, 3, "llava")
+    inputs = lvlm.prepare(prompts, images)
+    scorer = VisionZipScorer(merge_space="tower")
+    method = Method(scorer, schedule={"keep_mode": "absolute", "stages": [["pre_llm", 16]]}, position_policy="renumber")
+    states = []
+    score = scorer.score
+    scorer.score = lambda state: states.append(state) or score(state)
+    lvlm.generate_from_inputs(inputs, method, max_new_tokens=1, stop_at_eos=False)
+    state = states[0]
+    scores = score(state)
+    counts = [16] * len(prompts)
+    tower = VisionZipScorer(merge_space="tower").select(state, scores, counts)
+    projected = VisionZipScorer().select(state, scores, counts)
+    with torch.no_grad():
+        out = lvlm.model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+        feats = out.hidden_states[len(out.hidden_states) + lvlm.model.config.vision_feature_layer][:, 1:]
+        for b in range(len(prompts)):
+            assert tower.keep[b].tolist() == projected.keep[b].tolist()
+            targets = tower.added_source[b][1:]
+            rest = [i for i in range(64) if i not in set(tower.keep[b].tolist())]
+            keys = state.vision.keys[b, rest] / state.vision.keys[b, rest].norm(dim=-1, keepdim=True)
+            is_target = torch.tensor([i in set(targets.tolist()) for i in rest])
+            assign = (keys[~is_target] @ keys[is_target].T).argmax(1)
+            joined = feats[b, rest][~is_target]
+            merged = torch.stack(
+                [
+                    feats[b, t] + joined[assign == j].mean(0) if (assign == j).any() else feats[b, t]
+                    for j, t in enumerate(targets.tolist())
+                ]
+            )
+            expected = lvlm.model.model.multi_modal_projector(merged)
+            torch.testing.assert_close(tower.added_hidden[b][1:], expected, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(projected.added_hidden[b][1:], expected, atol=1e-3)
+
+
+def test_official_presets_merge_in_the_tower_space():
+    for budget in (64, 128, 192):
+        official = Method.from_preset(f"visionzip-official-llava15-{budget}")
+        ours = Method.from_preset(f"visionzip-llava15-{budget}")
+        assert official.scorer.merge_space == "tower" and ours.scorer.merge_space == "projected"
+        assert official.schedule.to_dict() == ours.schedule.to_dict() and official.position_policy == "renumber"
+        assert official.scorer.contextual_ratio == ours.scorer.contextual_ratio
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])

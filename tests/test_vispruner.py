@@ -11,11 +11,9 @@ tokens in descending score order followed by the odd-place ones (lines 172-176).
 
 import pytest
 import torch
+from prellm_helpers import check_preset, check_proxy_run, kept_by, pre_llm_run, prellm_state
 
-import v2drop
-from v2drop import Method
-from v2drop.benchmarks import get_benchmark
-from v2drop.scorers import LayerState, VisionFeatures, VisionRequest
+from v2drop.scorers import VisionFeatures, VisionRequest
 from v2drop.scorers.vispruner import VisPrunerScorer, remove_duplicates
 from v2drop.testing import batch_for
 
@@ -31,24 +29,12 @@ def hand_state(images=None):
     coords = torch.zeros(1, 8, 3, dtype=torch.long)
     if images is not None:
         coords[0, :, 0] = torch.tensor(images)
-    return LayerState(
-        layer_idx=-1,
-        hidden=torch.zeros(1, 10, 2),
-        vision_idx=torch.arange(1, 9)[None],
-        vision_valid=torch.ones(1, 8, dtype=torch.bool),
-        vision_coords=coords,
-        orig_idx=torch.arange(10)[None],
-        attention_mask=torch.ones(1, 10),
-        sample_keys=torch.zeros(1, dtype=torch.long),
-        layer=None,
-        vision=VisionFeatures(cls_attention=ATTENTION, features=FEATURES),
-    )
+    vision = VisionFeatures(cls_attention=ATTENTION, features=FEATURES)
+    return prellm_state(torch.zeros(1, 10, 2), 8, coords, vision)
 
 
 def kept(k, ratio=0.5, images=None):
-    state = hand_state(images)
-    scorer = VisPrunerScorer(important_ratio=ratio)
-    return scorer.select(state, scorer.score(state), [k]).keep[0].tolist()
+    return kept_by(VisPrunerScorer(important_ratio=ratio), hand_state(images), k)
 
 
 def test_hand_made_kept_set():
@@ -99,12 +85,7 @@ def test_served_features_are_the_towers_selection_layer_outputs(tiny):
 def test_pre_llm_run_on_tiny_llava_follows_the_definition(tiny):
     """k = 16 per image on the tiny LLaVA (64 patches): the kept set is keep_in_group on the tower's own outputs."""
     lvlm = tiny("llava", "eager")
-    prompts, images = batch_for(lvlm, 2, "llava")
-    inputs = lvlm.prepare(prompts, images)
-    method = Method(
-        "vispruner", schedule={"keep_mode": "absolute", "stages": [["pre_llm", 16]]}, position_policy="renumber"
-    )
-    out = lvlm.generate_from_inputs(inputs, method, max_new_tokens=2, stop_at_eos=False)
+    inputs, out = pre_llm_run(lvlm, "llava", "vispruner", 16)
     with torch.no_grad():
         tower = lvlm.model.model.vision_tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
     layer = lvlm.model.config.vision_feature_layer
@@ -120,25 +101,12 @@ def test_pre_llm_run_on_tiny_llava_follows_the_definition(tiny):
 
 @pytest.mark.parametrize("budget", [192, 128, 64])
 def test_presets_keep_their_budget(budget):
-    method = Method.from_preset(f"vispruner-llava15-{budget}")
-    assert method.scorer_name == "vispruner" and method.scorer.important_ratio == 0.5
-    assert method.schedule.pre_llm is not None and method.schedule.tokens_per_layer(32, 576) == [budget] * 32
+    assert check_preset("vispruner", budget).scorer.important_ratio == 0.5
 
 
 @pytest.mark.parametrize("budget", [192, 128, 64])
 def test_runs_on_the_bundled_proxy(budget):
-    lvlm = v2drop.load("proxy")
-    sample = get_benchmark("digits").load("test", 1)[0]
-    out = lvlm.generate(
-        [lvlm.format_prompt(sample.question)],
-        [list(sample.images)],
-        method=f"vispruner-llava15-{budget}",
-        max_new_tokens=2,
-    )
-    trace = out.traces[0]
-    assert trace.vision_tokens == 256
-    kept_count = min(budget, 256)
-    assert len(trace.stages[0]["kept"]) == kept_count and trace.vision_tokens_per_layer == [kept_count] * lvlm.depth
+    check_proxy_run("vispruner", budget)
 
 
 def official_steps(features, attention, T, ratio):

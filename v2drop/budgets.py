@@ -11,7 +11,8 @@ def scorer_variants() -> dict[str, tuple[str, dict]]:
     """``{label: (preset label whose schedule is used, scorer settings)}`` for every registered scorer.
 
     V²Drop comes first, once per variation metric; every other scorer follows in registry order,
-    on its own LLaVA-1.5 presets (label = its name) when it has them, else on the first LLaVA-1.5
+    on its own LLaVA-1.5 presets (label = its name) when it has them, followed by its named variants
+    (presets labelled ``<name>-<variant>`` running it, e.g. ``dart-official``), else on the first LLaVA-1.5
     preset with a budget that runs it (a composite or staged scorer: ``composite-v2drop-dart``,
     fitted to each budget by ``budget_method``), else on V²Drop's progressive schedule (so a newly
     registered scorer appears in every comparison without an edit here). The ``given`` oracle is
@@ -28,6 +29,11 @@ def scorer_variants() -> dict[str, tuple[str, dict]]:
             continue
         if any(p.label == name for p in budgeted):
             variants[name] = (name, {})
+            # its named variants (label ``<name>-<variant>``, e.g. ``dart-official``) are rows of their own
+            for label in dict.fromkeys(
+                p.label for p in budgeted if p.scorer == name and p.label.startswith(f"{name}-")
+            ):
+                variants[label] = (label, {})
             continue
         own = [p.label for p in budgeted if p.scorer == name]
         variants[name] = (own[0], {}) if own else ("v2drop", {"name": name})

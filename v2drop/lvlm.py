@@ -273,7 +273,7 @@ def load_processor(path: str, config=None):
 
     Qwen2-VL / Qwen2.5-VL fall back to ``QwenProcessorLite`` and LLaVA-OneVision to
     ``OnevisionProcessorLite`` (images and videos, same token counts as the real processors),
-    Qwen3-VL to ``Qwen3ProcessorLite`` (images); any
+    Qwen3-VL to ``Qwen3ProcessorLite`` (images), InternVL3 to ``InternVLProcessorLite`` (images); any
     other family whose processor cannot load raises the original error.
     """
     try:
@@ -288,6 +288,10 @@ def load_processor(path: str, config=None):
             from v2drop.models.qwen3vl_processor import Qwen3ProcessorLite
 
             return Qwen3ProcessorLite.from_pretrained(path)
+        if config.model_type == "internvl":
+            from v2drop.models.internvl_processor import InternVLProcessorLite
+
+            return InternVLProcessorLite.from_pretrained(path)
         if config.model_type == "llava_onevision":
             from v2drop.models.onevision_processor import OnevisionProcessorLite
 

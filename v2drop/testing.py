@@ -14,6 +14,8 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPVisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -33,6 +35,7 @@ from transformers import (
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as qwen3_clip_size
@@ -41,6 +44,7 @@ from transformers.video_utils import default_sample_indices_fn
 
 from v2drop.benchmarks import Benchmark, Sample
 from v2drop.lvlm import LVLM
+from v2drop.models.internvl_processor import InternVLProcessorLite
 from v2drop.models.qwen2vl_processor import QwenProcessorLite
 from v2drop.models.qwen3vl_processor import Qwen3ProcessorLite
 
@@ -58,7 +62,8 @@ SPECIALS = [
     "<|vision_end|>",
 ]
 DEPTH = 6
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl")
+INTERNVL_SPECIALS = ["<img>", "</img>", "<IMG_CONTEXT>"]  # InternVL3's image start, end and context tokens
 
 __all__ = [
     "DEPTH",
@@ -76,6 +81,7 @@ __all__ = [
     "tokenizer",
     "word_tokenizer",
     "REAL_GEOMETRY",
+    "internvl_tokenizer",
     "build_real",
     "photo",
     "video_frames",
@@ -87,9 +93,12 @@ __all__ = [
 
 
 def word_tokenizer(
-    words: Sequence[str], split_punctuation: bool = True, special: Sequence[str] = ()
+    words: Sequence[str], split_punctuation: bool = True, special: Sequence[str] = (), named: dict | None = None
 ) -> PreTrainedTokenizerFast:
-    """A WordLevel tokenizer over ``words`` (which must hold ``<pad>``, ``<unk>``, ``<s>``, ``</s>``, ``<image>``)."""
+    """A WordLevel tokenizer over ``words`` (which must hold ``<pad>``, ``<unk>``, ``<s>``, ``</s>``, ``<image>``).
+
+    ``named`` adds named special tokens (``extra_special_tokens``, e.g. InternVL's ``context_image_token``).
+    """
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(words)}, unk_token="<unk>"))
     splitters = [pre_tokenizers.WhitespaceSplit()] + ([pre_tokenizers.Punctuation()] if split_punctuation else [])
     tok.pre_tokenizer = pre_tokenizers.Sequence(splitters) if len(splitters) > 1 else splitters[0]
@@ -99,7 +108,7 @@ def word_tokenizer(
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>", **(named or {})},
     )
     if special:
         fast.add_special_tokens({"additional_special_tokens": list(special)})
@@ -109,6 +118,61 @@ def word_tokenizer(
 def tokenizer() -> PreTrainedTokenizerFast:
     """The tiny models' tokenizer: a few words, digits and the placeholder tokens of every family."""
     return word_tokenizer(SPECIALS + WORDS + [str(d) for d in range(10)] + ["?", "."], special=SPECIALS[4:])
+
+
+def internvl_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer plus InternVL3's ``<img>``, ``</img>``, ``<IMG_CONTEXT>``, named as the real one's."""
+    names = ("start_image_token", "end_image_token", "context_image_token")
+    return word_tokenizer(
+        SPECIALS + INTERNVL_SPECIALS + WORDS + [str(d) for d in range(10)] + ["?", "."],
+        special=SPECIALS[4:] + INTERNVL_SPECIALS,
+        named={**dict(zip(names, INTERNVL_SPECIALS)), "video_token": "<video>"},
+    )
+
+
+# InternVL3-8B-hf's image processor: ImageNet mean and std, 1..12 tiles plus a thumbnail
+_IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+
+
+def _internvl(tile: int, patch: int, max_tiles: int, max_positions: int, attn: str | None) -> LVLM:
+    """An InternVL3 model (InternViT tower of 2 layers, width 32; Qwen2 decoder as ``build``'s) and its stand-in
+    processor; tiles of ``tile`` pixels in ``patch``-pixel patches, pixel shuffle 0.5; built from the current RNG."""
+    tok = internvl_tokenizer()
+    per_tile = (tile // patch // 2) ** 2
+    text = dict(
+        model_type="qwen2",
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=tile,
+        patch_size=patch,
+        initializer_range=0.2,
+    )
+    cfg = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=per_tile,
+        downsample_ratio=0.5,
+    )
+    model = InternVLForConditionalGeneration(cfg)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1, max_patches=max_tiles, **_IMAGENET
+    )
+    proc = InternVLProcessorLite(image_processor, tok, image_seq_length=per_tile)
+    return _ready(model, proc, f"internvl-{tile}px-{max_tiles}tiles", attn)
 
 
 def _llama(vocab: int, **kw) -> LlamaConfig:
@@ -176,6 +240,8 @@ def build(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
     if family not in FAMILIES:
         raise ValueError(f"Unknown tiny family {family!r}; valid: {', '.join(FAMILIES)}")
     torch.manual_seed(seed)
+    if family == "internvl":  # 32-pixel tiles of 8x8 patches: 16 tokens a tile, 1..4 tiles plus a thumbnail
+        return _internvl(tile=32, patch=4, max_tiles=4, max_positions=512, attn=attn)
     tok = tokenizer()
     vocab = len(tok)
     video_id = tok.convert_tokens_to_ids("<video>")
@@ -424,8 +490,12 @@ def prompt_for(lvlm, question: str, n_images: int = 1) -> str:
 
 
 def batch_for(lvlm, n: int, family: str):
-    """``n`` prompts of different lengths with one image each (different sizes for Qwen)."""
+    """``n`` prompts of different lengths with one image each (different sizes for Qwen; for InternVL, different
+    aspect ratios: 1, 2 + thumbnail and 3 + thumbnail tiles)."""
     questions = ["what is the digit ?", "how many ?", "what is the colour of the digit in row 2 column 3 ?"]
+    if family == "internvl":
+        sizes = [(32, 32), (64, 32), (32, 96)]
+        return [prompt_for(lvlm, questions[i % 3]) for i in range(n)], [photo(i, *sizes[i % 3]) for i in range(n)]
     sizes = [32, 48, 40] if family.startswith("qwen") else [32, 32, 32]
     prompts = [prompt_for(lvlm, questions[i % 3]) for i in range(n)]
     images = [image(i, sizes[i % 3]) for i in range(n)]
@@ -476,6 +546,10 @@ REAL_GEOMETRY = {
     ),
     "qwen2_vl": "Qwen2-VL: patch 14, merge 2, temporal 2, min_pixels 3136, max_pixels 12845056",
     "qwen2_5_vl": "Qwen2.5-VL: as Qwen2-VL, window attention (window 112)",
+    "internvl": (
+        "InternVL3 (InternVL3-8B-hf): InternViT 448px tiles, patch 14, [CLS] dropped, pixel shuffle 0.5 -> 256 tokens "
+        "a tile, 1..12 tiles plus a thumbnail, ImageNet mean/std, Qwen2 decoder"
+    ),
     "qwen3_vl": (
         "Qwen3-VL (Qwen3-VL-8B-Instruct): patch 16, merge 2, temporal 2, min_pixels 65536, max_pixels 16777216, "
         "mean/std 0.5, a 48x48 learned position grid, DeepStack into decoder layers 0-2, interleaved M-RoPE; videos: "
@@ -501,6 +575,8 @@ def build_real(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
     if family not in FAMILIES:
         raise ValueError(f"Unknown tiny family {family!r}; valid: {', '.join(FAMILIES)}")
     torch.manual_seed(seed)
+    if family == "internvl":  # InternVL3-8B-hf: 448-pixel tiles, patch 14, pixel shuffle 0.5, 1..12 tiles + thumbnail
+        return _internvl(tile=448, patch=14, max_tiles=12, max_positions=16384, attn=attn)
     tok = tokenizer()
     vocab = len(tok)
     text = _llama(vocab, max_position_embeddings=16384)
@@ -621,6 +697,8 @@ def reference_processor(lvlm):
     from transformers.video_processing_utils import VideoProcessorMixin
 
     family = lvlm.model.config.model_type
+    if family == "internvl":
+        return _internvl_reference(lvlm)
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
     classes = {
@@ -653,6 +731,27 @@ def reference_processor(lvlm):
         # the tiny tokenizer names its LLaVA "<image>" as the image token; a Qwen tokenizer names "<|image_pad|>"
         ref.image_token, ref.image_token_id = lite.image_token, lite.tokenizer.convert_tokens_to_ids(lite.image_token)
     return ref
+
+
+def _internvl_reference(lvlm):
+    """transformers' own ``InternVLProcessor`` over the stand-in's tokenizer and image processor, without a video
+    processor (``InternVLVideoProcessor`` needs torchvision; images need none)."""
+    from transformers.models.internvl.processing_internvl import InternVLProcessor
+
+    class Reference(InternVLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            # the real check looks the video processor class up among transformers' exports, which need torchvision
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    lite = lvlm.processor
+    return Reference(
+        image_processor=lite.image_processor,
+        tokenizer=lite.tokenizer,
+        video_processor=None,
+        image_seq_length=lite.image_seq_length,
+    )
 
 
 class ReferenceVideoProcessor(VideoProcessorMixin):

@@ -158,6 +158,7 @@ class StageContext:
             crops=crops,
             features=features,
             received=received,
+            project=self.adapter.project_vision,
         )
 
 

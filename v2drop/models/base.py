@@ -135,6 +135,20 @@ class Adapter:
         """(cos, sin), each (B, L, head_dim), for ``position_ids``."""
         return self.rotary_emb(hidden, position_ids)
 
+    def project_vision(self, features: torch.Tensor) -> torch.Tensor:
+        """The model's projector on tower features of the feature-selection layer: (..., C) -> (..., D) float32.
+
+        Generic for the LLaVA families (``multi_modal_projector``, token by token); families whose
+        projector is not a per-token map of those features refuse with a ValueError.
+        """
+        projector = getattr(self.inner, "multi_modal_projector", None)
+        if projector is None:
+            raise ValueError(
+                f"{type(self).__name__} has no per-token vision projector (multi_modal_projector) to map tower "
+                "features into the LLM: use a LLaVA-family model or merge in the projected space"
+            )
+        return projector(features.to(next(projector.parameters()).dtype)).float()
+
     # -- the vision tower's own outputs (pre-LLM scorers) --------------------------------------------
     def vision_tower_state(self, inputs: dict, request) -> dict:
         """The vision tower outputs a ``VisionRequest`` asks for, laid out on the prompt positions.

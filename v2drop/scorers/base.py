@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -181,6 +182,9 @@ class VisionFeatures:
     received : dict of int or None to Tensor (B, V) float32, or None
         Per layer of ``VisionRequest.received_layers``, the head- and query-averaged attention each
         vision token receives in that layer.
+    project : callable or None
+        The model's projector: tower features (..., C) of the selection layer -> (..., D) float32
+        LLM inputs (``Adapter.project_vision``), for scorers that build tokens in the tower's space.
     """
 
     cls_attention: torch.Tensor
@@ -189,6 +193,7 @@ class VisionFeatures:
     crops: torch.Tensor | None = None
     features: torch.Tensor | None = None
     received: dict | None = None
+    project: Callable | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from v2drop.scorers.base import LayerState, Scorer, Selection, register_scorer
-from v2drop.scorers.vispruner import share, token_groups
+from v2drop.scorers.vispruner import select_per_group
 
 RELEVANCE_SOURCES = ("llm_embeddings",)
 
@@ -123,24 +123,15 @@ class CDPrunerScorer(Scorer):
 
     def select(self, state: LayerState, scores: torch.Tensor, counts: list[int]) -> Selection:
         """Per image (crop): the DPP's first picks on the relevance-weighted similarity kernel."""
-        keep = []
-        for b, (n, k) in enumerate(zip(state.vision_valid.sum(1).tolist(), counts)):
-            if k >= n:
-                keep.append(torch.arange(n, device=scores.device))
-                continue
-            feats = F.normalize(state.hidden[b, state.vision_idx[b, :n]].float(), dim=-1)
-            r = scores[b, :n].double()
-            groups = token_groups(state, b, n)
-            ids = groups.unique()
-            ids = ids[ids >= 0]
-            kept = []
-            for group, k_group in zip(ids.tolist(), share(k, len(ids))):
-                members = (groups == group).nonzero().flatten()
-                x = feats[members].double()
-                kernel = r[members, None] * (x @ x.T) * r[None, members]
-                kept.append(members[dpp_greedy(kernel, k_group)])
-            keep.append(torch.cat(kept).sort().values if kept else torch.zeros(0, dtype=torch.long))
-        return Selection(keep=keep)
+        n_valid = state.vision_valid.sum(1).tolist()
+        feats = [F.normalize(state.hidden[b, state.vision_idx[b, :n]].float(), dim=-1) for b, n in enumerate(n_valid)]
+
+        def pick(b: int, members: torch.Tensor, k: int) -> torch.Tensor:
+            x = feats[b][members].double()
+            r = scores[b, members].double()
+            return dpp_greedy(r[:, None] * (x @ x.T) * r[None, :], k)
+
+        return select_per_group(state, scores, counts, pick)
 
     def flops(self, n_vision: int, n_tokens: int, hidden: int) -> float:
         """The similarity kernel (2·n²·D), the relevance (2·n·m·D, m ≤ n_tokens) and the greedy DPP (~2·k·n² ≤ 2·n³)."""

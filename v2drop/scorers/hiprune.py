@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from v2drop.scorers.base import LayerState, Scorer, Selection, VisionRequest, is_tower_layer, register_scorer
-from v2drop.scorers.vispruner import share, token_groups
+from v2drop.scorers.vispruner import select_per_group
 
 
 def hiprune_keep(shallow: torch.Tensor, deep: torch.Tensor, k: int, alpha: float, width: int) -> torch.Tensor:
@@ -87,26 +87,15 @@ class HiPruneScorer(Scorer):
 
     def select(self, state: LayerState, scores: torch.Tensor, counts: list[int]) -> Selection:
         """Per image (crop): anchors, buffers and registers (class docstring)."""
-        keep = []
         shallow = state.vision.received[self.object_layer]
-        for b, (n, k) in enumerate(zip(state.vision_valid.sum(1).tolist(), counts)):
-            if k >= n:
-                keep.append(torch.arange(n, device=scores.device))
-                continue
-            groups = token_groups(state, b, n)
-            ids = groups.unique()
-            ids = ids[ids >= 0]
-            kept = []
-            for group, k_group in zip(ids.tolist(), share(k, len(ids))):
-                members = (groups == group).nonzero().flatten()
-                width = int(state.vision_coords[b, members, 2].max()) + 1
-                if k_group >= len(members):
-                    kept.append(members)
-                    continue
-                local = hiprune_keep(shallow[b, members], scores[b, members], k_group, self.alpha, width)
-                kept.append(members[local])
-            keep.append(torch.cat(kept).sort().values if kept else torch.zeros(0, dtype=torch.long))
-        return Selection(keep=keep)
+
+        def pick(b: int, members: torch.Tensor, k: int) -> torch.Tensor:
+            if k >= len(members):
+                return torch.arange(len(members), device=members.device)
+            width = int(state.vision_coords[b, members, 2].max()) + 1
+            return hiprune_keep(shallow[b, members], scores[b, members], k, self.alpha, width)
+
+        return select_per_group(state, scores, counts, pick)
 
     def flops(self, n_vision: int, n_tokens: int, hidden: int) -> float:
         """Nothing beyond sorting two attention vectors (the tower's attention maps are outside the LLM FLOPs)."""

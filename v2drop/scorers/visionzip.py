@@ -3,13 +3,15 @@
 Official code: ``dvlab-research/VisionZip``, ``visionzip/clip_encoder.py`` (lines 43-85) and
 ``visionzip/utils.py`` (the head-averaged keys, line 89); ``visionzip/main.py`` line 7 (the
 dominant count includes the [CLS] token); LLaVA-NeXT per crop: ``visionzip/llava_arch.py`` (lines
-94-121 and ``restore_image_features_sorted``, lines 42-80). Definition and differences: ``docs/methods.md``.
+94-121 and ``restore_image_features_sorted``, lines 42-80). Read at commit
+3151f6df4fca36a4cd1c985e5956e725b1f9ad02. Definition and differences: ``docs/methods.md``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -39,17 +41,26 @@ class VisionZipScorer(Scorer):
     contextual_ratio : float
         Share of the kept tokens that are contextual: 10/64 gives the official 54+10, 108+20 and
         162+30 for 64, 128 and 192 tokens.
+    merge_space : {"projected", "tower"}
+        Where a contextual token is merged. ``projected``: from the projected features (the LLM's
+        inputs at the pre-LLM stage, the current hidden states at a decoder stage). ``tower``: as
+        the official code, from the tower's features at the selection layer, then passed through
+        the model's projector (a 2-layer MLP on LLaVA, so the two differ); pre-LLM stage only.
     """
 
     contextual_ratio: float = 10 / 64
+    merge_space: Literal["projected", "tower"] = "projected"
 
     def __post_init__(self):
         if not 0.0 <= self.contextual_ratio <= 1.0:
             raise ValueError(f"visionzip contextual_ratio must be in [0, 1], got {self.contextual_ratio}")
+        if self.merge_space not in ("projected", "tower"):
+            raise ValueError(f"visionzip merge_space must be 'projected' or 'tower', got {self.merge_space!r}")
 
     def vision_request(self) -> VisionRequest:
-        """[CLS] attention (dominant), keys (contextual assignment) and projected [CLS] tokens."""
-        return VisionRequest(cls_attention=True, keys=True, cls_embeds=True)
+        """[CLS] attention (dominant), keys (contextual assignment), projected [CLS] tokens and, to merge in the
+        tower's space, the tower's features."""
+        return VisionRequest(cls_attention=True, keys=True, cls_embeds=True, features=self.merge_space == "tower")
 
     def score(self, state: LayerState) -> torch.Tensor:
         """The head-summed [CLS] attention on each vision token, (B, V) float32."""
@@ -57,6 +68,11 @@ class VisionZipScorer(Scorer):
 
     def select(self, state: LayerState, scores: torch.Tensor, counts: list[int]) -> Selection:
         """Dominant tokens kept, [CLS] and contextual tokens added (see the class docstring)."""
+        if self.merge_space == "tower" and state.layer_idx >= 0:
+            raise ValueError(
+                "visionzip merge_space='tower' builds LLM inputs from tower features: it runs at the pre_llm stage "
+                f"only, not before decoder layer {state.layer_idx}; use merge_space='projected' there"
+            )
         keep, added_hidden, added_source = [], [], []
         D = state.hidden.shape[-1]
         crops = state.vision.crops if state.vision is not None else None
@@ -104,7 +120,8 @@ class VisionZipScorer(Scorer):
 
         Every ``⌊len(rest) / contextual⌋``-th of them is a target; every other one joins the
         target with the most cosine-similar key. Returns ((c, D) float32 hidden states: target +
-        mean of the joined, (c,) the targets).
+        mean of the joined, (c,) the targets); with ``merge_space="tower"`` the sum is taken over
+        the tower's features and then projected.
         """
         step = max(1, len(rest) // contextual)
         is_target = torch.zeros(len(rest), dtype=torch.bool, device=rest.device)
@@ -112,10 +129,12 @@ class VisionZipScorer(Scorer):
         keys = state.vision.keys[b, rest].float()
         keys = keys / keys.norm(dim=-1, keepdim=True)
         assign = (keys[~is_target] @ keys[is_target].T).argmax(dim=1)
-        h = state.hidden[b, state.vision_idx[b, rest]].float()
+        tower = self.merge_space == "tower"
+        h = state.vision.features[b, rest].float() if tower else state.hidden[b, state.vision_idx[b, rest]].float()
         sums = torch.zeros(contextual, h.shape[-1], device=h.device).index_add_(0, assign, h[~is_target])
         sizes = torch.bincount(assign, minlength=contextual).clamp(min=1)[:, None]
-        return h[is_target] + sums / sizes, rest[is_target]
+        merged = h[is_target] + sums / sizes
+        return (state.vision.project(merged) if tower else merged), rest[is_target]
 
     def zip_crops(self, state: LayerState, b: int, scores: torch.Tensor, k: int, crops: torch.Tensor):
         """VisionZip per crop (LLaVA-NeXT anyres): the base image and every tile are zipped on their own.

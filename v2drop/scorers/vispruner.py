@@ -8,6 +8,7 @@ of the selection layer's attention and that layer's patch outputs). Definition a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,6 +31,35 @@ def share(k: int, groups: int) -> list[int]:
     """``k`` shared out equally over ``groups``, the first ones one more when it does not divide."""
     base, extra = divmod(k, max(1, groups))
     return [base + (1 if i < extra else 0) for i in range(groups)]
+
+
+def select_per_group(
+    state: LayerState,
+    scores: torch.Tensor,
+    counts: list[int],
+    pick: Callable[[int, torch.Tensor, int], torch.Tensor],
+) -> Selection:
+    """Each sample's vision tokens pruned group by group (``token_groups``), each group keeping its ``share`` of k.
+
+    A sample whose count ``k`` covers its ``n`` vision tokens keeps them all. Otherwise every group
+    (tokens of group -1, LLaVA-NeXT's image_newline, go) keeps the tokens ``pick(b, members, k_group)``
+    returns, indices into ``members`` (the group's ascending token indices); a sample keeps them in
+    ascending order.
+    """
+    keep = []
+    for b, (n, k) in enumerate(zip(state.vision_valid.sum(1).tolist(), counts)):
+        if k >= n:
+            keep.append(torch.arange(n, device=scores.device))
+            continue
+        groups = token_groups(state, b, n)
+        ids = groups.unique()
+        ids = ids[ids >= 0]
+        kept = []
+        for group, k_group in zip(ids.tolist(), share(k, len(ids))):
+            members = (groups == group).nonzero().flatten()
+            kept.append(members[pick(b, members, k_group)])
+        keep.append(torch.cat(kept).sort().values if kept else torch.zeros(0, dtype=torch.long))
+    return Selection(keep=keep)
 
 
 def remove_duplicates(features: torch.Tensor, residual: torch.Tensor, keep: int, step: int = 8) -> torch.Tensor:
@@ -90,20 +120,13 @@ class VisPrunerScorer(Scorer):
 
     def select(self, state: LayerState, scores: torch.Tensor, counts: list[int]) -> Selection:
         """Per image (crop): important tokens, then the diverse ones left by de-duplication (class docstring)."""
-        keep = []
-        for b, (n, k) in enumerate(zip(state.vision_valid.sum(1).tolist(), counts)):
-            if k >= n:
-                keep.append(torch.arange(n, device=scores.device))
-                continue
-            groups = token_groups(state, b, n)
-            ids = groups.unique()
-            ids = ids[ids >= 0]
-            kept = []
-            for group, k_group in zip(ids.tolist(), share(k, len(ids))):
-                members = (groups == group).nonzero().flatten()
-                kept.append(members[self.keep_in_group(state.vision.features[b, members], scores[b, members], k_group)])
-            keep.append(torch.cat(kept).sort().values if kept else torch.zeros(0, dtype=torch.long))
-        return Selection(keep=keep)
+        features = state.vision.features
+        return select_per_group(
+            state,
+            scores,
+            counts,
+            lambda b, members, k: self.keep_in_group(features[b, members], scores[b, members], k),
+        )
 
     def keep_in_group(self, features: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
         """Indices (into the group) of the ``k`` tokens VisPruner keeps of one image: important, then diverse."""

@@ -427,6 +427,17 @@ def method_params(method: Method, space: SearchSpace) -> dict:
     return params
 
 
+def _defaults(scorer) -> list[tuple[str, Any, Any]]:
+    """(parameter, value, default) of every scorer parameter that has a default."""
+    out = []
+    for f in dataclasses.fields(scorer) if dataclasses.is_dataclass(scorer) else ():
+        if f.init and f.default is not dataclasses.MISSING:
+            out.append((f.name, getattr(scorer, f.name), f.default))
+        elif f.init and f.default_factory is not dataclasses.MISSING:
+            out.append((f.name, getattr(scorer, f.name), f.default_factory()))
+    return out
+
+
 def fits(method: Method, space: SearchSpace, depth: int) -> bool:
     """True when a trial of ``space`` can reproduce ``method`` (scorer, parameter values, weights, kind, stage count,
     layers, positions).
@@ -437,6 +448,8 @@ def fits(method: Method, space: SearchSpace, depth: int) -> bool:
         return False
     if any(_match(space, name, p, choices, getattr(method.scorer, p)) is None for p, choices in scorers[name].items()):
         return False
+    if any(p not in scorers[name] and value != default for p, value, default in _defaults(method.scorer)):
+        return False  # a setting the space does not search stays at its default in every trial
     if name in space.weights:
         low, high = space.weights[name]
         weights = _weights(method)
