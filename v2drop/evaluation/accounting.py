@@ -111,27 +111,12 @@ def paired_difference(
 
     ``{"n", "difference", "ci95": [low, high], "contains_zero"}``.
     """
-    from scipy.stats import bootstrap
-
     ids = [i for i in pruned if i in none]
     if not ids:
         return None
-    diff = np.array([float(pruned[i]) - float(none[i]) for i in ids])
-    mean = float(diff.mean())
-    if np.all(diff == diff[0]):
-        low = high = mean
-    else:  # paired: the differences of the same sample ids, resampled together
-        res = bootstrap(
-            (diff,),
-            np.mean,
-            confidence_level=confidence,
-            n_resamples=resamples,
-            method="percentile",
-            random_state=np.random.default_rng(seed),
-            vectorized=True,
-            axis=-1,
-        )
-        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    diff = [float(pruned[i]) - float(none[i]) for i in ids]  # paired: the same sample ids resampled together
+    low, high = bootstrap_ci(diff, seed=seed, confidence=confidence, resamples=resamples)
+    mean = sum(diff) / len(diff)
     return {"n": len(ids), "difference": mean, "ci95": [low, high], "contains_zero": low <= 0.0 <= high}
 
 
