@@ -2,6 +2,7 @@
 
     python -m experiments.evaluate --model proxy --benchmark digits --method v2drop --schedule v2drop-llava15-128 \
         [--limit N] [--output result.json] [--save-trace trace.jsonl] [--baseline none.json] [--store runs/store]
+    python -m experiments.evaluate --model proxy --benchmark digits --method random-llava15-128 --seeds 3
     python -m experiments.evaluate --model proxy --benchmark digits --method none
     python -m experiments.evaluate --config run.yaml --set limit=20 --scorer-args metric=l1
 
@@ -13,7 +14,10 @@ name, or ``none``. The run is filed in the run store (``--store``, default ``run
 its key: per-sample records go to ``<store>/<key folder>/records.jsonl`` as they finish (with
 ``--devices N``/``--num-nodes M``: one ``records.rank<k>.jsonl`` per rank, merged into
 ``records.jsonl`` at the end). The same command again reads a finished run back without model
-work and continues an interrupted one, whatever number of ranks wrote its records. Every input is
+work and continues an interrupted one, whatever number of ranks wrote its records. ``--seeds N``
+runs a stochastic method (a scorer with ``stochastic = True``, e.g. ``random``) with seeds 0..N-1,
+each under its own key, and prints the mean accuracy over seeds with a 95% interval resampling
+samples and seeds; a deterministic method runs once (a note says so). Every input is
 checked before the model loads: a mistake is one ``error: ...`` line and exit status 2
 (``--debug`` or ``V2DROP_DEBUG=1``: traceback).
 """

@@ -110,6 +110,20 @@ class Method:
         """True when the method drops any token."""
         return self.scorer is not None and bool(self.schedule.stages)
 
+    @property
+    def stochastic(self) -> bool:
+        """True when the method drops and its scorer draws at random (the scorer class sets ``stochastic = True``)."""
+        return self.drops and bool(getattr(self.scorer, "stochastic", False))
+
+    def seeded(self, seed: int) -> Method:
+        """The same method with its stochastic scorer's ``seed`` set (another run key per seed); a deterministic method
+        is a ValueError."""
+        if not self.stochastic:
+            raise ValueError(f"scorer {self.scorer_name!r} is deterministic: it has no seed to set")
+        data = self.to_dict()
+        data["scorer"] = {**data["scorer"], "seed": int(seed)}
+        return Method.from_dict(data)
+
     # -- config data ---------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict) -> Method:

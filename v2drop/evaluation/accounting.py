@@ -128,3 +128,28 @@ def agreement(records: list[dict], none_records: list[dict]) -> float | None:
     if not shared:
         return None
     return sum(r["prediction"] == reference[r["id"]] for r in shared) / len(shared)
+
+
+def seed_sample_ci(correct, seed: int = SEED, confidence: float = 0.95, resamples: int = RESAMPLES) -> list[float]:
+    """``[low, high]``: the percentile bootstrap interval of the mean of ``correct`` (seeds × samples, e.g. 0/1
+    correctness of one stochastic method run with several seeds on the same samples), resampling both.
+
+    Each resample draws the samples with replacement, the same draw for every seed (paired over samples), and the
+    seeds with replacement, and takes the mean of the drawn cells; a fixed ``seed`` gives the same interval. One seed
+    is ``bootstrap_ci`` of its row (seed variation cannot be estimated from one seed).
+    """
+    data = np.asarray(correct, dtype=float)
+    if data.ndim != 2 or 0 in data.shape:
+        raise ValueError(f"seed_sample_ci needs a non-empty seeds × samples table of numbers, got shape {data.shape}")
+    n_seeds, n_samples = data.shape
+    if n_seeds == 1:
+        return bootstrap_ci(data[0], seed=seed, confidence=confidence, resamples=resamples)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for b in range(resamples):
+        rows = rng.integers(n_seeds, size=n_seeds)
+        cols = rng.integers(n_samples, size=n_samples)
+        means[b] = data[np.ix_(rows, cols)].mean()
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return [float(low), float(high)]

@@ -47,6 +47,8 @@ class EvalConfig(EvalSettings):
     progress: bool = True  # show a progress bar
     label: str | None = None  # the method's name in reports (experiments.report); None = the method's scorer name
     store: str | None = None  # run store directory (v2drop.evaluation.store); None = $V2DROP_STORE, else runs/store
+    # a stochastic method runs with seeds 0..N-1, each under its own store key (deterministic: once, with a note)
+    seeds: int | None = None  # None = once, with the method's own seed
 
 
 @dataclass
@@ -67,6 +69,7 @@ class EvalResult:
     time: dict | None = None  # vision, scoring, prefill, decode and ttft seconds, each {"median", "total"}
     agreement_with_none: float | None = None  # share of answers equal to the stored no-dropping run's (None: no run)
     notes: list = field(default_factory=list)  # why a figure is missing (e.g. no no-dropping run to compare with)
+    seeds: dict | None = None  # config.seeds of a stochastic method: per-seed accuracies, their mean and interval
 
     def to_json(self) -> dict:
         """Plain data for ``json.dump``."""

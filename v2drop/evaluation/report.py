@@ -6,7 +6,8 @@ from v2drop.evaluation.config import EvalResult
 
 
 def format_table(result: EvalResult) -> str:
-    """A terminal table: accuracy per family, its interval, agreement with no dropping and the cost figures."""
+    """A terminal table: accuracy per family, its interval (and over seeds), agreement with no dropping and the cost
+    figures."""
     m = result.metrics
     rel = m.get("relative_per_family", {})
     lines = [f"{'family':<16}{'accuracy':>10}{'vs none':>10}"]
@@ -17,6 +18,13 @@ def format_table(result: EvalResult) -> str:
     if m.get("accuracy_ci95"):
         low, high = m["accuracy_ci95"]
         lines.append(f"accuracy 95% bootstrap interval [{low:.3f}, {high:.3f}]")
+    if result.seeds:
+        seeds = result.seeds
+        low, high = seeds["ci95"]
+        lines.append(
+            f"over {len(seeds['seeds'])} seeds: accuracy {seeds['mean']:.3f}, 95% interval over samples and seeds "
+            f"[{low:.3f}, {high:.3f}] (per seed: {', '.join(f'{a:.3f}' for a in seeds['accuracy'])})"
+        )
     if result.agreement_with_none is not None:
         lines.append(f"answers equal to no dropping's: {result.agreement_with_none:.1%}")
     lines.append("")

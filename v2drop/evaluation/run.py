@@ -43,6 +43,7 @@ def check_evaluation(config: EvalConfig, output=None, save_trace=None, baseline=
     from v2drop.method import Method
 
     checks.check_eval_config(config)
+    checks.check_int("seeds", config.seeds, 1, optional=True)
     method = Method.resolve(config.method)
     benchmark = get_benchmark(config.benchmark, data_dir=config.data_dir, **config.benchmark_args)
     split = benchmark.resolve_split(config.split)
@@ -88,6 +89,11 @@ def run_evaluation(
     store (``v2drop.evaluation.store``): a finished key is read back without model work
     (``result.reused``), an interrupted one continues from its records.
 
+    With ``config.seeds = N`` a stochastic method (``Method.stochastic``) runs with seeds 0..N-1, each
+    filed under its own key; the result is seed 0's with ``seeds`` holding every seed's accuracy, their
+    mean and its 95% interval over samples and seeds (``accounting.seed_sample_ci``). A deterministic
+    method runs once, with a note saying so.
+
     Parameters
     ----------
     output : path, optional
@@ -102,7 +108,6 @@ def run_evaluation(
     """
     import v2drop
     from v2drop.evaluation.harness import apply_baseline
-    from v2drop.evaluation.store import evaluate_in_store
 
     checked = check_evaluation(config, output, save_trace, baseline, lvlm)
     if lvlm is None:
@@ -114,9 +119,7 @@ def run_evaluation(
             device_map=config.device_map,
         )
     try:
-        result = evaluate_in_store(
-            lvlm, checked.benchmark, checked.method, config, samples=checked.samples, split=checked.split
-        )
+        result = _evaluate_seeds(lvlm, checked, config)
     except BaseException as err:  # an interrupt or a failure mid-run: the records written so far stay valid
         records = _unfinished_records(config, lvlm, checked)
         note = resume_note(records) if records is not None else None
@@ -133,6 +136,47 @@ def run_evaluation(
     if save_trace:
         Path(save_trace).parent.mkdir(parents=True, exist_ok=True)
         write_trace(result.records_path, save_trace)
+    return result
+
+
+def _evaluate_seeds(lvlm, checked: CheckedRun, config: EvalConfig) -> EvalResult | None:
+    """``evaluate_in_store`` once, or once per seed of ``config.seeds`` for a stochastic method (see
+    ``run_evaluation``)."""
+    from dataclasses import replace
+
+    from v2drop.evaluation.accounting import seed_sample_ci
+    from v2drop.evaluation.records import read_records
+    from v2drop.evaluation.store import evaluate_in_store
+
+    method = checked.method
+    if config.seeds is None or not method.stochastic:
+        result = evaluate_in_store(
+            lvlm, checked.benchmark, method, config, samples=checked.samples, split=checked.split
+        )
+        if result is not None and config.seeds is not None:
+            result.notes = [*result.notes, f"seeds: {method.scorer_name or 'none'} is deterministic; run once"]
+        return result
+    results = []
+    for seed in range(config.seeds):
+        seeded = method.seeded(seed)
+        one = replace(config, method=seeded.to_dict())
+        results.append(
+            evaluate_in_store(lvlm, checked.benchmark, seeded, one, samples=checked.samples, split=checked.split)
+        )
+    if results[0] is None:
+        return None  # another rank
+    tables = [{r["id"]: float(bool(r["correct"])) for r in read_records(res.records_path)} for res in results]
+    ids = list(tables[0])
+    matrix = [[t[i] for i in ids] for t in tables]
+    accuracies = [res.metrics["accuracy"] for res in results]
+    result = results[0]
+    result.seeds = {
+        "seeds": list(range(config.seeds)),
+        "accuracy": accuracies,
+        "mean": sum(accuracies) / len(accuracies),
+        "ci95": seed_sample_ci(matrix),
+        "folders": [Path(res.records_path).parent.name for res in results],
+    }
     return result
 
 

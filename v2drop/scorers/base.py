@@ -259,10 +259,14 @@ class Scorer:
         Fill ``LayerState.prev_hidden`` (costs one saved copy of the hidden states).
     needs_prev_keys : bool
         Fill ``LayerState.prev_keys`` (read from the KV cache: nothing is recomputed).
+    stochastic : bool
+        Draws at random from an integer ``seed`` field: ``experiments.evaluate --seeds N`` runs it with seeds
+        0..N-1 and reports the spread over seeds (a deterministic scorer runs once).
     """
 
     needs_prev_hidden: ClassVar[bool] = False
     needs_prev_keys: ClassVar[bool] = False
+    stochastic: ClassVar[bool] = False
 
     def score(self, state: LayerState) -> torch.Tensor:
         """Scores (B, V) float32 for ``state.vision_idx``; padded entries are ignored."""

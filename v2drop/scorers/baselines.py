@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 import torch
 
@@ -24,6 +25,7 @@ class RandomScorer(Scorer):
     """
 
     seed: int = 0
+    stochastic: ClassVar[bool] = True
 
     def score(self, state: LayerState) -> torch.Tensor:
         """Uniform draws in [0, 1), one generator per sample seeded from (seed, prompt, layer)."""
