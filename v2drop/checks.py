@@ -252,6 +252,21 @@ def check_presets(names, key: str = "enqueue_presets") -> None:
             raise ValueError(f"{key} names unknown preset {name!r}; available presets: {', '.join(presets)}")
 
 
+def sweep_budget(cfg):
+    """A sweep's token constraint as a ``v2drop.budgets.Budget`` (from ``budget`` or ``max_average_tokens``, an
+    ``average`` budget), or None; both given is a one-line ValueError."""
+    from v2drop.budgets import Budget
+
+    if cfg.budget is not None and cfg.max_average_tokens is not None:
+        raise ValueError(
+            f"budget={cfg.budget!r} and max_average_tokens={cfg.max_average_tokens!r} both bound the tokens; "
+            "give one (budget: N is max_average_tokens: N; budget: {tokens: N, count: entering} counts entering ones)"
+        )
+    if cfg.max_average_tokens is not None:
+        return Budget(cfg.max_average_tokens, "average")
+    return Budget.parse(cfg.budget, "budget")
+
+
 def check_sweep(cfg) -> None:
     """The parts of a ``SweepConfig`` the search-space validation does not cover: counts, eval settings, presets."""
     check_int("trials", cfg.trials, 1)
@@ -263,6 +278,7 @@ def check_sweep(cfg) -> None:
         raise ValueError(
             f"max_average_tokens must be a positive number of tokens or None, got {cfg.max_average_tokens!r}"
         )
+    sweep_budget(cfg)
     try:
         check_settings(cfg.eval)
     except ValueError as err:

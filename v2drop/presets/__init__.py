@@ -23,7 +23,8 @@ IDENTITY_KEYS = {
     "description": "one line: the method, its stages and its average number of kept vision tokens",
     "label": "the name's first part, the method as tables name it: its scorer's, or a mix's (composite-v2drop-dart)",
     "model": "the name's second part, the model the setting is for: llava15 (LLaVA-1.5-7B) or qwen2vl (Qwen2-VL-7B)",
-    "budget": "optional: average vision tokens kept per decoder layer of reference_vision_tokens (192/128/64)",
+    "budget": "optional: vision tokens kept of reference_vision_tokens: a number counts them averaged over the decoder "
+    "layers (192/128/64); {tokens: N, count: average | entering} says which way (entering: entering the LLM)",
     "reduction": "optional: share of the vision tokens removed on average, where their count varies (Qwen2-VL: 0.778)",
     "reference_vision_tokens": "optional: the vision tokens per image that budget and absolute keep counts count (576)",
 }
@@ -39,10 +40,11 @@ class Preset:
     scorer: str  # the registered scorer it runs (its scorer.name)
     model: str  # the model whose setting it is: llava15 or qwen2vl
     description: str  # one line on the method, its stages and its budget
-    budget: int | None = None  # average kept vision tokens of reference_vision_tokens, if it has one
+    budget: int | None = None  # kept vision tokens of reference_vision_tokens, counted budget_count's way, if any
     reduction: float | None = None  # share of the vision tokens removed on average, if that is its measure
     reference_vision_tokens: int | None = None  # vision tokens per image its budget and absolute counts count
     data: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # method config data
+    budget_count: str = "average"  # how budget counts: average (over decoder layers) or entering (the LLM)
 
     def method(self, depth: int | None = None):
         """The preset's ``Method``, rescaled to a model of ``depth`` decoder layers if given."""
@@ -88,6 +90,12 @@ def parse_preset(name: str, data: Any) -> Preset:
     if missing:
         raise ValueError(f"{where} has no {', '.join(missing)}; every preset sets {', '.join(REQUIRED_KEYS)}")
     identity = {k: data.get(k) for k in IDENTITY_KEYS}
+    budget_count = "average"
+    if isinstance(identity["budget"], dict):  # {tokens, count}: the budget in a stated convention
+        from v2drop.budgets import Budget
+
+        budget = Budget.parse(identity["budget"], f"{where}: budget")
+        identity["budget"], budget_count = budget.tokens, budget.count
     for key in ("label", "model", "description"):
         if not isinstance(identity[key], str) or not identity[key]:
             raise ValueError(f"{where}: {key} must be a non-empty string, got {identity[key]!r}")
@@ -115,7 +123,7 @@ def parse_preset(name: str, data: Any) -> Preset:
         )
     scorer = method.get("scorer", "none")
     scorer = scorer.get("name", "none") if isinstance(scorer, dict) else scorer
-    return Preset(name=name, scorer=scorer, data=method, **identity)
+    return Preset(name=name, scorer=scorer, data=method, budget_count=budget_count, **identity)
 
 
 @cache

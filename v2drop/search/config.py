@@ -113,6 +113,8 @@ class SweepConfig:
         default_factory=lambda: ["accuracy", "prefill_latency"]
     )  # names in OBJECTIVES; first is usually accuracy
     max_average_tokens: float | None = None  # constraint: average retained vision tokens at most this
+    # constraint in either convention: N (= max_average_tokens: N) or {tokens: N, count: average | entering}
+    budget: Any = None  # None = no budget; give this or max_average_tokens, not both
     enqueue_presets: list[str] = field(
         default_factory=lambda: ["v2drop-llava15-192", "v2drop-llava15-128", "v2drop-llava15-64"]
     )  # presets tried first; fnmatch patterns allowed ("*-llava15-128")

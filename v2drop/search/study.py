@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 from tqdm import tqdm
 
+from v2drop import checks
 from v2drop.evaluation import EvalConfig, evaluate, evaluate_in_store
 from v2drop.method import Method
 from v2drop.search.checks import check_sweep_run
@@ -152,14 +153,19 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
     # Every trial runs the same batches: their inputs and vision features are computed by the first one only.
     cache = VisionCache(cfg.vision_cache_mb * 2**20) if cfg.vision_cache_mb else None
 
+    budget = checks.sweep_budget(cfg)
+
     def objective(trial: optuna.Trial):
         method = suggest_method(trial, cfg.search, lvlm.depth)
         with cache.attached(lvlm) if cache is not None else contextlib.nullcontext():
             result = evaluate(lvlm, benchmark, method, eval_config, samples=samples)
         trial.set_user_attr("method", method.to_dict())
         trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
-        if cfg.max_average_tokens is not None:
-            trial.set_constraint("average_tokens", result.metrics["average_vision_tokens"] - cfg.max_average_tokens)
+        if budget is not None:  # tokens counted the budget's way, minus the budget: feasible when <= 0
+            used = (
+                result.metrics["average_vision_tokens"] if budget.count == "average" else result.tokens["entering_llm"]
+            )
+            trial.set_constraint(f"{budget.count}_tokens", used - budget.tokens)
         return objective_values(result.metrics, cfg.objectives)
 
     callback = WandbCallback(cfg, run_dir) if finish else None
