@@ -102,6 +102,36 @@ def test_constraint_marks_infeasible_trials(tiny, tmp_path):
     assert all(r["feasible"] for r in result["front"])
 
 
+def test_entering_budget_constrains_the_tokens_entering_the_llm(tiny, tmp_path):
+    """``budget: {tokens, count: entering}`` bounds the vision tokens entering the LLM: in-LLM trials let every token
+    enter, so under a 1-token entering budget no trial is feasible, whatever its average."""
+    cfg = config(tmp_path, trials=3, budget={"tokens": 1, "count": "entering"})
+    result = run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(3), progress=False)
+    assert result["rows"] and not any(r["feasible"] for r in result["rows"])
+    study = optuna.load_study(study_name="tiny", storage=make_storage(cfg))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3 and all(t.constraints == {"entering_tokens": 64 - 1} for t in done)  # 64 tokens enter
+
+
+def test_sweep_budget_forms(tmp_path):
+    """A plain budget is max_average_tokens; giving both, or a bad budget, is a one-line error before any trial."""
+    from v2drop.budgets import Budget
+    from v2drop.checks import check_sweep, sweep_budget
+
+    assert (
+        sweep_budget(config(tmp_path, budget=20))
+        == Budget(20.0)
+        == sweep_budget(config(tmp_path, max_average_tokens=20))
+    )
+    assert sweep_budget(config(tmp_path)) is None
+    with pytest.raises(ValueError, match=r"budget=20 and max_average_tokens=20.0 both bound the tokens; give one"):
+        check_sweep(config(tmp_path, budget=20, max_average_tokens=20))
+    with pytest.raises(ValueError, match=r"^budget: budget count must be one of average, entering, got 'first'"):
+        check_sweep(config(tmp_path, budget={"tokens": 20, "count": "first"}))
+    with pytest.raises(ValueError, match=r"^budget: budget tokens must be a positive number of vision tokens, got -1"):
+        check_sweep(config(tmp_path, budget=-1))
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
