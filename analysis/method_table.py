@@ -9,7 +9,10 @@ Every method is evaluated into the run store (``--store``, default ``runs/store`
 read back) and the table is laid out by the one Table 1 builder that ``experiments.report`` uses
 (``v2drop.evaluation.collect.method_benchmark_table``): "avg_vs_none" is the mean over benchmarks of
 the paper metric's ratio to no dropping (here one benchmark); the per-family columns show where the
-accuracy is lost.
+accuracy is lost. Each method's accuracy has its 95% bootstrap interval and its paired-bootstrap
+difference to no dropping on the same samples (``Δ vs none``, ``Δ ci95``; ``ns``: the interval holds
+zero); tokens are counted both ways: ``avg_vision_tokens`` averaged over the decoder layers (the
+budgets' convention) and ``entering_llm_tokens`` entering the LLM.
 """
 
 from __future__ import annotations
@@ -30,7 +33,21 @@ from analysis.common import (
     write_table,
 )
 from v2drop.cli import parse_config, run
+from v2drop.evaluation.collect import TOKEN_COLUMNS
 from v2drop.method import Method
+
+INTERVAL_COLUMNS = ("accuracy ci95", "Δ vs none", "Δ ci95")  # from v2drop.evaluation.collect.interval_rows
+ENTERING = "entering_llm_tokens: vision tokens entering the LLM; ns: the Δ interval holds zero"
+
+
+def with_intervals(rows: list[dict], results: dict) -> list[dict]:
+    """``rows`` with each method's accuracy interval and paired-bootstrap difference to no dropping (``Δ vs none``,
+    ``Δ ci95``, ``ns`` where it holds zero), from ``v2drop.evaluation.collect.interval_rows`` on the stored records."""
+    from v2drop.evaluation.collect import interval_rows, run_result
+
+    runs = [run_result(res, res["records_path"], label) for label, res in results.items()]
+    spread = {r["method"]: r for table in interval_rows(runs).values() for r in table}
+    return [{**row, **{k: spread[row["method"]][k] for k in INTERVAL_COLUMNS}} for row in rows]
 
 
 def methods_at_budgets(depth: int, n_vision: int, variants=None, budgets=PAPER_BUDGETS) -> tuple[dict, dict]:
@@ -76,17 +93,18 @@ def _main(argv) -> list[dict]:
     methods, info = methods_at_budgets(lvlm.depth, n_vision, all_variants, args.budgets)
     missing = sorted({v for v in all_variants if not any(i.get("scorer") == v for i in info.values())})
     results = run_methods(lvlm, benchmark, methods, config, samples)
-    rows = table_rows(results, extra=info)
+    rows = with_intervals(table_rows(results, extra=info), results)
     columns = (
         ["budget", "method"]
         + [f"{benchmark.name}/{f}" for f in sorted(benchmark.families)]
-        + ["accuracy", "avg_vs_none", "avg_vision_tokens", "flops_ratio", "prefill_ms"]
+        + ["accuracy", *INTERVAL_COLUMNS, "avg_vs_none", *TOKEN_COLUMNS, "flops_ratio", "prefill_ms"]
     )
     markdown = write_table(rows, out / "method_table", columns)
     print(
         f"{lvlm.name}: {lvlm.depth} layers, {n_vision} vision tokens, {len(samples)} samples of "
         f"{benchmark.name}/{args.split}"
     )
+    print(f"## budget and avg_vision_tokens: vision tokens averaged over the decoder layers; {ENTERING}\n")
     print(markdown)
     if missing:
         print(f"no presets for: {', '.join(missing)}")

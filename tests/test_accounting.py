@@ -26,14 +26,15 @@ def _stored(store, label):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """No dropping, V²Drop at 64 and VisionZip (pre-LLM) at 64 on 6 digits samples, and V²Drop on 5 (``y``: no
-    no-dropping run on those), in one store."""
+    """No dropping, V²Drop at 64, VisionZip (pre-LLM) at 64 and random at 64 with seeds 0 and 1 on 6 digits samples,
+    and V²Drop on 5 (``y``: no no-dropping run on those), in one store."""
     root = tmp_path_factory.mktemp("acct") / "store"
     args = [*COMMON, "--limit", "6", "--store", str(root)]
     evaluate.main([*args, "--method", "none", "--label", "none"])
     evaluate.main([*args, "--method", "v2drop-llava15-64", "--label", "v2drop"])
     evaluate.main([*args, "--method", "visionzip-llava15-64", "--label", "visionzip"])
     evaluate.main([*COMMON, "--limit", "5", "--store", str(root), "--method", "v2drop-llava15-64", "--label", "y"])
+    evaluate.main([*args, "--method", "random-llava15-64", "--label", "random", "--seeds", "2"])
     return root
 
 
@@ -165,10 +166,10 @@ def test_report_shows_intervals_and_paired_differences(store, tmp_path, capsys):
     from experiments import report
 
     tables = report.main([str(store), "--output", str(tmp_path / "out")])
-    assert {r["method"] for r in tables["proxy"]} == {"none", "v2drop", "visionzip", "y"}
+    assert {r["method"] for r in tables["proxy"]} == {"none", "v2drop", "visionzip", "y", "random"}
     text = (tmp_path / "out" / "report-proxy-intervals.md").read_text()
     assert text.splitlines()[0] == (
-        "| method | benchmark | n | accuracy | accuracy ci95 | Δ vs none | Δ ci95 | agreement with none |"
+        "| method | benchmark | n | seeds | accuracy | accuracy ci95 | Δ vs none | Δ ci95 | agreement with none |"
     )
     assert text in capsys.readouterr().out
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
@@ -179,15 +180,16 @@ def test_report_shows_intervals_and_paired_differences(store, tmp_path, capsys):
         diff = paired_difference(correct, {r["id"]: r["correct"] for r in none_records})
         cells = [c.strip() for c in rows[label].strip("|").split("|")]
         low, high = data["metrics"]["accuracy_ci95"]
-        assert cells[4] == f"[{low:+.3f}, {high:+.3f}]"
-        assert cells[5] == f"{diff['difference']:.3f}"
-        assert cells[6] == f"[{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]" + (
+        assert cells[3] == "1"  # one seed
+        assert cells[5] == f"[{low:+.3f}, {high:+.3f}]"
+        assert cells[6] == f"{diff['difference']:.3f}"
+        assert cells[7] == f"[{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]" + (
             " ns" if diff["contains_zero"] else ""
         )
-        assert cells[7] == f"{data['agreement_with_none']:.3f}"
+        assert cells[8] == f"{data['agreement_with_none']:.3f}"
     none_cells = [c.strip() for c in rows["none"].strip("|").split("|")]
     y_cells = [c.strip() for c in rows["y"].strip("|").split("|")]
-    assert none_cells[5:] == ["", "", ""] and y_cells[5:] == ["", "", ""]  # no baseline on y's 5 samples
+    assert none_cells[6:] == ["", "", ""] and y_cells[6:] == ["", "", ""]  # no baseline on y's 5 samples
 
 
 def test_terminal_table_shows_the_accounting(store):
@@ -205,3 +207,166 @@ def test_terminal_table_shows_the_accounting(store):
         assert f"answers equal to no dropping's: {data['agreement_with_none']:.1%}" in text
         assert f"vision tokens entering the LLM {data['tokens']['entering_llm']:.1f}" in text
         assert f"time to first token {data['time']['ttft']['median'] * 1e3:.1f}" in text
+
+
+def _by_seed(store, label):
+    """``{seed: (result data, records)}`` of the runs labelled ``label`` (one per scorer seed)."""
+    out = {}
+    for path in store.rglob("result.json"):
+        data = json.loads(path.read_text())
+        if data["config"]["label"] == label:
+            out[data["method"]["scorer"]["seed"]] = data, read_records(path.parent / "records.jsonl")
+    return out
+
+
+def test_seeds_file_one_run_per_seed_and_an_interval_over_samples_and_seeds(store, capsys):
+    """``--seeds 2`` on the random scorer files two store keys (seeds 0 and 1, otherwise equal); the result reports the
+    mean of their accuracies with the samples-and-seeds bootstrap interval around it, and the terminal table prints
+    it; running it again reuses both keys."""
+    from v2drop.evaluation.accounting import seed_sample_ci
+
+    runs = _by_seed(store, "random")
+    assert sorted(runs) == [0, 1]
+    (zero, zero_records), (one, one_records) = runs[0], runs[1]
+    assert zero["key"] != one["key"] and {**zero["method"]["scorer"], "seed": 1} == one["method"]["scorer"]
+    again = evaluate.main(
+        [*COMMON, "--limit", "6", "--store", str(store), "--method", "random-llava15-64"]
+        + ["--label", "random", "--seeds", "2"]
+    )
+    assert again["reused"] and "over 2 seeds: accuracy" in capsys.readouterr().out
+    seeds = again["seeds"]
+    accuracies = [zero["metrics"]["accuracy"], one["metrics"]["accuracy"]]
+    assert seeds["seeds"] == [0, 1] and seeds["accuracy"] == accuracies
+    assert seeds["mean"] == pytest.approx(sum(accuracies) / 2)
+    assert seeds["ci95"][0] <= seeds["mean"] <= seeds["ci95"][1]
+    matrix = [[float(r["correct"]) for r in records] for records in (zero_records, one_records)]
+    assert seeds["ci95"] == seed_sample_ci(matrix)
+    assert sorted(seeds["folders"]) == sorted(
+        p.parent.name
+        for p in store.rglob("result.json")
+        if "random" in str(json.loads(p.read_text())["config"]["label"])
+    )
+
+
+def test_a_deterministic_method_given_seeds_runs_once(store):
+    """``--seeds`` on a deterministic scorer files no new key: the one run, with a note saying so."""
+    folders = sorted(p.parent for p in store.rglob("result.json"))
+    result = evaluate.main(
+        [*COMMON, "--limit", "6", "--store", str(store), "--method", "v2drop-llava15-64"]
+        + ["--label", "v2drop", "--seeds", "3"]
+    )
+    assert sorted(p.parent for p in store.rglob("result.json")) == folders
+    assert result["seeds"] is None and "seeds: v2drop is deterministic; run once" in result["notes"]
+
+
+def test_seed_sample_interval():
+    """Two-way resampling: identical seeds give the samples-only width or more, a spread between seeds widens it; a
+    single seed is bootstrap_ci; a fixed seed gives the same interval; bad shapes are errors."""
+    from v2drop.evaluation.accounting import seed_sample_ci
+
+    rng = np.random.default_rng(1)
+    row = (rng.random(60) < 0.6).astype(float)
+    assert seed_sample_ci([row]) == bootstrap_ci(row)
+    apart = seed_sample_ci([row, np.ones(60)])
+    assert apart == seed_sample_ci([row, np.ones(60)]) and apart[0] <= (row.mean() + 1) / 2 <= apart[1]
+    low, high = seed_sample_ci([row, row])
+    assert low <= row.mean() <= high
+    with pytest.raises(ValueError, match="seeds × samples"):
+        seed_sample_ci([1.0, 0.0])
+
+
+def test_report_pairs_every_two_methods(store, tmp_path, capsys):
+    """``experiments.report`` writes one row per pair of methods on the same samples: the paired-bootstrap difference
+    equals a hand-made ``scipy.stats.bootstrap`` call on the per-sample differences with the same seed (a seeded
+    method's correctness averaged over its seeds); ``--compare`` keeps the pairs of the labels it names."""
+    from scipy.stats import bootstrap
+
+    from experiments import report
+    from v2drop.evaluation.accounting import RESAMPLES, SEED
+
+    report.main([str(store), "--output", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "report-proxy-pairs.md").read_text()
+    assert text.splitlines()[0] == "| method | vs | benchmark | n | Δ | Δ ci95 |" and text in capsys.readouterr().out
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
+    labels = ("none", "random", "v2drop", "visionzip")  # y ran on other samples: paired with none of them
+    assert [(r[0], r[1]) for r in rows] == [(b, a) for i, a in enumerate(labels) for b in labels[i + 1 :]]
+    correct = {label: {r["id"]: float(r["correct"]) for r in _stored(store, label)[1]} for label in labels}
+    seeds = _by_seed(store, "random")
+    correct["random"] = {
+        i: sum(float(r["correct"]) for records in (seeds[0][1], seeds[1][1]) for r in records if r["id"] == i) / 2
+        for i in correct["none"]
+    }
+    for method, vs, _bench, n, delta, ci in rows:
+        diff = np.array([correct[method][i] - correct[vs][i] for i in correct[vs]])
+        assert int(n) == len(diff) == 6 and delta == f"{diff.mean():.3f}"
+        if np.all(diff == diff[0]):
+            low = high = diff[0]
+        else:
+            res = bootstrap(
+                (diff,), np.mean, n_resamples=RESAMPLES, method="percentile", random_state=np.random.default_rng(SEED)
+            )
+            low, high = res.confidence_interval
+        assert ci == f"[{low:+.3f}, {high:+.3f}]" + (" ns" if low <= 0 <= high else "")
+    report.main([str(store), "--output", str(tmp_path / "some"), "--compare", "none,visionzip"])
+    some = (tmp_path / "some" / "report-proxy-pairs.md").read_text().splitlines()[2:]
+    assert [line.split(" | ")[:2] for line in some] == [["| visionzip", "none"]]
+
+
+def test_pairs_mark_a_difference_whose_interval_holds_zero(tmp_path):
+    """On synthetic runs of 40 samples: a method right wherever no dropping is has Δ 0 with interval [0, 0], marked
+    ``ns``; one wrong on half of them has Δ -0.5 and an interval below zero, unmarked; so does the pair between them."""
+    from v2drop.evaluation.collect import pairwise_rows, run_result
+
+    runs = [
+        _synthetic(tmp_path, "none", [True] * 40, drops=False),
+        _synthetic(tmp_path, "same", [True] * 40),
+        _synthetic(tmp_path, "half", [i % 2 == 0 for i in range(40)]),
+    ]
+    rows = {(r["method"], r["vs"]): r for r in pairwise_rows([run_result(*run) for run in runs])["proxy"]}
+    assert rows[("same", "none")]["Δ"] == 0.0 and rows[("same", "none")]["Δ ci95"] == "[+0.000, +0.000] ns"
+    half = rows[("half", "none")]
+    assert half["Δ"] == -0.5 and half["n"] == 40 and not half["Δ ci95"].endswith("ns")
+    low, high = (float(x) for x in half["Δ ci95"].strip("[]").split(","))
+    assert low <= -0.5 <= high < 0
+    assert rows[("same", "half")]["Δ"] == 0.5 and not rows[("same", "half")]["Δ ci95"].endswith("ns")
+    only = pairwise_rows([run_result(*run) for run in runs], compare=["none", "half"])["proxy"]
+    assert [(r["method"], r["vs"]) for r in only] == [("half", "none")]
+
+
+def _synthetic(root, label, correct, drops=True):
+    """A stored run (result.json data and its path) of ``label`` whose records are right where ``correct`` says."""
+    from v2drop.evaluation.records import write_records
+
+    method = {"scorer": {"name": "position"} if drops else "none", "schedule": {"stages": [[1, 0.5]] if drops else []}}
+    key = {
+        "weights": "w",
+        "model": "proxy",
+        "benchmark": "digits",
+        "benchmark_args": {},
+        "split": "test",
+        "n": len(correct),
+        "samples": "s",
+        "method": method,
+        "max_new_tokens": 2,
+        "attn_implementation": "sdpa",
+        "dtype": "float32",
+        "batch_size": 1,
+    }
+    data = {
+        "config": {"model": "proxy", "benchmark": "digits", "label": label},
+        "metrics": {
+            "n": len(correct),
+            "accuracy": sum(correct) / len(correct),
+            "average_vision_tokens": 1.0,
+            "flops_ratio": 1.0,
+        },
+        "method": method,
+        "key": key,
+    }
+    folder = root / label
+    folder.mkdir()
+    write_records(
+        [{"id": i, "correct": c, "prediction": str(c)} for i, c in enumerate(correct)], folder / "records.jsonl"
+    )
+    (folder / "result.json").write_text(json.dumps(data))
+    return data, folder / "result.json"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from experiments import evaluate, report
-from v2drop.evaluation.collect import collect_results, method_benchmark_table
+from v2drop.evaluation.collect import TOKEN_NOTE, collect_results, method_benchmark_table
 
 COMMON = ["--model", "proxy", "--max-new-tokens", "2", "--warmup", "0", "--no-progress"]
 DATA = {
@@ -61,8 +61,16 @@ def test_table_is_the_runs_relative_to_none(runs, tmp_path):
     )
     assert "pope" not in rows["fastv-llava15-128"] and rows["none"]["avg_vs_none"] == 1.0
     assert rows["v2drop-llava15-128"]["flops_ratio"] < 1.0 == rows["none"]["flops_ratio"]
-    markdown = (tmp_path / "out" / "report-proxy.md").read_text()
-    assert markdown.splitlines()[0] == "| method | digits | pope | avg_vs_none | avg_vision_tokens | flops_ratio |"
+    for label in ("none", "v2drop-llava15-128"):  # both token counts: averaged over the layers, entering the LLM
+        tokens = [results[(b, label)]["tokens"] for b in ("digits", "pope")]
+        assert rows[label]["avg_vision_tokens"] == pytest.approx(sum(t["average"] for t in tokens) / 2)
+        assert rows[label]["entering_llm_tokens"] == pytest.approx(sum(t["entering_llm"] for t in tokens) / 2)
+    assert rows["v2drop-llava15-128"]["avg_vision_tokens"] < rows["v2drop-llava15-128"]["entering_llm_tokens"]
+    markdown = (tmp_path / "out" / "report-proxy.md").read_text().splitlines()
+    assert markdown[0] == TOKEN_NOTE and "avg_vision_tokens = retained per decoder layer, averaged" in TOKEN_NOTE
+    assert markdown[2] == (
+        "| method | digits | pope | avg_vs_none | avg_vision_tokens | entering_llm_tokens | flops_ratio |"
+    )
     assert (tmp_path / "out" / "report-proxy.csv").read_text().startswith("method,")
 
 
@@ -109,7 +117,8 @@ def test_method_table_and_report_give_the_same_table_one(tmp_path):
     stamps = [p.stat().st_mtime_ns for p in files]
     reported = {r["method"]: r for r in report.main([str(store), "--output", str(tmp_path / "report")])["proxy"]}
     assert set(reported) == {r["method"] for r in table}
-    numbers = ("digits", "digits vs none", "avg_vs_none", "avg_vision_tokens", "flops_ratio", "prefill_ms")
+    numbers = ("digits", "digits vs none", "avg_vs_none", "avg_vision_tokens", "entering_llm_tokens", "flops_ratio")
+    numbers += ("prefill_ms",)
     for row in table:
         assert {k: row.get(k) for k in numbers} == {k: reported[row["method"]].get(k) for k in numbers}
         families = {k: v for k, v in row.items() if k.startswith("digits/")}
@@ -144,3 +153,12 @@ def test_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "bad")])
     assert "is not an evaluation result" in capsys.readouterr().err
+
+
+def test_compare_names_labels_of_the_store(runs, tmp_path, capsys):
+    for value in ("none", "none,nope"):
+        with pytest.raises(SystemExit) as exit_:
+            report.main([str(runs), "--output", str(tmp_path / "out"), "--compare", value])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "--compare takes two or more method labels of the store" in err
+    assert "(nope not in the store)" in err and "labels: fastv-llava15-128, none, v2drop-llava15-128" in err
