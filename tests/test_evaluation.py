@@ -178,6 +178,7 @@ def test_run_key_digest_is_stable_and_covers_every_field():
         (["--method", "v2drop"], "error: --method v2drop needs --schedule"),
         (["--method", "v2drop", "--schedule", "missing.yaml"], "error: method file 'missing.yaml' does not exist"),
         (["--benchmark", "nope"], "error: Unknown benchmark 'nope'"),
+        (["--method", "random-llava15-64", "--seeds", "0"], "error: seeds must be a whole number >= 1"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
