@@ -105,12 +105,16 @@ def test_constraint_marks_infeasible_trials(tiny, tmp_path):
 def test_entering_budget_constrains_the_tokens_entering_the_llm(tiny, tmp_path):
     """``budget: {tokens, count: entering}`` bounds the vision tokens entering the LLM: in-LLM trials let every token
     enter, so under a 1-token entering budget no trial is feasible, whatever its average."""
+    from analysis.common import vision_tokens_of
+
     cfg = config(tmp_path, trials=3, budget={"tokens": 1, "count": "entering"})
     result = run_sweep(cfg, lvlm=tiny("llava"), benchmark=EchoBench(3), progress=False)
     assert result["rows"] and not any(r["feasible"] for r in result["rows"])
     study = optuna.load_study(study_name="tiny", storage=make_storage(cfg))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) == 3 and all(t.constraints == {"entering_tokens": 64 - 1} for t in done)  # 64 tokens enter
+    bench = EchoBench(3)
+    n_vision = vision_tokens_of(tiny("llava"), bench.load(bench.resolve_split(None), 1)[0])
+    assert len(done) == 3 and all(t.constraints == {"entering_tokens": n_vision - 1} for t in done)  # all enter
 
 
 def test_sweep_budget_forms(tmp_path):
