@@ -32,12 +32,13 @@ from analysis.common import (
     table_rows,
     write_table,
 )
+from v2drop.budgets import Budget, UnreachableBudget
 from v2drop.cli import parse_config, run
 from v2drop.evaluation.collect import TOKEN_COLUMNS
 from v2drop.method import Method
 
 INTERVAL_COLUMNS = ("accuracy ci95", "Δ vs none", "Δ ci95")  # from v2drop.evaluation.collect.interval_rows
-ENTERING = "entering_llm_tokens: vision tokens entering the LLM; ns: the Δ interval holds zero"
+ENTERING = "vision tokens entering the LLM; ns: the Δ interval holds zero"
 
 
 def with_intervals(rows: list[dict], results: dict) -> list[dict]:
@@ -50,17 +51,26 @@ def with_intervals(rows: list[dict], results: dict) -> list[dict]:
     return [{**row, **{k: spread[row["method"]][k] for k in INTERVAL_COLUMNS}} for row in rows]
 
 
-def methods_at_budgets(depth: int, n_vision: int, variants=None, budgets=PAPER_BUDGETS) -> tuple[dict, dict]:
+def methods_at_budgets(
+    depth: int, n_vision: int, variants=None, budgets=PAPER_BUDGETS, count: str = "average"
+) -> tuple[dict, dict]:
     """``{label: Method}`` for none and every variant (default: every registered scorer) at every budget, plus ``{label:
     {budget, scorer}}``.
+
+    ``count`` says how the budgets count vision tokens (``v2drop.budgets.BUDGET_COUNTS``); with ``entering``
+    the labels end in ``-entering`` and a variant whose schedule lets every token enter (no stage before the
+    LLM) is left out.
     """
     variants = scorer_variants() if variants is None else variants
     methods, info = {"none": Method.none()}, {"none": {"budget": "all", "scorer": "none"}}
     for budget in budgets:
         for variant, (prefix, overrides) in variants.items():
-            method = budget_method(prefix, budget, depth, n_vision, **overrides)
+            try:
+                method = budget_method(prefix, Budget(budget, count), depth, n_vision, **overrides)
+            except UnreachableBudget:
+                continue
             if method is not None:
-                label = f"{variant}@{budget}"
+                label = f"{variant}@{budget}" + ("" if count == "average" else f"-{count}")
                 methods[label] = method
                 info[label] = {"budget": budget, "scorer": variant}
     return methods, info
@@ -72,6 +82,8 @@ class MethodTableConfig(AnalysisConfig):
 
     scorers: list[str] | None = None  # scorer variants to run; None = every one
     budgets: list[int] = field(default_factory=lambda: list(PAPER_BUDGETS))  # budgets, as tokens of LLaVA-1.5's 576
+    # how the budgets count: average (over the decoder layers) or entering (the LLM: methods with a pre-LLM stage)
+    budget_count: str = "average"
 
 
 CONFIG = MethodTableConfig
@@ -84,13 +96,14 @@ def main(argv=None) -> list[dict]:
 
 def _main(argv) -> list[dict]:
     args = parse_config(CONFIG, argv, __doc__)
+    Budget.parse({"tokens": 1, "count": args.budget_count}, "--budget-count")  # an unknown count: error, no model
     all_variants = scorer_variants()
     unknown = sorted(set(args.scorers or ()) - set(all_variants))
     if unknown:
         raise ValueError(f"--scorers {', '.join(unknown)}: not a scorer variant; choose from {', '.join(all_variants)}")
     all_variants = {k: v for k, v in all_variants.items() if args.scorers is None or k in args.scorers}
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "method_table")
-    methods, info = methods_at_budgets(lvlm.depth, n_vision, all_variants, args.budgets)
+    methods, info = methods_at_budgets(lvlm.depth, n_vision, all_variants, args.budgets, args.budget_count)
     missing = sorted({v for v in all_variants if not any(i.get("scorer") == v for i in info.values())})
     results = run_methods(lvlm, benchmark, methods, config, samples)
     rows = with_intervals(table_rows(results, extra=info), results)
@@ -104,10 +117,13 @@ def _main(argv) -> list[dict]:
         f"{lvlm.name}: {lvlm.depth} layers, {n_vision} vision tokens, {len(samples)} samples of "
         f"{benchmark.name}/{args.split}"
     )
-    print(f"## budget and avg_vision_tokens: vision tokens averaged over the decoder layers; {ENTERING}\n")
+    budget = "budget and avg_vision_tokens" if args.budget_count == "average" else "avg_vision_tokens"
+    entering = "budget and entering_llm_tokens" if args.budget_count == "entering" else "entering_llm_tokens"
+    print(f"## {budget}: vision tokens averaged over the decoder layers; {entering}: {ENTERING}\n")
     print(markdown)
     if missing:
-        print(f"no presets for: {', '.join(missing)}")
+        why = "no presets" + (" with a stage before the LLM" if args.budget_count == "entering" else "")
+        print(f"{why} for: {', '.join(missing)}")
 
     fig, ax = plt.subplots(figsize=(10, 4))
     variants = [v for v in all_variants if any(r.get("scorer") == v for r in rows)]

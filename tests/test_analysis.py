@@ -278,3 +278,23 @@ def test_split_defaults_to_the_benchmarks_own():
     assert resolve_split(parse_config(AnalysisConfig, ["--split", "validation"]), DevOnly()) == "validation"
     with pytest.raises(ValueError, match="no split 'test'; valid splits: dev, validation"):
         resolve_split(parse_config(AnalysisConfig, ["--split", "test"]), DevOnly())
+
+
+def test_method_table_entering_budgets_keep_exact_counts_before_the_llm(capsys):
+    """``--budget-count entering``: each pre-LLM variant lets exactly the budget's share of the model's vision tokens
+    enter the LLM; variants without a stage before the LLM are left out; an unknown count is a one-line error."""
+    from analysis import method_table
+
+    methods, info = methods_at_budgets(12, 256, budgets=(128, 64), count="entering")
+    methods.pop("none")
+    assert methods and all(label.endswith("-entering") for label in methods)
+    assert {"visionzip@64-entering", "divprune@128-entering"} <= set(methods)
+    assert not any(label.startswith(("fastv@", "v2drop-l2@")) for label in methods)  # in-LLM: every token enters
+    for label, method in methods.items():
+        assert method.schedule.tokens_per_layer(12, 256)[0] == int(info[label]["budget"] / 576 * 256), label
+    with pytest.raises(SystemExit) as exit_:
+        method_table.main(["--budget-count", "layers"])
+    err = capsys.readouterr().err
+    assert (
+        exit_.value.code == 2 and "--budget-count: budget count must be one of average, entering, got 'layers'" in err
+    )

@@ -75,6 +75,10 @@ class Budget:
         return fit_budget(schedule, self, depth, n_vision)
 
 
+class UnreachableBudget(ValueError):
+    """A budget the schedule's stage layers cannot meet (an ``entering`` one without a stage before the LLM)."""
+
+
 def _fraction(count: int, n: int) -> float:
     """The smallest relative keep fraction ``f`` with ``floor(n * f) == count`` (``count / n`` nudged up past
     floating-point error)."""
@@ -106,7 +110,7 @@ def fit_budget(schedule, budget, depth: int, n_vision: int):
     if first is None or first.layer > 0:
         if count >= n_vision:
             return schedule
-        raise ValueError(
+        raise UnreachableBudget(
             f"an entering budget of {budget.tokens} vision tokens needs a stage before the LLM or at layer 0; stages "
             f"at layers {list(schedule.layers)} let all {n_vision} enter (state the budget with count: average)"
         )
