@@ -47,8 +47,7 @@ class EvalConfig(EvalSettings):
     progress: bool = True  # show a progress bar
     label: str | None = None  # the method's name in reports (experiments.report); None = the method's scorer name
     store: str | None = None  # run store directory (v2drop.evaluation.store); None = $V2DROP_STORE, else runs/store
-    # a stochastic method runs with seeds 0..N-1, each under its own store key (deterministic: once, with a note)
-    seeds: int | None = None  # None = once, with the method's own seed
+    seeds: int | None = None  # stochastic method: seeds 0..N-1, one store key each (deterministic: once); None = once
 
 
 @dataclass
