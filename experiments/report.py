@@ -13,6 +13,8 @@ written as markdown and CSV (the CSV also has every per-benchmark ratio and per-
 A second table per model (``report-<model>-intervals``) gives each run's accuracy with its 95%
 bootstrap interval, the paired-bootstrap interval of its difference to no dropping over the same
 samples (``ns``: the interval holds zero) and its agreement with the no-dropping answers.
+At every budget the table shows, the controls (``v2drop.budgets.CONTROLS``: random, downsample,
+pool) belong beside the methods: the report names those with no run there and how to run them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from v2drop import checks
+from v2drop.budgets import missing_controls
 from v2drop.cli import parse_config, run
 from v2drop.evaluation.collect import collect_results, interval_rows, method_benchmark_table, table_columns
 from v2drop.tables import markdown_table, write_csv
@@ -61,6 +64,11 @@ def _main(argv) -> dict:
             print(
                 f"no no-dropping run on the same samples for: {', '.join(missing)} (run --method none on those "
                 "benchmarks)"
+            )
+        for budget, presets in missing_controls(r["method"] for r in rows).items():
+            print(
+                f"controls not run at {budget} tokens: {', '.join(presets)} (python -m experiments.evaluate --method "
+                "<preset>, on the same benchmarks)"
             )
         spread = markdown_table(intervals[model], floatfmt="{:.3f}")
         (out / f"{stem}-intervals.md").write_text(spread)
