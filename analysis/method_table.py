@@ -3,6 +3,8 @@
     python -m analysis.method_table [--model proxy] [--benchmark digits] [--limit N] [--scorers v2drop fastv]
         [--budgets 128 64] [--store runs/store]
 
+The controls (``v2drop.budgets.CONTROLS``: random, downsample, pool) are rows at every budget,
+whichever ``--scorers`` are chosen (``--no-controls`` leaves them out).
 Budgets are the paper's 192/128/64 of 576 as the same shares of the model's vision tokens; each
 method's preset is moved to the model's depth and fitted to the budget (``analysis.common.budget_method``).
 Every method is evaluated into the run store (``--store``, default ``runs/store``; finished runs are
@@ -32,7 +34,7 @@ from analysis.common import (
     table_rows,
     write_table,
 )
-from v2drop.budgets import Budget, UnreachableBudget
+from v2drop.budgets import CONTROLS, Budget, UnreachableBudget
 from v2drop.cli import parse_config, run
 from v2drop.evaluation.collect import TOKEN_COLUMNS
 from v2drop.method import Method
@@ -81,6 +83,9 @@ class MethodTableConfig(AnalysisConfig):
     """``analysis.method_table``'s options."""
 
     scorers: list[str] | None = None  # scorer variants to run; None = every one
+    controls: bool = (
+        True  # also run the controls (v2drop.budgets.CONTROLS: random, downsample, pool); False leaves them out
+    )
     budgets: list[int] = field(default_factory=lambda: list(PAPER_BUDGETS))  # budgets, as tokens of LLaVA-1.5's 576
     # how the budgets count: average (over the decoder layers) or entering (the LLM: methods with a pre-LLM stage)
     budget_count: str = "average"
@@ -101,7 +106,9 @@ def _main(argv) -> list[dict]:
     unknown = sorted(set(args.scorers or ()) - set(all_variants))
     if unknown:
         raise ValueError(f"--scorers {', '.join(unknown)}: not a scorer variant; choose from {', '.join(all_variants)}")
-    all_variants = {k: v for k, v in all_variants.items() if args.scorers is None or k in args.scorers}
+    chosen = set(all_variants if args.scorers is None else args.scorers)
+    chosen = chosen | set(CONTROLS) if args.controls else chosen - set(CONTROLS)
+    all_variants = {k: v for k, v in all_variants.items() if k in chosen}
     lvlm, benchmark, samples, n_vision, config, out = setup(args, "method_table")
     methods, info = methods_at_budgets(lvlm.depth, n_vision, all_variants, args.budgets, args.budget_count)
     missing = sorted({v for v in all_variants if not any(i.get("scorer") == v for i in info.values())})

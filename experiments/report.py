@@ -20,6 +20,8 @@ between every two methods run on the same samples (``--compare A,B,...``: only p
 labels), ``ns`` where it holds zero. Token columns come both ways: ``avg_vision_tokens`` (averaged
 over the decoder layers, the in-LLM papers' count) and ``entering_llm_tokens`` (entering the LLM,
 the pre-LLM papers' count).
+At every budget the table shows, the controls (``v2drop.budgets.CONTROLS``: random, downsample,
+pool) belong beside the methods: the report names those with no run there and how to run them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from v2drop import checks
+from v2drop.budgets import missing_controls
 from v2drop.cli import parse_config, run
 from v2drop.evaluation.collect import (
     TOKEN_NOTE,
@@ -77,6 +80,11 @@ def _main(argv) -> dict:
             print(
                 f"no no-dropping run on the same samples for: {', '.join(missing)} (run --method none on those "
                 "benchmarks)"
+            )
+        for budget, presets in missing_controls(r["method"] for r in rows).items():
+            print(
+                f"controls not run at {budget} tokens: {', '.join(presets)} (python -m experiments.evaluate --method "
+                "<preset>, on the same benchmarks)"
             )
         spread = markdown_table(intervals[model], floatfmt="{:.3f}")
         (out / f"{stem}-intervals.md").write_text(spread)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from experiments import evaluate, report
+from v2drop.budgets import CONTROLS, missing_controls
 from v2drop.evaluation.collect import TOKEN_NOTE, collect_results, method_benchmark_table
 
 COMMON = ["--model", "proxy", "--max-new-tokens", "2", "--warmup", "0", "--no-progress"]
@@ -112,7 +113,17 @@ def test_method_table_and_report_give_the_same_table_one(tmp_path):
     store = tmp_path / "store"
     argv = ["--limit", "2", "--scorers", "v2drop-l2", "fastv", "--budgets", "128", "--batch-size", "2"]
     table = method_table.main([*argv, "--store", str(store), "--out", str(tmp_path / "analysis")])
-    assert [r["method"] for r in table] == ["none", "v2drop-l2@128", "fastv@128"]
+    # the controls (v2drop.budgets.CONTROLS) are rows at every budget besides the chosen scorers, in registry order
+    assert [r["method"] for r in table] == [
+        "none",
+        "v2drop-l2@128",
+        "downsample@128",
+        "fastv@128",
+        "pool@128",
+        "random@128",
+    ]
+    controls = {r["method"]: r["avg_vision_tokens"] for r in table if r["method"].split("@")[0] in CONTROLS}
+    assert controls == {"random@128": pytest.approx(56.67, abs=0.01), "downsample@128": 56, "pool@128": 56}  # 7 x 8
     files = sorted(store.rglob("*"))
     stamps = [p.stat().st_mtime_ns for p in files]
     reported = {r["method"]: r for r in report.main([str(store), "--output", str(tmp_path / "report")])["proxy"]}
@@ -127,6 +138,22 @@ def test_method_table_and_report_give_the_same_table_one(tmp_path):
     assert sorted(store.rglob("*")) == files and [p.stat().st_mtime_ns for p in files] == stamps  # report only reads
     again = method_table.main([*argv, "--store", str(store), "--out", str(tmp_path / "again")])
     assert again == table and [p.stat().st_mtime_ns for p in files] == stamps  # every run reused, none redone
+    plain = method_table.main([*argv, "--no-controls", "--store", str(store), "--out", str(tmp_path / "plain")])
+    assert [r["method"] for r in plain] == ["none", "v2drop-l2@128", "fastv@128"]
+
+
+def test_report_names_the_controls_missing_at_the_budgets_it_shows(runs, tmp_path, capsys):
+    report.main([str(runs), "--output", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert (
+        "controls not run at 128 tokens: random-llava15-128, downsample-llava15-128, pool-llava15-128 "
+        "(python -m experiments.evaluate --method <preset>, on the same benchmarks)"
+    ) in out
+    assert "at 64 tokens" not in out and "at 192 tokens" not in out  # only the budgets the table shows
+    assert missing_controls(["none", "pool@64", "random-llava15-64", "fastv@64", "v2drop-llava15-192"]) == {
+        192: ["random-llava15-192", "downsample-llava15-192", "pool-llava15-192"],
+        64: ["downsample-llava15-64"],
+    }
 
 
 def test_paper_metrics_are_aggregate_keys():

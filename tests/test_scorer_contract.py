@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from v2drop import Method, Schedule, build_scorer, list_scorers
+from v2drop.schedule import PRE_LLM
 from v2drop.testing import batch_for
 
 # Parameters for scorers that cannot be built from defaults alone (name -> kwargs).
@@ -26,14 +27,23 @@ SCORER_KWARGS: dict[str, dict] = {  # scorers whose defaults would test too litt
 # message)).
 FAMILY_SUPPORT: dict[str, tuple] = {
     name: (("llava", "llava_next"), "no \\[CLS\\] token") for name in ("visionzip", "vispruner", "hiprune")
-}
+} | {"downsample": (("llava",), "cannot re-encode")}
+# Scorers that run at the pre-LLM stage only: their schedules' stages all move there (one stage, the first keep).
+PRE_LLM_ONLY = ("downsample",)
 SCHEDULE = Schedule.progressive([2, 4], [0.5, 0.5])
 SCORERS = list_scorers()
 
 
 def method(name: str, schedule: Schedule = SCHEDULE) -> Method:
     """A fresh method with a fresh scorer instance (nothing carried over between runs)."""
+    if name in PRE_LLM_ONLY:
+        schedule = Schedule.one_shot(PRE_LLM, schedule.stages[0].keep, schedule.keep_mode)
     return Method(build_scorer(name, **SCORER_KWARGS.get(name, {})), schedule=schedule)
+
+
+def stage_layers(name: str) -> tuple:
+    """The stage layers ``method(name)`` runs."""
+    return (PRE_LLM,) if name in PRE_LLM_ONLY else SCHEDULE.layers
 
 
 def refuses(name: str, family: str) -> bool:
@@ -59,11 +69,12 @@ def test_scores_are_float_and_one_per_vision_token(tiny, name):
     score = m.scorer.score
     m.scorer.score = lambda state: calls.append((state, score(state))) or calls[-1][1]
     out = lvlm.generate(prompts, images, method=m, max_new_tokens=1)
-    assert len(calls) == len(SCHEDULE.stages)
-    for (state, scores), layer in zip(calls, SCHEDULE.layers):
+    assert len(calls) == len(stage_layers(name))
+    for (state, scores), layer in zip(calls, stage_layers(name)):
         assert state.layer_idx == layer
         assert scores.shape == state.vision_idx.shape and scores.dtype.is_floating_point
-        assert state.vision_valid.sum(1).tolist() == [t.vision_tokens_per_layer[layer - 1] for t in out.traces]
+        present = [t.vision_tokens if layer == PRE_LLM else t.vision_tokens_per_layer[layer - 1] for t in out.traces]
+        assert state.vision_valid.sum(1).tolist() == present
 
 
 @pytest.mark.parametrize("name", SCORERS)

@@ -54,10 +54,23 @@ SPACE = {
         "vispruner": ["pre-llm"],
         "hiprune": ["pre-llm"],
         "cdpruner": ["pre-llm"],
+        "downsample": ["pre-llm"],
+        "pool": ["pre-llm"],
         "staged": ["pre-llm+progressive"],
     },
     "position_policy": {
-        name: "renumber" for name in ("pdrop", "sparsevlm", "visionzip", "divprune", "vispruner", "hiprune", "cdpruner")
+        name: "renumber"
+        for name in (
+            "pdrop",
+            "sparsevlm",
+            "visionzip",
+            "divprune",
+            "vispruner",
+            "hiprune",
+            "cdpruner",
+            "downsample",
+            "pool",
+        )
     },
     "stages": [2, 4],
 }

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 PAPER_BUDGETS = (192, 128, 64)  # average retained vision tokens of 576 on LLaVA-1.5-7B (the llava15 presets' budgets)
 PAPER_MODEL = "llava15"  # the model of the presets that budget_method fits
 PAPER_VISION_TOKENS = 576  # LLaVA-1.5-7B's vision tokens per image: the llava15 presets' reference_vision_tokens
+# The controls every comparison table shows at each of its budgets (labels of llava15 presets): a random keep set,
+# the image itself smaller, and its tokens average-pooled (docs/methods.md, "Controls").
+CONTROLS = ("random", "downsample", "pool")
 
 
 BUDGET_COUNTS = {
@@ -195,3 +198,37 @@ def with_scorer_args(method, **kwargs):
     data = method.to_dict()
     data["scorer"] = {**data["scorer"], **kwargs}
     return Method.from_dict(data)
+
+
+def label_budget(label: str) -> int | None:
+    """The budget a run label names: a preset's ``budget`` (``fastv-llava15-128``), or ``<variant>@<budget>`` (the
+    analyses' labels); None for anything else (``none``, a sweep trial)."""
+    from v2drop.presets import get_preset, list_presets
+
+    if label in list_presets():
+        return get_preset(label).budget
+    head, _, tail = label.rpartition("@")
+    return int(tail) if head and tail.isdigit() else None
+
+
+def missing_controls(labels) -> dict[int, list[str]]:
+    """Per budget some of ``labels`` show, the ``CONTROLS`` presets at that budget that none of them runs.
+
+    A control counts as run at budget b under its preset's name (``pool-llava15-128``) or as an
+    analysis label (``pool@128``); only budgets a control has a preset for are listed.
+    """
+    from v2drop.presets import find_presets
+
+    labels = set(labels)
+    budgets = sorted({b for b in map(label_budget, labels) if b is not None}, reverse=True)
+    out = {}
+    for budget in budgets:
+        missing = [
+            p.name
+            for control in CONTROLS
+            for p in find_presets(label=control, model=PAPER_MODEL, budget=budget)
+            if p.name not in labels and f"{control}@{budget}" not in labels
+        ]
+        if missing:
+            out[budget] = missing
+    return out

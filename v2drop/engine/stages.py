@@ -9,6 +9,7 @@ layer-0 input before any decoder layer.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -47,6 +48,8 @@ class StageContext:
         has a ``vision_request()`` (``Adapter.vision_tower_state``).
     pad : LongTensor (B,)
         Left padding of each sample in the layer-0 sequence (prompt index + pad = layer-0 position).
+    inputs : dict or None
+        The batch's model inputs, for a scorer that ``needs_reencode`` (``Adapter.reencode``).
     scoring_seconds, drop_seconds : float
         Time spent so far in ``score``, and in whole drop stages.
     """
@@ -61,6 +64,7 @@ class StageContext:
     queries: dict | None = None
     vision: dict | None = None
     pad: torch.Tensor | None = None
+    inputs: dict | None = None
     scoring_seconds: float = 0.0
     drop_seconds: float = 0.0
 
@@ -118,6 +122,7 @@ class StageContext:
             queries=queries,
             vision=vision,
             pad=(seq.attention_mask == 0).sum(1),
+            inputs=inputs,
         )
 
     def needs_prev_hidden(self, layer_idx: int) -> bool:
@@ -194,6 +199,7 @@ def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: S
         vision=ctx.vision_features(seq, vision_idx, vision_valid)
         if stage_scorer.vision_request() is not None
         else None,
+        reencode=functools.partial(ctx.adapter.reencode, ctx.inputs) if stage_scorer.needs_reencode else None,
     )
     synchronize(device)
     start = time.perf_counter()
@@ -227,7 +233,8 @@ def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: S
 
 
 def _apply(seq: Sequence, selection: Selection, vision_idx: torch.Tensor, layer_idx: int, traces: list) -> Sequence:
-    """Keep the text and the selected vision tokens; insert added tokens right after each sample's last kept one."""
+    """Keep the text and the selected vision tokens; insert added tokens right after each sample's last kept one, or
+    each at its source's place (``Selection.added_at_source``)."""
     B, L, D = seq.hidden.shape
     device = seq.hidden.device
     keep_mask = seq.attention_mask.bool() & ~seq.vision  # text tokens always stay
@@ -253,7 +260,11 @@ def _apply(seq: Sequence, selection: Selection, vision_idx: torch.Tensor, layer_
         for b, (h, src) in enumerate(zip(added_hidden, sources)):
             hidden[b, : len(src)], source[b, : len(src)], valid[b, : len(src)] = h, src, True
             inserted = torch.arange(L, L + len(src), device=device)
-            keep[b] = torch.cat([keep[b][keep[b] <= last_kept[b]], inserted, keep[b][keep[b] > last_kept[b]]])
+            if selection.added_at_source:  # ordered by place: a kept token before a token added at its place
+                places = torch.cat([keep[b] * 2, src * 2 + 1])
+                keep[b] = torch.cat([keep[b], inserted])[torch.sort(places, stable=True).indices]
+            else:
+                keep[b] = torch.cat([keep[b][keep[b] <= last_kept[b]], inserted, keep[b][keep[b] > last_kept[b]]])
         seq = seq.extended(hidden, source, valid)
     return seq.select(keep)
 

@@ -149,6 +149,19 @@ class Adapter:
             )
         return projector(features.to(next(projector.parameters()).dtype)).float()
 
+    def reencode(self, inputs: dict, grids: list[list]) -> list[list]:
+        """Per sample, each image's projected features (rows · cols, D) float32 from its pixels resized to the
+        ``(rows, cols)`` token grid ``grids[b][i]`` gives it (None: not needed, None back); see ``LayerState.reencode``.
+
+        Served where the tower has one fixed grid it can run smaller (LLaVA-1.5); other families refuse.
+        """
+        raise ValueError(
+            f"Model family {self.model.config.model_type!r} cannot re-encode an image at a smaller token grid in the "
+            "engine (its processor sets the token count: anyres tiles, dynamic resolution or pixel-shuffled tiles); "
+            "downsample runs on llava (LLaVA-1.5); on this family lower the processor's resolution instead (Qwen: "
+            "max_pixels) or use pool"
+        )
+
     # -- the vision tower's own outputs (pre-LLM scorers) --------------------------------------------
     def vision_tower_state(self, inputs: dict, request) -> dict:
         """The vision tower outputs a ``VisionRequest`` asks for, laid out on the prompt positions.

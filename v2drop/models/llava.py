@@ -113,6 +113,44 @@ class LlavaAdapter(Adapter):
             out["cls_embeds"] = list(projected.split(per_sample))
         return out
 
+    def reencode(self, inputs: dict, grids: list[list]) -> list[list]:
+        """The CLIP tower on each image resized to its grid (``resized_pixels``), position embeddings interpolated
+        (``interpolate_pos_encoding``), then the projector: the model's own ``get_image_features`` (see ``Adapter``)."""
+        cfg = self.model.config
+        if cfg.vision_feature_select_strategy != "default":
+            raise ValueError(
+                f"downsample needs vision_feature_select_strategy 'default' (patch tokens only), got "
+                f"{cfg.vision_feature_select_strategy!r}"
+            )
+        pixels = inputs["pixel_values"]
+        flat = [grid for sample in grids for grid in sample]
+        if len(flat) != pixels.shape[0]:
+            raise ValueError(f"reencode got grids for {len(flat)} images but the batch has {pixels.shape[0]}")
+        patch = cfg.vision_config.patch_size
+        features: list = [None] * len(flat)
+        for grid in dict.fromkeys(g for g in flat if g is not None):  # one tower call per distinct grid
+            which = [i for i, g in enumerate(flat) if g == grid]
+            small = resized_pixels(pixels[which], *grid, patch)
+            out = self.inner.get_image_features(pixel_values=small, interpolate_pos_encoding=True, return_dict=True)
+            for i, f in zip(which, out.pooler_output):
+                features[i] = f.float()
+        it = iter(features)
+        return [[next(it) for _ in sample] for sample in grids]
+
+
+def resized_pixels(pixels: torch.Tensor, rows: int, cols: int, patch: int) -> torch.Tensor:
+    """Processed pixel values (N, C, H, W) resized to ``rows · patch`` by ``cols · patch`` pixels.
+
+    Bicubic with antialiasing, as transformers' tensor image processors resize; the processor's
+    normalisation is per channel and affine, so resizing the normalised pixels equals normalising
+    the resized ones (up to the rounding to 8 bits a PIL processor makes).
+    """
+    size = (rows * patch, cols * patch)
+    out = torch.nn.functional.interpolate(
+        pixels.float(), size=size, mode="bicubic", antialias=True, align_corners=False
+    )
+    return out.to(pixels.dtype)
+
 
 @register_family("llava_next")
 class LlavaNextAdapter(Adapter):

@@ -13,6 +13,8 @@ A scorer declares what it needs and the engine serves exactly that, without know
   receives in chosen layers), served on families whose tower has them;
 - ``select()``: the step after scoring, which tokens stay and which new tokens join them
   (default: the schedule's count of top scores; SparseVLM adds its adaptive count and recycling);
+- ``needs_reencode`` (class variable): ``LayerState.reencode``, the model's vision tower run
+  again on its images resized to smaller token grids (the ``downsample`` control; pre-LLM only);
 - ``at(layer)``: the scorer whose declarations hold at the stage before ``layer`` (default:
   itself; a ``staged`` scorer answers with the part it runs there).
 
@@ -77,6 +79,11 @@ class LayerState:
         The language model's last norm (the one before the LM head).
     vision : VisionFeatures or None
         The vision tower's outputs for the current vision tokens; set when ``vision_request()`` is not None.
+    reencode : callable or None
+        Set when the scorer ``needs_reencode``: ``reencode(grids)`` takes, per sample, one
+        ``(rows, cols)`` token grid or None per image of the sample (prompt order) and returns, per
+        sample, each image's projected features (rows · cols, D) float32 from its pixels resized to
+        that grid (None where the grid was None); ``Adapter.reencode`` on the batch's inputs.
     """
 
     layer_idx: int
@@ -94,6 +101,7 @@ class LayerState:
     attention: torch.Tensor | None = None
     query_valid: torch.Tensor | None = None
     vision: VisionFeatures | None = None
+    reencode: Callable | None = None
 
 
 def is_tower_layer(layer) -> bool:
@@ -233,11 +241,16 @@ class Selection:
     added_source : list of LongTensor (C_b,), optional
         Per sample, for each added token the index into ``state.vision_idx`` of the token whose
         position ids, prompt index and grid coordinates it takes.
+    added_at_source : bool
+        Place each added token at its source token's place in the sequence (added tokens in
+        ascending source order; the ``pool`` and ``downsample`` controls, which replace every image
+        by fewer tokens) instead of all of them right after the last kept vision token.
     """
 
     keep: list[torch.Tensor]
     added_hidden: list[torch.Tensor] | None = None
     added_source: list[torch.Tensor] | None = None
+    added_at_source: bool = False
 
 
 def select_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -262,11 +275,14 @@ class Scorer:
     stochastic : bool
         Draws at random from an integer ``seed`` field: ``experiments.evaluate --seeds N`` runs it with seeds
         0..N-1 and reports the spread over seeds (a deterministic scorer runs once).
+    needs_reencode : bool
+        Fill ``LayerState.reencode`` (the vision tower run again on resized images, on request).
     """
 
     needs_prev_hidden: ClassVar[bool] = False
     needs_prev_keys: ClassVar[bool] = False
     stochastic: ClassVar[bool] = False
+    needs_reencode: ClassVar[bool] = False
 
     def score(self, state: LayerState) -> torch.Tensor:
         """Scores (B, V) float32 for ``state.vision_idx``; padded entries are ignored."""

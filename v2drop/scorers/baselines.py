@@ -84,7 +84,8 @@ def _lookup(name: str, x: torch.Tensor) -> torch.Tensor:
 @register_scorer("uniform")
 @dataclass
 class UniformScorer(Scorer):
-    """A spatially even grid of each image's vision tokens ("downsample").
+    """A spatially even grid of each image's vision tokens, kept as they are (the ``downsample`` control re-encodes a
+    smaller image instead).
 
     Tokens on coarser lattices of the token grid score higher (stride 16, then 8, 4, 2, 1),
     and within one lattice a bit-reversed order spreads a partial level over the whole image,
