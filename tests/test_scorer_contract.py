@@ -25,7 +25,7 @@ SCORER_KWARGS: dict[str, dict] = {  # scorers whose defaults would test too litt
 # Scorers that run only on some families and refuse the others with a ValueError naming why (name -> (families,
 # message)).
 FAMILY_SUPPORT: dict[str, tuple] = {
-    name: (("llava", "llava_next"), "no \\[CLS\\] token") for name in ("visionzip", "vispruner", "hiprune")
+    name: (("llava", "llava_next"), "no \\[CLS\\] token") for name in ("visionzip", "vispruner", "hiprune", "holov")
 }
 SCHEDULE = Schedule.progressive([2, 4], [0.5, 0.5])
 SCORERS = list_scorers()
