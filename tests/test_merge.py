@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from v2drop import Method, Schedule
 from v2drop.engine.loop import SampleTrace
@@ -194,3 +195,81 @@ def test_batch_merges_what_each_sample_merges_alone(tiny, family, position, pair
     assert [len(s["kept"]) + len(s["merged"]) for s in trace.stages] == [first, first // 2]
     assert all(len(group) == 2 for s in trace.stages for group in s["members"])
     assert trace.vision_tokens_per_layer == [first] * 2 + [first // 2] * (lvlm.depth - 2)
+
+
+def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """Boolean (B, Q, K) -> additive (B, 1, Q, K) mask."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+@torch.no_grad()
+def merge_reference(lvlm, inputs, traces, max_new_tokens):
+    """The engine's merges done the slow, obvious way, from the stages' traces: the whole sequence runs through every
+    layer; at a stage each group's anchor slot gets the group's norm-weighted sum and every other vision token
+    that is not kept stops being attended (prefill and decode). Returns (first logits, greedy tokens)."""
+    a = lvlm.adapter
+    ids, pad = inputs["input_ids"], inputs["attention_mask"].bool()
+    B, L = ids.shape
+    h = a.embed(inputs)
+    pos = a.position_ids(inputs)
+    rope = a.rope(h, pos)
+    vision = a.vision_mask(ids) & pad
+    offset = (~pad).sum(1)
+    alive, alive_at = pad.clone(), []
+    cache = DynamicCache(config=a.text_config)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    for layer_idx, layer in enumerate(a.layers):
+        for i, stage in enumerate(traces[0].stages):
+            if max(stage["layer"], 0) != layer_idx:
+                continue
+            for b in range(B):
+                st = traces[b].stages[i]
+                alive[b] &= ~vision[b]
+                alive[b, torch.tensor(st["kept"], dtype=torch.long) + offset[b]] = True
+                for anchor, members in zip(st.get("merged", []), st.get("members", [])):
+                    slots = torch.tensor(members) + offset[b]
+                    norms = h[b, slots].float().norm(dim=-1)
+                    h[b, anchor + offset[b]] = ((norms / norms.sum())[:, None] * h[b, slots].float()).sum(0).to(h.dtype)
+                    alive[b, anchor + offset[b]] = True
+        alive_at.append(alive.clone())
+        h = layer(
+            h,
+            attention_mask=_additive(causal[None] & alive[:, None, :], h.dtype),
+            position_embeddings=rope,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    logits = a.lm_head(a.norm(h[:, -1])).float()
+    first = logits
+    p = pos if pos.dim() == 3 else pos[None]
+    next_pos = p.masked_fill(~pad[None].expand_as(p), -1).amax(dim=(0, 2)) + 1
+    tokens = []
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        tokens.append(token)
+        if step == max_new_tokens - 1:
+            break
+        h = a.inner.get_input_embeddings()(token[:, None])
+        rope = a.rope(h, a.decode_position_ids(next_pos + step))
+        new = torch.ones(B, step + 1, dtype=torch.bool)
+        for layer_idx, layer in enumerate(a.layers):
+            mask = _additive(torch.cat([alive_at[layer_idx], new], 1)[:, None, :], h.dtype)
+            h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+        logits = a.lm_head(a.norm(h[:, -1])).float()
+    return first, torch.stack(tokens, 1).tolist()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_merges_equal_a_full_sequence_reference(tiny, family, pair_merge):
+    """Pairs merged at their anchors (anchor positions) before the LLM and before layer 2, then 5 decoded tokens:
+    the same logits and tokens as the full sequence in which each anchor slot holds its pair's weighted sum and
+    the other merged and dropped tokens are masked from then on (so the KV caches agree)."""
+    lvlm = tiny(family, "eager")
+    inputs = lvlm.prepare(*batch_for(lvlm, 3, family))
+    out = lvlm.generate_from_inputs(
+        inputs, Method(pair_merge("pairs", "anchor"), SCHEDULE), max_new_tokens=5, stop_at_eos=False
+    )
+    assert any("members" in s for t in out.traces for s in t.stages)
+    first, tokens = merge_reference(lvlm, inputs, out.traces, 5)
+    torch.testing.assert_close(out.first_logits, first, atol=1e-4, rtol=0)
+    assert out.generated_ids == tokens
