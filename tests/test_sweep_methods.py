@@ -54,10 +54,12 @@ SPACE = {
         "vispruner": ["pre-llm"],
         "hiprune": ["pre-llm"],
         "cdpruner": ["pre-llm"],
+        "holov": ["pre-llm"],
         "staged": ["pre-llm+progressive"],
     },
     "position_policy": {
-        name: "renumber" for name in ("pdrop", "sparsevlm", "visionzip", "divprune", "vispruner", "hiprune", "cdpruner")
+        name: "renumber"
+        for name in ("pdrop", "sparsevlm", "visionzip", "divprune", "vispruner", "hiprune", "cdpruner", "holov")
     },
     "stages": [2, 4],
 }
