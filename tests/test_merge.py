@@ -105,6 +105,16 @@ def test_bad_merges_are_refused():
         merge([0], [1, 2], [0], [1.0, 1.0], [1])
     with pytest.raises(RuntimeError, match="also kept"):
         apply(merge([1], [1, 2], [0, 0], [0.5, 0.5], [1]))
+    with pytest.raises(RuntimeError, match="twice in one group"):
+        apply(merge([0], [1, 1], [0, 0], [0.5, 0.5], [1]))
+
+
+def test_a_token_may_join_several_groups():
+    """v2 joins both groups (as FastVID's multi-frame merge adds a token to each anchor frame's group):
+    g0 = .5·v2 + .5·v3 = (4, 6) at v2; g1 = .5·v2 + .5·v4 = (6, 3) at v4."""
+    new, trace = apply(merge([0], [1, 2, 1, 3], [0, 0, 1, 1], [0.5, 0.5, 0.5, 0.5], [1, 3]))
+    torch.testing.assert_close(new.hidden[0, 2:4], torch.tensor([[4.0, 6.0], [6.0, 3.0]]))
+    assert trace["members"] == [[2, 3], [2, 4]] and new.orig_idx[0].tolist() == [0, 1, 2, 4, 5, 6]
 
 
 @dataclass

@@ -256,12 +256,13 @@ def apply_selection(
         positions = [pos3[:, b, source[0]]]
         if merge is not None and len(merge.anchors[b]):
             members, groups = vision_idx[b, merge.members[b]], merge.groups[b]
-            if bool(keep_mask[b, members].any()) or len(members.unique()) != len(members):
-                raise RuntimeError(
-                    f"Merge sample {b}: a merged token is also kept or in two groups "
-                    f"(members {merge.members[b].tolist()}); each vision token is kept, merged once, or dropped"
-                )
             G = len(merge.anchors[b])
+            if bool(keep_mask[b, members].any()) or len((members * G + groups).unique()) != len(members):
+                raise RuntimeError(
+                    f"Merge sample {b}: a merged token is also kept or twice in one group (members "
+                    f"{merge.members[b].tolist()}, groups {groups.tolist()}); a vision token is kept, merged (at most "
+                    "once a group) or dropped"
+                )
             weighted = seq.hidden[b, members].float() * merge.weights[b].float()[:, None]
             hidden.append(torch.zeros(G, D, device=device).index_add_(0, groups, weighted))
             anchors = vision_idx[b, merge.anchors[b]]

@@ -253,12 +253,13 @@ class Merge(Selection):
     The engine computes the merged hidden states itself, in float32 from the stage's hidden states (the
     projected features at the pre-LLM stage, the layer's input residual stream at a decoder stage), so a
     merge is applied the same way at every stage and on every family. Each list has one entry per sample;
-    a vision token is kept (``keep``), a member of one group, or dropped.
+    a vision token is kept (``keep``), merged (a member of one group, or of several: FastVID's multi-frame
+    merge adds a token to one group per anchor frame), or dropped.
 
     Attributes
     ----------
     members : list of LongTensor (M_b,)
-        Indices into ``state.vision_idx`` of the tokens merged; each at most once and none in ``keep``.
+        Indices into ``state.vision_idx`` of the tokens merged; none in ``keep``, none twice in one group.
     groups : list of LongTensor (M_b,)
         The group, ``0 .. G_b − 1``, each member joins; every group has a member.
     weights : list of Tensor (M_b,)
