@@ -26,7 +26,7 @@ SCORER_KWARGS: dict[str, dict] = {  # scorers whose defaults would test too litt
 # Scorers that run only on some families and refuse the others with a ValueError naming why (name -> (families,
 # message)).
 FAMILY_SUPPORT: dict[str, tuple] = {
-    name: (("llava", "llava_next"), "no \\[CLS\\] token") for name in ("visionzip", "vispruner", "hiprune")
+    name: (("llava", "llava_next"), "no \\[CLS\\] token") for name in ("visionzip", "vispruner", "hiprune", "holov")
 } | {"downsample": (("llava",), "cannot re-encode")}
 # Scorers that run at the pre-LLM stage only: their schedules' stages all move there (one stage, the first keep).
 PRE_LLM_ONLY = ("downsample",)

@@ -56,6 +56,7 @@ SPACE = {
         "cdpruner": ["pre-llm"],
         "downsample": ["pre-llm"],
         "pool": ["pre-llm"],
+        "holov": ["pre-llm"],
         "staged": ["pre-llm+progressive"],
     },
     "position_policy": {
@@ -70,6 +71,7 @@ SPACE = {
             "cdpruner",
             "downsample",
             "pool",
+            "holov",
         )
     },
     "stages": [2, 4],

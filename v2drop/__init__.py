@@ -5,7 +5,16 @@ from v2drop.lvlm import LVLM, GenerationResult, load
 from v2drop.method import Method
 from v2drop.presets import Preset, find_presets, get_preset, list_presets
 from v2drop.schedule import Schedule, Stage, solve_keep
-from v2drop.scorers import AttentionRequest, LayerState, Scorer, Selection, build_scorer, list_scorers, register_scorer
+from v2drop.scorers import (
+    AttentionRequest,
+    LayerState,
+    Merge,
+    Scorer,
+    Selection,
+    build_scorer,
+    list_scorers,
+    register_scorer,
+)
 
 __all__ = [
     "LVLM",
@@ -13,6 +22,7 @@ __all__ = [
     "EngineOutput",
     "GenerationResult",
     "LayerState",
+    "Merge",
     "Method",
     "Preset",
     "SampleTrace",

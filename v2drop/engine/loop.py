@@ -33,7 +33,8 @@ class SampleTrace:
     stages : list of dict
         Per stage ``{"layer": l, "kept": [...]}``: the kept vision tokens as positions in the
         sample's unpadded prompt ids (``l`` = -1 for the pre-LLM stage); ``"merged"`` lists, for
-        each token a stage added (merged or recycled), the prompt position whose place it takes.
+        each token a stage added (merged or recycled), the prompt position whose place it takes;
+        ``"members"``, for each token of a ``Merge``, the prompt positions merged into it.
     vision_tokens_per_layer : list of int
         Vision tokens present in each decoder layer.
     vision_tokens : int

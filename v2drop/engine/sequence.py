@@ -54,13 +54,18 @@ class Sequence:
             coords=self.coords.gather(1, idx[..., None].expand(-1, -1, 3)),
         )
 
-    def extended(self, hidden: torch.Tensor, source: torch.Tensor, valid: torch.Tensor) -> Sequence:
+    def extended(
+        self, hidden: torch.Tensor, source: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> Sequence:
         """Append M new vision tokens per sample (``hidden`` (B, M, D)) at the end of the sequence.
 
         Each takes the position ids, prompt index and grid coordinates of the token at ``source``
-        (B, M); ``valid`` (B, M) marks real ones. ``select`` then puts them where they belong.
+        (B, M); ``valid`` (B, M) marks real ones; ``position_ids`` ((B, M), or (3, B, M) for M-RoPE),
+        when given, are their position ids instead. ``select`` then puts them where they belong.
         """
-        if self.position_ids.dim() == 3:
+        if position_ids is not None:
+            pos = position_ids.to(self.position_ids.dtype)
+        elif self.position_ids.dim() == 3:
             pos = self.position_ids.gather(2, source[None].expand(self.position_ids.shape[0], -1, -1))
         else:
             pos = self.position_ids.gather(1, source)

@@ -20,7 +20,7 @@ from v2drop.cost import synchronize
 from v2drop.engine.sequence import Sequence
 from v2drop.method import Method
 from v2drop.models.base import Adapter
-from v2drop.scorers import LayerState, Selection, VisionFeatures
+from v2drop.scorers import LayerState, Merge, Selection, VisionFeatures
 
 
 @dataclass
@@ -224,7 +224,7 @@ def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: S
         raise RuntimeError(
             f"{type(scorer).__name__}.select must return one entry per sample ({B}) in every Selection field"
         )
-    new = _apply(seq, selection, vision_idx, layer_idx, ctx.traces)
+    new = apply_selection(seq, selection, vision_idx, layer_idx, ctx.traces)
     if ctx.method.position_policy == "renumber":
         new = new.renumbered()
     synchronize(device)
@@ -232,40 +232,84 @@ def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: S
     return new
 
 
-def _apply(seq: Sequence, selection: Selection, vision_idx: torch.Tensor, layer_idx: int, traces: list) -> Sequence:
-    """Keep the text and the selected vision tokens; insert added tokens right after each sample's last kept one, or
-    each at its source's place (``Selection.added_at_source``)."""
+def apply_selection(
+    seq: Sequence, selection: Selection, vision_idx: torch.Tensor, layer_idx: int, traces: list
+) -> Sequence:
+    """The sequence after a stage's ``selection``: text and kept vision tokens, added and merged tokens in place.
+
+    Added tokens go right after each sample's last kept vision token, or each right after its source's place
+    (``Selection.added_at_source``). A ``Merge``'s tokens (the weighted sums of
+    their groups, in float32, cast to the sequence's dtype) go at their anchors' places or after the added ones
+    (``Merge.place``), with their anchors' or their members' mean positions (``Merge.position``). Each sample's
+    trace gets the stage's kept prompt positions, ``"merged"`` (the prompt position each new token takes) and, for
+    a ``Merge``, ``"members"`` (the prompt positions merged into each merged token).
+    """
     B, L, D = seq.hidden.shape
     device = seq.hidden.device
+    merge = selection if isinstance(selection, Merge) else None
     keep_mask = seq.attention_mask.bool() & ~seq.vision  # text tokens always stay
     added_hidden = selection.added_hidden or [seq.hidden.new_zeros(0, D)] * B
     added_source = selection.added_source or [torch.zeros(0, dtype=torch.long, device=device)] * B
-    sources, last_kept = [], []
+    pos3 = seq.position_ids if seq.position_ids.dim() == 3 else seq.position_ids[None]
+    new_hidden, new_source, new_key, new_pos = [], [], [], []
     for b in range(B):
         kept_vision = vision_idx[b, selection.keep[b]]  # ascending
         keep_mask[b, kept_vision] = True
+        # a new token's order key: 2·p + 1 sits right after sequence position p (old tokens have 2·p)
+        after_kept = 2 * (int(kept_vision.max()) if len(kept_vision) else int(vision_idx[b, 0]) - 1) + 1
         trace = {"layer": layer_idx, "kept": seq.orig_idx[b, kept_vision].tolist()}
-        source = vision_idx[b, added_source[b]]
-        if len(source):
-            trace["merged"] = seq.orig_idx[b, source].tolist()
+        hidden, source = [added_hidden[b].float()], [vision_idx[b, added_source[b]]]
+        if selection.added_at_source:  # each added token right after its source's place
+            key = [2 * source[0] + 1]
+        else:
+            key = [torch.full((len(source[0]),), after_kept, dtype=torch.long, device=device)]
+        positions = [pos3[:, b, source[0]]]
+        if merge is not None and len(merge.anchors[b]):
+            members, groups = vision_idx[b, merge.members[b]], merge.groups[b]
+            G = len(merge.anchors[b])
+            if bool(keep_mask[b, members].any()) or len((members * G + groups).unique()) != len(members):
+                raise RuntimeError(
+                    f"Merge sample {b}: a merged token is also kept or twice in one group (members "
+                    f"{merge.members[b].tolist()}, groups {groups.tolist()}); a vision token is kept, merged (at most "
+                    "once a group) or dropped"
+                )
+            weighted = seq.hidden[b, members].float() * merge.weights[b].float()[:, None]
+            hidden.append(torch.zeros(G, D, device=device).index_add_(0, groups, weighted))
+            anchors = vision_idx[b, merge.anchors[b]]
+            source.append(anchors)
+            key.append(2 * anchors + 1 if merge.place == "anchor" else torch.full_like(anchors, after_kept))
+            if merge.position == "mean":
+                sums = torch.zeros(pos3.shape[0], G, dtype=torch.float64, device=device)
+                sums.index_add_(1, groups, pos3[:, b, members].double())
+                mean = sums / torch.bincount(groups, minlength=G).double()
+                positions.append(torch.floor(mean + 0.5).to(pos3.dtype))
+            else:
+                positions.append(pos3[:, b, anchors])
+            trace["members"] = [seq.orig_idx[b, members[groups == g]].tolist() for g in range(G)]
+        source_b = torch.cat(source)
+        if len(source_b):
+            trace["merged"] = seq.orig_idx[b, source_b].tolist()
+            trace = {k: trace[k] for k in ("layer", "kept", "merged", "members") if k in trace}
         traces[b].stages.append(trace)
-        sources.append(source)
-        last_kept.append(int(kept_vision.max()) if len(kept_vision) else int(vision_idx[b, 0]) - 1)
+        new_hidden.append(torch.cat(hidden))
+        new_source.append(source_b)
+        new_key.append(torch.cat(key))
+        new_pos.append(torch.cat(positions, dim=1))
     keep = [row.nonzero().flatten() for row in keep_mask]
-    width = max(len(s) for s in sources)
+    width = max(len(s) for s in new_source)
     if width:
         hidden = seq.hidden.new_zeros(B, width, D)
         source = torch.zeros(B, width, dtype=torch.long, device=device)
         valid = torch.zeros(B, width, dtype=torch.bool, device=device)
-        for b, (h, src) in enumerate(zip(added_hidden, sources)):
-            hidden[b, : len(src)], source[b, : len(src)], valid[b, : len(src)] = h, src, True
-            inserted = torch.arange(L, L + len(src), device=device)
-            if selection.added_at_source:  # ordered by place: a kept token before a token added at its place
-                places = torch.cat([keep[b] * 2, src * 2 + 1])
-                keep[b] = torch.cat([keep[b], inserted])[torch.sort(places, stable=True).indices]
-            else:
-                keep[b] = torch.cat([keep[b][keep[b] <= last_kept[b]], inserted, keep[b][keep[b] > last_kept[b]]])
-        seq = seq.extended(hidden, source, valid)
+        positions = torch.ones(pos3.shape[0], B, width, dtype=pos3.dtype, device=device)
+        for b in range(B):
+            n = len(new_source[b])
+            hidden[b, :n], source[b, :n], valid[b, :n] = new_hidden[b].to(hidden.dtype), new_source[b], True
+            positions[:, b, :n] = new_pos[b]
+            # old tokens by 2·position, new ones by their keys; a stable sort keeps new tokens of one key in order
+            order = torch.sort(torch.cat([2 * keep[b], new_key[b]]), stable=True).indices
+            keep[b] = torch.cat([keep[b], torch.arange(L, L + n, device=device)])[order]
+        seq = seq.extended(hidden, source, valid, positions if seq.position_ids.dim() == 3 else positions[0])
     return seq.select(keep)
 
 

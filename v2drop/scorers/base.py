@@ -13,6 +13,8 @@ A scorer declares what it needs and the engine serves exactly that, without know
   receives in chosen layers), served on families whose tower has them;
 - ``select()``: the step after scoring, which tokens stay and which new tokens join them
   (default: the schedule's count of top scores; SparseVLM adds its adaptive count and recycling);
+  it may return a ``Merge``: groups of present tokens each replaced by their weighted sum, which the
+  engine computes and places by the merge's position rule (token-merging methods);
 - ``needs_reencode`` (class variable): ``LayerState.reencode``, the model's vision tower run
   again on its images resized to smaller token grids (the ``downsample`` control; pre-LLM only);
 - ``at(layer)``: the scorer whose declarations hold at the stage before ``layer`` (default:
@@ -251,6 +253,77 @@ class Selection:
     added_hidden: list[torch.Tensor] | None = None
     added_source: list[torch.Tensor] | None = None
     added_at_source: bool = False
+
+
+MERGE_POSITIONS = ("anchor", "mean")
+MERGE_PLACES = ("anchor", "after_kept")
+
+
+@dataclass
+class Merge(Selection):
+    """A ``Selection`` that also replaces groups of present vision tokens by one token each: their weighted sum.
+
+    The engine computes the merged hidden states itself, in float32 from the stage's hidden states (the
+    projected features at the pre-LLM stage, the layer's input residual stream at a decoder stage), so a
+    merge is applied the same way at every stage and on every family. Each list has one entry per sample;
+    a vision token is kept (``keep``), merged (a member of one group, or of several: FastVID's multi-frame
+    merge adds a token to one group per anchor frame), or dropped.
+
+    Attributes
+    ----------
+    members : list of LongTensor (M_b,)
+        Indices into ``state.vision_idx`` of the tokens merged; none in ``keep``, none twice in one group.
+    groups : list of LongTensor (M_b,)
+        The group, ``0 .. G_b − 1``, each member joins; every group has a member.
+    weights : list of Tensor (M_b,)
+        Each member's weight: a merged token is ``Σ weight · hidden`` over its group (weights summing to 1 per
+        group give the weighted mean).
+    anchors : list of LongTensor (G_b,)
+        Per group, the index into ``state.vision_idx`` of the token whose prompt index and grid coordinates the
+        merged token takes (e.g. the group's first or most important member).
+    position : {"anchor", "mean"}
+        The merged token's position ids: the anchor's, or the mean of its members' (each M-RoPE axis on its
+        own) rounded to the nearest integer, halves up.
+    place : {"anchor", "after_kept"}
+        Where a merged token sits: at its anchor's place in the sequence (right after the anchor when the
+        anchor is kept), or, in group order, after the sample's last kept vision token and any added tokens.
+    """
+
+    members: list[torch.Tensor] | None = None
+    groups: list[torch.Tensor] | None = None
+    weights: list[torch.Tensor] | None = None
+    anchors: list[torch.Tensor] | None = None
+    position: str = "anchor"
+    place: str = "anchor"
+
+    def __post_init__(self):
+        if self.position not in MERGE_POSITIONS:
+            raise ValueError(f"Merge.position must be one of {MERGE_POSITIONS}, got {self.position!r}")
+        if self.place not in MERGE_PLACES:
+            raise ValueError(f"Merge.place must be one of {MERGE_PLACES}, got {self.place!r}")
+        fields = {"members": self.members, "groups": self.groups, "weights": self.weights, "anchors": self.anchors}
+        missing = [name for name, value in fields.items() if value is None]
+        if missing:
+            raise ValueError(
+                f"Merge needs members, groups, weights and anchors (one tensor per sample); {missing} missing"
+            )
+        if len({len(value) for value in fields.values()} | {len(self.keep)}) != 1:
+            raise ValueError("Merge: keep, members, groups, weights and anchors must have one entry per sample each")
+        for b, (m, g, w, a) in enumerate(zip(self.members, self.groups, self.weights, self.anchors)):
+            if not (m.dim() == g.dim() == w.dim() == a.dim() == 1) or not len(m) == len(g) == len(w):
+                raise ValueError(
+                    f"Merge sample {b}: members, groups and weights must be 1-D of one length, anchors 1-D; got shapes "
+                    f"{tuple(m.shape)}, {tuple(g.shape)}, {tuple(w.shape)}, {tuple(a.shape)}"
+                )
+            if len(g) and (
+                int(g.min()) < 0 or torch.bincount(g, minlength=len(a)).eq(0).any() or int(g.max()) >= len(a)
+            ):
+                raise ValueError(
+                    f"Merge sample {b}: groups must number 0 .. {len(a) - 1} (one per anchor), each with a member; "
+                    f"got {g.tolist()}"
+                )
+            if not len(g) and len(a):
+                raise ValueError(f"Merge sample {b}: {len(a)} anchors but no members")
 
 
 def select_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
