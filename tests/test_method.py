@@ -86,11 +86,13 @@ def test_find_presets_selects_by_fields():
 def test_method_from_a_scorer_instance_round_trips(name):
     """The registered name is recorded, not the class name, so ``from_dict`` finds the scorer again."""
     scorer = SCORERS.get(name)()
-    method = Method(scorer, schedule=Schedule.progressive([2, 4], [0.5, 0.25]), reference_depth=6)
+    layers = [2, 4] if scorer.encoder_request() is None else ["vision:1", "vision:2"]  # encoder-only scorers
+    schedule = Schedule.progressive(layers, [0.5, 0.25])
+    method = Method(scorer, schedule=schedule, reference_depth=6)
     data = method.to_dict()
     assert data["scorer"]["name"] == name
     assert Method.from_dict(data) == method
-    assert Method.from_dict(data) == Method(name, schedule=Schedule.progressive([2, 4], [0.5, 0.25]), reference_depth=6)
+    assert Method.from_dict(data) == Method(name, schedule=schedule, reference_depth=6)
 
 
 def test_equality_compares_every_part():
