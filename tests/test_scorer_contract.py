@@ -27,12 +27,18 @@ SCORER_KWARGS: dict[str, dict] = {  # scorers whose defaults would test too litt
 FAMILY_SUPPORT: dict[str, tuple] = {
     name: (("llava", "llava_next"), "no \\[CLS\\] token") for name in ("visionzip", "vispruner", "hiprune")
 }
+FAMILY_SUPPORT["flowcut"] = (("llava",), "vision-encoder stages")
 SCHEDULE = Schedule.progressive([2, 4], [0.5, 0.5])
+# Scorers that run only inside the vision encoder: their stage (the tiny LLaVA's tower is read at hidden_states[1]).
+ENCODER_STAGES = {"flowcut": ["vision:1"]}
 SCORERS = list_scorers()
 
 
 def method(name: str, schedule: Schedule = SCHEDULE) -> Method:
     """A fresh method with a fresh scorer instance (nothing carried over between runs)."""
+    if name in ENCODER_STAGES:  # the same keep values at the scorer's encoder stages
+        layers = ENCODER_STAGES[name]
+        schedule = Schedule.progressive(layers, [s.keep for s in schedule.stages][: len(layers)])
     return Method(build_scorer(name, **SCORER_KWARGS.get(name, {})), schedule=schedule)
 
 
@@ -107,6 +113,7 @@ def test_keeping_everything_is_the_model_without_dropping(tiny, name):
     torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-5, rtol=0)
     assert torch.equal(out.first_logits, base.first_logits)  # bit-identical to the engine without a method
     assert all(t.vision_tokens_per_layer == [64] * lvlm.depth for t in out.traces)
+    assert all(len(t.stages) == len(method(name).schedule.stages) for t in out.traces)  # every stage ran
 
 
 @pytest.mark.parametrize("name", SCORERS)
