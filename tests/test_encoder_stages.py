@@ -149,3 +149,25 @@ def test_the_engine_runs_encoder_stages_then_the_decoder_on_the_kept_tokens(deep
 def test_scorers_without_an_encoder_request_refuse_encoder_stages():
     with pytest.raises(ValueError, match="does not run inside the vision encoder"):
         Method("v2drop", schedule=Schedule.one_shot("vision:1", 0.5))
+
+
+def test_records_count_the_encoder_flops_saved_and_time_the_encoder(deep, first_channel, tmp_path):
+    import json
+
+    from v2drop.cost import encoder_layer_flops
+    from v2drop.evaluation import EvalConfig, evaluate
+    from v2drop.testing import EchoBench
+
+    method = Method("test-first-channel", schedule=Schedule.progressive(["vision:1", "vision:2"], [0.5, 0.5]))
+    cfg = EvalConfig(model="deep", benchmark="echo", warmup=1, max_new_tokens=2, progress=False)
+    result = evaluate(deep, EchoBench(2), method, cfg, records_path=tmp_path / "r.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    c, m = 32, 64  # the tower's hidden and MLP sizes
+    by_hand = sum(4 * n * c * c + 2 * n * n * c + 2 * n * c * m for n in (65, 33, 17))
+    assert by_hand == sum(encoder_layer_flops(n, c, m) for n in (65, 33, 17))
+    for r in records:
+        assert r["encoder_tokens_per_layer"] == [65, 33, 17] and r["encoder_flops"] == by_hand
+        assert r["encoder_flops_no_drop"] == 4 * encoder_layer_flops(65, c, m)  # every tower layer, as transformers
+        assert r["vision_seconds"] > 0 and r["vision_tokens_per_layer"] == [16] * deep.depth
+    assert result.metrics["encoder_flops_ratio"] == pytest.approx(by_hand / (4 * encoder_layer_flops(65, c, m)))
+    assert result.metrics["flops_ratio"] < 1
