@@ -7,7 +7,7 @@ import torch
 
 import v2drop
 from v2drop import Method, Schedule
-from v2drop.schedule import VISION
+from v2drop.schedule import VISION, Stage
 from v2drop.scorers import EncoderFeatures, LayerState, build_scorer
 from v2drop.scorers.flowcut import adaptive_prune, flowcut_scores
 from v2drop.testing import FAMILIES, batch_for
@@ -58,11 +58,13 @@ def test_score_is_the_running_average_and_select_is_adaptive():
     torch.testing.assert_close(first, flowcut_scores(ATTENTION, VALUES))
     prev = torch.tensor([[4.0, 0.0]])
     torch.testing.assert_close(scorer.score(state(ATTENTION, VALUES, prev=prev)), 0.5 * prev + 0.5 * first)
-    # four patches, a peaked [CLS] row: 1 dropped two layers before the last stage (target 1), 3 at the last stage
+    # four patches, a peaked [CLS] row: 1 dropped four layers before the stage (target 1), none three layers before
+    # (an odd number), all but the target at the stage
     attention = torch.zeros(1, 1, 5, 5)
     attention[0, 0, 0] = torch.tensor([0.0, 0.7, 0.1, 0.1, 0.1])
     scores = torch.tensor([[0.4, 0.1, 0.3, 0.2]])
     assert scorer.select(state(attention, None, layer=2, last=6), scores, [1]).keep[0].tolist() == [0, 2, 3]
+    assert scorer.select(state(attention, None, layer=3, last=6), scores, [1]).keep[0].tolist() == [0, 1, 2, 3]
     assert scorer.select(state(attention, None, layer=6, last=6), scores, [1]).keep[0].tolist() == [0]
     assert scorer.select(state(attention, None, layer=2, last=6), scores, [4]).keep[0].tolist() == [0, 1, 2, 3]
 
@@ -80,9 +82,7 @@ def test_flowcut_runs_at_encoder_stages_only():
 def test_presets_are_the_official_schedule(budget):
     preset = v2drop.get_preset(f"flowcut-llava15-{budget}")
     method = preset.method(32)
-    layers = [s.layer - VISION for s in method.schedule.stages]
-    assert layers == list(range(1, 23)) and all(s.vision for s in method.schedule.stages)
-    assert [s.keep for s in method.schedule.stages] == [576 if l % 2 else budget for l in layers]
+    assert method.schedule.stages == (Stage(VISION + 22, budget),) and method.schedule.tower_reference == 23
     assert method.schedule.tokens_per_layer(32, 576) == [budget] * 32 and method.position_policy == "renumber"
     assert (preset.budget, preset.reference_vision_tokens, preset.data["scorer"]) == (budget, 576, {"name": "flowcut"})
 
@@ -96,10 +96,10 @@ def test_preset_runs_on_the_proxy_and_reduces_tokens():
     images = [list(s.images) for s in samples]
     method = Method.from_preset("flowcut-llava15-64", depth=lvlm.depth)
     out = lvlm.generate(prompts, images, method=method, max_new_tokens=3)
-    for trace in out.traces:  # the 2-layer tower: the 22 stages fitted to vision:1 (score only) and vision:2 (prune)
-        assert [(s["layer"] - VISION, len(s["kept"])) for s in trace.stages] == [(1, 256), (2, 64)]
+    for trace in out.traces:  # the 2-layer tower read at its last layer: vision:22 of 23 becomes vision:2
+        assert [(s["layer"] - VISION, len(s["kept"])) for s in trace.stages] == [(2, 64)]
         assert trace.vision_tokens == 256 and trace.vision_tokens_per_layer == [64] * lvlm.depth
-        assert set(trace.stages[1]["kept"]) < set(trace.stages[0]["kept"])
+        assert trace.encoder_tokens_per_layer == [257, 257]  # scored before layer 1, pruned after layer 1
     assert all(len(ids) > 0 for ids in out.generated_ids)
 
 

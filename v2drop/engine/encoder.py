@@ -32,10 +32,15 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
     """
     parts = adapter.tower_parts(inputs)
     schedule = method.schedule.fit_tower(parts.selection)
-    stages = {s.layer - VISION: i for i, s in enumerate(schedule.stages) if s.vision}
-    last = max(stages)
     n_images, tokens, _ = parts.embeddings.shape
     patches = tokens - 1
+    targets = schedule.counts(patches)
+    stages = {s.layer - VISION: i for i, s in enumerate(schedule.stages) if s.vision}
+    points = {}  # encoder layer -> index of the stage it runs for (the next one, between stages)
+    for layer_idx, stage_idx in sorted(stages.items(), reverse=True):
+        every = method.scorer.at(schedule.stages[stage_idx].layer).encoder_request().every_layer
+        start = max((l for l in stages if l < layer_idx), default=0) + 1 if every else layer_idx
+        points.update({l: stage_idx for l in range(start, layer_idx + 1)})
     device = parts.embeddings.device
     hidden = list(parts.embeddings.split(1))  # per image (1, T_i, C)
     orig = [torch.arange(tokens, device=device) for _ in range(n_images)]  # tower positions, 0 = [CLS]
@@ -45,14 +50,18 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
     pad = (mask2d == 0).sum(1).tolist()
     encoder_tokens = [[0] * parts.selection for _ in traces]
     for layer_idx in range(parts.selection + 1):
-        if layer_idx in stages:
-            stage_idx = stages[layer_idx]
-            scorer = method.scorer.at(schedule.stages[stage_idx].layer)
+        if layer_idx in points:
+            stage_idx = points[layer_idx]
+            stage = schedule.stages[stage_idx]
+            scorer = method.scorer.at(stage.layer)
             request = scorer.encoder_request()
             kept_by_sample: dict[int, list] = {}
             for i in range(n_images):
                 features = EncoderFeatures(
-                    layer_idx, parts.selection, last, *_previous_layer(parts, request, layer_idx, prev_input, i)
+                    layer_idx,
+                    parts.selection,
+                    stage.layer - VISION,
+                    *_previous_layer(parts, request, layer_idx, prev_input, i),
                 )
                 state = _state(parts, scorer, layer_idx, hidden, prev_input, i, orig[i], sample_keys)
                 state = dataclasses.replace(state, encoder=dataclasses.replace(features, prev_scores=prev_scores[i]))
@@ -63,7 +72,8 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
                         f"{type(scorer).__name__}.score returned shape {tuple(scores.shape)}, expected (1, {n})"
                     )
                 scores = scores.float().nan_to_num(nan=float("-inf"))
-                count = schedule.kept_count(stage_idx, n, patches)
+                every = request.every_layer  # counts are the stage's target, whatever was dropped before
+                count = min(n, targets[stage_idx]) if every else schedule.kept_count(stage_idx, n, patches)
                 keep = method.scorer.select(state, scores, [count]).keep[0].to(device)
                 rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), keep + 1])  # [CLS] stays
                 hidden[i] = hidden[i][:, rows]
@@ -73,8 +83,8 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
                 kept_by_sample.setdefault(b, []).append(parts.placeholders[i, orig[i][1:] - 1] - pad[b])
             for b, trace in enumerate(traces):
                 kept = kept_by_sample.get(b)
-                if kept is not None:
-                    trace.stages.append({"layer": schedule.stages[stage_idx].layer, "kept": torch.cat(kept).tolist()})
+                if kept is not None and layer_idx in stages:  # traces hold the schedule's stages
+                    trace.stages.append({"layer": stage.layer, "kept": torch.cat(kept).tolist()})
         if layer_idx == parts.selection:
             break
         for i in range(n_images):

@@ -118,10 +118,16 @@ class EncoderRequest:
         hidden states) over the tokens present, all heads, float32.
     values : bool
         That layer's value vectors, all heads, float32.
+    every_layer : bool
+        Also run between the stages: before every encoder layer from 1 up to the last encoder
+        stage, scoring and dropping as the scorer's ``select`` decides. Each count is then a target,
+        that of the next stage: what the schedule alone would leave of the image's patches
+        (``Schedule.counts``), whatever the scorer dropped before.
     """
 
     attention: bool = False
     values: bool = False
+    every_layer: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,20 +140,21 @@ class EncoderFeatures:
         The encoder layer about to run (0-based): the stage's hidden states are ``hidden_states[layer]``.
     selection : int
         The ``hidden_states`` index the projector reads (the feature-selection layer).
-    last_stage : int
-        The encoder layer of the schedule's last vision-encoder stage.
+    next_stage : int
+        The encoder layer of the next schedule stage (``layer`` itself at a stage; later between
+        stages, with ``EncoderRequest.every_layer``).
     attention : Tensor (1, H, T, T) float32 or None
         Encoder layer ``layer - 1``'s attention probabilities over the present tokens (position 0 = [CLS]).
     values : Tensor (1, H, T, hd) float32 or None
         That layer's value vectors over the present tokens.
     prev_scores : Tensor (1, V) float32 or None
-        The scores this scorer returned at the previous vision-encoder stage, for the patches still
-        present (None at the first stage).
+        The scores this scorer returned at the previous vision-encoder stage (or layer, with
+        ``every_layer``), for the patches still present (None the first time).
     """
 
     layer: int
     selection: int
-    last_stage: int
+    next_stage: int
     attention: torch.Tensor | None = None
     values: torch.Tensor | None = None
     prev_scores: torch.Tensor | None = None

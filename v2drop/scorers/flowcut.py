@@ -34,7 +34,7 @@ def flowcut_scores(attention: torch.Tensor, values: torch.Tensor) -> torch.Tenso
 
 
 def adaptive_prune(relation: torch.Tensor, remaining: int, target: int) -> int:
-    """FlowCut's count of patches to drop at a stage ``remaining`` stage layers before its last one.
+    """FlowCut's count of patches to drop ``remaining`` encoder layers before the stage reaching ``target``.
 
     ``round((n − target) / √remaining · (1 − (H / log n)²))`` for the n present patches' [CLS]
     attention ``relation`` (n,), normalised to a distribution of entropy H: a flat [CLS] attention
@@ -50,23 +50,23 @@ def adaptive_prune(relation: torch.Tensor, remaining: int, target: int) -> int:
 @register_scorer("flowcut")
 @dataclass
 class FlowCutScorer(Scorer):
-    """FlowCut (Tong et al., NeurIPS 2025) at vision-encoder stages.
+    """FlowCut (Tong et al., NeurIPS 2025) inside the vision encoder, before every encoder layer up to a stage.
 
-    At each stage ``vision:<l>`` every tower image's patches get ``flowcut_scores`` of encoder
-    layer ``l − 1`` (the layer that produced them), averaged with the scores of the previous stage
-    (``0.5 · previous + 0.5 · current``; the first stage's are its own). A stage whose count keeps
-    every patch only updates that average. Otherwise, with k the schedule's count and r the encoder
-    layers left to the last encoder stage, it keeps ``max(k, n − adaptive_prune(...))`` of the n
-    present patches (exactly k at the last stage), the highest averages, ties to the lower index.
-    The official schedule (presets ``flowcut-llava15-*``) has a stage after every encoder layer up
-    to the one before the feature-selection layer, pruning at every other one.
+    Before each encoder layer ``l`` from 1 up to the stage ``vision:<s>`` (from the previous stage
+    on, if any), every tower image's patches get ``flowcut_scores`` of encoder layer ``l − 1`` (the
+    layer that produced them), averaged with those of the layer before (``0.5 · previous + 0.5 ·
+    current``; the first layer's are its own). With ``r = s − l`` layers left and k the stage's
+    count: where r is odd nothing is dropped; where r is even and positive, the highest averages
+    ``max(k, n − adaptive_prune(...))`` of the n present patches stay; at the stage (r = 0), k.
+    Ties go to the lower index. The official schedule (presets ``flowcut-llava15-*``) is one stage
+    before the layer that produces the feature-selection layer's output (``vision:22`` of LLaVA-1.5's CLIP).
 
     Runs only at vision-encoder stages of a tower with a [CLS] token (LLaVA-1.5's CLIP).
     """
 
     def encoder_request(self) -> EncoderRequest:
-        """The previous encoder layer's attention probabilities and values."""
-        return EncoderRequest(attention=True, values=True)
+        """The previous encoder layer's attention probabilities and values, before every encoder layer."""
+        return EncoderRequest(attention=True, values=True, every_layer=True)
 
     def check_layer(self, layer_idx: int) -> None:
         """Vision-encoder stages after the first encoder layer only."""
@@ -81,19 +81,21 @@ class FlowCutScorer(Scorer):
             )
 
     def score(self, state: LayerState) -> torch.Tensor:
-        """The running average of ``flowcut_scores`` over this image's encoder stages, (1, P) float32."""
+        """The running average of ``flowcut_scores`` over the encoder layers so far, (1, P) float32."""
         enc = state.encoder
         scores = flowcut_scores(enc.attention, enc.values)
         return scores if enc.prev_scores is None else 0.5 * enc.prev_scores + 0.5 * scores
 
     def select(self, state: LayerState, scores: torch.Tensor, counts: list[int]) -> Selection:
-        """Keep ``max(k, n − adaptive_prune)`` patches (k at the last encoder stage; all when k covers them)."""
+        """Nothing dropped an odd number of layers before the stage; else ``max(k, n − adaptive_prune)``, k at it."""
         enc = state.encoder
+        remaining = enc.next_stage - enc.layer
         keep = []
         for b, k in enumerate(counts):
             n = scores.shape[1]
-            remaining = enc.last_stage - enc.layer
-            if k < n and remaining > 0:
+            if remaining % 2:
+                k = n
+            elif k < n and remaining > 0:
                 relation = enc.attention[b, :, 0, 1:].mean(0)
                 k = max(k, n - adaptive_prune(relation, remaining, k))
             keep.append(select_keep(scores[b], min(k, n)))
