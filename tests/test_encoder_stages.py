@@ -155,7 +155,7 @@ def test_records_count_the_encoder_flops_saved_and_time_the_encoder(deep, first_
     import json
 
     from v2drop.cost import encoder_layer_flops
-    from v2drop.evaluation import EvalConfig, evaluate
+    from v2drop.evaluation import EvalConfig, evaluate, format_table
     from v2drop.testing import EchoBench
 
     method = Method("test-first-channel", schedule=Schedule.progressive(["vision:1", "vision:2"], [0.5, 0.5]))
@@ -171,3 +171,4 @@ def test_records_count_the_encoder_flops_saved_and_time_the_encoder(deep, first_
         assert r["vision_seconds"] > 0 and r["vision_tokens_per_layer"] == [16] * deep.depth
     assert result.metrics["encoder_flops_ratio"] == pytest.approx(by_hand / (4 * encoder_layer_flops(65, c, m)))
     assert result.metrics["flops_ratio"] < 1
+    assert "vision-encoder FLOPs" in format_table(result)
