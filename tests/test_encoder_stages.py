@@ -172,3 +172,21 @@ def test_records_count_the_encoder_flops_saved_and_time_the_encoder(deep, first_
     assert result.metrics["encoder_flops_ratio"] == pytest.approx(by_hand / (4 * encoder_layer_flops(65, c, m)))
     assert result.metrics["flops_ratio"] < 1
     assert "vision-encoder FLOPs" in format_table(result)
+
+
+def test_each_image_of_a_sample_is_pruned_on_its_own(deep, first_channel):
+    prompts = [deep.format_prompt("w1 w2", n_images=2), deep.format_prompt("w3")]
+    images = [[image(0, 32), image(1, 32)], [image(2, 32)]]
+    method = Method("test-first-channel", schedule=Schedule.one_shot("vision:2", 0.25))
+    out = deep.generate(prompts, images, method=method, max_new_tokens=1)
+    two, one = out.traces
+    assert two.vision_tokens == 128 and two.vision_tokens_per_layer == [32] * deep.depth
+    assert one.vision_tokens_per_layer == [16] * deep.depth and two.encoder_tokens_per_layer == [130, 130, 34]
+    first = out.prompt_ids[0].index(deep.adapter.image_token_id)
+    kept = two.stages[0]["kept"]  # 16 of each image's 64 placeholders, in prompt order
+    assert kept == sorted(kept) and sum(first <= k < first + 64 for k in kept) == 16
+    alone = [deep.generate([p], [i], method=method, max_new_tokens=1).traces[0].stages for p, i in zip(prompts, images)]
+    assert alone == [two.stages, one.stages]
+    second_alone = deep.generate([deep.format_prompt("w1 w2")], [[images[0][1]]], method=method, max_new_tokens=1)
+    offset = first + 64 - second_alone.prompt_ids[0].index(deep.adapter.image_token_id)
+    assert kept[16:] == [k + offset for k in second_alone.traces[0].stages[0]["kept"]]  # the same as that image alone
