@@ -12,8 +12,6 @@ hold the same number of tokens, one by one once their counts differ.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from v2drop.method import Method
@@ -57,14 +55,14 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
             request = scorer.encoder_request()
             kept_by_sample: dict[int, list] = {}
             for i in range(n_images):
-                features = EncoderFeatures(
+                encoder = EncoderFeatures(
                     layer_idx,
                     parts.selection,
                     stage.layer - VISION,
                     *_previous_layer(parts, request, layer_idx, prev_input, i),
+                    prev_scores[i],
                 )
-                state = _state(parts, scorer, layer_idx, hidden, prev_input, i, orig[i], sample_keys)
-                state = dataclasses.replace(state, encoder=dataclasses.replace(features, prev_scores=prev_scores[i]))
+                state = _state(parts, scorer, layer_idx, hidden, prev_input, i, orig[i], sample_keys, encoder)
                 scores = method.scorer.score(state)
                 n = hidden[i].shape[1] - 1
                 if tuple(scores.shape) != (1, n):
@@ -111,13 +109,13 @@ def _run_layer(layer, hidden: list) -> list:
     return [layer(h, None) for h in hidden]
 
 
-def _state(parts, scorer, layer_idx, hidden_all, prev_input, i, orig, sample_keys) -> LayerState:
-    """The ``LayerState`` of tower image ``i`` at the stage before encoder layer ``layer_idx`` (``encoder`` unset)."""
+def _state(parts, scorer, layer_idx, hidden_all, prev_input, i, orig, sample_keys, encoder) -> LayerState:
+    """The ``LayerState`` of tower image ``i`` at the stage before encoder layer ``layer_idx``."""
     hidden = hidden_all[i]
     device = hidden.device
     n = hidden.shape[1] - 1
     patch = orig[1:] - 1
-    rows, cols = parts.grid
+    cols = parts.grid[1]
     coords = torch.stack([torch.zeros_like(patch), patch // cols, patch % cols], -1)[None]
     b = parts.sample[i]
     return LayerState(
@@ -131,6 +129,7 @@ def _state(parts, scorer, layer_idx, hidden_all, prev_input, i, orig, sample_key
         layer=parts.layers[layer_idx] if layer_idx < len(parts.layers) else None,
         sample_keys=sample_keys[b : b + 1],
         prev_hidden=prev_input[i] if scorer.needs_prev_hidden and prev_input is not None else None,
+        encoder=encoder,
     )
 
 
