@@ -64,8 +64,8 @@ def stage_layer(value) -> int:
 
 @dataclass(frozen=True)
 class Stage:
-    """One drop stage: before decoder ``layer`` runs (``PRE_LLM`` = -1: before the decoder), keep ``keep`` of the vision
-    tokens.
+    """One drop stage: before decoder ``layer`` runs (``PRE_LLM`` = -1: before the decoder; ``VISION + l``: before
+    vision-encoder layer ``l``), keep ``keep`` of the vision tokens.
     """
 
     layer: int
