@@ -87,11 +87,14 @@ def test_find_presets_selects_by_fields():
 def test_method_from_a_scorer_instance_round_trips(name):
     """The registered name is recorded, not the class name, so ``from_dict`` finds the scorer again."""
     scorer = SCORERS.get(name)()
-    schedule = Schedule.progressive([2, 4], [0.5, 0.25])
-    try:
-        scorer.check_layer(2)
-    except ValueError:  # a scorer of the pre-LLM stage only (downsample)
-        schedule = Schedule.one_shot(PRE_LLM, 0.5)
+    if scorer.encoder_request() is not None:  # encoder-only scorers
+        schedule = Schedule.progressive(["vision:1", "vision:2"], [0.5, 0.25])
+    else:
+        schedule = Schedule.progressive([2, 4], [0.5, 0.25])
+        try:
+            scorer.check_layer(2)
+        except ValueError:  # a scorer of the pre-LLM stage only (downsample)
+            schedule = Schedule.one_shot(PRE_LLM, 0.5)
     method = Method(scorer, schedule=schedule, reference_depth=6)
     data = method.to_dict()
     assert data["scorer"]["name"] == name

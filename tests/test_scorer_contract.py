@@ -30,7 +30,10 @@ FAMILY_SUPPORT: dict[str, tuple] = {
 } | {"downsample": (("llava",), "cannot re-encode")}
 # Scorers that run at the pre-LLM stage only: their schedules' stages all move there (one stage, the first keep).
 PRE_LLM_ONLY = ("downsample",)
+FAMILY_SUPPORT["flowcut"] = (("llava",), "vision-encoder stages")
 SCHEDULE = Schedule.progressive([2, 4], [0.5, 0.5])
+# Scorers that run only inside the vision encoder: their stage (the tiny LLaVA's tower is read at hidden_states[1]).
+ENCODER_STAGES = {"flowcut": ["vision:1"]}
 SCORERS = list_scorers()
 
 
@@ -38,6 +41,9 @@ def method(name: str, schedule: Schedule = SCHEDULE) -> Method:
     """A fresh method with a fresh scorer instance (nothing carried over between runs)."""
     if name in PRE_LLM_ONLY:
         schedule = Schedule.one_shot(PRE_LLM, schedule.stages[0].keep, schedule.keep_mode)
+    elif name in ENCODER_STAGES:  # the same keep values at the scorer's encoder stages
+        layers = ENCODER_STAGES[name]
+        schedule = Schedule.progressive(layers, [s.keep for s in schedule.stages][: len(layers)])
     return Method(build_scorer(name, **SCORER_KWARGS.get(name, {})), schedule=schedule)
 
 
@@ -118,6 +124,7 @@ def test_keeping_everything_is_the_model_without_dropping(tiny, name):
     torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-5, rtol=0)
     assert torch.equal(out.first_logits, base.first_logits)  # bit-identical to the engine without a method
     assert all(t.vision_tokens_per_layer == [64] * lvlm.depth for t in out.traces)
+    assert all(len(t.stages) == len(method(name).schedule.stages) for t in out.traces)  # every stage ran
 
 
 @pytest.mark.parametrize("name", SCORERS)

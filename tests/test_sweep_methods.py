@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from v2drop import Method, list_scorers, register_scorer
+from v2drop import Method, Schedule, list_scorers, register_scorer
 from v2drop.presets import find_presets, get_preset
 from v2drop.scorers import Scorer
 from v2drop.scorers.base import scorer_params
@@ -58,6 +58,7 @@ SPACE = {
         "pool": ["pre-llm"],
         "holov": ["pre-llm"],
         "staged": ["pre-llm+progressive"],
+        "flowcut": ["vision"],
     },
     "position_policy": {
         name: "renumber"
@@ -72,9 +73,12 @@ SPACE = {
             "downsample",
             "pool",
             "holov",
+            "flowcut",
         )
     },
     "stages": [2, 4],
+    "vision_layers": [1, 22],
+    "tower_reference": 23,
 }
 
 
@@ -266,6 +270,24 @@ def test_pre_llm_composite_and_staged_trials_map_onto_methods():
     method = suggest_method(trial, search, depth=6)
     assert method.schedule.layers == (-1, 1, 4) and method.scorer.pre_llm == {"name": "divprune"}
     assert method.scorer.llm["name"] == "fastv" and method_params(method, search) == trial.params
+
+
+def test_a_vision_trial_is_one_encoder_stage_written_for_the_reference_tower():
+    search = config(Path(".")).search
+    params = {"scorer": "flowcut", "flowcut.kind": "vision", "vision_layer": 5, "keep_vision": 0.25}
+    method = suggest_method(optuna.trial.FixedTrial(params), search, depth=6)
+    assert method.schedule.to_dict() == {
+        "stages": [["vision:5", 0.25]],
+        "keep_mode": "relative",
+        "min_keep": 1,
+        "tower_reference": 23,
+    }
+    assert method.position_policy == "renumber" and method_params(method, search) == params
+    assert fits(method, search, 6) and not fits(
+        Method("flowcut", schedule=Schedule.one_shot("vision:5", 0.25)), search, 6
+    )
+    with pytest.raises(ValueError, match="search.vision_layers"):
+        validate(config(Path("."), search={**SPACE, "vision_layers": [3, 1]}))
 
 
 @pytest.mark.parametrize("preset", [p.name for p in find_presets(model="llava15") if p.budget is not None])
@@ -554,6 +576,7 @@ def test_every_trial_the_shipped_space_draws_is_a_valid_method():
         ("staged", "pre-llm+progressive"),
         ("composite", "one-shot"),
         ("composite", "progressive"),
+        ("flowcut", "vision"),
     } <= seen
 
 

@@ -3,7 +3,9 @@
 FLOPs follow ``docs/methods.md``: a decoder layer over ``n`` tokens costs 4·n·d² + 2·n²·d + 3·n·d·m
 (d = hidden size, m = MLP size), plus each drop stage's scorer (``Scorer.flops``) on the tokens
 present just before the stage; a pre-LLM stage (layer -1) counts its scorer on the prompt's
-vision tokens and shrinks every decoder layer's token count.
+vision tokens and shrinks every decoder layer's token count. The vision encoder is counted apart
+(``encoder_flops``): a ViT layer over ``n`` tokens costs 4·n·c² + 2·n²·c + 2·n·c·m (c, m its
+hidden and MLP sizes; two MLP matrices), so vision-encoder stages save in the layers after them.
 """
 
 from __future__ import annotations
@@ -66,6 +68,30 @@ def sample_prefill_flops(text_config, trace, n_prompt: int, scorer=None) -> floa
     return method_prefill_flops(
         text_config, text_tokens, trace.vision_tokens, trace.vision_tokens_per_layer, stage_layers, scorer
     )
+
+
+def encoder_layer_flops(n: int, hidden: int, mlp: int) -> float:
+    """FLOPs of one vision-encoder (ViT) layer over ``n`` tokens: 4·n·c² + 2·n²·c + 2·n·c·m."""
+    return 4 * n * hidden**2 + 2 * n**2 * hidden + 2 * n * hidden * mlp
+
+
+def encoder_flops(vision_config, tokens_per_layer: Sequence[int]) -> float:
+    """Vision-encoder FLOPs for the tokens present in each encoder layer that ran (``vision_config``: the tower's)."""
+    c, m = vision_config.hidden_size, vision_config.intermediate_size
+    return float(sum(encoder_layer_flops(n, c, m) for n in tokens_per_layer))
+
+
+def sample_encoder_flops(vision_config, trace) -> tuple[float, float] | None:
+    """(encoder FLOPs, encoder FLOPs without dropping) of one sample run with vision-encoder stages, or None.
+
+    From the trace's ``encoder_tokens_per_layer``; without dropping, the tower runs all of its
+    ``num_hidden_layers`` on the tokens of its first layer (as transformers' tower does).
+    """
+    tokens = getattr(trace, "encoder_tokens_per_layer", None)
+    if not tokens:
+        return None
+    full = [tokens[0]] * vision_config.num_hidden_layers
+    return encoder_flops(vision_config, tokens), encoder_flops(vision_config, full)
 
 
 def kv_cache_bytes(text_config, tokens_per_layer: Sequence[int], bytes_per_value: int = 2) -> int:

@@ -4,7 +4,9 @@ Every trial of a sweep runs the same samples in the same batches; only the metho
 processor's outputs (``LVLM.prepare``), the input embeddings with the vision tower's projected
 features scattered in (``Adapter.embed``) and the vision tower's own [CLS] attention/keys
 (``Adapter.vision_tower_state``, read by pre-LLM scorers such as VisionZip) do not depend on the
-method, so a cache attached to the model serves them from memory after the first trial.
+method, so a cache attached to the model serves them from memory after the first trial. A method
+with vision-encoder stages (``vision:<l>``) runs the tower itself, so it takes only the prepared
+inputs from the cache.
 
 Opt-in and bounded: nothing is cached unless a cache is attached (``with cache.attached(lvlm):``),
 and the least recently used entries are dropped beyond ``max_bytes``. Prepared inputs are keyed by

@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from v2drop.cost import PeakMemory, Timer
+from v2drop.engine.encoder import run_encoder_stages
 from v2drop.engine.sequence import Segment, Sequence, mask_for, segment_of_layers
 from v2drop.engine.stages import StageContext, drop
 from v2drop.method import Method
@@ -39,11 +40,15 @@ class SampleTrace:
         Vision tokens present in each decoder layer.
     vision_tokens : int
         Vision tokens in the prompt (before any stage, also one before layer 0).
+    encoder_tokens_per_layer : list of int
+        With vision-encoder stages: the sample's tower tokens ([CLS] included, all its images) in each
+        encoder layer that ran; empty otherwise (the tower ran whole, outside the engine's loop).
     """
 
     stages: list[dict] = field(default_factory=list)
     vision_tokens_per_layer: list[int] = field(default_factory=list)
     vision_tokens: int = 0
+    encoder_tokens_per_layer: list[int] = field(default_factory=list)
 
     @property
     def average_vision_tokens(self) -> float:
@@ -68,10 +73,12 @@ class EngineOutput:
     prefill_seconds, generate_seconds : float
         Time from the first decoder layer to the first token's logits, and to the last token.
     scoring_seconds : float
-        Part of the prefill spent in ``scorer.score`` (all stages).
+        Part of the prefill spent in ``scorer.score`` (all decoder and pre-LLM stages; vision-encoder
+        stages run, and are timed, in ``vision_seconds``).
     vision_seconds : float
         Time of the embedding step before the first decoder layer: the vision encoder and projector
-        (served by the vision cache when one is attached) and the text embeddings.
+        (served by the vision cache when one is attached; with vision-encoder stages, run layer by
+        layer with them) and the text embeddings.
     drop_seconds : float
         Part of the prefill spent in drop stages: scoring, selection and rebuilding the sequence.
     peak_memory_bytes : int or None
@@ -153,8 +160,14 @@ def generate(
     B, L = input_ids.shape
     device = input_ids.device
     vision = adapter.vision_mask(input_ids) & mask2d.bool()
+    traces = [SampleTrace(vision_tokens=n) for n in vision.sum(1).tolist()]
+    keys = sample_keys(input_ids, mask2d)
+    in_encoder = method.drops and bool(method.schedule.vision_stages) and bool(vision.any())
     with Timer(device) as vision_clock:  # the vision tower and projector run inside the adapter's embed
-        hidden = vision_cache.embed(adapter, inputs) if vision_cache is not None else adapter.embed(inputs)
+        if in_encoder:  # the tower layer by layer with the vision-encoder stages
+            hidden, kept = run_encoder_stages(adapter, inputs, method, keys, traces)
+        else:
+            hidden = vision_cache.embed(adapter, inputs) if vision_cache is not None else adapter.embed(inputs)
     seq = Sequence(
         hidden=hidden,
         position_ids=adapter.position_ids(inputs),
@@ -165,12 +178,12 @@ def generate(
         if method.drops
         else torch.zeros(B, L, 3, dtype=torch.long, device=device),
     )
-    traces = [SampleTrace(vision_tokens=n) for n in vision.sum(1).tolist()]
-    stages = (
-        StageContext.start(method, adapter, seq, sample_keys(input_ids, mask2d), traces, inputs, vision_cache)
-        if method.drops
-        else None
-    )
+    if in_encoder:  # the patches dropped inside the tower leave the sequence before the decoder
+        seq = seq.select([row.nonzero().flatten() for row in kept])
+        seq = seq.renumbered() if method.position_policy == "renumber" else seq
+    stages = StageContext.start(method, adapter, seq, keys, traces, inputs, vision_cache) if method.drops else None
+    if in_encoder:  # the schedule's counts refer to the prompt's vision tokens
+        stages.n_vision = vision.sum(1).tolist()
     cache = DynamicCache(config=adapter.text_config)
     additions = adapter.layer_additions(inputs) if bool(vision.any()) else {}
 

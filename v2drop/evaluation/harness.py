@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from v2drop.cost import environment, prefill_flops, sample_prefill_flops
+from v2drop.cost import environment, prefill_flops, sample_encoder_flops, sample_prefill_flops
 from v2drop.evaluation.accounting import bootstrap_ci, sample_times, sample_tokens, time_section, token_section
 from v2drop.evaluation.collect import vs_none
 from v2drop.evaluation.config import EvalConfig, EvalResult
@@ -250,6 +250,12 @@ def _predict(
             "vision_runs": vision_runs(lvlm.adapter.vision_mask(torch.tensor([out.prompt_ids[i]]))[0].tolist()),
             "data_wait_seconds": data_wait / len(batch),
         }
+        encoder = (
+            sample_encoder_flops(lvlm.model.config.vision_config, trace) if trace.encoder_tokens_per_layer else None
+        )
+        if encoder is not None:  # vision-encoder stages: the tower's FLOPs, apart from the LLM's
+            record["encoder_flops"], record["encoder_flops_no_drop"] = encoder
+            record["encoder_tokens_per_layer"] = trace.encoder_tokens_per_layer
         tokens = sample_tokens(record)
         record["entering_llm_vision_tokens"] = tokens["entering_llm"]
         record["kv_cache_tokens"] = tokens["kv_cache_tokens"]
@@ -406,6 +412,12 @@ def _aggregate(lvlm, benchmark, method, config, records, records_path) -> EvalRe
         "peak_memory_mb_median": statistics.median(peaks) / 2**20 if peaks else None,
         "data_wait_share": _data_wait_share(records),
     }
+    encoded = [r for r in records if "encoder_flops" in r]
+    if encoded:  # vision-encoder stages: the tower's FLOPs and their share of the tower without dropping
+        metrics["encoder_flops"] = sum(r["encoder_flops"] for r in encoded) / len(encoded)
+        metrics["encoder_flops_ratio"] = sum(r["encoder_flops"] for r in encoded) / max(
+            sum(r["encoder_flops_no_drop"] for r in encoded), 1e-12
+        )
     metrics.update({k: v for k, v in scores.items() if k not in ("accuracy", "per_family", "n")})
     per_family = scores.get("per_family", {})
     return EvalResult(

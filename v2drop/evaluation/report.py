@@ -32,6 +32,8 @@ def format_table(result: EvalResult) -> str:
         f"samples {m['n']}, vision tokens {m['vision_tokens']:.0f}, average retained {m['average_vision_tokens']:.2f}"
     )
     lines.append(f"FLOPs {m['flops']:.3e} ({m['flops_ratio']:.1%} of no dropping)")
+    if m.get("encoder_flops") is not None:  # vision-encoder stages
+        lines.append(f"vision-encoder FLOPs {m['encoder_flops']:.3e} ({m['encoder_flops_ratio']:.1%} of no dropping)")
     tokens = result.tokens
     if tokens:
         lines.append(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -22,6 +24,41 @@ def register_family(*model_types: str):
         return cls
 
     return decorator
+
+
+@dataclass
+class TowerParts:
+    """A vision tower taken apart for vision-encoder stages: its input, layers and where its output goes.
+
+    Attributes
+    ----------
+    embeddings : Tensor (N, T, C)
+        The encoder's input (patch embeddings with the [CLS] at position 0, after the pre-norm), N tower images.
+    layers : sequence of nn.Module
+        The encoder layers; ``layer(hidden, None)`` runs one on (n, T, C) hidden states.
+    selection : int
+        The ``hidden_states`` index the projector reads (the feature-selection layer).
+    attention : callable
+        ``attention(layer, hidden, values)`` -> (probabilities (n, H, T, T) float32, values (n, H, T, hd)
+        float32 or None): what ``layer`` computes on its input ``hidden``.
+    project : callable
+        The projector on selected-layer patch features (k, C) -> (k, D), in the LLM's dtype.
+    sample : list of int
+        The sample each tower image belongs to.
+    placeholders : LongTensor (N, P)
+        The positions (in the left-padded prompt) of each image's patch placeholders, patch order.
+    grid : tuple of int
+        (rows, cols) of each image's patch grid.
+    """
+
+    embeddings: torch.Tensor
+    layers: object
+    selection: int
+    attention: Callable
+    project: Callable
+    sample: list
+    placeholders: torch.Tensor
+    grid: tuple
 
 
 def adapter_for(model: nn.Module) -> Adapter:
@@ -175,6 +212,14 @@ class Adapter:
             f"Model family {self.model.config.model_type!r} does not expose its vision tower's [CLS] attention, "
             "so a scorer with a vision_request() (VisionZip) cannot run on it; supported families: llava (LLaVA-1.5), "
             "llava_next (LLaVA-NeXT)"
+        )
+
+    def tower_parts(self, inputs: dict) -> TowerParts:
+        """The vision tower taken apart for vision-encoder stages (``TowerParts``); refused where not supported."""
+        raise ValueError(
+            f"Model family {self.model.config.model_type!r}: vision-encoder stages (vision:<l>) run on a CLIP-like "
+            "tower with a [CLS] token and one patch grid per image (llava: LLaVA-1.5); this family's tower has no "
+            "[CLS] token or packs its patches after the tower (anyres tiles, windowed ViT with a patch merger)"
         )
 
     # -- vision-token layout ------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from v2drop.models.base import Adapter, register_family
+from v2drop.models.base import Adapter, TowerParts, register_family
 
 
 def _check_cls_tower(config) -> None:
@@ -42,6 +42,18 @@ def _query_keys(layer, x: torch.Tensor, queries: slice):
     return q, k
 
 
+def _clip_attention(layer, x: torch.Tensor, values: bool = False):
+    """A CLIP encoder layer's attention on its input ``x`` (n, T, C): probabilities (n, H, T, T) float32, and its value
+    vectors (n, H, T, hd) float32 when ``values``."""
+    q, k = _query_keys(layer, x, slice(None))
+    probs = torch.softmax((q * layer.self_attn.scale) @ k.transpose(-1, -2), dim=-1)
+    if not values:
+        return probs, None
+    attn = layer.self_attn
+    v = attn.v_proj(layer.layer_norm1(x)).float()
+    return probs, v.view(x.shape[0], x.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
+
+
 def _cls_rows(adapter: Adapter, pixels: torch.Tensor, received_layers: tuple = ()):
     """The CLIP tower on ``pixels`` (N, C, H, W) at ``vision_feature_layer``: the [CLS] row and keys of every patch.
 
@@ -71,6 +83,42 @@ def _cls_rows(adapter: Adapter, pixels: torch.Tensor, received_layers: tuple = (
 @register_family("llava")
 class LlavaAdapter(Adapter):
     """LLaVA-1.5 (``LlavaForConditionalGeneration``): one square token grid per image; video = frames as images."""
+
+    def tower_parts(self, inputs: dict) -> TowerParts:
+        """The CLIP tower for vision-encoder stages: each image's P patch placeholders, in prompt order, are its P
+        patches (see ``TowerParts``)."""
+        cfg = self.model.config
+        try:
+            _check_cls_tower(cfg)
+        except ValueError as err:
+            raise ValueError(f"Vision-encoder stages need the tower's [CLS] token: {err}") from None
+        tower = self.inner.vision_tower
+        model = tower.vision_model if hasattr(tower, "vision_model") else tower
+        layers = model.encoder.layers
+        selected = _tower_layer(layers, cfg.vision_feature_layer, None)
+        pixels = inputs["pixel_values"].to(self.inner.device, tower.dtype)
+        embeddings = model.pre_layrnorm(model.embeddings(pixels))
+        n, patches = embeddings.shape[0], embeddings.shape[1] - 1
+        placeholder = (inputs["input_ids"] == self.image_token_id) & inputs["attention_mask"].bool()
+        if int(placeholder.sum()) != n * patches:
+            raise ValueError(
+                f"The prompts hold {int(placeholder.sum())} image placeholders but the images give {n * patches} patch "
+                "tokens"
+            )
+        positions = placeholder.nonzero()  # (n * P, 2): sample, position; row-major, so image by image
+        side = model.embeddings.num_patches**0.5
+        grid = (int(side), int(side)) if int(side) ** 2 == patches else (1, patches)
+        projector = self.inner.multi_modal_projector
+        return TowerParts(
+            embeddings=embeddings,
+            layers=layers,
+            selection=selected,
+            attention=_clip_attention,
+            project=lambda features: projector(features),
+            sample=positions[::patches, 0].tolist(),
+            placeholders=positions[:, 1].view(n, patches),
+            grid=grid,
+        )
 
     def vision_tower_state(self, inputs: dict, request) -> dict:
         """The CLIP tower's [CLS] attention, keys and projected [CLS] at ``vision_feature_layer`` (see ``Adapter``)."""

@@ -8,6 +8,8 @@ and checked by the contract suite, without being listed anywhere.
 from v2drop.scorers.base import (
     SCORERS,
     AttentionRequest,
+    EncoderFeatures,
+    EncoderRequest,
     LayerState,
     Merge,
     Scorer,
@@ -23,6 +25,8 @@ from v2drop.scorers.base import (
 __all__ = [
     "SCORERS",
     "AttentionRequest",
+    "EncoderFeatures",
+    "EncoderRequest",
     "LayerState",
     "Merge",
     "Scorer",

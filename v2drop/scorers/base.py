@@ -23,6 +23,13 @@ A scorer declares what it needs and the engine serves exactly that, without know
 A stage at layer -1 (``pre_llm``) runs before the decoder on the projected vision features
 (``LayerState.hidden`` is the layer-0 input, ``layer`` is None); a scorer that needs anything of
 a decoder layer (previous hidden states or keys, attention rows) cannot run there.
+
+A vision-encoder stage (``vision:<l>``) runs inside the vision tower, just before encoder layer
+``l``, once per tower image; only scorers with an ``encoder_request()`` run there, and they get
+``LayerState.encoder`` (the previous encoder layer's attention and values, their own scores of the
+previous encoder stage). There ``hidden`` is the tower's (1, T, C) input of layer ``l`` with the
+[CLS] at position 0, ``vision_idx`` the patch positions 1..T-1 and ``orig_idx`` each token's
+original tower position (0 = [CLS], 1 + p for patch p).
 """
 
 from __future__ import annotations
@@ -86,6 +93,9 @@ class LayerState:
         ``(rows, cols)`` token grid or None per image of the sample (prompt order) and returns, per
         sample, each image's projected features (rows · cols, D) float32 from its pixels resized to
         that grid (None where the grid was None); ``Adapter.reencode`` on the batch's inputs.
+    encoder : EncoderFeatures or None
+        At a vision-encoder stage: what ``encoder_request()`` asks for (the module docstring gives the
+        other fields' meaning there).
     """
 
     layer_idx: int
@@ -104,6 +114,60 @@ class LayerState:
     query_valid: torch.Tensor | None = None
     vision: VisionFeatures | None = None
     reencode: Callable | None = None
+    encoder: EncoderFeatures | None = None
+
+
+@dataclass(frozen=True)
+class EncoderRequest:
+    """What a scorer running at vision-encoder stages (``vision:<l>``) needs of the tower.
+
+    Attributes
+    ----------
+    attention : bool
+        The attention probabilities of encoder layer ``l - 1`` (the layer that produced the stage's
+        hidden states) over the tokens present, all heads, float32.
+    values : bool
+        That layer's value vectors, all heads, float32.
+    every_layer : bool
+        Also run between the stages: before every encoder layer from 1 up to the last encoder
+        stage, scoring and dropping as the scorer's ``select`` decides. Each count is then a target,
+        that of the next stage: what the schedule alone would leave of the image's patches
+        (``Schedule.counts``), whatever the scorer dropped before.
+    """
+
+    attention: bool = False
+    values: bool = False
+    every_layer: bool = False
+
+
+@dataclass(frozen=True)
+class EncoderFeatures:
+    """The tower's state at a vision-encoder stage before encoder layer ``layer``, for one tower image.
+
+    Attributes
+    ----------
+    layer : int
+        The encoder layer about to run (0-based): the stage's hidden states are ``hidden_states[layer]``.
+    selection : int
+        The ``hidden_states`` index the projector reads (the feature-selection layer).
+    next_stage : int
+        The encoder layer of the next schedule stage (``layer`` itself at a stage; later between
+        stages, with ``EncoderRequest.every_layer``).
+    attention : Tensor (1, H, T, T) float32 or None
+        Encoder layer ``layer - 1``'s attention probabilities over the present tokens (position 0 = [CLS]).
+    values : Tensor (1, H, T, hd) float32 or None
+        That layer's value vectors over the present tokens.
+    prev_scores : Tensor (1, V) float32 or None
+        The scores this scorer returned at the previous vision-encoder stage (or layer, with
+        ``every_layer``), for the patches still present (None the first time).
+    """
+
+    layer: int
+    selection: int
+    next_stage: int
+    attention: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    prev_scores: torch.Tensor | None = None
 
 
 def is_tower_layer(layer) -> bool:
@@ -369,6 +433,11 @@ class Scorer:
         """The vision tower outputs ``score``/``select`` read from ``state.vision`` (default: none)."""
         return None
 
+    def encoder_request(self) -> EncoderRequest | None:
+        """What ``score``/``select`` read from ``state.encoder`` at vision-encoder stages; None (the default): this
+        scorer does not run inside the vision encoder."""
+        return None
+
     def at(self, layer_idx: int) -> Scorer:
         """The scorer that runs the stage before ``layer_idx`` (-1: the pre-LLM stage); itself unless staged."""
         return self
@@ -398,6 +467,15 @@ class Scorer:
 
     def check_layer(self, layer_idx: int) -> None:
         """Raise if this scorer cannot run at a stage before ``layer_idx``."""
+        from v2drop.schedule import is_vision_layer, layer_name
+
+        if is_vision_layer(layer_idx):
+            if self.encoder_request() is None:
+                raise ValueError(
+                    f"{type(self).__name__} does not run inside the vision encoder (it has no encoder_request()); "
+                    f"stage {layer_name(layer_idx)} needs a scorer made for vision-encoder stages, such as flowcut"
+                )
+            return
         request = self.attention_request()
         if (
             self.needs_prev_hidden or self.needs_prev_keys or (request is not None and request.layer_offset < 0)

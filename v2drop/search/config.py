@@ -33,7 +33,8 @@ class SearchSpace:
     exclude: list[str] = field(
         default_factory=lambda: ["given"]
     )  # fnmatch patterns left out of "all" ("given" is an oracle)
-    # one-shot, progressive (decoder stages), pre-llm (one stage before the LLM), pre-llm+one-shot, pre-llm+progressive
+    # one-shot, progressive (decoder stages), pre-llm (one stage before the LLM), pre-llm+one-shot, pre-llm+progressive,
+    # vision (one stage inside the vision encoder)
     kinds: list[str] = field(default_factory=lambda: ["progressive"])
     scorer_kinds: dict = field(
         default_factory=dict
@@ -48,6 +49,11 @@ class SearchSpace:
     )  # scorer name -> "preserve" (default) or "renumber" for its trials
     stages: list[int] = field(default_factory=lambda: [2, 3])  # [min, max] stages of a progressive schedule
     layers: list[int | None] = field(default_factory=lambda: [1, None])  # [first, last] drop layer; None = depth - 1
+    # [first, last] encoder layer l of a kind-"vision" stage (vision:<l>, searched as vision_layer)
+    vision_layers: list[int] = field(default_factory=lambda: [1, 1])
+    # the hidden_states index of the feature-selection layer of the tower vision_layers are written for (23: LLaVA-1.5's
+    # CLIP); trials' encoder stages move proportionally to the model's tower (Schedule.fit_tower); None = as given
+    tower_reference: int | None = None
     # a plain list: OmegaConf would warn on every integer bound (``[0, 0.5]``) of a list[float]
     keep: list = field(
         default_factory=lambda: [0.0, 0.9]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from v2drop.schedule import Schedule
+from v2drop.schedule import Schedule, layer_name
 from v2drop.search.config import OBJECTIVES, SweepConfig
 from v2drop.search.pareto import pareto_indices
 from v2drop.search.space import schedule_kind
@@ -35,7 +35,9 @@ def trial_rows(study, cfg: SweepConfig) -> list[dict]:
             if isinstance(method.get("scorer"), dict)
             else "none",
             "kind": schedule_kind(schedule),
-            "schedule": " ".join(f"{'pre_llm' if s.pre_llm else s.layer}:{s.keep:.3f}" for s in schedule.stages),
+            "schedule": " ".join(
+                f"{'pre_llm' if s.pre_llm else layer_name(s.layer)}:{s.keep:.3f}" for s in schedule.stages
+            ),
             **{o: v for o, v in zip(cfg.objectives, t.values)},
             "accuracy_metric": m.get("accuracy"),
             "prefill_ms": (m.get("prefill_latency_median_s") or 0) * 1e3,

@@ -6,7 +6,8 @@ is named by a label such as ``v2drop+dart``), the weights of a composite's parts
 ``search.weights`` names it (``<scorer>.weights.<part>``, normalised to sum 1), its schedule kind
 (``kind``, or ``<scorer>.kind`` for a scorer with its own kinds in ``search.scorer_kinds``), then
 the stages: ``keep_pre_llm`` for a stage before the LLM, ``stages``, ``layer_i``, ``keep_i`` for
-the decoder stages. Parameters that only some scorers have are therefore conditional: they exist
+the decoder stages, ``vision_layer`` and ``keep_vision`` for a stage inside the vision encoder.
+Parameters that only some scorers have are therefore conditional: they exist
 in the trials that chose their scorer (``docs/sweeps.md``).
 """
 
@@ -21,12 +22,14 @@ from numbers import Real
 from typing import Any
 
 from v2drop.method import POSITION_POLICIES, Method
-from v2drop.schedule import PRE_LLM, Schedule
+from v2drop.schedule import MAX_TOWER_LAYERS, PRE_LLM, VISION, Schedule, vision_layer
 from v2drop.search.config import OBJECTIVES, SAMPLERS, SearchSpace, SweepConfig
 
-# one-shot / progressive: decoder stages only; pre-llm: one stage before the LLM only; pre-llm+...: both
-KINDS = ("one-shot", "progressive", "pre-llm", "pre-llm+one-shot", "pre-llm+progressive")
+# one-shot / progressive: decoder stages only; pre-llm: one stage before the LLM only; pre-llm+...: both;
+# vision: one stage inside the vision encoder only
+KINDS = ("one-shot", "progressive", "pre-llm", "pre-llm+one-shot", "pre-llm+progressive", "vision")
 PRE_LLM_KEEP = "keep_pre_llm"  # the trial parameter holding the pre-LLM stage's keep fraction
+VISION_LAYER, VISION_KEEP = "vision_layer", "keep_vision"  # the trial parameters of a vision-encoder stage
 ALL = ("all", "*")  # spellings of "every registered scorer"
 PLAIN = (type(None), bool, int, float, str)  # the values Optuna stores as categorical choices
 MAX_COMBINATIONS = 256  # parameter combinations checked one by one; larger spaces are checked one parameter at a time
@@ -81,14 +84,24 @@ def kind_param(space: SearchSpace, scorer: str) -> str:
 
 
 def kind_parts(kind: str) -> tuple[bool, str | None]:
-    """(whether ``kind`` starts with a pre-LLM stage, its decoder part: ``one-shot``, ``progressive`` or None)."""
+    """(whether ``kind`` starts with a pre-LLM stage, its decoder part: ``one-shot``, ``progressive`` or None).
+
+    The ``vision`` kind has neither.
+    """
+    if kind == "vision":
+        return False, None
     pre = kind.startswith("pre-llm")
     decoder = kind[len("pre-llm") :].lstrip("+") if pre else kind
     return pre, decoder or None
 
 
 def schedule_kind(schedule: Schedule) -> str:
-    """The kind of ``schedule`` (one of ``KINDS``), or ``none`` when it has no stage."""
+    """The kind of ``schedule`` (one of ``KINDS``), or ``none`` when it has no stage; ``vision+...`` when it has
+    vision-encoder stages and others, which no trial draws."""
+    vision = len(schedule.vision_stages)
+    if vision:
+        rest = Schedule(schedule.stages[vision:])
+        return "vision" if not rest.stages and vision == 1 else f"vision{vision}+{schedule_kind(rest)}"
     pre = schedule.pre_llm is not None
     decoder = {0: None, 1: "one-shot"}.get(len(schedule.stages) - pre, "progressive")
     if not pre:
@@ -217,6 +230,17 @@ def validate(cfg: SweepConfig, depth: int | None = None) -> None:
             raise ValueError(f"search.{key} is a [low, high] pair, got {getattr(s, key)}")
     if s.layers[0] is None:
         raise ValueError(f"search.layers [{s.layers[0]}, {s.layers[1]}]: the first drop layer must be a number")
+    v = s.vision_layers
+    if (
+        not isinstance(v, list)
+        or len(v) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        or not 0 <= v[0] <= v[1] < MAX_TOWER_LAYERS
+    ):
+        raise ValueError(
+            f"search.vision_layers must be a [first, last] pair of encoder layers with 0 <= first <= last < "
+            f"{MAX_TOWER_LAYERS}, got {v!r}"
+        )
     lo, hi = s.stages
     progressive = any(kind_parts(k)[1] == "progressive" for n in scorers for k in scorer_kinds(s, n))
     if progressive and not (2 <= lo <= hi):
@@ -318,6 +342,15 @@ def _check_stages(space: SearchSpace, name: str, params: dict) -> None:
         chosen = "".join(f", {name}.{p}={choice_label(v)}" for p, v in kwargs.items())
         for kind in scorer_kinds(space, name):
             pre, decoder = kind_parts(kind)
+            if kind == "vision":
+                try:
+                    scorer.check_layer(vision_layer(space.vision_layers[0]))
+                except ValueError as err:
+                    where = f"search.scorer_kinds.{name}" if name in space.scorer_kinds else "search.kinds"
+                    raise ValueError(
+                        f"{where}: kind 'vision' is a stage inside the vision encoder at search.vision_layers "
+                        f"{space.vision_layers}, but {err} ({name}{chosen})"
+                    ) from None
             if pre:
                 try:
                     scorer.check_layer(PRE_LLM)
@@ -356,10 +389,14 @@ def suggest_method(trial, space: SearchSpace, depth: int) -> Method:
         parts = _parts(scorer, kwargs)
         weights = [trial.suggest_float(f"{scorer}.weights.{part['name']}", float(low), float(high)) for part in parts]
         kwargs["parts"] = [{**part, "weight": w} for part, w in zip(parts, normalise_weights(weights))]
-    pre, decoder = kind_parts(trial.suggest_categorical(kind_param(space, scorer), scorer_kinds(space, scorer)))
+    kind = trial.suggest_categorical(kind_param(space, scorer), scorer_kinds(space, scorer))
+    pre, decoder = kind_parts(kind)
     first, last = layer_range(space, depth)
     keep = float(space.keep[0]), float(space.keep[1])
     layers, keeps = ([PRE_LLM], [trial.suggest_float(PRE_LLM_KEEP, *keep)]) if pre else ([], [])
+    if kind == "vision":
+        layers.append(vision_layer(trial.suggest_int(VISION_LAYER, *space.vision_layers)))
+        keeps.append(trial.suggest_float(VISION_KEEP, *keep))
     if decoder == "progressive":
         n = trial.suggest_int("stages", space.stages[0], min(space.stages[1], last - first + 1))
     else:
@@ -371,7 +408,10 @@ def suggest_method(trial, space: SearchSpace, depth: int) -> Method:
         keeps.append(trial.suggest_float(f"keep_{i}", *keep))
         low = layer + 1
     policy = space.position_policy.get(scorer, "preserve")
-    return Method(scorer, schedule=Schedule.progressive(layers, keeps), position_policy=policy, **kwargs)
+    schedule = Schedule.progressive(layers, keeps)
+    if kind == "vision" and space.tower_reference is not None:
+        schedule = Schedule(schedule.stages, tower_reference=space.tower_reference)
+    return Method(scorer, schedule=schedule, position_policy=policy, **kwargs)
 
 
 def preset_method(name: str, depth: int) -> Method:
@@ -416,9 +456,12 @@ def method_params(method: Method, space: SearchSpace) -> dict:
         low, high = space.weights[name]
         params.update({f"{name}.weights.{part}": min(max(w, low), high) for part, w in _weights(method).items()})
     clip = lambda keep: min(max(keep, space.keep[0]), space.keep[1])  # noqa: E731
-    decoder = [s for s in method.schedule.stages if not s.pre_llm]
+    decoder = [s for s in method.schedule.stages if not s.pre_llm and not s.vision]
     if method.schedule.pre_llm is not None:
         params[PRE_LLM_KEEP] = clip(method.schedule.pre_llm.keep)
+    for stage in method.schedule.vision_stages:
+        params[VISION_LAYER] = stage.layer - VISION
+        params[VISION_KEEP] = clip(stage.keep)
     if len(decoder) > 1:
         params["stages"] = len(decoder)
     for i, stage in enumerate(decoder):
@@ -460,10 +503,13 @@ def fits(method: Method, space: SearchSpace, depth: int) -> bool:
     if method.position_policy != space.position_policy.get(name, "preserve"):
         return False
     kind = schedule_kind(method.schedule)
-    layers = [s.layer for s in method.schedule.stages if not s.pre_llm]
+    layers = [s.layer for s in method.schedule.stages if not s.pre_llm and not s.vision]
+    vision = [s.layer - VISION for s in method.schedule.vision_stages]
     first, last = layer_range(space, depth)
     return (
         kind in scorer_kinds(space, name)
         and all(first <= layer <= last for layer in layers)
+        and all(space.vision_layers[0] <= layer <= space.vision_layers[1] for layer in vision)
+        and (not vision or method.schedule.tower_reference == space.tower_reference)
         and (kind_parts(kind)[1] != "progressive" or space.stages[0] <= len(layers) <= space.stages[1])
     )
