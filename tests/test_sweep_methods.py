@@ -54,11 +54,26 @@ SPACE = {
         "vispruner": ["pre-llm"],
         "hiprune": ["pre-llm"],
         "cdpruner": ["pre-llm"],
+        "vidcom2": ["pre-llm"],
+        "frames": ["pre-llm"],
+        "frame_pool": ["pre-llm"],
         "staged": ["pre-llm+progressive"],
     },
     "position_policy": {
-        name: "renumber" for name in ("pdrop", "sparsevlm", "visionzip", "divprune", "vispruner", "hiprune", "cdpruner")
-    },
+        name: "renumber"
+        for name in (
+            "pdrop",
+            "sparsevlm",
+            "visionzip",
+            "divprune",
+            "vispruner",
+            "hiprune",
+            "cdpruner",
+            "vidcom2",
+            "frames",
+            "frame_pool",
+        )
+    },  # fmt: skip
     "stages": [2, 4],
 }
 
