@@ -39,9 +39,10 @@ def test_every_preset_carries_its_identity_as_data_that_agrees_with_its_name(nam
     assert {"description", "label", "model"} <= set(raw) and set(raw) & set(IDENTITY_KEYS) == {
         k for k in IDENTITY_KEYS if raw.get(k) is not None
     }
-    assert preset_name(preset.label, preset.model, preset.budget, preset.reduction) == name
+    assert preset_name(preset.label, preset.model, preset.budget, preset.reduction, preset.retention) == name
     assert preset.scorer == Method.from_preset(name).scorer_name and preset.method() == Method.from_preset(name)
-    assert preset.budget is None or preset.reduction is None  # one measure of how much is kept, at most
+    # one measure of how much is kept, at most
+    assert sum(x is not None for x in (preset.budget, preset.reduction, preset.retention)) <= 1
     if preset.model == "llava15":
         assert preset.reference_vision_tokens == PAPER_VISION_TOKENS
 
@@ -63,6 +64,14 @@ def test_a_preset_whose_data_contradicts_its_name_is_an_error():
         parse_preset("v2drop-llava15-128", {**data, "budget": "128"})
     with pytest.raises(ValueError, match=r"reduction must be a share between 0 and 1 or absent, got 77.8"):
         parse_preset("v2drop-qwen2vl-77800", {**data, "model": "qwen2vl", "budget": None, "reduction": 77.8})
+    video = yaml.safe_load(preset_text("vidcom2-onevision-25"))
+    assert parse_preset("vidcom2-onevision-25", video).retention == 0.25
+    with pytest.raises(ValueError, match=r"make the name 'vidcom2-onevision-15'"):
+        parse_preset("vidcom2-onevision-25", {**video, "retention": 0.15})
+    with pytest.raises(ValueError, match=r"retention must be a share between 0 and 1 or absent, got 25"):
+        parse_preset("vidcom2-onevision-2500", {**video, "retention": 25})
+    with pytest.raises(ValueError, match=r"set at most one of budget, reduction and retention"):
+        parse_preset("vidcom2-onevision-25", {**video, "budget": 128, "reference_vision_tokens": 576})
     fastv = yaml.safe_load(preset_text("fastv-llava15-128"))
     with pytest.raises(ValueError, match=r"counts vision tokens .* but sets no reference_vision_tokens"):
         parse_preset("fastv-llava15-128", {**fastv, "reference_vision_tokens": None})

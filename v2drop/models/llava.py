@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from v2drop.models.base import Adapter, TowerParts, register_family
+from v2drop.models.base import Adapter, TowerParts, _run_length, register_family
 
 
 def _check_cls_tower(config) -> None:
@@ -324,6 +324,35 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             for clip, n in zip(pixel_values_videos, video_frames.tolist())
         ]
         return BaseModelOutputWithPooling(pooler_output=pooled)
+
+    def vision_coords(self, inputs: dict, vision: torch.Tensor) -> torch.Tensor:
+        """As ``Adapter.vision_coords``, and every video clip laid out by frame: each pooled frame a square grid
+        (frame, row, col), frames numbered from 0 per clip, the clip's closing newline token (-1, 0, 0).
+
+        A clip's run of video placeholders is ``frames · side² + 1`` long (``video_frames`` or the
+        pixel tensor gives its frame count); a run of any other length keeps the raster layout.
+        """
+        coords = super().vision_coords(inputs, vision)
+        pixels = inputs.get("pixel_values_videos")
+        if pixels is None or self.video_token_id is None or pixels.dim() != 5:
+            return coords
+        given = inputs.get("video_frames")
+        clips = iter(given.tolist() if given is not None else [pixels.shape[1]] * pixels.shape[0])
+        for b in range(coords.shape[0]):
+            idx = (inputs["input_ids"][b] == self.video_token_id).nonzero().flatten()
+            start = 0
+            while start < idx.numel():
+                run = _run_length(idx, start)
+                frames = next(clips, None)
+                per = (run - 1) // frames if frames else 0
+                side = int(per**0.5)
+                if frames and per * frames + 1 == run and side * side == per:
+                    k = torch.arange(per * frames, device=coords.device)
+                    span = idx[start : start + per * frames]
+                    coords[b, span] = torch.stack([k // per, (k % per) // side, k % side], -1)
+                    coords[b, idx[start + run - 1]] = torch.tensor([-1, 0, 0], device=coords.device)
+                start += run
+        return coords
 
     def vision_tower_state(self, inputs: dict, request) -> dict:
         """Refused: OneVision's SigLIP tower has no [CLS] token, and the official VisionZip code has no OneVision

@@ -22,11 +22,13 @@ import yaml
 IDENTITY_KEYS = {
     "description": "one line: the method, its stages and its average number of kept vision tokens",
     "label": "the name's first part, the method as tables name it: its scorer's, or a mix's (composite-v2drop-dart)",
-    "model": "the name's second part, the model the setting is for: llava15 (LLaVA-1.5-7B) or qwen2vl (Qwen2-VL-7B)",
+    "model": "the name's second part, the model the setting is for: llava15 (LLaVA-1.5-7B), qwen2vl (Qwen2-VL-7B) or "
+    "onevision (LLaVA-OneVision-7B, video)",
     "budget": "optional: vision tokens kept of reference_vision_tokens: a number counts them averaged over the decoder "
     "layers (192/128/64); {tokens: N, count: average | entering} says which way (entering: entering the LLM)",
     "reduction": "optional: share of the vision tokens removed on average, where their count varies (Qwen2-VL: 0.778)",
     "reference_vision_tokens": "optional: the vision tokens per image that budget and absolute keep counts count (576)",
+    "retention": "optional: share of the vision tokens kept, where papers give a percentage (video: 0.25/0.15/0.10)",
 }
 REQUIRED_KEYS = ("description", "label", "model")
 
@@ -43,6 +45,7 @@ class Preset:
     budget: int | None = None  # kept vision tokens of reference_vision_tokens, counted budget_count's way, if any
     reduction: float | None = None  # share of the vision tokens removed on average, if that is its measure
     reference_vision_tokens: int | None = None  # vision tokens per image its budget and absolute counts count
+    retention: float | None = None  # share of the vision tokens kept, if a percentage is its measure
     data: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # method config data
     budget_count: str = "average"  # how budget counts: average (over decoder layers) or entering (the LLM)
 
@@ -54,13 +57,18 @@ class Preset:
         return method.rescaled(depth) if depth is not None else method
 
 
-def preset_name(label: str, model: str, budget: int | None = None, reduction: float | None = None) -> str:
-    """The name a preset with these fields has: ``<label>-<model>[-<budget>][-<reduction in per mille>]``."""
+def preset_name(
+    label: str, model: str, budget: int | None = None, reduction: float | None = None, retention: float | None = None
+) -> str:
+    """The name a preset with these fields has: ``<label>-<model>[-<budget>][-<reduction in per mille>][-<retention in
+    percent>]``."""
     parts = [label, model]
     if budget is not None:
         parts.append(str(budget))
     if reduction is not None:
         parts.append(str(round(reduction * 1000)))
+    if retention is not None:
+        parts.append(str(round(retention * 100)))
     return "-".join(parts)
 
 
@@ -108,11 +116,19 @@ def parse_preset(name: str, data: Any) -> Preset:
         isinstance(reduction, bool) or not isinstance(reduction, float) or not 0 < reduction < 1
     ):
         raise ValueError(f"{where}: reduction must be a share between 0 and 1 or absent, got {reduction!r}")
-    expected = preset_name(identity["label"], identity["model"], identity["budget"], reduction)
+    retention = identity["retention"]
+    if retention is not None and (
+        isinstance(retention, bool) or not isinstance(retention, float) or not 0 < retention < 1
+    ):
+        raise ValueError(f"{where}: retention must be a share between 0 and 1 or absent, got {retention!r}")
+    if sum(identity[k] is not None for k in ("budget", "reduction", "retention")) > 1:
+        raise ValueError(f"{where}: set at most one of budget, reduction and retention (each names the preset)")
+    expected = preset_name(identity["label"], identity["model"], identity["budget"], reduction, retention)
     if expected != name:
         raise ValueError(
             f"{where} contradicts its data: label {identity['label']!r}, model {identity['model']!r}, "
-            f"budget {identity['budget']!r}, reduction {reduction!r} make the name {expected!r}; "
+            f"budget {identity['budget']!r}, reduction {reduction!r}, retention {retention!r} make the name "
+            f"{expected!r}; "
             "rename the file or fix those fields"
         )
     method = {k: v for k, v in data.items() if k not in IDENTITY_KEYS}
@@ -138,13 +154,17 @@ def get_preset(name: str) -> Preset:
 
 
 def find_presets(
-    label: str | None = None, scorer: str | None = None, model: str | None = None, budget: int | None = None
+    label: str | None = None,
+    scorer: str | None = None,
+    model: str | None = None,
+    budget: int | None = None,
+    retention: float | None = None,
 ) -> list[Preset]:
     """The shipped presets whose fields equal every given one (None: any), sorted by name.
 
     E.g. ``find_presets(scorer="fastv", model="llava15")`` gives FastV's LLaVA-1.5 presets.
     """
-    wanted = {"label": label, "scorer": scorer, "model": model, "budget": budget}
+    wanted = {"label": label, "scorer": scorer, "model": model, "budget": budget, "retention": retention}
     wanted = {k: v for k, v in wanted.items() if v is not None}
     presets = (get_preset(n) for n in list_presets())
     return [p for p in presets if all(getattr(p, k) == v for k, v in wanted.items())]
