@@ -265,8 +265,9 @@ SECTIONS = [
     Section(
         "real_cost",
         "Cost at real model sizes",
-        "Analytic prefill FLOPs, KV cache and retained tokens of every preset on the real checkpoints' "
-        "geometry (no model is run).",
+        "Analytic prefill FLOPs, KV cache and retained tokens of every preset on one real checkpoint of each "
+        "supported family: its published decoder sizes, and the vision tokens its own preprocessing gives a "
+        "typical input (no model is run). One table per checkpoint.",
         (("analysis.real_cost",),),
     ),
     Section(

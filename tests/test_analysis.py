@@ -22,7 +22,7 @@ from analysis.evidence_kept import evidence_shares
 from analysis.method_table import methods_at_budgets
 from analysis.pareto import _sweep_points, mark_fronts
 from analysis.positional_bias import interval_keep_rates
-from analysis.real_cost import MODELS, cost_rows
+from analysis.real_cost import MODELS, available_models, cost_rows
 from v2drop import Method, Schedule
 from v2drop.benchmarks import Benchmark
 from v2drop.cli import parse_config
@@ -43,12 +43,40 @@ def test_real_cost_table():
 
 
 def test_real_cost_count_presets_keep_their_share_on_other_token_counts():
-    """FastV keeps 98 of 576 on LLaVA-1.5; on 6,272 video tokens it keeps the same share (1,067), not 98."""
+    """FastV keeps 98 of 576 on LLaVA-1.5; on 6,273 video tokens it keeps the same share (1,067), not 98."""
     onevision = MODELS[2]
-    assert onevision.vision_tokens == 6272
+    assert onevision.vision_tokens == 32 * 196 + 1  # 196 pooled tokens a frame, one newline after the clip
     rows = {r["preset"]: r for r in cost_rows(onevision, 64, ["fastv-llava15-128"])}
-    kept = int(6272 * 98 / 576)
-    assert rows["fastv-llava15-128"]["avg_vision_tokens"] == pytest.approx((2 * 6272 + 26 * kept) / 28)
+    kept = int(6273 * 98 / 576)
+    assert rows["fastv-llava15-128"]["avg_vision_tokens"] == pytest.approx((2 * 6273 + 26 * kept) / 28)
+
+
+def test_real_cost_covers_every_family_with_its_real_token_count():
+    """One checkpoint per family with a real-geometry builder; vision tokens from the family's own preprocessing."""
+    from v2drop.testing import FAMILIES
+
+    models = {m.family: m for m in available_models()}
+    assert set(models) == set(FAMILIES)  # every builder has a checkpoint, and only those are in the table
+    assert {m.family for m in MODELS} >= {"gemma3"}  # Gemma 3 waits for its builder
+    tokens = {f: m.vision_tokens for f, m in models.items()}
+    expected = {
+        "llava": 576,  # 24 x 24 at 336 px
+        "llava_next": 576 + 48 * 48 + 48,  # base view, 2 x 2 tiles of 24 x 24, a newline per row
+        "llava_onevision": 32 * 196 + 1,
+        "qwen2_vl": 24 * 24,  # 672 / 14 = 48 patches a side, merged 2 x 2
+        "qwen2_5_vl": 24 * 24,
+        "qwen3_vl": 21 * 21,  # 672 / 16 = 42 patches a side, merged 2 x 2
+        "internvl": 5 * 256,  # 2 x 2 tiles of 448 px plus a thumbnail, 256 tokens each
+        "gemma3": 256,  # any image: SigLIP at 896 px pooled to 16 x 16 (checked once gemma3 has a builder)
+    }
+    assert tokens == {f: expected[f] for f in tokens}
+    qwen3 = models["qwen3_vl"]
+    rows = {r["preset"]: r for r in cost_rows(qwen3, 64, ["v2drop-llava15-128"])}
+    n, d, m = 64 + 441, 4096, 12288
+    assert rows["none"]["tflops"] == pytest.approx(36 * (4 * n * d * d + 2 * n * n * d + 3 * n * d * m) / 1e12)
+    assert rows["none"]["kv_cache_mb"] == pytest.approx(36 * n * 2 * 8 * 128 * 2 / 2**20)  # GQA: 8 KV heads of 128
+    gemma = next(m for m in MODELS if m.family == "gemma3")
+    assert gemma.text_config().head_dim == 256  # not hidden / heads = 320
 
 
 def test_mark_fronts_flags_the_non_dominated_rows_per_cost():

@@ -2,73 +2,10 @@
 
 import pytest
 import torch
-from transformers import DynamicCache
+from reference_helpers import reference_generate
 
-from v2drop import Method, Schedule, select_keep
+from v2drop import Method, Schedule
 from v2drop.testing import batch_for, image, prompt_for
-
-
-def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
-    """Boolean (B, Q, K) -> additive (B, 1, Q, K) mask."""
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-@torch.no_grad()
-def reference_generate(lvlm, inputs, schedule: Schedule, max_new_tokens: int, metric: str = "l2"):
-    """V²Drop written the slow, obvious way: the full sequence runs through every layer, and from a
-    drop layer on the dropped tokens are removed from every query's keys (prefill and decode)."""
-    a = lvlm.adapter
-    ids, pad = inputs["input_ids"], inputs["attention_mask"].bool()
-    B, L = ids.shape
-    h = a.embed(inputs)
-    pos = a.position_ids(inputs)
-    rope = a.rope(h, pos)
-    vision = a.vision_mask(ids) & pad
-    n_orig = vision.sum(1).tolist()
-    alive = pad.clone()
-    stage_at = {s.layer: i for i, s in enumerate(schedule.stages)}
-    cache = DynamicCache(config=a.text_config)
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    kept, alive_at, prev = [[] for _ in range(B)], [], None
-    for layer_idx, layer in enumerate(a.layers):
-        if layer_idx in stage_at:
-            diff = h.float() - prev.float()
-            if metric == "l2":
-                var = diff.norm(dim=-1)
-            elif metric == "l1":
-                var = diff.abs().sum(-1)
-            else:
-                var = 1 - torch.nn.functional.cosine_similarity(h.float(), prev.float(), dim=-1)
-            for b in range(B):
-                cand = (vision[b] & alive[b]).nonzero().flatten()
-                k = schedule.kept_count(stage_at[layer_idx], cand.numel(), n_orig[b])
-                keep = cand[select_keep(var[b, cand], k)]
-                alive[b, cand] = False
-                alive[b, keep] = True
-                offset = int((~pad[b]).sum())
-                kept[b].append((keep - offset).tolist())
-        alive_at.append(alive.clone())
-        mask = _additive(causal[None] & alive[:, None, :], h.dtype)
-        prev = h
-        h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
-    logits = a.lm_head(a.norm(h[:, -1])).float()
-    first_logits = logits
-    p = pos if pos.dim() == 3 else pos[None]
-    next_pos = p.masked_fill(~pad[None].expand_as(p), -1).amax(dim=(0, 2)) + 1
-    tokens = []
-    for step in range(max_new_tokens):
-        token = logits.argmax(-1)
-        tokens.append(token)
-        if step == max_new_tokens - 1:
-            break
-        h = a.inner.get_input_embeddings()(token[:, None])
-        rope = a.rope(h, a.decode_position_ids(next_pos + step))
-        new = torch.ones(B, step + 1, dtype=torch.bool)
-        for layer_idx, layer in enumerate(a.layers):
-            mask = _additive(torch.cat([alive_at[layer_idx], new], 1)[:, None, :], h.dtype)
-            h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
-        logits = a.lm_head(a.norm(h[:, -1])).float()
-    return first_logits, torch.stack(tokens, 1).tolist(), kept
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

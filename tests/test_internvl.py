@@ -1,32 +1,24 @@
 """InternVL3: the engine equals transformers' own model with and without dropping, tiles of mixed counts batched.
 
 Every reference is transformers' ``InternVLForConditionalGeneration`` itself (its ``generate``, its forward,
-its eager attention), observed or masked through hooks on its decoder layers (``masked_transformers_generate``
-of the Qwen3-VL tests, which is family-agnostic). The tiny batch holds 1, 2 + thumbnail and 3 + thumbnail tiles.
+its eager attention), observed or masked through hooks on its decoder layers (``tests/reference_helpers.py``,
+family-agnostic). The tiny batch holds 1, 2 + thumbnail and 3 + thumbnail tiles. Batch == alone and keep-all ==
+the model for every scorer are in ``tests/test_scorer_contract.py`` (every family).
 """
 
 import pytest
 import torch
-from test_qwen3vl import masked_transformers_generate
-from test_scorer_contract import FAMILY_SUPPORT, SCHEDULE, SCORERS, kept, method, refuses
+from reference_helpers import (
+    check_attention_scorer_keeps_eager_top,
+    masked_transformers_generate,
+    transformers_generate,
+)
+from test_scorer_contract import SCORERS, kept, method, refuses
 
-from v2drop import Method, Schedule, load, select_keep
-from v2drop.scorers.fastv import FastVScorer
-from v2drop.scorers.pdrop import PDropScorer
+from v2drop import Method, Schedule, load
 from v2drop.testing import batch_for, build_real, photo, prompt_for, reference_processor
 
 FAMILY = "internvl"
-
-
-@torch.no_grad()
-def transformers_generate(lvlm, inputs, max_new_tokens: int):
-    """transformers' greedy ``generate``: (first-step logits, new tokens); its logits, not a bare forward's: it
-    gives left-padded samples positions from the attention mask (a forward without ``position_ids`` shifts them by
-    the padding, which RoPE undoes only up to float error)."""
-    out = lvlm.model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
-    )
-    return out.logits[0].float(), out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
 
 
 def test_tiles_of_mixed_counts_in_one_batch(tiny):
@@ -69,33 +61,12 @@ def test_v2drop_equals_transformers_with_dropped_keys_masked(tiny, attn, layers)
     assert out.generated_ids == ref_tokens
 
 
-def eager_attention_reference(lvlm, eager, inputs, kind: str, drop_layer: int, keep: int):
-    """Kept sets of FastV / PDrop at ``drop_layer`` against the top-k of transformers' eager attention (head mean)
-    from the last prompt token of layer ``drop_layer - 1`` (FastV) or ``drop_layer`` (PDrop)."""
-    seen = []
-    source = eager.adapter.layers[drop_layer - 1 if kind == "fastv" else drop_layer]
-    handle = source.self_attn.register_forward_hook(lambda m, a, out: seen.append(out[1]))
-    try:
-        with torch.no_grad():
-            eager.model(**inputs)
-    finally:
-        handle.remove()
-    reference = seen[0].float().mean(1)[:, -1]
-    scorer = FastVScorer() if kind == "fastv" else PDropScorer()
-    schedule = Schedule.one_shot(drop_layer, keep, keep_mode="absolute")
-    out = lvlm.generate_from_inputs(inputs, Method(scorer, schedule=schedule), max_new_tokens=2)
-    vision = lvlm.adapter.vision_mask(inputs["input_ids"]) & inputs["attention_mask"].bool()
-    offsets = (inputs["attention_mask"] == 0).sum(1)
-    for b in range(len(vision)):
-        positions = vision[b].nonzero().flatten()
-        expected = positions[select_keep(reference[b, positions], keep)] - offsets[b]
-        assert out.traces[b].stages[0]["kept"] == expected.tolist()
-
-
 @pytest.mark.parametrize("kind", ["fastv", "pdrop"])
 def test_attention_scorers_keep_the_top_of_transformers_eager_attention(tiny, kind):
     lvlm, eager = tiny(FAMILY, "sdpa"), tiny(FAMILY, "eager")
-    eager_attention_reference(lvlm, eager, lvlm.prepare(*batch_for(lvlm, 3, FAMILY)), kind, drop_layer=2, keep=5)
+    check_attention_scorer_keeps_eager_top(
+        lvlm, eager, lvlm.prepare(*batch_for(lvlm, 3, FAMILY)), kind, drop_layer=2, keep=5
+    )
 
 
 @pytest.mark.parametrize("scorer", ["v2drop", "fastv", "random"])
@@ -120,35 +91,7 @@ def test_bad_tile_token_count_is_refused(tiny):
         lvlm.adapter.image_grids({**inputs, "input_ids": ids})
 
 
-# -- every registered scorer runs on InternVL3 or refuses with its reason (the contract suite's rules) ---------------
-@pytest.mark.parametrize("name", SCORERS)
-def test_every_scorer_batches_as_alone_or_refuses(tiny, name):
-    lvlm = tiny(FAMILY)
-    prompts, images = batch_for(lvlm, 3, FAMILY)
-    if refuses(name, FAMILY):
-        with pytest.raises(ValueError, match=FAMILY_SUPPORT[name][1]):
-            lvlm.generate(prompts, images, method=method(name), max_new_tokens=1)
-        return
-    batch = lvlm.generate(prompts, images, method=method(name), max_new_tokens=2, stop_at_eos=False)
-    assert all(len(t.stages) == len(SCHEDULE.stages) for t in batch.traces)
-    for i in range(3):
-        alone = lvlm.generate(prompts[i : i + 1], images[i : i + 1], method=method(name), max_new_tokens=2)
-        assert kept(alone)[0] == kept(batch)[i]
-        assert alone.generated_ids[0] == batch.generated_ids[i]
-
-
-@pytest.mark.parametrize("name", [n for n in SCORERS if not refuses(n, FAMILY)])
-def test_every_scorer_keeping_everything_is_the_model(tiny, name):
-    lvlm = tiny(FAMILY)
-    inputs = lvlm.prepare(*batch_for(lvlm, 2, FAMILY))
-    base = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=3, stop_at_eos=False)
-    out = lvlm.generate_from_inputs(
-        inputs, method(name, Schedule.progressive([2, 4], [1.0, 1.0])), max_new_tokens=3, stop_at_eos=False
-    )
-    assert out.generated_ids == base.generated_ids
-    assert torch.equal(out.first_logits, base.first_logits)
-
-
+# -- every registered scorer (batch == alone and keep-all == the model: tests/test_scorer_contract.py, every family) -
 @pytest.mark.parametrize("name", [n for n in SCORERS if not refuses(n, FAMILY)])
 def test_every_scorer_keeps_the_same_under_eager_and_sdpa(tiny, name):
     prompts, images = batch_for(tiny(FAMILY), 3, FAMILY)
@@ -234,7 +177,7 @@ def test_real_v2drop_equals_transformers_with_dropped_keys_masked():
 @pytest.mark.parametrize("kind", ["fastv", "pdrop"])
 def test_real_attention_scorers_keep_the_top_of_transformers_eager_attention(kind):
     lvlm, eager = real(), real("eager")
-    eager_attention_reference(lvlm, eager, real_batch(lvlm), kind, drop_layer=2, keep=64)
+    check_attention_scorer_keeps_eager_top(lvlm, eager, real_batch(lvlm), kind, drop_layer=2, keep=64)
 
 
 @pytest.mark.slow

@@ -7,13 +7,11 @@ the interleaved M-RoPE and ``get_rope_index`` are transformers' and not re-imple
 
 import pytest
 import torch
-from test_scorer_contract import FAMILY_SUPPORT, SCHEDULE, SCORERS, kept, method, refuses
+from reference_helpers import check_attention_scorer_keeps_eager_top, masked_transformers_generate
 
-from v2drop import Method, Schedule, load, select_keep
+from v2drop import Method, Schedule, load
 from v2drop.lvlm import _collate
 from v2drop.models.frames import Clip
-from v2drop.scorers.fastv import FastVScorer
-from v2drop.scorers.pdrop import PDropScorer
 from v2drop.testing import batch_for, build_real, photo, prompt_for, reference_processor, video_frames
 from v2drop.vision_cache import VisionCache
 
@@ -52,62 +50,6 @@ def test_deepstack_changes_the_result(tiny, monkeypatch):
     assert (out.first_logits - ref_logits).abs().max() > 1e-2
 
 
-def _additive_keys(mask: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-    """The eager layer's additive (B, 1, Q, K) mask with the keys not ``alive`` (B, K) removed as well."""
-    return mask.masked_fill(~alive[:, None, None, :], torch.finfo(mask.dtype).min)
-
-
-@torch.no_grad()
-def masked_transformers_generate(lvlm_eager, inputs, schedule: Schedule, max_new_tokens: int):
-    """V²Drop on transformers' own eager model: a pre-hook on every decoder layer sees the input transformers
-    gives it (DeepStack additions of the layer before included); at a stage layer it keeps the top-k of the
-    L2 variation from the previous layer's input among the vision tokens still alive, and from then on the
-    dropped tokens are masked as keys (prefill and every decoding step). Returns (first logits, tokens, kept)."""
-    a = lvlm_eager.adapter
-    pad = inputs["attention_mask"].bool()
-    B, L = pad.shape
-    vision = a.vision_mask(inputs["input_ids"]) & pad
-    n_orig = vision.sum(1).tolist()
-    offsets = (~pad).sum(1).tolist()
-    stage_at = {s.layer: i for i, s in enumerate(schedule.stages)}
-    alive, alive_at, prev, kept = pad.clone(), {}, {}, [[] for _ in range(B)]
-
-    def hook(layer_idx):
-        def pre(module, args, kwargs):
-            nonlocal alive
-            hidden = args[0] if args else kwargs["hidden_states"]
-            mask = kwargs["attention_mask"]
-            if hidden.shape[1] == L and layer_idx not in alive_at:  # the prefill
-                if layer_idx in stage_at:
-                    var = (hidden.float() - prev["hidden"].float()).norm(dim=-1)
-                    alive = alive.clone()
-                    for b in range(B):
-                        cand = (vision[b] & alive[b]).nonzero().flatten()
-                        k = schedule.kept_count(stage_at[layer_idx], cand.numel(), n_orig[b])
-                        keep = cand[select_keep(var[b, cand], k)]
-                        alive[b, cand] = False
-                        alive[b, keep] = True
-                        kept[b].append((keep - offsets[b]).tolist())
-                alive_at[layer_idx] = alive
-                prev["hidden"] = hidden
-            keys = mask.shape[-1]
-            ones = torch.ones(B, keys - L, dtype=torch.bool)
-            kwargs["attention_mask"] = _additive_keys(mask, torch.cat([alive_at[layer_idx], ones], dim=1))
-            return args, kwargs
-
-        return pre
-
-    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(a.layers)]
-    try:
-        out = lvlm_eager.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
-        )
-    finally:
-        for h in handles:
-            h.remove()
-    return out.logits[0].float(), out.sequences[:, L:].tolist(), kept
-
-
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("layers", [[1], [2, 4]], ids=["one-stage", "two-stage"])
 def test_v2drop_equals_transformers_with_dropped_keys_masked(tiny, attn, layers):
@@ -134,25 +76,9 @@ def test_attention_scorers_keep_the_top_of_transformers_eager_attention(tiny, ki
     else:
         lvlm, eager = real(), real("eager")
         inputs = real_batch(lvlm)
-    drop_layer, keep = 2, 3 if geometry == "tiny" else 64
-    seen = []
-    source = eager.adapter.layers[drop_layer - 1 if kind == "fastv" else drop_layer]
-    handle = source.self_attn.register_forward_hook(lambda m, a, out: seen.append(out[1]))
-    try:
-        with torch.no_grad():
-            eager.model(**inputs)
-    finally:
-        handle.remove()
-    reference = seen[0].float().mean(1)[:, -1]
-    scorer = FastVScorer() if kind == "fastv" else PDropScorer()
-    schedule = Schedule.one_shot(drop_layer, keep, keep_mode="absolute")
-    out = lvlm.generate_from_inputs(inputs, Method(scorer, schedule=schedule), max_new_tokens=2)
-    vision = lvlm.adapter.vision_mask(inputs["input_ids"]) & inputs["attention_mask"].bool()
-    offsets = (inputs["attention_mask"] == 0).sum(1)
-    for b in range(len(vision)):
-        positions = vision[b].nonzero().flatten()
-        expected = positions[select_keep(reference[b, positions], keep)] - offsets[b]
-        assert out.traces[b].stages[0]["kept"] == expected.tolist()
+    check_attention_scorer_keeps_eager_top(
+        lvlm, eager, inputs, kind, drop_layer=2, keep=3 if geometry == "tiny" else 64
+    )
 
 
 @pytest.mark.parametrize("scorer", ["v2drop", "fastv", "random"])
@@ -272,35 +198,6 @@ def test_real_v2drop_equals_transformers_with_dropped_keys_masked():
     assert [[s["kept"] for s in t.stages] for t in out.traces] == ref_kept
     torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-4, rtol=0)
     assert out.generated_ids == ref_tokens
-
-
-# -- every registered scorer runs on Qwen3-VL or refuses with its reason (the contract suite's rules) ----------------
-@pytest.mark.parametrize("name", SCORERS)
-def test_every_scorer_batches_as_alone_or_refuses(tiny, name):
-    lvlm = tiny(FAMILY)
-    prompts, images = batch_for(lvlm, 3, FAMILY)
-    if refuses(name, FAMILY):
-        with pytest.raises(ValueError, match=FAMILY_SUPPORT[name][1]):
-            lvlm.generate(prompts, images, method=method(name), max_new_tokens=1)
-        return
-    batch = lvlm.generate(prompts, images, method=method(name), max_new_tokens=2, stop_at_eos=False)
-    assert all(len(t.stages) == len(SCHEDULE.stages) for t in batch.traces)
-    for i in range(3):
-        alone = lvlm.generate(prompts[i : i + 1], images[i : i + 1], method=method(name), max_new_tokens=2)
-        assert kept(alone)[0] == kept(batch)[i]
-        assert alone.generated_ids[0] == batch.generated_ids[i]
-
-
-@pytest.mark.parametrize("name", [n for n in SCORERS if not refuses(n, FAMILY)])
-def test_every_scorer_keeping_everything_is_the_model(tiny, name):
-    lvlm = tiny(FAMILY)
-    inputs = lvlm.prepare(*batch_for(lvlm, 2, FAMILY))
-    base = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=3, stop_at_eos=False)
-    out = lvlm.generate_from_inputs(
-        inputs, method(name, Schedule.progressive([2, 4], [1.0, 1.0])), max_new_tokens=3, stop_at_eos=False
-    )
-    assert out.generated_ids == base.generated_ids
-    assert torch.equal(out.first_logits, base.first_logits)
 
 
 # -- video: one grid per frame after a "<t seconds>" timestamp that stays text ---------------------------------------

@@ -3,7 +3,7 @@ collated as the family's own processor pads it, and every sample gets exactly it
 
 import pytest
 import torch
-from test_engine_drop import reference_generate
+from reference_helpers import reference_generate
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from v2drop import Method

@@ -2,16 +2,18 @@
 
 For each name in ``list_scorers()`` (every module of ``v2drop.scorers``, entry points, or registered
 by an importing package): scores have shape (B, V) and a float dtype; kept sets are deterministic,
-the same in a batch as alone, and the same under eager and sdpa attention; a schedule that keeps
-everything reproduces the model without dropping exactly.
+the same in a batch as alone (with the same generated tokens, on every family of ``v2drop.testing.FAMILIES``),
+and the same under eager and sdpa attention; a schedule that keeps everything reproduces the model without
+dropping exactly (on every family). A scorer a family cannot run refuses it with its reason.
 """
 
 import pytest
 import torch
+from reference_helpers import transformers_generate
 
 from v2drop import Method, Schedule, build_scorer, list_scorers
 from v2drop.schedule import PRE_LLM
-from v2drop.testing import batch_for
+from v2drop.testing import FAMILIES, batch_for
 
 # Parameters for scorers that cannot be built from defaults alone (name -> kwargs).
 SCORER_KWARGS: dict[str, dict] = {  # scorers whose defaults would test too little
@@ -94,37 +96,49 @@ def test_kept_sets_are_deterministic(tiny, name):
 
 
 @pytest.mark.parametrize("name", SCORERS)
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_batch_keeps_what_each_sample_keeps_alone(tiny, family, name):
+    """Every stage runs on every sample of a padded batch of different vision counts, and each sample keeps the
+    same tokens and generates the same two tokens as alone; a scorer a family cannot run refuses it by name."""
     lvlm = tiny(family)
     prompts, images = batch_for(lvlm, 3, family)
     if refuses(name, family):
         with pytest.raises(ValueError, match=FAMILY_SUPPORT[name][1]):
             lvlm.generate(prompts, images, method=method(name), max_new_tokens=1)
         return
-    batch = lvlm.generate(prompts, images, method=method(name), max_new_tokens=1)
+    batch = lvlm.generate(prompts, images, method=method(name), max_new_tokens=2, stop_at_eos=False)
+    assert all(len(t.stages) == len(SCHEDULE.stages) for t in batch.traces)
     for i in range(3):
-        alone = lvlm.generate(prompts[i : i + 1], images[i : i + 1], method=method(name), max_new_tokens=1)
+        alone = lvlm.generate(
+            prompts[i : i + 1], images[i : i + 1], method=method(name), max_new_tokens=2, stop_at_eos=False
+        )
         assert kept(alone)[0] == kept(batch)[i]
+        assert alone.generated_ids[0] == batch.generated_ids[i]
 
 
 @pytest.mark.parametrize("name", SCORERS)
-def test_keeping_everything_is_the_model_without_dropping(tiny, name):
-    lvlm = tiny("llava")
-    prompts, images = batch_for(lvlm, 2, "llava")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keeping_everything_is_the_model_without_dropping(tiny, family, name):
+    """Stages that keep every token give the engine's no-drop logits bit for bit and transformers' own greedy tokens
+    and first logits (its ``generate``), with every vision token present in every layer."""
+    lvlm = tiny(family)
+    prompts, images = batch_for(lvlm, 2, family)
+    keep_all = method(name, Schedule.progressive([2, 4], [1.0, 1.0]))
+    if refuses(name, family):
+        with pytest.raises(ValueError, match=FAMILY_SUPPORT[name][1]):
+            lvlm.generate(prompts, images, method=keep_all, max_new_tokens=1)
+        return
     inputs = lvlm.prepare(prompts, images)
     base = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=4, stop_at_eos=False)
-    out = lvlm.generate_from_inputs(
-        inputs, method(name, Schedule.progressive([2, 4], [1.0, 1.0])), max_new_tokens=4, stop_at_eos=False
-    )
-    with torch.no_grad():
-        ref_tokens = lvlm.model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
-        ref_logits = lvlm.model(**inputs).logits[:, -1].float()
-    assert out.generated_ids == ref_tokens.tolist()
+    out = lvlm.generate_from_inputs(inputs, keep_all, max_new_tokens=4, stop_at_eos=False)
+    ref_logits, ref_tokens = transformers_generate(lvlm, inputs, 4)
+    assert out.generated_ids == base.generated_ids == ref_tokens
     torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-5, rtol=0)
     assert torch.equal(out.first_logits, base.first_logits)  # bit-identical to the engine without a method
-    assert all(t.vision_tokens_per_layer == [64] * lvlm.depth for t in out.traces)
+    assert all(t.vision_tokens > 0 and t.vision_tokens_per_layer == [t.vision_tokens] * lvlm.depth for t in out.traces)
     assert all(len(t.stages) == len(method(name).schedule.stages) for t in out.traces)  # every stage ran
+    if family == "llava":
+        assert all(t.vision_tokens == 64 for t in out.traces)
 
 
 @pytest.mark.parametrize("name", SCORERS)

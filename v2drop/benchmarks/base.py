@@ -83,6 +83,9 @@ class Sample:
     def images(self) -> tuple:
         """The sample's PIL images: one for image benchmarks, the frames for video (decoded on demand, bounded cache).
 
+        A video file's frames come as the ``Clip`` ``decode_video`` gives (a sequence of the frames that
+        also carries the video's frame rate and frame indices, for ``LVLM.prepare(videos=[clip])``).
+
         A medium that cannot be decoded is a ``DataError`` (a ValueError) naming the sample.
         """
         from v2drop.benchmarks.media import MEDIA_CACHE, MediaRef

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from v2drop.benchmarks.base import DataError
+from v2drop.models.frames import Clip
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")  # what a folder of frames may hold
 
@@ -128,10 +129,17 @@ def frame_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
-def decode_video(path: Path, num_frames: int, bounds: tuple[float, float] | None = None) -> list[Image.Image]:
-    """``num_frames`` RGB frames picked uniformly from a video file (within ``bounds`` seconds), decoding only those.
+def decode_video(path: Path, num_frames: int, bounds: tuple[float, float] | None = None) -> Clip:
+    """``num_frames`` RGB frames picked uniformly from a video file (within ``bounds`` seconds), decoding only those,
+    as a ``Clip`` whose metadata says where they come from.
 
-    Needs PyAV (``pip install av``). Seeks to each picked frame instead of decoding the whole
+    The metadata (``transformers.video_utils.VideoMetadata`` fields) holds the source's frame rate
+    (``fps``), the frames of the window sampled from (``total_num_frames``: the whole video, or the
+    frames within ``bounds``), the picked source frames (``frames_indices``, counted from the start
+    of the video), ``duration`` in seconds, the frame size and ``video_backend``; so Qwen2.5-VL's
+    ``second_per_grid_ts`` (from the sampled rate ``len(frames_indices) / total_num_frames * fps``)
+    and Qwen3-VL's timestamps (``frames_indices / fps``) are the video's own, as qwen-vl-utils reads
+    them. Needs PyAV (``pip install av``). Seeks to each picked frame instead of decoding the whole
     video, so hour-long Video-MME videos cost ``num_frames`` short decodes.
     """
     try:
@@ -150,11 +158,14 @@ def decode_video(path: Path, num_frames: int, bounds: tuple[float, float] | None
         )
         if not rate or not total:  # length unknown: decode it all, then pick
             frames = [f.to_image().convert("RGB") for f in container.decode(stream)]
-            first, last = _clip(len(frames), rate, bounds)
-            return sample_frames(frames[first : last + 1], num_frames)
+            total = len(frames)
+            first, last = _clip(total, rate, bounds)
+            indices = [first + i for i in frame_indices(last - first + 1, num_frames)]
+            return video_clip([frames[i] for i in indices], indices, last - first + 1, total, rate or None)
         first, last = _clip(total, rate, bounds)
+        indices = [first + i for i in frame_indices(last - first + 1, num_frames)]
         out = []
-        for index in (first + i for i in frame_indices(last - first + 1, num_frames)):
+        for index in indices:
             target = start_pts + int(round(index / rate / base))
             container.seek(target, stream=stream, backward=True, any_frame=False)  # to the key frame before it
             chosen = None
@@ -165,7 +176,25 @@ def decode_video(path: Path, num_frames: int, bounds: tuple[float, float] | None
             if chosen is None:
                 raise DataError(f"frame {index} of {path} cannot be decoded")
             out.append(chosen.to_image().convert("RGB"))
-    return out
+    return video_clip(out, indices, last - first + 1, total, rate)
+
+
+def video_clip(frames: list, indices: list[int], window: int, total: int, fps: float | None) -> Clip:
+    """A ``Clip`` of ``frames``, the source frames ``indices`` of a window of ``window`` frames in a video of ``total``
+    frames at ``fps`` frames a second (None: unknown), with ``VideoMetadata``'s fields (``decode_video``)."""
+    if len(frames) != len(indices):
+        raise ValueError(f"video_clip got {len(frames)} frames for {len(indices)} indices; give one index per frame")
+    width, height = frames[0].size if frames else (None, None)
+    metadata = {
+        "total_num_frames": window,
+        "fps": fps,
+        "frames_indices": list(indices),
+        "duration": total / fps if fps else None,
+        "width": width,
+        "height": height,
+        "video_backend": "pyav",
+    }
+    return Clip(tuple(frames), metadata)
 
 
 def _clip(total: int, rate: float, bounds: tuple[float, float] | None) -> tuple[int, int]:
@@ -264,8 +293,9 @@ class MediaRef:
             source = "sha1:" + hashlib.sha1(data).hexdigest()
         return (self.kind, source, self.num_frames, self.bounds, self.max_side)
 
-    def decode(self) -> tuple:
-        """The RGB image(s): one for an image, the picked frames for a video; a DataError when they cannot be
+    def decode(self) -> tuple | Clip:
+        """The RGB image(s): one for an image, the picked frames for frames or a folder, and for a video file the
+        ``Clip`` of its picked frames with the video's metadata (``decode_video``); a DataError when they cannot be
         decoded."""
         if self.kind == "image":
             return (open_image(self.source, None),)
@@ -275,9 +305,9 @@ class MediaRef:
         path = Path(self.source)
         if self.kind == "folder":
             picked = [decode_image_file(p) for p in sample_frames(frame_files(path), self.num_frames or 1)]
-        else:
-            picked = decode_video(path, self.num_frames or 1, self.bounds)
-        return tuple(shrink(im, self.max_side) for im in picked)
+            return tuple(shrink(im, self.max_side) for im in picked)
+        clip = decode_video(path, self.num_frames or 1, self.bounds)
+        return Clip(tuple(shrink(im, self.max_side) for im in clip), clip.metadata)
 
     def check(self) -> None:
         """A cheap check that the medium is there and readable: files exist, image headers parse; nothing is decoded."""

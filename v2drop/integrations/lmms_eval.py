@@ -63,8 +63,9 @@ def manifest():
     return ModelManifest(model_id="v2drop", simple_class_path=f"{__name__}.V2DropLMM")
 
 
-def video_frames(path: str, n: int) -> list:
-    """``n`` frames sampled uniformly from a video file (needs PyAV, ``pip install av``)."""
+def video_frames(path: str, n: int):
+    """``n`` frames sampled uniformly from a video file (needs PyAV, ``pip install av``): a ``Clip``, a sequence of
+    the frames that also carries the video's frame rate and the frames' indices (``decode_video``)."""
     from pathlib import Path
 
     from v2drop.benchmarks.media import decode_video

@@ -27,11 +27,38 @@ class Clip:
     ``metadata`` has ``transformers.video_utils.VideoMetadata``'s fields (a dict or that object):
     ``fps`` (the source's frame rate), ``total_num_frames`` and ``frames_indices`` (which source
     frames ``frames`` are). Qwen2.5-VL's temporal positions use the sampled frame rate
-    ``len(frames_indices) / total_num_frames * fps``; without metadata transformers assumes 24.
+    ``len(frames_indices) / total_num_frames * fps`` and Qwen3-VL's timestamps ``frames_indices / fps``;
+    without metadata transformers assumes 24 frames a second. A clip is a sequence of its frames.
     """
 
     frames: Sequence[Any]
     metadata: Any = None
+
+    def __len__(self) -> int:
+        """The number of frames."""
+        return len(self.frames)
+
+    def __iter__(self):
+        """The frames in order."""
+        return iter(self.frames)
+
+    def __getitem__(self, index):
+        """One frame (or a slice of the frames)."""
+        return self.frames[index]
+
+
+def presampled(metadata, n_frames: int) -> bool:
+    """Whether a clip of ``n_frames`` frames was sampled from its source already (``decode_video``'s clips): its
+    metadata names ``n_frames`` source frames (``frames_indices``) out of more (``total_num_frames``).
+
+    Such a clip is used as it is: sampling it again would index source frames it does not hold (transformers'
+    video processors fail on it; pass it with ``do_sample_frames=False``, which the stand-ins need not).
+    """
+    if metadata is None:
+        return False
+    meta = dict(metadata)
+    indices, total = meta.get("frames_indices"), meta.get("total_num_frames")
+    return indices is not None and len(indices) == n_frames and total is not None and total > n_frames
 
 
 def _clips(videos: Sequence[Any] | None) -> list[Any]:

@@ -14,6 +14,7 @@ from transformers.video_utils import VideoMetadata
 from v2drop.models.frames import (
     clip_metadata,
     metadata_per_clip,
+    presampled,
     read_chat_template,
     read_optional_json,
     resize_normalize,
@@ -36,7 +37,9 @@ class QwenProcessorLite:
     metadata (``VideoMetadata.sampled_fps``: ``len(frames_indices) / total_num_frames * fps``, or
     ``fps``, or 24 when the frames come without metadata). Metadata comes as the ``video_metadata``
     argument or with each video as a ``v2drop.models.frames.Clip``; ``do_sample_frames`` with
-    ``fps`` or ``num_frames`` samples frames as ``Qwen2VLVideoProcessor.sample_frames`` does.
+    ``fps`` or ``num_frames`` samples frames as ``Qwen2VLVideoProcessor.sample_frames`` does, except
+    for a clip sampled from its source already (``frames.presampled``: ``decode_video``'s clips), which
+    is used as it is (the real processor needs ``do_sample_frames=False`` for it).
     Frames are resized with PIL bicubic instead of torchvision's, so video pixel values differ
     slightly from the real processor's when a frame is resized (not their shape or token count;
     frames whose sides are already multiples of ``patch_size * merge_size`` within the pixel bounds
@@ -115,7 +118,7 @@ class QwenProcessorLite:
         metadata = metadata_per_clip(clips, video_metadata if video_metadata is not None else clip_metadata(videos))
         patches, grids = [], []
         for clip, meta in zip(clips, metadata):
-            if do_sample_frames:
+            if do_sample_frames and not presampled(meta, len(clip)):
                 indices = self.sample_frames(meta, fps=fps, num_frames=num_frames)
                 meta.frames_indices = indices
                 clip = [clip[i] for i in indices.tolist()]

@@ -1,0 +1,165 @@
+"""References the engine is checked against, shared by the family tests: transformers' own models run with hooks
+(dropped tokens masked as keys, attention rows read from the eager forward) and a mask-based V2Drop on the adapter's
+layers. Each runs the slow, obvious way, so a test compares the engine's kept sets, logits and tokens with it."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from v2drop import Method, Schedule, select_keep
+from v2drop.scorers.fastv import FastVScorer
+from v2drop.scorers.pdrop import PDropScorer
+
+
+@torch.no_grad()
+def transformers_generate(lvlm, inputs, max_new_tokens: int):
+    """transformers' greedy ``generate``: (first-step logits, new tokens); its logits, not a bare forward's: it
+    gives left-padded samples positions from the attention mask (a forward without ``position_ids`` shifts them by
+    the padding, which RoPE undoes only up to float error)."""
+    out = lvlm.model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    return out.logits[0].float(), out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+
+
+def _additive_keys(mask: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """The eager layer's additive (B, 1, Q, K) mask with the keys not ``alive`` (B, K) removed as well."""
+    return mask.masked_fill(~alive[:, None, None, :], torch.finfo(mask.dtype).min)
+
+
+@torch.no_grad()
+def masked_transformers_generate(lvlm_eager, inputs, schedule: Schedule, max_new_tokens: int):
+    """V²Drop on transformers' own eager model: a pre-hook on every decoder layer sees the input transformers
+    gives it (DeepStack additions of the layer before included); at a stage layer it keeps the top-k of the
+    L2 variation from the previous layer's input among the vision tokens still alive, and from then on the
+    dropped tokens are masked as keys (prefill and every decoding step). Returns (first logits, tokens, kept)."""
+    a = lvlm_eager.adapter
+    pad = inputs["attention_mask"].bool()
+    B, L = pad.shape
+    vision = a.vision_mask(inputs["input_ids"]) & pad
+    n_orig = vision.sum(1).tolist()
+    offsets = (~pad).sum(1).tolist()
+    stage_at = {s.layer: i for i, s in enumerate(schedule.stages)}
+    alive, alive_at, prev, kept = pad.clone(), {}, {}, [[] for _ in range(B)]
+
+    def hook(layer_idx):
+        def pre(module, args, kwargs):
+            nonlocal alive
+            hidden = args[0] if args else kwargs["hidden_states"]
+            mask = kwargs["attention_mask"]
+            if hidden.shape[1] == L and layer_idx not in alive_at:  # the prefill
+                if layer_idx in stage_at:
+                    var = (hidden.float() - prev["hidden"].float()).norm(dim=-1)
+                    alive = alive.clone()
+                    for b in range(B):
+                        cand = (vision[b] & alive[b]).nonzero().flatten()
+                        k = schedule.kept_count(stage_at[layer_idx], cand.numel(), n_orig[b])
+                        keep = cand[select_keep(var[b, cand], k)]
+                        alive[b, cand] = False
+                        alive[b, keep] = True
+                        kept[b].append((keep - offsets[b]).tolist())
+                alive_at[layer_idx] = alive
+                prev["hidden"] = hidden
+            keys = mask.shape[-1]
+            ones = torch.ones(B, keys - L, dtype=torch.bool)
+            kwargs["attention_mask"] = _additive_keys(mask, torch.cat([alive_at[layer_idx], ones], dim=1))
+            return args, kwargs
+
+        return pre
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(a.layers)]
+    try:
+        out = lvlm_eager.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    return out.logits[0].float(), out.sequences[:, L:].tolist(), kept
+
+
+def check_attention_scorer_keeps_eager_top(lvlm, eager, inputs, kind: str, drop_layer: int, keep: int):
+    """Kept sets of FastV / PDrop at ``drop_layer`` against the top-k of transformers' eager attention (head mean)
+    from the last prompt token of layer ``drop_layer - 1`` (FastV) or ``drop_layer`` (PDrop)."""
+    seen = []
+    source = eager.adapter.layers[drop_layer - 1 if kind == "fastv" else drop_layer]
+    handle = source.self_attn.register_forward_hook(lambda m, a, out: seen.append(out[1]))
+    try:
+        with torch.no_grad():
+            eager.model(**inputs)
+    finally:
+        handle.remove()
+    reference = seen[0].float().mean(1)[:, -1]
+    scorer = FastVScorer() if kind == "fastv" else PDropScorer()
+    schedule = Schedule.one_shot(drop_layer, keep, keep_mode="absolute")
+    out = lvlm.generate_from_inputs(inputs, Method(scorer, schedule=schedule), max_new_tokens=2)
+    vision = lvlm.adapter.vision_mask(inputs["input_ids"]) & inputs["attention_mask"].bool()
+    offsets = (inputs["attention_mask"] == 0).sum(1)
+    for b in range(len(vision)):
+        positions = vision[b].nonzero().flatten()
+        expected = positions[select_keep(reference[b, positions], keep)] - offsets[b]
+        assert out.traces[b].stages[0]["kept"] == expected.tolist()
+
+
+def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """Boolean (B, Q, K) -> additive (B, 1, Q, K) mask."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+@torch.no_grad()
+def reference_generate(lvlm, inputs, schedule: Schedule, max_new_tokens: int, metric: str = "l2"):
+    """V²Drop written the slow, obvious way: the full sequence runs through every layer, and from a
+    drop layer on the dropped tokens are removed from every query's keys (prefill and decode)."""
+    a = lvlm.adapter
+    ids, pad = inputs["input_ids"], inputs["attention_mask"].bool()
+    B, L = ids.shape
+    h = a.embed(inputs)
+    pos = a.position_ids(inputs)
+    rope = a.rope(h, pos)
+    vision = a.vision_mask(ids) & pad
+    n_orig = vision.sum(1).tolist()
+    alive = pad.clone()
+    stage_at = {s.layer: i for i, s in enumerate(schedule.stages)}
+    cache = DynamicCache(config=a.text_config)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    kept, alive_at, prev = [[] for _ in range(B)], [], None
+    for layer_idx, layer in enumerate(a.layers):
+        if layer_idx in stage_at:
+            diff = h.float() - prev.float()
+            if metric == "l2":
+                var = diff.norm(dim=-1)
+            elif metric == "l1":
+                var = diff.abs().sum(-1)
+            else:
+                var = 1 - torch.nn.functional.cosine_similarity(h.float(), prev.float(), dim=-1)
+            for b in range(B):
+                cand = (vision[b] & alive[b]).nonzero().flatten()
+                k = schedule.kept_count(stage_at[layer_idx], cand.numel(), n_orig[b])
+                keep = cand[select_keep(var[b, cand], k)]
+                alive[b, cand] = False
+                alive[b, keep] = True
+                offset = int((~pad[b]).sum())
+                kept[b].append((keep - offset).tolist())
+        alive_at.append(alive.clone())
+        mask = _additive(causal[None] & alive[:, None, :], h.dtype)
+        prev = h
+        h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+    logits = a.lm_head(a.norm(h[:, -1])).float()
+    first_logits = logits
+    p = pos if pos.dim() == 3 else pos[None]
+    next_pos = p.masked_fill(~pad[None].expand_as(p), -1).amax(dim=(0, 2)) + 1
+    tokens = []
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        tokens.append(token)
+        if step == max_new_tokens - 1:
+            break
+        h = a.inner.get_input_embeddings()(token[:, None])
+        rope = a.rope(h, a.decode_position_ids(next_pos + step))
+        new = torch.ones(B, step + 1, dtype=torch.bool)
+        for layer_idx, layer in enumerate(a.layers):
+            mask = _additive(torch.cat([alive_at[layer_idx], new], 1)[:, None, :], h.dtype)
+            h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+        logits = a.lm_head(a.norm(h[:, -1])).float()
+    return first_logits, torch.stack(tokens, 1).tolist(), kept

@@ -1,0 +1,124 @@
+"""Hub-id loading: a saved checkpoint of every family loads through the path a hub id takes (``v2drop.load`` behind
+``experiments.evaluate`` and the lmms-eval plugin), gets its family's adapter from ``config.model_type`` and answers
+as the model it was saved from. A local directory stands in for the hub id; nothing is downloaded (HF_HUB_OFFLINE)."""
+
+import json
+
+import pytest
+
+from experiments import evaluate
+from v2drop import load
+from v2drop.benchmarks import get_benchmark
+from v2drop.evaluation.harness import prepare_batch
+from v2drop.models import FAMILIES as ADAPTERS
+from v2drop.testing import FAMILIES, build_real
+
+# the adapter and the processor each family's checkpoint gets (stand-ins where the real processor needs torchvision)
+EXPECTED = {
+    "llava": ("LlavaAdapter", "LlavaProcessor"),
+    "llava_next": ("LlavaNextAdapter", "LlavaNextProcessor"),
+    "llava_onevision": ("LlavaOnevisionAdapter", "OnevisionProcessorLite"),
+    "qwen2_vl": ("Qwen2VLAdapter", "QwenProcessorLite"),
+    "qwen2_5_vl": ("Qwen2VLAdapter", "QwenProcessorLite"),
+    "qwen3_vl": ("Qwen3VLAdapter", "Qwen3ProcessorLite"),
+    "internvl": ("InternVLAdapter", "InternVLProcessorLite"),
+}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No hub access: a local path must be enough."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def saved(family: str, path):
+    """``build_real(family)`` (the real checkpoint's preprocessing, tiny weights) saved as a checkpoint at ``path``."""
+    lvlm = build_real(family)
+    lvlm.model.save_pretrained(path)
+    lvlm.processor.save_pretrained(path)
+    return lvlm
+
+
+def digits(n: int = 2):
+    """The first ``n`` digits test questions (small images, so the real-geometry models stay quick)."""
+    return get_benchmark("digits").load("test", n)
+
+
+def test_every_family_has_an_expected_adapter():
+    assert set(EXPECTED) == set(FAMILIES)  # a family added to the tiny builders must be added here too
+    assert set(EXPECTED) <= set(ADAPTERS.names())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_loads_by_model_type_and_evaluates(family, tmp_path):
+    """``v2drop.load`` on the directory picks the family's adapter and processor; generating two tokens, and
+    ``experiments.evaluate --model <dir>``, give the saved model's own tokens and answers."""
+    original = saved(family, tmp_path / "ckpt")
+    lvlm = load(str(tmp_path / "ckpt"))
+    assert lvlm.model.config.model_type == family
+    assert (type(lvlm.adapter).__name__, type(lvlm.processor).__name__) == EXPECTED[family]
+    assert type(lvlm.adapter) is ADAPTERS.get(family)
+    samples = digits()
+    a = original.generate_from_inputs(prepare_batch(original, samples), None, max_new_tokens=2, stop_at_eos=False)
+    b = lvlm.generate_from_inputs(prepare_batch(lvlm, samples), None, max_new_tokens=2, stop_at_eos=False)
+    assert a.prompt_ids == b.prompt_ids and a.generated_ids == b.generated_ids
+    assert min(t.vision_tokens for t in b.traces) > 0
+
+    result = evaluate.main(
+        [
+            "--model",
+            str(tmp_path / "ckpt"),
+            "--benchmark",
+            "digits",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--warmup",
+            "0",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--store",
+            str(tmp_path / "store"),
+        ]
+    )
+    records = [json.loads(line) for line in open(result["records_path"])]
+    by_id = {r["id"]: r for r in records}
+    with_stop = original.generate_from_inputs(prepare_batch(original, samples), None, max_new_tokens=2)
+    for i, sample in enumerate(samples):
+        assert by_id[sample.id]["prediction"] == with_stop.texts[i]
+        assert by_id[sample.id]["vision_tokens"] == a.traces[i].vision_tokens
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lmms_eval_plugin_loads_every_family(family, tmp_path):
+    """The lmms-eval model built from ``pretrained=<dir>`` (as from a hub id) runs the family's adapter and answers as
+    the saved model."""
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (.ci/run installs it without dependencies)")
+    pytest.importorskip("accelerate", reason="lmms-eval's run-time needs are not installed: pip install -e '.[lmms]'")
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    original = saved(family, tmp_path)
+    model = get_model("v2drop").create_from_arg_string(
+        f"pretrained={tmp_path},method=v2drop-llava15-128", {"batch_size": 1, "device": "cpu"}
+    )
+    assert (type(model.lvlm.adapter).__name__, type(model.lvlm.processor).__name__) == EXPECTED[family]
+    sample = digits(1)[0]
+    model.task_dict = {"toy": {"test": [{"image": sample.images[0], "question": sample.question}]}}
+    request = Instance(
+        request_type="generate_until",
+        idx=0,
+        metadata={"task": "toy", "doc_id": 0, "repeats": 1},
+        arguments=(sample.question, {"max_new_tokens": 2, "until": []}, lambda doc: [doc["image"]], 0, "toy", "test"),
+    )
+    answer = model.generate_until([request])[0]
+    prompt = original.format_prompt(sample.question)
+    expected = original.generate([prompt], [[sample.images[0]]], method="v2drop-llava15-128", max_new_tokens=2)
+    assert answer == expected.texts[0]
+    assert answer.info["vision_tokens"] == expected.traces[0].vision_tokens
+    assert answer.info["average_vision_tokens"] < answer.info["vision_tokens"]
