@@ -288,11 +288,16 @@ def _attention(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, 
             query_valid[b, : len(q)] = match.any(-1)
     request = ctx.requests[layer_idx]
     hidden = seq.hidden if request.layer_offset == 0 else prev_hidden
-    layer = ctx.adapter.layers[layer_idx + request.layer_offset]
-    rope = ctx.adapter.rope(hidden, seq.position_ids)
+    source = layer_idx + request.layer_offset
+    layer = ctx.adapter.layers[source]
+    rope = ctx.adapter.layer_rope(ctx.adapter.rope(hidden, seq.position_ids), source)
     if not request.full_map:
-        return attention_rows(layer, hidden, rope, seq.attention_mask, query_idx), query_valid
+        allowed = ctx.adapter.attention_allowed(source, seq, query_idx)
+        return attention_rows(layer, hidden, rope, seq.attention_mask, query_idx, allowed), query_valid
     # The whole (B, H, L, L) map, as an eager attention layer materialises it; then the rows.
-    full = attention_probabilities(layer, hidden, rope, seq.attention_mask)
+    every = torch.arange(L, device=device).expand(B, L)
+    full = attention_probabilities(
+        layer, hidden, rope, seq.attention_mask, allowed=ctx.adapter.attention_allowed(source, seq, every)
+    )
     rows = full.gather(2, query_idx[:, None, :, None].expand(-1, full.shape[1], -1, L)).mean(1)
     return rows, query_valid
