@@ -284,6 +284,34 @@ def test_bad_image_token_count_is_refused(tiny):
         lvlm.adapter.image_grids({**inputs, "input_ids": ids})
 
 
+@torch.no_grad()
+def test_keys_recomputed_for_a_local_layer_equal_what_it_caches(tiny):
+    """DART reads the keys of the layer before its stage; a local layer's cache keeps only its last 11, so they are
+    recomputed from the layer's input (``layer_keys``): equal to what the layer caches when it keeps them all."""
+    from transformers import DynamicCache
+
+    from v2drop.attention import layer_keys
+
+    lvlm = tiny(FAMILY)
+    a = lvlm.adapter
+    inputs = tiny_inputs(lvlm, 2, crops=False)
+    hidden = a.embed(inputs)
+    rope = a.layer_rope(a.rope(hidden, a.position_ids(inputs)), 0)
+    assert a.layer_type(0) == "sliding_attention"
+    cache = DynamicCache()  # no config: every layer keeps all its keys
+    mask = a.attention_mask(
+        "sliding_attention", 0, hidden, inputs["attention_mask"], cache, *_index_and_blocks(a, inputs)
+    )
+    a.layers[0](hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(layer_keys(a.layers[0], hidden, rope), cache.layers[0].keys, atol=0, rtol=0)
+
+
+def _index_and_blocks(adapter, inputs):
+    """Prompt indices and attention blocks of the layer-0 tokens."""
+    pad = inputs["attention_mask"].bool()
+    return (pad.long().cumsum(1) - 1).masked_fill(~pad, -1), adapter.attention_blocks(inputs)
+
+
 # -- every registered scorer runs on Gemma 3 or refuses with its reason (the contract suite's rules) ------------------
 @pytest.mark.parametrize("name", SCORERS)
 def test_every_scorer_batches_as_alone_or_refuses(tiny, name):

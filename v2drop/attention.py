@@ -12,6 +12,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def layer_keys(layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(B, H_kv, L, head_dim) the post-RoPE keys ``layer`` computes (and caches) from its input ``hidden``.
+
+    ``input_layernorm``, ``k_proj``, the per-head ``k_norm`` where the layer has one, RoPE: as the layer's attention.
+    """
+    attn = layer.self_attn
+    B, L, _ = hidden.shape
+    k = attn.k_proj(layer.input_layernorm(hidden)).view(B, L, -1, attn.head_dim)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    k = k.transpose(1, 2)
+    cos, sin = rope
+    return k * cos[:, None] + rotate_half(k) * sin[:, None]
+
+
 def attention_probabilities(
     layer: nn.Module,
     hidden: torch.Tensor,

@@ -124,7 +124,7 @@ class Gemma3Adapter(Adapter):
                 f"got {impl!r}"
             )
         n_query = hidden.shape[1]
-        n_key = cache.layers[layer_idx].get_mask_sizes(n_query)[0]
+        n_key = cache.get_mask_sizes(n_query, layer_idx)[0]
         allowed = self.allowed_keys(
             kind,
             index[:, -n_key:],
