@@ -77,7 +77,7 @@ def test_kept_sets_are_deterministic(tiny, name):
 
 
 @pytest.mark.parametrize("name", SCORERS)
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
 def test_batch_keeps_what_each_sample_keeps_alone(tiny, family, name):
     lvlm = tiny(family)
     prompts, images = batch_for(lvlm, 3, family)
