@@ -3,7 +3,8 @@
 Read ``generate`` top to bottom: embed, then for every decoder layer drop vision tokens if a
 stage starts there, run the layer, add the family's own per-layer additions (Qwen3-VL's DeepStack) at
 the vision tokens still present; norm and head give the first token; then each new token runs
-through every layer, each attending to its own (possibly shorter) KV cache. Conventions (layer
+through every layer, each attending to its own (possibly shorter) KV cache. The adapter builds each
+layer's mask (causal; Gemma 3: image blocks both ways, sliding windows on prompt positions) and RoPE. Conventions (layer
 indexing, positions, keep counts) are those of ``docs/methods.md``.
 """
 

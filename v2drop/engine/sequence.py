@@ -97,8 +97,8 @@ class Segment:
     first_layer: int
     attention_mask: torch.Tensor  # (B, L_segment) padding mask of these layers' caches
     next_positions: torch.Tensor  # (B,) decode positions start here
-    orig_idx: torch.Tensor | None = None  # (B, L_segment) prompt index of each token, -1 for padding
-    block: torch.Tensor | None = None  # (B, L_segment) attention block of each token (``Sequence.block``)
+    orig_idx: torch.Tensor  # (B, L_segment) prompt index of each token, -1 for padding
+    block: torch.Tensor  # (B, L_segment) attention block of each token (``Sequence.block``)
 
     def keys(self, prompt_length: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt index, attention block) of these layers' keys after ``steps`` decoded tokens, each (B, L + steps).
