@@ -291,11 +291,12 @@ def test_runs_on_every_family_and_keeps_what_the_definition_keeps(tiny, family):
     (the cached keys of layer 1 and the final norm of layer 2's input).
 
     LLaVA-style models (64 or 136 tokens) use the official 4 + 4 pivots keeping 4 + 8·2; the tiny
-    Qwen models have 4 to 9 vision tokens, so 1 + 1 pivots keeping 1 + 2·2.
+    Qwen models have 4 to 9 vision tokens and the tiny Gemma 3 16, so 1 + 1 pivots keeping 1 + 2·2 (Gemma 3:
+    the keys of its local layer 1, recomputed from that layer's input).
     """
     lvlm = tiny(family)
     prompts, images = batch_for(lvlm, 3, family)
-    pivots, t = (1, 2) if family.startswith("qwen") else (4, 2)
+    pivots, t = (1, 2) if family.startswith("qwen") or family == "gemma3" else (4, 2)
     k = pivots + 2 * pivots * t
     method = Method(
         build_scorer("dart", pivot_image=pivots, pivot_text=pivots),

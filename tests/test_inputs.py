@@ -27,7 +27,7 @@ def test_unknown_family():
         LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
     )
     with pytest.raises(
-        ValueError, match=r"Unsupported model family 'llama'.*Supported families: internvl, llava, llava_next"
+        ValueError, match=r"Unsupported model family 'llama'.*Supported families: gemma3, internvl, llava, llava_next"
     ):
         LVLM(model, processor=None)
 

@@ -20,6 +20,7 @@ SIZES = {
     "qwen2_5_vl": [(1000, 700), (640, 480)],
     "qwen3_vl": [(1000, 700), (640, 480)],
     "internvl": [(1000, 700), (300, 300)],  # 6 tiles + thumbnail beside one tile
+    "gemma3": [(1000, 700), (640, 480)],  # 256 tokens each (pan-and-scan is off unless asked: tests/test_gemma3.py)
 }
 QUESTIONS = ["how many ?", "what is the colour of the digit in row 2 column 3 ?"]
 QWEN_PIXELS = {"qwen3_vl": dict(min_pixels=65536, max_pixels=16777216, patch_size=16)}  # Qwen3-VL-8B-Instruct's
@@ -65,6 +66,8 @@ def mixed_batch(lvlm, family):
         ("internvl", (1000, 700), 7 * 256, None),  # 3x2 tiles of 448 + thumbnail, 256 tokens each
         ("internvl", (2000, 1500), 13 * 256, None),  # 4x3 tiles (the most: 12) + thumbnail
         ("internvl", (300, 300), 256, None),  # one tile, no thumbnail
+        ("gemma3", (1000, 700), 256, None),  # resized to 896x896, 64x64 patches pooled 4x4
+        ("gemma3", (200, 1500), 256, None),  # any shape: no pan-and-scan unless asked at call time
     ],
 )
 def test_real_token_counts(family, size, tokens, crops):
@@ -82,9 +85,18 @@ def test_real_token_counts(family, size, tokens, crops):
         # an independent count: the image processor's own tile arithmetic, 256 tokens a tile
         tiles = lvlm.processor.image_processor.get_number_of_image_patches(size[1], size[0], {})
         assert inputs["pixel_values"].shape == (tiles, 3, 448, 448) and 256 * tiles == tokens
+    if family == "gemma3":
+        # an independent count: the tower's patch grid, average-pooled to mm_tokens_per_image
+        vision = lvlm.model.config.vision_config
+        assert (
+            inputs["pixel_values"].shape == (1, 3, 896, 896) and (vision.image_size // vision.patch_size) ** 2 == 4096
+        )
+        assert lvlm.model.config.mm_tokens_per_image == tokens
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl"])
+@pytest.mark.parametrize(
+    "family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3"]
+)
 def test_collation_matches_the_processors_own_batch(family):
     """Samples processed alone then collated carry the vision inputs of the image processor run on the whole batch."""
     lvlm = real(family)

@@ -12,19 +12,36 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def layer_keys(layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(B, H_kv, L, head_dim) the post-RoPE keys ``layer`` computes (and caches) from its input ``hidden``.
+
+    ``input_layernorm``, ``k_proj``, the per-head ``k_norm`` where the layer has one, RoPE: as the layer's attention.
+    """
+    attn = layer.self_attn
+    B, L, _ = hidden.shape
+    k = attn.k_proj(layer.input_layernorm(hidden)).view(B, L, -1, attn.head_dim)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    k = k.transpose(1, 2)
+    cos, sin = rope
+    return k * cos[:, None] + rotate_half(k) * sin[:, None]
+
+
 def attention_probabilities(
     layer: nn.Module,
     hidden: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor],
     attention_mask: torch.Tensor,
     query_idx: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-head attention probabilities of some query rows (or all) of ``layer`` over all keys.
 
     Applies the layer's ``input_layernorm``, ``q_proj``/``k_proj`` (with their biases), the
     per-head ``q_norm``/``k_norm`` where the layer has them, RoPE,
-    grouped-query head sharing, the causal mask and padding, then softmax in float32, exactly as
-    the layer's eager attention would for those rows.
+    grouped-query head sharing, the logit soft-capping where the layer has it, the causal mask and
+    padding (or the family's own mask, ``allowed``), then softmax in float32, exactly as the layer's
+    eager attention would for those rows.
 
     Parameters
     ----------
@@ -38,6 +55,8 @@ def attention_probabilities(
     query_idx : LongTensor (B, Q), optional
         Query positions in the current sequence; None = every position (the full (B, H, L, L)
         map, with the memory cost of an eager attention layer).
+    allowed : BoolTensor (B, Q, L), optional
+        Which keys each query row attends to (``Adapter.attention_allowed``); None = causal and padding.
 
     Returns
     -------
@@ -62,8 +81,12 @@ def attention_probabilities(
     k = k * cos[:, None] + rotate_half(k) * sin[:, None]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, L, hd)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling  # (B, H, Q, L)
-    key_pos = torch.arange(L, device=hidden.device)
-    allowed = (key_pos[None, None] <= query_idx[..., None]) & attention_mask.bool()[:, None]  # (B, Q, L)
+    softcap = getattr(attn, "attn_logit_softcapping", None)
+    if softcap is not None:  # Gemma 2
+        logits = torch.tanh(logits / softcap) * softcap
+    if allowed is None:
+        key_pos = torch.arange(L, device=hidden.device)
+        allowed = (key_pos[None, None] <= query_idx[..., None]) & attention_mask.bool()[:, None]  # (B, Q, L)
     logits = logits.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
     return logits.softmax(dim=-1)
 
@@ -74,6 +97,7 @@ def attention_rows(
     rope: tuple[torch.Tensor, torch.Tensor],
     attention_mask: torch.Tensor,
     query_idx: torch.Tensor,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-averaged ``attention_probabilities`` of the ``query_idx`` (B, Q) rows: (B, Q, L) float32."""
-    return attention_probabilities(layer, hidden, rope, attention_mask, query_idx).mean(dim=1)
+    return attention_probabilities(layer, hidden, rope, attention_mask, query_idx, allowed).mean(dim=1)

@@ -16,7 +16,7 @@ from v2drop.bundled import ASSETS, LOCAL_MODELS  # noqa: F401  (re-exported: whe
 from v2drop.method import Method
 from v2drop.models import adapter_for
 
-_PAD_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids")
+_PAD_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 @dataclass

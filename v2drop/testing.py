@@ -62,8 +62,9 @@ SPECIALS = [
     "<|vision_end|>",
 ]
 DEPTH = 6
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3")
 INTERNVL_SPECIALS = ["<img>", "</img>", "<IMG_CONTEXT>"]  # InternVL3's image start, end and context tokens
+GEMMA3_SPECIALS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]  # Gemma 3's boi, eoi, image tokens
 
 __all__ = [
     "DEPTH",
@@ -82,6 +83,7 @@ __all__ = [
     "word_tokenizer",
     "REAL_GEOMETRY",
     "internvl_tokenizer",
+    "gemma3_tokenizer",
     "build_real",
     "photo",
     "video_frames",
@@ -128,6 +130,78 @@ def internvl_tokenizer() -> PreTrainedTokenizerFast:
         special=SPECIALS[4:] + INTERNVL_SPECIALS,
         named={**dict(zip(names, INTERNVL_SPECIALS)), "video_token": "<video>"},
     )
+
+
+def gemma3_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer plus Gemma 3's ``<start_of_image>``, ``<end_of_image>``, ``<image_soft_token>``, named as the
+    real one's (``boi_token``, ``eoi_token``, ``image_token``)."""
+    return word_tokenizer(
+        SPECIALS + GEMMA3_SPECIALS + WORDS + [str(d) for d in range(10)] + ["?", "."],
+        special=SPECIALS[4:] + GEMMA3_SPECIALS,
+        named=dict(zip(("boi_token", "eoi_token", "image_token"), GEMMA3_SPECIALS)),
+    )
+
+
+def _gemma3(image: int, patch: int, per_image: int, window: int, local_per_global: int, attn: str | None) -> LVLM:
+    """A Gemma 3 model (SigLIP tower of 2 layers, width 32; a ``DEPTH``-layer Gemma 3 decoder of width 64 with
+    ``local_per_global`` sliding-window layers of ``window`` before each global one, global RoPE linearly scaled by 8
+    as gemma-3-4b-it's) and transformers' own ``Gemma3Processor`` (it needs no torchvision); ``image``-pixel inputs in
+    ``patch``-pixel patches, pooled to ``per_image`` tokens. Built from the current RNG; the projector (zero at
+    initialisation) is drawn at random too."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    from transformers.models.gemma3.processing_gemma3 import Gemma3Processor
+
+    tok = gemma3_tokenizer()
+    period = local_per_global + 1
+    text = dict(
+        model_type="gemma3_text",
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=window,
+        layer_types=["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(DEPTH)],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+        max_position_embeddings=16384,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    vision = dict(
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image,
+        patch_size=patch,
+        vision_use_head=False,
+    )
+    ids = [tok.convert_tokens_to_ids(t) for t in GEMMA3_SPECIALS]
+    cfg = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=per_image,
+        boi_token_index=ids[0],
+        eoi_token_index=ids[1],
+        image_token_index=ids[2],
+        tie_word_embeddings=False,  # a head of its own: tied to the scaled embeddings, greedy tokens echo the input
+    )
+    model = Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    image_processor = Gemma3ImageProcessorPil(size={"height": image, "width": image}, **_HALF)
+    proc = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=per_image)
+    return _ready(model, proc, f"gemma3-{image}px-window{window}", attn)
 
 
 # InternVL3-8B-hf's image processor: ImageNet mean and std, 1..12 tiles plus a thumbnail
@@ -242,6 +316,10 @@ def build(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
     torch.manual_seed(seed)
     if family == "internvl":  # 32-pixel tiles of 8x8 patches: 16 tokens a tile, 1..4 tiles plus a thumbnail
         return _internvl(tile=32, patch=4, max_tiles=4, max_positions=512, attn=attn)
+    if (
+        family == "gemma3"
+    ):  # 32-pixel images of 8x8 patches pooled to 4x4 = 16 tokens; windows of 12 in layers 0, 1, 3, 4
+        return _gemma3(image=32, patch=4, per_image=16, window=12, local_per_global=2, attn=attn)
     tok = tokenizer()
     vocab = len(tok)
     video_id = tok.convert_tokens_to_ids("<video>")
@@ -550,6 +628,11 @@ REAL_GEOMETRY = {
         "InternVL3 (InternVL3-8B-hf): InternViT 448px tiles, patch 14, [CLS] dropped, pixel shuffle 0.5 -> 256 tokens "
         "a tile, 1..12 tiles plus a thumbnail, ImageNet mean/std, Qwen2 decoder"
     ),
+    "gemma3": (
+        "Gemma 3 (gemma-3-4b-it): SigLIP 896px, patch 14, no [CLS], 64x64 patches average-pooled to 16x16 = 256 tokens "
+        "an image, mean/std 0.5, pan-and-scan off unless asked at call time; sliding window 1024 in five of every six "
+        "decoder layers, global RoPE linearly scaled by 8"
+    ),
     "qwen3_vl": (
         "Qwen3-VL (Qwen3-VL-8B-Instruct): patch 16, merge 2, temporal 2, min_pixels 65536, max_pixels 16777216, "
         "mean/std 0.5, a 48x48 learned position grid, DeepStack into decoder layers 0-2, interleaved M-RoPE; videos: "
@@ -577,6 +660,8 @@ def build_real(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
     torch.manual_seed(seed)
     if family == "internvl":  # InternVL3-8B-hf: 448-pixel tiles, patch 14, pixel shuffle 0.5, 1..12 tiles + thumbnail
         return _internvl(tile=448, patch=14, max_tiles=12, max_positions=16384, attn=attn)
+    if family == "gemma3":  # gemma-3-4b-it: 896 pixels, patch 14 (64x64 patches) pooled to 16x16, window 1024, 5:1
+        return _gemma3(image=896, patch=14, per_image=256, window=1024, local_per_global=5, attn=attn)
     tok = tokenizer()
     vocab = len(tok)
     text = _llama(vocab, max_position_embeddings=16384)

@@ -3,7 +3,8 @@
 Read ``generate`` top to bottom: embed, then for every decoder layer drop vision tokens if a
 stage starts there, run the layer, add the family's own per-layer additions (Qwen3-VL's DeepStack) at
 the vision tokens still present; norm and head give the first token; then each new token runs
-through every layer, each attending to its own (possibly shorter) KV cache. Conventions (layer
+through every layer, each attending to its own (possibly shorter) KV cache. The adapter builds each
+layer's mask (causal; Gemma 3: image blocks both ways, sliding windows on prompt positions) and RoPE. Conventions (layer
 indexing, positions, keep counts) are those of ``docs/methods.md``.
 """
 
@@ -177,6 +178,7 @@ def generate(
         coords=adapter.vision_coords(inputs, vision)
         if method.drops
         else torch.zeros(B, L, 3, dtype=torch.long, device=device),
+        block=adapter.attention_blocks(inputs),
     )
     if in_encoder:  # the patches dropped inside the tower leave the sequence before the decoder
         seq = seq.select([row.nonzero().flatten() for row in kept])
@@ -198,15 +200,30 @@ def generate(
             if dropped:
                 seq = drop(seq, layer_idx, prev_hidden, stages, cache)
             if layer_idx == 0 or dropped:
-                segments.append(Segment(layer_idx, seq.attention_mask, seq.next_positions()))
+                segment = Segment(layer_idx, seq.attention_mask, seq.next_positions(), seq.orig_idx, seq.block)
+                segments.append(segment)
                 masks, rope = {}, adapter.rope(seq.hidden, seq.position_ids)
                 vision_counts = seq.vision.sum(1).tolist()  # one device sync per segment, not per layer
-            mask = mask_for(adapter, layer_idx, seq.hidden, seq.attention_mask, cache, masks, segments[-1].first_layer)
+            mask = mask_for(
+                adapter,
+                layer_idx,
+                seq.hidden,
+                seq.attention_mask,
+                cache,
+                masks,
+                segment.first_layer,
+                seq.orig_idx,
+                seq.block,
+            )
             for trace, count in zip(traces, vision_counts):
                 trace.vision_tokens_per_layer.append(count)
             prev_hidden = seq.hidden if stages is not None and stages.needs_prev_hidden(layer_idx + 1) else None
             seq.hidden = layer(
-                seq.hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True
+                seq.hidden,
+                attention_mask=mask,
+                position_embeddings=adapter.layer_rope(rope, layer_idx),
+                past_key_values=cache,
+                use_cache=True,
             )
             if layer_idx in additions:  # the family's own additions (DeepStack), at the vision tokens still present
                 seq.hidden = _add_at_vision(seq, additions[layer_idx], mask2d)
@@ -218,6 +235,7 @@ def generate(
         generated = torch.empty(B, 0, dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         embed_tokens = adapter.inner.get_input_embeddings()
+        prompt_length = mask2d.sum(1)
         seg_of_layer = segment_of_layers(segments, adapter.depth)
         for step in range(max_new_tokens):
             token = logits.argmax(-1).masked_fill(finished, pad_token_id)
@@ -228,15 +246,22 @@ def generate(
             hidden = embed_tokens(token[:, None])
             ones = torch.ones(B, step + 1, dtype=mask2d.dtype, device=device)
             seg_mask2d = [torch.cat([seg.attention_mask, ones], dim=1) for seg in segments]
+            seg_keys = [seg.keys(prompt_length, step + 1) for seg in segments]
             seg_rope = [
                 adapter.rope(hidden, adapter.decode_position_ids(seg.next_positions + step)) for seg in segments
             ]
             masks = {}
             for layer_idx, layer in enumerate(adapter.layers):
                 s = seg_of_layer[layer_idx]
-                mask = mask_for(adapter, layer_idx, hidden, seg_mask2d[s], cache, masks, segments[s].first_layer)
+                mask = mask_for(
+                    adapter, layer_idx, hidden, seg_mask2d[s], cache, masks, segments[s].first_layer, *seg_keys[s]
+                )
                 hidden = layer(
-                    hidden, attention_mask=mask, position_embeddings=seg_rope[s], past_key_values=cache, use_cache=True
+                    hidden,
+                    attention_mask=mask,
+                    position_embeddings=adapter.layer_rope(seg_rope[s], layer_idx),
+                    past_key_values=cache,
+                    use_cache=True,
                 )
             logits = adapter.lm_head(adapter.norm(hidden))[:, -1].float()
         generate_seconds = clock.elapsed()

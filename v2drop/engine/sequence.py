@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 
 @dataclass
@@ -18,6 +17,7 @@ class Sequence:
     orig_idx: torch.Tensor  # (B, L) position in the unpadded prompt, -1 for padding
     vision: torch.Tensor  # (B, L) bool
     coords: torch.Tensor  # (B, L, 3) grid coordinates of vision tokens
+    block: torch.Tensor  # (B, L) attention block (tokens of one block see each other both ways), -1 for none
 
     def vision_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, V) positions of vision tokens (ascending, padded with 0) and their validity mask."""
@@ -52,6 +52,7 @@ class Sequence:
             orig_idx=self.orig_idx.gather(1, idx).masked_fill(pad, -1),
             vision=self.vision.gather(1, idx) & ~pad,
             coords=self.coords.gather(1, idx[..., None].expand(-1, -1, 3)),
+            block=self.block.gather(1, idx).masked_fill(pad, -1),
         )
 
     def extended(
@@ -76,6 +77,7 @@ class Sequence:
             orig_idx=torch.cat([self.orig_idx, self.orig_idx.gather(1, source).masked_fill(~valid, -1)], dim=1),
             vision=torch.cat([self.vision, valid], dim=1),
             coords=torch.cat([self.coords, self.coords.gather(1, source[..., None].expand(-1, -1, 3))], dim=1),
+            block=torch.cat([self.block, self.block.gather(1, source).masked_fill(~valid, -1)], dim=1),
         )
 
     def renumbered(self) -> Sequence:
@@ -100,22 +102,27 @@ class Segment:
     first_layer: int
     attention_mask: torch.Tensor  # (B, L_segment) padding mask of these layers' caches
     next_positions: torch.Tensor  # (B,) decode positions start here
+    orig_idx: torch.Tensor  # (B, L_segment) prompt index of each token, -1 for padding
+    block: torch.Tensor  # (B, L_segment) attention block of each token (``Sequence.block``)
+
+    def keys(self, prompt_length: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt index, attention block) of these layers' keys after ``steps`` decoded tokens, each (B, L + steps).
+
+        A decoded token's index continues its sample's prompt (``prompt_length`` (B,) + step); it is in no block.
+        """
+        new = prompt_length[:, None].to(self.orig_idx.dtype) + torch.arange(steps, device=self.orig_idx.device)
+        return torch.cat([self.orig_idx, new], 1), torch.cat([self.block, torch.full_like(new, -1)], 1)
 
 
-def mask_for(adapter, layer_idx, hidden, mask2d, cache, memo, first_layer):
-    """The 4-D mask for ``layer_idx``, sized from that layer's own cache; one per segment and layer type."""
-    types = getattr(adapter.text_config, "layer_types", None)
-    kind = types[layer_idx] if types else "full_attention"
+def mask_for(adapter, layer_idx, hidden, mask2d, cache, memo, first_layer, index, block):
+    """The 4-D mask for ``layer_idx``, from the adapter, sized from that layer's own cache; one per segment and type.
+
+    ``index`` and ``block`` (B, K) are the prompt indices and attention blocks of the keys (aligned with ``mask2d``);
+    the queries are the last ``hidden.shape[1]`` of them.
+    """
+    kind = adapter.layer_type(layer_idx)
     if (first_layer, kind) not in memo:
-        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-        memo[first_layer, kind] = make(
-            config=adapter.text_config,
-            inputs_embeds=hidden,
-            attention_mask=mask2d,
-            past_key_values=cache,
-            position_ids=None,
-            layer_idx=first_layer,
-        )
+        memo[first_layer, kind] = adapter.attention_mask(kind, layer_idx, hidden, mask2d, cache, index, block)
     return memo[first_layer, kind]
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from v2drop.attention import attention_probabilities, attention_rows
+from v2drop.attention import attention_probabilities, attention_rows, layer_keys
 from v2drop.cost import synchronize
 from v2drop.engine.sequence import Sequence
 from v2drop.method import Method
@@ -130,7 +130,10 @@ class StageContext:
         if layer_idx not in self.stage_at:
             return False
         request = self.requests.get(layer_idx)
-        return self.method.scorer.at(layer_idx).needs_prev_hidden or (request is not None and request.layer_offset < 0)
+        scorer = self.method.scorer.at(layer_idx)
+        if scorer.needs_prev_keys and self.adapter.layer_type(layer_idx - 1) == "sliding_attention":
+            return True  # a local layer's cache may hold only its last keys: they are recomputed from its input
+        return scorer.needs_prev_hidden or (request is not None and request.layer_offset < 0)
 
     def vision_features(
         self, seq: Sequence, vision_idx: torch.Tensor, vision_valid: torch.Tensor
@@ -185,7 +188,9 @@ def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: S
         layer_idx=layer_idx,
         hidden=seq.hidden,
         prev_hidden=prev_hidden,
-        prev_keys=_cached_keys(cache, layer_idx - 1, seq) if stage_scorer.needs_prev_keys else None,
+        prev_keys=_cached_keys(cache, layer_idx - 1, seq, prev_hidden, ctx.adapter)
+        if stage_scorer.needs_prev_keys
+        else None,
         final_norm=ctx.adapter.norm,
         vision_idx=vision_idx,
         vision_valid=vision_valid,
@@ -313,12 +318,18 @@ def apply_selection(
     return seq.select(keep)
 
 
-def _cached_keys(cache, layer_idx: int, seq: Sequence) -> torch.Tensor:
-    """(B, L, H_kv * head_dim) the post-RoPE keys layer ``layer_idx`` cached for the current tokens."""
+def _cached_keys(cache, layer_idx: int, seq: Sequence, prev_hidden=None, adapter=None) -> torch.Tensor:
+    """(B, L, H_kv * head_dim) the post-RoPE keys layer ``layer_idx`` cached for the current tokens.
+
+    Layer ``layer_idx`` ran on exactly the current tokens, so its cache is them, unless it is a sliding-window
+    layer that kept only its last ``sliding_window - 1``: then they are recomputed from its input ``prev_hidden``
+    with its own projections (``layer_keys``), as the layer computed them.
+    """
     keys = cache.layers[layer_idx].keys if cache is not None and layer_idx >= 0 else None
     L = seq.hidden.shape[1]
-    # Layer layer_idx ran on exactly the current tokens, so its cache is them, unless it is a
-    # sliding-window layer that kept fewer.
+    if (keys is None or keys.shape[-2] != L) and prev_hidden is not None and adapter is not None and layer_idx >= 0:
+        rope = adapter.layer_rope(adapter.rope(prev_hidden, seq.position_ids), layer_idx)
+        keys = layer_keys(adapter.layers[layer_idx], prev_hidden, rope)
     if keys is None or keys.shape[-2] != L:
         have = "nothing" if keys is None else f"{keys.shape[-2]} tokens"
         raise ValueError(
@@ -343,11 +354,16 @@ def _attention(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, 
             query_valid[b, : len(q)] = match.any(-1)
     request = ctx.requests[layer_idx]
     hidden = seq.hidden if request.layer_offset == 0 else prev_hidden
-    layer = ctx.adapter.layers[layer_idx + request.layer_offset]
-    rope = ctx.adapter.rope(hidden, seq.position_ids)
+    source = layer_idx + request.layer_offset
+    layer = ctx.adapter.layers[source]
+    rope = ctx.adapter.layer_rope(ctx.adapter.rope(hidden, seq.position_ids), source)
     if not request.full_map:
-        return attention_rows(layer, hidden, rope, seq.attention_mask, query_idx), query_valid
+        allowed = ctx.adapter.attention_allowed(source, seq, query_idx)
+        return attention_rows(layer, hidden, rope, seq.attention_mask, query_idx, allowed), query_valid
     # The whole (B, H, L, L) map, as an eager attention layer materialises it; then the rows.
-    full = attention_probabilities(layer, hidden, rope, seq.attention_mask)
+    every = torch.arange(L, device=device).expand(B, L)
+    full = attention_probabilities(
+        layer, hidden, rope, seq.attention_mask, allowed=ctx.adapter.attention_allowed(source, seq, every)
+    )
     rows = full.gather(2, query_idx[:, None, :, None].expand(-1, full.shape[1], -1, L)).mean(1)
     return rows, query_valid

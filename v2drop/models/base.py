@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from v2drop.registry import Registry
 
@@ -122,10 +123,14 @@ class Adapter:
                 mask |= input_ids == token_id
         return mask
 
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) the model's token embeddings of ``input_ids`` (placeholders included)."""
+        return self.inner.get_input_embeddings()(input_ids)
+
     def embed(self, inputs: dict) -> torch.Tensor:
         """(B, L, D) input embeddings with the vision features scattered into their placeholders."""
         input_ids = inputs["input_ids"]
-        embeds = self.inner.get_input_embeddings()(input_ids)
+        embeds = self.embed_text(input_ids)
         for names, get_features, token_id in (
             (self.image_inputs, self.inner.get_image_features, self.image_token_id),
             (self.video_inputs, self.video_features, self.video_token_id),
@@ -168,9 +173,50 @@ class Adapter:
         pos = next_pos[:, None]
         return pos[None].expand(3, -1, -1) if self.mrope else pos
 
-    def rope(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (B, L, head_dim), for ``position_ids``."""
+    def rope(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """The rotary embeddings of ``position_ids`` for every layer: here (cos, sin), each (B, L, head_dim)."""
         return self.rotary_emb(hidden, position_ids)
+
+    def layer_rope(self, rope, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (cos, sin) decoder layer ``layer_idx`` takes, from what ``rope`` returned (the same for every layer)."""
+        return rope
+
+    # -- attention masks ----------------------------------------------------------------------------
+    def layer_type(self, layer_idx: int) -> str:
+        """``full_attention`` or ``sliding_attention``: the kind of decoder layer ``layer_idx`` (``layer_types``)."""
+        types = getattr(self.text_config, "layer_types", None)
+        return types[layer_idx] if types else "full_attention"
+
+    def attention_blocks(self, inputs: dict) -> torch.Tensor:
+        """(B, L) the attention block of each prompt token; tokens of one block (>= 0) see each other both ways.
+
+        -1 everywhere here: every token attends causally.
+        """
+        return torch.full_like(inputs["input_ids"], -1)
+
+    def attention_mask(self, kind, layer_idx, hidden, mask2d, cache, index, block):
+        """The 4-D mask of decoder layer ``layer_idx`` (of type ``kind``), sized from that layer's own cache.
+
+        ``mask2d`` (B, K) marks the real keys; ``index`` and ``block`` (B, K) are their prompt indices and
+        attention blocks (decoded tokens continue the prompt's indices), the queries being the last
+        ``hidden.shape[1]`` keys. Here transformers' causal (or sliding-window causal) mask over ``mask2d``.
+        """
+        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        return make(
+            config=self.text_config,
+            inputs_embeds=hidden,
+            attention_mask=mask2d,
+            past_key_values=cache,
+            position_ids=None,
+            layer_idx=layer_idx,
+        )
+
+    def attention_allowed(self, layer_idx: int, seq, query_idx: torch.Tensor) -> torch.Tensor | None:
+        """(B, Q, L) bool: which current tokens the ``query_idx`` (B, Q) rows of layer ``layer_idx`` attend to.
+
+        None here: causal over the current sequence, padding masked (``attention_probabilities``' default).
+        """
+        return None
 
     def project_vision(self, features: torch.Tensor) -> torch.Tensor:
         """The model's projector on tower features of the feature-selection layer: (..., C) -> (..., D) float32.
