@@ -22,6 +22,7 @@ EXPECTED = {
     "qwen2_5_vl": ("Qwen2VLAdapter", "QwenProcessorLite"),
     "qwen3_vl": ("Qwen3VLAdapter", "Qwen3ProcessorLite"),
     "internvl": ("InternVLAdapter", "InternVLProcessorLite"),
+    "gemma3": ("Gemma3Adapter", "Gemma3Processor"),
 }
 
 
