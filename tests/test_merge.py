@@ -34,7 +34,13 @@ def hand_sequence(mrope: bool = False) -> Sequence:
     coords = torch.zeros(1, 7, 3, dtype=torch.long)
     coords[0, 1:5, 1:] = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])
     return Sequence(
-        HIDDEN[None].clone(), pos, torch.ones(1, 7, dtype=torch.long), torch.arange(7)[None], vision, coords
+        HIDDEN[None].clone(),
+        pos,
+        torch.ones(1, 7, dtype=torch.long),
+        torch.arange(7)[None],
+        vision,
+        coords,
+        torch.full((1, 7), -1),  # no attention blocks
     )
 
 
