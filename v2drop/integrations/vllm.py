@@ -183,12 +183,13 @@ def tower_state(vision_model, pixel_values: torch.Tensor, request) -> tuple[torc
     return out, vision
 
 
-def prune_images(method, projected: torch.Tensor, vision: dict | None, project) -> torch.Tensor:
-    """The pre-LLM stage of ``method`` on each image's projected features (N, P, D) alone: (N, k, D).
+def prune_images(method, projected: torch.Tensor, vision: dict | None, project) -> tuple[torch.Tensor, list]:
+    """The pre-LLM stage of ``method`` on each image's projected features (N, P, D) alone: (N, k, D) and the traces.
 
     Every image is one sample of a vision-only ``Sequence`` on a square grid, and the engine's own
     ``drop`` runs the stage, so the kept tokens and any tokens the scorer adds (VisionZip's [CLS] and
-    contextual tokens, after the last kept one) are the engine's, in its order.
+    contextual tokens, after the last kept one) are the engine's, in its order. The traces are the
+    engine's per image: ``{"layer": -1, "kept": [...], "merged": [...]}`` with the image's token indices.
     """
     from v2drop.engine.sequence import Sequence
     from v2drop.engine.stages import StageContext, drop
@@ -209,13 +210,14 @@ def prune_images(method, projected: torch.Tensor, vision: dict | None, project) 
         vision=torch.ones(n, p, dtype=torch.bool, device=device),
         coords=coords.expand(n, p, 3),
     )
+    traces = [_Trace() for _ in range(n)]
     ctx = StageContext(
         method=method,
         adapter=_Projector(project),
         stage_at={PRE_LLM: 0},
         sample_keys=torch.zeros(n, dtype=torch.long),
         n_vision=[p] * n,
-        traces=[_Trace() for _ in range(n)],
+        traces=traces,
         requests={PRE_LLM: None},
         queries={},
         vision=vision,
@@ -228,7 +230,7 @@ def prune_images(method, projected: torch.Tensor, vision: dict | None, project) 
             f"Scorer {method.scorer_name!r} left {kept.shape[1]} tokens per image, but the prompt holds {expected} "
             "placeholders for each"
         )
-    return kept
+    return kept, [trace.stages[0] for trace in traces]
 
 
 class _Trace:
@@ -312,16 +314,23 @@ def _build_model_class():
         def __init__(self, *, vllm_config, prefix: str = "") -> None:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             self.v2drop_method = _method_of(self.config)
+            # time in the tower and projector, and in the drop stage, summed over images; each image's trace
             self.v2drop_seconds = {"tower": 0.0, "prune": 0.0, "images": 0}
+            self.v2drop_traces = []
 
         def _process_image_input(self, image_input):
             """Projected features of every image, each cut to the method's kept tokens."""
             method = self.v2drop_method
-            if not method.drops or image_input["type"] != "pixel_values":
+            if image_input["type"] != "pixel_values":
                 return super()._process_image_input(image_input)
             pixels = image_input["pixel_values"]
-            request = method.scorer.vision_request()
             start = time.perf_counter()
+            self.v2drop_seconds["images"] += len(pixels)
+            if not method.drops:
+                out = super()._process_image_input(image_input)
+                self.v2drop_seconds["tower"] += time.perf_counter() - start
+                return out
+            request = method.scorer.vision_request()
             if request is None:
                 features, vision = self._process_image_pixels(image_input), None
             else:
@@ -333,10 +342,10 @@ def _build_model_class():
                     vision["cls_embeds"] = list(self.multi_modal_projector(out[:, :1]).float())
             projected = self.multi_modal_projector(features)
             tower_done = time.perf_counter()
-            kept = prune_images(method, projected, vision, self._project)
+            kept, traces = prune_images(method, projected, vision, self._project)
+            self.v2drop_traces.extend(traces)
             self.v2drop_seconds["tower"] += tower_done - start
             self.v2drop_seconds["prune"] += time.perf_counter() - tower_done
-            self.v2drop_seconds["images"] += len(pixels)
             return kept
 
         def _project(self, features: torch.Tensor) -> torch.Tensor:
