@@ -12,7 +12,8 @@ all samples submitted at once. Reported per method: requests/s and output tokens
 run, TTFT p50/p99 from vLLM's request metrics (arrival to first token, so queueing counts), the
 benchmark's accuracy, the share of answers equal to the engine's, and the plugin's time in the
 vision tower (and its [CLS]-attention recompute) and in the drop stage. Methods that drop inside
-the decoder get ``supported: false`` and the reason. Prefix caching is off; torch and vLLM run on
+the decoder get ``supported: false`` and the reason. Prefix caching is off and every request's images
+get their own uuid (no vision features shared between questions on one image); torch and vLLM run on
 ``threads`` threads (``OMP_NUM_THREADS``), stated in the output.
 """
 
@@ -156,8 +157,14 @@ def _serve(args: ServeBenchConfig, path: str, method, benchmark, samples, prompt
         **engine_args(method.to_dict() if method.drops else "none"),
     )
     params = vllm.SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
+    # one uuid per request and image: vLLM would otherwise compute a shared image's features once for all its
+    # questions, which the engine (one sample at a time) does not
     requests = [
-        {"prompt": p, "multi_modal_data": {"image": list(s.images) if len(s.images) > 1 else s.images[0]}}
+        {
+            "prompt": p,
+            "multi_modal_data": {"image": list(s.images) if len(s.images) > 1 else s.images[0]},
+            "multi_modal_uuids": {"image": [f"{s.id}/{i}" for i in range(len(s.images))]},
+        }
         for p, s in zip(prompts, samples)
     ]
     if args.warmup:
