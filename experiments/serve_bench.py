@@ -58,6 +58,7 @@ def main(argv=None) -> dict:
 
 def _main(argv) -> dict:
     args = parse_config(ServeBenchConfig, argv, __doc__)
+    started, load = time.perf_counter(), os.getloadavg()[0]
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # vLLM then keeps torch at this many threads
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its timers readable
     import torch
@@ -97,7 +98,8 @@ def _main(argv) -> dict:
     out = {
         "command": "python -m experiments.serve_bench " + " ".join(argv),
         "config": asdict(args),
-        "environment": _environment(args),
+        "environment": {**_environment(args), "load_average_at_start": load},
+        "wall_seconds": time.perf_counter() - started,
         "methods": results,
     }
     table = format_table(out)
@@ -219,8 +221,19 @@ def _environment(args: ServeBenchConfig) -> dict:
 
 
 def format_table(out: dict) -> str:
-    """The markdown table of a serve_bench result: one row per method."""
+    """The markdown table of a serve_bench result, headed by its command and machine: one row per method."""
     from v2drop.tables import markdown_table
+
+    env = out["environment"]
+    header = [
+        f"`{out['command']}`",
+        "",
+        f"Machine: {env['processor']}, {env['cpu_count']} cores, {env['omp_num_threads']} threads "
+        f"(vLLM's worker: {next((r['torch_threads'] for r in out['methods'].values() if r['supported']), '-')}), "
+        f"torch {env['torch']}, transformers {env['transformers']}, vLLM {env['vllm']}; load average "
+        f"{env['load_average_at_start']:.1f} at the start; wall time {out['wall_seconds']:.0f} s.",
+        "",
+    ]
 
     rows, notes = [], []
     for name, r in out["methods"].items():
@@ -244,7 +257,7 @@ def format_table(out: dict) -> str:
         )
     columns = list(dict.fromkeys(k for row in rows for k in row))
     table = markdown_table([{c: row.get(c, "") for c in columns} for row in rows], columns)
-    return "\n".join([table, "", *notes]) if notes else table
+    return "\n".join([*header, table, *(["", *notes] if notes else [])])
 
 
 if __name__ == "__main__":
