@@ -19,6 +19,7 @@ get their own uuid (no vision features shared between questions on one image); t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -59,6 +60,11 @@ def main(argv=None) -> dict:
 def _main(argv) -> dict:
     args = parse_config(ServeBenchConfig, argv, __doc__)
     started, load = time.perf_counter(), os.getloadavg()[0]
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            "experiments.serve_bench needs vLLM, which lives in its own environment: build it with "
+            "`bash scripts/vllm_env.sh` and run the command with that environment's python (docs/serving.md)"
+        )
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # vLLM then keeps torch at this many threads
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its timers readable
     import torch
