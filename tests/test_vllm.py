@@ -16,11 +16,20 @@ import v2drop  # noqa: E402
 from v2drop.benchmarks import get_benchmark  # noqa: E402
 from v2drop.bundled import LOCAL_MODELS  # noqa: E402
 from v2drop.integrations.vllm import ARCHITECTURE, check_method, engine_args, kept_per_image  # noqa: E402
+from v2drop.method import resolve_method  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N_SAMPLES = 8
-METHODS = ["none", "divprune-llava15-64", "visionzip-llava15-64"]
+# random at DivPrune's pre-LLM schedule: its per-prompt seed travels from vLLM's processor to the model
+METHODS = ["none", "divprune-llava15-64", "visionzip-llava15-64", "random:divprune-llava15-64"]
+
+
+def _method(name: str, depth: int | None = None):
+    """A preset, ``scorer:schedule`` or ``none`` (as experiments.serve_bench reads them)."""
+    scorer, _, schedule = name.partition(":")
+    method = resolve_method(scorer, schedule or None)
+    return method.rescaled(depth) if depth is not None else method
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +45,7 @@ def engine(samples):
     prompts = [lvlm.format_prompt(s.question) for s in samples]
     out = {}
     for name in METHODS:
-        method = v2drop.Method.resolve(name, depth=lvlm.depth)
+        method = _method(name, lvlm.depth)
         out[name] = lvlm.generate(prompts, [list(s.images) for s in samples], method=method, max_new_tokens=8)
     return prompts, out
 
@@ -61,7 +70,7 @@ def served(engine, samples):
             enable_prefix_caching=False,
             kv_cache_memory_bytes=2**28,
             seed=0,
-            **engine_args(name),
+            **engine_args(_method(name).to_dict()),
         )
         llm.apply_model(lambda model: model.v2drop_traces.clear())  # drop the traces of vLLM's profiling run
         outputs = llm.generate(requests, vllm.SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
@@ -81,7 +90,7 @@ def test_vllm_answers_as_the_engine(name, engine, served):
     _, out = engine
     answers, prompt_ids, _ = served[name]
     assert answers == out[name].texts
-    method = v2drop.Method.resolve(name)
+    method = _method(name)
     image_id = v2drop.load("proxy").model.config.image_token_index
     for served_ids, engine_ids in zip(prompt_ids, out[name].prompt_ids):
         engine_ids = list(engine_ids)

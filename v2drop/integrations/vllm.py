@@ -25,6 +25,9 @@ engine uses it only when asked, per engine, through ``hf_overrides``::
   projected features, so the kept set is the v2drop engine's for a sample with that one image.
   Scorers that read the vision tower's [CLS] attention and keys (VisionZip) get them recomputed
   from the tower's last layer input: one extra query/key projection of that layer per image.
+  ``random`` gets its prompt's seed (the engine's ``sample_keys``, from the prompt ids with every
+  ``<image>`` expanded) as a per-image multimodal field that the processor computes; the seed also
+  enters the images' cache keys, so one image under two prompts is two items.
 
 The budget is per image: the engine's budget is per sample (all of its images together), so the
 two agree on one image per prompt. Positions are vLLM's, contiguous over the kept tokens: the
@@ -39,11 +42,13 @@ imports the former, which needs torchvision; v2drop's CPU environments have none
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib
 import json
 import sys
 import time
+import zlib
 
 import torch
 
@@ -51,7 +56,8 @@ ARCHITECTURE = "V2DropLlavaForConditionalGeneration"  # the architecture name th
 METHOD_KEY = "v2drop_method"  # the hf_overrides key (a config attribute) that names the method
 # Scorers whose pre-LLM scores read only the image's own vision tokens (not the prompt's text), so an
 # image scored alone gets the engine's scores; the others need the prompt or the decoder.
-SUPPORTED_SCORERS = ("uniform", "divprune", "visionzip", "position")
+SUPPORTED_SCORERS = ("uniform", "random", "divprune", "visionzip", "position")
+SAMPLE_KEY = "v2drop_sample_key"  # the per-image multimodal field carrying its prompt's seed (``random``)
 _PIXTRAL = "transformers.models.pixtral.image_processing_pixtral"
 
 
@@ -116,7 +122,7 @@ def check_method(method) -> None:
     if method.scorer_name not in SUPPORTED_SCORERS:
         raise ValueError(
             f"Scorer {method.scorer_name!r} is not supported by the vLLM plugin: it scores an image from more than its "
-            f"own vision tokens (the prompt's text, per-prompt seeds or decoder attention); supported: "
+            f"own vision tokens (the prompt's text or decoder attention); supported: "
             f"{', '.join(SUPPORTED_SCORERS)}"
         )
     request = method.scorer.vision_request()
@@ -131,6 +137,15 @@ def check_method(method) -> None:
             f"{method.position_policy!r}), but vLLM numbers the kept tokens contiguously: use position_policy "
             "'renumber' (as the pre-LLM presets do)"
         )
+
+
+def sample_key(prompt_ids: list[int], image_token_id: int, n_tokens: int) -> int:
+    """The engine's per-sample seed (``v2drop.engine.loop.sample_keys``) of a prompt whose ``<image>`` tokens stand
+    for ``n_tokens`` placeholders each (as the Hugging Face processor expands them)."""
+    ids = []
+    for token in prompt_ids:
+        ids.extend([token] * n_tokens if token == image_token_id else [token])
+    return zlib.crc32(repr(ids).encode())
 
 
 def kept_per_image(method, n_tokens: int) -> int:
@@ -183,13 +198,16 @@ def tower_state(vision_model, pixel_values: torch.Tensor, request) -> tuple[torc
     return out, vision
 
 
-def prune_images(method, projected: torch.Tensor, vision: dict | None, project) -> tuple[torch.Tensor, list]:
+def prune_images(
+    method, projected: torch.Tensor, vision: dict | None, project, sample_keys: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list]:
     """The pre-LLM stage of ``method`` on each image's projected features (N, P, D) alone: (N, k, D) and the traces.
 
     Every image is one sample of a vision-only ``Sequence`` on a square grid, and the engine's own
     ``drop`` runs the stage, so the kept tokens and any tokens the scorer adds (VisionZip's [CLS] and
     contextual tokens, after the last kept one) are the engine's, in its order. The traces are the
     engine's per image: ``{"layer": -1, "kept": [...], "merged": [...]}`` with the image's token indices.
+    ``sample_keys`` (N,) are the engine's per-sample seeds of the images' prompts (``sample_key``; zeros if None).
     """
     from v2drop.engine.sequence import Sequence
     from v2drop.engine.stages import StageContext, drop
@@ -215,7 +233,7 @@ def prune_images(method, projected: torch.Tensor, vision: dict | None, project) 
         method=method,
         adapter=_Projector(project),
         stage_at={PRE_LLM: 0},
-        sample_keys=torch.zeros(n, dtype=torch.long),
+        sample_keys=torch.zeros(n, dtype=torch.long) if sample_keys is None else sample_keys.long().cpu(),
         n_vision=[p] * n,
         traces=traces,
         requests={PRE_LLM: None},
@@ -273,6 +291,7 @@ def _build_model_class():
     )
     from vllm.model_executor.models.utils import WeightsMapper
     from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.inputs import MultiModalFieldConfig
 
     class V2DropLlavaProcessingInfo(LlavaProcessingInfo):
         """LLaVA's processing info with each image's placeholder count cut to the method's kept count."""
@@ -298,8 +317,46 @@ def _build_model_class():
             processor.num_additional_image_tokens += kept_per_image(method, full) - full
             return processor
 
+    class V2DropLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+        """LLaVA's processor; for ``random`` it also hands every image its prompt's seed (a multimodal field)."""
+
+        def _seeded(self) -> bool:
+            """Whether the method's scorer draws per-prompt randomness."""
+            return self.info.method().scorer_name == "random"
+
+        def _cached_apply_hf_processor(self, inputs, timing_ctx):
+            """Put the prompt's seed among the processor kwargs (so it also enters the images' cache keys)."""
+            if self._seeded():
+                config = self.info.get_hf_config()
+                size = self.info.get_vision_encoder_info().get_image_size()
+                n = LlavaProcessingInfo.get_num_image_tokens(self.info, image_width=size, image_height=size)
+                key = sample_key(list(inputs.prompt), config.image_token_index, n)
+                inputs = dataclasses.replace(
+                    inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, SAMPLE_KEY: key}
+                )
+            return super()._cached_apply_hf_processor(inputs, timing_ctx)
+
+        def _call_hf_processor(self, hf_data, hf_kwargs):
+            """The Hugging Face processor, without the seed."""
+            return super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if k != SAMPLE_KEY})
+
+        def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
+            """The seed as one entry per image."""
+            processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+            if SAMPLE_KEY in hf_processor_mm_kwargs and "pixel_values" in processed_data:
+                n = len(processed_data["pixel_values"])
+                processed_data[SAMPLE_KEY] = torch.full((n,), hf_processor_mm_kwargs[SAMPLE_KEY], dtype=torch.long)
+            return processed_data
+
+        def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+            """LLaVA's fields and the per-image seed."""
+            return {
+                **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+                SAMPLE_KEY: MultiModalFieldConfig.batched("image"),
+            }
+
     @MULTIMODAL_REGISTRY.register_processor(
-        LlavaMultiModalProcessor, info=V2DropLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+        V2DropLlavaMultiModalProcessor, info=V2DropLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
     )
     class V2DropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         """vLLM's LLaVA running a v2drop pre-LLM method (``v2drop_method`` in the hf config) on every image."""
@@ -317,6 +374,12 @@ def _build_model_class():
             # time in the tower and projector, and in the drop stage, summed over images; each image's trace
             self.v2drop_seconds = {"tower": 0.0, "prune": 0.0, "images": 0}
             self.v2drop_traces = []
+
+        def embed_multimodal(self, **kwargs):
+            """LLaVA's image embeddings; the images' prompt seeds (``random``) are taken out first."""
+            keys = kwargs.pop(SAMPLE_KEY, None)
+            self._sample_keys = torch.as_tensor(keys).flatten() if keys is not None else None
+            return super().embed_multimodal(**kwargs)
 
         def _process_image_input(self, image_input):
             """Projected features of every image, each cut to the method's kept tokens."""
@@ -342,7 +405,8 @@ def _build_model_class():
                     vision["cls_embeds"] = list(self.multi_modal_projector(out[:, :1]).float())
             projected = self.multi_modal_projector(features)
             tower_done = time.perf_counter()
-            kept, traces = prune_images(method, projected, vision, self._project)
+            keys = getattr(self, "_sample_keys", None)
+            kept, traces = prune_images(method, projected, vision, self._project, keys)
             self.v2drop_traces.extend(traces)
             self.v2drop_seconds["tower"] += tower_done - start
             self.v2drop_seconds["prune"] += time.perf_counter() - tower_done
