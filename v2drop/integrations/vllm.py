@@ -116,8 +116,8 @@ def check_method(method) -> None:
             f"Method {method.scorer_name!r} drops tokens inside the decoder (before layers {inside}); the vLLM plugin "
             "runs only methods with one pre-LLM stage: vLLM's model runner has one KV-cache length per request for "
             "every layer and its own fused attention, so a drop between decoder layers would need a change in vLLM's "
-            "scheduler and KV-cache manager. Use a pre-LLM method (divprune, visionzip, uniform or position with a "
-            "pre_llm schedule) or v2drop's own engine"
+            "scheduler and KV-cache manager. Use a pre-LLM method (divprune, visionzip, or uniform, random or position "
+            "on a pre_llm schedule) or v2drop's own engine"
         )
     if method.scorer_name not in SUPPORTED_SCORERS:
         raise ValueError(
