@@ -14,7 +14,8 @@ benchmark's accuracy, the share of answers equal to the engine's, and the plugin
 vision tower (and its [CLS]-attention recompute) and in the drop stage. Methods that drop inside
 the decoder get ``supported: false`` and the reason. Prefix caching is off and every request's images
 get their own uuid (no vision features shared between questions on one image); torch and vLLM run on
-``threads`` threads (``OMP_NUM_THREADS``), stated in the output.
+``threads`` threads (``OMP_NUM_THREADS``), stated in the output. Each method's samples run
+``repeats`` times; its figures come from the run of median wall time (all wall times are in the JSON).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class ServeBenchConfig:
     limit: int | None = 64  # the first N samples; None = all
     methods: str = "none,divprune-llava15-64,visionzip-llava15-64"  # comma-separated presets, scorer:schedule or none
     max_new_tokens: int = 8  # greedy tokens per answer (vLLM and the engine)
-    warmup: int = 2  # requests run untimed before each method's timed run
+    warmup: int = 2  # requests run untimed before each method's timed runs
+    repeats: int = 3  # timed runs of all samples per method; the figures are the run of median wall time
     threads: int = 2  # torch / OpenMP threads of vLLM and of the engine
     max_num_seqs: int = 16  # vLLM's largest batch of running requests
     dtype: str = "float32"  # model dtype in vLLM (the engine runs its evaluate default, float32)
@@ -60,6 +62,10 @@ def main(argv=None) -> dict:
 def _main(argv) -> dict:
     args = parse_config(ServeBenchConfig, argv, __doc__)
     started, load = time.perf_counter(), os.getloadavg()[0]
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        raise ValueError(
+            f"--repeats and --threads must be >= 1 and --warmup >= 0, got {args.repeats}, {args.threads}, {args.warmup}"
+        )
     if importlib.util.find_spec("vllm") is None:
         raise ValueError(
             "experiments.serve_bench needs vLLM, which lives in its own environment: build it with "
@@ -177,11 +183,14 @@ def _serve(args: ServeBenchConfig, path: str, method, benchmark, samples, prompt
     ]
     if args.warmup:
         llm.generate(requests[: args.warmup], params, use_tqdm=False)
-    llm.apply_model(_reset_timers)
-    start = time.perf_counter()
-    outputs = llm.generate(requests, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    timers = llm.apply_model(_read_timers)[0]
+    runs = []
+    for _ in range(args.repeats):
+        llm.apply_model(_reset_timers)
+        start = time.perf_counter()
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        runs.append((time.perf_counter() - start, outputs, llm.apply_model(_read_timers)[0]))
+    runs.sort(key=lambda r: r[0])
+    elapsed, outputs, timers = runs[len(runs) // 2]
     answers = [o.outputs[0].text.strip() for o in outputs]
     ttft = np.array([o.metrics.first_token_latency for o in outputs])
     correct = [bool(benchmark.is_correct(a, s)) for a, s in zip(answers, samples)]
@@ -190,6 +199,7 @@ def _serve(args: ServeBenchConfig, path: str, method, benchmark, samples, prompt
     result = {
         "supported": True,
         "requests": len(requests),
+        "wall_s_per_run": [r[0] for r in runs],
         "requests_per_s": len(requests) / elapsed,
         "output_tokens_per_s": sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed,
         "ttft_p50_s": float(np.percentile(ttft, 50)),
