@@ -171,23 +171,28 @@ def _serve(args: ServeBenchConfig, path: str, method, benchmark, samples, prompt
         **engine_args(method.to_dict() if method.drops else "none"),
     )
     params = vllm.SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
-    # one uuid per request and image: vLLM would otherwise compute a shared image's features once for all its
-    # questions, which the engine (one sample at a time) does not
-    requests = [
-        {
-            "prompt": p,
-            "multi_modal_data": {"image": list(s.images) if len(s.images) > 1 else s.images[0]},
-            "multi_modal_uuids": {"image": [f"{s.id}/{i}" for i in range(len(s.images))]},
-        }
-        for p, s in zip(prompts, samples)
-    ]
+
+    def requests(run: str) -> list[dict]:
+        """The samples as vLLM requests; one uuid per run, request and image: vLLM would otherwise encode a shared
+        image once for all its questions (and for every later run), which the engine (one sample at a time) does
+        not."""
+        return [
+            {
+                "prompt": p,
+                "multi_modal_data": {"image": list(s.images) if len(s.images) > 1 else s.images[0]},
+                "multi_modal_uuids": {"image": [f"{run}/{s.id}/{i}" for i in range(len(s.images))]},
+            }
+            for p, s in zip(prompts, samples)
+        ]
+
     if args.warmup:
-        llm.generate(requests[: args.warmup], params, use_tqdm=False)
+        llm.generate(requests("warmup")[: args.warmup], params, use_tqdm=False)
     runs = []
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
+        batch = requests(f"run{repeat}")
         llm.apply_model(_reset_timers)
         start = time.perf_counter()
-        outputs = llm.generate(requests, params, use_tqdm=False)
+        outputs = llm.generate(batch, params, use_tqdm=False)
         runs.append((time.perf_counter() - start, outputs, llm.apply_model(_read_timers)[0]))
     runs.sort(key=lambda r: r[0])
     elapsed, outputs, timers = runs[len(runs) // 2]
