@@ -203,9 +203,9 @@ def _serve(args: ServeBenchConfig, path: str, method, benchmark, samples, prompt
     images = max(1, timers["images"])
     result = {
         "supported": True,
-        "requests": len(requests),
+        "requests": len(samples),
         "wall_s_per_run": [r[0] for r in runs],
-        "requests_per_s": len(requests) / elapsed,
+        "requests_per_s": len(samples) / elapsed,
         "output_tokens_per_s": sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed,
         "ttft_p50_s": float(np.percentile(ttft, 50)),
         "ttft_p99_s": float(np.percentile(ttft, 99)),
