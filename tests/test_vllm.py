@@ -1,0 +1,136 @@
+"""The vLLM plugin on the bundled proxy: no dropping and pre-LLM methods answer as v2drop's engine does, keep the same
+tokens, and in-LLM methods are refused with the reason.
+
+Runs in the vLLM environment (``bash scripts/vllm_env.sh``, docs/serving.md); skipped where vLLM is not installed.
+"""
+
+import os
+
+import pytest
+
+vllm = pytest.importorskip(
+    "vllm", reason="vLLM is not installed: it lives in its own environment (bash scripts/vllm_env.sh, docs/serving.md)"
+)
+
+import v2drop  # noqa: E402
+from v2drop.benchmarks import get_benchmark  # noqa: E402
+from v2drop.bundled import LOCAL_MODELS  # noqa: E402
+from v2drop.integrations.vllm import ARCHITECTURE, check_method, engine_args, kept_per_image  # noqa: E402
+from v2drop.method import resolve_method  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+N_SAMPLES = 8
+# random at DivPrune's pre-LLM schedule: its per-prompt seed travels from vLLM's processor to the model
+METHODS = ["none", "divprune-llava15-64", "visionzip-llava15-64", "random:divprune-llava15-64"]
+
+
+def _method(name: str, depth: int | None = None):
+    """A preset, ``scorer:schedule`` or ``none`` (as experiments.serve_bench reads them)."""
+    scorer, _, schedule = name.partition(":")
+    method = resolve_method(scorer, schedule or None)
+    return method.rescaled(depth) if depth is not None else method
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return get_benchmark("digits").load("test", N_SAMPLES)
+
+
+@pytest.fixture(scope="module")
+def engine(samples):
+    """Method -> v2drop's engine output on the samples (run before any vLLM engine: vLLM's CPU worker pins torch's
+    threads for the rest of the process)."""
+    lvlm = v2drop.load("proxy")
+    prompts = [lvlm.format_prompt(s.question) for s in samples]
+    out = {}
+    for name in METHODS:
+        method = _method(name, lvlm.depth)
+        out[name] = lvlm.generate(prompts, [list(s.images) for s in samples], method=method, max_new_tokens=8)
+    return prompts, out
+
+
+@pytest.fixture(scope="module")
+def served(engine, samples):
+    """Method -> (answers, prompt ids, per-image traces) from vLLM with the plugin, in-process."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model in this process: its traces are readable
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    prompts, _ = engine
+    # digits asks several questions about one image; a uuid per request keeps vLLM from reusing an image's features
+    requests = [
+        {"prompt": p, "multi_modal_data": {"image": s.images[0]}, "multi_modal_uuids": {"image": [s.id]}}
+        for p, s in zip(prompts, samples)
+    ]
+    out = {}
+    for name in METHODS:
+        llm = vllm.LLM(
+            model=str(LOCAL_MODELS["proxy"]),
+            dtype="float32",
+            enforce_eager=True,
+            enable_prefix_caching=False,
+            kv_cache_memory_bytes=2**28,
+            seed=0,
+            **engine_args(_method(name).to_dict()),
+        )
+        llm.apply_model(lambda model: model.v2drop_traces.clear())  # drop the traces of vLLM's profiling run
+        outputs = llm.generate(requests, vllm.SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+        traces = llm.apply_model(lambda model: list(model.v2drop_traces))[0]
+        out[name] = (
+            [o.outputs[0].text.strip() for o in outputs],
+            [list(o.prompt_token_ids) for o in outputs],
+            traces,
+        )
+        del llm
+    return out
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_vllm_answers_as_the_engine(name, engine, served):
+    """Greedy answers equal the engine's; prompts are the engine's with the image cut to the method's kept count."""
+    _, out = engine
+    answers, prompt_ids, _ = served[name]
+    assert answers == out[name].texts
+    method = _method(name)
+    image_id = v2drop.load("proxy").model.config.image_token_index
+    for served_ids, engine_ids in zip(prompt_ids, out[name].prompt_ids):
+        engine_ids = list(engine_ids)
+        n = engine_ids.count(image_id)
+        first = engine_ids.index(image_id)
+        k = kept_per_image(method, n)
+        assert served_ids == engine_ids[:first] + [image_id] * k + engine_ids[first + n :]
+
+
+@pytest.mark.parametrize("name", METHODS[1:])
+def test_vllm_keeps_the_engines_tokens(name, engine, served):
+    """Each image's kept (and, for VisionZip, merged-into) token indices are the engine's for that sample."""
+    _, out = engine
+    image_id = v2drop.load("proxy").model.config.image_token_index
+
+    def as_image_indices(stage, first):
+        return tuple(p - first for p in stage["kept"]), tuple(p - first for p in stage.get("merged", []))
+
+    expected = sorted(
+        as_image_indices(trace.stages[0], list(ids).index(image_id))
+        for trace, ids in zip(out[name].traces, out[name].prompt_ids)
+    )
+    got = sorted(as_image_indices(stage, 0) for stage in served[name][2])
+    assert len(got) == N_SAMPLES
+    assert got == expected
+    assert all(len(kept) + len(merged) == 64 for kept, merged in got)
+
+
+def test_in_llm_methods_are_refused_with_the_reason():
+    """V²Drop drops inside the decoder: refused before any engine starts, naming why."""
+    with pytest.raises(ValueError, match="drops tokens inside the decoder"):
+        engine_args("v2drop-llava15-128")
+    with pytest.raises(ValueError, match="not supported by the vLLM plugin"):
+        check_method(
+            v2drop.Method.from_dict(
+                {
+                    "scorer": "cdpruner",
+                    "schedule": {"stages": [["pre_llm", 64]], "keep_mode": "absolute"},
+                    "position_policy": "renumber",
+                }
+            )
+        )
+    assert engine_args("none")["hf_overrides"]["architectures"] == [ARCHITECTURE]

@@ -1,0 +1,420 @@
+"""vLLM plugin: v2drop's pre-LLM methods inside vLLM's LLaVA-1.5 model (offline ``vllm.LLM`` or ``vllm serve``).
+
+Install it in a separate environment (vLLM's CPU build pins an older transformers than v2drop's):
+``bash scripts/vllm_env.sh`` (``docs/serving.md``). The package registers this module under vLLM's
+``vllm.general_plugins`` entry point; vLLM calls ``register()`` in every process it starts. That
+adds one model architecture, ``V2DropLlavaForConditionalGeneration``, and changes nothing else: an
+engine uses it only when asked, per engine, through ``hf_overrides``::
+
+    import vllm
+    from v2drop.integrations.vllm import engine_args
+
+    llm = vllm.LLM(model=path, **engine_args("divprune-llava15-64"), dtype="float32", enable_prefix_caching=False)
+    # engine_args(m) == {"hf_overrides": {"architectures": ["V2DropLlavaForConditionalGeneration"],
+    #                                     "v2drop_method": m}}
+
+``v2drop_method`` is a preset name, a YAML file, method config data (``Method.to_dict()``) or
+``"none"``. The architecture is vLLM's ``LlavaForConditionalGeneration`` plus:
+
+- a weight-name rule for checkpoints that store the CLIP tower without its ``vision_model.``
+  level (``vision_tower.embeddings.*``, as the bundled proxy does);
+- for a method with one pre-LLM stage (``check_method``): every image's placeholder count is the
+  stage's kept count for that image (the vLLM processor's and the Hugging Face processor's
+  expansion both), and the model keeps the matching projected features, chosen by the method's own
+  scorer through the engine's own drop stage (``v2drop.engine.stages.drop``) on the image's
+  projected features, so the kept set is the v2drop engine's for a sample with that one image.
+  Scorers that read the vision tower's [CLS] attention and keys (VisionZip) get them recomputed
+  from the tower's last layer input: one extra query/key projection of that layer per image.
+  ``random`` gets its prompt's seed (the engine's ``sample_keys``, from the prompt ids with every
+  ``<image>`` expanded) as a per-image multimodal field that the processor computes; the seed also
+  enters the images' cache keys, so one image under two prompts is two items.
+
+The budget is per image: the engine's budget is per sample (all of its images together), so the
+two agree on one image per prompt. Positions are vLLM's, contiguous over the kept tokens: the
+method must use ``position_policy: renumber`` (the presets of pre-LLM methods do). Methods that
+drop inside the decoder (V²Drop, FastV, PDrop, ...) are refused with the reason (``check_method``).
+
+Importing this module imports nothing from vLLM; ``register()`` also points transformers' pixtral
+image-processor module at its PIL twin when torchvision cannot be imported (vLLM's LLaVA module
+imports the former, which needs torchvision; v2drop's CPU environments have none).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import importlib
+import json
+import sys
+import time
+import zlib
+
+import torch
+
+ARCHITECTURE = "V2DropLlavaForConditionalGeneration"  # the architecture name the plugin registers
+METHOD_KEY = "v2drop_method"  # the hf_overrides key (a config attribute) that names the method
+# Scorers whose pre-LLM scores read only the image's own vision tokens (not the prompt's text), so an
+# image scored alone gets the engine's scores; the others need the prompt or the decoder.
+SUPPORTED_SCORERS = ("uniform", "random", "divprune", "visionzip", "position")
+SAMPLE_KEY = "v2drop_sample_key"  # the per-image multimodal field carrying its prompt's seed (``random``)
+_PIXTRAL = "transformers.models.pixtral.image_processing_pixtral"
+
+
+def register() -> None:
+    """vLLM's general-plugin hook: the torchvision workaround and the ``V2DropLlavaForConditionalGeneration`` model."""
+    use_pil_pixtral_processor()
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, f"{__name__}:{ARCHITECTURE}")
+
+
+def use_pil_pixtral_processor() -> bool:
+    """Make ``transformers.models.pixtral.image_processing_pixtral`` its PIL twin when torchvision is missing.
+
+    Returns True when the module was redirected. With torchvision importable nothing changes.
+    """
+    if _PIXTRAL in sys.modules:
+        return False
+    try:
+        importlib.import_module(_PIXTRAL)
+        return False
+    except ImportError:  # needs torchvision, which the CPU environments lack
+        sys.modules.pop(_PIXTRAL, None)
+    sys.modules[_PIXTRAL] = importlib.import_module("transformers.models.pixtral.image_processing_pil_pixtral")
+    return True
+
+
+def engine_args(method="none") -> dict:
+    """``vllm.LLM`` keyword arguments running ``method`` (preset, YAML, config data or ``"none"``) in the plugin."""
+    check_method(resolve(method))  # fail here, with the reason, rather than inside vLLM's engine process
+    return {"hf_overrides": {"architectures": [ARCHITECTURE], METHOD_KEY: method}}
+
+
+def resolve(spec):
+    """The ``Method`` a ``v2drop_method`` value names (preset, YAML path, config data, Method or None/``"none"``)."""
+    from v2drop.method import Method
+
+    if spec is not None and not isinstance(spec, str | dict | Method):
+        raise TypeError(
+            f"{METHOD_KEY} must be a preset name, a YAML path, method config data or 'none', got {type(spec).__name__}"
+        )
+    return Method.resolve(spec)
+
+
+def check_method(method) -> None:
+    """Raise ValueError, with the reason, unless the plugin can run ``method`` inside vLLM."""
+    from v2drop.schedule import PRE_LLM
+
+    if not method.drops:
+        return
+    layers = [s.layer for s in method.schedule.stages]
+    if layers != [PRE_LLM]:
+        inside = [layer for layer in layers if layer != PRE_LLM]
+        raise ValueError(
+            f"Method {method.scorer_name!r} drops tokens inside the decoder (before layers {inside}); the vLLM plugin "
+            "runs only methods with one pre-LLM stage: vLLM's model runner has one KV-cache length per request for "
+            "every layer and its own fused attention, so a drop between decoder layers would need a change in vLLM's "
+            "scheduler and KV-cache manager. Use a pre-LLM method (divprune, visionzip, or uniform, random or position "
+            "on a pre_llm schedule) or v2drop's own engine"
+        )
+    if method.scorer_name not in SUPPORTED_SCORERS:
+        raise ValueError(
+            f"Scorer {method.scorer_name!r} is not supported by the vLLM plugin: it scores an image from more than its "
+            f"own vision tokens (the prompt's text or decoder attention); supported: "
+            f"{', '.join(SUPPORTED_SCORERS)}"
+        )
+    request = method.scorer.vision_request()
+    if request is not None and (request.received_layers or request.features):
+        raise ValueError(
+            f"Scorer {method.scorer_name!r} asks the vision tower for received attention or tower-space features, "
+            "which the vLLM plugin does not serve; use merge_space='projected'"
+        )
+    if method.position_policy != "renumber":
+        raise ValueError(
+            f"Method {method.scorer_name!r} keeps the original position ids (position_policy "
+            f"{method.position_policy!r}), but vLLM numbers the kept tokens contiguously: use position_policy "
+            "'renumber' (as the pre-LLM presets do)"
+        )
+
+
+def sample_key(prompt_ids: list[int], image_token_id: int, n_tokens: int) -> int:
+    """The engine's per-sample seed (``v2drop.engine.loop.sample_keys``) of a prompt whose ``<image>`` tokens stand
+    for ``n_tokens`` placeholders each (as the Hugging Face processor expands them)."""
+    ids = []
+    for token in prompt_ids:
+        ids.extend([token] * n_tokens if token == image_token_id else [token])
+    return zlib.crc32(repr(ids).encode())
+
+
+def kept_per_image(method, n_tokens: int) -> int:
+    """Vision tokens an image of ``n_tokens`` keeps under ``method`` (all of them without a drop)."""
+    return method.schedule.kept_count(0, n_tokens, n_tokens) if method.drops else n_tokens
+
+
+def _method_of(config):
+    """The checked Method named by an hf config's ``v2drop_method``."""
+    return _checked(json.dumps(getattr(config, METHOD_KEY, None), sort_keys=True))
+
+
+@functools.cache
+def _checked(spec: str):
+    """The checked Method of a JSON-encoded ``v2drop_method`` value (cached: the processor asks per image)."""
+    method = resolve(json.loads(spec))
+    check_method(method)
+    return method
+
+
+def tower_state(vision_model, pixel_values: torch.Tensor, request) -> tuple[torch.Tensor, dict]:
+    """Run vLLM's CLIP tower on ``pixel_values`` (N, C, H, W) and recompute its last layer's [CLS] attention.
+
+    Returns the last layer's output (N, 1 + P, C) (what the projector reads, the [CLS] first) and the
+    ``StageContext.vision`` entries ``request`` asks for, as ``LlavaAdapter.vision_tower_state`` gives
+    them: ``cls_attention`` (N, P) heads summed, ``keys`` (N, P, hd) heads averaged (both from that
+    layer's own query/key projection of its normed input, float32).
+    """
+    hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))
+    layers = vision_model.encoder.layers
+    for layer in layers[:-1]:
+        hidden = layer(hidden)
+    last = layers[-1]
+    out = last(hidden)
+    attn = last.self_attn
+    qkv, _ = attn.qkv_proj(last.layer_norm1(hidden))
+    q, k, _ = qkv.float().chunk(3, dim=-1)
+    n, t, _ = k.shape
+    q = q[:, :1].view(n, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = k.view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+    probs = torch.softmax((q * attn.scale) @ k.transpose(-1, -2), dim=-1)[:, :, 0]  # (N, H, T)
+    vision = {
+        "cls_attention": probs[:, :, 1:].sum(1),
+        "keys": k.mean(1)[:, 1:] if request.keys else None,
+        "cls_embeds": None,
+        "crops": None,
+        "features": None,
+        "received": {},
+    }
+    return out, vision
+
+
+def prune_images(
+    method, projected: torch.Tensor, vision: dict | None, project, sample_keys: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list]:
+    """The pre-LLM stage of ``method`` on each image's projected features (N, P, D) alone: (N, k, D) and the traces.
+
+    Every image is one sample of a vision-only ``Sequence`` on a square grid, and the engine's own
+    ``drop`` runs the stage, so the kept tokens and any tokens the scorer adds (VisionZip's [CLS] and
+    contextual tokens, after the last kept one) are the engine's, in its order. The traces are the
+    engine's per image: ``{"layer": -1, "kept": [...], "merged": [...]}`` with the image's token indices.
+    ``sample_keys`` (N,) are the engine's per-sample seeds of the images' prompts (``sample_key``; zeros if None).
+    """
+    from v2drop.engine.sequence import Sequence
+    from v2drop.engine.stages import StageContext, drop
+    from v2drop.schedule import PRE_LLM
+
+    n, p, _ = projected.shape
+    side = int(round(p**0.5))
+    if side * side != p:
+        raise ValueError(f"The plugin lays an image's {p} vision tokens on a square grid; {p} is not a square")
+    device = projected.device
+    idx = torch.arange(p, device=device)
+    coords = torch.stack([torch.zeros_like(idx), idx // side, idx % side], -1)
+    seq = Sequence(
+        hidden=projected,
+        position_ids=idx.expand(n, p),
+        attention_mask=torch.ones(n, p, dtype=torch.long, device=device),
+        orig_idx=idx.expand(n, p),
+        vision=torch.ones(n, p, dtype=torch.bool, device=device),
+        coords=coords.expand(n, p, 3),
+    )
+    traces = [_Trace() for _ in range(n)]
+    ctx = StageContext(
+        method=method,
+        adapter=_Projector(project),
+        stage_at={PRE_LLM: 0},
+        sample_keys=torch.zeros(n, dtype=torch.long) if sample_keys is None else sample_keys.long().cpu(),
+        n_vision=[p] * n,
+        traces=traces,
+        requests={PRE_LLM: None},
+        queries={},
+        vision=vision,
+        pad=torch.zeros(n, dtype=torch.long, device=device),
+    )
+    kept = drop(seq, PRE_LLM, None, ctx).hidden
+    expected = kept_per_image(method, p)
+    if kept.shape[1] != expected:
+        raise RuntimeError(
+            f"Scorer {method.scorer_name!r} left {kept.shape[1]} tokens per image, but the prompt holds {expected} "
+            "placeholders for each"
+        )
+    return kept, [trace.stages[0] for trace in traces]
+
+
+class _Trace:
+    """The part of ``SampleTrace`` a drop stage writes (its kept positions)."""
+
+    def __init__(self):
+        self.stages = []
+
+
+class _Projector:
+    """The part of an ``Adapter`` a pre-LLM drop stage reads: ``project_vision`` (for tower-space merging)."""
+
+    norm = None
+    layers = ()
+
+    def __init__(self, project):
+        self.project_vision = project
+
+
+_CLASSES: dict = {}
+
+
+def __getattr__(name: str):
+    """The model class, built on first use (it subclasses vLLM's LLaVA, imported only then)."""
+    if name != ARCHITECTURE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _CLASSES:
+        _CLASSES[name] = _build_model_class()
+    return _CLASSES[name]
+
+
+def _build_model_class():
+    """``V2DropLlavaForConditionalGeneration``: vLLM's LLaVA with the weight-name rule and pre-LLM pruning."""
+    use_pil_pixtral_processor()
+    from vllm.model_executor.models.llava import (
+        LlavaDummyInputsBuilder,
+        LlavaForConditionalGeneration,
+        LlavaMultiModalProcessor,
+        LlavaProcessingInfo,
+    )
+    from vllm.model_executor.models.utils import WeightsMapper
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.inputs import MultiModalFieldConfig
+
+    class V2DropLlavaProcessingInfo(LlavaProcessingInfo):
+        """LLaVA's processing info with each image's placeholder count cut to the method's kept count."""
+
+        def method(self):
+            """The engine's checked Method."""
+            return _method_of(self.get_hf_config())
+
+        def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+            """The kept count of an image's vision tokens."""
+            n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+            return kept_per_image(self.method(), n)
+
+        def get_hf_processor(self, **kwargs):
+            """The Hugging Face processor expanding ``<image>`` to the kept count too (a copy: the cached one stays)."""
+            processor = super().get_hf_processor(**kwargs)
+            method = self.method()
+            if not method.drops:
+                return processor
+            size = self.get_vision_encoder_info().get_image_size()
+            full = super().get_num_image_tokens(image_width=size, image_height=size)
+            processor = copy.copy(processor)
+            processor.num_additional_image_tokens += kept_per_image(method, full) - full
+            return processor
+
+    class V2DropLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+        """LLaVA's processor; for ``random`` it also hands every image its prompt's seed (a multimodal field)."""
+
+        def _seeded(self) -> bool:
+            """Whether the method's scorer draws per-prompt randomness."""
+            return self.info.method().scorer_name == "random"
+
+        def _cached_apply_hf_processor(self, inputs, timing_ctx):
+            """Put the prompt's seed among the processor kwargs (so it also enters the images' cache keys)."""
+            if self._seeded():
+                config = self.info.get_hf_config()
+                size = self.info.get_vision_encoder_info().get_image_size()
+                n = LlavaProcessingInfo.get_num_image_tokens(self.info, image_width=size, image_height=size)
+                key = sample_key(list(inputs.prompt), config.image_token_index, n)
+                inputs = dataclasses.replace(
+                    inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, SAMPLE_KEY: key}
+                )
+            return super()._cached_apply_hf_processor(inputs, timing_ctx)
+
+        def _call_hf_processor(self, hf_data, hf_kwargs):
+            """The Hugging Face processor, without the seed."""
+            return super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if k != SAMPLE_KEY})
+
+        def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
+            """The seed as one entry per image."""
+            processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+            if SAMPLE_KEY in hf_processor_mm_kwargs and "pixel_values" in processed_data:
+                n = len(processed_data["pixel_values"])
+                processed_data[SAMPLE_KEY] = torch.full((n,), hf_processor_mm_kwargs[SAMPLE_KEY], dtype=torch.long)
+            return processed_data
+
+        def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+            """LLaVA's fields and the per-image seed."""
+            return {
+                **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+                SAMPLE_KEY: MultiModalFieldConfig.batched("image"),
+            }
+
+    @MULTIMODAL_REGISTRY.register_processor(
+        V2DropLlavaMultiModalProcessor, info=V2DropLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+    )
+    class V2DropLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+        """vLLM's LLaVA running a v2drop pre-LLM method (``v2drop_method`` in the hf config) on every image."""
+
+        hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
+            orig_to_new_prefix={
+                f"vision_tower.{part}.": f"vision_tower.vision_model.{part}."
+                for part in ("embeddings", "encoder", "pre_layrnorm", "post_layernorm")
+            }
+        )
+
+        def __init__(self, *, vllm_config, prefix: str = "") -> None:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self.v2drop_method = _method_of(self.config)
+            # time in the tower and projector, and in the drop stage, summed over images; each image's trace
+            self.v2drop_seconds = {"tower": 0.0, "prune": 0.0, "images": 0}
+            self.v2drop_traces = []
+
+        def embed_multimodal(self, **kwargs):
+            """LLaVA's image embeddings; the images' prompt seeds (``random``) are taken out first."""
+            keys = kwargs.pop(SAMPLE_KEY, None)
+            self._sample_keys = torch.as_tensor(keys).flatten() if keys is not None else None
+            return super().embed_multimodal(**kwargs)
+
+        def _process_image_input(self, image_input):
+            """Projected features of every image, each cut to the method's kept tokens."""
+            method = self.v2drop_method
+            if image_input["type"] != "pixel_values":
+                return super()._process_image_input(image_input)
+            pixels = image_input["pixel_values"]
+            start = time.perf_counter()
+            self.v2drop_seconds["images"] += len(pixels)
+            if not method.drops:
+                out = super()._process_image_input(image_input)
+                self.v2drop_seconds["tower"] += time.perf_counter() - start
+                return out
+            request = method.scorer.vision_request()
+            if request is None:
+                features, vision = self._process_image_pixels(image_input), None
+            else:
+                if self.config.vision_feature_select_strategy != "default":
+                    raise ValueError("The [CLS] attention needs vision_feature_select_strategy 'default'")
+                out, vision = tower_state(self.vision_tower.vision_model, pixels, request)
+                features = out[:, 1:]
+                if request.cls_embeds:
+                    vision["cls_embeds"] = list(self.multi_modal_projector(out[:, :1]).float())
+            projected = self.multi_modal_projector(features)
+            tower_done = time.perf_counter()
+            keys = getattr(self, "_sample_keys", None)
+            kept, traces = prune_images(method, projected, vision, self._project, keys)
+            self.v2drop_traces.extend(traces)
+            self.v2drop_seconds["tower"] += tower_done - start
+            self.v2drop_seconds["prune"] += time.perf_counter() - tower_done
+            return kept
+
+        def _project(self, features: torch.Tensor) -> torch.Tensor:
+            """The projector on tower features, float32 (``Adapter.project_vision``)."""
+            return self.multi_modal_projector(features.to(next(self.multi_modal_projector.parameters()).dtype)).float()
+
+    V2DropLlavaForConditionalGeneration.__name__ = V2DropLlavaForConditionalGeneration.__qualname__ = ARCHITECTURE
+    return V2DropLlavaForConditionalGeneration
