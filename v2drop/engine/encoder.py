@@ -17,7 +17,7 @@ import torch
 from v2drop.method import Method
 from v2drop.models.base import Adapter
 from v2drop.schedule import VISION
-from v2drop.scorers import EncoderFeatures, LayerState
+from v2drop.scorers import EncoderFeatures, LayerState, Merge
 
 
 def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_keys: torch.Tensor, traces: list):
@@ -72,17 +72,34 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
                 scores = scores.float().nan_to_num(nan=float("-inf"))
                 every = request.every_layer  # counts are the stage's target, whatever was dropped before
                 count = min(n, targets[stage_idx]) if every else schedule.kept_count(stage_idx, n, patches)
-                keep = method.scorer.select(state, scores, [count]).keep[0].to(device)
-                rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), keep + 1])  # [CLS] stays
-                hidden[i] = hidden[i][:, rows]
-                orig[i] = orig[i][rows]
-                prev_scores[i] = scores[:, keep]
+                selection = method.scorer.select(state, scores, [count])
+                keep = selection.keep[0].to(device)
+                slots = orig[i][1:] - 1  # each present patch's patch index
                 b = parts.sample[i]
-                kept_by_sample.setdefault(b, []).append(parts.placeholders[i, orig[i][1:] - 1] - pad[b])
+                record = kept_by_sample.setdefault(b, {"kept": [], "merged": [], "members": []})
+                record["kept"].append(parts.placeholders[i, slots[keep]] - pad[b])
+                present, tokens_i = keep, hidden[i][0, 1 + keep]
+                if isinstance(selection, Merge) and len(selection.anchors[0]):
+                    anchors, members = _merge_slots(selection, keep, n)
+                    merged = selection.combine(0, hidden[i][0, 1 + members]).to(hidden[i].dtype)
+                    present = torch.cat([keep, anchors])
+                    tokens_i = torch.cat([tokens_i, merged])
+                    record["merged"].append(parts.placeholders[i, slots[anchors]] - pad[b])
+                    groups = selection.groups[0].to(device)
+                    member_slots = parts.placeholders[i, slots[members]] - pad[b]
+                    record["members"] += [member_slots[groups == g].tolist() for g in range(len(anchors))]
+                order = present.argsort()  # patch order: a merged token takes its anchor's place
+                present, tokens_i = present[order], tokens_i[order]
+                hidden[i] = torch.cat([hidden[i][:, :1], tokens_i[None]], dim=1)  # [CLS] stays
+                orig[i] = torch.cat([orig[i][:1], orig[i][1 + present]])
+                prev_scores[i] = scores[:, present]
             for b, trace in enumerate(traces):
-                kept = kept_by_sample.get(b)
-                if kept is not None and layer_idx in stages:  # traces hold the schedule's stages
-                    trace.stages.append({"layer": stage.layer, "kept": torch.cat(kept).tolist()})
+                record = kept_by_sample.get(b)
+                if record is not None and layer_idx in stages:  # traces hold the schedule's stages
+                    entry = {"layer": stage.layer, "kept": torch.cat(record["kept"]).tolist()}
+                    if record["merged"]:
+                        entry |= {"merged": torch.cat(record["merged"]).tolist(), "members": record["members"]}
+                    trace.stages.append(entry)
         if layer_idx == parts.selection:
             break
         for i in range(n_images):
@@ -100,6 +117,25 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
     for trace, counts in zip(traces, encoder_tokens):
         trace.encoder_tokens_per_layer = counts
     return embeds, keep
+
+
+def _merge_slots(merge: Merge, keep: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anchors, members) of a ``Merge`` at an encoder stage, as indices of the image's n present patches.
+
+    A merged token takes its anchor's patch slot (its placeholder in the prompt), so there each anchor must be
+    neither kept nor another group's anchor; ``Merge.position`` and ``place`` change nothing inside the tower.
+    """
+    device = keep.device
+    anchors, members = merge.anchors[0].to(device), merge.members[0].to(device)
+    taken = torch.zeros(n, dtype=torch.bool, device=device)
+    taken[keep] = True
+    if bool(taken[members].any()) or bool(taken[anchors].any()) or len(anchors.unique()) != len(anchors):
+        raise ValueError(
+            f"A Merge at a vision-encoder stage puts each merged token in its anchor's patch slot, so its members and "
+            f"anchors must not be kept and anchors must differ; got keep {keep.tolist()}, members {members.tolist()}, "
+            f"anchors {anchors.tolist()}: anchor each group on one of its own merged members"
+        )
+    return anchors, members
 
 
 def _run_layer(layer, hidden: list) -> list:

@@ -389,6 +389,13 @@ class Merge(Selection):
             if not len(g) and len(a):
                 raise ValueError(f"Merge sample {b}: {len(a)} anchors but no members")
 
+    def combine(self, b: int, members_hidden: torch.Tensor) -> torch.Tensor:
+        """(G_b, D) float32 merged tokens of sample ``b``: per group ``Σ weight · hidden`` of its members, from the
+        members' (M_b, D) hidden states in ``members[b]`` order (the one computation every stage kind uses)."""
+        weighted = members_hidden.float() * self.weights[b].float().to(members_hidden.device)[:, None]
+        out = torch.zeros(len(self.anchors[b]), members_hidden.shape[-1], device=members_hidden.device)
+        return out.index_add_(0, self.groups[b].to(members_hidden.device), weighted)
+
 
 def select_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` highest scores, ascending; ties go to the lower index."""
