@@ -249,3 +249,35 @@ def test_an_encoder_stage_merge_whose_anchor_is_kept_is_refused(deep, hand_merge
     method = Method("test-hand-merge", schedule=Schedule.one_shot("vision:3", 0.5), anchors=(0, 7))
     with pytest.raises(ValueError, match="anchor's patch slot"):
         encoder_run(deep, batch(deep), method)
+
+
+@dataclass
+class RecordsCls(Scorer):
+    """Keeps the patches with the highest [CLS] attention of the encoder layer producing hidden_states[2] (a test
+    scorer for ``EncoderRequest.cls_attention_layers``)."""
+
+    def encoder_request(self):
+        return EncoderRequest(cls_attention_layers=(2,))
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        return state.encoder.cls_attention[2]
+
+
+def test_recorded_cls_attention_is_the_towers_own_for_the_patches_present(deep):
+    register_scorer("test-records-cls")(RecordsCls)
+    inputs = batch(deep)
+    tower = deep.model.model.vision_tower
+    with torch.no_grad():
+        tower.set_attn_implementation("eager")
+        try:
+            attention = tower(inputs["pixel_values"], output_attentions=True).attentions[1]  # layer 1: hidden_states[2]
+        finally:
+            tower.set_attn_implementation(deep.model.config._attn_implementation)
+    reference = attention[:, :, 0, 1:].mean(1)  # (2, 64) [CLS] row, heads averaged
+    method = Method("test-records-cls", schedule=Schedule.progressive(["vision:3"], [0.25]))
+    _, _, traces = encoder_run(deep, inputs, method)
+    vision = deep.adapter.vision_mask(inputs["input_ids"])
+    for b, trace in enumerate(traces):
+        first = int(vision[b].nonzero()[0]) - int((inputs["attention_mask"][b] == 0).sum())
+        kept = torch.tensor(trace.stages[0]["kept"]) - first
+        assert kept.tolist() == reference[b].topk(16).indices.sort().values.tolist()

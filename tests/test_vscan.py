@@ -36,7 +36,9 @@ def encoder_state(deep_cls: torch.Tensor, hidden: torch.Tensor, shallow: torch.T
         attention_mask=torch.ones(1, n + 1, dtype=torch.long),
         sample_keys=torch.zeros(1, dtype=torch.long),
         layer=None,
-        encoder=EncoderFeatures(2, 2, 2, attention=attention, prev_scores=None if shallow is None else shallow[None]),
+        encoder=EncoderFeatures(
+            2, 2, 2, attention=attention, cls_attention={} if shallow is None else {6: shallow[None]}
+        ),
     )
 
 
@@ -82,11 +84,11 @@ def test_encoder_stage_local_then_global_scan_then_merge():
     groups = {int(a): sorted(merge.members[0][merge.groups[0] == g].tolist()) for g, a in enumerate(merge.anchors[0])}
     assert groups == {0: [0, 6, 7, 8, 10, 11, 13, 14], 15: [9, 15]}
     assert merge.keep[0].tolist() == [1, 2, 3, 4, 5, 12]
-    # no earlier vscan stage: the local scan reads this stage's attention too
+    # the stage before the shallow layer: the local scan reads this stage's attention too
     alone = scorer.select(encoder_state(deep, hidden, None), scores, [8])
     # local: 0, 2, 8, 10 (each tile's best of this attention); global: the next best 1, 3, 4, 5
     assert sorted(alone.keep[0].tolist() + alone.anchors[0].tolist()) == [0, 1, 2, 3, 4, 5, 8, 10]
-    # a stage keeping every patch only records its attention for the next one
+    # a stage keeping every patch keeps them as they are
     assert scorer.select(state, scores, [16]).keep[0].tolist() == list(range(16))
 
 
@@ -127,7 +129,7 @@ def test_stage_kinds_and_parameters_are_checked():
 def test_presets_are_the_official_schedule(budget, encoder, llm):
     preset = v2drop.get_preset(f"vscan-llava15-{budget}")
     method = preset.method(32)
-    assert method.schedule.stages == (Stage(VISION + 6, 576), Stage(VISION + 23, encoder), Stage(16, llm))
+    assert method.schedule.stages == (Stage(VISION + 23, encoder), Stage(16, llm))
     assert method.schedule.tower_reference == 23 and method.position_policy == "renumber"
     assert method.schedule.average_tokens(32, 576) == budget
     assert (preset.budget, preset.reference_vision_tokens, preset.data["scorer"]) == (budget, 576, {"name": "vscan"})
@@ -143,10 +145,9 @@ def test_presets_run_on_the_proxy_and_reduce_tokens():
     out = lvlm.generate(
         prompts, images, method=Method.from_preset("vscan-llava15-64", depth=lvlm.depth), max_new_tokens=3
     )
-    for trace in out.traces:  # vision:6 and vision:23 of 23 become vision:1 and vision:2; layer 16 of 32 is 6 of 12
-        encoder = trace.stages[1]
-        assert [s["layer"] for s in trace.stages] == [VISION + 1, VISION + 2, 6]
-        assert len(trace.stages[0]["kept"]) == 256  # the recording stage keeps everything
+    for trace in out.traces:  # vision:23 of 23 becomes vision:2 (the shallow layer 6: 1); layer 16 of 32 is 6 of 12
+        encoder = trace.stages[0]
+        assert [s["layer"] for s in trace.stages] == [VISION + 2, 6]
         assert len(encoder["kept"]) + len(encoder["merged"]) == 96 and len(encoder["merged"]) > 0
         assert sum(len(m) for m in encoder["members"]) == 256 - len(encoder["kept"])  # every other patch merged
         assert trace.vision_tokens_per_layer == [96] * 6 + [32] * 6

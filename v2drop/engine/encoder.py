@@ -39,6 +39,8 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
         every = method.scorer.at(schedule.stages[stage_idx].layer).encoder_request().every_layer
         start = max((l for l in stages if l < layer_idx), default=0) + 1 if every else layer_idx
         points.update({l: stage_idx for l in range(start, layer_idx + 1)})
+    recorded_at = _recorded_layers(method, schedule, parts.selection)
+    recorded: list[dict] = [{} for _ in range(n_images)]  # per image: requested layer -> (P,) [CLS] attention
     device = parts.embeddings.device
     hidden = list(parts.embeddings.split(1))  # per image (1, T_i, C)
     orig = [torch.arange(tokens, device=device) for _ in range(n_images)]  # tower positions, 0 = [CLS]
@@ -61,6 +63,7 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
                     stage.layer - VISION,
                     *_previous_layer(parts, request, layer_idx, prev_input, i),
                     prev_scores[i],
+                    {l: cls[orig[i][1:] - 1][None] for l, cls in recorded[i].items()},
                 )
                 state = _state(parts, scorer, layer_idx, hidden, prev_input, i, orig[i], sample_keys, encoder)
                 scores = method.scorer.score(state)
@@ -104,6 +107,12 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
             break
         for i in range(n_images):
             encoder_tokens[parts.sample[i]][layer_idx] += hidden[i].shape[1]
+        for i in range(n_images):  # [CLS] attention the scorers asked to keep, on every original patch
+            for requested in recorded_at.get(layer_idx + 1, ()):
+                cls = parts.attention(parts.layers[layer_idx], hidden[i], False)[0][0, :, 0, 1:].mean(0).float()
+                recorded[i][requested] = torch.full((patches,), float("nan"), device=device).index_put(
+                    (orig[i][1:] - 1,), cls
+                )
         prev_input = hidden
         hidden = _run_layer(parts.layers[layer_idx], hidden)
     # the projector on the kept patches of the selection layer, into their placeholders; the others go
@@ -117,6 +126,20 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
     for trace, counts in zip(traces, encoder_tokens):
         trace.encoder_tokens_per_layer = counts
     return embeds, keep
+
+
+def _recorded_layers(method: Method, schedule, selection: int) -> dict[int, list[int]]:
+    """{tower layer l: the requested layers recorded there} for the encoder stages' ``cls_attention_layers``: each
+    moved to the tower as the schedule's stages are (``Schedule.fit_tower``), at most the selection layer."""
+    reference = method.schedule.tower_reference
+    out: dict[int, list[int]] = {}
+    for stage in schedule.vision_stages:
+        for l in method.scorer.at(stage.layer).encoder_request().cls_attention_layers:
+            at = l if reference in (None, selection) else max(1, round(l * selection / reference))
+            at = min(at, selection)
+            if l not in out.setdefault(at, []):
+                out[at].append(l)
+    return out
 
 
 def _merge_slots(merge: Merge, keep: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

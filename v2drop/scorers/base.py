@@ -133,11 +133,26 @@ class EncoderRequest:
         stage, scoring and dropping as the scorer's ``select`` decides. Each count is then a target,
         that of the next stage: what the schedule alone would leave of the image's patches
         (``Schedule.counts``), whatever the scorer dropped before.
+    cls_attention_layers : tuple of int
+        Record, while the tower runs, the heads-averaged [CLS] attention on each patch of the encoder layers
+        producing ``hidden_states[l]`` for each ``l`` here (numbered as stages are, ``vision:<l>``, and moved to the
+        model's tower as the schedule's stages: ``Schedule.fit_tower``, at most its selection layer), for the
+        stages after them (``EncoderFeatures.cls_attention``).
     """
 
     attention: bool = False
     values: bool = False
     every_layer: bool = False
+    cls_attention_layers: tuple = ()
+
+    def __post_init__(self):
+        layers = self.cls_attention_layers
+        if not isinstance(layers, tuple) or not all(
+            isinstance(l, int) and not isinstance(l, bool) and l >= 1 for l in layers
+        ):
+            raise ValueError(
+                f"EncoderRequest.cls_attention_layers must be a tuple of encoder layers >= 1, got {layers!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -160,6 +175,9 @@ class EncoderFeatures:
     prev_scores : Tensor (1, V) float32 or None
         The scores this scorer returned at the previous vision-encoder stage (or layer, with
         ``every_layer``), for the patches still present (None the first time).
+    cls_attention : dict of int to Tensor (1, V) float32
+        Per layer of ``EncoderRequest.cls_attention_layers`` (as requested) already run, the heads-averaged [CLS]
+        attention it gave each patch still present.
     """
 
     layer: int
@@ -168,6 +186,7 @@ class EncoderFeatures:
     attention: torch.Tensor | None = None
     values: torch.Tensor | None = None
     prev_scores: torch.Tensor | None = None
+    cls_attention: dict = dataclasses.field(default_factory=dict)
 
 
 def is_tower_layer(layer) -> bool:

@@ -70,28 +70,28 @@ def nearest_merge(hidden: torch.Tensor, retained: torch.Tensor) -> Merge | Selec
 class VScanScorer(Scorer):
     """VScan (Zhang et al., TMLR 2026): scans and merges inside the vision encoder, PDrop's rule at decoder stages.
 
-    At a vision-encoder stage ``vision:<l>`` keeping ``k`` of the ``n`` present patches (``k < n``): the global
-    scan takes ``k − int(k · (1 − global_ratio))`` patches of highest [CLS] attention of encoder layer ``l − 1``
-    (heads averaged); the local scan, first, takes ``int(k · (1 − global_ratio)) // windows²`` patches per tile of
-    a ``windows × windows`` split of the grid, by the [CLS] attention of the previous vscan encoder stage (a
-    shallow layer) or, without one, of this stage; the global scan skips them. Every other patch merges into its
-    most cosine-similar retained patch (``nearest_merge``, on the stage's hidden states). A stage keeping every
-    patch (``k ≥ n``) only records its [CLS] attention for the next one's local scan. At a decoder stage: PDrop,
-    the last instruction token's attention in that layer. Presets ``vscan-llava15-*``.
+    At a vision-encoder stage ``vision:<l>`` keeping ``k`` of the ``n`` present patches (``k < n``): the local scan
+    takes ``int(k · (1 − global_ratio)) // windows²`` patches per tile of a ``windows × windows`` split of the grid,
+    by the [CLS] attention (heads averaged) of the shallow encoder layer producing ``hidden_states[shallow_layer]``
+    (recorded as the tower runs; the stage's own layer when the stage comes first); the global scan then takes the
+    ``k − int(k · (1 − global_ratio))`` others of highest [CLS] attention of encoder layer ``l − 1``. Every other
+    patch merges into its most cosine-similar retained patch (``nearest_merge``, on the stage's hidden states). At a
+    decoder stage: PDrop, the last instruction token's attention in that layer. Presets ``vscan-llava15-*``.
     """
 
     global_ratio: float = 0.5
     windows: int = 4
+    shallow_layer: int = 6
 
     def __post_init__(self):
         if not 0.0 <= float(self.global_ratio) <= 1.0:
             raise ValueError(
                 f"vscan global_ratio is the global scan's share of a stage, in [0, 1]; got {self.global_ratio}"
             )
-        if isinstance(self.windows, bool) or not isinstance(self.windows, int) or self.windows < 1:
-            raise ValueError(
-                f"vscan windows is the local scan's tiles per grid side, an int >= 1; got {self.windows!r}"
-            )
+        for name in ("windows", "shallow_layer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"vscan {name} must be an int >= 1, got {value!r}")
         self._llm = PDropScorer()
 
     def at(self, layer_idx: int) -> Scorer:
@@ -99,8 +99,8 @@ class VScanScorer(Scorer):
         return self._llm if layer_idx >= 0 else self
 
     def encoder_request(self) -> EncoderRequest:
-        """The previous encoder layer's attention probabilities ([CLS] row)."""
-        return EncoderRequest(attention=True)
+        """The previous encoder layer's attention probabilities and the shallow layer's recorded [CLS] attention."""
+        return EncoderRequest(attention=True, cls_attention_layers=(self.shallow_layer,))
 
     def attention_request(self) -> AttentionRequest | None:
         """None: decoder stages run the PDrop part (``at``), which asks for its own rows."""
@@ -134,7 +134,7 @@ class VScanScorer(Scorer):
         n, k = scores.shape[1], counts[0]
         if k >= n:
             return Selection(keep=[torch.arange(n, device=scores.device)])
-        shallow = scores[0] if state.encoder.prev_scores is None else state.encoder.prev_scores[0]
+        shallow = state.encoder.cls_attention.get(self.shallow_layer, scores)[0]
         n_local = int(k * (1 - self.global_ratio))
         coords = state.vision_coords[0]
         local = window_scan(shallow, coords[:, 1], coords[:, 2], self.windows, n_local // self.windows**2)
