@@ -27,9 +27,10 @@ a decoder layer (previous hidden states or keys, attention rows) cannot run ther
 A vision-encoder stage (``vision:<l>``) runs inside the vision tower, just before encoder layer
 ``l``, once per tower image; only scorers with an ``encoder_request()`` run there, and they get
 ``LayerState.encoder`` (the previous encoder layer's attention and values, their own scores of the
-previous encoder stage). There ``hidden`` is the tower's (1, T, C) input of layer ``l`` with the
-[CLS] at position 0, ``vision_idx`` the patch positions 1..T-1 and ``orig_idx`` each token's
-original tower position (0 = [CLS], 1 + p for patch p).
+previous encoder stage, the recorded [CLS] attention of earlier encoder layers); a ``Merge`` there
+puts each merged token in its anchor's patch slot. There ``hidden`` is the tower's (1, T, C) input
+of layer ``l`` with the [CLS] at position 0, ``vision_idx`` the patch positions 1..T-1 and
+``orig_idx`` each token's original tower position (0 = [CLS], 1 + p for patch p).
 """
 
 from __future__ import annotations
@@ -347,7 +348,8 @@ class Merge(Selection):
     """A ``Selection`` that also replaces groups of present vision tokens by one token each: their weighted sum.
 
     The engine computes the merged hidden states itself, in float32 from the stage's hidden states (the
-    projected features at the pre-LLM stage, the layer's input residual stream at a decoder stage), so a
+    projected features at the pre-LLM stage, the tower's hidden states at a vision-encoder stage, the layer's input
+    residual stream at a decoder stage), so a
     merge is applied the same way at every stage and on every family. Each list has one entry per sample;
     a vision token is kept (``keep``), merged (a member of one group, or of several: FastVID's multi-frame
     merge adds a token to one group per anchor frame), or dropped.
