@@ -161,3 +161,58 @@ def test_other_families_refuse_with_a_reason(tiny, family):
     method = Method("vscan", schedule=Schedule.from_dict({"stages": [["vision:1", 0.5], [2, 0.5]]}))
     with pytest.raises(ValueError, match="vision-encoder stages .* run on a CLIP-like tower with a \\[CLS\\] token"):
         lvlm.generate(prompts, images, method=method, max_new_tokens=1)
+
+
+def test_the_encoder_stage_is_the_official_rule_on_transformers_tower_outputs():
+    """The official encode_images (transcribed here on transformers' eager attentions and hidden states) on a
+    four-layer CLIP tower read at hidden_states[3]: the same retained slots and merged features. The merge is on the
+    tower's features, then projected (the official merges the projector's outputs: docs/methods.md, VScan (1))."""
+    from transformers import CLIPVisionConfig
+
+    from v2drop.engine.encoder import run_encoder_stages
+    from v2drop.engine.loop import SampleTrace, sample_keys
+    from v2drop.testing import image, random_llava
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
+        patch_size=4, initializer_range=0.2,
+    )  # fmt: skip
+    lvlm = random_llava(hidden=64, layers=3, image_size=32, patch=4, vision=vision)  # 8 x 8 patches
+    inputs = lvlm.prepare([lvlm.format_prompt("w1 w2"), lvlm.format_prompt("w3")], [image(0, 32), image(1, 32)])
+    schedule = Schedule.from_dict({"keep_mode": "absolute", "stages": [["vision:3", 16]]})
+    method = Method("vscan", schedule=schedule, shallow_layer=2, windows=2)
+    traces = [SampleTrace() for _ in range(2)]
+    with torch.no_grad():
+        embeds, keep = run_encoder_stages(
+            lvlm.adapter, inputs, method, sample_keys(inputs["input_ids"], inputs["attention_mask"]), traces
+        )
+        tower = lvlm.model.model.vision_tower
+        tower.set_attn_implementation("eager")
+        try:
+            out = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
+        finally:
+            tower.set_attn_implementation(lvlm.model.config._attn_implementation)
+        projected = lvlm.model.model.multi_modal_projector
+        vision_mask = lvlm.adapter.vision_mask(inputs["input_ids"])
+        for b in range(2):
+            shallow = out.attentions[1][b, :, 0, 1:].mean(0).view(8, 8)  # layer 1 produces hidden_states[2]
+            deep = out.attentions[2][b, :, 0, 1:].mean(0).clone()  # layer 2 produces hidden_states[3]
+            local = []
+            for i in range(2):
+                for j in range(2):  # 4 x 4 windows, 16 // 2 // 4 = 2 patches each
+                    top = shallow[4 * i : 4 * i + 4, 4 * j : 4 * j + 4].reshape(-1).topk(2).indices
+                    local += [int((4 * i + t // 4) * 8 + 4 * j + t % 4) for t in top]
+            deep[local] = 0
+            retained = sorted(local + deep.topk(16 - 8).indices.tolist())
+            features = out.hidden_states[3][b, 1:]
+            rest = [p for p in range(64) if p not in retained]
+            sim = torch.nn.functional.cosine_similarity(features[rest, None], features[retained][None], dim=-1)
+            merged = features[retained].clone()
+            count = torch.ones(len(retained))
+            for p, r in zip(rest, sim.argmax(1).tolist()):
+                merged[r] += features[p]
+                count[r] += 1
+            expected = projected(merged / count[:, None])
+            slots = int(vision_mask[b].nonzero()[0]) + torch.tensor(retained)
+            assert keep[b].logical_and(vision_mask[b]).nonzero().flatten().tolist() == slots.tolist()
+            torch.testing.assert_close(embeds[b, slots].float(), expected.float(), rtol=1e-4, atol=1e-5)
