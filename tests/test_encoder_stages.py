@@ -190,3 +190,94 @@ def test_each_image_of_a_sample_is_pruned_on_its_own(deep, first_channel):
     second_alone = deep.generate([deep.format_prompt("w1 w2")], [[images[0][1]]], method=method, max_new_tokens=1)
     offset = first + 64 - second_alone.prompt_ids[0].index(deep.adapter.image_token_id)
     assert kept[16:] == [k + offset for k in second_alone.traces[0].stages[0]["kept"]]  # the same as that image alone
+
+
+@dataclass
+class HandMerge(Scorer):
+    """Keeps patches 0 and 5, merges 1 and 2 into one token anchored on 2 (weights 1/4, 3/4) and 3 and 7 into one
+    anchored on 7 (1/2 each), drops the rest (a test scorer for merges at encoder stages)."""
+
+    anchors: tuple = (2, 7)
+
+    def encoder_request(self):
+        return EncoderRequest()
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        return torch.zeros(1, state.hidden.shape[1] - 1)
+
+    def select(self, state, scores, counts):
+        from v2drop.scorers import Merge
+
+        return Merge(
+            keep=[torch.tensor([0, 5])],
+            members=[torch.tensor([1, 2, 3, 7])],
+            groups=[torch.tensor([0, 0, 1, 1])],
+            weights=[torch.tensor([0.25, 0.75, 0.5, 0.5])],
+            anchors=[torch.tensor(list(self.anchors))],
+        )
+
+
+@pytest.fixture
+def hand_merge():
+    register_scorer("test-hand-merge")(HandMerge)
+
+
+def test_a_merge_at_an_encoder_stage_fills_its_anchor_slot_with_the_weighted_sum(deep, hand_merge):
+    inputs = batch(deep)
+    method = Method("test-hand-merge", schedule=Schedule.one_shot("vision:3", 0.5))  # the selection layer
+    embeds, keep, traces = encoder_run(deep, inputs, method)
+    with torch.no_grad():
+        tower = deep.model.model.vision_tower
+        h = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[3][:, 1:]  # (2, 64, 32)
+        merged_1 = 0.25 * h[:, 1] + 0.75 * h[:, 2]  # by hand, into patch 2's slot
+        merged_2 = 0.5 * h[:, 3] + 0.5 * h[:, 7]  # into patch 7's slot
+        expected = deep.model.model.multi_modal_projector(torch.stack([h[:, 0], merged_1, h[:, 5], merged_2], 1))
+    vision = deep.adapter.vision_mask(inputs["input_ids"]) & inputs["attention_mask"].bool()
+    pad = (inputs["attention_mask"] == 0).sum(1)
+    for b in range(2):
+        first = int(vision[b].nonzero()[0])
+        slots = first + torch.tensor([0, 2, 5, 7])
+        torch.testing.assert_close(embeds[b, slots], expected[b], rtol=1e-5, atol=1e-5)
+        assert keep[b].logical_and(vision[b]).nonzero().flatten().tolist() == slots.tolist()
+        f = first - int(pad[b])  # prompt indices
+        stage = traces[b].stages[0]
+        assert stage["kept"] == [f, f + 5] and stage["merged"] == [f + 2, f + 7]
+        assert stage["members"] == [[f + 1, f + 2], [f + 3, f + 7]]
+
+
+def test_an_encoder_stage_merge_whose_anchor_is_kept_is_refused(deep, hand_merge):
+    method = Method("test-hand-merge", schedule=Schedule.one_shot("vision:3", 0.5), anchors=(0, 7))
+    with pytest.raises(ValueError, match="anchor's patch slot"):
+        encoder_run(deep, batch(deep), method)
+
+
+@dataclass
+class RecordsCls(Scorer):
+    """Keeps the patches with the highest [CLS] attention of the encoder layer producing hidden_states[2] (a test
+    scorer for ``EncoderRequest.cls_attention_layers``)."""
+
+    def encoder_request(self):
+        return EncoderRequest(cls_attention_layers=(2,))
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        return state.encoder.cls_attention[2]
+
+
+def test_recorded_cls_attention_is_the_towers_own_for_the_patches_present(deep):
+    register_scorer("test-records-cls")(RecordsCls)
+    inputs = batch(deep)
+    tower = deep.model.model.vision_tower
+    with torch.no_grad():
+        tower.set_attn_implementation("eager")
+        try:
+            attention = tower(inputs["pixel_values"], output_attentions=True).attentions[1]  # layer 1: hidden_states[2]
+        finally:
+            tower.set_attn_implementation(deep.model.config._attn_implementation)
+    reference = attention[:, :, 0, 1:].mean(1)  # (2, 64) [CLS] row, heads averaged
+    method = Method("test-records-cls", schedule=Schedule.progressive(["vision:3"], [0.25]))
+    _, _, traces = encoder_run(deep, inputs, method)
+    vision = deep.adapter.vision_mask(inputs["input_ids"])
+    for b, trace in enumerate(traces):
+        first = int(vision[b].nonzero()[0]) - int((inputs["attention_mask"][b] == 0).sum())
+        kept = torch.tensor(trace.stages[0]["kept"]) - first
+        assert kept.tolist() == reference[b].topk(16).indices.sort().values.tolist()

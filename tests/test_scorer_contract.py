@@ -38,6 +38,9 @@ FAMILY_SUPPORT["flowcut"] = (("llava",), "vision-encoder stages")
 SCHEDULE = Schedule.progressive([2, 4], [0.5, 0.5])
 # Scorers that run only inside the vision encoder: their stage (the tiny LLaVA's tower is read at hidden_states[1]).
 ENCODER_STAGES = {"flowcut": ["vision:1"]}
+# VScan scans and merges in the encoder, then runs PDrop's rule in the LLM: both stage kinds.
+FAMILY_SUPPORT["vscan"] = (("llava",), "vision-encoder stages")
+ENCODER_STAGES["vscan"] = ["vision:1", 2]
 SCORERS = list_scorers()
 
 

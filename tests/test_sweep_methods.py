@@ -62,6 +62,7 @@ SPACE = {
         "frame_pool": ["pre-llm"],
         "staged": ["pre-llm+progressive"],
         "flowcut": ["vision"],
+        "vscan": ["vision+one-shot"],
     },
     "position_policy": {
         name: "renumber"
@@ -80,10 +81,11 @@ SPACE = {
             "vidcom2",
             "frames",
             "frame_pool",
+            "vscan",
         )
     },
     "stages": [2, 4],
-    "vision_layers": [1, 22],
+    "vision_layers": [1, 23],
     "tower_reference": 23,
 }
 
@@ -583,6 +585,7 @@ def test_every_trial_the_shipped_space_draws_is_a_valid_method():
         ("composite", "one-shot"),
         ("composite", "progressive"),
         ("flowcut", "vision"),
+        ("vscan", "vision+one-shot"),
     } <= seen
 
 

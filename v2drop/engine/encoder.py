@@ -17,7 +17,7 @@ import torch
 from v2drop.method import Method
 from v2drop.models.base import Adapter
 from v2drop.schedule import VISION
-from v2drop.scorers import EncoderFeatures, LayerState
+from v2drop.scorers import EncoderFeatures, LayerState, Merge
 
 
 def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_keys: torch.Tensor, traces: list):
@@ -39,6 +39,8 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
         every = method.scorer.at(schedule.stages[stage_idx].layer).encoder_request().every_layer
         start = max((l for l in stages if l < layer_idx), default=0) + 1 if every else layer_idx
         points.update({l: stage_idx for l in range(start, layer_idx + 1)})
+    recorded_at = _recorded_layers(method, schedule, parts.selection)
+    recorded: list[dict] = [{} for _ in range(n_images)]  # per image: requested layer -> (P,) [CLS] attention
     device = parts.embeddings.device
     hidden = list(parts.embeddings.split(1))  # per image (1, T_i, C)
     orig = [torch.arange(tokens, device=device) for _ in range(n_images)]  # tower positions, 0 = [CLS]
@@ -61,6 +63,7 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
                     stage.layer - VISION,
                     *_previous_layer(parts, request, layer_idx, prev_input, i),
                     prev_scores[i],
+                    {l: cls[orig[i][1:] - 1][None] for l, cls in recorded[i].items()},
                 )
                 state = _state(parts, scorer, layer_idx, hidden, prev_input, i, orig[i], sample_keys, encoder)
                 scores = method.scorer.score(state)
@@ -72,21 +75,44 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
                 scores = scores.float().nan_to_num(nan=float("-inf"))
                 every = request.every_layer  # counts are the stage's target, whatever was dropped before
                 count = min(n, targets[stage_idx]) if every else schedule.kept_count(stage_idx, n, patches)
-                keep = method.scorer.select(state, scores, [count]).keep[0].to(device)
-                rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), keep + 1])  # [CLS] stays
-                hidden[i] = hidden[i][:, rows]
-                orig[i] = orig[i][rows]
-                prev_scores[i] = scores[:, keep]
+                selection = method.scorer.select(state, scores, [count])
+                keep = selection.keep[0].to(device)
+                slots = orig[i][1:] - 1  # each present patch's patch index
                 b = parts.sample[i]
-                kept_by_sample.setdefault(b, []).append(parts.placeholders[i, orig[i][1:] - 1] - pad[b])
+                record = kept_by_sample.setdefault(b, {"kept": [], "merged": [], "members": []})
+                record["kept"].append(parts.placeholders[i, slots[keep]] - pad[b])
+                present, tokens_i = keep, hidden[i][0, 1 + keep]
+                if isinstance(selection, Merge) and len(selection.anchors[0]):
+                    anchors, members = _merge_slots(selection, keep, n)
+                    merged = selection.combine(0, hidden[i][0, 1 + members]).to(hidden[i].dtype)
+                    present = torch.cat([keep, anchors])
+                    tokens_i = torch.cat([tokens_i, merged])
+                    record["merged"].append(parts.placeholders[i, slots[anchors]] - pad[b])
+                    groups = selection.groups[0].to(device)
+                    member_slots = parts.placeholders[i, slots[members]] - pad[b]
+                    record["members"] += [member_slots[groups == g].tolist() for g in range(len(anchors))]
+                order = present.argsort()  # patch order: a merged token takes its anchor's place
+                present, tokens_i = present[order], tokens_i[order]
+                hidden[i] = torch.cat([hidden[i][:, :1], tokens_i[None]], dim=1)  # [CLS] stays
+                orig[i] = torch.cat([orig[i][:1], orig[i][1 + present]])
+                prev_scores[i] = scores[:, present]
             for b, trace in enumerate(traces):
-                kept = kept_by_sample.get(b)
-                if kept is not None and layer_idx in stages:  # traces hold the schedule's stages
-                    trace.stages.append({"layer": stage.layer, "kept": torch.cat(kept).tolist()})
+                record = kept_by_sample.get(b)
+                if record is not None and layer_idx in stages:  # traces hold the schedule's stages
+                    entry = {"layer": stage.layer, "kept": torch.cat(record["kept"]).tolist()}
+                    if record["merged"]:
+                        entry |= {"merged": torch.cat(record["merged"]).tolist(), "members": record["members"]}
+                    trace.stages.append(entry)
         if layer_idx == parts.selection:
             break
         for i in range(n_images):
             encoder_tokens[parts.sample[i]][layer_idx] += hidden[i].shape[1]
+        for i in range(n_images):  # [CLS] attention the scorers asked to keep, on every original patch
+            for requested in recorded_at.get(layer_idx + 1, ()):
+                cls = parts.attention(parts.layers[layer_idx], hidden[i], False)[0][0, :, 0, 1:].mean(0).float()
+                recorded[i][requested] = torch.full((patches,), float("nan"), device=device).index_put(
+                    (orig[i][1:] - 1,), cls
+                )
         prev_input = hidden
         hidden = _run_layer(parts.layers[layer_idx], hidden)
     # the projector on the kept patches of the selection layer, into their placeholders; the others go
@@ -100,6 +126,39 @@ def run_encoder_stages(adapter: Adapter, inputs: dict, method: Method, sample_ke
     for trace, counts in zip(traces, encoder_tokens):
         trace.encoder_tokens_per_layer = counts
     return embeds, keep
+
+
+def _recorded_layers(method: Method, schedule, selection: int) -> dict[int, list[int]]:
+    """{tower layer l: the requested layers recorded there} for the encoder stages' ``cls_attention_layers``: each
+    moved to the tower as the schedule's stages are (``Schedule.fit_tower``), at most the selection layer."""
+    reference = method.schedule.tower_reference
+    out: dict[int, list[int]] = {}
+    for stage in schedule.vision_stages:
+        for l in method.scorer.at(stage.layer).encoder_request().cls_attention_layers:
+            at = l if reference in (None, selection) else max(1, round(l * selection / reference))
+            at = min(at, selection)
+            if l not in out.setdefault(at, []):
+                out[at].append(l)
+    return out
+
+
+def _merge_slots(merge: Merge, keep: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anchors, members) of a ``Merge`` at an encoder stage, as indices of the image's n present patches.
+
+    A merged token takes its anchor's patch slot (its placeholder in the prompt), so there each anchor must be
+    neither kept nor another group's anchor; ``Merge.position`` and ``place`` change nothing inside the tower.
+    """
+    device = keep.device
+    anchors, members = merge.anchors[0].to(device), merge.members[0].to(device)
+    taken = torch.zeros(n, dtype=torch.bool, device=device)
+    taken[keep] = True
+    if bool(taken[members].any()) or bool(taken[anchors].any()) or len(anchors.unique()) != len(anchors):
+        raise ValueError(
+            f"A Merge at a vision-encoder stage puts each merged token in its anchor's patch slot, so its members and "
+            f"anchors must not be kept and anchors must differ; got keep {keep.tolist()}, members {members.tolist()}, "
+            f"anchors {anchors.tolist()}: anchor each group on one of its own merged members"
+        )
+    return anchors, members
 
 
 def _run_layer(layer, hidden: list) -> list:

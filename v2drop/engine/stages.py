@@ -278,8 +278,7 @@ def apply_selection(
                     f"{merge.members[b].tolist()}, groups {groups.tolist()}); a vision token is kept, merged (at most "
                     "once a group) or dropped"
                 )
-            weighted = seq.hidden[b, members].float() * merge.weights[b].float()[:, None]
-            hidden.append(torch.zeros(G, D, device=device).index_add_(0, groups, weighted))
+            hidden.append(merge.combine(b, seq.hidden[b, members]))
             anchors = vision_idx[b, merge.anchors[b]]
             source.append(anchors)
             key.append(2 * anchors + 1 if merge.place == "anchor" else torch.full_like(anchors, after_kept))

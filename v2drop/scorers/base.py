@@ -27,9 +27,10 @@ a decoder layer (previous hidden states or keys, attention rows) cannot run ther
 A vision-encoder stage (``vision:<l>``) runs inside the vision tower, just before encoder layer
 ``l``, once per tower image; only scorers with an ``encoder_request()`` run there, and they get
 ``LayerState.encoder`` (the previous encoder layer's attention and values, their own scores of the
-previous encoder stage). There ``hidden`` is the tower's (1, T, C) input of layer ``l`` with the
-[CLS] at position 0, ``vision_idx`` the patch positions 1..T-1 and ``orig_idx`` each token's
-original tower position (0 = [CLS], 1 + p for patch p).
+previous encoder stage, the recorded [CLS] attention of earlier encoder layers); a ``Merge`` there
+puts each merged token in its anchor's patch slot. There ``hidden`` is the tower's (1, T, C) input
+of layer ``l`` with the [CLS] at position 0, ``vision_idx`` the patch positions 1..T-1 and
+``orig_idx`` each token's original tower position (0 = [CLS], 1 + p for patch p).
 """
 
 from __future__ import annotations
@@ -133,11 +134,26 @@ class EncoderRequest:
         stage, scoring and dropping as the scorer's ``select`` decides. Each count is then a target,
         that of the next stage: what the schedule alone would leave of the image's patches
         (``Schedule.counts``), whatever the scorer dropped before.
+    cls_attention_layers : tuple of int
+        Record, while the tower runs, the heads-averaged [CLS] attention on each patch of the encoder layers
+        producing ``hidden_states[l]`` for each ``l`` here (numbered as stages are, ``vision:<l>``, and moved to the
+        model's tower as the schedule's stages: ``Schedule.fit_tower``, at most its selection layer), for the
+        stages after them (``EncoderFeatures.cls_attention``).
     """
 
     attention: bool = False
     values: bool = False
     every_layer: bool = False
+    cls_attention_layers: tuple = ()
+
+    def __post_init__(self):
+        layers = self.cls_attention_layers
+        if not isinstance(layers, tuple) or not all(
+            isinstance(l, int) and not isinstance(l, bool) and l >= 1 for l in layers
+        ):
+            raise ValueError(
+                f"EncoderRequest.cls_attention_layers must be a tuple of encoder layers >= 1, got {layers!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -160,6 +176,9 @@ class EncoderFeatures:
     prev_scores : Tensor (1, V) float32 or None
         The scores this scorer returned at the previous vision-encoder stage (or layer, with
         ``every_layer``), for the patches still present (None the first time).
+    cls_attention : dict of int to Tensor (1, V) float32
+        Per layer of ``EncoderRequest.cls_attention_layers`` (as requested) already run, the heads-averaged [CLS]
+        attention it gave each patch still present.
     """
 
     layer: int
@@ -168,6 +187,7 @@ class EncoderFeatures:
     attention: torch.Tensor | None = None
     values: torch.Tensor | None = None
     prev_scores: torch.Tensor | None = None
+    cls_attention: dict = dataclasses.field(default_factory=dict)
 
 
 def is_tower_layer(layer) -> bool:
@@ -328,7 +348,8 @@ class Merge(Selection):
     """A ``Selection`` that also replaces groups of present vision tokens by one token each: their weighted sum.
 
     The engine computes the merged hidden states itself, in float32 from the stage's hidden states (the
-    projected features at the pre-LLM stage, the layer's input residual stream at a decoder stage), so a
+    projected features at the pre-LLM stage, the tower's hidden states at a vision-encoder stage, the layer's input
+    residual stream at a decoder stage), so a
     merge is applied the same way at every stage and on every family. Each list has one entry per sample;
     a vision token is kept (``keep``), merged (a member of one group, or of several: FastVID's multi-frame
     merge adds a token to one group per anchor frame), or dropped.
@@ -388,6 +409,13 @@ class Merge(Selection):
                 )
             if not len(g) and len(a):
                 raise ValueError(f"Merge sample {b}: {len(a)} anchors but no members")
+
+    def combine(self, b: int, members_hidden: torch.Tensor) -> torch.Tensor:
+        """(G_b, D) float32 merged tokens of sample ``b``: per group ``Σ weight · hidden`` of its members, from the
+        members' (M_b, D) hidden states in ``members[b]`` order (the one computation every stage kind uses)."""
+        weighted = members_hidden.float() * self.weights[b].float().to(members_hidden.device)[:, None]
+        out = torch.zeros(len(self.anchors[b]), members_hidden.shape[-1], device=members_hidden.device)
+        return out.index_add_(0, self.groups[b].to(members_hidden.device), weighted)
 
 
 def select_keep(scores: torch.Tensor, k: int) -> torch.Tensor:

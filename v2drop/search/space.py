@@ -26,8 +26,8 @@ from v2drop.schedule import MAX_TOWER_LAYERS, PRE_LLM, VISION, Schedule, vision_
 from v2drop.search.config import OBJECTIVES, SAMPLERS, SearchSpace, SweepConfig
 
 # one-shot / progressive: decoder stages only; pre-llm: one stage before the LLM only; pre-llm+...: both;
-# vision: one stage inside the vision encoder only
-KINDS = ("one-shot", "progressive", "pre-llm", "pre-llm+one-shot", "pre-llm+progressive", "vision")
+# vision: one stage inside the vision encoder only; vision+one-shot: that stage, then one decoder stage (VScan)
+KINDS = ("one-shot", "progressive", "pre-llm", "pre-llm+one-shot", "pre-llm+progressive", "vision", "vision+one-shot")
 PRE_LLM_KEEP = "keep_pre_llm"  # the trial parameter holding the pre-LLM stage's keep fraction
 VISION_LAYER, VISION_KEEP = "vision_layer", "keep_vision"  # the trial parameters of a vision-encoder stage
 ALL = ("all", "*")  # spellings of "every registered scorer"
@@ -86,10 +86,10 @@ def kind_param(space: SearchSpace, scorer: str) -> str:
 def kind_parts(kind: str) -> tuple[bool, str | None]:
     """(whether ``kind`` starts with a pre-LLM stage, its decoder part: ``one-shot``, ``progressive`` or None).
 
-    The ``vision`` kind has neither.
+    The ``vision`` kinds have no pre-LLM stage (their encoder stage: ``kind.startswith("vision")``).
     """
-    if kind == "vision":
-        return False, None
+    if kind.startswith("vision"):
+        return False, kind[len("vision") :].lstrip("+") or None
     pre = kind.startswith("pre-llm")
     decoder = kind[len("pre-llm") :].lstrip("+") if pre else kind
     return pre, decoder or None
@@ -101,7 +101,9 @@ def schedule_kind(schedule: Schedule) -> str:
     vision = len(schedule.vision_stages)
     if vision:
         rest = Schedule(schedule.stages[vision:])
-        return "vision" if not rest.stages and vision == 1 else f"vision{vision}+{schedule_kind(rest)}"
+        if vision == 1:
+            return "vision" if not rest.stages else f"vision+{schedule_kind(rest)}"
+        return f"vision{vision}+{schedule_kind(rest)}"
     pre = schedule.pre_llm is not None
     decoder = {0: None, 1: "one-shot"}.get(len(schedule.stages) - pre, "progressive")
     if not pre:
@@ -342,13 +344,13 @@ def _check_stages(space: SearchSpace, name: str, params: dict) -> None:
         chosen = "".join(f", {name}.{p}={choice_label(v)}" for p, v in kwargs.items())
         for kind in scorer_kinds(space, name):
             pre, decoder = kind_parts(kind)
-            if kind == "vision":
+            if kind.startswith("vision"):
                 try:
                     scorer.check_layer(vision_layer(space.vision_layers[0]))
                 except ValueError as err:
                     where = f"search.scorer_kinds.{name}" if name in space.scorer_kinds else "search.kinds"
                     raise ValueError(
-                        f"{where}: kind 'vision' is a stage inside the vision encoder at search.vision_layers "
+                        f"{where}: kind {kind!r} has a stage inside the vision encoder at search.vision_layers "
                         f"{space.vision_layers}, but {err} ({name}{chosen})"
                     ) from None
             if pre:
@@ -394,7 +396,7 @@ def suggest_method(trial, space: SearchSpace, depth: int) -> Method:
     first, last = layer_range(space, depth)
     keep = float(space.keep[0]), float(space.keep[1])
     layers, keeps = ([PRE_LLM], [trial.suggest_float(PRE_LLM_KEEP, *keep)]) if pre else ([], [])
-    if kind == "vision":
+    if kind.startswith("vision"):
         layers.append(vision_layer(trial.suggest_int(VISION_LAYER, *space.vision_layers)))
         keeps.append(trial.suggest_float(VISION_KEEP, *keep))
     if decoder == "progressive":
@@ -409,7 +411,7 @@ def suggest_method(trial, space: SearchSpace, depth: int) -> Method:
         low = layer + 1
     policy = space.position_policy.get(scorer, "preserve")
     schedule = Schedule.progressive(layers, keeps)
-    if kind == "vision" and space.tower_reference is not None:
+    if kind.startswith("vision") and space.tower_reference is not None:
         schedule = Schedule(schedule.stages, tower_reference=space.tower_reference)
     return Method(scorer, schedule=schedule, position_policy=policy, **kwargs)
 
