@@ -60,6 +60,7 @@ SPACE = {
         "vidcom2": ["pre-llm"],
         "frames": ["pre-llm"],
         "frame_pool": ["pre-llm"],
+        "holitom": ["pre-llm"],
         "staged": ["pre-llm+progressive"],
         "flowcut": ["vision"],
     },
@@ -80,6 +81,7 @@ SPACE = {
             "vidcom2",
             "frames",
             "frame_pool",
+            "holitom",
         )
     },
     "stages": [2, 4],
