@@ -70,13 +70,16 @@ def dpc_knn(x: torch.Tensor, clusters: int, neighbours: int) -> tuple[torch.Tens
 
     Distances are Euclidean over √D; a token's density is ``exp(−mean of its squared distances to its
     ``neighbours`` nearest tokens, itself included)``; its peak distance the distance to the nearest denser token
-    (the largest distance of all for the densest); the ``clusters`` tokens of highest density · peak distance are
-    the centres (ties to the lower index).
+    (of equal densities the lower index counts as denser; the largest distance of all for the densest); the
+    ``clusters`` tokens of highest density · peak distance are the centres (ties to the lower index).
     """
     dist = torch.cdist(x.float()[None], x.float()[None])[0] / math.sqrt(x.shape[-1])
     nearest = torch.topk(dist, min(neighbours, len(x)), dim=-1, largest=False).values
     density = (-(nearest**2).mean(-1)).exp()
-    denser = density[None, :] > density[:, None]
+    lower = torch.arange(len(x), device=x.device)
+    denser = (density[None, :] > density[:, None]) | (
+        (density[None, :] == density[:, None]) & (lower[None, :] < lower[:, None])
+    )
     peak = torch.where(denser, dist, dist.max()).min(-1).values
     order = torch.sort(peak * density, descending=True, stable=True).indices
     return order[:clusters].sort().values, dist
