@@ -204,3 +204,39 @@ def test_holitom_on_qwen_video_merges_at_the_anchors_m_rope_ids(tiny):
     assert trace.vision_tokens == n and 0 < present < n
     assert trace.vision_tokens_per_layer[2] == present // 2
     assert len(inner["kept"]) + len(inner["merged"]) == present // 2
+
+
+def test_holitom_on_qwen_video_equals_the_language_model_on_the_merged_tokens(tiny):
+    """The outer stage alone on a Qwen2.5-VL video (``preserve``): the engine's first logits equal the language model
+    run on the text, kept and merged tokens (Σ weight · embedding at the anchor's place) with the prompt's M-RoPE ids
+    of each kept token and of each merged token's anchor."""
+    lvlm = tiny("qwen2_5_vl")
+    inputs = qwen_video_inputs(lvlm, frames=8)
+    method = Method("holitom", schedule={"keep_mode": "relative", "stages": [["pre_llm", 0.25]]})
+    out = lvlm.generate_from_inputs(inputs, method, max_new_tokens=1, stop_at_eos=False)
+    vision = lvlm.adapter.vision_mask(inputs["input_ids"])[0]
+    positions_v = vision.nonzero().flatten()
+    with torch.no_grad():
+        model = lvlm.model.model
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        video = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
+        video = torch.cat(list(video)) if isinstance(video, (list, tuple)) else video
+        embeds[0, vision] = video.to(embeds.dtype)
+        coords = lvlm.adapter.vision_coords(inputs, lvlm.adapter.vision_mask(inputs["input_ids"]))[0, positions_v]
+        n = len(positions_v)
+        groups = holitom_groups(embeds[0, positions_v].float(), coords[:, 0], math.floor(n * 0.25) / n)
+        keep = ~vision.clone()
+        values = embeds[0].float().clone()
+        for members, weights in groups:
+            anchor = int(positions_v[members[0]])
+            keep[anchor] = True
+            values[anchor] = (weights[:, None] * embeds[0, positions_v[members]].float()).sum(0)
+        stage = out.traces[0].stages[0]
+        assert sorted(stage["kept"] + stage["merged"]) == (keep & vision).nonzero().flatten().tolist()
+        assert len(stage["merged"]) > 0
+        ids = lvlm.adapter.position_ids(inputs)
+        hidden = model.language_model(
+            inputs_embeds=values[None, keep].to(embeds.dtype), position_ids=ids[:, :, keep], use_cache=False
+        ).last_hidden_state
+        logits = lvlm.model.lm_head(hidden[:, -1]).float()
+    torch.testing.assert_close(out.first_logits, logits, atol=1e-5, rtol=0)
