@@ -14,7 +14,7 @@ from v2drop import Method
 from v2drop.benchmarks import get_benchmark
 from v2drop.presets import find_presets
 from v2drop.scorers.holitom import HoliTomInner, HoliTomScorer, dpc_knn, holitom_groups, static_windows
-from v2drop.testing import video_frames
+from v2drop.testing import batch_for, video_frames
 
 
 def merged_values(merge, hidden: torch.Tensor) -> dict[int, list]:
@@ -240,3 +240,20 @@ def test_holitom_on_qwen_video_equals_the_language_model_on_the_merged_tokens(ti
         ).last_hidden_state
         logits = lvlm.model.lm_head(hidden[:, -1]).float()
     torch.testing.assert_close(out.first_logits, logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_outer_stage_in_a_batch_merges_what_each_sample_merges_alone(tiny, family):
+    """Before the LLM, on images (one frame each; the tiny Qwen samples have different token counts)."""
+    lvlm = tiny(family)
+    prompts, images = batch_for(lvlm, 3, family)
+
+    def run(p, i):
+        method = Method("holitom", schedule={"keep_mode": "relative", "stages": [["pre_llm", 0.3]]})
+        return [t.stages[0] for t in lvlm.generate(p, i, method=method, max_new_tokens=1).traces]
+
+    batch = run(prompts, images)
+    for i in range(3):
+        alone = run(prompts[i : i + 1], images[i : i + 1])[0]
+        assert (alone["kept"], alone["merged"]) == (batch[i]["kept"], batch[i]["merged"])
+    assert any(stage["merged"] for stage in batch)
