@@ -13,6 +13,7 @@ from tests.test_video import qwen_video_inputs, real_onevision, video_prompt
 from v2drop import Method
 from v2drop.benchmarks import get_benchmark
 from v2drop.presets import find_presets
+from v2drop.scorers import select_keep
 from v2drop.scorers.holitom import HoliTomInner, HoliTomScorer, dpc_knn, holitom_groups, static_windows
 from v2drop.testing import batch_for, video_frames
 
@@ -257,3 +258,42 @@ def test_outer_stage_in_a_batch_merges_what_each_sample_merges_alone(tiny, famil
         alone = run(prompts[i : i + 1], images[i : i + 1])[0]
         assert (alone["kept"], alone["merged"]) == (batch[i]["kept"], batch[i]["merged"])
     assert any(stage["merged"] for stage in batch)
+
+
+def test_attention_share_keeps_the_most_attended_dynamic_tokens():
+    """The official ``D`` knob: of a frame's ceil(d · share) tokens, round(· (1 − D)) are its most attended tokens,
+    kept alone; the rest of the frame is clustered into the remainder, or dropped when that is 0."""
+    x = torch.tensor([[0.0], [0.125], [0.375], [5.0], [5.25]])
+    frames = torch.zeros(5, dtype=torch.long)
+    attention = torch.tensor([0.1, 0.9, 0.3, 0.2, 0.2])
+    everything = holitom_groups(x, frames, 0.4, neighbours=2, attention=attention, attention_share=1.0)
+    assert [m.tolist() for m, _ in everything] == [[1], [2]]  # 2 most attended kept, the others dropped
+    half = holitom_groups(x, frames, 0.6, neighbours=2, attention=attention, attention_share=0.5)
+    # ceil(3) = 3 tokens: round(1.5) = 2 by attention (1, 2), then tokens 0, 3, 4 in 1 cluster. One cluster means
+    # min(7, 1) = 1 neighbour, each token itself: all densities 1, so token 0 is the densest, its peak the largest
+    # distance (5.25, above token 3's 5): centre 0 with both others, 0.6 · 0 + 0.2 · (5 + 5.25) = 2.05
+    assert [m.tolist() for m, _ in half] == [[1], [2], [0, 3, 4]]
+    assert float((half[2][1][:, None] * x[half[2][0]]).sum()) == pytest.approx(2.05)
+    with pytest.raises(ValueError, match="holitom attention_share must be in"):
+        HoliTomScorer(attention_share=1.5)
+
+
+def test_attention_share_reads_the_tower_where_it_is_served(tiny):
+    """On LLaVA-1.5 (CLIP) the tower's received attention is served; OneVision's SigLIP refuses with the reason."""
+    lvlm = tiny("llava")
+    prompts, images = batch_for(lvlm, 2, "llava")
+    method = Method(HoliTomScorer(attention_share=1.0), schedule={"keep_mode": "absolute", "stages": [["pre_llm", 16]]})
+    calls = []
+    score = method.scorer.score
+    method.scorer.score = lambda state: calls.append((state, score(state))) or calls[-1][1]
+    traces = lvlm.generate(prompts, images, method=method, max_new_tokens=1).traces
+    state, scores = calls[0]
+    assert scores.shape == state.vision_idx.shape and bool((scores > 0).all())  # received attention, every patch
+    for b, trace in enumerate(traces):  # one frame: the 16 most attended patches, alone
+        top = select_keep(scores[b], 16)
+        assert trace.stages[0]["kept"] == state.orig_idx[b, state.vision_idx[b, top]].tolist()
+        assert not trace.stages[0].get("merged")
+    onevision = real_onevision()
+    inputs = onevision.prepare([video_prompt(onevision)], videos=[video_frames(1, 8, 64, 64)])
+    with pytest.raises(ValueError, match="no \\[CLS\\] token"):
+        onevision.generate_from_inputs(inputs, method, max_new_tokens=1)

@@ -21,6 +21,7 @@ from v2drop.scorers.base import (
     Merge,
     Scorer,
     Selection,
+    VisionRequest,
     register_scorer,
     select_keep,
     vision_columns,
@@ -136,6 +137,8 @@ def holitom_groups(
     beta: float = 0.6,
     neighbours: int = 7,
     max_window: int = 1024,
+    attention: torch.Tensor | None = None,
+    attention_share: float = 0.0,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """HoliTom's outer merge of tokens ``features`` (n, D) in ``frames`` (n,; −1 = no frame, untouched) at share
     ``retain``: the new tokens, each (members, weights summing to 1) with the anchor first: a cluster's centre (for
@@ -145,7 +148,10 @@ def holitom_groups(
     tokens. In a window, a place whose token stays above ``tau`` throughout is static: its tokens are averaged over
     the window's frames and the static places clustered (``dpc_knn``, ``round(m · share)`` centres, anchored in the
     window's first frame); every frame's other (dynamic) tokens, and a lone frame's tokens, are clustered per frame
-    (``ceil(d · share)`` centres). Each cluster is merged as ``cluster_weights``.
+    (``ceil(d · share)`` centres). Each cluster is merged as ``cluster_weights``. With ``attention_share`` a > 0
+    (official ``1 − D``), ``round(ceil(d · share) · a)`` of those are instead the tokens of highest ``attention``
+    (n,; ties to the lower index), kept alone, and the rest of the frame's tokens are clustered into the remainder
+    (dropped when it is 0).
     """
     layout = frame_layout(frames)
     total = sum(len(idx) for idx in layout)
@@ -171,10 +177,20 @@ def holitom_groups(
                     )
                 )
 
+    def frame_tokens(tokens: torch.Tensor, count: int):
+        dominant = round(count * attention_share) if attention_share > 0 else 0
+        if dominant > 0:
+            top = select_keep(attention[tokens].float(), dominant)
+            out.extend((tokens[t : t + 1], torch.ones(1)) for t in top.tolist())
+            rest = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
+            rest[top] = False
+            tokens = tokens[rest]
+        cluster(tokens, features[tokens].float(), count - dominant)
+
     for s, e in segments:
         if s == e:
             idx = layout[s]
-            cluster(idx, features[idx].float(), math.ceil(len(idx) * share))
+            frame_tokens(idx, math.ceil(len(idx) * share))
             continue
         window = torch.stack(layout[s : e + 1])  # (W, n) token indices
         values = features[window].float()  # (W, n, D)
@@ -183,7 +199,7 @@ def holitom_groups(
         cluster(window, values[:, places].mean(0), round(len(places) * share), places)
         dynamic = (~static).nonzero().flatten()
         for f in range(window.shape[0]):
-            cluster(window[f, dynamic], values[f, dynamic], math.ceil(len(dynamic) * share))
+            frame_tokens(window[f, dynamic], math.ceil(len(dynamic) * share))
     return out
 
 
@@ -193,8 +209,17 @@ class HoliTomOuter(Scorer):
     def __init__(self, parent: HoliTomScorer):
         self.parent = parent
 
+    def vision_request(self) -> VisionRequest | None:
+        """The attention the tower's selection layer gives each patch, when ``attention_share`` > 0."""
+        if self.parent.attention_share > 0:
+            return VisionRequest(cls_attention=False, received_layers=(None,))
+        return None
+
     def score(self, state: LayerState) -> torch.Tensor:
-        """0 for every vision token: the stage's choice is its ``select`` (clusters, not a ranking)."""
+        """The tower's received attention when ``attention_share`` > 0, else 0 for every vision token (the stage's
+        choice is its ``select``: clusters, not a ranking)."""
+        if self.parent.attention_share > 0:
+            return state.vision.received[None].float()
         return torch.zeros(state.vision_idx.shape, dtype=torch.float32, device=state.hidden.device)
 
     def select(self, state: LayerState, scores: torch.Tensor, counts: list[int]) -> Selection:
@@ -210,7 +235,17 @@ class HoliTomOuter(Scorer):
             found = []
             if k < n and n_frame:
                 features = state.hidden[b, state.vision_idx[b, :n]]
-                found = holitom_groups(features, frames, min(k / n_frame, 1.0), p.tau, p.beta, p.neighbours, p.window)
+                found = holitom_groups(
+                    features,
+                    frames,
+                    min(k / n_frame, 1.0),
+                    p.tau,
+                    p.beta,
+                    p.neighbours,
+                    p.window,
+                    scores[b, :n],
+                    p.attention_share,
+                )
             kept = (frames < 0).nonzero().flatten() if found else torch.arange(n, device=device)
             singles = [m for m, _ in found if len(m) == 1]
             merged = [(m, w) for m, w in found if len(m) > 1]
@@ -314,18 +349,26 @@ class HoliTomScorer(Scorer):
         Nearest tokens of the density estimate (official ``K`` 7; at most the cluster count).
     window : int
         Most frames a window spans (official ``MAX_WINDOW_SIZE`` 1024).
+    attention_share : float
+        Share of each frame's dynamic count kept as the tokens the vision tower's selection layer attends to most
+        (received attention, heads and queries averaged) instead of clustered: official ``1 − D``. The official
+        default is 1 (``D`` = 0); 0 here (the official ``D`` = 1), since towers without the attention served
+        (OneVision's SigLIP, Qwen's) refuse a share above 0.
     """
 
     tau: float = 0.8
     beta: float = 0.6
     neighbours: int = 7
     window: int = 1024
+    attention_share: float = 0.0
 
     def __post_init__(self):
         if not -1.0 <= self.tau <= 1.0:
             raise ValueError(f"holitom tau must be a cosine similarity in [-1, 1], got {self.tau}")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"holitom beta must be in [0, 1], got {self.beta}")
+        if not 0.0 <= self.attention_share <= 1.0:
+            raise ValueError(f"holitom attention_share must be in [0, 1], got {self.attention_share}")
         for name in ("neighbours", "window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
