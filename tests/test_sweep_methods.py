@@ -60,6 +60,7 @@ SPACE = {
         "vidcom2": ["pre-llm"],
         "frames": ["pre-llm"],
         "frame_pool": ["pre-llm"],
+        "holitom": ["pre-llm"],
         "staged": ["pre-llm+progressive"],
         "flowcut": ["vision"],
         "vscan": ["vision+one-shot"],
@@ -82,6 +83,7 @@ SPACE = {
             "frames",
             "frame_pool",
             "vscan",
+            "holitom",
         )
     },
     "stages": [2, 4],

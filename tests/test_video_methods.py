@@ -132,6 +132,7 @@ def test_video_presets_keep_their_share_on_the_proxy_digits_video():
     assert [p.name for p in find_presets(model="onevision", retention=0.25)] == [
         "frame_pool-onevision-25",
         "frames-onevision-25",
+        "holitom-onevision-25",
         "random-onevision-25",
         "vidcom2-onevision-25",
     ]
