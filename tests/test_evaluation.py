@@ -157,6 +157,40 @@ def test_run_evaluation_files_the_run_in_the_store_and_reuses_it(tiny, tmp_path,
     assert not other.reused and calls and len(list((tmp_path / "store").iterdir())) == 2
 
 
+def test_a_stored_result_filed_before_the_accounting_gets_it_from_its_records(tiny, tmp_path):
+    """A result.json without ``tokens``, ``time`` and ``accuracy_ci95`` (filed by an older version) is completed
+    from its own records when read back, with no model work, to the values a fresh run writes, and says so."""
+    cfg = config_from_dict(
+        EvalConfig,
+        {
+            "model": "tiny",
+            "benchmark": "digits",
+            "limit": 3,
+            "warmup": 0,
+            "max_new_tokens": 1,
+            "progress": False,
+            "method": Method("v2drop", schedule=Schedule.one_shot(1, 0.5)).to_dict(),
+            "store": str(tmp_path / "store"),
+        },
+    )
+    lvlm = tiny("llava")
+    fresh = run_evaluation(cfg, lvlm=lvlm)
+    (folder,) = (tmp_path / "store").iterdir()
+    saved = json.loads((folder / "result.json").read_text())
+    old = {k: v for k, v in saved.items() if k not in ("tokens", "time")}
+    old["metrics"] = {k: v for k, v in saved["metrics"].items() if k != "accuracy_ci95"}
+    (folder / "result.json").write_text(json.dumps(old))
+    again = run_evaluation(cfg, lvlm=lvlm)
+    assert (
+        again.reused
+        and again.tokens == fresh.tokens
+        and again.metrics["accuracy_ci95"] == fresh.metrics["accuracy_ci95"]
+    )
+    assert {k: v["median"] for k, v in again.time.items()} == {k: v["median"] for k, v in fresh.time.items()}
+    assert any("added from records.jsonl" in n for n in again.notes)
+    assert json.loads((folder / "result.json").read_text())["tokens"] == fresh.tokens  # written back
+
+
 def test_run_key_digest_is_stable_and_covers_every_field():
     """The folder name depends on the key's content only; changing any field changes it."""
     from dataclasses import fields, replace

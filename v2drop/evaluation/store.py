@@ -119,11 +119,40 @@ def read_stored(folder: str | os.PathLike) -> EvalResult | None:
     if not path.exists():
         return None
     data = json.loads(path.read_text())
+    if _backfill_accounting(data, folder / "records.jsonl"):
+        tmp = folder / "result.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
     names = {f.name for f in fields(EvalResult)}
     result = EvalResult(**{k: v for k, v in data.items() if k in names})
     result.records_path = str(folder / "records.jsonl")
     result.reused = True
     return result
+
+
+def _backfill_accounting(data: dict, records_path: Path) -> bool:
+    """Add the accounting sections a result filed before they existed (``tokens``, ``time``,
+    ``metrics.accuracy_ci95``) from its own records, in place; True when ``data`` changed."""
+    from v2drop.evaluation.accounting import bootstrap_ci, time_section, token_section
+    from v2drop.evaluation.records import read_records
+
+    metrics = data.get("metrics") or {}
+    missing = [k for k in ("tokens", "time") if data.get(k) is None] + (
+        ["metrics.accuracy_ci95"] if metrics.get("accuracy_ci95") is None else []
+    )
+    if not missing or not records_path.exists():
+        return False
+    records = read_records(records_path)
+    if not records:
+        return False
+    if data.get("tokens") is None:
+        data["tokens"] = token_section(records)
+    if data.get("time") is None:
+        data["time"] = time_section(records)
+    if metrics.get("accuracy_ci95") is None:
+        metrics["accuracy_ci95"] = bootstrap_ci([float(bool(r["correct"])) for r in records])
+    data.setdefault("notes", []).append(f"{', '.join(missing)}: added from records.jsonl after the run")
+    return True
 
 
 def no_drop_run(store: str | os.PathLike | None, key: RunKey) -> Path | None:
