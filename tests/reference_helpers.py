@@ -145,8 +145,16 @@ def reference_generate(lvlm, inputs, schedule: Schedule, max_new_tokens: int, me
         mask = _additive(causal[None] & alive[:, None, :], h.dtype)
         prev = h
         h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
-    logits = a.lm_head(a.norm(h[:, -1])).float()
-    first_logits = logits
+    first_logits = a.lm_head(a.norm(h[:, -1])).float()
+    return first_logits, greedy_decode(a, first_logits, cache, alive_at, pos, pad, max_new_tokens), kept
+
+
+@torch.no_grad()
+def greedy_decode(a, logits, cache, alive_at, pos, pad, max_new_tokens: int) -> list[list[int]]:
+    """Greedy tokens (B, max_new_tokens) after a prefill run layer by layer by hand: ``logits`` (B, V) of the last
+    prompt token, ``cache`` the layers' KV cache, ``alive_at`` each layer's (B, L) live prompt keys, ``pos`` the
+    prompt's position ids and ``pad`` (B, L) its padding; each step runs the adapter's layers on one new token."""
+    B = logits.shape[0]
     p = pos if pos.dim() == 3 else pos[None]
     next_pos = p.masked_fill(~pad[None].expand_as(p), -1).amax(dim=(0, 2)) + 1
     tokens = []
@@ -162,4 +170,4 @@ def reference_generate(lvlm, inputs, schedule: Schedule, max_new_tokens: int, me
             mask = _additive(torch.cat([alive_at[layer_idx], new], 1)[:, None, :], h.dtype)
             h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
         logits = a.lm_head(a.norm(h[:, -1])).float()
-    return first_logits, torch.stack(tokens, 1).tolist(), kept
+    return torch.stack(tokens, 1).tolist()

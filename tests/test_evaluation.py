@@ -108,17 +108,14 @@ def test_eval_config_typo_lists_the_valid_keys():
         config_from_dict(EvalConfig, {"limt": 5})
 
 
-def test_run_evaluation_files_the_run_in_the_store_and_reuses_it(tiny, tmp_path, monkeypatch):
-    """The default split is the benchmark's; records, result, key and trace are written under the run's key; the same
-    run again is read back from the store without one generate call, its records untouched."""
-    from v2drop.evaluation import RunKey
-
-    cfg = config_from_dict(
+def stored_config(tmp_path, limit: int) -> EvalConfig:
+    """V²Drop (one stage) on ``limit`` digits questions of the tiny model, filed in a store under ``tmp_path``."""
+    return config_from_dict(
         EvalConfig,
         {
             "model": "tiny",
             "benchmark": "digits",
-            "limit": 2,
+            "limit": limit,
             "warmup": 0,
             "max_new_tokens": 1,
             "progress": False,
@@ -126,6 +123,14 @@ def test_run_evaluation_files_the_run_in_the_store_and_reuses_it(tiny, tmp_path,
             "store": str(tmp_path / "store"),
         },
     )
+
+
+def test_run_evaluation_files_the_run_in_the_store_and_reuses_it(tiny, tmp_path, monkeypatch):
+    """The default split is the benchmark's; records, result, key and trace are written under the run's key; the same
+    run again is read back from the store without one generate call, its records untouched."""
+    from v2drop.evaluation import RunKey
+
+    cfg = stored_config(tmp_path, limit=2)
     lvlm = tiny("llava")
     calls = []
     generate = lvlm.generate_from_inputs
@@ -160,19 +165,7 @@ def test_run_evaluation_files_the_run_in_the_store_and_reuses_it(tiny, tmp_path,
 def test_a_stored_result_filed_before_the_accounting_gets_it_from_its_records(tiny, tmp_path):
     """A result.json without ``tokens``, ``time`` and ``accuracy_ci95`` (filed by an older version) is completed
     from its own records when read back, with no model work, to the values a fresh run writes, and says so."""
-    cfg = config_from_dict(
-        EvalConfig,
-        {
-            "model": "tiny",
-            "benchmark": "digits",
-            "limit": 3,
-            "warmup": 0,
-            "max_new_tokens": 1,
-            "progress": False,
-            "method": Method("v2drop", schedule=Schedule.one_shot(1, 0.5)).to_dict(),
-            "store": str(tmp_path / "store"),
-        },
-    )
+    cfg = stored_config(tmp_path, limit=3)
     lvlm = tiny("llava")
     fresh = run_evaluation(cfg, lvlm=lvlm)
     (folder,) = (tmp_path / "store").iterdir()

@@ -8,13 +8,12 @@ the sliding window, the bidirectional image blocks and the local layers' truncat
 
 import pytest
 import torch
+from reference_helpers import check_attention_scorer_keeps_eager_top
 from test_scorer_contract import FAMILY_SUPPORT, SCHEDULE, SCORERS, kept, method, refuses
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
 from v2drop import Method, Schedule, load, select_keep
 from v2drop.lvlm import _collate
-from v2drop.scorers.fastv import FastVScorer
-from v2drop.scorers.pdrop import PDropScorer
 from v2drop.testing import batch_for, build_real, photo, prompt_for
 
 FAMILY = "gemma3"
@@ -116,29 +115,6 @@ def masked_transformers_generate(lvlm_eager, inputs, schedule: Schedule, max_new
         for h in handles:
             h.remove()
     return out.logits[0].float(), out.sequences[:, L:].tolist(), kept
-
-
-def eager_attention_reference(lvlm, eager, inputs, kind: str, drop_layer: int, keep: int):
-    """Kept sets of FastV / PDrop at ``drop_layer`` against the top-k of transformers' eager attention (head mean)
-    from the last prompt token of layer ``drop_layer - 1`` (FastV) or ``drop_layer`` (PDrop)."""
-    seen = []
-    source = eager.adapter.layers[drop_layer - 1 if kind == "fastv" else drop_layer]
-    handle = source.self_attn.register_forward_hook(lambda m, a, out: seen.append(out[1]))
-    try:
-        with torch.no_grad():
-            eager.model(**inputs)
-    finally:
-        handle.remove()
-    reference = seen[0].float().mean(1)[:, -1]
-    scorer = FastVScorer() if kind == "fastv" else PDropScorer()
-    schedule = Schedule.one_shot(drop_layer, keep, keep_mode="absolute")
-    out = lvlm.generate_from_inputs(inputs, Method(scorer, schedule=schedule), max_new_tokens=2)
-    vision = lvlm.adapter.vision_mask(inputs["input_ids"]) & inputs["attention_mask"].bool()
-    offsets = (inputs["attention_mask"] == 0).sum(1)
-    for b in range(len(vision)):
-        positions = vision[b].nonzero().flatten()
-        expected = positions[select_keep(reference[b, positions], keep)] - offsets[b]
-        assert out.traces[b].stages[0]["kept"] == expected.tolist()
 
 
 # -- layout and masks ---------------------------------------------------------------------------------------------
@@ -253,7 +229,9 @@ def test_dropping_changes_the_result_the_reference_reproduces(tiny):
 def test_attention_scorers_keep_the_top_of_transformers_eager_attention(tiny, kind, drop_layer, crops):
     """From a local layer (FastV at 2: layer 1; PDrop at 3) or a global one (FastV at 3, PDrop at 2)."""
     lvlm, eager = tiny(FAMILY, "sdpa"), tiny(FAMILY, "eager")
-    eager_attention_reference(lvlm, eager, tiny_inputs(lvlm, 3, crops), kind, drop_layer=drop_layer, keep=5)
+    check_attention_scorer_keeps_eager_top(
+        lvlm, eager, tiny_inputs(lvlm, 3, crops), kind, drop_layer=drop_layer, keep=5
+    )
 
 
 @pytest.mark.parametrize("crops", [False, True], ids=["plain", "pan-and-scan"])
@@ -412,7 +390,7 @@ def test_real_v2drop_equals_transformers_with_dropped_keys_masked(crops):
 @pytest.mark.parametrize("kind", ["fastv", "pdrop"])
 def test_real_attention_scorers_keep_the_top_of_transformers_eager_attention(kind):
     lvlm, eager = real(), real("eager")
-    eager_attention_reference(lvlm, eager, real_batch(lvlm, crops=True), kind, drop_layer=2, keep=64)
+    check_attention_scorer_keeps_eager_top(lvlm, eager, real_batch(lvlm, crops=True), kind, drop_layer=2, keep=64)
 
 
 @pytest.mark.slow

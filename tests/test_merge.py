@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from reference_helpers import _additive, greedy_decode
 from transformers import DynamicCache
 
 from v2drop import Method, Schedule
@@ -213,11 +214,6 @@ def test_batch_merges_what_each_sample_merges_alone(tiny, family, position, pair
     assert trace.vision_tokens_per_layer == [first] * 2 + [first // 2] * (lvlm.depth - 2)
 
 
-def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
-    """Boolean (B, Q, K) -> additive (B, 1, Q, K) mask."""
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
 @torch.no_grad()
 def merge_reference(lvlm, inputs, traces, max_new_tokens):
     """The engine's merges done the slow, obvious way, from the stages' traces: the whole sequence runs through every
@@ -255,24 +251,8 @@ def merge_reference(lvlm, inputs, traces, max_new_tokens):
             past_key_values=cache,
             use_cache=True,
         )
-    logits = a.lm_head(a.norm(h[:, -1])).float()
-    first = logits
-    p = pos if pos.dim() == 3 else pos[None]
-    next_pos = p.masked_fill(~pad[None].expand_as(p), -1).amax(dim=(0, 2)) + 1
-    tokens = []
-    for step in range(max_new_tokens):
-        token = logits.argmax(-1)
-        tokens.append(token)
-        if step == max_new_tokens - 1:
-            break
-        h = a.inner.get_input_embeddings()(token[:, None])
-        rope = a.rope(h, a.decode_position_ids(next_pos + step))
-        new = torch.ones(B, step + 1, dtype=torch.bool)
-        for layer_idx, layer in enumerate(a.layers):
-            mask = _additive(torch.cat([alive_at[layer_idx], new], 1)[:, None, :], h.dtype)
-            h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
-        logits = a.lm_head(a.norm(h[:, -1])).float()
-    return first, torch.stack(tokens, 1).tolist()
+    first = a.lm_head(a.norm(h[:, -1])).float()
+    return first, greedy_decode(a, first, cache, alive_at, pos, pad, max_new_tokens)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
