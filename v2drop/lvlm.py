@@ -284,7 +284,7 @@ def load_processor(path: str, config=None):
             from v2drop.models.qwen2vl_processor import QwenProcessorLite
 
             return QwenProcessorLite.from_pretrained(path, second_per_grid=config.model_type == "qwen2_5_vl")
-        if config.model_type == "qwen3_vl":
+        if config.model_type in ("qwen3_vl", "qwen3_vl_moe"):
             from v2drop.models.qwen3vl_processor import Qwen3ProcessorLite
 
             return Qwen3ProcessorLite.from_pretrained(path)
