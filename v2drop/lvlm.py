@@ -273,7 +273,7 @@ def load_processor(path: str, config=None):
 
     Qwen2-VL / Qwen2.5-VL fall back to ``QwenProcessorLite`` and LLaVA-OneVision to
     ``OnevisionProcessorLite`` (images and videos, same token counts as the real processors),
-    Qwen3-VL to ``Qwen3ProcessorLite`` (images), InternVL3 to ``InternVLProcessorLite`` (images); any
+    Qwen3-VL and Qwen3-VL-MoE to ``Qwen3ProcessorLite`` (images), InternVL3 to ``InternVLProcessorLite`` (images); any
     other family whose processor cannot load raises the original error.
     """
     try:
