@@ -359,3 +359,38 @@ def test_a_vision_cache_gives_the_same_deepstack_results(tiny, family):
             assert torch.equal(out.first_logits, plain.first_logits)
             assert [t.stages for t in out.traces] == [t.stages for t in plain.traces]
     assert cache.hits == 2 and cache.misses == 2  # the second round's prepare and embed came from the cache
+
+
+def test_moe_experts_route_only_the_tokens_still_present(tiny):
+    """Every MoE decoder MLP is a top-2 of 4 routed block; in prefill its router sees every prompt position without
+    dropping, and after a V2Drop stage only the batch compacted to the longest sample's kept tokens, so dropped tokens
+    take no expert compute."""
+    lvlm = tiny("qwen3_vl_moe")
+    layers = lvlm.model.model.language_model.layers
+    assert all(type(layer.mlp).__name__ == "Qwen3VLMoeTextSparseMoeBlock" for layer in layers)
+    assert {(layer.mlp.gate.top_k, layer.mlp.gate.num_experts) for layer in layers} == {(2, 4)}
+    inputs = lvlm.prepare(*batch_for(lvlm, 3, "qwen3_vl_moe"))
+    batch, length = inputs["input_ids"].shape
+    for drop in (False, True):
+        method = Method("v2drop", schedule=Schedule.progressive([2], [0.5])) if drop else Method.none()
+        rows: dict[int, int] = {}  # layer -> rows its router saw in prefill (its first call)
+
+        def record(i, rows=rows):
+            return lambda module, args, out: rows.setdefault(i, args[0].shape[0]) and None
+
+        hooks = [layer.mlp.gate.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
+        try:
+            out = lvlm.generate_from_inputs(inputs, method, max_new_tokens=1)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if not drop:
+            assert rows == {i: batch * length for i in range(len(layers))}
+            continue
+        vision = lvlm.adapter.vision_mask(inputs["input_ids"]).sum(1).tolist()
+        present = [
+            int(n) - v + len(t.stages[0]["kept"])
+            for n, v, t in zip(inputs["attention_mask"].sum(1), vision, out.traces)
+        ]
+        assert max(present) < length
+        assert rows == {i: batch * (length if i < 2 else max(present)) for i in range(len(layers))}
