@@ -95,6 +95,11 @@ MODELS = [
     ModelSize("qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen2.5-VL-7B", 28, 3584, 18944, 28, 4),
     # Qwen3-8B decoder (head_dim 128); patches of 16 px merged 2 x 2: a 672 px image is 21 x 21 tokens.
     ModelSize("qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct", "Qwen3-VL-8B", 36, 4096, 12288, 32, 8, head_dim=128),
+    # Qwen3-30B-A3B decoder (head_dim 128): every layer's MLP is 128 experts of width 768, 8 routed a token, so the
+    # active MLP width is 8 x 768 = 6,144 (the router's 2,048 x 128 is left out); Qwen3-VL-8B's vision geometry.
+    ModelSize(
+        "qwen3_vl_moe", "Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen3-VL-30B-A3B", 48, 2048, 8 * 768, 32, 4, head_dim=128
+    ),
     # Qwen2.5-7B decoder; a 672 px image is 2 x 2 tiles of 448 px plus a thumbnail, 256 tokens each.
     ModelSize("internvl", "OpenGVLab/InternVL3-8B-hf", "InternVL3-8B", 28, 3584, 18944, 28, 4),
     # Gemma-3-4B decoder (head_dim 256; 5 of every 6 layers attend within a 1,024-token window, so below

@@ -68,6 +68,7 @@ def test_real_cost_covers_every_family_with_its_real_token_count():
         "qwen3_vl": 21 * 21,  # 672 / 16 = 42 patches a side, merged 2 x 2
         "internvl": 5 * 256,  # 2 x 2 tiles of 448 px plus a thumbnail, 256 tokens each
         "gemma3": 256,  # any image: SigLIP at 896 px pooled to 16 x 16 (checked once gemma3 has a builder)
+        "qwen3_vl_moe": 21 * 21,  # Qwen3-VL-8B's vision geometry
     }
     assert tokens == {f: expected[f] for f in tokens}
     qwen3 = models["qwen3_vl"]

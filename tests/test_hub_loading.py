@@ -23,6 +23,7 @@ EXPECTED = {
     "qwen3_vl": ("Qwen3VLAdapter", "Qwen3ProcessorLite"),
     "internvl": ("InternVLAdapter", "InternVLProcessorLite"),
     "gemma3": ("Gemma3Adapter", "Gemma3Processor"),
+    "qwen3_vl_moe": ("Qwen3VLAdapter", "Qwen3ProcessorLite"),
 }
 
 

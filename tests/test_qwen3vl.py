@@ -1,6 +1,9 @@
-"""Qwen3-VL: the engine equals transformers' own model, DeepStack additions included, with and without dropping.
+"""Qwen3-VL and Qwen3-VL-MoE: the engine equals transformers' own model, DeepStack additions included, with and
+without dropping.
 
-Every reference here is transformers' ``Qwen3VLForConditionalGeneration`` itself (its ``generate``, its
+Every model test runs on both families (``family``: the MoE one differs only in its decoder MLP, a top-2 routed
+mixture of experts). Every reference here is transformers' ``Qwen3VLForConditionalGeneration`` (or
+``Qwen3VLMoeForConditionalGeneration``) itself (its ``generate``, its
 forward, its eager attention), observed or masked through hooks on its decoder layers, so DeepStack,
 the interleaved M-RoPE and ``get_rope_index`` are transformers' and not re-implemented.
 """
@@ -15,14 +18,18 @@ from v2drop.models.frames import Clip
 from v2drop.testing import batch_for, build_real, photo, prompt_for, reference_processor, video_frames
 from v2drop.vision_cache import VisionCache
 
-FAMILY = "qwen3_vl"
+
+@pytest.fixture(params=["qwen3_vl", "qwen3_vl_moe"])
+def family(request):
+    """The Qwen3-VL family under test: dense or mixture-of-experts decoder."""
+    return request.param
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_no_drop_matches_transformers(tiny, attn, batch):
-    lvlm = tiny(FAMILY, attn)
-    prompts, images = batch_for(lvlm, batch, FAMILY)
+def test_no_drop_matches_transformers(tiny, attn, batch, family):
+    lvlm = tiny(family, attn)
+    prompts, images = batch_for(lvlm, batch, family)
     inputs = lvlm.prepare(prompts, images)
     if batch > 1:
         assert (inputs["attention_mask"] == 0).any(), "the batch should exercise padding"
@@ -34,10 +41,10 @@ def test_no_drop_matches_transformers(tiny, attn, batch):
     torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-5, rtol=0)
 
 
-def test_deepstack_changes_the_result(tiny, monkeypatch):
+def test_deepstack_changes_the_result(tiny, monkeypatch, family):
     """The additions are real: without them the engine is no longer transformers' model."""
-    lvlm = tiny(FAMILY)
-    inputs = lvlm.prepare(*batch_for(lvlm, 2, FAMILY))
+    lvlm = tiny(family)
+    inputs = lvlm.prepare(*batch_for(lvlm, 2, family))
     additions = lvlm.adapter.layer_additions(inputs)
     assert sorted(additions) == [0, 1, 2]  # one per DeepStack tower layer, added after decoder layers 0-2
     vision = lvlm.adapter.vision_mask(inputs["input_ids"])
@@ -52,10 +59,10 @@ def test_deepstack_changes_the_result(tiny, monkeypatch):
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("layers", [[1], [2, 4]], ids=["one-stage", "two-stage"])
-def test_v2drop_equals_transformers_with_dropped_keys_masked(tiny, attn, layers):
+def test_v2drop_equals_transformers_with_dropped_keys_masked(tiny, attn, layers, family):
     """Kept sets, first logits and greedy tokens equal the masked eager model's (DeepStack inside layers 0-2)."""
-    lvlm, eager = tiny(FAMILY, attn), tiny(FAMILY, "eager")
-    inputs = lvlm.prepare(*batch_for(lvlm, 3, FAMILY))
+    lvlm, eager = tiny(family, attn), tiny(family, "eager")
+    inputs = lvlm.prepare(*batch_for(lvlm, 3, family))
     schedule = Schedule.progressive(layers, [0.5] * len(layers))
     out = lvlm.generate_from_inputs(inputs, Method("v2drop", schedule=schedule), max_new_tokens=5, stop_at_eos=False)
     ref_logits, ref_tokens, ref_kept = masked_transformers_generate(eager, inputs, schedule, 5)
@@ -67,14 +74,14 @@ def test_v2drop_equals_transformers_with_dropped_keys_masked(tiny, attn, layers)
 
 @pytest.mark.parametrize("geometry", ["tiny", pytest.param("real", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", ["fastv", "pdrop"])
-def test_attention_scorers_keep_the_top_of_transformers_eager_attention(tiny, kind, geometry):
+def test_attention_scorers_keep_the_top_of_transformers_eager_attention(tiny, kind, geometry, family):
     """A stage at layer 2 keeps the top-k of the eager attention from the last prompt token (head mean) of layer 1
     (FastV) or 2 (PDrop), as transformers' own eager forward computes it (q/k norms, DeepStack of layers 0-1)."""
     if geometry == "tiny":
-        lvlm, eager = tiny(FAMILY, "sdpa"), tiny(FAMILY, "eager")
-        inputs = lvlm.prepare(*batch_for(lvlm, 3, FAMILY))
+        lvlm, eager = tiny(family, "sdpa"), tiny(family, "eager")
+        inputs = lvlm.prepare(*batch_for(lvlm, 3, family))
     else:
-        lvlm, eager = real(), real("eager")
+        lvlm, eager = real(family), real(family, "eager")
         inputs = real_batch(lvlm)
     check_attention_scorer_keeps_eager_top(
         lvlm, eager, inputs, kind, drop_layer=2, keep=3 if geometry == "tiny" else 64
@@ -82,9 +89,9 @@ def test_attention_scorers_keep_the_top_of_transformers_eager_attention(tiny, ki
 
 
 @pytest.mark.parametrize("scorer", ["v2drop", "fastv", "random"])
-def test_batch_equals_alone(tiny, scorer):
-    lvlm = tiny(FAMILY)
-    prompts, images = batch_for(lvlm, 3, FAMILY)
+def test_batch_equals_alone(tiny, scorer, family):
+    lvlm = tiny(family)
+    prompts, images = batch_for(lvlm, 3, family)
     method = Method(scorer, schedule=Schedule.progressive([1, 4], [0.4, 0.5]))
     batch = lvlm.generate(prompts, images, method=method, max_new_tokens=5, stop_at_eos=False)
     for i in range(3):
@@ -98,11 +105,11 @@ def test_batch_equals_alone(tiny, scorer):
 _REAL: dict = {}
 
 
-def real(attn: str = "sdpa"):
-    """A cached real-geometry Qwen3-VL (same weights for every attention implementation)."""
-    if attn not in _REAL:
-        _REAL[attn] = build_real(FAMILY, attn)
-    return _REAL[attn]
+def real(family: str, attn: str = "sdpa"):
+    """A cached real-geometry model of ``family`` (same weights for every attention implementation)."""
+    if (family, attn) not in _REAL:
+        _REAL[family, attn] = build_real(family, attn)
+    return _REAL[family, attn]
 
 
 def real_batch(lvlm):
@@ -112,7 +119,7 @@ def real_batch(lvlm):
 
 def test_real_processor_outputs_equal_transformers_processor():
     """The stand-in's outputs for image prompts equal transformers' own ``Qwen3VLProcessor``'s on every key."""
-    lvlm = real()
+    lvlm = real("qwen3_vl")  # the same processor for both families
     ref = reference_processor(lvlm)
     assert type(ref).__mro__[1].__name__ == "Qwen3VLProcessor"
     prompts = [prompt_for(lvlm, "how many ?"), prompt_for(lvlm, "how many ?", n_images=2)]
@@ -151,7 +158,7 @@ VIDEO_CASES = {
 def test_real_video_processor_outputs_equal_transformers_processor(case):
     """Ids (timestamps included), token types, pixels and grids equal ``Qwen3VLProcessor``'s with transformers' own
     ``Qwen3VLVideoProcessor`` (sampling, clip pixel budget, patchify), given metadata as an argument or in ``Clip``s."""
-    lvlm = real()
+    lvlm = real("qwen3_vl")  # the same processor for both families
     specs, metadata, kwargs, frames = VIDEO_CASES[case]
     videos = [video_frames(seed, n, w, h) for seed, n, w, h in specs]
     prompt = VIDEO_PROMPT.replace(
@@ -174,8 +181,8 @@ def test_real_video_processor_outputs_equal_transformers_processor(case):
 
 
 @pytest.mark.slow
-def test_real_no_drop_matches_transformers():
-    lvlm = real()
+def test_real_no_drop_matches_transformers(family):
+    lvlm = real(family)
     inputs = real_batch(lvlm)
     assert (inputs["attention_mask"] == 0).any()
     out = lvlm.generate_from_inputs(inputs, None, max_new_tokens=3, stop_at_eos=False)
@@ -187,9 +194,9 @@ def test_real_no_drop_matches_transformers():
 
 
 @pytest.mark.slow
-def test_real_v2drop_equals_transformers_with_dropped_keys_masked():
+def test_real_v2drop_equals_transformers_with_dropped_keys_masked(family):
     """Two stages at layers 1 and 2 (inside DeepStack's layers 0-2) on 682 + 300 vision tokens, padded batch."""
-    lvlm, eager = real(), real("eager")
+    lvlm, eager = real(family), real(family, "eager")
     inputs = real_batch(lvlm)
     schedule = Schedule.progressive([1, 2], [0.25, 0.5])
     out = lvlm.generate_from_inputs(inputs, Method("v2drop", schedule=schedule), max_new_tokens=3, stop_at_eos=False)
@@ -236,9 +243,9 @@ def collated(lvlm, samples: list[dict]) -> dict:
     return _collate(samples, 0, lvlm.device, lvlm.model.dtype)
 
 
-def test_video_layout_follows_transformers_rope_index(tiny):
+def test_video_layout_follows_transformers_rope_index(tiny, family):
     """Timestamps stay text; every frame is its own grid in ``get_rope_index`` and in the adapter's grids."""
-    lvlm = tiny(FAMILY)
+    lvlm = tiny(family)
     inputs = collated(lvlm, video_batch(lvlm))
     types = inputs["mm_token_type_ids"]
     assert (types == 2).sum(1).tolist() == [3 * 6, 2 * 6] and (types == 1).sum(1).tolist() == [0, 6]
@@ -256,8 +263,8 @@ def test_video_layout_follows_transformers_rope_index(tiny):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_video_no_drop_matches_transformers(tiny, attn):
-    lvlm = tiny(FAMILY, attn)
+def test_video_no_drop_matches_transformers(tiny, attn, family):
+    lvlm = tiny(family, attn)
     inputs = collated(lvlm, video_batch(lvlm))
     assert (inputs["attention_mask"] == 0).any()
     out = lvlm.generate_from_inputs(inputs, Method.none(), max_new_tokens=5, stop_at_eos=False)
@@ -268,8 +275,8 @@ def test_video_no_drop_matches_transformers(tiny, attn):
     torch.testing.assert_close(out.first_logits, ref_logits, atol=1e-5, rtol=0)
 
 
-def test_video_v2drop_equals_transformers_with_dropped_keys_masked_and_batches_as_alone(tiny):
-    lvlm, eager = tiny(FAMILY), tiny(FAMILY, "eager")
+def test_video_v2drop_equals_transformers_with_dropped_keys_masked_and_batches_as_alone(tiny, family):
+    lvlm, eager = tiny(family), tiny(family, "eager")
     samples = video_batch(lvlm)
     inputs = collated(lvlm, samples)
     method = Method("v2drop", schedule=Schedule.progressive([1, 3], [0.5, 0.5]))
@@ -285,10 +292,10 @@ def test_video_v2drop_equals_transformers_with_dropped_keys_masked_and_batches_a
 
 
 @pytest.mark.slow
-def test_real_video_generation_equals_transformers_on_the_reference_inputs():
+def test_real_video_generation_equals_transformers_on_the_reference_inputs(family):
     """An 8-frame clip at 2 fps (560 video tokens after 4 timestamps) beside a 6-frame one: no drop equals
     transformers' ``generate``; V2Drop equals the masked eager model and each sample alone."""
-    lvlm, eager = real(), real("eager")
+    lvlm, eager = real(family), real(family, "eager")
     prompts = [VIDEO_PROMPT, VIDEO_PROMPT.replace("how many ?", "what is the digit ?")]
     clips = [Clip(video_frames(1, 8, 448, 320), {"total_num_frames": 8, "fps": 2.0}), video_frames(2, 6, 320, 448)]
     inputs = lvlm.prepare(prompts, videos=[[c] for c in clips])
@@ -321,10 +328,10 @@ def test_real_video_generation_equals_transformers_on_the_reference_inputs():
 
 
 @pytest.mark.integration
-def test_real_checkpoint_round_trip_loads_the_stand_in(tmp_path):
+def test_real_checkpoint_round_trip_loads_the_stand_in(tmp_path, family):
     """A saved real-geometry checkpoint loads through ``v2drop.load`` with the stand-in (torchvision is not installed
     here), its video settings kept, and gives the same prompts and tokens for an image and a video."""
-    lvlm = real()
+    lvlm = real(family)
     lvlm.model.save_pretrained(tmp_path)
     lvlm.processor.save_pretrained(tmp_path)
     again = load(str(tmp_path))
@@ -339,10 +346,10 @@ def test_real_checkpoint_round_trip_loads_the_stand_in(tmp_path):
         assert a.prompt_ids == b.prompt_ids and a.generated_ids == b.generated_ids
 
 
-def test_a_vision_cache_gives_the_same_deepstack_results(tiny):
+def test_a_vision_cache_gives_the_same_deepstack_results(tiny, family):
     """With the embeddings served by a vision cache, the DeepStack additions still come (a new vision pass)."""
-    lvlm = tiny(FAMILY)
-    prompts, images = batch_for(lvlm, 3, FAMILY)
+    lvlm = tiny(family)
+    prompts, images = batch_for(lvlm, 3, family)
     method = Method("v2drop", schedule=Schedule.progressive([1, 3], [0.5, 0.5]))
     plain = lvlm.generate_from_inputs(lvlm.prepare(prompts, images), method, 4)
     cache = VisionCache()
@@ -352,3 +359,38 @@ def test_a_vision_cache_gives_the_same_deepstack_results(tiny):
             assert torch.equal(out.first_logits, plain.first_logits)
             assert [t.stages for t in out.traces] == [t.stages for t in plain.traces]
     assert cache.hits == 2 and cache.misses == 2  # the second round's prepare and embed came from the cache
+
+
+def test_moe_experts_route_only_the_tokens_still_present(tiny):
+    """Every MoE decoder MLP is a top-2 of 4 routed block; in prefill its router sees every prompt position without
+    dropping, and after a V2Drop stage only the batch compacted to the longest sample's kept tokens, so dropped tokens
+    take no expert compute."""
+    lvlm = tiny("qwen3_vl_moe")
+    layers = lvlm.model.model.language_model.layers
+    assert all(type(layer.mlp).__name__ == "Qwen3VLMoeTextSparseMoeBlock" for layer in layers)
+    assert {(layer.mlp.gate.top_k, layer.mlp.gate.num_experts) for layer in layers} == {(2, 4)}
+    inputs = lvlm.prepare(*batch_for(lvlm, 3, "qwen3_vl_moe"))
+    batch, length = inputs["input_ids"].shape
+    for drop in (False, True):
+        method = Method("v2drop", schedule=Schedule.progressive([2], [0.5])) if drop else Method.none()
+        rows: dict[int, int] = {}  # layer -> rows its router saw in prefill (its first call)
+
+        def record(i, rows=rows):
+            return lambda module, args, out: rows.setdefault(i, args[0].shape[0]) and None
+
+        hooks = [layer.mlp.gate.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
+        try:
+            out = lvlm.generate_from_inputs(inputs, method, max_new_tokens=1)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if not drop:
+            assert rows == {i: batch * length for i in range(len(layers))}
+            continue
+        vision = lvlm.adapter.vision_mask(inputs["input_ids"]).sum(1).tolist()
+        present = [
+            int(n) - v + len(t.stages[0]["kept"])
+            for n, v, t in zip(inputs["attention_mask"].sum(1), vision, out.traces)
+        ]
+        assert max(present) < length
+        assert rows == {i: batch * (length if i < 2 else max(present)) for i in range(len(layers))}

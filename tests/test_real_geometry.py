@@ -21,9 +21,11 @@ SIZES = {
     "qwen3_vl": [(1000, 700), (640, 480)],
     "internvl": [(1000, 700), (300, 300)],  # 6 tiles + thumbnail beside one tile
     "gemma3": [(1000, 700), (640, 480)],  # 256 tokens each (pan-and-scan is off unless asked: tests/test_gemma3.py)
+    "qwen3_vl_moe": [(1000, 700), (640, 480)],
 }
 QUESTIONS = ["how many ?", "what is the colour of the digit in row 2 column 3 ?"]
-QWEN_PIXELS = {"qwen3_vl": dict(min_pixels=65536, max_pixels=16777216, patch_size=16)}  # Qwen3-VL-8B-Instruct's
+QWEN3_PIXELS = dict(min_pixels=65536, max_pixels=16777216, patch_size=16)  # Qwen3-VL-8B's and Qwen3-VL-30B-A3B's
+QWEN_PIXELS = {"qwen3_vl": QWEN3_PIXELS, "qwen3_vl_moe": QWEN3_PIXELS}
 SLOW = {"llava_onevision"}  # 7,295 + 2,929 vision tokens: ~10 s a test on CPU
 
 
@@ -63,6 +65,7 @@ def mixed_batch(lvlm, family):
         ("qwen2_5_vl", (640, 480), 391, None),
         ("qwen3_vl", (1000, 700), 682, None),  # 704x992 in 16-pixel patches, merged 2x2
         ("qwen3_vl", (200, 150), 70, None),  # enlarged to 320x224, over min_pixels 65536
+        ("qwen3_vl_moe", (1000, 700), 682, None),  # the same vision geometry as Qwen3-VL-8B
         ("internvl", (1000, 700), 7 * 256, None),  # 3x2 tiles of 448 + thumbnail, 256 tokens each
         ("internvl", (2000, 1500), 13 * 256, None),  # 4x3 tiles (the most: 12) + thumbnail
         ("internvl", (300, 300), 256, None),  # one tile, no thumbnail
@@ -95,7 +98,8 @@ def test_real_token_counts(family, size, tokens, crops):
 
 
 @pytest.mark.parametrize(
-    "family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3"]
+    "family",
+    ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3", "qwen3_vl_moe"],
 )
 def test_collation_matches_the_processors_own_batch(family):
     """Samples processed alone then collated carry the vision inputs of the image processor run on the whole batch."""

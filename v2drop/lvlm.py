@@ -273,7 +273,7 @@ def load_processor(path: str, config=None):
 
     Qwen2-VL / Qwen2.5-VL fall back to ``QwenProcessorLite`` and LLaVA-OneVision to
     ``OnevisionProcessorLite`` (images and videos, same token counts as the real processors),
-    Qwen3-VL to ``Qwen3ProcessorLite`` (images), InternVL3 to ``InternVLProcessorLite`` (images); any
+    Qwen3-VL and Qwen3-VL-MoE to ``Qwen3ProcessorLite`` (images), InternVL3 to ``InternVLProcessorLite`` (images); any
     other family whose processor cannot load raises the original error.
     """
     try:
@@ -284,7 +284,7 @@ def load_processor(path: str, config=None):
             from v2drop.models.qwen2vl_processor import QwenProcessorLite
 
             return QwenProcessorLite.from_pretrained(path, second_per_grid=config.model_type == "qwen2_5_vl")
-        if config.model_type == "qwen3_vl":
+        if config.model_type in ("qwen3_vl", "qwen3_vl_moe"):
             from v2drop.models.qwen3vl_processor import Qwen3ProcessorLite
 
             return Qwen3ProcessorLite.from_pretrained(path)

@@ -31,6 +31,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
@@ -62,7 +64,17 @@ SPECIALS = [
     "<|vision_end|>",
 ]
 DEPTH = 6
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3")
+FAMILIES = (
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "internvl",
+    "gemma3",
+    "qwen3_vl_moe",
+)
 INTERNVL_SPECIALS = ["<img>", "</img>", "<IMG_CONTEXT>"]  # InternVL3's image start, end and context tokens
 GEMMA3_SPECIALS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]  # Gemma 3's boi, eoi, image tokens
 
@@ -338,8 +350,8 @@ def build(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
         else:
             model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**common, video_token_index=video_id))
         proc = PlaceholderProcessor(tok, model)
-    elif family == "qwen3_vl":
-        model = _qwen3_vl(tok, patch=8, grid_side=4, max_positions=512)
+    elif family in ("qwen3_vl", "qwen3_vl_moe"):
+        model = _qwen3_vl(tok, patch=8, grid_side=4, max_positions=512, moe=family == "qwen3_vl_moe")
         image_processor = Qwen2VLImageProcessorPil(
             min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2, **_HALF
         )
@@ -395,9 +407,12 @@ def build(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
 _HALF = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)  # Qwen3-VL's image normalisation
 
 
-def _qwen3_vl(tok, patch: int, grid_side: int, max_positions: int):
+def _qwen3_vl(tok, patch: int, grid_side: int, max_positions: int, moe: bool = False):
     """A Qwen3-VL model: decoder as ``build``'s Qwen ones (interleaved M-RoPE), a 3-layer tower whose every layer
-    feeds DeepStack (as the real [8, 16, 24] of 27 feed decoder layers 0-2); built from the current RNG."""
+    feeds DeepStack (as the real [8, 16, 24] of 27 feed decoder layers 0-2); built from the current RNG.
+
+    ``moe``: Qwen3-VL-MoE, every decoder layer's MLP a sparse block of 4 experts of width 32, top-2 routed (the
+    real Qwen3-VL-30B-A3B: 128 experts of width 768, top-8, in every layer)."""
     text = dict(
         vocab_size=len(tok),
         hidden_size=64,
@@ -434,6 +449,9 @@ def _qwen3_vl(tok, patch: int, grid_side: int, max_positions: int):
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
     )
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+        return Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids))
     return Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
 
 
@@ -638,6 +656,11 @@ REAL_GEOMETRY = {
         "mean/std 0.5, a 48x48 learned position grid, DeepStack into decoder layers 0-2, interleaved M-RoPE; videos: "
         "4096..25165824 pixels a clip, 2 frames a second, timestamps"
     ),
+    "qwen3_vl_moe": (
+        "Qwen3-VL-MoE (Qwen3-VL-30B-A3B-Instruct): Qwen3-VL-8B's vision geometry and processing (patch 16, merge 2, "
+        "min_pixels 65536, max_pixels 16777216, 48x48 position grid, DeepStack into decoder layers 0-2); every "
+        "decoder MLP a top-k routed mixture of experts"
+    ),
 }
 
 
@@ -718,8 +741,8 @@ def build_real(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
             image_std=[0.5] * 3,
         )
         proc = OnevisionProcessorLite(image_processor, tok, num_image_tokens=729, vision_feature_select_strategy="full")
-    elif family == "qwen3_vl":
-        model = _qwen3_vl(tok, patch=16, grid_side=48, max_positions=32768)
+    elif family in ("qwen3_vl", "qwen3_vl_moe"):
+        model = _qwen3_vl(tok, patch=16, grid_side=48, max_positions=32768, moe=family == "qwen3_vl_moe")
         image_processor = Qwen2VLImageProcessorPil(
             min_pixels=65536, max_pixels=16777216, patch_size=16, merge_size=2, temporal_patch_size=2, **_HALF
         )
@@ -788,6 +811,7 @@ def reference_processor(lvlm):
 
     classes = {
         "qwen3_vl": Qwen3VLProcessor,
+        "qwen3_vl_moe": Qwen3VLProcessor,
         "qwen2_vl": Qwen2VLProcessor,
         "qwen2_5_vl": Qwen2_5_VLProcessor,
         "llava_onevision": LlavaOnevisionProcessor,
@@ -810,7 +834,8 @@ def reference_processor(lvlm):
             vision_feature_select_strategy=lite.vision_feature_select_strategy,
             vision_aspect_ratio=lite.vision_aspect_ratio,
         )
-    video = Qwen3ReferenceVideoProcessor(lite) if family == "qwen3_vl" else ReferenceVideoProcessor(lite)
+    qwen3 = family in ("qwen3_vl", "qwen3_vl_moe")
+    video = Qwen3ReferenceVideoProcessor(lite) if qwen3 else ReferenceVideoProcessor(lite)
     ref = Reference(image_processor=lite.image_processor, tokenizer=lite.tokenizer, video_processor=video, **kwargs)
     if ref.image_token != lite.image_token:
         # the tiny tokenizer names its LLaVA "<image>" as the image token; a Qwen tokenizer names "<|image_pad|>"

@@ -10,7 +10,7 @@ from v2drop.models.base import register_family
 from v2drop.models.qwen2vl import Qwen2VLAdapter
 
 
-@register_family("qwen3_vl")
+@register_family("qwen3_vl", "qwen3_vl_moe")
 class Qwen3VLAdapter(Qwen2VLAdapter):
     """Qwen3-VL: Qwen2-VL's layout (``get_rope_index`` positions, ``*_grid_thw`` grids) plus DeepStack.
 
@@ -21,6 +21,11 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     vision tokens still present. The rotary embedding interleaves the T/H/W sections
     (``Qwen3VLTextRotaryEmbedding``), which ``rope`` serves as the model's own module. A video is
     one grid per frame: each frame's tokens follow a ``<t seconds>`` timestamp that stays text.
+
+    Qwen3-VL-MoE (``qwen3_vl_moe``) differs only in its decoder layers' MLP (a top-k routed sparse MoE block),
+    which the engine runs as the layer's own module: its decoder layer takes and returns the same as Qwen3-VL's
+    (the router logits are only recorded by transformers' output hooks, for the training-time aux loss, which
+    prefill does not compute), so the same adapter serves both.
     """
 
     def __init__(self, model):
@@ -74,10 +79,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def vision_tower_state(self, inputs: dict, request) -> dict:
         """Refused: Qwen3-VL's vision tower has no [CLS] token, so there is no [CLS] attention to serve."""
         raise ValueError(
-            "Model family 'qwen3_vl': the Qwen3-VL vision tower has no [CLS] token (patches are merged 2x2, with a "
-            "learned position grid and no class token), so a scorer that reads the [CLS] attention (VisionZip, "
-            "vision_request()) cannot run on it; use a family with a CLIP-like tower (llava), or a scorer that reads "
-            "the projected features (divprune)"
+            f"Model family {self.model.config.model_type!r}: the Qwen3-VL vision tower has no [CLS] token (patches are "
+            "merged 2x2, with a learned position grid and no class token), so a scorer that reads the [CLS] attention "
+            "(VisionZip, vision_request()) cannot run on it; use a family with a CLIP-like tower (llava), or a scorer "
+            "that reads the projected features (divprune)"
         )
 
     def image_grids(self, inputs: dict) -> list[tuple[int, int, int]]:
