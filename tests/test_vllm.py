@@ -134,3 +134,26 @@ def test_in_llm_methods_are_refused_with_the_reason():
             )
         )
     assert engine_args("none")["hf_overrides"]["architectures"] == [ARCHITECTURE]
+
+
+def test_serve_bench_server_sweeps_concurrency(tmp_path):
+    """--server: vLLM's OpenAI server on 127.0.0.1 answers as the engine at each concurrency; in-LLM methods refused."""
+    from experiments import serve_bench
+
+    out = serve_bench.main(
+        [
+            *("--server", "--limit", "4", "--max-concurrency", "2", "--warmup", "1", "--threads", "2"),
+            *("--methods", "divprune-llava15-64,v2drop-llava15-128", "--store", str(tmp_path / "store")),
+            *("--output", str(tmp_path / "out.json"), "--table", str(tmp_path / "table.md")),
+        ]
+    )
+    served = out["methods"]["divprune-llava15-64"]
+    assert served["server"] and list(served["concurrency"]) == ["1", "2"]
+    for figures in served["concurrency"].values():
+        assert figures["agreement_with_engine"] == 1.0
+        assert figures["requests_per_s"] > 0 and figures["output_tokens_per_s"] > 0
+        assert 0 < figures["ttft_p50_s"] <= figures["ttft_p99_s"] <= figures["wall_s"]
+    assert out["methods"]["v2drop-llava15-128"]["supported"] is False
+    table = (tmp_path / "table.md").read_text()
+    assert "OMP_NUM_THREADS=2" in table and "| divprune-llava15-64 | 2 |" in table
+    assert serve_bench.concurrency_levels(8) == [1, 2, 4, 8] and serve_bench.concurrency_levels(6) == [1, 2, 4, 6]
