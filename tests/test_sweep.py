@@ -1,6 +1,7 @@
 """Sweeps: artifacts and a truly non-dominated front, concurrent workers, a killed worker, wandb modes, bad input."""
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -344,3 +345,26 @@ def test_wandb_mode_comes_from_the_config_then_the_environment_then_offline(monk
     assert wandb_mode(SweepConfig()) == "offline"
     with pytest.raises(ValueError, match="wandb mode 'ofline' is not one of"):
         wandb_mode(SweepConfig.from_dict({"wandb": {"mode": "ofline"}}))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is not None, reason="vLLM is installed: the objective is available"
+)
+def test_served_throughput_objective_without_vllm_is_a_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match=r"^objective 'served_throughput' needs vLLM.*scripts/vllm_env.sh") as err:
+        validate(config(tmp_path, objectives=["accuracy", "served_throughput"]))
+    assert "\n" not in str(err.value)
+
+
+def test_served_throughput_objective_prunes_methods_vllm_cannot_run():
+    """The reason a trial is pruned is the plugin's own: in-LLM drops and 'preserve' positions; pre-LLM runs."""
+    from v2drop.method import Method
+    from v2drop.search.config import OBJECTIVES
+    from v2drop.search.served import served_reason
+
+    assert OBJECTIVES["served_throughput"] == ("served_requests_per_s", "maximize")
+    assert "drops tokens inside the decoder" in served_reason(Method.from_preset("v2drop-llava15-128", depth=12))
+    preserve = Method.from_dict({**Method.from_preset("divprune-llava15-64").to_dict(), "position_policy": "preserve"})
+    assert "use position_policy 'renumber'" in served_reason(preserve)
+    assert served_reason(Method.from_preset("divprune-llava15-64")) is None
+    assert served_reason(Method.none()) is None

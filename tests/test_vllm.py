@@ -134,3 +134,65 @@ def test_in_llm_methods_are_refused_with_the_reason():
             )
         )
     assert engine_args("none")["hf_overrides"]["architectures"] == [ARCHITECTURE]
+
+
+def test_serve_bench_server_sweeps_concurrency(tmp_path):
+    """--server: vLLM's OpenAI server on 127.0.0.1 answers as the engine at each concurrency; in-LLM methods refused."""
+    from experiments import serve_bench
+
+    out = serve_bench.main(
+        [
+            *("--server", "--limit", "4", "--max-concurrency", "2", "--warmup", "1", "--threads", "2"),
+            *("--methods", "divprune-llava15-64,v2drop-llava15-128", "--store", str(tmp_path / "store")),
+            *("--output", str(tmp_path / "out.json"), "--table", str(tmp_path / "table.md")),
+        ]
+    )
+    served = out["methods"]["divprune-llava15-64"]
+    assert served["server"] and list(served["concurrency"]) == ["1", "2"]
+    for figures in served["concurrency"].values():
+        assert figures["agreement_with_engine"] == 1.0
+        assert figures["requests_per_s"] > 0 and figures["output_tokens_per_s"] > 0
+        assert 0 < figures["ttft_p50_s"] <= figures["ttft_p99_s"] <= figures["wall_s"]
+    assert out["methods"]["v2drop-llava15-128"]["supported"] is False
+    table = (tmp_path / "table.md").read_text()
+    assert "OMP_NUM_THREADS=2" in table and "| divprune-llava15-64 | 2 |" in table
+    assert serve_bench.concurrency_levels(8) == [1, 2, 4, 8] and serve_bench.concurrency_levels(6) == [1, 2, 4, 6]
+
+
+def test_sweep_served_throughput_objective(tmp_path):
+    """A sweep with the served_throughput objective: served trials get requests/s, in-LLM ones are pruned with the
+    reason, and the front carries the objective."""
+    import optuna
+
+    from v2drop.search import SweepConfig, make_storage, run_sweep
+
+    cfg = SweepConfig.from_dict(
+        {
+            "study": "served",
+            "model": "proxy",
+            "trials": 3,
+            "objectives": ["accuracy", "served_throughput"],
+            "enqueue_presets": ["divprune-llava15-64", "v2drop-llava15-128"],
+            "search": {
+                "scorers": {"divprune": {}, "v2drop": {}},
+                "scorer_kinds": {"divprune": ["pre-llm"]},
+                "position_policy": {"divprune": "renumber"},
+            },
+            "eval": {"limit": 4, "batch_size": 4, "max_new_tokens": 3, "warmup": 1},
+            "confirm": {"limit": 4},
+            "run_dir": str(tmp_path / "run"),
+            "store": str(tmp_path / "store"),
+            "wandb": {"mode": "disabled"},
+        }
+    )
+    result = run_sweep(cfg, progress=False)
+    study = optuna.load_study(study_name="served", storage=make_storage(cfg))
+    by_label = {t.user_attrs.get("label"): t for t in study.trials}
+    pruned = by_label["v2drop-llava15-128"]
+    assert pruned.state == optuna.trial.TrialState.PRUNED
+    assert "drops tokens inside the decoder" in pruned.user_attrs["pruned_reason"]
+    for label in ("none", "divprune-llava15-64"):
+        trial = by_label[label]
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.values[1] == trial.user_attrs["metrics"]["served_requests_per_s"] > 0
+    assert result["front"] and all(r["served_throughput"] > 0 for r in result["front"])

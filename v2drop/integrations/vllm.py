@@ -139,6 +139,63 @@ def check_method(method) -> None:
         )
 
 
+def offline_llm(model: str, method, *, dtype: str = "float32", max_num_seqs: int = 16, kv_cache_gib: float = 1.0):
+    """A ``vllm.LLM`` running ``method`` (a Method) in the plugin: eager, prefix caching off, seed 0, request
+    metrics on."""
+    import vllm
+
+    return vllm.LLM(
+        model=model,
+        dtype=dtype,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        max_num_seqs=max_num_seqs,
+        kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+        disable_log_stats=False,  # request metrics (TTFT)
+        seed=0,
+        **engine_args(method.to_dict() if method.drops else "none"),
+    )
+
+
+def image_requests(prompts: list[str], samples: list, run: str) -> list[dict]:
+    """The samples as ``vllm.LLM.generate`` requests, with one uuid per run, request and image: vLLM would otherwise
+    encode a shared image once for all its questions (and for every later run), which the engine (one sample at a
+    time) does not."""
+    return [
+        {
+            "prompt": p,
+            "multi_modal_data": {"image": list(s.images) if len(s.images) > 1 else s.images[0]},
+            "multi_modal_uuids": {"image": [f"{run}/{s.id}/{i}" for i in range(len(s.images))]},
+        }
+        for p, s in zip(prompts, samples)
+    ]
+
+
+def offline_throughput(
+    model: str, method, prompts: list[str], samples: list, *, max_new_tokens: int, warmup: int, **llm_kwargs
+) -> dict:
+    """Requests/s of ``method`` in an offline ``vllm.LLM`` (``offline_llm``): ``warmup`` requests untimed, then every
+    sample submitted at once, greedy. Returns ``{"requests_per_s", "output_tokens_per_s", "answers"}``."""
+    import vllm
+
+    llm = offline_llm(model, method, **llm_kwargs)
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    try:
+        if warmup:
+            llm.generate(image_requests(prompts, samples, "warmup")[:warmup], params, use_tqdm=False)
+        batch = image_requests(prompts, samples, "timed")
+        start = time.perf_counter()
+        outputs = llm.generate(batch, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+    finally:
+        del llm
+    return {
+        "requests_per_s": len(samples) / elapsed,
+        "output_tokens_per_s": sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed,
+        "answers": [o.outputs[0].text.strip() for o in outputs],
+    }
+
+
 def sample_key(prompt_ids: list[int], image_token_id: int, n_tokens: int) -> int:
     """The engine's per-sample seed (``v2drop.engine.loop.sample_keys``) of a prompt whose ``<image>`` tokens stand
     for ``n_tokens`` placeholders each (as the Hugging Face processor expands them)."""
@@ -227,6 +284,7 @@ def prune_images(
         orig_idx=idx.expand(n, p),
         vision=torch.ones(n, p, dtype=torch.bool, device=device),
         coords=coords.expand(n, p, 3),
+        block=torch.full((n, p), -1, dtype=torch.long, device=device),  # no attention blocks (LLaVA-1.5)
     )
     traces = [_Trace() for _ in range(n)]
     ctx = StageContext(

@@ -20,6 +20,8 @@ OBJECTIVES = {
     "generation_latency": ("generation_latency_median_s", "minimize"),
     "flops": ("flops_ratio", "minimize"),
     "average_tokens": ("average_vision_tokens", "minimize"),
+    # requests/s of the trial's method served by vLLM through the plugin (v2drop.search.served; vLLM needed)
+    "served_throughput": ("served_requests_per_s", "maximize"),
 }
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 

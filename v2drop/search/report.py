@@ -267,11 +267,12 @@ def hover_label(row: dict) -> str:
 
 
 def format_front(front: list[dict], confirmed: list[dict]) -> str:
-    """The front as a terminal table, with the confirmed accuracy."""
+    """The front as a terminal table, with the confirmed accuracy (and the served requests/s when an objective)."""
     test = {c["trial"]: c for c in confirmed}
+    served = any("served_throughput" in r for r in front)
     lines = [
         f"{'trial':>5} {'scorer':<10} {'label':<20} {'schedule':<32} {'val acc':>8} {'test acc':>8} {'prefill ms':>10} "
-        f"{'FLOPs':>7} {'tokens':>7}"
+        f"{'FLOPs':>7} {'tokens':>7}" + (f" {'served req/s':>12}" if served else "")
     ]
     for r in front:
         c = test.get(r["trial"], {})
@@ -279,7 +280,7 @@ def format_front(front: list[dict], confirmed: list[dict]) -> str:
             f"{r['trial']:>5} {r.get('scorer', '')[:10]:<10} {r['label'][:20]:<20} {r['schedule'][:32]:<32} "
             f"{r['accuracy_metric']:>8.3f} "
             f"{c.get('test_accuracy', math.nan):>8.3f} {r['prefill_ms']:>10.1f} {r['flops_ratio']:>7.3f} "
-            f"{r['average_tokens']:>7.1f}"
+            f"{r['average_tokens']:>7.1f}" + (f" {r.get('served_throughput', math.nan):>12.2f}" if served else "")
         )
     return "\n".join(lines)
 

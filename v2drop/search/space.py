@@ -201,6 +201,9 @@ def validate(cfg: SweepConfig, depth: int | None = None) -> None:
             raise ValueError(f"Unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
     if len(set(cfg.objectives)) != len(cfg.objectives) or not cfg.objectives:
         raise ValueError(f"objectives must be a non-empty list without repeats, got {cfg.objectives}")
+    from v2drop.search.served import check_served
+
+    check_served(cfg.objectives)
     if cfg.sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler {cfg.sampler!r}; choose from {SAMPLERS}")
     s = cfg.search

@@ -26,6 +26,7 @@ from v2drop.search.checks import check_sweep_run
 from v2drop.search.config import OBJECTIVES, SweepConfig
 from v2drop.search.data import eval_fields
 from v2drop.search.report import write_artifacts
+from v2drop.search.served import SERVED, served_reason, served_throughput
 from v2drop.search.space import (
     expand_presets,
     fits,
@@ -157,16 +158,24 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
 
     def objective(trial: optuna.Trial):
         method = suggest_method(trial, cfg.search, lvlm.depth)
+        trial.set_user_attr("method", method.to_dict())
+        reason = served_reason(method) if SERVED in cfg.objectives else None
+        if reason is not None:  # vLLM's plugin cannot run it: pruned, the reason kept with the trial
+            trial.set_user_attr("pruned_reason", reason)
+            print(f"trial {trial.number} pruned: {reason}")
+            raise optuna.TrialPruned(reason)
         with cache.attached(lvlm) if cache is not None else contextlib.nullcontext():
             result = evaluate(lvlm, benchmark, method, eval_config, samples=samples)
-        trial.set_user_attr("method", method.to_dict())
-        trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+        metrics = dict(result.metrics)
+        if SERVED in cfg.objectives:
+            metrics[OBJECTIVES[SERVED][0]] = served_throughput(cfg, lvlm, method, samples)["requests_per_s"]
+        trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if budget is not None:  # tokens counted the budget's way, minus the budget: feasible when <= 0
             used = (
                 result.metrics["average_vision_tokens"] if budget.count == "average" else result.tokens["entering_llm"]
             )
             trial.set_constraint(f"{budget.count}_tokens", used - budget.tokens)
-        return objective_values(result.metrics, cfg.objectives)
+        return objective_values(metrics, cfg.objectives)
 
     callback = WandbCallback(cfg, run_dir) if finish else None
     callbacks = [callback] if callback is not None else []
