@@ -173,7 +173,7 @@ class VisionZipScorer(Scorer):
         share, extra = divmod(k, max(1, len(groups)))
         cls = state.vision.cls_embeds[b] if state.layer_idx < 0 and state.vision.cls_embeds is not None else None
         images = state.vision_coords[b, : len(crops), 0]
-        kept, zipped = [], []  # zipped: per crop with added tokens, (image, is base, [CLS], contextual, places)
+        kept, zipped = [], []  # per crop with added tokens: its image, whether it is the base, (hidden, source, place)
         for i, group in enumerate(groups.tolist()):
             members = (crops == group).nonzero().flatten()
             k_crop = share + (1 if i < extra else 0)
@@ -185,30 +185,31 @@ class VisionZipScorer(Scorer):
             dominant = members[select_keep(scores[members], k_crop - contextual - n_cls)]
             kept.append(dominant)
             rest = members[~torch.isin(members, dominant)]
-            cls_token = (cls[group : group + 1].float(), members[:1]) if n_cls else None
             contextual = min(contextual, len(rest))
-            ctx_token = self.contextual_tokens(state, b, rest, contextual) if contextual else None
             image = (images == images[members[0]]).nonzero().flatten()
             base = bool(members[0] == image[0])
-            # official places: a base crop's [CLS] before its first token and its contextual tokens right after its
-            # last; a tile's after its image's last token
+            # official places: a base crop's [CLS] right before its first token and its contextual tokens right after
+            # its last; a tile's right after its image's last token
             after = int(members.max() if base else image.max()) + 1
-            places = (members[:1] if base else torch.tensor([after], device=device), torch.tensor(after, device=device))
-            zipped.append((int(images[members[0]]), base, cls_token, ctx_token, places))
+            crop = {"image": int(images[members[0]]), "base": base, "cls": None, "ctx": None}
+            if n_cls:
+                cls_place = members[:1] if base else torch.tensor([after], device=device)
+                crop["cls"] = (cls[group : group + 1].float(), members[:1], cls_place)
+            if contextual:
+                merged, targets = self.contextual_tokens(state, b, rest, contextual)
+                crop["ctx"] = (merged, targets, torch.full_like(targets, after))
+            zipped.append(crop)
         empty_h = state.hidden.new_zeros(0, state.hidden.shape[-1], dtype=torch.float32)
         empty_s = torch.zeros(0, dtype=torch.long, device=device)
         keep = torch.cat(kept).sort().values if kept else empty_s
-        if self.order == "official":  # per image: base [CLS], base contextual, tiles' [CLS], tiles' contextual
-            order = sorted(range(len(zipped)), key=lambda j: (zipped[j][0], not zipped[j][1]))
-            tokens = []
-            for image in dict.fromkeys(zipped[j][0] for j in order):
-                crops_of = [zipped[j] for j in order if zipped[j][0] == image]
-                for part in ([z for z in crops_of if z[1]], [z for z in crops_of if not z[1]]):
-                    tokens += [(*z[2], z[4][0]) for z in part if z[2] is not None]
-                    tokens += [(*z[3], z[4][1].expand(len(z[3][1]))) for z in part if z[3] is not None]
-        else:  # every crop's [CLS], then every crop's contextual tokens, in crop order
-            tokens = [(*z[2], z[2][1]) for z in zipped if z[2] is not None]
-            tokens += [(*z[3], z[3][1]) for z in zipped if z[3] is not None]
+        parts = [zipped]  # kept_first: every crop's [CLS], then every crop's contextual tokens, in crop order
+        if self.order == "official":  # per image: the base crop's [CLS] and contextual, then the tiles'
+            parts = [
+                [z for z in zipped if z["image"] == im and z["base"] == base]
+                for im in dict.fromkeys(z["image"] for z in zipped)
+                for base in (True, False)
+            ]
+        tokens = [z[kind] for part in parts for kind in ("cls", "ctx") for z in part if z[kind] is not None]
         hidden = torch.cat([empty_h, *(t[0] for t in tokens)])
         source = torch.cat([empty_s, *(t[1] for t in tokens)])
         return keep, hidden, source, torch.cat([empty_s, *(t[2] for t in tokens)])
