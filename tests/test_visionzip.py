@@ -495,39 +495,42 @@ def test_presets_use_the_official_order():
 
 
 @torch.no_grad()
-def test_official_order_on_tiny_llava_equals_the_official_sequence(tiny):
-    """k = 16 (c = 3, [CLS] + 12 patches), merge_space tower, order official: the engine's first logits equal the LLM
-    run by hand on the official construction (clip_encoder.py:43-82 transcribed on the eager tower, projected, put at
-    the placeholder with contiguous positions); kept_first gives other logits."""
-    lvlm = tiny("llava", "eager")
-    prompts, images = batch_for(lvlm, 1, "llava")
-    inputs = lvlm.prepare(prompts, images)
+def official_first_logits(lvlm, inputs, b: int, dominant: int, contextual: int) -> torch.Tensor:
+    """Sample ``b``'s first logits from the official VisionZip sequence, built by hand: clip_encoder.py:43-82
+    transcribed on the eager tower, the model's projector (llava_arch.py:33), the features at the placeholder of the
+    unpadded prompt, contiguous positions."""
     cfg = lvlm.model.config
     tower = lvlm.model.model.vision_tower
-    out = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
+    out = tower(inputs["pixel_values"][b : b + 1], output_attentions=True, output_hidden_states=True)
     layer = len(out.attentions) + cfg.vision_feature_layer  # attentions[-2] with hidden_states[-2] (line 43-44)
     hidden = out.hidden_states[layer + 1][0]  # (1 + P, C)
     enc = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers[layer]
-    heads = cfg.vision_config.num_attention_heads
     metric = enc.self_attn.k_proj(enc.layer_norm1(out.hidden_states[layer][0]))
-    metric = metric.view(len(hidden), heads, -1).mean(1)  # utils.py:89, keys averaged over heads
-    top = out.attentions[layer][0, :, 0, 1:].sum(0).topk(12).indices + 1  # line 51-53
+    metric = metric.view(len(hidden), cfg.vision_config.num_attention_heads, -1).mean(1)  # utils.py:89
+    top = out.attentions[layer][0, :, 0, 1:].sum(0).topk(dominant - 1).indices + 1  # line 51-53
     mask = torch.ones(len(hidden), dtype=torch.bool)
     mask[0], mask[top] = False, False
-    dominant = hidden[~mask]  # masked_select: [CLS], then the dominant patches by index (line 55)
+    kept = hidden[~mask]  # masked_select: [CLS], then the dominant patches by index (line 55)
     rest, keys = hidden[mask], metric[mask] / metric[mask].norm(dim=-1, keepdim=True)
-    step = len(rest) // 3
-    targets = torch.arange(0, len(rest), step)[:3]
+    targets = torch.arange(0, len(rest), len(rest) // contextual)[:contextual]  # line 67-68
     others = ~torch.isin(torch.arange(len(rest)), targets)
-    assign = (keys[others] @ keys[targets].T).argmax(1)
-    joined = torch.stack([rest[others][assign == j].sum(0) / max(1, int((assign == j).sum())) for j in range(3)])
-    features = lvlm.model.model.multi_modal_projector(torch.cat([dominant, rest[targets] + joined]))  # line 82, 33
-    ids = inputs["input_ids"][0]
+    assign = (keys[others] @ keys[targets].T).argmax(1)  # line 72-74
+    joined = [rest[others][assign == j].sum(0) / max(1, int((assign == j).sum())) for j in range(contextual)]
+    features = lvlm.model.model.multi_modal_projector(torch.cat([kept, rest[targets] + torch.stack(joined)]))
+    ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
     placeholder = (ids == cfg.image_token_id).nonzero().flatten()
     embeds = lvlm.model.get_input_embeddings()(ids)
     sequence = torch.cat([embeds[: placeholder[0]], features.to(embeds.dtype), embeds[placeholder[-1] + 1 :]])[None]
     text = lvlm.model.model.language_model(inputs_embeds=sequence, position_ids=torch.arange(sequence.shape[1])[None])
-    expected = lvlm.model.lm_head(text.last_hidden_state[:, -1]).float()
+    return lvlm.model.lm_head(text.last_hidden_state[0, -1]).float()
+
+
+def test_official_order_on_tiny_llava_equals_the_official_sequence(tiny):
+    """k = 16 (c = 3, [CLS] + 12 patches), merge_space tower, order official, a padded batch of three: each sample's
+    first logits equal the LLM run by hand on the official sequence (official_first_logits); kept_first gives other
+    logits."""
+    lvlm = tiny("llava", "eager")
+    inputs = lvlm.prepare(*batch_for(lvlm, 3, "llava"))
     logits = {}
     for order in ("official", "kept_first"):
         method = Method(
@@ -536,8 +539,10 @@ def test_official_order_on_tiny_llava_equals_the_official_sequence(tiny):
             position_policy="renumber",
         )
         logits[order] = lvlm.generate_from_inputs(inputs, method, max_new_tokens=1, stop_at_eos=False).first_logits
-    torch.testing.assert_close(logits["official"], expected, atol=1e-5, rtol=0)
-    assert not torch.allclose(logits["kept_first"], expected, atol=1e-4)
+    for b in range(3):
+        expected = official_first_logits(lvlm, inputs, b, dominant=13, contextual=3)
+        torch.testing.assert_close(logits["official"][b], expected, atol=1e-5, rtol=0)
+        assert not torch.allclose(logits["kept_first"][b], expected, atol=1e-4)
 
 
 def test_bad_added_places_are_refused():
