@@ -433,8 +433,8 @@ def test_runs_on_the_bundled_proxy():
 
 
 # The official sequence order (dvlab-research/VisionZip@3151f6df4fca36a4cd1c985e5956e725b1f9ad02): clip_encoder.py
-# line 54-55 keeps [CLS] and the top-k patches with a boolean mask and ``masked_select``, which reads them in index
-# order ([CLS] first, then the dominant patches by index, not by score); line 82 appends the contextual tokens in
+# lines 54-57 keeps [CLS] and the top-k patches with a boolean mask and ``masked_select``, which reads them in index
+# order ([CLS] first, then the dominant patches by index, not by score); line 83 appends the contextual tokens in
 # target order; llava_arch.py line 33 projects that, and LLaVA's prepare_inputs_labels_for_multimodal puts it at the
 # image placeholder with contiguous positions (position_ids = arange). LLaVA-NeXT: the base crop's [CLS], dominant,
 # contextual tokens (line 110, 121), then the tiles' dominant patches in raster order, every tile's [CLS], every tile's
@@ -496,7 +496,7 @@ def test_presets_use_the_official_order():
 
 @torch.no_grad()
 def official_first_logits(lvlm, inputs, b: int, dominant: int, contextual: int) -> torch.Tensor:
-    """Sample ``b``'s first logits from the official VisionZip sequence, built by hand: clip_encoder.py:43-82
+    """Sample ``b``'s first logits from the official VisionZip sequence, built by hand: clip_encoder.py:43-83
     transcribed on the eager tower, the model's projector (llava_arch.py:33), the features at the placeholder of the
     unpadded prompt, contiguous positions."""
     cfg = lvlm.model.config
@@ -510,7 +510,7 @@ def official_first_logits(lvlm, inputs, b: int, dominant: int, contextual: int) 
     top = out.attentions[layer][0, :, 0, 1:].sum(0).topk(dominant - 1).indices + 1  # line 51-53
     mask = torch.ones(len(hidden), dtype=torch.bool)
     mask[0], mask[top] = False, False
-    kept = hidden[~mask]  # masked_select: [CLS], then the dominant patches by index (line 55)
+    kept = hidden[~mask]  # masked_select: [CLS], then the dominant patches by index (line 56-57)
     rest, keys = hidden[mask], metric[mask] / metric[mask].norm(dim=-1, keepdim=True)
     targets = torch.arange(0, len(rest), len(rest) // contextual)[:contextual]  # line 67-68
     others = ~torch.isin(torch.arange(len(rest)), targets)
