@@ -567,3 +567,15 @@ def test_bad_added_places_are_refused():
     after_kept = Selection(**added, added_place=[torch.tensor([-1])])
     new = apply_selection(seq, after_kept, state.vision_idx, -1, [SampleTrace()])
     assert new.orig_idx[0].tolist() == [0, 2, 1, 9]  # -1: right after the last kept vision token
+
+
+def test_official_preset_on_the_bundled_proxy_is_the_official_sequence():
+    """visionzip-official-llava15-64 on the proxy (a LLaVA with a CLIP tower, 576 patches): 54 + 10 tokens whose
+    first logits equal the LLM run by hand on the official sequence (official_first_logits)."""
+    lvlm = v2drop.load("proxy", attn_implementation="eager")
+    sample = get_benchmark("digits").load("test", 1)[0]
+    inputs = lvlm.prepare([lvlm.format_prompt(sample.question)], [list(sample.images)])
+    out = lvlm.generate_from_inputs(inputs, Method.from_preset("visionzip-official-llava15-64"), max_new_tokens=1)
+    assert out.traces[0].vision_tokens_per_layer == [64] * lvlm.depth
+    expected = official_first_logits(lvlm, inputs, 0, dominant=54, contextual=10)
+    torch.testing.assert_close(out.first_logits[0], expected, atol=1e-5, rtol=0)
