@@ -430,3 +430,152 @@ def test_runs_on_the_bundled_proxy():
     trace = out.traces[0]
     assert len(trace.stages[0]["kept"]) == 53 and len(trace.stages[0]["merged"]) == 11
     assert trace.vision_tokens_per_layer == [64] * lvlm.depth
+
+
+# The official sequence order (dvlab-research/VisionZip@3151f6df4fca36a4cd1c985e5956e725b1f9ad02): clip_encoder.py
+# lines 54-57 keeps [CLS] and the top-k patches with a boolean mask and ``masked_select``, which reads them in index
+# order ([CLS] first, then the dominant patches by index, not by score); line 83 appends the contextual tokens in
+# target order; llava_arch.py line 33 projects that, and LLaVA's prepare_inputs_labels_for_multimodal puts it at the
+# image placeholder with contiguous positions (position_ids = arange). LLaVA-NeXT: the base crop's [CLS], dominant,
+# contextual tokens (line 110, 121), then the tiles' dominant patches in raster order, every tile's [CLS], every tile's
+# contextual tokens (restore_image_features_sorted, lines 75-79).
+
+
+def test_official_order_on_hand_made_tokens():
+    """k = 5 as in test_hand_made_kept_and_merged_tokens; the sequence t0 v0..v7 t9 becomes
+    t0, [CLS] (100, 100), v1 (1, 1), v5 (5, 1), (4, 2), (9, 2), t9: [CLS] before the image's first patch, the dominant
+    patches in index order, the contextual tokens in target order; kept_first puts [CLS] after v5."""
+    from v2drop.engine.loop import SampleTrace
+    from v2drop.engine.sequence import Sequence
+    from v2drop.engine.stages import apply_selection
+
+    state = hand_state()
+    scores = VisionZipScorer().score(state)
+    sequences = {}
+    for order in ("official", "kept_first"):
+        sel = VisionZipScorer(contextual_ratio=0.4, order=order).select(state, scores, [5])
+        assert sel.keep[0].tolist() == [1, 5] and sel.added_source[0].tolist() == [0, 0, 4]
+        vision = torch.zeros(1, 10, dtype=torch.bool)
+        vision[0, 1:9] = True
+        seq = Sequence(
+            state.hidden.clone(), torch.arange(10)[None], torch.ones(1, 10, dtype=torch.long), torch.arange(10)[None],
+            vision, torch.zeros(1, 10, 3, dtype=torch.long), torch.full((1, 10), -1),
+        )  # fmt: skip
+        sequences[order] = apply_selection(seq, sel, state.vision_idx, -1, [SampleTrace()]).renumbered()
+    official = sequences["official"]
+    expected = torch.tensor([[0.0, 0.0], [100.0, 100.0], [1.0, 1.0], [5.0, 1.0], [4.0, 2.0], [9.0, 2.0], [0.0, 0.0]])
+    torch.testing.assert_close(official.hidden[0], expected)
+    assert official.position_ids[0].tolist() == list(range(7))
+    assert official.orig_idx[0].tolist() == [0, 1, 2, 6, 1, 5, 9]  # [CLS] and targets in their sources' names
+    assert sequences["kept_first"].orig_idx[0].tolist() == [0, 2, 6, 1, 1, 5, 9]
+    torch.testing.assert_close(sequences["kept_first"].hidden[0, 3], torch.tensor([100.0, 100.0]))
+
+
+def test_official_order_on_hand_made_anyres_image():
+    """k = 8 as in test_hand_made_anyres_image_is_zipped_per_crop, official order: base [CLS] (before token 0),
+    dominant 1, base contextual (4, 2) and (5, 2) (right after the base crop, token 4), the tile's dominant 8, then the
+    tile's [CLS] and its contextual (11, 2) and (19, 2) after the image's last token (llava_arch.py:79)."""
+    state = crop_state()
+    sel = VisionZipScorer(contextual_ratio=0.5, order="official").select(state, VisionZipScorer().score(state), [8])
+    assert sel.keep[0].tolist() == [1, 8]
+    assert sel.added_source[0].tolist() == [0, 0, 3, 5, 5, 9]
+    assert sel.added_place[0].tolist() == [0, 5, 5, 12, 12, 12]
+    torch.testing.assert_close(
+        sel.added_hidden[0],
+        torch.tensor([[100.0, 100.0], [4.0, 2.0], [5.0, 2.0], [200.0, 200.0], [11.0, 2.0], [19.0, 2.0]]),
+    )
+
+
+def test_presets_use_the_official_order():
+    for budget in (64, 128, 192):
+        assert Method.from_preset(f"visionzip-official-llava15-{budget}").scorer.order == "official"
+        assert Method.from_preset(f"visionzip-llava15-{budget}").scorer.order == "kept_first"
+    with pytest.raises(ValueError, match="order must be 'kept_first' or 'official'"):
+        VisionZipScorer(order="score")
+
+
+@torch.no_grad()
+def official_first_logits(lvlm, inputs, b: int, dominant: int, contextual: int) -> torch.Tensor:
+    """Sample ``b``'s first logits from the official VisionZip sequence, built by hand: clip_encoder.py:43-83
+    transcribed on the eager tower, the model's projector (llava_arch.py:33), the features at the placeholder of the
+    unpadded prompt, contiguous positions."""
+    cfg = lvlm.model.config
+    tower = lvlm.model.model.vision_tower
+    out = tower(inputs["pixel_values"][b : b + 1], output_attentions=True, output_hidden_states=True)
+    layer = len(out.attentions) + cfg.vision_feature_layer  # attentions[-2] with hidden_states[-2] (line 43-44)
+    hidden = out.hidden_states[layer + 1][0]  # (1 + P, C)
+    enc = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers[layer]
+    metric = enc.self_attn.k_proj(enc.layer_norm1(out.hidden_states[layer][0]))
+    metric = metric.view(len(hidden), cfg.vision_config.num_attention_heads, -1).mean(1)  # utils.py:89
+    top = out.attentions[layer][0, :, 0, 1:].sum(0).topk(dominant - 1).indices + 1  # line 51-53
+    mask = torch.ones(len(hidden), dtype=torch.bool)
+    mask[0], mask[top] = False, False
+    kept = hidden[~mask]  # masked_select: [CLS], then the dominant patches by index (line 56-57)
+    rest, keys = hidden[mask], metric[mask] / metric[mask].norm(dim=-1, keepdim=True)
+    targets = torch.arange(0, len(rest), len(rest) // contextual)[:contextual]  # line 67-68
+    others = ~torch.isin(torch.arange(len(rest)), targets)
+    assign = (keys[others] @ keys[targets].T).argmax(1)  # line 72-74
+    joined = [rest[others][assign == j].sum(0) / max(1, int((assign == j).sum())) for j in range(contextual)]
+    features = lvlm.model.model.multi_modal_projector(torch.cat([kept, rest[targets] + torch.stack(joined)]))
+    ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+    placeholder = (ids == cfg.image_token_id).nonzero().flatten()
+    embeds = lvlm.model.get_input_embeddings()(ids)
+    sequence = torch.cat([embeds[: placeholder[0]], features.to(embeds.dtype), embeds[placeholder[-1] + 1 :]])[None]
+    text = lvlm.model.model.language_model(inputs_embeds=sequence, position_ids=torch.arange(sequence.shape[1])[None])
+    return lvlm.model.lm_head(text.last_hidden_state[0, -1]).float()
+
+
+def test_official_order_on_tiny_llava_equals_the_official_sequence(tiny):
+    """k = 16 (c = 3, [CLS] + 12 patches), merge_space tower, order official, a padded batch of three: each sample's
+    first logits equal the LLM run by hand on the official sequence (official_first_logits); kept_first gives other
+    logits."""
+    lvlm = tiny("llava", "eager")
+    inputs = lvlm.prepare(*batch_for(lvlm, 3, "llava"))
+    logits = {}
+    for order in ("official", "kept_first"):
+        method = Method(
+            VisionZipScorer(merge_space="tower", order=order),
+            schedule={"keep_mode": "absolute", "stages": [["pre_llm", 16]]},
+            position_policy="renumber",
+        )
+        logits[order] = lvlm.generate_from_inputs(inputs, method, max_new_tokens=1, stop_at_eos=False).first_logits
+    for b in range(3):
+        expected = official_first_logits(lvlm, inputs, b, dominant=13, contextual=3)
+        torch.testing.assert_close(logits["official"][b], expected, atol=1e-5, rtol=0)
+        assert not torch.allclose(logits["kept_first"][b], expected, atol=1e-4)
+
+
+def test_bad_added_places_are_refused():
+    from v2drop.engine.loop import SampleTrace
+    from v2drop.engine.sequence import Sequence
+    from v2drop.engine.stages import apply_selection
+    from v2drop.scorers.base import Selection
+
+    state = hand_state()
+    vision = torch.zeros(1, 10, dtype=torch.bool)
+    vision[0, 1:9] = True
+    seq = Sequence(
+        state.hidden.clone(), torch.arange(10)[None], torch.ones(1, 10, dtype=torch.long), torch.arange(10)[None],
+        vision, torch.zeros(1, 10, 3, dtype=torch.long), torch.full((1, 10), -1),
+    )  # fmt: skip
+    added = {"keep": [torch.tensor([1])], "added_hidden": [torch.ones(1, 2)], "added_source": [torch.tensor([0])]}
+    with pytest.raises(ValueError, match="each -1 .. 8"):
+        apply_selection(seq, Selection(**added, added_place=[torch.tensor([9])]), state.vision_idx, -1, [SampleTrace()])
+    with pytest.raises(ValueError, match="not both"):
+        both = Selection(**added, added_place=[torch.tensor([0])], added_at_source=True)
+        apply_selection(seq, both, state.vision_idx, -1, [SampleTrace()])
+    after_kept = Selection(**added, added_place=[torch.tensor([-1])])
+    new = apply_selection(seq, after_kept, state.vision_idx, -1, [SampleTrace()])
+    assert new.orig_idx[0].tolist() == [0, 2, 1, 9]  # -1: right after the last kept vision token
+
+
+def test_official_preset_on_the_bundled_proxy_is_the_official_sequence():
+    """visionzip-official-llava15-64 on the proxy (a LLaVA with a CLIP tower, 576 patches): 54 + 10 tokens whose
+    first logits equal the LLM run by hand on the official sequence (official_first_logits)."""
+    lvlm = v2drop.load("proxy", attn_implementation="eager")
+    sample = get_benchmark("digits").load("test", 1)[0]
+    inputs = lvlm.prepare([lvlm.format_prompt(sample.question)], [list(sample.images)])
+    out = lvlm.generate_from_inputs(inputs, Method.from_preset("visionzip-official-llava15-64"), max_new_tokens=1)
+    assert out.traces[0].vision_tokens_per_layer == [64] * lvlm.depth
+    expected = official_first_logits(lvlm, inputs, 0, dominant=54, contextual=10)
+    torch.testing.assert_close(out.first_logits[0], expected, atol=1e-5, rtol=0)

@@ -242,13 +242,17 @@ def apply_selection(
 ) -> Sequence:
     """The sequence after a stage's ``selection``: text and kept vision tokens, added and merged tokens in place.
 
-    Added tokens go right after each sample's last kept vision token, or each right after its source's place
-    (``Selection.added_at_source``). A ``Merge``'s tokens (the weighted sums of
-    their groups, in float32, cast to the sequence's dtype) go at their anchors' places or after the added ones
+    Added tokens go right after each sample's last kept vision token, each right after its source's place
+    (``Selection.added_at_source``), or each at its ``Selection.added_place``. A ``Merge``'s tokens (the weighted
+    sums of their groups, in float32, cast to the sequence's dtype) go at their anchors' places or after the added ones
     (``Merge.place``), with their anchors' or their members' mean positions (``Merge.position``). Each sample's
     trace gets the stage's kept prompt positions, ``"merged"`` (the prompt position each new token takes) and, for
     a ``Merge``, ``"members"`` (the prompt positions merged into each merged token).
     """
+    if selection.added_at_source and selection.added_place is not None:
+        raise ValueError(
+            "A Selection places added tokens at their sources (added_at_source) or at added_place, not both; set one"
+        )
     B, L, D = seq.hidden.shape
     device = seq.hidden.device
     merge = selection if isinstance(selection, Merge) else None
@@ -266,6 +270,17 @@ def apply_selection(
         hidden, source = [added_hidden[b].float()], [vision_idx[b, added_source[b]]]
         if selection.added_at_source:  # each added token right after its source's place
             key = [2 * source[0] + 1]
+        elif selection.added_place is not None:  # before a vision token's place, after the last one, or after_kept
+            place = selection.added_place[b].to(device)
+            n_vision = int(seq.vision[b].sum())
+            if len(place) != len(source[0]) or bool(((place < -1) | (place > n_vision)).any()):
+                raise ValueError(
+                    f"Selection.added_place sample {b}: expected one place per added token ({len(source[0])}), each "
+                    f"-1 .. {n_vision} (the sample's vision-token count), got {place.tolist()}"
+                )
+            before = 2 * vision_idx[b, place.clamp(0, max(0, n_vision - 1))] - 1
+            last = 2 * (int(vision_idx[b, n_vision - 1]) if n_vision else 0) + 1
+            key = [torch.where(place == -1, after_kept, torch.where(place == n_vision, last, before))]
         else:
             key = [torch.full((len(source[0]),), after_kept, dtype=torch.long, device=device)]
         positions = [pos3[:, b, source[0]]]

@@ -331,12 +331,19 @@ class Selection:
         Place each added token at its source token's place in the sequence (added tokens in
         ascending source order; the ``pool`` and ``downsample`` controls, which replace every image
         by fewer tokens) instead of all of them right after the last kept vision token.
+    added_place : list of LongTensor (C_b,), optional
+        Per sample, for each added token where it goes in the sequence: ``i`` in ``0 .. V_b − 1`` right before
+        the place of vision token ``state.vision_idx[b, i]`` (kept or not), ``V_b`` (the sample's vision-token
+        count) right after its last vision token's place, ``−1`` right after its last kept vision token; tokens
+        given one place keep their order (VisionZip's official order: [CLS] before the image's first patch).
+        Not with ``added_at_source``.
     """
 
     keep: list[torch.Tensor]
     added_hidden: list[torch.Tensor] | None = None
     added_source: list[torch.Tensor] | None = None
     added_at_source: bool = False
+    added_place: list[torch.Tensor] | None = None
 
 
 MERGE_POSITIONS = ("anchor", "mean")

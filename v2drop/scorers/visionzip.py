@@ -46,16 +46,25 @@ class VisionZipScorer(Scorer):
         inputs at the pre-LLM stage, the current hidden states at a decoder stage). ``tower``: as
         the official code, from the tower's features at the selection layer, then passed through
         the model's projector (a 2-layer MLP on LLaVA, so the two differ); pre-LLM stage only.
+    order : {"kept_first", "official"}
+        Where the added tokens go in the sequence. ``kept_first``: all after the sample's last kept
+        vision token ([CLS], then the contextual tokens). ``official``: as the official code builds
+        each image's features, [CLS] right before the image's first patch, the dominant patches in
+        index order, then the contextual tokens in target order (on LLaVA-NeXT the base crop so, then
+        the tiles' dominant patches, every tile's [CLS], every tile's contextual tokens).
     """
 
     contextual_ratio: float = 10 / 64
     merge_space: Literal["projected", "tower"] = "projected"
+    order: Literal["kept_first", "official"] = "kept_first"
 
     def __post_init__(self):
         if not 0.0 <= self.contextual_ratio <= 1.0:
             raise ValueError(f"visionzip contextual_ratio must be in [0, 1], got {self.contextual_ratio}")
         if self.merge_space not in ("projected", "tower"):
             raise ValueError(f"visionzip merge_space must be 'projected' or 'tower', got {self.merge_space!r}")
+        if self.order not in ("kept_first", "official"):
+            raise ValueError(f"visionzip order must be 'kept_first' or 'official', got {self.order!r}")
 
     def vision_request(self) -> VisionRequest:
         """[CLS] attention (dominant), keys (contextual assignment), projected [CLS] tokens and, to merge in the
@@ -73,7 +82,7 @@ class VisionZipScorer(Scorer):
                 "visionzip merge_space='tower' builds LLM inputs from tower features: it runs at the pre_llm stage "
                 f"only, not before decoder layer {state.layer_idx}; use merge_space='projected' there"
             )
-        keep, added_hidden, added_source = [], [], []
+        keep, added_hidden, added_source, added_place = [], [], [], []
         D = state.hidden.shape[-1]
         crops = state.vision.crops if state.vision is not None else None
         for b, (n, k) in enumerate(zip(state.vision_valid.sum(1).tolist(), counts)):
@@ -83,12 +92,14 @@ class VisionZipScorer(Scorer):
                 keep.append(torch.arange(n, device=scores.device))
                 added_hidden.append(hidden)
                 added_source.append(source)
+                added_place.append(source)
                 continue
             if crops is not None:
-                kept, hidden, source = self.zip_crops(state, b, scores[b, :n], k, crops[b, :n])
+                kept, hidden, source, place = self.zip_crops(state, b, scores[b, :n], k, crops[b, :n])
                 keep.append(kept)
                 added_hidden.append(hidden)
                 added_source.append(source)
+                added_place.append(place)
                 continue
             contextual = min(math.floor(k * self.contextual_ratio + 0.5), k)
             cls = state.vision.cls_embeds[b] if state.layer_idx < 0 and state.vision.cls_embeds is not None else None
@@ -110,7 +121,15 @@ class VisionZipScorer(Scorer):
             keep.append(dominant)
             added_hidden.append(hidden)
             added_source.append(source)
-        return Selection(keep=keep, added_hidden=added_hidden, added_source=added_source)
+            # official: [CLS] right before its image's first patch, contextual tokens after the last vision token
+            added_place.append(torch.cat([source[:n_cls], torch.full_like(source[n_cls:], n)]))
+        official = self.order == "official"
+        return Selection(
+            keep=keep,
+            added_hidden=added_hidden,
+            added_source=added_source,
+            added_place=added_place if official else None,
+        )
 
     def contextual_tokens(
         self, state: LayerState, b: int, rest: torch.Tensor, contextual: int
@@ -142,15 +161,19 @@ class VisionZipScorer(Scorer):
         ``k`` is shared out equally over the sample's crops (the first ones one more when it does
         not divide); a crop keeping ``k_c`` has ``round(k_c · contextual_ratio)`` contextual tokens,
         its [CLS] (at the pre-LLM stage) and the rest dominant patches by its own [CLS] attention.
-        Tokens of no crop (image_newline) are dropped. Returns the kept indices and the added
-        tokens: every crop's [CLS], then every crop's contextual tokens, in crop order.
+        Tokens of no crop (image_newline) are dropped. Returns the kept indices, the added tokens
+        and their ``Selection.added_place``. ``kept_first``: every crop's [CLS], then every crop's
+        contextual tokens, in crop order. ``official``: per image, its base crop's [CLS] (placed right
+        before the crop's first token) and contextual tokens (right after the crop's last token), then
+        its tiles' [CLS] and contextual tokens (right after the image's last token), in crop order.
         """
         device = scores.device
         groups = crops.unique()
         groups = groups[groups >= 0]
         share, extra = divmod(k, max(1, len(groups)))
         cls = state.vision.cls_embeds[b] if state.layer_idx < 0 and state.vision.cls_embeds is not None else None
-        kept, cls_hidden, cls_source, ctx_hidden, ctx_source = [], [], [], [], []
+        images = state.vision_coords[b, : len(crops), 0]
+        kept, zipped = [], []  # per crop with added tokens: its image, whether it is the base, (hidden, source, place)
         for i, group in enumerate(groups.tolist()):
             members = (crops == group).nonzero().flatten()
             k_crop = share + (1 if i < extra else 0)
@@ -162,18 +185,34 @@ class VisionZipScorer(Scorer):
             dominant = members[select_keep(scores[members], k_crop - contextual - n_cls)]
             kept.append(dominant)
             rest = members[~torch.isin(members, dominant)]
-            if n_cls:
-                cls_hidden.append(cls[group : group + 1].float())
-                cls_source.append(members[:1])
             contextual = min(contextual, len(rest))
+            image = (images == images[members[0]]).nonzero().flatten()
+            base = bool(members[0] == image[0])
+            # official places: a base crop's [CLS] right before its first token and its contextual tokens right after
+            # its last; a tile's right after its image's last token
+            after = int(members.max() if base else image.max()) + 1
+            crop = {"image": int(images[members[0]]), "base": base, "cls": None, "ctx": None}
+            if n_cls:
+                cls_place = members[:1] if base else torch.tensor([after], device=device)
+                crop["cls"] = (cls[group : group + 1].float(), members[:1], cls_place)
             if contextual:
                 merged, targets = self.contextual_tokens(state, b, rest, contextual)
-                ctx_hidden.append(merged)
-                ctx_source.append(targets)
+                crop["ctx"] = (merged, targets, torch.full_like(targets, after))
+            zipped.append(crop)
         empty_h = state.hidden.new_zeros(0, state.hidden.shape[-1], dtype=torch.float32)
         empty_s = torch.zeros(0, dtype=torch.long, device=device)
         keep = torch.cat(kept).sort().values if kept else empty_s
-        return keep, torch.cat([empty_h, *cls_hidden, *ctx_hidden]), torch.cat([empty_s, *cls_source, *ctx_source])
+        parts = [zipped]  # kept_first: every crop's [CLS], then every crop's contextual tokens, in crop order
+        if self.order == "official":  # per image: the base crop's [CLS] and contextual, then the tiles'
+            parts = [
+                [z for z in zipped if z["image"] == im and z["base"] == base]
+                for im in dict.fromkeys(z["image"] for z in zipped)
+                for base in (True, False)
+            ]
+        tokens = [z[kind] for part in parts for kind in ("cls", "ctx") for z in part if z[kind] is not None]
+        hidden = torch.cat([empty_h, *(t[0] for t in tokens)])
+        source = torch.cat([empty_s, *(t[1] for t in tokens)])
+        return keep, hidden, source, torch.cat([empty_s, *(t[2] for t in tokens)])
 
     def flops(self, n_vision: int, n_tokens: int, hidden: int) -> float:
         """An estimate: the [CLS] row against every patch key and the merge (about 4·n·D)."""
