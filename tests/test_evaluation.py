@@ -157,6 +157,15 @@ def test_run_evaluation_files_the_run_in_the_store_and_reuses_it(tiny, tmp_path,
     assert not other.reused and calls and len(list((tmp_path / "store").iterdir())) == 2
 
 
+def test_processor_args_a_family_does_not_take_fail_before_any_sample(tiny, tmp_path):
+    """Pan-and-scan asked of llava: one clear error naming what its processor accepts, nothing filed in the store."""
+    cfg = {"model": "tiny", "limit": 1, "progress": False, "store": str(tmp_path / "store")}
+    cfg = config_from_dict(EvalConfig, {**cfg, "processor_args": {"do_pan_and_scan": True}})
+    with pytest.raises(ValueError, match=r"\['do_pan_and_scan'\] not supported by LlavaProcessor"):
+        run_evaluation(cfg, lvlm=tiny("llava"))
+    assert not list((tmp_path / "store").glob("*/key.json"))
+
+
 def test_run_key_digest_is_stable_and_covers_every_field():
     """The folder name depends on the key's content only; changing any field changes it."""
     from dataclasses import fields, replace
