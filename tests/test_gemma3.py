@@ -293,6 +293,30 @@ def test_pan_and_scan_asked_for_at_call_time_is_the_hand_collated_path(tiny):
     assert len(plain["pixel_values"]) == 3
 
 
+@pytest.mark.parametrize("workers", [0, 1], ids=["main-process", "loader-worker"])
+def test_pan_and_scan_in_an_evaluation_is_generate_with_it(tiny, tmp_path, workers):
+    """``EvalConfig.processor_args`` reaches the processor wherever the batches are prepared (the main process or a
+    loader worker): each record's vision tokens and answer are ``generate``'s with the same options."""
+    from v2drop.evaluation import EvalConfig, evaluate, read_records
+    from v2drop.testing import EchoBench, Item
+
+    lvlm = tiny(FAMILY)
+    bench = EchoBench(2)
+    bench.items = [Item(f"s{j}", QUESTIONS[j], "?", "a", (photo(j, w, h),)) for j, (w, h) in enumerate(TINY_CROPS[:2])]
+    options = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8}
+    config = EvalConfig(model="tiny", warmup=0, max_new_tokens=3, progress=False, workers=workers)
+    drop = Method("v2drop", schedule=SCHEDULE)
+    evaluate(lvlm, bench, drop, config, records_path=tmp_path / "plain.jsonl")
+    config.processor_args = options
+    evaluate(lvlm, bench, drop, config, records_path=tmp_path / "crops.jsonl")
+    plain, crops = read_records(tmp_path / "plain.jsonl"), read_records(tmp_path / "crops.jsonl")
+    assert [r["vision_tokens"] for r in plain] == [16, 16] and [r["vision_tokens"] for r in crops] == [64, 48]
+    for item, record in zip(bench.items, crops):
+        prompt = lvlm.format_prompt(item.question)
+        out = lvlm.generate([prompt], [list(item.images)], method=drop, max_new_tokens=3, processor_kwargs=options)
+        assert record["prediction"] == out.texts[0] and record["vision_tokens"] == out.traces[0].vision_tokens
+
+
 def test_pan_and_scan_with_a_cache_is_another_entry(tiny):
     """An attached vision cache keys prepared inputs by the processor options too: plain and pan-and-scan never
     share an entry."""
