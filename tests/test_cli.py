@@ -127,6 +127,21 @@ def test_flag_kinds():
     assert parse_config(Example, ["--verbose"]).verbose is True
 
 
+def test_processor_args_flag_asks_for_pan_and_scan():
+    """``--processor-args`` (or ``--set processor_args.KEY=VALUE``) fills ``EvalConfig.processor_args``."""
+    from v2drop.evaluation import EvalConfig
+
+    flags = ["--processor-args", "do_pan_and_scan=true", "--processor-args", "pan_and_scan_min_crop_size=256"]
+    assert parse_config(EvalConfig, flags).processor_args == {
+        "do_pan_and_scan": True,
+        "pan_and_scan_min_crop_size": 256,
+    }
+    assert parse_config(EvalConfig, ["--set", "processor_args.do_pan_and_scan=true"]).processor_args == {
+        "do_pan_and_scan": True
+    }
+    assert parse_config(EvalConfig, []).processor_args == {}
+
+
 @pytest.mark.parametrize(
     "argv, words",
     [

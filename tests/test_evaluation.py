@@ -184,6 +184,15 @@ def test_a_stored_result_filed_before_the_accounting_gets_it_from_its_records(ti
     assert json.loads((folder / "result.json").read_text())["tokens"] == fresh.tokens  # written back
 
 
+def test_processor_args_a_family_does_not_take_fail_before_any_sample(tiny, tmp_path):
+    """Pan-and-scan asked of llava: one clear error naming what its processor accepts, nothing filed in the store."""
+    cfg = {"model": "tiny", "limit": 1, "progress": False, "store": str(tmp_path / "store")}
+    cfg = config_from_dict(EvalConfig, {**cfg, "processor_args": {"do_pan_and_scan": True}})
+    with pytest.raises(ValueError, match=r"\['do_pan_and_scan'\] not supported by LlavaProcessor"):
+        run_evaluation(cfg, lvlm=tiny("llava"))
+    assert not list((tmp_path / "store").glob("*/key.json"))
+
+
 def test_run_key_digest_is_stable_and_covers_every_field():
     """The folder name depends on the key's content only; changing any field changes it."""
     from dataclasses import fields, replace
@@ -197,6 +206,29 @@ def test_run_key_digest_is_stable_and_covers_every_field():
         assert changed.digest != key.digest, f.name
     with pytest.raises(ValueError, match="not a run key"):
         RunKey.from_json({"weights": "w"})
+
+
+def test_run_key_without_processor_args_hashes_as_before_and_with_them_is_another_key(tiny):
+    """Runs filed before ``processor_args`` existed keep their folders: an unset option is left out of the hash, the
+    key file and the comparable text; set, it changes all three (pan-and-scan never shares results with plain)."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from v2drop.evaluation import RunKey
+    from v2drop.evaluation.store import _canonical
+
+    lvlm = tiny("gemma3")
+    samples = [SimpleNamespace(id=i) for i in range(2)]
+    plain = config_from_dict(EvalConfig, {"model": "tiny", "benchmark": "digits"})
+    crops = config_from_dict(EvalConfig, {**vars(plain), "processor_args": {"do_pan_and_scan": True}})
+    key = RunKey.of(lvlm, plain, "test", samples, Method.resolve("none"))
+    other = RunKey.of(lvlm, crops, "test", samples, Method.resolve("none"))
+    old_fields = [f for f in vars(key) if f != "processor_args"]  # the key's fields before the option existed
+    old_digest = hashlib.blake2b(_canonical({f: getattr(key, f) for f in old_fields}).encode(), digest_size=8)
+    assert key.digest == old_digest.hexdigest() and "processor_args" not in key.to_json()
+    assert RunKey.from_json(key.to_json()) == key and RunKey.from_json(other.to_json()) == other
+    assert other.to_json()["processor_args"] == {"do_pan_and_scan": True}
+    assert other.digest != key.digest and other.comparable() != key.comparable()
 
 
 @pytest.mark.parametrize(

@@ -253,6 +253,79 @@ def test_batch_equals_alone(tiny, scorer, crops):
         torch.testing.assert_close(alone.first_logits[0], batch.first_logits[i], atol=1e-4, rtol=0)
 
 
+def test_pan_and_scan_asked_for_at_call_time_is_the_hand_collated_path(tiny):
+    """``generate(..., processor_kwargs=...)`` builds the same inputs as the processor called by hand with pan-and-scan
+    and collated (``pan_and_scan_batch``): same tokens and first logits, and more image blocks than without."""
+    lvlm = tiny(FAMILY)
+    prompts = [prompt_for(lvlm, QUESTIONS[j]) for j in range(len(TINY_CROPS))]
+    images = [photo(j, w, h) for j, (w, h) in enumerate(TINY_CROPS)]
+    options = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8}
+    drop = Method("v2drop", schedule=SCHEDULE)
+    ours = lvlm.generate(prompts, images, method=drop, max_new_tokens=4, stop_at_eos=False, processor_kwargs=options)
+    hand = lvlm.generate_from_inputs(pan_and_scan_batch(lvlm, TINY_CROPS), drop, max_new_tokens=4, stop_at_eos=False)
+    plain = lvlm.prepare(prompts, images)
+    assert ours.prompt_ids == hand.prompt_ids and ours.generated_ids == hand.generated_ids
+    assert [t.stages for t in ours.traces] == [t.stages for t in hand.traces]
+    torch.testing.assert_close(ours.first_logits, hand.first_logits, atol=0, rtol=0)
+    assert len(lvlm.prepare(prompts, images, processor_kwargs=options)["pixel_values"]) == 4 + 3 + 1
+    assert len(plain["pixel_values"]) == 3
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["main-process", "loader-worker"])
+def test_pan_and_scan_in_an_evaluation_is_generate_with_it(tiny, tmp_path, workers):
+    """``EvalConfig.processor_args`` reaches the processor wherever the batches are prepared (the main process or a
+    loader worker): each record's vision tokens and answer are ``generate``'s with the same options."""
+    from v2drop.evaluation import EvalConfig, evaluate, read_records
+    from v2drop.testing import EchoBench, Item
+
+    lvlm = tiny(FAMILY)
+    bench = EchoBench(2)
+    bench.items = [Item(f"s{j}", QUESTIONS[j], "?", "a", (photo(j, w, h),)) for j, (w, h) in enumerate(TINY_CROPS[:2])]
+    options = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8}
+    config = EvalConfig(model="tiny", warmup=0, max_new_tokens=3, progress=False, workers=workers)
+    drop = Method("v2drop", schedule=SCHEDULE)
+    evaluate(lvlm, bench, drop, config, records_path=tmp_path / "plain.jsonl")
+    config.processor_args = options
+    evaluate(lvlm, bench, drop, config, records_path=tmp_path / "crops.jsonl")
+    plain, crops = read_records(tmp_path / "plain.jsonl"), read_records(tmp_path / "crops.jsonl")
+    assert [r["vision_tokens"] for r in plain] == [16, 16] and [r["vision_tokens"] for r in crops] == [64, 48]
+    for item, record in zip(bench.items, crops):
+        prompt = lvlm.format_prompt(item.question)
+        out = lvlm.generate([prompt], [list(item.images)], method=drop, max_new_tokens=3, processor_kwargs=options)
+        assert record["prediction"] == out.texts[0] and record["vision_tokens"] == out.traces[0].vision_tokens
+
+
+def test_pan_and_scan_with_a_cache_is_another_entry(tiny):
+    """An attached vision cache keys prepared inputs by the processor options too: plain and pan-and-scan never
+    share an entry."""
+    from v2drop.vision_cache import VisionCache
+
+    lvlm = tiny(FAMILY)
+    prompts, images = [prompt_for(lvlm, QUESTIONS[0])], [photo(0, 96, 32)]
+    options = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8}
+    with VisionCache().attached(lvlm) as cache:
+        plain = lvlm.prepare(prompts, images)
+        crops = lvlm.prepare(prompts, images, processor_kwargs=options)
+        again = lvlm.prepare(prompts, images, processor_kwargs=options)
+    assert len(plain["pixel_values"]) == 1 and len(crops["pixel_values"]) == 4
+    assert again["pixel_values"] is crops["pixel_values"] and (cache.misses, cache.hits) == (2, 1)
+
+
+def test_pan_and_scan_bad_option_is_refused(tiny):
+    """An option the processor does not take is one clear error naming what it accepts; llava takes none."""
+    lvlm = tiny(FAMILY)
+    prompts, images = [prompt_for(lvlm, QUESTIONS[0])], [photo(0, 96, 32)]
+    with pytest.raises(
+        ValueError, match=r"\['do_pan'\] not supported by Gemma3Processor; it accepts \['do_pan_and_scan'"
+    ):
+        lvlm.prepare(prompts, images, processor_kwargs={"do_pan": True})
+    with pytest.raises(TypeError, match="must be a dict"):
+        lvlm.prepare(prompts, images, processor_kwargs="do_pan_and_scan")
+    llava = tiny("llava")
+    with pytest.raises(ValueError, match="not supported by LlavaProcessor; it accepts no call-time options"):
+        llava.generate(*batch_for(llava, 1, "llava"), processor_kwargs={"do_pan_and_scan": True})
+
+
 def test_bad_image_token_count_is_refused(tiny):
     lvlm = tiny(FAMILY)
     inputs = lvlm.prepare(*batch_for(lvlm, 1, FAMILY))

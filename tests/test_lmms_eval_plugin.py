@@ -109,6 +109,33 @@ def test_plugin_stops_at_until_and_rejects_unknown_args(saved_llava, monkeypatch
         cls.create_from_arg_string(f"pretrained={saved_llava},method=v2drop,schedule=no-such-preset")
 
 
+def test_plugin_processor_args_ask_for_pan_and_scan(saved_llava, tmp_path):
+    """``processor_<option>`` model_args reach the processor: on Gemma 3 the answers are ``generate`` with
+    pan-and-scan; an option the family's processor does not take fails at construction, naming what it accepts."""
+    from v2drop.testing import build, photo
+
+    gemma = build("gemma3")
+    gemma.model.save_pretrained(tmp_path)
+    gemma.processor.save_pretrained(tmp_path)
+    cls = get_model("v2drop")
+    model = cls.create_from_arg_string(
+        f"pretrained={tmp_path},method=none,processor_do_pan_and_scan=True,processor_pan_and_scan_min_crop_size=8"
+    )
+    assert model.processor_kwargs == {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8}
+    picture = photo(0, 96, 32)
+    _, reqs = _requests(["how many ?"], max_new_tokens=4)
+    model.task_dict = {"toy": {"test": [{"image": picture, "question": "how many ?"}]}}
+    answer = model.generate_until(reqs)[0]
+    prompt = [model.lvlm.format_prompt("how many ?")]
+    out = model.lvlm.generate(prompt, [[picture]], max_new_tokens=4, processor_kwargs=model.processor_kwargs)
+    assert (
+        answer == out.texts[0]
+        and len(model.lvlm.prepare(prompt, [[picture]], processor_kwargs=model.processor_kwargs)["pixel_values"]) == 4
+    )
+    with pytest.raises(ValueError, match="not supported by LlavaProcessor; it accepts no call-time options"):
+        cls.create_from_arg_string(f"pretrained={saved_llava},processor_do_pan_and_scan=True")
+
+
 def test_task_name_mapping_covers_every_real_benchmark():
     """Each real benchmark maps to an lmms-eval task whose scoring module is in the installed package."""
     from pathlib import Path

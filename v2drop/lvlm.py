@@ -58,13 +58,17 @@ class InputBuilder:
         videos: Sequence[Any] | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        processor_kwargs: dict | None = None,
     ) -> dict:
         """Model inputs for a batch on ``device`` (pixel values in ``dtype``): each sample processed alone, then
         left-padded together.
 
         ``images[i]`` is None, one PIL image or a list of them for prompt ``i``; ``videos[i]``
-        likewise a list of frames (families with native video inputs only).
+        likewise a list of frames (families with native video inputs only). ``processor_kwargs``: options of the
+        family's image processor passed on every call (e.g. Gemma 3's ``{"do_pan_and_scan": True}``); see
+        ``check_processor_kwargs``.
         """
+        options = check_processor_kwargs(self.processor, processor_kwargs)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = _per_sample(images, len(prompts), "images")
         videos = _per_sample(videos, len(prompts), "videos")
@@ -79,7 +83,7 @@ class InputBuilder:
                 )
             kwargs: dict[str, Any] = {"text": prompt, "return_tensors": "pt"}
             if imgs:
-                kwargs["images"] = imgs
+                kwargs.update(options, images=imgs)
             if vids:
                 kwargs["videos"] = vids
             samples.append(dict(self.processor(**kwargs)))
@@ -154,13 +158,19 @@ class LVLM:
 
     # -- inputs -----------------------------------------------------------------------------------
     def prepare(
-        self, prompts: Sequence[str], images: Sequence[Any] | None = None, videos: Sequence[Any] | None = None
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Any] | None = None,
+        videos: Sequence[Any] | None = None,
+        processor_kwargs: dict | None = None,
     ) -> dict:
         """Model inputs for a batch on the model's device: each sample processed alone, then left-padded together.
 
         ``images[i]`` is None, one PIL image or a list of them for prompt ``i``; ``videos[i]``
-        likewise a list of frames (families with native video inputs only).
+        likewise a list of frames (families with native video inputs only). ``processor_kwargs``: image processor
+        options asked for at call time (e.g. ``{"do_pan_and_scan": True}`` on Gemma 3; ``check_processor_kwargs``).
         """
+        where = {"device": self.device, "dtype": self.model.dtype, "processor_kwargs": processor_kwargs}
         if self.vision_cache is not None:  # a sweep's trials: the same batch's inputs once, reused by every trial
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             images = _per_sample(images, len(prompts), "images")
@@ -169,9 +179,10 @@ class LVLM:
                 prompts,
                 images,
                 videos,
-                lambda: self.inputs.prepare(prompts, images, videos, device=self.device, dtype=self.model.dtype),
+                lambda: self.inputs.prepare(prompts, images, videos, **where),
+                options=check_processor_kwargs(self.processor, processor_kwargs),
             )
-        return self.inputs.prepare(prompts, images, videos, device=self.device, dtype=self.model.dtype)
+        return self.inputs.prepare(prompts, images, videos, **where)
 
     # -- generation -------------------------------------------------------------------------------
     def generate(
@@ -182,13 +193,15 @@ class LVLM:
         method: Method | str | None = None,
         max_new_tokens: int = 16,
         stop_at_eos: bool = True,
+        processor_kwargs: dict | None = None,
     ) -> GenerationResult:
         """Greedy answers for a batch of prompts under ``method`` (a Method, preset name or None).
 
         Returns texts, the prompt ids as fed to the model, the generated ids, per-sample traces
-        (kept vision tokens per stage, vision tokens per layer) and timings.
+        (kept vision tokens per stage, vision tokens per layer) and timings. ``processor_kwargs``: image processor
+        options asked for at call time, as in ``prepare`` (e.g. ``{"do_pan_and_scan": True}`` on Gemma 3).
         """
-        inputs = self.prepare(prompts, images, videos)
+        inputs = self.prepare(prompts, images, videos, processor_kwargs=processor_kwargs)
         return self.generate_from_inputs(inputs, method, max_new_tokens, stop_at_eos)
 
     def generate_from_inputs(
@@ -302,6 +315,39 @@ def load_processor(path: str, config=None):
                 f"that is not installed (usually torchvision: `pip install torchvision` matching your torch build)"
             ) from err
         raise
+
+
+def processor_options(processor) -> list[str]:
+    """The call-time options ``processor`` takes beyond those every image processor has (sorted; e.g. Gemma 3's
+    ``do_pan_and_scan`` and ``pan_and_scan_*``); none for processors that are not transformers' own."""
+    from transformers.processing_utils import ImagesKwargs, ProcessorMixin
+
+    image_processor = getattr(processor, "image_processor", None)
+    kwargs = getattr(image_processor, "valid_kwargs", None)
+    if not isinstance(processor, ProcessorMixin) or kwargs is None:
+        return []
+    names = set(getattr(kwargs, "__annotations__", {}))
+    return sorted(names - set(ImagesKwargs.__annotations__))
+
+
+def check_processor_kwargs(processor, processor_kwargs: dict | None) -> dict:
+    """``processor_kwargs`` as a plain dict once every key is one of ``processor_options(processor)``; else a
+    ValueError naming what the processor accepts."""
+    if processor_kwargs is None:
+        return {}
+    if not isinstance(processor_kwargs, dict):
+        raise TypeError(
+            f"processor_kwargs must be a dict of image processor options, e.g. {{'do_pan_and_scan': True}}; got "
+            f"{type(processor_kwargs).__name__}"
+        )
+    accepted = processor_options(processor)
+    unknown = sorted(set(map(str, processor_kwargs)) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"processor option(s) {unknown} not supported by {type(processor).__name__}; it accepts "
+            f"{accepted or 'no call-time options'}"
+        )
+    return dict(processor_kwargs)
 
 
 def _per_sample(items, n: int, what: str) -> list[list]:

@@ -10,7 +10,7 @@ inputs from the cache.
 
 Opt-in and bounded: nothing is cached unless a cache is attached (``with cache.attached(lvlm):``),
 and the least recently used entries are dropped beyond ``max_bytes``. Prepared inputs are keyed by
-content (the prompts and a digest of every image's pixels); embeddings and tower outputs by the
+content (the prompts, the processor options and a digest of every image's pixels); embeddings and tower outputs by the
 identity of the input tensors, which ``prepare`` returns unchanged on a hit (each entry holds its
 tensors, so an identity cannot be reused while the entry lives). Cached tensors are handed out as
 copies, so nothing downstream can alter an entry. The engine times prefill from the first decoder
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -59,10 +60,19 @@ class VisionCache:
             lvlm.vision_cache = previous
 
     # -- what the model asks for ---------------------------------------------------------------------
-    def prepare(self, prompts: list[str], images: list[list], videos: list[list], compute: Callable[[], dict]) -> dict:
-        """``compute()`` (the batch's processor outputs) once per prompts and pixels; the same tensors on every hit."""
+    def prepare(
+        self,
+        prompts: list[str],
+        images: list[list],
+        videos: list[list],
+        compute: Callable[[], dict],
+        options: dict | None = None,
+    ) -> dict:
+        """``compute()`` (the batch's processor outputs) once per prompts, pixels and processor ``options`` (e.g.
+        pan-and-scan); the same tensors on every hit."""
         key = (
             "prepare",
+            json.dumps(options or {}, sort_keys=True, default=str),
             tuple(prompts),
             tuple(tuple(map(_image_digest, x)) for x in images),
             tuple(tuple(map(_image_digest, x)) for x in videos),

@@ -44,6 +44,7 @@ class EvalConfig(EvalSettings):
     device_map: str | None = None  # from_pretrained device_map (e.g. "auto" for one GPU); overrides device
     data_dir: str | None = None  # local copy of a real benchmark (same schema as its Hugging Face dataset)
     benchmark_args: dict = field(default_factory=dict)  # benchmark constructor parameters (circular, num_frames, ...)
+    processor_args: dict = field(default_factory=dict)  # image processor options (Gemma 3: do_pan_and_scan=true)
     progress: bool = True  # show a progress bar
     label: str | None = None  # the method's name in reports (experiments.report); None = the method's scorer name
     store: str | None = None  # run store directory (v2drop.evaluation.store); None = $V2DROP_STORE, else runs/store

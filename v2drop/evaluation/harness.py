@@ -143,9 +143,10 @@ class BatchInputs:
     error in the main process, so it reads as the sample's ValueError rather than a worker traceback.
     """
 
-    def __init__(self, samples: list, builder):
+    def __init__(self, samples: list, builder, processor_kwargs: dict | None = None):
         self.samples = samples
         self.builder = builder
+        self.processor_kwargs = processor_kwargs
 
     def __call__(self, indices: list[int]) -> dict:
         """``{"indices", "ids", "arrays"}`` (the prepared inputs as numpy arrays), or ``{"indices", "ids", "error"}``;
@@ -155,7 +156,9 @@ class BatchInputs:
         if self.builder is None:
             return {"indices": list(indices), "ids": ids}
         try:
-            inputs = prepare_batch(self.builder, batch, device="cpu", dtype=torch.float32)
+            inputs = prepare_batch(
+                self.builder, batch, device="cpu", dtype=torch.float32, processor_kwargs=self.processor_kwargs
+            )
         except ValueError as err:
             return {"indices": list(indices), "ids": ids, "error": err}
         # As numpy arrays the batch is pickled through the worker's pipe: tensors would be passed as
@@ -185,7 +188,8 @@ def _end_with_parent(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's wor
 
 def prepare_batch(builder, batch: list, **where) -> dict:
     """Model inputs for samples (their images decoded now, through the bounded media cache) with ``builder.prepare``:
-    an ``InputBuilder`` (``where``: device and dtype) in a loader worker, or the ``LVLM`` itself in the main process."""
+    an ``InputBuilder`` (``where``: device, dtype and processor_kwargs) in a loader worker, or the ``LVLM`` itself in
+    the main process."""
     images = [list(s.images) for s in batch]
     prompts = [builder.format_prompt(s.question, n_images=len(imgs)) for s, imgs in zip(batch, images)]
     return builder.prepare(prompts, images, **where)
@@ -207,7 +211,7 @@ def _predict(
     batch)."""
     start = time.perf_counter()
     if inputs is None:  # LVLM.prepare: on the model's device, through a sweep's vision cache when one is attached
-        inputs = prepare_batch(lvlm, batch)
+        inputs = prepare_batch(lvlm, batch, processor_kwargs=config.processor_args)
     else:
         inputs = {k: torch.as_tensor(v).to(lvlm.device) for k, v in inputs.items()}
         dtype = lvlm.model.dtype
@@ -356,7 +360,7 @@ def _run_lightning(lvlm, benchmark, method, samples, config: EvalConfig, records
         range(len(samples)),
         sampler=ShardSampler(len(samples), config.batch_size),
         batch_size=config.batch_size,
-        collate_fn=BatchInputs(samples, None if cached else lvlm.inputs),
+        collate_fn=BatchInputs(samples, None if cached else lvlm.inputs, config.processor_args),
         **workers,
     )
     sigint = signal.getsignal(signal.SIGINT)

@@ -20,6 +20,7 @@ from v2drop.evaluation.config import EvalConfig, EvalResult
 from v2drop.evaluation.ranks import rank_files, read_finished
 from v2drop.evaluation.records import write_trace
 from v2drop.evaluation.store import store_dir
+from v2drop.lvlm import check_processor_kwargs
 
 
 @dataclass
@@ -118,6 +119,7 @@ def run_evaluation(
             device=config.device,
             device_map=config.device_map,
         )
+    check_processor_kwargs(lvlm.processor, config.processor_args)  # a bad option fails before any sample runs
     try:
         result = _evaluate_seeds(lvlm, checked, config)
     except BaseException as err:  # an interrupt or a failure mid-run: the records written so far stay valid

@@ -5,7 +5,8 @@ Every evaluation that keeps its records (``experiments.evaluate``, the analyses 
 ``evaluate_in_store``. Its ``RunKey`` holds everything that changes the outputs: the model's weights
 (``LVLM.weights_fingerprint``) and name, the benchmark, its parameters, the split and the exact
 samples (their ids), the method (``Method.to_dict()`` at the model's depth) and the engine
-settings (``max_new_tokens``, attention implementation, dtype, batch size). The folder is
+settings (``max_new_tokens``, attention implementation, dtype, batch size), and the image processor options
+(``EvalConfig.processor_args``, e.g. pan-and-scan) when any are set. The folder is
 ``<store>/<model>-<benchmark>-<digest>/`` (the digest: a hash of the whole key) and holds
 ``key.json`` (the full key), ``records.jsonl`` (one record per finished sample, appended as they
 finish) and ``result.json`` (the ``EvalResult``, written once every sample is done).
@@ -52,6 +53,15 @@ class RunKey:
     attn_implementation: str  # eager, sdpa or flash_attention_2
     dtype: str  # the model's dtype
     batch_size: int  # samples per generate call (padding can change answers)
+    processor_args: str = "{}"  # EvalConfig.processor_args as canonical JSON; left out of the hash and file when empty
+
+    def _data(self) -> dict:
+        """The fields as plain data, ``processor_args`` only when set (keys of runs without it hash as they always
+        did)."""
+        data = asdict(self)
+        if data["processor_args"] == "{}":
+            del data["processor_args"]
+        return data
 
     @classmethod
     def of(cls, lvlm, config: EvalConfig, split: str, samples: list, method) -> RunKey:
@@ -71,12 +81,13 @@ class RunKey:
             attn_implementation=config.attn_implementation,
             dtype=config.dtype,
             batch_size=config.batch_size,
+            processor_args=_canonical(config.processor_args or {}),
         )
 
     @property
     def digest(self) -> str:
         """A stable hash of the whole key (16 hex digits)."""
-        return hashlib.blake2b(_canonical(asdict(self)).encode(), digest_size=8).hexdigest()
+        return hashlib.blake2b(_canonical(self._data()).encode(), digest_size=8).hexdigest()
 
     @property
     def folder_name(self) -> str:
@@ -85,26 +96,27 @@ class RunKey:
 
     def to_json(self) -> dict:
         """The key as plain data (method and benchmark parameters as data, not text)."""
-        data = asdict(self)
+        data = self._data()
         data["method"] = json.loads(self.method)
         data["benchmark_args"] = json.loads(self.benchmark_args)
+        if "processor_args" in data:
+            data["processor_args"] = json.loads(self.processor_args)
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> RunKey:
         """The inverse of ``to_json``; a mapping that is not a key is a ValueError."""
         names = [f.name for f in fields(cls)]
-        if not isinstance(data, dict) or set(data) != set(names):
+        if not isinstance(data, dict) or set(data) - {"processor_args"} != set(names) - {"processor_args"}:
             got = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"not a run key: expected the fields {names}, got {got}")
-        return cls(
-            **{**data, "method": _canonical(data["method"]), "benchmark_args": _canonical(data["benchmark_args"])}
-        )
+            raise ValueError(f"not a run key: expected the fields {names} (processor_args optional), got {got}")
+        as_text = {k: _canonical(data[k]) for k in ("method", "benchmark_args", "processor_args") if k in data}
+        return cls(**{**data, **as_text})
 
     def comparable(self) -> str:
         """The key without its method, as text: runs equal here differ only in the method (and share a no-dropping
         baseline)."""
-        return _canonical({k: v for k, v in asdict(self).items() if k != "method"})
+        return _canonical({k: v for k, v in self._data().items() if k != "method"})
 
 
 def store_dir(store: str | os.PathLike | None = None) -> Path:

@@ -12,7 +12,8 @@ at run time, and lmms-eval itself goes in without its declared dependencies (the
 through the ``lmms_eval.models`` entry point (see ``pyproject.toml``), so lmms-eval finds it without
 a change on its side. ``--model_args`` keys: ``pretrained`` (hub id, local directory or ``proxy``),
 ``method`` (scorer name, preset, YAML or ``none``), ``schedule`` (preset or YAML), ``scorer_<param>``
-(a scorer parameter, e.g. ``scorer_metric=l1``), ``dtype``, ``attn_implementation``, ``max_frames``
+(a scorer parameter, e.g. ``scorer_metric=l1``), ``processor_<option>`` (an image processor option asked for at
+call time, e.g. Gemma 3's ``processor_do_pan_and_scan=True``), ``dtype``, ``attn_implementation``, ``max_frames``
 (frames sampled from a video file); batch size and device are lmms-eval's ``--batch_size`` and
 ``--device``. Videos are given to the model as their sampled frames, as our harness does. Decoding
 is greedy. Every answer carries the method and its vision tokens (``Answer.info``); a task's
@@ -30,6 +31,7 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 import v2drop
+from v2drop.lvlm import check_processor_kwargs
 from v2drop.method import resolve_method
 
 # Our benchmark name -> the lmms-eval 0.6.1 task (or group) that evaluates the same split with the
@@ -241,15 +243,21 @@ class V2DropLMM(lmms):
         **kwargs,
     ):
         super().__init__()
-        unknown = [k for k in kwargs if not k.startswith("scorer_")]
+        unknown = [k for k in kwargs if not k.startswith(("scorer_", "processor_"))]
         if unknown:
             raise ValueError(
-                f"Unknown v2drop model_args {unknown}; valid: pretrained, method, schedule, scorer_<param>, dtype, "
-                "attn_implementation, max_frames (batch size and device are lmms-eval's --batch_size and --device)"
+                f"Unknown v2drop model_args {unknown}; valid: pretrained, method, schedule, scorer_<param>, "
+                "processor_<option>, dtype, attn_implementation, max_frames (batch size and device are lmms-eval's "
+                "--batch_size and --device)"
             )
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r} (v2drop has no 'auto')")
-        scorer_args = {k[len("scorer_") :]: yaml.safe_load(str(v)) for k, v in kwargs.items()}
+        scorer_args = {
+            k[len("scorer_") :]: yaml.safe_load(str(v)) for k, v in kwargs.items() if k.startswith("scorer_")
+        }
+        self.processor_kwargs = {
+            k[len("processor_") :]: yaml.safe_load(str(v)) for k, v in kwargs.items() if k.startswith("processor_")
+        }
         self.method = resolve_method(method, schedule, scorer_args)
         self.method_args = ",".join(
             f"{k}={v}" for k, v in {"method": method, "schedule": schedule, **kwargs}.items() if v is not None
@@ -263,6 +271,7 @@ class V2DropLMM(lmms):
         if self._world_size > 1 and device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         self.lvlm = v2drop.load(pretrained, attn_implementation=attn_implementation, dtype=dtype, device=device)
+        check_processor_kwargs(self.lvlm.processor, self.processor_kwargs)  # a bad option fails now, not mid-run
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -308,7 +317,9 @@ class V2DropLMM(lmms):
                 limits.append(int(gen_kwargs.get("max_new_tokens", 128)))
                 until = gen_kwargs.get("until") or []
                 stops.append([until] if isinstance(until, str) else list(until))
-            out = self.lvlm.generate(prompts, images, method=self.method, max_new_tokens=max(limits))
+            out = self.lvlm.generate(
+                prompts, images, method=self.method, max_new_tokens=max(limits), processor_kwargs=self.processor_kwargs
+            )
             for ids, limit, stop, trace in zip(out.generated_ids, limits, stops, out.traces):
                 text = self.lvlm.tokenizer.decode(ids[:limit], skip_special_tokens=True).strip()
                 for s in stop:
