@@ -110,7 +110,12 @@ def test_yaml_presets_round_trip_with_their_weights():
     staged = Method.from_preset("visionzip-v2drop-llava15-128")
     assert staged.to_dict()["scorer"] == {
         "name": "staged",
-        "pre_llm": {"name": "visionzip", "contextual_ratio": 0.15625, "merge_space": "projected"},
+        "pre_llm": {
+            "name": "visionzip",
+            "contextual_ratio": 0.15625,
+            "merge_space": "projected",
+            "order": "kept_first",
+        },
         "llm": {"name": "v2drop", "metric": "l2"},
     }
     assert Method.from_dict(staged.to_dict()) == staged

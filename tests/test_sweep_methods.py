@@ -41,7 +41,7 @@ SPACE = {
         "composite": {"parts": [["v2drop", "dart"], ["v2drop", "fastv"]], "combine": ["rank", "zscore"]},
         "staged": {"pre_llm": ["visionzip", "divprune"], "llm": ["v2drop", "fastv"]},
         "dart": {"pivot_order": ["position", "official"]},
-        "visionzip": {"merge_space": ["projected", "tower"]},
+        "visionzip": {"merge_space": ["projected", "tower"], "order": ["kept_first", "official"]},
     },
     "exclude": ["given"],
     "weights": {"composite": [0.0, 1.0]},
