@@ -263,6 +263,18 @@ SECTIONS = [
         sweep_front,
     ),
     Section(
+        "sweep_video",
+        "Every video method on one front (cross-method sweep on digits-video)",
+        "`configs/sweep/video.yaml`: accuracy against FLOPs on `digits-video` (8 frames, 2,048 vision tokens); no "
+        "dropping and the video methods' LLaVA-OneVision presets at 25/15/10% retained enqueued first, then trials "
+        "that choose a video scorer, V²Drop, FastV, DivPrune or `random` and its schedule; 12 stratified validation "
+        "questions per trial, the front confirmed on 24 test questions. The shipped proxy is trained on single "
+        'images and does not answer video questions (`docs/proxy.md`, "Video"): its accuracies are near chance, so '
+        "this front ranks the methods' cost, not their accuracy.",
+        (("experiments.sweep", "--config", "configs/sweep/video.yaml"),),
+        sweep_front,
+    ),
+    Section(
         "real_cost",
         "Cost at real model sizes",
         "Analytic prefill FLOPs, KV cache and retained tokens of every preset on one real checkpoint of each "
