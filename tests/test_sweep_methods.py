@@ -558,6 +558,18 @@ def test_shipped_methods_config_validates_and_enqueues_every_method_at_every_bud
     assert cfg.trials >= len(presets) + 1 + 20  # room to search after the presets
 
 
+def test_shipped_video_config_enqueues_every_video_preset_at_every_retention():
+    """configs/sweep/video.yaml: every LLaVA-OneVision video preset (25/15/10%) is enqueued and fits the space."""
+    cfg = SweepConfig.load(ROOT / "configs" / "sweep" / "video.yaml")
+    assert cfg.benchmark == "digits-video"
+    validate(cfg, depth=12)  # the proxy's depth
+    presets = expand_presets(cfg.enqueue_presets)
+    assert set(presets) == {p.name for p in find_presets(model="onevision")}
+    assert [p for p in presets if fits(preset_method(p, 12), cfg.search, 12)] == presets
+    assert {get_preset(p).retention for p in presets} == {0.25, 0.15, 0.10}
+    assert cfg.trials >= len(presets) + 1 + 10  # room to search after the presets
+
+
 def test_every_trial_the_shipped_space_draws_is_a_valid_method():
     """Random trials over methods.yaml's space (no evaluation) build Methods of every scorer and kind, at the proxy's
     depth.
