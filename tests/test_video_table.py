@@ -31,7 +31,9 @@ def test_video_methods_keep_their_share():
 def test_bad_options_are_one_line_errors():
     with pytest.raises(ValueError, match=r"--retentions expects whole percents between 1 and 99, got \[0\]"):
         VideoTableConfig(retentions=[0])
-    with pytest.raises(ValueError, match=r"--methods dart: not a video label; choose from vidcom2, holitom, fastvid, frames"):
+    with pytest.raises(
+        ValueError, match=r"--methods dart: not a video label; choose from vidcom2, holitom, fastvid, frames"
+    ):
         VideoTableConfig(methods=["dart"])
 
 
