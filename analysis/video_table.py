@@ -4,14 +4,15 @@
         [--methods vidcom2 frames]
 
 Rows: no dropping; the pre-LLM video methods and controls on their own LLaVA-OneVision presets
-(``find_presets(label=..., model="onevision", retention=r)``: VidCom2, ``frames``, ``frame_pool`` and a
-pre-LLM ``random``), which keep the share r of every sample's vision tokens before the first decoder
-layer; and the in-LLM methods FastV and V²Drop on their LLaVA-1.5 presets moved to the model's depth and
-fitted so that their average over the decoder layers is the same share (``budget_method``; they have no
-video preset). Each evaluation is filed in the run store; columns are the benchmark's families, accuracy,
-"avg_vs_none" (as the method table), the vision tokens entering the LLM and their layer average, and the
-medians of the time split per sample (``time.vision``: encoder and projector, ``time.scoring``,
-``time.prefill``, ``time.decode``, ``time.ttft``) in milliseconds.
+(``find_presets(label=..., model="onevision", retention=r)``: VidCom2, HoliTom, FastVID, ``frames``,
+``frame_pool`` and a pre-LLM ``random``), which keep the share r of every sample's vision tokens before the
+first decoder layer (HoliTom and FastVID about r, by their own rounding; HoliTom then merges half of them
+inside the LLM, as its presets); and the in-LLM methods FastV and V²Drop on their LLaVA-1.5 presets moved to
+the model's depth and fitted so that their average over the decoder layers is the same share
+(``budget_method``; they have no video preset). Each evaluation is filed in the run store; columns are the
+benchmark's families, accuracy, "avg_vs_none" (as the method table), the vision tokens entering the LLM and
+their layer average, and the medians of the time split per sample (``time.vision``: encoder and projector,
+``time.scoring``, ``time.prefill``, ``time.decode``, ``time.ttft``) in milliseconds.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from v2drop.cli import parse_config, run
 from v2drop.method import Method
 
 RETENTIONS = (25, 15, 10)  # percent of the vision tokens retained (VidCom2's LLaVA-OV-7B settings)
-PRE_LLM = ("vidcom2", "frames", "frame_pool", "random")  # labels with LLaVA-OneVision video presets
+PRE_LLM = ("vidcom2", "holitom", "fastvid", "frames", "frame_pool", "random")  # labels with OneVision video presets
 IN_LLM = ("fastv", "v2drop")  # labels fitted from their LLaVA-1.5 presets to the same average share
 VIDEO_MODEL = "onevision"  # the model the video presets are written for
 TIME_PARTS = ("vision", "scoring", "prefill", "decode", "ttft")

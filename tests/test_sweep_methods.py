@@ -61,6 +61,7 @@ SPACE = {
         "frames": ["pre-llm"],
         "frame_pool": ["pre-llm"],
         "holitom": ["pre-llm"],
+        "fastvid": ["pre-llm"],
         "staged": ["pre-llm+progressive"],
         "flowcut": ["vision"],
         "vscan": ["vision+one-shot"],

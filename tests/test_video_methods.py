@@ -130,6 +130,7 @@ def test_video_presets_keep_their_share_on_the_proxy_digits_video():
     """On the proxy (8 frames of 256 tokens): VidCom2 keeps exactly 25%, frames 2 whole frames, frame_pool 8x8 a
     frame."""
     assert [p.name for p in find_presets(model="onevision", retention=0.25)] == [
+        "fastvid-onevision-25",
         "frame_pool-onevision-25",
         "frames-onevision-25",
         "holitom-onevision-25",
