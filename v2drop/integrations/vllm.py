@@ -62,12 +62,16 @@ _PIXTRAL = "transformers.models.pixtral.image_processing_pixtral"
 
 
 def register() -> None:
-    """vLLM's general-plugin hook: the torchvision workaround and the ``V2DropLlavaForConditionalGeneration`` model."""
+    """vLLM's general-plugin hook: the torchvision workarounds, ``V2DropLlavaForConditionalGeneration`` and the Qwen
+    models (``vllm_qwen.register``)."""
     use_pil_pixtral_processor()
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, f"{__name__}:{ARCHITECTURE}")
+    from v2drop.integrations import vllm_qwen
+
+    vllm_qwen.register()  # the Qwen2-VL / Qwen2.5-VL architectures (v2drop/integrations/vllm_qwen.py)
 
 
 def use_pil_pixtral_processor() -> bool:
