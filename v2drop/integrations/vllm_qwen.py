@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from v2drop.integrations.vllm import METHOD_KEY, resolve
+from v2drop.integrations.vllm import kept_per_image as kept_count  # an item's kept count under a method
 
 # vLLM's architecture -> the plugin's architecture running v2drop's pre-LLM methods on it
 QWEN_ARCHITECTURES = {
@@ -99,19 +100,23 @@ def use_pil_qwen2vl_image_processor() -> bool:
 
 
 def qwen_method(spec):
-    """The Method ``spec`` names (preset, YAML, config data, Method or ``"none"``), with a preset's absolute keep
-    counts turned into the same share of each image (of the preset's ``reference_vision_tokens``)."""
-    from v2drop.method import Method
+    """The Method ``spec`` names (preset, ``scorer:preset``, YAML, config data, Method or ``"none"``), with a preset's
+    absolute keep counts turned into the same share of each image (of the preset's ``reference_vision_tokens``)."""
+    from v2drop.method import Method, resolve_method
+    from v2drop.presets import get_preset, list_presets
 
-    method = resolve(spec)
-    if isinstance(spec, str) and method.drops and method.schedule.keep_mode == "absolute":
-        from v2drop.presets import get_preset, list_presets
-
-        if spec in list_presets():
-            reference = get_preset(spec).reference_vision_tokens
-            data = method.to_dict()
-            data["schedule"] = method.schedule.to_relative(reference).to_dict()
-            method = Method.from_dict(data)
+    preset = None
+    if isinstance(spec, str) and spec in list_presets():
+        method, preset = resolve(spec), spec
+    elif isinstance(spec, str) and ":" in spec and spec.partition(":")[2] in list_presets():
+        scorer, _, preset = spec.partition(":")  # a scorer on a preset's schedule (as experiments.serve_bench reads)
+        method = resolve_method(scorer, preset)
+    else:
+        method = resolve(spec)
+    if preset is not None and method.drops and method.schedule.keep_mode == "absolute":
+        data = method.to_dict()
+        data["schedule"] = method.schedule.to_relative(get_preset(preset).reference_vision_tokens).to_dict()
+        method = Method.from_dict(data)
     return method
 
 
@@ -128,6 +133,25 @@ def qwen_engine_args(method="none", family: str = "qwen2_vl") -> dict:
             METHOD_KEY: method.to_dict() if method.drops else "none",
         }
     }
+
+
+def family_of(model: str) -> str | None:
+    """``qwen2_vl`` / ``qwen2_5_vl`` for a checkpoint (path or hub id) of those families, else None."""
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(model).model_type
+    return model_type if model_type in FAMILIES else None
+
+
+def engine_args_for(model: str, method) -> dict:
+    """The plugin's ``vllm.LLM`` keyword arguments for ``method`` on checkpoint ``model``: the Qwen models'
+    (``qwen_engine_args``) for Qwen2-VL / Qwen2.5-VL, the LLaVA model's (``engine_args``) otherwise."""
+    from v2drop.integrations.vllm import engine_args
+
+    family = family_of(model)
+    if family is not None:
+        return qwen_engine_args(method, family)
+    return engine_args(method.to_dict() if method.drops else "none")
 
 
 def check_qwen_method(method) -> None:
@@ -164,11 +188,6 @@ def check_qwen_method(method) -> None:
             f"Scorer {method.scorer_name!r} is not supported by the vLLM plugin's Qwen models; supported: "
             f"{', '.join(QWEN_SUPPORTED_SCORERS)}"
         )
-
-
-def kept_count(method, n_tokens: int) -> int:
-    """Vision tokens an image (or video) of ``n_tokens`` keeps under ``method`` (all of them without a drop)."""
-    return method.schedule.kept_count(0, n_tokens, n_tokens) if method.drops else n_tokens
 
 
 @functools.cache
