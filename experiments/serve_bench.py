@@ -5,7 +5,7 @@
 
 Runs in the vLLM environment (``bash scripts/vllm_env.sh``, ``docs/serving.md``). For every method
 (a preset, ``scorer:schedule`` as ``experiments.evaluate``'s ``--method scorer --schedule preset``,
-or ``none``): v2drop's engine answers the samples first, through the run store
+or ``none``) the plugin runs: v2drop's engine answers the samples first, through the run store
 (``experiments.evaluate``'s run, reused when already filed), then vLLM with the plugin
 (``v2drop.integrations.vllm``) answers the same prompts greedily: ``warmup`` requests untimed, then
 all samples submitted at once. Reported per method: requests/s and output tokens/s over the timed
@@ -124,7 +124,7 @@ def _main(argv) -> dict:
     prompts = [inputs.format_prompt(s.question, n_images=len(s.images)) for s in samples]
     torch.set_num_threads(args.threads)
     # the engine first: vLLM's CPU worker pins torch's thread count for the rest of the process
-    engine = {name: _engine_answers(args, method) for name, method in methods.items()}
+    engine = {name: _engine_answers(args, method) for name, method in methods.items() if name not in reasons}
     results = {}
     for name, method in methods.items():
         if name in reasons:

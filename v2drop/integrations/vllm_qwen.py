@@ -30,11 +30,14 @@ into the same share of every image (``Schedule.to_relative(reference_vision_toke
 image keeps ``max(1, floor(n * 0.111))``); a relative keep is a fixed fraction as it is, and absolute counts of
 a method given as data stay counts per image (at most the image's tokens).
 
-Images only: vLLM's Qwen processor loads transformers' video processor, which needs torchvision; ``register``
-points transformers' ``image_processing_qwen2_vl`` at its PIL twin when torchvision is missing, so images work
-on the CPU environments. Scorers: ``uniform``, ``position``, ``divprune``. Refused with the reason: VisionZip
-(Qwen's tower has no [CLS] token, as in the engine), ``random`` (its seed is the whole prompt's, which the
-encoder does not see), in-LLM methods (as for LLaVA).
+Without torchvision (the CPU environments) images only: ``register`` points transformers'
+``image_processing_qwen2_vl`` at its PIL twin, and the processing info builds Qwen's processor without its
+video processor (which needs torchvision) and leaves videos out of the modality limits. With torchvision a
+video's embeddings are pruned as one item (all its frames) in the same way; that path is untested.
+
+Scorers: ``uniform``, ``position``, ``divprune``. Refused with the reason: VisionZip (Qwen's tower has no [CLS]
+token, as in the engine), ``random`` (its seed is the whole prompt's, which the encoder does not see), in-LLM
+methods (as for LLaVA).
 """
 
 from __future__ import annotations
