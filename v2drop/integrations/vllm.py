@@ -3,8 +3,9 @@
 Install it in a separate environment (vLLM's CPU build pins an older transformers than v2drop's):
 ``bash scripts/vllm_env.sh`` (``docs/serving.md``). The package registers this module under vLLM's
 ``vllm.general_plugins`` entry point; vLLM calls ``register()`` in every process it starts. That
-adds one model architecture, ``V2DropLlavaForConditionalGeneration``, and changes nothing else: an
-engine uses it only when asked, per engine, through ``hf_overrides``::
+adds the model architecture ``V2DropLlavaForConditionalGeneration`` (and the Qwen2-VL / Qwen2.5-VL ones of
+``v2drop.integrations.vllm_qwen``) and changes nothing else: an engine uses it only when asked, per engine,
+through ``hf_overrides``::
 
     import vllm
     from v2drop.integrations.vllm import engine_args
@@ -62,12 +63,16 @@ _PIXTRAL = "transformers.models.pixtral.image_processing_pixtral"
 
 
 def register() -> None:
-    """vLLM's general-plugin hook: the torchvision workaround and the ``V2DropLlavaForConditionalGeneration`` model."""
+    """vLLM's general-plugin hook: the torchvision workarounds, ``V2DropLlavaForConditionalGeneration`` and the Qwen
+    models (``vllm_qwen.register``)."""
     use_pil_pixtral_processor()
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, f"{__name__}:{ARCHITECTURE}")
+    from v2drop.integrations import vllm_qwen
+
+    vllm_qwen.register()  # the Qwen2-VL / Qwen2.5-VL architectures (v2drop/integrations/vllm_qwen.py)
 
 
 def use_pil_pixtral_processor() -> bool:
@@ -153,8 +158,15 @@ def offline_llm(model: str, method, *, dtype: str = "float32", max_num_seqs: int
         kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
         disable_log_stats=False,  # request metrics (TTFT)
         seed=0,
-        **engine_args(method.to_dict() if method.drops else "none"),
+        **_engine_args_for(model, method),
     )
+
+
+def _engine_args_for(model: str, method) -> dict:
+    """The plugin's engine arguments for ``method`` on ``model``, its Qwen models' for Qwen checkpoints."""
+    from v2drop.integrations.vllm_qwen import engine_args_for
+
+    return engine_args_for(model, method)
 
 
 def image_requests(prompts: list[str], samples: list, run: str) -> list[dict]:
