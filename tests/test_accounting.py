@@ -370,3 +370,31 @@ def _synthetic(root, label, correct, drops=True):
     )
     (folder / "result.json").write_text(json.dumps(data))
     return data, folder / "result.json"
+
+
+def test_scoring_time_is_the_scorers_whole_work_its_selection_included(tiny):
+    """``scoring_seconds`` covers ``select`` as well as ``score`` (methods such as HoliTom or DivPrune choose their
+    tokens there), and stays within the prefill."""
+    import time
+    from dataclasses import dataclass
+
+    from v2drop import Method, Schedule, register_scorer
+    from v2drop.scorers.baselines import UniformScorer
+    from v2drop.testing import batch_for
+
+    @register_scorer("test-slow-select")  # the registry fixture removes it after the test
+    @dataclass
+    class SlowSelect(UniformScorer):
+        def select(self, state, scores, counts):
+            time.sleep(0.25)
+            return super().select(state, scores, counts)
+
+    lvlm = tiny("llava", "sdpa")
+    prompts, images = batch_for(lvlm, 2, "llava")
+    inputs = lvlm.prepare(prompts, images)
+    slow = lvlm.generate_from_inputs(inputs, Method(SlowSelect(), schedule=Schedule.one_shot(2, 0.5)), max_new_tokens=1)
+    assert 0.25 <= slow.scoring_seconds <= slow.prefill_seconds
+    fast = lvlm.generate_from_inputs(
+        inputs, Method(UniformScorer(), schedule=Schedule.one_shot(2, 0.5)), max_new_tokens=1
+    )
+    assert fast.generated_ids == slow.generated_ids and fast.scoring_seconds < 0.25

@@ -74,8 +74,8 @@ class EngineOutput:
     prefill_seconds, generate_seconds : float
         Time from the first decoder layer to the first token's logits, and to the last token.
     scoring_seconds : float
-        Part of the prefill spent in ``scorer.score`` (all decoder and pre-LLM stages; vision-encoder
-        stages run, and are timed, in ``vision_seconds``).
+        Part of the prefill spent in ``scorer.score`` and ``scorer.select`` (all decoder and pre-LLM stages;
+        vision-encoder stages run, and are timed, in ``vision_seconds``).
     vision_seconds : float
         Time of the embedding step before the first decoder layer: the vision encoder and projector
         (served by the vision cache when one is attached; with vision-encoder stages, run layer by

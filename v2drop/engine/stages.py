@@ -51,7 +51,7 @@ class StageContext:
     inputs : dict or None
         The batch's model inputs, for a scorer that ``needs_reencode`` (``Adapter.reencode``).
     scoring_seconds, drop_seconds : float
-        Time spent so far in ``score``, and in whole drop stages.
+        Time spent so far in ``score`` and ``select``, and in whole drop stages.
     """
 
     method: Method
@@ -209,8 +209,6 @@ def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: S
     synchronize(device)
     start = time.perf_counter()
     scores = scorer.score(state)
-    synchronize(device)
-    ctx.scoring_seconds += time.perf_counter() - start
     if scores.shape != vision_idx.shape:
         raise RuntimeError(
             f"{type(scorer).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(vision_idx.shape)}"
@@ -220,6 +218,8 @@ def drop(seq: Sequence, layer_idx: int, prev_hidden: torch.Tensor | None, ctx: S
     n_valid = vision_valid.sum(1).tolist()
     counts = [schedule.kept_count(stage_idx, n, n0) for n, n0 in zip(n_valid, ctx.n_vision)]
     selection = scorer.select(state, scores, counts)
+    synchronize(device)
+    ctx.scoring_seconds += time.perf_counter() - start  # the scorer's work: its scores and its selection
     B = seq.hidden.shape[0]
     if (
         len(selection.keep) != B
