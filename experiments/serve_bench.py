@@ -11,11 +11,13 @@ or ``none``): v2drop's engine answers the samples first, through the run store
 all samples submitted at once. Reported per method: requests/s and output tokens/s over the timed
 run, TTFT p50/p99 from vLLM's request metrics (arrival to first token, so queueing counts), the
 benchmark's accuracy, the share of answers equal to the engine's, and the plugin's time in the
-vision tower (and its [CLS]-attention recompute) and in the drop stage. Methods that drop inside
-the decoder get ``supported: false`` and the reason. Prefix caching is off and every request's images
-get their own uuid (no vision features shared between questions on one image); torch and vLLM run on
-``threads`` threads (``OMP_NUM_THREADS``), stated in the output. Each method's samples run
-``repeats`` times; its figures come from the run of median wall time (all wall times are in the JSON).
+vision tower (and its [CLS]-attention recompute) and in the drop stages. V²Drop's decoder stages run in
+the plugin's in-LLM architecture (chunked prefill off, ``v2drop.integrations.vllm_inllm``); methods the
+plugin cannot run (attention-scored drops inside the decoder) get ``supported: false`` and the reason.
+Prefix caching is off and every request's images get their own uuid (no vision features shared
+between questions on one image); torch and vLLM run on ``threads`` threads (``OMP_NUM_THREADS``),
+stated in the output. Each method's samples run ``repeats`` times; its figures come from the run of
+median wall time (all wall times are in the JSON).
 
 ``--server``: per method, vLLM's OpenAI-compatible server (``vllm serve``, bound to 127.0.0.1, the
 plugin enabled through ``--hf-overrides``, prefix caching off, ``OMP_NUM_THREADS=threads``) answers
@@ -246,6 +248,7 @@ def vllm_server(args: ServeBenchConfig, path: str, method, workdir: Path):
     import httpx
 
     from v2drop.integrations.vllm import engine_args
+    from v2drop.integrations.vllm_inllm import runs_in_llm
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -262,6 +265,7 @@ def vllm_server(args: ServeBenchConfig, path: str, method, workdir: Path):
         *("--kv-cache-memory-bytes", str(int(args.kv_cache_gib * 2**30)), "--hf-overrides", json.dumps(overrides)),
         *("--chat-template", str(template), "--chat-template-content-format", "openai"),
         *("--uvicorn-log-level", "warning"),
+        *(("--no-enable-chunked-prefill",) if runs_in_llm(method) else ()),  # in-LLM drops: whole prompts per step
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine in its own process

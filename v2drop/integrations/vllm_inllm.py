@@ -235,9 +235,9 @@ def _build_model_class():
                     requests.append(request)
                 else:
                     raise NotImplementedError(
-                        f"A request of this step prefills {length} of {seq_len} tokens: the in-LLM plugin needs whole "
-                        "prompts in one step (enable_chunked_prefill=False, enable_prefix_caching=False, no speculative "
-                        "decoding)"
+                        f"A request of this step prefills {length} of {seq_len} tokens: the in-LLM plugin needs "
+                        "whole prompts in one step (enable_chunked_prefill=False, enable_prefix_caching=False, no "
+                        "speculative decoding)"
                     )
             return requests
 
@@ -351,7 +351,9 @@ def _build_model_class():
                         slots(row, torch.arange(request.length), block_size),
                         meta.slot_mapping[request.start : request.start + request.length].long(),
                     ):
-                        raise RuntimeError("vLLM's slot mapping is not the block-table layout the in-LLM plugin assumes")
+                        raise RuntimeError(
+                            "vLLM's slot mapping is not the block-table layout the in-LLM plugin assumes"
+                        )
                     kept = request.length - d
                     q_lens.append(kept)
                     seq_lens.append(kept)
