@@ -161,8 +161,9 @@ def test_serve_bench_server_sweeps_concurrency(tmp_path):
 
 
 def test_sweep_served_throughput_objective(tmp_path):
-    """A sweep with the served_throughput objective: served trials get requests/s, in-LLM ones are pruned with the
-    reason, and the front carries the objective."""
+    """A sweep with the served_throughput objective: served trials (pre-LLM, and V²Drop's decoder stages) get
+    requests/s, in-LLM ones the plugin cannot score (uniform on V²Drop's stages) are pruned with the reason, and the
+    front carries the objective."""
     import optuna
 
     from v2drop.search import SweepConfig, make_storage, run_sweep
@@ -171,11 +172,11 @@ def test_sweep_served_throughput_objective(tmp_path):
         {
             "study": "served",
             "model": "proxy",
-            "trials": 3,
+            "trials": 4,
             "objectives": ["accuracy", "served_throughput"],
-            "enqueue_presets": ["divprune-llava15-64", "fastv-llava15-128"],
+            "enqueue_presets": ["divprune-llava15-64", "uniform-llava15-128", "v2drop-llava15-128"],
             "search": {
-                "scorers": {"divprune": {}, "fastv": {}},
+                "scorers": {"divprune": {}, "uniform": {}, "v2drop": {}},
                 "scorer_kinds": {"divprune": ["pre-llm"]},
                 "position_policy": {"divprune": "renumber"},
             },
@@ -189,10 +190,10 @@ def test_sweep_served_throughput_objective(tmp_path):
     result = run_sweep(cfg, progress=False)
     study = optuna.load_study(study_name="served", storage=make_storage(cfg))
     by_label = {t.user_attrs.get("label"): t for t in study.trials}
-    pruned = by_label["fastv-llava15-128"]
+    pruned = by_label["uniform-llava15-128"]
     assert pruned.state == optuna.trial.TrialState.PRUNED
     assert "drops tokens inside the decoder" in pruned.user_attrs["pruned_reason"]
-    for label in ("none", "divprune-llava15-64"):
+    for label in ("none", "divprune-llava15-64", "v2drop-llava15-128"):
         trial = by_label[label]
         assert trial.state == optuna.trial.TrialState.COMPLETE
         assert trial.values[1] == trial.user_attrs["metrics"]["served_requests_per_s"] > 0

@@ -53,10 +53,10 @@ def check_method(method) -> None:
         raise ValueError(f"Method {method.scorer_name!r} has stages outside the decoder; the in-LLM route runs none")
     if method.scorer_name not in SUPPORTED_SCORERS:
         raise ValueError(
-            f"Method {method.scorer_name!r} drops tokens inside the decoder by a score the vLLM plugin cannot serve: "
-            "vLLM's fused attention returns no attention weights and the plugin runs no text-query or tower scorer "
-            f"between decoder layers; supported in-LLM scorers: {', '.join(SUPPORTED_SCORERS)} (or use a pre-LLM "
-            "method, or v2drop's own engine)"
+            f"Method {method.scorer_name!r} drops tokens inside the decoder by a score the vLLM plugin does not serve "
+            "between decoder layers: attention weights (vLLM's fused attention returns none), text queries, tower "
+            "features, grid coordinates or per-prompt seeds; supported in-LLM scorers: "
+            f"{', '.join(SUPPORTED_SCORERS)} (or use a pre-LLM method, or v2drop's own engine)"
         )
     if method.position_policy not in ("preserve", "renumber"):
         raise ValueError(f"Unknown position policy {method.position_policy!r}")
@@ -267,7 +267,8 @@ def _build_model_class():
                     residual = residual[keep] if residual is not None else None
                     self._v2drop_metadata(context, names[layer_idx:], requests, segment, meta)
                 if layer_idx + 1 in stage_at and method.scorer.at(layer_idx + 1).needs_prev_hidden:
-                    prev = hidden if residual is None else hidden + residual
+                    # a copy: a fused residual add may update its inputs in place
+                    prev = hidden.clone() if residual is None else hidden + residual
                 hidden, residual = layer(pos, hidden, residual)
             hidden, _ = decoder.norm(hidden, residual)
             for request in requests:
