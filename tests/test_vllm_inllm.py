@@ -58,7 +58,9 @@ def engine(samples):
 
 @pytest.fixture(scope="module")
 def served(engine, samples):
-    """Policy -> (answers, forced token ids, per-request traces) from vLLM with the in-LLM architecture, in-process."""
+    """Policy -> (answers, forced token ids, per-request traces, step counts) from vLLM with the in-LLM architecture,
+    in-process. The forced requests decode MAX_TOKENS - (i % 4) tokens each, so in batches some finish while others
+    decode and new prompts prefill in the same steps as decode tokens."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model in this process: its traces are readable
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     prompts = engine[0]
@@ -69,12 +71,17 @@ def served(engine, samples):
         greedy = vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
         answers = llm.generate(image_requests(prompts, samples, "eos"), greedy, use_tqdm=False)
         traces = llm.apply_model(lambda model: list(model.v2drop_traces))[0]
-        forced = vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        llm.apply_model(lambda model: model.v2drop_steps.update(prefill=0, decode=0, mixed=0))
+        forced = [
+            vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS - i % 4, ignore_eos=True)
+            for i in range(len(prompts))
+        ]
         tokens = llm.generate(image_requests(prompts, samples, "forced"), forced, use_tqdm=False)
         out[policy] = (
             [o.outputs[0].text.strip() for o in answers],
             [list(o.outputs[0].token_ids) for o in tokens],
             traces,
+            llm.apply_model(lambda model: dict(model.v2drop_steps))[0],
         )
         del llm
     return out
@@ -94,13 +101,18 @@ def test_vllm_keeps_the_engines_tokens_at_every_stage(policy, engine, served):
 
 @pytest.mark.parametrize("policy", [policy for policy, _ in RUNS])
 def test_vllm_answers_and_decodes_as_the_engine(policy, engine, served):
-    """Greedy answers equal the engine's, and so do MAX_TOKENS forced tokens (EOS ignored): every decode step's later
-    layers attend only to the kept tokens. Most forced continuations differ from the undropped model's."""
+    """Greedy answers equal the engine's, and so do up to MAX_TOKENS forced tokens (EOS ignored): every decode step's
+    later layers attend only to the kept tokens, also in steps that prefill other requests. Most forced continuations
+    differ from the undropped model's."""
     _, answers, forced, none = engine
-    texts, tokens, _ = served[policy]
+    texts, tokens, _, steps = served[policy]
     assert texts == answers[policy].texts
-    assert tokens == forced[policy].generated_ids
-    assert sum(t != n for t, n in zip(tokens, none.generated_ids)) >= N_SAMPLES // 2
+    assert [len(t) for t in tokens] == [MAX_TOKENS - i % 4 for i in range(N_SAMPLES)]
+    assert tokens == [ids[: len(t)] for ids, t in zip(forced[policy].generated_ids, tokens)]
+    assert sum(t != n[: len(t)] for t, n in zip(tokens, none.generated_ids)) >= N_SAMPLES // 2
+    max_num_seqs = dict(RUNS)[policy]
+    assert steps["prefill"] > 0 and steps["decode"] > 0
+    assert (steps["mixed"] > 0) == (max_num_seqs > 1)  # one request at a time never mixes
 
 
 def test_slots_follow_the_block_table():

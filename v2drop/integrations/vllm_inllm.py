@@ -181,6 +181,7 @@ def _build_model_class():
             self.v2drop_state: dict[int, tuple[int, list[int]]] = {}  # first KV block -> (prompt length, dropped)
             self.v2drop_seconds = {"tower": 0.0, "prune": 0.0, "images": 0}
             self.v2drop_traces = []  # per prefilled request with vision tokens: {"prompt_length", "stages"}
+            self.v2drop_steps = {"prefill": 0, "decode": 0, "mixed": 0}  # steps run, by the kinds of their requests
             self._v2drop_ids = None
             for layer in decoder.layers:
                 layer.self_attn.attn._v2drop_dtype = vllm_config.model_config.dtype
@@ -248,6 +249,8 @@ def _build_model_class():
             names = [layer.self_attn.attn.layer_name for layer in layers]
             meta = context.attn_metadata[names[0]]
             requests = self._v2drop_requests(meta, ids)
+            kinds = {request.prefill for request in requests}
+            self.v2drop_steps["mixed" if len(kinds) == 2 else "prefill" if True in kinds else "decode"] += 1
             n_tokens = int(meta.query_start_loc[-1])
             total = hidden.shape[0]
             vision = torch.zeros(n_tokens, dtype=torch.bool)
