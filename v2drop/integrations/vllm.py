@@ -31,8 +31,10 @@ engine uses it only when asked, per engine, through ``hf_overrides``::
 
 The budget is per image: the engine's budget is per sample (all of its images together), so the
 two agree on one image per prompt. Positions are vLLM's, contiguous over the kept tokens: the
-method must use ``position_policy: renumber`` (the presets of pre-LLM methods do). Methods that
-drop inside the decoder (V²Drop, FastV, PDrop, ...) are refused with the reason (``check_method``).
+method must use ``position_policy: renumber`` (the presets of pre-LLM methods do). V²Drop's decoder
+stages run in a second architecture, ``V2DropInLLMLlavaForConditionalGeneration``
+(``v2drop.integrations.vllm_inllm``), which ``engine_args`` picks for them; methods that score decoder
+stages otherwise (FastV, PDrop, ...) are refused with the reason (``check_method``).
 
 Importing this module imports nothing from vLLM; ``register()`` also points transformers' pixtral
 image-processor module at its PIL twin when torchvision cannot be imported (vLLM's LLaVA module
