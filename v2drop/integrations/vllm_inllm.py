@@ -27,7 +27,7 @@ After the last layer the rows go back to their places in the step's token order 
 zeros), so vLLM's logits indices (the last token of each prompt, always text, and every decode
 token) stay valid. Per-request drop state (tokens dropped before each segment of layers) lives in
 the model, keyed by the request's first KV block, from its prefill to its last decode step; a
-recomputed (preempted) request prefills again and gets the same state.
+recomputed (preempted) request prefills again and gets its state again (untested: no test preempts).
 """
 
 from __future__ import annotations
