@@ -152,3 +152,32 @@ def test_serve_bench_runs_v2drop_in_vllm(tmp_path):
     assert result["supported"] and result["agreement_with_engine"] == 1.0
     assert result["prompt_tokens_mean"] > 256  # the whole prompt is scheduled: the drops happen inside the decoder
     assert result["requests_per_s"] > 0 and result["prune_ms_per_image"] > 0
+
+
+def test_two_images_per_prompt_drop_as_the_engine():
+    """With two images per prompt the budget is the request's (512 vision tokens -> 143, 35, 1), as the engine's per
+    sample: the same kept positions at every stage and the same 6 forced tokens, two requests at a time."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model in this process: its traces are readable
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    samples = get_benchmark("digits").load("test", 12)
+    lvlm = v2drop.load("proxy")
+    method = _method("preserve")
+    pairs = [(samples[i], samples[i + 5]) for i in range(4)]
+    prompts = [lvlm.format_prompt(a.question, n_images=2) for a, _ in pairs]
+    images = [[a.images[0], b.images[0]] for a, b in pairs]
+    expected = lvlm.generate(prompts, images, method=method, max_new_tokens=6, stop_at_eos=False)
+    llm = offline_llm(str(LOCAL_MODELS["proxy"]), method, max_num_seqs=2, kv_cache_gib=0.25)
+    llm.apply_model(lambda model: model.v2drop_traces.clear())
+    requests = [
+        {"prompt": p, "multi_modal_data": {"image": im}, "multi_modal_uuids": {"image": [f"{i}/0", f"{i}/1"]}}
+        for i, (p, im) in enumerate(zip(prompts, images))
+    ]
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    traces = llm.apply_model(lambda model: list(model.v2drop_traces))[0]
+    del llm
+    assert [list(o.outputs[0].token_ids) for o in outputs] == expected.generated_ids
+    assert [[s["kept"] for s in t["stages"]] for t in traces] == [
+        [s["kept"] for s in e.stages] for e in expected.traces
+    ]
+    assert [len(s["kept"]) for s in traces[0]["stages"]] == [143, 35, 1]
