@@ -11,11 +11,13 @@ or ``none``) the plugin runs: v2drop's engine answers the samples first, through
 all samples submitted at once. Reported per method: requests/s and output tokens/s over the timed
 run, TTFT p50/p99 from vLLM's request metrics (arrival to first token, so queueing counts), the
 benchmark's accuracy, the share of answers equal to the engine's, and the plugin's time in the
-vision tower (and its [CLS]-attention recompute) and in the drop stage. Methods that drop inside
-the decoder get ``supported: false`` and the reason. Prefix caching is off and every request's images
-get their own uuid (no vision features shared between questions on one image); torch and vLLM run on
-``threads`` threads (``OMP_NUM_THREADS``), stated in the output. Each method's samples run
-``repeats`` times; its figures come from the run of median wall time (all wall times are in the JSON).
+vision tower (and its [CLS]-attention recompute) and in the drop stages. V²Drop's decoder stages run in
+the plugin's in-LLM architecture (chunked prefill off, ``v2drop.integrations.vllm_inllm``); methods the
+plugin cannot run (attention-scored drops inside the decoder) get ``supported: false`` and the reason.
+Prefix caching is off and every request's images get their own uuid (no vision features shared
+between questions on one image); torch and vLLM run on ``threads`` threads (``OMP_NUM_THREADS``),
+stated in the output. Each method's samples run ``repeats`` times; its figures come from the run of
+median wall time (all wall times are in the JSON).
 On a Qwen2-VL / Qwen2.5-VL checkpoint the plugin's Qwen models run (``v2drop.integrations.vllm_qwen``), and
 a preset's absolute keep counts become the same share of every image (``qwen_method``), in vLLM and the engine.
 
@@ -249,6 +251,7 @@ def vllm_server(args: ServeBenchConfig, path: str, method, workdir: Path):
     """``vllm serve`` of ``path`` with ``method`` in the plugin on 127.0.0.1 (a free port); yields its base URL."""
     import httpx
 
+    from v2drop.integrations.vllm_inllm import runs_in_llm
     from v2drop.integrations.vllm_qwen import engine_args_for
 
     with socket.socket() as sock:
@@ -266,6 +269,7 @@ def vllm_server(args: ServeBenchConfig, path: str, method, workdir: Path):
         *("--kv-cache-memory-bytes", str(int(args.kv_cache_gib * 2**30)), "--hf-overrides", json.dumps(overrides)),
         *("--chat-template", str(template), "--chat-template-content-format", "openai"),
         *("--uvicorn-log-level", "warning"),
+        *(("--no-enable-chunked-prefill",) if runs_in_llm(method) else ()),  # in-LLM drops: whole prompts per step
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine in its own process

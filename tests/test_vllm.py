@@ -1,5 +1,5 @@
 """The vLLM plugin on the bundled proxy: no dropping and pre-LLM methods answer as v2drop's engine does, keep the same
-tokens, and in-LLM methods are refused with the reason.
+tokens, and attention-scored in-LLM methods are refused with the reason (V²Drop's decoder stages: test_vllm_inllm.py).
 
 Runs in the vLLM environment (``bash scripts/vllm_env.sh``, docs/serving.md); skipped where vLLM is not installed.
 """
@@ -120,9 +120,9 @@ def test_vllm_keeps_the_engines_tokens(name, engine, served):
 
 
 def test_in_llm_methods_are_refused_with_the_reason():
-    """V²Drop drops inside the decoder: refused before any engine starts, naming why."""
+    """FastV drops inside the decoder by attention weights: refused before any engine starts, naming why."""
     with pytest.raises(ValueError, match="drops tokens inside the decoder"):
-        engine_args("v2drop-llava15-128")
+        engine_args("fastv-llava15-128")
     with pytest.raises(ValueError, match="not supported by the vLLM plugin"):
         check_method(
             v2drop.Method.from_dict(
@@ -137,13 +137,14 @@ def test_in_llm_methods_are_refused_with_the_reason():
 
 
 def test_serve_bench_server_sweeps_concurrency(tmp_path):
-    """--server: vLLM's OpenAI server on 127.0.0.1 answers as the engine at each concurrency; in-LLM methods refused."""
+    """--server: vLLM's OpenAI server on 127.0.0.1 answers as the engine at each concurrency; attention-scored in-LLM
+    methods refused."""
     from experiments import serve_bench
 
     out = serve_bench.main(
         [
             *("--server", "--limit", "4", "--max-concurrency", "2", "--warmup", "1", "--threads", "2"),
-            *("--methods", "divprune-llava15-64,v2drop-llava15-128", "--store", str(tmp_path / "store")),
+            *("--methods", "divprune-llava15-64,fastv-llava15-128", "--store", str(tmp_path / "store")),
             *("--output", str(tmp_path / "out.json"), "--table", str(tmp_path / "table.md")),
         ]
     )
@@ -153,15 +154,16 @@ def test_serve_bench_server_sweeps_concurrency(tmp_path):
         assert figures["agreement_with_engine"] == 1.0
         assert figures["requests_per_s"] > 0 and figures["output_tokens_per_s"] > 0
         assert 0 < figures["ttft_p50_s"] <= figures["ttft_p99_s"] <= figures["wall_s"]
-    assert out["methods"]["v2drop-llava15-128"]["supported"] is False
+    assert out["methods"]["fastv-llava15-128"]["supported"] is False
     table = (tmp_path / "table.md").read_text()
     assert "OMP_NUM_THREADS=2" in table and "| divprune-llava15-64 | 2 |" in table
     assert serve_bench.concurrency_levels(8) == [1, 2, 4, 8] and serve_bench.concurrency_levels(6) == [1, 2, 4, 6]
 
 
 def test_sweep_served_throughput_objective(tmp_path):
-    """A sweep with the served_throughput objective: served trials get requests/s, in-LLM ones are pruned with the
-    reason, and the front carries the objective."""
+    """A sweep with the served_throughput objective: served trials (pre-LLM, and V²Drop's decoder stages) get
+    requests/s, in-LLM ones the plugin cannot score (uniform on V²Drop's stages) are pruned with the reason, and the
+    front carries the objective."""
     import optuna
 
     from v2drop.search import SweepConfig, make_storage, run_sweep
@@ -170,11 +172,11 @@ def test_sweep_served_throughput_objective(tmp_path):
         {
             "study": "served",
             "model": "proxy",
-            "trials": 3,
+            "trials": 4,
             "objectives": ["accuracy", "served_throughput"],
-            "enqueue_presets": ["divprune-llava15-64", "v2drop-llava15-128"],
+            "enqueue_presets": ["divprune-llava15-64", "uniform-llava15-128", "v2drop-llava15-128"],
             "search": {
-                "scorers": {"divprune": {}, "v2drop": {}},
+                "scorers": {"divprune": {}, "uniform": {}, "v2drop": {}},
                 "scorer_kinds": {"divprune": ["pre-llm"]},
                 "position_policy": {"divprune": "renumber"},
             },
@@ -188,10 +190,10 @@ def test_sweep_served_throughput_objective(tmp_path):
     result = run_sweep(cfg, progress=False)
     study = optuna.load_study(study_name="served", storage=make_storage(cfg))
     by_label = {t.user_attrs.get("label"): t for t in study.trials}
-    pruned = by_label["v2drop-llava15-128"]
+    pruned = by_label["uniform-llava15-128"]
     assert pruned.state == optuna.trial.TrialState.PRUNED
     assert "drops tokens inside the decoder" in pruned.user_attrs["pruned_reason"]
-    for label in ("none", "divprune-llava15-64"):
+    for label in ("none", "divprune-llava15-64", "v2drop-llava15-128"):
         trial = by_label[label]
         assert trial.state == optuna.trial.TrialState.COMPLETE
         assert trial.values[1] == trial.user_attrs["metrics"]["served_requests_per_s"] > 0

@@ -1001,3 +1001,35 @@ class Qwen3ReferenceVideoProcessor(Qwen3VLVideoProcessor):
         if target != (h, w):
             raise ValueError(f"The reference takes frames that need no resizing ({h}x{w} would become {target})")
         return videos
+
+
+def widened_proxy(dest, hidden: int = 1024, layers: int = 12, seed: int = 0) -> str:
+    """Save to ``dest`` a random-weight copy of the bundled proxy with a ``hidden``-wide, ``layers``-deep decoder.
+
+    The proxy's tokenizer, processor, chat template and trained vision tower are kept (so the ``digits``
+    prompts and images work as for the proxy); the decoder (heads of 64) and the projector are random
+    (``initializer_range`` 0.05, seeded). For serving measurements in which the decoder dominates
+    (``docs/serving.md``); its answers are meaningless. Returns ``dest``.
+    """
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    from v2drop.bundled import LOCAL_MODELS
+
+    src, dest = Path(LOCAL_MODELS["proxy"]), Path(dest)
+    config = AutoConfig.from_pretrained(src)
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, hidden * 11 // 4, layers
+    text.num_attention_heads = text.num_key_value_heads = hidden // 64
+    text.head_dim, text.initializer_range = 64, 0.05
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    proxy = LlavaForConditionalGeneration.from_pretrained(src)
+    model.model.vision_tower.load_state_dict(proxy.model.vision_tower.state_dict())
+    model.save_pretrained(dest)
+    for f in src.iterdir():
+        if f.suffix in (".json", ".jinja") and f.name not in ("config.json", "train_config.json", "started_from.json"):
+            shutil.copy(f, dest / f.name)
+    return str(dest)

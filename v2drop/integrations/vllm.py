@@ -32,8 +32,10 @@ through ``hf_overrides``::
 
 The budget is per image: the engine's budget is per sample (all of its images together), so the
 two agree on one image per prompt. Positions are vLLM's, contiguous over the kept tokens: the
-method must use ``position_policy: renumber`` (the presets of pre-LLM methods do). Methods that
-drop inside the decoder (V²Drop, FastV, PDrop, ...) are refused with the reason (``check_method``).
+method must use ``position_policy: renumber`` (the presets of pre-LLM methods do). V²Drop's decoder
+stages run in a second architecture, ``V2DropInLLMLlavaForConditionalGeneration``
+(``v2drop.integrations.vllm_inllm``), which ``engine_args`` picks for them; methods that score decoder
+stages otherwise (FastV, PDrop, ...) are refused with the reason (``check_method``).
 
 Importing this module imports nothing from vLLM; ``register()`` also points transformers' pixtral
 image-processor module at its PIL twin when torchvision cannot be imported (vLLM's LLaVA module
@@ -70,8 +72,10 @@ def register() -> None:
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, f"{__name__}:{ARCHITECTURE}")
-    from v2drop.integrations import vllm_qwen
+    from v2drop.integrations import vllm_inllm, vllm_qwen
 
+    if vllm_inllm.ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(vllm_inllm.ARCHITECTURE, f"{vllm_inllm.__name__}:{vllm_inllm.ARCHITECTURE}")
     vllm_qwen.register()  # the Qwen2-VL / Qwen2.5-VL architectures (v2drop/integrations/vllm_qwen.py)
 
 
@@ -93,8 +97,12 @@ def use_pil_pixtral_processor() -> bool:
 
 def engine_args(method="none") -> dict:
     """``vllm.LLM`` keyword arguments running ``method`` (preset, YAML, config data or ``"none"``) in the plugin."""
-    check_method(resolve(method))  # fail here, with the reason, rather than inside vLLM's engine process
-    return {"hf_overrides": {"architectures": [ARCHITECTURE], METHOD_KEY: method}}
+    from v2drop.integrations import vllm_inllm
+
+    resolved = resolve(method)
+    check_method(resolved)  # fail here, with the reason, rather than inside vLLM's engine process
+    architecture = vllm_inllm.ARCHITECTURE if vllm_inllm.runs_in_llm(resolved) else ARCHITECTURE
+    return {"hf_overrides": {"architectures": [architecture], METHOD_KEY: method}}
 
 
 def resolve(spec):
@@ -110,19 +118,22 @@ def resolve(spec):
 
 def check_method(method) -> None:
     """Raise ValueError, with the reason, unless the plugin can run ``method`` inside vLLM."""
+    from v2drop.integrations import vllm_inllm
     from v2drop.schedule import PRE_LLM
 
     if not method.drops:
+        return
+    if vllm_inllm.runs_in_llm(method):  # every stage inside the decoder: the in-LLM architecture's checks
+        vllm_inllm.check_method(method)
         return
     layers = [s.layer for s in method.schedule.stages]
     if layers != [PRE_LLM]:
         inside = [layer for layer in layers if layer != PRE_LLM]
         raise ValueError(
-            f"Method {method.scorer_name!r} drops tokens inside the decoder (before layers {inside}); the vLLM plugin "
-            "runs only methods with one pre-LLM stage: vLLM's model runner has one KV-cache length per request for "
-            "every layer and its own fused attention, so a drop between decoder layers would need a change in vLLM's "
-            "scheduler and KV-cache manager. Use a pre-LLM method (divprune, visionzip, or uniform, random or position "
-            "on a pre_llm schedule) or v2drop's own engine"
+            f"Method {method.scorer_name!r} drops tokens inside the decoder (before layers {inside}) and outside it; "
+            "the vLLM plugin runs either one pre-LLM stage or only decoder stages (V²Drop), not both in one method. "
+            "Use a pre-LLM method (divprune, visionzip, or uniform, random or position on a pre_llm schedule), "
+            "V²Drop's decoder stages, or v2drop's own engine"
         )
     if method.scorer_name not in SUPPORTED_SCORERS:
         raise ValueError(
@@ -149,9 +160,12 @@ def offline_llm(model: str, method, *, dtype: str = "float32", max_num_seqs: int
     metrics on."""
     import vllm
 
+    from v2drop.integrations import vllm_inllm
+
     return vllm.LLM(
         model=model,
         dtype=dtype,
+        **({"enable_chunked_prefill": False} if vllm_inllm.runs_in_llm(method) else {}),  # whole prompts per step
         enforce_eager=True,
         enable_prefix_caching=False,
         max_num_seqs=max_num_seqs,

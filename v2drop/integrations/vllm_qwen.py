@@ -163,6 +163,12 @@ def check_qwen_method(method) -> None:
 
     if not method.drops:
         return
+    if any(not stage.pre_llm for stage in method.schedule.stages):
+        raise ValueError(
+            f"Method {method.scorer_name!r} drops tokens inside the decoder; the vLLM plugin runs decoder stages "
+            "only in its LLaVA-1.5 architecture (V2DropInLLMLlavaForConditionalGeneration), and on Qwen2-VL / "
+            "Qwen2.5-VL one pre-LLM stage"
+        )
     if method.scorer_name == "visionzip":
         raise ValueError(
             "Scorer 'visionzip' reads the vision tower's [CLS] attention; the Qwen2-VL / Qwen2.5-VL tower has no [CLS] "

@@ -1,0 +1,377 @@
+"""In-LLM dropping inside vLLM: V²Drop's decoder stages in vLLM's LLaVA-1.5 (eager mode, CPU attention backend).
+
+The plugin (``v2drop.integrations.vllm``) registers one more architecture,
+``V2DropInLLMLlavaForConditionalGeneration``; ``engine_args`` picks it for a method whose stages all sit
+before decoder layers (``runs_in_llm``) and that this module can run (``check_method``): the ``v2drop``
+scorer (any metric), positions ``preserve`` or ``renumber``. The engine must run eagerly with chunked
+prefill and prefix caching off (``ENGINE_KWARGS``; ``offline_llm`` sets them).
+
+The model is vLLM's LLaVA with its own decoder loop (``forward``). Each step's batch is a set of
+requests, each either a whole prompt (prefill: no cached context) or one new token (decode). At a
+stage layer ``l`` the loop
+
+- scores every prefilling request's vision tokens with the method's scorer through the engine's own
+  drop stage (``v2drop.engine.stages.drop``) on that request's residual stream (the input of layer
+  ``l`` and of layer ``l-1``), so the kept set is the engine's for that prompt;
+- keeps the kept rows of the hidden states, the residual and the positions (``preserve``: the
+  original ones; ``renumber``: contiguous);
+- gives layers ``l`` and later their own attention metadata and slot mapping (vLLM v1 keys both by
+  layer name in its ``ForwardContext``): a request's kept tokens are its first KV slots of those
+  layers, its query and sequence lengths are the kept counts, and a decode token goes to the slot
+  after them (original length minus the tokens dropped so far). Every later layer therefore
+  attends only to the kept tokens' keys and values of that layer, in prefill and in every decode
+  step; the KV slots past them stay allocated (vLLM's block manager sizes a request by its prompt)
+  and are never read.
+
+After the last layer the rows go back to their places in the step's token order (dropped rows are
+zeros), so vLLM's logits indices (the last token of each prompt, always text, and every decode
+token) stay valid. Per-request drop state (tokens dropped before each segment of layers) lives in
+the model, keyed by the request's first KV block, from its prefill to its last decode step; a
+recomputed (preempted) request prefills again and gets its state again (untested: no test preempts).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+ARCHITECTURE = "V2DropInLLMLlavaForConditionalGeneration"  # the in-LLM architecture the plugin registers
+SUPPORTED_SCORERS = ("v2drop",)  # scorers whose decoder stages read only hidden states (no attention weights)
+# vllm.LLM settings the architecture needs: whole prompts in one step, no shared prefixes, no graph capture
+ENGINE_KWARGS = {"enforce_eager": True, "enable_prefix_caching": False, "enable_chunked_prefill": False}
+
+
+def runs_in_llm(method) -> bool:
+    """Whether every stage of ``method`` drops before a decoder layer (none before the LLM or in the tower)."""
+    return method.drops and all(s.layer >= 0 for s in method.schedule.stages)
+
+
+def check_method(method) -> None:
+    """Raise ValueError, with the reason, unless the in-LLM architecture can run ``method`` (``runs_in_llm``)."""
+    if not runs_in_llm(method):
+        raise ValueError(f"Method {method.scorer_name!r} has stages outside the decoder; the in-LLM route runs none")
+    if method.scorer_name not in SUPPORTED_SCORERS:
+        raise ValueError(
+            f"Method {method.scorer_name!r} drops tokens inside the decoder by a score the vLLM plugin does not serve "
+            "between decoder layers: attention weights (vLLM's fused attention returns none), text queries, tower "
+            "features, grid coordinates or per-prompt seeds; supported in-LLM scorers: "
+            f"{', '.join(SUPPORTED_SCORERS)} (or use a pre-LLM method, or v2drop's own engine)"
+        )
+    if method.position_policy not in ("preserve", "renumber"):
+        raise ValueError(f"Unknown position policy {method.position_policy!r}")
+
+
+def slots(block_row: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """KV-cache slots of a request's sequence ``positions``, from its block-table row (vLLM's slot layout)."""
+    return block_row[positions // block_size].long() * block_size + positions % block_size
+
+
+def compact_metadata(meta, q_lens: list[int], seq_lens: list[int], slot_mapping: torch.Tensor, attn):
+    """A copy of the CPU backend's metadata ``meta`` for a batch whose requests have ``q_lens`` new tokens and
+    ``seq_lens`` tokens in the KV cache (new ones included), written to ``slot_mapping``; ``attn`` is one of the
+    layers it serves (its heads, ISA and KV dtype size the kernel's scheduler metadata)."""
+    import dataclasses
+
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    qsl = torch.zeros(len(q_lens) + 1, dtype=meta.query_start_loc.dtype)
+    qsl[1:] = torch.tensor(q_lens, dtype=qsl.dtype).cumsum(0)
+    lens = torch.tensor(seq_lens, dtype=meta.seq_lens.dtype)
+    impl = attn.impl
+    scheduler = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(q_lens),
+        num_heads=impl.num_heads,
+        num_kv_heads=impl.num_kv_heads,
+        head_dim=impl.head_size,
+        seq_lens=lens,
+        dtype=attn._v2drop_dtype,
+        query_start_loc=qsl,
+        causal=meta.causal,
+        sliding_window_size=impl.sliding_window,
+        isa=attn.isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        dynamic_causal=None,
+        kv_cache_dtype=impl.kv_cache_dtype,
+    )
+    return dataclasses.replace(
+        meta,
+        num_actual_tokens=int(qsl[-1]),
+        max_query_len=max(q_lens),
+        query_start_loc=qsl,
+        max_seq_len=max(seq_lens),
+        seq_lens=lens,
+        slot_mapping=slot_mapping,
+        scheduler_metadata=scheduler,
+    )
+
+
+class _StageAdapter:
+    """The part of an ``Adapter`` a decoder drop stage reads (the layers and the final norm)."""
+
+    def __init__(self, layers, norm):
+        self.layers = layers
+        self.norm = norm
+        self.project_vision = None
+
+
+class _Request:
+    """One request of a step: its place in the step's tokens and what the loop keeps of it."""
+
+    def __init__(self, start: int, length: int, seq_len: int, key: int, prefill: bool):
+        self.start, self.length, self.seq_len, self.key, self.prefill = start, length, seq_len, key, prefill
+        self.orig = torch.arange(length)  # prompt positions of the rows still present (prefill)
+        self.dropped: list[int] = []  # tokens dropped before each segment (layers from each stage on)
+        self.ctx = None  # the engine's StageContext (prefill with vision tokens)
+
+
+_CLASSES: dict = {}
+
+
+def model_class():
+    """``V2DropInLLMLlavaForConditionalGeneration`` (built on first use: it subclasses vLLM's LLaVA)."""
+    if ARCHITECTURE not in _CLASSES:
+        _CLASSES[ARCHITECTURE] = _build_model_class()
+    return _CLASSES[ARCHITECTURE]
+
+
+def __getattr__(name: str):
+    """The model class by its architecture name (vLLM's registry imports it as ``module:name``)."""
+    if name != ARCHITECTURE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return model_class()
+
+
+def _build_model_class():
+    """vLLM's LLaVA (the plugin's weight-name rule, every image token kept) with the in-LLM decoder loop."""
+    from v2drop.integrations import vllm as plugin
+
+    plugin.use_pil_pixtral_processor()
+    from vllm.forward_context import get_forward_context
+    from vllm.model_executor.models.llava import (
+        LlavaDummyInputsBuilder,
+        LlavaForConditionalGeneration,
+        LlavaMultiModalProcessor,
+        LlavaProcessingInfo,
+    )
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    from v2drop.engine.sequence import Sequence
+    from v2drop.engine.stages import StageContext, drop
+
+    pre_llm_class = getattr(plugin, plugin.ARCHITECTURE)
+
+    @MULTIMODAL_REGISTRY.register_processor(
+        LlavaMultiModalProcessor, info=LlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+    )
+    class V2DropInLLMLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+        """vLLM's LLaVA running a v2drop in-LLM method (``v2drop_method`` in the hf config) in its decoder loop."""
+
+        hf_to_vllm_mapper = pre_llm_class.hf_to_vllm_mapper
+
+        def __init__(self, *, vllm_config, prefix: str = "") -> None:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            method = plugin._method_of(self.config)
+            check_method(method)
+            decoder = self.language_model.model
+            method.schedule.check_depth(len(decoder.layers))
+            self.v2drop_method = method
+            self.v2drop_stage_at = {s.layer: i for i, s in enumerate(method.schedule.stages)}
+            self.v2drop_state: dict[int, tuple[int, list[int]]] = {}  # first KV block -> (prompt length, dropped)
+            self.v2drop_seconds = {"tower": 0.0, "prune": 0.0, "images": 0}
+            self.v2drop_traces = []  # per prefilled request with vision tokens: {"prompt_length", "stages"}
+            self.v2drop_steps = {"prefill": 0, "decode": 0, "mixed": 0}  # steps run, by the kinds of their requests
+            self._v2drop_ids = None
+            for layer in decoder.layers:
+                layer.self_attn.attn._v2drop_dtype = vllm_config.model_config.dtype
+
+        def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+            """LLaVA's embeddings; the step's token ids are kept (their ``<image>`` placeholders mark vision)."""
+            self._v2drop_ids = input_ids
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+
+        def _process_image_input(self, image_input):
+            """LLaVA's image features, timed as the pre-LLM plugin times its tower."""
+            start = time.perf_counter()
+            out = super()._process_image_input(image_input)
+            self.v2drop_seconds["tower"] += time.perf_counter() - start
+            self.v2drop_seconds["images"] += len(image_input.get("pixel_values", ()))
+            return out
+
+        def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+            """The decoder loop with the method's drop stages (``docs/serving.md``); vLLM's own without metadata."""
+            context = get_forward_context()
+            if not isinstance(context.attn_metadata, dict) or not context.attn_metadata:
+                return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+            if intermediate_tensors is not None:
+                raise NotImplementedError("The in-LLM plugin runs without pipeline parallelism")
+            decoder = self.language_model.model
+            ids = input_ids if input_ids is not None else self._v2drop_ids
+            hidden = inputs_embeds if inputs_embeds is not None else decoder.embed_input_ids(input_ids)
+            saved = context.attn_metadata, context.slot_mapping
+            context.attn_metadata, context.slot_mapping = dict(saved[0]), dict(saved[1])
+            try:
+                return self._v2drop_loop(context, decoder, ids, positions, hidden)
+            finally:
+                context.attn_metadata, context.slot_mapping = saved
+
+        def _v2drop_requests(self, meta, ids) -> list[_Request]:
+            """The step's requests from the first layer's metadata (prefill or decode; others refused)."""
+            qsl, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
+            firsts = meta.block_table[:, 0].tolist()
+            requests = []
+            for r, seq_len in enumerate(lens):
+                length = qsl[r + 1] - qsl[r]
+                if length == seq_len:
+                    requests.append(_Request(qsl[r], length, seq_len, firsts[r], True))
+                elif length == 1:
+                    request = _Request(qsl[r], 1, seq_len, firsts[r], False)
+                    state = self.v2drop_state.get(request.key)
+                    if state is None or seq_len <= state[0]:
+                        raise RuntimeError(
+                            "The in-LLM plugin has no drop state for a decoding request (its prefill ran elsewhere)"
+                        )
+                    request.dropped = state[1]
+                    requests.append(request)
+                else:
+                    raise NotImplementedError(
+                        f"A request of this step prefills {length} of {seq_len} tokens: the in-LLM plugin needs "
+                        "whole prompts in one step (enable_chunked_prefill=False, enable_prefix_caching=False, no "
+                        "speculative decoding)"
+                    )
+            return requests
+
+        def _v2drop_loop(self, context, decoder, ids, positions, hidden):
+            """Run the decoder over the step's tokens, dropping at the stage layers; the final hidden states."""
+            method, stage_at = self.v2drop_method, self.v2drop_stage_at
+            layers = decoder.layers
+            names = [layer.self_attn.attn.layer_name for layer in layers]
+            meta = context.attn_metadata[names[0]]
+            requests = self._v2drop_requests(meta, ids)
+            kinds = {request.prefill for request in requests}
+            self.v2drop_steps["mixed" if len(kinds) == 2 else "prefill" if True in kinds else "decode"] += 1
+            n_tokens = int(meta.query_start_loc[-1])
+            total = hidden.shape[0]
+            vision = torch.zeros(n_tokens, dtype=torch.bool)
+            if ids is not None:
+                vision = ids[:n_tokens].cpu() == self.config.image_token_index
+            rows = torch.arange(n_tokens)  # step-token index of every row still present
+            hidden, pos, residual, prev = hidden[:n_tokens], positions[:n_tokens], None, None
+            original_pos = positions[:n_tokens]
+            segment = -1
+            for layer_idx, layer in enumerate(layers):
+                if layer_idx in stage_at:
+                    segment += 1
+                    x = hidden if residual is None else hidden + residual
+                    keep, new_pos = self._v2drop_stage(layer_idx, requests, x, prev, rows, vision, original_pos)
+                    rows, pos = rows[keep], new_pos
+                    hidden = hidden[keep]
+                    residual = residual[keep] if residual is not None else None
+                    self._v2drop_metadata(context, names[layer_idx:], requests, segment, meta)
+                if layer_idx + 1 in stage_at and method.scorer.at(layer_idx + 1).needs_prev_hidden:
+                    # a copy: a fused residual add may update its inputs in place
+                    prev = hidden.clone() if residual is None else hidden + residual
+                hidden, residual = layer(pos, hidden, residual)
+            hidden, _ = decoder.norm(hidden, residual)
+            for request in requests:
+                if request.prefill:
+                    self.v2drop_state[request.key] = (request.length, request.dropped)
+            out = hidden.new_zeros(total, hidden.shape[-1])
+            out[rows] = hidden
+            return out
+
+        def _v2drop_stage(self, layer_idx, requests, x, prev, rows, vision, original_pos):
+            """The drop stage before ``layer_idx`` on every prefilling request: the indices of the kept rows (into
+            the current rows) and the positions of the kept rows for the next layers."""
+            start_time = time.perf_counter()
+            method, stage_at = self.v2drop_method, self.v2drop_stage_at
+            keep, new_pos, offset = [], [], 0
+            for request in requests:
+                n = request.orig.numel() if request.prefill else 1
+                local = torch.arange(offset, offset + n)
+                if request.prefill:
+                    flat = request.start + request.orig
+                    is_vision = vision[flat]
+                    if bool(is_vision.any()):
+                        if request.ctx is None:
+                            request.ctx = StageContext(
+                                method=method,
+                                adapter=_StageAdapter(self.language_model.model.layers, self.language_model.model.norm),
+                                stage_at=stage_at,
+                                sample_keys=torch.zeros(1, dtype=torch.long),
+                                n_vision=[int(is_vision.sum())],
+                                traces=[plugin._Trace()],
+                                requests=dict.fromkeys(stage_at),
+                                queries={},
+                                pad=torch.zeros(1, dtype=torch.long),
+                            )
+                        seq = Sequence(
+                            hidden=x[offset : offset + n][None],
+                            position_ids=original_pos[flat][None],
+                            attention_mask=torch.ones(1, n, dtype=torch.long),
+                            orig_idx=request.orig[None],
+                            vision=is_vision[None],
+                            coords=torch.zeros(1, n, 3, dtype=torch.long),
+                            block=torch.full((1, n), -1, dtype=torch.long),
+                        )
+                        previous = prev[offset : offset + n][None] if prev is not None else None
+                        kept_orig = drop(seq, layer_idx, previous, request.ctx).orig_idx[0].cpu()
+                        local = offset + torch.searchsorted(request.orig, kept_orig)
+                        request.orig = kept_orig
+                    request.dropped = [*request.dropped, request.length - request.orig.numel()]
+                    compact = torch.arange(request.orig.numel())
+                    if method.position_policy == "renumber":
+                        new_pos.append(compact.to(original_pos.dtype))
+                    else:
+                        new_pos.append(original_pos[request.start + request.orig])
+                else:
+                    d = request.dropped[stage_at[layer_idx]]
+                    if method.position_policy == "renumber":
+                        new_pos.append(original_pos[rows[offset : offset + 1]] - d)
+                    else:
+                        new_pos.append(original_pos[rows[offset : offset + 1]])
+                keep.append(local)
+                offset += n
+            self.v2drop_seconds["prune"] += time.perf_counter() - start_time
+            for request in requests:
+                if request.prefill and request.ctx is not None and layer_idx == max(stage_at):
+                    self.v2drop_traces.append(
+                        {"prompt_length": request.length, "stages": list(request.ctx.traces[0].stages)}
+                    )
+            return torch.cat(keep), torch.cat(new_pos)
+
+        def _v2drop_metadata(self, context, names, requests, segment, meta):
+            """Give the layers ``names`` the attention metadata and slot mapping of the kept tokens of every request
+            (segment ``segment``: the layers from its stage on)."""
+            attn = self.language_model.model.layers[0].self_attn.attn
+            block_size = attn.kv_cache.shape[2]
+            q_lens, seq_lens, slot_rows = [], [], []
+            for r, request in enumerate(requests):
+                row = meta.block_table[r]
+                d = request.dropped[segment]
+                if request.prefill:
+                    if segment == 0 and not torch.equal(
+                        slots(row, torch.arange(request.length), block_size),
+                        meta.slot_mapping[request.start : request.start + request.length].long(),
+                    ):
+                        raise RuntimeError(
+                            "vLLM's slot mapping is not the block-table layout the in-LLM plugin assumes"
+                        )
+                    kept = request.length - d
+                    q_lens.append(kept)
+                    seq_lens.append(kept)
+                    slot_rows.append(slots(row, torch.arange(kept), block_size))
+                else:
+                    q_lens.append(1)
+                    seq_lens.append(request.seq_len - d)
+                    slot_rows.append(slots(row, torch.tensor([request.seq_len - 1 - d]), block_size))
+            slot_mapping = torch.cat(slot_rows).to(meta.slot_mapping.dtype)
+            new = compact_metadata(meta, q_lens, seq_lens, slot_mapping, attn)
+            for name in names:
+                context.attn_metadata[name] = new
+                context.slot_mapping[name] = slot_mapping
+
+    V2DropInLLMLlavaForConditionalGeneration.__name__ = ARCHITECTURE
+    V2DropInLLMLlavaForConditionalGeneration.__qualname__ = ARCHITECTURE
+    return V2DropInLLMLlavaForConditionalGeneration
