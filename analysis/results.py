@@ -185,11 +185,13 @@ SECTIONS = [
     Section(
         "video_table",
         "Video methods (25 / 15 / 10% retained)",
-        "VidCom2 and the frame-level controls (`frames`: whole frames sampled uniformly; `frame_pool`: every frame "
-        "average-pooled to its share) and a pre-LLM `random`, all keeping the share of the vision tokens before the "
-        "LLM, beside FastV and V²Drop fitted to the same share averaged over the decoder layers, on the first "
-        "`digits-video` test questions (8 frames, 2,048 vision tokens), with the median time split per sample "
-        "(vision encoder and projector, scoring, prefill, decode, time to first token). The shipped proxy is "
+        "VidCom2, FastVID, HoliTom (its outer stage keeps the share before the LLM, its inner stage halves the "
+        "tokens at a middle layer) and the frame-level controls (`frames`: whole frames sampled uniformly; "
+        "`frame_pool`: every frame average-pooled to its share) and a pre-LLM `random`, keeping the share of the "
+        "vision tokens before the LLM, beside FastV and V²Drop fitted to the same share averaged over the decoder "
+        "layers, on the first `digits-video` test questions (8 frames, 2,048 vision tokens), with the median time "
+        "split per sample (vision encoder and projector, scoring: the scorer's scores and selection, prefill, "
+        "decode, time to first token). The shipped proxy is "
         'trained on single images and does not answer video questions (`docs/proxy.md`, "Video"): its '
         "accuracies here are not a comparison of the methods; the token counts and the time split are.",
         (("analysis.video_table", "--limit", "12", "--threads", "1"),),
