@@ -171,3 +171,29 @@ def greedy_decode(a, logits, cache, alive_at, pos, pad, max_new_tokens: int) -> 
             h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
         logits = a.lm_head(a.norm(h[:, -1])).float()
     return torch.stack(tokens, 1).tolist()
+
+
+def video_embeddings(lvlm, inputs):
+    """A Qwen video prompt's input embeddings with the video features in place (1, L, D), its vision mask (L,), the
+    vision tokens' prompt positions and their (t, h, w) coordinates, as the merge references start from."""
+    vision = lvlm.adapter.vision_mask(inputs["input_ids"])[0]
+    positions_v = vision.nonzero().flatten()
+    with torch.no_grad():
+        model = lvlm.model.model
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        video = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
+        video = torch.cat(list(video)) if isinstance(video, (list, tuple)) else video
+        embeds[0, vision] = video.to(embeds.dtype)
+    coords = lvlm.adapter.vision_coords(inputs, lvlm.adapter.vision_mask(inputs["input_ids"]))[0, positions_v]
+    return embeds, vision, positions_v, coords
+
+
+def language_model_logits(lvlm, inputs, embeds, keep, values) -> torch.Tensor:
+    """The first-token logits of the language model on the prompt's tokens ``keep`` (L,) with input embeddings
+    ``values`` (L, D) and the prompt's own position ids of those tokens (``preserve``)."""
+    ids = lvlm.adapter.position_ids(inputs)
+    with torch.no_grad():
+        hidden = lvlm.model.model.language_model(
+            inputs_embeds=values[None, keep].to(embeds.dtype), position_ids=ids[:, :, keep], use_cache=False
+        ).last_hidden_state
+        return lvlm.model.lm_head(hidden[:, -1]).float()

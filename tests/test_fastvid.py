@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import v2drop
 from tests.prellm_helpers import prellm_state
+from tests.reference_helpers import language_model_logits, video_embeddings
 from tests.test_video import qwen_video_inputs, real_onevision, video_prompt
 from v2drop import Method
 from v2drop.benchmarks import get_benchmark
@@ -313,16 +314,9 @@ def equals_language_model_on_merged_tokens(lvlm, inputs, method):
     embedding at the anchor's place, ``fastvid_plan`` recomputed here) with the prompt's M-RoPE ids (``preserve``);
     returns the plan's groups."""
     out = lvlm.generate_from_inputs(inputs, method, max_new_tokens=1, stop_at_eos=False)
-    vision = lvlm.adapter.vision_mask(inputs["input_ids"])[0]
-    positions_v = vision.nonzero().flatten()
     scorer = method.scorer
+    embeds, vision, positions_v, coords = video_embeddings(lvlm, inputs)
     with torch.no_grad():
-        model = lvlm.model.model
-        embeds = model.get_input_embeddings()(inputs["input_ids"])
-        video = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
-        video = torch.cat(list(video)) if isinstance(video, (list, tuple)) else video
-        embeds[0, vision] = video.to(embeds.dtype)
-        coords = lvlm.adapter.vision_coords(inputs, lvlm.adapter.vision_mask(inputs["input_ids"]))[0, positions_v]
         n = len(positions_v)
         features = embeds[0, positions_v].float()
         salient = torch.zeros(n)
@@ -346,11 +340,7 @@ def equals_language_model_on_merged_tokens(lvlm, inputs, method):
             values[positions_v[anchor]] = (weights[:, None] * embeds[0, positions_v[members]].float()).sum(0)
         stage = out.traces[0].stages[0]
         assert sorted(stage["kept"] + stage["merged"]) == (keep & vision).nonzero().flatten().tolist()
-        ids = lvlm.adapter.position_ids(inputs)
-        hidden = model.language_model(
-            inputs_embeds=values[None, keep].to(embeds.dtype), position_ids=ids[:, :, keep], use_cache=False
-        ).last_hidden_state
-        logits = lvlm.model.lm_head(hidden[:, -1]).float()
+        logits = language_model_logits(lvlm, inputs, embeds, keep, values)
     torch.testing.assert_close(out.first_logits, logits, atol=1e-5, rtol=0)
     return groups
 
