@@ -8,6 +8,7 @@ import torch
 
 import v2drop
 from tests.prellm_helpers import kept_by, prellm_state
+from tests.reference_helpers import language_model_logits, video_embeddings
 from tests.test_video import qwen_video_inputs, real_onevision, video_prompt
 from v2drop import Method
 from v2drop.benchmarks import get_benchmark
@@ -194,15 +195,6 @@ def test_vidcom2_on_qwen_video_keeps_the_kept_tokens_m_rope_positions(tiny):
     assert len(kept) == int(vision.sum()) // 4
     keep = (~vision).clone()
     keep[kept] = True
-    with torch.no_grad():
-        model = lvlm.model.model
-        embeds = model.get_input_embeddings()(inputs["input_ids"])
-        video = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
-        video = torch.cat(list(video)) if isinstance(video, (list, tuple)) else video
-        embeds[0, vision] = video.to(embeds.dtype)
-        positions = lvlm.adapter.position_ids(inputs)
-        hidden = model.language_model(
-            inputs_embeds=embeds[:, keep], position_ids=positions[:, :, keep], use_cache=False
-        ).last_hidden_state
-        logits = lvlm.model.lm_head(hidden[:, -1]).float()
+    embeds = video_embeddings(lvlm, inputs)[0]
+    logits = language_model_logits(lvlm, inputs, embeds, keep, embeds[0])
     torch.testing.assert_close(out.first_logits, logits, atol=1e-5, rtol=0)
