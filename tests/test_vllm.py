@@ -21,8 +21,20 @@ from v2drop.method import resolve_method  # noqa: E402
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N_SAMPLES = 8
-# random at DivPrune's pre-LLM schedule: its per-prompt seed travels from vLLM's processor to the model
-METHODS = ["none", "divprune-llava15-64", "visionzip-llava15-64", "random:divprune-llava15-64"]
+# random at DivPrune's pre-LLM schedule: its per-prompt seed travels from vLLM's processor to the model; HoloV reads
+# the recomputed [CLS] attention, VisPruner also the tower's features, HiPrune the received attention of two tower
+# layers; VidCom2 and frame_pool treat the image as one frame (frame_pool adds pooled tokens in place of the image's)
+METHODS = [
+    "none",
+    "divprune-llava15-64",
+    "visionzip-llava15-64",
+    "random:divprune-llava15-64",
+    "holov-llava15-64",
+    "vispruner-llava15-64",
+    "hiprune-llava15-64",
+    "vidcom2-llava15-64",
+    "frame_pool-llava15-64",
+]
 
 
 def _method(name: str, depth: int | None = None):
@@ -102,7 +114,8 @@ def test_vllm_answers_as_the_engine(name, engine, served):
 
 @pytest.mark.parametrize("name", METHODS[1:])
 def test_vllm_keeps_the_engines_tokens(name, engine, served):
-    """Each image's kept (and, for VisionZip, merged-into) token indices are the engine's for that sample."""
+    """Each image's kept (and, for VisionZip, merged-into; for frame_pool, each pooled cell's first) token indices are
+    the engine's for that sample."""
     _, out = engine
     image_id = v2drop.load("proxy").model.config.image_token_index
 
@@ -123,7 +136,7 @@ def test_in_llm_methods_are_refused_with_the_reason():
     """FastV drops inside the decoder by attention weights: refused before any engine starts, naming why."""
     with pytest.raises(ValueError, match="drops tokens inside the decoder"):
         engine_args("fastv-llava15-128")
-    with pytest.raises(ValueError, match="not supported by the vLLM plugin"):
+    with pytest.raises(ValueError, match="not supported by the vLLM plugin: it scores an image's tokens against the"):
         check_method(
             v2drop.Method.from_dict(
                 {
@@ -133,6 +146,10 @@ def test_in_llm_methods_are_refused_with_the_reason():
                 }
             )
         )
+    # pre-LLM scorers whose kept count follows the image, not the budget: vLLM fixes the placeholder count first
+    for preset in ("holitom-llava15-64", "fastvid-llava15-64"):
+        with pytest.raises(ValueError, match="close to, not exactly, the budget"):
+            engine_args(preset)
     assert engine_args("none")["hf_overrides"]["architectures"] == [ARCHITECTURE]
 
 

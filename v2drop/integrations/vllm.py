@@ -24,8 +24,12 @@ through ``hf_overrides``::
   expansion both), and the model keeps the matching projected features, chosen by the method's own
   scorer through the engine's own drop stage (``v2drop.engine.stages.drop``) on the image's
   projected features, so the kept set is the v2drop engine's for a sample with that one image.
-  Scorers that read the vision tower's [CLS] attention and keys (VisionZip) get them recomputed
-  from the tower's last layer input: one extra query/key projection of that layer per image.
+  Scorers that read the vision tower's [CLS] attention and keys (VisionZip, HoloV, VisPruner) get them
+  recomputed from the tower's last layer input: one extra query/key projection of that layer per image;
+  VisPruner also reads that layer's patch outputs (the tower's features). HiPrune's received
+  attention (every query's, heads and queries averaged) is recomputed at each requested layer from
+  that layer's input while the tower runs layer by layer: one more query/key projection and one
+  full attention map per requested layer and image.
   ``random`` gets its prompt's seed (the engine's ``sample_keys``, from the prompt ids with every
   ``<image>`` expanded) as a per-image multimodal field that the processor computes; the seed also
   enters the images' cache keys, so one image under two prompts is two items.
@@ -35,7 +39,8 @@ two agree on one image per prompt. Positions are vLLM's, contiguous over the kep
 method must use ``position_policy: renumber`` (the presets of pre-LLM methods do). V²Drop's decoder
 stages run in a second architecture, ``V2DropInLLMLlavaForConditionalGeneration``
 (``v2drop.integrations.vllm_inllm``), which ``engine_args`` picks for them; methods that score decoder
-stages otherwise (FastV, PDrop, ...) are refused with the reason (``check_method``).
+stages otherwise (FastV, PDrop, ...) and the pre-LLM scorers of ``REFUSED_SCORERS`` (CDPruner, HoliTom,
+FastVID, frames) are refused with the reason (``check_method``).
 
 Importing this module imports nothing from vLLM; ``register()`` also points transformers' pixtral
 image-processor module at its PIL twin when torchvision cannot be imported (vLLM's LLaVA module
@@ -57,9 +62,30 @@ import torch
 
 ARCHITECTURE = "V2DropLlavaForConditionalGeneration"  # the architecture name the plugin registers
 METHOD_KEY = "v2drop_method"  # the hf_overrides key (a config attribute) that names the method
-# Scorers whose pre-LLM scores read only the image's own vision tokens (not the prompt's text), so an
-# image scored alone gets the engine's scores; the others need the prompt or the decoder.
-SUPPORTED_SCORERS = ("uniform", "random", "divprune", "visionzip", "position")
+# Scorers whose pre-LLM scores read only the image's own vision tokens and its tower's attention (not the prompt's
+# text), with a kept count fixed by the budget, so an image scored alone gets the engine's scores and kept count.
+SUPPORTED_SCORERS = (
+    "uniform",
+    "random",
+    "divprune",
+    "visionzip",
+    "position",
+    "holov",
+    "vispruner",
+    "hiprune",
+    "vidcom2",
+    "frame_pool",
+)
+# Why the other pre-LLM scorers are refused (a scorer not named here: it scores inside the decoder).
+REFUSED_SCORERS = {
+    "cdpruner": "it scores an image's tokens against the prompt's text (its instruction embedding), which vLLM's "
+    "encoder does not see",
+    "holitom": "its kept count follows the image's clusters (close to, not exactly, the budget), but vLLM fixes each "
+    "image's placeholder count before the model runs",
+    "fastvid": "its kept count follows the image's segments and merges (close to, not exactly, the budget), but vLLM "
+    "fixes each image's placeholder count before the model runs",
+    "frames": "it keeps whole frames, and one image is one frame: every token stays (no dropping), not the budget",
+}
 SAMPLE_KEY = "v2drop_sample_key"  # the per-image multimodal field carrying its prompt's seed (``random``)
 _PIXTRAL = "transformers.models.pixtral.image_processing_pixtral"
 
@@ -136,16 +162,17 @@ def check_method(method) -> None:
             "V²Drop's decoder stages, or v2drop's own engine"
         )
     if method.scorer_name not in SUPPORTED_SCORERS:
+        reason = REFUSED_SCORERS.get(
+            method.scorer_name, "it scores an image from more than its own vision tokens and tower (decoder attention)"
+        )
         raise ValueError(
-            f"Scorer {method.scorer_name!r} is not supported by the vLLM plugin: it scores an image from more than its "
-            f"own vision tokens (the prompt's text or decoder attention); supported: "
+            f"Scorer {method.scorer_name!r} is not supported by the vLLM plugin: {reason}; supported: "
             f"{', '.join(SUPPORTED_SCORERS)}"
         )
-    request = method.scorer.vision_request()
-    if request is not None and (request.received_layers or request.features):
+    if method.scorer_name == "visionzip" and method.scorer.vision_request().features:
         raise ValueError(
-            f"Scorer {method.scorer_name!r} asks the vision tower for received attention or tower-space features, "
-            "which the vLLM plugin does not serve; use merge_space='projected'"
+            "VisionZip merging in the tower's space (merge_space='tower') is not supported by the vLLM plugin (it is "
+            "untested there); use merge_space='projected'"
         )
     if method.position_policy != "renumber":
         raise ValueError(
@@ -232,8 +259,18 @@ def sample_key(prompt_ids: list[int], image_token_id: int, n_tokens: int) -> int
 
 
 def kept_per_image(method, n_tokens: int) -> int:
-    """Vision tokens an image of ``n_tokens`` keeps under ``method`` (all of them without a drop)."""
-    return method.schedule.kept_count(0, n_tokens, n_tokens) if method.drops else n_tokens
+    """Vision tokens an image of ``n_tokens`` (a square grid) keeps under ``method`` (all of them without a drop):
+    the stage's count; for ``frame_pool`` the cells of the largest pooled grid of at most that count."""
+    if not method.drops:
+        return n_tokens
+    count = method.schedule.kept_count(0, n_tokens, n_tokens)
+    if method.scorer_name == "frame_pool" and count < n_tokens:
+        from v2drop.scorers.frame_controls import pooled_grid
+
+        side = int(round(n_tokens**0.5))
+        rows, cols = pooled_grid(count, side, side) if side * side == n_tokens else (1, count)
+        return rows * cols
+    return count
 
 
 def _method_of(config):
@@ -249,36 +286,64 @@ def _checked(spec: str):
     return method
 
 
-def tower_state(vision_model, pixel_values: torch.Tensor, request) -> tuple[torch.Tensor, dict]:
-    """Run vLLM's CLIP tower on ``pixel_values`` (N, C, H, W) and recompute its last layer's [CLS] attention.
+def tower_state(vision_model, pixel_values: torch.Tensor, request, depth: int, feature_layer: int):
+    """Run vLLM's CLIP tower on ``pixel_values`` (N, C, H, W) and recompute the attention ``request`` asks for.
 
-    Returns the last layer's output (N, 1 + P, C) (what the projector reads, the [CLS] first) and the
-    ``StageContext.vision`` entries ``request`` asks for, as ``LlavaAdapter.vision_tower_state`` gives
-    them: ``cls_attention`` (N, P) heads summed, ``keys`` (N, P, hd) heads averaged (both from that
-    layer's own query/key projection of its normed input, float32).
+    vLLM builds the tower up to the feature-selection layer (``vision_feature_layer`` of a tower ``depth`` layers
+    deep), so its last layer is that layer. Returns the last layer's output (N, 1 + P, C) (what the projector
+    reads, the [CLS] first) and the ``StageContext.vision`` entries ``request`` asks for, as
+    ``LlavaAdapter.vision_tower_state`` gives them (each from a layer's own query/key projection of its normed input,
+    float32): ``cls_attention`` (N, P) the selection layer's [CLS] row, heads summed; ``keys`` (N, P, hd) its keys,
+    heads averaged; ``features`` (N, P, C) float32 the selection layer's patch outputs; ``received`` per entry of
+    ``request.received_layers`` (numbered as ``vision_feature_layer``, floats a share of ``depth``), the attention
+    each patch receives in that layer, heads then queries averaged. A requested layer after the selection layer,
+    which vLLM does not build, raises a ValueError.
     """
-    hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))
+    from v2drop.models.llava import _tower_layer
+
     layers = vision_model.encoder.layers
-    for layer in layers[:-1]:
+    received_at = {name: _tower_layer(range(depth), feature_layer, name) for name in request.received_layers}
+    beyond = {name: index for name, index in received_at.items() if index > len(layers)}
+    if beyond:
+        raise ValueError(
+            f"Received attention of tower layers {beyond} (requested as named: index) is asked for, but vLLM builds "
+            f"the tower only up to its feature-selection layer ({len(layers)} of {depth} layers)"
+        )
+    hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))
+    received = {}
+    for index, layer in enumerate(layers, start=1):
+        for name in [name for name, at in received_at.items() if at == index]:
+            probs = _attention(layer, hidden, slice(None))  # (N, H, T, T)
+            received[name] = probs.mean(1).mean(1)[:, 1:]  # heads, then queries averaged; patch columns
+        if index == len(layers):
+            probs = _attention(layer, hidden, slice(0, 1), keys=request.keys)
+            probs, k = probs if request.keys else (probs, None)
         hidden = layer(hidden)
-    last = layers[-1]
-    out = last(hidden)
-    attn = last.self_attn
-    qkv, _ = attn.qkv_proj(last.layer_norm1(hidden))
-    q, k, _ = qkv.float().chunk(3, dim=-1)
-    n, t, _ = k.shape
-    q = q[:, :1].view(n, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = k.view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-    probs = torch.softmax((q * attn.scale) @ k.transpose(-1, -2), dim=-1)[:, :, 0]  # (N, H, T)
+    probs = probs[:, :, 0]  # (N, H, T): the [CLS] row
     vision = {
         "cls_attention": probs[:, :, 1:].sum(1),
         "keys": k.mean(1)[:, 1:] if request.keys else None,
         "cls_embeds": None,
         "crops": None,
-        "features": None,
-        "received": {},
+        "features": hidden[:, 1:].float() if request.features else None,
+        "received": received,
     }
-    return out, vision
+    return hidden, vision
+
+
+def _attention(layer, x: torch.Tensor, queries: slice, keys: bool = False):
+    """A vLLM CLIP encoder layer's attention probabilities (N, H, Q, T) float32 of the queries ``x[:, queries]`` on
+    its input ``x`` (N, T, C), from its own fused query/key projection of its normed input; with ``keys`` also its
+    keys (N, H, T, hd) float32."""
+    attn = layer.self_attn
+    qkv, _ = attn.qkv_proj(layer.layer_norm1(x))
+    q, k, _ = qkv.float().chunk(3, dim=-1)
+    n, t, _ = k.shape
+    q = q[:, queries]
+    q = q.reshape(n, q.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = k.view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+    probs = torch.softmax((q * attn.scale) @ k.transpose(-1, -2), dim=-1)
+    return (probs, k) if keys else probs
 
 
 def prune_images(
@@ -376,6 +441,8 @@ def _build_model_class():
     from vllm.model_executor.models.utils import WeightsMapper
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.multimodal.inputs import MultiModalFieldConfig
+
+    from v2drop.schedule import PRE_LLM
 
     class V2DropLlavaProcessingInfo(LlavaProcessingInfo):
         """LLaVA's processing info with each image's placeholder count cut to the method's kept count."""
@@ -477,13 +544,19 @@ def _build_model_class():
                 out = super()._process_image_input(image_input)
                 self.v2drop_seconds["tower"] += time.perf_counter() - start
                 return out
-            request = method.scorer.vision_request()
+            request = method.scorer.at(PRE_LLM).vision_request()
             if request is None:
                 features, vision = self._process_image_pixels(image_input), None
             else:
                 if self.config.vision_feature_select_strategy != "default":
                     raise ValueError("The [CLS] attention needs vision_feature_select_strategy 'default'")
-                out, vision = tower_state(self.vision_tower.vision_model, pixels, request)
+                out, vision = tower_state(
+                    self.vision_tower.vision_model,
+                    pixels,
+                    request,
+                    self.config.vision_config.num_hidden_layers,
+                    self.config.vision_feature_layer,
+                )
                 features = out[:, 1:]
                 if request.cls_embeds:
                     vision["cls_embeds"] = list(self.multi_modal_projector(out[:, :1]).float())
