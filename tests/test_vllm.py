@@ -153,6 +153,19 @@ def test_in_llm_methods_are_refused_with_the_reason():
     assert engine_args("none")["hf_overrides"]["architectures"] == [ARCHITECTURE]
 
 
+def test_received_attention_beyond_the_built_tower_is_refused():
+    """vLLM builds LLaVA-1.5's tower up to its selection layer (23 of 24 for vision_feature_layer -2): received
+    attention of layer 24 (-1) cannot be recomputed and is refused, naming the layer, before the tower runs."""
+    from types import SimpleNamespace
+
+    from v2drop.integrations.vllm import tower_state
+    from v2drop.scorers import VisionRequest
+
+    tower = SimpleNamespace(encoder=SimpleNamespace(layers=[None] * 23))  # only the built layers' count is read
+    with pytest.raises(ValueError, match=r"tower layers \{-1: 24\}.*only up to its feature-selection layer \(23 of 24"):
+        tower_state(tower, None, VisionRequest(received_layers=(0.375, None, -1)), 24, -2)
+
+
 def test_serve_bench_server_sweeps_concurrency(tmp_path):
     """--server: vLLM's OpenAI server on 127.0.0.1 answers as the engine at each concurrency; attention-scored in-LLM
     methods refused."""
