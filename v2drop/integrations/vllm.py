@@ -110,14 +110,22 @@ def use_pil_pixtral_processor() -> bool:
 
     Returns True when the module was redirected. With torchvision importable nothing changes.
     """
-    if _PIXTRAL in sys.modules:
+    return use_twin_module(
+        _PIXTRAL, lambda: importlib.import_module("transformers.models.pixtral.image_processing_pil_pixtral")
+    )
+
+
+def use_twin_module(name: str, twin) -> bool:
+    """Leave module ``name`` as it is when it imports; else (it needs torchvision, which the CPU environments lack)
+    register ``twin()`` under its name. Returns True when redirected."""
+    if name in sys.modules:
         return False
     try:
-        importlib.import_module(_PIXTRAL)
+        importlib.import_module(name)
         return False
-    except ImportError:  # needs torchvision, which the CPU environments lack
-        sys.modules.pop(_PIXTRAL, None)
-    sys.modules[_PIXTRAL] = importlib.import_module("transformers.models.pixtral.image_processing_pil_pixtral")
+    except ImportError:
+        sys.modules.pop(name, None)
+    sys.modules[name] = twin()
     return True
 
 

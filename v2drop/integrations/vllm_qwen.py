@@ -45,14 +45,13 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-import sys
 import time
 import types
 
 import numpy as np
 import torch
 
-from v2drop.integrations.vllm import METHOD_KEY, resolve
+from v2drop.integrations.vllm import METHOD_KEY, resolve, use_twin_module
 from v2drop.integrations.vllm import kept_per_image as kept_count  # an item's kept count under a method
 
 # vLLM's architecture -> the plugin's architecture running v2drop's pre-LLM methods on it
@@ -87,19 +86,16 @@ def use_pil_qwen2vl_image_processor() -> bool:
     The twin module (``image_processing_pil_qwen2_vl``: ``smart_resize``, ``Qwen2VLImageProcessorPil``) also
     answers to ``Qwen2VLImageProcessor``, the name vLLM's Qwen2-VL module imports. Returns True when redirected.
     """
-    if _QWEN_IMAGE in sys.modules:
-        return False
-    try:
-        importlib.import_module(_QWEN_IMAGE)
-        return False
-    except ImportError:  # needs torchvision, which the CPU environments lack
-        sys.modules.pop(_QWEN_IMAGE, None)
+    return use_twin_module(_QWEN_IMAGE, _pil_qwen2vl_twin)
+
+
+def _pil_qwen2vl_twin() -> types.ModuleType:
+    """transformers' PIL Qwen2-VL image-processor module, also answering to ``Qwen2VLImageProcessor``."""
     pil = importlib.import_module("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
     twin = types.ModuleType(_QWEN_IMAGE, pil.__doc__)
     twin.__dict__.update({k: v for k, v in vars(pil).items() if k not in ("__name__", "__doc__")})
     twin.Qwen2VLImageProcessor = pil.Qwen2VLImageProcessorPil
-    sys.modules[_QWEN_IMAGE] = twin
-    return True
+    return twin
 
 
 def qwen_method(spec):
