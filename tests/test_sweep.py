@@ -290,6 +290,12 @@ def test_two_workers_share_one_study(saved_model, tmp_path, kind):
     assert len({tuple(sorted(t.params.items())) for t in done}) == 6  # distinct trials
 
 
+def _completed_and_running(study) -> bool:
+    """True when ``study`` holds a finished trial and a running one."""
+    states = [t.state for t in study.trials]
+    return optuna.trial.TrialState.COMPLETE in states and optuna.trial.TrialState.RUNNING in states
+
+
 def test_killed_worker_trial_is_failed_and_retried(saved_model, tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     victim = start_worker(worker_config(tmp_path, saved_model, url, 50))
@@ -301,10 +307,17 @@ def test_killed_worker_trial_is_failed_and_retried(saved_model, tmp_path):
             study = optuna.load_study(study_name="shared", storage=url)
         except Exception:  # noqa: BLE001 - not created yet
             continue
-        states = [t.state for t in study.trials]
-        if optuna.trial.TrialState.COMPLETE in states and optuna.trial.TrialState.RUNNING in states:
+        if not _completed_and_running(study):
+            continue
+        victim.send_signal(signal.SIGSTOP)  # frozen, so the trial cannot finish between this check and the kill
+        try:
+            confirmed = _completed_and_running(optuna.load_study(study_name="shared", storage=url))
+        except Exception:  # noqa: BLE001 - frozen while holding the database lock
+            confirmed = False
+        if confirmed:
             victim.send_signal(signal.SIGKILL)
             break
+        victim.send_signal(signal.SIGCONT)
     victim.wait(timeout=30)
     victim.stdout.close()
     assert victim.returncode == -signal.SIGKILL
