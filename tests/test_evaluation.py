@@ -184,6 +184,56 @@ def test_a_stored_result_filed_before_the_accounting_gets_it_from_its_records(ti
     assert json.loads((folder / "result.json").read_text())["tokens"] == fresh.tokens  # written back
 
 
+def test_a_second_process_on_the_same_key_waits_for_the_first_then_reads_its_result(tiny, tmp_path, capsys):
+    """Two processes asking for one key never both append to its records: while another process holds the folder's
+    lock the evaluation waits (saying for whom), and once that process has filed the result it is read back with no
+    model work."""
+    import subprocess
+    import sys
+    import threading
+
+    cfg = stored_config(tmp_path, limit=2)
+    lvlm = tiny("llava")
+    first = run_evaluation(cfg, lvlm=lvlm)
+    (folder,) = (tmp_path / "store").iterdir()
+    (folder / "result.json").rename(tmp_path / "result.json")  # as if the other process were still at work
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; h = open(sys.argv[1], 'a+'); fcntl.flock(h, fcntl.LOCK_EX); "
+            "h.truncate(0); h.write(str(os.getpid())); h.flush(); print('locked', flush=True); "
+            "sys.stdin.readline(); os.replace(sys.argv[2], sys.argv[3])",
+            str(folder / "lock"),
+            str(tmp_path / "result.json"),
+            str(folder / "result.json"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    calls, outcome = [], {}
+    generate = lvlm.generate_from_inputs
+    lvlm.generate_from_inputs = lambda *a, **k: calls.append(1) or generate(*a, **k)
+    waiter = threading.Thread(target=lambda: outcome.setdefault("result", run_evaluation(cfg, lvlm=lvlm)))
+    waiter.start()
+    said = ""
+    for _ in range(600):
+        said += capsys.readouterr().err
+        if "waiting for process" in said:
+            break
+        waiter.join(0.1)
+    assert f"waiting for process {holder.pid}, which is evaluating {folder}" in said
+    assert waiter.is_alive() and not calls  # still waiting: no sample evaluated, no record appended
+    holder.communicate("go\n", timeout=60)
+    waiter.join(120)
+    again = outcome["result"]
+    assert again.reused and not calls and again.metrics == first.metrics
+    ids = [r["id"] for r in read_records(folder / "records.jsonl")]
+    assert len(ids) == len(set(ids)) == 2  # each sample once
+
+
 def test_processor_args_a_family_does_not_take_fail_before_any_sample(tiny, tmp_path):
     """Pan-and-scan asked of llava: one clear error naming what its processor accepts, nothing filed in the store."""
     cfg = {"model": "tiny", "limit": 1, "progress": False, "store": str(tmp_path / "store")}

@@ -14,7 +14,9 @@ finish) and ``result.json`` (the ``EvalResult``, written once every sample is do
 The store is ``EvalConfig.store`` when set, else ``$V2DROP_STORE``, else ``runs/store``. A key
 whose ``result.json`` exists is read back: no model work. A key with records but no result
 (an interrupted run) continues where it stopped: finished samples are skipped. That is the one
-cache and the one resume.
+cache and the one resume. One process at a time evaluates a key: it holds an exclusive lock on the
+folder's ``lock`` file, and a second process asking for the same key waits for it, then reads its
+result back (a killed holder releases the lock; the next one resumes its records).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import hashlib
 import json
 import os
 import re
+import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -208,8 +212,6 @@ def evaluate_in_store(
     ``samples`` default to the first ``config.limit`` of ``split`` (default: ``config.split``
     resolved by the benchmark). Returns None on ranks other than 0 of a multi-device run.
     """
-    from v2drop.evaluation.harness import evaluate
-
     split = benchmark.resolve_split(config.split if split is None else split)
     samples = benchmark.load(split, config.limit) if samples is None else samples
     method = method.rescaled(lvlm.depth)
@@ -219,6 +221,47 @@ def evaluate_in_store(
     if finished is not None:
         return finished
     folder.mkdir(parents=True, exist_ok=True)
+    with key_lock(folder):
+        finished = read_stored(folder)  # another process may have finished the key while this one waited
+        if finished is not None:
+            return finished
+        return _evaluate_into(lvlm, benchmark, method, config, samples, split, key, folder)
+
+
+@contextmanager
+def key_lock(folder: Path):
+    """Hold the exclusive lock of a store folder (its ``lock`` file) while evaluating into it, waiting (with a
+    message naming the holder's pid) while another process holds it. Ranks a launcher started skip it: rank 0,
+    which started them, holds it for the whole run."""
+    from v2drop.evaluation.ranks import launched_rank
+
+    if launched_rank():
+        yield
+        return
+    import fcntl
+
+    with open(folder / "lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            print(f"waiting for process {holder}, which is evaluating {folder} ...", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _evaluate_into(lvlm, benchmark, method, config, samples, split, key: RunKey, folder: Path) -> EvalResult | None:
+    """Evaluate a key into its folder (the caller holds its lock) and file ``result.json`` once every sample is done."""
+    from v2drop.evaluation.harness import evaluate
+
     (folder / "key.json").write_text(json.dumps(key.to_json(), indent=2))
     result = evaluate(
         lvlm, benchmark, method, config, records_path=folder / "records.jsonl", resume=True, samples=samples
