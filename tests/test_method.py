@@ -167,18 +167,21 @@ def test_resolve_method_combines_scorer_schedule_and_arguments():
 
 def test_importing_the_library_loads_no_heavy_framework():
     """``import v2drop`` (and its evaluation and search packages) leaves Lightning, Optuna, wandb, matplotlib and pandas
-    unloaded.
+    unloaded, but for what transformers' own generation module loads (transformers 5.19, vLLM's, imports
+    scikit-learn there, which imports pandas).
     """
     import subprocess
     import sys
 
-    code = (
-        "import sys, v2drop, v2drop.evaluation, v2drop.search, v2drop.method; "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & "
-        "{'lightning', 'optuna', 'wandb', 'matplotlib', 'pandas'}))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(v2drop.__file__).parent.parent
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    heavy = "{'lightning', 'optuna', 'wandb', 'matplotlib', 'pandas'}"
+
+    def loaded(imports: str) -> str:
+        code = f"import sys, {imports}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))"
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(v2drop.__file__).parent.parent
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert loaded("transformers.generation.utils") in ("[]", "['pandas']")
+    assert loaded("v2drop, v2drop.evaluation, v2drop.search, v2drop.method") == loaded("transformers.generation.utils")
