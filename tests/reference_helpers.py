@@ -23,17 +23,14 @@ def transformers_generate(lvlm, inputs, max_new_tokens: int):
     return out.logits[0].float(), out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
 
 
-def _additive_keys(mask: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-    """The eager layer's additive (B, 1, Q, K) mask with the keys not ``alive`` (B, K) removed as well."""
-    return mask.masked_fill(~alive[:, None, None, :], torch.finfo(mask.dtype).min)
-
-
 @torch.no_grad()
 def masked_transformers_generate(lvlm_eager, inputs, schedule: Schedule, max_new_tokens: int):
-    """V²Drop on transformers' own eager model: a pre-hook on every decoder layer sees the input transformers
-    gives it (DeepStack additions of the layer before included); at a stage layer it keeps the top-k of the
-    L2 variation from the previous layer's input among the vision tokens still alive, and from then on the
-    dropped tokens are masked as keys (prefill and every decoding step). Returns (first logits, tokens, kept)."""
+    """V²Drop on transformers' own eager model: a pre-hook on every decoder layer sees the input transformers gives
+    it (DeepStack additions of the layer before included); at a stage layer it keeps the top-k of the L2 variation
+    from the previous layer's input among the vision tokens still alive, and from then on the dropped tokens are
+    masked as keys in that layer's own mask (as transformers builds it: Gemma 3's image blocks both ways and local
+    windows included), in prefill and at every decoding step, where a sliding-window layer's mask covers only the
+    last keys its cache holds. Returns (first logits, tokens, kept)."""
     a = lvlm_eager.adapter
     pad = inputs["attention_mask"].bool()
     B, L = pad.shape
@@ -41,14 +38,15 @@ def masked_transformers_generate(lvlm_eager, inputs, schedule: Schedule, max_new
     n_orig = vision.sum(1).tolist()
     offsets = (~pad).sum(1).tolist()
     stage_at = {s.layer: i for i, s in enumerate(schedule.stages)}
-    alive, alive_at, prev, kept = pad.clone(), {}, {}, [[] for _ in range(B)]
+    alive, alive_at, prev, kept, calls = pad.clone(), {}, {}, [[] for _ in range(B)], {}
 
     def hook(layer_idx):
         def pre(module, args, kwargs):
             nonlocal alive
             hidden = args[0] if args else kwargs["hidden_states"]
-            mask = kwargs["attention_mask"]
-            if hidden.shape[1] == L and layer_idx not in alive_at:  # the prefill
+            calls[layer_idx] = calls.get(layer_idx, 0) + 1
+            if calls[layer_idx] == 1:  # the prefill
+                assert hidden.shape[1] == L
                 if layer_idx in stage_at:
                     var = (hidden.float() - prev["hidden"].float()).norm(dim=-1)
                     alive = alive.clone()
@@ -61,9 +59,11 @@ def masked_transformers_generate(lvlm_eager, inputs, schedule: Schedule, max_new
                         kept[b].append((keep - offsets[b]).tolist())
                 alive_at[layer_idx] = alive
                 prev["hidden"] = hidden
-            keys = mask.shape[-1]
-            ones = torch.ones(B, keys - L, dtype=torch.bool)
-            kwargs["attention_mask"] = _additive_keys(mask, torch.cat([alive_at[layer_idx], ones], dim=1))
+            mask = kwargs["attention_mask"]
+            total = L + calls[layer_idx] - 1  # keys so far: the prompt, then one per decoding step
+            every = torch.cat([alive_at[layer_idx], torch.ones(B, total - L, dtype=torch.bool)], dim=1)
+            keys = every[:, -mask.shape[-1] :]  # a local layer's cache holds only the last keys
+            kwargs["attention_mask"] = mask.masked_fill(~keys[:, None, None, :], torch.finfo(mask.dtype).min)
             return args, kwargs
 
         return pre

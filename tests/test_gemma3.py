@@ -8,11 +8,15 @@ the sliding window, the bidirectional image blocks and the local layers' truncat
 
 import pytest
 import torch
-from reference_helpers import check_attention_scorer_keeps_eager_top
+from reference_helpers import (
+    check_attention_scorer_keeps_eager_top,
+    masked_transformers_generate,
+    transformers_generate,
+)
 from test_scorer_contract import FAMILY_SUPPORT, SCHEDULE, SCORERS, kept, method, refuses
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
-from v2drop import Method, Schedule, load, select_keep
+from v2drop import Method, Schedule, load
 from v2drop.lvlm import _collate
 from v2drop.testing import batch_for, build_real, photo, prompt_for
 
@@ -50,71 +54,6 @@ def tiny_inputs(lvlm, n: int, crops: bool) -> dict:
     if crops:
         return pan_and_scan_batch(lvlm, TINY_CROPS[:n])
     return lvlm.prepare(*batch_for(lvlm, n, FAMILY))
-
-
-@torch.no_grad()
-def transformers_generate(lvlm, inputs, max_new_tokens: int):
-    """transformers' greedy ``generate`` (``token_type_ids`` given): (first-step logits, new tokens)."""
-    out = lvlm.model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
-    )
-    return out.logits[0].float(), out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
-
-
-@torch.no_grad()
-def masked_transformers_generate(lvlm_eager, inputs, schedule: Schedule, max_new_tokens: int):
-    """V²Drop on transformers' own eager model: a pre-hook on every decoder layer sees the input transformers gives
-    it; at a stage layer it keeps the top-k of the L2 variation from the previous layer's input among the vision
-    tokens still alive, and from then on the dropped tokens are masked as keys in that layer's own mask (built by
-    transformers from ``token_type_ids``: image blocks both ways, windows in the local layers), in prefill and at
-    every decoding step, where a local layer's mask covers only the last keys its cache holds.
-    Returns (first logits, tokens, kept)."""
-    a = lvlm_eager.adapter
-    pad = inputs["attention_mask"].bool()
-    B, L = pad.shape
-    vision = a.vision_mask(inputs["input_ids"]) & pad
-    n_orig = vision.sum(1).tolist()
-    offsets = (~pad).sum(1).tolist()
-    stage_at = {s.layer: i for i, s in enumerate(schedule.stages)}
-    alive, alive_at, prev, kept, calls = pad.clone(), {}, {}, [[] for _ in range(B)], {}
-
-    def hook(layer_idx):
-        def pre(module, args, kwargs):
-            nonlocal alive
-            hidden = args[0] if args else kwargs["hidden_states"]
-            calls[layer_idx] = calls.get(layer_idx, 0) + 1
-            if calls[layer_idx] == 1:  # the prefill
-                assert hidden.shape[1] == L
-                if layer_idx in stage_at:
-                    var = (hidden.float() - prev["hidden"].float()).norm(dim=-1)
-                    alive = alive.clone()
-                    for b in range(B):
-                        cand = (vision[b] & alive[b]).nonzero().flatten()
-                        k = schedule.kept_count(stage_at[layer_idx], cand.numel(), n_orig[b])
-                        keep = cand[select_keep(var[b, cand], k)]
-                        alive[b, cand] = False
-                        alive[b, keep] = True
-                        kept[b].append((keep - offsets[b]).tolist())
-                alive_at[layer_idx] = alive
-                prev["hidden"] = hidden
-            mask = kwargs["attention_mask"]
-            total = L + calls[layer_idx] - 1  # keys so far: the prompt, then one per decoding step
-            every = torch.cat([alive_at[layer_idx], torch.ones(B, total - L, dtype=torch.bool)], dim=1)
-            keys = every[:, -mask.shape[-1] :]  # a local layer's cache holds only the last keys
-            kwargs["attention_mask"] = mask.masked_fill(~keys[:, None, None, :], torch.finfo(mask.dtype).min)
-            return args, kwargs
-
-        return pre
-
-    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(a.layers)]
-    try:
-        out = lvlm_eager.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
-        )
-    finally:
-        for h in handles:
-            h.remove()
-    return out.logits[0].float(), out.sequences[:, L:].tolist(), kept
 
 
 # -- layout and masks ---------------------------------------------------------------------------------------------
