@@ -33,14 +33,18 @@ through ``hf_overrides``::
   ``random`` gets its prompt's seed (the engine's ``sample_keys``, from the prompt ids with every
   ``<image>`` expanded) as a per-image multimodal field that the processor computes; the seed also
   enters the images' cache keys, so one image under two prompts is two items.
+  CDPruner (``INSTRUCTION_SCORERS``) gets its prompt's instruction the same way: the processor hands
+  every image the prompt's token ids after its last ``<image>`` (``instruction_ids``, the engine's
+  instruction) as a per-image field, which also enters the image's cache key; the model embeds them
+  with the LLM's input embeddings and the drop stage runs on the image's tokens followed by them.
 
 The budget is per image: the engine's budget is per sample (all of its images together), so the
 two agree on one image per prompt. Positions are vLLM's, contiguous over the kept tokens: the
 method must use ``position_policy: renumber`` (the presets of pre-LLM methods do). V²Drop's decoder
 stages run in a second architecture, ``V2DropInLLMLlavaForConditionalGeneration``
 (``v2drop.integrations.vllm_inllm``), which ``engine_args`` picks for them; methods that score decoder
-stages otherwise (FastV, PDrop, ...) and the pre-LLM scorers of ``REFUSED_SCORERS`` (CDPruner, HoliTom,
-FastVID, frames) are refused with the reason (``check_method``).
+stages otherwise (FastV, PDrop, ...) and the pre-LLM scorers of ``REFUSED_SCORERS`` (HoliTom, FastVID,
+frames) are refused with the reason (``check_method``).
 
 Importing this module imports nothing from vLLM; ``register()`` also points transformers' pixtral
 image-processor module at its PIL twin when torchvision cannot be imported (vLLM's LLaVA module
@@ -62,8 +66,9 @@ import torch
 
 ARCHITECTURE = "V2DropLlavaForConditionalGeneration"  # the architecture name the plugin registers
 METHOD_KEY = "v2drop_method"  # the hf_overrides key (a config attribute) that names the method
-# Scorers whose pre-LLM scores read only the image's own vision tokens and its tower's attention (not the prompt's
-# text), with a kept count fixed by the budget, so an image scored alone gets the engine's scores and kept count.
+# Scorers whose pre-LLM scores read only the image's own vision tokens and its tower's attention (and, for
+# ``INSTRUCTION_SCORERS``, the prompt's instruction, which the processor hands every image), with a kept count fixed by
+# the budget, so an image scored alone gets the engine's scores and kept count.
 SUPPORTED_SCORERS = (
     "uniform",
     "random",
