@@ -275,12 +275,26 @@ def sample_key(prompt_ids: list[int], image_token_id: int, n_tokens: int) -> int
     return zlib.crc32(repr(ids).encode())
 
 
-def instruction_ids(prompt_ids: list[int], image_token_id: int) -> list[int]:
+def instruction_ids(prompt_ids: list[int], vision_token_ids) -> list[int]:
     """The instruction CDPruner scores against, as the engine takes it (``CDPrunerScorer.instruction``): the prompt's
-    token ids after its last ``<image>`` token (all of them without one)."""
+    token ids after its last vision token (``vision_token_ids``: one id, e.g. ``<image>``, or several; all of the
+    prompt without one)."""
+    vision = {vision_token_ids} if isinstance(vision_token_ids, int) else set(vision_token_ids)
     ids = list(prompt_ids)
-    last = max((i for i, token in enumerate(ids) if token == image_token_id), default=-1)
+    last = max((i for i, token in enumerate(ids) if token in vision), default=-1)
     return ids[last + 1 :]
+
+
+def instruction_field(ids: list[int], n: int) -> torch.Tensor:
+    """The per-item multimodal field ``INSTRUCTION_KEY`` of a prompt with ``n`` images: (n, len(ids)) long, every row
+    the instruction's ids."""
+    return torch.tensor(ids, dtype=torch.long).expand(n, -1).clone()
+
+
+def instruction_rows(field) -> list[torch.Tensor]:
+    """Each item's instruction ids (1-D long) from the collated ``INSTRUCTION_KEY`` field (a (N, m) tensor when all
+    have one length, else a list)."""
+    return [torch.as_tensor(row).flatten() for row in field]
 
 
 def kept_per_image(method, n_tokens: int) -> int:
@@ -549,8 +563,7 @@ def _build_model_class():
                 if SAMPLE_KEY in hf_processor_mm_kwargs:
                     processed_data[SAMPLE_KEY] = torch.full((n,), hf_processor_mm_kwargs[SAMPLE_KEY], dtype=torch.long)
                 if INSTRUCTION_KEY in hf_processor_mm_kwargs:
-                    ids = torch.tensor(hf_processor_mm_kwargs[INSTRUCTION_KEY], dtype=torch.long)
-                    processed_data[INSTRUCTION_KEY] = ids.expand(n, -1).clone()
+                    processed_data[INSTRUCTION_KEY] = instruction_field(hf_processor_mm_kwargs[INSTRUCTION_KEY], n)
             return processed_data
 
         def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
@@ -586,7 +599,7 @@ def _build_model_class():
             keys = kwargs.pop(SAMPLE_KEY, None)
             self._sample_keys = torch.as_tensor(keys).flatten() if keys is not None else None
             ids = kwargs.pop(INSTRUCTION_KEY, None)  # (N, m) when every image's instruction has one length, else a list
-            self._instruction_ids = [torch.as_tensor(row).flatten() for row in ids] if ids is not None else None
+            self._instruction_ids = instruction_rows(ids) if ids is not None else None
             return super().embed_multimodal(**kwargs)
 
         def _instructions(self, n: int) -> list[torch.Tensor] | None:
