@@ -200,6 +200,31 @@ def test_vllm_cdpruner_one_image_under_several_prompts(engine, samples):
     del llm
 
 
+def test_instruction_ids_and_images_batched_with_instructions():
+    """The instruction is the prompt after its last vision token (a system prompt and the text between images are not
+    part of it); images batched with instructions of different lengths (left-padded) keep what each keeps alone, and
+    each image's instruction, not its neighbour's, decides its kept set."""
+    import torch
+
+    from v2drop.integrations.vllm import instruction_ids, prune_images
+
+    assert instruction_ids([1, 5, 9, 32000, 7, 32000, 8, 2], 32000) == [8, 2]  # after the second image
+    assert instruction_ids([1, 9, 32000], 32000) == []
+    assert instruction_ids([4, 151655, 6, 151656, 7, 8], (151655, 151656)) == [7, 8]  # an image pad, then a video pad
+    method = _method("cdpruner-llava15-64").rescaled(2)
+    gen = torch.Generator().manual_seed(0)
+    projected = torch.randn(3, 256, 16, generator=gen)
+    texts = [torch.randn(m, 16, generator=gen) for m in (3, 0, 5)]
+    kept, traces = prune_images(method, projected, None, None, instructions=texts)
+    assert kept.shape == (3, 64, 16)
+    for b in range(3):
+        alone, trace = prune_images(method, projected[b : b + 1], None, None, instructions=texts[b : b + 1])
+        assert torch.equal(kept[b], alone[0]) and traces[b] == trace[0]
+        assert torch.equal(kept[b], projected[b, trace[0]["kept"]])
+    swapped, _ = prune_images(method, projected[:1], None, None, instructions=texts[2:])
+    assert not torch.equal(swapped[0], kept[0])
+
+
 def test_in_llm_methods_are_refused_with_the_reason():
     """FastV drops inside the decoder by attention weights: refused before any engine starts, naming why."""
     with pytest.raises(ValueError, match="drops tokens inside the decoder"):
