@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 N_SAMPLES = 8
 # random at DivPrune's pre-LLM schedule: its per-prompt seed travels from vLLM's processor to the model; HoloV reads
 # the recomputed [CLS] attention, VisPruner also the tower's features, HiPrune the received attention of two tower
-# layers; VidCom2 and frame_pool treat the image as one frame (frame_pool adds pooled tokens in place of the image's)
+# layers; VidCom2 and frame_pool treat the image as one frame (frame_pool adds pooled tokens in place of the image's);
+# CDPruner reads its prompt's instruction, whose ids travel from vLLM's processor to the model
 METHODS = [
     "none",
     "divprune-llava15-64",
@@ -34,6 +35,9 @@ METHODS = [
     "hiprune-llava15-64",
     "vidcom2-llava15-64",
     "frame_pool-llava15-64",
+    "cdpruner-llava15-192",
+    "cdpruner-llava15-128",
+    "cdpruner-llava15-64",
 ]
 
 
@@ -62,38 +66,57 @@ def engine(samples):
     return prompts, out
 
 
+def _served_llm(name: str):
+    """An in-process ``vllm.LLM`` on the proxy running method ``name`` in the plugin, its profiling traces dropped."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model in this process: its traces are readable
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    llm = vllm.LLM(
+        model=str(LOCAL_MODELS["proxy"]),
+        dtype="float32",
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        kv_cache_memory_bytes=2**28,
+        seed=0,
+        **engine_args(_method(name).to_dict()),
+    )
+    llm.apply_model(lambda model: model.v2drop_traces.clear())  # drop the traces of vLLM's profiling run
+    return llm
+
+
+def _serve(llm, requests: list[dict]) -> tuple[list[str], list[list[int]], list[dict]]:
+    """Greedy answers, prompt ids and the per-image traces of ``requests`` (8 new tokens)."""
+    outputs = llm.generate(requests, vllm.SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    traces = llm.apply_model(lambda model: list(model.v2drop_traces))[0]
+    llm.apply_model(lambda model: model.v2drop_traces.clear())
+    return [o.outputs[0].text.strip() for o in outputs], [list(o.prompt_token_ids) for o in outputs], traces
+
+
+class _Served(dict):
+    """Method -> (answers, prompt ids, per-image traces) from vLLM with the plugin, each served on first use (so a
+    ``-k`` selection starts only the engines it needs)."""
+
+    def __init__(self, requests):
+        super().__init__()
+        self.requests = requests
+
+    def __missing__(self, name):
+        llm = _served_llm(name)
+        self[name] = _serve(llm, self.requests)
+        del llm
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def served(engine, samples):
     """Method -> (answers, prompt ids, per-image traces) from vLLM with the plugin, in-process."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model in this process: its traces are readable
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
     prompts, _ = engine
     # digits asks several questions about one image; a uuid per request keeps vLLM from reusing an image's features
-    requests = [
-        {"prompt": p, "multi_modal_data": {"image": s.images[0]}, "multi_modal_uuids": {"image": [s.id]}}
-        for p, s in zip(prompts, samples)
-    ]
-    out = {}
-    for name in METHODS:
-        llm = vllm.LLM(
-            model=str(LOCAL_MODELS["proxy"]),
-            dtype="float32",
-            enforce_eager=True,
-            enable_prefix_caching=False,
-            kv_cache_memory_bytes=2**28,
-            seed=0,
-            **engine_args(_method(name).to_dict()),
-        )
-        llm.apply_model(lambda model: model.v2drop_traces.clear())  # drop the traces of vLLM's profiling run
-        outputs = llm.generate(requests, vllm.SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
-        traces = llm.apply_model(lambda model: list(model.v2drop_traces))[0]
-        out[name] = (
-            [o.outputs[0].text.strip() for o in outputs],
-            [list(o.prompt_token_ids) for o in outputs],
-            traces,
-        )
-        del llm
-    return out
+    return _Served(
+        [
+            {"prompt": p, "multi_modal_data": {"image": s.images[0]}, "multi_modal_uuids": {"image": [s.id]}}
+            for p, s in zip(prompts, samples)
+        ]
+    )
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -129,18 +152,88 @@ def test_vllm_keeps_the_engines_tokens(name, engine, served):
     got = sorted(as_image_indices(stage, 0) for stage in served[name][2])
     assert len(got) == N_SAMPLES
     assert got == expected
-    assert all(len(kept) + len(merged) == 64 for kept, merged in got)
+    assert all(len(kept) + len(merged) == kept_per_image(_method(name), 576) for kept, merged in got)
+
+
+def _kept_sets(out, image_id: int) -> list[tuple]:
+    """Each sample's kept image-token indices in an engine output."""
+    return [
+        tuple(p - list(ids).index(image_id) for p in trace.stages[0]["kept"])
+        for trace, ids in zip(out.traces, out.prompt_ids)
+    ]
+
+
+def test_vllm_cdpruner_one_image_under_several_prompts(engine, samples):
+    """CDPruner keeps an image's tokens by their relevance to the prompt's instruction: the digits samples ask five
+    (then three) questions about one image, sent in one batch under one uuid per image, then without uuids (vLLM
+    hashes the image's pixels). Each prompt gets the engine's kept set and answer (the instruction ids enter the
+    image's cache key, so no prompt reuses another's features), and the eight kept sets differ.
+
+    Negative control: the engine's kept sets of the same images under a prompt with no instruction (``USER:
+    <image>``, every relevance one) are none of the served ones, so the instruction ids change the kept set."""
+    name = "cdpruner-llava15-64"
+    prompts, out = engine
+    lvlm = v2drop.load("proxy")
+    image_id = lvlm.model.config.image_token_index
+    images = [s.id.rsplit("-", 1)[0] for s in samples]  # test-0-exist -> test-0: the sample's image
+    assert len(set(images)) == 2
+    expected = sorted(_kept_sets(out[name], image_id))
+    assert len(set(expected)) == N_SAMPLES  # the engine keeps a different set for each question of an image
+    bare = lvlm.generate(
+        ["USER: <image>"] * N_SAMPLES,
+        [list(s.images) for s in samples],
+        method=_method(name, lvlm.depth),
+        max_new_tokens=1,
+    )
+    assert not set(_kept_sets(bare, image_id)) & set(expected)
+    llm = _served_llm(name)
+    for uuids in (True, False):
+        requests = [
+            {"prompt": p, "multi_modal_data": {"image": s.images[0]}}
+            | ({"multi_modal_uuids": {"image": [image]}} if uuids else {})
+            for p, s, image in zip(prompts, samples, images)
+        ]
+        answers, _, traces = _serve(llm, requests)
+        assert answers == out[name].texts
+        got = sorted(tuple(stage["kept"]) for stage in traces)
+        assert got == expected
+    del llm
+
+
+def test_instruction_ids_and_images_batched_with_instructions():
+    """The instruction is the prompt after its last vision token (a system prompt and the text between images are not
+    part of it); images batched with instructions of different lengths (left-padded) keep what each keeps alone, and
+    each image's instruction, not its neighbour's, decides its kept set."""
+    import torch
+
+    from v2drop.integrations.vllm import instruction_ids, prune_images
+
+    assert instruction_ids([1, 5, 9, 32000, 7, 32000, 8, 2], 32000) == [8, 2]  # after the second image
+    assert instruction_ids([1, 9, 32000], 32000) == []
+    assert instruction_ids([4, 151655, 6, 151656, 7, 8], (151655, 151656)) == [7, 8]  # an image pad, then a video pad
+    method = _method("cdpruner-llava15-64").rescaled(2)
+    gen = torch.Generator().manual_seed(0)
+    projected = torch.randn(3, 256, 16, generator=gen)
+    texts = [torch.randn(m, 16, generator=gen) for m in (3, 0, 5)]
+    kept, traces = prune_images(method, projected, None, None, instructions=texts)
+    assert kept.shape == (3, 64, 16)
+    for b in range(3):
+        alone, trace = prune_images(method, projected[b : b + 1], None, None, instructions=texts[b : b + 1])
+        assert torch.equal(kept[b], alone[0]) and traces[b] == trace[0]
+        assert torch.equal(kept[b], projected[b, trace[0]["kept"]])
+    swapped, _ = prune_images(method, projected[:1], None, None, instructions=texts[2:])
+    assert not torch.equal(swapped[0], kept[0])
 
 
 def test_in_llm_methods_are_refused_with_the_reason():
     """FastV drops inside the decoder by attention weights: refused before any engine starts, naming why."""
     with pytest.raises(ValueError, match="drops tokens inside the decoder"):
         engine_args("fastv-llava15-128")
-    with pytest.raises(ValueError, match="not supported by the vLLM plugin: it scores an image's tokens against the"):
+    with pytest.raises(ValueError, match="not supported by the vLLM plugin: it keeps whole frames"):
         check_method(
             v2drop.Method.from_dict(
                 {
-                    "scorer": "cdpruner",
+                    "scorer": "frames",
                     "schedule": {"stages": [["pre_llm", 64]], "keep_mode": "absolute"},
                     "position_policy": "renumber",
                 }

@@ -36,9 +36,14 @@ SIZES = [(224, 168), (196, 196), (280, 140)]  # (width, height): 6x8, 7x7 and 5x
 QUESTIONS = ["what is the digit ?", "how many ?", "what is the colour of the digit in row 2 column 3 ?"]
 UNIFORM_PRESERVE = {"scorer": "uniform", "schedule": {"stages": [["pre_llm", 0.25]]}, "position_policy": "preserve"}
 POSITION_PRESERVE = {"scorer": "position", "schedule": {"stages": [["pre_llm", 0.3]]}, "position_policy": "preserve"}
-# none, DivPrune's preset (renumbered positions, its 64 of 576 as a share of each image) and uniform keeping the
-# original positions
-METHODS = {"none": "none", "divprune": "divprune-llava15-64", "uniform-preserve": UNIFORM_PRESERVE}
+# none, DivPrune's preset (renumbered positions, its 64 of 576 as a share of each image), uniform keeping the
+# original positions and CDPruner (its prompt's instruction ids travel from vLLM's processor to the model)
+METHODS = {
+    "none": "none",
+    "divprune": "divprune-llava15-64",
+    "uniform-preserve": UNIFORM_PRESERVE,
+    "cdpruner": "cdpruner-llava15-64",
+}
 
 
 def tiny_qwen(family: str, path=None, seed: int = 0) -> LVLM:
@@ -187,6 +192,11 @@ def served(request, tmp_path_factory):
     # the control: uniform's kept tokens at renumbered positions answer otherwise
     renumbered = qwen_method({**UNIFORM_PRESERVE, "position_policy": "renumber"})
     engine["uniform-renumbered"] = lvlm.generate(prompts, [[i] for i in images], method=renumbered, max_new_tokens=6)
+    # the control: CDPruner on each image under another prompt's question keeps another set
+    rotated = prompts[1:] + prompts[:1]
+    engine["cdpruner-rotated"] = lvlm.generate(
+        rotated, [[i] for i in images], method=qwen_method(METHODS["cdpruner"]), max_new_tokens=1
+    )
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model in this process: its traces are readable
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     requests = [{"prompt": p, "multi_modal_data": {"image": i}} for p, i in zip(prompts, images)]
@@ -241,3 +251,9 @@ def test_vllm_qwen_answers_as_the_engine(name, served):
         assert traces == []
     if name == "uniform-preserve":  # the same kept tokens at renumbered positions give other tokens: positions matter
         assert generated != engine["uniform-renumbered"].generated_ids
+    if name == "cdpruner":  # under another prompt's question an image keeps other tokens: the instruction matters
+        rotated = [
+            [p - list(ids).index(image_id) for p in trace.stages[0]["kept"]]
+            for trace, ids in zip(engine["cdpruner-rotated"].traces, engine["cdpruner-rotated"].prompt_ids)
+        ]
+        assert sum(a != b for a, b in zip(rotated, expected)) >= 2

@@ -33,14 +33,18 @@ through ``hf_overrides``::
   ``random`` gets its prompt's seed (the engine's ``sample_keys``, from the prompt ids with every
   ``<image>`` expanded) as a per-image multimodal field that the processor computes; the seed also
   enters the images' cache keys, so one image under two prompts is two items.
+  CDPruner (``INSTRUCTION_SCORERS``) gets its prompt's instruction the same way: the processor hands
+  every image the prompt's token ids after its last ``<image>`` (``instruction_ids``, the engine's
+  instruction) as a per-image field, which also enters the image's cache key; the model embeds them
+  with the LLM's input embeddings and the drop stage runs on the image's tokens followed by them.
 
 The budget is per image: the engine's budget is per sample (all of its images together), so the
 two agree on one image per prompt. Positions are vLLM's, contiguous over the kept tokens: the
 method must use ``position_policy: renumber`` (the presets of pre-LLM methods do). V²Drop's decoder
 stages run in a second architecture, ``V2DropInLLMLlavaForConditionalGeneration``
 (``v2drop.integrations.vllm_inllm``), which ``engine_args`` picks for them; methods that score decoder
-stages otherwise (FastV, PDrop, ...) and the pre-LLM scorers of ``REFUSED_SCORERS`` (CDPruner, HoliTom,
-FastVID, frames) are refused with the reason (``check_method``).
+stages otherwise (FastV, PDrop, ...) and the pre-LLM scorers of ``REFUSED_SCORERS`` (HoliTom, FastVID,
+frames) are refused with the reason (``check_method``).
 
 Importing this module imports nothing from vLLM; ``register()`` also points transformers' pixtral
 image-processor module at its PIL twin when torchvision cannot be imported (vLLM's LLaVA module
@@ -62,8 +66,9 @@ import torch
 
 ARCHITECTURE = "V2DropLlavaForConditionalGeneration"  # the architecture name the plugin registers
 METHOD_KEY = "v2drop_method"  # the hf_overrides key (a config attribute) that names the method
-# Scorers whose pre-LLM scores read only the image's own vision tokens and its tower's attention (not the prompt's
-# text), with a kept count fixed by the budget, so an image scored alone gets the engine's scores and kept count.
+# Scorers whose pre-LLM scores read only the image's own vision tokens and its tower's attention (and, for
+# ``INSTRUCTION_SCORERS``, the prompt's instruction, which the processor hands every image), with a kept count fixed by
+# the budget, so an image scored alone gets the engine's scores and kept count.
 SUPPORTED_SCORERS = (
     "uniform",
     "random",
@@ -75,11 +80,13 @@ SUPPORTED_SCORERS = (
     "hiprune",
     "vidcom2",
     "frame_pool",
+    "cdpruner",
 )
+# Supported scorers that also read the prompt's instruction (its text after the last image): the processor hands every
+# image the instruction's token ids, which the model embeds with the LLM's input embeddings.
+INSTRUCTION_SCORERS = ("cdpruner",)
 # Why the other pre-LLM scorers are refused (a scorer not named here: it scores inside the decoder).
 REFUSED_SCORERS = {
-    "cdpruner": "it scores an image's tokens against the prompt's text (its instruction embedding), which vLLM's "
-    "encoder does not see",
     "holitom": "its kept count follows the image's clusters (close to, not exactly, the budget), but vLLM fixes each "
     "image's placeholder count before the model runs",
     "fastvid": "its kept count follows the image's segments and merges (close to, not exactly, the budget), but vLLM "
@@ -87,6 +94,8 @@ REFUSED_SCORERS = {
     "frames": "it keeps whole frames, and one image is one frame: every token stays (no dropping), not the budget",
 }
 SAMPLE_KEY = "v2drop_sample_key"  # the per-image multimodal field carrying its prompt's seed (``random``)
+# the per-image multimodal field carrying its prompt's instruction token ids (``INSTRUCTION_SCORERS``)
+INSTRUCTION_KEY = "v2drop_instruction_ids"
 _PIXTRAL = "transformers.models.pixtral.image_processing_pixtral"
 
 
@@ -266,6 +275,28 @@ def sample_key(prompt_ids: list[int], image_token_id: int, n_tokens: int) -> int
     return zlib.crc32(repr(ids).encode())
 
 
+def instruction_ids(prompt_ids: list[int], vision_token_ids) -> list[int]:
+    """The instruction CDPruner scores against, as the engine takes it (``CDPrunerScorer.instruction``): the prompt's
+    token ids after its last vision token (``vision_token_ids``: one id, e.g. ``<image>``, or several; all of the
+    prompt without one)."""
+    vision = {vision_token_ids} if isinstance(vision_token_ids, int) else set(vision_token_ids)
+    ids = list(prompt_ids)
+    last = max((i for i, token in enumerate(ids) if token in vision), default=-1)
+    return ids[last + 1 :]
+
+
+def instruction_field(ids: list[int], n: int) -> torch.Tensor:
+    """The per-item multimodal field ``INSTRUCTION_KEY`` of a prompt with ``n`` images: (n, len(ids)) long, every row
+    the instruction's ids."""
+    return torch.tensor(ids, dtype=torch.long).expand(n, -1).clone()
+
+
+def instruction_rows(field) -> list[torch.Tensor]:
+    """Each item's instruction ids (1-D long) from the collated ``INSTRUCTION_KEY`` field (a (N, m) tensor when all
+    have one length, else a list)."""
+    return [torch.as_tensor(row).flatten() for row in field]
+
+
 def kept_per_image(method, n_tokens: int) -> int:
     """Vision tokens an image of ``n_tokens`` (a square grid) keeps under ``method`` (all of them without a drop):
     the stage's count; for ``frame_pool`` the cells of the largest pooled grid of at most that count."""
@@ -355,11 +386,18 @@ def _attention(layer, x: torch.Tensor, queries: slice, keys: bool = False):
 
 
 def prune_images(
-    method, projected: torch.Tensor, vision: dict | None, project, sample_keys: torch.Tensor | None = None
+    method,
+    projected: torch.Tensor,
+    vision: dict | None,
+    project,
+    sample_keys: torch.Tensor | None = None,
+    instructions: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list]:
     """The pre-LLM stage of ``method`` on each image's projected features (N, P, D) alone: (N, k, D) and the traces.
 
-    Every image is one sample of a vision-only ``Sequence`` on a square grid, and the engine's own
+    Every image is one sample of a ``Sequence`` on a square grid: its vision tokens, then, when ``instructions``
+    is given (N tensors (m_i, D): the LLM's input embeddings of each image's prompt instruction, ``instruction_ids``),
+    that instruction as text tokens (left-padded to a common length, as the engine pads). The engine's own
     ``drop`` runs the stage, so the kept tokens and any tokens the scorer adds (VisionZip's [CLS] and
     contextual tokens, after the last kept one) are the engine's, in its order. The traces are the
     engine's per image: ``{"layer": -1, "kept": [...], "merged": [...]}`` with the image's token indices.
@@ -369,21 +407,34 @@ def prune_images(
     from v2drop.engine.stages import StageContext, drop
     from v2drop.schedule import PRE_LLM
 
-    n, p, _ = projected.shape
+    n, p, d = projected.shape
     side = int(round(p**0.5))
     if side * side != p:
         raise ValueError(f"The plugin lays an image's {p} vision tokens on a square grid; {p} is not a square")
+    if instructions is not None and len(instructions) != n:
+        raise ValueError(f"{len(instructions)} instructions for {n} images: one instruction per image")
     device = projected.device
-    idx = torch.arange(p, device=device)
+    texts = [t.shape[0] for t in instructions] if instructions is not None else [0] * n
+    length = p + max(texts)
+    pad = torch.tensor([length - p - m for m in texts], device=device)
+    hidden = projected.new_zeros(n, length, d)
+    for b, m in enumerate(texts):  # [padding, the image's tokens, its instruction]
+        hidden[b, length - m - p : length - m] = projected[b]
+        if m:
+            hidden[b, length - m :] = instructions[b].to(projected.dtype)
+    cols = torch.arange(length, device=device)
+    orig = cols[None] - pad[:, None]  # the index in the image's unpadded sequence, -1 for padding
+    valid = orig >= 0
+    idx = orig.clamp(0, p - 1)
     coords = torch.stack([torch.zeros_like(idx), idx // side, idx % side], -1)
     seq = Sequence(
-        hidden=projected,
-        position_ids=idx.expand(n, p),
-        attention_mask=torch.ones(n, p, dtype=torch.long, device=device),
-        orig_idx=idx.expand(n, p),
-        vision=torch.ones(n, p, dtype=torch.bool, device=device),
-        coords=coords.expand(n, p, 3),
-        block=torch.full((n, p), -1, dtype=torch.long, device=device),  # no attention blocks (LLaVA-1.5)
+        hidden=hidden,
+        position_ids=orig.clamp(min=0).masked_fill(~valid, 1),
+        attention_mask=valid.long(),
+        orig_idx=orig.masked_fill(~valid, -1),
+        vision=valid & (orig < p),
+        coords=coords,
+        block=torch.full((n, length), -1, dtype=torch.long, device=device),  # no attention blocks (LLaVA-1.5)
     )
     traces = [_Trace() for _ in range(n)]
     ctx = StageContext(
@@ -396,15 +447,18 @@ def prune_images(
         requests={PRE_LLM: None},
         queries={},
         vision=vision,
-        pad=torch.zeros(n, dtype=torch.long, device=device),
+        pad=pad,
     )
-    kept = drop(seq, PRE_LLM, None, ctx).hidden
+    out = drop(seq, PRE_LLM, None, ctx)
     expected = kept_per_image(method, p)
-    if kept.shape[1] != expected:
+    left = out.attention_mask.sum(1) - torch.tensor(texts, device=device)  # kept (and added) tokens of each image
+    if bool((left != expected).any()):
         raise RuntimeError(
-            f"Scorer {method.scorer_name!r} left {kept.shape[1]} tokens per image, but the prompt holds {expected} "
+            f"Scorer {method.scorer_name!r} left {left.tolist()} tokens per image, but the prompt holds {expected} "
             "placeholders for each"
         )
+    end = out.hidden.shape[1]  # each image's tokens end right before its instruction (left-padded rows)
+    kept = torch.stack([out.hidden[b, end - m - expected : end - m] for b, m in enumerate(texts)])
     return kept, [trace.stages[0] for trace in traces]
 
 
@@ -477,41 +531,47 @@ def _build_model_class():
             return processor
 
     class V2DropLlavaMultiModalProcessor(LlavaMultiModalProcessor):
-        """LLaVA's processor; for ``random`` it also hands every image its prompt's seed (a multimodal field)."""
-
-        def _seeded(self) -> bool:
-            """Whether the method's scorer draws per-prompt randomness."""
-            return self.info.method().scorer_name == "random"
+        """LLaVA's processor; it also hands every image its prompt's seed (``random``) or its prompt's instruction
+        token ids (``INSTRUCTION_SCORERS``) as a multimodal field."""
 
         def _cached_apply_hf_processor(self, inputs, timing_ctx):
-            """Put the prompt's seed among the processor kwargs (so it also enters the images' cache keys)."""
-            if self._seeded():
-                config = self.info.get_hf_config()
+            """Put the prompt's seed or instruction ids among the processor kwargs (so they also enter the images'
+            cache keys: one image under two prompts is two items)."""
+            scorer = self.info.method().scorer_name
+            config = self.info.get_hf_config()
+            extra = {}
+            if scorer == "random":
                 size = self.info.get_vision_encoder_info().get_image_size()
                 n = LlavaProcessingInfo.get_num_image_tokens(self.info, image_width=size, image_height=size)
-                key = sample_key(list(inputs.prompt), config.image_token_index, n)
-                inputs = dataclasses.replace(
-                    inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, SAMPLE_KEY: key}
-                )
+                extra[SAMPLE_KEY] = sample_key(list(inputs.prompt), config.image_token_index, n)
+            if scorer in INSTRUCTION_SCORERS:
+                extra[INSTRUCTION_KEY] = instruction_ids(inputs.prompt, config.image_token_index)
+            if extra:
+                inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, **extra})
             return super()._cached_apply_hf_processor(inputs, timing_ctx)
 
         def _call_hf_processor(self, hf_data, hf_kwargs):
-            """The Hugging Face processor, without the seed."""
-            return super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if k != SAMPLE_KEY})
+            """The Hugging Face processor, without the seed or the instruction ids."""
+            mine = (SAMPLE_KEY, INSTRUCTION_KEY)
+            return super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if k not in mine})
 
         def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
-            """The seed as one entry per image."""
+            """The seed or the instruction ids as one entry per image."""
             processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-            if SAMPLE_KEY in hf_processor_mm_kwargs and "pixel_values" in processed_data:
+            if "pixel_values" in processed_data:
                 n = len(processed_data["pixel_values"])
-                processed_data[SAMPLE_KEY] = torch.full((n,), hf_processor_mm_kwargs[SAMPLE_KEY], dtype=torch.long)
+                if SAMPLE_KEY in hf_processor_mm_kwargs:
+                    processed_data[SAMPLE_KEY] = torch.full((n,), hf_processor_mm_kwargs[SAMPLE_KEY], dtype=torch.long)
+                if INSTRUCTION_KEY in hf_processor_mm_kwargs:
+                    processed_data[INSTRUCTION_KEY] = instruction_field(hf_processor_mm_kwargs[INSTRUCTION_KEY], n)
             return processed_data
 
         def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-            """LLaVA's fields and the per-image seed."""
+            """LLaVA's fields, the per-image seed and the per-image instruction ids."""
             return {
                 **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
                 SAMPLE_KEY: MultiModalFieldConfig.batched("image"),
+                INSTRUCTION_KEY: MultiModalFieldConfig.batched("image"),
             }
 
     @MULTIMODAL_REGISTRY.register_processor(
@@ -535,10 +595,28 @@ def _build_model_class():
             self.v2drop_traces = []
 
         def embed_multimodal(self, **kwargs):
-            """LLaVA's image embeddings; the images' prompt seeds (``random``) are taken out first."""
+            """LLaVA's image embeddings; the images' prompt seeds (``random``) and instruction ids are taken out."""
             keys = kwargs.pop(SAMPLE_KEY, None)
             self._sample_keys = torch.as_tensor(keys).flatten() if keys is not None else None
+            ids = kwargs.pop(INSTRUCTION_KEY, None)  # (N, m) when every image's instruction has one length, else a list
+            self._instruction_ids = instruction_rows(ids) if ids is not None else None
             return super().embed_multimodal(**kwargs)
+
+        def _instructions(self, n: int) -> list[torch.Tensor] | None:
+            """The LLM's input embeddings of each of the ``n`` images' instruction ids (None unless the scorer reads
+            the instruction)."""
+            if self.v2drop_method.scorer_name not in INSTRUCTION_SCORERS:
+                return None
+            ids = getattr(self, "_instruction_ids", None)
+            if ids is None or len(ids) != n:
+                raise RuntimeError(
+                    f"Scorer {self.v2drop_method.scorer_name!r} needs each image's instruction ids (the multimodal "
+                    f"field {INSTRUCTION_KEY!r} the plugin's processor adds), got "
+                    f"{'none' if ids is None else len(ids)} for {n} images"
+                )
+            embed = self.language_model.embed_input_ids
+            device = next(self.multi_modal_projector.parameters()).device
+            return [embed(row.to(device)) for row in ids]
 
         def _process_image_input(self, image_input):
             """Projected features of every image, each cut to the method's kept tokens."""
@@ -571,7 +649,7 @@ def _build_model_class():
             projected = self.multi_modal_projector(features)
             tower_done = time.perf_counter()
             keys = getattr(self, "_sample_keys", None)
-            kept, traces = prune_images(method, projected, vision, self._project, keys)
+            kept, traces = prune_images(method, projected, vision, self._project, keys, self._instructions(len(pixels)))
             self.v2drop_traces.extend(traces)
             self.v2drop_seconds["tower"] += tower_done - start
             self.v2drop_seconds["prune"] += time.perf_counter() - tower_done

@@ -35,13 +35,16 @@ Without torchvision (the CPU environments) images only: ``register`` points tran
 video processor (which needs torchvision) and leaves videos out of the modality limits. With torchvision a
 video's embeddings are pruned as one item (all its frames) in the same way; that path is untested.
 
-Scorers: ``uniform``, ``position``, ``divprune``. Refused with the reason: VisionZip (Qwen's tower has no [CLS]
+Scorers: ``uniform``, ``position``, ``divprune``, ``cdpruner`` (the processor hands every image its prompt's
+instruction ids after the last ``<|image_pad|>`` / ``<|video_pad|>``, as for LLaVA-1.5; the model embeds them with the
+LLM's input embeddings; images only). Refused with the reason: VisionZip (Qwen's tower has no [CLS]
 token, as in the engine), ``random`` (its seed is the whole prompt's, which the encoder does not see), in-LLM
 methods (as for LLaVA).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -51,7 +54,16 @@ import types
 import numpy as np
 import torch
 
-from v2drop.integrations.vllm import METHOD_KEY, resolve, use_twin_module
+from v2drop.integrations.vllm import (
+    INSTRUCTION_KEY,
+    INSTRUCTION_SCORERS,
+    METHOD_KEY,
+    instruction_field,
+    instruction_ids,
+    instruction_rows,
+    resolve,
+    use_twin_module,
+)
 from v2drop.integrations.vllm import kept_per_image as kept_count  # an item's kept count under a method
 
 # vLLM's architecture -> the plugin's architecture running v2drop's pre-LLM methods on it
@@ -60,7 +72,7 @@ QWEN_ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": "V2DropQwen2_5_VLForConditionalGeneration",
 }
 FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
-QWEN_SUPPORTED_SCORERS = ("uniform", "position", "divprune")  # scorers the Qwen models run
+QWEN_SUPPORTED_SCORERS = ("uniform", "position", "divprune", "cdpruner")  # scorers the Qwen models run
 GRID_SCORERS = ("uniform", "position")  # scorers whose kept set follows from the token grid alone (``preserve``)
 _QWEN_IMAGE = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
 _MODULES = {
@@ -208,34 +220,46 @@ def _method_of(config):
     return _checked(json.dumps(getattr(config, METHOD_KEY, None), sort_keys=True))
 
 
-def prune_item(method, features: torch.Tensor, grid: tuple[int, int, int], project=None) -> tuple[torch.Tensor, dict]:
+def prune_item(
+    method, features: torch.Tensor, grid: tuple[int, int, int], project=None, instruction: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict]:
     """The pre-LLM stage of ``method`` on one image's (or video's) merged features (N, D) alone: (k, D) and the trace.
 
     ``grid`` is (frames, rows, columns) of the merged tokens (``grid_thw`` over the spatial merge), in the
     raster order of the features; every token gets the grid coordinates the engine gives it, and the engine's
     ``drop`` runs the stage, so the kept rows (ascending) are the engine's for a sample with that one item.
+    ``instruction`` (m, D), the LLM's input embeddings of the item's prompt instruction, follows the item's tokens
+    as text (CDPruner reads it; required for ``INSTRUCTION_SCORERS``).
     The trace is the engine's ``{"layer": -1, "kept": [...]}`` with the item's token indices.
     """
     from v2drop.engine.sequence import Sequence
     from v2drop.engine.stages import StageContext, drop
-    from v2drop.integrations.vllm import _Projector, _Trace
+    from v2drop.integrations.vllm import INSTRUCTION_SCORERS, _Projector, _Trace
     from v2drop.schedule import PRE_LLM
 
     t, h, w = grid
     n = features.shape[0]
     if n != t * h * w:
         raise ValueError(f"An item of grid {grid} has {t * h * w} merged tokens, got {n} feature rows")
+    if instruction is None and method.scorer_name in INSTRUCTION_SCORERS:
+        raise ValueError(
+            f"Scorer {method.scorer_name!r} scores an item against its prompt's instruction, which the plugin hands "
+            "to image items only (not to videos)"
+        )
+    text = instruction.to(features.dtype) if instruction is not None else features.new_zeros(0, features.shape[1])
     device = features.device
-    idx = torch.arange(n, device=device)
-    coords = torch.stack([idx // (h * w), (idx // w) % h, idx % w], -1)
+    length = n + text.shape[0]
+    idx = torch.arange(length, device=device)
+    grid_idx = idx.clamp(max=n - 1)  # the text's coordinates are never read
+    coords = torch.stack([grid_idx // (h * w), (grid_idx // w) % h, grid_idx % w], -1)
     seq = Sequence(
-        hidden=features[None],
+        hidden=torch.cat([features, text])[None],
         position_ids=idx[None],
-        attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
+        attention_mask=torch.ones(1, length, dtype=torch.long, device=device),
         orig_idx=idx[None],
-        vision=torch.ones(1, n, dtype=torch.bool, device=device),
+        vision=(idx < n)[None],
         coords=coords[None],
-        block=torch.full((1, n), -1, dtype=torch.long, device=device),
+        block=torch.full((1, length), -1, dtype=torch.long, device=device),
     )
     trace = _Trace()
     ctx = StageContext(
@@ -251,6 +275,7 @@ def prune_item(method, features: torch.Tensor, grid: tuple[int, int, int], proje
         pad=torch.zeros(1, dtype=torch.long, device=device),
     )
     kept = drop(seq, PRE_LLM, None, ctx).hidden[0]
+    kept = kept[: kept.shape[0] - text.shape[0]]  # the item's kept tokens, before its instruction
     if kept.shape[0] != kept_count(method, n):
         raise RuntimeError(
             f"Scorer {method.scorer_name!r} left {kept.shape[0]} of {n} tokens, but the prompt holds "
@@ -331,6 +356,11 @@ def __getattr__(name: str):
     return _CLASSES[name]
 
 
+def _without_instruction(kwargs):
+    """Processor kwargs without the plugin's instruction ids (Qwen's processor reads the rest)."""
+    return {k: v for k, v in kwargs.items() if k != INSTRUCTION_KEY}
+
+
 def _build_model_class(base_name: str):
     """vLLM's Qwen2-VL / Qwen2.5-VL model ``base_name`` with pre-LLM pruning and the engine's M-RoPE positions."""
     use_pil_qwen2vl_image_processor()
@@ -368,10 +398,40 @@ def _build_model_class(base_name: str):
             return limits
 
     class MultiModalProcessor(base_processor):
-        """Qwen's processor with every item's placeholder run cut to the method's kept count."""
+        """Qwen's processor with every item's placeholder run cut to the method's kept count; for CDPruner it also
+        hands every image its prompt's instruction ids (a multimodal field, in the images' cache keys too)."""
+
+        def _cached_apply_hf_processor(self, inputs, timing_ctx):
+            """Put the prompt's instruction ids among the processor kwargs (``INSTRUCTION_SCORERS``)."""
+            if self.info.method().scorer_name in INSTRUCTION_SCORERS:
+                config = self.info.get_hf_config()
+                ids = instruction_ids(inputs.prompt, (config.image_token_id, config.video_token_id))
+                kwargs = {**inputs.hf_processor_mm_kwargs, INSTRUCTION_KEY: ids}
+                inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
+            return super()._cached_apply_hf_processor(inputs, timing_ctx)
+
+        def _call_hf_processor(self, hf_data, hf_kwargs):
+            """Qwen's Hugging Face processor, without the instruction ids."""
+            return super()._call_hf_processor(hf_data, _without_instruction(hf_kwargs))
+
+        def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
+            """The instruction ids as one entry per image."""
+            processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+            if INSTRUCTION_KEY in hf_processor_mm_kwargs and "image_grid_thw" in processed_data:
+                n = len(processed_data["image_grid_thw"])
+                processed_data[INSTRUCTION_KEY] = instruction_field(hf_processor_mm_kwargs[INSTRUCTION_KEY], n)
+            return processed_data
+
+        def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+            """Qwen's fields and the per-image instruction ids."""
+            from vllm.multimodal.inputs import MultiModalFieldConfig
+
+            fields = super()._get_mm_fields_config(hf_inputs, _without_instruction(hf_processor_mm_kwargs))
+            return {**fields, INSTRUCTION_KEY: MultiModalFieldConfig.batched("image")}
 
         def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
             """Qwen's replacements, each cut to ``kept_count`` of its tokens."""
+            hf_processor_mm_kwargs = _without_instruction(hf_processor_mm_kwargs)
             updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
             method = self.info.method()
             if not method.drops:
@@ -404,17 +464,27 @@ def _build_model_class(base_name: str):
             merge = self.config.vision_config.spatial_merge_size
             return [(int(t), int(h) // merge, int(w) // merge) for t, h, w in torch.as_tensor(grid_thw).tolist()]
 
-        def _pruned(self, items, grid_thw, start: float):
-            """Each item's embeddings cut to the method's kept rows (the engine's drop stage, per item)."""
+        def embed_multimodal(self, **kwargs):
+            """Qwen's item embeddings; the images' instruction ids (CDPruner) are taken out first."""
+            ids = kwargs.pop(INSTRUCTION_KEY, None)
+            self._instruction_ids = instruction_rows(ids) if ids is not None else None
+            return super().embed_multimodal(**kwargs)
+
+        def _pruned(self, items, grid_thw, start: float, instructions=None):
+            """Each item's embeddings cut to the method's kept rows (the engine's drop stage, per item); CDPruner's
+            items each with their instruction ids' input embeddings (``instructions``, images only)."""
             method = self.v2drop_method
             self.v2drop_seconds["images"] += len(items)
             tower_done = time.perf_counter()
             self.v2drop_seconds["tower"] += tower_done - start
             if not method.drops:
                 return items
+            if instructions is not None:
+                embed = self.get_language_model().embed_input_ids
+                instructions = [embed(row.to(items[0].device)) for row in instructions]
             out = []
-            for features, grid in zip(items, self._grids(grid_thw)):
-                kept, trace = prune_item(method, features, grid)
+            for i, (features, grid) in enumerate(zip(items, self._grids(grid_thw))):
+                kept, trace = prune_item(method, features, grid, instruction=instructions[i] if instructions else None)
                 out.append(kept)
                 self.v2drop_traces.append(trace)
             self.v2drop_seconds["prune"] += time.perf_counter() - tower_done
@@ -423,7 +493,11 @@ def _build_model_class(base_name: str):
         def _process_image_input(self, image_input):
             """Qwen's per-image embeddings, each cut to the method's kept rows."""
             start = time.perf_counter()
-            return self._pruned(super()._process_image_input(image_input), image_input["image_grid_thw"], start)
+            items = super()._process_image_input(image_input)
+            ids = getattr(self, "_instruction_ids", None)  # set by embed_multimodal (CDPruner)
+            if ids is not None and len(ids) != len(items):
+                raise RuntimeError(f"{len(ids)} instructions for {len(items)} images: one per image")
+            return self._pruned(items, image_input["image_grid_thw"], start, ids)
 
         def _process_video_input(self, video_input):
             """Qwen's per-video embeddings, each cut to the method's kept rows (all frames of a video together)."""
