@@ -1,10 +1,10 @@
-"""In-LLM dropping inside vLLM: V²Drop's decoder stages in vLLM's LLaVA-1.5 (eager mode, CPU attention backend).
+"""In-LLM dropping inside vLLM: V²Drop's, FastV's and PDrop's decoder stages in vLLM's LLaVA-1.5 (eager, CPU backend).
 
 The plugin (``v2drop.integrations.vllm``) registers one more architecture,
 ``V2DropInLLMLlavaForConditionalGeneration``; ``engine_args`` picks it for a method whose stages all sit
 before decoder layers (``runs_in_llm``) and that this module can run (``check_method``): the ``v2drop``
-scorer (any metric), positions ``preserve`` or ``renumber``. The engine must run eagerly with chunked
-prefill and prefix caching off (``ENGINE_KWARGS``; ``offline_llm`` sets them).
+scorer (any metric), ``fastv`` and ``pdrop``, positions ``preserve`` or ``renumber``. The engine must run
+eagerly with chunked prefill and prefix caching off (``ENGINE_KWARGS``; ``offline_llm`` sets them).
 
 The model is vLLM's LLaVA with its own decoder loop (``forward``). Each step's batch is a set of
 requests, each either a whole prompt (prefill: no cached context) or one new token (decode). At a
@@ -12,7 +12,11 @@ stage layer ``l`` the loop
 
 - scores every prefilling request's vision tokens with the method's scorer through the engine's own
   drop stage (``v2drop.engine.stages.drop``) on that request's residual stream (the input of layer
-  ``l`` and of layer ``l-1``), so the kept set is the engine's for that prompt;
+  ``l`` and of layer ``l-1``), so the kept set is the engine's for that prompt. A scorer that reads
+  attention rows (FastV: layer ``l-1``'s, PDrop: layer ``l``'s, of the last prompt token) gets them
+  as the engine computes them, from that layer's input and its own norm, fused q/k projection and
+  RoPE cache over the request's current tokens, causal (``v2drop.integrations.vllm_attention``:
+  ``StageAdapter`` is the adapter the drop stage reads); vLLM's fused attention returns none;
 - keeps the kept rows of the hidden states, the residual and the positions (``preserve``: the
   original ones; ``renumber``: contiguous);
 - gives layers ``l`` and later their own attention metadata and slot mapping (vLLM v1 keys both by
