@@ -30,7 +30,11 @@ MAX_TOKENS = 8
 # (position policy, vLLM's max_num_seqs): the preset's original positions in batches of 4, renumbered one at a time
 RUNS = [("preserve", 4), ("renumber", 1)]
 # attention-scored presets at the proxy's depth, run in batches of 4 -> (stage layers, kept of 256 at each)
-ATTENTION = {"fastv-llava15-128": ([1], [98]), "pdrop-llava15-128": ([1, 3, 6, 9], [100, 50, 25, 12])}
+ATTENTION = {
+    "fastv-llava15-128": ([1], [98]),
+    "pdrop-llava15-128": ([1, 3, 6, 9], [100, 50, 25, 12]),
+    "composite-v2drop-fastv-llava15-128": ([1, 6, 8], [71, 17, 1]),  # V²Drop's L2 variation and FastV's rows, ranked
+}
 # the negative control: each preset's schedule scored by the other scorer, i.e. the rows of the wrong layer
 # (FastV reads layer l-1's rows, PDrop layer l's)
 WRONG_LAYER = {"fastv-llava15-128": "pdrop", "pdrop-llava15-128": "fastv"}
@@ -72,20 +76,19 @@ def _preset(name: str, scorer: str | None = None):
 
 @pytest.fixture(scope="module")
 def attention_engine(samples):
-    """Preset -> (engine output with EOS, output of MAX_TOKENS forced tokens, forced output with the wrong layer's
-    rows); before any vLLM engine, as ``engine``."""
+    """Preset -> (engine output with EOS, output of MAX_TOKENS forced tokens[, forced output with the wrong layer's
+    rows for FastV and PDrop]); before any vLLM engine, as ``engine``."""
     lvlm = v2drop.load("proxy")
     prompts = [lvlm.format_prompt(s.question) for s in samples]
     images = [list(s.images) for s in samples]
     out = {}
     for name in ATTENTION:
+        runs = [(_preset(name), True), (_preset(name), False)]
+        if name in WRONG_LAYER:
+            runs.append((_preset(name, WRONG_LAYER[name]), False))
         out[name] = tuple(
             lvlm.generate(prompts, images, method=method, max_new_tokens=MAX_TOKENS, stop_at_eos=eos)
-            for method, eos in (
-                (_preset(name), True),
-                (_preset(name), False),
-                (_preset(name, WRONG_LAYER[name]), False),
-            )
+            for method, eos in runs
         )
     return out
 
@@ -199,8 +202,9 @@ def test_vllm_answers_and_decodes_as_the_engine(policy, engine, served):
 
 @pytest.mark.parametrize("name", list(ATTENTION))
 def test_vllm_keeps_the_engines_tokens_by_attention(name, attention_engine, attention_served):
-    """FastV (layer 0's row of the last prompt token, before layer 1) and PDrop (layer l's row, before layers 1/3/6/9,
-    renumbered positions): each request's kept prompt positions at every stage are the engine's."""
+    """FastV (layer 0's row of the last prompt token, before layer 1), PDrop (layer l's row, before layers 1/3/6/9,
+    renumbered positions) and a composite of V²Drop and FastV (before layers 1/6/8): each request's kept prompt
+    positions at every stage are the engine's."""
     layers, counts = ATTENTION[name]
     expected = attention_engine[name][0].traces
     traces = attention_served[name][2]
@@ -214,7 +218,7 @@ def test_vllm_keeps_the_engines_tokens_by_attention(name, attention_engine, atte
 @pytest.mark.parametrize("name", list(ATTENTION))
 def test_vllm_answers_and_decodes_by_attention_as_the_engine(name, attention_engine, attention_served):
     """Greedy answers and up to MAX_TOKENS forced tokens equal the engine's, in steps mixing prefills and decodes."""
-    answers, forced, _ = attention_engine[name]
+    answers, forced = attention_engine[name][:2]
     texts, tokens, _, steps, _ = attention_served[name]
     assert texts == answers.texts
     assert [len(t) for t in tokens] == [MAX_TOKENS - i % 4 for i in range(N_SAMPLES)]
@@ -222,7 +226,7 @@ def test_vllm_answers_and_decodes_by_attention_as_the_engine(name, attention_eng
     assert steps["prefill"] > 0 and steps["decode"] > 0 and steps["mixed"] > 0
 
 
-@pytest.mark.parametrize("name", list(ATTENTION))
+@pytest.mark.parametrize("name", list(WRONG_LAYER))
 def test_the_wrong_layers_rows_keep_other_tokens(name, attention_engine, attention_served):
     """Negative control: the engine scoring the same schedule with the other layer's rows (FastV's l-1 vs PDrop's l)
     keeps a different set at the first stage than vLLM's run on most samples, so equal kept sets pin the layer."""
@@ -257,10 +261,10 @@ def test_slots_follow_the_block_table():
 
 
 def test_the_in_llm_route_is_chosen_or_refused_with_the_reason():
-    """V²Drop's, FastV's and PDrop's decoder stages get the in-LLM architecture; pre-LLM methods keep theirs;
-    SparseVLM (raters from the embeddings, recycled tokens) and schedules mixing a pre-LLM stage with decoder stages
-    are refused, naming why."""
-    for method in (_method("preserve").to_dict(), "fastv-llava15-128", "pdrop-llava15-128"):
+    """V²Drop's, FastV's and PDrop's decoder stages (and composites of them) get the in-LLM architecture; pre-LLM
+    methods keep theirs; SparseVLM (raters from the embeddings, recycled tokens) and schedules mixing a pre-LLM stage
+    with decoder stages are refused, naming why."""
+    for method in (_method("preserve").to_dict(), *ATTENTION):
         assert engine_args(method)["hf_overrides"]["architectures"] == [vllm_inllm.ARCHITECTURE]
     assert engine_args("divprune-llava15-64")["hf_overrides"]["architectures"] == [ARCHITECTURE]
     with pytest.raises(ValueError, match="adds or merges tokens, chooses its attention queries from the embeddings"):

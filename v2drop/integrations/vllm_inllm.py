@@ -55,17 +55,24 @@ def runs_in_llm(method) -> bool:
     return method.drops and all(s.layer >= 0 for s in method.schedule.stages)
 
 
+def scorer_names(method) -> list[str]:
+    """The scorers ``method`` scores with: a composite's parts, or the method's one scorer."""
+    parts = getattr(method.scorer, "parts", None) if method.scorer_name == "composite" else None
+    return [part["name"] for part in parts] if parts else [method.scorer_name]
+
+
 def check_method(method) -> None:
     """Raise ValueError, with the reason, unless the in-LLM architecture can run ``method`` (``runs_in_llm``)."""
     if not runs_in_llm(method):
         raise ValueError(f"Method {method.scorer_name!r} has stages outside the decoder; the in-LLM route runs none")
-    if method.scorer_name not in SUPPORTED_SCORERS:
+    if not set(scorer_names(method)) <= set(SUPPORTED_SCORERS):
         raise ValueError(
             f"Method {method.scorer_name!r} drops tokens inside the decoder by a score the vLLM plugin does not serve "
             "between decoder layers: it adds or merges tokens, chooses its attention queries from the embeddings, or "
             "reads tower features, cached keys, grid coordinates or per-prompt seeds (vLLM's fused attention returns "
             "no attention weights; the plugin recomputes only the last prompt token's rows); supported in-LLM "
-            f"scorers: {', '.join(SUPPORTED_SCORERS)} (or use a pre-LLM method, or v2drop's own engine)"
+            f"scorers: {', '.join(SUPPORTED_SCORERS)} and composites of them (or use a pre-LLM method, or v2drop's "
+            "own engine)"
         )
     if method.position_policy not in ("preserve", "renumber"):
         raise ValueError(f"Unknown position policy {method.position_policy!r}")
