@@ -253,6 +253,34 @@ def test_vllm_layers_give_the_engines_attention_rows(attention_served):
     assert float((rows[2] - rows[3]).abs().max()) > 1e-2
 
 
+def test_layers_whose_attention_cannot_be_recomputed_are_refused():
+    """check_layers names the layer and why: heads split by tensor parallelism, per-head q/k norms, RoPE on part
+    of each head or on interleaved pairs, a multimodal RoPE without a plain cos/sin cache (layers described by their
+    attributes, as vLLM's LlamaAttention has them)."""
+    from types import SimpleNamespace
+
+    def layer(**changes):
+        rotary = SimpleNamespace(cos_sin_cache=torch.zeros(8, 32), is_neox_style=True, rotary_dim=32)
+        attn = dict(num_heads=4, total_num_heads=4, head_dim=32, qkv_proj=object(), rotary_emb=rotary)
+        for key, value in changes.items():
+            if key in ("is_neox_style", "rotary_dim", "cos_sin_cache"):
+                setattr(rotary, key, value)
+            else:
+                attn[key] = value
+        return SimpleNamespace(self_attn=SimpleNamespace(**attn), input_layernorm=object())
+
+    vllm_attention.check_layers([layer(), layer()])
+    for changes, reason in (
+        ({"num_heads": 2}, "split by tensor parallelism"),
+        ({"q_norm": object()}, "normalises queries and keys per head"),
+        ({"rotary_dim": 16}, "part of each head"),
+        ({"is_neox_style": False}, "interleaved pairs"),
+        ({"cos_sin_cache": None}, "no plain cos/sin cache"),
+    ):
+        with pytest.raises(ValueError, match=f"decoder layer 1: .*{reason}"):
+            vllm_attention.check_layers([layer(), layer(**changes)])
+
+
 def test_slots_follow_the_block_table():
     """A position's slot is its block's id times the block size plus its offset in the block (hand-worked)."""
     row = torch.tensor([7, 2, 5])
