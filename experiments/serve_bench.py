@@ -11,9 +11,9 @@ or ``none``) the plugin runs: v2drop's engine answers the samples first, through
 all samples submitted at once. Reported per method: requests/s and output tokens/s over the timed
 run, TTFT p50/p99 from vLLM's request metrics (arrival to first token, so queueing counts), the
 benchmark's accuracy, the share of answers equal to the engine's, and the plugin's time in the
-vision tower (and its [CLS]-attention recompute) and in the drop stages. V²Drop's decoder stages run in
-the plugin's in-LLM architecture (chunked prefill off, ``v2drop.integrations.vllm_inllm``); methods the
-plugin cannot run (attention-scored drops inside the decoder) get ``supported: false`` and the reason.
+vision tower (and its [CLS]-attention recompute) and in the drop stages. V²Drop's, FastV's and PDrop's decoder
+stages run in the plugin's in-LLM architecture (chunked prefill off, ``v2drop.integrations.vllm_inllm``); methods
+the plugin cannot run (e.g. SparseVLM's drops inside the decoder) get ``supported: false`` and the reason.
 Prefix caching is off and every request's images get their own uuid (no vision features shared
 between questions on one image); torch and vLLM run on ``threads`` threads (``OMP_NUM_THREADS``),
 stated in the output. Each method's samples run ``repeats`` times; its figures come from the run of

@@ -1,5 +1,6 @@
 """The vLLM plugin on the bundled proxy: no dropping and pre-LLM methods answer as v2drop's engine does, keep the same
-tokens, and attention-scored in-LLM methods are refused with the reason (V²Drop's decoder stages: test_vllm_inllm.py).
+tokens, and in-LLM methods the plugin cannot score are refused with the reason (V²Drop's, FastV's and PDrop's decoder
+stages: test_vllm_inllm.py).
 
 Runs in the vLLM environment (``bash scripts/vllm_env.sh``, docs/serving.md); skipped where vLLM is not installed.
 """
@@ -226,9 +227,9 @@ def test_instruction_ids_and_images_batched_with_instructions():
 
 
 def test_in_llm_methods_are_refused_with_the_reason():
-    """FastV drops inside the decoder by attention weights: refused before any engine starts, naming why."""
+    """SparseVLM drops inside the decoder with recycled tokens: refused before any engine starts, naming why."""
     with pytest.raises(ValueError, match="drops tokens inside the decoder"):
-        engine_args("fastv-llava15-128")
+        engine_args("sparsevlm-llava15-64")
     with pytest.raises(ValueError, match="not supported by the vLLM plugin: it keeps whole frames"):
         check_method(
             v2drop.Method.from_dict(
@@ -267,7 +268,7 @@ def test_serve_bench_server_sweeps_concurrency(tmp_path):
     out = serve_bench.main(
         [
             *("--server", "--limit", "4", "--max-concurrency", "2", "--warmup", "1", "--threads", "2"),
-            *("--methods", "divprune-llava15-64,fastv-llava15-128", "--store", str(tmp_path / "store")),
+            *("--methods", "divprune-llava15-64,sparsevlm-llava15-64", "--store", str(tmp_path / "store")),
             *("--output", str(tmp_path / "out.json"), "--table", str(tmp_path / "table.md")),
         ]
     )
@@ -277,7 +278,7 @@ def test_serve_bench_server_sweeps_concurrency(tmp_path):
         assert figures["agreement_with_engine"] == 1.0
         assert figures["requests_per_s"] > 0 and figures["output_tokens_per_s"] > 0
         assert 0 < figures["ttft_p50_s"] <= figures["ttft_p99_s"] <= figures["wall_s"]
-    assert out["methods"]["fastv-llava15-128"]["supported"] is False
+    assert out["methods"]["sparsevlm-llava15-64"]["supported"] is False
     table = (tmp_path / "table.md").read_text()
     assert "OMP_NUM_THREADS=2" in table and "| divprune-llava15-64 | 2 |" in table
     assert serve_bench.concurrency_levels(8) == [1, 2, 4, 8] and serve_bench.concurrency_levels(6) == [1, 2, 4, 6]

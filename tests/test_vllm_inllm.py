@@ -1,6 +1,8 @@
-"""V²Drop's decoder stages inside vLLM (``v2drop.integrations.vllm_inllm``) on the bundled proxy: the same kept tokens
-at every stage and the same greedy tokens as v2drop's engine, in prefill and over forced decode steps, one request at
-a time and in batches, with the original and with renumbered positions.
+"""V²Drop's, FastV's and PDrop's decoder stages inside vLLM (``v2drop.integrations.vllm_inllm``) on the bundled proxy:
+the same kept tokens at every stage and the same greedy tokens as v2drop's engine, in prefill and over forced decode
+steps, one request at a time and in batches, with the original and with renumbered positions. FastV's and PDrop's
+attention rows are recomputed from vLLM's own layers (``v2drop.integrations.vllm_attention``): equal to the rows
+transformers' layers give, and a different layer's rows keep different tokens.
 
 Runs in the vLLM environment (``bash scripts/vllm_env.sh``, docs/serving.md); skipped where vLLM is not installed.
 """
@@ -15,9 +17,10 @@ vllm = pytest.importorskip(
 )
 
 import v2drop  # noqa: E402
+from v2drop.attention import attention_rows  # noqa: E402
 from v2drop.benchmarks import get_benchmark  # noqa: E402
 from v2drop.bundled import LOCAL_MODELS  # noqa: E402
-from v2drop.integrations import vllm_inllm  # noqa: E402
+from v2drop.integrations import vllm_attention, vllm_inllm  # noqa: E402
 from v2drop.integrations.vllm import ARCHITECTURE, engine_args, image_requests, offline_llm  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -26,6 +29,15 @@ N_SAMPLES = 8
 MAX_TOKENS = 8
 # (position policy, vLLM's max_num_seqs): the preset's original positions in batches of 4, renumbered one at a time
 RUNS = [("preserve", 4), ("renumber", 1)]
+# attention-scored presets at the proxy's depth, run in batches of 4 -> (stage layers, kept of 256 at each)
+ATTENTION = {
+    "fastv-llava15-128": ([1], [98]),
+    "pdrop-llava15-128": ([1, 3, 6, 9], [100, 50, 25, 12]),
+    "composite-v2drop-fastv-llava15-128": ([1, 6, 8], [71, 17, 1]),  # V²Drop's L2 variation and FastV's rows, ranked
+}
+# the negative control: each preset's schedule scored by the other scorer, i.e. the rows of the wrong layer
+# (FastV reads layer l-1's rows, PDrop layer l's)
+WRONG_LAYER = {"fastv-llava15-128": "pdrop", "pdrop-llava15-128": "fastv"}
 
 
 def _method(policy: str):
@@ -56,8 +68,81 @@ def engine(samples):
     return prompts, answers, forced, none
 
 
+def _preset(name: str, scorer: str | None = None):
+    """Preset ``name`` at the proxy's depth, its scorer replaced by ``scorer`` when given."""
+    method = v2drop.Method.from_preset(name, depth=12)
+    return method if scorer is None else v2drop.Method.from_dict({**method.to_dict(), "scorer": {"name": scorer}})
+
+
 @pytest.fixture(scope="module")
-def served(engine, samples):
+def attention_engine(samples):
+    """Preset -> (engine output with EOS, output of MAX_TOKENS forced tokens[, forced output with the wrong layer's
+    rows for FastV and PDrop]); before any vLLM engine, as ``engine``."""
+    lvlm = v2drop.load("proxy")
+    prompts = [lvlm.format_prompt(s.question) for s in samples]
+    images = [list(s.images) for s in samples]
+    out = {}
+    for name in ATTENTION:
+        runs = [(_preset(name), True), (_preset(name), False)]
+        if name in WRONG_LAYER:
+            runs.append((_preset(name, WRONG_LAYER[name]), False))
+        out[name] = tuple(
+            lvlm.generate(prompts, images, method=method, max_new_tokens=MAX_TOKENS, stop_at_eos=eos)
+            for method, eos in runs
+        )
+    return out
+
+
+def _vllm_rows(model, hidden, layer_idx, query):
+    """Head-averaged attention rows of ``query`` over ``hidden`` (1, L, D) at vLLM's decoder layer ``layer_idx``,
+    positions 0 .. L-1, through the in-LLM plugin's stage adapter."""
+    adapter = vllm_attention.StageAdapter(model.language_model.model.layers, model.language_model.model.norm)
+    positions = torch.arange(hidden.shape[1])[None]
+    rope = adapter.layer_rope(adapter.rope(hidden, positions), layer_idx)
+    mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+    return attention_rows(adapter.layers[layer_idx], hidden, rope, mask, query)
+
+
+@pytest.fixture(scope="module")
+def attention_served(attention_engine, engine, samples):
+    """Preset -> (answers, forced token ids, per-request traces, step counts, {layer: attention rows of a random
+    input}) from vLLM with the in-LLM architecture, 4 requests at a time, decoding MAX_TOKENS - (i % 4) forced
+    tokens each (prefills and decode steps mix)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    prompts = engine[0]
+    hidden = torch.randn(1, 40, 128, generator=torch.Generator().manual_seed(0))
+    query = torch.tensor([[39, 20]])
+    out = {}
+    for name in ATTENTION:
+        llm = offline_llm(str(LOCAL_MODELS["proxy"]), _preset(name), max_num_seqs=4, kv_cache_gib=0.25)
+        llm.apply_model(lambda model: model.v2drop_traces.clear())
+        greedy = vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+        answers = llm.generate(image_requests(prompts, samples, "eos"), greedy, use_tqdm=False)
+        traces = llm.apply_model(lambda model: list(model.v2drop_traces))[0]
+        llm.apply_model(lambda model: model.v2drop_steps.update(prefill=0, decode=0, mixed=0))
+        forced = [
+            vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS - i % 4, ignore_eos=True)
+            for i in range(len(prompts))
+        ]
+        tokens = llm.generate(image_requests(prompts, samples, "forced"), forced, use_tqdm=False)
+        rows = {
+            layer: llm.apply_model(lambda model, layer=layer: _vllm_rows(model, hidden, layer, query))[0]
+            for layer in (2, 3)
+        }
+        out[name] = (
+            [o.outputs[0].text.strip() for o in answers],
+            [list(o.outputs[0].token_ids) for o in tokens],
+            traces,
+            llm.apply_model(lambda model: dict(model.v2drop_steps))[0],
+            (hidden, query, rows),
+        )
+        del llm
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(engine, attention_engine, samples):
     """Policy -> (answers, forced token ids, per-request traces, step counts) from vLLM with the in-LLM architecture,
     in-process. The forced requests decode MAX_TOKENS - (i % 4) tokens each, so in batches some finish while others
     decode and new prompts prefill in the same steps as decode tokens."""
@@ -115,6 +200,87 @@ def test_vllm_answers_and_decodes_as_the_engine(policy, engine, served):
     assert (steps["mixed"] > 0) == (max_num_seqs > 1)  # one request at a time never mixes
 
 
+@pytest.mark.parametrize("name", list(ATTENTION))
+def test_vllm_keeps_the_engines_tokens_by_attention(name, attention_engine, attention_served):
+    """FastV (layer 0's row of the last prompt token, before layer 1), PDrop (layer l's row, before layers 1/3/6/9,
+    renumbered positions) and a composite of V²Drop and FastV (before layers 1/6/8): each request's kept prompt
+    positions at every stage are the engine's."""
+    layers, counts = ATTENTION[name]
+    expected = attention_engine[name][0].traces
+    traces = attention_served[name][2]
+    assert len(traces) == N_SAMPLES
+    for trace, want in zip(traces, expected):
+        assert [s["layer"] for s in trace["stages"]] == layers
+        assert [s["kept"] for s in trace["stages"]] == [s["kept"] for s in want.stages]
+        assert [len(s["kept"]) for s in trace["stages"]] == counts
+
+
+@pytest.mark.parametrize("name", list(ATTENTION))
+def test_vllm_answers_and_decodes_by_attention_as_the_engine(name, attention_engine, attention_served):
+    """Greedy answers and up to MAX_TOKENS forced tokens equal the engine's, in steps mixing prefills and decodes."""
+    answers, forced = attention_engine[name][:2]
+    texts, tokens, _, steps, _ = attention_served[name]
+    assert texts == answers.texts
+    assert [len(t) for t in tokens] == [MAX_TOKENS - i % 4 for i in range(N_SAMPLES)]
+    assert tokens == [ids[: len(t)] for ids, t in zip(forced.generated_ids, tokens)]
+    assert steps["prefill"] > 0 and steps["decode"] > 0 and steps["mixed"] > 0
+
+
+@pytest.mark.parametrize("name", list(WRONG_LAYER))
+def test_the_wrong_layers_rows_keep_other_tokens(name, attention_engine, attention_served):
+    """Negative control: the engine scoring the same schedule with the other layer's rows (FastV's l-1 vs PDrop's l)
+    keeps a different set at the first stage than vLLM's run on most samples, so equal kept sets pin the layer."""
+    traces = attention_served[name][2]
+    wrong = attention_engine[name][2].traces
+    differ = sum(t["stages"][0]["kept"] != w.stages[0]["kept"] for t, w in zip(traces, wrong))
+    assert differ >= N_SAMPLES // 2
+
+
+def test_vllm_layers_give_the_engines_attention_rows(attention_served):
+    """The stage adapter's rows over vLLM's layers (fused qkv, RoPE cache) equal ``attention_rows`` over transformers'
+    layers of the same checkpoint on one random input, per layer; the neighbouring layer's rows are far off."""
+    hidden, query, rows = attention_served["fastv-llava15-128"][4]
+    adapter = v2drop.load("proxy").adapter
+    positions = torch.arange(hidden.shape[1])[None]
+    mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+    for layer, got in rows.items():
+        with torch.no_grad():
+            rope = adapter.layer_rope(adapter.rope(hidden, positions), layer)
+            want = attention_rows(adapter.layers[layer], hidden, rope, mask, query)
+        assert got.shape == (1, 2, 40)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert float(got[0, 1, 21:].abs().max()) == 0.0  # causal: query 20 sees keys 0..20 only
+    assert float((rows[2] - rows[3]).abs().max()) > 1e-2
+
+
+def test_layers_whose_attention_cannot_be_recomputed_are_refused():
+    """check_layers names the layer and why: heads split by tensor parallelism, per-head q/k norms, RoPE on part
+    of each head or on interleaved pairs, a multimodal RoPE without a plain cos/sin cache (layers described by their
+    attributes, as vLLM's LlamaAttention has them)."""
+    from types import SimpleNamespace
+
+    def layer(**changes):
+        rotary = SimpleNamespace(cos_sin_cache=torch.zeros(8, 32), is_neox_style=True, rotary_dim=32)
+        attn = dict(num_heads=4, total_num_heads=4, head_dim=32, qkv_proj=object(), rotary_emb=rotary)
+        for key, value in changes.items():
+            if key in ("is_neox_style", "rotary_dim", "cos_sin_cache"):
+                setattr(rotary, key, value)
+            else:
+                attn[key] = value
+        return SimpleNamespace(self_attn=SimpleNamespace(**attn), input_layernorm=object())
+
+    vllm_attention.check_layers([layer(), layer()])
+    for changes, reason in (
+        ({"num_heads": 2}, "split by tensor parallelism"),
+        ({"q_norm": object()}, "normalises queries and keys per head"),
+        ({"rotary_dim": 16}, "part of each head"),
+        ({"is_neox_style": False}, "interleaved pairs"),
+        ({"cos_sin_cache": None}, "no plain cos/sin cache"),
+    ):
+        with pytest.raises(ValueError, match=f"decoder layer 1: .*{reason}"):
+            vllm_attention.check_layers([layer(), layer(**changes)])
+
+
 def test_slots_follow_the_block_table():
     """A position's slot is its block's id times the block size plus its offset in the block (hand-worked)."""
     row = torch.tensor([7, 2, 5])
@@ -123,13 +289,14 @@ def test_slots_follow_the_block_table():
 
 
 def test_the_in_llm_route_is_chosen_or_refused_with_the_reason():
-    """V²Drop's decoder stages get the in-LLM architecture; pre-LLM methods keep theirs; attention-scored decoder
-    stages and schedules mixing a pre-LLM stage with decoder stages are refused, naming why."""
-    v2drop_args = engine_args(_method("preserve").to_dict())["hf_overrides"]
-    assert v2drop_args["architectures"] == [vllm_inllm.ARCHITECTURE]
+    """V²Drop's, FastV's and PDrop's decoder stages (and composites of them) get the in-LLM architecture; pre-LLM
+    methods keep theirs; SparseVLM (raters from the embeddings, recycled tokens) and schedules mixing a pre-LLM stage
+    with decoder stages are refused, naming why."""
+    for method in (_method("preserve").to_dict(), *ATTENTION):
+        assert engine_args(method)["hf_overrides"]["architectures"] == [vllm_inllm.ARCHITECTURE]
     assert engine_args("divprune-llava15-64")["hf_overrides"]["architectures"] == [ARCHITECTURE]
-    with pytest.raises(ValueError, match="attention weights"):
-        engine_args("fastv-llava15-128")
+    with pytest.raises(ValueError, match="adds or merges tokens, chooses its attention queries from the embeddings"):
+        engine_args("sparsevlm-llava15-64")
     mixed = v2drop.Method.from_dict(
         {"scorer": "uniform", "schedule": {"stages": [["pre_llm", 0.5], [2, 0.5]]}, "position_policy": "renumber"}
     )

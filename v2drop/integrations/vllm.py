@@ -40,10 +40,10 @@ through ``hf_overrides``::
 
 The budget is per image: the engine's budget is per sample (all of its images together), so the
 two agree on one image per prompt. Positions are vLLM's, contiguous over the kept tokens: the
-method must use ``position_policy: renumber`` (the presets of pre-LLM methods do). V²Drop's decoder
-stages run in a second architecture, ``V2DropInLLMLlavaForConditionalGeneration``
+method must use ``position_policy: renumber`` (the presets of pre-LLM methods do). V²Drop's, FastV's
+and PDrop's decoder stages run in a second architecture, ``V2DropInLLMLlavaForConditionalGeneration``
 (``v2drop.integrations.vllm_inllm``), which ``engine_args`` picks for them; methods that score decoder
-stages otherwise (FastV, PDrop, ...) and the pre-LLM scorers of ``REFUSED_SCORERS`` (HoliTom, FastVID,
+stages otherwise (SparseVLM, ...) and the pre-LLM scorers of ``REFUSED_SCORERS`` (HoliTom, FastVID,
 frames) are refused with the reason (``check_method``).
 
 Importing this module imports nothing from vLLM; ``register()`` also points transformers' pixtral

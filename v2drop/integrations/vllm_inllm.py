@@ -1,10 +1,10 @@
-"""In-LLM dropping inside vLLM: V²Drop's decoder stages in vLLM's LLaVA-1.5 (eager mode, CPU attention backend).
+"""In-LLM dropping inside vLLM: V²Drop's, FastV's and PDrop's decoder stages in vLLM's LLaVA-1.5 (eager, CPU backend).
 
 The plugin (``v2drop.integrations.vllm``) registers one more architecture,
 ``V2DropInLLMLlavaForConditionalGeneration``; ``engine_args`` picks it for a method whose stages all sit
 before decoder layers (``runs_in_llm``) and that this module can run (``check_method``): the ``v2drop``
-scorer (any metric), positions ``preserve`` or ``renumber``. The engine must run eagerly with chunked
-prefill and prefix caching off (``ENGINE_KWARGS``; ``offline_llm`` sets them).
+scorer (any metric), ``fastv`` and ``pdrop``, positions ``preserve`` or ``renumber``. The engine must run
+eagerly with chunked prefill and prefix caching off (``ENGINE_KWARGS``; ``offline_llm`` sets them).
 
 The model is vLLM's LLaVA with its own decoder loop (``forward``). Each step's batch is a set of
 requests, each either a whole prompt (prefill: no cached context) or one new token (decode). At a
@@ -12,7 +12,11 @@ stage layer ``l`` the loop
 
 - scores every prefilling request's vision tokens with the method's scorer through the engine's own
   drop stage (``v2drop.engine.stages.drop``) on that request's residual stream (the input of layer
-  ``l`` and of layer ``l-1``), so the kept set is the engine's for that prompt;
+  ``l`` and of layer ``l-1``), so the kept set is the engine's for that prompt. A scorer that reads
+  attention rows (FastV: layer ``l-1``'s, PDrop: layer ``l``'s, of the last prompt token) gets them
+  as the engine computes them, from that layer's input and its own norm, fused q/k projection and
+  RoPE cache over the request's current tokens, causal (``v2drop.integrations.vllm_attention``:
+  ``StageAdapter`` is the adapter the drop stage reads); vLLM's fused attention returns none;
 - keeps the kept rows of the hidden states, the residual and the positions (``preserve``: the
   original ones; ``renumber``: contiguous);
 - gives layers ``l`` and later their own attention metadata and slot mapping (vLLM v1 keys both by
@@ -36,8 +40,12 @@ import time
 
 import torch
 
+from v2drop.integrations.vllm_attention import StageAdapter, check_layers
+
 ARCHITECTURE = "V2DropInLLMLlavaForConditionalGeneration"  # the in-LLM architecture the plugin registers
-SUPPORTED_SCORERS = ("v2drop",)  # scorers whose decoder stages read only hidden states (no attention weights)
+# scorers whose decoder stages the loop runs: V²Drop reads hidden states; FastV and PDrop read the last prompt token's
+# attention rows, recomputed from the scoring layer's weights (``v2drop.integrations.vllm_attention``)
+SUPPORTED_SCORERS = ("v2drop", "fastv", "pdrop")
 # vllm.LLM settings the architecture needs: whole prompts in one step, no shared prefixes, no graph capture
 ENGINE_KWARGS = {"enforce_eager": True, "enable_prefix_caching": False, "enable_chunked_prefill": False}
 
@@ -47,16 +55,24 @@ def runs_in_llm(method) -> bool:
     return method.drops and all(s.layer >= 0 for s in method.schedule.stages)
 
 
+def scorer_names(method) -> list[str]:
+    """The scorers ``method`` scores with: a composite's parts, or the method's one scorer."""
+    parts = getattr(method.scorer, "parts", None) if method.scorer_name == "composite" else None
+    return [part["name"] for part in parts] if parts else [method.scorer_name]
+
+
 def check_method(method) -> None:
     """Raise ValueError, with the reason, unless the in-LLM architecture can run ``method`` (``runs_in_llm``)."""
     if not runs_in_llm(method):
         raise ValueError(f"Method {method.scorer_name!r} has stages outside the decoder; the in-LLM route runs none")
-    if method.scorer_name not in SUPPORTED_SCORERS:
+    if not set(scorer_names(method)) <= set(SUPPORTED_SCORERS):
         raise ValueError(
             f"Method {method.scorer_name!r} drops tokens inside the decoder by a score the vLLM plugin does not serve "
-            "between decoder layers: attention weights (vLLM's fused attention returns none), text queries, tower "
-            "features, grid coordinates or per-prompt seeds; supported in-LLM scorers: "
-            f"{', '.join(SUPPORTED_SCORERS)} (or use a pre-LLM method, or v2drop's own engine)"
+            "between decoder layers: it adds or merges tokens, chooses its attention queries from the embeddings, or "
+            "reads tower features, cached keys, grid coordinates or per-prompt seeds (vLLM's fused attention returns "
+            "no attention weights; the plugin recomputes only the last prompt token's rows); supported in-LLM "
+            f"scorers: {', '.join(SUPPORTED_SCORERS)} and composites of them (or use a pre-LLM method, or v2drop's "
+            "own engine)"
         )
     if method.position_policy not in ("preserve", "renumber"):
         raise ValueError(f"Unknown position policy {method.position_policy!r}")
@@ -107,13 +123,14 @@ def compact_metadata(meta, q_lens: list[int], seq_lens: list[int], slot_mapping:
     )
 
 
-class _StageAdapter:
-    """The part of an ``Adapter`` a decoder drop stage reads (the layers and the final norm)."""
+def needs_prev_hidden(method, layer_idx: int) -> bool:
+    """Whether the stage before ``layer_idx`` reads the input of layer ``layer_idx - 1`` (V²Drop; FastV's rows)."""
+    scorer = method.scorer.at(layer_idx)
+    request = scorer.attention_request()
+    return scorer.needs_prev_hidden or (request is not None and request.layer_offset < 0)
 
-    def __init__(self, layers, norm):
-        self.layers = layers
-        self.norm = norm
-        self.project_vision = None
+
+_StageAdapter = StageAdapter  # the part of an ``Adapter`` a decoder drop stage reads, over vLLM's layers
 
 
 class _Request:
@@ -176,6 +193,8 @@ def _build_model_class():
             check_method(method)
             decoder = self.language_model.model
             method.schedule.check_depth(len(decoder.layers))
+            if any(method.scorer.at(s.layer).attention_request() is not None for s in method.schedule.stages):
+                check_layers(decoder.layers)  # attention rows are recomputed from the layers' weights
             self.v2drop_method = method
             self.v2drop_stage_at = {s.layer: i for i, s in enumerate(method.schedule.stages)}
             self.v2drop_state: dict[int, tuple[int, list[int]]] = {}  # first KV block -> (prompt length, dropped)
@@ -269,7 +288,7 @@ def _build_model_class():
                     hidden = hidden[keep]
                     residual = residual[keep] if residual is not None else None
                     self._v2drop_metadata(context, names[layer_idx:], requests, segment, meta)
-                if layer_idx + 1 in stage_at and method.scorer.at(layer_idx + 1).needs_prev_hidden:
+                if layer_idx + 1 in stage_at and needs_prev_hidden(method, layer_idx + 1):
                     # a copy: a fused residual add may update its inputs in place
                     prev = hidden.clone() if residual is None else hidden + residual
                 hidden, residual = layer(pos, hidden, residual)
@@ -294,27 +313,27 @@ def _build_model_class():
                     flat = request.start + request.orig
                     is_vision = vision[flat]
                     if bool(is_vision.any()):
-                        if request.ctx is None:
-                            request.ctx = StageContext(
-                                method=method,
-                                adapter=_StageAdapter(self.language_model.model.layers, self.language_model.model.norm),
-                                stage_at=stage_at,
-                                sample_keys=torch.zeros(1, dtype=torch.long),
-                                n_vision=[int(is_vision.sum())],
-                                traces=[plugin._Trace()],
-                                requests=dict.fromkeys(stage_at),
-                                queries={},
-                                pad=torch.zeros(1, dtype=torch.long),
-                            )
+                        # the positions the layers use: the prompt's, or 0.. once renumbered (a whole prompt starts
+                        # at 0, so both are the prompt's before the first stage)
+                        current = torch.arange(n) if method.position_policy == "renumber" else original_pos[flat]
                         seq = Sequence(
                             hidden=x[offset : offset + n][None],
-                            position_ids=original_pos[flat][None],
+                            position_ids=current.to(original_pos.dtype)[None],
                             attention_mask=torch.ones(1, n, dtype=torch.long),
                             orig_idx=request.orig[None],
                             vision=is_vision[None],
                             coords=torch.zeros(1, n, 3, dtype=torch.long),
                             block=torch.full((1, n), -1, dtype=torch.long),
                         )
+                        if request.ctx is None:  # at the first stage: every prompt token is present
+                            # attention queries (the last prompt token) chosen here, as the engine at layer 0
+                            request.ctx = StageContext.start(
+                                method,
+                                _StageAdapter(self.language_model.model.layers, self.language_model.model.norm),
+                                seq,
+                                sample_keys=torch.zeros(1, dtype=torch.long),
+                                traces=[plugin._Trace()],
+                            )
                         previous = prev[offset : offset + n][None] if prev is not None else None
                         kept_orig = drop(seq, layer_idx, previous, request.ctx).orig_idx[0].cpu()
                         local = offset + torch.searchsorted(request.orig, kept_orig)

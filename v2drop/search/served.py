@@ -3,9 +3,9 @@
 The trial's method runs in an offline ``vllm.LLM`` (``v2drop.integrations.vllm.offline_throughput``:
 the plugin, prefix caching off, ``eval.max_new_tokens`` greedy tokens, ``eval.warmup`` requests
 untimed, then every trial sample submitted at once; vLLM's engine in its own process with
-``OMP_NUM_THREADS=eval.threads``). Methods the plugin cannot run (drops inside the decoder by attention
-scores, the pre-LLM scorers of ``v2drop.integrations.vllm.REFUSED_SCORERS``, ``position_policy: preserve``
-before the LLM; V²Drop's decoder stages run, ``v2drop.integrations.vllm_inllm``)
+``OMP_NUM_THREADS=eval.threads``). Methods the plugin cannot run (drops inside the decoder by other scorers
+than V²Drop, FastV and PDrop, the pre-LLM scorers of ``v2drop.integrations.vllm.REFUSED_SCORERS``,
+``position_policy: preserve`` before the LLM; ``v2drop.integrations.vllm_inllm``)
 are pruned before any evaluation, the plugin's reason recorded as the trial's ``pruned_reason``.
 vLLM lives in its own environment (``docs/serving.md``); without it, choosing the objective is an error.
 """
