@@ -435,7 +435,7 @@ def equals_language_model_on_merged_tokens(lvlm, inputs, method):
             coords[:, 0],
             Fraction(math.floor(n * 0.25), n),
             scorer.cuts,
-            scorer.tau,
+            scorer.cut_tau,
             scorer.context_share,
             scorer.anchor_interval,
             salient=salient,
@@ -555,7 +555,8 @@ def test_qwen_rule_gives_a_run_of_near_duplicate_frames_to_its_last_frame():
 def test_qwen_rule_cuts_at_its_own_tau():
     """Frame means with adjacent cosines 0.87 and 1: the OneVision τ 0.9 cuts after frame 0, the Qwen2.5-VL τ 0.84 does
     not (c = 1: no cut by rank), so there the three frames are one segment and frame 0 gets tokens as a run's last."""
-    assert (FastVIDScorer().tau, FastVIDScorer(rule="qwen2_5_vl").tau) == (0.9, 0.84)
+    assert (FastVIDScorer().cut_tau, FastVIDScorer(rule="qwen2_5_vl").cut_tau) == (0.9, 0.84)
+    assert FastVIDScorer(rule="qwen2_5_vl", tau=0.5).cut_tau == 0.5
     means = torch.tensor([[1.0, 0.0], [0.87, math.sqrt(1 - 0.87**2)], [0.87, math.sqrt(1 - 0.87**2)]])
     assert dyseg(means, 1, 0.9) == [1, 2] and dyseg(means, 1, 0.84) == [3]
     torch.manual_seed(0)
@@ -617,7 +618,7 @@ def qwen_official_reference(lvlm, inputs, scorer):
     attn = torch.stack([mean_similarity(frame) for frame in video])
     assert coords[:, 0].tolist() == torch.arange(steps).repeat_interleave(video.shape[1]).tolist()
     index, tokens = official_fastvid_qwen(
-        video, attn, 0.27, scorer.cuts, scorer.tau, scorer.ignore, scorer.context_share, scorer.anchor_interval
+        video, attn, 0.27, scorer.cuts, scorer.cut_tau, scorer.ignore, scorer.context_share, scorer.anchor_interval
     )
     stage = out.traces[0].stages[0]
     assert sorted(stage["kept"] + stage["merged"]) == positions_v[index].tolist()
@@ -638,7 +639,7 @@ def test_fastvid_qwen25vl_preset_on_real_geometry_qwen2_5_vl_video():
     inputs = lvlm.prepare([video_prompt(lvlm)], videos=[video_frames(1, 32, 448, 336)])
     assert inputs["video_grid_thw"].tolist() == [[16, 24, 32]]
     preset = Method.from_preset("fastvid-qwen25vl-27").scorer
-    assert (preset.rule, preset.tau, preset.ignore) == ("qwen2_5_vl", 0.84, 0.95)
+    assert (preset.rule, preset.cut_tau, preset.ignore) == ("qwen2_5_vl", 0.84, 0.95)
     count = qwen_official_reference(lvlm, inputs, preset)
     assert count < int(192 * 0.27) * 16  # near-copy steps give tokens to their run's last, capped at half a step
     qwen_official_reference(lvlm, inputs, FastVIDScorer(rule="qwen2_5_vl", ignore=0.985, anchor_interval=2))

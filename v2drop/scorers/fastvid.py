@@ -327,14 +327,14 @@ class FastVIDScorer(Scorer):
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"fastvid rule must be one of {RULES}, got {self.rule!r}")
-        if self.tau is None:
-            self.tau = OFFICIAL_TAU[self.rule]
         for name in ("cuts", "anchor_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"fastvid {name} must be a positive int, got {value!r}")
         for name in ("tau", "ignore"):
             value = getattr(self, name)
+            if name == "tau" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
                 raise ValueError(f"fastvid {name} must be a cosine similarity in [-1, 1], got {value!r}")
         for name in ("context_share", "beta"):
@@ -350,6 +350,11 @@ class FastVIDScorer(Scorer):
                 f"fastvid salient must be one of {SALIENT_SCORES}, got {self.salient!r} (the official pooling-head "
                 "attention is not served here)"
             )
+
+    @property
+    def cut_tau(self) -> float:
+        """DySeg's ``τ`` in use: ``tau``, or the rule's official ``DySeg_tau`` when it is None."""
+        return OFFICIAL_TAU[self.rule] if self.tau is None else self.tau
 
     def score(self, state: LayerState) -> torch.Tensor:
         """Each frame token's ``mean_similarity`` in its frame (its salient rank); tokens of no frame score 1."""
@@ -381,7 +386,7 @@ class FastVIDScorer(Scorer):
                     frames,
                     Fraction(min(k, n_frame), n_frame),
                     self.cuts,
-                    self.tau,
+                    self.cut_tau,
                     self.ignore,
                     self.context_share,
                     self.anchor_interval,
@@ -395,7 +400,7 @@ class FastVIDScorer(Scorer):
                     frames,
                     Fraction(min(k, n_frame), n_frame),
                     self.cuts,
-                    self.tau,
+                    self.cut_tau,
                     self.context_share,
                     self.anchor_interval,
                     self.beta,
