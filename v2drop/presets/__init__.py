@@ -22,8 +22,8 @@ import yaml
 IDENTITY_KEYS = {
     "description": "one line: the method, its stages and its average number of kept vision tokens",
     "label": "the name's first part, the method as tables name it: its scorer's, or a mix's (composite-v2drop-dart)",
-    "model": "the name's second part, the model the setting is for: llava15 (LLaVA-1.5-7B), qwen2vl (Qwen2-VL-7B) or "
-    "onevision (LLaVA-OneVision-7B, video)",
+    "model": "the name's second part, the model the setting is for: llava15 (LLaVA-1.5-7B), qwen2vl (Qwen2-VL-7B), "
+    "onevision (LLaVA-OneVision-7B, video) or qwen25vl (Qwen2.5-VL-7B, video)",
     "budget": "optional: vision tokens kept of reference_vision_tokens: a number counts them averaged over the decoder "
     "layers (192/128/64); {tokens: N, count: average | entering} says which way (entering: entering the LLM)",
     "reduction": "optional: share of the vision tokens removed on average, where their count varies (Qwen2-VL: 0.778)",
@@ -40,7 +40,7 @@ class Preset:
     name: str  # the file name without ".yaml"
     label: str  # the method as tables name it (a scorer's name or a mix's)
     scorer: str  # the registered scorer it runs (its scorer.name)
-    model: str  # the model whose setting it is: llava15 or qwen2vl
+    model: str  # the model whose setting it is: llava15, qwen2vl, onevision or qwen25vl
     description: str  # one line on the method, its stages and its budget
     budget: int | None = None  # kept vision tokens of reference_vision_tokens, counted budget_count's way, if any
     reduction: float | None = None  # share of the vision tokens removed on average, if that is its measure

@@ -3,8 +3,10 @@
 Official code: ``LunarShen/FastVID`` at commit a40a109cb8df20e8c2c17c6850f8269717369990,
 ``fastvid_llavaonevision/LLaVA-NeXT/llava/model/language_model/modeling_qwen2.py`` (``Qwen2Model.forward``, the
 "FastVID" block, lines 900-1084: DySeg, the anchor distribution, ATS, the density scores, DTM for single- and
-multi-frame segments) with the LLaVA-OneVision settings of ``fastvid_llavaonevision/scripts/eval.sh``. Definition and
-every difference: ``docs/methods.md`` (FastVID).
+multi-frame segments) with the LLaVA-OneVision settings of ``fastvid_llavaonevision/scripts/eval.sh``; the Qwen2.5-VL
+rule (``rule="qwen2_5_vl"``) from ``fastvid_qwen25vl/lmms-eval/lmms_eval/models/qwenvlutils/modeling_qwen2_5_vl.py``
+(``Qwen2_5_VLForConditionalGeneration.forward``, lines 1889-2099) with ``fastvid_qwen25vl/scripts/eval.sh``. Definition
+and every difference: ``docs/methods.md`` (FastVID).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from v2drop.scorers.base import LayerState, Merge, Scorer, Selection, register_s
 
 FRAME_FEATURES = ("mean",)  # a frame's global feature for DySeg (official: SigLIP's attention-pooling head)
 SALIENT_SCORES = ("mean_similarity",)  # what ranks a frame's salient tokens (official: that head's attention)
+RULES = ("onevision", "qwen2_5_vl")  # the official code's rule of either model
+OFFICIAL_TAU = {"onevision": 0.9, "qwen2_5_vl": 0.84}  # DySeg_tau of each official eval.sh
 
 
 def dyseg(features: torch.Tensor, cuts: int = 8, tau: float = 0.9, sizes: list[int] | None = None) -> list[int]:
@@ -160,6 +164,104 @@ def fastvid_plan(
     return torch.cat(kept).sort().values, groups
 
 
+def qwen_segment_budgets(
+    similarity: list[float], tokens: int, retain: int, context_share: float, anchor_interval: int, ignore: float
+) -> list[tuple[int, int]]:
+    """(salient, context) counts of each frame of a segment by the official Qwen2.5-VL rule.
+
+    The segment (``len(similarity) + 1`` = L frames of ``tokens`` tokens, ``similarity`` its adjacent frames' cosine
+    similarities) retains ``retain · L``: ``C = max(int(retain · L · context_share), 1)`` context and the rest
+    salient tokens. A lone frame takes both. Otherwise the frames are cut again after every similarity below
+    ``ignore``; only the last frame of each of those V runs gets tokens (the others none): the salient tokens
+    split evenly over the runs (the first runs one more), and the context tokens evenly over ``ceil(V /
+    anchor_interval)`` anchor runs, the last run and every ``anchor_interval``-th before it (the last runs one
+    more), at most ``tokens // 2`` each; a frame's salient count is at most its tokens less its context count.
+    """
+    frames = len(similarity) + 1
+    total = retain * frames
+    context = min(max(int(total * context_share), 1), total)
+    salient = total - context
+    if frames == 1:
+        return [(salient, context)]
+    lasts = [i for i, s in enumerate(similarity) if s < ignore] + [frames - 1]
+    runs = len(lasts)
+    salient_per = [salient // runs + (j < salient % runs) for j in range(runs)]
+    anchors = -(-runs // anchor_interval)
+    context_per = [context // anchors + (j < context % anchors) for j in range(anchors)]
+    out = [(0, 0)] * frames
+    for j, last in enumerate(lasts):
+        back = runs - 1 - j
+        c = min(context_per[back // anchor_interval], tokens // 2) if back % anchor_interval == 0 else 0
+        out[last] = (min(salient_per[j], tokens - c), c)
+    return out
+
+
+def fastvid_qwen_plan(
+    features: torch.Tensor,
+    frames: torch.Tensor,
+    retention: float | Fraction,
+    cuts: int = 8,
+    tau: float = 0.84,
+    ignore: float = 0.95,
+    context_share: float = 0.4,
+    anchor_interval: int = 4,
+    beta: float = 0.6,
+    salient: torch.Tensor | None = None,
+    neighbours: int = 4,
+) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """(kept ascending, groups ``[(anchor, members, weights), ...]``): the official Qwen2.5-VL FastVID pruning of
+    tokens ``features`` (n, D) in ``frames`` (n,; −1 = no frame, kept) at ``retention``.
+
+    Frames are cut by ``dyseg`` (official ``tau`` 0.84) on their tokens' mean; a frame of ``n_f`` tokens retains
+    ``int(n_f · retention)``, pooled per segment and shared out by ``qwen_segment_budgets``. Each frame keeps its
+    salient tokens (highest ``salient``, default ``mean_similarity``) and takes its context tokens, the highest
+    ``density_scores`` among its other tokens (ascending); the tokens of the segment that are neither salient nor
+    that frame's context tokens (other frames' context tokens included) are merged into them (``merge_groups``),
+    frame by frame, so a token joins one group per frame with context tokens. Each context token is a group anchored
+    at itself.
+    """
+    n = features.shape[0]
+    layout = [(frames == f).nonzero().flatten() for f in frames[frames >= 0].unique().tolist()]
+    kept = [(frames < 0).nonzero().flatten()]
+    groups: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    if not layout:
+        return torch.arange(n, device=features.device), groups
+    x = features.float()
+    unit = F.normalize(torch.stack([x[idx].mean(0) for idx in layout]), dim=-1)
+    similarity = (unit[:-1] * unit[1:]).sum(-1).tolist()
+    sizes = [len(idx) for idx in layout]
+    start = 0
+    for length in dyseg(unit, cuts, tau, sizes):
+        segment = layout[start : start + length]
+        tokens = sizes[start]
+        budgets = qwen_segment_budgets(
+            similarity[start : start + length - 1],
+            tokens,
+            int(tokens * retention),
+            context_share,
+            anchor_interval,
+            ignore,
+        )
+        start += length
+        tops, contexts = [], []
+        for idx, (salient_count, context_count) in zip(segment, budgets):
+            rank = mean_similarity(x[idx]) if salient is None else salient[idx].float()
+            top = top_order(rank, salient_count)
+            tops.append(idx[top])
+            if context_count:
+                rest = torch.ones(len(idx), dtype=torch.bool, device=idx.device)
+                rest[top] = False
+                pool = idx[rest]
+                contexts.append(pool[top_order(density_scores(x[pool], neighbours), context_count)].sort().values)
+        kept += tops
+        everything = torch.cat(segment)
+        taken = torch.cat(tops)
+        for targets in contexts:
+            pool = everything[~torch.isin(everything, torch.cat([taken, targets]))]
+            groups += merge_groups(x, pool, targets, beta)
+    return torch.cat(kept).sort().values, groups
+
+
 @register_scorer("fastvid")
 @dataclass
 class FastVIDScorer(Scorer):
@@ -174,14 +276,25 @@ class FastVIDScorer(Scorer):
     official code). Tokens of no frame (OneVision's newline) stay. Context tokens are ``Merge`` groups anchored
     at themselves (``position: anchor``, ``place: anchor``): every token stays at its own place.
 
+    With ``rule="qwen2_5_vl"`` the plan is ``fastvid_qwen_plan``, the official Qwen2.5-VL code's rule: per-segment
+    budgets (``qwen_segment_budgets``: near-duplicate frames, adjacent similarity at least ``ignore``, give their
+    tokens to the last of their run), and a frame's context tokens merge the segment's tokens that are neither
+    salient nor its own context tokens.
+
     Parameters
     ----------
+    rule : str
+        Whose official rule: ``onevision`` (the LLaVA-OneVision code, ``fastvid_plan``; default) or ``qwen2_5_vl``
+        (the Qwen2.5-VL code, ``fastvid_qwen_plan``).
     cuts : int
         DySeg's ``c``: the ``c − 1`` lowest adjacent-frame similarities always end a segment (official
         ``DySeg_c`` 8).
-    tau : float
-        DySeg's ``τ``: every adjacent-frame similarity below it ends a segment (official ``DySeg_tau`` 0.9 on
-        LLaVA-OneVision).
+    tau : float or None
+        DySeg's ``τ``: every adjacent-frame similarity below it ends a segment; None (the default) is the rule's
+        official ``DySeg_tau``, 0.9 for ``onevision`` and 0.84 for ``qwen2_5_vl``.
+    ignore : float
+        ``qwen2_5_vl`` only, the official ``DySeg_ignore`` (0.95): in a segment, frames whose similarity with the next
+        is at least it give their tokens to the last frame of their run.
     context_share : float
         STPrune's ``d``: the share of a frame's retained tokens that are density-peak context tokens; the rest are
         salient (official ``STPrune_d`` 0.4).
@@ -200,8 +313,10 @@ class FastVIDScorer(Scorer):
         mean (the official code uses the attention of SigLIP's pooling head on each token, not served here).
     """
 
+    rule: str = "onevision"
     cuts: int = 8
-    tau: float = 0.9
+    tau: float | None = None
+    ignore: float = 0.95
     context_share: float = 0.4
     anchor_interval: int = 4
     beta: float = 0.6
@@ -210,12 +325,18 @@ class FastVIDScorer(Scorer):
     neighbours: ClassVar[int] = 4  # nearest tokens of the density estimate (fixed in the official code)
 
     def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"fastvid rule must be one of {RULES}, got {self.rule!r}")
         for name in ("cuts", "anchor_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"fastvid {name} must be a positive int, got {value!r}")
-        if not -1.0 <= self.tau <= 1.0:
-            raise ValueError(f"fastvid tau must be a cosine similarity in [-1, 1], got {self.tau}")
+        for name in ("tau", "ignore"):
+            value = getattr(self, name)
+            if name == "tau" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
+                raise ValueError(f"fastvid {name} must be a cosine similarity in [-1, 1], got {value!r}")
         for name in ("context_share", "beta"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"fastvid {name} must be in [0, 1], got {getattr(self, name)}")
@@ -230,6 +351,11 @@ class FastVIDScorer(Scorer):
                 "attention is not served here)"
             )
 
+    @property
+    def cut_tau(self) -> float:
+        """DySeg's ``τ`` in use: ``tau``, or the rule's official ``DySeg_tau`` when it is None."""
+        return OFFICIAL_TAU[self.rule] if self.tau is None else self.tau
+
     def score(self, state: LayerState) -> torch.Tensor:
         """Each frame token's ``mean_similarity`` in its frame (its salient rank); tokens of no frame score 1."""
         out = torch.full(state.vision_idx.shape, float("-inf"), device=state.hidden.device)
@@ -243,9 +369,9 @@ class FastVIDScorer(Scorer):
         return out
 
     def select(self, state: LayerState, scores: torch.Tensor, counts: list[int]) -> Selection:
-        """Per sample, ``fastvid_plan`` at retention ``k / (frame tokens)``: salient tokens and tokens of no frame
-        kept, each context token a group of itself and the tokens merged into it (a lone context token with nothing
-        else merged in, and in no other group, is kept)."""
+        """Per sample, ``fastvid_plan`` (``fastvid_qwen_plan`` under ``rule="qwen2_5_vl"``) at retention ``k / (frame
+        tokens)``: salient tokens and tokens of no frame kept, each context token a group of itself and the tokens
+        merged into it (a lone context token with nothing else merged in, and in no other group, is kept)."""
         keep, members, groups, weights, anchors = [], [], [], [], []
         device = scores.device
         for b, k in enumerate(counts):
@@ -254,13 +380,27 @@ class FastVIDScorer(Scorer):
             n_frame = int((frames >= 0).sum())
             if k >= n or not n_frame:
                 kept, found = torch.arange(n, device=device), []
+            elif self.rule == "qwen2_5_vl":
+                kept, found = fastvid_qwen_plan(
+                    state.hidden[b, state.vision_idx[b, :n]],
+                    frames,
+                    Fraction(min(k, n_frame), n_frame),
+                    self.cuts,
+                    self.cut_tau,
+                    self.ignore,
+                    self.context_share,
+                    self.anchor_interval,
+                    self.beta,
+                    scores[b, :n],
+                    self.neighbours,
+                )
             else:
                 kept, found = fastvid_plan(
                     state.hidden[b, state.vision_idx[b, :n]],
                     frames,
                     Fraction(min(k, n_frame), n_frame),
                     self.cuts,
-                    self.tau,
+                    self.cut_tau,
                     self.context_share,
                     self.anchor_interval,
                     self.beta,
