@@ -53,6 +53,8 @@ import torch
 
 from v2drop.integrations.vllm import METHOD_KEY, resolve, use_twin_module
 from v2drop.integrations.vllm import kept_per_image as kept_count  # an item's kept count under a method
+from v2drop.integrations.vllm_inllm import QWEN_ARCHITECTURES as QWEN_INLLM_ARCHITECTURES
+from v2drop.integrations.vllm_inllm import runs_in_llm
 
 # vLLM's architecture -> the plugin's architecture running v2drop's pre-LLM methods on it
 QWEN_ARCHITECTURES = {
@@ -78,6 +80,9 @@ def register() -> None:
     for arch in QWEN_ARCHITECTURES.values():
         if arch not in supported:
             ModelRegistry.register_model(arch, f"{__name__}:{arch}")
+    for arch in QWEN_INLLM_ARCHITECTURES.values():  # V²Drop's decoder stages (v2drop/integrations/vllm_inllm.py)
+        if arch not in supported:
+            ModelRegistry.register_model(arch, f"v2drop.integrations.vllm_inllm:{arch}")
 
 
 def use_pil_qwen2vl_image_processor() -> bool:
@@ -121,14 +126,17 @@ def qwen_method(spec):
 
 def qwen_engine_args(method="none", family: str = "qwen2_vl") -> dict:
     """``vllm.LLM`` keyword arguments running ``method`` on a Qwen2-VL (``family`` ``qwen2_vl``) or Qwen2.5-VL
-    (``qwen2_5_vl``) checkpoint in the plugin; the method goes as config data (``qwen_method``)."""
+    (``qwen2_5_vl``) checkpoint in the plugin; the method goes as config data (``qwen_method``). A method whose stages
+    all sit before decoder layers (V²Drop's) gets the in-LLM architecture (``vllm_inllm.QWEN_ARCHITECTURES``), which
+    needs chunked prefill and prefix caching off (``vllm_inllm.ENGINE_KWARGS``)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     method = qwen_method(method)
     check_qwen_method(method)  # fail here, with the reason, rather than inside vLLM's engine process
+    architectures = QWEN_INLLM_ARCHITECTURES if runs_in_llm(method) else QWEN_ARCHITECTURES
     return {
         "hf_overrides": {
-            "architectures": [QWEN_ARCHITECTURES[FAMILIES[family]]],
+            "architectures": [architectures[FAMILIES[family]]],
             METHOD_KEY: method.to_dict() if method.drops else "none",
         }
     }
@@ -159,12 +167,9 @@ def check_qwen_method(method) -> None:
 
     if not method.drops:
         return
-    if any(not stage.pre_llm for stage in method.schedule.stages):
-        raise ValueError(
-            f"Method {method.scorer_name!r} drops tokens inside the decoder; the vLLM plugin runs decoder stages "
-            "only in its LLaVA-1.5 architecture (V2DropInLLMLlavaForConditionalGeneration), and on Qwen2-VL / "
-            "Qwen2.5-VL one pre-LLM stage"
-        )
+    if runs_in_llm(method):  # only decoder stages: the in-LLM architecture's rules (V²Drop's scorer)
+        check_method(method)
+        return
     if method.scorer_name == "visionzip":
         raise ValueError(
             "Scorer 'visionzip' reads the vision tower's [CLS] attention; the Qwen2-VL / Qwen2.5-VL tower has no [CLS] "
@@ -331,10 +336,12 @@ def __getattr__(name: str):
     return _CLASSES[name]
 
 
-def _build_model_class(base_name: str):
-    """vLLM's Qwen2-VL / Qwen2.5-VL model ``base_name`` with pre-LLM pruning and the engine's M-RoPE positions."""
+@functools.cache
+def processing_classes(base_name: str):
+    """(vLLM's model class ``base_name``, the plugin's processing info, multimodal processor and dummy-inputs builder
+    for it): Qwen's processing, images only without torchvision, each item's placeholder run cut to its kept count
+    under a pre-LLM method (every token kept under an in-LLM one)."""
     use_pil_qwen2vl_image_processor()
-    from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.multimodal.processing.processor import PromptReplacement
 
     module = importlib.import_module(f"vllm.model_executor.models.{_MODULES[base_name]}")
@@ -374,7 +381,7 @@ def _build_model_class(base_name: str):
             """Qwen's replacements, each cut to ``kept_count`` of its tokens."""
             updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
             method = self.info.method()
-            if not method.drops:
+            if not method.drops or runs_in_llm(method):
                 return updates
 
             def cut(replacement):
@@ -388,6 +395,15 @@ def _build_model_class(base_name: str):
                 PromptReplacement(modality=u.modality, target=u.target, replacement=cut(u.replacement)) for u in updates
             ]
 
+    return base_model, ProcessingInfo, MultiModalProcessor, dummy
+
+
+def _build_model_class(base_name: str):
+    """vLLM's Qwen2-VL / Qwen2.5-VL model ``base_name`` with pre-LLM pruning and the engine's M-RoPE positions."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    base_model, ProcessingInfo, MultiModalProcessor, dummy = processing_classes(base_name)
+
     @MULTIMODAL_REGISTRY.register_processor(MultiModalProcessor, info=ProcessingInfo, dummy_inputs=dummy)
     class Model(base_model):
         """vLLM's Qwen model running a v2drop pre-LLM method (``v2drop_method`` in the hf config) on every item."""
@@ -395,6 +411,11 @@ def _build_model_class(base_name: str):
         def __init__(self, *, vllm_config, prefix: str = "") -> None:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             self.v2drop_method = _method_of(self.config)
+            if runs_in_llm(self.v2drop_method):
+                raise ValueError(
+                    f"Method {self.v2drop_method.scorer_name!r} drops inside the decoder: it runs in the in-LLM "
+                    f"architecture {QWEN_INLLM_ARCHITECTURES[base_name]} (qwen_engine_args picks it)"
+                )
             # time in the tower and merger, and in the drop stage, summed over items; each item's trace
             self.v2drop_seconds = {"tower": 0.0, "prune": 0.0, "images": 0}
             self.v2drop_traces = []
