@@ -159,3 +159,49 @@ def test_vllm_qwen_decodes_as_the_engine(policy, served):
     max_num_seqs = dict(RUNS)[policy]
     assert steps["prefill"] > 0 and steps["decode"] > 0
     assert (steps["mixed"] > 0) == (max_num_seqs > 1)  # one request at a time never mixes
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sweep_served_throughput_on_a_qwen_checkpoint(tmp_path):
+    """The served_throughput objective on a Qwen2-VL checkpoint: no dropping, DivPrune before the LLM and V²Drop's
+    decoder stages are served through the plugin's Qwen models (requests/s on the front); VisionZip is pruned with
+    the Qwen models' reason."""
+    pytest.importorskip("vllm", reason="vLLM is not installed: it lives in its own environment")
+    import optuna
+
+    from v2drop.search import SweepConfig, make_storage, run_sweep
+
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    path = tmp_path / "qwen2_vl"
+    testing.save_for_vllm(testing.build_real("qwen2_vl", "eager", vllm=True), path)
+    cfg = SweepConfig.from_dict(
+        {
+            "study": "served-qwen",
+            "model": str(path),
+            "trials": 4,
+            "objectives": ["accuracy", "served_throughput"],
+            "enqueue_presets": ["divprune-llava15-64", "visionzip-llava15-64", "v2drop-qwen2vl-778"],
+            "search": {
+                "scorers": {"divprune": {}, "visionzip": {}, "v2drop": {}},
+                "scorer_kinds": {"divprune": ["pre-llm"], "visionzip": ["pre-llm"]},
+                "position_policy": {"divprune": "renumber", "visionzip": "renumber"},
+            },
+            "eval": {"limit": 4, "batch_size": 4, "max_new_tokens": 3, "warmup": 1},
+            "confirm": {"limit": 4},
+            "run_dir": str(tmp_path / "run"),
+            "store": str(tmp_path / "store"),
+            "wandb": {"mode": "disabled"},
+        }
+    )
+    result = run_sweep(cfg, progress=False)
+    study = optuna.load_study(study_name="served-qwen", storage=make_storage(cfg))
+    by_label = {t.user_attrs.get("label"): t for t in study.trials}
+    pruned = by_label["visionzip-llava15-64"]
+    assert pruned.state == optuna.trial.TrialState.PRUNED
+    assert "no [CLS] token" in pruned.user_attrs["pruned_reason"]
+    for label in ("none", "divprune-llava15-64", "v2drop-qwen2vl-778"):
+        trial = by_label[label]
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.values[1] == trial.user_attrs["metrics"]["served_requests_per_s"] > 0
+    assert result["front"] and all(r["served_throughput"] > 0 for r in result["front"])
