@@ -36,8 +36,11 @@ video processor (which needs torchvision) and leaves videos out of the modality 
 video's embeddings are pruned as one item (all its frames) in the same way; that path is untested.
 
 Scorers: ``uniform``, ``position``, ``divprune``. Refused with the reason: VisionZip (Qwen's tower has no [CLS]
-token, as in the engine), ``random`` (its seed is the whole prompt's, which the encoder does not see), in-LLM
-methods (as for LLaVA).
+token, as in the engine), ``random`` (its seed is the whole prompt's, which the encoder does not see), decoder
+stages scored otherwise than by V²Drop (as for LLaVA). V²Drop's decoder stages (every stage in the decoder) run
+in the in-LLM architectures of ``v2drop.integrations.vllm_inllm`` (``QWEN_ARCHITECTURES`` there), which
+``qwen_engine_args`` picks and ``register`` registers; they share this module's processing
+(``processing_classes``: every image token kept).
 """
 
 from __future__ import annotations
