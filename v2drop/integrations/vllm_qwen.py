@@ -398,6 +398,9 @@ def processing_classes(base_name: str):
                 PromptReplacement(modality=u.modality, target=u.target, replacement=cut(u.replacement)) for u in updates
             ]
 
+    name = QWEN_ARCHITECTURES[base_name]
+    for cls, suffix in ((ProcessingInfo, "ProcessingInfo"), (MultiModalProcessor, "MultiModalProcessor")):
+        cls.__name__ = cls.__qualname__ = name + suffix
     return base_model, ProcessingInfo, MultiModalProcessor, dummy
 
 
@@ -461,7 +464,5 @@ def _build_model_class(base_name: str):
                 return super().get_mrope_input_positions(input_tokens, mm_features)
             return mrope_positions(method, len(input_tokens), list(self.iter_mm_grid_thw(mm_features)))
 
-    name = QWEN_ARCHITECTURES[base_name]
-    for cls, suffix in ((Model, ""), (ProcessingInfo, "ProcessingInfo"), (MultiModalProcessor, "MultiModalProcessor")):
-        cls.__name__ = cls.__qualname__ = name + suffix
+    Model.__name__ = Model.__qualname__ = QWEN_ARCHITECTURES[base_name]
     return Model
