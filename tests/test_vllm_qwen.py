@@ -5,18 +5,10 @@ The position tests run anywhere (``mrope_positions`` imports nothing from vLLM);
 environment (``bash scripts/vllm_env.sh``, docs/serving.md) and are skipped where vLLM is not installed.
 """
 
-import json
 import os
 
 import pytest
 import torch
-from transformers import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-)
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from v2drop import testing
 from v2drop.integrations.vllm_qwen import (
@@ -29,7 +21,6 @@ from v2drop.integrations.vllm_qwen import (
 )
 from v2drop.lvlm import LVLM
 from v2drop.method import Method
-from v2drop.models.qwen2vl_processor import QwenProcessorLite
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 SIZES = [(224, 168), (196, 196), (280, 140)]  # (width, height): 6x8, 7x7 and 5x10 merged tokens
@@ -47,61 +38,13 @@ METHODS = {
 
 
 def tiny_qwen(family: str, path=None, seed: int = 0) -> LVLM:
-    """A tiny random Qwen2-VL / Qwen2.5-VL (4 decoder layers of width 64, head size 32 as vLLM's CPU attention needs;
-    a 2-layer tower, patch 14, merge 2) with Qwen's real image-processor settings; saved to ``path`` when given, its
-    tokenizer naming ``<|image_pad|>`` / ``<|video_pad|>`` as the real one does (vLLM's processor reads them)."""
-    torch.manual_seed(seed)
-    tok = testing.tokenizer()
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-        initializer_range=0.2,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    vision = dict(
-        depth=2,
-        hidden_size=64,
-        num_heads=2,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        initializer_range=0.2,
-    )
-    ids = dict(
-        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-    )
-    if family == "qwen2_5_vl":  # window attention in layer 0, full attention in layer 1
-        vision.update(out_hidden_size=64, intermediate_size=64, fullatt_block_indexes=[1], window_size=112)
-        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
-    else:
-        model = Qwen2VLForConditionalGeneration(
-            Qwen2VLConfig(text_config=text, vision_config=dict(vision, embed_dim=64), **ids)
-        )
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    model.set_attn_implementation("eager")
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2, temporal_patch_size=2
-    )
-    proc = QwenProcessorLite(image_processor, tok, second_per_grid=family == "qwen2_5_vl")
+    """A tiny random Qwen2-VL / Qwen2.5-VL with vLLM's head size and Qwen's real image processing
+    (``testing.build_real(..., vllm=True)``: 4 decoder layers of width 64, a 2-layer tower, patch 14, merge 2); saved
+    for vLLM to ``path`` when given (``testing.save_for_vllm``)."""
+    lvlm = testing.build_real(family, "eager", seed, vllm=True)
     if path is not None:
-        model.save_pretrained(path)
-        proc.save_pretrained(path)
-        config = json.loads((path / "tokenizer_config.json").read_text())
-        config["extra_special_tokens"] = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
-        (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return LVLM(model.eval(), proc, name=f"tiny-{family}")
+        testing.save_for_vllm(lvlm, path)
+    return lvlm
 
 
 def _samples(lvlm):
@@ -125,15 +68,16 @@ def test_presets_keep_their_share_of_each_image():
 
 
 def test_unsupported_methods_are_refused_with_the_reason():
-    """VisionZip (no [CLS]), random (prompt seed), DivPrune keeping positions, in-LLM methods, unknown families."""
+    """VisionZip (no [CLS]), random (prompt seed), DivPrune keeping positions, attention-scored decoder stages, unknown
+    families."""
     with pytest.raises(ValueError, match=r"no \[CLS\] token"):
         qwen_engine_args("visionzip-llava15-64")
     with pytest.raises(ValueError, match="seeded from the whole prompt"):
         check_qwen_method(qwen_method(_random()))
     with pytest.raises(ValueError, match="before its images are encoded"):
         check_qwen_method(qwen_method({**UNIFORM_PRESERVE, "scorer": "divprune"}))
-    with pytest.raises(ValueError, match="drops tokens inside the decoder"):
-        qwen_engine_args("v2drop-qwen2vl-778")
+    with pytest.raises(ValueError, match="does not serve between decoder layers"):
+        qwen_engine_args("dart-qwen2vl-778")  # decoder stages scored by attention (V²Drop's: test_vllm_qwen_inllm.py)
     with pytest.raises(ValueError, match="family must be one of"):
         qwen_engine_args("none", "llava")
 

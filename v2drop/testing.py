@@ -6,7 +6,9 @@ Used by the test suite and by the engine benchmarks (``random_llava``). Nothing 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -664,13 +666,17 @@ REAL_GEOMETRY = {
 }
 
 
-def build_real(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
+def build_real(family: str, attn: str = "sdpa", seed: int = 0, vllm: bool = False) -> LVLM:
     """A tiny-weight LVLM of ``family`` with the real checkpoint's preprocessing geometry (``REAL_GEOMETRY``).
 
     Vision towers take the real input resolution and patch size (so token counts are the real
     ones: thousands per high-resolution image) but have 2 layers of width 32; the decoder is the
     tiny ``DEPTH``-layer one of ``build``. LLaVA-NeXT uses transformers' own ``LlavaNextProcessor``;
     OneVision and Qwen use the torchvision-free stand-ins ``v2drop.load`` falls back to.
+
+    ``vllm`` (Qwen2-VL / Qwen2.5-VL only) gives every attention the head size 32 that vLLM's CPU attention needs
+    at least: 2 decoder heads of 32 (M-RoPE sections [4, 6, 6]) and a tower 64 wide (2 heads of 32), 4 decoder
+    layers, 4096 positions (save it for vLLM with ``save_for_vllm``).
     """
     from transformers import LlavaNextProcessor, SiglipVisionConfig
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
@@ -680,6 +686,8 @@ def build_real(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
 
     if family not in FAMILIES:
         raise ValueError(f"Unknown tiny family {family!r}; valid: {', '.join(FAMILIES)}")
+    if vllm and family not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(f"vllm=True builds Qwen2-VL / Qwen2.5-VL only, got {family!r}")
     torch.manual_seed(seed)
     if family == "internvl":  # InternVL3-8B-hf: 448-pixel tiles, patch 14, pixel shuffle 0.5, 1..12 tiles + thumbnail
         return _internvl(tile=448, patch=14, max_tiles=12, max_positions=16384, attn=attn)
@@ -763,6 +771,11 @@ def build_real(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
             bos_token_id=None,
             eos_token_id=None,
         )
+        tower = 32  # the tower's width (Qwen2.5-VL: hidden_size, Qwen2-VL: embed_dim)
+        if vllm:  # head size 32 everywhere (vLLM's CPU attention's minimum)
+            text.update(num_hidden_layers=4, num_attention_heads=2, head_dim=32, max_position_embeddings=4096)
+            text["rope_parameters"] = dict(rope, mrope_section=[4, 6, 6])
+            tower = 64
         vision = dict(
             depth=2,
             hidden_size=64,
@@ -779,18 +792,29 @@ def build_real(family: str, attn: str = "sdpa", seed: int = 0) -> LVLM:
         )
         if family == "qwen2_5_vl":
             vision.update(
-                hidden_size=32, out_hidden_size=64, intermediate_size=64, fullatt_block_indexes=[1], window_size=112
+                hidden_size=tower, out_hidden_size=64, intermediate_size=64, fullatt_block_indexes=[1], window_size=112
             )
             model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
         else:
             model = Qwen2VLForConditionalGeneration(
-                Qwen2VLConfig(text_config=text, vision_config=dict(vision, embed_dim=32), **ids)
+                Qwen2VLConfig(text_config=text, vision_config=dict(vision, embed_dim=tower), **ids)
             )
         image_processor = Qwen2VLImageProcessorPil(
             min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2, temporal_patch_size=2
         )
         proc = QwenProcessorLite(image_processor, tok, second_per_grid=family == "qwen2_5_vl")
     return _ready(model, proc, f"real-geometry-{family}", attn)
+
+
+def save_for_vllm(lvlm: LVLM, path) -> None:
+    """Save a tiny Qwen2-VL / Qwen2.5-VL (``build_real(..., vllm=True)``) as a checkpoint at ``path`` that vLLM loads:
+    its tokenizer names ``<|image_pad|>`` / ``<|video_pad|>`` as the real one does (vLLM's processor reads them)."""
+    path = Path(path)
+    lvlm.model.save_pretrained(path)
+    lvlm.processor.save_pretrained(path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 # -- reference video processing: transformers' own processors around a torchvision-free video processor -------------

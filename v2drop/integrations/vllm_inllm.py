@@ -1,37 +1,43 @@
-"""In-LLM dropping inside vLLM: V²Drop's, FastV's and PDrop's decoder stages in vLLM's LLaVA-1.5 (eager, CPU backend).
+"""In-LLM dropping inside vLLM: V²Drop's decoder stages in vLLM's LLaVA-1.5, Qwen2-VL and Qwen2.5-VL, FastV's and
+PDrop's in LLaVA-1.5 (eager mode, CPU attention backend).
 
-The plugin (``v2drop.integrations.vllm``) registers one more architecture,
-``V2DropInLLMLlavaForConditionalGeneration``; ``engine_args`` picks it for a method whose stages all sit
-before decoder layers (``runs_in_llm``) and that this module can run (``check_method``): the ``v2drop``
-scorer (any metric), ``fastv`` and ``pdrop``, positions ``preserve`` or ``renumber``. The engine must run
-eagerly with chunked prefill and prefix caching off (``ENGINE_KWARGS``; ``offline_llm`` sets them).
+The plugin (``v2drop.integrations.vllm``) registers three more architectures,
+``V2DropInLLMLlavaForConditionalGeneration`` and (``vllm_qwen.register``) the two of ``QWEN_ARCHITECTURES``;
+``engine_args`` (LLaVA) and ``qwen_engine_args`` / ``engine_args_for`` (Qwen checkpoints) pick them for a method
+whose stages all sit before decoder layers (``runs_in_llm``) and that this module can run (``check_method``):
+the ``v2drop`` scorer (any metric), ``fastv`` and ``pdrop`` (LLaVA-1.5: their attention rows need RoPE on
+one position row, ``check_layers``), positions ``preserve`` or ``renumber``. The engine must run eagerly with
+chunked prefill and prefix caching off (``ENGINE_KWARGS``; ``offline_llm`` sets them).
 
-The model is vLLM's LLaVA with its own decoder loop (``forward``). Each step's batch is a set of
-requests, each either a whole prompt (prefill: no cached context) or one new token (decode). At a
-stage layer ``l`` the loop
+Each model is vLLM's, every image token kept (Qwen: vLLM's M-RoPE positions of the whole prompt), with one
+decoder loop for all three (``forward``): the language model's layers are called as
+``layer(positions, hidden, residual)``, positions (N,) or M-RoPE's (3, N). Each step's batch is a set of
+requests, each either a whole prompt (prefill: no cached context) or one new token (decode). At a stage layer
+``l`` the loop
 
-- scores every prefilling request's vision tokens with the method's scorer through the engine's own
-  drop stage (``v2drop.engine.stages.drop``) on that request's residual stream (the input of layer
-  ``l`` and of layer ``l-1``), so the kept set is the engine's for that prompt. A scorer that reads
-  attention rows (FastV: layer ``l-1``'s, PDrop: layer ``l``'s, of the last prompt token) gets them
-  as the engine computes them, from that layer's input and its own norm, fused q/k projection and
-  RoPE cache over the request's current tokens, causal (``v2drop.integrations.vllm_attention``:
-  ``StageAdapter`` is the adapter the drop stage reads); vLLM's fused attention returns none;
-- keeps the kept rows of the hidden states, the residual and the positions (``preserve``: the
-  original ones; ``renumber``: contiguous);
+- scores every prefilling request's vision tokens (image and video placeholders) with the method's scorer
+  through the engine's own drop stage (``v2drop.engine.stages.drop``) on that request's residual stream (the
+  input of layer ``l`` and of layer ``l-1``), so the kept set is the engine's for that prompt. A scorer that
+  reads attention rows (FastV: layer ``l-1``'s, PDrop: layer ``l``'s, of the last prompt token) gets them as
+  the engine computes them, from that layer's input and its own norm, fused q/k projection and RoPE cache over
+  the request's current tokens, causal (``v2drop.integrations.vllm_attention``: ``StageAdapter`` is the adapter
+  the drop stage reads); vLLM's fused attention returns none;
+- keeps the kept rows of the hidden states, the residual and the positions as the engine positions them
+  (``preserve``: each kept token's original position, all three M-RoPE rows; ``renumber``: 0..k-1);
 - gives layers ``l`` and later their own attention metadata and slot mapping (vLLM v1 keys both by
   layer name in its ``ForwardContext``): a request's kept tokens are its first KV slots of those
   layers, its query and sequence lengths are the kept counts, and a decode token goes to the slot
-  after them (original length minus the tokens dropped so far). Every later layer therefore
-  attends only to the kept tokens' keys and values of that layer, in prefill and in every decode
-  step; the KV slots past them stay allocated (vLLM's block manager sizes a request by its prompt)
-  and are never read.
+  after them (original length minus the tokens dropped so far), at the engine's decode position (one
+  past the largest kept position, plus the step: vLLM's position minus a per-request shift). Every
+  later layer therefore attends only to the kept tokens' keys and values of that layer, in prefill
+  and in every decode step; the KV slots past them stay allocated (vLLM's block manager sizes a
+  request by its prompt) and are never read.
 
 After the last layer the rows go back to their places in the step's token order (dropped rows are
 zeros), so vLLM's logits indices (the last token of each prompt, always text, and every decode
-token) stay valid. Per-request drop state (tokens dropped before each segment of layers) lives in
-the model, keyed by the request's first KV block, from its prefill to its last decode step; a
-recomputed (preempted) request prefills again and gets its state again (untested: no test preempts).
+token) stay valid. Per-request drop state (tokens dropped before each segment of layers, decode-position
+shifts) lives in the model, keyed by the request's first KV block, from its prefill to its last decode
+step; a recomputed (preempted) request prefills again and gets its state again (untested: no test preempts).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import torch
 
 from v2drop.integrations.vllm_attention import StageAdapter, check_layers
 
-ARCHITECTURE = "V2DropInLLMLlavaForConditionalGeneration"  # the in-LLM architecture the plugin registers
+ARCHITECTURE = "V2DropInLLMLlavaForConditionalGeneration"  # the in-LLM LLaVA architecture the plugin registers
 # scorers whose decoder stages the loop runs: V²Drop reads hidden states; FastV and PDrop read the last prompt token's
 # attention rows, recomputed from the scoring layer's weights (``v2drop.integrations.vllm_attention``)
 SUPPORTED_SCORERS = ("v2drop", "fastv", "pdrop")
@@ -140,32 +146,45 @@ class _Request:
         self.start, self.length, self.seq_len, self.key, self.prefill = start, length, seq_len, key, prefill
         self.orig = torch.arange(length)  # prompt positions of the rows still present (prefill)
         self.dropped: list[int] = []  # tokens dropped before each segment (layers from each stage on)
+        self.shift: list[int] = []  # each segment's decode positions: vLLM's minus this (the engine's)
         self.ctx = None  # the engine's StageContext (prefill with vision tokens)
 
+
+# vLLM's Qwen architecture -> the plugin's architecture running V²Drop's decoder stages in it
+QWEN_ARCHITECTURES = {
+    "Qwen2VLForConditionalGeneration": "V2DropInLLMQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "V2DropInLLMQwen2_5_VLForConditionalGeneration",
+}
 
 _CLASSES: dict = {}
 
 
-def model_class():
-    """``V2DropInLLMLlavaForConditionalGeneration`` (built on first use: it subclasses vLLM's LLaVA)."""
-    if ARCHITECTURE not in _CLASSES:
-        _CLASSES[ARCHITECTURE] = _build_model_class()
-    return _CLASSES[ARCHITECTURE]
+def model_class(name: str = ARCHITECTURE):
+    """The in-LLM model class ``name`` (``ARCHITECTURE`` or a value of ``QWEN_ARCHITECTURES``), built on first use:
+    it subclasses vLLM's model."""
+    if name not in _CLASSES:
+        if name == ARCHITECTURE:
+            _CLASSES[name] = _build_llava_class()
+        else:
+            base = next((b for b, a in QWEN_ARCHITECTURES.items() if a == name), None)
+            if base is None:
+                raise ValueError(f"No in-LLM architecture {name!r}")
+            _CLASSES[name] = _build_qwen_class(base)
+    return _CLASSES[name]
 
 
 def __getattr__(name: str):
-    """The model class by its architecture name (vLLM's registry imports it as ``module:name``)."""
-    if name != ARCHITECTURE:
+    """The model classes by their architecture names (vLLM's registry imports them as ``module:name``)."""
+    if name != ARCHITECTURE and name not in QWEN_ARCHITECTURES.values():
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return model_class()
+    return model_class(name)
 
 
-def _build_model_class():
+def _build_llava_class():
     """vLLM's LLaVA (the plugin's weight-name rule, every image token kept) with the in-LLM decoder loop."""
     from v2drop.integrations import vllm as plugin
 
     plugin.use_pil_pixtral_processor()
-    from vllm.forward_context import get_forward_context
     from vllm.model_executor.models.llava import (
         LlavaDummyInputsBuilder,
         LlavaForConditionalGeneration,
@@ -174,18 +193,56 @@ def _build_model_class():
     )
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
-    from v2drop.engine.sequence import Sequence
-    from v2drop.engine.stages import StageContext, drop
-
     pre_llm_class = getattr(plugin, plugin.ARCHITECTURE)
 
     @MULTIMODAL_REGISTRY.register_processor(
         LlavaMultiModalProcessor, info=LlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
     )
-    class V2DropInLLMLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    class Model(_decoder_loop(), LlavaForConditionalGeneration):
         """vLLM's LLaVA running a v2drop in-LLM method (``v2drop_method`` in the hf config) in its decoder loop."""
 
         hf_to_vllm_mapper = pre_llm_class.hf_to_vllm_mapper
+
+    Model.__name__ = Model.__qualname__ = ARCHITECTURE
+    return Model
+
+
+def _build_qwen_class(base_name: str):
+    """vLLM's Qwen2-VL / Qwen2.5-VL ``base_name`` (every image token kept, vLLM's own M-RoPE positions of the whole
+    prompt) with the in-LLM decoder loop; the plugin's Qwen processing (images only without torchvision)."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    from v2drop.integrations import vllm_qwen
+
+    base_model, info, processor, dummy = vllm_qwen.processing_classes(base_name)
+
+    @MULTIMODAL_REGISTRY.register_processor(processor, info=info, dummy_inputs=dummy)
+    class Model(_decoder_loop(), base_model):
+        """vLLM's Qwen model running a v2drop in-LLM method (``v2drop_method`` in the hf config) in its decoder loop."""
+
+    Model.__name__ = Model.__qualname__ = QWEN_ARCHITECTURES[base_name]
+    return Model
+
+
+def _decoder_loop():
+    """The mixin running the decoder loop with the method's drop stages, for vLLM models whose language model is
+    ``self.language_model.model`` (``layers`` called as ``layer(positions, hidden, residual)``, ``norm``) and whose
+    positions are (N,) or M-RoPE's (3, N)."""
+    if "loop" not in _CLASSES:
+        _CLASSES["loop"] = _build_decoder_loop()
+    return _CLASSES["loop"]
+
+
+def _build_decoder_loop():
+    """``InLLMDecoderLoop`` (imports vLLM)."""
+    from vllm.forward_context import get_forward_context
+
+    from v2drop.engine.sequence import Sequence
+    from v2drop.engine.stages import StageContext, drop
+    from v2drop.integrations import vllm as plugin
+
+    class InLLMDecoderLoop:
+        """The in-LLM decoder loop, state and timings, mixed into a vLLM multimodal model class."""
 
         def __init__(self, *, vllm_config, prefix: str = "") -> None:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -197,25 +254,31 @@ def _build_model_class():
                 check_layers(decoder.layers)  # attention rows are recomputed from the layers' weights
             self.v2drop_method = method
             self.v2drop_stage_at = {s.layer: i for i, s in enumerate(method.schedule.stages)}
-            self.v2drop_state: dict[int, tuple[int, list[int]]] = {}  # first KV block -> (prompt length, dropped)
+            # first KV block -> (prompt length, tokens dropped before each segment, decode-position shift of each)
+            self.v2drop_state: dict[int, tuple[int, list[int], list[int]]] = {}
             self.v2drop_seconds = {"tower": 0.0, "prune": 0.0, "images": 0}
             self.v2drop_traces = []  # per prefilled request with vision tokens: {"prompt_length", "stages"}
             self.v2drop_steps = {"prefill": 0, "decode": 0, "mixed": 0}  # steps run, by the kinds of their requests
             self._v2drop_ids = None
+            names = ("image_token_index", "image_token_id", "video_token_id")  # LLaVA's; Qwen's image and video
+            self.v2drop_vision_ids = sorted(
+                {getattr(self.config, n) for n in names if getattr(self.config, n, None) is not None}
+            )
             for layer in decoder.layers:
                 layer.self_attn.attn._v2drop_dtype = vllm_config.model_config.dtype
 
         def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
-            """LLaVA's embeddings; the step's token ids are kept (their ``<image>`` placeholders mark vision)."""
+            """The model's embeddings; the step's token ids are kept (their vision placeholders mark vision)."""
             self._v2drop_ids = input_ids
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
 
         def _process_image_input(self, image_input):
-            """LLaVA's image features, timed as the pre-LLM plugin times its tower."""
+            """The model's image features, timed as the pre-LLM plugin times its tower."""
             start = time.perf_counter()
             out = super()._process_image_input(image_input)
             self.v2drop_seconds["tower"] += time.perf_counter() - start
-            self.v2drop_seconds["images"] += len(image_input.get("pixel_values", ()))
+            grids = image_input.get("image_grid_thw")  # Qwen: one row per image (pixel_values are its patches)
+            self.v2drop_seconds["images"] += len(grids if grids is not None else image_input.get("pixel_values", ()))
             return out
 
         def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
@@ -235,7 +298,7 @@ def _build_model_class():
             finally:
                 context.attn_metadata, context.slot_mapping = saved
 
-        def _v2drop_requests(self, meta, ids) -> list[_Request]:
+        def _v2drop_requests(self, meta) -> list[_Request]:
             """The step's requests from the first layer's metadata (prefill or decode; others refused)."""
             qsl, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
             firsts = meta.block_table[:, 0].tolist()
@@ -251,7 +314,7 @@ def _build_model_class():
                         raise RuntimeError(
                             "The in-LLM plugin has no drop state for a decoding request (its prefill ran elsewhere)"
                         )
-                    request.dropped = state[1]
+                    request.dropped, request.shift = state[1], state[2]
                     requests.append(request)
                 else:
                     raise NotImplementedError(
@@ -267,17 +330,18 @@ def _build_model_class():
             layers = decoder.layers
             names = [layer.self_attn.attn.layer_name for layer in layers]
             meta = context.attn_metadata[names[0]]
-            requests = self._v2drop_requests(meta, ids)
+            requests = self._v2drop_requests(meta)
             kinds = {request.prefill for request in requests}
             self.v2drop_steps["mixed" if len(kinds) == 2 else "prefill" if True in kinds else "decode"] += 1
             n_tokens = int(meta.query_start_loc[-1])
             total = hidden.shape[0]
             vision = torch.zeros(n_tokens, dtype=torch.bool)
             if ids is not None:
-                vision = ids[:n_tokens].cpu() == self.config.image_token_index
+                vision = torch.isin(ids[:n_tokens].cpu(), torch.tensor(self.v2drop_vision_ids, dtype=ids.dtype))
             rows = torch.arange(n_tokens)  # step-token index of every row still present
-            hidden, pos, residual, prev = hidden[:n_tokens], positions[:n_tokens], None, None
-            original_pos = positions[:n_tokens]
+            # positions are (N,) or M-RoPE's (3, N): rows are always indexed on the last dimension
+            original_pos = positions[..., :n_tokens]
+            hidden, pos, residual, prev = hidden[:n_tokens], original_pos, None, None
             segment = -1
             for layer_idx, layer in enumerate(layers):
                 if layer_idx in stage_at:
@@ -295,14 +359,20 @@ def _build_model_class():
             hidden, _ = decoder.norm(hidden, residual)
             for request in requests:
                 if request.prefill:
-                    self.v2drop_state[request.key] = (request.length, request.dropped)
+                    self.v2drop_state[request.key] = (request.length, request.dropped, request.shift)
             out = hidden.new_zeros(total, hidden.shape[-1])
             out[rows] = hidden
             return out
 
         def _v2drop_stage(self, layer_idx, requests, x, prev, rows, vision, original_pos):
             """The drop stage before ``layer_idx`` on every prefilling request: the indices of the kept rows (into
-            the current rows) and the positions of the kept rows for the next layers."""
+            the current rows) and the positions of the kept rows for the next layers.
+
+            Positions are the engine's: ``preserve`` keeps each kept token's original (M-RoPE) position,
+            ``renumber`` numbers the kept tokens 0..k-1 (on every M-RoPE row). A decode token's position is
+            vLLM's (the unpruned prompt's largest position + 1 + step) minus the request's shift of this
+            segment, so it is the engine's: one past the largest kept position, plus the step.
+            """
             start_time = time.perf_counter()
             method, stage_at = self.v2drop_method, self.v2drop_stage_at
             keep, new_pos, offset = [], [], 0
@@ -313,12 +383,15 @@ def _build_model_class():
                     flat = request.start + request.orig
                     is_vision = vision[flat]
                     if bool(is_vision.any()):
-                        # the positions the layers use: the prompt's, or 0.. once renumbered (a whole prompt starts
-                        # at 0, so both are the prompt's before the first stage)
-                        current = torch.arange(n) if method.position_policy == "renumber" else original_pos[flat]
+                        # the positions the layers use: the prompt's (M-RoPE rows included) before the first stage
+                        # and under ``preserve``, 0.. on every row once renumbered
+                        if method.position_policy == "renumber" and request.ctx is not None:
+                            current = torch.arange(n, dtype=original_pos.dtype).expand(*original_pos.shape[:-1], -1)
+                        else:
+                            current = original_pos[..., flat]
                         seq = Sequence(
                             hidden=x[offset : offset + n][None],
-                            position_ids=current.to(original_pos.dtype)[None],
+                            position_ids=current.unsqueeze(-2),
                             attention_mask=torch.ones(1, n, dtype=torch.long),
                             orig_idx=request.orig[None],
                             vision=is_vision[None],
@@ -339,17 +412,16 @@ def _build_model_class():
                         local = offset + torch.searchsorted(request.orig, kept_orig)
                         request.orig = kept_orig
                     request.dropped = [*request.dropped, request.length - request.orig.numel()]
-                    compact = torch.arange(request.orig.numel())
+                    prompt_pos = original_pos[..., request.start : request.start + request.length]
                     if method.position_policy == "renumber":
-                        new_pos.append(compact.to(original_pos.dtype))
+                        kept_pos = torch.arange(request.orig.numel(), dtype=original_pos.dtype)
+                        kept_pos = kept_pos.expand(*original_pos.shape[:-1], -1)
                     else:
-                        new_pos.append(original_pos[request.start + request.orig])
+                        kept_pos = original_pos[..., request.start + request.orig]
+                    request.shift = [*request.shift, int(prompt_pos.max()) - int(kept_pos.max())]
+                    new_pos.append(kept_pos)
                 else:
-                    d = request.dropped[stage_at[layer_idx]]
-                    if method.position_policy == "renumber":
-                        new_pos.append(original_pos[rows[offset : offset + 1]] - d)
-                    else:
-                        new_pos.append(original_pos[rows[offset : offset + 1]])
+                    new_pos.append(original_pos[..., rows[offset : offset + 1]] - request.shift[stage_at[layer_idx]])
                 keep.append(local)
                 offset += n
             self.v2drop_seconds["prune"] += time.perf_counter() - start_time
@@ -358,7 +430,7 @@ def _build_model_class():
                     self.v2drop_traces.append(
                         {"prompt_length": request.length, "stages": list(request.ctx.traces[0].stages)}
                     )
-            return torch.cat(keep), torch.cat(new_pos)
+            return torch.cat(keep), torch.cat(new_pos, dim=-1)
 
         def _v2drop_metadata(self, context, names, requests, segment, meta):
             """Give the layers ``names`` the attention metadata and slot mapping of the kept tokens of every request
@@ -391,6 +463,4 @@ def _build_model_class():
                 context.attn_metadata[name] = new
                 context.slot_mapping[name] = slot_mapping
 
-    V2DropInLLMLlavaForConditionalGeneration.__name__ = ARCHITECTURE
-    V2DropInLLMLlavaForConditionalGeneration.__qualname__ = ARCHITECTURE
-    return V2DropInLLMLlavaForConditionalGeneration
+    return InLLMDecoderLoop

@@ -38,8 +38,11 @@ video's embeddings are pruned as one item (all its frames) in the same way; that
 Scorers: ``uniform``, ``position``, ``divprune``, ``cdpruner`` (the processor hands every image its prompt's
 instruction ids after the last ``<|image_pad|>`` / ``<|video_pad|>``, as for LLaVA-1.5; the model embeds them with the
 LLM's input embeddings; images only). Refused with the reason: VisionZip (Qwen's tower has no [CLS]
-token, as in the engine), ``random`` (its seed is the whole prompt's, which the encoder does not see), in-LLM
-methods (as for LLaVA).
+token, as in the engine), ``random`` (its seed is the whole prompt's, which the encoder does not see), decoder
+stages scored otherwise than by V²Drop (FastV's and PDrop's recomputed attention rows need RoPE on one position
+row; Qwen's is M-RoPE). V²Drop's decoder stages (every stage in the decoder) run in the in-LLM architectures of
+``v2drop.integrations.vllm_inllm`` (``QWEN_ARCHITECTURES`` there), which ``qwen_engine_args`` picks and
+``register`` registers; they share this module's processing (``processing_classes``: every image token kept).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ from v2drop.integrations.vllm import (
     use_twin_module,
 )
 from v2drop.integrations.vllm import kept_per_image as kept_count  # an item's kept count under a method
+from v2drop.integrations.vllm_inllm import QWEN_ARCHITECTURES as QWEN_INLLM_ARCHITECTURES
+from v2drop.integrations.vllm_inllm import runs_in_llm
 
 # vLLM's architecture -> the plugin's architecture running v2drop's pre-LLM methods on it
 QWEN_ARCHITECTURES = {
@@ -90,6 +95,9 @@ def register() -> None:
     for arch in QWEN_ARCHITECTURES.values():
         if arch not in supported:
             ModelRegistry.register_model(arch, f"{__name__}:{arch}")
+    for arch in QWEN_INLLM_ARCHITECTURES.values():  # V²Drop's decoder stages (v2drop/integrations/vllm_inllm.py)
+        if arch not in supported:
+            ModelRegistry.register_model(arch, f"v2drop.integrations.vllm_inllm:{arch}")
 
 
 def use_pil_qwen2vl_image_processor() -> bool:
@@ -133,14 +141,17 @@ def qwen_method(spec):
 
 def qwen_engine_args(method="none", family: str = "qwen2_vl") -> dict:
     """``vllm.LLM`` keyword arguments running ``method`` on a Qwen2-VL (``family`` ``qwen2_vl``) or Qwen2.5-VL
-    (``qwen2_5_vl``) checkpoint in the plugin; the method goes as config data (``qwen_method``)."""
+    (``qwen2_5_vl``) checkpoint in the plugin; the method goes as config data (``qwen_method``). A method whose stages
+    all sit before decoder layers (V²Drop's) gets the in-LLM architecture (``vllm_inllm.QWEN_ARCHITECTURES``), which
+    needs chunked prefill and prefix caching off (``vllm_inllm.ENGINE_KWARGS``)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     method = qwen_method(method)
     check_qwen_method(method)  # fail here, with the reason, rather than inside vLLM's engine process
+    architectures = QWEN_INLLM_ARCHITECTURES if runs_in_llm(method) else QWEN_ARCHITECTURES
     return {
         "hf_overrides": {
-            "architectures": [QWEN_ARCHITECTURES[FAMILIES[family]]],
+            "architectures": [architectures[FAMILIES[family]]],
             METHOD_KEY: method.to_dict() if method.drops else "none",
         }
     }
@@ -171,12 +182,15 @@ def check_qwen_method(method) -> None:
 
     if not method.drops:
         return
-    if any(not stage.pre_llm for stage in method.schedule.stages):
-        raise ValueError(
-            f"Method {method.scorer_name!r} drops tokens inside the decoder; the vLLM plugin runs decoder stages "
-            "only in its LLaVA-1.5 architecture (V2DropInLLMLlavaForConditionalGeneration), and on Qwen2-VL / "
-            "Qwen2.5-VL one pre-LLM stage"
-        )
+    if runs_in_llm(method):  # only decoder stages: the in-LLM architecture's rules
+        check_method(method)
+        if any(method.scorer.at(s.layer).attention_request() is not None for s in method.schedule.stages):
+            raise ValueError(
+                f"Method {method.scorer_name!r} scores decoder stages by attention rows, which the vLLM plugin "
+                "recomputes with RoPE on one position row (LLaVA-1.5); Qwen2-VL / Qwen2.5-VL use M-RoPE: only "
+                "V²Drop's decoder stages run in the plugin's Qwen models (or use v2drop's own engine)"
+            )
+        return
     if method.scorer_name == "visionzip":
         raise ValueError(
             "Scorer 'visionzip' reads the vision tower's [CLS] attention; the Qwen2-VL / Qwen2.5-VL tower has no [CLS] "
@@ -361,10 +375,12 @@ def _without_instruction(kwargs):
     return {k: v for k, v in kwargs.items() if k != INSTRUCTION_KEY}
 
 
-def _build_model_class(base_name: str):
-    """vLLM's Qwen2-VL / Qwen2.5-VL model ``base_name`` with pre-LLM pruning and the engine's M-RoPE positions."""
+@functools.cache
+def processing_classes(base_name: str):
+    """(vLLM's model class ``base_name``, the plugin's processing info, multimodal processor and dummy-inputs builder
+    for it): Qwen's processing, images only without torchvision, each item's placeholder run cut to its kept count
+    under a pre-LLM method (every token kept under an in-LLM one)."""
     use_pil_qwen2vl_image_processor()
-    from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.multimodal.processing.processor import PromptReplacement
 
     module = importlib.import_module(f"vllm.model_executor.models.{_MODULES[base_name]}")
@@ -434,7 +450,7 @@ def _build_model_class(base_name: str):
             hf_processor_mm_kwargs = _without_instruction(hf_processor_mm_kwargs)
             updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
             method = self.info.method()
-            if not method.drops:
+            if not method.drops or runs_in_llm(method):
                 return updates
 
             def cut(replacement):
@@ -448,6 +464,18 @@ def _build_model_class(base_name: str):
                 PromptReplacement(modality=u.modality, target=u.target, replacement=cut(u.replacement)) for u in updates
             ]
 
+    name = QWEN_ARCHITECTURES[base_name]
+    for cls, suffix in ((ProcessingInfo, "ProcessingInfo"), (MultiModalProcessor, "MultiModalProcessor")):
+        cls.__name__ = cls.__qualname__ = name + suffix
+    return base_model, ProcessingInfo, MultiModalProcessor, dummy
+
+
+def _build_model_class(base_name: str):
+    """vLLM's Qwen2-VL / Qwen2.5-VL model ``base_name`` with pre-LLM pruning and the engine's M-RoPE positions."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    base_model, ProcessingInfo, MultiModalProcessor, dummy = processing_classes(base_name)
+
     @MULTIMODAL_REGISTRY.register_processor(MultiModalProcessor, info=ProcessingInfo, dummy_inputs=dummy)
     class Model(base_model):
         """vLLM's Qwen model running a v2drop pre-LLM method (``v2drop_method`` in the hf config) on every item."""
@@ -455,6 +483,11 @@ def _build_model_class(base_name: str):
         def __init__(self, *, vllm_config, prefix: str = "") -> None:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             self.v2drop_method = _method_of(self.config)
+            if runs_in_llm(self.v2drop_method):
+                raise ValueError(
+                    f"Method {self.v2drop_method.scorer_name!r} drops inside the decoder: it runs in the in-LLM "
+                    f"architecture {QWEN_INLLM_ARCHITECTURES[base_name]} (qwen_engine_args picks it)"
+                )
             # time in the tower and merger, and in the drop stage, summed over items; each item's trace
             self.v2drop_seconds = {"tower": 0.0, "prune": 0.0, "images": 0}
             self.v2drop_traces = []
@@ -511,7 +544,5 @@ def _build_model_class(base_name: str):
                 return super().get_mrope_input_positions(input_tokens, mm_features)
             return mrope_positions(method, len(input_tokens), list(self.iter_mm_grid_thw(mm_features)))
 
-    name = QWEN_ARCHITECTURES[base_name]
-    for cls, suffix in ((Model, ""), (ProcessingInfo, "ProcessingInfo"), (MultiModalProcessor, "MultiModalProcessor")):
-        cls.__name__ = cls.__qualname__ = name + suffix
+    Model.__name__ = Model.__qualname__ = QWEN_ARCHITECTURES[base_name]
     return Model

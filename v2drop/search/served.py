@@ -4,9 +4,11 @@ The trial's method runs in an offline ``vllm.LLM`` (``v2drop.integrations.vllm.o
 the plugin, prefix caching off, ``eval.max_new_tokens`` greedy tokens, ``eval.warmup`` requests
 untimed, then every trial sample submitted at once; vLLM's engine in its own process with
 ``OMP_NUM_THREADS=eval.threads``). Methods the plugin cannot run (drops inside the decoder by other scorers
-than V²Drop, FastV and PDrop, the pre-LLM scorers of ``v2drop.integrations.vllm.REFUSED_SCORERS``,
-``position_policy: preserve`` before the LLM; ``v2drop.integrations.vllm_inllm``)
-are pruned before any evaluation, the plugin's reason recorded as the trial's ``pruned_reason``.
+than V²Drop, FastV and PDrop — on Qwen checkpoints other than V²Drop —, the pre-LLM scorers of
+``v2drop.integrations.vllm.REFUSED_SCORERS``, ``position_policy: preserve`` before the LLM;
+``v2drop.integrations.vllm_inllm``) are pruned before any evaluation, the plugin's reason recorded as the trial's
+``pruned_reason``. On a Qwen2-VL / Qwen2.5-VL checkpoint the plugin's Qwen models serve the trial (pre-LLM methods
+and V²Drop's decoder stages) and their rules prune (``v2drop.integrations.vllm_qwen.check_qwen_method``).
 vLLM lives in its own environment (``docs/serving.md``); without it, choosing the objective is an error.
 """
 
@@ -27,12 +29,18 @@ def check_served(objectives: list[str]) -> None:
         )
 
 
-def served_reason(method) -> str | None:
-    """Why the vLLM plugin cannot run ``method`` (its ``check_method`` message), or None when it can."""
+def served_reason(method, model: str | None = None) -> str | None:
+    """Why the vLLM plugin cannot run ``method`` on checkpoint ``model`` (a bundled name, directory or hub id; None:
+    LLaVA-1.5) — its ``check_method`` message, its Qwen models' ``check_qwen_method`` one on a Qwen2-VL / Qwen2.5-VL
+    checkpoint — or None when it can."""
+    from v2drop.bundled import LOCAL_MODELS
     from v2drop.integrations.vllm import check_method
+    from v2drop.integrations.vllm_qwen import check_qwen_method, family_of
 
+    path = str(LOCAL_MODELS.get(model, model)) if model is not None else None
+    check = check_qwen_method if path is not None and family_of(path) is not None else check_method
     try:
-        check_method(method)
+        check(method)
     except ValueError as err:
         return str(err)
     return None

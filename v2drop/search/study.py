@@ -159,7 +159,7 @@ def run_sweep(cfg: SweepConfig, lvlm=None, benchmark=None, progress: bool = True
     def objective(trial: optuna.Trial):
         method = suggest_method(trial, cfg.search, lvlm.depth)
         trial.set_user_attr("method", method.to_dict())
-        reason = served_reason(method) if SERVED in cfg.objectives else None
+        reason = served_reason(method, cfg.model) if SERVED in cfg.objectives else None
         if reason is not None:  # vLLM's plugin cannot run it: pruned, the reason kept with the trial
             trial.set_user_attr("pruned_reason", reason)
             print(f"trial {trial.number} pruned: {reason}")
