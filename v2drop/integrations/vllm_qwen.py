@@ -53,6 +53,7 @@ import importlib
 import json
 import time
 import types
+import zlib
 
 import numpy as np
 import torch
@@ -61,6 +62,8 @@ from v2drop.integrations.vllm import (
     INSTRUCTION_KEY,
     INSTRUCTION_SCORERS,
     METHOD_KEY,
+    REFUSED_SCORERS,
+    SAMPLE_KEY,
     instruction_field,
     instruction_ids,
     instruction_rows,
@@ -77,7 +80,27 @@ QWEN_ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": "V2DropQwen2_5_VLForConditionalGeneration",
 }
 FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
-QWEN_SUPPORTED_SCORERS = ("uniform", "position", "divprune", "cdpruner")  # scorers the Qwen models run
+# scorers the Qwen models run: pre-LLM scorers of the image's own tokens (and, for ``INSTRUCTION_SCORERS``, its prompt's
+# instruction; for ``random``, its prompt's seed) with a kept count fixed by the budget and the image's grid
+QWEN_SUPPORTED_SCORERS = ("uniform", "position", "random", "divprune", "cdpruner", "vidcom2", "frame_pool", "pool")
+# Why the other pre-LLM scorers are refused on Qwen (a scorer not named here: it scores inside the decoder)
+QWEN_REFUSED_SCORERS = {
+    **{
+        name: "it reads the vision tower's [CLS] token, and the Qwen2-VL / Qwen2.5-VL tower has no [CLS] token "
+        "(v2drop's engine refuses it on these families too)"
+        for name in ("visionzip", "vispruner", "hiprune", "holov")
+    },
+    "holitom": REFUSED_SCORERS["holitom"],
+    "fastvid": REFUSED_SCORERS["fastvid"],
+    "frames": REFUSED_SCORERS["frames"],
+    "downsample": "it re-encodes a smaller image, and Qwen's processor sets an image's token count (v2drop's engine "
+    "cannot re-encode these families either)",
+    **{
+        name: "it runs inside the vision encoder (vision-encoder stages), which v2drop's engine runs on LLaVA-1.5 only"
+        for name in ("flowcut", "vscan")
+    },
+}
+POOLING_SCORERS = ("frame_pool", "pool")  # scorers whose kept count is the cells of the pooled grids of an item
 GRID_SCORERS = ("uniform", "position")  # scorers whose kept set follows from the token grid alone (``preserve``)
 _QWEN_IMAGE = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
 _MODULES = {
@@ -179,6 +202,7 @@ def engine_args_for(model: str, method) -> dict:
 def check_qwen_method(method) -> None:
     """Raise ValueError, with the reason, unless the plugin's Qwen models can run ``method``."""
     from v2drop.integrations.vllm import check_method
+    from v2drop.schedule import PRE_LLM
 
     if not method.drops:
         return
@@ -191,33 +215,23 @@ def check_qwen_method(method) -> None:
                 "V²Drop's decoder stages run in the plugin's Qwen models (or use v2drop's own engine)"
             )
         return
-    if method.scorer_name == "visionzip":
-        raise ValueError(
-            "Scorer 'visionzip' reads the vision tower's [CLS] attention; the Qwen2-VL / Qwen2.5-VL tower has no [CLS] "
-            "token (as in v2drop's engine, which refuses it on these families)"
-        )
-    if method.scorer_name == "random":
-        raise ValueError(
-            "Scorer 'random' is seeded from the whole prompt's ids (the engine's sample key), which vLLM's Qwen "
-            f"encoder does not see; supported on Qwen2-VL / Qwen2.5-VL: {', '.join(QWEN_SUPPORTED_SCORERS)}"
-        )
-    if method.position_policy == "renumber":
-        check_method(method)  # the LLaVA plugin's rules: one pre-LLM stage, image-only scorers
-    else:
-        data = method.to_dict()
-        data["position_policy"] = "renumber"
-        check_method(type(method).from_dict(data))
-        if method.scorer_name not in GRID_SCORERS:
-            raise ValueError(
-                f"Method {method.scorer_name!r} keeps the original position ids (position_policy 'preserve'), which "
-                "depend on the kept set; vLLM fixes a request's M-RoPE positions before its images are encoded, so "
-                "'preserve' runs only with scorers whose kept set follows from the token grid "
-                f"({', '.join(GRID_SCORERS)}); use position_policy 'renumber' (as the pre-LLM presets do)"
-            )
     if method.scorer_name not in QWEN_SUPPORTED_SCORERS:
+        reason = QWEN_REFUSED_SCORERS.get(
+            method.scorer_name, "it scores an image from more than its own vision tokens (decoder attention)"
+        )
         raise ValueError(
-            f"Scorer {method.scorer_name!r} is not supported by the vLLM plugin's Qwen models; supported: "
-            f"{', '.join(QWEN_SUPPORTED_SCORERS)}"
+            f"Scorer {method.scorer_name!r} is not supported by the vLLM plugin's Qwen2-VL / Qwen2.5-VL models: "
+            f"{reason}; supported: {', '.join(QWEN_SUPPORTED_SCORERS)}"
+        )
+    layers = [s.layer for s in method.schedule.stages]
+    if layers != [PRE_LLM]:
+        check_method(method)  # the LLaVA plugin's reason: decoder and pre-LLM stages in one method
+    if method.position_policy != "renumber" and method.scorer_name not in GRID_SCORERS:
+        raise ValueError(
+            f"Method {method.scorer_name!r} keeps the original position ids (position_policy 'preserve'), which "
+            "depend on the kept set; vLLM fixes a request's M-RoPE positions before its images are encoded, so "
+            "'preserve' runs only with scorers whose kept set follows from the token grid "
+            f"({', '.join(GRID_SCORERS)}); use position_policy 'renumber' (as the pre-LLM presets do)"
         )
 
 
@@ -234,8 +248,52 @@ def _method_of(config):
     return _checked(json.dumps(getattr(config, METHOD_KEY, None), sort_keys=True))
 
 
+def item_kept_count(method, grid: tuple[int, int, int]) -> int:
+    """Tokens an item of merged ``grid`` (frames, rows, columns) keeps under ``method``, as the engine keeps them: the
+    stage's count of its tokens (``kept_count``); for the pooling scorers (``POOLING_SCORERS``) the cells of the grids
+    each frame is pooled to (``pool``: ``target_grid`` of the frame's proportional share; ``frame_pool``:
+    ``pooled_grid`` of its equal share)."""
+    from v2drop.scorers.controls import proportional_share, target_grid
+    from v2drop.scorers.frame_controls import pooled_grid
+    from v2drop.scorers.vispruner import share
+
+    t, h, w = grid
+    n = t * h * w
+    if not method.drops or method.scorer_name not in POOLING_SCORERS:
+        return kept_count(method, n)
+    k = method.schedule.kept_count(0, n, n)
+    if k >= n:
+        return n
+    if method.scorer_name == "pool":
+        cells = [target_grid(h, w, k_frame) for k_frame in proportional_share(k, [h * w] * t)]
+        return sum(min(r * c, h * w) for r, c in cells)
+    cells = [pooled_grid(max(1, k_frame), h, w) for k_frame in share(max(t, min(k, n)), t)]
+    return sum(r * c for r, c in cells)
+
+
+def expanded_sample_key(prompt_ids: list[int], counts: dict[int, list[int]]) -> int:
+    """The engine's per-sample seed (``v2drop.engine.loop.sample_keys``) of a prompt whose vision placeholders are
+    expanded: ``counts`` maps a placeholder id (``<|image_pad|>``) to the token count of each of its occurrences, in
+    order (Qwen's images have a token count each); other ids stay as they are."""
+    left = {token: list(c) for token, c in counts.items()}
+    ids = []
+    for token in prompt_ids:
+        if token in left:
+            if not left[token]:
+                raise ValueError(f"The prompt has more placeholders {token} than the {len(counts[token])} counts given")
+            ids.extend([token] * left[token].pop(0))
+        else:
+            ids.append(token)
+    return zlib.crc32(repr(ids).encode())
+
+
 def prune_item(
-    method, features: torch.Tensor, grid: tuple[int, int, int], project=None, instruction: torch.Tensor | None = None
+    method,
+    features: torch.Tensor,
+    grid: tuple[int, int, int],
+    project=None,
+    instruction: torch.Tensor | None = None,
+    sample_key: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The pre-LLM stage of ``method`` on one image's (or video's) merged features (N, D) alone: (k, D) and the trace.
 
@@ -243,7 +301,8 @@ def prune_item(
     raster order of the features; every token gets the grid coordinates the engine gives it, and the engine's
     ``drop`` runs the stage, so the kept rows (ascending) are the engine's for a sample with that one item.
     ``instruction`` (m, D), the LLM's input embeddings of the item's prompt instruction, follows the item's tokens
-    as text (CDPruner reads it; required for ``INSTRUCTION_SCORERS``).
+    as text (CDPruner reads it; required for ``INSTRUCTION_SCORERS``). ``sample_key`` is the engine's seed of the
+    item's prompt (``expanded_sample_key``; ``random`` reads it, and requires it).
     The trace is the engine's ``{"layer": -1, "kept": [...]}`` with the item's token indices.
     """
     from v2drop.engine.sequence import Sequence
@@ -259,6 +318,10 @@ def prune_item(
         raise ValueError(
             f"Scorer {method.scorer_name!r} scores an item against its prompt's instruction, which the plugin hands "
             "to image items only (not to videos)"
+        )
+    if sample_key is None and method.scorer_name == "random":
+        raise ValueError(
+            "Scorer 'random' draws from its prompt's seed, which the plugin hands to image items only (not to videos)"
         )
     text = instruction.to(features.dtype) if instruction is not None else features.new_zeros(0, features.shape[1])
     device = features.device
@@ -280,7 +343,7 @@ def prune_item(
         method=method,
         adapter=_Projector(project),
         stage_at={PRE_LLM: 0},
-        sample_keys=torch.zeros(1, dtype=torch.long),
+        sample_keys=torch.tensor([sample_key or 0], dtype=torch.long),
         n_vision=[n],
         traces=[trace],
         requests={PRE_LLM: None},
@@ -290,10 +353,10 @@ def prune_item(
     )
     kept = drop(seq, PRE_LLM, None, ctx).hidden[0]
     kept = kept[: kept.shape[0] - text.shape[0]]  # the item's kept tokens, before its instruction
-    if kept.shape[0] != kept_count(method, n):
+    if kept.shape[0] != item_kept_count(method, grid):
         raise RuntimeError(
             f"Scorer {method.scorer_name!r} left {kept.shape[0]} of {n} tokens, but the prompt holds "
-            f"{kept_count(method, n)} placeholders for the item"
+            f"{item_kept_count(method, grid)} placeholders for the item"
         )
     return kept, trace.stages[0]
 
@@ -371,8 +434,8 @@ def __getattr__(name: str):
 
 
 def _without_instruction(kwargs):
-    """Processor kwargs without the plugin's instruction ids (Qwen's processor reads the rest)."""
-    return {k: v for k, v in kwargs.items() if k != INSTRUCTION_KEY}
+    """Processor kwargs without the plugin's instruction ids and seed (Qwen's processor reads the rest)."""
+    return {k: v for k, v in kwargs.items() if k not in (INSTRUCTION_KEY, SAMPLE_KEY)}
 
 
 @functools.cache
@@ -418,50 +481,92 @@ def processing_classes(base_name: str):
         hands every image its prompt's instruction ids (a multimodal field, in the images' cache keys too)."""
 
         def _cached_apply_hf_processor(self, inputs, timing_ctx):
-            """Put the prompt's instruction ids among the processor kwargs (``INSTRUCTION_SCORERS``)."""
-            if self.info.method().scorer_name in INSTRUCTION_SCORERS:
-                config = self.info.get_hf_config()
-                ids = instruction_ids(inputs.prompt, (config.image_token_id, config.video_token_id))
-                kwargs = {**inputs.hf_processor_mm_kwargs, INSTRUCTION_KEY: ids}
-                inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
+            """Put the prompt's instruction ids (``INSTRUCTION_SCORERS``) or seed (``random``) among the processor
+            kwargs (so they also enter the images' cache keys: one image under two prompts is two items)."""
+            scorer = self.info.method().scorer_name
+            config = self.info.get_hf_config()
+            extra = {}
+            if scorer in INSTRUCTION_SCORERS:
+                extra[INSTRUCTION_KEY] = instruction_ids(inputs.prompt, (config.image_token_id, config.video_token_id))
+            if scorer == "random":
+                extra[SAMPLE_KEY] = expanded_sample_key(
+                    list(inputs.prompt), {config.image_token_id: self._image_token_counts(inputs)}
+                )
+            if extra:
+                inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, **extra})
             return super()._cached_apply_hf_processor(inputs, timing_ctx)
+
+        def _image_token_counts(self, inputs) -> list[int]:
+            """Each image's merged token count before pruning (its resized grid, as Qwen's processor expands it)."""
+            from vllm.multimodal.parse import ImageProcessorItems
+
+            if "image" not in inputs.mm_data_items:
+                return []
+            items = inputs.mm_data_items.get_items("image", ImageProcessorItems)
+            kwargs = _without_instruction(inputs.hf_processor_mm_kwargs)
+            image_processor = self.info.get_image_processor(**kwargs)
+            counts = []
+            for i in range(len(items)):
+                size = items.get_image_size(i)
+                counts.append(
+                    self.info.get_num_image_tokens(
+                        image_width=size.width,
+                        image_height=size.height,
+                        image_processor=image_processor,
+                        mm_kwargs=kwargs,
+                    )
+                )
+            return counts
 
         def _call_hf_processor(self, hf_data, hf_kwargs):
             """Qwen's Hugging Face processor, without the instruction ids."""
             return super()._call_hf_processor(hf_data, _without_instruction(hf_kwargs))
 
         def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
-            """The instruction ids as one entry per image."""
+            """The instruction ids or the seed as one entry per image."""
             processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-            if INSTRUCTION_KEY in hf_processor_mm_kwargs and "image_grid_thw" in processed_data:
+            if "image_grid_thw" in processed_data:
                 n = len(processed_data["image_grid_thw"])
-                processed_data[INSTRUCTION_KEY] = instruction_field(hf_processor_mm_kwargs[INSTRUCTION_KEY], n)
+                if INSTRUCTION_KEY in hf_processor_mm_kwargs:
+                    processed_data[INSTRUCTION_KEY] = instruction_field(hf_processor_mm_kwargs[INSTRUCTION_KEY], n)
+                if SAMPLE_KEY in hf_processor_mm_kwargs:
+                    processed_data[SAMPLE_KEY] = torch.full((n,), hf_processor_mm_kwargs[SAMPLE_KEY], dtype=torch.long)
             return processed_data
 
         def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-            """Qwen's fields and the per-image instruction ids."""
+            """Qwen's fields, the per-image instruction ids and the per-image seed."""
             from vllm.multimodal.inputs import MultiModalFieldConfig
 
             fields = super()._get_mm_fields_config(hf_inputs, _without_instruction(hf_processor_mm_kwargs))
-            return {**fields, INSTRUCTION_KEY: MultiModalFieldConfig.batched("image")}
+            return {
+                **fields,
+                INSTRUCTION_KEY: MultiModalFieldConfig.batched("image"),
+                SAMPLE_KEY: MultiModalFieldConfig.batched("image"),
+            }
 
         def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-            """Qwen's replacements, each cut to ``kept_count`` of its tokens."""
+            """Qwen's replacements, each cut to ``item_kept_count`` of its grid's tokens."""
             hf_processor_mm_kwargs = _without_instruction(hf_processor_mm_kwargs)
             updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
             method = self.info.method()
             if not method.drops or runs_in_llm(method):
                 return updates
+            merge = self.info.get_hf_config().vision_config.spatial_merge_size
 
-            def cut(replacement):
+            def cut(replacement, modality):
                 def kept(item_idx):
                     tokens = replacement(item_idx)
-                    return tokens[: kept_count(method, len(tokens))]
+                    t, h, w = out_mm_kwargs[modality][item_idx][f"{modality}_grid_thw"].data.tolist()
+                    grid = (int(t), int(h) // merge, int(w) // merge)
+                    if grid[0] * grid[1] * grid[2] != len(tokens):
+                        raise RuntimeError(f"An item of grid {grid} has {len(tokens)} placeholders")
+                    return tokens[: item_kept_count(method, grid)]
 
                 return kept
 
             return [
-                PromptReplacement(modality=u.modality, target=u.target, replacement=cut(u.replacement)) for u in updates
+                PromptReplacement(modality=u.modality, target=u.target, replacement=cut(u.replacement, u.modality))
+                for u in updates
             ]
 
     name = QWEN_ARCHITECTURES[base_name]
@@ -498,14 +603,18 @@ def _build_model_class(base_name: str):
             return [(int(t), int(h) // merge, int(w) // merge) for t, h, w in torch.as_tensor(grid_thw).tolist()]
 
         def embed_multimodal(self, **kwargs):
-            """Qwen's item embeddings; the images' instruction ids (CDPruner) are taken out first."""
+            """Qwen's item embeddings; the images' instruction ids (CDPruner) and seeds (``random``) are taken out
+            first."""
+            keys = kwargs.pop(SAMPLE_KEY, None)
+            self._sample_keys = torch.as_tensor(keys).flatten().tolist() if keys is not None else None
             ids = kwargs.pop(INSTRUCTION_KEY, None)
             self._instruction_ids = instruction_rows(ids) if ids is not None else None
             return super().embed_multimodal(**kwargs)
 
-        def _pruned(self, items, grid_thw, start: float, instructions=None):
+        def _pruned(self, items, grid_thw, start: float, instructions=None, keys=None):
             """Each item's embeddings cut to the method's kept rows (the engine's drop stage, per item); CDPruner's
-            items each with their instruction ids' input embeddings (``instructions``, images only)."""
+            items each with their instruction ids' input embeddings (``instructions``, images only), ``random``'s
+            with their prompts' seeds (``keys``, images only)."""
             method = self.v2drop_method
             self.v2drop_seconds["images"] += len(items)
             tower_done = time.perf_counter()
@@ -517,7 +626,13 @@ def _build_model_class(base_name: str):
                 instructions = [embed(row.to(items[0].device)) for row in instructions]
             out = []
             for i, (features, grid) in enumerate(zip(items, self._grids(grid_thw))):
-                kept, trace = prune_item(method, features, grid, instruction=instructions[i] if instructions else None)
+                kept, trace = prune_item(
+                    method,
+                    features,
+                    grid,
+                    instruction=instructions[i] if instructions else None,
+                    sample_key=keys[i] if keys else None,
+                )
                 out.append(kept)
                 self.v2drop_traces.append(trace)
             self.v2drop_seconds["prune"] += time.perf_counter() - tower_done
@@ -530,7 +645,10 @@ def _build_model_class(base_name: str):
             ids = getattr(self, "_instruction_ids", None)  # set by embed_multimodal (CDPruner)
             if ids is not None and len(ids) != len(items):
                 raise RuntimeError(f"{len(ids)} instructions for {len(items)} images: one per image")
-            return self._pruned(items, image_input["image_grid_thw"], start, ids)
+            keys = getattr(self, "_sample_keys", None)  # set by embed_multimodal (random)
+            if keys is not None and len(keys) != len(items):
+                raise RuntimeError(f"{len(keys)} prompt seeds for {len(items)} images: one per image")
+            return self._pruned(items, image_input["image_grid_thw"], start, ids, keys)
 
         def _process_video_input(self, video_input):
             """Qwen's per-video embeddings, each cut to the method's kept rows (all frames of a video together)."""
