@@ -30,7 +30,10 @@ UNIFORM_PRESERVE = {"scorer": "uniform", "schedule": {"stages": [["pre_llm", 0.2
 POSITION_PRESERVE = {"scorer": "position", "schedule": {"stages": [["pre_llm", 0.3]]}, "position_policy": "preserve"}
 
 
-def _pre_llm(scorer: str, keep: float = 0.25) -> dict:
+GIVEN = [0, 3, 5, 7, 20, 40]  # the oracle's token indices (every image has at least 48 tokens)
+
+
+def _pre_llm(scorer, keep: float = 0.25) -> dict:
     """``scorer`` on a pre-LLM schedule keeping ``keep`` of each image, renumbered."""
     return {"scorer": scorer, "schedule": {"stages": [["pre_llm", keep]]}, "position_policy": "renumber"}
 
@@ -48,6 +51,10 @@ METHODS = {
     "vidcom2": _pre_llm("vidcom2"),
     "frame_pool": _pre_llm("frame_pool", 0.23),
     "pool": _pre_llm("pool", 0.3),
+    "given": {
+        **_pre_llm({"name": "given", "keep": GIVEN}, 6),
+        "schedule": {"stages": [["pre_llm", 6]], "keep_mode": "absolute"},
+    },
 }
 
 
@@ -123,7 +130,9 @@ def test_unsupported_methods_are_refused_with_the_reason():
         check_qwen_method(qwen_method({"scorer": "flowcut", "schedule": {"stages": [["vision:1", 0.25]]}}))
     with pytest.raises(ValueError, match="before its images are encoded"):
         check_qwen_method(qwen_method({**_pre_llm("random"), "position_policy": "preserve"}))
-    for scorer in ("random", "vidcom2", "frame_pool", "pool"):
+    with pytest.raises(ValueError, match="combines other scorers"):
+        check_qwen_method(qwen_method(_pre_llm({"name": "composite", "parts": [{"name": "divprune"}]})))
+    for scorer in ("random", "given", "vidcom2", "frame_pool", "pool"):
         check_qwen_method(qwen_method(_pre_llm(scorer)))
     with pytest.raises(ValueError, match="before its images are encoded"):
         check_qwen_method(qwen_method({**UNIFORM_PRESERVE, "scorer": "divprune"}))
@@ -263,6 +272,8 @@ def test_vllm_qwen_answers_as_the_engine(name, served):
     if name in ("pool", "frame_pool"):  # every kept token is pooled, on a grid smaller than the image's
         assert all(not e["kept"] and e["merged"] for e in expected)
         assert counts[:3] == ([12, 12, 14] if name == "pool" else [10, 10, 10])  # the stage's count: 14, 14, 15 / 11
+    if name == "given":  # exactly the given tokens
+        assert [e["kept"] for e in expected] == [GIVEN] * 3
     if name == "random":  # the first image under two prompts: the engine's two (different) kept sets, both served
         assert expected[3] == _item_trace(traces[3], 0) and expected[3]["kept"] != expected[0]["kept"]
     if name == "uniform-preserve":  # the same kept tokens at renumbered positions give other tokens: positions matter

@@ -11,7 +11,8 @@ The architectures are vLLM's ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLF
 for a method with one pre-LLM stage (``check_qwen_method``):
 
 - **Placeholders**: each image's ``<|image_pad|>`` run is the stage's kept count of the image's
-  ``grid_thw.prod() // merge_size**2`` tokens (vLLM's prompt update is cut to it).
+  ``grid_thw.prod() // merge_size**2`` tokens (vLLM's prompt update is cut to it); for ``frame_pool`` and ``pool``
+  the cells of the grid the image's merged grid is pooled to (``item_kept_count``).
 - **Kept rows**: the vision tower's merged output of each image, cut to the rows the method's scorer keeps,
   chosen by the engine's own drop stage (``v2drop.engine.stages.drop``) on the image alone, its tokens laid
   on the image's merged grid (frame, row, column) as the engine lays them (``Adapter.vision_coords``).
@@ -35,10 +36,15 @@ Without torchvision (the CPU environments) images only: ``register`` points tran
 video processor (which needs torchvision) and leaves videos out of the modality limits. With torchvision a
 video's embeddings are pruned as one item (all its frames) in the same way; that path is untested.
 
-Scorers: ``uniform``, ``position``, ``divprune``, ``cdpruner`` (the processor hands every image its prompt's
-instruction ids after the last ``<|image_pad|>`` / ``<|video_pad|>``, as for LLaVA-1.5; the model embeds them with the
-LLM's input embeddings; images only). Refused with the reason: VisionZip (Qwen's tower has no [CLS]
-token, as in the engine), ``random`` (its seed is the whole prompt's, which the encoder does not see), decoder
+Scorers (``QWEN_SUPPORTED_SCORERS``): ``uniform``, ``position``, ``random``, ``given``, ``divprune``, ``cdpruner``,
+``vidcom2`` (an image is one frame), ``frame_pool`` and ``pool``. For ``cdpruner`` the processor hands every image its
+prompt's instruction ids after the last ``<|image_pad|>`` / ``<|video_pad|>``, as for LLaVA-1.5 (the model embeds them
+with the LLM's input embeddings); for ``random`` its prompt's seed, the engine's ``sample_keys`` of the prompt with
+every ``<|image_pad|>`` expanded to its image's token count (``expanded_sample_key``; a per-image multimodal field
+``SAMPLE_KEY`` that also enters the images' cache keys); both images only. Refused with the reason
+(``QWEN_REFUSED_SCORERS``): VisionZip, VisPruner, HiPrune, HoloV (Qwen's tower has no [CLS] token, as in the engine),
+HoliTom and FastVID (kept count not fixed by the budget), ``frames`` (one image is one frame), ``downsample``
+(re-encoding), FlowCut and VScan (vision-encoder stages), ``composite`` and ``staged``; decoder
 stages scored otherwise than by V²Drop (FastV's and PDrop's recomputed attention rows need RoPE on one position
 row; Qwen's is M-RoPE). V²Drop's decoder stages (every stage in the decoder) run in the in-LLM architectures of
 ``v2drop.integrations.vllm_inllm`` (``QWEN_ARCHITECTURES`` there), which ``qwen_engine_args`` picks and
@@ -82,7 +88,17 @@ QWEN_ARCHITECTURES = {
 FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 # scorers the Qwen models run: pre-LLM scorers of the image's own tokens (and, for ``INSTRUCTION_SCORERS``, its prompt's
 # instruction; for ``random``, its prompt's seed) with a kept count fixed by the budget and the image's grid
-QWEN_SUPPORTED_SCORERS = ("uniform", "position", "random", "divprune", "cdpruner", "vidcom2", "frame_pool", "pool")
+QWEN_SUPPORTED_SCORERS = (
+    "uniform",
+    "position",
+    "random",
+    "given",
+    "divprune",
+    "cdpruner",
+    "vidcom2",
+    "frame_pool",
+    "pool",
+)
 # Why the other pre-LLM scorers are refused on Qwen (a scorer not named here: it scores inside the decoder)
 QWEN_REFUSED_SCORERS = {
     **{
@@ -95,6 +111,10 @@ QWEN_REFUSED_SCORERS = {
     "frames": REFUSED_SCORERS["frames"],
     "downsample": "it re-encodes a smaller image, and Qwen's processor sets an image's token count (v2drop's engine "
     "cannot re-encode these families either)",
+    **{
+        name: "it combines other scorers, which the plugin's Qwen models do not run as one (use its parts by name)"
+        for name in ("composite", "staged")
+    },
     **{
         name: "it runs inside the vision encoder (vision-encoder stages), which v2drop's engine runs on LLaVA-1.5 only"
         for name in ("flowcut", "vscan")
