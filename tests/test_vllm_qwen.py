@@ -28,20 +28,19 @@ SIZES = [(224, 168), (196, 196), (280, 140)]  # (width, height): 6x8, 7x7 and 5x
 QUESTIONS = ["what is the digit ?", "how many ?", "what is the colour of the digit in row 2 column 3 ?"]
 UNIFORM_PRESERVE = {"scorer": "uniform", "schedule": {"stages": [["pre_llm", 0.25]]}, "position_policy": "preserve"}
 POSITION_PRESERVE = {"scorer": "position", "schedule": {"stages": [["pre_llm", 0.3]]}, "position_policy": "preserve"}
-
-
 GIVEN = [0, 3, 5, 7, 20, 40]  # the oracle's token indices (every image has at least 48 tokens)
 
 
-def _pre_llm(scorer, keep: float = 0.25) -> dict:
-    """``scorer`` on a pre-LLM schedule keeping ``keep`` of each image, renumbered."""
-    return {"scorer": scorer, "schedule": {"stages": [["pre_llm", keep]]}, "position_policy": "renumber"}
+def _pre_llm(scorer, keep: float = 0.25, mode: str = "relative") -> dict:
+    """``scorer`` (a name or scorer config data) on a pre-LLM schedule keeping ``keep`` of each image, renumbered."""
+    schedule = {"stages": [["pre_llm", keep]], "keep_mode": mode}
+    return {"scorer": scorer, "schedule": schedule, "position_policy": "renumber"}
 
 
 # none, DivPrune's preset (renumbered positions, its 64 of 576 as a share of each image), uniform keeping the
 # original positions, CDPruner (its prompt's instruction ids travel from vLLM's processor to the model), random (its
 # prompt's seed travels so), VidCom2 (an image is one frame) and the pooling controls (their kept count: the cells of
-# the pooled grid of each image's non-square grid)
+# the pooled grid of each image's non-square grid) and the oracle keeping exactly its 6 given tokens
 METHODS = {
     "none": "none",
     "divprune": "divprune-llava15-64",
@@ -51,10 +50,7 @@ METHODS = {
     "vidcom2": _pre_llm("vidcom2"),
     "frame_pool": _pre_llm("frame_pool", 0.23),
     "pool": _pre_llm("pool", 0.3),
-    "given": {
-        **_pre_llm({"name": "given", "keep": GIVEN}, 6),
-        "schedule": {"stages": [["pre_llm", 6]], "keep_mode": "absolute"},
-    },
+    "given": _pre_llm({"name": "given", "keep": GIVEN}, 6, "absolute"),
 }
 
 
