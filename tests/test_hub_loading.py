@@ -130,7 +130,8 @@ def test_lmms_eval_plugin_loads_every_family(family, tmp_path):
 def test_widened_qwen2vl_loads_with_the_requested_geometry(tmp_path):
     """``widened_qwen2vl``'s checkpoint loads through ``v2drop.load`` as Qwen2-VL with the asked width and depth,
     heads of 64 and M-RoPE sections summing to half of 64, Qwen's image processing (a 112-pixel square: 16 merged
-    tokens), vLLM's tokenizer names, and the same weights for the same seed (other weights for another)."""
+    tokens; 576 with ``min_pixels`` 672²), vLLM's tokenizer names, and the same weights for the same seed (other
+    weights for another)."""
     with pytest.raises(ValueError, match="multiple of 64"):
         widened_qwen2vl(tmp_path / "bad", hidden=100)
     path = widened_qwen2vl(tmp_path / "a", hidden=128, layers=3, seed=1)
@@ -148,7 +149,12 @@ def test_widened_qwen2vl_loads_with_the_requested_geometry(tmp_path):
     out = lvlm.generate([prompt_for(lvlm, "what is the digit ?")], [[photo(0, 112, 112)]], max_new_tokens=1)
     assert out.prompt_ids[0].count(lvlm.model.config.image_token_id) == 16 and len(out.generated_ids[0]) == 1
     weights = lvlm.model.state_dict()
-    same = load(widened_qwen2vl(tmp_path / "b", hidden=128, layers=3, seed=1)).model.state_dict()
+    with pytest.raises(ValueError, match="min_pixels"):
+        widened_qwen2vl(tmp_path / "bad", hidden=128, min_pixels=3000)
+    large = load(widened_qwen2vl(tmp_path / "b", hidden=128, layers=3, seed=1, min_pixels=672 * 672))
+    out = large.generate([prompt_for(large, "what is the digit ?")], [[photo(0, 112, 112)]], max_new_tokens=1)
+    assert out.prompt_ids[0].count(large.model.config.image_token_id) == 576  # resized to 672 x 672
+    same = large.model.state_dict()
     other = load(widened_qwen2vl(tmp_path / "c", hidden=128, layers=3, seed=2)).model.state_dict()
     name = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert all(torch.equal(weights[k], same[k]) for k in weights) and not torch.equal(weights[name], other[name])

@@ -1059,19 +1059,26 @@ def widened_proxy(dest, hidden: int = 1024, layers: int = 12, seed: int = 0) -> 
     return str(dest)
 
 
-def widened_qwen2vl(dest, hidden: int = 768, layers: int = 12, seed: int = 0) -> str:
+def widened_qwen2vl(dest, hidden: int = 768, layers: int = 12, seed: int = 0, min_pixels: int = 3136) -> str:
     """Save to ``dest`` a random-weight Qwen2-VL with a ``hidden``-wide, ``layers``-deep decoder that vLLM loads.
 
     ``build_real("qwen2_vl", vllm=True)``'s tower (2 layers 64 wide, heads of 32, its merger widened to
-    ``hidden``), tokenizer and Qwen's image processing (patch 14, merge 2) under a decoder with heads of 64
-    (M-RoPE sections [8, 12, 12]); every weight random (seeded); answers end at the tokenizer's EOS, as vLLM ends
-    them; saved by ``save_for_vllm``. The Qwen counterpart
-    of ``widened_proxy``, for serving measurements in which the decoder dominates (``docs/serving.md``); its
-    answers are meaningless. Returns ``dest``.
+    ``hidden``), tokenizer and Qwen's image processing (patch 14, merge 2; images resized to at least
+    ``min_pixels``, Qwen2-VL's 3136 by default) under a decoder with heads of 64 (M-RoPE sections [8, 12, 12]);
+    every weight random (seeded); answers end at the tokenizer's EOS, as vLLM ends them; saved by
+    ``save_for_vllm``. The Qwen counterpart of ``widened_proxy``, for serving measurements in which the decoder
+    dominates (``docs/serving.md``: ``min_pixels=451584`` turns digits' 64-pixel images into 576 vision tokens);
+    its answers are meaningless. Returns ``dest``.
     """
     if hidden < 64 or hidden % 64 or layers < 1:
         raise ValueError(f"hidden must be a positive multiple of 64 and layers >= 1, got {hidden} and {layers}")
     base = build_real("qwen2_vl", "eager", seed=seed, vllm=True)
+    image_processor = base.processor.image_processor
+    if not 3136 <= min_pixels <= image_processor.size["longest_edge"]:
+        raise ValueError(
+            f"min_pixels must be between 3136 and {image_processor.size['longest_edge']}, got {min_pixels}"
+        )
+    image_processor.size["shortest_edge"] = min_pixels
     cfg = base.model.config.to_dict()
     text = {k: v for k, v in cfg["text_config"].items() if k not in ("layer_types", "max_window_layers")}
     text.update(
