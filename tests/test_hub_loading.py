@@ -5,13 +5,14 @@ as the model it was saved from. A local directory stands in for the hub id; noth
 import json
 
 import pytest
+import torch
 
 from experiments import evaluate
 from v2drop import load
 from v2drop.benchmarks import get_benchmark
 from v2drop.evaluation.harness import prepare_batch
 from v2drop.models import FAMILIES as ADAPTERS
-from v2drop.testing import FAMILIES, build_real
+from v2drop.testing import FAMILIES, build_real, photo, prompt_for, widened_qwen2vl
 
 # the adapter and the processor each family's checkpoint gets (stand-ins where the real processor needs torchvision)
 EXPECTED = {
@@ -124,3 +125,36 @@ def test_lmms_eval_plugin_loads_every_family(family, tmp_path):
     assert answer == expected.texts[0]
     assert answer.info["vision_tokens"] == expected.traces[0].vision_tokens
     assert answer.info["average_vision_tokens"] < answer.info["vision_tokens"]
+
+
+def test_widened_qwen2vl_loads_with_the_requested_geometry(tmp_path):
+    """``widened_qwen2vl``'s checkpoint loads through ``v2drop.load`` as Qwen2-VL with the asked width and depth,
+    heads of 64 and M-RoPE sections summing to half of 64, Qwen's image processing (a 112-pixel square: 16 merged
+    tokens; 576 with ``min_pixels`` 672²), vLLM's tokenizer names, and the same weights for the same seed (other
+    weights for another)."""
+    with pytest.raises(ValueError, match="multiple of 64"):
+        widened_qwen2vl(tmp_path / "bad", hidden=100)
+    path = widened_qwen2vl(tmp_path / "a", hidden=128, layers=3, seed=1)
+    lvlm = load(path)
+    assert (type(lvlm.adapter).__name__, type(lvlm.processor).__name__) == EXPECTED["qwen2_vl"]
+    text = lvlm.model.config.text_config
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers) == (128, 512, 3)
+    assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (2, 2, 64)
+    assert text.rope_parameters["mrope_section"] == [8, 12, 12]
+    vision = lvlm.model.config.vision_config
+    assert (vision.hidden_size, vision.embed_dim, vision.num_heads, vision.depth) == (128, 64, 2, 2)
+    assert lvlm.model.generation_config.eos_token_id == lvlm.processor.tokenizer.eos_token_id is not None  # as vLLM
+    tokenizer_config = json.loads((tmp_path / "a" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["extra_special_tokens"] == {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    out = lvlm.generate([prompt_for(lvlm, "what is the digit ?")], [[photo(0, 112, 112)]], max_new_tokens=1)
+    assert out.prompt_ids[0].count(lvlm.model.config.image_token_id) == 16 and len(out.generated_ids[0]) == 1
+    weights = lvlm.model.state_dict()
+    with pytest.raises(ValueError, match="min_pixels"):
+        widened_qwen2vl(tmp_path / "bad", hidden=128, min_pixels=3000)
+    large = load(widened_qwen2vl(tmp_path / "b", hidden=128, layers=3, seed=1, min_pixels=672 * 672))
+    out = large.generate([prompt_for(large, "what is the digit ?")], [[photo(0, 112, 112)]], max_new_tokens=1)
+    assert out.prompt_ids[0].count(large.model.config.image_token_id) == 576  # resized to 672 x 672
+    same = large.model.state_dict()
+    other = load(widened_qwen2vl(tmp_path / "c", hidden=128, layers=3, seed=2)).model.state_dict()
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert all(torch.equal(weights[k], same[k]) for k in weights) and not torch.equal(weights[name], other[name])

@@ -1057,3 +1057,45 @@ def widened_proxy(dest, hidden: int = 1024, layers: int = 12, seed: int = 0) -> 
         if f.suffix in (".json", ".jinja") and f.name not in ("config.json", "train_config.json", "started_from.json"):
             shutil.copy(f, dest / f.name)
     return str(dest)
+
+
+def widened_qwen2vl(dest, hidden: int = 768, layers: int = 12, seed: int = 0, min_pixels: int = 3136) -> str:
+    """Save to ``dest`` a random-weight Qwen2-VL with a ``hidden``-wide, ``layers``-deep decoder that vLLM loads.
+
+    ``build_real("qwen2_vl", vllm=True)``'s tower (2 layers 64 wide, heads of 32, its merger widened to
+    ``hidden``), tokenizer and Qwen's image processing (patch 14, merge 2; images resized to at least
+    ``min_pixels``, Qwen2-VL's 3136 by default) under a decoder with heads of 64 (M-RoPE sections [8, 12, 12]);
+    every weight random (seeded); answers end at the tokenizer's EOS, as vLLM ends them; saved by
+    ``save_for_vllm``. The Qwen counterpart of ``widened_proxy``, for serving measurements in which the decoder
+    dominates (``docs/serving.md``: ``min_pixels=451584`` turns digits' 64-pixel images into 576 vision tokens);
+    its answers are meaningless. Returns ``dest``.
+    """
+    if hidden < 64 or hidden % 64 or layers < 1:
+        raise ValueError(f"hidden must be a positive multiple of 64 and layers >= 1, got {hidden} and {layers}")
+    base = build_real("qwen2_vl", "eager", seed=seed, vllm=True)
+    image_processor = base.processor.image_processor
+    if not 3136 <= min_pixels <= image_processor.size["longest_edge"]:
+        raise ValueError(
+            f"min_pixels must be between 3136 and {image_processor.size['longest_edge']}, got {min_pixels}"
+        )
+    image_processor.size["shortest_edge"] = min_pixels
+    cfg = base.model.config.to_dict()
+    text = {k: v for k, v in cfg["text_config"].items() if k not in ("layer_types", "max_window_layers")}
+    text.update(
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        head_dim=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+    )
+    ids = {k: cfg[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id")}
+    torch.manual_seed(seed)
+    config = Qwen2VLConfig(text_config=text, vision_config=dict(cfg["vision_config"], hidden_size=hidden), **ids)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    # the tokenizer's EOS ends answers in the engine as in vLLM (which stops at the tokenizer's)
+    model.generation_config.eos_token_id = base.processor.tokenizer.eos_token_id
+    model.set_attn_implementation("eager")
+    save_for_vllm(LVLM(model, base.processor, name="wide-qwen2vl"), dest)
+    return str(dest)
