@@ -322,3 +322,29 @@ def test_sweep_served_throughput_objective(tmp_path):
         assert trial.state == optuna.trial.TrialState.COMPLETE
         assert trial.values[1] == trial.user_attrs["metrics"]["served_requests_per_s"] > 0
     assert result["front"] and all(r["served_throughput"] > 0 for r in result["front"])
+
+
+@pytest.mark.parametrize(
+    "frames, rows, cols, channels, q, seed",
+    [(8, 4, 4, 32, 0.75, 0), (16, 6, 8, 64, 0.75, 1), (4, 12, 12, 48, 0.5, 2), (32, 7, 7, 16, 0.875, 3)],
+)
+def test_vidcom2_keeps_what_vllms_own_vidcom2_keeps(frames, rows, cols, channels, q, seed):
+    """VidCom2 against the implementation vLLM ships (``vllm.multimodal.video_prune.vidcom2``, the VidCom2 authors'
+    port, installed from PyPI, not vendored): on the same random video features (T frames of rows × cols merged tokens,
+    frames with different contents), ``vidcom2_keep`` keeps exactly the tokens of vLLM's ``compute_retention_mask`` at
+    the same count. Retentions ``1 − q`` whose count is a whole number of tokens, so both share one base ratio."""
+    import torch
+    from vllm.multimodal.video_prune.vidcom2 import compute_retained_tokens_count, compute_retention_mask
+
+    from v2drop.scorers.vidcom2 import vidcom2_keep
+
+    g = torch.Generator().manual_seed(seed)
+    per_frame = rows * cols
+    offsets = torch.randn(frames, 1, channels, generator=g) * torch.rand(frames, 1, 1, generator=g) * 3
+    features = (torch.randn(frames, per_frame, channels, generator=g) + offsets).reshape(-1, channels)
+    target = compute_retained_tokens_count(per_frame, frames, q)
+    assert target == frames * per_frame * (1 - q)  # a whole count: v2drop's share target / n is vLLM's 1 − q
+    theirs = compute_retention_mask(features, (frames, rows * 2, cols * 2), 2, q).nonzero().flatten()
+    ours = vidcom2_keep(features, torch.arange(frames).repeat_interleave(per_frame), target)
+    assert theirs.numel() == target
+    assert ours.tolist() == theirs.tolist()
