@@ -103,6 +103,27 @@ def _vllm_rows(model, hidden, layer_idx, query):
     return attention_rows(adapter.layers[layer_idx], hidden, rope, mask, query)
 
 
+def _serve(llm, prompts, samples) -> tuple:
+    """(answers, forced token ids, per-request traces, step counts of the forced run) of ``llm`` on the prompts:
+    greedy answers, then MAX_TOKENS - (i % 4) forced tokens each (prefills and decode steps mix)."""
+    llm.apply_model(lambda model: model.v2drop_traces.clear())
+    greedy = vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    answers = llm.generate(image_requests(prompts, samples, "eos"), greedy, use_tqdm=False)
+    traces = llm.apply_model(lambda model: list(model.v2drop_traces))[0]
+    llm.apply_model(lambda model: model.v2drop_steps.update(prefill=0, decode=0, mixed=0))
+    forced = [
+        vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS - i % 4, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
+    tokens = llm.generate(image_requests(prompts, samples, "forced"), forced, use_tqdm=False)
+    return (
+        [o.outputs[0].text.strip() for o in answers],
+        [list(o.outputs[0].token_ids) for o in tokens],
+        traces,
+        llm.apply_model(lambda model: dict(model.v2drop_steps))[0],
+    )
+
+
 @pytest.fixture(scope="module")
 def attention_served(attention_engine, engine, samples):
     """Preset -> (answers, forced token ids, per-request traces, step counts, {layer: attention rows of a random
@@ -116,27 +137,11 @@ def attention_served(attention_engine, engine, samples):
     out = {}
     for name in ATTENTION:
         llm = offline_llm(str(LOCAL_MODELS["proxy"]), _preset(name), max_num_seqs=4, kv_cache_gib=0.25)
-        llm.apply_model(lambda model: model.v2drop_traces.clear())
-        greedy = vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
-        answers = llm.generate(image_requests(prompts, samples, "eos"), greedy, use_tqdm=False)
-        traces = llm.apply_model(lambda model: list(model.v2drop_traces))[0]
-        llm.apply_model(lambda model: model.v2drop_steps.update(prefill=0, decode=0, mixed=0))
-        forced = [
-            vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS - i % 4, ignore_eos=True)
-            for i in range(len(prompts))
-        ]
-        tokens = llm.generate(image_requests(prompts, samples, "forced"), forced, use_tqdm=False)
         rows = {
             layer: llm.apply_model(lambda model, layer=layer: _vllm_rows(model, hidden, layer, query))[0]
             for layer in (2, 3)
         }
-        out[name] = (
-            [o.outputs[0].text.strip() for o in answers],
-            [list(o.outputs[0].token_ids) for o in tokens],
-            traces,
-            llm.apply_model(lambda model: dict(model.v2drop_steps))[0],
-            (hidden, query, rows),
-        )
+        out[name] = (*_serve(llm, prompts, samples), (hidden, query, rows))
         del llm
     return out
 
@@ -152,22 +157,7 @@ def served(engine, attention_engine, samples):
     out = {}
     for policy, max_num_seqs in RUNS:
         llm = offline_llm(str(LOCAL_MODELS["proxy"]), _method(policy), max_num_seqs=max_num_seqs, kv_cache_gib=0.25)
-        llm.apply_model(lambda model: model.v2drop_traces.clear())
-        greedy = vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
-        answers = llm.generate(image_requests(prompts, samples, "eos"), greedy, use_tqdm=False)
-        traces = llm.apply_model(lambda model: list(model.v2drop_traces))[0]
-        llm.apply_model(lambda model: model.v2drop_steps.update(prefill=0, decode=0, mixed=0))
-        forced = [
-            vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS - i % 4, ignore_eos=True)
-            for i in range(len(prompts))
-        ]
-        tokens = llm.generate(image_requests(prompts, samples, "forced"), forced, use_tqdm=False)
-        out[policy] = (
-            [o.outputs[0].text.strip() for o in answers],
-            [list(o.outputs[0].token_ids) for o in tokens],
-            traces,
-            llm.apply_model(lambda model: dict(model.v2drop_steps))[0],
-        )
+        out[policy] = _serve(llm, prompts, samples)
         del llm
     return out
 
