@@ -197,3 +197,34 @@ def language_model_logits(lvlm, inputs, embeds, keep, values) -> torch.Tensor:
             inputs_embeds=values[None, keep].to(embeds.dtype), position_ids=ids[:, :, keep], use_cache=False
         ).last_hidden_state
         return lvlm.model.lm_head(hidden[:, -1]).float()
+
+
+def served_sweep(tmp_path, study: str, model: str, presets: list[str], scorers: list[str], pre_llm: list[str]):
+    """A 4-trial accuracy / served_throughput sweep of ``model`` (the presets enqueued, then ``scorers`` searched,
+    those of ``pre_llm`` before the LLM and renumbered) on 4 digits samples: (its result, trials by label)."""
+    import optuna
+
+    from v2drop.search import SweepConfig, make_storage, run_sweep
+
+    cfg = SweepConfig.from_dict(
+        {
+            "study": study,
+            "model": model,
+            "trials": 4,
+            "objectives": ["accuracy", "served_throughput"],
+            "enqueue_presets": presets,
+            "search": {
+                "scorers": {name: {} for name in scorers},
+                "scorer_kinds": {name: ["pre-llm"] for name in pre_llm},
+                "position_policy": {name: "renumber" for name in pre_llm},
+            },
+            "eval": {"limit": 4, "batch_size": 4, "max_new_tokens": 3, "warmup": 1},
+            "confirm": {"limit": 4},
+            "run_dir": str(tmp_path / "run"),
+            "store": str(tmp_path / "store"),
+            "wandb": {"mode": "disabled"},
+        }
+    )
+    result = run_sweep(cfg, progress=False)
+    trials = optuna.load_study(study_name=study, storage=make_storage(cfg)).trials
+    return result, {t.user_attrs.get("label"): t for t in trials}

@@ -289,31 +289,16 @@ def test_sweep_served_throughput_objective(tmp_path):
     requests/s, in-LLM ones the plugin cannot score (uniform on V²Drop's stages) are pruned with the reason, and the
     front carries the objective."""
     import optuna
+    from reference_helpers import served_sweep
 
-    from v2drop.search import SweepConfig, make_storage, run_sweep
-
-    cfg = SweepConfig.from_dict(
-        {
-            "study": "served",
-            "model": "proxy",
-            "trials": 4,
-            "objectives": ["accuracy", "served_throughput"],
-            "enqueue_presets": ["divprune-llava15-64", "uniform-llava15-128", "v2drop-llava15-128"],
-            "search": {
-                "scorers": {"divprune": {}, "uniform": {}, "v2drop": {}},
-                "scorer_kinds": {"divprune": ["pre-llm"]},
-                "position_policy": {"divprune": "renumber"},
-            },
-            "eval": {"limit": 4, "batch_size": 4, "max_new_tokens": 3, "warmup": 1},
-            "confirm": {"limit": 4},
-            "run_dir": str(tmp_path / "run"),
-            "store": str(tmp_path / "store"),
-            "wandb": {"mode": "disabled"},
-        }
+    result, by_label = served_sweep(
+        tmp_path,
+        "served",
+        "proxy",
+        ["divprune-llava15-64", "uniform-llava15-128", "v2drop-llava15-128"],
+        ["divprune", "uniform", "v2drop"],
+        ["divprune"],
     )
-    result = run_sweep(cfg, progress=False)
-    study = optuna.load_study(study_name="served", storage=make_storage(cfg))
-    by_label = {t.user_attrs.get("label"): t for t in study.trials}
     pruned = by_label["uniform-llava15-128"]
     assert pruned.state == optuna.trial.TrialState.PRUNED
     assert "drops tokens inside the decoder" in pruned.user_attrs["pruned_reason"]

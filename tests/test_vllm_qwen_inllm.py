@@ -171,34 +171,19 @@ def test_sweep_served_throughput_on_a_qwen_checkpoint(tmp_path):
     the Qwen models' reason."""
     pytest.importorskip("vllm", reason="vLLM is not installed: it lives in its own environment")
     import optuna
-
-    from v2drop.search import SweepConfig, make_storage, run_sweep
+    from reference_helpers import served_sweep
 
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     path = tmp_path / "qwen2_vl"
     testing.save_for_vllm(testing.build_real("qwen2_vl", "eager", vllm=True), path)
-    cfg = SweepConfig.from_dict(
-        {
-            "study": "served-qwen",
-            "model": str(path),
-            "trials": 4,
-            "objectives": ["accuracy", "served_throughput"],
-            "enqueue_presets": ["divprune-llava15-64", "visionzip-llava15-64", "v2drop-qwen2vl-778"],
-            "search": {
-                "scorers": {"divprune": {}, "visionzip": {}, "v2drop": {}},
-                "scorer_kinds": {"divprune": ["pre-llm"], "visionzip": ["pre-llm"]},
-                "position_policy": {"divprune": "renumber", "visionzip": "renumber"},
-            },
-            "eval": {"limit": 4, "batch_size": 4, "max_new_tokens": 3, "warmup": 1},
-            "confirm": {"limit": 4},
-            "run_dir": str(tmp_path / "run"),
-            "store": str(tmp_path / "store"),
-            "wandb": {"mode": "disabled"},
-        }
+    result, by_label = served_sweep(
+        tmp_path,
+        "served-qwen",
+        str(path),
+        ["divprune-llava15-64", "visionzip-llava15-64", "v2drop-qwen2vl-778"],
+        ["divprune", "visionzip", "v2drop"],
+        ["divprune", "visionzip"],
     )
-    result = run_sweep(cfg, progress=False)
-    study = optuna.load_study(study_name="served-qwen", storage=make_storage(cfg))
-    by_label = {t.user_attrs.get("label"): t for t in study.trials}
     pruned = by_label["visionzip-llava15-64"]
     assert pruned.state == optuna.trial.TrialState.PRUNED
     assert "no [CLS] token" in pruned.user_attrs["pruned_reason"]
