@@ -103,6 +103,15 @@ def mean_similarity(features: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(x, x.mean(0, keepdim=True), dim=-1)
 
 
+def frame_layout(features: torch.Tensor, frames: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(each frame's token indices in frame order, ``features`` in float32, each frame's mean feature (F, D)) of tokens
+    ``features`` (n, D) in ``frames`` (n,; −1 = no frame): what both FastVID rules start from."""
+    layout = [(frames == f).nonzero().flatten() for f in frames[frames >= 0].unique().tolist()]
+    x = features.float()
+    means = torch.stack([x[idx].mean(0) for idx in layout]) if layout else x.new_zeros(0, x.shape[-1])
+    return layout, x, means
+
+
 def fastvid_plan(
     features: torch.Tensor,
     frames: torch.Tensor,
@@ -127,14 +136,11 @@ def fastvid_plan(
     its own and merges every non-salient token of the whole segment into them (a token joins one group per anchor
     frame). Each context token is a group anchored at itself.
     """
-    n = features.shape[0]
-    layout = [(frames == f).nonzero().flatten() for f in frames[frames >= 0].unique().tolist()]
+    layout, x, global_features = frame_layout(features, frames)
     kept = [(frames < 0).nonzero().flatten()]
     groups: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     if not layout:
-        return torch.arange(n, device=features.device), groups
-    x = features.float()
-    global_features = torch.stack([x[idx].mean(0) for idx in layout])
+        return torch.arange(features.shape[0], device=features.device), groups
     sizes = [len(idx) for idx in layout]
     start = 0
     for length in dyseg(global_features, cuts, tau, sizes):
@@ -220,14 +226,12 @@ def fastvid_qwen_plan(
     frame by frame, so a token joins one group per frame with context tokens. Each context token is a group anchored
     at itself.
     """
-    n = features.shape[0]
-    layout = [(frames == f).nonzero().flatten() for f in frames[frames >= 0].unique().tolist()]
+    layout, x, global_features = frame_layout(features, frames)
     kept = [(frames < 0).nonzero().flatten()]
     groups: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     if not layout:
-        return torch.arange(n, device=features.device), groups
-    x = features.float()
-    unit = F.normalize(torch.stack([x[idx].mean(0) for idx in layout]), dim=-1)
+        return torch.arange(features.shape[0], device=features.device), groups
+    unit = F.normalize(global_features, dim=-1)
     similarity = (unit[:-1] * unit[1:]).sum(-1).tolist()
     sizes = [len(idx) for idx in layout]
     start = 0
