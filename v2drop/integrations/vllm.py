@@ -174,9 +174,9 @@ def check_method(method) -> None:
         inside = [layer for layer in layers if layer != PRE_LLM]
         raise ValueError(
             f"Method {method.scorer_name!r} drops tokens inside the decoder (before layers {inside}) and outside it; "
-            "the vLLM plugin runs either one pre-LLM stage or only decoder stages (V²Drop), not both in one method. "
-            "Use a pre-LLM method (divprune, visionzip, or uniform, random or position on a pre_llm schedule), "
-            "V²Drop's decoder stages, or v2drop's own engine"
+            "the vLLM plugin runs either one pre-LLM stage or only decoder stages (V²Drop, FastV, PDrop), not both in "
+            "one method. Use a pre-LLM method (divprune, visionzip, or uniform, random or position on a pre_llm "
+            "schedule), decoder stages alone, or v2drop's own engine"
         )
     if method.scorer_name not in SUPPORTED_SCORERS:
         reason = REFUSED_SCORERS.get(
