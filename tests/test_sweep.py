@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -290,14 +291,29 @@ def test_two_workers_share_one_study(saved_model, tmp_path, kind):
     assert len({tuple(sorted(t.params.items())) for t in done}) == 6  # distinct trials
 
 
-def _completed_and_running(study) -> bool:
-    """True when ``study`` holds a finished trial and a running one."""
+def _completed_and_running(study, db) -> bool:
+    """True when ``study`` holds a finished trial and a running one that has sent a heartbeat.
+
+    Optuna never fails a running trial without a heartbeat row (its worker died between ``ask``
+    and the heartbeat thread's first write), so the kill must land after that write.
+    """
     states = [t.state for t in study.trials]
-    return optuna.trial.TrialState.COMPLETE in states and optuna.trial.TrialState.RUNNING in states
+    running = {t._trial_id for t in study.trials if t.state == optuna.trial.TrialState.RUNNING}
+    if optuna.trial.TrialState.COMPLETE not in states or not running:
+        return False
+    conn = sqlite3.connect(db, timeout=1)
+    try:
+        beating = {row[0] for row in conn.execute("SELECT trial_id FROM trial_heartbeats")}
+    except sqlite3.OperationalError:  # locked by a writer: look again
+        return False
+    finally:
+        conn.close()
+    return running <= beating
 
 
 def test_killed_worker_trial_is_failed_and_retried(saved_model, tmp_path):
-    url = f"sqlite:///{tmp_path / 'study.db'}"
+    db = tmp_path / "study.db"
+    url = f"sqlite:///{db}"
     victim = start_worker(worker_config(tmp_path, saved_model, url, 50))
     deadline = time.time() + 300
     study = None
@@ -307,11 +323,11 @@ def test_killed_worker_trial_is_failed_and_retried(saved_model, tmp_path):
             study = optuna.load_study(study_name="shared", storage=url)
         except Exception:  # noqa: BLE001 - not created yet
             continue
-        if not _completed_and_running(study):
+        if not _completed_and_running(study, db):
             continue
         victim.send_signal(signal.SIGSTOP)  # frozen, so the trial cannot finish between this check and the kill
         try:
-            confirmed = _completed_and_running(optuna.load_study(study_name="shared", storage=url))
+            confirmed = _completed_and_running(optuna.load_study(study_name="shared", storage=url), db)
         except Exception:  # noqa: BLE001 - frozen while holding the database lock
             confirmed = False
         if confirmed:
