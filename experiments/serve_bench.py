@@ -45,6 +45,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from v2drop.checks import check_served
 from v2drop.cli import parse_config, run
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -57,6 +58,7 @@ class ServeBenchConfig:
     model: str = "proxy"  # bundled name, local directory or hub id (LLaVA-1.5, Qwen2-VL or Qwen2.5-VL architecture)
     benchmark: str = "digits"  # a registered benchmark name
     split: str | None = None  # benchmark split; None = the benchmark's default split
+    data_dir: str | None = None  # local copy of a real benchmark (as experiments.evaluate's --data-dir)
     limit: int | None = 64  # the first N samples; None = all
     methods: str = "none,divprune-llava15-64,visionzip-llava15-64"  # comma-separated presets, scorer:schedule or none
     max_new_tokens: int = 8  # greedy tokens per answer (vLLM and the engine)
@@ -66,6 +68,7 @@ class ServeBenchConfig:
     max_num_seqs: int = 16  # vLLM's largest batch of running requests
     dtype: str = "float32"  # model dtype in vLLM (the engine runs its evaluate default, float32)
     kv_cache_gib: float = 1.0  # vLLM's CPU KV-cache space in GiB
+    max_model_len: int | None = None  # vLLM's longest request in tokens; None = the checkpoint's context length
     store: str | None = None  # run store for the engine's runs; None = $V2DROP_STORE, else runs/store
     output: str | None = None  # write the JSON result here
     table: str | None = None  # write the markdown table here
@@ -87,6 +90,7 @@ def _main(argv) -> dict:
     started, load = time.perf_counter(), os.getloadavg()[0]
     if args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1 (requests in flight), got {args.max_concurrency}")
+    check_served(args, flags=True)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         raise ValueError(
             f"--repeats and --threads must be >= 1 and --warmup >= 0, got {args.repeats}, {args.threads}, {args.warmup}"
@@ -120,7 +124,7 @@ def _main(argv) -> dict:
             (vllm_qwen.check_qwen_method if qwen else plugin.check_method)(method)
         except ValueError as err:
             reasons[name] = str(err)
-    benchmark = get_benchmark(args.benchmark)
+    benchmark = get_benchmark(args.benchmark, data_dir=args.data_dir)
     samples = benchmark.load(args.split, args.limit)
     inputs = InputBuilder(load_processor(path))
     prompts = [inputs.format_prompt(s.question, n_images=len(s.images)) for s in samples]
@@ -171,6 +175,7 @@ def _engine_answers(args: ServeBenchConfig, method) -> dict:
         model=args.model,
         benchmark=args.benchmark,
         split=args.split,
+        data_dir=args.data_dir,
         limit=args.limit,
         method=method.to_dict(),
         max_new_tokens=args.max_new_tokens,
@@ -189,7 +194,14 @@ def _serve(args: ServeBenchConfig, path: str, method, benchmark, samples, prompt
 
     from v2drop.integrations.vllm import image_requests, offline_llm
 
-    llm = offline_llm(path, method, dtype=args.dtype, max_num_seqs=args.max_num_seqs, kv_cache_gib=args.kv_cache_gib)
+    llm = offline_llm(
+        path,
+        method,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_gib=args.kv_cache_gib,
+        max_model_len=args.max_model_len,
+    )
     params = vllm.SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
 
     def requests(run: str) -> list[dict]:
@@ -270,6 +282,7 @@ def vllm_server(args: ServeBenchConfig, path: str, method, workdir: Path):
         *("--chat-template", str(template), "--chat-template-content-format", "openai"),
         *("--uvicorn-log-level", "warning"),
         *(("--no-enable-chunked-prefill",) if runs_in_llm(method) else ()),  # in-LLM drops: whole prompts per step
+        *(("--max-model-len", str(args.max_model_len)) if args.max_model_len else ()),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine in its own process

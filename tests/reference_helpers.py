@@ -219,6 +219,7 @@ def served_sweep(tmp_path, study: str, model: str, presets: list[str], scorers: 
                 "position_policy": {name: "renumber" for name in pre_llm},
             },
             "eval": {"limit": 4, "batch_size": 4, "max_new_tokens": 3, "warmup": 1},
+            "served": {"max_num_seqs": 8, "kv_cache_gib": 0.5, "max_model_len": 2048},  # reach vLLM's own arguments
             "confirm": {"limit": 4},
             "run_dir": str(tmp_path / "run"),
             "store": str(tmp_path / "store"),

@@ -172,6 +172,12 @@ CASES = [
     ),
     (SWEEP_CMD, ["--set", "eval.benchmark_args={nope: 1}"], ["nope", "does not take"]),
     (SWEEP_CMD, ["--set", "eval.sample=shuffled"], ["shuffled", "stratified, first"]),
+    (SWEEP_CMD, ["--set", "served.kv_cache_gib=0"], ["served.kv_cache_gib", "positive number of GiB, got 0"]),
+    (SWEEP_CMD, ["--set", "served.max_model_len=0"], ["served.max_model_len", "got 0"]),
+    (SWEEP_CMD, ["--set", "served.max_num_seqs=0"], ["served.max_num_seqs", "got 0"]),
+    (SWEEP_CMD, ["--set", "served.max_len=512"], ["served.max_len", "max_model_len"]),
+    ("experiments.serve_bench", ["--kv-cache-gib", "-1"], ["--kv-cache-gib", "positive number of GiB, got -1"]),
+    ("experiments.serve_bench", ["--max-model-len", "0"], ["--max-model-len", "got 0"]),
     (SWEEP_CMD, ["--set", "eval.device=tpu9"], ["eval.device", "tpu9"]),
     (SWEEP_CMD, ["--workers", "0"], ["--workers", "got 0"]),
     # experiments.train_proxy

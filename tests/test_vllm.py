@@ -284,6 +284,34 @@ def test_serve_bench_server_sweeps_concurrency(tmp_path):
     assert serve_bench.concurrency_levels(8) == [1, 2, 4, 8] and serve_bench.concurrency_levels(6) == [1, 2, 4, 6]
 
 
+def test_serve_bench_on_a_local_benchmark_copy_within_max_model_len(tmp_path):
+    """--data-dir serves a real benchmark's local copy (the POPE fixture) as the engine answers it; --max-model-len
+    bounds vLLM's requests: DivPrune's 64-token prompts fit in 160 tokens, the unpruned 256-token ones are refused."""
+    from pathlib import Path
+
+    from vllm.exceptions import VLLMValidationError
+
+    from experiments import serve_bench
+    from v2drop.integrations.vllm import image_requests, offline_llm
+    from v2drop.lvlm import InputBuilder, load_processor
+
+    pope = str(Path(__file__).parent / "fixtures" / "realbench" / "pope")
+    out = serve_bench.main(
+        [
+            *("--benchmark", "pope", "--data-dir", pope, "--limit", "4", "--methods", "divprune-llava15-64"),
+            *("--max-model-len", "160", "--repeats", "1", "--warmup", "0", "--store", str(tmp_path / "store")),
+        ]
+    )
+    served = out["methods"]["divprune-llava15-64"]
+    assert served["requests"] == 4 and served["agreement_with_engine"] == 1.0
+    assert 64 < served["prompt_tokens_mean"] < 160 and out["config"]["data_dir"] == pope
+    samples = get_benchmark("pope", data_dir=pope).load(None, 1)
+    prompt = InputBuilder(load_processor(str(LOCAL_MODELS["proxy"]))).format_prompt(samples[0].question, n_images=1)
+    llm = offline_llm(str(LOCAL_MODELS["proxy"]), _method("none"), max_model_len=160)
+    with pytest.raises(VLLMValidationError, match=r"\(length 2\d\d\) is longer than the maximum model length of 160"):
+        llm.generate(image_requests([prompt], samples, "long"), vllm.SamplingParams(max_tokens=1), use_tqdm=False)
+
+
 def test_sweep_served_throughput_objective(tmp_path):
     """A sweep with the served_throughput objective: served trials (pre-LLM, and V²Drop's decoder stages) get
     requests/s, in-LLM ones the plugin cannot score (uniform on V²Drop's stages) are pruned with the reason, and the

@@ -267,6 +267,20 @@ def sweep_budget(cfg):
     return Budget.parse(cfg.budget, "budget")
 
 
+def check_served(cfg, flags: bool = False) -> None:
+    """vLLM's serving settings (``max_num_seqs``, ``kv_cache_gib``, ``max_model_len``) of a sweep's ``served:``, or of
+    experiments.serve_bench's options when ``flags`` (errors then name ``--max-num-seqs``, ...)."""
+
+    def name(key: str) -> str:
+        return "--" + key.replace("_", "-") if flags else f"served.{key}"
+
+    check_int(name("max_num_seqs"), cfg.max_num_seqs, 1)
+    check_int(name("max_model_len"), cfg.max_model_len, 1, optional=True)
+    gib = cfg.kv_cache_gib
+    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not gib > 0:
+        raise ValueError(f"{name('kv_cache_gib')} must be a positive number of GiB, got {gib!r}")
+
+
 def check_sweep(cfg) -> None:
     """The parts of a ``SweepConfig`` the search-space validation does not cover: counts, eval settings, presets."""
     check_int("trials", cfg.trials, 1)
@@ -274,6 +288,7 @@ def check_sweep(cfg) -> None:
     check_int("heartbeat", cfg.heartbeat, 1)
     check_int("retries", cfg.retries, 0)
     check_int("confirm.limit", cfg.confirm.limit, 1, optional=True)
+    check_served(cfg.served)
     if cfg.max_average_tokens is not None and not cfg.max_average_tokens > 0:
         raise ValueError(
             f"max_average_tokens must be a positive number of tokens or None, got {cfg.max_average_tokens!r}"

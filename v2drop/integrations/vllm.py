@@ -199,9 +199,17 @@ def check_method(method) -> None:
         )
 
 
-def offline_llm(model: str, method, *, dtype: str = "float32", max_num_seqs: int = 16, kv_cache_gib: float = 1.0):
+def offline_llm(
+    model: str,
+    method,
+    *,
+    dtype: str = "float32",
+    max_num_seqs: int = 16,
+    kv_cache_gib: float = 1.0,
+    max_model_len: int | None = None,
+):
     """A ``vllm.LLM`` running ``method`` (a Method) in the plugin: eager, prefix caching off, seed 0, request
-    metrics on."""
+    metrics on; ``max_model_len`` None keeps the checkpoint's context length."""
     import vllm
 
     from v2drop.integrations import vllm_inllm
@@ -214,6 +222,7 @@ def offline_llm(model: str, method, *, dtype: str = "float32", max_num_seqs: int
         enable_prefix_caching=False,
         max_num_seqs=max_num_seqs,
         kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+        **({"max_model_len": max_model_len} if max_model_len else {}),
         disable_log_stats=False,  # request metrics (TTFT)
         seed=0,
         **_engine_args_for(model, method),

@@ -79,6 +79,15 @@ class WandbConfig:
     per_trial_runs: bool = False  # also one wandb run per trial, grouped by study
 
 
+@dataclass
+class ServedConfig:
+    """How vLLM serves each trial under the ``served_throughput`` objective (``served:``, as in serve_bench)."""
+
+    max_num_seqs: int = 16  # vLLM's largest batch of running requests
+    kv_cache_gib: float = 1.0  # vLLM's KV-cache space in GiB (a real 7B checkpoint's context needs more)
+    max_model_len: int | None = None  # vLLM's longest request in tokens; None = the checkpoint's context length
+
+
 SAMPLE_RULES = ("stratified", "first")
 
 
@@ -140,6 +149,7 @@ class SweepConfig:
     heartbeat: int = 30  # seconds between RDB heartbeats (a dead worker's trial is failed after 2x)
     retries: int = 2  # times a failed trial is retried (RDB storages)
     wandb: WandbConfig = field(default_factory=WandbConfig)  # logging to Weights & Biases
+    served: ServedConfig = field(default_factory=ServedConfig)  # vLLM's settings for the served_throughput objective
 
     @classmethod
     def from_dict(cls, data: dict) -> SweepConfig:

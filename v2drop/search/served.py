@@ -3,8 +3,9 @@
 The trial's method runs in an offline ``vllm.LLM`` (``v2drop.integrations.vllm.offline_throughput``:
 the plugin, prefix caching off, ``eval.max_new_tokens`` greedy tokens, ``eval.warmup`` requests
 untimed, then every trial sample submitted at once; vLLM's engine in its own process with
-``OMP_NUM_THREADS=eval.threads``). Methods the plugin cannot run (drops inside the decoder by other scorers
-than V²Drop, FastV and PDrop — on Qwen checkpoints other than V²Drop —, the pre-LLM scorers of
+``OMP_NUM_THREADS=eval.threads``; batch size, KV-cache space and context length from ``served:``). Methods the
+plugin cannot run (drops inside the decoder by other scorers than V²Drop, FastV and PDrop — on Qwen checkpoints
+other than V²Drop —, the pre-LLM scorers of
 ``v2drop.integrations.vllm.REFUSED_SCORERS``, ``position_policy: preserve`` before the LLM;
 ``v2drop.integrations.vllm_inllm``) are pruned before any evaluation, the plugin's reason recorded as the trial's
 ``pruned_reason``. On a Qwen2-VL / Qwen2.5-VL checkpoint the plugin's Qwen models serve the trial (pre-LLM methods
@@ -62,4 +63,7 @@ def served_throughput(cfg, lvlm, method, samples: list) -> dict:
         max_new_tokens=cfg.eval.max_new_tokens,
         warmup=cfg.eval.warmup,
         dtype=cfg.eval.dtype,
+        max_num_seqs=cfg.served.max_num_seqs,
+        kv_cache_gib=cfg.served.kv_cache_gib,
+        max_model_len=cfg.served.max_model_len,
     )
