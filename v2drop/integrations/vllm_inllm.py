@@ -37,7 +37,11 @@ After the last layer the rows go back to their places in the step's token order 
 zeros), so vLLM's logits indices (the last token of each prompt, always text, and every decode
 token) stay valid. Per-request drop state (tokens dropped before each segment of layers, decode-position
 shifts) lives in the model, keyed by the request's first KV block, from its prefill to its last decode
-step; a recomputed (preempted) request prefills again and gets its state again (untested: no test preempts).
+step. A preempted request is recomputed: vLLM prefills its prompt and the tokens it had generated in one step, and
+the loop gets its state again from that prefill. Each request's prompt length comes from vLLM's model runner
+(``hand_prompt_lengths`` wraps ``GPUModelRunner._model_forward``, which the CPU runner inherits, to read
+``input_batch.num_prompt_tokens``; nothing of vLLM's changes), so a recomputed prefill scores only the prompt's
+vision tokens and takes its attention queries from the prompt's last token, as the first prefill and the engine did.
 """
 
 from __future__ import annotations
@@ -139,11 +143,36 @@ def needs_prev_hidden(method, layer_idx: int) -> bool:
 _StageAdapter = StageAdapter  # the part of an ``Adapter`` a decoder drop stage reads, over vLLM's layers
 
 
+def hand_prompt_lengths() -> None:
+    """Wrap vLLM's ``GPUModelRunner._model_forward`` (once) so an in-LLM model learns, before each forward pass, the
+    prompt length of every request of the step (``v2drop_prompt_lengths``, in the batch's order); read-only."""
+    import functools
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._model_forward
+    if getattr(original, "_v2drop", False):
+        return
+
+    @functools.wraps(original)
+    def _model_forward(self, *args, **kwargs):
+        model = self.get_model()
+        if hasattr(model, "v2drop_prompt_lengths"):
+            batch = self.input_batch
+            model.v2drop_prompt_lengths = batch.num_prompt_tokens[: batch.num_reqs].tolist()
+        return original(self, *args, **kwargs)
+
+    _model_forward._v2drop = True
+    GPUModelRunner._model_forward = _model_forward
+
+
 class _Request:
     """One request of a step: its place in the step's tokens and what the loop keeps of it."""
 
-    def __init__(self, start: int, length: int, seq_len: int, key: int, prefill: bool):
+    def __init__(self, start: int, length: int, seq_len: int, key: int, prefill: bool, prompt: int | None = None):
         self.start, self.length, self.seq_len, self.key, self.prefill = start, length, seq_len, key, prefill
+        # prompt tokens of a prefill: fewer than ``length`` when a preempted request prefills its generated tokens again
+        self.prompt = length if prompt is None else min(prompt, length)
         self.orig = torch.arange(length)  # prompt positions of the rows still present (prefill)
         self.dropped: list[int] = []  # tokens dropped before each segment (layers from each stage on)
         self.shift: list[int] = []  # each segment's decode positions: vLLM's minus this (the engine's)
@@ -241,6 +270,8 @@ def _build_decoder_loop():
     from v2drop.engine.stages import StageContext, drop
     from v2drop.integrations import vllm as plugin
 
+    hand_prompt_lengths()
+
     class InLLMDecoderLoop:
         """The in-LLM decoder loop, state and timings, mixed into a vLLM multimodal model class."""
 
@@ -260,6 +291,7 @@ def _build_decoder_loop():
             self.v2drop_traces = []  # per prefilled request with vision tokens: {"prompt_length", "stages"}
             self.v2drop_steps = {"prefill": 0, "decode": 0, "mixed": 0}  # steps run, by the kinds of their requests
             self._v2drop_ids = None
+            self.v2drop_prompt_lengths = None  # the step's requests' prompt lengths (``hand_prompt_lengths``)
             names = ("image_token_index", "image_token_id", "video_token_id")  # LLaVA's; Qwen's image and video
             self.v2drop_vision_ids = sorted(
                 {getattr(self.config, n) for n in names if getattr(self.config, n, None) is not None}
@@ -289,24 +321,32 @@ def _build_decoder_loop():
             if intermediate_tensors is not None:
                 raise NotImplementedError("The in-LLM plugin runs without pipeline parallelism")
             decoder = self.language_model.model
+            lengths, self.v2drop_prompt_lengths = self.v2drop_prompt_lengths, None
             ids = input_ids if input_ids is not None else self._v2drop_ids
             hidden = inputs_embeds if inputs_embeds is not None else decoder.embed_input_ids(input_ids)
             saved = context.attn_metadata, context.slot_mapping
             context.attn_metadata, context.slot_mapping = dict(saved[0]), dict(saved[1])
             try:
-                return self._v2drop_loop(context, decoder, ids, positions, hidden)
+                return self._v2drop_loop(context, decoder, ids, positions, hidden, lengths)
             finally:
                 context.attn_metadata, context.slot_mapping = saved
 
-        def _v2drop_requests(self, meta) -> list[_Request]:
-            """The step's requests from the first layer's metadata (prefill or decode; others refused)."""
+        def _v2drop_requests(self, meta, prompt_lengths: list[int] | None) -> list[_Request]:
+            """The step's requests from the first layer's metadata (prefill or decode; others refused), with their
+            prompt lengths from vLLM's runner (None: each prefill's whole length)."""
             qsl, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
+            if prompt_lengths is not None and len(prompt_lengths) != len(lens):
+                raise RuntimeError(
+                    f"vLLM's model runner has {len(prompt_lengths)} requests in its batch and the attention metadata "
+                    f"{len(lens)}: the in-LLM plugin cannot tell each request's prompt"
+                )
             firsts = meta.block_table[:, 0].tolist()
             requests = []
             for r, seq_len in enumerate(lens):
                 length = qsl[r + 1] - qsl[r]
                 if length == seq_len:
-                    requests.append(_Request(qsl[r], length, seq_len, firsts[r], True))
+                    prompt = prompt_lengths[r] if prompt_lengths is not None else None
+                    requests.append(_Request(qsl[r], length, seq_len, firsts[r], True, prompt))
                 elif length == 1:
                     request = _Request(qsl[r], 1, seq_len, firsts[r], False)
                     state = self.v2drop_state.get(request.key)
@@ -324,13 +364,13 @@ def _build_decoder_loop():
                     )
             return requests
 
-        def _v2drop_loop(self, context, decoder, ids, positions, hidden):
+        def _v2drop_loop(self, context, decoder, ids, positions, hidden, prompt_lengths=None):
             """Run the decoder over the step's tokens, dropping at the stage layers; the final hidden states."""
             method, stage_at = self.v2drop_method, self.v2drop_stage_at
             layers = decoder.layers
             names = [layer.self_attn.attn.layer_name for layer in layers]
             meta = context.attn_metadata[names[0]]
-            requests = self._v2drop_requests(meta)
+            requests = self._v2drop_requests(meta, prompt_lengths)
             kinds = {request.prefill for request in requests}
             self.v2drop_steps["mixed" if len(kinds) == 2 else "prefill" if True in kinds else "decode"] += 1
             n_tokens = int(meta.query_start_loc[-1])
@@ -381,7 +421,7 @@ def _build_decoder_loop():
                 local = torch.arange(offset, offset + n)
                 if request.prefill:
                     flat = request.start + request.orig
-                    is_vision = vision[flat]
+                    is_vision = vision[flat] & (request.orig < request.prompt)  # a generated token is never vision
                     if bool(is_vision.any()):
                         # the positions the layers use: the prompt's (M-RoPE rows included) before the first stage
                         # and under ``preserve``, 0.. on every row once renumbered
@@ -399,11 +439,13 @@ def _build_decoder_loop():
                             block=torch.full((1, n), -1, dtype=torch.long),
                         )
                         if request.ctx is None:  # at the first stage: every prompt token is present
-                            # attention queries (the last prompt token) chosen here, as the engine at layer 0
+                            # attention queries (the last prompt token) chosen here, as the engine at layer 0, from
+                            # the prompt alone (a recomputed request's generated tokens follow it)
+                            prompt = seq if request.prompt == n else seq.select([torch.arange(request.prompt)])
                             request.ctx = StageContext.start(
                                 method,
                                 _StageAdapter(self.language_model.model.layers, self.language_model.model.norm),
-                                seq,
+                                prompt,
                                 sample_keys=torch.zeros(1, dtype=torch.long),
                                 traces=[plugin._Trace()],
                             )
@@ -428,7 +470,11 @@ def _build_decoder_loop():
             for request in requests:
                 if request.prefill and request.ctx is not None and layer_idx == max(stage_at):
                     self.v2drop_traces.append(
-                        {"prompt_length": request.length, "stages": list(request.ctx.traces[0].stages)}
+                        {
+                            "prompt_length": request.prompt,
+                            "generated": request.length - request.prompt,  # > 0: a preempted request recomputed
+                            "stages": list(request.ctx.traces[0].stages),
+                        }
                     )
             return torch.cat(keep), torch.cat(new_pos, dim=-1)
 
