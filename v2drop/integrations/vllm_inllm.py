@@ -316,12 +316,12 @@ def _build_decoder_loop():
         def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
             """The decoder loop with the method's drop stages (``docs/serving.md``); vLLM's own without metadata."""
             context = get_forward_context()
+            lengths, self.v2drop_prompt_lengths = self.v2drop_prompt_lengths, None  # this step's, never a later one's
             if not isinstance(context.attn_metadata, dict) or not context.attn_metadata:
                 return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
             if intermediate_tensors is not None:
                 raise NotImplementedError("The in-LLM plugin runs without pipeline parallelism")
             decoder = self.language_model.model
-            lengths, self.v2drop_prompt_lengths = self.v2drop_prompt_lengths, None
             ids = input_ids if input_ids is not None else self._v2drop_ids
             hidden = inputs_embeds if inputs_embeds is not None else decoder.embed_input_ids(input_ids)
             saved = context.attn_metadata, context.slot_mapping
