@@ -246,15 +246,16 @@ def test_vllm_layers_give_the_engines_attention_rows(attention_served):
 
 def test_layers_whose_attention_cannot_be_recomputed_are_refused():
     """check_layers names the layer and why: heads split by tensor parallelism, per-head q/k norms, RoPE on part
-    of each head or on interleaved pairs, a multimodal RoPE without a plain cos/sin cache (layers described by their
-    attributes, as vLLM's LlamaAttention has them)."""
+    of each head or on interleaved pairs, a RoPE without a plain cos/sin cache, a multimodal RoPE other than vLLM's
+    ``MRotaryEmbedding`` (layers described by their attributes, as vLLM's LlamaAttention has them; vLLM's own M-RoPE
+    classes: tests/test_vllm_qwen_inllm.py)."""
     from types import SimpleNamespace
 
     def layer(**changes):
         rotary = SimpleNamespace(cos_sin_cache=torch.zeros(8, 32), is_neox_style=True, rotary_dim=32)
         attn = dict(num_heads=4, total_num_heads=4, head_dim=32, qkv_proj=object(), rotary_emb=rotary)
         for key, value in changes.items():
-            if key in ("is_neox_style", "rotary_dim", "cos_sin_cache"):
+            if key in ("is_neox_style", "rotary_dim", "cos_sin_cache", "mrope_section"):
                 setattr(rotary, key, value)
             else:
                 attn[key] = value
@@ -267,6 +268,7 @@ def test_layers_whose_attention_cannot_be_recomputed_are_refused():
         ({"rotary_dim": 16}, "part of each head"),
         ({"is_neox_style": False}, "interleaved pairs"),
         ({"cos_sin_cache": None}, "no plain cos/sin cache"),
+        ({"mrope_section": [4, 6, 6]}, r"multimodal RoPE \(SimpleNamespace\) is not vLLM's MRotaryEmbedding"),
     ):
         with pytest.raises(ValueError, match=f"decoder layer 1: .*{reason}"):
             vllm_attention.check_layers([layer(), layer(**changes)])

@@ -11,16 +11,28 @@ the drop stage reads, over vLLM's layers:
   by its own kernel: vLLM's CPU backend packs the weight and drops the plain tensor; the value part is computed
   and discarded), ``head_dim``, ``scaling``;
 - ``rope`` / ``layer_rope``: (cos, sin) of the current positions from the layer's own ``rotary_emb`` cache
-  (vLLM stores [cos | sin] of half the rotary dimension; neox style doubles them as ``rotate_half`` expects);
+  (vLLM stores [cos | sin] of half the rotary dimension; neox style doubles them as ``rotate_half`` expects).
+  For vLLM's ``MRotaryEmbedding`` (Qwen2-VL / Qwen2.5-VL) the positions are M-RoPE's (3, B, L) T/H/W rows: each
+  row's half-dimension cos/sin is read from the same cache, the first ``mrope_section[0]`` frequencies taken from
+  the T row, the next ``mrope_section[1]`` from the H row and the last ``mrope_section[2]`` from the W row (vLLM's
+  ``MRotaryEmbedding.forward_native``; transformers' Qwen2-VL ``recomposition_frequencies`` does the same on the
+  doubled dimension), then doubled;
 - ``attention_allowed``: None (causal over the current tokens, as vLLM's decoder attention).
 
-``check_layers`` refuses layers this cannot reproduce (tensor parallelism, per-head query/key norms, partial,
-interleaved or multimodal RoPE).
+``check_layers`` refuses layers this cannot reproduce (tensor parallelism, per-head query/key norms, partial or
+interleaved-pair RoPE, M-RoPE with interleaved T/H/W sections or without sections, and every other multimodal RoPE).
 """
 
 from __future__ import annotations
 
 import torch
+
+MROPE = "MRotaryEmbedding"  # vLLM's M-RoPE class (Qwen2-VL, Qwen2.5-VL) whose cos/sin ``layer_cos_sin`` reproduces
+
+
+def is_mrope(rotary) -> bool:
+    """Whether a vLLM rotary embedding is a multimodal RoPE (``MRotaryEmbedding`` or a subclass: it has sections)."""
+    return type(rotary).__name__.startswith("MRotary") or hasattr(rotary, "mrope_section")
 
 
 def check_layers(layers) -> None:
@@ -30,22 +42,27 @@ def check_layers(layers) -> None:
         qkv = getattr(attn, "qkv_proj", None)
         rotary = getattr(attn, "rotary_emb", None)
         problem = None
+        name = type(rotary).__name__
         if attn is None or qkv is None or rotary is None or not hasattr(layer, "input_layernorm"):
             problem = "it has no self_attn.qkv_proj, rotary_emb and input_layernorm"
         elif attn.num_heads != attn.total_num_heads:
             problem = "its heads are split by tensor parallelism"
         elif getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
             problem = "it normalises queries and keys per head"
-        elif not isinstance(getattr(rotary, "cos_sin_cache", None), torch.Tensor) or type(rotary).__name__.startswith(
-            "MRotary"
-        ):
-            problem = f"its RoPE ({type(rotary).__name__}) has no plain cos/sin cache"
+        elif not isinstance(getattr(rotary, "cos_sin_cache", None), torch.Tensor):
+            problem = f"its RoPE ({name}) has no plain cos/sin cache"
+        elif is_mrope(rotary) and name != MROPE:
+            problem = f"its multimodal RoPE ({name}) is not vLLM's {MROPE}, the only one reproduced"
         elif not rotary.is_neox_style or rotary.rotary_dim != attn.head_dim:
             problem = "its RoPE rotates interleaved pairs or part of each head"
+        elif is_mrope(rotary) and getattr(rotary, "mrope_interleaved", False):
+            problem = "its M-RoPE interleaves the T/H/W frequencies (Qwen3-VL style), which is not reproduced"
+        elif is_mrope(rotary) and sum(rotary.mrope_section or ()) != rotary.rotary_dim // 2:
+            problem = f"its M-RoPE sections {rotary.mrope_section} do not cover half of the rotary dimension"
         if problem is not None:
             raise ValueError(
                 f"The vLLM plugin cannot recompute attention rows of decoder layer {i}: {problem} "
-                "(supported: Llama-style layers on one rank)"
+                "(supported: Llama- and Qwen2-style layers on one rank, with RoPE or vLLM's M-RoPE)"
             )
 
 
@@ -87,9 +104,22 @@ class LayerView:
 
 
 def layer_cos_sin(layer, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (B, L, head_dim) in ``dtype``, of ``position_ids`` (B, L) from the vLLM layer's RoPE cache."""
+    """(cos, sin), each (B, L, head_dim) in ``dtype``, of ``position_ids`` from the vLLM layer's RoPE cache:
+    (B, L) positions for RoPE; for M-RoPE (``MRotaryEmbedding``) (3, B, L) T/H/W rows, each section of the
+    frequencies read at its own row (or (B, L): the same position on every row, as vLLM's text-only positions)."""
     rotary = layer.self_attn.rotary_emb
-    cos, sin = rotary.cos_sin_cache.float()[position_ids.long()].chunk(2, dim=-1)
+    position_ids = position_ids.long()
+    if is_mrope(rotary):
+        if position_ids.dim() == 2:
+            position_ids = position_ids.expand(3, -1, -1)
+        if position_ids.dim() != 3 or position_ids.shape[0] != 3:
+            raise ValueError(f"M-RoPE positions must be (3, B, L) or (B, L), got {tuple(position_ids.shape)}")
+    elif position_ids.dim() != 2:
+        raise ValueError(f"RoPE positions must be (B, L), got {tuple(position_ids.shape)}")
+    cos, sin = rotary.cos_sin_cache.float()[position_ids].chunk(2, dim=-1)  # (B, L, rotary_dim / 2) or (3, ...)
+    if is_mrope(rotary):  # frequencies [0, t) from the T row, [t, t + h) from the H row, the rest from the W row
+        cos = torch.cat([part[i] for i, part in enumerate(cos.split(rotary.mrope_section, dim=-1))], dim=-1)
+        sin = torch.cat([part[i] for i, part in enumerate(sin.split(rotary.mrope_section, dim=-1))], dim=-1)
     return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((sin, sin), dim=-1).to(dtype)
 
 
@@ -103,7 +133,8 @@ class StageAdapter:
         self.project_vision = None
 
     def rope(self, hidden: torch.Tensor, position_ids: torch.Tensor):
-        """The positions and dtype the layers' RoPE is read at (``layer_rope`` reads each layer's own cache)."""
+        """The positions ((B, L), or M-RoPE's (3, B, L)) and dtype the layers' RoPE is read at (``layer_rope`` reads
+        each layer's own cache)."""
         return position_ids, hidden.dtype
 
     def layer_rope(self, rope, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,13 +1,14 @@
-"""In-LLM dropping inside vLLM: V²Drop's decoder stages in vLLM's LLaVA-1.5, Qwen2-VL and Qwen2.5-VL, FastV's and
-PDrop's in LLaVA-1.5 (eager mode, CPU attention backend).
+"""In-LLM dropping inside vLLM: V²Drop's, FastV's and PDrop's decoder stages in vLLM's LLaVA-1.5, Qwen2-VL and
+Qwen2.5-VL (eager mode, CPU attention backend).
 
 The plugin (``v2drop.integrations.vllm``) registers three more architectures,
 ``V2DropInLLMLlavaForConditionalGeneration`` and (``vllm_qwen.register``) the two of ``QWEN_ARCHITECTURES``;
 ``engine_args`` (LLaVA) and ``qwen_engine_args`` / ``engine_args_for`` (Qwen checkpoints) pick them for a method
 whose stages all sit before decoder layers (``runs_in_llm``) and that this module can run (``check_method``):
-the ``v2drop`` scorer (any metric), ``fastv`` and ``pdrop`` (LLaVA-1.5: their attention rows need RoPE on
-one position row, ``check_layers``), positions ``preserve`` or ``renumber``. The engine must run eagerly with
-chunked prefill and prefix caching off (``ENGINE_KWARGS``; ``offline_llm`` sets them).
+the ``v2drop`` scorer (any metric), ``fastv`` and ``pdrop`` (their attention rows need layers whose RoPE or
+M-RoPE ``check_layers`` reproduces: LLaVA-1.5's, Qwen2-VL's and Qwen2.5-VL's), positions ``preserve`` or
+``renumber``. The engine must run eagerly with chunked prefill and prefix caching off (``ENGINE_KWARGS``;
+``offline_llm`` sets them).
 
 Each model is vLLM's, every image token kept (Qwen: vLLM's M-RoPE positions of the whole prompt), with one
 decoder loop for all three (``forward``): the language model's layers are called as
@@ -19,9 +20,10 @@ requests, each either a whole prompt (prefill: no cached context) or one new tok
   through the engine's own drop stage (``v2drop.engine.stages.drop``) on that request's residual stream (the
   input of layer ``l`` and of layer ``l-1``), so the kept set is the engine's for that prompt. A scorer that
   reads attention rows (FastV: layer ``l-1``'s, PDrop: layer ``l``'s, of the last prompt token) gets them as
-  the engine computes them, from that layer's input and its own norm, fused q/k projection and RoPE cache over
-  the request's current tokens, causal (``v2drop.integrations.vllm_attention``: ``StageAdapter`` is the adapter
-  the drop stage reads); vLLM's fused attention returns none;
+  the engine computes them, from that layer's input and its own norm, fused q/k projection (biases included) and
+  RoPE cache (Qwen: M-RoPE at the request's current three position rows) over the request's current tokens,
+  causal (``v2drop.integrations.vllm_attention``: ``StageAdapter`` is the adapter the drop stage reads); vLLM's
+  fused attention returns none;
 - keeps the kept rows of the hidden states, the residual and the positions as the engine positions them
   (``preserve``: each kept token's original position, all three M-RoPE rows; ``renumber``: 0..k-1);
 - gives layers ``l`` and later their own attention metadata and slot mapping (vLLM v1 keys both by
@@ -179,7 +181,7 @@ class _Request:
         self.ctx = None  # the engine's StageContext (prefill with vision tokens)
 
 
-# vLLM's Qwen architecture -> the plugin's architecture running V²Drop's decoder stages in it
+# vLLM's Qwen architecture -> the plugin's architecture running V²Drop's, FastV's and PDrop's decoder stages in it
 QWEN_ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "V2DropInLLMQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "V2DropInLLMQwen2_5_VLForConditionalGeneration",

@@ -44,11 +44,12 @@ every ``<|image_pad|>`` expanded to its image's token count (``expanded_sample_k
 ``SAMPLE_KEY`` that also enters the images' cache keys); both images only. Refused with the reason
 (``QWEN_REFUSED_SCORERS``): VisionZip, VisPruner, HiPrune, HoloV (Qwen's tower has no [CLS] token, as in the engine),
 HoliTom and FastVID (kept count not fixed by the budget), ``frames`` (one image is one frame), ``downsample``
-(re-encoding), FlowCut and VScan (vision-encoder stages), ``composite`` and ``staged``; decoder
-stages scored otherwise than by V²Drop (FastV's and PDrop's recomputed attention rows need RoPE on one position
-row; Qwen's is M-RoPE). V²Drop's decoder stages (every stage in the decoder) run in the in-LLM architectures of
-``v2drop.integrations.vllm_inllm`` (``QWEN_ARCHITECTURES`` there), which ``qwen_engine_args`` picks and
-``register`` registers; they share this module's processing (``processing_classes``: every image token kept).
+(re-encoding), FlowCut and VScan (vision-encoder stages), ``composite`` and ``staged`` before the LLM. Decoder
+stages (every stage in the decoder) scored by V²Drop, FastV, PDrop or composites of them run in the in-LLM
+architectures of ``v2drop.integrations.vllm_inllm`` (``QWEN_ARCHITECTURES`` there; FastV's and PDrop's attention
+rows recomputed with the layers' own M-RoPE, ``v2drop.integrations.vllm_attention``), which ``qwen_engine_args``
+picks and ``register`` registers; they share this module's processing (``processing_classes``: every image token
+kept).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def register() -> None:
     for arch in QWEN_ARCHITECTURES.values():
         if arch not in supported:
             ModelRegistry.register_model(arch, f"{__name__}:{arch}")
-    for arch in QWEN_INLLM_ARCHITECTURES.values():  # V²Drop's decoder stages (v2drop/integrations/vllm_inllm.py)
+    for arch in QWEN_INLLM_ARCHITECTURES.values():  # decoder stages (v2drop/integrations/vllm_inllm.py)
         if arch not in supported:
             ModelRegistry.register_model(arch, f"v2drop.integrations.vllm_inllm:{arch}")
 
@@ -185,8 +186,9 @@ def qwen_method(spec):
 def qwen_engine_args(method="none", family: str = "qwen2_vl") -> dict:
     """``vllm.LLM`` keyword arguments running ``method`` on a Qwen2-VL (``family`` ``qwen2_vl``) or Qwen2.5-VL
     (``qwen2_5_vl``) checkpoint in the plugin; the method goes as config data (``qwen_method``). A method whose stages
-    all sit before decoder layers (V²Drop's) gets the in-LLM architecture (``vllm_inllm.QWEN_ARCHITECTURES``), which
-    needs chunked prefill and prefix caching off (``vllm_inllm.ENGINE_KWARGS``)."""
+    all sit before decoder layers (V²Drop's, FastV's, PDrop's) gets the in-LLM architecture
+    (``vllm_inllm.QWEN_ARCHITECTURES``), which needs chunked prefill and prefix caching off
+    (``vllm_inllm.ENGINE_KWARGS``)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     method = qwen_method(method)
@@ -228,12 +230,6 @@ def check_qwen_method(method) -> None:
         return
     if runs_in_llm(method):  # only decoder stages: the in-LLM architecture's rules
         check_method(method)
-        if any(method.scorer.at(s.layer).attention_request() is not None for s in method.schedule.stages):
-            raise ValueError(
-                f"Method {method.scorer_name!r} scores decoder stages by attention rows, which the vLLM plugin "
-                "recomputes with RoPE on one position row (LLaVA-1.5); Qwen2-VL / Qwen2.5-VL use M-RoPE: only "
-                "V²Drop's decoder stages run in the plugin's Qwen models (or use v2drop's own engine)"
-            )
         return
     if method.scorer_name not in QWEN_SUPPORTED_SCORERS:
         reason = QWEN_REFUSED_SCORERS.get(
