@@ -229,3 +229,52 @@ def served_sweep(tmp_path, study: str, model: str, presets: list[str], scorers: 
     result = run_sweep(cfg, progress=False)
     trials = optuna.load_study(study_name=study, storage=make_storage(cfg)).trials
     return result, {t.user_attrs.get("label"): t for t in trials}
+
+
+def preempting_run(model: str, engine_args: dict, requests: list, expected, text_config, tokens: int) -> tuple:
+    """``requests`` served by vLLM's in-LLM architecture (``engine_args``) with ``tokens`` forced tokens each and a KV
+    cache of two of the longest prompts (``expected``: the engine's output on them) plus one block, so decoding runs
+    out of blocks and vLLM preempts requests and recomputes them: (token ids, per-prefill traces, preemptions)."""
+    import vllm
+
+    from v2drop.integrations import vllm_inllm
+
+    block = 32  # the CPU attention backend's block sizes are multiples of 32
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    block_bytes = text_config.num_hidden_layers * 2 * kv_heads * head_dim * 4 * block  # float32 keys and values
+    longest = max(len(ids) for ids in expected.prompt_ids)
+    llm = vllm.LLM(
+        model=model,
+        dtype="float32",
+        max_num_seqs=len(requests),
+        block_size=block,
+        kv_cache_memory_bytes=(2 * -(-longest // block) + 1) * block_bytes,
+        max_model_len=longest + tokens,
+        disable_log_stats=False,  # the preemption counter
+        seed=0,
+        **vllm_inllm.ENGINE_KWARGS,
+        **engine_args,
+    )
+    llm.apply_model(lambda model: model.v2drop_traces.clear())  # vLLM's profiling run
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    traces = llm.apply_model(lambda model: list(model.v2drop_traces))[0]
+    preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    del llm
+    return [list(o.outputs[0].token_ids) for o in outputs], traces, preemptions
+
+
+def check_recomputed_as_the_engine(served: tuple, expected, n_requests: int) -> None:
+    """Assert a ``preempting_run`` preempted, and that every prefill (recomputed ones too) kept the engine's tokens of
+    a prompt of its length and every request decoded the engine's tokens."""
+    tokens, traces, preemptions = served
+    recomputed = [t for t in traces if t["generated"] > 0]
+    assert preemptions > 0 and len(recomputed) == preemptions and len(traces) == n_requests + preemptions
+    engine_kept = [[s["kept"] for s in e.stages] for e in expected.traces]
+    first = [[s["kept"] for s in t["stages"]] for t in traces if t["generated"] == 0]
+    assert sorted(map(str, first)) == sorted(map(str, engine_kept))
+    for trace in recomputed:  # the engine's kept tokens for a prompt of that length
+        kept = [s["kept"] for s in trace["stages"]]
+        assert any(kept == k and trace["prompt_length"] == len(ids) for k, ids in zip(engine_kept, expected.prompt_ids))
+    assert tokens == expected.generated_ids

@@ -351,47 +351,24 @@ def test_preempted_requests_are_recomputed_as_the_engine(name):
     """A KV cache of two prompts' blocks and one more, eight requests of 24 forced tokens: vLLM preempts a decoding
     request and later prefills its prompt and generated tokens again. That prefill keeps the engine's tokens (FastV's
     query is the prompt's last token, not the last generated one) and every request decodes the engine's tokens."""
+    from reference_helpers import check_recomputed_as_the_engine, preempting_run
+
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model in this process: its traces are readable
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    tokens, block = 24, 32  # block: the CPU attention backend's sizes are multiples of 32
     method = _preset(name)
     if PREEMPTED[name]:
         method = v2drop.Method.from_dict({**method.to_dict(), "position_policy": PREEMPTED[name]})
     samples = get_benchmark("digits").load("test", N_SAMPLES)
     lvlm = v2drop.load("proxy")
     prompts = [lvlm.format_prompt(s.question) for s in samples]
-    expected = lvlm.generate(
-        prompts, [list(s.images) for s in samples], method=method, max_new_tokens=tokens, stop_at_eos=False
+    images = [list(s.images) for s in samples]
+    expected = lvlm.generate(prompts, images, method=method, max_new_tokens=24, stop_at_eos=False)
+    served = preempting_run(
+        str(LOCAL_MODELS["proxy"]),
+        engine_args(method.to_dict()),
+        image_requests(prompts, samples, "preempt"),
+        expected,
+        lvlm.model.config.text_config,
+        24,
     )
-    text = lvlm.model.config.text_config
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    block_bytes = text.num_hidden_layers * 2 * kv_heads * (text.hidden_size // text.num_attention_heads) * 4 * block
-    longest = max(len(ids) for ids in expected.prompt_ids)  # 283 (256 image tokens)
-    blocks = 2 * -(-longest // block) + 1  # two prompts, and one block to spare
-    llm = vllm.LLM(
-        model=str(LOCAL_MODELS["proxy"]),
-        dtype="float32",
-        max_num_seqs=N_SAMPLES,
-        block_size=block,
-        kv_cache_memory_bytes=blocks * block_bytes,
-        max_model_len=longest + tokens,
-        disable_log_stats=False,  # the preemption counter
-        seed=0,
-        **vllm_inllm.ENGINE_KWARGS,
-        **engine_args(method.to_dict()),
-    )
-    llm.apply_model(lambda model: model.v2drop_traces.clear())
-    params = vllm.SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    outputs = llm.generate(image_requests(prompts, samples, "preempt"), params, use_tqdm=False)
-    traces = llm.apply_model(lambda model: list(model.v2drop_traces))[0]
-    preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-    del llm
-    recomputed = [t for t in traces if t["generated"] > 0]
-    assert preemptions > 0 and len(recomputed) == preemptions and len(traces) == N_SAMPLES + preemptions
-    engine_kept = [[s["kept"] for s in e.stages] for e in expected.traces]
-    first = [[s["kept"] for s in t["stages"]] for t in traces if t["generated"] == 0]
-    assert sorted(map(str, first)) == sorted(map(str, engine_kept))
-    for trace in recomputed:  # the engine's kept tokens for a sample of that prompt length
-        kept = [s["kept"] for s in trace["stages"]]
-        assert any(kept == k and trace["prompt_length"] == len(ids) for k, ids in zip(engine_kept, expected.prompt_ids))
-    assert [list(o.outputs[0].token_ids) for o in outputs] == expected.generated_ids
+    check_recomputed_as_the_engine(served, expected, N_SAMPLES)

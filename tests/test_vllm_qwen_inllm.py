@@ -458,3 +458,36 @@ def test_vllm_qwen_decodes_by_attention_as_the_engine(name, attention_served):
     assert [len(t) for t in tokens] == [MAX_TOKENS - i % 3 for i in range(len(QUESTIONS))]
     assert tokens == [ids[: len(t)] for ids, t in zip(forced.generated_ids, tokens)]
     assert steps["prefill"] > 0 and steps["decode"] > 0 and steps["mixed"] > 0
+
+
+# family -> the ATTENTION method run under preemption (FastV's query and PDrop's renumbered M-RoPE positions)
+PREEMPTED = {"qwen2_vl": "fastv", "qwen2_5_vl": "pdrop"}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_preempted_qwen_requests_are_recomputed_as_the_engine(family, tmp_path):
+    """A KV cache of two prompts' blocks and one more, four requests of 32 forced tokens: vLLM preempts decoding
+    requests and prefills their prompt and generated tokens again (M-RoPE positions included). Every prefill keeps the
+    engine's tokens and every request decodes the engine's tokens."""
+    pytest.importorskip(
+        "vllm", reason="vLLM is not installed: it lives in its own environment (bash scripts/vllm_env.sh)"
+    )
+    from reference_helpers import check_recomputed_as_the_engine, preempting_run
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model in this process: its traces are readable
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    lvlm = testing.build_real(family, "eager", vllm=True)
+    testing.save_for_vllm(lvlm, tmp_path)
+    method = _attention_method(PREEMPTED[family])
+    prompts = [testing.prompt_for(lvlm, q) for q in QUESTIONS]
+    images = [testing.photo(i, *size) for i, size in enumerate(SIZES)]
+    expected = lvlm.generate(prompts, [[i] for i in images], method=method, max_new_tokens=32, stop_at_eos=False)
+    requests = [
+        {"prompt": p, "multi_modal_data": {"image": i}, "multi_modal_uuids": {"image": [str(n)]}}
+        for n, (p, i) in enumerate(zip(prompts, images))
+    ]
+    text_config = getattr(lvlm.model.config, "text_config", lvlm.model.config)
+    served = preempting_run(str(tmp_path), qwen_engine_args(method, family), requests, expected, text_config, 32)
+    check_recomputed_as_the_engine(served, expected, len(QUESTIONS))
