@@ -141,6 +141,10 @@ def _main(argv) -> dict:
             continue
         results[name] = _serve(args, path, method, benchmark, samples, prompts, engine[name])
         print(f"{name}: {results[name]['requests_per_s']:.2f} req/s", flush=True)
+    for name, method in methods.items():
+        note = budget_note(method, samples)
+        if note and results[name]["supported"]:
+            results[name]["budget_note"] = note
     out = {
         "command": "python -m experiments.serve_bench " + " ".join(argv),
         "config": asdict(args),
@@ -155,6 +159,19 @@ def _main(argv) -> dict:
     if args.table:
         Path(args.table).write_text(table + "\n")
     return out
+
+
+def budget_note(method, samples) -> str | None:
+    """Why vLLM's answers may differ from the engine's for ``method`` on ``samples``: a pre-LLM budget is per image in
+    the plugin and per sample in the engine, which differ on prompts with several images; None when they agree."""
+    n_images = max((len(s.images) for s in samples), default=0)
+    before_llm = method.drops and any(stage.layer < 0 for stage in method.schedule.stages)
+    if n_images < 2 or not before_llm:
+        return None
+    return (
+        f"up to {n_images} images per prompt: the plugin's pre-LLM budget is per image, the engine's per sample "
+        "(its images together), so their kept tokens and answers can differ"
+    )
 
 
 def _method(name: str):
@@ -466,6 +483,8 @@ def format_table(out: dict) -> str:
             rows.append({"method": name, "requests/s": "not supported in vLLM (below)"})
             notes.append(f"- {name}: {r['reason']}")
             continue
+        if r.get("budget_note"):
+            notes.append(f"- {name}: {r['budget_note']}")
         if r.get("server"):
             rows += [
                 {
