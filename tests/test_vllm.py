@@ -227,9 +227,9 @@ def test_instruction_ids_and_images_batched_with_instructions():
 
 
 def test_in_llm_methods_are_refused_with_the_reason():
-    """SparseVLM drops inside the decoder with recycled tokens: refused before any engine starts, naming why."""
+    """DART drops inside the decoder by its pivots' duplicates: refused before any engine starts, naming why."""
     with pytest.raises(ValueError, match="drops tokens inside the decoder"):
-        engine_args("sparsevlm-llava15-64")
+        engine_args("dart-llava15-64")
     with pytest.raises(ValueError, match="not supported by the vLLM plugin: it keeps whole frames"):
         check_method(
             v2drop.Method.from_dict(
@@ -268,7 +268,7 @@ def test_serve_bench_server_sweeps_concurrency(tmp_path):
     out = serve_bench.main(
         [
             *("--server", "--limit", "4", "--max-concurrency", "2", "--warmup", "1", "--threads", "2"),
-            *("--methods", "divprune-llava15-64,sparsevlm-llava15-64", "--store", str(tmp_path / "store")),
+            *("--methods", "divprune-llava15-64,dart-llava15-64", "--store", str(tmp_path / "store")),
             *("--output", str(tmp_path / "out.json"), "--table", str(tmp_path / "table.md")),
         ]
     )
@@ -278,7 +278,8 @@ def test_serve_bench_server_sweeps_concurrency(tmp_path):
         assert figures["agreement_with_engine"] == 1.0
         assert figures["requests_per_s"] > 0 and figures["output_tokens_per_s"] > 0
         assert 0 < figures["ttft_p50_s"] <= figures["ttft_p99_s"] <= figures["wall_s"]
-    assert out["methods"]["sparsevlm-llava15-64"]["supported"] is False
+    assert out["methods"]["dart-llava15-64"]["supported"] is False
+    assert "drops tokens inside the decoder" in out["methods"]["dart-llava15-64"]["reason"]
     table = (tmp_path / "table.md").read_text()
     assert "OMP_NUM_THREADS=2" in table and "| divprune-llava15-64 | 2 |" in table
     assert serve_bench.concurrency_levels(8) == [1, 2, 4, 8] and serve_bench.concurrency_levels(6) == [1, 2, 4, 6]

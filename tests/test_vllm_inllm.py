@@ -1,9 +1,10 @@
-"""V²Drop's, FastV's and PDrop's decoder stages inside vLLM (``v2drop.integrations.vllm_inllm``) on the bundled proxy:
-the same kept tokens at every stage and the same greedy tokens as v2drop's engine, in prefill and over forced decode
-steps, one request at a time and in batches, with the original and with renumbered positions, also for requests
-vLLM preempts and recomputes. FastV's and PDrop's
-attention rows are recomputed from vLLM's own layers (``v2drop.integrations.vllm_attention``): equal to the rows
-transformers' layers give, and a different layer's rows keep different tokens.
+"""V²Drop's, FastV's, PDrop's and SparseVLM's decoder stages inside vLLM (``v2drop.integrations.vllm_inllm``) on the
+bundled proxy: the same kept tokens at every stage and the same greedy tokens as v2drop's engine, in prefill and over
+forced decode steps, one request at a time and in batches, with the original and with renumbered positions, also for
+requests vLLM preempts and recomputes. FastV's, PDrop's and SparseVLM's attention rows are recomputed from vLLM's own
+layers (``v2drop.integrations.vllm_attention``): equal to the rows transformers' layers give, and a different layer's
+rows keep different tokens. SparseVLM's raters come from the layer-0 embeddings (raters from a later layer's input keep
+other tokens) and its recycled tokens join the rows with the engine's values and positions.
 
 Runs in the vLLM environment (``bash scripts/vllm_env.sh``, docs/serving.md); skipped where vLLM is not installed.
 """
@@ -35,7 +36,12 @@ ATTENTION = {
     "fastv-llava15-128": ([1], [98]),
     "pdrop-llava15-128": ([1, 3, 6, 9], [100, 50, 25, 12]),
     "composite-v2drop-fastv-llava15-128": ([1, 6, 8], [71, 17, 1]),  # V²Drop's L2 variation and FastV's rows, ranked
+    # raters' rows of layer l-1, recycled tokens added (the trace's "merged"), renumbered positions
+    "sparsevlm-llava15-128": ([1, 3, 6], [256, 110, 36]),
+    "sparsevlm-llava15-64": ([1, 3, 6], [66, 30, 17]),
 }
+# SparseVLM's presets: their negative control chooses the raters from the first stage layer's input (``_late_raters``)
+SPARSEVLM = [name for name in ATTENTION if name.startswith("sparsevlm")]
 # the negative control: each preset's schedule scored by the other scorer, i.e. the rows of the wrong layer
 # (FastV reads layer l-1's rows, PDrop layer l's)
 WRONG_LAYER = {"fastv-llava15-128": "pdrop", "pdrop-llava15-128": "fastv"}
@@ -75,10 +81,43 @@ def _preset(name: str, scorer: str | None = None):
     return method if scorer is None else v2drop.Method.from_dict({**method.to_dict(), "scorer": {"name": scorer}})
 
 
+def _late_raters(lvlm, name, prompts, images) -> list:
+    """Per prompt (one at a time: no padding), the engine's trace of preset ``name`` (SparseVLM) with its raters chosen
+    by ``select_raters`` from the input of the first stage's layer (that layer's input in the undropped model, read by
+    a forward pre-hook) instead of the layer-0 embeddings: what the in-LLM loop would do with the stage's hidden
+    states. The raters differ from the embeddings' on every prompt."""
+    from v2drop.scorers.base import scorer_params
+    from v2drop.scorers.sparsevlm import SparseVLMScorer
+
+    method = _preset(name)
+    first = method.schedule.stages[0].layer
+    traces = []
+    for prompt, image in zip(prompts, images):
+        captured, chosen = [], {}
+        handle = lvlm.adapter.layers[first].register_forward_pre_hook(
+            lambda module, args, kwargs, captured=captured: captured.append(args[0].clone()) and None, with_kwargs=True
+        )
+        lvlm.generate([prompt], [image], method=None, max_new_tokens=1)
+        handle.remove()
+        scorer = SparseVLMScorer(**scorer_params(method.scorer))
+
+        def late_queries(embeds, vision, mask, scorer=scorer, late=captured[0], chosen=chosen):
+            chosen["embeds"] = SparseVLMScorer.attention_queries(scorer, embeds, vision, mask)
+            chosen["late"] = SparseVLMScorer.attention_queries(scorer, late, vision, mask)
+            return chosen["late"]
+
+        scorer.attention_queries = late_queries
+        late = v2drop.Method(scorer, schedule=method.schedule, position_policy=method.position_policy)
+        traces.append(lvlm.generate([prompt], [image], method=late, max_new_tokens=1).traces[0])
+        assert not torch.equal(chosen["embeds"][0], chosen["late"][0])
+    return traces
+
+
 @pytest.fixture(scope="module")
 def attention_engine(samples):
     """Preset -> (engine output with EOS, output of MAX_TOKENS forced tokens[, forced output with the wrong layer's
-    rows for FastV and PDrop]); before any vLLM engine, as ``engine``."""
+    rows for FastV and PDrop; traces with raters from a later layer for SparseVLM]); before any vLLM engine, as
+    ``engine``."""
     lvlm = v2drop.load("proxy")
     prompts = [lvlm.format_prompt(s.question) for s in samples]
     images = [list(s.images) for s in samples]
@@ -91,6 +130,8 @@ def attention_engine(samples):
             lvlm.generate(prompts, images, method=method, max_new_tokens=MAX_TOKENS, stop_at_eos=eos)
             for method, eos in runs
         )
+        if name in SPARSEVLM:
+            out[name] = (*out[name], _late_raters(lvlm, name, prompts, images))
     return out
 
 
@@ -194,16 +235,19 @@ def test_vllm_answers_and_decodes_as_the_engine(policy, engine, served):
 @pytest.mark.parametrize("name", list(ATTENTION))
 def test_vllm_keeps_the_engines_tokens_by_attention(name, attention_engine, attention_served):
     """FastV (layer 0's row of the last prompt token, before layer 1), PDrop (layer l's row, before layers 1/3/6/9,
-    renumbered positions) and a composite of V²Drop and FastV (before layers 1/6/8): each request's kept prompt
-    positions at every stage are the engine's."""
+    renumbered positions), a composite of V²Drop and FastV (before layers 1/6/8) and SparseVLM (its raters' rows of
+    layer l-1, before layers 1/3/6, renumbered positions): each request's kept prompt positions at every stage are
+    the engine's, and so are SparseVLM's recycled tokens (the prompt positions whose places they take)."""
     layers, counts = ATTENTION[name]
     expected = attention_engine[name][0].traces
     traces = attention_served[name][2]
     assert len(traces) == N_SAMPLES
     for trace, want in zip(traces, expected):
         assert [s["layer"] for s in trace["stages"]] == layers
-        assert [s["kept"] for s in trace["stages"]] == [s["kept"] for s in want.stages]
+        assert trace["stages"] == want.stages  # kept and, where a stage added tokens, "merged"
         assert [len(s["kept"]) for s in trace["stages"]] == counts
+        if name in SPARSEVLM:  # every request gets recycled tokens at a stage that drops
+            assert all(s.get("merged") for s in trace["stages"] if len(s["kept"]) < 256)
 
 
 @pytest.mark.parametrize("name", list(ATTENTION))
@@ -225,6 +269,16 @@ def test_the_wrong_layers_rows_keep_other_tokens(name, attention_engine, attenti
     wrong = attention_engine[name][2].traces
     differ = sum(t["stages"][0]["kept"] != w.stages[0]["kept"] for t, w in zip(traces, wrong))
     assert differ >= N_SAMPLES // 2
+
+
+@pytest.mark.parametrize("name", SPARSEVLM)
+def test_raters_from_a_later_layer_keep_other_tokens(name, attention_engine, attention_served):
+    """Negative control: the engine choosing SparseVLM's raters from the first stage layer's input (as the loop would
+    from its current hidden states) instead of the layer-0 embeddings keeps or recycles other tokens than vLLM's run
+    on at least some samples (on all 8 of these), so equal traces pin the embeddings as the raters' source."""
+    traces = attention_served[name][2]
+    late = attention_engine[name][2]
+    assert sum(t["stages"] != w.stages for t, w in zip(traces, late)) >= N_SAMPLES // 2
 
 
 def test_vllm_layers_give_the_engines_attention_rows(attention_served):
@@ -282,14 +336,27 @@ def test_slots_follow_the_block_table():
 
 
 def test_the_in_llm_route_is_chosen_or_refused_with_the_reason():
-    """V²Drop's, FastV's and PDrop's decoder stages (and composites of them) get the in-LLM architecture; pre-LLM
-    methods keep theirs; SparseVLM (raters from the embeddings, recycled tokens) and schedules mixing a pre-LLM stage
-    with decoder stages are refused, naming why."""
-    for method in (_method("preserve").to_dict(), *ATTENTION):
+    """V²Drop's, FastV's, PDrop's and SparseVLM's decoder stages (and composites of the first three) get the in-LLM
+    architecture; pre-LLM methods keep theirs; DART (its pivots' duplicates), a composite with SparseVLM, SparseVLM
+    on the Qwen models and schedules mixing a pre-LLM stage with decoder stages are refused, naming why."""
+    from v2drop.integrations.vllm_qwen import check_qwen_method
+
+    for method in (_method("preserve").to_dict(), *ATTENTION, "sparsevlm-llava15-192"):
         assert engine_args(method)["hf_overrides"]["architectures"] == [vllm_inllm.ARCHITECTURE]
     assert engine_args("divprune-llava15-64")["hf_overrides"]["architectures"] == [ARCHITECTURE]
-    with pytest.raises(ValueError, match="adds or merges tokens, chooses its attention queries from the embeddings"):
-        engine_args("sparsevlm-llava15-64")
+    with pytest.raises(ValueError, match="reads tower features, cached keys, grid coordinates, per-prompt seeds"):
+        engine_args("dart-llava15-64")
+    composite = v2drop.Method.from_dict(
+        {
+            "scorer": {"name": "composite", "parts": [{"name": "v2drop"}, {"name": "sparsevlm"}]},
+            "schedule": {"stages": [[2, 0.5]]},
+            "position_policy": "renumber",
+        }
+    )
+    with pytest.raises(ValueError, match="A composite with sparsevlm is not served in-LLM"):
+        engine_args(composite.to_dict())
+    with pytest.raises(ValueError, match="runs in-LLM in vLLM on LLaVA-1.5 only"):
+        check_qwen_method(_preset("sparsevlm-llava15-64"))
     mixed = v2drop.Method.from_dict(
         {"scorer": "uniform", "schedule": {"stages": [["pre_llm", 0.5], [2, 0.5]]}, "position_policy": "renumber"}
     )

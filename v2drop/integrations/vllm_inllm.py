@@ -48,6 +48,7 @@ vision tokens and takes its attention queries from the prompt's last token, as t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -56,8 +57,11 @@ from v2drop.integrations.vllm_attention import StageAdapter, check_layers
 
 ARCHITECTURE = "V2DropInLLMLlavaForConditionalGeneration"  # the in-LLM LLaVA architecture the plugin registers
 # scorers whose decoder stages the loop runs: V²Drop reads hidden states; FastV and PDrop read the last prompt token's
-# attention rows, recomputed from the scoring layer's weights (``v2drop.integrations.vllm_attention``)
-SUPPORTED_SCORERS = ("v2drop", "fastv", "pdrop")
+# attention rows, SparseVLM its raters' (chosen from the layer-0 embeddings), recomputed from the scoring layer's
+# weights (``v2drop.integrations.vllm_attention``); SparseVLM also adds recycled tokens
+SUPPORTED_SCORERS = ("v2drop", "fastv", "pdrop", "sparsevlm")
+# in-LLM scorers tested on LLaVA-1.5 only: refused on the Qwen models (``check_qwen``) and in composites
+LLAVA_ONLY_SCORERS = ("sparsevlm",)
 # vllm.LLM settings the architecture needs: whole prompts in one step, no shared prefixes, no graph capture
 ENGINE_KWARGS = {"enforce_eager": True, "enable_prefix_caching": False, "enable_chunked_prefill": False}
 
@@ -77,17 +81,34 @@ def check_method(method) -> None:
     """Raise ValueError, with the reason, unless the in-LLM architecture can run ``method`` (``runs_in_llm``)."""
     if not runs_in_llm(method):
         raise ValueError(f"Method {method.scorer_name!r} has stages outside the decoder; the in-LLM route runs none")
-    if not set(scorer_names(method)) <= set(SUPPORTED_SCORERS):
+    names = scorer_names(method)
+    if not set(names) <= set(SUPPORTED_SCORERS):
         raise ValueError(
             f"Method {method.scorer_name!r} drops tokens inside the decoder by a score the vLLM plugin does not serve "
-            "between decoder layers: it adds or merges tokens, chooses its attention queries from the embeddings, or "
-            "reads tower features, cached keys, grid coordinates or per-prompt seeds (vLLM's fused attention returns "
-            "no attention weights; the plugin recomputes only the last prompt token's rows); supported in-LLM "
-            f"scorers: {', '.join(SUPPORTED_SCORERS)} and composites of them (or use a pre-LLM method, or v2drop's "
-            "own engine)"
+            "between decoder layers: it merges tokens into weighted groups, or reads tower features, cached keys, grid "
+            "coordinates, per-prompt seeds or attention rows other than the last prompt token's and SparseVLM's "
+            "raters' (vLLM's fused attention returns no attention weights; the plugin recomputes only those rows); "
+            f"supported in-LLM scorers: {', '.join(SUPPORTED_SCORERS)} and composites of "
+            f"{', '.join(s for s in SUPPORTED_SCORERS if s not in LLAVA_ONLY_SCORERS)} (or use a pre-LLM method, or "
+            "v2drop's own engine)"
+        )
+    if len(names) > 1 and set(names) & set(LLAVA_ONLY_SCORERS):
+        raise ValueError(
+            f"A composite with {', '.join(sorted(set(names) & set(LLAVA_ONLY_SCORERS)))} is not served in-LLM by the "
+            "vLLM plugin (untested there: it runs alone); use v2drop's own engine"
         )
     if method.position_policy not in ("preserve", "renumber"):
         raise ValueError(f"Unknown position policy {method.position_policy!r}")
+
+
+def check_qwen(method) -> None:
+    """Raise ValueError unless the in-LLM loop may run ``method`` on the Qwen models (no ``LLAVA_ONLY_SCORERS``)."""
+    only = sorted(set(scorer_names(method)) & set(LLAVA_ONLY_SCORERS)) if method.drops else []
+    if only:
+        raise ValueError(
+            f"Scorer {only[0]!r} runs in-LLM in vLLM on LLaVA-1.5 only: its raters and recycled tokens are untested on "
+            "the plugin's Qwen2-VL / Qwen2.5-VL models (M-RoPE positions of recycled tokens); use v2drop's own engine"
+        )
 
 
 def slots(block_row: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -99,8 +120,6 @@ def compact_metadata(meta, q_lens: list[int], seq_lens: list[int], slot_mapping:
     """A copy of the CPU backend's metadata ``meta`` for a batch whose requests have ``q_lens`` new tokens and
     ``seq_lens`` tokens in the KV cache (new ones included), written to ``slot_mapping``; ``attn`` is one of the
     layers it serves (its heads, ISA and KV dtype size the kernel's scheduler metadata)."""
-    import dataclasses
-
     from vllm import _custom_ops as ops
     from vllm import envs
 
@@ -179,6 +198,7 @@ class _Request:
         self.dropped: list[int] = []  # tokens dropped before each segment (layers from each stage on)
         self.shift: list[int] = []  # each segment's decode positions: vLLM's minus this (the engine's)
         self.ctx = None  # the engine's StageContext (prefill with vision tokens)
+        self.pos = None  # positions of the rows present, as the engine's last drop returned them (prefill)
 
 
 # vLLM's Qwen architecture -> the plugin's architecture running V²Drop's, FastV's and PDrop's decoder stages in it
@@ -281,6 +301,8 @@ def _build_decoder_loop():
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             method = plugin._method_of(self.config)
             check_method(method)
+            if type(self).__name__ != ARCHITECTURE:
+                check_qwen(method)
             decoder = self.language_model.model
             method.schedule.check_depth(len(decoder.layers))
             if any(method.scorer.at(s.layer).attention_request() is not None for s in method.schedule.stages):
@@ -380,19 +402,31 @@ def _build_decoder_loop():
             vision = torch.zeros(n_tokens, dtype=torch.bool)
             if ids is not None:
                 vision = torch.isin(ids[:n_tokens].cpu(), torch.tensor(self.v2drop_vision_ids, dtype=ids.dtype))
-            rows = torch.arange(n_tokens)  # step-token index of every row still present
+            rows = torch.arange(n_tokens)  # step-token index of every row present (-1: a token a stage added)
             # positions are (N,) or M-RoPE's (3, N): rows are always indexed on the last dimension
             original_pos = positions[..., :n_tokens]
             hidden, pos, residual, prev = hidden[:n_tokens], original_pos, None, None
+            # the layer-0 input, for the attention queries chosen from the embeddings (SparseVLM's raters); a copy:
+            # the first layer's fused residual add updates it in place
+            embeds = hidden.clone() if any(r.prefill for r in requests) else None
             segment = -1
             for layer_idx, layer in enumerate(layers):
                 if layer_idx in stage_at:
                     segment += 1
                     x = hidden if residual is None else hidden + residual
-                    keep, new_pos = self._v2drop_stage(layer_idx, requests, x, prev, rows, vision, original_pos)
-                    rows, pos = rows[keep], new_pos
-                    hidden = hidden[keep]
-                    residual = residual[keep] if residual is not None else None
+                    index, added, new_pos = self._v2drop_stage(
+                        layer_idx, requests, x, prev, rows, vision, original_pos, embeds
+                    )
+                    take, new = index.clamp(min=0), index < 0
+                    rows, pos = torch.where(new, -1, rows[take]), new_pos
+                    hidden = hidden[take]
+                    residual = residual[take] if residual is not None else None
+                    if added is not None:
+                        # an added row's residual stream is its engine value: in ``hidden`` with a zero residual, so
+                        # the next layer's fused add gives it exactly (before layer 0: ``hidden`` is the stream)
+                        hidden[new] = added.to(hidden.dtype)
+                        if residual is not None:
+                            residual[new] = 0
                     self._v2drop_metadata(context, names[layer_idx:], requests, segment, meta)
                 if layer_idx + 1 in stage_at and needs_prev_hidden(method, layer_idx + 1):
                     # a copy: a fused residual add may update its inputs in place
@@ -403,21 +437,25 @@ def _build_decoder_loop():
                 if request.prefill:
                     self.v2drop_state[request.key] = (request.length, request.dropped, request.shift)
             out = hidden.new_zeros(total, hidden.shape[-1])
-            out[rows] = hidden
+            present = rows >= 0  # added rows map to no step token
+            out[rows[present]] = hidden[present]
             return out
 
-        def _v2drop_stage(self, layer_idx, requests, x, prev, rows, vision, original_pos):
-            """The drop stage before ``layer_idx`` on every prefilling request: the indices of the kept rows (into
-            the current rows) and the positions of the kept rows for the next layers.
+        def _v2drop_stage(self, layer_idx, requests, x, prev, rows, vision, original_pos, embeds=None):
+            """The drop stage before ``layer_idx`` on every prefilling request: the rows for the next layers as the
+            engine's drop returns them, in its order: the index of each into the current rows (-1: a token the stage
+            added, e.g. SparseVLM's recycled ones), the added rows' values (the residual stream; None if none) and
+            the rows' positions.
 
-            Positions are the engine's: ``preserve`` keeps each kept token's original (M-RoPE) position,
-            ``renumber`` numbers the kept tokens 0..k-1 (on every M-RoPE row). A decode token's position is
-            vLLM's (the unpruned prompt's largest position + 1 + step) minus the request's shift of this
-            segment, so it is the engine's: one past the largest kept position, plus the step.
+            Positions are the engine's: ``preserve`` keeps each kept token's original (M-RoPE) position (an added
+            token its source's), ``renumber`` numbers the rows 0..k-1 (on every M-RoPE row). A decode token's
+            position is vLLM's (the unpruned prompt's largest position + 1 + step) minus the request's shift of
+            this segment, so it is the engine's: one past the largest position present, plus the step. ``embeds``
+            (the layer-0 input) give the first stage's context its embeddings (``attention_queries``).
             """
             start_time = time.perf_counter()
             method, stage_at = self.v2drop_method, self.v2drop_stage_at
-            keep, new_pos, offset = [], [], 0
+            keep, new_pos, added, offset = [], [], [], 0
             for request in requests:
                 n = request.orig.numel() if request.prefill else 1
                 local = torch.arange(offset, offset + n)
@@ -425,12 +463,9 @@ def _build_decoder_loop():
                     flat = request.start + request.orig
                     is_vision = vision[flat] & (request.orig < request.prompt)  # a generated token is never vision
                     if bool(is_vision.any()):
-                        # the positions the layers use: the prompt's (M-RoPE rows included) before the first stage
-                        # and under ``preserve``, 0.. on every row once renumbered
-                        if method.position_policy == "renumber" and request.ctx is not None:
-                            current = torch.arange(n, dtype=original_pos.dtype).expand(*original_pos.shape[:-1], -1)
-                        else:
-                            current = original_pos[..., flat]
+                        # the positions the layers use: the prompt's (M-RoPE rows included) before the first stage,
+                        # then those the engine's last drop returned
+                        current = original_pos[..., flat] if request.pos is None else request.pos
                         seq = Sequence(
                             hidden=x[offset : offset + n][None],
                             position_ids=current.unsqueeze(-2),
@@ -441,9 +476,11 @@ def _build_decoder_loop():
                             block=torch.full((1, n), -1, dtype=torch.long),
                         )
                         if request.ctx is None:  # at the first stage: every prompt token is present
-                            # attention queries (the last prompt token) chosen here, as the engine at layer 0, from
-                            # the prompt alone (a recomputed request's generated tokens follow it)
-                            prompt = seq if request.prompt == n else seq.select([torch.arange(request.prompt)])
+                            # attention queries (the last prompt token; SparseVLM's raters) chosen here, as the engine
+                            # at layer 0, from the prompt alone (a recomputed request's generated tokens follow it)
+                            # and its layer-0 embeddings
+                            first = dataclasses.replace(seq, hidden=embeds[flat][None].to(seq.hidden.device))
+                            prompt = first if request.prompt == n else first.select([torch.arange(request.prompt)])
                             request.ctx = StageContext.start(
                                 method,
                                 _StageAdapter(self.language_model.model.layers, self.language_model.model.norm),
@@ -452,12 +489,22 @@ def _build_decoder_loop():
                                 traces=[plugin._Trace()],
                             )
                         previous = prev[offset : offset + n][None] if prev is not None else None
-                        kept_orig = drop(seq, layer_idx, previous, request.ctx).orig_idx[0].cpu()
-                        local = offset + torch.searchsorted(request.orig, kept_orig)
+                        result = drop(seq, layer_idx, previous, request.ctx)
+                        # the rows as the engine returns them: kept rows, and added ones (their prompt positions,
+                        # their sources', are the stage's trace's "merged" and no other row's)
+                        kept_orig = result.orig_idx[0].cpu()
+                        merged = request.ctx.traces[0].stages[-1].get("merged", [])
+                        is_added = torch.isin(kept_orig, torch.tensor(merged, dtype=kept_orig.dtype))
+                        match = request.orig[None] == kept_orig[:, None]  # (new rows, current rows)
+                        local = torch.where(is_added, -1, offset + match.to(torch.uint8).argmax(-1))
+                        added.append(result.hidden[0][is_added.to(result.hidden.device)])
                         request.orig = kept_orig
+                        request.pos = result.position_ids[..., 0, :].to(original_pos.dtype).cpu()
                     request.dropped = [*request.dropped, request.length - request.orig.numel()]
                     prompt_pos = original_pos[..., request.start : request.start + request.length]
-                    if method.position_policy == "renumber":
+                    if request.pos is not None:
+                        kept_pos = request.pos.to(original_pos.device)
+                    elif method.position_policy == "renumber":
                         kept_pos = torch.arange(request.orig.numel(), dtype=original_pos.dtype)
                         kept_pos = kept_pos.expand(*original_pos.shape[:-1], -1)
                     else:
@@ -478,7 +525,8 @@ def _build_decoder_loop():
                             "stages": list(request.ctx.traces[0].stages),
                         }
                     )
-            return torch.cat(keep), torch.cat(new_pos, dim=-1)
+            added = torch.cat(added) if any(len(a) for a in added) else None
+            return torch.cat(keep), added, torch.cat(new_pos, dim=-1)
 
         def _v2drop_metadata(self, context, names, requests, segment, meta):
             """Give the layers ``names`` the attention metadata and slot mapping of the kept tokens of every request

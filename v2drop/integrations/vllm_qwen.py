@@ -79,7 +79,7 @@ from v2drop.integrations.vllm import (
 )
 from v2drop.integrations.vllm import kept_per_image as kept_count  # an item's kept count under a method
 from v2drop.integrations.vllm_inllm import QWEN_ARCHITECTURES as QWEN_INLLM_ARCHITECTURES
-from v2drop.integrations.vllm_inllm import runs_in_llm
+from v2drop.integrations.vllm_inllm import check_qwen, runs_in_llm
 
 # vLLM's architecture -> the plugin's architecture running v2drop's pre-LLM methods on it
 QWEN_ARCHITECTURES = {
@@ -228,8 +228,9 @@ def check_qwen_method(method) -> None:
 
     if not method.drops:
         return
-    if runs_in_llm(method):  # only decoder stages: the in-LLM architecture's rules
+    if runs_in_llm(method):  # only decoder stages: the in-LLM architecture's rules (SparseVLM: LLaVA-1.5 only)
         check_method(method)
+        check_qwen(method)
         return
     if method.scorer_name not in QWEN_SUPPORTED_SCORERS:
         reason = QWEN_REFUSED_SCORERS.get(
