@@ -386,15 +386,15 @@ def test_served_throughput_objective_without_vllm_is_a_one_line_error(tmp_path):
 
 
 def test_served_throughput_objective_prunes_methods_vllm_cannot_run():
-    """The reason a trial is pruned is the plugin's own: SparseVLM's in-LLM drops and 'preserve' positions of
-    pre-LLM methods; pre-LLM methods and V²Drop's, FastV's and PDrop's decoder stages run."""
+    """The reason a trial is pruned is the plugin's own: DART's in-LLM drops and 'preserve' positions of
+    pre-LLM methods; pre-LLM methods and V²Drop's, FastV's, PDrop's and SparseVLM's decoder stages run."""
     from v2drop.method import Method
     from v2drop.search.config import OBJECTIVES
     from v2drop.search.served import served_reason
 
     assert OBJECTIVES["served_throughput"] == ("served_requests_per_s", "maximize")
-    assert "drops tokens inside the decoder" in served_reason(Method.from_preset("sparsevlm-llava15-64", depth=12))
-    for preset in ("v2drop-llava15-128", "fastv-llava15-128", "pdrop-llava15-128"):
+    assert "drops tokens inside the decoder" in served_reason(Method.from_preset("dart-llava15-64", depth=12))
+    for preset in ("v2drop-llava15-128", "fastv-llava15-128", "pdrop-llava15-128", "sparsevlm-llava15-64"):
         assert served_reason(Method.from_preset(preset, depth=12)) is None
     preserve = Method.from_dict({**Method.from_preset("divprune-llava15-64").to_dict(), "position_policy": "preserve"})
     assert "use position_policy 'renumber'" in served_reason(preserve)

@@ -227,7 +227,7 @@ def test_instruction_ids_and_images_batched_with_instructions():
 
 
 def test_in_llm_methods_are_refused_with_the_reason():
-    """DART drops inside the decoder by its pivots' duplicates: refused before any engine starts, naming why."""
+    """DART drops inside the decoder by layer l-1's cached keys: refused before any engine starts, naming why."""
     with pytest.raises(ValueError, match="drops tokens inside the decoder"):
         engine_args("dart-llava15-64")
     with pytest.raises(ValueError, match="not supported by the vLLM plugin: it keeps whole frames"):

@@ -39,6 +39,7 @@ ATTENTION = {
     # raters' rows of layer l-1, recycled tokens added (the trace's "merged"), renumbered positions
     "sparsevlm-llava15-128": ([1, 3, 6], [256, 110, 36]),
     "sparsevlm-llava15-64": ([1, 3, 6], [66, 30, 17]),
+    "sparsevlm-llava15-64:preserve": ([1, 3, 6], [66, 30, 17]),  # original positions (recycled: their sources')
 }
 # SparseVLM's presets: their negative control chooses the raters from the first stage layer's input (``_late_raters``)
 SPARSEVLM = [name for name in ATTENTION if name.startswith("sparsevlm")]
@@ -76,9 +77,12 @@ def engine(samples):
 
 
 def _preset(name: str, scorer: str | None = None):
-    """Preset ``name`` at the proxy's depth, its scorer replaced by ``scorer`` when given."""
-    method = v2drop.Method.from_preset(name, depth=12)
-    return method if scorer is None else v2drop.Method.from_dict({**method.to_dict(), "scorer": {"name": scorer}})
+    """Preset ``name`` at the proxy's depth (``name:policy``: with that position policy), its scorer replaced by
+    ``scorer`` when given."""
+    name, _, policy = name.partition(":")
+    data = v2drop.Method.from_preset(name, depth=12).to_dict()
+    data = {**data, "position_policy": policy} if policy else data
+    return v2drop.Method.from_dict(data if scorer is None else {**data, "scorer": {"name": scorer}})
 
 
 def _late_raters(lvlm, name, prompts, images) -> list:
@@ -337,11 +341,11 @@ def test_slots_follow_the_block_table():
 
 def test_the_in_llm_route_is_chosen_or_refused_with_the_reason():
     """V²Drop's, FastV's, PDrop's and SparseVLM's decoder stages (and composites of the first three) get the in-LLM
-    architecture; pre-LLM methods keep theirs; DART (its pivots' duplicates), a composite with SparseVLM, SparseVLM
+    architecture; pre-LLM methods keep theirs; DART (cached keys), a composite with SparseVLM, SparseVLM
     on the Qwen models and schedules mixing a pre-LLM stage with decoder stages are refused, naming why."""
     from v2drop.integrations.vllm_qwen import check_qwen_method
 
-    for method in (_method("preserve").to_dict(), *ATTENTION, "sparsevlm-llava15-192"):
+    for method in (_method("preserve").to_dict(), *(_preset(n).to_dict() for n in ATTENTION), "sparsevlm-llava15-192"):
         assert engine_args(method)["hf_overrides"]["architectures"] == [vllm_inllm.ARCHITECTURE]
     assert engine_args("divprune-llava15-64")["hf_overrides"]["architectures"] == [ARCHITECTURE]
     with pytest.raises(ValueError, match="reads tower features, cached keys, grid coordinates, per-prompt seeds"):

@@ -40,10 +40,10 @@ through ``hf_overrides``::
 
 The budget is per image: the engine's budget is per sample (all of its images together), so the
 two agree on one image per prompt. Positions are vLLM's, contiguous over the kept tokens: the
-method must use ``position_policy: renumber`` (the presets of pre-LLM methods do). V²Drop's, FastV's
-and PDrop's decoder stages run in a second architecture, ``V2DropInLLMLlavaForConditionalGeneration``
+method must use ``position_policy: renumber`` (the presets of pre-LLM methods do). V²Drop's, FastV's,
+PDrop's and SparseVLM's decoder stages run in a second architecture, ``V2DropInLLMLlavaForConditionalGeneration``
 (``v2drop.integrations.vllm_inllm``), which ``engine_args`` picks for them; methods that score decoder
-stages otherwise (SparseVLM, ...) and the pre-LLM scorers of ``REFUSED_SCORERS`` (HoliTom, FastVID,
+stages otherwise (DART, ...) and the pre-LLM scorers of ``REFUSED_SCORERS`` (HoliTom, FastVID,
 frames) are refused with the reason (``check_method``).
 
 Importing this module imports nothing from vLLM; ``register()`` also points transformers' pixtral
@@ -174,9 +174,9 @@ def check_method(method) -> None:
         inside = [layer for layer in layers if layer != PRE_LLM]
         raise ValueError(
             f"Method {method.scorer_name!r} drops tokens inside the decoder (before layers {inside}) and outside it; "
-            "the vLLM plugin runs either one pre-LLM stage or only decoder stages (V²Drop, FastV, PDrop), not both in "
-            "one method. Use a pre-LLM method (divprune, visionzip, or uniform, random or position on a pre_llm "
-            "schedule), decoder stages alone, or v2drop's own engine"
+            "the vLLM plugin runs either one pre-LLM stage or only decoder stages (V²Drop, FastV, PDrop, "
+            "SparseVLM), not both in one method. Use a pre-LLM method (divprune, visionzip, or uniform, random or "
+            "position on a pre_llm schedule), decoder stages alone, or v2drop's own engine"
         )
     if method.scorer_name not in SUPPORTED_SCORERS:
         reason = REFUSED_SCORERS.get(

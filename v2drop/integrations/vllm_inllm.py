@@ -1,14 +1,15 @@
 """In-LLM dropping inside vLLM: V²Drop's, FastV's and PDrop's decoder stages in vLLM's LLaVA-1.5, Qwen2-VL and
-Qwen2.5-VL (eager mode, CPU attention backend).
+Qwen2.5-VL, SparseVLM's in LLaVA-1.5 (eager mode, CPU attention backend).
 
 The plugin (``v2drop.integrations.vllm``) registers three more architectures,
 ``V2DropInLLMLlavaForConditionalGeneration`` and (``vllm_qwen.register``) the two of ``QWEN_ARCHITECTURES``;
 ``engine_args`` (LLaVA) and ``qwen_engine_args`` / ``engine_args_for`` (Qwen checkpoints) pick them for a method
 whose stages all sit before decoder layers (``runs_in_llm``) and that this module can run (``check_method``):
 the ``v2drop`` scorer (any metric), ``fastv`` and ``pdrop`` (their attention rows need layers whose RoPE or
-M-RoPE ``check_layers`` reproduces: LLaVA-1.5's, Qwen2-VL's and Qwen2.5-VL's), positions ``preserve`` or
-``renumber``. The engine must run eagerly with chunked prefill and prefix caching off (``ENGINE_KWARGS``;
-``offline_llm`` sets them).
+M-RoPE ``check_layers`` reproduces: LLaVA-1.5's, Qwen2-VL's and Qwen2.5-VL's), composites of these, and
+``sparsevlm`` alone on LLaVA-1.5 (``LLAVA_ONLY_SCORERS``: refused on Qwen by ``check_qwen``), positions
+``preserve`` or ``renumber``. The engine must run eagerly with chunked prefill and prefix caching off
+(``ENGINE_KWARGS``; ``offline_llm`` sets them).
 
 Each model is vLLM's, every image token kept (Qwen: vLLM's M-RoPE positions of the whole prompt), with one
 decoder loop for all three (``forward``): the language model's layers are called as
@@ -23,9 +24,15 @@ requests, each either a whole prompt (prefill: no cached context) or one new tok
   the engine computes them, from that layer's input and its own norm, fused q/k projection (biases included) and
   RoPE cache (Qwen: M-RoPE at the request's current three position rows) over the request's current tokens,
   causal (``v2drop.integrations.vllm_attention``: ``StageAdapter`` is the adapter the drop stage reads); vLLM's
-  fused attention returns none;
-- keeps the kept rows of the hidden states, the residual and the positions as the engine positions them
-  (``preserve``: each kept token's original position, all three M-RoPE rows; ``renumber``: 0..k-1);
+  fused attention returns none. SparseVLM reads its raters' rows (layer ``l-1``, one row per rater); the raters
+  are chosen once, as the engine does at layer 0, from the request's layer-0 embeddings (the loop keeps a copy of
+  the first layer's input for the first stage's ``StageContext.start``);
+- goes on with the rows the engine's drop returns, in its order: the kept rows of the hidden states, the residual
+  and the positions, and the rows the stage added (SparseVLM's recycled tokens: their value, the engine's residual
+  stream, in the hidden states with a zero residual, so the next layer's fused add gives it exactly), at the
+  engine's positions (``preserve``: each kept token's original position, all three M-RoPE rows, an added token
+  its source's; ``renumber``: 0..k-1 over all rows). A request's row count (kept plus added) never exceeds its
+  prompt's, so its first KV slots hold them;
 - gives layers ``l`` and later their own attention metadata and slot mapping (vLLM v1 keys both by
   layer name in its ``ForwardContext``): a request's kept tokens are its first KV slots of those
   layers, its query and sequence lengths are the kept counts, and a decode token goes to the slot
@@ -36,7 +43,7 @@ requests, each either a whole prompt (prefill: no cached context) or one new tok
   request by its prompt) and are never read.
 
 After the last layer the rows go back to their places in the step's token order (dropped rows are
-zeros), so vLLM's logits indices (the last token of each prompt, always text, and every decode
+zeros; added rows go nowhere), so vLLM's logits indices (the last token of each prompt, always text, and every decode
 token) stay valid. Per-request drop state (tokens dropped before each segment of layers, decode-position
 shifts) lives in the model, keyed by the request's first KV block, from its prefill to its last decode
 step. A preempted request is recomputed: vLLM prefills its prompt and the tokens it had generated in one step, and

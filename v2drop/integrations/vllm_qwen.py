@@ -45,7 +45,8 @@ every ``<|image_pad|>`` expanded to its image's token count (``expanded_sample_k
 (``QWEN_REFUSED_SCORERS``): VisionZip, VisPruner, HiPrune, HoloV (Qwen's tower has no [CLS] token, as in the engine),
 HoliTom and FastVID (kept count not fixed by the budget), ``frames`` (one image is one frame), ``downsample``
 (re-encoding), FlowCut and VScan (vision-encoder stages), ``composite`` and ``staged`` before the LLM. Decoder
-stages (every stage in the decoder) scored by V²Drop, FastV, PDrop or composites of them run in the in-LLM
+stages (every stage in the decoder) scored by V²Drop, FastV, PDrop or composites of them (not SparseVLM: LLaVA-1.5
+only, ``vllm_inllm.check_qwen``) run in the in-LLM
 architectures of ``v2drop.integrations.vllm_inllm`` (``QWEN_ARCHITECTURES`` there; FastV's and PDrop's attention
 rows recomputed with the layers' own M-RoPE, ``v2drop.integrations.vllm_attention``), which ``qwen_engine_args``
 picks and ``register`` registers; they share this module's processing (``processing_classes``: every image token

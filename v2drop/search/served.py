@@ -4,11 +4,11 @@ The trial's method runs in an offline ``vllm.LLM`` (``v2drop.integrations.vllm.o
 the plugin, prefix caching off, ``eval.max_new_tokens`` greedy tokens, ``eval.warmup`` requests
 untimed, then every trial sample submitted at once; vLLM's engine in its own process with
 ``OMP_NUM_THREADS=eval.threads``; batch size, KV-cache space and context length from ``served:``). Methods the
-plugin cannot run (drops inside the decoder by other scorers than V²Drop, FastV and PDrop, the pre-LLM scorers of
-``v2drop.integrations.vllm.REFUSED_SCORERS``, ``position_policy: preserve`` before the LLM;
+plugin cannot run (drops inside the decoder by other scorers than V²Drop, FastV, PDrop and SparseVLM, the pre-LLM
+scorers of ``v2drop.integrations.vllm.REFUSED_SCORERS``, ``position_policy: preserve`` before the LLM;
 ``v2drop.integrations.vllm_inllm``) are pruned before any evaluation, the plugin's reason recorded as the trial's
 ``pruned_reason``. On a Qwen2-VL / Qwen2.5-VL checkpoint the plugin's Qwen models serve the trial (pre-LLM methods
-and V²Drop's, FastV's and PDrop's decoder stages) and their rules prune
+and V²Drop's, FastV's and PDrop's decoder stages; SparseVLM's only on LLaVA-1.5) and their rules prune
 (``v2drop.integrations.vllm_qwen.check_qwen_method``).
 vLLM lives in its own environment (``docs/serving.md``); without it, choosing the objective is an error.
 """
