@@ -414,7 +414,8 @@ def test_two_images_per_prompt_drop_as_the_engine():
     assert [len(s["kept"]) for s in traces[0]["stages"]] == [143, 35, 1]
 
 
-PREEMPTED = {"fastv-llava15-128": None, "v2drop-llava15-128": "renumber"}  # preset -> position policy (None: its own)
+# preset -> position policy (None: its own); SparseVLM's raters and recycled rows in a recomputed prefill too
+PREEMPTED = {"fastv-llava15-128": None, "v2drop-llava15-128": "renumber", "sparsevlm-llava15-128": None}
 
 
 @pytest.mark.parametrize("name", list(PREEMPTED))
