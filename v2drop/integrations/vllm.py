@@ -60,7 +60,6 @@ import importlib
 import json
 import sys
 import time
-import zlib
 
 import torch
 
@@ -278,10 +277,26 @@ def offline_throughput(
 def sample_key(prompt_ids: list[int], image_token_id: int, n_tokens: int) -> int:
     """The engine's per-sample seed (``v2drop.engine.loop.sample_keys``) of a prompt whose ``<image>`` tokens stand
     for ``n_tokens`` placeholders each (as the Hugging Face processor expands them)."""
+    return expanded_sample_key(prompt_ids, {image_token_id: [n_tokens] * prompt_ids.count(image_token_id)})
+
+
+def expanded_sample_key(prompt_ids: list[int], counts: dict[int, list[int]]) -> int:
+    """The engine's per-sample seed (``v2drop.engine.loop.sample_keys``) of a prompt whose vision placeholders are
+    expanded: ``counts`` maps a placeholder id (``<|image_pad|>``) to the token count of each of its occurrences, in
+    order (Qwen's images have a token count each); other ids stay as they are."""
+    from v2drop.engine.loop import sample_keys
+
+    left = {token: list(c) for token, c in counts.items()}
     ids = []
     for token in prompt_ids:
-        ids.extend([token] * n_tokens if token == image_token_id else [token])
-    return zlib.crc32(repr(ids).encode())
+        if token in left:
+            if not left[token]:
+                raise ValueError(f"The prompt has more placeholders {token} than the {len(counts[token])} counts given")
+            ids.extend([token] * left[token].pop(0))
+        else:
+            ids.append(token)
+    tensor = torch.tensor([ids])
+    return int(sample_keys(tensor, torch.ones_like(tensor))[0])
 
 
 def instruction_ids(prompt_ids: list[int], vision_token_ids) -> list[int]:

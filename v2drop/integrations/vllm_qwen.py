@@ -61,7 +61,6 @@ import importlib
 import json
 import time
 import types
-import zlib
 
 import numpy as np
 import torch
@@ -72,6 +71,7 @@ from v2drop.integrations.vllm import (
     METHOD_KEY,
     REFUSED_SCORERS,
     SAMPLE_KEY,
+    expanded_sample_key,
     instruction_field,
     instruction_ids,
     instruction_rows,
@@ -287,22 +287,6 @@ def item_kept_count(method, grid: tuple[int, int, int]) -> int:
         return sum(min(r * c, h * w) for r, c in cells)
     cells = [pooled_grid(max(1, k_frame), h, w) for k_frame in share(max(t, min(k, n)), t)]
     return sum(r * c for r, c in cells)
-
-
-def expanded_sample_key(prompt_ids: list[int], counts: dict[int, list[int]]) -> int:
-    """The engine's per-sample seed (``v2drop.engine.loop.sample_keys``) of a prompt whose vision placeholders are
-    expanded: ``counts`` maps a placeholder id (``<|image_pad|>``) to the token count of each of its occurrences, in
-    order (Qwen's images have a token count each); other ids stay as they are."""
-    left = {token: list(c) for token, c in counts.items()}
-    ids = []
-    for token in prompt_ids:
-        if token in left:
-            if not left[token]:
-                raise ValueError(f"The prompt has more placeholders {token} than the {len(counts[token])} counts given")
-            ids.extend([token] * left[token].pop(0))
-        else:
-            ids.append(token)
-    return zlib.crc32(repr(ids).encode())
 
 
 def prune_item(
