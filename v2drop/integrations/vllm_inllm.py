@@ -312,8 +312,13 @@ def _build_decoder_loop():
                 check_qwen(method)
             decoder = self.language_model.model
             method.schedule.check_depth(len(decoder.layers))
-            if any(method.scorer.at(s.layer).attention_request() is not None for s in method.schedule.stages):
-                check_layers(decoder.layers)  # attention rows are recomputed from the layers' weights
+            # a stage reads attention rows: they are recomputed from the layers' weights, and the queries are chosen
+            # from the layer-0 input (``attention_queries``)
+            self.v2drop_reads_attention = any(
+                method.scorer.at(s.layer).attention_request() is not None for s in method.schedule.stages
+            )
+            if self.v2drop_reads_attention:
+                check_layers(decoder.layers)
             self.v2drop_method = method
             self.v2drop_stage_at = {s.layer: i for i, s in enumerate(method.schedule.stages)}
             # first KV block -> (prompt length, tokens dropped before each segment, decode-position shift of each)
@@ -414,8 +419,9 @@ def _build_decoder_loop():
             original_pos = positions[..., :n_tokens]
             hidden, pos, residual, prev = hidden[:n_tokens], original_pos, None, None
             # the layer-0 input, for the attention queries chosen from the embeddings (SparseVLM's raters); a copy:
-            # the first layer's fused residual add updates it in place
-            embeds = hidden.clone() if any(r.prefill for r in requests) else None
+            # the first layer's fused residual add updates it in place. Only scorers reading attention rows ask.
+            prefill = any(r.prefill for r in requests)
+            embeds = hidden.clone() if prefill and self.v2drop_reads_attention else None
             segment = -1
             for layer_idx, layer in enumerate(layers):
                 if layer_idx in stage_at:
@@ -486,7 +492,9 @@ def _build_decoder_loop():
                             # attention queries (the last prompt token; SparseVLM's raters) chosen here, as the engine
                             # at layer 0, from the prompt alone (a recomputed request's generated tokens follow it)
                             # and its layer-0 embeddings
-                            first = dataclasses.replace(seq, hidden=embeds[flat][None].to(seq.hidden.device))
+                            first = seq
+                            if embeds is not None:
+                                first = dataclasses.replace(seq, hidden=embeds[flat][None].to(seq.hidden.device))
                             prompt = first if request.prompt == n else first.select([torch.arange(request.prompt)])
                             request.ctx = StageContext.start(
                                 method,
