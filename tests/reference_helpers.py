@@ -231,6 +231,21 @@ def served_sweep(tmp_path, study: str, model: str, presets: list[str], scorers: 
     return result, {t.user_attrs.get("label"): t for t in trials}
 
 
+def check_served_front(result, by_label: dict, pruned: str, reason: str, served: list[str]) -> None:
+    """Assert a ``served_sweep``: trial ``pruned`` was pruned with ``reason`` in its ``pruned_reason``, the ``served``
+    trials completed with their served requests/s as the second objective, and the front carries it."""
+    import optuna
+
+    trial = by_label[pruned]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert reason in trial.user_attrs["pruned_reason"]
+    for label in served:
+        trial = by_label[label]
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.values[1] == trial.user_attrs["metrics"]["served_requests_per_s"] > 0
+    assert result["front"] and all(r["served_throughput"] > 0 for r in result["front"])
+
+
 def preempting_run(model: str, engine_args: dict, requests: list, expected, text_config, tokens: int) -> tuple:
     """``requests`` served by vLLM's in-LLM architecture (``engine_args``) with ``tokens`` forced tokens each and a KV
     cache of two of the longest prompts (``expected``: the engine's output on them) plus one block, so decoding runs

@@ -317,8 +317,7 @@ def test_sweep_served_throughput_objective(tmp_path):
     """A sweep with the served_throughput objective: served trials (pre-LLM, and V²Drop's decoder stages) get
     requests/s, in-LLM ones the plugin cannot score (uniform on V²Drop's stages) are pruned with the reason, and the
     front carries the objective."""
-    import optuna
-    from reference_helpers import served_sweep
+    from reference_helpers import check_served_front, served_sweep
 
     result, by_label = served_sweep(
         tmp_path,
@@ -328,14 +327,8 @@ def test_sweep_served_throughput_objective(tmp_path):
         ["divprune", "uniform", "v2drop"],
         ["divprune"],
     )
-    pruned = by_label["uniform-llava15-128"]
-    assert pruned.state == optuna.trial.TrialState.PRUNED
-    assert "drops tokens inside the decoder" in pruned.user_attrs["pruned_reason"]
-    for label in ("none", "divprune-llava15-64", "v2drop-llava15-128"):
-        trial = by_label[label]
-        assert trial.state == optuna.trial.TrialState.COMPLETE
-        assert trial.values[1] == trial.user_attrs["metrics"]["served_requests_per_s"] > 0
-    assert result["front"] and all(r["served_throughput"] > 0 for r in result["front"])
+    served = ["none", "divprune-llava15-64", "v2drop-llava15-128"]
+    check_served_front(result, by_label, "uniform-llava15-128", "drops tokens inside the decoder", served)
 
 
 @pytest.mark.parametrize(
